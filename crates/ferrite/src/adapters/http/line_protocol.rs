@@ -1,0 +1,258 @@
+//! InfluxDB line protocol writes: `POST /write` (1.x) and `POST /api/v2/write`.
+//!
+//! Credentials: `Authorization: Bearer X` or `Token X` (2.x clients), HTTP
+//! basic auth with the credential as password, or the `p` query parameter
+//! (1.x clients). A device access token writes every line to its own device.
+//! An API key or JWT with the operator role writes for a fleet: each line
+//! goes to the device named by its tag `device_tag` (default `device`), and
+//! unknown names create devices when `auth.auto_create_devices` is on.
+//!
+//! A batch is atomic: if any line is invalid, nothing is stored and the 400
+//! answer lists the invalid lines by number. The stored key of a field is
+//! `measurement.field`. Query parameters `db`, `rp`, `bucket`, `org` and
+//! `consistency` are accepted and ignored.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::extract::{Query, Request, State};
+use axum::http::StatusCode;
+use axum::http::header;
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use bytes::Bytes;
+use ferrite_codec::line_protocol::{self, Line, Precision};
+
+use super::body::read_limited;
+use super::telemetry::{count_rejected, now_ns};
+use crate::api::{ApiError, bearer_token};
+use crate::auth::{self, DEVICE_TOKEN_PREFIX};
+use crate::decode::format_ts;
+use crate::ids::{DeviceId, TenantId};
+use crate::ingest::{ContentType, Envelope, Protocol};
+use crate::metadata::{MetadataStore, Role};
+use crate::server::AppState;
+
+const DEFAULT_DEVICE_TAG: &str = "device";
+
+/// Who is writing.
+enum Writer {
+    Device { tenant: TenantId, device: DeviceId },
+    Fleet { tenant: TenantId, may_create: bool },
+}
+
+pub async fn write(
+    State(state): State<Arc<AppState>>,
+    Query(params): Query<HashMap<String, String>>,
+    request: Request,
+) -> Result<StatusCode, ApiError> {
+    let (parts, body) = request.into_parts();
+    let precision = match params.get("precision") {
+        None => Precision::Ns,
+        Some(text) => text.parse::<Precision>().map_err(|_| {
+            ApiError::invalid_param(
+                "precision",
+                format!("unsupported precision {text:?}: use ns, us, ms or s"),
+            )
+        })?,
+    };
+    let credential = credential(&parts, &params).ok_or_else(|| {
+        count_rejected("not_authorized");
+        ApiError::unauthorized(
+            "missing credentials: send Authorization: Token <device token or API key>",
+        )
+    })?;
+    let writer = resolve_writer(&state, &credential).await.inspect_err(|_| {
+        count_rejected("not_authorized");
+    })?;
+
+    let payload = read_limited(body, state.config.http.max_body_bytes).await?;
+    let text = std::str::from_utf8(&payload).map_err(|_| {
+        count_rejected("invalid_encoding");
+        ApiError::bad_request("the body is not valid UTF-8 text")
+    })?;
+    let lines = line_protocol::parse_batch(text, precision).map_err(|errors| {
+        count_rejected("invalid_line_protocol");
+        let listed: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        ApiError::bad_request(format!(
+            "{} invalid line(s); nothing from this batch was stored: {}",
+            errors.len(),
+            listed.join("; ")
+        ))
+    })?;
+    if lines.is_empty() {
+        count_rejected("invalid_line_protocol");
+        return Err(ApiError::bad_request("the body contains no lines"));
+    }
+
+    let received_at_ns = now_ns();
+    check_timestamps(&lines, received_at_ns, &state)?;
+
+    let envelopes = match writer {
+        Writer::Device { tenant, device } => vec![envelope(tenant, device, received_at_ns, precision, payload.clone())],
+        Writer::Fleet { tenant, may_create } => {
+            let device_tag = params
+                .get("device_tag")
+                .map(String::as_str)
+                .unwrap_or(DEFAULT_DEVICE_TAG);
+            fleet_envelopes(&state, tenant, may_create, device_tag, &lines, received_at_ns, precision).await?
+        }
+    };
+
+    let count = envelopes.len() as u64;
+    state.ingest.append(envelopes).await.map_err(|error| {
+        count_rejected("overloaded");
+        ApiError::from(error)
+    })?;
+    metrics::counter!("ferrite_ingest_messages_total", "protocol" => "http").increment(count);
+    Ok(StatusCode::NO_CONTENT)
+}
+
+fn envelope(
+    tenant: TenantId,
+    device: DeviceId,
+    received_at_ns: i64,
+    precision: Precision,
+    payload: Bytes,
+) -> Envelope {
+    Envelope {
+        tenant_id: tenant,
+        device_id: device,
+        protocol: Protocol::Http,
+        received_at_ns,
+        content_type: ContentType::LineProtocol(precision),
+        payload,
+    }
+}
+
+/// The credential from the headers or the 1.x `p` parameter.
+fn credential(parts: &axum::http::request::Parts, params: &HashMap<String, String>) -> Option<String> {
+    if let Some(token) = bearer_token(parts) {
+        return Some(token.to_owned());
+    }
+    if let Some(value) = parts.headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok())
+        && let Some((scheme, encoded)) = value.split_once(' ')
+        && scheme.eq_ignore_ascii_case("basic")
+        && let Ok(decoded) = STANDARD.decode(encoded.trim())
+        && let Ok(text) = String::from_utf8(decoded)
+    {
+        let password = text.split_once(':').map_or(text.as_str(), |(_, p)| p);
+        return Some(password.to_owned());
+    }
+    params.get("p").cloned()
+}
+
+async fn resolve_writer(state: &AppState, credential: &str) -> Result<Writer, ApiError> {
+    if credential.starts_with(DEVICE_TOKEN_PREFIX) {
+        let device = state.auth.authenticate_device(credential).await?;
+        return Ok(Writer::Device {
+            tenant: device.tenant_id,
+            device: device.device_id,
+        });
+    }
+    let principal = state.auth.authenticate_bearer(credential).await?;
+    principal.require(Role::Operator)?;
+    Ok(Writer::Fleet {
+        tenant: principal.tenant_id,
+        may_create: state.config.auth.auto_create_devices,
+    })
+}
+
+fn check_timestamps(lines: &[Line<'_>], received_at_ns: i64, state: &AppState) -> Result<(), ApiError> {
+    let max_future = state.config.ingest.max_future;
+    let latest_allowed = received_at_ns.saturating_add(max_future.as_nanos() as i64);
+    for line in lines {
+        if let Some(ts) = line.timestamp_ns
+            && ts > latest_allowed
+        {
+            count_rejected("invalid_timestamp");
+            return Err(ApiError::bad_request(format!(
+                "line {}: the timestamp {} is more than {} ahead of the server clock; check the precision parameter and the device clock. Nothing from this batch was stored",
+                line.line_number,
+                format_ts(ts),
+                humantime::format_duration(max_future)
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Splits a fleet batch into one envelope per device.
+async fn fleet_envelopes(
+    state: &AppState,
+    tenant: TenantId,
+    may_create: bool,
+    device_tag: &str,
+    lines: &[Line<'_>],
+    received_at_ns: i64,
+    precision: Precision,
+) -> Result<Vec<Envelope>, ApiError> {
+    let mut by_device: Vec<(String, String)> = Vec::new();
+    let mut index: HashMap<&str, usize> = HashMap::new();
+    for line in lines {
+        let Some((_, name)) = line.tags.iter().find(|(key, _)| key == device_tag) else {
+            count_rejected("invalid_line_protocol");
+            return Err(ApiError::bad_request(format!(
+                "line {}: the tag {device_tag:?} that names the device is missing; add it or set the device_tag parameter. Nothing from this batch was stored",
+                line.line_number
+            )));
+        };
+        let slot = *index.entry(name.as_str()).or_insert_with(|| {
+            by_device.push((name.clone(), String::new()));
+            by_device.len() - 1
+        });
+        let payload = &mut by_device[slot].1;
+        payload.push_str(line.raw);
+        payload.push('\n');
+    }
+
+    let mut envelopes = Vec::with_capacity(by_device.len());
+    for (name, payload) in by_device {
+        let device = device_by_name(state, tenant, &name, may_create).await?;
+        envelopes.push(envelope(tenant, device, received_at_ns, precision, Bytes::from(payload)));
+    }
+    Ok(envelopes)
+}
+
+async fn device_by_name(
+    state: &AppState,
+    tenant: TenantId,
+    name: &str,
+    may_create: bool,
+) -> Result<DeviceId, ApiError> {
+    if let Some(id) = state.device_names.lock().get(&(tenant, name.to_owned())) {
+        return Ok(*id);
+    }
+    let device = match state.metadata.device_by_name(tenant, name).await? {
+        Some(device) => device,
+        None if may_create => {
+            // The token of an auto-created device is not shown to anyone; an
+            // operator rotates it when the device itself needs to connect.
+            let token = auth::generate_device_token();
+            match state.metadata.create_device(tenant, name, &auth::hash_secret(&token)).await {
+                Ok(device) => {
+                    tracing::info!(device_id = %device.id, name, "created a device on its first line-protocol write");
+                    device
+                }
+                // Another request created it at the same moment.
+                Err(crate::metadata::MetadataError::Conflict(_)) => state
+                    .metadata
+                    .device_by_name(tenant, name)
+                    .await?
+                    .ok_or_else(ApiError::internal)?,
+                Err(error) => return Err(error.into()),
+            }
+        }
+        None => {
+            count_rejected("unknown_device");
+            return Err(ApiError::not_found(format!(
+                "device {name:?} not found; create it first or enable auth.auto_create_devices. Nothing from this batch was stored"
+            )));
+        }
+    };
+    state
+        .device_names
+        .lock()
+        .insert((tenant, name.to_owned()), device.id);
+    Ok(device.id)
+}

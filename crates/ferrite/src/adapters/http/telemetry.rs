@@ -1,0 +1,115 @@
+//! JSON telemetry from devices over HTTP.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Request, State};
+use axum::http::StatusCode;
+use bytes::Bytes;
+
+use super::body::read_limited;
+use crate::api::{ApiError, bearer_token, devices::device_id};
+use crate::auth::DeviceIdentity;
+use crate::decode::check_payload;
+use crate::ingest::{ContentType, Envelope, Protocol};
+use crate::metadata::Role;
+use crate::server::AppState;
+
+pub fn now_ns() -> i64 {
+    chrono::Utc::now().timestamp_nanos_opt().unwrap_or(i64::MAX - 1)
+}
+
+pub fn count_rejected(reason: &'static str) {
+    metrics::counter!("ferrite_ingest_rejected_total", "protocol" => "http", "reason" => reason)
+        .increment(1);
+}
+
+/// `POST /api/v1/{access_token}/telemetry` (ThingsBoard's device API).
+pub async fn by_token(
+    State(state): State<Arc<AppState>>,
+    Path(token): Path<String>,
+    request: Request,
+) -> Result<StatusCode, ApiError> {
+    let device = state.auth.authenticate_device(&token).await.map_err(|error| {
+        count_rejected("not_authorized");
+        ApiError::from(error)
+    })?;
+    accept_json(&state, &device, request).await
+}
+
+/// `POST /api/v1/devices/{id}/telemetry` with the device token, or an API
+/// key or JWT with the operator role, as bearer.
+pub async fn by_device_id(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    request: Request,
+) -> Result<StatusCode, ApiError> {
+    let id = device_id(&id)?;
+    let (parts, body) = request.into_parts();
+    let token = bearer_token(&parts).ok_or_else(|| {
+        count_rejected("not_authorized");
+        ApiError::unauthorized("missing credentials: send Authorization: Bearer <device access token>")
+    })?;
+
+    let device = if token.starts_with(crate::auth::DEVICE_TOKEN_PREFIX) {
+        let device = state.auth.authenticate_device(token).await.map_err(|error| {
+            count_rejected("not_authorized");
+            ApiError::from(error)
+        })?;
+        if device.device_id != id {
+            count_rejected("not_authorized");
+            tracing::warn!(device_id = %device.device_id, target = %id, "device token used for another device's telemetry");
+            return Err(ApiError::forbidden(
+                "this access token belongs to another device; a device may write only its own telemetry",
+            ));
+        }
+        device
+    } else {
+        let principal = state.auth.authenticate_bearer(token).await?;
+        principal.require(Role::Operator)?;
+        let device = {
+            use crate::metadata::MetadataStore;
+            state.metadata.device(principal.tenant_id, id).await?
+        };
+        DeviceIdentity {
+            tenant_id: device.tenant_id,
+            device_id: device.id,
+            name: device.name,
+        }
+    };
+    accept_json(&state, &device, Request::from_parts(parts, body)).await
+}
+
+async fn accept_json(
+    state: &AppState,
+    device: &DeviceIdentity,
+    request: Request,
+) -> Result<StatusCode, ApiError> {
+    let payload: Bytes = read_limited(request.into_body(), state.config.http.max_body_bytes).await?;
+    let received_at_ns = now_ns();
+    check_payload(
+        ContentType::Json,
+        &payload,
+        received_at_ns,
+        state.config.ingest.max_future,
+    )
+    .map_err(|error| {
+        count_rejected(error.reason());
+        tracing::debug!(device_id = %device.device_id, %error, "rejected HTTP telemetry");
+        ApiError::from(error)
+    })?;
+
+    let envelope = Envelope {
+        tenant_id: device.tenant_id,
+        device_id: device.device_id,
+        protocol: Protocol::Http,
+        received_at_ns,
+        content_type: ContentType::Json,
+        payload,
+    };
+    state.ingest.append(vec![envelope]).await.map_err(|error| {
+        count_rejected("overloaded");
+        ApiError::from(error)
+    })?;
+    metrics::counter!("ferrite_ingest_messages_total", "protocol" => "http").increment(1);
+    Ok(StatusCode::OK)
+}

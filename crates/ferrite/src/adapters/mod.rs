@@ -1,0 +1,7 @@
+//! Protocol adapters: each owns its listener and sessions, authenticates
+//! devices, checks payloads, appends envelopes to the ingest log and answers
+//! only after the append is durable. Adapters call `auth`, `decode` and
+//! `ingest`, nothing else.
+
+pub mod http;
+pub mod mqtt;

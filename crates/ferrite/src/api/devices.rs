@@ -1,0 +1,192 @@
+//! Device and API key management.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::ApiError;
+use crate::auth::{self, Principal};
+use crate::ids::DeviceId;
+use crate::metadata::{Device, MetadataStore, Role};
+use crate::server::AppState;
+
+/// A device counts as online when its last message is at most this old.
+pub const ONLINE_WINDOW_MS: i64 = 5 * 60 * 1000;
+const MAX_NAME_BYTES: usize = 128;
+
+pub fn device_id(text: &str) -> Result<DeviceId, ApiError> {
+    text.parse()
+        .map_err(|_| ApiError::not_found(format!("device {text:?} not found: device ids are UUIDs")))
+}
+
+fn device_json(state: &AppState, device: &Device) -> serde_json::Value {
+    let pending = state.seen.lock().get(&device.id).copied();
+    let last_seen_at = match (device.last_seen_at, pending) {
+        (Some(stored), Some(pending)) => Some(stored.max(pending)),
+        (stored, pending) => stored.or(pending),
+    };
+    let now = chrono::Utc::now().timestamp_millis();
+    json!({
+        "id": device.id,
+        "name": device.name,
+        "created_at": device.created_at,
+        "last_seen_at": last_seen_at,
+        "online": last_seen_at.is_some_and(|at| now - at <= ONLINE_WINDOW_MS),
+    })
+}
+
+#[derive(Deserialize)]
+pub struct ListParams {
+    limit: Option<i64>,
+    offset: Option<i64>,
+}
+
+/// `GET /api/v1/devices`: devices by name, a page at a time.
+pub async fn list(
+    State(state): State<Arc<AppState>>,
+    principal: Principal,
+    Query(params): Query<ListParams>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let limit = params.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::invalid_param("limit", "limit must be from 1 to 1000"));
+    }
+    let offset = params.offset.unwrap_or(0);
+    if offset < 0 {
+        return Err(ApiError::invalid_param("offset", "offset must not be negative"));
+    }
+    let devices = state
+        .metadata
+        .list_devices(principal.tenant_id, limit + 1, offset)
+        .await?;
+    let has_more = devices.len() as i64 > limit;
+    let page: Vec<_> = devices
+        .iter()
+        .take(limit as usize)
+        .map(|device| device_json(&state, device))
+        .collect();
+    Ok(Json(json!({
+        "devices": page,
+        "next_offset": has_more.then_some(offset + limit),
+    })))
+}
+
+#[derive(Deserialize)]
+struct CreateDevice {
+    name: String,
+}
+
+fn check_name(name: &str) -> Result<(), ApiError> {
+    if name.trim().is_empty() || name.len() > MAX_NAME_BYTES || name.chars().any(char::is_control) {
+        return Err(ApiError::invalid_param(
+            "name",
+            format!("name must be 1 to {MAX_NAME_BYTES} bytes without control characters"),
+        ));
+    }
+    Ok(())
+}
+
+/// `POST /api/v1/devices`: creates a device and returns its token once.
+pub async fn create(
+    State(state): State<Arc<AppState>>,
+    principal: Principal,
+    body: Bytes,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    principal.require(Role::Operator)?;
+    let request: CreateDevice = serde_json::from_slice(&body).map_err(|error| {
+        ApiError::bad_request(format!("the body must be a JSON object with \"name\": {error}"))
+    })?;
+    check_name(&request.name)?;
+    let token = auth::generate_device_token();
+    let device = state
+        .metadata
+        .create_device(principal.tenant_id, &request.name, &auth::hash_secret(&token))
+        .await?;
+    let mut body = device_json(&state, &device);
+    body["token"] = json!(token);
+    Ok((StatusCode::CREATED, Json(body)))
+}
+
+pub async fn get_one(
+    State(state): State<Arc<AppState>>,
+    principal: Principal,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let device = state
+        .metadata
+        .device(principal.tenant_id, device_id(&id)?)
+        .await?;
+    Ok(Json(device_json(&state, &device)))
+}
+
+/// `DELETE /api/v1/devices/{id}`: removes the device and its credentials.
+/// Its stored telemetry stays until retention removes it.
+pub async fn delete(
+    State(state): State<Arc<AppState>>,
+    principal: Principal,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    principal.require(Role::Operator)?;
+    let id = device_id(&id)?;
+    let device = state.metadata.device(principal.tenant_id, id).await?;
+    state.metadata.delete_device(principal.tenant_id, id).await?;
+    state.auth.forget_device(id);
+    state.forget_device_name(principal.tenant_id, &device.name);
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `POST /api/v1/devices/{id}/token`: issues a new token and revokes the old ones.
+pub async fn rotate_token(
+    State(state): State<Arc<AppState>>,
+    principal: Principal,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    principal.require(Role::Operator)?;
+    let id = device_id(&id)?;
+    let token = auth::generate_device_token();
+    state
+        .metadata
+        .rotate_device_token(principal.tenant_id, id, &auth::hash_secret(&token))
+        .await?;
+    state.auth.forget_device(id);
+    Ok(Json(json!({"id": id, "token": token})))
+}
+
+#[derive(Deserialize)]
+struct CreateApiKey {
+    name: String,
+    role: String,
+}
+
+/// `POST /api/v1/api-keys`: creates an API key (admins only) and returns it once.
+pub async fn create_api_key(
+    State(state): State<Arc<AppState>>,
+    principal: Principal,
+    body: Bytes,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    principal.require(Role::Admin)?;
+    let request: CreateApiKey = serde_json::from_slice(&body).map_err(|error| {
+        ApiError::bad_request(format!(
+            "the body must be a JSON object with \"name\" and \"role\": {error}"
+        ))
+    })?;
+    check_name(&request.name)?;
+    let role: Role = request
+        .role
+        .parse()
+        .map_err(|message: String| ApiError::invalid_param("role", message))?;
+    let key = auth::generate_api_key();
+    let created = state
+        .metadata
+        .create_api_key(principal.tenant_id, &request.name, role, &auth::hash_secret(&key))
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"id": created.id, "name": created.name, "role": created.role, "key": key})),
+    ))
+}

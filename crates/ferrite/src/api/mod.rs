@@ -1,0 +1,104 @@
+//! The REST API: login, devices and telemetry queries.
+//!
+//! Every endpoint except login takes `Authorization: Bearer <JWT or API key>`
+//! and works inside the caller's tenant; ids of other tenants answer 404.
+
+pub mod devices;
+pub mod error;
+mod telemetry;
+
+pub use telemetry::query as telemetry_query;
+mod time;
+
+use std::sync::Arc;
+
+use axum::extract::{FromRequestParts, State};
+use axum::http::header;
+use axum::http::request::Parts;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+
+pub use error::ApiError;
+
+use crate::auth::Principal;
+use crate::metadata::Role;
+use crate::server::AppState;
+
+pub fn router() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/api/v1/auth/login", post(login))
+        .route(
+            "/api/v1/devices",
+            get(devices::list).post(devices::create),
+        )
+        .route(
+            "/api/v1/devices/{id}",
+            get(devices::get_one).delete(devices::delete),
+        )
+        .route("/api/v1/devices/{id}/token", post(devices::rotate_token))
+        .route(
+            "/api/v1/devices/{id}/telemetry/latest",
+            get(telemetry::latest),
+        )
+        .route("/api/v1/devices/{id}/telemetry/keys", get(telemetry::keys))
+        .route("/api/v1/api-keys", post(devices::create_api_key))
+}
+
+/// Returns the bearer credential of a request, if any.
+pub fn bearer_token(parts: &Parts) -> Option<&str> {
+    let value = parts.headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    (scheme.eq_ignore_ascii_case("bearer") || scheme.eq_ignore_ascii_case("token"))
+        .then(|| token.trim())
+}
+
+impl FromRequestParts<Arc<AppState>> for Principal {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Self, Self::Rejection> {
+        let token = bearer_token(parts).ok_or_else(|| {
+            ApiError::unauthorized(
+                "missing credentials: send Authorization: Bearer <access token or API key>",
+            )
+        })?;
+        Ok(state.auth.authenticate_bearer(token).await?)
+    }
+}
+
+impl Principal {
+    /// Fails with 403 unless the caller has at least `role`.
+    pub fn require(&self, role: Role) -> Result<(), ApiError> {
+        if self.role >= role {
+            Ok(())
+        } else {
+            Err(ApiError::forbidden(format!(
+                "this action needs the {role} role; the caller has {}",
+                self.role
+            )))
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct LoginRequest {
+    email: String,
+    password: String,
+}
+
+async fn login(
+    State(state): State<Arc<AppState>>,
+    body: axum::body::Bytes,
+) -> Result<Json<crate::auth::LoginToken>, ApiError> {
+    let request: LoginRequest = serde_json::from_slice(&body).map_err(|error| {
+        ApiError::bad_request(format!(
+            "the body must be a JSON object with \"email\" and \"password\": {error}"
+        ))
+    })?;
+    Ok(Json(
+        state.auth.login(&request.email, &request.password).await?,
+    ))
+}

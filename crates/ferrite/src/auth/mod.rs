@@ -1,0 +1,242 @@
+//! Authentication of devices and of people and services.
+//!
+//! - Device access tokens and API keys are 192 random bits, shown once and
+//!   stored as SHA-256 hashes; a slow hash adds nothing for secrets of that
+//!   strength and would cost a hash per MQTT connect and HTTP request.
+//! - Passwords are hashed with argon2id.
+//! - JWT access tokens are HS256, signed with a 256-bit key generated on
+//!   first start and kept in `jwt.key` in the data directory (mode 0600).
+//!
+//! Device token lookups are cached in memory by hash. The cache entry is
+//! dropped when the token is rotated or the device deleted through this
+//! process; a token revoked by another process stops working after at most
+//! [`DEVICE_CACHE_TTL`].
+
+mod secrets;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{DeviceId, TenantId, UserId};
+use crate::metadata::{MetadataError, MetadataStore, Role, SqliteMetadata};
+
+pub use secrets::{
+    DEVICE_TOKEN_PREFIX, generate_api_key, generate_device_token, hash_password, hash_secret,
+    verify_password,
+};
+
+/// How long a cached device token lookup is trusted.
+pub const DEVICE_CACHE_TTL: Duration = Duration::from_secs(30);
+
+/// An authenticated device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceIdentity {
+    pub tenant_id: TenantId,
+    pub device_id: DeviceId,
+    pub name: String,
+}
+
+/// An authenticated person or service calling the REST API.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    pub tenant_id: TenantId,
+    pub role: Role,
+    pub subject: Subject,
+}
+
+#[derive(Debug, Clone)]
+pub enum Subject {
+    User(UserId),
+    ApiKey(String),
+    /// A device token used on a device endpoint.
+    Device(DeviceId),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("the access token is invalid or revoked")]
+    InvalidDeviceToken,
+    #[error("invalid email or password")]
+    InvalidLogin,
+    #[error("the bearer token is invalid, expired or revoked")]
+    InvalidBearer,
+    #[error(transparent)]
+    Metadata(#[from] MetadataError),
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Claims {
+    sub: String,
+    tenant: String,
+    role: Role,
+    iat: u64,
+    exp: u64,
+}
+
+impl<'de> Deserialize<'de> for Role {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+struct CachedDevice {
+    identity: DeviceIdentity,
+    fetched: Instant,
+}
+
+pub struct Auth {
+    metadata: Arc<SqliteMetadata>,
+    encoding_key: EncodingKey,
+    decoding_key: DecodingKey,
+    access_token_ttl: Duration,
+    device_cache: Mutex<HashMap<[u8; 32], CachedDevice>>,
+}
+
+/// Answer of a successful login.
+#[derive(Debug, Serialize)]
+pub struct LoginToken {
+    pub access_token: String,
+    pub token_type: &'static str,
+    pub expires_in: u64,
+    pub role: Role,
+}
+
+impl Auth {
+    /// Loads the JWT signing key from `data_dir/jwt.key`, creating it on first start.
+    pub fn open(
+        data_dir: &Path,
+        metadata: Arc<SqliteMetadata>,
+        access_token_ttl: Duration,
+    ) -> anyhow::Result<Self> {
+        let key = secrets::load_or_create_key(&data_dir.join("jwt.key"))?;
+        Ok(Self {
+            metadata,
+            encoding_key: EncodingKey::from_secret(&key)?,
+            decoding_key: DecodingKey::from_secret(&key)?,
+            access_token_ttl,
+            device_cache: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Resolves a device access token to its device.
+    pub async fn authenticate_device(&self, token: &str) -> Result<DeviceIdentity, AuthError> {
+        let hash = hash_secret(token);
+        if let Some(cached) = self.device_cache.lock().get(&hash)
+            && cached.fetched.elapsed() < DEVICE_CACHE_TTL
+        {
+            return Ok(cached.identity.clone());
+        }
+
+        let device = self
+            .metadata
+            .device_by_token_hash(&hash)
+            .await?
+            .ok_or(AuthError::InvalidDeviceToken)?;
+        let identity = DeviceIdentity {
+            tenant_id: device.tenant_id,
+            device_id: device.id,
+            name: device.name,
+        };
+        self.device_cache.lock().insert(
+            hash,
+            CachedDevice {
+                identity: identity.clone(),
+                fetched: Instant::now(),
+            },
+        );
+        Ok(identity)
+    }
+
+    /// Drops every cached token of `device`, so a rotated or deleted
+    /// credential stops working at once in this process.
+    pub fn forget_device(&self, device: DeviceId) {
+        self.device_cache
+            .lock()
+            .retain(|_, cached| cached.identity.device_id != device);
+    }
+
+    /// Checks an email and password and issues a JWT access token.
+    pub async fn login(&self, email: &str, password: &str) -> Result<LoginToken, AuthError> {
+        let user = self.metadata.user_by_email(email).await?;
+
+        // Verify against a fixed hash when the user does not exist, so the
+        // answer time does not reveal which emails are registered.
+        let hash = user
+            .as_ref()
+            .map(|user| user.password_hash.clone())
+            .unwrap_or_else(|| secrets::DUMMY_PASSWORD_HASH.to_owned());
+        let password = password.to_owned();
+        let valid = tokio::task::spawn_blocking(move || verify_password(&password, &hash))
+            .await
+            .unwrap_or(false);
+        let Some(user) = user.filter(|_| valid) else {
+            return Err(AuthError::InvalidLogin);
+        };
+
+        let now = jsonwebtoken::get_current_timestamp();
+        let claims = Claims {
+            sub: user.id.to_string(),
+            tenant: user.tenant_id.to_string(),
+            role: user.role,
+            iat: now,
+            exp: now + self.access_token_ttl.as_secs(),
+        };
+        let access_token =
+            jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding_key)
+                .map_err(|_| AuthError::InvalidLogin)?;
+        Ok(LoginToken {
+            access_token,
+            token_type: "Bearer",
+            expires_in: self.access_token_ttl.as_secs(),
+            role: user.role,
+        })
+    }
+
+    /// Resolves an `Authorization` bearer value: a JWT access token or an API key.
+    pub async fn authenticate_bearer(&self, token: &str) -> Result<Principal, AuthError> {
+        if token.starts_with(secrets::API_KEY_PREFIX) {
+            let key = self
+                .metadata
+                .api_key_by_hash(&hash_secret(token))
+                .await?
+                .ok_or(AuthError::InvalidBearer)?;
+            return Ok(Principal {
+                tenant_id: key.tenant_id,
+                role: key.role,
+                subject: Subject::ApiKey(key.name),
+            });
+        }
+
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        validation.leeway = 5;
+        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding_key, &validation)
+            .map_err(|_| AuthError::InvalidBearer)?;
+        let claims = data.claims;
+        Ok(Principal {
+            tenant_id: claims.tenant.parse().map_err(|_| AuthError::InvalidBearer)?,
+            role: claims.role,
+            subject: Subject::User(claims.sub.parse().map_err(|_| AuthError::InvalidBearer)?),
+        })
+    }
+
+    pub fn metadata(&self) -> &SqliteMetadata {
+        &self.metadata
+    }
+}
+
+/// Minimum rules for a new password.
+pub fn check_password_rules(password: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        password.chars().count() >= 10,
+        "the password must have at least 10 characters"
+    );
+    Ok(())
+}

@@ -1,0 +1,142 @@
+//! Turns an envelope's payload into points, with the checks every adapter
+//! runs before it acknowledges.
+//!
+//! Adapters call [`check_payload`] before they append an envelope, so a bad
+//! payload is answered with an error and never reaches the log. The pipeline
+//! calls [`decode_envelope`] on the same bytes later. Decoding is
+//! deterministic: a record without a timestamp gets the envelope's receive
+//! time, so a replay of the log stores exactly the same points.
+
+use std::time::Duration;
+
+use ferrite_codec::{json, line_protocol};
+use ferrite_core::{TimestampNs, Value};
+
+use crate::ingest::{ContentType, Envelope};
+
+/// One decoded point of one device.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecodedPoint {
+    pub key: String,
+    pub ts: TimestampNs,
+    pub value: Value,
+}
+
+/// Why a payload was rejected. `Display` is the message for the client.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum DecodeError {
+    #[error("{0}")]
+    Json(String),
+    #[error("{0}")]
+    LineProtocol(String),
+    #[error("the payload is not valid UTF-8 text")]
+    NotUtf8,
+    #[error("{0}")]
+    Timestamp(String),
+}
+
+impl DecodeError {
+    /// Short, bounded label for the `reason` metric label.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            DecodeError::Json(_) => "invalid_json",
+            DecodeError::LineProtocol(_) => "invalid_line_protocol",
+            DecodeError::NotUtf8 => "invalid_encoding",
+            DecodeError::Timestamp(_) => "invalid_timestamp",
+        }
+    }
+}
+
+/// Validates a payload as the pipeline will decode it, plus the checks that
+/// depend on the receive time. Returns the number of points.
+pub fn check_payload(
+    content_type: ContentType,
+    payload: &[u8],
+    received_at_ns: TimestampNs,
+    max_future: Duration,
+) -> Result<usize, DecodeError> {
+    let latest_allowed = received_at_ns.saturating_add(max_future.as_nanos() as i64);
+    let mut count = 0;
+    for_each_point(content_type, payload, received_at_ns, |key, ts, _| {
+        if ts > latest_allowed {
+            return Err(DecodeError::Timestamp(format!(
+                "the timestamp of {key:?} ({}) is more than {} ahead of the server clock; check the device clock and the timestamp unit",
+                format_ts(ts),
+                humantime::format_duration(max_future)
+            )));
+        }
+        count += 1;
+        Ok(())
+    })?;
+    Ok(count)
+}
+
+/// Decodes an envelope into points. Fails only on payloads that
+/// [`check_payload`] would have rejected.
+pub fn decode_envelope(envelope: &Envelope) -> Result<Vec<DecodedPoint>, DecodeError> {
+    let mut points = Vec::new();
+    for_each_point(
+        envelope.content_type,
+        &envelope.payload,
+        envelope.received_at_ns,
+        |key, ts, value| {
+            points.push(DecodedPoint {
+                key: key.to_owned(),
+                ts,
+                value: value.clone(),
+            });
+            Ok(())
+        },
+    )?;
+    Ok(points)
+}
+
+fn for_each_point(
+    content_type: ContentType,
+    payload: &[u8],
+    received_at_ns: TimestampNs,
+    mut on_point: impl FnMut(&str, TimestampNs, &Value) -> Result<(), DecodeError>,
+) -> Result<(), DecodeError> {
+    match content_type {
+        ContentType::Json => {
+            let records = json::parse_telemetry(payload)
+                .map_err(|error| DecodeError::Json(error.to_string()))?;
+            for record in &records {
+                let ts = record.ts_ns.unwrap_or(received_at_ns);
+                for (key, value) in &record.values {
+                    on_point(key, ts, value)?;
+                }
+            }
+        }
+        ContentType::LineProtocol(precision) => {
+            let text = std::str::from_utf8(payload).map_err(|_| DecodeError::NotUtf8)?;
+            let lines = line_protocol::parse_batch(text, precision).map_err(|errors| {
+                DecodeError::LineProtocol(
+                    errors
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join("; "),
+                )
+            })?;
+            let mut key = String::new();
+            for line in &lines {
+                let ts = line.timestamp_ns.unwrap_or(received_at_ns);
+                for (field, value) in &line.fields {
+                    key.clear();
+                    key.push_str(&line.measurement);
+                    key.push('.');
+                    key.push_str(field);
+                    on_point(&key, ts, value)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Formats a timestamp as RFC 3339 for messages.
+pub fn format_ts(ts: TimestampNs) -> String {
+    chrono::DateTime::from_timestamp_nanos(ts)
+        .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
+}

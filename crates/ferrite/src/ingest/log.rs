@@ -1,0 +1,462 @@
+//! The embedded ingest log: append-only segment files with group commit.
+//!
+//! ## On-disk layout
+//! `DATA_DIR/log/{first_seq:020}.log` files, each a sequence of records:
+//! ```text
+//! body_len u32 LE | crc32 u32 LE (over seq and body) | seq u64 LE | body (an encoded Envelope)
+//! ```
+//! Sequence numbers start at 1, grow by one per envelope and continue across
+//! segments and restarts.
+//!
+//! ## Invariants
+//! - An append is acknowledged only after its records are written and, with
+//!   `durability = "fsync"`, `fdatasync`ed. One writer thread serves all
+//!   appends: the requests that queue up while one sync runs share the next
+//!   write and sync (group commit), so throughput does not depend on the sync
+//!   rate.
+//! - Committed records go to the pipeline in sequence order. The time-series
+//!   store records the highest sequence number whose data it has flushed (its
+//!   durable marker); at start-up every record above the marker is replayed.
+//! - A segment is deleted only when all its records are at or below the
+//!   marker, and never while it is the one being written.
+//! - A record whose checksum fails or that is cut short at the end of the last
+//!   segment is a torn write from a crash: the file is truncated there with a
+//!   warning. Such a record was never acknowledged. Damage inside an older
+//!   segment is logged as an error and the rest of that segment is skipped.
+//!
+//! ## Shutdown
+//! [`LogControl::shutdown`] sends a marker through the request queue; the
+//! writer commits everything queued before it, rejects what comes after,
+//! closes the pipeline channel and exits.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use anyhow::Context;
+use parking_lot::Mutex;
+use tokio::sync::mpsc;
+
+use super::{AppendRequest, Envelope, IngestError, IngestHandle, LogCommand};
+use crate::config::Durability;
+
+const RECORD_HEADER: usize = 4 + 4 + 8;
+/// Largest record body accepted at replay; larger lengths mean damage.
+const MAX_RECORD_BODY: usize = 64 * 1024 * 1024;
+/// Bytes gathered into one write before the writer stops draining the queue.
+const MAX_GROUP_BYTES: usize = 16 * 1024 * 1024;
+
+/// Committed envelopes, in sequence order, for the pipeline.
+pub struct Committed {
+    /// Sequence number of the last record in this batch; every record up to
+    /// it is in this batch or an earlier one.
+    pub last_seq: u64,
+    pub records: Vec<(u64, Envelope)>,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogOptions {
+    pub durability: Durability,
+    pub segment_bytes: u64,
+    pub queue_capacity: usize,
+    pub append_timeout: Duration,
+}
+
+struct Segment {
+    first_seq: u64,
+    path: PathBuf,
+}
+
+/// Owner-side control of the log: checkpoints and shutdown.
+pub struct LogControl {
+    segments: Arc<Mutex<Vec<Segment>>>,
+    commands: mpsc::Sender<LogCommand>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl LogControl {
+    /// Deletes the segments whose records are all at or below `marker`.
+    pub fn checkpoint(&self, marker: u64) {
+        let mut segments = self.segments.lock();
+
+        // Segment i holds sequence numbers [first_seq(i), first_seq(i + 1)).
+        let mut removable = 0;
+        while removable + 1 < segments.len() && segments[removable + 1].first_seq <= marker + 1 {
+            removable += 1;
+        }
+        for segment in segments.drain(..removable) {
+            if let Err(error) = std::fs::remove_file(&segment.path) {
+                tracing::warn!(path = %segment.path.display(), %error, "cannot delete ingest log segment");
+            }
+        }
+    }
+
+    /// Commits everything appended so far, stops the writer and waits for it.
+    pub async fn shutdown(&self) {
+        let _ = self.commands.send(LogCommand::Shutdown).await;
+        let writer = self.writer.lock().take();
+        if let Some(writer) = writer {
+            let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+        }
+    }
+}
+
+/// Opens the log in `dir`, starts the writer thread and returns the handle
+/// for adapters, the owner's control and the receiver of committed batches.
+/// Records above `replay_after` are sent to that receiver first, before any
+/// new append.
+pub fn open(
+    dir: &Path,
+    options: LogOptions,
+    replay_after: u64,
+) -> anyhow::Result<(IngestHandle, LogControl, mpsc::Receiver<Committed>)> {
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create the ingest log directory {}", dir.display()))?;
+    let segments = list_segments(dir)?;
+
+    let (commands_tx, commands_rx) = mpsc::channel(options.queue_capacity);
+    let (committed_tx, committed_rx) = mpsc::channel(16);
+    let segments = Arc::new(Mutex::new(segments));
+    let writer = Writer {
+        dir: dir.to_owned(),
+        options: options.clone(),
+        segments: segments.clone(),
+        file: None,
+        file_len: 0,
+        next_seq: 1,
+        committed: committed_tx,
+    };
+    let thread = std::thread::Builder::new()
+        .name("ingest-log".into())
+        .spawn(move || writer.run(commands_rx, replay_after))
+        .context("cannot start the ingest log writer thread")?;
+
+    let handle = IngestHandle {
+        commands: commands_tx.clone(),
+        append_timeout: options.append_timeout,
+    };
+    let control = LogControl {
+        segments,
+        commands: commands_tx,
+        writer: Mutex::new(Some(thread)),
+    };
+    Ok((handle, control, committed_rx))
+}
+
+fn list_segments(dir: &Path) -> anyhow::Result<Vec<Segment>> {
+    let mut segments = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let Some(stem) = path.file_stem().and_then(|s| s.to_str()) else {
+            continue;
+        };
+        if path.extension().and_then(|e| e.to_str()) != Some("log") {
+            continue;
+        }
+        if let Ok(first_seq) = stem.parse::<u64>() {
+            segments.push(Segment { first_seq, path });
+        }
+    }
+    segments.sort_by_key(|segment| segment.first_seq);
+    Ok(segments)
+}
+
+fn segment_path(dir: &Path, first_seq: u64) -> PathBuf {
+    dir.join(format!("{first_seq:020}.log"))
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+struct Writer {
+    dir: PathBuf,
+    options: LogOptions,
+    segments: Arc<Mutex<Vec<Segment>>>,
+    file: Option<File>,
+    file_len: u64,
+    next_seq: u64,
+    committed: mpsc::Sender<Committed>,
+}
+
+/// What replay found in one segment.
+enum SegmentEnd {
+    Clean,
+    /// Bytes from this offset on are not valid records.
+    Damaged { offset: u64, reason: &'static str },
+}
+
+impl Writer {
+    fn run(mut self, mut commands: mpsc::Receiver<LogCommand>, replay_after: u64) {
+        if let Err(error) = self.replay(replay_after) {
+            tracing::error!(error = format!("{error:#}"), "ingest log replay failed; records above the checkpoint may be missing from storage");
+        }
+        self.next_seq = self.next_seq.max(replay_after + 1);
+        if let Err(error) = self.start_segment() {
+            tracing::error!(error = format!("{error:#}"), "cannot create an ingest log segment; appends will fail");
+        }
+
+        let mut buffer = Vec::with_capacity(1024 * 1024);
+        while let Some(command) = commands.blocking_recv() {
+            let mut requests = Vec::new();
+            let mut bytes = 0usize;
+            let mut stop = false;
+            match command {
+                LogCommand::Append(request) => {
+                    bytes += request.envelopes.iter().map(Envelope::encoded_len).sum::<usize>();
+                    requests.push(request);
+                }
+                LogCommand::Shutdown => stop = true,
+            }
+
+            // Group commit: take what queued up while the last sync ran.
+            while bytes < MAX_GROUP_BYTES {
+                match commands.try_recv() {
+                    Ok(LogCommand::Append(request)) => {
+                        bytes += request.envelopes.iter().map(Envelope::encoded_len).sum::<usize>();
+                        requests.push(request);
+                    }
+                    Ok(LogCommand::Shutdown) => stop = true,
+                    Err(_) => break,
+                }
+            }
+            if stop {
+                commands.close();
+                while let Ok(command) = commands.try_recv() {
+                    if let LogCommand::Append(request) = command {
+                        requests.push(request);
+                    }
+                }
+            }
+            metrics::gauge!("ferrite_ingest_queue_depth").set(commands.len() as f64);
+
+            if !requests.is_empty() {
+                self.commit(requests, &mut buffer);
+            }
+            if stop {
+                break;
+            }
+        }
+        tracing::info!(next_seq = self.next_seq, "ingest log writer stopped");
+    }
+
+    fn commit(&mut self, requests: Vec<AppendRequest>, buffer: &mut Vec<u8>) {
+        buffer.clear();
+        let first_seq = self.next_seq;
+        let mut seq = first_seq;
+        let mut records = Vec::with_capacity(requests.iter().map(|r| r.envelopes.len()).sum());
+        let mut replies = Vec::with_capacity(requests.len());
+        for request in requests {
+            for envelope in request.envelopes {
+                encode_record(buffer, seq, &envelope);
+                records.push((seq, envelope));
+                seq += 1;
+            }
+            replies.push(request.done);
+        }
+
+        match self.write_and_sync(buffer, first_seq) {
+            Ok(()) => {
+                self.next_seq = seq;
+                metrics::counter!("ferrite_ingest_log_records_total").increment(records.len() as u64);
+                metrics::counter!("ferrite_ingest_log_bytes_total").increment(buffer.len() as u64);
+                for reply in replies {
+                    let _ = reply.send(Ok(()));
+                }
+                let batch = Committed {
+                    last_seq: seq - 1,
+                    records,
+                };
+                // Blocks while the pipeline is behind: this is the
+                // backpressure that reaches the adapters through the queue.
+                if self.committed.blocking_send(batch).is_err() {
+                    tracing::error!("the pipeline stopped; committed records stay in the log for replay");
+                }
+            }
+            Err(error) => {
+                tracing::error!(error = format!("{error:#}"), records = records.len(), "ingest log append failed; the clients get an error");
+                metrics::counter!("ferrite_ingest_log_errors_total").increment(1);
+                for reply in replies {
+                    let _ = reply.send(Err(IngestError::Io));
+                }
+            }
+        }
+    }
+
+    fn write_and_sync(&mut self, buffer: &[u8], first_seq: u64) -> anyhow::Result<()> {
+        if self.file.is_none() || self.file_len >= self.options.segment_bytes {
+            self.next_seq = first_seq;
+            self.start_segment()?;
+        }
+        let file = self.file.as_mut().context("no open ingest log segment")?;
+        let start_len = self.file_len;
+        let written = file.write_all(buffer).and_then(|()| match self.options.durability {
+            Durability::Fsync => file.sync_data(),
+            Durability::None => Ok(()),
+        });
+        if let Err(error) = written {
+            // Cut off a partial write so the next append starts on a record boundary.
+            let _ = file.set_len(start_len);
+            return Err(error).context("write to the ingest log failed");
+        }
+        if self.options.durability == Durability::Fsync {
+            metrics::counter!("ferrite_ingest_log_syncs_total").increment(1);
+        }
+        self.file_len += buffer.len() as u64;
+        Ok(())
+    }
+
+    /// Starts a new segment whose first record is `next_seq`.
+    fn start_segment(&mut self) -> anyhow::Result<()> {
+        let path = segment_path(&self.dir, self.next_seq);
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("cannot create {}", path.display()))?;
+        let len = file.metadata()?.len();
+        sync_dir(&self.dir)?;
+        self.file = Some(file);
+        self.file_len = len;
+        let mut segments = self.segments.lock();
+        if segments.last().is_none_or(|last| last.first_seq != self.next_seq) {
+            segments.push(Segment {
+                first_seq: self.next_seq,
+                path,
+            });
+        }
+        Ok(())
+    }
+
+    /// Sends every record above `after` to the pipeline and finds the next
+    /// sequence number.
+    fn replay(&mut self, after: u64) -> anyhow::Result<()> {
+        let paths: Vec<(u64, PathBuf)> = self
+            .segments
+            .lock()
+            .iter()
+            .map(|segment| (segment.first_seq, segment.path.clone()))
+            .collect();
+        let mut replayed = 0u64;
+        let mut batch = Vec::new();
+        for (index, (_, path)) in paths.iter().enumerate() {
+            let is_last = index + 1 == paths.len();
+            let end = read_segment(path, |seq, envelope| {
+                self.next_seq = self.next_seq.max(seq + 1);
+                if seq > after {
+                    batch.push((seq, envelope));
+                    replayed += 1;
+                    if batch.len() >= 4096 {
+                        let records = std::mem::take(&mut batch);
+                        let last_seq = seq;
+                        let _ = self.committed.blocking_send(Committed { last_seq, records });
+                    }
+                }
+            })?;
+            if let SegmentEnd::Damaged { offset, reason } = end {
+                if is_last {
+                    tracing::warn!(path = %path.display(), offset, reason, "cutting a torn record off the end of the ingest log");
+                    OpenOptions::new().write(true).open(path)?.set_len(offset)?;
+                } else {
+                    tracing::error!(path = %path.display(), offset, reason, "ingest log segment is damaged; the rest of this segment is skipped");
+                }
+            }
+        }
+        if let Some((last_seq, _)) = batch.last() {
+            let last_seq = *last_seq;
+            let _ = self.committed.blocking_send(Committed {
+                last_seq,
+                records: batch,
+            });
+        }
+        if replayed > 0 {
+            tracing::info!(records = replayed, after, "replayed the ingest log");
+        }
+        Ok(())
+    }
+}
+
+fn encode_record(buffer: &mut Vec<u8>, seq: u64, envelope: &Envelope) {
+    let start = buffer.len();
+    buffer.extend_from_slice(&[0u8; 8]);
+    buffer.extend_from_slice(&seq.to_le_bytes());
+    envelope.encode_into(buffer);
+    let body_len = (buffer.len() - start - RECORD_HEADER) as u32;
+    let crc = crc32fast::hash(&buffer[start + 8..]);
+    buffer[start..start + 4].copy_from_slice(&body_len.to_le_bytes());
+    buffer[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// Reads every valid record of a segment in order.
+fn read_segment(
+    path: &Path,
+    mut on_record: impl FnMut(u64, Envelope),
+) -> anyhow::Result<SegmentEnd> {
+    let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut reader = BufReader::with_capacity(1024 * 1024, file);
+    let mut offset = 0u64;
+    let mut header = [0u8; RECORD_HEADER];
+    let mut body = Vec::new();
+    loop {
+        match read_full(&mut reader, &mut header)? {
+            0 => return Ok(SegmentEnd::Clean),
+            n if n < RECORD_HEADER => {
+                return Ok(SegmentEnd::Damaged {
+                    offset,
+                    reason: "record header cut short",
+                });
+            }
+            _ => {}
+        }
+        let body_len = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes")) as usize;
+        let crc = u32::from_le_bytes(header[4..8].try_into().expect("4 bytes"));
+        let seq = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
+        if body_len > MAX_RECORD_BODY {
+            return Ok(SegmentEnd::Damaged {
+                offset,
+                reason: "record length out of range",
+            });
+        }
+        body.resize(body_len, 0);
+        if read_full(&mut reader, &mut body)? < body_len {
+            return Ok(SegmentEnd::Damaged {
+                offset,
+                reason: "record body cut short",
+            });
+        }
+        let mut hasher = crc32fast::Hasher::new();
+        hasher.update(&header[8..16]);
+        hasher.update(&body);
+        if hasher.finalize() != crc {
+            return Ok(SegmentEnd::Damaged {
+                offset,
+                reason: "record checksum mismatch",
+            });
+        }
+        let Some(envelope) = Envelope::decode(&body) else {
+            return Ok(SegmentEnd::Damaged {
+                offset,
+                reason: "record is not a valid envelope",
+            });
+        };
+        on_record(seq, envelope);
+        offset += (RECORD_HEADER + body_len) as u64;
+    }
+}
+
+/// Reads until `buffer` is full or the file ends; returns the bytes read.
+fn read_full(reader: &mut impl Read, buffer: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buffer.len() {
+        match reader.read(&mut buffer[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(error) => return Err(error),
+        }
+    }
+    Ok(filled)
+}

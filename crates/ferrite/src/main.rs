@@ -1,0 +1,235 @@
+//! The `ferrite` command: the server and the administrative commands.
+
+mod adapters;
+mod api;
+mod auth;
+mod config;
+mod decode;
+mod demo;
+mod ids;
+mod ingest;
+mod metadata;
+mod pipeline;
+mod server;
+mod store;
+
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use serde_json::json;
+
+use crate::config::{Config, LogFormat};
+use crate::metadata::{MetadataStore, Role};
+
+#[derive(Parser)]
+#[command(name = "ferrite", version, about = "Ferrite IoT platform: collect, process, store and serve device telemetry")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server: MQTT, HTTP ingest, the pipeline and the REST API.
+    Serve(ServeArgs),
+    /// Manage devices.
+    #[command(subcommand)]
+    Device(DeviceCommand),
+    /// Manage users.
+    #[command(subcommand)]
+    User(UserCommand),
+    /// Manage API keys.
+    #[command(name = "api-key", subcommand)]
+    ApiKey(ApiKeyCommand),
+    /// Configuration helpers.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Args)]
+struct DataDirArg {
+    /// Data directory of the server [default: from the configuration, "ferrite-data"].
+    #[arg(long, env = "FERRITE_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Configuration file (TOML).
+    #[arg(long, env = "FERRITE_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    data: DataDirArg,
+    /// Address of the HTTP listener (REST API and HTTP telemetry) [default: 0.0.0.0:8080].
+    #[arg(long, env = "FERRITE_HTTP_LISTEN")]
+    http_listen: Option<SocketAddr>,
+    /// Address of the MQTT listener [default: 0.0.0.0:1883].
+    #[arg(long, env = "FERRITE_MQTT_LISTEN")]
+    mqtt_listen: Option<SocketAddr>,
+    /// Also start a simulated fleet of devices that publish over MQTT and HTTP.
+    #[arg(long)]
+    demo: bool,
+    /// Number of simulated devices with --demo.
+    #[arg(long, default_value_t = 120)]
+    demo_devices: usize,
+}
+
+#[derive(Subcommand)]
+enum DeviceCommand {
+    /// Create a device and print its id and access token as JSON. The token is shown only once.
+    Create {
+        name: String,
+        #[command(flatten)]
+        data: DataDirArg,
+    },
+}
+
+#[derive(Subcommand)]
+enum UserCommand {
+    /// Create a user; the password is read from standard input.
+    Create {
+        email: String,
+        /// admin, operator or viewer.
+        #[arg(long, default_value = "viewer")]
+        role: Role,
+        #[command(flatten)]
+        data: DataDirArg,
+    },
+}
+
+#[derive(Subcommand)]
+enum ApiKeyCommand {
+    /// Create an API key and print it as JSON. The key is shown only once.
+    Create {
+        name: String,
+        /// admin, operator or viewer.
+        #[arg(long, default_value = "viewer")]
+        role: Role,
+        #[command(flatten)]
+        data: DataDirArg,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Print a commented configuration file with every default.
+    Example,
+}
+
+impl clap::builder::ValueParserFactory for Role {
+    type Parser = clap::builder::ValueParser;
+
+    fn value_parser() -> Self::Parser {
+        clap::builder::ValueParser::new(|text: &str| text.parse::<Role>())
+    }
+}
+
+fn load_config(data: &DataDirArg) -> anyhow::Result<Config> {
+    let mut config = config::load(data.config.as_deref())?;
+    if let Some(dir) = &data.data_dir {
+        config.data_dir = dir.clone();
+    }
+    Ok(config)
+}
+
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(args) => {
+            let mut config = load_config(&args.data)?;
+            if let Some(listen) = args.http_listen {
+                config.http.listen = listen;
+            }
+            if let Some(listen) = args.mqtt_listen {
+                config.mqtt.listen = listen;
+            }
+            config.validate()?;
+            init_logging(&config);
+            let after_start = args.demo.then(|| demo::starter(args.demo_devices));
+            server::run(config, after_start).await
+        }
+        Command::Device(DeviceCommand::Create { name, data }) => {
+            let config = load_config(&data)?;
+            let metadata = server::open_metadata(&config.data_dir).await?;
+            let tenant = metadata.default_tenant().await?;
+            let token = auth::generate_device_token();
+            let device = metadata
+                .create_device(tenant.id, &name, &auth::hash_secret(&token))
+                .await?;
+            println!(
+                "{}",
+                json!({"id": device.id, "name": device.name, "token": token})
+            );
+            metadata.close().await;
+            Ok(())
+        }
+        Command::User(UserCommand::Create { email, role, data }) => {
+            let config = load_config(&data)?;
+            let password = read_password()?;
+            auth::check_password_rules(&password)?;
+            let metadata = server::open_metadata(&config.data_dir).await?;
+            let tenant = metadata.default_tenant().await?;
+            let hash = auth::hash_password(&password)?;
+            let user = metadata.create_user(tenant.id, &email, &hash, role).await?;
+            println!(
+                "{}",
+                json!({"id": user.id, "email": user.email, "role": user.role})
+            );
+            metadata.close().await;
+            Ok(())
+        }
+        Command::ApiKey(ApiKeyCommand::Create { name, role, data }) => {
+            let config = load_config(&data)?;
+            let metadata = server::open_metadata(&config.data_dir).await?;
+            let tenant = metadata.default_tenant().await?;
+            let key = auth::generate_api_key();
+            let created = metadata
+                .create_api_key(tenant.id, &name, role, &auth::hash_secret(&key))
+                .await?;
+            println!(
+                "{}",
+                json!({"id": created.id, "name": created.name, "role": created.role, "key": key})
+            );
+            metadata.close().await;
+            Ok(())
+        }
+        Command::Config(ConfigCommand::Example) => {
+            print!("{}", config::EXAMPLE);
+            Ok(())
+        }
+    }
+}
+
+/// Reads a password from standard input: the first line, without its line ending.
+fn read_password() -> anyhow::Result<String> {
+    let mut input = String::new();
+    std::io::stdin()
+        .take(4096)
+        .read_to_string(&mut input)
+        .context("cannot read the password from standard input")?;
+    let password = input.lines().next().unwrap_or("").to_owned();
+    Ok(password)
+}

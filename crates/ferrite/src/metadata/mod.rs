@@ -1,0 +1,160 @@
+//! Metadata: tenants, users, devices and credentials.
+//!
+//! [`MetadataStore`] is the seam for the scale-out backend; [`SqliteMetadata`]
+//! is the embedded default, a SQLite file `metadata.db` in the data directory
+//! opened in WAL mode, so the `ferrite device create` command can write while
+//! the server runs. Migrations live in `migrations/` and run at open.
+
+mod sqlite;
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::Serialize;
+
+use crate::ids::{ApiKeyId, DeviceId, TenantId, UserId};
+
+pub use sqlite::SqliteMetadata;
+
+/// Who may do what on the REST API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Viewer,
+    Operator,
+    Admin,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::Operator => "operator",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Role {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "viewer" => Ok(Role::Viewer),
+            "operator" => Ok(Role::Operator),
+            "admin" => Ok(Role::Admin),
+            other => Err(format!(
+                "invalid role {other:?}: expected admin, operator or viewer"
+            )),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Tenant {
+    pub id: TenantId,
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct User {
+    pub id: UserId,
+    pub tenant_id: TenantId,
+    pub email: String,
+    pub role: Role,
+    #[serde(skip)]
+    pub password_hash: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Device {
+    pub id: DeviceId,
+    pub tenant_id: TenantId,
+    pub name: String,
+    /// Creation time in epoch milliseconds.
+    pub created_at: i64,
+    /// Time of the last accepted message in epoch milliseconds.
+    pub last_seen_at: Option<i64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ApiKey {
+    pub id: ApiKeyId,
+    pub tenant_id: TenantId,
+    pub name: String,
+    pub role: Role,
+}
+
+/// Errors of the metadata layer. Domain errors are kept apart from database
+/// failures so the API can answer 404/409 without exposing internals.
+#[derive(Debug, thiserror::Error)]
+pub enum MetadataError {
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("metadata database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("metadata migration failed: {0}")]
+    Migration(#[from] sqlx::migrate::MigrateError),
+}
+
+/// Storage of tenants, users, devices and credentials. Hashes are computed
+/// by the caller (`auth`), so the store never sees a secret.
+#[allow(async_fn_in_trait)]
+pub trait MetadataStore: Send + Sync {
+    async fn default_tenant(&self) -> Result<Tenant, MetadataError>;
+    async fn count_users(&self) -> Result<i64, MetadataError>;
+    async fn create_user(
+        &self,
+        tenant: TenantId,
+        email: &str,
+        password_hash: &str,
+        role: Role,
+    ) -> Result<User, MetadataError>;
+    async fn user_by_email(&self, email: &str) -> Result<Option<User>, MetadataError>;
+    async fn create_device(
+        &self,
+        tenant: TenantId,
+        name: &str,
+        token_hash: &[u8],
+    ) -> Result<Device, MetadataError>;
+    async fn device(&self, tenant: TenantId, id: DeviceId) -> Result<Device, MetadataError>;
+    async fn device_by_name(
+        &self,
+        tenant: TenantId,
+        name: &str,
+    ) -> Result<Option<Device>, MetadataError>;
+    async fn list_devices(
+        &self,
+        tenant: TenantId,
+        limit: i64,
+        offset: i64,
+    ) -> Result<Vec<Device>, MetadataError>;
+    async fn delete_device(&self, tenant: TenantId, id: DeviceId) -> Result<(), MetadataError>;
+    /// Replaces the device's tokens by one new token and revokes the old ones.
+    async fn rotate_device_token(
+        &self,
+        tenant: TenantId,
+        id: DeviceId,
+        token_hash: &[u8],
+    ) -> Result<(), MetadataError>;
+    /// Returns the device that owns an unrevoked token with this hash.
+    async fn device_by_token_hash(&self, token_hash: &[u8])
+    -> Result<Option<Device>, MetadataError>;
+    async fn record_last_seen(&self, seen: &[(DeviceId, i64)]) -> Result<(), MetadataError>;
+    async fn create_api_key(
+        &self,
+        tenant: TenantId,
+        name: &str,
+        role: Role,
+        key_hash: &[u8],
+    ) -> Result<ApiKey, MetadataError>;
+    async fn api_key_by_hash(&self, key_hash: &[u8]) -> Result<Option<ApiKey>, MetadataError>;
+}

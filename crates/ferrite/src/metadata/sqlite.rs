@@ -1,0 +1,356 @@
+//! SQLite implementation of [`MetadataStore`].
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row, SqlitePool};
+
+use super::{ApiKey, Device, MetadataError, MetadataStore, Role, Tenant, User};
+use crate::ids::{ApiKeyId, DeviceId, TenantId, UserId};
+
+const DEFAULT_TENANT: &str = "default";
+
+#[derive(Clone)]
+pub struct SqliteMetadata {
+    pool: SqlitePool,
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+fn parse_id<T: FromStr>(text: String) -> Result<T, MetadataError> {
+    text.parse()
+        .map_err(|_| MetadataError::Database(sqlx::Error::Decode(format!("invalid id {text:?} in metadata database").into())))
+}
+
+fn parse_role(text: String) -> Result<Role, MetadataError> {
+    text.parse()
+        .map_err(|message: String| MetadataError::Database(sqlx::Error::Decode(message.into())))
+}
+
+fn is_unique_violation(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(db) if db.is_unique_violation())
+}
+
+impl SqliteMetadata {
+    /// Opens (creating if needed) `metadata.db` in `data_dir` and applies
+    /// pending migrations.
+    pub async fn open(data_dir: &Path) -> Result<Self, MetadataError> {
+        let options = SqliteConnectOptions::new()
+            .filename(data_dir.join("metadata.db"))
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await?;
+        sqlx::migrate!("./migrations").run(&pool).await?;
+        let store = Self { pool };
+        store.ensure_default_tenant().await?;
+        Ok(store)
+    }
+
+    async fn ensure_default_tenant(&self) -> Result<(), MetadataError> {
+        sqlx::query("INSERT OR IGNORE INTO tenants (id, name, created_at) VALUES (?, ?, ?)")
+            .bind(TenantId::new_random().to_string())
+            .bind(DEFAULT_TENANT)
+            .bind(now_ms())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+fn device_from_row(row: sqlx::sqlite::SqliteRow) -> Result<Device, MetadataError> {
+    Ok(Device {
+        id: parse_id(row.try_get("id")?)?,
+        tenant_id: parse_id(row.try_get("tenant_id")?)?,
+        name: row.try_get("name")?,
+        created_at: row.try_get("created_at")?,
+        last_seen_at: row.try_get("last_seen_at")?,
+    })
+}
+
+fn user_from_row(row: sqlx::sqlite::SqliteRow) -> Result<User, MetadataError> {
+    Ok(User {
+        id: parse_id(row.try_get("id")?)?,
+        tenant_id: parse_id(row.try_get("tenant_id")?)?,
+        email: row.try_get("email")?,
+        role: parse_role(row.try_get("role")?)?,
+        password_hash: row.try_get("password_hash")?,
+    })
+}
+
+
+impl MetadataStore for SqliteMetadata {
+    async fn default_tenant(&self) -> Result<Tenant, MetadataError> {
+        let row = sqlx::query("SELECT id, name FROM tenants WHERE name = ?")
+            .bind(DEFAULT_TENANT)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(Tenant {
+            id: parse_id(row.try_get("id")?)?,
+            name: row.try_get("name")?,
+        })
+    }
+
+    async fn count_users(&self) -> Result<i64, MetadataError> {
+        let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM users")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(count)
+    }
+
+    async fn create_user(
+        &self,
+        tenant: TenantId,
+        email: &str,
+        password_hash: &str,
+        role: Role,
+    ) -> Result<User, MetadataError> {
+        let id = UserId::new_random();
+        let result = sqlx::query(
+            "INSERT INTO users (id, tenant_id, email, password_hash, role, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(id.to_string())
+        .bind(tenant.to_string())
+        .bind(email)
+        .bind(password_hash)
+        .bind(role.as_str())
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await;
+        match result {
+            Ok(_) => Ok(User {
+                id,
+                tenant_id: tenant,
+                email: email.to_owned(),
+                role,
+                password_hash: password_hash.to_owned(),
+            }),
+            Err(error) if is_unique_violation(&error) => Err(MetadataError::Conflict(format!(
+                "a user with the email {email:?} already exists"
+            ))),
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    async fn user_by_email(&self, email: &str) -> Result<Option<User>, MetadataError> {
+        let row = sqlx::query(
+            "SELECT id, tenant_id, email, password_hash, role FROM users WHERE email = ?",
+        )
+        .bind(email)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(user_from_row).transpose()
+    }
+
+    async fn create_device(
+        &self,
+        tenant: TenantId,
+        name: &str,
+        token_hash: &[u8],
+    ) -> Result<Device, MetadataError> {
+        let id = DeviceId::new_random();
+        let created_at = now_ms();
+        let mut tx = self.pool.begin().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO devices (id, tenant_id, name, created_at) VALUES (?, ?, ?, ?)",
+        )
+        .bind(id.to_string())
+        .bind(tenant.to_string())
+        .bind(name)
+        .bind(created_at)
+        .execute(&mut *tx)
+        .await;
+        match inserted {
+            Ok(_) => {}
+            Err(error) if is_unique_violation(&error) => {
+                return Err(MetadataError::Conflict(format!(
+                    "a device named {name:?} already exists"
+                )));
+            }
+            Err(error) => return Err(error.into()),
+        }
+        sqlx::query("INSERT INTO device_tokens (token_hash, device_id, created_at) VALUES (?, ?, ?)")
+            .bind(token_hash)
+            .bind(id.to_string())
+            .bind(created_at)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Device {
+            id,
+            tenant_id: tenant,
+            name: name.to_owned(),
+            created_at,
+            last_seen_at: None,
+        })
+    }
+
+    async fn device(&self, tenant: TenantId, id: DeviceId) -> Result<Device, MetadataError> {
+        let row = sqlx::query(
+            "SELECT id, tenant_id, name, created_at, last_seen_at FROM devices WHERE tenant_id = ? AND id = ?",
+        )
+        .bind(tenant.to_string())
+        .bind(id.to_string())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(device_from_row)
+            .transpose()?
+            .ok_or(MetadataError::NotFound("device"))
+    }
+
+    async fn device_by_name(
+        &self,
+        tenant: TenantId,
+        name: &str,
+    ) -> Result<Option<Device>, MetadataError> {
+        let row = sqlx::query(
+            "SELECT id, tenant_id, name, created_at, last_seen_at FROM devices WHERE tenant_id = ? AND name = ?",
+        )
+        .bind(tenant.to_string())
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(device_from_row).transpose()
+    }
+
+    async fn list_devices(
+        &self,
+        tenant: TenantId,
+        limit: i64,
+        offset: i64,
+    ) -> Result<Vec<Device>, MetadataError> {
+        let rows = sqlx::query(
+            "SELECT id, tenant_id, name, created_at, last_seen_at FROM devices WHERE tenant_id = ? ORDER BY name LIMIT ? OFFSET ?",
+        )
+        .bind(tenant.to_string())
+        .bind(limit)
+        .bind(offset)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(device_from_row).collect()
+    }
+
+    async fn delete_device(&self, tenant: TenantId, id: DeviceId) -> Result<(), MetadataError> {
+        let result = sqlx::query("DELETE FROM devices WHERE tenant_id = ? AND id = ?")
+            .bind(tenant.to_string())
+            .bind(id.to_string())
+            .execute(&self.pool)
+            .await?;
+        if result.rows_affected() == 0 {
+            return Err(MetadataError::NotFound("device"));
+        }
+        Ok(())
+    }
+
+    async fn rotate_device_token(
+        &self,
+        tenant: TenantId,
+        id: DeviceId,
+        token_hash: &[u8],
+    ) -> Result<(), MetadataError> {
+        self.device(tenant, id).await?;
+        let now = now_ms();
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("UPDATE device_tokens SET revoked_at = ? WHERE device_id = ? AND revoked_at IS NULL")
+            .bind(now)
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("INSERT INTO device_tokens (token_hash, device_id, created_at) VALUES (?, ?, ?)")
+            .bind(token_hash)
+            .bind(id.to_string())
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn device_by_token_hash(
+        &self,
+        token_hash: &[u8],
+    ) -> Result<Option<Device>, MetadataError> {
+        let row = sqlx::query(
+            "SELECT d.id, d.tenant_id, d.name, d.created_at, d.last_seen_at
+             FROM device_tokens t JOIN devices d ON d.id = t.device_id
+             WHERE t.token_hash = ? AND t.revoked_at IS NULL",
+        )
+        .bind(token_hash)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(device_from_row).transpose()
+    }
+
+    async fn record_last_seen(&self, seen: &[(DeviceId, i64)]) -> Result<(), MetadataError> {
+        let mut tx = self.pool.begin().await?;
+        for (id, at) in seen {
+            sqlx::query(
+                "UPDATE devices SET last_seen_at = MAX(COALESCE(last_seen_at, 0), ?) WHERE id = ?",
+            )
+            .bind(at)
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn create_api_key(
+        &self,
+        tenant: TenantId,
+        name: &str,
+        role: Role,
+        key_hash: &[u8],
+    ) -> Result<ApiKey, MetadataError> {
+        let id = ApiKeyId::new_random();
+        sqlx::query(
+            "INSERT INTO api_keys (id, tenant_id, name, key_hash, role, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(id.to_string())
+        .bind(tenant.to_string())
+        .bind(name)
+        .bind(key_hash)
+        .bind(role.as_str())
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(ApiKey {
+            id,
+            tenant_id: tenant,
+            name: name.to_owned(),
+            role,
+        })
+    }
+
+    async fn api_key_by_hash(&self, key_hash: &[u8]) -> Result<Option<ApiKey>, MetadataError> {
+        let row = sqlx::query(
+            "SELECT id, tenant_id, name, role FROM api_keys WHERE key_hash = ? AND revoked_at IS NULL",
+        )
+        .bind(key_hash)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|row| {
+            Ok(ApiKey {
+                id: parse_id(row.try_get("id")?)?,
+                tenant_id: parse_id(row.try_get("tenant_id")?)?,
+                name: row.try_get("name")?,
+                role: parse_role(row.try_get("role")?)?,
+            })
+        })
+        .transpose()
+    }
+}

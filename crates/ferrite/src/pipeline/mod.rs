@@ -1,0 +1,274 @@
+//! The pipeline: consumes committed envelopes from the ingest log, decodes
+//! them and writes the points to the time-series store.
+//!
+//! ## Threads and ownership
+//! - The dispatcher thread receives committed batches in sequence order and
+//!   splits them by device across `workers` worker threads; a device always
+//!   maps to the same worker, so each series is written in log order and
+//!   "last write wins" means the last one in the log.
+//! - Every worker gets every batch's sequence number, also when no envelope
+//!   of the batch is its own, and records it after writing. The smallest
+//!   recorded number is the pipeline's applied position: every record up to
+//!   it is in the store's memory.
+//! - The flusher thread flushes the store when its unflushed memory reaches
+//!   the budget or `flush_interval` has passed, with the applied position as
+//!   the store's durable marker, then lets the log delete the segments below.
+//!
+//! ## Backpressure
+//! Channels between the threads are bounded. When workers fall behind, the
+//! dispatcher blocks, the log writer blocks on its hand-over and appends wait
+//! in the log's queue, which answers "overloaded" after a timeout.
+//!
+//! ## Shutdown
+//! When the log writer stops it closes its channel; the dispatcher and
+//! workers drain what they have and exit, and [`Pipeline::finish`] flushes
+//! the store a last time.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use tokio::sync::mpsc;
+
+use crate::decode::decode_envelope;
+use crate::ids::DeviceId;
+use crate::ingest::{Committed, Envelope, LogControl};
+use crate::store::TimeSeriesStore;
+
+/// Devices seen since the last metadata update, with the newest receive time
+/// in epoch milliseconds.
+pub type SeenDevices = Arc<Mutex<HashMap<DeviceId, i64>>>;
+
+struct Work {
+    last_seq: u64,
+    envelopes: Vec<Envelope>,
+}
+
+pub struct Pipeline {
+    dispatcher: Option<JoinHandle<()>>,
+    workers: Vec<JoinHandle<()>>,
+    flusher: Option<JoinHandle<()>>,
+    stop_flusher: Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+    applied: Arc<Vec<AtomicU64>>,
+    store: Arc<dyn TimeSeriesStore>,
+    log: Arc<LogControl>,
+}
+
+pub struct PipelineOptions {
+    pub workers: usize,
+    pub head_budget_bytes: usize,
+    pub flush_interval: Duration,
+}
+
+impl Pipeline {
+    /// Starts the dispatcher, workers and flusher. `start_marker` is the
+    /// store's durable marker: everything up to it is already stored.
+    pub fn start(
+        committed: mpsc::Receiver<Committed>,
+        store: Arc<dyn TimeSeriesStore>,
+        log: Arc<LogControl>,
+        seen: SeenDevices,
+        options: PipelineOptions,
+    ) -> anyhow::Result<Pipeline> {
+        let start_marker = store.durable_marker();
+        let applied: Arc<Vec<AtomicU64>> = Arc::new(
+            (0..options.workers)
+                .map(|_| AtomicU64::new(start_marker))
+                .collect(),
+        );
+
+        let mut senders = Vec::with_capacity(options.workers);
+        let mut workers = Vec::with_capacity(options.workers);
+        for index in 0..options.workers {
+            let (sender, receiver) = sync_channel::<Work>(16);
+            senders.push(sender);
+            let store = store.clone();
+            let applied = applied.clone();
+            let seen = seen.clone();
+            workers.push(
+                std::thread::Builder::new()
+                    .name(format!("pipeline-{index}"))
+                    .spawn(move || run_worker(receiver, store.as_ref(), &applied[index], &seen))?,
+            );
+        }
+
+        let dispatcher = std::thread::Builder::new()
+            .name("pipeline-dispatch".into())
+            .spawn(move || run_dispatcher(committed, senders))?;
+
+        let stop_flusher = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+        let flusher = {
+            let store = store.clone();
+            let log = log.clone();
+            let applied = applied.clone();
+            let stop = stop_flusher.clone();
+            std::thread::Builder::new()
+                .name("store-flush".into())
+                .spawn(move || {
+                    run_flusher(store.as_ref(), &log, &applied, &stop, &options)
+                })?
+        };
+
+        Ok(Pipeline {
+            dispatcher: Some(dispatcher),
+            workers,
+            flusher: Some(flusher),
+            stop_flusher,
+            applied,
+            store,
+            log,
+        })
+    }
+
+    /// Waits for the pipeline to drain after the log writer stopped, then
+    /// flushes the store so the next start replays nothing.
+    pub fn finish(mut self) {
+        if let Some(dispatcher) = self.dispatcher.take() {
+            let _ = dispatcher.join();
+        }
+        for worker in self.workers.drain(..) {
+            let _ = worker.join();
+        }
+        {
+            let (stopped, wake) = &*self.stop_flusher;
+            *stopped.lock().expect("flusher lock") = true;
+            wake.notify_all();
+        }
+        if let Some(flusher) = self.flusher.take() {
+            let _ = flusher.join();
+        }
+        flush_once(self.store.as_ref(), &self.log, &self.applied);
+    }
+}
+
+fn worker_index(device: DeviceId, workers: usize) -> usize {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    device.hash(&mut hasher);
+    (hasher.finish() % workers as u64) as usize
+}
+
+fn run_dispatcher(mut committed: mpsc::Receiver<Committed>, senders: Vec<SyncSender<Work>>) {
+    while let Some(batch) = committed.blocking_recv() {
+        let mut parts: Vec<Vec<Envelope>> = senders.iter().map(|_| Vec::new()).collect();
+        for (_, envelope) in batch.records {
+            parts[worker_index(envelope.device_id, senders.len())].push(envelope);
+        }
+        for (sender, envelopes) in senders.iter().zip(parts) {
+            let work = Work {
+                last_seq: batch.last_seq,
+                envelopes,
+            };
+            if sender.send(work).is_err() {
+                tracing::error!("a pipeline worker stopped; records stay in the ingest log for replay");
+                return;
+            }
+        }
+    }
+}
+
+fn run_worker(
+    receiver: Receiver<Work>,
+    store: &dyn TimeSeriesStore,
+    applied: &AtomicU64,
+    seen: &SeenDevices,
+) {
+    while let Ok(work) = receiver.recv() {
+        let mut last_seen: HashMap<DeviceId, i64> = HashMap::new();
+        for envelope in &work.envelopes {
+            let decoded = match decode_envelope(envelope) {
+                Ok(decoded) => decoded,
+                Err(error) => {
+                    // Adapters check payloads before appending, so this is
+                    // a log written by another version or a bug.
+                    tracing::error!(device_id = %envelope.device_id, reason = error.reason(), %error, "cannot decode a logged envelope; it is skipped");
+                    metrics::counter!("ferrite_pipeline_decode_errors_total").increment(1);
+                    continue;
+                }
+            };
+            let points: Vec<(&str, i64, ferrite_core::Value)> = decoded
+                .iter()
+                .map(|point| (point.key.as_str(), point.ts, point.value.clone()))
+                .collect();
+            if let Err(error) = store.write(envelope.tenant_id, envelope.device_id, &points) {
+                tracing::error!(device_id = %envelope.device_id, error = %error, "store write failed; the points stay in the ingest log and are written again at the next start");
+                metrics::counter!("ferrite_store_write_errors_total").increment(1);
+                continue;
+            }
+            metrics::counter!("ferrite_pipeline_points_total").increment(points.len() as u64);
+            let received_ms = ferrite_core::nanos_to_millis(envelope.received_at_ns);
+            let entry = last_seen.entry(envelope.device_id).or_insert(received_ms);
+            *entry = (*entry).max(received_ms);
+        }
+        if !last_seen.is_empty() {
+            let mut seen = seen.lock();
+            for (device, at) in last_seen {
+                let entry = seen.entry(device).or_insert(at);
+                *entry = (*entry).max(at);
+            }
+        }
+        applied.store(work.last_seq, Ordering::Release);
+    }
+}
+
+fn applied_position(applied: &[AtomicU64]) -> u64 {
+    applied
+        .iter()
+        .map(|position| position.load(Ordering::Acquire))
+        .min()
+        .unwrap_or(0)
+}
+
+fn flush_once(store: &dyn TimeSeriesStore, log: &LogControl, applied: &[AtomicU64]) {
+    // Read the position before the flush: every record up to it is already
+    // in the store's memory, so the flush makes all of them durable.
+    let marker = applied_position(applied);
+    if marker == store.durable_marker() && store.pending_bytes() == 0 {
+        return;
+    }
+    let started = Instant::now();
+    match store.flush(marker) {
+        Ok(()) => {
+            log.checkpoint(marker);
+            metrics::histogram!("ferrite_store_flush_seconds").record(started.elapsed().as_secs_f64());
+            tracing::debug!(marker, elapsed_ms = started.elapsed().as_millis() as u64, "store flushed");
+        }
+        Err(error) => {
+            tracing::error!(%error, "store flush failed; data stays in the ingest log and the flush is retried");
+            metrics::counter!("ferrite_store_flush_errors_total").increment(1);
+        }
+    }
+}
+
+fn run_flusher(
+    store: &dyn TimeSeriesStore,
+    log: &LogControl,
+    applied: &[AtomicU64],
+    stop: &(std::sync::Mutex<bool>, std::sync::Condvar),
+    options: &PipelineOptions,
+) {
+    let (stopped, wake) = stop;
+    let mut last_flush = Instant::now();
+    loop {
+        {
+            let guard = stopped.lock().expect("flusher lock");
+            let (guard, _) = wake
+                .wait_timeout(guard, Duration::from_millis(200))
+                .expect("flusher lock");
+            if *guard {
+                return;
+            }
+        }
+        metrics::gauge!("ferrite_store_pending_bytes").set(store.pending_bytes() as f64);
+        let over_budget = store.pending_bytes() >= options.head_budget_bytes;
+        let due = last_flush.elapsed() >= options.flush_interval;
+        if over_budget || due {
+            flush_once(store, log, applied);
+            last_flush = Instant::now();
+        }
+    }
+}

@@ -1,0 +1,268 @@
+//! `ferrite serve`: opens the data directory, starts the ingest log, the
+//! pipeline and the listeners, and shuts them down in order.
+//!
+//! Start-up order: bind the listeners (a taken port fails at once), open the
+//! metadata and the store, open the log (replaying what the store has not
+//! flushed), start the pipeline, then serve. Shutdown on SIGTERM or Ctrl-C
+//! runs backwards: stop accepting, let in-flight requests finish, commit the
+//! log's queue, drain the pipeline, flush the store.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::adapters;
+use crate::auth::{self, Auth};
+use crate::config::Config;
+use crate::ids::{DeviceId, TenantId};
+use crate::ingest::{self, IngestHandle, LogOptions};
+use crate::metadata::{MetadataStore, Role, SqliteMetadata};
+use crate::pipeline::{Pipeline, PipelineOptions, SeenDevices};
+use crate::store::{EmbeddedStore, TimeSeriesStore};
+
+/// What the HTTP handlers share.
+pub struct AppState {
+    pub config: Config,
+    pub auth: Arc<Auth>,
+    pub metadata: Arc<SqliteMetadata>,
+    pub store: Arc<dyn TimeSeriesStore>,
+    pub ingest: IngestHandle,
+    pub metrics: PrometheusHandle,
+    /// Set once every listener accepts connections.
+    pub ready: AtomicBool,
+    /// Newest receive time per device since the last metadata update.
+    pub seen: SeenDevices,
+    /// Device ids by name, for line-protocol fleet writes.
+    pub device_names: parking_lot::Mutex<std::collections::HashMap<(TenantId, String), DeviceId>>,
+}
+
+impl AppState {
+    pub fn forget_device_name(&self, tenant: TenantId, name: &str) {
+        self.device_names.lock().remove(&(tenant, name.to_owned()));
+    }
+}
+
+/// Extra work `serve` starts once the listeners are up (the demo fleet).
+pub type AfterStart = Box<dyn FnOnce(Arc<AppState>, ServerAddrs) + Send>;
+
+#[derive(Debug, Clone, Copy)]
+pub struct ServerAddrs {
+    pub http: SocketAddr,
+    pub mqtt: SocketAddr,
+}
+
+async fn bind(addr: SocketAddr, what: &str, setting: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.with_context(|| {
+        format!("cannot listen for {what} on {addr}; choose another address with {setting}")
+    })
+}
+
+pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Result<()> {
+    let http_listener = bind(
+        config.http.listen,
+        "HTTP",
+        "--http-listen, FERRITE_HTTP_LISTEN or http.listen",
+    )
+    .await?;
+    let mqtt_listener = bind(
+        config.mqtt.listen,
+        "MQTT",
+        "--mqtt-listen, FERRITE_MQTT_LISTEN or mqtt.listen",
+    )
+    .await?;
+    let addrs = ServerAddrs {
+        http: http_listener.local_addr()?,
+        mqtt: mqtt_listener.local_addr()?,
+    };
+
+    std::fs::create_dir_all(&config.data_dir).with_context(|| {
+        format!("cannot create the data directory {}", config.data_dir.display())
+    })?;
+    let metrics = PrometheusBuilder::new()
+        .install_recorder()
+        .context("cannot install the metrics recorder")?;
+
+    let metadata = Arc::new(SqliteMetadata::open(&config.data_dir).await?);
+    ensure_first_admin(&metadata).await?;
+    let auth = Arc::new(Auth::open(
+        &config.data_dir,
+        metadata.clone(),
+        config.auth.access_token_ttl,
+    )?);
+
+    let store_dir = config.data_dir.join("tsdb");
+    let head_budget = config.storage.head_budget_bytes;
+    let store: Arc<dyn TimeSeriesStore> = Arc::new(
+        tokio::task::spawn_blocking(move || EmbeddedStore::open(&store_dir, head_budget))
+            .await?
+            .context("cannot open the time-series store")?,
+    );
+
+    let log_options = LogOptions {
+        durability: config.ingest.durability,
+        segment_bytes: config.ingest.segment_bytes,
+        queue_capacity: config.ingest.queue_capacity,
+        append_timeout: config.ingest.append_timeout,
+    };
+    let (ingest, log_control, committed) = ingest::open(
+        &config.data_dir.join("log"),
+        log_options,
+        store.durable_marker(),
+    )?;
+    let log_control = Arc::new(log_control);
+
+    let seen = SeenDevices::default();
+    let pipeline = Pipeline::start(
+        committed,
+        store.clone(),
+        log_control.clone(),
+        seen.clone(),
+        PipelineOptions {
+            workers: config.ingest.workers,
+            head_budget_bytes: config.storage.head_budget_bytes,
+            flush_interval: config.storage.flush_interval,
+        },
+    )?;
+
+    let state = Arc::new(AppState {
+        config: config.clone(),
+        auth: auth.clone(),
+        metadata: metadata.clone(),
+        store,
+        ingest: ingest.clone(),
+        metrics,
+        ready: AtomicBool::new(false),
+        seen: seen.clone(),
+        device_names: Default::default(),
+    });
+
+    let shutdown = CancellationToken::new();
+    let last_seen_task = tokio::spawn(sync_last_seen(
+        metadata.clone(),
+        seen.clone(),
+        shutdown.clone(),
+    ));
+    let http_task = tokio::spawn(adapters::http::serve(
+        http_listener,
+        state.clone(),
+        shutdown.clone(),
+    ));
+    let mqtt_context = Arc::new(adapters::mqtt::MqttContext {
+        config: config.mqtt.clone(),
+        auth: auth.clone(),
+        ingest: ingest.clone(),
+        max_future: config.ingest.max_future,
+    });
+    let mqtt_task = tokio::spawn(adapters::mqtt::serve(
+        mqtt_listener,
+        mqtt_context,
+        shutdown.clone(),
+    ));
+    drop(ingest);
+
+    state.ready.store(true, Ordering::Release);
+    tracing::info!(addr = %addrs.http, "HTTP listening (REST API, HTTP telemetry, line protocol)");
+    tracing::info!(addr = %addrs.mqtt, "MQTT listening");
+    tracing::info!(data_dir = %config.data_dir.display(), "Ferrite is ready");
+    if let Some(after_start) = after_start {
+        after_start(state.clone(), addrs);
+    }
+
+    wait_for_signal().await;
+    tracing::info!("shutting down: no new connections; finishing accepted messages");
+    state.ready.store(false, Ordering::Release);
+    shutdown.cancel();
+    let _ = http_task.await;
+    let _ = mqtt_task.await;
+    log_control.shutdown().await;
+    tokio::task::spawn_blocking(move || pipeline.finish()).await?;
+    let _ = last_seen_task.await;
+    flush_last_seen(&metadata, &seen).await;
+    metadata.close().await;
+    tracing::info!("Ferrite stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .expect("SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+/// Creates `admin@ferrite.local` with a random password on first start and
+/// prints the login once.
+async fn ensure_first_admin(metadata: &SqliteMetadata) -> anyhow::Result<()> {
+    if metadata.count_users().await? > 0 {
+        return Ok(());
+    }
+    let password = auth::generate_api_key()[4..24].to_owned();
+    let hash = tokio::task::spawn_blocking({
+        let password = password.clone();
+        move || auth::hash_password(&password)
+    })
+    .await??;
+    let tenant = metadata.default_tenant().await?;
+    let email = "admin@ferrite.local";
+    metadata
+        .create_user(tenant.id, email, &hash, Role::Admin)
+        .await?;
+    println!(
+        "\nCreated the first admin user.\n  email:    {email}\n  password: {password}\nThis password is shown only this once. Log in with POST /api/v1/auth/login.\n"
+    );
+    tracing::info!(email, "created the first admin user");
+    Ok(())
+}
+
+async fn sync_last_seen(
+    metadata: Arc<SqliteMetadata>,
+    seen: SeenDevices,
+    shutdown: CancellationToken,
+) {
+    let mut ticker = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => flush_last_seen(&metadata, &seen).await,
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
+async fn flush_last_seen(metadata: &SqliteMetadata, seen: &SeenDevices) {
+    let pending: Vec<_> = seen.lock().drain().collect();
+    if pending.is_empty() {
+        return;
+    }
+    if let Err(error) = metadata.record_last_seen(&pending).await {
+        tracing::warn!(%error, devices = pending.len(), "cannot record last-seen times; retrying later");
+        let mut seen = seen.lock();
+        for (device, at) in pending {
+            let entry = seen.entry(device).or_insert(at);
+            *entry = (*entry).max(at);
+        }
+    }
+}
+
+/// Opens only the metadata of a data directory, for the CLI commands that
+/// run beside a server.
+pub async fn open_metadata(data_dir: &Path) -> anyhow::Result<SqliteMetadata> {
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
+    Ok(SqliteMetadata::open(data_dir).await?)
+}

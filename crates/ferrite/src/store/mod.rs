@@ -1,0 +1,133 @@
+//! The time-series store seam.
+//!
+//! [`TimeSeriesStore`] is what the pipeline writes and the API reads;
+//! [`EmbeddedStore`] implements it on `ferrite_tsdb` in `DATA_DIR/tsdb`.
+//! Series are addressed by tenant id, device id and key.
+
+use std::path::Path;
+
+use ferrite_core::{TimestampNs, Value};
+pub use ferrite_tsdb::{Bucket, RangePage};
+use ferrite_tsdb::{SeriesKey, Store, StoreOptions};
+
+use crate::ids::{DeviceId, TenantId};
+
+pub type StoreError = ferrite_tsdb::StoreError;
+
+/// Storage of telemetry points. Methods may block on disk; async callers use
+/// `spawn_blocking`.
+pub trait TimeSeriesStore: Send + Sync + 'static {
+    /// Adds points of one device (not yet durable; see `flush`).
+    fn write(
+        &self,
+        tenant: TenantId,
+        device: DeviceId,
+        points: &[(&str, TimestampNs, Value)],
+    ) -> Result<(), StoreError>;
+    /// Memory held by points that are not yet flushed, in bytes.
+    fn pending_bytes(&self) -> usize;
+    /// Makes every written point durable and records `marker` with them.
+    fn flush(&self, marker: u64) -> Result<(), StoreError>;
+    /// The marker of the last completed flush.
+    fn durable_marker(&self) -> u64;
+    fn latest(&self, tenant: TenantId, device: DeviceId) -> Vec<(String, TimestampNs, Value)>;
+    fn range(
+        &self,
+        tenant: TenantId,
+        device: DeviceId,
+        key: &str,
+        start: TimestampNs,
+        end: TimestampNs,
+        after: Option<TimestampNs>,
+        limit: usize,
+    ) -> Result<RangePage, StoreError>;
+    fn aggregate(
+        &self,
+        tenant: TenantId,
+        device: DeviceId,
+        key: &str,
+        start: TimestampNs,
+        end: TimestampNs,
+        interval: i64,
+    ) -> Result<Vec<Bucket>, StoreError>;
+}
+
+/// The embedded default: `ferrite_tsdb` in the data directory.
+pub struct EmbeddedStore {
+    store: Store,
+}
+
+impl EmbeddedStore {
+    pub fn open(dir: &Path, head_budget_bytes: usize) -> Result<Self, StoreError> {
+        let options = StoreOptions {
+            head_budget_bytes,
+            ..StoreOptions::default()
+        };
+        Ok(Self {
+            store: Store::open(dir, options)?,
+        })
+    }
+}
+
+fn series(tenant: TenantId, device: DeviceId, key: &str) -> SeriesKey {
+    SeriesKey {
+        tenant: tenant.to_string(),
+        device: device.to_string(),
+        key: key.to_owned(),
+    }
+}
+
+impl TimeSeriesStore for EmbeddedStore {
+    fn write(
+        &self,
+        tenant: TenantId,
+        device: DeviceId,
+        points: &[(&str, TimestampNs, Value)],
+    ) -> Result<(), StoreError> {
+        self.store
+            .write(&tenant.to_string(), &device.to_string(), points)
+    }
+
+    fn pending_bytes(&self) -> usize {
+        self.store.head_bytes()
+    }
+
+    fn flush(&self, marker: u64) -> Result<(), StoreError> {
+        self.store.flush(marker)
+    }
+
+    fn durable_marker(&self) -> u64 {
+        self.store.durable_marker()
+    }
+
+    fn latest(&self, tenant: TenantId, device: DeviceId) -> Vec<(String, TimestampNs, Value)> {
+        self.store.latest(&tenant.to_string(), &device.to_string())
+    }
+
+    fn range(
+        &self,
+        tenant: TenantId,
+        device: DeviceId,
+        key: &str,
+        start: TimestampNs,
+        end: TimestampNs,
+        after: Option<TimestampNs>,
+        limit: usize,
+    ) -> Result<RangePage, StoreError> {
+        self.store
+            .range(&series(tenant, device, key), start, end, after, limit)
+    }
+
+    fn aggregate(
+        &self,
+        tenant: TenantId,
+        device: DeviceId,
+        key: &str,
+        start: TimestampNs,
+        end: TimestampNs,
+        interval: i64,
+    ) -> Result<Vec<Bucket>, StoreError> {
+        self.store
+            .aggregate(&series(tenant, device, key), start, end, interval)
+    }
+}

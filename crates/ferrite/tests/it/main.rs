@@ -1,0 +1,8 @@
+//! Black-box tests: each starts the real `ferrite` binary on free loopback
+//! ports with its own data directory and talks to it over sockets.
+
+mod cases;
+mod durability;
+mod http;
+mod mqtt;
+mod support;
