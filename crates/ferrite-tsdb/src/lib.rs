@@ -1,1 +1,254 @@
-//! placeholder
+//! Ferrite's embedded time-series store.
+//!
+//! A [`Store`] keeps points written since the last flush in an in-memory
+//! *head*. [`Store::flush`] persists the head as one immutable *segment*
+//! file and records a caller-supplied *marker* with it (the server stores its
+//! ingest-log position there). Queries merge segments and head with
+//! last-write-wins per (series, timestamp). When there are more than
+//! [`StoreOptions::max_segments`] segments, flush merges all of them into one
+//! (*compaction*).
+//!
+//! This is format version 1: no compression, no rollups, no retention. A
+//! later version adds them behind the same API; files of this version carry
+//! version numbers so that a reader can recognise them.
+//!
+//! # Durability contract
+//!
+//! - [`Store::write`] only changes memory. Points are durable once a later
+//!   [`Store::flush`] returns `Ok`. A crash or drop before that loses them,
+//!   and the caller recovers them by replaying its own log from
+//!   [`Store::durable_marker`].
+//! - A flush is atomic: after a crash either the whole segment with its
+//!   marker is there or none of it.
+//! - [`Store::delete_device`] is durable when it returns `Ok`.
+//!
+//! # Directory layout
+//!
+//! | name | content |
+//! |---|---|
+//! | `LOCK` | empty file, locked (advisory `flock`) while a `Store` has the directory open |
+//! | `series.log` | series file: series ids and names, append-only |
+//! | `seg-<seq>.fseg` | segment; `<seq>` is 16 lower-case hex digits, increasing in creation order |
+//! | `seg-<seq>.fseg.tmp` | segment being written; deleted at open |
+//! | `corrupt/` | files set aside at open or by compaction, kept for inspection |
+//!
+//! All integers below are little-endian. *varint* is unsigned LEB128 (at
+//! most 10 bytes), *zigzag* is a signed integer zigzag-mapped onto a varint,
+//! *bytes* is a varint length followed by that many bytes, and *string* is
+//! bytes holding UTF-8.
+//!
+//! # Series file (`series.log`)
+//!
+//! ```text
+//! header:  magic "FERRSERS" (8) | version u32 = 1 | reserved u32 = 0
+//! record:  payload_len u32 | crc32(payload) u32 | payload
+//! payload: kind u8 = 1 (define) | id varint | tenant string | device string | key string
+//!          kind u8 = 2 (delete) | id varint
+//! ```
+//!
+//! Ids start at 1 and are never reused; a device that writes again after
+//! [`Store::delete_device`] gets new ids. Definitions of the series in a
+//! head are appended and synced before the segment holding their points is
+//! renamed into place, so every id in a segment is defined in this file.
+//! Repeating an identical definition is allowed (a failed flush is retried).
+//!
+//! # Segment file (`seg-<seq>.fseg`)
+//!
+//! ```text
+//! header (16):  magic "FERRTSEG" (8) | version u32 = 1 | reserved u32 = 0
+//! blocks:       for each series (ascending id), its blocks in time order
+//! index:        see below
+//! trailer (48): marker u64 | index_offset u64 | index_len u64 | crc32(index) u32
+//!               | version u32 | crc32(trailer bytes 0..32) u32 | reserved u32 | magic "FERRTSEG"
+//! ```
+//!
+//! A block holds up to 2048 points of one series and is closed early once
+//! its encoded points reach 64 KiB:
+//!
+//! ```text
+//! block:   payload_len u32 | crc32(payload) u32 | payload
+//! payload: count varint | first_ts zigzag | value
+//!          then count-1 times: ts_delta varint (> 0) | value
+//! value:   tag u8 = 0 Float: f64 bits u64 | 1 Int: zigzag | 2 Bool false | 3 Bool true
+//!          | 4 Str: string
+//! ```
+//!
+//! Within a segment the points of a series are strictly ascending and unique
+//! by timestamp (the head is deduplicated with last-write-wins before it is
+//! written). The index is:
+//!
+//! ```text
+//! compacted_first varint | compacted_last varint   (0, 0 for a flushed head)
+//! series_count varint
+//! per series:  id varint | count varint | min_ts zigzag | max_ts zigzag | last value
+//!              | block_count varint
+//!              | per block: offset varint | len varint | count varint | min_ts zigzag | max_ts zigzag
+//! ```
+//!
+//! `last value` is the value at `max_ts`. Block `offset` counts from the
+//! start of the file and `len` includes the 8-byte block frame. A compaction
+//! output supersedes every segment whose seq lies in
+//! `[compacted_first, compacted_last]`.
+//!
+//! Open reads only header, trailer and index of each segment. Block
+//! checksums are checked when a query or compaction reads the block, so
+//! start-up time does not grow with the amount of data.
+//!
+//! # Recovery at open
+//!
+//! 1. Take the directory lock and delete leftover `*.tmp` segments.
+//! 2. Load the series file. A damaged tail (an append cut short by a crash)
+//!    is cut off with a warning; no segment refers to those records yet.
+//! 3. Open every segment's trailer and index. A segment that fails a check,
+//!    or refers to a series id the series file does not define, is moved to
+//!    `corrupt/` with a warning.
+//! 4. Delete segments superseded by an intact compaction output (a crash
+//!    between installing the output and deleting its inputs leaves them).
+//! 5. [`Store::durable_marker`] becomes the marker of the newest segment.
+//!    When segments were set aside, it becomes the marker of the newest
+//!    intact segment older than all of them (0 if there is none), and open
+//!    writes an empty segment holding that marker so that the value survives
+//!    another restart. Replaying the ingest log from there rebuilds the lost
+//!    points, but only as far as the log still holds them: points whose log
+//!    records were already truncated are lost for good.
+//!
+//! A damaged block found later makes the query that reads it fail with
+//! [`StoreError::Corrupt`]. Compaction skips such a block with an error log
+//! (its points are lost), writes the rest, and moves the damaged input to
+//! `corrupt/`.
+//!
+//! # Concurrency and memory
+//!
+//! All methods take `&self`; `Store` is `Send + Sync`. One `RwLock` guards
+//! the in-memory state. [`Store::write`] holds it for the hash lookups and
+//! pushes only. Queries copy what they need under the read lock and read
+//! segment blocks after releasing it. Flush, compaction and delete are
+//! serialised by a second lock: flush moves the head aside as the *frozen
+//! head* (queries keep seeing it), writes the segment without holding the
+//! state lock, and swaps the segment in for the frozen head. New writes go
+//! to a fresh head meanwhile.
+//!
+//! Memory is the head (the caller flushes when [`Store::head_bytes`] reaches
+//! [`StoreOptions::head_budget_bytes`]), the frozen head during a flush, the
+//! name index and latest point of every series, and one index entry per
+//! (segment, series), which compaction bounds to `max_segments + 1` segments.
+
+mod catalog;
+mod encoding;
+mod error;
+mod fsio;
+mod head;
+mod merge;
+mod segment;
+mod series_log;
+mod store;
+
+use ferrite_core::{TimestampNs, Value};
+
+pub use error::StoreError;
+pub use store::Store;
+
+/// Maximum length in bytes of a tenant, device or key name that
+/// [`Store::write`] accepts.
+pub const MAX_NAME_LEN: usize = 64 * 1024;
+
+/// Identity of a series: the points of one key of one device.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SeriesKey {
+    pub tenant: String,
+    pub device: String,
+    pub key: String,
+}
+
+impl SeriesKey {
+    pub fn new(
+        tenant: impl Into<String>,
+        device: impl Into<String>,
+        key: impl Into<String>,
+    ) -> SeriesKey {
+        SeriesKey {
+            tenant: tenant.into(),
+            device: device.into(),
+            key: key.into(),
+        }
+    }
+}
+
+/// Settings of a [`Store`].
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// Head size, as estimated by [`Store::head_bytes`], at which the caller
+    /// should flush ([`Store::needs_flush`]). The store itself does not
+    /// enforce it.
+    pub head_budget_bytes: usize,
+    /// Flush compacts all segments into one when there are more than this
+    /// many. Values below 1 act as 1.
+    pub max_segments: usize,
+}
+
+impl Default for StoreOptions {
+    fn default() -> StoreOptions {
+        StoreOptions {
+            head_budget_bytes: 64 * 1024 * 1024,
+            max_segments: 8,
+        }
+    }
+}
+
+/// One page of [`Store::range`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct RangePage {
+    /// Points in ascending timestamp order.
+    pub points: Vec<(TimestampNs, Value)>,
+    /// True when the range contains more points after the last one returned.
+    pub has_more: bool,
+}
+
+/// One bucket of [`Store::aggregate`].
+///
+/// `count`, `first` and `last` use every point. `numeric_count`, `sum`,
+/// `min` and `max` use `Float` and `Int` points only (`Int` as `f64`). An
+/// empty bucket has count 0 and every `Option` set to `None`; a bucket
+/// without numeric points has `sum`, `min` and `max` set to `None`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Bucket {
+    /// Inclusive start of the bucket.
+    pub start: TimestampNs,
+    pub count: u64,
+    pub numeric_count: u64,
+    pub sum: Option<f64>,
+    pub min: Option<f64>,
+    pub max: Option<f64>,
+    pub first: Option<(TimestampNs, Value)>,
+    pub last: Option<(TimestampNs, Value)>,
+}
+
+impl Bucket {
+    fn empty(start: TimestampNs) -> Bucket {
+        Bucket {
+            start,
+            count: 0,
+            numeric_count: 0,
+            sum: None,
+            min: None,
+            max: None,
+            first: None,
+            last: None,
+        }
+    }
+
+    /// Adds a point. Points must arrive in ascending timestamp order.
+    fn add(&mut self, ts: TimestampNs, value: Value) {
+        self.count += 1;
+        if let Some(number) = value.as_f64() {
+            self.numeric_count += 1;
+            self.sum = Some(self.sum.unwrap_or(0.0) + number);
+            self.min = Some(self.min.map_or(number, |min| min.min(number)));
+            self.max = Some(self.max.map_or(number, |max| max.max(number)));
+        }
+        if self.first.is_none() {
+            self.first = Some((ts, value.clone()));
+        }
+        self.last = Some((ts, value));
+    }
+}

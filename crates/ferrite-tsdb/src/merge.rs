@@ -1,0 +1,243 @@
+//! Merging the sorted points of one series from several sources (segments in
+//! creation order, then the frozen head, then the head) with last-write-wins:
+//! for equal timestamps the latest source wins.
+
+use std::sync::Arc;
+
+use ferrite_core::{TimestampNs, Value};
+
+use crate::catalog::SeriesId;
+use crate::encoding::Point;
+use crate::error::StoreError;
+use crate::segment::{BlockRef, Segment};
+
+/// Points of one series from one source, ascending and unique by timestamp,
+/// restricted to `lo <= ts < end`.
+pub(crate) struct Source {
+    points: Vec<Point>,
+    pos: usize,
+    blocks: Option<BlockSource>,
+}
+
+/// Blocks of one series in one segment that overlap the query, read one at a
+/// time as the merge reaches them.
+struct BlockSource {
+    segment: Arc<Segment>,
+    blocks: Vec<BlockRef>,
+    next: usize,
+    lo: TimestampNs,
+    end: TimestampNs,
+    /// Compaction sets this to salvage the readable blocks of a damaged
+    /// segment. Queries leave it unset and get the `Corrupt` error.
+    skip_damaged: bool,
+    damaged: bool,
+}
+
+impl Source {
+    /// Creates a source over points that are already sorted, unique and in
+    /// range.
+    pub(crate) fn memory(points: Vec<Point>) -> Source {
+        Source {
+            points,
+            pos: 0,
+            blocks: None,
+        }
+    }
+
+    /// Creates a source over the blocks of `id` in `segment` that overlap
+    /// `lo <= ts < end`. Returns `None` when there are none.
+    pub(crate) fn segment(
+        segment: &Arc<Segment>,
+        id: SeriesId,
+        lo: TimestampNs,
+        end: TimestampNs,
+        skip_damaged: bool,
+    ) -> Option<Source> {
+        let entry = segment.entry(id)?;
+        if entry.max_ts < lo || entry.min_ts >= end {
+            return None;
+        }
+        // Blocks are sorted and disjoint, so the overlapping ones are a run.
+        let first = entry.blocks.partition_point(|b| b.max_ts < lo);
+        let last = entry.blocks.partition_point(|b| b.min_ts < end);
+        if first >= last {
+            return None;
+        }
+
+        Some(Source {
+            points: Vec::new(),
+            pos: 0,
+            blocks: Some(BlockSource {
+                segment: Arc::clone(segment),
+                blocks: entry.blocks[first..last].to_vec(),
+                next: 0,
+                lo,
+                end,
+                skip_damaged,
+                damaged: false,
+            }),
+        })
+    }
+
+    fn peek_ts(&mut self) -> Result<Option<TimestampNs>, StoreError> {
+        loop {
+            if let Some(point) = self.points.get(self.pos) {
+                return Ok(Some(point.0));
+            }
+            let Some(blocks) = &mut self.blocks else {
+                return Ok(None);
+            };
+            match blocks.next_points()? {
+                Some(points) => {
+                    self.points = points;
+                    self.pos = 0;
+                }
+                None => return Ok(None),
+            }
+        }
+    }
+
+    /// Moves the current point out. Call only after `peek_ts` returned a
+    /// timestamp.
+    fn take(&mut self) -> Point {
+        let point = &mut self.points[self.pos];
+        self.pos += 1;
+        (point.0, std::mem::replace(&mut point.1, Value::Bool(false)))
+    }
+
+    fn skip(&mut self) {
+        self.pos += 1;
+    }
+
+    /// Sequence number of the segment when a damaged block was skipped.
+    fn damaged_segment(&self) -> Option<u64> {
+        self.blocks
+            .as_ref()
+            .filter(|blocks| blocks.damaged)
+            .map(|blocks| blocks.segment.seq)
+    }
+}
+
+impl BlockSource {
+    fn next_points(&mut self) -> Result<Option<Vec<Point>>, StoreError> {
+        while let Some(block) = self.blocks.get(self.next).copied() {
+            self.next += 1;
+            let mut points = match self.segment.read_block(&block) {
+                Ok(points) => points,
+                Err(err @ StoreError::Corrupt { .. }) if self.skip_damaged => {
+                    tracing::error!(
+                        error = %err,
+                        segment = %self.segment.path.display(),
+                        min_ts = block.min_ts,
+                        max_ts = block.max_ts,
+                        lost_points = block.count,
+                        "skipping damaged block; its points are lost"
+                    );
+                    self.damaged = true;
+                    continue;
+                }
+                Err(err) => return Err(err),
+            };
+
+            if block.min_ts < self.lo || block.max_ts >= self.end {
+                points.retain(|p| self.lo <= p.0 && p.0 < self.end);
+            }
+            if !points.is_empty() {
+                return Ok(Some(points));
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// Ascending, deduplicated points of one series over all its sources.
+pub(crate) struct MergedPoints {
+    /// Oldest source first.
+    sources: Vec<Source>,
+}
+
+impl MergedPoints {
+    pub(crate) fn new(sources: Vec<Source>) -> MergedPoints {
+        MergedPoints { sources }
+    }
+
+    pub(crate) fn empty() -> MergedPoints {
+        MergedPoints {
+            sources: Vec::new(),
+        }
+    }
+
+    /// Returns the next point: the smallest timestamp among the sources,
+    /// with the value of the newest source that has it.
+    pub(crate) fn next_point(&mut self) -> Result<Option<Point>, StoreError> {
+        let mut min_ts: Option<TimestampNs> = None;
+        for source in &mut self.sources {
+            if let Some(ts) = source.peek_ts()? {
+                min_ts = Some(min_ts.map_or(ts, |min| min.min(ts)));
+            }
+        }
+        let Some(ts) = min_ts else {
+            return Ok(None);
+        };
+
+        let mut winner = None;
+        for source in self.sources.iter_mut().rev() {
+            if source.peek_ts()? == Some(ts) {
+                if winner.is_none() {
+                    winner = Some(source.take());
+                } else {
+                    source.skip();
+                }
+            }
+        }
+        Ok(winner)
+    }
+
+    /// Sequence numbers of segments in which a damaged block was skipped.
+    pub(crate) fn damaged_segments(&self) -> impl Iterator<Item = u64> + '_ {
+        self.sources.iter().filter_map(Source::damaged_segment)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn drain(merged: &mut MergedPoints) -> Vec<Point> {
+        let mut points = Vec::new();
+        while let Some(point) = merged.next_point().unwrap() {
+            points.push(point);
+        }
+        points
+    }
+
+    #[test]
+    fn merge_later_source_wins() {
+        let older = Source::memory(vec![
+            (1, Value::Int(1)),
+            (3, Value::Int(3)),
+            (5, Value::Int(5)),
+        ]);
+        let newer = Source::memory(vec![(2, Value::Int(20)), (3, Value::Int(30))]);
+        let newest = Source::memory(vec![(3, Value::Int(300)), (6, Value::Int(600))]);
+        let mut merged = MergedPoints::new(vec![older, newer, newest]);
+
+        let points = drain(&mut merged);
+
+        assert_eq!(
+            points,
+            vec![
+                (1, Value::Int(1)),
+                (2, Value::Int(20)),
+                (3, Value::Int(300)),
+                (5, Value::Int(5)),
+                (6, Value::Int(600)),
+            ]
+        );
+    }
+
+    #[test]
+    fn merge_of_no_sources_is_empty() {
+        assert_eq!(MergedPoints::empty().next_point().unwrap(), None);
+    }
+}

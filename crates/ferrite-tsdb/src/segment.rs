@@ -1,0 +1,609 @@
+//! Segment files: writing them atomically, opening their index, and reading
+//! their blocks. The byte layout is documented in the crate documentation.
+
+use std::borrow::Borrow;
+use std::fs::{self, File};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use ferrite_core::{TimestampNs, Value};
+
+use crate::catalog::{IdMap, SeriesId};
+use crate::encoding::{
+    BLOCK_FRAME_LEN, BlockEncoder, DecodeError, Point, Reader, decode_framed_block, put_ivarint,
+    put_uvarint, put_value,
+};
+use crate::error::{IoContext, StoreError};
+use crate::fsio;
+
+const MAGIC: [u8; 8] = *b"FERRTSEG";
+const VERSION: u32 = 1;
+const HEADER_LEN: u64 = 16;
+const TRAILER_LEN: u64 = 48;
+
+/// A block is closed after this many points.
+const MAX_BLOCK_POINTS: u32 = 2048;
+/// A block is closed once its encoded points reach this many bytes, so long
+/// strings do not make blocks (and the reads of one query) arbitrarily large.
+const TARGET_BLOCK_BYTES: usize = 64 * 1024;
+
+const SEGMENT_PREFIX: &str = "seg-";
+const SEGMENT_SUFFIX: &str = ".fseg";
+pub(crate) const TEMP_SUFFIX: &str = ".tmp";
+
+/// File name of the segment with sequence number `seq`. The zero-padded hex
+/// number makes lexical order equal creation order.
+pub(crate) fn segment_file_name(seq: u64) -> String {
+    format!("{SEGMENT_PREFIX}{seq:016x}{SEGMENT_SUFFIX}")
+}
+
+/// Sequence number of a segment file name, or `None` for other files.
+pub(crate) fn parse_segment_file_name(name: &str) -> Option<u64> {
+    let hex = name
+        .strip_prefix(SEGMENT_PREFIX)?
+        .strip_suffix(SEGMENT_SUFFIX)?;
+    if hex.len() != 16 {
+        return None;
+    }
+    u64::from_str_radix(hex, 16).ok()
+}
+
+/// Location and summary of one block of one series.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BlockRef {
+    /// Offset of the block frame from the start of the file.
+    pub(crate) offset: u64,
+    /// Frame length plus payload length.
+    pub(crate) len: u32,
+    pub(crate) count: u32,
+    pub(crate) min_ts: TimestampNs,
+    pub(crate) max_ts: TimestampNs,
+}
+
+/// Index entry of one series in one segment.
+#[derive(Debug)]
+pub(crate) struct IndexEntry {
+    pub(crate) count: u64,
+    pub(crate) min_ts: TimestampNs,
+    pub(crate) max_ts: TimestampNs,
+    /// Value of the point at `max_ts`, which feeds the latest-point cache.
+    pub(crate) last_value: Value,
+    /// Blocks in ascending time order, with disjoint time ranges.
+    pub(crate) blocks: Box<[BlockRef]>,
+}
+
+/// An open, immutable segment: its trailer fields and index in memory, and a
+/// read handle for its blocks.
+pub(crate) struct Segment {
+    pub(crate) seq: u64,
+    pub(crate) path: PathBuf,
+    file: File,
+    /// Marker passed to the flush that wrote this segment. A compacted
+    /// segment carries the marker of its newest input.
+    pub(crate) marker: u64,
+    /// For a compaction output, the sequence numbers of its first and last
+    /// input: every segment in that range is superseded by this one.
+    pub(crate) compacted_from: Option<(u64, u64)>,
+    pub(crate) index: IdMap<IndexEntry>,
+}
+
+impl Segment {
+    /// Opens a segment and reads its trailer and index, checking both
+    /// checksums and that every block reference lies inside the data area.
+    /// Blocks themselves are checked when they are read.
+    pub(crate) fn open(path: PathBuf, seq: u64) -> Result<Segment, StoreError> {
+        let file = File::open(&path).context("open", &path)?;
+        let file_len = file.metadata().context("read metadata of", &path)?.len();
+        if file_len < HEADER_LEN + TRAILER_LEN {
+            return Err(StoreError::corrupt(
+                &path,
+                format!("file is {file_len} bytes, shorter than header and trailer"),
+            ));
+        }
+
+        let mut header = [0u8; HEADER_LEN as usize];
+        fsio::read_exact_at(&file, &mut header, 0).context("read", &path)?;
+        if header[0..8] != MAGIC {
+            return Err(StoreError::corrupt(
+                &path,
+                "not a segment file (bad header magic)",
+            ));
+        }
+
+        let mut trailer = [0u8; TRAILER_LEN as usize];
+        fsio::read_exact_at(&file, &mut trailer, file_len - TRAILER_LEN).context("read", &path)?;
+        let fields = parse_trailer(&trailer).map_err(|err| StoreError::corrupt(&path, err.0))?;
+
+        let data_end = file_len - TRAILER_LEN;
+        if fields.index_offset < HEADER_LEN
+            || fields.index_offset.checked_add(fields.index_len) != Some(data_end)
+        {
+            return Err(StoreError::corrupt(
+                &path,
+                "index position in trailer does not match the file size",
+            ));
+        }
+
+        let mut index_bytes = vec![0u8; fields.index_len as usize];
+        fsio::read_exact_at(&file, &mut index_bytes, fields.index_offset).context("read", &path)?;
+        if crc32fast::hash(&index_bytes) != fields.index_crc {
+            return Err(StoreError::corrupt(&path, "index checksum mismatch"));
+        }
+        let (compacted_from, index) = decode_index(&index_bytes, fields.index_offset)
+            .map_err(|err| StoreError::corrupt(&path, format!("invalid index: {}", err.0)))?;
+
+        Ok(Segment {
+            seq,
+            path,
+            file,
+            marker: fields.marker,
+            compacted_from,
+            index,
+        })
+    }
+
+    pub(crate) fn entry(&self, id: SeriesId) -> Option<&IndexEntry> {
+        self.index.get(&id)
+    }
+
+    /// Reads one block and checks its checksum.
+    pub(crate) fn read_block(&self, block: &BlockRef) -> Result<Vec<Point>, StoreError> {
+        let mut frame = vec![0u8; block.len as usize];
+        fsio::read_exact_at(&self.file, &mut frame, block.offset).context("read", &self.path)?;
+        let points = decode_framed_block(&frame).map_err(|err| {
+            StoreError::corrupt(
+                &self.path,
+                format!("block at offset {}: {}", block.offset, err.0),
+            )
+        })?;
+
+        let matches_index = points.len() == block.count as usize
+            && points.first().map(|p| p.0) == Some(block.min_ts)
+            && points.last().map(|p| p.0) == Some(block.max_ts);
+        if !matches_index {
+            return Err(StoreError::corrupt(
+                &self.path,
+                format!(
+                    "block at offset {} differs from its index entry",
+                    block.offset
+                ),
+            ));
+        }
+        Ok(points)
+    }
+}
+
+struct TrailerFields {
+    marker: u64,
+    index_offset: u64,
+    index_len: u64,
+    index_crc: u32,
+}
+
+fn parse_trailer(trailer: &[u8; TRAILER_LEN as usize]) -> Result<TrailerFields, DecodeError> {
+    let u64_at = |at: usize| u64::from_le_bytes(trailer[at..at + 8].try_into().expect("8 bytes"));
+    let u32_at = |at: usize| u32::from_le_bytes(trailer[at..at + 4].try_into().expect("4 bytes"));
+
+    if trailer[40..48] != MAGIC {
+        return Err(DecodeError(
+            "bad trailer magic (file truncated or not a segment)",
+        ));
+    }
+    if crc32fast::hash(&trailer[0..32]) != u32_at(32) {
+        return Err(DecodeError("trailer checksum mismatch"));
+    }
+    if u32_at(28) != VERSION {
+        return Err(DecodeError("unsupported segment format version"));
+    }
+    Ok(TrailerFields {
+        marker: u64_at(0),
+        index_offset: u64_at(8),
+        index_len: u64_at(16),
+        index_crc: u32_at(24),
+    })
+}
+
+fn encode_trailer(fields: &TrailerFields) -> Vec<u8> {
+    let mut trailer = Vec::with_capacity(TRAILER_LEN as usize);
+    trailer.extend_from_slice(&fields.marker.to_le_bytes());
+    trailer.extend_from_slice(&fields.index_offset.to_le_bytes());
+    trailer.extend_from_slice(&fields.index_len.to_le_bytes());
+    trailer.extend_from_slice(&fields.index_crc.to_le_bytes());
+    trailer.extend_from_slice(&VERSION.to_le_bytes());
+    let crc = crc32fast::hash(&trailer);
+    trailer.extend_from_slice(&crc.to_le_bytes());
+    trailer.extend_from_slice(&0u32.to_le_bytes());
+    trailer.extend_from_slice(&MAGIC);
+    debug_assert_eq!(trailer.len() as u64, TRAILER_LEN);
+    trailer
+}
+
+fn encode_index(compacted_from: Option<(u64, u64)>, entries: &[(SeriesId, IndexEntry)]) -> Vec<u8> {
+    let mut buf = Vec::new();
+    let (first, last) = compacted_from.unwrap_or((0, 0));
+    put_uvarint(&mut buf, first);
+    put_uvarint(&mut buf, last);
+    put_uvarint(&mut buf, entries.len() as u64);
+
+    for (id, entry) in entries {
+        put_uvarint(&mut buf, id.0);
+        put_uvarint(&mut buf, entry.count);
+        put_ivarint(&mut buf, entry.min_ts);
+        put_ivarint(&mut buf, entry.max_ts);
+        put_value(&mut buf, &entry.last_value);
+        put_uvarint(&mut buf, entry.blocks.len() as u64);
+        for block in &entry.blocks {
+            put_uvarint(&mut buf, block.offset);
+            put_uvarint(&mut buf, u64::from(block.len));
+            put_uvarint(&mut buf, u64::from(block.count));
+            put_ivarint(&mut buf, block.min_ts);
+            put_ivarint(&mut buf, block.max_ts);
+        }
+    }
+    buf
+}
+
+type DecodedIndex = (Option<(u64, u64)>, IdMap<IndexEntry>);
+
+fn decode_index(bytes: &[u8], data_end: u64) -> Result<DecodedIndex, DecodeError> {
+    let mut reader = Reader::new(bytes);
+    let first = reader.uvarint()?;
+    let last = reader.uvarint()?;
+    let compacted_from = match (first, last) {
+        (0, 0) => None,
+        (first, last) if 0 < first && first <= last => Some((first, last)),
+        _ => return Err(DecodeError("invalid compaction input range")),
+    };
+
+    let series_count = reader.len()?;
+    let mut index = IdMap::default();
+    // Every entry takes well over 8 bytes, which bounds the reservation even
+    // when the count field is damaged.
+    index.reserve(series_count.min(bytes.len() / 8));
+
+    for _ in 0..series_count {
+        let id = SeriesId(reader.uvarint()?);
+        let entry = decode_index_entry(&mut reader, data_end)?;
+        if id.0 == 0 || index.insert(id, entry).is_some() {
+            return Err(DecodeError("series id 0 or listed twice"));
+        }
+    }
+
+    if !reader.is_empty() {
+        return Err(DecodeError("trailing bytes after the last index entry"));
+    }
+    Ok((compacted_from, index))
+}
+
+fn decode_index_entry(reader: &mut Reader<'_>, data_end: u64) -> Result<IndexEntry, DecodeError> {
+    let count = reader.uvarint()?;
+    let min_ts = reader.ivarint()?;
+    let max_ts = reader.ivarint()?;
+    let last_value = reader.value()?;
+    let block_count = reader.len()?;
+    if block_count == 0 {
+        return Err(DecodeError("series without blocks"));
+    }
+
+    let mut blocks: Vec<BlockRef> = Vec::with_capacity(block_count.min(1024));
+    let mut points = 0u64;
+    for _ in 0..block_count {
+        let block = BlockRef {
+            offset: reader.uvarint()?,
+            len: u32::try_from(reader.uvarint()?)
+                .map_err(|_| DecodeError("block length too large"))?,
+            count: u32::try_from(reader.uvarint()?)
+                .map_err(|_| DecodeError("block count too large"))?,
+            min_ts: reader.ivarint()?,
+            max_ts: reader.ivarint()?,
+        };
+
+        let inside_data = block.offset >= HEADER_LEN
+            && block.len as usize > BLOCK_FRAME_LEN
+            && block
+                .offset
+                .checked_add(u64::from(block.len))
+                .is_some_and(|end| end <= data_end);
+        if !inside_data {
+            return Err(DecodeError("block lies outside the data area"));
+        }
+        if block.count == 0 || block.min_ts > block.max_ts {
+            return Err(DecodeError("block with no points or reversed time range"));
+        }
+        if blocks
+            .last()
+            .is_some_and(|previous| previous.max_ts >= block.min_ts)
+        {
+            return Err(DecodeError(
+                "blocks of a series overlap or are out of order",
+            ));
+        }
+
+        points += u64::from(block.count);
+        blocks.push(block);
+    }
+
+    let consistent = points == count
+        && blocks.first().map(|b| b.min_ts) == Some(min_ts)
+        && blocks.last().map(|b| b.max_ts) == Some(max_ts);
+    if !consistent {
+        return Err(DecodeError("series summary does not match its blocks"));
+    }
+
+    Ok(IndexEntry {
+        count,
+        min_ts,
+        max_ts,
+        last_value,
+        blocks: blocks.into_boxed_slice(),
+    })
+}
+
+/// Writes a segment to a temporary file and installs it atomically in
+/// [`SegmentWriter::finish`]. Dropping an unfinished writer deletes the
+/// temporary file.
+pub(crate) struct SegmentWriter {
+    dir: PathBuf,
+    seq: u64,
+    temp_path: PathBuf,
+    out: Option<BufWriter<File>>,
+    /// Bytes written so far, which is the offset of the next block.
+    pos: u64,
+    index: Vec<(SeriesId, IndexEntry)>,
+    encoder: BlockEncoder,
+    frame: Vec<u8>,
+    /// Set once the temporary file has been renamed to its final name.
+    renamed: bool,
+}
+
+impl SegmentWriter {
+    pub(crate) fn create(dir: &Path, seq: u64) -> Result<SegmentWriter, StoreError> {
+        let temp_path = dir.join(format!("{}{TEMP_SUFFIX}", segment_file_name(seq)));
+        let file = File::create(&temp_path).context("create", &temp_path)?;
+        let mut writer = SegmentWriter {
+            dir: dir.to_path_buf(),
+            seq,
+            temp_path,
+            out: Some(BufWriter::with_capacity(256 * 1024, file)),
+            pos: 0,
+            index: Vec::new(),
+            encoder: BlockEncoder::new(),
+            frame: Vec::new(),
+            renamed: false,
+        };
+
+        let mut header = Vec::with_capacity(HEADER_LEN as usize);
+        header.extend_from_slice(&MAGIC);
+        header.extend_from_slice(&VERSION.to_le_bytes());
+        header.extend_from_slice(&0u32.to_le_bytes());
+        writer.write_bytes(&header)?;
+        Ok(writer)
+    }
+
+    fn write_bytes(&mut self, bytes: &[u8]) -> Result<(), StoreError> {
+        let out = self.out.as_mut().expect("writer used after finish");
+        out.write_all(bytes).context("write", &self.temp_path)?;
+        self.pos += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Writes all points of one series. Series must come in ascending id
+    /// order and points in strictly ascending timestamp order. A series
+    /// without points gets no index entry.
+    pub(crate) fn write_series<P: Borrow<Point>>(
+        &mut self,
+        id: SeriesId,
+        points: impl Iterator<Item = Result<P, StoreError>>,
+    ) -> Result<(), StoreError> {
+        debug_assert!(self.index.last().is_none_or(|(last, _)| *last < id));
+        let mut blocks = Vec::new();
+        let mut count = 0u64;
+        let mut last: Option<P> = None;
+
+        for point in points {
+            let point = point?;
+            let (ts, value) = point.borrow();
+            debug_assert!(last.as_ref().is_none_or(|p| p.borrow().0 < *ts));
+            self.encoder.push(*ts, value);
+            count += 1;
+            last = Some(point);
+
+            if self.encoder.count() >= MAX_BLOCK_POINTS
+                || self.encoder.body_len() >= TARGET_BLOCK_BYTES
+            {
+                blocks.push(self.finish_block()?);
+            }
+        }
+        if self.encoder.count() > 0 {
+            blocks.push(self.finish_block()?);
+        }
+
+        let Some(last) = last else {
+            return Ok(());
+        };
+        let entry = IndexEntry {
+            count,
+            min_ts: blocks[0].min_ts,
+            max_ts: last.borrow().0,
+            last_value: last.borrow().1.clone(),
+            blocks: blocks.into_boxed_slice(),
+        };
+        self.index.push((id, entry));
+        Ok(())
+    }
+
+    fn finish_block(&mut self) -> Result<BlockRef, StoreError> {
+        let count = self.encoder.count();
+        let min_ts = self.encoder.min_ts();
+        let max_ts = self.encoder.max_ts();
+        let offset = self.pos;
+
+        let mut frame = std::mem::take(&mut self.frame);
+        frame.clear();
+        let len = self.encoder.finish_into(&mut frame);
+        let written = self.write_bytes(&frame);
+        self.frame = frame;
+        written?;
+
+        Ok(BlockRef {
+            offset,
+            len: u32::try_from(len).expect("blocks stay far below 4 GiB"),
+            count,
+            min_ts,
+            max_ts,
+        })
+    }
+
+    /// Writes index and trailer, syncs the file, renames it to its final
+    /// name and syncs the directory. Returns the segment opened for reading.
+    pub(crate) fn finish(
+        mut self,
+        marker: u64,
+        compacted_from: Option<(u64, u64)>,
+    ) -> Result<Segment, StoreError> {
+        let index_bytes = encode_index(compacted_from, &self.index);
+        let trailer = encode_trailer(&TrailerFields {
+            marker,
+            index_offset: self.pos,
+            index_len: index_bytes.len() as u64,
+            index_crc: crc32fast::hash(&index_bytes),
+        });
+        self.write_bytes(&index_bytes)?;
+        self.write_bytes(&trailer)?;
+
+        let out = self.out.take().expect("finish is called once");
+        let file = out
+            .into_inner()
+            .map_err(|err| err.into_error())
+            .context("write", &self.temp_path)?;
+        file.sync_all().context("sync", &self.temp_path)?;
+        drop(file);
+
+        let path = self.dir.join(segment_file_name(self.seq));
+        fs::rename(&self.temp_path, &path).context("rename segment into place at", &path)?;
+        self.renamed = true;
+        fsio::sync_dir(&self.dir).context("sync directory", &self.dir)?;
+
+        let file = File::open(&path).context("open", &path)?;
+        let index = std::mem::take(&mut self.index).into_iter().collect();
+        Ok(Segment {
+            seq: self.seq,
+            path,
+            file,
+            marker,
+            compacted_from,
+            index,
+        })
+    }
+}
+
+impl Drop for SegmentWriter {
+    fn drop(&mut self) {
+        if !self.renamed {
+            let _ = fs::remove_file(&self.temp_path);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok_points(points: &[Point]) -> impl Iterator<Item = Result<&Point, StoreError>> {
+        points.iter().map(Ok)
+    }
+
+    #[test]
+    fn segment_file_name_round_trip() {
+        assert_eq!(segment_file_name(26), "seg-000000000000001a.fseg");
+        assert_eq!(
+            parse_segment_file_name("seg-000000000000001a.fseg"),
+            Some(26)
+        );
+        assert_eq!(parse_segment_file_name("seg-1a.fseg"), None);
+        assert_eq!(
+            parse_segment_file_name("seg-000000000000001a.fseg.tmp"),
+            None
+        );
+    }
+
+    #[test]
+    fn segment_round_trip_many_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let long: Vec<Point> = (0..5000).map(|i| (i * 10, Value::Int(i))).collect();
+        let strings: Vec<Point> = (0..40)
+            .map(|i| (i, Value::Str(format!("{i}").repeat(4000))))
+            .collect();
+
+        let mut writer = SegmentWriter::create(dir.path(), 7).unwrap();
+        writer.write_series(SeriesId(1), ok_points(&long)).unwrap();
+        writer
+            .write_series(SeriesId(2), ok_points(&strings))
+            .unwrap();
+        writer.write_series(SeriesId(3), ok_points(&[])).unwrap();
+        let written = writer.finish(99, Some((2, 6))).unwrap();
+
+        let segment = Segment::open(written.path.clone(), 7).unwrap();
+
+        assert_eq!(segment.marker, 99);
+        assert_eq!(segment.compacted_from, Some((2, 6)));
+        assert!(segment.entry(SeriesId(3)).is_none());
+
+        let entry = segment.entry(SeriesId(1)).unwrap();
+        assert_eq!(entry.count, 5000);
+        assert_eq!(entry.blocks.len(), 3);
+        assert_eq!((entry.min_ts, entry.max_ts), (0, 49_990));
+        assert_eq!(entry.last_value, Value::Int(4999));
+        let mut read = Vec::new();
+        for block in &entry.blocks {
+            read.extend(segment.read_block(block).unwrap());
+        }
+        assert_eq!(read, long);
+
+        let entry = segment.entry(SeriesId(2)).unwrap();
+        assert!(
+            entry.blocks.len() > 1,
+            "the 64 KiB target must split 280 KB of strings"
+        );
+        let mut read = Vec::new();
+        for block in &entry.blocks {
+            read.extend(segment.read_block(block).unwrap());
+        }
+        assert_eq!(read, strings);
+    }
+
+    #[test]
+    fn segment_open_rejects_truncation() {
+        let dir = tempfile::tempdir().unwrap();
+        let points: Vec<Point> = (0..10).map(|i| (i, Value::Float(i as f64))).collect();
+        let mut writer = SegmentWriter::create(dir.path(), 1).unwrap();
+        writer
+            .write_series(SeriesId(1), ok_points(&points))
+            .unwrap();
+        let path = writer.finish(1, None).unwrap().path;
+        let bytes = fs::read(&path).unwrap();
+
+        for cut in [1, 10, 48, bytes.len() / 2] {
+            fs::write(&path, &bytes[..bytes.len() - cut]).unwrap();
+            assert!(
+                matches!(
+                    Segment::open(path.clone(), 1),
+                    Err(StoreError::Corrupt { .. })
+                ),
+                "truncating {cut} bytes not detected"
+            );
+        }
+    }
+
+    #[test]
+    fn unfinished_writer_removes_temp_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let writer = SegmentWriter::create(dir.path(), 3).unwrap();
+        let temp_path = writer.temp_path.clone();
+        assert!(temp_path.exists());
+
+        drop(writer);
+
+        assert!(!temp_path.exists());
+    }
+}

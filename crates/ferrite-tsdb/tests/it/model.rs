@@ -1,0 +1,396 @@
+//! Property test: random operations on a `Store` and on a simple in-memory
+//! model must give the same results for latest, keys, paged range and
+//! aggregate queries after every operation.
+//!
+//! The model keeps flushed points and head points apart, because a reopen
+//! loses the head (writes are durable only after a flush).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use ferrite_core::Value;
+use ferrite_tsdb::{Bucket, SeriesKey, Store, StoreOptions};
+use proptest::prelude::*;
+
+use crate::{Exact, exact, exact_points};
+
+const TENANTS: [&str; 2] = ["t1", "t2"];
+const DEVICES: [&str; 2] = ["d1", "d2"];
+const KEYS: [&str; 2] = ["temp", "status"];
+
+/// Small so that duplicates and out-of-order timestamps are frequent. The
+/// ends of the storable range are mixed in as well.
+const TS_RANGE: std::ops::Range<i64> = -20..60;
+
+#[derive(Debug, Clone)]
+enum Op {
+    Write {
+        tenant: usize,
+        device: usize,
+        points: Vec<(usize, i64, Value)>,
+    },
+    Flush,
+    Reopen,
+    Compact,
+    DeleteDevice {
+        tenant: usize,
+        device: usize,
+    },
+}
+
+/// Query parameters drawn once per case.
+#[derive(Debug, Clone)]
+struct QueryParams {
+    page_limit: usize,
+    start: i64,
+    span: i64,
+    interval: i64,
+}
+
+type Points = BTreeMap<i64, Value>;
+
+#[derive(Default)]
+struct Model {
+    flushed: BTreeMap<SeriesKey, Points>,
+    head: BTreeMap<SeriesKey, Points>,
+    marker: u64,
+}
+
+impl Model {
+    fn apply_write(&mut self, tenant: &str, device: &str, points: &[(usize, i64, Value)]) {
+        for (key, ts, value) in points {
+            let series = SeriesKey::new(tenant, device, KEYS[*key]);
+            self.head
+                .entry(series)
+                .or_default()
+                .insert(*ts, value.clone());
+        }
+    }
+
+    fn flush(&mut self, marker: u64) {
+        for (series, points) in std::mem::take(&mut self.head) {
+            self.flushed.entry(series).or_default().extend(points);
+        }
+        self.marker = marker;
+    }
+
+    fn reopen(&mut self) {
+        self.head.clear();
+    }
+
+    fn delete_device(&mut self, tenant: &str, device: &str) {
+        let belongs = |series: &SeriesKey| series.tenant == tenant && series.device == device;
+        self.flushed.retain(|series, _| !belongs(series));
+        self.head.retain(|series, _| !belongs(series));
+    }
+
+    /// Flushed points overlaid with head points.
+    fn view(&self, series: &SeriesKey) -> Points {
+        let mut points = self.flushed.get(series).cloned().unwrap_or_default();
+        if let Some(head) = self.head.get(series) {
+            points.extend(head.iter().map(|(ts, value)| (*ts, value.clone())));
+        }
+        points
+    }
+
+    fn aggregate(&self, series: &SeriesKey, start: i64, end: i64, interval: i64) -> Vec<Bucket> {
+        let count = (end - start + interval - 1) / interval;
+        let mut buckets: Vec<Bucket> = (0..count)
+            .map(|i| Bucket {
+                start: start + i * interval,
+                count: 0,
+                numeric_count: 0,
+                sum: None,
+                min: None,
+                max: None,
+                first: None,
+                last: None,
+            })
+            .collect();
+
+        for (ts, value) in self.view(series).range(start..end) {
+            let bucket = &mut buckets[((ts - start) / interval) as usize];
+            bucket.count += 1;
+            let number = match value {
+                Value::Float(v) => Some(*v),
+                Value::Int(v) => Some(*v as f64),
+                _ => None,
+            };
+            if let Some(number) = number {
+                bucket.numeric_count += 1;
+                bucket.sum = Some(bucket.sum.unwrap_or(0.0) + number);
+                bucket.min = Some(bucket.min.map_or(number, |m| m.min(number)));
+                bucket.max = Some(bucket.max.map_or(number, |m| m.max(number)));
+            }
+            if bucket.first.is_none() {
+                bucket.first = Some((*ts, value.clone()));
+            }
+            bucket.last = Some((*ts, value.clone()));
+        }
+        buckets
+    }
+}
+
+fn value_strategy() -> impl Strategy<Value = Value> {
+    prop_oneof![
+        prop::sample::select(vec![0.0, -0.0, 1.5, -2.25, f64::MIN_POSITIVE]).prop_map(Value::Float),
+        (-1.0e6..1.0e6f64).prop_map(Value::Float),
+        prop::sample::select(vec![i64::MIN, i64::MAX, 0, -1]).prop_map(Value::Int),
+        (-1000i64..1000).prop_map(Value::Int),
+        any::<bool>().prop_map(Value::Bool),
+        "[a-zé🌡]{0,6}".prop_map(Value::Str),
+    ]
+}
+
+fn op_strategy() -> impl Strategy<Value = Op> {
+    let ts = prop_oneof![
+        9 => TS_RANGE,
+        1 => prop::sample::select(vec![ferrite_core::MIN_TIMESTAMP_NS, ferrite_core::MAX_TIMESTAMP_NS]),
+    ];
+    let point = (0..KEYS.len(), ts, value_strategy());
+    let write = (
+        0..TENANTS.len(),
+        0..DEVICES.len(),
+        prop::collection::vec(point, 1..12),
+    )
+        .prop_map(|(tenant, device, points)| Op::Write {
+            tenant,
+            device,
+            points,
+        });
+    let delete = (0..TENANTS.len(), 0..DEVICES.len())
+        .prop_map(|(tenant, device)| Op::DeleteDevice { tenant, device });
+    prop_oneof![
+        8 => write,
+        3 => Just(Op::Flush),
+        1 => Just(Op::Reopen),
+        1 => Just(Op::Compact),
+        1 => delete,
+    ]
+}
+
+fn query_strategy() -> impl Strategy<Value = QueryParams> {
+    (1usize..8, -25i64..50, 1i64..90, 1i64..40).prop_map(|(page_limit, start, span, interval)| {
+        QueryParams {
+            page_limit,
+            start,
+            span,
+            interval,
+        }
+    })
+}
+
+fn options() -> StoreOptions {
+    StoreOptions {
+        head_budget_bytes: 1 << 20,
+        max_segments: 3,
+    }
+}
+
+fn open(dir: &Path) -> Store {
+    Store::open(dir, options()).expect("open store")
+}
+
+/// Reads `[start, end)` page by page and checks that pages join without gaps
+/// or repeats.
+fn read_all_pages(
+    store: &Store,
+    series: &SeriesKey,
+    start: i64,
+    end: i64,
+    limit: usize,
+) -> Vec<(i64, Exact)> {
+    let mut all = Vec::new();
+    let mut after = None;
+    for _ in 0..1000 {
+        let page = store.range(series, start, end, after, limit).unwrap();
+        assert!(page.points.len() <= limit);
+        if page.has_more {
+            assert_eq!(
+                page.points.len(),
+                limit,
+                "a page that is not full must be the last"
+            );
+        }
+        after = page.points.last().map(|p| p.0).or(after);
+        all.extend(exact_points(&page.points));
+        if !page.has_more {
+            return all;
+        }
+    }
+    panic!("paging of {series:?} did not end");
+}
+
+fn check_store(store: &Store, model: &Model, params: &QueryParams) {
+    for tenant in TENANTS {
+        for device in DEVICES {
+            let mut expected_latest: Vec<(String, i64, Exact)> = KEYS
+                .iter()
+                .filter_map(|key| {
+                    let view = model.view(&SeriesKey::new(tenant, device, *key));
+                    let (ts, value) = view.last_key_value()?;
+                    Some((key.to_string(), *ts, exact(value)))
+                })
+                .collect();
+            expected_latest.sort_by(|a, b| a.0.cmp(&b.0));
+            let actual_latest: Vec<(String, i64, Exact)> = store
+                .latest(tenant, device)
+                .into_iter()
+                .map(|(key, ts, value)| (key, ts, exact(&value)))
+                .collect();
+            assert_eq!(
+                actual_latest, expected_latest,
+                "latest of {tenant}/{device}"
+            );
+
+            let expected_keys: Vec<String> = expected_latest
+                .iter()
+                .map(|(key, _, _)| key.clone())
+                .collect();
+            assert_eq!(
+                store.keys(tenant, device),
+                expected_keys,
+                "keys of {tenant}/{device}"
+            );
+
+            for key in KEYS {
+                check_series(store, model, params, &SeriesKey::new(tenant, device, key));
+            }
+        }
+    }
+}
+
+fn check_series(store: &Store, model: &Model, params: &QueryParams, series: &SeriesKey) {
+    let view = model.view(series);
+
+    let everything: Vec<(i64, Exact)> =
+        view.iter().map(|(ts, value)| (*ts, exact(value))).collect();
+    let paged = read_all_pages(store, series, i64::MIN, i64::MAX, params.page_limit);
+    assert_eq!(paged, everything, "full range of {series:?}");
+
+    let start = params.start;
+    let end = params.start + params.span;
+    let expected: Vec<(i64, Exact)> = view
+        .range(start..end)
+        .map(|(ts, value)| (*ts, exact(value)))
+        .collect();
+    let paged = read_all_pages(store, series, start, end, params.page_limit);
+    assert_eq!(paged, expected, "range [{start}, {end}) of {series:?}");
+
+    let buckets = store
+        .aggregate(series, start, end, params.interval)
+        .unwrap();
+    assert_eq!(
+        buckets,
+        model.aggregate(series, start, end, params.interval),
+        "aggregate [{start}, {end}) by {} of {series:?}",
+        params.interval
+    );
+}
+
+fn run_case(ops: &[Op], params: &QueryParams) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Some(open(dir.path()));
+    let mut model = Model::default();
+    let mut next_marker = 1;
+
+    for op in ops {
+        let current = store.as_ref().unwrap();
+        match op {
+            Op::Write {
+                tenant,
+                device,
+                points,
+            } => {
+                let batch: Vec<(&str, i64, Value)> = points
+                    .iter()
+                    .map(|(key, ts, value)| (KEYS[*key], *ts, value.clone()))
+                    .collect();
+                current
+                    .write(TENANTS[*tenant], DEVICES[*device], &batch)
+                    .unwrap();
+                model.apply_write(TENANTS[*tenant], DEVICES[*device], points);
+            }
+            Op::Flush => {
+                current.flush(next_marker).unwrap();
+                model.flush(next_marker);
+                next_marker += 1;
+            }
+            Op::Reopen => {
+                drop(store.take());
+                store = Some(open(dir.path()));
+                model.reopen();
+            }
+            Op::Compact => current.compact().unwrap(),
+            Op::DeleteDevice { tenant, device } => {
+                current
+                    .delete_device(TENANTS[*tenant], DEVICES[*device])
+                    .unwrap();
+                model.delete_device(TENANTS[*tenant], DEVICES[*device]);
+            }
+        }
+
+        let current = store.as_ref().unwrap();
+        assert_eq!(
+            current.durable_marker(),
+            model.marker,
+            "durable marker after {op:?}"
+        );
+        check_store(current, &model, params);
+    }
+
+    assert!(
+        crate::segment_files(dir.path()).len() <= options().max_segments + 1,
+        "compaction must bound the segment count"
+    );
+    assert!(crate::corrupt_files(dir.path()).is_empty());
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn store_matches_model(ops in prop::collection::vec(op_strategy(), 1..40), params in query_strategy()) {
+        run_case(&ops, &params);
+    }
+}
+
+#[test]
+fn model_case_overwrite_across_flush_and_reopen() {
+    let write = |points: Vec<(usize, i64, Value)>| Op::Write {
+        tenant: 0,
+        device: 0,
+        points,
+    };
+    let ops = vec![
+        write(vec![
+            (0, 5, Value::Int(1)),
+            (0, 3, Value::Int(2)),
+            (0, 5, Value::Int(3)),
+        ]),
+        Op::Flush,
+        write(vec![(0, 5, Value::Float(-0.0)), (1, 7, Value::Bool(true))]),
+        Op::Flush,
+        write(vec![
+            (0, 5, Value::Str("head".into())),
+            (0, 9, Value::Int(9)),
+        ]),
+        Op::Reopen,
+        Op::Compact,
+        Op::DeleteDevice {
+            tenant: 0,
+            device: 0,
+        },
+        write(vec![(0, 1, Value::Int(1))]),
+        Op::Flush,
+        Op::Reopen,
+    ];
+    let params = QueryParams {
+        page_limit: 1,
+        start: 0,
+        span: 10,
+        interval: 3,
+    };
+
+    run_case(&ops, &params);
+}
