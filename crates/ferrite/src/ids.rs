@@ -14,6 +14,8 @@ macro_rules! uuid_id {
         #[serde(transparent)]
         pub struct $name(pub Uuid);
 
+        // Not every id type uses every constructor.
+        #[allow(dead_code)]
         impl $name {
             pub fn new_random() -> Self {
                 Self(Uuid::new_v4())

@@ -107,6 +107,7 @@ pub async fn create(
         .metadata
         .create_device(principal.tenant_id, &request.name, &auth::hash_secret(&token))
         .await?;
+    tracing::info!(device_id = %device.id, name = %device.name, by = %principal.subject, "device created");
     let mut body = device_json(&state, &device);
     body["token"] = json!(token);
     Ok((StatusCode::CREATED, Json(body)))
@@ -137,6 +138,7 @@ pub async fn delete(
     state.metadata.delete_device(principal.tenant_id, id).await?;
     state.auth.forget_device(id);
     state.forget_device_name(principal.tenant_id, &device.name);
+    tracing::info!(device_id = %id, by = %principal.subject, "device deleted");
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -154,6 +156,7 @@ pub async fn rotate_token(
         .rotate_device_token(principal.tenant_id, id, &auth::hash_secret(&token))
         .await?;
     state.auth.forget_device(id);
+    tracing::info!(device_id = %id, by = %principal.subject, "device token rotated");
     Ok(Json(json!({"id": id, "token": token})))
 }
 
@@ -185,6 +188,7 @@ pub async fn create_api_key(
         .metadata
         .create_api_key(principal.tenant_id, &request.name, role, &auth::hash_secret(&key))
         .await?;
+    tracing::info!(api_key_id = %created.id, role = %role, by = %principal.subject, "API key created");
     Ok((
         StatusCode::CREATED,
         Json(json!({"id": created.id, "name": created.name, "role": created.role, "key": key})),

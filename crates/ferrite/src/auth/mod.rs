@@ -54,8 +54,15 @@ pub struct Principal {
 pub enum Subject {
     User(UserId),
     ApiKey(String),
-    /// A device token used on a device endpoint.
-    Device(DeviceId),
+}
+
+impl std::fmt::Display for Subject {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Subject::User(id) => write!(f, "user {id}"),
+            Subject::ApiKey(name) => write!(f, "API key {name:?}"),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -225,10 +232,6 @@ impl Auth {
             role: claims.role,
             subject: Subject::User(claims.sub.parse().map_err(|_| AuthError::InvalidBearer)?),
         })
-    }
-
-    pub fn metadata(&self) -> &SqliteMetadata {
-        &self.metadata
     }
 }
 

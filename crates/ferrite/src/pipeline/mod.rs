@@ -199,7 +199,8 @@ fn run_worker(
                 metrics::counter!("ferrite_store_write_errors_total").increment(1);
                 continue;
             }
-            metrics::counter!("ferrite_pipeline_points_total").increment(points.len() as u64);
+            metrics::counter!("ferrite_pipeline_points_total", "protocol" => envelope.protocol.as_str())
+                .increment(points.len() as u64);
             let received_ms = ferrite_core::nanos_to_millis(envelope.received_at_ns);
             let entry = last_seen.entry(envelope.device_id).or_insert(received_ms);
             *entry = (*entry).max(received_ms);

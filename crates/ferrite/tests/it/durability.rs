@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::support::{Server, wait_until};
+use crate::support::Server;
 
 /// Writers send numbered points and record each acknowledged number; the
 /// server is killed in the middle, restarted, and every acknowledged number
@@ -61,35 +61,45 @@ async fn kill_under_load_loses_no_acknowledged_point() {
             t0 + next.load(Ordering::Relaxed) + 1
         )
     };
-    let mut stored: Vec<u64> = Vec::new();
-    let complete = wait_until(
-        || {
-            let server = &server;
-            let stored = &mut stored;
-            let path = &path;
-            async move {
-                stored.clear();
-                let mut start = t0;
-                loop {
-                    let (status, body) = server.get_json(&path(start)).await;
-                    assert_eq!(status, 200, "{body}");
-                    let page: Vec<u64> = body["n"].as_array().unwrap().iter().map(|p: &Value| p["value"].as_u64().unwrap()).collect();
-                    let Some(last) = page.last().copied() else { break };
-                    stored.extend(&page);
-                    if page.len() < 10000 {
-                        break;
-                    }
-                    start = t0 + last + 1;
-                }
-                expected.iter().all(|n| stored.binary_search(n).is_ok())
-            }
-        },
-        Duration::from_secs(10),
-    )
-    .await;
+    // Acknowledged points are durable but reach the store asynchronously:
+    // poll for up to 10 s.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let (complete, stored) = loop {
+        let stored = stored_numbers(&server, &path, t0).await;
+        let complete = expected.iter().all(|n| stored.binary_search(n).is_ok());
+        if complete || std::time::Instant::now() > deadline {
+            break (complete, stored);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     let missing: Vec<u64> = expected.iter().copied().filter(|n| stored.binary_search(n).is_err()).take(10).collect();
     assert!(complete, "acknowledged points missing after kill -9: {missing:?} (of {})", expected.len());
     let mut deduped = stored.clone();
     deduped.dedup();
     assert_eq!(deduped.len(), stored.len(), "a point is stored twice");
+}
+
+/// Reads every stored value of key `n`, sorted by timestamp (= by number).
+async fn stored_numbers(server: &Server, path: &impl Fn(u64) -> String, t0: u64) -> Vec<u64> {
+    let mut stored = Vec::new();
+    let mut start = t0;
+    loop {
+        let (status, body) = server.get_json(&path(start)).await;
+        assert_eq!(status, 200, "{body}");
+        let page: Vec<u64> = body["n"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p: &Value| p["value"].as_u64().unwrap())
+            .collect();
+        let Some(last) = page.last().copied() else {
+            break;
+        };
+        stored.extend(&page);
+        if page.len() < 10000 {
+            break;
+        }
+        start = t0 + last + 1;
+    }
+    stored
 }
