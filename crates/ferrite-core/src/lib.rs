@@ -93,7 +93,10 @@ mod tests {
         assert_eq!(millis_to_nanos(1), Some(1_000_000));
         assert_eq!(millis_to_nanos(-1), Some(-1_000_000));
         assert_eq!(millis_to_nanos(i64::MAX / 1_000), None);
-        assert_eq!(millis_to_nanos(9_223_372_036_854), Some(9_223_372_036_854_000_000));
+        assert_eq!(
+            millis_to_nanos(9_223_372_036_854),
+            Some(9_223_372_036_854_000_000)
+        );
     }
 
     #[test]

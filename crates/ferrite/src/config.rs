@@ -279,10 +279,7 @@ fn parse_env_value(raw: &str) -> toml::Value {
 impl Config {
     /// Rejects values that parse but cannot work.
     pub fn validate(&self) -> anyhow::Result<()> {
-        anyhow::ensure!(
-            self.ingest.workers > 0,
-            "ingest.workers must be at least 1"
-        );
+        anyhow::ensure!(self.ingest.workers > 0, "ingest.workers must be at least 1");
         anyhow::ensure!(
             self.ingest.queue_capacity > 0,
             "ingest.queue_capacity must be at least 1"

@@ -137,6 +137,5 @@ fn for_each_point(
 
 /// Formats a timestamp as RFC 3339 for messages.
 pub fn format_ts(ts: TimestampNs) -> String {
-    chrono::DateTime::from_timestamp_nanos(ts)
-        .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
+    chrono::DateTime::from_timestamp_nanos(ts).to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
 }

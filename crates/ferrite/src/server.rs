@@ -83,7 +83,10 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
     };
 
     std::fs::create_dir_all(&config.data_dir).with_context(|| {
-        format!("cannot create the data directory {}", config.data_dir.display())
+        format!(
+            "cannot create the data directory {}",
+            config.data_dir.display()
+        )
     })?;
     let metrics = PrometheusBuilder::new()
         .install_recorder()

@@ -20,8 +20,9 @@ pub const ONLINE_WINDOW_MS: i64 = 5 * 60 * 1000;
 const MAX_NAME_BYTES: usize = 128;
 
 pub fn device_id(text: &str) -> Result<DeviceId, ApiError> {
-    text.parse()
-        .map_err(|_| ApiError::not_found(format!("device {text:?} not found: device ids are UUIDs")))
+    text.parse().map_err(|_| {
+        ApiError::not_found(format!("device {text:?} not found: device ids are UUIDs"))
+    })
 }
 
 fn device_json(state: &AppState, device: &Device) -> serde_json::Value {
@@ -54,11 +55,17 @@ pub async fn list(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let limit = params.limit.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
-        return Err(ApiError::invalid_param("limit", "limit must be from 1 to 1000"));
+        return Err(ApiError::invalid_param(
+            "limit",
+            "limit must be from 1 to 1000",
+        ));
     }
     let offset = params.offset.unwrap_or(0);
     if offset < 0 {
-        return Err(ApiError::invalid_param("offset", "offset must not be negative"));
+        return Err(ApiError::invalid_param(
+            "offset",
+            "offset must not be negative",
+        ));
     }
     let devices = state
         .metadata
@@ -99,13 +106,19 @@ pub async fn create(
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
     principal.require(Role::Operator)?;
     let request: CreateDevice = serde_json::from_slice(&body).map_err(|error| {
-        ApiError::bad_request(format!("the body must be a JSON object with \"name\": {error}"))
+        ApiError::bad_request(format!(
+            "the body must be a JSON object with \"name\": {error}"
+        ))
     })?;
     check_name(&request.name)?;
     let token = auth::generate_device_token();
     let device = state
         .metadata
-        .create_device(principal.tenant_id, &request.name, &auth::hash_secret(&token))
+        .create_device(
+            principal.tenant_id,
+            &request.name,
+            &auth::hash_secret(&token),
+        )
         .await?;
     tracing::info!(device_id = %device.id, name = %device.name, by = %principal.subject, "device created");
     let mut body = device_json(&state, &device);
@@ -135,7 +148,10 @@ pub async fn delete(
     principal.require(Role::Operator)?;
     let id = device_id(&id)?;
     let device = state.metadata.device(principal.tenant_id, id).await?;
-    state.metadata.delete_device(principal.tenant_id, id).await?;
+    state
+        .metadata
+        .delete_device(principal.tenant_id, id)
+        .await?;
     state.auth.forget_device(id);
     state.forget_device_name(principal.tenant_id, &device.name);
     tracing::info!(device_id = %id, by = %principal.subject, "device deleted");
@@ -186,7 +202,12 @@ pub async fn create_api_key(
     let key = auth::generate_api_key();
     let created = state
         .metadata
-        .create_api_key(principal.tenant_id, &request.name, role, &auth::hash_secret(&key))
+        .create_api_key(
+            principal.tenant_id,
+            &request.name,
+            role,
+            &auth::hash_secret(&key),
+        )
         .await?;
     tracing::info!(api_key_id = %created.id, role = %role, by = %principal.subject, "API key created");
     Ok((

@@ -75,7 +75,9 @@ impl ApiError {
         Self::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "Payload too large",
-            format!("the request body exceeds the limit of {limit} bytes (after gzip decompression); send smaller batches or raise http.max_body_bytes"),
+            format!(
+                "the request body exceeds the limit of {limit} bytes (after gzip decompression); send smaller batches or raise http.max_body_bytes"
+            ),
         )
     }
 
@@ -104,10 +106,7 @@ impl IntoResponse for ApiError {
             HeaderValue::from_static("application/problem+json"),
         );
         if self.status == StatusCode::UNAUTHORIZED {
-            headers.insert(
-                header::WWW_AUTHENTICATE,
-                HeaderValue::from_static("Bearer"),
-            );
+            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         if let Some(seconds) = self.retry_after {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
@@ -118,7 +117,11 @@ impl IntoResponse for ApiError {
 
 impl From<DecodeError> for ApiError {
     fn from(error: DecodeError) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "Invalid payload", error.to_string())
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "Invalid payload",
+            error.to_string(),
+        )
     }
 }
 
@@ -149,9 +152,7 @@ impl From<MetadataError> for ApiError {
     fn from(error: MetadataError) -> Self {
         match error {
             MetadataError::NotFound(what) => Self::not_found(format!("{what} not found")),
-            MetadataError::Conflict(detail) => {
-                Self::new(StatusCode::CONFLICT, "Conflict", detail)
-            }
+            MetadataError::Conflict(detail) => Self::new(StatusCode::CONFLICT, "Conflict", detail),
             other => {
                 tracing::error!(error = %other, "metadata request failed");
                 Self::internal()

@@ -28,10 +28,7 @@ use crate::server::AppState;
 pub fn router() -> Router<Arc<AppState>> {
     Router::new()
         .route("/api/v1/auth/login", post(login))
-        .route(
-            "/api/v1/devices",
-            get(devices::list).post(devices::create),
-        )
+        .route("/api/v1/devices", get(devices::list).post(devices::create))
         .route(
             "/api/v1/devices/{id}",
             get(devices::get_one).delete(devices::delete),

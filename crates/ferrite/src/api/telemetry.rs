@@ -37,7 +37,7 @@ use super::{ApiError, devices::device_id};
 use crate::auth::Principal;
 use crate::metadata::{MetadataStore, Role};
 use crate::server::AppState;
-use crate::store::Bucket;
+use crate::store::{Bucket, Series};
 
 pub const DEFAULT_LIMIT: usize = 1000;
 pub const MAX_LIMIT: usize = 10_000;
@@ -68,7 +68,9 @@ impl Aggregation {
             other => {
                 return Err(ApiError::invalid_param(
                     "agg",
-                    format!("unsupported agg {other:?}: use count, sum, min, max, avg, first or last"),
+                    format!(
+                        "unsupported agg {other:?}: use count, sum, min, max, avg, first or last"
+                    ),
                 ));
             }
         })
@@ -240,7 +242,17 @@ pub async fn query(
                 ));
             }
             let interval_ns = i64::try_from(interval.as_nanos()).unwrap_or(i64::MAX);
-            aggregate_response(&state, device.tenant_id, device.id, keys, start, end, interval_ns, agg).await?
+            aggregate_response(
+                &state,
+                device.tenant_id,
+                device.id,
+                keys,
+                start,
+                end,
+                interval_ns,
+                agg,
+            )
+            .await?
         }
         (Some(_), None) => {
             return Err(ApiError::invalid_param(
@@ -254,13 +266,25 @@ pub async fn query(
                 "agg needs interval, for example interval=1h",
             ));
         }
-        (None, None) => raw_response(&state, device.tenant_id, device.id, keys, start, end, &params, &uri).await?,
+        (None, None) => {
+            raw_response(
+                &state,
+                device.tenant_id,
+                device.id,
+                keys,
+                start,
+                end,
+                &params,
+                &uri,
+            )
+            .await?
+        }
     };
 
-    if !warnings.is_empty() {
-        if let Ok(value) = HeaderValue::from_str(&warnings.join("; ")) {
-            response.headers_mut().insert("ferrite-warning", value);
-        }
+    if !warnings.is_empty()
+        && let Ok(value) = HeaderValue::from_str(&warnings.join("; "))
+    {
+        response.headers_mut().insert("ferrite-warning", value);
     }
     Ok(response)
 }
@@ -281,7 +305,9 @@ async fn aggregate_response(
     if buckets > MAX_BUCKETS as i128 {
         return Err(ApiError::invalid_param(
             "interval",
-            format!("the range and interval make {buckets} buckets; at most {MAX_BUCKETS} are allowed, so choose a larger interval or a shorter range"),
+            format!(
+                "the range and interval make {buckets} buckets; at most {MAX_BUCKETS} are allowed, so choose a larger interval or a shorter range"
+            ),
         ));
     }
     let store = state.store.clone();
@@ -291,7 +317,7 @@ async fn aggregate_response(
             let buckets = if start == end {
                 Vec::new()
             } else {
-                store.aggregate(tenant, device, &key, start, end, interval)?
+                store.aggregate(Series::new(tenant, device, &key), start, end, interval)?
             };
             results.push((key, buckets));
         }
@@ -336,7 +362,8 @@ fn decode_cursor(text: &str) -> Result<BTreeMap<String, i64>, ApiError> {
 }
 
 fn encode_cursor(cursor: &BTreeMap<String, i64>) -> String {
-    URL_SAFE_NO_PAD.encode(serde_json::to_vec(cursor).expect("a map of strings to integers serializes"))
+    URL_SAFE_NO_PAD
+        .encode(serde_json::to_vec(cursor).expect("a map of strings to integers serializes"))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -362,7 +389,10 @@ async fn raw_response(
             }
         },
     };
-    let cursor = params.get("cursor").map(|text| decode_cursor(text)).transpose()?;
+    let cursor = params
+        .get("cursor")
+        .map(|text| decode_cursor(text))
+        .transpose()?;
 
     let store = state.store.clone();
     let pages = tokio::task::spawn_blocking(move || {
@@ -383,7 +413,7 @@ async fn raw_response(
                 pages.push((key, Vec::new(), false));
                 continue;
             }
-            let page = store.range(tenant, device, &key, start, end, after, limit)?;
+            let page = store.range(Series::new(tenant, device, &key), start, end, after, limit)?;
             pages.push((key, page.points, page.has_more));
         }
         Ok::<_, crate::store::StoreError>(pages)
@@ -397,7 +427,10 @@ async fn raw_response(
         if has_more && let Some((last, _)) = points.last() {
             next.insert(key.clone(), *last);
         }
-        let entries = points.iter().map(|(ts, value)| point_json(*ts, value)).collect();
+        let entries = points
+            .iter()
+            .map(|(ts, value)| point_json(*ts, value))
+            .collect();
         body.insert(key, serde_json::Value::Array(entries));
     }
 

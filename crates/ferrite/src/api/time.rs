@@ -87,7 +87,11 @@ mod tests {
         let iso = parse_time("start", "2024-05-06T00:00:00Z").unwrap();
         assert_eq!(ms.ns, iso.ns);
         assert!(!ms.looks_like_seconds);
-        assert!(parse_time("start", "1714953600").unwrap().looks_like_seconds);
+        assert!(
+            parse_time("start", "1714953600")
+                .unwrap()
+                .looks_like_seconds
+        );
     }
 
     #[test]
@@ -98,9 +102,18 @@ mod tests {
 
     #[test]
     fn parse_interval_forms() {
-        assert_eq!(parse_interval("interval", "3600000").unwrap(), Duration::from_secs(3600));
-        assert_eq!(parse_interval("interval", "1h").unwrap(), Duration::from_secs(3600));
-        assert_eq!(parse_interval("interval", "1d").unwrap(), Duration::from_secs(86400));
+        assert_eq!(
+            parse_interval("interval", "3600000").unwrap(),
+            Duration::from_secs(3600)
+        );
+        assert_eq!(
+            parse_interval("interval", "1h").unwrap(),
+            Duration::from_secs(3600)
+        );
+        assert_eq!(
+            parse_interval("interval", "1d").unwrap(),
+            Duration::from_secs(86400)
+        );
         assert!(parse_interval("interval", "0").is_err());
         assert!(parse_interval("interval", "-1000").is_err());
     }

@@ -228,7 +228,10 @@ impl Auth {
             .map_err(|_| AuthError::InvalidBearer)?;
         let claims = data.claims;
         Ok(Principal {
-            tenant_id: claims.tenant.parse().map_err(|_| AuthError::InvalidBearer)?,
+            tenant_id: claims
+                .tenant
+                .parse()
+                .map_err(|_| AuthError::InvalidBearer)?,
             role: claims.role,
             subject: Subject::User(claims.sub.parse().map_err(|_| AuthError::InvalidBearer)?),
         })

@@ -17,8 +17,7 @@ pub const API_KEY_PREFIX: &str = "fak_";
 
 /// An argon2id hash of a random password nobody knows, verified when a login
 /// names an unknown email.
-pub const DUMMY_PASSWORD_HASH: &str =
-    "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHRzYWx0c2FsdA$8o8fHZb1U8XcYqWZzTfyEwzxcYz7ZtWzqk3f0Jm6yLo";
+pub const DUMMY_PASSWORD_HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHRzYWx0c2FsdA$8o8fHZb1U8XcYqWZzTfyEwzxcYz7ZtWzqk3f0Jm6yLo";
 
 fn random_secret(prefix: &str) -> String {
     let mut bytes = [0u8; 24];

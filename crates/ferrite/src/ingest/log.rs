@@ -186,17 +186,26 @@ struct Writer {
 enum SegmentEnd {
     Clean,
     /// Bytes from this offset on are not valid records.
-    Damaged { offset: u64, reason: &'static str },
+    Damaged {
+        offset: u64,
+        reason: &'static str,
+    },
 }
 
 impl Writer {
     fn run(mut self, mut commands: mpsc::Receiver<LogCommand>, replay_after: u64) {
         if let Err(error) = self.replay(replay_after) {
-            tracing::error!(error = format!("{error:#}"), "ingest log replay failed; records above the checkpoint may be missing from storage");
+            tracing::error!(
+                error = format!("{error:#}"),
+                "ingest log replay failed; records above the checkpoint may be missing from storage"
+            );
         }
         self.next_seq = self.next_seq.max(replay_after + 1);
         if let Err(error) = self.start_segment() {
-            tracing::error!(error = format!("{error:#}"), "cannot create an ingest log segment; appends will fail");
+            tracing::error!(
+                error = format!("{error:#}"),
+                "cannot create an ingest log segment; appends will fail"
+            );
         }
 
         let mut buffer = Vec::with_capacity(1024 * 1024);
@@ -206,7 +215,11 @@ impl Writer {
             let mut stop = false;
             match command {
                 LogCommand::Append(request) => {
-                    bytes += request.envelopes.iter().map(Envelope::encoded_len).sum::<usize>();
+                    bytes += request
+                        .envelopes
+                        .iter()
+                        .map(Envelope::encoded_len)
+                        .sum::<usize>();
                     requests.push(request);
                 }
                 LogCommand::Shutdown => stop = true,
@@ -216,7 +229,11 @@ impl Writer {
             while bytes < MAX_GROUP_BYTES {
                 match commands.try_recv() {
                     Ok(LogCommand::Append(request)) => {
-                        bytes += request.envelopes.iter().map(Envelope::encoded_len).sum::<usize>();
+                        bytes += request
+                            .envelopes
+                            .iter()
+                            .map(Envelope::encoded_len)
+                            .sum::<usize>();
                         requests.push(request);
                     }
                     Ok(LogCommand::Shutdown) => stop = true,
@@ -261,7 +278,8 @@ impl Writer {
         match self.write_and_sync(buffer) {
             Ok(()) => {
                 self.next_seq = seq;
-                metrics::counter!("ferrite_ingest_log_records_total").increment(records.len() as u64);
+                metrics::counter!("ferrite_ingest_log_records_total")
+                    .increment(records.len() as u64);
                 metrics::counter!("ferrite_ingest_log_bytes_total").increment(buffer.len() as u64);
                 for reply in replies {
                     let _ = reply.send(Ok(()));
@@ -273,11 +291,17 @@ impl Writer {
                 // Blocks while the pipeline is behind: this is the
                 // backpressure that reaches the adapters through the queue.
                 if self.committed.blocking_send(batch).is_err() {
-                    tracing::error!("the pipeline stopped; committed records stay in the log for replay");
+                    tracing::error!(
+                        "the pipeline stopped; committed records stay in the log for replay"
+                    );
                 }
             }
             Err(error) => {
-                tracing::error!(error = format!("{error:#}"), records = records.len(), "ingest log append failed; the clients get an error");
+                tracing::error!(
+                    error = format!("{error:#}"),
+                    records = records.len(),
+                    "ingest log append failed; the clients get an error"
+                );
                 metrics::counter!("ferrite_ingest_log_errors_total").increment(1);
                 for reply in replies {
                     let _ = reply.send(Err(IngestError::Io));
@@ -294,10 +318,12 @@ impl Writer {
         }
         let file = self.file.as_mut().context("no open ingest log segment")?;
         let start_len = self.file_len;
-        let written = file.write_all(buffer).and_then(|()| match self.options.durability {
-            Durability::Fsync => file.sync_data(),
-            Durability::None => Ok(()),
-        });
+        let written = file
+            .write_all(buffer)
+            .and_then(|()| match self.options.durability {
+                Durability::Fsync => file.sync_data(),
+                Durability::None => Ok(()),
+            });
         if let Err(error) = written {
             // Cut off a partial write so the next append starts on a record boundary.
             let _ = file.set_len(start_len);
@@ -323,7 +349,10 @@ impl Writer {
         self.file = Some(file);
         self.file_len = len;
         let mut segments = self.segments.lock();
-        if segments.last().is_none_or(|last| last.first_seq != self.next_seq) {
+        if segments
+            .last()
+            .is_none_or(|last| last.first_seq != self.next_seq)
+        {
             segments.push(Segment {
                 first_seq: self.next_seq,
                 path,
@@ -353,7 +382,9 @@ impl Writer {
                     if batch.len() >= 4096 {
                         let records = std::mem::take(&mut batch);
                         let last_seq = seq;
-                        let _ = self.committed.blocking_send(Committed { last_seq, records });
+                        let _ = self
+                            .committed
+                            .blocking_send(Committed { last_seq, records });
                     }
                 }
             })?;
@@ -577,7 +608,11 @@ mod tests {
         // The first remaining segment still holds record 151.
         assert!(after[0].first_seq <= 151);
         control.checkpoint(u64::MAX - 1);
-        assert_eq!(list_segments(dir.path()).unwrap().len(), 1, "the active segment stays");
+        assert_eq!(
+            list_segments(dir.path()).unwrap().len(),
+            1,
+            "the active segment stays"
+        );
 
         control.shutdown().await;
         drop(handle);

@@ -146,8 +146,10 @@ pub trait MetadataStore: Send + Sync {
         token_hash: &[u8],
     ) -> Result<(), MetadataError>;
     /// Returns the device that owns an unrevoked token with this hash.
-    async fn device_by_token_hash(&self, token_hash: &[u8])
-    -> Result<Option<Device>, MetadataError>;
+    async fn device_by_token_hash(
+        &self,
+        token_hash: &[u8],
+    ) -> Result<Option<Device>, MetadataError>;
     async fn record_last_seen(&self, seen: &[(DeviceId, i64)]) -> Result<(), MetadataError>;
     async fn create_api_key(
         &self,

@@ -22,8 +22,11 @@ fn now_ms() -> i64 {
 }
 
 fn parse_id<T: FromStr>(text: String) -> Result<T, MetadataError> {
-    text.parse()
-        .map_err(|_| MetadataError::Database(sqlx::Error::Decode(format!("invalid id {text:?} in metadata database").into())))
+    text.parse().map_err(|_| {
+        MetadataError::Database(sqlx::Error::Decode(
+            format!("invalid id {text:?} in metadata database").into(),
+        ))
+    })
 }
 
 fn parse_role(text: String) -> Result<Role, MetadataError> {
@@ -90,7 +93,6 @@ fn user_from_row(row: sqlx::sqlite::SqliteRow) -> Result<User, MetadataError> {
         password_hash: row.try_get("password_hash")?,
     })
 }
-
 
 impl MetadataStore for SqliteMetadata {
     async fn default_tenant(&self) -> Result<Tenant, MetadataError> {
@@ -182,12 +184,14 @@ impl MetadataStore for SqliteMetadata {
             }
             Err(error) => return Err(error.into()),
         }
-        sqlx::query("INSERT INTO device_tokens (token_hash, device_id, created_at) VALUES (?, ?, ?)")
-            .bind(token_hash)
-            .bind(id.to_string())
-            .bind(created_at)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "INSERT INTO device_tokens (token_hash, device_id, created_at) VALUES (?, ?, ?)",
+        )
+        .bind(token_hash)
+        .bind(id.to_string())
+        .bind(created_at)
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(Device {
             id,
@@ -264,17 +268,21 @@ impl MetadataStore for SqliteMetadata {
         self.device(tenant, id).await?;
         let now = now_ms();
         let mut tx = self.pool.begin().await?;
-        sqlx::query("UPDATE device_tokens SET revoked_at = ? WHERE device_id = ? AND revoked_at IS NULL")
-            .bind(now)
-            .bind(id.to_string())
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query("INSERT INTO device_tokens (token_hash, device_id, created_at) VALUES (?, ?, ?)")
-            .bind(token_hash)
-            .bind(id.to_string())
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "UPDATE device_tokens SET revoked_at = ? WHERE device_id = ? AND revoked_at IS NULL",
+        )
+        .bind(now)
+        .bind(id.to_string())
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO device_tokens (token_hash, device_id, created_at) VALUES (?, ?, ?)",
+        )
+        .bind(token_hash)
+        .bind(id.to_string())
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(())
     }

@@ -109,9 +109,7 @@ impl Pipeline {
             let stop = stop_flusher.clone();
             std::thread::Builder::new()
                 .name("store-flush".into())
-                .spawn(move || {
-                    run_flusher(store.as_ref(), &log, &applied, &stop, &options)
-                })?
+                .spawn(move || run_flusher(store.as_ref(), &log, &applied, &stop, &options))?
         };
 
         Ok(Pipeline {
@@ -164,7 +162,9 @@ fn run_dispatcher(mut committed: mpsc::Receiver<Committed>, senders: Vec<SyncSen
                 envelopes,
             };
             if sender.send(work).is_err() {
-                tracing::error!("a pipeline worker stopped; records stay in the ingest log for replay");
+                tracing::error!(
+                    "a pipeline worker stopped; records stay in the ingest log for replay"
+                );
                 return;
             }
         }
@@ -235,8 +235,13 @@ fn flush_once(store: &dyn TimeSeriesStore, log: &LogControl, applied: &[AtomicU6
     match store.flush(marker) {
         Ok(()) => {
             log.checkpoint(marker);
-            metrics::histogram!("ferrite_store_flush_seconds").record(started.elapsed().as_secs_f64());
-            tracing::debug!(marker, elapsed_ms = started.elapsed().as_millis() as u64, "store flushed");
+            metrics::histogram!("ferrite_store_flush_seconds")
+                .record(started.elapsed().as_secs_f64());
+            tracing::debug!(
+                marker,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "store flushed"
+            );
         }
         Err(error) => {
             tracing::error!(%error, "store flush failed; data stays in the ingest log and the flush is retried");

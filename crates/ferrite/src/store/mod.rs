@@ -14,6 +14,32 @@ use crate::ids::{DeviceId, TenantId};
 
 pub type StoreError = ferrite_tsdb::StoreError;
 
+/// One series: a key of a device of a tenant.
+#[derive(Debug, Clone, Copy)]
+pub struct Series<'a> {
+    pub tenant: TenantId,
+    pub device: DeviceId,
+    pub key: &'a str,
+}
+
+impl<'a> Series<'a> {
+    pub fn new(tenant: TenantId, device: DeviceId, key: &'a str) -> Self {
+        Self {
+            tenant,
+            device,
+            key,
+        }
+    }
+
+    fn to_key(self) -> SeriesKey {
+        SeriesKey {
+            tenant: self.tenant.to_string(),
+            device: self.device.to_string(),
+            key: self.key.to_owned(),
+        }
+    }
+}
+
 /// Storage of telemetry points. Methods may block on disk; async callers use
 /// `spawn_blocking`.
 pub trait TimeSeriesStore: Send + Sync + 'static {
@@ -33,9 +59,7 @@ pub trait TimeSeriesStore: Send + Sync + 'static {
     fn latest(&self, tenant: TenantId, device: DeviceId) -> Vec<(String, TimestampNs, Value)>;
     fn range(
         &self,
-        tenant: TenantId,
-        device: DeviceId,
-        key: &str,
+        series: Series<'_>,
         start: TimestampNs,
         end: TimestampNs,
         after: Option<TimestampNs>,
@@ -43,9 +67,7 @@ pub trait TimeSeriesStore: Send + Sync + 'static {
     ) -> Result<RangePage, StoreError>;
     fn aggregate(
         &self,
-        tenant: TenantId,
-        device: DeviceId,
-        key: &str,
+        series: Series<'_>,
         start: TimestampNs,
         end: TimestampNs,
         interval: i64,
@@ -66,14 +88,6 @@ impl EmbeddedStore {
         Ok(Self {
             store: Store::open(dir, options)?,
         })
-    }
-}
-
-fn series(tenant: TenantId, device: DeviceId, key: &str) -> SeriesKey {
-    SeriesKey {
-        tenant: tenant.to_string(),
-        device: device.to_string(),
-        key: key.to_owned(),
     }
 }
 
@@ -106,28 +120,22 @@ impl TimeSeriesStore for EmbeddedStore {
 
     fn range(
         &self,
-        tenant: TenantId,
-        device: DeviceId,
-        key: &str,
+        series: Series<'_>,
         start: TimestampNs,
         end: TimestampNs,
         after: Option<TimestampNs>,
         limit: usize,
     ) -> Result<RangePage, StoreError> {
-        self.store
-            .range(&series(tenant, device, key), start, end, after, limit)
+        self.store.range(&series.to_key(), start, end, after, limit)
     }
 
     fn aggregate(
         &self,
-        tenant: TenantId,
-        device: DeviceId,
-        key: &str,
+        series: Series<'_>,
         start: TimestampNs,
         end: TimestampNs,
         interval: i64,
     ) -> Result<Vec<Bucket>, StoreError> {
-        self.store
-            .aggregate(&series(tenant, device, key), start, end, interval)
+        self.store.aggregate(&series.to_key(), start, end, interval)
     }
 }

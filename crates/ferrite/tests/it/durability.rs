@@ -32,8 +32,16 @@ async fn kill_under_load_loses_no_acknowledged_point() {
                 for _ in 0..2000 {
                     let n = next.fetch_add(1, Ordering::Relaxed);
                     let body = format!(r#"{{"ts": {}, "values": {{"n": {n}}}}}"#, t0 + n);
-                    match client.post(&url).body(body).timeout(Duration::from_secs(2)).send().await {
-                        Ok(response) if response.status().is_success() => acknowledged.lock().push(n),
+                    match client
+                        .post(&url)
+                        .body(body)
+                        .timeout(Duration::from_secs(2))
+                        .send()
+                        .await
+                    {
+                        Ok(response) if response.status().is_success() => {
+                            acknowledged.lock().push(n)
+                        }
                         _ => return,
                     }
                 }
@@ -52,7 +60,11 @@ async fn kill_under_load_loses_no_acknowledged_point() {
         list.sort_unstable();
         list
     };
-    assert!(expected.len() > 100, "the load was too small to mean anything: {}", expected.len());
+    assert!(
+        expected.len() > 100,
+        "the load was too small to mean anything: {}",
+        expected.len()
+    );
 
     let path = |start: u64| {
         format!(
@@ -72,8 +84,17 @@ async fn kill_under_load_loses_no_acknowledged_point() {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    let missing: Vec<u64> = expected.iter().copied().filter(|n| stored.binary_search(n).is_err()).take(10).collect();
-    assert!(complete, "acknowledged points missing after kill -9: {missing:?} (of {})", expected.len());
+    let missing: Vec<u64> = expected
+        .iter()
+        .copied()
+        .filter(|n| stored.binary_search(n).is_err())
+        .take(10)
+        .collect();
+    assert!(
+        complete,
+        "acknowledged points missing after kill -9: {missing:?} (of {})",
+        expected.len()
+    );
     let mut deduped = stored.clone();
     deduped.dedup();
     assert_eq!(deduped.len(), stored.len(), "a point is stored twice");

@@ -7,8 +7,15 @@ use serde_json::{Value, json};
 
 use crate::support::{BINARY, Server, free_port, wait_until};
 
-async fn post(server: &Server, path: &str, bearer: Option<&str>, body: impl Into<reqwest::Body>) -> (u16, String) {
-    let mut request = reqwest::Client::new().post(format!("{}{path}", server.http_url)).body(body);
+async fn post(
+    server: &Server,
+    path: &str,
+    bearer: Option<&str>,
+    body: impl Into<reqwest::Body>,
+) -> (u16, String) {
+    let mut request = reqwest::Client::new()
+        .post(format!("{}{path}", server.http_url))
+        .body(body);
     if let Some(token) = bearer {
         request = request.bearer_auth(token);
     }
@@ -24,7 +31,10 @@ async fn wait_for_key(server: &Server, device_id: &str, key: &str) -> Value {
         if let Some(point) = latest.get(key) {
             return point.clone();
         }
-        assert!(std::time::Instant::now() < deadline, "{key} not stored: {latest}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{key} not stored: {latest}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -34,13 +44,35 @@ async fn json_shapes_are_stored() {
     let server = Server::start().await;
     let device = server.create_device("shapes").await;
     let rows = [
-        (r#"{"temperature": 21.5, "on": true, "mode": "eco"}"#, vec![("temperature", json!(21.5)), ("on", json!(true)), ("mode", json!("eco"))]),
-        (r#"{"ts": 1714953600000, "values": {"humidity": 40}}"#, vec![("humidity", json!(40))]),
-        (r#"[{"ts": 1714953601000, "values": {"a": 1}}, {"b": 2.5}]"#, vec![("a", json!(1)), ("b", json!(2.5))]),
-        (r#"{"gps": {"lat": 52.1, "lon": 4.3}}"#, vec![("gps.lat", json!(52.1)), ("gps.lon", json!(4.3))]),
+        (
+            r#"{"temperature": 21.5, "on": true, "mode": "eco"}"#,
+            vec![
+                ("temperature", json!(21.5)),
+                ("on", json!(true)),
+                ("mode", json!("eco")),
+            ],
+        ),
+        (
+            r#"{"ts": 1714953600000, "values": {"humidity": 40}}"#,
+            vec![("humidity", json!(40))],
+        ),
+        (
+            r#"[{"ts": 1714953601000, "values": {"a": 1}}, {"b": 2.5}]"#,
+            vec![("a", json!(1)), ("b", json!(2.5))],
+        ),
+        (
+            r#"{"gps": {"lat": 52.1, "lon": 4.3}}"#,
+            vec![("gps.lat", json!(52.1)), ("gps.lon", json!(4.3))],
+        ),
     ];
     for (body, expected) in &rows {
-        let (status, text) = post(&server, &format!("/api/v1/{}/telemetry", device.token), None, *body).await;
+        let (status, text) = post(
+            &server,
+            &format!("/api/v1/{}/telemetry", device.token),
+            None,
+            *body,
+        )
+        .await;
         assert_eq!(status, 200, "{body}: {text}");
         for (key, value) in expected {
             let point = wait_for_key(&server, &device.id, key).await;
@@ -70,7 +102,10 @@ async fn bad_json_payloads_are_rejected() {
         let (status, text) = post(&server, &path, None, body.to_owned()).await;
         assert_eq!(status, 400, "{body}: {text}");
         let problem: Value = serde_json::from_str(&text).expect("problem JSON");
-        assert!(problem["detail"].as_str().unwrap().contains(needle), "{body}: {text}");
+        assert!(
+            problem["detail"].as_str().unwrap().contains(needle),
+            "{body}: {text}"
+        );
     }
     let (status, _) = post(&server, &path, None, "{\"ok\": 1}").await;
     assert_eq!(status, 200, "the device still writes after bad input");
@@ -80,24 +115,63 @@ async fn bad_json_payloads_are_rejected() {
 async fn invalid_tokens_are_rejected() {
     let server = Server::start().await;
     let device = server.create_device("tokens").await;
-    let (status, text) = post(&server, "/api/v1/fdt_not-a-token/telemetry", None, "{\"t\":1}").await;
+    let (status, text) = post(
+        &server,
+        "/api/v1/fdt_not-a-token/telemetry",
+        None,
+        "{\"t\":1}",
+    )
+    .await;
     assert_eq!(status, 401, "{text}");
 
     // A device token cannot write another device's telemetry.
     let other = server.create_device("other").await;
-    let (status, text) = post(&server, &format!("/api/v1/devices/{}/telemetry", other.id), Some(&device.token), "{\"t\":1}").await;
+    let (status, text) = post(
+        &server,
+        &format!("/api/v1/devices/{}/telemetry", other.id),
+        Some(&device.token),
+        "{\"t\":1}",
+    )
+    .await;
     assert_eq!(status, 403, "{text}");
-    let (status, _) = post(&server, &format!("/api/v1/devices/{}/telemetry", device.id), Some(&device.token), "{\"t\":1}").await;
+    let (status, _) = post(
+        &server,
+        &format!("/api/v1/devices/{}/telemetry", device.id),
+        Some(&device.token),
+        "{\"t\":1}",
+    )
+    .await;
     assert_eq!(status, 200);
 
     // A rotated token stops working at once.
     let admin = server.admin_token().await;
-    let (status, text) = post(&server, &format!("/api/v1/devices/{}/token", device.id), Some(&admin), "").await;
+    let (status, text) = post(
+        &server,
+        &format!("/api/v1/devices/{}/token", device.id),
+        Some(&admin),
+        "",
+    )
+    .await;
     assert_eq!(status, 200, "{text}");
-    let (status, _) = post(&server, &format!("/api/v1/{}/telemetry", device.token), None, "{\"t\":1}").await;
+    let (status, _) = post(
+        &server,
+        &format!("/api/v1/{}/telemetry", device.token),
+        None,
+        "{\"t\":1}",
+    )
+    .await;
     assert_eq!(status, 401);
-    let new_token = serde_json::from_str::<Value>(&text).unwrap()["token"].as_str().unwrap().to_owned();
-    let (status, _) = post(&server, &format!("/api/v1/{new_token}/telemetry"), None, "{\"t\":1}").await;
+    let new_token = serde_json::from_str::<Value>(&text).unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (status, _) = post(
+        &server,
+        &format!("/api/v1/{new_token}/telemetry"),
+        None,
+        "{\"t\":1}",
+    )
+    .await;
     assert_eq!(status, 200);
 }
 
@@ -106,7 +180,13 @@ async fn oversized_and_gzip_bodies() {
     let server = Server::start_with_env(&[("FERRITE_HTTP_MAX_BODY_BYTES", "4096")]).await;
     let device = server.create_device("sizes").await;
     let big = format!("{{\"s\": \"{}\"}}", "x".repeat(5000));
-    let (status, text) = post(&server, &format!("/api/v1/{}/telemetry", device.token), None, big.clone()).await;
+    let (status, text) = post(
+        &server,
+        &format!("/api/v1/{}/telemetry", device.token),
+        None,
+        big.clone(),
+    )
+    .await;
     assert_eq!(status, 413, "{text}");
     assert!(text.contains("4096"), "{text}");
 
@@ -116,7 +196,10 @@ async fn oversized_and_gzip_bodies() {
     let compressed = encoder.finish().unwrap();
     assert!(compressed.len() < 4096);
     let response = reqwest::Client::new()
-        .post(format!("{}/api/v1/{}/telemetry", server.http_url, device.token))
+        .post(format!(
+            "{}/api/v1/{}/telemetry",
+            server.http_url, device.token
+        ))
         .header("Content-Encoding", "gzip")
         .body(compressed)
         .send()
@@ -126,7 +209,9 @@ async fn oversized_and_gzip_bodies() {
 
     // A small gzip line-protocol body is accepted.
     let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    encoder.write_all(b"weather,device=x temp=3.5 1714953600000\n").unwrap();
+    encoder
+        .write_all(b"weather,device=x temp=3.5 1714953600000\n")
+        .unwrap();
     let response = reqwest::Client::new()
         .post(format!("{}/api/v2/write?precision=ms", server.http_url))
         .header("Authorization", format!("Token {}", device.token))
@@ -156,7 +241,10 @@ async fn api_key_writes_a_fleet_by_tag() {
     let (status, list) = server.get_json("/api/v1/devices").await;
     assert_eq!(status, 200);
     let devices = list["devices"].as_array().unwrap();
-    let truck1 = devices.iter().find(|d| d["name"] == "truck-1").expect("truck-1 created");
+    let truck1 = devices
+        .iter()
+        .find(|d| d["name"] == "truck-1")
+        .expect("truck-1 created");
     let id = truck1["id"].as_str().unwrap();
     let velocity = wait_for_key(&server, id, "readings.velocity").await;
     assert_eq!(velocity["value"], json!(50.5));
@@ -164,13 +252,22 @@ async fn api_key_writes_a_fleet_by_tag() {
     assert_eq!(fuel["value"], json!(0.7));
 
     // A line without the device tag rejects the batch.
-    let (status, text) = post(&server, "/write?device_tag=name", Some(&key), "readings velocity=1 1\n").await;
+    let (status, text) = post(
+        &server,
+        "/write?device_tag=name",
+        Some(&key),
+        "readings velocity=1 1\n",
+    )
+    .await;
     assert_eq!(status, 400, "{text}");
     assert!(text.contains("line 1"), "{text}");
 
     // The API key also works on the query API.
     let response = reqwest::Client::new()
-        .get(format!("{}/api/v1/devices/{id}/telemetry/latest", server.http_url))
+        .get(format!(
+            "{}/api/v1/devices/{id}/telemetry/latest",
+            server.http_url
+        ))
         .bearer_auth(&viewer)
         .send()
         .await
@@ -182,17 +279,35 @@ async fn api_key_writes_a_fleet_by_tag() {
 async fn devices_api_and_last_seen() {
     let server = Server::start().await;
     let admin = server.admin_token().await;
-    let (status, text) = post(&server, "/api/v1/devices", Some(&admin), r#"{"name": "boiler-1"}"#).await;
+    let (status, text) = post(
+        &server,
+        "/api/v1/devices",
+        Some(&admin),
+        r#"{"name": "boiler-1"}"#,
+    )
+    .await;
     assert_eq!(status, 201, "{text}");
     let created: Value = serde_json::from_str(&text).unwrap();
     let token = created["token"].as_str().unwrap();
     let id = created["id"].as_str().unwrap();
     assert_eq!(created["online"], json!(false));
 
-    let (status, text) = post(&server, "/api/v1/devices", Some(&admin), r#"{"name": "boiler-1"}"#).await;
+    let (status, text) = post(
+        &server,
+        "/api/v1/devices",
+        Some(&admin),
+        r#"{"name": "boiler-1"}"#,
+    )
+    .await;
     assert_eq!(status, 409, "{text}");
 
-    let (status, _) = post(&server, &format!("/api/v1/{token}/telemetry"), None, r#"{"t": 1}"#).await;
+    let (status, _) = post(
+        &server,
+        &format!("/api/v1/{token}/telemetry"),
+        None,
+        r#"{"t": 1}"#,
+    )
+    .await;
     assert_eq!(status, 200);
     let online = wait_until(
         || async {
@@ -208,11 +323,24 @@ async fn devices_api_and_last_seen() {
     let (status, body) = server.get_json("/api/v1/devices/not-a-uuid").await;
     assert_eq!(status, 404);
     assert_eq!(body["status"], json!(404));
-    let response = reqwest::Client::new().get(format!("{}/api/v1/devices", server.http_url)).send().await.unwrap();
+    let response = reqwest::Client::new()
+        .get(format!("{}/api/v1/devices", server.http_url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 401);
-    assert_eq!(response.headers()["content-type"], "application/problem+json");
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/problem+json"
+    );
 
-    let (status, _) = post(&server, "/api/v1/auth/login", None, r#"{"email": "tester@example.com", "password": "wrong"}"#).await;
+    let (status, _) = post(
+        &server,
+        "/api/v1/auth/login",
+        None,
+        r#"{"email": "tester@example.com", "password": "wrong"}"#,
+    )
+    .await;
     assert_eq!(status, 401);
 }
 
@@ -220,13 +348,40 @@ async fn devices_api_and_last_seen() {
 async fn health_and_metrics() {
     let server = Server::start().await;
     let device = server.create_device("metrics").await;
-    let _ = post(&server, &format!("/api/v1/{}/telemetry", device.token), None, "{oops").await;
-    let _ = post(&server, &format!("/api/v1/{}/telemetry", device.token), None, r#"{"t": 1}"#).await;
-    let health = reqwest::get(format!("{}/healthz", server.http_url)).await.unwrap();
+    let _ = post(
+        &server,
+        &format!("/api/v1/{}/telemetry", device.token),
+        None,
+        "{oops",
+    )
+    .await;
+    let _ = post(
+        &server,
+        &format!("/api/v1/{}/telemetry", device.token),
+        None,
+        r#"{"t": 1}"#,
+    )
+    .await;
+    let health = reqwest::get(format!("{}/healthz", server.http_url))
+        .await
+        .unwrap();
     assert_eq!(health.status(), 200);
-    let metrics = reqwest::get(format!("{}/metrics", server.http_url)).await.unwrap().text().await.unwrap();
-    for name in ["ferrite_ingest_messages_total", "ferrite_ingest_rejected_total", "ferrite_ingest_log_records_total", "ferrite_mqtt_connections"] {
-        assert!(metrics.contains(name), "{name} missing from /metrics:\n{metrics}");
+    let metrics = reqwest::get(format!("{}/metrics", server.http_url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for name in [
+        "ferrite_ingest_messages_total",
+        "ferrite_ingest_rejected_total",
+        "ferrite_ingest_log_records_total",
+        "ferrite_mqtt_connections",
+    ] {
+        assert!(
+            metrics.contains(name),
+            "{name} missing from /metrics:\n{metrics}"
+        );
     }
     assert!(metrics.contains("reason=\"invalid_json\""), "{metrics}");
 }
@@ -253,7 +408,13 @@ async fn port_in_use_is_a_clear_startup_error() {
 async fn graceful_shutdown_keeps_data() {
     let mut server = Server::start().await;
     let device = server.create_device("shutdown").await;
-    let (status, _) = post(&server, &format!("/api/v1/{}/telemetry", device.token), None, r#"{"ts": 1714953600000, "values": {"t": 7}}"#).await;
+    let (status, _) = post(
+        &server,
+        &format!("/api/v1/{}/telemetry", device.token),
+        None,
+        r#"{"ts": 1714953600000, "values": {"t": 7}}"#,
+    )
+    .await;
     assert_eq!(status, 200);
     server.terminate();
     // After a clean stop the log is drained into the store: nothing to replay.

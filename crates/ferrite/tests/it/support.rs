@@ -191,7 +191,11 @@ impl Server {
     }
 
     pub fn create_api_key(&self, name: &str, role: &str) -> String {
-        let output = run_cli(&["api-key", "create", name, "--role", role], &self.data_dir, None);
+        let output = run_cli(
+            &["api-key", "create", name, "--role", role],
+            &self.data_dir,
+            None,
+        );
         let value: Value = serde_json::from_str(output.trim()).expect("api key JSON");
         value["key"].as_str().expect("key").to_owned()
     }
@@ -207,7 +211,10 @@ impl Server {
                     .expect("login request");
                 assert_eq!(response.status(), 200, "login failed");
                 let body: Value = response.json().await.expect("login JSON");
-                body["access_token"].as_str().expect("access_token").to_owned()
+                body["access_token"]
+                    .as_str()
+                    .expect("access_token")
+                    .to_owned()
             })
             .await
             .clone()

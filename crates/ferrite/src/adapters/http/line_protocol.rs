@@ -89,13 +89,28 @@ pub async fn write(
     check_timestamps(&lines, received_at_ns, &state)?;
 
     let envelopes = match writer {
-        Writer::Device { tenant, device } => vec![envelope(tenant, device, received_at_ns, precision, payload.clone())],
+        Writer::Device { tenant, device } => vec![envelope(
+            tenant,
+            device,
+            received_at_ns,
+            precision,
+            payload.clone(),
+        )],
         Writer::Fleet { tenant, may_create } => {
             let device_tag = params
                 .get("device_tag")
                 .map(String::as_str)
                 .unwrap_or(DEFAULT_DEVICE_TAG);
-            fleet_envelopes(&state, tenant, may_create, device_tag, &lines, received_at_ns, precision).await?
+            fleet_envelopes(
+                &state,
+                tenant,
+                may_create,
+                device_tag,
+                &lines,
+                received_at_ns,
+                precision,
+            )
+            .await?
         }
     };
 
@@ -126,11 +141,17 @@ fn envelope(
 }
 
 /// The credential from the headers or the 1.x `p` parameter.
-fn credential(parts: &axum::http::request::Parts, params: &HashMap<String, String>) -> Option<String> {
+fn credential(
+    parts: &axum::http::request::Parts,
+    params: &HashMap<String, String>,
+) -> Option<String> {
     if let Some(token) = bearer_token(parts) {
         return Some(token.to_owned());
     }
-    if let Some(value) = parts.headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok())
+    if let Some(value) = parts
+        .headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
         && let Some((scheme, encoded)) = value.split_once(' ')
         && scheme.eq_ignore_ascii_case("basic")
         && let Ok(decoded) = STANDARD.decode(encoded.trim())
@@ -158,7 +179,11 @@ async fn resolve_writer(state: &AppState, credential: &str) -> Result<Writer, Ap
     })
 }
 
-fn check_timestamps(lines: &[Line<'_>], received_at_ns: i64, state: &AppState) -> Result<(), ApiError> {
+fn check_timestamps(
+    lines: &[Line<'_>],
+    received_at_ns: i64,
+    state: &AppState,
+) -> Result<(), ApiError> {
     let max_future = state.config.ingest.max_future;
     let latest_allowed = received_at_ns.saturating_add(max_future.as_nanos() as i64);
     for line in lines {
@@ -209,7 +234,13 @@ async fn fleet_envelopes(
     let mut envelopes = Vec::with_capacity(by_device.len());
     for (name, payload) in by_device {
         let device = device_by_name(state, tenant, &name, may_create).await?;
-        envelopes.push(envelope(tenant, device, received_at_ns, precision, Bytes::from(payload)));
+        envelopes.push(envelope(
+            tenant,
+            device,
+            received_at_ns,
+            precision,
+            Bytes::from(payload),
+        ));
     }
     Ok(envelopes)
 }
@@ -229,7 +260,11 @@ async fn device_by_name(
             // The token of an auto-created device is not shown to anyone; an
             // operator rotates it when the device itself needs to connect.
             let token = auth::generate_device_token();
-            match state.metadata.create_device(tenant, name, &auth::hash_secret(&token)).await {
+            match state
+                .metadata
+                .create_device(tenant, name, &auth::hash_secret(&token))
+                .await
+            {
                 Ok(device) => {
                     tracing::info!(device_id = %device.id, name, "created a device on its first line-protocol write");
                     device

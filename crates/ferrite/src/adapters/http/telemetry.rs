@@ -15,7 +15,9 @@ use crate::metadata::Role;
 use crate::server::AppState;
 
 pub fn now_ns() -> i64 {
-    chrono::Utc::now().timestamp_nanos_opt().unwrap_or(i64::MAX - 1)
+    chrono::Utc::now()
+        .timestamp_nanos_opt()
+        .unwrap_or(i64::MAX - 1)
 }
 
 pub fn count_rejected(reason: &'static str) {
@@ -29,10 +31,14 @@ pub async fn by_token(
     Path(token): Path<String>,
     request: Request,
 ) -> Result<StatusCode, ApiError> {
-    let device = state.auth.authenticate_device(&token).await.map_err(|error| {
-        count_rejected("not_authorized");
-        ApiError::from(error)
-    })?;
+    let device = state
+        .auth
+        .authenticate_device(&token)
+        .await
+        .map_err(|error| {
+            count_rejected("not_authorized");
+            ApiError::from(error)
+        })?;
     accept_json(&state, &device, request).await
 }
 
@@ -47,14 +53,20 @@ pub async fn by_device_id(
     let (parts, body) = request.into_parts();
     let token = bearer_token(&parts).ok_or_else(|| {
         count_rejected("not_authorized");
-        ApiError::unauthorized("missing credentials: send Authorization: Bearer <device access token>")
+        ApiError::unauthorized(
+            "missing credentials: send Authorization: Bearer <device access token>",
+        )
     })?;
 
     let device = if token.starts_with(crate::auth::DEVICE_TOKEN_PREFIX) {
-        let device = state.auth.authenticate_device(token).await.map_err(|error| {
-            count_rejected("not_authorized");
-            ApiError::from(error)
-        })?;
+        let device = state
+            .auth
+            .authenticate_device(token)
+            .await
+            .map_err(|error| {
+                count_rejected("not_authorized");
+                ApiError::from(error)
+            })?;
         if device.device_id != id {
             count_rejected("not_authorized");
             tracing::warn!(device_id = %device.device_id, target = %id, "device token used for another device's telemetry");
@@ -84,7 +96,8 @@ async fn accept_json(
     device: &DeviceIdentity,
     request: Request,
 ) -> Result<StatusCode, ApiError> {
-    let payload: Bytes = read_limited(request.into_body(), state.config.http.max_body_bytes).await?;
+    let payload: Bytes =
+        read_limited(request.into_body(), state.config.http.max_body_bytes).await?;
     let received_at_ns = now_ns();
     check_payload(
         ContentType::Json,
