@@ -27,7 +27,7 @@ use crate::metadata::{MetadataStore, Role, SqliteMetadata};
 use crate::pipeline::{Pipeline, PipelineOptions, SeenDevices};
 use crate::store::{EmbeddedStore, TimeSeriesStore};
 
-/// What the HTTP handlers share.
+/// State shared by the HTTP handlers.
 pub struct AppState {
     pub config: Config,
     pub auth: Arc<Auth>,

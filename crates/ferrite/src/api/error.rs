@@ -1,6 +1,6 @@
 //! Errors of the HTTP API as RFC 9457 problem details.
 //!
-//! This is the one place where failures become HTTP answers. Clients see
+//! This is the one place where failures become HTTP responses. Clients see
 //! what was wrong with their request; internal causes are logged here and
 //! replaced by a generic message.
 
@@ -51,7 +51,7 @@ impl ApiError {
         Self::new(StatusCode::BAD_REQUEST, "Bad request", detail)
     }
 
-    /// A bad query parameter or body field, named in the answer.
+    /// A bad query parameter or body field, named in the response.
     pub fn invalid_param(param: &'static str, detail: impl Into<String>) -> Self {
         Self {
             param: Some(param),

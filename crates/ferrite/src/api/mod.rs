@@ -1,7 +1,7 @@
 //! The REST API: login, devices and telemetry queries.
 //!
 //! Every endpoint except login takes `Authorization: Bearer <JWT or API key>`
-//! and works inside the caller's tenant; ids of other tenants answer 404.
+//! and works inside the caller's tenant; ids of other tenants get 404.
 
 pub mod devices;
 pub mod error;

@@ -6,10 +6,10 @@
 //!   one day and `end` to now. `start > end` is an error; `start == end` is an
 //!   empty range and returns empty lists.
 //! - Raw queries return at most `limit` points per key (default 1000, at
-//!   most 10000), oldest first. When a key has more, the answer carries a
+//!   most 10000), oldest first. When a key has more, the response carries a
 //!   `Link: <...>; rel="next"` header and a `Ferrite-Next-Cursor` header; the
 //!   next page is the same query with `cursor=<value>`. No header means the
-//!   answer is complete.
+//!   response is complete.
 //! - Aggregates (`interval` and `agg` together) return one entry per bucket,
 //!   also for empty buckets. Buckets start at `start` and are `interval` long;
 //!   the last one ends at `end`. Each entry holds the bucket start `ts`, the
@@ -18,7 +18,7 @@
 //!   with strings or booleans also gets `non_numeric`, the number of points
 //!   sum/min/max/avg skipped. At most 10000 buckets per key.
 //! - Integer `start`/`end` below 10^11 are most likely seconds; the query
-//!   runs as asked and the answer carries a `Ferrite-Warning` header.
+//!   runs as asked and the response carries a `Ferrite-Warning` header.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;

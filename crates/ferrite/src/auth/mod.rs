@@ -1,8 +1,8 @@
 //! Authentication of devices and of people and services.
 //!
 //! - Device access tokens and API keys are 192 random bits, shown once and
-//!   stored as SHA-256 hashes; a slow hash adds nothing for secrets of that
-//!   strength and would cost a hash per MQTT connect and HTTP request.
+//!   stored as SHA-256 hashes. A slow hash adds nothing for secrets of that
+//!   strength, and it would cost a slow hash per MQTT connect and HTTP request.
 //! - Passwords are hashed with argon2id.
 //! - JWT access tokens are HS256, signed with a 256-bit key generated on
 //!   first start and kept in `jwt.key` in the data directory (mode 0600).
@@ -106,7 +106,7 @@ pub struct Auth {
     device_cache: Mutex<HashMap<[u8; 32], CachedDevice>>,
 }
 
-/// Answer of a successful login.
+/// Response to a successful login.
 #[derive(Debug, Serialize)]
 pub struct LoginToken {
     pub access_token: String,
@@ -174,7 +174,7 @@ impl Auth {
         let user = self.metadata.user_by_email(email).await?;
 
         // Verify against a fixed hash when the user does not exist, so the
-        // answer time does not reveal which emails are registered.
+        // response time does not reveal which emails are registered.
         let hash = user
             .as_ref()
             .map(|user| user.password_hash.clone())

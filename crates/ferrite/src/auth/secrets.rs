@@ -15,8 +15,8 @@ pub const DEVICE_TOKEN_PREFIX: &str = "fdt_";
 /// Prefix of API keys; the bearer check uses it to tell keys from JWTs.
 pub const API_KEY_PREFIX: &str = "fak_";
 
-/// An argon2id hash of a random password nobody knows, verified when a login
-/// names an unknown email.
+/// An argon2id hash of a random, discarded password. Logins that name an
+/// unknown email are verified against it.
 pub const DUMMY_PASSWORD_HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHRzYWx0c2FsdA$8o8fHZb1U8XcYqWZzTfyEwzxcYz7ZtWzqk3f0Jm6yLo";
 
 fn random_secret(prefix: &str) -> String {
@@ -25,12 +25,12 @@ fn random_secret(prefix: &str) -> String {
     format!("{prefix}{}", URL_SAFE_NO_PAD.encode(bytes))
 }
 
-/// A new device access token: 192 random bits.
+/// Generates a device access token of 192 random bits.
 pub fn generate_device_token() -> String {
     random_secret(DEVICE_TOKEN_PREFIX)
 }
 
-/// A new API key: 192 random bits.
+/// Generates an API key of 192 random bits.
 pub fn generate_api_key() -> String {
     random_secret(API_KEY_PREFIX)
 }

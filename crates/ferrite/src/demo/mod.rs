@@ -1,12 +1,248 @@
-//! The demo fleet started by `ferrite serve --demo`.
+//! The demo fleet that `ferrite serve --demo` starts: simulated devices that
+//! send telemetry to this server through its own MQTT and HTTP listeners,
+//! with the same clients and credentials that real devices would use.
+//!
+//! ## What it does
+//! - Creates the devices `demo-truck-NNN` and `demo-sensor-NNN` in the
+//!   default tenant on the first start. On later starts it reuses them and
+//!   rotates their access tokens, because only hashes of the old tokens are
+//!   stored.
+//! - Two of every five devices are trucks ([`sensors::Truck`]): GPS
+//!   position, speed, heading, fuel level, engine on/off and odometer. Each
+//!   publishes every 5 s over its own MQTT 3.1.1 connection with QoS 1 on
+//!   `v1/devices/me/telemetry`, with its token as the username.
+//! - The others are environment sensors ([`sensors::EnvironmentSensor`]):
+//!   temperature with a daily cycle, humidity, battery and RSSI. They post
+//!   every 10 s to `POST /api/v1/{token}/telemetry` through one shared HTTP
+//!   client.
+//! - Each wait between messages is jittered by ±10% and the first one starts
+//!   at a random phase, so the fleet does not send in lockstep. 120 devices
+//!   send about 17 messages per second (48 trucks / 5 s + 72 sensors / 10 s).
+//! - A device's model is seeded from its index in the fleet, so it behaves
+//!   the same on every start for the same sequence of time steps.
+//! - Creates an API key named `demo` with the viewer role on every start,
+//!   and prints (to stdout) and logs two `curl` commands that query the data
+//!   with it.
+//! - Logs each failed send at debug and warns at most once a minute with the
+//!   number of failures. It never stops the server.
+//! - Stops when the server starts shutting down. The server gives start
+//!   hooks no shutdown signal, so the fleet polls the readiness flag that
+//!   the server clears first when it shuts down.
+//!
+//! ## What it leaves out
+//! - Model state is not saved: on every start the trucks set off again near
+//!   their depots, and tanks and batteries start at the level of their seed.
+//! - Only telemetry: no attributes, commands, RPC or MQTT 5 features, and no
+//!   TLS, since the clients talk to the loopback address.
+//! - Devices of earlier, larger fleets are not deleted; they stay idle.
+//! - Each truck holds one TCP connection with both ends in this process, so
+//!   fleets of a few hundred trucks or more may need a higher limit of open
+//!   files (`ulimit -n`).
 
+mod fleet;
+mod sensors;
+mod transport;
+
+use std::net::SocketAddr;
 use std::sync::Arc;
 
-use crate::server::{AfterStart, AppState, ServerAddrs};
+use anyhow::Context;
 
-/// Returns the start hook that launches `devices` simulated devices.
+use crate::auth;
+use crate::metadata::{MetadataStore, Role};
+use crate::server::{AfterStart, AppState, ServerAddrs};
+use fleet::{DemoDevice, DeviceKind};
+use transport::FleetContext;
+
+/// Largest fleet the demo starts; a larger `--demo-devices` is lowered to it
+/// with a warning. It keeps a typo from opening tens of thousands of
+/// connections.
+pub const MAX_DEVICES: usize = 10_000;
+/// Name of the API key created on every start.
+const API_KEY_NAME: &str = "demo";
+
+/// Returns the start hook that launches `devices` simulated devices. The hook
+/// spawns the fleet and returns at once.
 pub fn starter(devices: usize) -> AfterStart {
-    Box::new(move |_state: Arc<AppState>, _addrs: ServerAddrs| {
-        tracing::warn!(devices, "the demo fleet is not available in this build");
+    Box::new(move |state: Arc<AppState>, addrs: ServerAddrs| {
+        tokio::spawn(run(state, addrs, devices));
     })
+}
+
+/// What the fleet needs once its devices and API key exist.
+struct Setup {
+    devices: Vec<DemoDevice>,
+    created: usize,
+    api_key: String,
+    http_client: reqwest::Client,
+}
+
+async fn run(state: Arc<AppState>, addrs: ServerAddrs, requested: usize) {
+    let count = requested.min(MAX_DEVICES);
+    if count < requested {
+        tracing::warn!(
+            requested,
+            started = count,
+            "demo fleet: --demo-devices is above the maximum; starting {MAX_DEVICES} devices"
+        );
+    }
+    if count == 0 {
+        tracing::info!("demo fleet: --demo-devices is 0, so no devices are started");
+        return;
+    }
+
+    let fleet = Arc::new(FleetContext::new(state.clone()));
+    tokio::spawn(fleet.clone().cancel_on_shutdown());
+
+    let setup = match set_up(&state, count).await {
+        Ok(setup) => setup,
+        Err(error) => {
+            tracing::error!(
+                error = format!("{error:#}"),
+                "cannot start the demo fleet; the server runs without it"
+            );
+            return;
+        }
+    };
+    if fleet.cancel.is_cancelled() {
+        return;
+    }
+
+    let http = transport::connect_address(addrs.http);
+    let mqtt = transport::connect_address(addrs.mqtt);
+    let started_at_ms = chrono::Utc::now().timestamp_millis();
+    let trucks = setup
+        .devices
+        .iter()
+        .filter(|d| d.spec.kind == DeviceKind::Truck)
+        .count();
+    let sensors = setup.devices.len() - trucks;
+    let commands = query_commands(http, &setup.api_key, &setup.devices[0], started_at_ms);
+
+    tokio::spawn(fleet.clone().report_failures());
+    for device in setup.devices {
+        let fleet = fleet.clone();
+        match device.spec.kind {
+            DeviceKind::Truck => {
+                tokio::spawn(transport::run_truck(device, mqtt, fleet));
+            }
+            DeviceKind::EnvironmentSensor => {
+                let client = setup.http_client.clone();
+                tokio::spawn(transport::run_sensor(device, client, http, fleet));
+            }
+        }
+    }
+
+    tracing::info!(
+        trucks,
+        sensors,
+        created = setup.created,
+        reused = count - setup.created,
+        "demo fleet started: trucks publish over MQTT every 5 s, sensors post over HTTP every 10 s"
+    );
+    // The commands contain the API key on purpose, so a user can paste them
+    // from the log. The key only reads, and a new one is made on every start.
+    tracing::info!(
+        "demo fleet: query the latest values with {}",
+        commands.latest
+    );
+    tracing::info!(
+        "demo fleet: query one-minute averages with {}",
+        commands.aggregate
+    );
+    println!(
+        "\nDemo fleet: {trucks} trucks (MQTT) and {sensors} environment sensors (HTTP) send telemetry to this server.\n\
+         Query it with the viewer API key created for this run; the first data arrives within 10 seconds:\n\n  \
+         {}\n  {}\n",
+        commands.latest, commands.aggregate
+    );
+}
+
+/// Creates or reuses the devices, creates the API key and builds the HTTP
+/// client.
+async fn set_up(state: &AppState, count: usize) -> anyhow::Result<Setup> {
+    let metadata = &state.metadata;
+    let tenant = metadata
+        .default_tenant()
+        .await
+        .context("cannot read the default tenant")?;
+
+    let provisioned = fleet::provision(metadata, &state.auth, tenant.id, fleet::layout(count))
+        .await
+        .context("cannot create or update the demo devices")?;
+
+    // NOTE: keys from earlier starts stay valid, because the metadata store
+    // has no way to revoke an API key yet.
+    let api_key = auth::generate_api_key();
+    metadata
+        .create_api_key(
+            tenant.id,
+            API_KEY_NAME,
+            Role::Viewer,
+            &auth::hash_secret(&api_key),
+        )
+        .await
+        .context("cannot create the demo API key")?;
+
+    let http_client = transport::http_client().context("cannot build the HTTP client")?;
+    Ok(Setup {
+        devices: provisioned.devices,
+        created: provisioned.created,
+        api_key,
+        http_client,
+    })
+}
+
+/// Ready-to-paste queries for the data of one device.
+struct QueryCommands {
+    latest: String,
+    aggregate: String,
+}
+
+/// Builds the `curl` commands for `device`: its latest values, and one-minute
+/// averages of its main value since the start of the minute the fleet
+/// started (the default range of one day would print mostly empty buckets).
+fn query_commands(
+    http: SocketAddr,
+    api_key: &str,
+    device: &DemoDevice,
+    started_at_ms: i64,
+) -> QueryCommands {
+    let base = format!("http://{http}/api/v1/devices/{}/telemetry", device.id);
+    let key = match device.spec.kind {
+        DeviceKind::Truck => "speed",
+        DeviceKind::EnvironmentSensor => "temperature",
+    };
+    let start = started_at_ms - started_at_ms.rem_euclid(60_000);
+    let curl = |url: String| format!("curl -s -H \"Authorization: Bearer {api_key}\" \"{url}\"");
+    QueryCommands {
+        latest: curl(format!("{base}/latest")),
+        aggregate: curl(format!(
+            "{base}?keys={key}&interval=1m&agg=avg&start={start}"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_commands_for_truck() {
+        let device = DemoDevice {
+            spec: fleet::layout(1).remove(0),
+            id: "0192e5b0-0000-7000-8000-000000000001".parse().unwrap(),
+            token: "fdt_unused".to_owned(),
+        };
+        let http: SocketAddr = "127.0.0.1:18080".parse().unwrap();
+        let commands = query_commands(http, "fak_key", &device, 1_714_953_601_234);
+        assert_eq!(
+            commands.latest,
+            "curl -s -H \"Authorization: Bearer fak_key\" \"http://127.0.0.1:18080/api/v1/devices/0192e5b0-0000-7000-8000-000000000001/telemetry/latest\""
+        );
+        assert_eq!(
+            commands.aggregate,
+            "curl -s -H \"Authorization: Bearer fak_key\" \"http://127.0.0.1:18080/api/v1/devices/0192e5b0-0000-7000-8000-000000000001/telemetry?keys=speed&interval=1m&agg=avg&start=1714953600000\""
+        );
+    }
 }

@@ -82,7 +82,7 @@ impl LogControl {
     pub fn checkpoint(&self, marker: u64) {
         let mut segments = self.segments.lock();
 
-        // Segment i holds sequence numbers [first_seq(i), first_seq(i + 1)).
+        // Segment i contains sequence numbers [first_seq(i), first_seq(i + 1)).
         let mut removable = 0;
         while removable + 1 < segments.len() && segments[removable + 1].first_seq <= marker + 1 {
             removable += 1;
@@ -182,7 +182,7 @@ struct Writer {
     committed: mpsc::Sender<Committed>,
 }
 
-/// What replay found in one segment.
+/// Outcome of replaying one segment.
 enum SegmentEnd {
     Clean,
     /// Bytes from this offset on are not valid records.
@@ -605,7 +605,7 @@ mod tests {
         control.checkpoint(150);
         let after = list_segments(dir.path()).unwrap();
         assert!(after.len() < before.len());
-        // The first remaining segment still holds record 151.
+        // The first remaining segment still contains record 151.
         assert!(after[0].first_seq <= 151);
         control.checkpoint(u64::MAX - 1);
         assert_eq!(

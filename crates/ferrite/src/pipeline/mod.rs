@@ -3,9 +3,9 @@
 //!
 //! ## Threads and ownership
 //! - The dispatcher thread receives committed batches in sequence order and
-//!   splits them by device across `workers` worker threads; a device always
-//!   maps to the same worker, so each series is written in log order and
-//!   "last write wins" means the last one in the log.
+//!   splits them by device across `workers` worker threads. A device always
+//!   maps to the same worker, so each series is written in log order, and
+//!   "last write wins" means the last write in the log.
 //! - Every worker gets every batch's sequence number, also when no envelope
 //!   of the batch is its own, and records it after writing. The smallest
 //!   recorded number is the pipeline's applied position: every record up to

@@ -8,7 +8,7 @@
 //! unknown names create devices when `auth.auto_create_devices` is on.
 //!
 //! A batch is atomic: if any line is invalid, nothing is stored and the 400
-//! answer lists the invalid lines by number. The stored key of a field is
+//! response lists the invalid lines by number. The stored key of a field is
 //! `measurement.field`. Query parameters `db`, `rp`, `bucket`, `org` and
 //! `consistency` are accepted and ignored.
 
@@ -35,7 +35,7 @@ use crate::server::AppState;
 
 const DEFAULT_DEVICE_TAG: &str = "device";
 
-/// Who is writing.
+/// The writer of a request: one device, or a fleet named by a tag.
 enum Writer {
     Device { tenant: TenantId, device: DeviceId },
     Fleet { tenant: TenantId, may_create: bool },
@@ -140,7 +140,7 @@ fn envelope(
     }
 }
 
-/// The credential from the headers or the 1.x `p` parameter.
+/// Returns the credential from the headers or the 1.x `p` parameter.
 fn credential(
     parts: &axum::http::request::Parts,
     params: &HashMap<String, String>,
