@@ -54,9 +54,8 @@ use crate::server::{AfterStart, AppState, ServerAddrs};
 use fleet::{DemoDevice, DeviceKind};
 use transport::FleetContext;
 
-/// Largest fleet the demo starts; a larger `--demo-devices` is lowered to it
-/// with a warning. It keeps a typo from opening tens of thousands of
-/// connections.
+/// Maximum fleet size. A larger `--demo-devices` is lowered to it with a
+/// warning, which keeps a typo from opening tens of thousands of connections.
 pub const MAX_DEVICES: usize = 10_000;
 /// Name of the API key created on every start.
 const API_KEY_NAME: &str = "demo";
@@ -69,7 +68,7 @@ pub fn starter(devices: usize) -> AfterStart {
     })
 }
 
-/// What the fleet needs once its devices and API key exist.
+/// Devices, API key and HTTP client of a fleet that is ready to start.
 struct Setup {
     devices: Vec<DemoDevice>,
     created: usize,
@@ -77,13 +76,15 @@ struct Setup {
     http_client: reqwest::Client,
 }
 
+/// Sets up the fleet, spawns one task per device and prints the query
+/// commands.
 async fn run(state: Arc<AppState>, addrs: ServerAddrs, requested: usize) {
     let count = requested.min(MAX_DEVICES);
     if count < requested {
         tracing::warn!(
             requested,
             started = count,
-            "demo fleet: --demo-devices is above the maximum; starting {MAX_DEVICES} devices"
+            "demo fleet: --demo-devices is above the maximum of {MAX_DEVICES}, so only {MAX_DEVICES} devices start"
         );
     }
     if count == 0 {
@@ -99,7 +100,7 @@ async fn run(state: Arc<AppState>, addrs: ServerAddrs, requested: usize) {
         Err(error) => {
             tracing::error!(
                 error = format!("{error:#}"),
-                "cannot start the demo fleet; the server runs without it"
+                "demo fleet failed to start, so the server runs without it"
             );
             return;
         }
