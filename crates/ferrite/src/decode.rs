@@ -62,7 +62,7 @@ pub fn check_payload(
             return Err(DecodeError::Timestamp(format!(
                 "the timestamp of {key:?} ({}) is more than {} ahead of the server clock; check the device clock and the timestamp unit",
                 format_ts(ts),
-                humantime::format_duration(max_future)
+                format_duration(max_future)
             )));
         }
         count += 1;
@@ -133,6 +133,18 @@ fn for_each_point(
         }
     }
     Ok(())
+}
+
+/// Formats a duration for messages in the largest whole unit: `24h`, `90s`.
+pub fn format_duration(duration: Duration) -> String {
+    let seconds = duration.as_secs();
+    if seconds >= 3600 && seconds % 3600 == 0 {
+        format!("{}h", seconds / 3600)
+    } else if seconds >= 60 && seconds % 60 == 0 {
+        format!("{}m", seconds / 60)
+    } else {
+        format!("{}s", duration.as_secs_f64())
+    }
 }
 
 /// Formats a timestamp as RFC 3339 for messages.

@@ -27,7 +27,7 @@ use super::body::read_limited;
 use super::telemetry::{count_rejected, now_ns};
 use crate::api::{ApiError, bearer_token};
 use crate::auth::{self, DEVICE_TOKEN_PREFIX};
-use crate::decode::format_ts;
+use crate::decode::{format_duration, format_ts};
 use crate::ids::{DeviceId, TenantId};
 use crate::ingest::{ContentType, Envelope, Protocol};
 use crate::metadata::{MetadataStore, Role};
@@ -195,7 +195,7 @@ fn check_timestamps(
                 "line {}: the timestamp {} is more than {} ahead of the server clock; check the precision parameter and the device clock. Nothing from this batch was stored",
                 line.line_number,
                 format_ts(ts),
-                humantime::format_duration(max_future)
+                format_duration(max_future)
             )));
         }
     }
