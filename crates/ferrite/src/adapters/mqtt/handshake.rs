@@ -1,0 +1,394 @@
+//! The CONNECT step: checks the packet, authenticates the device, checks
+//! the will message, and works out the session parameters and the CONNACK.
+//! The connection task does the reading and writing.
+//!
+//! Refusals, with the MQTT 5 reason code and the MQTT 3.1.1 return code:
+//!
+//! | case | 5 | 3.1.1 |
+//! |---|---|---|
+//! | protocol level other than 4 and 5 | 0x84 | 0x01 |
+//! | malformed CONNECT | 0x81 | none, close |
+//! | empty client id with clean session 0 | server assigns an id | 0x02 |
+//! | no user name | 0x86 | 0x04 |
+//! | unknown or revoked access token | 0x86 | 0x05 |
+//! | metadata store unavailable | 0x88 | 0x03 |
+//! | will topic outside the device's namespace | 0x87 | 0x05 |
+//! | retained will (retain is not supported) | 0x9A | accepted, not retained |
+//! | enhanced authentication requested | 0x8C | n/a |
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use mqtt5_protocol::packet::connack::ConnAckPacket;
+use mqtt5_protocol::packet::connect::ConnectPacket;
+use mqtt5_protocol::{Packet, PropertyId, PropertyValue, ProtocolVersion, QoS, ReasonCode};
+
+use super::MqttContext;
+use super::codec::{self, ConnectProtocol, Frame, FrameError};
+use super::session::ClientId;
+use super::topics::{PublishTarget, classify_publish, is_valid_topic_name};
+use crate::auth::{AuthError, DeviceIdentity};
+
+/// Session Expiry Interval value meaning "never expires" (MQTT 5 3.1.2.11.2).
+const EXPIRY_NEVER: u32 = u32::MAX;
+
+/// A will message stored at CONNECT.
+#[derive(Debug, Clone)]
+pub struct Will {
+    pub topic: String,
+    pub payload: Bytes,
+    pub qos: QoS,
+    /// MQTT 5 Will Delay Interval; zero for 3.1.1.
+    pub delay: Duration,
+}
+
+/// An accepted CONNECT: who connected and on which terms.
+#[derive(Debug)]
+pub struct Connected {
+    pub version: ProtocolVersion,
+    pub client_id: ClientId,
+    /// The client sent an empty client id and the server chose one.
+    pub client_id_assigned: bool,
+    pub identity: DeviceIdentity,
+    pub clean_start: bool,
+    /// Keep alive requested by the client; `None` when it is zero (off).
+    pub keep_alive: Option<Duration>,
+    /// Granted session expiry: zero for a clean session.
+    pub session_expiry: Duration,
+    /// MQTT 5: the client requested a longer expiry than granted, so
+    /// CONNACK carries the granted value.
+    pub session_expiry_capped: bool,
+    pub will: Option<Will>,
+    /// MQTT 5 Receive Maximum of the client: QoS 1 messages it accepts
+    /// unacknowledged.
+    pub client_receive_maximum: u16,
+    /// MQTT 5 Maximum Packet Size of the client, in bytes.
+    pub client_maximum_packet_size: usize,
+    /// MQTT 5 Request Problem Information: reason strings are allowed in
+    /// acknowledgements.
+    pub request_problem_information: bool,
+}
+
+/// A refused CONNECT.
+#[derive(Debug)]
+pub struct Rejection {
+    /// CONNACK to send before closing, when the protocol has one.
+    pub connack: Option<ConnAckPacket>,
+    /// Label for `ferrite_mqtt_connections_refused_total`.
+    pub reason: &'static str,
+    /// Detail for the debug log.
+    pub detail: String,
+}
+
+impl Rejection {
+    fn new(
+        version: ProtocolVersion,
+        code: ReasonCode,
+        reason: &'static str,
+        detail: impl Into<String>,
+    ) -> Self {
+        Self {
+            connack: Some(connack(version, code)),
+            reason,
+            detail: detail.into(),
+        }
+    }
+}
+
+fn connack(version: ProtocolVersion, code: ReasonCode) -> ConnAckPacket {
+    match version {
+        ProtocolVersion::V311 => ConnAckPacket::new_v311(false, code),
+        ProtocolVersion::V5 => ConnAckPacket::new(false, code),
+    }
+}
+
+/// Checks a CONNECT frame and authenticates its device.
+pub async fn accept_connect(frame: Frame, context: &MqttContext) -> Result<Connected, Rejection> {
+    let version = protocol_version(&frame)?;
+    let connect = decode_connect(frame, version)?;
+    check_features(&connect, version)?;
+    let identity = authenticate(&connect, version, context).await?;
+    let will = check_will(&connect, version, &identity)?;
+    let (client_id, client_id_assigned) = client_id(&connect, version)?;
+    let (session_expiry, session_expiry_capped) = session_expiry(&connect, version, context);
+
+    let properties = &connect.properties;
+    Ok(Connected {
+        version,
+        client_id,
+        client_id_assigned,
+        identity,
+        clean_start: connect.clean_start,
+        keep_alive: (connect.keep_alive > 0)
+            .then(|| Duration::from_secs(u64::from(connect.keep_alive))),
+        session_expiry,
+        session_expiry_capped,
+        will,
+        client_receive_maximum: properties.get_receive_maximum().unwrap_or(u16::MAX),
+        client_maximum_packet_size: properties
+            .get_maximum_packet_size()
+            .map_or(usize::MAX, |size| size as usize),
+        request_problem_information: properties.get_request_problem_information().unwrap_or(true),
+    })
+}
+
+/// Reads the protocol level; an unsupported level gets the CONNACK of the
+/// version the client most likely speaks ([MQTT-3.1.2-2]).
+fn protocol_version(frame: &Frame) -> Result<ProtocolVersion, Rejection> {
+    match codec::connect_protocol(&frame.body) {
+        Ok(ConnectProtocol::Supported(version)) => Ok(version),
+        Ok(ConnectProtocol::Unsupported(level)) => {
+            let version = if level > 5 {
+                ProtocolVersion::V5
+            } else {
+                ProtocolVersion::V311
+            };
+            Err(Rejection::new(
+                version,
+                ReasonCode::UnsupportedProtocolVersion,
+                "unsupported_protocol",
+                format!("unsupported protocol level {level}"),
+            ))
+        }
+        Err(error) => Err(malformed(None, &error)),
+    }
+}
+
+fn malformed(version: Option<ProtocolVersion>, error: &FrameError) -> Rejection {
+    Rejection {
+        // MQTT 3.1.1 has no return code for a malformed CONNECT.
+        connack: (version == Some(ProtocolVersion::V5))
+            .then(|| connack(ProtocolVersion::V5, ReasonCode::MalformedPacket)),
+        reason: "malformed",
+        detail: error.to_string(),
+    }
+}
+
+fn decode_connect(frame: Frame, version: ProtocolVersion) -> Result<Box<ConnectPacket>, Rejection> {
+    match codec::decode(frame, version) {
+        Ok(Packet::Connect(connect)) => Ok(connect),
+        Ok(other) => Err(malformed(
+            Some(version),
+            &FrameError::Malformed(format!(
+                "expected CONNECT, got {}",
+                other.packet_type_name()
+            )),
+        )),
+        Err(error) => Err(malformed(Some(version), &error)),
+    }
+}
+
+/// Refuses MQTT 5 features that this server does not offer and values
+/// that the specification forbids.
+fn check_features(connect: &ConnectPacket, version: ProtocolVersion) -> Result<(), Rejection> {
+    if version != ProtocolVersion::V5 {
+        return Ok(());
+    }
+    let properties = &connect.properties;
+    if properties.get_authentication_method().is_some() {
+        return Err(Rejection::new(
+            version,
+            ReasonCode::BadAuthenticationMethod,
+            "unsupported_feature",
+            "enhanced authentication is not supported",
+        ));
+    }
+    if properties.get_receive_maximum() == Some(0)
+        || properties.get_maximum_packet_size() == Some(0)
+    {
+        return Err(Rejection::new(
+            version,
+            ReasonCode::ProtocolError,
+            "malformed",
+            "Receive Maximum or Maximum Packet Size of 0",
+        ));
+    }
+    if connect.will.as_ref().is_some_and(|will| will.retain) {
+        return Err(Rejection::new(
+            version,
+            ReasonCode::RetainNotSupported,
+            "unsupported_feature",
+            "retained will messages are not supported",
+        ));
+    }
+    Ok(())
+}
+
+/// Authenticates the access token sent as user name.
+async fn authenticate(
+    connect: &ConnectPacket,
+    version: ProtocolVersion,
+    context: &MqttContext,
+) -> Result<DeviceIdentity, Rejection> {
+    let Some(token) = connect
+        .username
+        .as_deref()
+        .filter(|token| !token.is_empty())
+    else {
+        return Err(Rejection::new(
+            version,
+            ReasonCode::BadUsernameOrPassword,
+            "bad_credentials",
+            "no user name; devices send their access token as user name",
+        ));
+    };
+
+    match context.auth.authenticate_device(token).await {
+        Ok(identity) => Ok(identity),
+        Err(AuthError::Metadata(error)) => {
+            tracing::error!(error = %error, "cannot authenticate an MQTT client: the metadata store failed");
+            Err(Rejection::new(
+                version,
+                ReasonCode::ServerUnavailable,
+                "server_unavailable",
+                "metadata store unavailable",
+            ))
+        }
+        Err(error) => {
+            // In MQTT 3.1.1 a token that matches no device gets 0x05 (not
+            // authorized), and a missing user name gets 0x04.
+            let code = match version {
+                ProtocolVersion::V311 => ReasonCode::NotAuthorized,
+                ProtocolVersion::V5 => ReasonCode::BadUsernameOrPassword,
+            };
+            Err(Rejection::new(
+                version,
+                code,
+                "bad_credentials",
+                error.to_string(),
+            ))
+        }
+    }
+}
+
+/// Stores the will message after checking that the device may publish to
+/// its topic.
+fn check_will(
+    connect: &ConnectPacket,
+    version: ProtocolVersion,
+    identity: &DeviceIdentity,
+) -> Result<Option<Will>, Rejection> {
+    let Some(will) = &connect.will else {
+        return Ok(None);
+    };
+    if !is_valid_topic_name(&will.topic) {
+        return Err(Rejection::new(
+            version,
+            ReasonCode::TopicNameInvalid,
+            "malformed",
+            format!("invalid will topic {:?}", will.topic),
+        ));
+    }
+    if classify_publish(&will.topic, identity.device_id) == PublishTarget::Forbidden {
+        return Err(Rejection::new(
+            version,
+            ReasonCode::NotAuthorized,
+            "not_authorized",
+            format!(
+                "will topic {:?} is outside the device's namespace",
+                will.topic
+            ),
+        ));
+    }
+    Ok(Some(Will {
+        topic: will.topic.clone(),
+        payload: Bytes::from(will.payload.clone()),
+        qos: will.qos,
+        delay: Duration::from_secs(u64::from(will.properties.will_delay_interval.unwrap_or(0))),
+    }))
+}
+
+/// Returns the client id, assigning one to a client that sent none
+/// ([MQTT-3.1.3-6]); a 3.1.1 client asking for a persistent session must
+/// send one ([MQTT-3.1.3-8]).
+fn client_id(
+    connect: &ConnectPacket,
+    version: ProtocolVersion,
+) -> Result<(ClientId, bool), Rejection> {
+    if !connect.client_id.is_empty() {
+        return Ok((ClientId::new(&connect.client_id), false));
+    }
+    if version == ProtocolVersion::V311 && !connect.clean_start {
+        return Err(Rejection::new(
+            version,
+            ReasonCode::ClientIdentifierNotValid,
+            "client_id_rejected",
+            "empty client id with clean session 0",
+        ));
+    }
+    let assigned = format!("ferrite-{}", uuid::Uuid::new_v4().simple());
+    Ok((ClientId::new(&assigned), true))
+}
+
+/// Returns the granted session expiry and whether it is shorter than
+/// requested.
+fn session_expiry(
+    connect: &ConnectPacket,
+    version: ProtocolVersion,
+    context: &MqttContext,
+) -> (Duration, bool) {
+    let max = context.config.max_session_expiry;
+    match version {
+        ProtocolVersion::V311 if connect.clean_start => (Duration::ZERO, false),
+        ProtocolVersion::V311 => (max, false),
+        ProtocolVersion::V5 => {
+            let requested = match connect.properties.get(PropertyId::SessionExpiryInterval) {
+                Some(PropertyValue::FourByteInteger(EXPIRY_NEVER)) => Duration::MAX,
+                Some(PropertyValue::FourByteInteger(seconds)) => {
+                    Duration::from_secs(u64::from(*seconds))
+                }
+                _ => Duration::ZERO,
+            };
+            (requested.min(max), requested > max)
+        }
+    }
+}
+
+/// Builds the CONNACK of an accepted connection.
+pub fn success_connack(
+    connected: &Connected,
+    session_present: bool,
+    context: &MqttContext,
+    max_packet_size: usize,
+) -> ConnAckPacket {
+    if connected.version == ProtocolVersion::V311 {
+        return ConnAckPacket::new_v311(session_present, ReasonCode::Success);
+    }
+
+    let mut connack = ConnAckPacket::new(session_present, ReasonCode::Success)
+        .with_receive_maximum(context.config.max_inflight)
+        .with_maximum_packet_size(u32::try_from(max_packet_size).unwrap_or(u32::MAX))
+        .with_retain_available(false)
+        .with_shared_subscription_available(false)
+        .with_subscription_identifier_available(false)
+        .with_wildcard_subscription_available(true);
+    if connected.session_expiry_capped {
+        let seconds = u32::try_from(connected.session_expiry.as_secs()).unwrap_or(EXPIRY_NEVER - 1);
+        connack = connack.with_session_expiry_interval(seconds);
+    }
+    if connected.client_id_assigned {
+        connack = connack.with_assigned_client_id(connected.client_id.to_string());
+    }
+    connack
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connack_codes_for_3_1_1() {
+        let cases = [
+            (ReasonCode::UnsupportedProtocolVersion, 0x01),
+            (ReasonCode::ClientIdentifierNotValid, 0x02),
+            (ReasonCode::ServerUnavailable, 0x03),
+            (ReasonCode::BadUsernameOrPassword, 0x04),
+            (ReasonCode::NotAuthorized, 0x05),
+        ];
+        for (code, expected) in cases {
+            let mut out = bytes::BytesMut::new();
+            codec::encode(&connack(ProtocolVersion::V311, code), &mut out);
+            assert_eq!(&out[..], &[0x20, 0x02, 0x00, expected], "{code:?}");
+        }
+    }
+}

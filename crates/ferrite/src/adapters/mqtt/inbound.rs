@@ -1,0 +1,585 @@
+//! Messages from the client: PUBLISH, the QoS 2 release (PUBREL) and the
+//! will message, and their acknowledgements.
+//!
+//! A PUBLISH goes through these steps ([`Connection::on_publish`]):
+//! 1. check the packet (size, topic name, features not offered);
+//! 2. acknowledge a resent QoS 2 PUBLISH whose packet id is still kept
+//!    like the first one, without storing it again;
+//! 3. authorize the topic (`topics.rs`) and
+//!    - telemetry: check the payload, add it to the current group;
+//!    - another topic of the device: route it to the device's subscribers
+//!      now; it is not stored;
+//!    - outside the namespace: refuse.
+//!
+//! The packets taken from one read form a [`PendingGroup`]: its telemetry is
+//! one append to the ingest log, and its acknowledgements wait for that
+//! append. Groups complete in the order they were made, so acknowledgements
+//! go out in the order the PUBLISHes arrived. Telemetry reaches subscribers
+//! only after it is stored.
+//!
+//! | case | MQTT 5 | MQTT 3.1.1 |
+//! |---|---|---|
+//! | telemetry stored | PUBACK/PUBREC 0x00 | PUBACK/PUBREC |
+//! | payload invalid | 0x99 with the error as reason string | PUBACK/PUBREC, dropped |
+//! | own non-telemetry topic | routed: 0x00, or 0x10 with no subscriber | PUBACK/PUBREC, routed |
+//! | outside the namespace | 0x87 (QoS 0: dropped) | connection closed |
+//! | log overloaded | 0x97 | closed without acknowledgement |
+//! | log failed or stopping | 0x80 (stopping: then DISCONNECT 0x8B) | closed without acknowledgement |
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Instant;
+
+use bytes::Bytes;
+use mqtt5_protocol::packet::puback::PubAckPacket;
+use mqtt5_protocol::packet::pubcomp::PubCompPacket;
+use mqtt5_protocol::packet::publish::PublishPacket;
+use mqtt5_protocol::packet::pubrec::PubRecPacket;
+use mqtt5_protocol::{ProtocolVersion, QoS, ReasonCode};
+
+use super::Shared;
+use super::codec;
+use super::connection::{CloseCause, Connection};
+use super::events;
+use super::handshake::Will;
+use super::session::ClientId;
+use super::topics::{self, PublishTarget, classify_publish, is_valid_topic_name};
+use crate::auth::DeviceIdentity;
+use crate::decode::check_payload;
+use crate::ingest::{ContentType, Envelope, IngestError, Protocol};
+
+/// Reason string of PUBACK 0x10 for a message that no subscriber took.
+const NOT_STORED_REASON: &str = "no subscriber for this topic; only telemetry topics are stored";
+/// Reason string of PUBACK 0x87.
+const NOT_AUTHORIZED_REASON: &str =
+    "a device may publish only under v1/devices/me/ or devices/{its id}/";
+
+/// Progress of an inbound QoS 2 message between PUBLISH and PUBREL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Qos2State {
+    /// The append is in flight.
+    Pending,
+    /// Stored, or accepted without storing (MQTT 3.1.1 has no negative
+    /// PUBREC), and acknowledged with PUBREC.
+    Stored,
+}
+
+/// One entry in the ordered stream of acknowledgements.
+#[derive(Debug)]
+pub enum AckItem {
+    /// Acknowledged when the group's append completes: success if stored.
+    AfterAppend { packet_id: u16, qos: QoS },
+    /// Acknowledged with a reason decided on receipt.
+    Decided {
+        packet_id: u16,
+        qos: QoS,
+        reason: ReasonCode,
+        reason_string: Option<String>,
+    },
+    /// A QoS 2 PUBLISH sent again before PUBREL: acknowledged like the
+    /// first.
+    Qos2Duplicate { packet_id: u16 },
+    /// PUBREL, acknowledged with PUBCOMP.
+    Release { packet_id: u16 },
+}
+
+/// Telemetry to send to subscribers once it is stored.
+#[derive(Debug)]
+pub struct StoredRoute {
+    payload: Bytes,
+    qos: QoS,
+}
+
+/// The packets of one read whose acknowledgements wait for the same
+/// append.
+#[derive(Debug, Default)]
+pub struct PendingGroup {
+    pub items: Vec<AckItem>,
+    pub envelopes: Vec<Envelope>,
+    pub routes: Vec<StoredRoute>,
+    /// PUBLISHes in the group, for the in-flight limit.
+    pub messages: usize,
+}
+
+/// A group after its append.
+pub struct GroupDone {
+    items: Vec<AckItem>,
+    routes: Vec<StoredRoute>,
+    stored: usize,
+    messages: usize,
+    result: Result<(), IngestError>,
+}
+
+pub type GroupFuture = Pin<Box<dyn Future<Output = GroupDone> + Send>>;
+
+/// Server time in nanoseconds since the Unix epoch.
+fn now_ns() -> i64 {
+    chrono::Utc::now()
+        .timestamp_nanos_opt()
+        .unwrap_or(i64::MAX - 1)
+}
+
+impl Connection {
+    /// Handles a PUBLISH from the client.
+    pub fn on_publish(&mut self, publish: PublishPacket) -> Result<(), CloseCause> {
+        events::message_received();
+        self.check_publish(&publish)?;
+        let packet_id = publish.packet_id.unwrap_or(0);
+
+        if publish.qos == QoS::ExactlyOnce && self.qos2.contains_key(&packet_id) {
+            self.group.items.push(AckItem::Qos2Duplicate { packet_id });
+            self.group.messages += 1;
+            return Ok(());
+        }
+
+        match classify_publish(&publish.topic_name, self.identity.device_id) {
+            PublishTarget::Telemetry => {
+                self.stage_telemetry(publish, packet_id);
+                Ok(())
+            }
+            PublishTarget::OwnTopic { suffix } => {
+                let suffix = suffix.to_owned();
+                self.route_own_topic(&publish, &suffix, packet_id);
+                Ok(())
+            }
+            PublishTarget::Forbidden => self.reject_publish(&publish, packet_id),
+        }
+    }
+
+    /// Step 1: checks what the codec leaves to the server.
+    fn check_publish(&self, publish: &PublishPacket) -> Result<(), CloseCause> {
+        let max_payload = self.shared.context.config.max_payload_bytes;
+        if publish.payload.len() > max_payload {
+            return Err(CloseCause::protocol(
+                ReasonCode::PacketTooLarge,
+                format!(
+                    "payload of {} bytes exceeds mqtt.max_payload_bytes ({max_payload})",
+                    publish.payload.len()
+                ),
+            ));
+        }
+        if self.version == ProtocolVersion::V5 && publish.properties.get_topic_alias().is_some() {
+            return Err(CloseCause::protocol(
+                ReasonCode::TopicAliasInvalid,
+                "topic aliases are not supported",
+            ));
+        }
+        if !is_valid_topic_name(&publish.topic_name) {
+            return Err(CloseCause::protocol(
+                ReasonCode::ProtocolError,
+                format!("invalid PUBLISH topic name {:?}", publish.topic_name),
+            ));
+        }
+        if self.version == ProtocolVersion::V5 && publish.retain {
+            return Err(CloseCause::protocol(
+                ReasonCode::RetainNotSupported,
+                "retained messages are not supported",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Step 3, telemetry: the payload must decode as the pipeline will
+    /// decode it; then it joins the group's append.
+    fn stage_telemetry(&mut self, publish: PublishPacket, packet_id: u16) {
+        let context = &self.shared.context;
+        let received_at_ns = now_ns();
+        if let Err(error) = check_payload(
+            ContentType::Json,
+            &publish.payload,
+            received_at_ns,
+            context.max_future,
+        ) {
+            events::messages_rejected(error.reason(), 1);
+            if let Some(suppressed) = self.warnings.payload_invalid.allow(Instant::now()) {
+                tracing::warn!(
+                    topic = %publish.topic_name,
+                    reason = error.reason(),
+                    %error,
+                    suppressed,
+                    "rejected MQTT telemetry with an invalid payload"
+                );
+            }
+            // MQTT 3.1.1 has no reason codes, and sending the same payload
+            // again would not help, so it is acknowledged and dropped.
+            let (reason, reason_string) = match self.version {
+                ProtocolVersion::V5 => (ReasonCode::PayloadFormatInvalid, Some(error.to_string())),
+                ProtocolVersion::V311 => (ReasonCode::Success, None),
+            };
+            self.decide(packet_id, publish.qos, reason, reason_string);
+            return;
+        }
+
+        self.group.envelopes.push(Envelope {
+            tenant_id: self.identity.tenant_id,
+            device_id: self.identity.device_id,
+            protocol: Protocol::Mqtt,
+            received_at_ns,
+            content_type: ContentType::Json,
+            payload: publish.payload.clone(),
+        });
+        self.group.routes.push(StoredRoute {
+            payload: publish.payload,
+            qos: publish.qos,
+        });
+        if publish.qos != QoS::AtMostOnce {
+            self.group.items.push(AckItem::AfterAppend {
+                packet_id,
+                qos: publish.qos,
+            });
+        }
+        if publish.qos == QoS::ExactlyOnce {
+            self.qos2.insert(packet_id, Qos2State::Pending);
+        }
+        self.group.messages += 1;
+    }
+
+    /// Step 3, another topic of the device's own namespace: delivered to
+    /// the device's subscribers, not stored. The message is accepted, so
+    /// MQTT 5 gets a success code: 0x00, or 0x10 (no matching subscribers)
+    /// when no session took it.
+    fn route_own_topic(&mut self, publish: &PublishPacket, suffix: &str, packet_id: u16) {
+        let delivered = self.shared.router.route(
+            self.identity.device_id,
+            suffix,
+            &publish.payload,
+            publish.qos,
+            Some(&self.client_id),
+        );
+        events::messages_routed(1);
+
+        let (reason, reason_string) = match self.version {
+            ProtocolVersion::V5 if delivered == 0 => (
+                ReasonCode::NoMatchingSubscribers,
+                Some(NOT_STORED_REASON.to_owned()),
+            ),
+            ProtocolVersion::V5 | ProtocolVersion::V311 => (ReasonCode::Success, None),
+        };
+        self.decide(packet_id, publish.qos, reason, reason_string);
+    }
+
+    /// Step 3, outside the namespace: rejected.
+    fn reject_publish(
+        &mut self,
+        publish: &PublishPacket,
+        packet_id: u16,
+    ) -> Result<(), CloseCause> {
+        events::messages_rejected("not_authorized", 1);
+        if let Some(suppressed) = self.warnings.publish_rejected.allow(Instant::now()) {
+            tracing::warn!(
+                topic = %publish.topic_name,
+                suppressed,
+                "rejected an MQTT publish outside the device's namespace"
+            );
+        }
+
+        match self.version {
+            ProtocolVersion::V311 => Err(CloseCause::PublishNotAuthorized),
+            ProtocolVersion::V5 => {
+                self.decide(
+                    packet_id,
+                    publish.qos,
+                    ReasonCode::NotAuthorized,
+                    Some(NOT_AUTHORIZED_REASON.to_owned()),
+                );
+                Ok(())
+            }
+        }
+    }
+
+    /// Queues an acknowledgement decided on receipt. A QoS 2 PUBLISH
+    /// acknowledged as accepted keeps its packet id until PUBREL, like a
+    /// stored one.
+    fn decide(
+        &mut self,
+        packet_id: u16,
+        qos: QoS,
+        reason: ReasonCode,
+        reason_string: Option<String>,
+    ) {
+        if qos == QoS::AtMostOnce {
+            return;
+        }
+        if qos == QoS::ExactlyOnce && reason == ReasonCode::Success {
+            self.qos2.insert(packet_id, Qos2State::Stored);
+        }
+        self.group.items.push(AckItem::Decided {
+            packet_id,
+            qos,
+            reason,
+            reason_string,
+        });
+        self.group.messages += 1;
+    }
+
+    /// Handles PUBREL: PUBCOMP follows, in order with the other
+    /// acknowledgements.
+    pub fn on_pubrel(&mut self, packet_id: u16) {
+        self.group.items.push(AckItem::Release { packet_id });
+    }
+
+    /// Starts the append of the current group.
+    pub fn flush_group(&mut self) {
+        if self.group.items.is_empty() && self.group.envelopes.is_empty() {
+            return;
+        }
+        let group = std::mem::take(&mut self.group);
+        self.pending_messages += group.messages;
+
+        let ingest = self.shared.context.ingest.clone();
+        self.pending.push_back(Box::pin(async move {
+            let stored = group.envelopes.len();
+            let result = if group.envelopes.is_empty() {
+                Ok(())
+            } else {
+                ingest.append(group.envelopes).await
+            };
+            GroupDone {
+                items: group.items,
+                routes: group.routes,
+                stored,
+                messages: group.messages,
+                result,
+            }
+        }));
+    }
+
+    /// Sends the acknowledgements of a group whose append completed. Fails when the
+    /// connection has to close: an MQTT 3.1.1 append failure (no negative
+    /// acknowledgement exists) or a log that is shutting down.
+    pub fn complete_group(&mut self, done: GroupDone) -> Result<(), CloseCause> {
+        self.pending_messages -= done.messages;
+        let failure = done.result.err();
+
+        match &failure {
+            None => {
+                events::messages_stored(done.stored);
+                for route in &done.routes {
+                    self.shared.router.route(
+                        self.identity.device_id,
+                        topics::TELEMETRY_SUFFIX,
+                        &route.payload,
+                        route.qos,
+                        Some(&self.client_id),
+                    );
+                }
+            }
+            Some(error) => self.report_append_failure(error, done.stored),
+        }
+
+        if failure.is_some() && self.version == ProtocolVersion::V311 {
+            self.acks_stopped = true;
+        }
+        for item in done.items {
+            self.acknowledge(item, failure.as_ref());
+        }
+
+        match failure {
+            Some(error) if self.version == ProtocolVersion::V311 => {
+                Err(CloseCause::IngestFailed(error))
+            }
+            Some(IngestError::ShuttingDown) => {
+                Err(CloseCause::IngestFailed(IngestError::ShuttingDown))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn report_append_failure(&mut self, error: &IngestError, messages: usize) {
+        let reason = match error {
+            IngestError::Overloaded => "overloaded",
+            IngestError::ShuttingDown | IngestError::Io => "unavailable",
+        };
+        events::messages_rejected(reason, messages);
+        if let Some(suppressed) = self.warnings.append_failed.allow(Instant::now()) {
+            tracing::warn!(%error, messages, suppressed, "MQTT telemetry not stored: appending to the ingest log failed");
+        }
+    }
+
+    /// Sends one acknowledgement; `failure` is the error of the group's
+    /// append.
+    fn acknowledge(&mut self, item: AckItem, failure: Option<&IngestError>) {
+        match item {
+            AckItem::AfterAppend { packet_id, qos } => match failure {
+                None => {
+                    if qos == QoS::ExactlyOnce {
+                        self.qos2.insert(packet_id, Qos2State::Stored);
+                    }
+                    self.write_publish_ack(packet_id, qos, ReasonCode::Success, None);
+                }
+                Some(error) => {
+                    self.qos2.remove(&packet_id);
+                    let reason = match error {
+                        IngestError::Overloaded => ReasonCode::QuotaExceeded,
+                        IngestError::ShuttingDown | IngestError::Io => ReasonCode::UnspecifiedError,
+                    };
+                    self.write_publish_ack(packet_id, qos, reason, Some(error.to_string()));
+                }
+            },
+            AckItem::Decided {
+                packet_id,
+                qos,
+                reason,
+                reason_string,
+            } => self.write_publish_ack(packet_id, qos, reason, reason_string),
+            AckItem::Qos2Duplicate { packet_id } => {
+                // The first copy was acknowledged just before, and its outcome
+                // applies to this copy too.
+                let reason = match self.qos2.get(&packet_id) {
+                    Some(Qos2State::Stored) => ReasonCode::Success,
+                    _ => ReasonCode::UnspecifiedError,
+                };
+                self.write_publish_ack(packet_id, QoS::ExactlyOnce, reason, None);
+            }
+            AckItem::Release { packet_id } => {
+                let found = self.qos2.get(&packet_id) == Some(&Qos2State::Stored);
+                if found {
+                    self.qos2.remove(&packet_id);
+                }
+                self.write_pubcomp(packet_id, found);
+            }
+        }
+    }
+
+    /// Writes PUBACK (QoS 1) or PUBREC (QoS 2). MQTT 3.1.1 has no reason
+    /// codes, so an unsuccessful acknowledgement is not sent there.
+    fn write_publish_ack(
+        &mut self,
+        packet_id: u16,
+        qos: QoS,
+        reason: ReasonCode,
+        reason_string: Option<String>,
+    ) {
+        if qos == QoS::AtMostOnce || self.acks_stopped {
+            return;
+        }
+        if self.version == ProtocolVersion::V311 {
+            if reason == ReasonCode::Success {
+                match qos {
+                    QoS::AtLeastOnce => codec::encode(&PubAckPacket::new(packet_id), &mut self.out),
+                    _ => codec::encode(&PubRecPacket::new(packet_id), &mut self.out),
+                }
+            }
+            return;
+        }
+
+        // [MQTT-3.1.2-29]: no reason string unless the client allows it, and
+        // none that would make the packet larger than the client accepts.
+        let reason_string = reason_string.filter(|_| self.request_problem_information);
+        let start = self.out.len();
+        self.encode_ack(packet_id, qos, reason, reason_string.clone());
+        if self.out.len() - start > self.client_maximum_packet_size && reason_string.is_some() {
+            self.out.truncate(start);
+            self.encode_ack(packet_id, qos, reason, None);
+        }
+    }
+
+    fn encode_ack(
+        &mut self,
+        packet_id: u16,
+        qos: QoS,
+        reason: ReasonCode,
+        reason_string: Option<String>,
+    ) {
+        if qos == QoS::AtLeastOnce {
+            let mut ack = PubAckPacket::new_with_reason(packet_id, reason);
+            if let Some(text) = reason_string {
+                ack = ack.with_reason_string(text);
+            }
+            codec::encode(&ack, &mut self.out);
+        } else {
+            let mut ack = PubRecPacket::new_with_reason(packet_id, reason);
+            if let Some(text) = reason_string {
+                ack = ack.with_reason_string(text);
+            }
+            codec::encode(&ack, &mut self.out);
+        }
+    }
+
+    fn write_pubcomp(&mut self, packet_id: u16, found: bool) {
+        if self.acks_stopped {
+            return;
+        }
+        let reason = match (self.version, found) {
+            (ProtocolVersion::V5, false) => ReasonCode::PacketIdentifierNotFound,
+            _ => ReasonCode::Success,
+        };
+        codec::encode(
+            &PubCompPacket::new_with_reason(packet_id, reason),
+            &mut self.out,
+        );
+    }
+}
+
+/// Publishes a will message like a PUBLISH of its device: telemetry is
+/// checked and appended, other topics of the device are routed. The topic
+/// was authorized at CONNECT.
+pub async fn publish_will(
+    shared: &Shared,
+    identity: &DeviceIdentity,
+    client_id: &ClientId,
+    will: Will,
+) {
+    events::message_received();
+    match classify_publish(&will.topic, identity.device_id) {
+        PublishTarget::Forbidden => {}
+        PublishTarget::OwnTopic { suffix } => {
+            shared.router.route(
+                identity.device_id,
+                suffix,
+                &will.payload,
+                will.qos,
+                Some(client_id),
+            );
+            events::messages_routed(1);
+            tracing::debug!(topic = %will.topic, "published the will message to subscribers");
+        }
+        PublishTarget::Telemetry => append_will(shared, identity, client_id, will).await,
+    }
+}
+
+async fn append_will(shared: &Shared, identity: &DeviceIdentity, client_id: &ClientId, will: Will) {
+    let received_at_ns = now_ns();
+    if let Err(error) = check_payload(
+        ContentType::Json,
+        &will.payload,
+        received_at_ns,
+        shared.context.max_future,
+    ) {
+        events::messages_rejected(error.reason(), 1);
+        tracing::warn!(topic = %will.topic, reason = error.reason(), %error, "will message not stored: invalid payload");
+        return;
+    }
+
+    let envelope = Envelope {
+        tenant_id: identity.tenant_id,
+        device_id: identity.device_id,
+        protocol: Protocol::Mqtt,
+        received_at_ns,
+        content_type: ContentType::Json,
+        payload: will.payload.clone(),
+    };
+    match shared.context.ingest.append(vec![envelope]).await {
+        Ok(()) => {
+            events::messages_stored(1);
+            shared.router.route(
+                identity.device_id,
+                topics::TELEMETRY_SUFFIX,
+                &will.payload,
+                will.qos,
+                Some(client_id),
+            );
+            tracing::debug!(topic = %will.topic, "stored the will message");
+        }
+        Err(error) => {
+            events::messages_rejected(
+                match error {
+                    IngestError::Overloaded => "overloaded",
+                    IngestError::ShuttingDown | IngestError::Io => "unavailable",
+                },
+                1,
+            );
+            tracing::warn!(%error, "will message not stored: appending to the ingest log failed");
+        }
+    }
+}

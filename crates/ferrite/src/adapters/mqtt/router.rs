@@ -1,0 +1,414 @@
+//! The in-process router: subscriptions of sessions and delivery of
+//! messages to the sessions of one device.
+//!
+//! A device's publishes reach only the sessions of the same device, because
+//! a device may subscribe only inside its own namespace (see `topics.rs`).
+//! Routing therefore works on topic suffixes per device: `suffix` is the
+//! topic after `v1/devices/me/` or `devices/{id}/`, and each subscriber gets
+//! the topic in the spelling its filter used.
+//!
+//! Delivery never waits: a connected session gets the message through its
+//! bounded channel, and a full channel drops the message (counted in
+//! `ferrite_mqtt_deliveries_dropped_total{reason="queue_full"}`), so a slow
+//! or dead client cannot stall a publisher. An offline persistent session
+//! queues QoS 1 messages; offline sessions do not keep QoS 0 messages.
+//!
+//! Other parts of Ferrite (commands, shared attributes) send to devices
+//! through [`Router::publish_to_device`].
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use mqtt5_protocol::QoS;
+use parking_lot::{Mutex, MutexGuard};
+use tokio::sync::mpsc::error::TrySendError;
+
+use super::events::{self, WarnLimiter};
+use super::session::{ClientId, Outgoing, Presence, Session, SessionStore, Subscription};
+use super::topics::{is_valid_topic_name, suffix_matches};
+use crate::config::MqttConfig;
+use crate::ids::DeviceId;
+
+/// Handle to the sessions and subscriptions of the MQTT server. Cheap to
+/// clone; all clones share the same state.
+#[derive(Clone)]
+pub struct Router {
+    sessions: Arc<Mutex<SessionStore>>,
+    /// Limits warnings about full delivery channels for the whole server.
+    queue_full_warnings: Arc<Mutex<WarnLimiter>>,
+}
+
+impl Router {
+    pub fn new(config: &MqttConfig) -> Self {
+        // A connection's delivery channel takes as many messages as an
+        // offline session may queue.
+        let capacity = config.max_queued_messages.max(1);
+        Self {
+            sessions: Arc::new(Mutex::new(SessionStore::new(
+                config.max_queued_messages,
+                capacity,
+            ))),
+            queue_full_warnings: Arc::new(Mutex::new(WarnLimiter::default())),
+        }
+    }
+
+    /// Sends `payload` to the sessions of `device_id` whose subscriptions
+    /// match the topic `v1/devices/me/{suffix}` (or its equal
+    /// `devices/{device_id}/{suffix}`), with the lower of `qos` and the
+    /// granted QoS. QoS 2 is sent as QoS 1. Returns the number of sessions
+    /// that got the message or queued it: 0 when `suffix` is empty or
+    /// contains a wildcard, which no topic name may.
+    #[allow(
+        dead_code,
+        reason = "the entry point for commands and shared attributes, which are not built yet"
+    )]
+    pub fn publish_to_device(
+        &self,
+        device_id: DeviceId,
+        suffix: &str,
+        payload: Bytes,
+        qos: QoS,
+    ) -> usize {
+        if !is_valid_topic_name(suffix) {
+            return 0;
+        }
+        self.route(device_id, suffix, &payload, qos, None)
+    }
+
+    /// Routes a publish of the session `publisher` (for MQTT 5 No Local).
+    pub(super) fn route(
+        &self,
+        device_id: DeviceId,
+        suffix: &str,
+        payload: &Bytes,
+        qos: QoS,
+        publisher: Option<&ClientId>,
+    ) -> usize {
+        let mut guard = self.sessions.lock();
+        let store = &mut *guard;
+        let Some(clients) = store.by_device.get(&device_id) else {
+            return 0;
+        };
+
+        let mut delivered = 0;
+        let mut queue_full = 0;
+        for client_id in clients {
+            let Some(session) = store.sessions.get_mut(client_id) else {
+                continue;
+            };
+            let is_publisher = publisher == Some(client_id);
+            let Some(subscription) = best_match(&session.subscriptions, suffix, is_publisher)
+            else {
+                continue;
+            };
+            let message = Outgoing {
+                topic: format!(
+                    "{}{suffix}",
+                    &subscription.filter[..subscription.prefix_len]
+                ),
+                payload: payload.clone(),
+                qos: lower_qos(qos, subscription.qos),
+            };
+            match deliver(session, message, store.max_queued) {
+                DeliveryResult::Delivered => delivered += 1,
+                DeliveryResult::QueueFull => queue_full += 1,
+                DeliveryResult::Skipped => {}
+            }
+        }
+        drop(guard);
+
+        if queue_full > 0 {
+            self.warn_queue_full(device_id, queue_full);
+        }
+        delivered
+    }
+
+    /// Locks the session store for the steps of a connection.
+    pub(super) fn sessions(&self) -> MutexGuard<'_, SessionStore> {
+        self.sessions.lock()
+    }
+
+    /// Adds `subscriptions` to the session held by the connection of
+    /// `generation`, replacing those with the same filter ([MQTT-3.8.4-3]).
+    pub(super) fn subscribe(
+        &self,
+        client_id: &ClientId,
+        generation: u64,
+        subscriptions: Vec<Subscription>,
+    ) {
+        let mut store = self.sessions.lock();
+        let Some(session) = store.current_session(client_id, generation) else {
+            return;
+        };
+        for subscription in subscriptions {
+            match session
+                .subscriptions
+                .iter_mut()
+                .find(|existing| existing.filter == subscription.filter)
+            {
+                Some(existing) => *existing = subscription,
+                None => session.subscriptions.push(subscription),
+            }
+        }
+    }
+
+    /// Removes the subscriptions with these filters. Returns, per filter,
+    /// whether a subscription existed.
+    pub(super) fn unsubscribe(
+        &self,
+        client_id: &ClientId,
+        generation: u64,
+        filters: &[String],
+    ) -> Vec<bool> {
+        let mut store = self.sessions.lock();
+        let Some(session) = store.current_session(client_id, generation) else {
+            return vec![false; filters.len()];
+        };
+        filters
+            .iter()
+            .map(|filter| {
+                let before = session.subscriptions.len();
+                session
+                    .subscriptions
+                    .retain(|existing| &existing.filter != filter);
+                session.subscriptions.len() != before
+            })
+            .collect()
+    }
+
+    /// Ends offline sessions whose expiry has passed.
+    pub(super) fn remove_expired_sessions(&self) -> usize {
+        self.sessions.lock().remove_expired(Instant::now())
+    }
+
+    fn warn_queue_full(&self, device_id: DeviceId, sessions: usize) {
+        events::deliveries_dropped("queue_full", sessions);
+        let allowed = self.queue_full_warnings.lock().allow(Instant::now());
+        if let Some(suppressed) = allowed {
+            tracing::warn!(
+                %device_id,
+                sessions,
+                suppressed,
+                "dropped a message for MQTT sessions whose clients do not read fast enough; later drops are counted in ferrite_mqtt_deliveries_dropped_total"
+            );
+        }
+    }
+}
+
+enum DeliveryResult {
+    Delivered,
+    QueueFull,
+    Skipped,
+}
+
+fn deliver(session: &mut Session, message: Outgoing, max_queued: usize) -> DeliveryResult {
+    match &mut session.presence {
+        Presence::Online(link) => match link.deliveries.try_send(Box::new(message)) {
+            Ok(()) => DeliveryResult::Delivered,
+            Err(TrySendError::Full(_)) => DeliveryResult::QueueFull,
+            // The connection is ending; it hands its queue back under the
+            // store's lock, after which it is no longer online.
+            Err(TrySendError::Closed(_)) => DeliveryResult::Skipped,
+        },
+        Presence::Offline { state, .. } => {
+            if message.qos == QoS::AtMostOnce {
+                return DeliveryResult::Skipped;
+            }
+            state.queued.push_back(message);
+            if state.queued.len() > max_queued {
+                state.queued.pop_front();
+                events::deliveries_dropped("offline_queue_full", 1);
+            }
+            DeliveryResult::Delivered
+        }
+    }
+}
+
+/// Picks the matching subscription with the highest QoS; a session gets
+/// one copy of a message however many of its filters match.
+fn best_match<'a>(
+    subscriptions: &'a [Subscription],
+    suffix: &str,
+    is_publisher: bool,
+) -> Option<&'a Subscription> {
+    subscriptions
+        .iter()
+        .filter(|subscription| !(is_publisher && subscription.no_local))
+        .filter(|subscription| suffix_matches(&subscription.suffix_filter, suffix))
+        .fold(None, |best: Option<&Subscription>, candidate| match best {
+            Some(best) if best.qos as u8 >= candidate.qos as u8 => Some(best),
+            _ => Some(candidate),
+        })
+}
+
+/// Outgoing QoS: the lower of the published and the granted QoS, and never
+/// 2 (outgoing QoS 2 is not supported).
+fn lower_qos(published: QoS, granted: QoS) -> QoS {
+    let level = (published as u8).min(granted as u8).min(1);
+    QoS::from(level)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::adapters::mqtt::session::{Attach, AttachRequest, Attached};
+    use crate::adapters::mqtt::topics::authorize_filter;
+
+    fn config() -> MqttConfig {
+        MqttConfig {
+            max_queued_messages: 4,
+            ..MqttConfig::default()
+        }
+    }
+
+    fn attach(router: &Router, client_id: &str, device_id: DeviceId) -> Attached {
+        let request = AttachRequest {
+            client_id: ClientId::new(client_id),
+            device_id,
+            clean_start: false,
+            expiry: Duration::from_secs(60),
+            force: false,
+        };
+        match router.sessions().attach(&request, Instant::now()) {
+            Attach::Attached(attached) => attached,
+            Attach::Wait { .. } => panic!("session unexpectedly held"),
+        }
+    }
+
+    fn subscription(filter: &str, device_id: DeviceId, qos: QoS) -> Subscription {
+        let authorized = authorize_filter(filter, device_id).expect("authorized filter");
+        Subscription {
+            filter: filter.to_owned(),
+            prefix_len: authorized.prefix_len,
+            suffix_filter: authorized.suffix_filter,
+            qos,
+            no_local: false,
+        }
+    }
+
+    #[test]
+    fn delivery_uses_the_subscribers_topic_spelling() {
+        let router = Router::new(&config());
+        let device = DeviceId::new_random();
+        let mut by_me = attach(&router, "a", device);
+        let mut by_id = attach(&router, "b", device);
+        router.subscribe(
+            &ClientId::new("a"),
+            by_me.generation,
+            vec![subscription(
+                "v1/devices/me/attributes",
+                device,
+                QoS::AtLeastOnce,
+            )],
+        );
+        router.subscribe(
+            &ClientId::new("b"),
+            by_id.generation,
+            vec![subscription(
+                &format!("devices/{device}/#"),
+                device,
+                QoS::AtMostOnce,
+            )],
+        );
+
+        let delivered = router.publish_to_device(
+            device,
+            "attributes",
+            Bytes::from_static(b"{}"),
+            QoS::AtLeastOnce,
+        );
+        assert_eq!(delivered, 2);
+        let to_me = by_me.deliveries.try_recv().expect("message for a");
+        assert_eq!(to_me.topic, "v1/devices/me/attributes");
+        assert_eq!(to_me.qos, QoS::AtLeastOnce);
+        let to_id = by_id.deliveries.try_recv().expect("message for b");
+        assert_eq!(to_id.topic, format!("devices/{device}/attributes"));
+        assert_eq!(to_id.qos, QoS::AtMostOnce);
+    }
+
+    #[test]
+    fn other_devices_do_not_receive() {
+        let router = Router::new(&config());
+        let device = DeviceId::new_random();
+        let other = DeviceId::new_random();
+        let mut session = attach(&router, "a", device);
+        router.subscribe(
+            &ClientId::new("a"),
+            session.generation,
+            vec![subscription("v1/devices/me/#", device, QoS::AtLeastOnce)],
+        );
+
+        assert_eq!(
+            router.publish_to_device(other, "attributes", Bytes::new(), QoS::AtLeastOnce),
+            0
+        );
+        assert!(session.deliveries.try_recv().is_err());
+    }
+
+    #[test]
+    fn overlapping_filters_deliver_one_copy_with_highest_qos() {
+        let router = Router::new(&config());
+        let device = DeviceId::new_random();
+        let mut session = attach(&router, "a", device);
+        router.subscribe(
+            &ClientId::new("a"),
+            session.generation,
+            vec![
+                subscription("v1/devices/me/#", device, QoS::AtMostOnce),
+                subscription("v1/devices/me/rpc/+", device, QoS::AtLeastOnce),
+            ],
+        );
+
+        assert_eq!(
+            router.publish_to_device(device, "rpc/request", Bytes::new(), QoS::ExactlyOnce),
+            1
+        );
+        let message = session.deliveries.try_recv().expect("one message");
+        assert_eq!(message.qos, QoS::AtLeastOnce);
+        assert_eq!(message.topic, "v1/devices/me/rpc/request");
+        assert!(session.deliveries.try_recv().is_err());
+    }
+
+    #[test]
+    fn full_delivery_channel_drops_instead_of_waiting() {
+        let router = Router::new(&config());
+        let device = DeviceId::new_random();
+        let session = attach(&router, "a", device);
+        router.subscribe(
+            &ClientId::new("a"),
+            session.generation,
+            vec![subscription("v1/devices/me/#", device, QoS::AtLeastOnce)],
+        );
+
+        let delivered: usize = (0..10)
+            .map(|_| router.publish_to_device(device, "x", Bytes::new(), QoS::AtLeastOnce))
+            .sum();
+        assert_eq!(delivered, config().max_queued_messages);
+    }
+
+    #[test]
+    fn unsubscribe_reports_which_filters_existed() {
+        let router = Router::new(&config());
+        let device = DeviceId::new_random();
+        let session = attach(&router, "a", device);
+        router.subscribe(
+            &ClientId::new("a"),
+            session.generation,
+            vec![subscription("v1/devices/me/x", device, QoS::AtMostOnce)],
+        );
+
+        let existed = router.unsubscribe(
+            &ClientId::new("a"),
+            session.generation,
+            &["v1/devices/me/x".to_owned(), "v1/devices/me/y".to_owned()],
+        );
+        assert_eq!(existed, [true, false]);
+        assert_eq!(
+            router.publish_to_device(device, "x", Bytes::new(), QoS::AtMostOnce),
+            0
+        );
+    }
+}

@@ -1,0 +1,563 @@
+//! Sessions: the state that outlives one network connection of a client,
+//! kept in memory by client id.
+//!
+//! ## State
+//! A session contains its device and its subscriptions. While no
+//! connection is attached, it also keeps its [`DeliveryState`]:
+//! - `inflight`: QoS 1 messages sent and not acknowledged;
+//! - `queued`: QoS 1 messages that arrived since, at most
+//!   `mqtt.max_queued_messages`, the oldest dropped first;
+//! - `qos2_stored`: packet ids of QoS 2 PUBLISHes stored and waiting for
+//!   PUBREL.
+//!
+//! While a connection is attached, that connection owns the delivery state
+//! (see `connection.rs`) and the store keeps only a [`ConnectionLink`].
+//!
+//! ## Invariants
+//! - A session belongs to one device. A connection of another device with
+//!   the same client id closes the old connection and starts a fresh
+//!   session ([`SessionStore::attach`]).
+//! - At most one connection is attached to a session. A second connection
+//!   with the same client id requests the first to close, waits until it
+//!   has handed its state back (or [`TAKEOVER_WAIT`] passed), then resumes
+//!   the session.
+//! - Each attach gets a new generation number; a connection changes the
+//!   store only while its generation is the session's current one, so a
+//!   connection that was taken over cannot overwrite its successor.
+//! - A session with expiry 0 ends when its connection ends; others end
+//!   `expiry` after the connection ended, unless resumed before
+//!   ([`SessionStore::remove_expired`]).
+//!
+//! All state is in memory: sessions do not survive a restart of the server.
+
+use std::borrow::Borrow;
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use mqtt5_protocol::QoS;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::events;
+use crate::ids::DeviceId;
+
+/// Maximum wait of a new connection for the old connection of the same
+/// client id to finish. The old connection first lets its appends finish,
+/// which the ingest log bounds by `ingest.append_timeout` (5 s by default).
+pub const TAKEOVER_WAIT: Duration = Duration::from_secs(10);
+
+/// An MQTT client identifier.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ClientId(Arc<str>);
+
+impl ClientId {
+    pub fn new(id: &str) -> Self {
+        Self(Arc::from(id))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Borrow<str> for ClientId {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ClientId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A message for a subscriber, with the topic in the subscriber's spelling.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    pub topic: String,
+    pub payload: Bytes,
+    /// QoS 0 or 1: outgoing QoS 2 is not supported.
+    pub qos: QoS,
+}
+
+/// One accepted subscription of a session.
+#[derive(Debug, Clone)]
+pub struct Subscription {
+    /// The filter as the client sent it.
+    pub filter: String,
+    /// Length of the namespace prefix in `filter` (see `topics.rs`).
+    pub prefix_len: usize,
+    /// `filter` after the prefix, matched against topic suffixes.
+    pub suffix_filter: String,
+    /// Granted QoS, 0 or 1.
+    pub qos: QoS,
+    /// MQTT 5 No Local: messages this session publishes are not sent back.
+    pub no_local: bool,
+}
+
+/// Delivery state that a connection owns while it is attached to the
+/// session and returns to the store when it ends.
+#[derive(Debug)]
+pub struct DeliveryState {
+    /// QoS 1 messages sent and not yet acknowledged, oldest first.
+    pub inflight: VecDeque<(u16, Outgoing)>,
+    /// QoS 1 messages not sent yet, oldest first.
+    pub queued: VecDeque<Outgoing>,
+    /// Packet ids of QoS 2 PUBLISHes that were stored and acknowledged with
+    /// PUBREC, waiting for PUBREL.
+    pub qos2_stored: Vec<u16>,
+    /// Packet id to try first for the next outgoing QoS 1 message.
+    pub next_packet_id: u16,
+}
+
+impl Default for DeliveryState {
+    fn default() -> Self {
+        Self {
+            inflight: VecDeque::new(),
+            queued: VecDeque::new(),
+            qos2_stored: Vec::new(),
+            next_packet_id: 1,
+        }
+    }
+}
+
+/// The store's link to the connection attached to a session.
+#[derive(Debug)]
+pub struct ConnectionLink {
+    pub generation: u64,
+    /// Messages routed to the connection; bounded, see `Router`. Boxed so
+    /// that the channel's buffer of an idle connection stays small.
+    pub deliveries: mpsc::Sender<Box<Outgoing>>,
+    /// Cancelled to ask the connection to close because another
+    /// connection takes the session over.
+    takeover: CancellationToken,
+    /// Cancelled by the connection once it has ended and handed its state
+    /// back.
+    finished: CancellationToken,
+}
+
+#[derive(Debug)]
+pub enum Presence {
+    Online(ConnectionLink),
+    Offline {
+        expires_at: Instant,
+        state: DeliveryState,
+        /// Cancels a will message waiting for its delay interval; the will
+        /// is not sent when the session is resumed first.
+        pending_will: Option<CancellationToken>,
+    },
+}
+
+#[derive(Debug)]
+pub struct Session {
+    pub device_id: DeviceId,
+    /// Time the session outlives its connection; zero for clean sessions.
+    pub expiry: Duration,
+    pub subscriptions: Vec<Subscription>,
+    pub presence: Presence,
+}
+
+/// Parameters of a connection's request to attach to its session.
+#[derive(Debug, Clone)]
+pub struct AttachRequest {
+    pub client_id: ClientId,
+    pub device_id: DeviceId,
+    /// Clean Start (MQTT 5) or Clean Session (3.1.1): discard any state.
+    pub clean_start: bool,
+    pub expiry: Duration,
+    /// Take the session even though the old connection has not finished.
+    pub force: bool,
+}
+
+/// A session now held by the attaching connection.
+#[derive(Debug)]
+pub struct Attached {
+    pub generation: u64,
+    /// Whether an existing session was resumed (CONNACK session present).
+    pub session_present: bool,
+    pub state: DeliveryState,
+    pub deliveries: mpsc::Receiver<Box<Outgoing>>,
+    /// Cancelled when another connection takes the session over.
+    pub takeover: CancellationToken,
+    /// To cancel once the connection has ended and detached.
+    pub finished: CancellationToken,
+}
+
+#[derive(Debug)]
+pub enum Attach {
+    Attached(Attached),
+    /// Another connection is attached to the session and was requested to
+    /// close: wait
+    /// until `finished` is cancelled, then attach again.
+    Wait {
+        finished: CancellationToken,
+    },
+}
+
+/// All sessions of the server, guarded by the router's mutex. Every method
+/// is synchronous and does no I/O, so the lock is held only briefly.
+#[derive(Debug)]
+pub struct SessionStore {
+    pub sessions: HashMap<ClientId, Session>,
+    /// Client ids of the sessions of each device, for routing.
+    pub by_device: HashMap<DeviceId, Vec<ClientId>>,
+    next_generation: u64,
+    /// Offline queue limit per session.
+    pub max_queued: usize,
+    /// Capacity of the delivery channel of each connection.
+    delivery_capacity: usize,
+}
+
+impl SessionStore {
+    pub fn new(max_queued: usize, delivery_capacity: usize) -> Self {
+        Self {
+            sessions: HashMap::new(),
+            by_device: HashMap::new(),
+            next_generation: 1,
+            max_queued,
+            delivery_capacity: delivery_capacity.max(1),
+        }
+    }
+
+    /// Gives the session of `request.client_id` to a new connection:
+    /// resumes it, replaces it, or requests the attached connection to close
+    /// first.
+    pub fn attach(&mut self, request: &AttachRequest, now: Instant) -> Attach {
+        let mut resumed = None;
+        if let Some(existing) = self.sessions.get(&request.client_id) {
+            let same_device = existing.device_id == request.device_id;
+            if let Presence::Online(link) = &existing.presence {
+                link.takeover.cancel();
+                if same_device && !request.force {
+                    return Attach::Wait {
+                        finished: link.finished.clone(),
+                    };
+                }
+            }
+
+            let old = self
+                .remove(&request.client_id)
+                .expect("session was found above");
+            if same_device && !request.clean_start {
+                resumed = resume(old, now);
+            }
+        }
+
+        let (sender, receiver) = mpsc::channel(self.delivery_capacity);
+        let takeover = CancellationToken::new();
+        let finished = CancellationToken::new();
+        let generation = self.next_generation;
+        self.next_generation += 1;
+
+        let session_present = resumed.is_some();
+        let (subscriptions, state) = resumed.unwrap_or_default();
+        self.insert(
+            request.client_id.clone(),
+            Session {
+                device_id: request.device_id,
+                expiry: request.expiry,
+                subscriptions,
+                presence: Presence::Online(ConnectionLink {
+                    generation,
+                    deliveries: sender,
+                    takeover: takeover.clone(),
+                    finished: finished.clone(),
+                }),
+            },
+        );
+        Attach::Attached(Attached {
+            generation,
+            session_present,
+            state,
+            deliveries: receiver,
+            takeover,
+            finished,
+        })
+    }
+
+    /// Takes the session back from the connection of `generation` when it
+    /// ends. A session with expiry 0 ends here; others keep `state`, the
+    /// QoS 1 messages still in the delivery channel, and `pending_will`.
+    /// Returns whether the session lives on.
+    pub fn detach(
+        &mut self,
+        client_id: &ClientId,
+        generation: u64,
+        mut state: DeliveryState,
+        deliveries: &mut mpsc::Receiver<Box<Outgoing>>,
+        pending_will: Option<CancellationToken>,
+        now: Instant,
+    ) -> bool {
+        let max_queued = self.max_queued;
+        let Some(session) = self.current_session(client_id, generation) else {
+            return false;
+        };
+        if session.expiry.is_zero() {
+            self.remove(client_id);
+            return false;
+        }
+
+        // The router sends only while holding the lock that guards this
+        // store, so nothing arrives after this drain.
+        deliveries.close();
+        while let Ok(message) = deliveries.try_recv() {
+            if message.qos != QoS::AtMostOnce {
+                state.queued.push_back(*message);
+            }
+        }
+        while state.queued.len() > max_queued {
+            state.queued.pop_front();
+            events::deliveries_dropped("offline_queue_full", 1);
+        }
+
+        session.presence = Presence::Offline {
+            expires_at: now + session.expiry,
+            state,
+            pending_will,
+        };
+        true
+    }
+
+    /// Returns the session of `client_id` if the connection of `generation`
+    /// is still attached to it.
+    pub fn current_session(
+        &mut self,
+        client_id: &ClientId,
+        generation: u64,
+    ) -> Option<&mut Session> {
+        let session = self.sessions.get_mut(client_id)?;
+        match &session.presence {
+            Presence::Online(link) if link.generation == generation => Some(session),
+            _ => None,
+        }
+    }
+
+    /// Changes the expiry of the session held by the connection of
+    /// `generation` (MQTT 5 DISCONNECT with Session Expiry Interval).
+    pub fn set_expiry(&mut self, client_id: &ClientId, generation: u64, expiry: Duration) {
+        if let Some(session) = self.current_session(client_id, generation) {
+            session.expiry = expiry;
+        }
+    }
+
+    /// Ends the offline sessions whose expiry has passed. Returns how many.
+    pub fn remove_expired(&mut self, now: Instant) -> usize {
+        let expired: Vec<ClientId> = self
+            .sessions
+            .iter()
+            .filter(|(_, session)| matches!(session.presence, Presence::Offline { expires_at, .. } if expires_at <= now))
+            .map(|(client_id, _)| client_id.clone())
+            .collect();
+        for client_id in &expired {
+            self.remove(client_id);
+        }
+        expired.len()
+    }
+
+    fn insert(&mut self, client_id: ClientId, session: Session) {
+        self.by_device
+            .entry(session.device_id)
+            .or_default()
+            .push(client_id.clone());
+        self.sessions.insert(client_id, session);
+    }
+
+    fn remove(&mut self, client_id: &ClientId) -> Option<Session> {
+        let session = self.sessions.remove(client_id)?;
+        if let Some(clients) = self.by_device.get_mut(&session.device_id) {
+            clients.retain(|id| id != client_id);
+            if clients.is_empty() {
+                self.by_device.remove(&session.device_id);
+            }
+        }
+        Some(session)
+    }
+}
+
+/// Returns the subscriptions and delivery state of a session that a new
+/// connection continues; `None` when the session already expired.
+fn resume(old: Session, now: Instant) -> Option<(Vec<Subscription>, DeliveryState)> {
+    match old.presence {
+        Presence::Offline {
+            expires_at,
+            state,
+            pending_will,
+        } => {
+            if let Some(will) = pending_will {
+                will.cancel();
+            }
+            (expires_at > now).then_some((old.subscriptions, state))
+        }
+        // Forced takeover: the old connection did not hand its state back
+        // in time, so only the subscriptions carry over.
+        Presence::Online(_) => Some((old.subscriptions, DeliveryState::default())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(client_id: &str, device_id: DeviceId, clean_start: bool) -> AttachRequest {
+        AttachRequest {
+            client_id: ClientId::new(client_id),
+            device_id,
+            clean_start,
+            expiry: Duration::from_secs(60),
+            force: false,
+        }
+    }
+
+    fn attached(attach: Attach) -> Attached {
+        match attach {
+            Attach::Attached(attached) => attached,
+            Attach::Wait { .. } => panic!("expected the session to be attached"),
+        }
+    }
+
+    fn message(topic: &str) -> Outgoing {
+        Outgoing {
+            topic: topic.to_owned(),
+            payload: Bytes::from_static(b"{}"),
+            qos: QoS::AtLeastOnce,
+        }
+    }
+
+    #[test]
+    fn persistent_session_is_resumed_with_its_queue() {
+        let mut store = SessionStore::new(10, 10);
+        let device = DeviceId::new_random();
+        let now = Instant::now();
+        let first = attached(store.attach(&request("c", device, false), now));
+        assert!(!first.session_present);
+
+        let mut receiver = first.deliveries;
+        let sender = match &store.sessions[&ClientId::new("c")].presence {
+            Presence::Online(link) => link.deliveries.clone(),
+            Presence::Offline { .. } => panic!("online expected"),
+        };
+        sender
+            .try_send(Box::new(message("a")))
+            .expect("room in channel");
+        assert!(store.detach(
+            &ClientId::new("c"),
+            first.generation,
+            DeliveryState::default(),
+            &mut receiver,
+            None,
+            now
+        ));
+
+        let second = attached(store.attach(&request("c", device, false), now));
+        assert!(second.session_present);
+        assert_eq!(second.state.queued.len(), 1);
+    }
+
+    #[test]
+    fn clean_start_discards_the_session() {
+        let mut store = SessionStore::new(10, 10);
+        let device = DeviceId::new_random();
+        let now = Instant::now();
+        let mut first = attached(store.attach(&request("c", device, false), now));
+        store.detach(
+            &ClientId::new("c"),
+            first.generation,
+            DeliveryState::default(),
+            &mut first.deliveries,
+            None,
+            now,
+        );
+
+        let second = attached(store.attach(&request("c", device, true), now));
+        assert!(!second.session_present);
+    }
+
+    #[test]
+    fn online_session_of_same_device_waits_for_takeover() {
+        let mut store = SessionStore::new(10, 10);
+        let device = DeviceId::new_random();
+        let now = Instant::now();
+        let first = attached(store.attach(&request("c", device, false), now));
+
+        let Attach::Wait { .. } = store.attach(&request("c", device, false), now) else {
+            panic!("expected to wait for the first connection");
+        };
+        assert!(first.takeover.is_cancelled());
+    }
+
+    #[test]
+    fn other_device_with_same_client_id_gets_a_fresh_session() {
+        let mut store = SessionStore::new(10, 10);
+        let now = Instant::now();
+        let mut first = attached(store.attach(&request("c", DeviceId::new_random(), false), now));
+        let other_device = DeviceId::new_random();
+        let second = attached(store.attach(&request("c", other_device, false), now));
+        assert!(first.takeover.is_cancelled());
+        assert!(!second.session_present);
+
+        // The old connection's detach must not touch the new session.
+        assert!(!store.detach(
+            &ClientId::new("c"),
+            first.generation,
+            DeliveryState::default(),
+            &mut first.deliveries,
+            None,
+            now
+        ));
+        assert_eq!(store.sessions[&ClientId::new("c")].device_id, other_device);
+    }
+
+    #[test]
+    fn expired_session_is_not_resumed() {
+        let mut store = SessionStore::new(10, 10);
+        let device = DeviceId::new_random();
+        let now = Instant::now();
+        let mut first = attached(store.attach(&request("c", device, false), now));
+        store.detach(
+            &ClientId::new("c"),
+            first.generation,
+            DeliveryState::default(),
+            &mut first.deliveries,
+            None,
+            now,
+        );
+
+        let later = now + Duration::from_secs(61);
+        assert_eq!(store.remove_expired(later), 1);
+        let second = attached(store.attach(&request("c", device, false), later));
+        assert!(!second.session_present);
+    }
+
+    #[test]
+    fn offline_queue_keeps_the_newest_messages() {
+        let mut store = SessionStore::new(2, 10);
+        let device = DeviceId::new_random();
+        let now = Instant::now();
+        let mut first = attached(store.attach(&request("c", device, false), now));
+        let mut state = DeliveryState::default();
+        for topic in ["1", "2", "3"] {
+            state.queued.push_back(message(topic));
+        }
+        store.detach(
+            &ClientId::new("c"),
+            first.generation,
+            state,
+            &mut first.deliveries,
+            None,
+            now,
+        );
+
+        let second = attached(store.attach(&request("c", device, false), now));
+        let topics: Vec<&str> = second
+            .state
+            .queued
+            .iter()
+            .map(|m| m.topic.as_str())
+            .collect();
+        assert_eq!(topics, ["2", "3"]);
+    }
+}
