@@ -138,9 +138,9 @@ fn for_each_point(
 /// Formats a duration for messages in the largest whole unit: `24h`, `90s`.
 pub fn format_duration(duration: Duration) -> String {
     let seconds = duration.as_secs();
-    if seconds >= 3600 && seconds % 3600 == 0 {
+    if seconds >= 3600 && seconds.is_multiple_of(3600) {
         format!("{}h", seconds / 3600)
-    } else if seconds >= 60 && seconds % 60 == 0 {
+    } else if seconds >= 60 && seconds.is_multiple_of(60) {
         format!("{}m", seconds / 60)
     } else {
         format!("{}s", duration.as_secs_f64())

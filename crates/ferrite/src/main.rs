@@ -25,7 +25,11 @@ use crate::config::{Config, LogFormat};
 use crate::metadata::{MetadataStore, Role};
 
 #[derive(Parser)]
-#[command(name = "ferrite", version, about = "Ferrite IoT platform: collect, process, store and serve device telemetry")]
+#[command(
+    name = "ferrite",
+    version,
+    about = "Ferrite IoT platform: collect, process, store and serve device telemetry"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
