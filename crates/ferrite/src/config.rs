@@ -33,8 +33,13 @@ pub struct HttpConfig {
     pub listen: SocketAddr,
     /// Largest accepted request body in bytes, after gzip decompression.
     pub max_body_bytes: usize,
+    /// Time a handler has to answer a request.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// Time a client has to send the headers of a request, also on an idle
+    /// kept-alive connection; a silent connection is closed after it.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -150,6 +155,7 @@ impl Default for HttpConfig {
             listen: "0.0.0.0:8080".parse().expect("valid literal address"),
             max_body_bytes: 256 * 1024,
             request_timeout: Duration::from_secs(30),
+            header_read_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -316,7 +322,10 @@ data_dir = "ferrite-data"
 listen = "0.0.0.0:8080"
 # Largest request body in bytes, after gzip decompression.
 max_body_bytes = 262144
+# Time a handler has to answer a request.
 request_timeout = "30s"
+# Time a client has to send request headers; silent connections are closed.
+header_read_timeout = "10s"
 
 [mqtt]
 # MQTT 3.1.1 and 5 over TCP.
@@ -393,6 +402,15 @@ mod tests {
         assert_eq!(config.mqtt.connect_timeout, Duration::from_secs(1));
         assert_eq!(config.ingest.workers, 3);
         assert_eq!(config.data_dir, PathBuf::from("/tmp/x"));
+    }
+
+    #[test]
+    fn configuration_docs_show_the_example() {
+        let docs = include_str!("../../../docs/configuration.md");
+        assert!(
+            docs.contains(EXAMPLE),
+            "docs/configuration.md is out of date: paste the output of `ferrite config example` into it"
+        );
     }
 
     #[test]

@@ -422,3 +422,39 @@ async fn graceful_shutdown_keeps_data() {
     let latest = server.latest(&device.id).await;
     assert_eq!(latest["t"], json!({"ts": 1_714_953_600_000i64, "value": 7}));
 }
+
+#[tokio::test]
+async fn silent_http_connections_are_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let server = Server::start_with_env(&[("FERRITE_HTTP_HEADER_READ_TIMEOUT", "1s")]).await;
+    let partial_request: &[&[u8]] = &[
+        b"",
+        b"POST /write HTTP/1.1\r\nHost: x\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
+    ];
+    for sent in partial_request {
+        let mut stream = tokio::net::TcpStream::connect(server.http_addr)
+            .await
+            .unwrap();
+        stream.write_all(sent).await.unwrap();
+        let started = std::time::Instant::now();
+        // Read until the server closes: a complete request gets its
+        // response first, then the idle kept-alive connection is closed.
+        let mut received = Vec::new();
+        let read =
+            tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut received)).await;
+        assert!(
+            read.is_ok(),
+            "a connection that sent {sent:?} is still open after 5 s"
+        );
+        assert!(
+            started.elapsed() >= Duration::from_millis(500),
+            "closed too early"
+        );
+    }
+    let health = reqwest::get(format!("{}/healthz", server.http_url))
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+}

@@ -19,6 +19,10 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto::Builder;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tower_http::catch_panic::CatchPanicLayer;
@@ -27,6 +31,9 @@ use tower_http::timeout::TimeoutLayer;
 
 use crate::api;
 use crate::server::AppState;
+
+/// Pause after a failed accept.
+const ACCEPT_ERROR_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
 
 pub fn router(state: Arc<AppState>) -> Router {
     let timeout = state.config.http.request_timeout;
@@ -50,14 +57,69 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// Serves HTTP until `shutdown` is cancelled, then lets running requests finish.
+/// Serves HTTP until `shutdown` is cancelled, then lets running requests
+/// finish for up to `http.request_timeout`.
+///
+/// The accept loop is written out instead of using `axum::serve` because
+/// that offers no header read timeout, and without one a client that
+/// connects and sends nothing keeps its connection open forever.
 pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: CancellationToken) {
-    let app = router(state);
-    let result = axum::serve(listener, app)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await;
-    if let Err(error) = result {
-        tracing::error!(%error, "HTTP listener failed");
+    let drain_timeout = state.config.http.request_timeout;
+    let header_read_timeout = state.config.http.header_read_timeout;
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout);
+    let service = TowerToHyperService::new(router(state));
+    let graceful = GracefulShutdown::new();
+
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Usually too many open files: pause instead of spinning.
+                    tracing::warn!(%error, "HTTP accept failed");
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                    continue;
+                }
+            },
+            () = shutdown.cancelled() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let builder = builder.clone();
+        let service = service.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            // hyper's header read timeout starts with the first byte, so a
+            // connection that sends nothing at all is timed out here.
+            let mut first_byte = [0u8; 1];
+            if tokio::time::timeout(header_read_timeout, stream.peek(&mut first_byte))
+                .await
+                .is_err()
+            {
+                tracing::debug!(%peer, "closed an HTTP connection that sent nothing");
+                return;
+            }
+            let connection = builder
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .into_owned();
+            if let Err(error) = watcher.watch(connection).await {
+                tracing::debug!(%peer, %error, "HTTP connection ended with an error");
+            }
+        });
+    }
+
+    drop(listener);
+    if tokio::time::timeout(drain_timeout, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            timeout = ?drain_timeout,
+            "HTTP requests still running at shutdown were cut off"
+        );
     }
 }
 
