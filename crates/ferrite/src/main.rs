@@ -68,10 +68,10 @@ struct ServeArgs {
     #[command(flatten)]
     data: DataDirArg,
     /// Address of the HTTP listener (REST API and HTTP telemetry) [default: 0.0.0.0:8080].
-    #[arg(long, env = "FERRITE_HTTP_LISTEN")]
+    #[arg(long, env = "FERRITE_HTTP_LISTEN", value_parser = parse_listen)]
     http_listen: Option<SocketAddr>,
     /// Address of the MQTT listener [default: 0.0.0.0:1883].
-    #[arg(long, env = "FERRITE_MQTT_LISTEN")]
+    #[arg(long, env = "FERRITE_MQTT_LISTEN", value_parser = parse_listen)]
     mqtt_listen: Option<SocketAddr>,
     /// Also start a simulated fleet of devices that publish over MQTT and HTTP.
     #[arg(long)]
@@ -85,6 +85,7 @@ struct ServeArgs {
 enum DeviceCommand {
     /// Create a device and print its id and access token as JSON. The token is shown only once.
     Create {
+        /// Device name, unique in the tenant.
         name: String,
         #[command(flatten)]
         data: DataDirArg,
@@ -95,6 +96,7 @@ enum DeviceCommand {
 enum UserCommand {
     /// Create a user; the password is read from standard input.
     Create {
+        /// The user's email address, used to log in.
         email: String,
         /// admin, operator or viewer.
         #[arg(long, default_value = "viewer")]
@@ -108,6 +110,7 @@ enum UserCommand {
 enum ApiKeyCommand {
     /// Create an API key and print it as JSON. The key is shown only once.
     Create {
+        /// A name that says who uses the key.
         name: String,
         /// admin, operator or viewer.
         #[arg(long, default_value = "viewer")]
@@ -144,6 +147,7 @@ fn init_logging(config: &Config) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match config.log.format {
         LogFormat::Json => builder.json().init(),
@@ -151,13 +155,49 @@ fn init_logging(config: &Config) {
     }
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let result = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .context("cannot start the async runtime")?;
-    runtime.block_on(run(cli))
+        .context("cannot start the async runtime")
+        .and_then(|runtime| runtime.block_on(run(cli)));
+
+    // Print the cause chain on one line; a backtrace would only bury the
+    // message for the mistakes users make (a taken port, a duplicate name).
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Parses a listen address, with a hint for the usual mistakes.
+fn parse_listen(text: &str) -> Result<SocketAddr, String> {
+    text.parse().map_err(|_| {
+        format!(
+            "invalid listen address {text:?}: give IP:PORT, such as 127.0.0.1:8080 or 0.0.0.0:1883 (host names are not accepted)"
+        )
+    })
+}
+
+/// Opens the metadata of the data directory for a CLI command and says on
+/// standard error when the directory is new, because a server that uses
+/// another directory would not see what the command creates.
+async fn open_cli_metadata(config: &Config) -> anyhow::Result<metadata::SqliteMetadata> {
+    let existed = config.data_dir.join("metadata.db").exists();
+    let metadata = server::open_metadata(&config.data_dir).await?;
+    if !existed {
+        let shown =
+            std::fs::canonicalize(&config.data_dir).unwrap_or_else(|_| config.data_dir.clone());
+        eprintln!(
+            "note: created a new data directory {}; a server started with another --data-dir does not see this. Pass the server's --data-dir (or FERRITE_DATA_DIR).",
+            shown.display()
+        );
+    }
+    Ok(metadata)
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -177,7 +217,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Device(DeviceCommand::Create { name, data }) => {
             let config = load_config(&data)?;
-            let metadata = server::open_metadata(&config.data_dir).await?;
+            let metadata = open_cli_metadata(&config).await?;
             let tenant = metadata.default_tenant().await?;
             let token = auth::generate_device_token();
             let device = metadata
@@ -192,9 +232,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::User(UserCommand::Create { email, role, data }) => {
             let config = load_config(&data)?;
+            anyhow::ensure!(
+                email.contains('@') && !email.starts_with('@') && !email.ends_with('@'),
+                "invalid email {email:?}: give an address such as ops@example.com"
+            );
             let password = read_password()?;
             auth::check_password_rules(&password)?;
-            let metadata = server::open_metadata(&config.data_dir).await?;
+            let metadata = open_cli_metadata(&config).await?;
             let tenant = metadata.default_tenant().await?;
             let hash = auth::hash_password(&password)?;
             let user = metadata.create_user(tenant.id, &email, &hash, role).await?;
@@ -207,7 +251,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::ApiKey(ApiKeyCommand::Create { name, role, data }) => {
             let config = load_config(&data)?;
-            let metadata = server::open_metadata(&config.data_dir).await?;
+            let metadata = open_cli_metadata(&config).await?;
             let tenant = metadata.default_tenant().await?;
             let key = auth::generate_api_key();
             let created = metadata

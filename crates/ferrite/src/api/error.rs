@@ -165,6 +165,7 @@ impl From<AuthError> for ApiError {
     fn from(error: AuthError) -> Self {
         match error {
             AuthError::Metadata(error) => error.into(),
+            AuthError::DeviceTokenNotAllowed => Self::forbidden(error.to_string()),
             other => Self::unauthorized(other.to_string()),
         }
     }

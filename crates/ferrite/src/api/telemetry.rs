@@ -113,11 +113,54 @@ fn point_json(ts: TimestampNs, value: &Value) -> serde_json::Value {
     json!({"ts": nanos_to_millis(ts), "value": value_json(value)})
 }
 
+/// Query parameters of the raw and aggregate query.
+const QUERY_PARAMS: [&str; 7] = ["keys", "start", "end", "interval", "agg", "limit", "cursor"];
+
+fn reject_unknown_params(
+    params: &HashMap<String, String>,
+    allowed: &[&'static str],
+) -> Result<(), ApiError> {
+    let Some(unknown) = params.keys().find(|name| !allowed.contains(&name.as_str())) else {
+        return Ok(());
+    };
+    Err(ApiError::invalid_param(
+        "query",
+        format!(
+            "unknown query parameter {unknown:?}; this endpoint takes {}",
+            allowed.join(", ")
+        ),
+    ))
+}
+
+/// Parses the optional `keys` list; `None` means every key.
+fn parse_keys(params: &HashMap<String, String>) -> Result<Option<Vec<String>>, ApiError> {
+    let Some(text) = params.get("keys") else {
+        return Ok(None);
+    };
+    let keys: Vec<String> = text
+        .split(',')
+        .map(str::trim)
+        .filter(|key| !key.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if keys.is_empty() {
+        return Err(ApiError::invalid_param(
+            "keys",
+            "keys is empty: give a comma-separated list of keys, or leave it out for all keys",
+        ));
+    }
+    Ok(Some(keys))
+}
+
+/// `GET /api/v1/devices/{id}/telemetry/latest[?keys=K1,K2]`.
 pub async fn latest(
     State(state): State<Arc<AppState>>,
     principal: Principal,
     Path(id): Path<String>,
+    Query(params): Query<HashMap<String, String>>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    reject_unknown_params(&params, &["keys"])?;
+    let wanted = parse_keys(&params)?;
     let device = state
         .metadata
         .device(principal.tenant_id, device_id(&id)?)
@@ -128,7 +171,9 @@ pub async fn latest(
         .map_err(|_| ApiError::internal())?;
     let mut body = Map::new();
     for (key, ts, value) in latest {
-        body.insert(key, point_json(ts, &value));
+        if wanted.as_ref().is_none_or(|wanted| wanted.contains(&key)) {
+            body.insert(key, point_json(ts, &value));
+        }
     }
     Ok(Json(serde_json::Value::Object(body)))
 }
@@ -158,17 +203,27 @@ pub async fn query(
     uri: Uri,
 ) -> Result<Response, ApiError> {
     principal.require(Role::Viewer)?;
+    reject_unknown_params(&params, &QUERY_PARAMS)?;
     let device = state
         .metadata
         .device(principal.tenant_id, device_id(&id)?)
         .await?;
+
+    let interval = params
+        .get("interval")
+        .map(|text| parse_interval("interval", text))
+        .transpose()?;
+    let agg = params
+        .get("agg")
+        .map(|text| Aggregation::parse(text))
+        .transpose()?;
 
     let mut warnings = Vec::new();
     let end = match params.get("end") {
         Some(text) => {
             let end = parse_time("end", text)?;
             if end.looks_like_seconds {
-                warnings.push("end looks like seconds; times are epoch milliseconds");
+                warnings.push("end");
             }
             end.ns
         }
@@ -180,11 +235,20 @@ pub async fn query(
         Some(text) => {
             let start = parse_time("start", text)?;
             if start.looks_like_seconds {
-                warnings.push("start looks like seconds; times are epoch milliseconds");
+                warnings.insert(0, "start");
             }
             start.ns
         }
-        None => end.saturating_sub(DAY_NS),
+        None => {
+            let start = end.saturating_sub(DAY_NS);
+            match interval {
+                Some(interval) => {
+                    let interval = i64::try_from(interval.as_nanos()).unwrap_or(i64::MAX);
+                    start - start.rem_euclid(interval)
+                }
+                None => start,
+            }
+        }
     };
     if start > end {
         return Err(ApiError::invalid_param(
@@ -197,22 +261,8 @@ pub async fn query(
         ));
     }
 
-    let keys: Vec<String> = match params.get("keys") {
-        Some(text) => {
-            let keys: Vec<String> = text
-                .split(',')
-                .map(str::trim)
-                .filter(|key| !key.is_empty())
-                .map(str::to_owned)
-                .collect();
-            if keys.is_empty() {
-                return Err(ApiError::invalid_param(
-                    "keys",
-                    "keys is empty: give a comma-separated list of keys, or leave it out for all keys",
-                ));
-            }
-            keys
-        }
+    let keys: Vec<String> = match parse_keys(&params)? {
+        Some(keys) => keys,
         None => {
             let store = state.store.clone();
             tokio::task::spawn_blocking(move || store.latest(device.tenant_id, device.id))
@@ -223,15 +273,6 @@ pub async fn query(
                 .collect()
         }
     };
-
-    let interval = params
-        .get("interval")
-        .map(|text| parse_interval("interval", text))
-        .transpose()?;
-    let agg = params
-        .get("agg")
-        .map(|text| Aggregation::parse(text))
-        .transpose()?;
 
     let mut response = match (interval, agg) {
         (Some(interval), Some(agg)) => {
@@ -282,7 +323,10 @@ pub async fn query(
     };
 
     if !warnings.is_empty()
-        && let Ok(value) = HeaderValue::from_str(&warnings.join("; "))
+        && let Ok(value) = HeaderValue::from_str(&format!(
+            "{} looks like seconds; times are epoch milliseconds",
+            warnings.join(" and ")
+        ))
     {
         response.headers_mut().insert("ferrite-warning", value);
     }

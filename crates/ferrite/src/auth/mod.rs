@@ -73,6 +73,10 @@ pub enum AuthError {
     InvalidLogin,
     #[error("the bearer token is invalid, expired or revoked")]
     InvalidBearer,
+    #[error(
+        "a device access token only writes the device's telemetry; read the API with a JWT from POST /api/v1/auth/login or an API key"
+    )]
+    DeviceTokenNotAllowed,
     #[error(transparent)]
     Metadata(#[from] MetadataError),
 }
@@ -208,6 +212,9 @@ impl Auth {
 
     /// Resolves an `Authorization` bearer value: a JWT access token or an API key.
     pub async fn authenticate_bearer(&self, token: &str) -> Result<Principal, AuthError> {
+        if token.starts_with(secrets::DEVICE_TOKEN_PREFIX) {
+            return Err(AuthError::DeviceTokenNotAllowed);
+        }
         if token.starts_with(secrets::API_KEY_PREFIX) {
             let key = self
                 .metadata

@@ -141,16 +141,9 @@ async fn run(state: Arc<AppState>, addrs: ServerAddrs, requested: usize) {
         reused = count - setup.created,
         "demo fleet started: trucks publish over MQTT every 5 s, sensors post over HTTP every 10 s"
     );
-    // The commands contain the API key on purpose, so a user can paste them
-    // from the log. The key only reads, and a new one is made on every start.
-    tracing::info!(
-        "demo fleet: query the latest values with {}",
-        commands.latest
-    );
-    tracing::info!(
-        "demo fleet: query one-minute averages with {}",
-        commands.aggregate
-    );
+    // The commands contain the API key, a secret, so they go to standard
+    // output only and never into the log.
+    tracing::info!("demo fleet: curl commands that query it are printed on standard output");
     println!(
         "\nDemo fleet: {trucks} trucks (MQTT) and {sensors} environment sensors (HTTP) send telemetry to this server.\n\
          Query it with the viewer API key created for this run; the first data arrives within 10 seconds:\n\n  \

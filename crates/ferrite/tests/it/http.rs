@@ -458,3 +458,132 @@ async fn silent_http_connections_are_closed() {
         .unwrap();
     assert_eq!(health.status(), 200);
 }
+
+#[tokio::test]
+async fn api_mistakes_get_problem_details() {
+    let server = Server::start().await;
+    let device = server.create_device("mistakes").await;
+    let (status, _) = post(
+        &server,
+        &format!("/api/v1/{}/telemetry", device.token),
+        None,
+        r#"{"a": 1, "b": 2}"#,
+    )
+    .await;
+    assert_eq!(status, 200);
+    wait_for_key(&server, &device.id, "b").await;
+    let client = reqwest::Client::new();
+
+    // A device token cannot read the API, and the error says what to use.
+    let response = client
+        .get(format!(
+            "{}/api/v1/devices/{}/telemetry/latest",
+            server.http_url, device.id
+        ))
+        .bearer_auth(&device.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 403);
+    let problem: Value = response.json().await.unwrap();
+    assert!(
+        problem["detail"].as_str().unwrap().contains("API key"),
+        "{problem}"
+    );
+
+    // Latest values can be filtered by key; a misspelt parameter is an error.
+    let (status, latest) = server
+        .get_json(&format!(
+            "/api/v1/devices/{}/telemetry/latest?keys=b",
+            device.id
+        ))
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        latest.as_object().unwrap().keys().collect::<Vec<_>>(),
+        vec!["b"]
+    );
+    let (status, problem) = server
+        .get_json(&format!(
+            "/api/v1/devices/{}/telemetry?keys=a&startt=1",
+            device.id
+        ))
+        .await;
+    assert_eq!(status, 400);
+    assert!(
+        problem["detail"].as_str().unwrap().contains("startt"),
+        "{problem}"
+    );
+
+    // Unknown paths and methods answer with problem details too.
+    let response = client
+        .get(format!("{}/api/v1/nothing/here", server.http_url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404);
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/problem+json"
+    );
+    let response = client
+        .delete(format!("{}/api/v1/auth/login", server.http_url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 405);
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/problem+json"
+    );
+
+    // InfluxDB clients check /ping and /health before writing.
+    let ping = client
+        .get(format!("{}/ping", server.http_url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ping.status(), 204);
+    let health: Value = client
+        .get(format!("{}/health", server.http_url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(health["status"], json!("pass"));
+}
+
+#[tokio::test]
+async fn default_start_aligns_buckets_to_the_interval() {
+    let server = Server::start().await;
+    let device = server.create_device("aligned").await;
+    let (status, _) = post(
+        &server,
+        &format!("/api/v1/{}/telemetry", device.token),
+        None,
+        r#"{"t": 1}"#,
+    )
+    .await;
+    assert_eq!(status, 200);
+    wait_for_key(&server, &device.id, "t").await;
+    let (status, body) = server
+        .get_json(&format!(
+            "/api/v1/devices/{}/telemetry?keys=t&interval=1h&agg=count",
+            device.id
+        ))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let buckets = body["t"].as_array().unwrap();
+    assert!(
+        buckets.len() >= 24 && buckets.len() <= 25,
+        "{} buckets",
+        buckets.len()
+    );
+    for bucket in buckets {
+        assert_eq!(bucket["ts"].as_i64().unwrap() % 3_600_000, 0, "{bucket}");
+    }
+    let total: i64 = buckets.iter().map(|b| b["count"].as_i64().unwrap()).sum();
+    assert_eq!(total, 1);
+}

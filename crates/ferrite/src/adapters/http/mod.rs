@@ -39,6 +39,9 @@ pub fn router(state: Arc<AppState>) -> Router {
     let timeout = state.config.http.request_timeout;
     Router::new()
         .route("/healthz", get(healthz))
+        // Health checks of the InfluxDB 1.x and 2.x client libraries.
+        .route("/ping", get(ping).head(ping))
+        .route("/health", get(influx_health))
         .route("/metrics", get(metrics))
         .route("/api/v1/{token}/telemetry", post(telemetry::by_token))
         .route(
@@ -48,6 +51,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/write", post(line_protocol::write))
         .route("/api/v2/write", post(line_protocol::write))
         .merge(api::router())
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(RequestDecompressionLayer::new())
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
@@ -129,6 +134,40 @@ async fn healthz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "starting or stopping\n")
     }
+}
+
+async fn ping() -> StatusCode {
+    StatusCode::NO_CONTENT
+}
+
+async fn influx_health(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    let ready = state.ready.load(Ordering::Acquire);
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = serde_json::json!({
+        "name": "ferrite",
+        "status": if ready { "pass" } else { "fail" },
+        "version": env!("CARGO_PKG_VERSION"),
+    });
+    (status, axum::Json(body))
+}
+
+async fn not_found(uri: axum::http::Uri) -> api::ApiError {
+    api::ApiError::not_found(format!(
+        "no endpoint at {}; see the API documentation for the paths Ferrite serves",
+        uri.path()
+    ))
+}
+
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> api::ApiError {
+    api::ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "Method not allowed",
+        format!("{method} is not allowed on {}", uri.path()),
+    )
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
