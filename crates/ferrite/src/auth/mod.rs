@@ -102,8 +102,35 @@ struct CachedDevice {
     fetched: Instant,
 }
 
+/// Shortest time between two warnings about failed authentication of one kind.
+const FAILURE_WARN_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Rate limit for warnings about failed authentication: one line per
+/// interval per kind, with the number of failures it stands for.
+#[derive(Default)]
+struct FailureLog {
+    last: Mutex<HashMap<&'static str, (Instant, u64)>>,
+}
+
+impl FailureLog {
+    /// Returns the failures since the last warning when a warning is due.
+    fn due(&self, kind: &'static str) -> Option<u64> {
+        let mut last = self.last.lock();
+        let now = Instant::now();
+        let entry = last.entry(kind).or_insert((now - FAILURE_WARN_INTERVAL, 0));
+        entry.1 += 1;
+        if now.duration_since(entry.0) < FAILURE_WARN_INTERVAL {
+            return None;
+        }
+        let failures = entry.1;
+        *entry = (now, 0);
+        Some(failures)
+    }
+}
+
 pub struct Auth {
     metadata: Arc<SqliteMetadata>,
+    failures: FailureLog,
     encoding_key: EncodingKey,
     decoding_key: DecodingKey,
     access_token_ttl: Duration,
@@ -133,6 +160,7 @@ impl Auth {
             decoding_key: DecodingKey::from_secret(&key)?,
             access_token_ttl,
             device_cache: Mutex::new(HashMap::new()),
+            failures: FailureLog::default(),
         })
     }
 
@@ -145,11 +173,18 @@ impl Auth {
             return Ok(cached.identity.clone());
         }
 
-        let device = self
-            .metadata
-            .device_by_token_hash(&hash)
-            .await?
-            .ok_or(AuthError::InvalidDeviceToken)?;
+        let Some(device) = self.metadata.device_by_token_hash(&hash).await? else {
+            // The hash prefix lets an operator match repeated attempts
+            // without the token itself reaching the log.
+            if let Some(failures) = self.failures.due("device_token") {
+                tracing::warn!(
+                    token_hash = hex::encode(&hash[..4]),
+                    failures,
+                    "rejected an invalid or revoked device access token"
+                );
+            }
+            return Err(AuthError::InvalidDeviceToken);
+        };
         let identity = DeviceIdentity {
             tenant_id: device.tenant_id,
             device_id: device.id,
@@ -188,6 +223,13 @@ impl Auth {
             .await
             .unwrap_or(false);
         let Some(user) = user.filter(|_| valid) else {
+            if let Some(failures) = self.failures.due("login") {
+                tracing::warn!(
+                    email,
+                    failures,
+                    "rejected a login with a wrong email or password"
+                );
+            }
             return Err(AuthError::InvalidLogin);
         };
 
@@ -216,11 +258,17 @@ impl Auth {
             return Err(AuthError::DeviceTokenNotAllowed);
         }
         if token.starts_with(secrets::API_KEY_PREFIX) {
-            let key = self
-                .metadata
-                .api_key_by_hash(&hash_secret(token))
-                .await?
-                .ok_or(AuthError::InvalidBearer)?;
+            let hash = hash_secret(token);
+            let Some(key) = self.metadata.api_key_by_hash(&hash).await? else {
+                if let Some(failures) = self.failures.due("api_key") {
+                    tracing::warn!(
+                        key_hash = hex::encode(&hash[..4]),
+                        failures,
+                        "rejected an unknown or revoked API key"
+                    );
+                }
+                return Err(AuthError::InvalidBearer);
+            };
             return Ok(Principal {
                 tenant_id: key.tenant_id,
                 role: key.role,
@@ -231,8 +279,15 @@ impl Auth {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.set_required_spec_claims(&["exp", "sub"]);
         validation.leeway = 5;
-        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding_key, &validation)
-            .map_err(|_| AuthError::InvalidBearer)?;
+        let data = match jsonwebtoken::decode::<Claims>(token, &self.decoding_key, &validation) {
+            Ok(data) => data,
+            Err(error) => {
+                if let Some(failures) = self.failures.due("jwt") {
+                    tracing::warn!(%error, failures, "rejected an access token");
+                }
+                return Err(AuthError::InvalidBearer);
+            }
+        };
         let claims = data.claims;
         Ok(Principal {
             tenant_id: claims
