@@ -1,0 +1,802 @@
+#!/usr/bin/env bash
+# Benchmarks Ferrite against InfluxDB 1.6, VictoriaMetrics and Mosquitto on
+# this machine and writes the results into docs/benchmarks.md.
+#
+# The figures, measured in one session (lp and mqtt alternate between the
+# systems, ROUNDS runs each; memory and durability run once per system):
+#   lp          HTTP line-protocol ingest in points/s. Systems: Ferrite, InfluxDB, VictoriaMetrics.
+#   mqtt        MQTT QoS 1 PUBACKs/s from 100 publishing connections. Systems: Ferrite, Mosquitto.
+#   memory      VmRSS of the server with 10,000 idle MQTT connections. Systems: Ferrite, Mosquitto.
+#   durability  Lines found after SIGKILL right after an acknowledged batch. Systems: Ferrite, InfluxDB, VictoriaMetrics.
+# One more Ferrite line-protocol run under `perf record` shows where its time goes.
+#
+# Every server is started by this script on 127.0.0.1 with free ports and a
+# data directory under a temporary folder, and stopped by its process id.
+# Peers missing from the machine are installed with apt-get (run as root).
+# Settings come from the environment. With the defaults a full run took
+# about 7 minutes on 2 cores after the release build, and the wait for a
+# quiet machine adds up to QUIET_WAIT_S seconds before each timed run.
+#
+# Usage: bench/run.sh            (from anywhere inside the repository)
+#        ROUNDS=5 bench/run.sh   (more runs per system)
+
+set -euo pipefail
+
+ROUNDS=${ROUNDS:-3}                   # runs per system for lp and mqtt
+LP_CONNECTIONS=${LP_CONNECTIONS:-4}
+LP_BATCH_LINES=${LP_BATCH_LINES:-5000}
+LP_BATCHES=${LP_BATCHES:-300}         # timed batches per run
+LP_MAX_DURATION_S=${LP_MAX_DURATION_S:-40}
+LP_DEVICES=${LP_DEVICES:-1000}
+MQTT_CONNECTIONS=${MQTT_CONNECTIONS:-100}
+MQTT_INFLIGHT=${MQTT_INFLIGHT:-20}
+MQTT_DURATION_S=${MQTT_DURATION_S:-15}
+MQTT_DEVICES=${MQTT_DEVICES:-100}     # devices created in Ferrite; connections reuse their tokens
+IDLE_CONNECTIONS=${IDLE_CONNECTIONS:-10000}
+IDLE_SETTLE_S=${IDLE_SETTLE_S:-10}    # wait after the last CONNACK before reading VmRSS
+GENERATOR_TIMEOUT_S=${GENERATOR_TIMEOUT_S:-300}  # backstop for one generator process
+QUIET_WAIT_S=${QUIET_WAIT_S:-30}      # maximum wait before a run for other processes to go quiet
+KEEP_WORK=${KEEP_WORK:-0}             # 1 keeps the temporary folder with logs and data
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+RESULTS_PAGE="$REPO/docs/benchmarks.md"
+FERRITE="$REPO/target/release/ferrite"
+BENCH="$REPO/target/release/ferrite-bench"
+WORK=$(mktemp -d /tmp/ferrite-bench.XXXXXX)
+RESULTS="$WORK/results.jsonl"
+COMMANDS="$WORK/commands.txt"
+CLOCK_TICKS=$(getconf CLK_TCK)
+STARTED_PIDS=()
+SERVER_PID=""
+SERVER_LOG=/dev/null
+SYNC_COUNTER_PID=""
+SYNC_COUNT=null
+SERVER_CPU=null
+CLIENT_CPU=null
+OTHER_CPU=null
+
+log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+cleanup() {
+    local pid
+    for pid in "${STARTED_PIDS[@]}"; do
+        if kill -0 "$pid" 2>/dev/null; then
+            kill -TERM "$pid" 2>/dev/null || true
+        fi
+    done
+    for pid in "${STARTED_PIDS[@]}"; do
+        wait "$pid" 2>/dev/null || true
+    done
+    if [[ "$KEEP_WORK" == 1 ]]; then
+        log "kept $WORK"
+    else
+        rm -rf "$WORK"
+    fi
+}
+trap cleanup EXIT
+
+# ---------------------------------------------------------------- setup ---
+
+install_missing() {
+    local missing=()
+    command -v influxd >/dev/null || missing+=(influxdb)
+    command -v victoria-metrics >/dev/null || missing+=(victoria-metrics)
+    [[ -x /usr/sbin/mosquitto ]] || missing+=(mosquitto)
+    [[ -x /usr/bin/time ]] || missing+=(time)
+    command -v jq >/dev/null || missing+=(jq)
+    command -v curl >/dev/null || missing+=(curl)
+    command -v ss >/dev/null || missing+=(iproute2)
+    command -v perf >/dev/null || missing+=(linux-perf)
+    if ((${#missing[@]} > 0)); then
+        log "installing ${missing[*]} with apt-get"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    fi
+}
+
+# Prints a loopback TCP port that no socket uses right now. Ports come from
+# below the kernel's ephemeral range, because the generators' outgoing
+# connections leave ports of that range in TIME-WAIT, where a server cannot
+# bind them.
+free_port() {
+    local low port
+    low=$(awk '{ print $1 }' /proc/sys/net/ipv4/ip_local_port_range)
+    ((low > 12000)) || die "the ephemeral port range starts at $low; this script needs free ports below it"
+    for _ in $(seq 1 100); do
+        port=$((RANDOM % (low - 11000) + 10000))
+        if [[ -z "$(ss -Htan "sport = :$port")" ]]; then
+            echo "$port"
+            return
+        fi
+    done
+    die "found no free loopback port"
+}
+
+# Stops the script with the end of the server's log.
+die_with_log() {
+    log "last lines of $SERVER_LOG:"
+    tail -n 20 "$SERVER_LOG" >&2 || true
+    die "$*"
+}
+
+wait_tcp() {
+    local port=$1 name=$2
+    for _ in $(seq 1 300); do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+            return
+        fi
+        kill -0 "$SERVER_PID" 2>/dev/null || die_with_log "$name exited during start-up"
+        sleep 0.1
+    done
+    die_with_log "$name did not listen on 127.0.0.1:$port within 30 s"
+}
+
+wait_http() {
+    local url=$1 name=$2
+    for _ in $(seq 1 300); do
+        if curl -fs -o /dev/null "$url"; then
+            return
+        fi
+        kill -0 "$SERVER_PID" 2>/dev/null || die_with_log "$name exited during start-up"
+        sleep 0.1
+    done
+    die_with_log "$name did not answer $url within 30 s"
+}
+
+# CPU seconds (user + system, all threads) used so far by process $1.
+cpu_seconds() {
+    awk -v ticks="$CLOCK_TICKS" '{ printf "%.2f", ($14 + $15) / ticks }' "/proc/$1/stat"
+}
+
+# CPU seconds that all processes of the machine have used since boot, from
+# /proc/stat (user, nice, system, irq, softirq and steal time).
+machine_cpu_seconds() {
+    awk -v ticks="$CLOCK_TICKS" '/^cpu / { printf "%.2f", ($2 + $3 + $4 + $7 + $8 + $9) / ticks }' /proc/stat
+}
+
+# Waits up to $QUIET_WAIT_S seconds until the machine's CPUs were less than
+# 10 % busy for 2 s, so that other work on a shared machine disturbs the next
+# run less. A run that starts on a busy machine shows it in "other processes CPU s".
+wait_for_quiet_machine() {
+    local waited=0 before busy
+    while ((waited < QUIET_WAIT_S)); do
+        before=$(machine_cpu_seconds)
+        sleep 2
+        waited=$((waited + 2))
+        busy=$(awk -v before="$before" -v after="$(machine_cpu_seconds)" -v cpus="$(nproc)" \
+            'BEGIN { print ((after - before) / 2 / cpus < 0.10) ? "no" : "yes" }')
+        [[ $busy == no ]] && return 0
+    done
+    log "the machine is still busy after ${QUIET_WAIT_S} s; starting the run anyway"
+}
+
+rss_kib() {
+    awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"
+}
+
+# Stops the server started last, by its process id: SIGTERM, then SIGKILL after 30 s.
+stop_server() {
+    local pid=$SERVER_PID
+    [[ -n "$pid" ]] || return 0
+    kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 1 300); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    if kill -0 "$pid" 2>/dev/null; then
+        log "process $pid did not stop within 30 s of SIGTERM; sending SIGKILL"
+        kill -KILL "$pid" 2>/dev/null || true
+    fi
+    wait "$pid" 2>/dev/null || true
+    SERVER_PID=""
+}
+
+# Records fsync and fdatasync calls of all processes with perf. Recording
+# system wide includes the server threads that start later. stop_sync_counter
+# sets SYNC_COUNT to the calls made by the server process (null without perf).
+start_sync_counter() {
+    SYNC_COUNTER_PID=""
+    command -v perf >/dev/null || return 0
+    perf record -q -a -e syscalls:sys_enter_fsync -e syscalls:sys_enter_fdatasync \
+        -o "$WORK/syncs.data" 2>>"$WORK/logs/perf.log" &
+    SYNC_COUNTER_PID=$!
+    STARTED_PIDS+=("$SYNC_COUNTER_PID")
+    sleep 0.5
+}
+
+stop_sync_counter() {
+    SYNC_COUNT=null
+    [[ -n "$SYNC_COUNTER_PID" ]] || return 0
+    kill -INT "$SYNC_COUNTER_PID"
+    wait "$SYNC_COUNTER_PID" 2>/dev/null || true
+    SYNC_COUNT=$(perf script -i "$WORK/syncs.data" -F pid 2>/dev/null |
+        awk -v pid="$SERVER_PID" '$1 == pid { n++ } END { print n + 0 }')
+}
+
+# Sets SERVER_CPU, CLIENT_CPU and OTHER_CPU (seconds) for the run that just
+# ended: the server's CPU since $1, the generator's from /usr/bin/time, and
+# what all other processes of the machine used since $2 (other builds, perf).
+measure_cpu() {
+    local server_before=$1 machine_before=$2
+    SERVER_CPU=$(awk -v before="$server_before" -v after="$(cpu_seconds "$SERVER_PID")" 'BEGIN { printf "%.2f", after - before }')
+    CLIENT_CPU=$(awk '{ printf "%.2f", $1 + $2 }' "$WORK/time")
+    OTHER_CPU=$(awk -v before="$machine_before" -v after="$(machine_cpu_seconds)" \
+        -v server="$SERVER_CPU" -v client="$CLIENT_CPU" 'BEGIN { printf "%.2f", after - before - server - client }')
+}
+
+# Records a command line once per label, for the results page, with the
+# temporary folder written as $WORK.
+note_command() {
+    local label=$1
+    shift
+    local line="$*"
+    grep -q "^$label: " "$COMMANDS" 2>/dev/null || echo "$label: ${line//$WORK/\$WORK}" >>"$COMMANDS"
+}
+
+# ---------------------------------------------------------------- servers ---
+
+# A data directory with an operator API key and $MQTT_DEVICES devices, made
+# once with the CLI and copied for every Ferrite run.
+prepare_ferrite_template() {
+    local template="$WORK/ferrite-template"
+    mkdir -p "$template"
+    "$FERRITE" api-key create bench --role operator --data-dir "$template" | jq -r .key >"$WORK/api-key"
+    : >"$WORK/tokens"
+    for index in $(seq 0 $((MQTT_DEVICES - 1))); do
+        "$FERRITE" device create "bench-device-$index" --data-dir "$template" | jq -r .token >>"$WORK/tokens"
+    done
+    log "Ferrite template: an operator API key and $(wc -l <"$WORK/tokens") devices"
+}
+
+# Each start_<system> NAME [reuse] starts a server on new free ports with the
+# data directory $WORK/run/<system>-NAME, made fresh unless "reuse" is given,
+# and sets SERVER_PID, SERVER_LOG and HTTP_PORT or MQTT_PORT.
+
+start_ferrite() {
+    local dir="$WORK/run/ferrite-$1"
+    if [[ "${2:-}" != reuse ]]; then
+        rm -rf "$dir"
+        mkdir -p "$(dirname "$dir")"
+        cp -a "$WORK/ferrite-template" "$dir"
+    fi
+    HTTP_PORT=$(free_port)
+    MQTT_PORT=$(free_port)
+    # A 5,000-line batch is about 1.08 MB, and the default body limit is 256 KiB.
+    FERRITE_HTTP_MAX_BODY_BYTES=16777216 FERRITE_LOG_LEVEL=warn \
+        "$FERRITE" serve --data-dir "$dir" \
+        --http-listen "127.0.0.1:$HTTP_PORT" --mqtt-listen "127.0.0.1:$MQTT_PORT" \
+        >>"$WORK/logs/ferrite.log" 2>&1 &
+    SERVER_PID=$!
+    SERVER_LOG="$WORK/logs/ferrite.log"
+    STARTED_PIDS+=("$SERVER_PID")
+    wait_http "http://127.0.0.1:$HTTP_PORT/healthz" ferrite
+    wait_tcp "$MQTT_PORT" ferrite
+}
+
+start_influxdb() {
+    local dir="$WORK/run/influxdb-$1"
+    [[ "${2:-}" == reuse ]] || rm -rf "$dir"
+    mkdir -p "$dir"
+    HTTP_PORT=$(free_port)
+    local rpc_port
+    rpc_port=$(free_port)
+    cat >"$dir/influxdb.conf" <<EOF
+reporting-enabled = false
+bind-address = "127.0.0.1:$rpc_port"
+[meta]
+  dir = "$dir/meta"
+  logging-enabled = false
+[data]
+  dir = "$dir/data"
+  wal-dir = "$dir/wal"
+  query-log-enabled = false
+[monitor]
+  store-enabled = false
+[subscriber]
+  enabled = false
+[continuous_queries]
+  enabled = false
+[retention]
+  enabled = false
+[shard-precreation]
+  enabled = false
+[ifql]
+  enabled = false
+[http]
+  enabled = true
+  bind-address = "127.0.0.1:$HTTP_PORT"
+  log-enabled = false
+  pprof-enabled = false
+[logging]
+  level = "warn"
+EOF
+    influxd run -config "$dir/influxdb.conf" >>"$WORK/logs/influxdb.log" 2>&1 &
+    SERVER_PID=$!
+    SERVER_LOG="$WORK/logs/influxdb.log"
+    STARTED_PIDS+=("$SERVER_PID")
+    wait_http "http://127.0.0.1:$HTTP_PORT/ping" influxdb
+    curl -fsS -o /dev/null -XPOST "http://127.0.0.1:$HTTP_PORT/query" --data-urlencode "q=CREATE DATABASE bench"
+}
+
+start_victoriametrics() {
+    local dir="$WORK/run/victoriametrics-$1"
+    [[ "${2:-}" == reuse ]] || rm -rf "$dir"
+    mkdir -p "$dir"
+    HTTP_PORT=$(free_port)
+    victoria-metrics -httpListenAddr="127.0.0.1:$HTTP_PORT" -storageDataPath="$dir" \
+        -loggerLevel=WARN >>"$WORK/logs/victoriametrics.log" 2>&1 &
+    SERVER_PID=$!
+    SERVER_LOG="$WORK/logs/victoriametrics.log"
+    STARTED_PIDS+=("$SERVER_PID")
+    wait_http "http://127.0.0.1:$HTTP_PORT/health" victoriametrics
+}
+
+start_mosquitto() {
+    local dir="$WORK/run/mosquitto-$1"
+    rm -rf "$dir"
+    mkdir -p "$dir"
+    MQTT_PORT=$(free_port)
+    cat >"$dir/mosquitto.conf" <<EOF
+listener $MQTT_PORT 127.0.0.1
+allow_anonymous true
+persistence false
+log_dest stderr
+log_type error
+log_type warning
+EOF
+    /usr/sbin/mosquitto -c "$dir/mosquitto.conf" >>"$WORK/logs/mosquitto.log" 2>&1 &
+    SERVER_PID=$!
+    SERVER_LOG="$WORK/logs/mosquitto.log"
+    STARTED_PIDS+=("$SERVER_PID")
+    wait_tcp "$MQTT_PORT" mosquitto
+}
+
+# Prints the points the server reports as written, which shows whether any
+# were dropped silently, and the seconds it took to get there. The sources are
+# Ferrite's pipeline counter, InfluxDB's point requests times 7 fields and
+# VictoriaMetrics' inserted rows (one per field). Ferrite's counter trails
+# the acknowledgements, so it is polled until it reaches $2 or 60 s pass.
+stored_points() {
+    local system=$1 expected=$2
+    case $system in
+        ferrite)
+            local count=0 started
+            started=$(date +%s.%N)
+            for _ in $(seq 1 600); do
+                count=$(curl -fs "http://127.0.0.1:$HTTP_PORT/metrics" |
+                    awk '/^ferrite_pipeline_points_total/ { print $2 }')
+                count=${count:-0}
+                ((count >= expected)) && break
+                sleep 0.1
+            done
+            echo "$count $(awk -v started="$started" -v now="$(date +%s.%N)" 'BEGIN { printf "%.1f", now - started }')"
+            ;;
+        influxdb)
+            echo "$(curl -fs "http://127.0.0.1:$HTTP_PORT/debug/vars" | jq '.write.values.pointReq * 7') null"
+            ;;
+        victoriametrics)
+            echo "$(curl -fs "http://127.0.0.1:$HTTP_PORT/metrics" |
+                awk '/^vm_rows_inserted_total\{type="influx"\}/ { print $2 }') null"
+            ;;
+    esac
+}
+
+# ---------------------------------------------------------------- figures ---
+
+lp_url() {
+    case $1 in
+        ferrite) echo "http://127.0.0.1:$HTTP_PORT/write?precision=ns&device_tag=name" ;;
+        influxdb) echo "http://127.0.0.1:$HTTP_PORT/write?db=bench&precision=ns" ;;
+        victoriametrics) echo "http://127.0.0.1:$HTTP_PORT/write?precision=ns" ;;
+    esac
+}
+
+# Runs one timed line-protocol load against a fresh instance of $1.
+run_lp() {
+    local system=$1 round=$2
+    "start_$system" "$round"
+    wait_for_quiet_machine
+    local args=(lp --url "$(lp_url "$system")" --connections "$LP_CONNECTIONS"
+        --batch-lines "$LP_BATCH_LINES" --batches "$LP_BATCHES" --devices "$LP_DEVICES"
+        --max-duration-s "$LP_MAX_DURATION_S" --start-s "$LP_START_S" --label "$system")
+    local token=()
+    if [[ $system == ferrite ]]; then
+        token=(--token "$(cat "$WORK/api-key")")
+        # The key is written as the literal text $API_KEY on purpose.
+        # shellcheck disable=SC2016
+        note_command "lp $system" ferrite-bench "${args[@]}" --token '$API_KEY'
+    else
+        note_command "lp $system" ferrite-bench "${args[@]}"
+    fi
+
+    start_sync_counter
+    local cpu_before machine_before
+    cpu_before=$(cpu_seconds "$SERVER_PID")
+    machine_before=$(machine_cpu_seconds)
+    /usr/bin/time -f '%U %S %M' -o "$WORK/time" timeout "$GENERATOR_TIMEOUT_S" "$BENCH" "${args[@]}" "${token[@]}" >"$WORK/line" ||
+        die_with_log "the lp run against $system failed"
+    measure_cpu "$cpu_before" "$machine_before"
+    stop_sync_counter
+    local expected stored catch_up
+    expected=$(jq '(.batches_ok + .warmup_batches) * .batch_lines * .fields_per_line' "$WORK/line")
+    read -r stored catch_up < <(stored_points "$system" "$expected")
+    jq -c --argjson server "$SERVER_CPU" --argjson client "$CLIENT_CPU" --argjson other "$OTHER_CPU" \
+        --argjson round "$round" --argjson syncs "$SYNC_COUNT" \
+        --argjson stored "${stored:-null}" --argjson expected "$expected" --argjson catch_up "${catch_up:-null}" \
+        '. + {round: $round, server_cpu_s: $server, client_cpu_s: $client, other_cpu_s: $other, server_syncs: $syncs,
+              points_sent_with_warmup: $expected, points_reported_by_server: $stored,
+              store_catch_up_s: $catch_up}' \
+        "$WORK/line" | tee -a "$RESULTS" >&2
+    stop_server
+}
+
+run_mqtt() {
+    local system=$1 round=$2
+    "start_$system" "$round"
+    wait_for_quiet_machine
+    local args=(mqtt --addr "127.0.0.1:$MQTT_PORT" --tokens-file "$WORK/tokens"
+        --connections "$MQTT_CONNECTIONS" --inflight "$MQTT_INFLIGHT"
+        --duration-s "$MQTT_DURATION_S" --label "$system")
+    note_command "mqtt $system" ferrite-bench "${args[@]}"
+
+    start_sync_counter
+    local cpu_before machine_before
+    cpu_before=$(cpu_seconds "$SERVER_PID")
+    machine_before=$(machine_cpu_seconds)
+    /usr/bin/time -f '%U %S %M' -o "$WORK/time" timeout "$GENERATOR_TIMEOUT_S" "$BENCH" "${args[@]}" >"$WORK/line" ||
+        die_with_log "the mqtt run against $system failed"
+    measure_cpu "$cpu_before" "$machine_before"
+    stop_sync_counter
+    jq -c --argjson server "$SERVER_CPU" --argjson client "$CLIENT_CPU" --argjson other "$OTHER_CPU" \
+        --argjson round "$round" --argjson syncs "$SYNC_COUNT" \
+        '. + {round: $round, server_cpu_s: $server, client_cpu_s: $client, other_cpu_s: $other, server_syncs: $syncs}' \
+        "$WORK/line" | tee -a "$RESULTS" >&2
+    stop_server
+}
+
+# Repeats one mqtt run of $1 with the same connections split over two
+# generator processes. If the summed rate is not higher than with one
+# process, the generator was not the bottleneck.
+run_mqtt_split() {
+    local system=$1
+    "start_$system" split
+    wait_for_quiet_machine
+    local half=$((MQTT_CONNECTIONS / 2))
+    head -n "$half" "$WORK/tokens" >"$WORK/tokens-a"
+    tail -n +"$((half + 1))" "$WORK/tokens" >"$WORK/tokens-b"
+    local part pids=()
+    for part in a b; do
+        local count=$half
+        [[ $part == b ]] && count=$((MQTT_CONNECTIONS - half))
+        local args=(mqtt --addr "127.0.0.1:$MQTT_PORT" --tokens-file "$WORK/tokens-$part"
+            --connections "$count" --inflight "$MQTT_INFLIGHT" --duration-s "$MQTT_DURATION_S"
+            --client-id-prefix "bench-pub-$part" --label "$system")
+        note_command "mqtt split $system" ferrite-bench "${args[@]}"
+        timeout "$GENERATOR_TIMEOUT_S" "$BENCH" "${args[@]}" >"$WORK/split-$part.json" &
+        pids+=("$!")
+        STARTED_PIDS+=("$!")
+    done
+    for pid in "${pids[@]}"; do
+        wait "$pid" || die_with_log "a split mqtt generator failed against $system"
+    done
+    jq -s -c --arg system "$system" \
+        '{figure: "mqtt_split", system: $system, generator_processes: 2,
+          connected: (map(.connected) | add), acks_per_s: (map(.acks_per_s) | add),
+          first_error: (map(.first_error | select(. != null)) | first)}' \
+        "$WORK/split-a.json" "$WORK/split-b.json" | tee -a "$RESULTS" >&2
+    stop_server
+}
+
+# Opens $IDLE_CONNECTIONS idle connections to a fresh instance of $1 and
+# records the server's VmRSS before and after. The connections are split over
+# several generator processes when the open-files limit is too low for one.
+run_memory() {
+    local system=$1
+    "start_$system" 1
+    sleep 2
+    local before
+    before=$(rss_kib "$SERVER_PID")
+
+    local hard per_process processes
+    hard=$(ulimit -Hn)
+    per_process=$((hard - 256))
+    processes=$(((IDLE_CONNECTIONS + per_process - 1) / per_process))
+    local share=$(((IDLE_CONNECTIONS + processes - 1) / processes))
+    local pids=() index
+    for index in $(seq 0 $((processes - 1))); do
+        local count=$share
+        ((index == processes - 1)) && count=$((IDLE_CONNECTIONS - share * (processes - 1)))
+        local args=(idle --addr "127.0.0.1:$MQTT_PORT" --tokens-file "$WORK/tokens" --count "$count"
+            --keep-alive-s 60 --hold-s $((IDLE_SETTLE_S + 20)) --client-id-prefix "idle-$index"
+            --ready-file "$WORK/ready-$index" --label "$system")
+        note_command "idle $system" ferrite-bench "${args[@]}"
+        rm -f "$WORK/ready-$index"
+        timeout "$GENERATOR_TIMEOUT_S" "$BENCH" "${args[@]}" >"$WORK/idle-$index.json" &
+        pids+=("$!")
+        STARTED_PIDS+=("$!")
+    done
+
+    for index in $(seq 0 $((processes - 1))); do
+        for _ in $(seq 1 1800); do
+            [[ -f "$WORK/ready-$index" ]] && break
+            sleep 0.1
+        done
+        [[ -f "$WORK/ready-$index" ]] || die "idle generator $index did not open its connections within 180 s"
+    done
+    sleep "$IDLE_SETTLE_S"
+    local after
+    after=$(rss_kib "$SERVER_PID")
+    local server_count=null
+    if [[ $system == ferrite ]]; then
+        server_count=$(curl -fs "http://127.0.0.1:$HTTP_PORT/metrics" | awk '/^ferrite_mqtt_connections / { print $2 }')
+    fi
+    for pid in "${pids[@]}"; do
+        wait "$pid" || die "an idle generator failed against $system"
+    done
+
+    local connected
+    connected=$(cat "$WORK"/idle-*.json | jq -s 'map(.connected) | add')
+    jq -n -c --arg system "$system" --argjson before "$before" --argjson after "$after" \
+        --argjson connected "$connected" --argjson count "$IDLE_CONNECTIONS" \
+        --argjson server_count "${server_count:-null}" --argjson processes "$processes" \
+        --slurpfile generators <(cat "$WORK"/idle-*.json) \
+        '{figure: "memory", system: $system, count: $count, connected: $connected,
+          connections_reported_by_server: $server_count, generator_processes: $processes,
+          connect_s: ([$generators[].connect_s] | max),
+          rss_before_mib: ($before / 1024 * 10 | round / 10), rss_after_mib: ($after / 1024 * 10 | round / 10),
+          kib_per_connection: (($after - $before) / $connected * 100 | round / 100),
+          first_error: ([$generators[].first_error | select(. != null)] | first)}' |
+        tee -a "$RESULTS" >&2
+    rm -f "$WORK"/idle-*.json
+    stop_server
+}
+
+# Counts the `readings` lines stored in the running instance of $1 (one
+# latitude value per line).
+count_stored_lines() {
+    local system=$1
+    case $system in
+        ferrite)
+            local key ids total=0 id count
+            key=$(cat "$WORK/api-key")
+            ids=$(curl -fs -H "Authorization: Bearer $key" "http://127.0.0.1:$HTTP_PORT/api/v1/devices?limit=1000" |
+                jq -r '.devices[] | select(.name | startswith("truck_")) | .id')
+            for id in $ids; do
+                count=$(curl -fs -H "Authorization: Bearer $key" \
+                    "http://127.0.0.1:$HTTP_PORT/api/v1/devices/$id/telemetry?keys=readings.latitude&limit=10000" |
+                    jq '."readings.latitude" | length')
+                total=$((total + count))
+            done
+            echo "$total"
+            ;;
+        influxdb)
+            curl -fs "http://127.0.0.1:$HTTP_PORT/query?db=bench" --data-urlencode "q=SELECT count(latitude) FROM readings" |
+                jq '.results[0].series[0].values[0][1] // 0'
+            ;;
+        victoriametrics)
+            curl -fs -o /dev/null "http://127.0.0.1:$HTTP_PORT/internal/force_flush"
+            sleep 1
+            curl -fs "http://127.0.0.1:$HTTP_PORT/api/v1/query" \
+                --data-urlencode 'query=sum(count_over_time(readings_latitude[1d]))' |
+                jq '(.data.result[0].value[1] // "0") | tonumber'
+            ;;
+    esac
+}
+
+# Sends one acknowledged batch to a fresh instance of $1, kills the server
+# with SIGKILL right after the acknowledgement, restarts it on the same data
+# directory and counts the lines that survived.
+check_durability() {
+    local system=$1
+    "start_$system" durability
+    local args=(lp --url "$(lp_url "$system")" --connections 1 --batch-lines "$LP_BATCH_LINES"
+        --batches 1 --warmup-batches 0 --devices 100 --start-s $(($(date +%s) - 3600)) --label "$system")
+    [[ $system == ferrite ]] && args+=(--token "$(cat "$WORK/api-key")")
+    timeout "$GENERATOR_TIMEOUT_S" "$BENCH" "${args[@]}" >"$WORK/line" ||
+        die_with_log "the durability batch against $system failed"
+    kill -KILL "$SERVER_PID"
+    wait "$SERVER_PID" 2>/dev/null || true
+
+    "start_$system" durability reuse
+    local acknowledged found
+    acknowledged=$(jq .lines "$WORK/line")
+    found=$(count_stored_lines "$system")
+    jq -n -c --arg system "$system" --argjson acknowledged "$acknowledged" --argjson found "${found:-0}" \
+        '{figure: "durability", system: $system, lines_acknowledged: $acknowledged, lines_after_sigkill: $found}' |
+        tee -a "$RESULTS" >&2
+    stop_server
+    rm -rf "$WORK/run"
+}
+
+# Prints the sample rows of the profile, without comments and blank lines.
+perf_rows() {
+    perf report -i "$WORK/perf.data" --no-children --stdio -g none "$@" 2>/dev/null |
+        awk '/^ +[0-9.]+%/' || true
+}
+
+# Sums the self-time shares of `--sort dso,symbol` rows into kinds of work.
+group_samples() {
+    awk '
+        { share = $1; sub("%", "", share) }
+        /libc[.]so.* (malloc|_int_malloc|_int_free|free|cfree|realloc|_int_realloc|malloc_consolidate|unlink_chunk|tcache)/ { kind["memory allocator (glibc malloc, free, realloc)"] += share; next }
+        /ferrite_codec::line_protocol/ { kind["line-protocol parsing (ferrite_codec::line_protocol)"] += share; next }
+        /ferrite_tsdb::/ { kind["time-series store (ferrite_tsdb)"] += share; next }
+        /\[kernel/ { kind["kernel (syscalls, network, disk, scheduling)"] += share; next }
+        /sip::Hasher|hashbrown/ { kind["hashing and hash maps"] += share; next }
+        /mem(cmp|move|cpy|set)|bcmp/ { kind["memory copies and compares"] += share; next }
+        /sqlite|sqlx/ { kind["metadata database (SQLite, sqlx)"] += share; next }
+        { kind["other"] += share }
+        END { for (name in kind) printf "%6.1f%%  %s\n", kind[name], name }
+    ' | sort -rn
+}
+
+# One more Ferrite lp run, sampled by perf, plus Ferrite's own counters.
+profile_ferrite_lp() {
+    local out=$WORK/profile.md
+    start_ferrite profile
+    wait_for_quiet_machine
+    local args=(lp --url "$(lp_url ferrite)" --connections "$LP_CONNECTIONS"
+        --batch-lines "$LP_BATCH_LINES" --batches "$LP_BATCHES" --devices "$LP_DEVICES"
+        --max-duration-s "$LP_MAX_DURATION_S" --start-s "$LP_START_S" --label ferrite-profiled
+        --token "$(cat "$WORK/api-key")")
+    perf record -F 499 -p "$SERVER_PID" -o "$WORK/perf.data" >/dev/null 2>"$WORK/logs/perf.log" &
+    local perf_pid=$!
+    STARTED_PIDS+=("$perf_pid")
+    sleep 1
+    local cpu_before machine_before
+    cpu_before=$(cpu_seconds "$SERVER_PID")
+    machine_before=$(machine_cpu_seconds)
+    /usr/bin/time -f '%U %S %M' -o "$WORK/time" timeout "$GENERATOR_TIMEOUT_S" "$BENCH" "${args[@]}" >"$WORK/line" ||
+        die_with_log "the profiled lp run failed"
+    measure_cpu "$cpu_before" "$machine_before"
+    kill -INT "$perf_pid"
+    wait "$perf_pid" || true
+    local expected
+    expected=$(jq '(.batches_ok + .warmup_batches) * .batch_lines * .fields_per_line' "$WORK/line")
+    stored_points ferrite "$expected" >/dev/null
+    curl -fs "http://127.0.0.1:$HTTP_PORT/metrics" >"$WORK/ferrite-metrics.txt"
+    stop_server
+
+    {
+        echo "Profiled run: \`$(jq -c '{points_per_s, points_per_s_by_half, elapsed_s, latency_ms}' "$WORK/line")\`,"
+        echo "with $SERVER_CPU CPU s in Ferrite, $CLIENT_CPU in the generator and $OTHER_CPU in other processes"
+        echo "(perf included). The samples come from \`perf record -F 499 -p PID\` over the whole run."
+        echo
+        echo "CPU samples per thread (\`perf report --sort comm\`):"
+        echo
+        echo '```text'
+        perf_rows --sort comm | awk 'NR <= 12'
+        echo '```'
+        echo
+        echo "CPU samples by kind of work (self time of each function, summed by name pattern):"
+        echo
+        echo '```text'
+        perf_rows --sort dso,symbol | group_samples
+        echo '```'
+        echo
+        echo "Hottest functions, self time (\`perf report --no-children --sort comm,dso,symbol\`, top 30):"
+        echo
+        echo '```text'
+        perf_rows --sort comm,dso,symbol | awk 'NR <= 30 { print substr($0, 1, 150) }'
+        echo '```'
+        echo
+        echo "Ferrite's counters after the profiled run:"
+        echo
+        echo '```text'
+        grep -E '^ferrite_(ingest_log|pipeline|store|ingest_messages|ingest_overloaded)[a-z_]*(\{[^}]*\})? ' \
+            "$WORK/ferrite-metrics.txt" || true
+        echo '```'
+    } >"$out"
+}
+
+# ---------------------------------------------------------------- report ---
+
+write_results_page() {
+    local block=$WORK/results-block.md
+    {
+        echo "<!-- results:start (generated by bench/run.sh; edits here are overwritten) -->"
+        echo
+        echo "Run on $(date -u '+%Y-%m-%d %H:%M UTC') at commit \`$(git -C "$REPO" rev-parse --short HEAD)\`$(git -C "$REPO" diff --quiet HEAD -- crates/ferrite || echo ' with uncommitted changes in crates/ferrite')."
+        echo
+        echo "Machine: $(nproc) CPUs, $(lscpu | awk -F': *' '/^Model name/ { print $2; exit }'); memory (\`free -g\`):"
+        echo
+        echo '```text'
+        free -g
+        echo '```'
+        echo
+        echo "Versions: $("$FERRITE" --version); InfluxDB $(dpkg-query -W -f='${Version}' influxdb);"
+        echo "VictoriaMetrics $(dpkg-query -W -f='${Version}' victoria-metrics); Mosquitto $(dpkg-query -W -f='${Version}' mosquitto) (Debian package versions)."
+        echo
+        echo "Settings: ROUNDS=$ROUNDS, LP_CONNECTIONS=$LP_CONNECTIONS, LP_BATCH_LINES=$LP_BATCH_LINES,"
+        echo "LP_BATCHES=$LP_BATCHES, LP_DEVICES=$LP_DEVICES, MQTT_CONNECTIONS=$MQTT_CONNECTIONS,"
+        echo "MQTT_INFLIGHT=$MQTT_INFLIGHT, MQTT_DURATION_S=$MQTT_DURATION_S, MQTT_DEVICES=$MQTT_DEVICES,"
+        echo "IDLE_CONNECTIONS=$IDLE_CONNECTIONS, IDLE_SETTLE_S=$IDLE_SETTLE_S."
+        echo
+        "$BENCH" summary --results "$RESULTS" --reference ferrite
+        echo "Generator commands (one per system; every run of a system used the same):"
+        echo
+        echo '```text'
+        cat "$COMMANDS"
+        echo '```'
+        echo
+        echo "#### Where Ferrite's time goes during line-protocol ingest"
+        echo
+        cat "$WORK/profile.md"
+        echo
+        echo "<details><summary>Raw result lines</summary>"
+        echo
+        echo '```json'
+        cat "$RESULTS"
+        echo '```'
+        echo
+        echo "</details>"
+        echo
+        echo "<!-- results:end -->"
+    } >"$block"
+
+    grep -q '^<!-- results:start' "$RESULTS_PAGE" || die "$RESULTS_PAGE has no <!-- results:start --> marker"
+    awk -v block="$block" '
+        /^<!-- results:start/ { while ((getline line < block) > 0) print line; skipping = 1; next }
+        /^<!-- results:end -->/ { skipping = 0; next }
+        !skipping { print }
+    ' "$RESULTS_PAGE" >"$WORK/page.md"
+    cp "$WORK/page.md" "$RESULTS_PAGE"
+    log "wrote $RESULTS_PAGE"
+}
+
+# ---------------------------------------------------------------- main ---
+
+main() {
+    install_missing
+    log "building the release binaries"
+    (cd "$REPO" && cargo build --release -p ferrite -p ferrite-bench)
+
+    # Each server and generator needs a descriptor per connection.
+    ulimit -n "$(ulimit -Hn)"
+    mkdir -p "$WORK/logs"
+    : >"$RESULTS"
+    prepare_ferrite_template
+    # One fixed start time, so every lp run sends byte-identical bodies.
+    LP_START_S=$(($(date +%s) - 24 * 3600))
+
+    local round system
+    for round in $(seq 1 "$ROUNDS"); do
+        for system in ferrite influxdb victoriametrics; do
+            log "lp round $round: $system"
+            run_lp "$system" "$round"
+        done
+    done
+    for system in ferrite influxdb victoriametrics; do
+        log "durability: $system killed right after an acknowledged batch"
+        check_durability "$system"
+    done
+    for round in $(seq 1 "$ROUNDS"); do
+        for system in ferrite mosquitto; do
+            log "mqtt round $round: $system"
+            run_mqtt "$system" "$round"
+        done
+    done
+    for system in ferrite mosquitto; do
+        log "mqtt with two generator processes: $system"
+        run_mqtt_split "$system"
+    done
+    for system in ferrite mosquitto; do
+        log "memory: $system with $IDLE_CONNECTIONS idle connections"
+        run_memory "$system"
+    done
+    if command -v perf >/dev/null; then
+        log "profiling Ferrite during one more lp run"
+        profile_ferrite_lp
+    else
+        echo "perf is not installed, so this run has no profile." >"$WORK/profile.md"
+    fi
+
+    write_results_page
+    "$BENCH" summary --results "$RESULTS" --reference ferrite
+}
+
+# Sourcing the script (for trying one function) defines the functions only.
+if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
+    main "$@"
+fi

@@ -1,0 +1,60 @@
+//! `ferrite-bench`: the load generator behind `bench/run.sh`.
+//!
+//! The same binary drives Ferrite and the systems it is compared with, so the
+//! client side of every comparison is identical. Each load subcommand prints
+//! one JSON line of results on standard output; `summary` turns the lines a
+//! run collected into the Markdown tables of `docs/benchmarks.md`.
+//!
+//! Every load is bounded in count and time, and only loopback addresses are
+//! accepted as targets.
+
+mod idle;
+mod lp;
+mod mqtt;
+mod stats;
+mod summary;
+mod target;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "ferrite-bench",
+    version,
+    about = "Load generator for Ferrite's benchmarks; each load prints one JSON line of results"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Write InfluxDB line-protocol batches over HTTP and report points/s.
+    Lp(lp::LpArgs),
+    /// Publish MQTT QoS 1 messages from many connections and report PUBACKs/s.
+    Mqtt(mqtt::MqttArgs),
+    /// Open idle MQTT connections and hold them, for memory measurements.
+    Idle(idle::IdleArgs),
+    /// Print Markdown tables (median, min, max, ratios) from collected result lines.
+    Summary(summary::SummaryArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+
+    let output = match cli.command {
+        Command::Lp(args) => serde_json::to_value(runtime.block_on(lp::run(args))?)?,
+        Command::Mqtt(args) => serde_json::to_value(runtime.block_on(mqtt::run(args))?)?,
+        Command::Idle(args) => serde_json::to_value(runtime.block_on(idle::run(args))?)?,
+        Command::Summary(args) => {
+            print!("{}", summary::run(&args)?);
+            return Ok(());
+        }
+    };
+    println!("{}", serde_json::to_string(&output)?);
+    Ok(())
+}
