@@ -294,6 +294,16 @@ impl Config {
             self.http.max_body_bytes >= 1024,
             "http.max_body_bytes must be at least 1024"
         );
+        // A message must fit one ingest log record, with room for its header.
+        let max_message = crate::ingest::log::MAX_RECORD_BODY - 1024;
+        anyhow::ensure!(
+            self.http.max_body_bytes <= max_message,
+            "http.max_body_bytes must be at most {max_message}"
+        );
+        anyhow::ensure!(
+            self.mqtt.max_payload_bytes <= max_message,
+            "mqtt.max_payload_bytes must be at most {max_message}"
+        );
         anyhow::ensure!(
             self.mqtt.max_inflight > 0,
             "mqtt.max_inflight must be at least 1"

@@ -114,7 +114,7 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
         queue_capacity: config.ingest.queue_capacity,
         append_timeout: config.ingest.append_timeout,
     };
-    let (ingest, log_control, committed) = ingest::open(
+    let (ingest, log_control, committed, log_ready) = ingest::open(
         &config.data_dir.join("log"),
         log_options,
         store.durable_marker(),
@@ -133,6 +133,13 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
             flush_interval: config.storage.flush_interval,
         },
     )?;
+
+    // Replay runs through the pipeline, so it can finish only now.
+    match log_ready.await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => return Err(error),
+        Err(_) => anyhow::bail!("the ingest log writer stopped during start-up"),
+    }
 
     let state = Arc::new(AppState {
         config: config.clone(),

@@ -136,6 +136,11 @@ impl From<IngestError> for ApiError {
                     error.to_string(),
                 )
             },
+            IngestError::TooLarge(_) => Self::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "Payload too large",
+                format!("{error}; send smaller batches"),
+            ),
             IngestError::Io => Self {
                 retry_after: Some(5),
                 ..Self::new(

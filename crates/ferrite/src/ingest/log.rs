@@ -23,6 +23,15 @@
 //!   segment is a torn write from a crash: the file is truncated there with a
 //!   warning. Such a record was never acknowledged. Damage inside an older
 //!   segment is logged as an error and the rest of that segment is skipped.
+//! - A record with a valid checksum that does not decode (written by a newer
+//!   version), or a segment that cannot be read, stops the start-up: going on
+//!   would reuse sequence numbers and let a checkpoint delete records that
+//!   were never replayed.
+//! - After a failed write whose partial bytes cannot be cut off, or when the
+//!   pipeline has stopped, the writer rejects every further append until a
+//!   restart, so nothing is acknowledged that replay would not find.
+//! - A record body is at most [`MAX_RECORD_BODY`] bytes; larger appends are
+//!   rejected before they are acknowledged.
 //!
 //! ## Shutdown
 //! [`LogControl::shutdown`] sends a marker through the request queue; the
@@ -38,14 +47,15 @@ use std::time::Duration;
 
 use anyhow::Context;
 use parking_lot::Mutex;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use super::{AppendRequest, Envelope, IngestError, IngestHandle, LogCommand};
 use crate::config::Durability;
 
 const RECORD_HEADER: usize = 4 + 4 + 8;
-/// Largest record body accepted at replay; larger lengths mean damage.
-const MAX_RECORD_BODY: usize = 64 * 1024 * 1024;
+/// Largest record body; appends above it are rejected and longer lengths
+/// read at replay mean damage.
+pub const MAX_RECORD_BODY: usize = 64 * 1024 * 1024;
 /// Bytes gathered into one write before the writer stops draining the queue.
 const MAX_GROUP_BYTES: usize = 16 * 1024 * 1024;
 
@@ -108,11 +118,19 @@ impl LogControl {
 /// for adapters, the owner's control and the receiver of committed batches.
 /// Records above `replay_after` are sent to that receiver first, before any
 /// new append.
+/// The last return value reports once replay has finished: `Err` means the
+/// log cannot be trusted and the server must not start.
+#[allow(clippy::type_complexity)]
 pub fn open(
     dir: &Path,
     options: LogOptions,
     replay_after: u64,
-) -> anyhow::Result<(IngestHandle, LogControl, mpsc::Receiver<Committed>)> {
+) -> anyhow::Result<(
+    IngestHandle,
+    LogControl,
+    mpsc::Receiver<Committed>,
+    oneshot::Receiver<anyhow::Result<()>>,
+)> {
     std::fs::create_dir_all(dir)
         .with_context(|| format!("cannot create the ingest log directory {}", dir.display()))?;
     let segments = list_segments(dir)?;
@@ -120,6 +138,7 @@ pub fn open(
     let (commands_tx, commands_rx) = mpsc::channel(options.queue_capacity);
     let (committed_tx, committed_rx) = mpsc::channel(16);
     let segments = Arc::new(Mutex::new(segments));
+    let (ready_tx, ready_rx) = oneshot::channel();
     let writer = Writer {
         dir: dir.to_owned(),
         options: options.clone(),
@@ -128,10 +147,11 @@ pub fn open(
         file_len: 0,
         next_seq: 1,
         committed: committed_tx,
+        broken: None,
     };
     let thread = std::thread::Builder::new()
         .name("ingest-log".into())
-        .spawn(move || writer.run(commands_rx, replay_after))
+        .spawn(move || writer.run(commands_rx, replay_after, ready_tx))
         .context("cannot start the ingest log writer thread")?;
 
     let handle = IngestHandle {
@@ -143,7 +163,7 @@ pub fn open(
         commands: commands_tx,
         writer: Mutex::new(Some(thread)),
     };
-    Ok((handle, control, committed_rx))
+    Ok((handle, control, committed_rx, ready_rx))
 }
 
 fn list_segments(dir: &Path) -> anyhow::Result<Vec<Segment>> {
@@ -180,6 +200,8 @@ struct Writer {
     file_len: u64,
     next_seq: u64,
     committed: mpsc::Sender<Committed>,
+    /// Why the writer stopped accepting appends, once it has.
+    broken: Option<&'static str>,
 }
 
 /// Outcome of replaying one segment.
@@ -193,20 +215,24 @@ enum SegmentEnd {
 }
 
 impl Writer {
-    fn run(mut self, mut commands: mpsc::Receiver<LogCommand>, replay_after: u64) {
-        if let Err(error) = self.replay(replay_after) {
-            tracing::error!(
-                error = format!("{error:#}"),
-                "ingest log replay failed; records above the checkpoint may be missing from storage"
-            );
+    fn run(
+        mut self,
+        mut commands: mpsc::Receiver<LogCommand>,
+        replay_after: u64,
+        ready: oneshot::Sender<anyhow::Result<()>>,
+    ) {
+        let started = self.replay(replay_after).and_then(|()| {
+            // Never below a segment that exists, even an empty one: its name
+            // is the sequence number its first record had or will have.
+            let last_first_seq = self.segments.lock().last().map_or(1, |s| s.first_seq);
+            self.next_seq = self.next_seq.max(replay_after + 1).max(last_first_seq);
+            self.start_segment()
+        });
+        if let Err(error) = started {
+            let _ = ready.send(Err(error.context("the ingest log cannot be opened")));
+            return;
         }
-        self.next_seq = self.next_seq.max(replay_after + 1);
-        if let Err(error) = self.start_segment() {
-            tracing::error!(
-                error = format!("{error:#}"),
-                "cannot create an ingest log segment; appends will fail"
-            );
-        }
+        let _ = ready.send(Ok(()));
 
         let mut buffer = Vec::with_capacity(1024 * 1024);
         while let Some(command) = commands.blocking_recv() {
@@ -261,6 +287,13 @@ impl Writer {
     }
 
     fn commit(&mut self, requests: Vec<AppendRequest>, buffer: &mut Vec<u8>) {
+        if let Some(reason) = self.broken {
+            tracing::error!(reason, "ingest log rejects appends until a restart");
+            for request in requests {
+                let _ = request.done.send(Err(IngestError::Io));
+            }
+            return;
+        }
         buffer.clear();
         let first_seq = self.next_seq;
         let mut seq = first_seq;
@@ -292,8 +325,9 @@ impl Writer {
                 // backpressure that reaches the adapters through the queue.
                 if self.committed.blocking_send(batch).is_err() {
                     tracing::error!(
-                        "the pipeline stopped; committed records stay in the log for replay"
+                        "the pipeline stopped; committed records stay in the log for replay, and new appends are rejected until a restart"
                     );
+                    self.broken = Some("the pipeline stopped");
                 }
             }
             Err(error) => {
@@ -325,8 +359,13 @@ impl Writer {
                 Durability::None => Ok(()),
             });
         if let Err(error) = written {
-            // Cut off a partial write so the next append starts on a record boundary.
-            let _ = file.set_len(start_len);
+            // Cut off a partial write so the next append starts on a record
+            // boundary. If even that fails, later records would follow
+            // garbage that replay stops at, so stop accepting appends.
+            if file.set_len(start_len).is_err() {
+                self.file = None;
+                self.broken = Some("a failed write could not be cut off");
+            }
             return Err(error).context("write to the ingest log failed");
         }
         if self.options.durability == Durability::Fsync {
@@ -336,9 +375,17 @@ impl Writer {
         Ok(())
     }
 
-    /// Starts a new segment whose first record is `next_seq`.
+    /// Starts a new segment whose first record is `next_seq`. An existing
+    /// file of that name may only be empty (created just before a crash).
     fn start_segment(&mut self) -> anyhow::Result<()> {
         let path = segment_path(&self.dir, self.next_seq);
+        if std::fs::metadata(&path).is_ok_and(|meta| meta.len() > 0) {
+            anyhow::bail!(
+                "the ingest log segment {} already holds records, so sequence number {} would be used twice; the log directory was changed by hand or damaged",
+                path.display(),
+                self.next_seq
+            );
+        }
         let file = OpenOptions::new()
             .create(true)
             .append(true)
@@ -349,14 +396,15 @@ impl Writer {
         self.file = Some(file);
         self.file_len = len;
         let mut segments = self.segments.lock();
-        if segments
-            .last()
-            .is_none_or(|last| last.first_seq != self.next_seq)
+        if !segments
+            .iter()
+            .any(|segment| segment.first_seq == self.next_seq)
         {
             segments.push(Segment {
                 first_seq: self.next_seq,
                 path,
             });
+            segments.sort_by_key(|segment| segment.first_seq);
         }
         Ok(())
     }
@@ -372,14 +420,19 @@ impl Writer {
             .collect();
         let mut replayed = 0u64;
         let mut batch = Vec::new();
+        let mut batch_bytes = 0usize;
         for (index, (_, path)) in paths.iter().enumerate() {
             let is_last = index + 1 == paths.len();
             let end = read_segment(path, |seq, envelope| {
                 self.next_seq = self.next_seq.max(seq + 1);
                 if seq > after {
+                    batch_bytes += envelope.encoded_len();
                     batch.push((seq, envelope));
                     replayed += 1;
-                    if batch.len() >= 4096 {
+                    // Bounded in bytes as well, so a replay of large
+                    // records holds no more memory than live traffic.
+                    if batch.len() >= 4096 || batch_bytes >= MAX_GROUP_BYTES {
+                        batch_bytes = 0;
                         let records = std::mem::take(&mut batch);
                         let last_seq = seq;
                         let _ = self
@@ -469,10 +522,10 @@ fn read_segment(
             });
         }
         let Some(envelope) = Envelope::decode(&body) else {
-            return Ok(SegmentEnd::Damaged {
-                offset,
-                reason: "record is not a valid envelope",
-            });
+            anyhow::bail!(
+                "record {seq} at offset {offset} of {} has a valid checksum but is not an envelope this version can read; start the version that wrote it",
+                path.display()
+            );
         };
         on_record(seq, envelope);
         offset += (RECORD_HEADER + body_len) as u64;
@@ -526,7 +579,7 @@ mod tests {
     /// Opens the log, appends `count` envelopes, and returns every committed
     /// record the pipeline side received (replayed ones included).
     async fn append_and_collect(dir: &Path, replay_after: u64, count: u32) -> Vec<(u64, Envelope)> {
-        let (handle, control, mut committed) = open(dir, options(), replay_after).unwrap();
+        let (handle, control, mut committed, ready) = open(dir, options(), replay_after).unwrap();
         let collector = tokio::spawn(async move {
             let mut records = Vec::new();
             while let Some(batch) = committed.recv().await {
@@ -534,6 +587,7 @@ mod tests {
             }
             records
         });
+        ready.await.unwrap().unwrap();
         for n in 0..count {
             handle.append(vec![envelope(n)]).await.unwrap();
         }
@@ -591,10 +645,61 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn unreadable_record_stops_start_up() {
+        let dir = tempfile::tempdir().unwrap();
+        append_and_collect(dir.path(), 0, 3).await;
+
+        // A record with a valid checksum and an unknown envelope version, as
+        // a newer release would write it.
+        let segment = list_segments(dir.path()).unwrap().remove(0);
+        let mut body = 4u64.to_le_bytes().to_vec();
+        body.extend_from_slice(&[99u8; 60]);
+        let mut record = (body.len() as u32 - 8).to_le_bytes().to_vec();
+        record.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+        record.extend_from_slice(&body);
+        OpenOptions::new()
+            .append(true)
+            .open(&segment.path)
+            .unwrap()
+            .write_all(&record)
+            .unwrap();
+        let length_before = std::fs::metadata(&segment.path).unwrap().len();
+
+        let (_handle, _control, mut committed, ready) = open(dir.path(), options(), 0).unwrap();
+        let drain = tokio::spawn(async move { while committed.recv().await.is_some() {} });
+        let error = ready.await.unwrap().expect_err("start-up must fail");
+        assert!(format!("{error:#}").contains("valid checksum"), "{error:#}");
+        drain.await.unwrap();
+        // Nothing was cut off: the newer version can still read it.
+        assert_eq!(
+            std::fs::metadata(&segment.path).unwrap().len(),
+            length_before
+        );
+    }
+
+    #[tokio::test]
+    async fn oversized_append_is_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let (handle, control, mut committed, ready) = open(dir.path(), options(), 0).unwrap();
+        let drain = tokio::spawn(async move { while committed.recv().await.is_some() {} });
+        ready.await.unwrap().unwrap();
+        let mut large = envelope(1);
+        large.payload = Bytes::from(vec![b'x'; MAX_RECORD_BODY]);
+        let error = handle.append(vec![envelope(0), large]).await.unwrap_err();
+        assert!(matches!(error, IngestError::TooLarge(_)), "{error}");
+        handle.append(vec![envelope(2)]).await.unwrap();
+        control.shutdown().await;
+        drop(handle);
+        drop(control);
+        drain.await.unwrap();
+    }
+
+    #[tokio::test]
     async fn checkpoint_deletes_only_covered_segments() {
         let dir = tempfile::tempdir().unwrap();
-        let (handle, control, mut committed) = open(dir.path(), options(), 0).unwrap();
+        let (handle, control, mut committed, ready) = open(dir.path(), options(), 0).unwrap();
         let drain = tokio::spawn(async move { while committed.recv().await.is_some() {} });
+        ready.await.unwrap().unwrap();
         // Each append is about 60 bytes; 4 KiB segments roll over often.
         for n in 0..300 {
             handle.append(vec![envelope(n)]).await.unwrap();

@@ -23,6 +23,9 @@ pub enum IngestError {
     /// The append failed on disk; nothing of it was acknowledged.
     #[error("the ingest log could not be written")]
     Io,
+    /// One message is larger than a log record can be.
+    #[error("a message of {0} bytes is larger than the ingest log's record limit of {max} bytes", max = log::MAX_RECORD_BODY)]
+    TooLarge(usize),
 }
 
 pub(crate) struct AppendRequest {
@@ -49,6 +52,13 @@ impl IngestHandle {
     pub async fn append(&self, envelopes: Vec<Envelope>) -> Result<(), IngestError> {
         if envelopes.is_empty() {
             return Ok(());
+        }
+        // The sequence number shares the record body with the envelope.
+        if let Some(large) = envelopes
+            .iter()
+            .find(|envelope| envelope.encoded_len() + 8 > log::MAX_RECORD_BODY)
+        {
+            return Err(IngestError::TooLarge(large.encoded_len()));
         }
         let (done, wait) = oneshot::channel();
         let request = LogCommand::Append(AppendRequest { envelopes, done });

@@ -90,10 +90,22 @@ impl Pipeline {
             let store = store.clone();
             let applied = applied.clone();
             let seen = seen.clone();
+            // Workers wait above twice the budget: a flush that cannot keep
+            // up, or keeps failing, then slows the input down instead of
+            // filling memory.
+            let memory_limit = options.head_budget_bytes.saturating_mul(2);
             workers.push(
                 std::thread::Builder::new()
                     .name(format!("pipeline-{index}"))
-                    .spawn(move || run_worker(receiver, store.as_ref(), &applied[index], &seen))?,
+                    .spawn(move || {
+                        run_worker(
+                            receiver,
+                            store.as_ref(),
+                            &applied[index],
+                            &seen,
+                            memory_limit,
+                        )
+                    })?,
             );
         }
 
@@ -176,8 +188,16 @@ fn run_worker(
     store: &dyn TimeSeriesStore,
     applied: &AtomicU64,
     seen: &SeenDevices,
+    memory_limit: usize,
 ) {
+    // Set by a store write that failed for a reason other than invalid
+    // input. The applied position then stays below the failed record, so the
+    // log keeps it and the next start writes it again.
+    let mut stalled = false;
     while let Ok(work) = receiver.recv() {
+        while store.pending_bytes() > memory_limit {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let mut last_seen: HashMap<DeviceId, i64> = HashMap::new();
         for envelope in &work.envelopes {
             let decoded = match decode_envelope(envelope) {
@@ -195,8 +215,14 @@ fn run_worker(
                 .map(|point| (point.key.as_str(), point.ts, point.value.clone()))
                 .collect();
             if let Err(error) = store.write(envelope.tenant_id, envelope.device_id, &points) {
-                tracing::error!(device_id = %envelope.device_id, error = %error, "store write failed; the points stay in the ingest log and are written again at the next start");
                 metrics::counter!("ferrite_store_write_errors_total").increment(1);
+                if matches!(error, ferrite_tsdb::StoreError::InvalidArgument(_)) {
+                    // Writing it again would fail again.
+                    tracing::error!(device_id = %envelope.device_id, %error, "the store rejected points; they are skipped");
+                } else {
+                    tracing::error!(device_id = %envelope.device_id, %error, "store write failed; the points stay in the ingest log and are written again at the next start");
+                    stalled = true;
+                }
                 continue;
             }
             metrics::counter!("ferrite_pipeline_points_total", "protocol" => envelope.protocol.as_str())
@@ -212,7 +238,9 @@ fn run_worker(
                 *entry = (*entry).max(at);
             }
         }
-        applied.store(work.last_seq, Ordering::Release);
+        if !stalled {
+            applied.store(work.last_seq, Ordering::Release);
+        }
     }
 }
 

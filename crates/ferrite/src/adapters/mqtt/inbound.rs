@@ -388,6 +388,7 @@ impl Connection {
     fn report_append_failure(&mut self, error: &IngestError, messages: usize) {
         let reason = match error {
             IngestError::Overloaded => "overloaded",
+            IngestError::TooLarge(_) => "too_large",
             IngestError::ShuttingDown | IngestError::Io => "unavailable",
         };
         events::messages_rejected(reason, messages);
@@ -411,6 +412,7 @@ impl Connection {
                     self.qos2.remove(&packet_id);
                     let reason = match error {
                         IngestError::Overloaded => ReasonCode::QuotaExceeded,
+                        IngestError::TooLarge(_) => ReasonCode::PacketTooLarge,
                         IngestError::ShuttingDown | IngestError::Io => ReasonCode::UnspecifiedError,
                     };
                     self.write_publish_ack(packet_id, qos, reason, Some(error.to_string()));
@@ -575,6 +577,7 @@ async fn append_will(shared: &Shared, identity: &DeviceIdentity, client_id: &Cli
             events::messages_rejected(
                 match error {
                     IngestError::Overloaded => "overloaded",
+                    IngestError::TooLarge(_) => "too_large",
                     IngestError::ShuttingDown | IngestError::Io => "unavailable",
                 },
                 1,
