@@ -619,7 +619,8 @@ perf_rows() {
 group_samples() {
     awk '
         { share = $1; sub("%", "", share) }
-        /libc[.]so.* (malloc|_int_malloc|_int_free|free|cfree|realloc|_int_realloc|malloc_consolidate|unlink_chunk|tcache)/ { kind["memory allocator (glibc malloc, free, realloc)"] += share; next }
+        /libc[.]so.* (malloc|_int_malloc|_int_free|free|cfree|realloc|_int_realloc|malloc_consolidate|unlink_chunk|tcache)/ { kind["memory allocator (malloc, free, realloc)"] += share; next }
+        / _?mi_[a-z_]+/ { kind["memory allocator (malloc, free, realloc)"] += share; next }
         /ferrite_codec::line_protocol/ { kind["line-protocol parsing (ferrite_codec::line_protocol)"] += share; next }
         /ferrite_tsdb::/ { kind["time-series store (ferrite_tsdb)"] += share; next }
         /\[kernel/ { kind["kernel (syscalls, network, disk, scheduling)"] += share; next }

@@ -17,7 +17,7 @@
 //! ## Backpressure
 //! Channels between the threads are bounded. When workers fall behind, the
 //! dispatcher blocks, the log writer blocks on its hand-over and appends wait
-//! in the log's queue, which answers "overloaded" after a timeout.
+//! in the log's queue, which returns "overloaded" after a timeout.
 //!
 //! ## Shutdown
 //! When the log writer stops it closes its channel; the dispatcher and
