@@ -23,7 +23,7 @@ use crate::auth::{self, Auth};
 use crate::config::Config;
 use crate::ids::{DeviceId, TenantId};
 use crate::ingest::{self, IngestHandle, LogOptions};
-use crate::metadata::{MetadataStore, Role, SqliteMetadata};
+use crate::metadata::{Labels, MetadataStore, Role, SqliteMetadata};
 use crate::pipeline::{Pipeline, PipelineOptions, SeenDevices};
 use crate::store::{EmbeddedStore, TimeSeriesStore};
 
@@ -39,6 +39,8 @@ pub struct AppState {
     pub ready: AtomicBool,
     /// Newest receive time per device since the last metadata update.
     pub seen: SeenDevices,
+    /// Labels written since the last metadata update, merged per device.
+    pub pending_labels: parking_lot::Mutex<std::collections::HashMap<DeviceId, Labels>>,
     /// Device ids by name, for line-protocol fleet writes.
     pub device_names: parking_lot::Mutex<std::collections::HashMap<(TenantId, String), DeviceId>>,
 }
@@ -151,14 +153,11 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
         ready: AtomicBool::new(false),
         seen: seen.clone(),
         device_names: Default::default(),
+        pending_labels: Default::default(),
     });
 
     let shutdown = CancellationToken::new();
-    let last_seen_task = tokio::spawn(sync_last_seen(
-        metadata.clone(),
-        seen.clone(),
-        shutdown.clone(),
-    ));
+    let last_seen_task = tokio::spawn(sync_device_status(state.clone(), shutdown.clone()));
     let http_task = tokio::spawn(adapters::http::serve(
         http_listener,
         state.clone(),
@@ -194,7 +193,7 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
     log_control.shutdown().await;
     tokio::task::spawn_blocking(move || pipeline.finish()).await?;
     let _ = last_seen_task.await;
-    flush_last_seen(&metadata, &seen).await;
+    flush_device_status(&state).await;
     metadata.close().await;
     tracing::info!("Ferrite stopped");
     Ok(())
@@ -240,16 +239,33 @@ async fn ensure_first_admin(metadata: &SqliteMetadata) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn sync_last_seen(
-    metadata: Arc<SqliteMetadata>,
-    seen: SeenDevices,
-    shutdown: CancellationToken,
-) {
+/// Writes last-seen times and labels to the metadata store every 2 s.
+async fn sync_device_status(state: Arc<AppState>, shutdown: CancellationToken) {
     let mut ticker = tokio::time::interval(Duration::from_secs(2));
     loop {
         tokio::select! {
-            _ = ticker.tick() => flush_last_seen(&metadata, &seen).await,
+            _ = ticker.tick() => flush_device_status(&state).await,
             _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
+async fn flush_device_status(state: &AppState) {
+    flush_last_seen(&state.metadata, &state.seen).await;
+
+    let pending: Vec<(DeviceId, Labels)> = state.pending_labels.lock().drain().collect();
+    if pending.is_empty() {
+        return;
+    }
+    if let Err(error) = state.metadata.merge_labels(&pending).await {
+        tracing::warn!(%error, devices = pending.len(), "cannot record device labels; retrying later");
+        let mut labels = state.pending_labels.lock();
+        for (device, failed) in pending {
+            // Newer labels that arrived meanwhile win over the failed ones.
+            let entry = labels.entry(device).or_default();
+            for (name, value) in failed {
+                entry.entry(name).or_insert(value);
+            }
         }
     }
 }

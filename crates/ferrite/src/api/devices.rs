@@ -32,12 +32,17 @@ fn device_json(state: &AppState, device: &Device) -> serde_json::Value {
         (stored, pending) => stored.or(pending),
     };
     let now = chrono::Utc::now().timestamp_millis();
+    let mut labels = device.labels.clone();
+    if let Some(pending) = state.pending_labels.lock().get(&device.id) {
+        labels.extend(pending.clone());
+    }
     json!({
         "id": device.id,
         "name": device.name,
         "created_at": device.created_at,
         "last_seen_at": last_seen_at,
         "online": last_seen_at.is_some_and(|at| now - at <= ONLINE_WINDOW_MS),
+        "labels": labels,
     })
 }
 

@@ -81,7 +81,12 @@ pub struct Device {
     pub created_at: i64,
     /// Time of the last accepted message in epoch milliseconds.
     pub last_seen_at: Option<i64>,
+    /// Line-protocol tags the device wrote, newest value per tag.
+    pub labels: Labels,
 }
+
+/// Labels of a device, by name.
+pub type Labels = std::collections::BTreeMap<String, String>;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ApiKey {
@@ -151,6 +156,8 @@ pub trait MetadataStore: Send + Sync {
         token_hash: &[u8],
     ) -> Result<Option<Device>, MetadataError>;
     async fn record_last_seen(&self, seen: &[(DeviceId, i64)]) -> Result<(), MetadataError>;
+    /// Merges `labels` into each device's labels; a new value replaces the old one.
+    async fn merge_labels(&self, labels: &[(DeviceId, Labels)]) -> Result<(), MetadataError>;
     async fn create_api_key(
         &self,
         tenant: TenantId,

@@ -7,7 +7,7 @@ use std::time::Duration;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
 
-use super::{ApiKey, Device, MetadataError, MetadataStore, Role, Tenant, User};
+use super::{ApiKey, Device, Labels, MetadataError, MetadataStore, Role, Tenant, User};
 use crate::ids::{ApiKeyId, DeviceId, TenantId, UserId};
 
 const DEFAULT_TENANT: &str = "default";
@@ -32,6 +32,14 @@ fn parse_id<T: FromStr>(text: String) -> Result<T, MetadataError> {
 fn parse_role(text: String) -> Result<Role, MetadataError> {
     text.parse()
         .map_err(|message: String| MetadataError::Database(sqlx::Error::Decode(message.into())))
+}
+
+fn parse_labels(text: String) -> Result<Labels, MetadataError> {
+    serde_json::from_str(&text).map_err(|error| {
+        MetadataError::Database(sqlx::Error::Decode(
+            format!("invalid device labels {text:?} in metadata database: {error}").into(),
+        ))
+    })
 }
 
 fn is_unique_violation(error: &sqlx::Error) -> bool {
@@ -81,6 +89,7 @@ fn device_from_row(row: sqlx::sqlite::SqliteRow) -> Result<Device, MetadataError
         name: row.try_get("name")?,
         created_at: row.try_get("created_at")?,
         last_seen_at: row.try_get("last_seen_at")?,
+        labels: parse_labels(row.try_get("labels")?)?,
     })
 }
 
@@ -199,12 +208,13 @@ impl MetadataStore for SqliteMetadata {
             name: name.to_owned(),
             created_at,
             last_seen_at: None,
+            labels: Labels::new(),
         })
     }
 
     async fn device(&self, tenant: TenantId, id: DeviceId) -> Result<Device, MetadataError> {
         let row = sqlx::query(
-            "SELECT id, tenant_id, name, created_at, last_seen_at FROM devices WHERE tenant_id = ? AND id = ?",
+            "SELECT id, tenant_id, name, created_at, last_seen_at, labels FROM devices WHERE tenant_id = ? AND id = ?",
         )
         .bind(tenant.to_string())
         .bind(id.to_string())
@@ -221,7 +231,7 @@ impl MetadataStore for SqliteMetadata {
         name: &str,
     ) -> Result<Option<Device>, MetadataError> {
         let row = sqlx::query(
-            "SELECT id, tenant_id, name, created_at, last_seen_at FROM devices WHERE tenant_id = ? AND name = ?",
+            "SELECT id, tenant_id, name, created_at, last_seen_at, labels FROM devices WHERE tenant_id = ? AND name = ?",
         )
         .bind(tenant.to_string())
         .bind(name)
@@ -237,7 +247,7 @@ impl MetadataStore for SqliteMetadata {
         offset: i64,
     ) -> Result<Vec<Device>, MetadataError> {
         let rows = sqlx::query(
-            "SELECT id, tenant_id, name, created_at, last_seen_at FROM devices WHERE tenant_id = ? ORDER BY name LIMIT ? OFFSET ?",
+            "SELECT id, tenant_id, name, created_at, last_seen_at, labels FROM devices WHERE tenant_id = ? ORDER BY name LIMIT ? OFFSET ?",
         )
         .bind(tenant.to_string())
         .bind(limit)
@@ -292,7 +302,7 @@ impl MetadataStore for SqliteMetadata {
         token_hash: &[u8],
     ) -> Result<Option<Device>, MetadataError> {
         let row = sqlx::query(
-            "SELECT d.id, d.tenant_id, d.name, d.created_at, d.last_seen_at
+            "SELECT d.id, d.tenant_id, d.name, d.created_at, d.last_seen_at, d.labels
              FROM device_tokens t JOIN devices d ON d.id = t.device_id
              WHERE t.token_hash = ? AND t.revoked_at IS NULL",
         )
@@ -312,6 +322,21 @@ impl MetadataStore for SqliteMetadata {
             .bind(id.to_string())
             .execute(&mut *tx)
             .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn merge_labels(&self, labels: &[(DeviceId, Labels)]) -> Result<(), MetadataError> {
+        let mut tx = self.pool.begin().await?;
+        for (id, new_labels) in labels {
+            let encoded = serde_json::to_string(new_labels)
+                .map_err(|error| MetadataError::Database(sqlx::Error::Encode(error.into())))?;
+            sqlx::query("UPDATE devices SET labels = json_patch(labels, ?) WHERE id = ?")
+                .bind(encoded)
+                .bind(id.to_string())
+                .execute(&mut *tx)
+                .await?;
         }
         tx.commit().await?;
         Ok(())

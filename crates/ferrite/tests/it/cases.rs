@@ -596,3 +596,51 @@ async fn query_validation_and_paging() {
     assert_eq!(status, 200);
     assert_eq!(body["m.v"].as_array().unwrap().len(), 250);
 }
+
+/// Reads a device's labels, waiting until `key` appears (labels reach the
+/// metadata store asynchronously).
+async fn labels_with(server: &Server, device: &TestDevice, key: &str, value: &str) -> Value {
+    let mut labels = Value::Null;
+    for _ in 0..100 {
+        let (status, body) = server
+            .get_json(&format!("/api/v1/devices/{}", device.id))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        labels = body["labels"].clone();
+        if labels[key] == json!(value) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    labels
+}
+
+#[tokio::test]
+async fn line_protocol_tags_become_labels() {
+    let server = Server::start().await;
+    let device = server.create_device("lp-labels").await;
+    let line = r"room,loc=New\ York,dev=a\,b,k\=x=1 t=21.5 1700000000000000000";
+    let (status, body) = write_lp(&server, &device.token, None, line).await;
+    assert_eq!(status, 204, "{body}");
+    let labels = labels_with(&server, &device, "loc", "New York").await;
+    assert_eq!(labels, json!({"loc": "New York", "dev": "a,b", "k=x": "1"}));
+
+    // UTF-8 tag values arrive byte-identical; newer values replace older ones.
+    let line = "room,loc=Küche,icon=🌡 t=21.5 1700000000000000000";
+    let (status, body) = write_lp(&server, &device.token, None, line).await;
+    assert_eq!(status, 204, "{body}");
+    let labels = labels_with(&server, &device, "loc", "Küche").await;
+    assert_eq!(
+        labels,
+        json!({"loc": "Küche", "icon": "🌡", "dev": "a,b", "k=x": "1"})
+    );
+
+    // Labels survive a restart: they are in the metadata store.
+    let mut server = server;
+    server.terminate();
+    server.restart().await;
+    let (_, body) = server
+        .get_json(&format!("/api/v1/devices/{}", device.id))
+        .await;
+    assert_eq!(body["labels"]["icon"], json!("🌡"));
+}

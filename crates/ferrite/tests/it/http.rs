@@ -251,6 +251,20 @@ async fn api_key_writes_a_fleet_by_tag() {
     let fuel = wait_for_key(&server, id, "diagnostics.fuel_state").await;
     assert_eq!(fuel["value"], json!(0.7));
 
+    // Tags other than the device tag become labels of the device.
+    let labels_stored = wait_until(
+        || async {
+            let (_, device) = server.get_json(&format!("/api/v1/devices/{id}")).await;
+            device["labels"] == json!({"fleet": "East"})
+        },
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(
+        labels_stored,
+        "truck-1 has the label fleet=East and no name label"
+    );
+
     // A line without the device tag rejects the batch.
     let (status, text) = post(
         &server,

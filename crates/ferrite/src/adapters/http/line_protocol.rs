@@ -7,6 +7,9 @@
 //! goes to the device named by its tag `device_tag` (default `device`), and
 //! unknown names create devices when `auth.auto_create_devices` is on.
 //!
+//! Tags other than the device tag become labels of the device (the newest
+//! value per tag wins), shown on the device in the REST API.
+//!
 //! A batch is atomic: if any line is invalid, nothing is stored and the 400
 //! response lists the invalid lines by number. The stored key of a field is
 //! `measurement.field`. Query parameters `db`, `rp`, `bucket`, `org` and
@@ -30,7 +33,7 @@ use crate::auth::{self, DEVICE_TOKEN_PREFIX};
 use crate::decode::{format_duration, format_ts};
 use crate::ids::{DeviceId, TenantId};
 use crate::ingest::{ContentType, Envelope, Protocol};
-use crate::metadata::{MetadataStore, Role};
+use crate::metadata::{Labels, MetadataStore, Role};
 use crate::server::AppState;
 
 const DEFAULT_DEVICE_TAG: &str = "device";
@@ -88,14 +91,15 @@ pub async fn write(
     let received_at_ns = now_ns();
     check_timestamps(&lines, received_at_ns, &state)?;
 
-    let envelopes = match writer {
-        Writer::Device { tenant, device } => vec![envelope(
-            tenant,
-            device,
-            received_at_ns,
-            precision,
-            payload.clone(),
-        )],
+    let (envelopes, labels) = match writer {
+        Writer::Device { tenant, device } => {
+            let mut labels = Labels::new();
+            for line in &lines {
+                labels.extend(line.tags.iter().cloned());
+            }
+            let envelope = envelope(tenant, device, received_at_ns, precision, payload.clone());
+            (vec![envelope], vec![(device, labels)])
+        }
         Writer::Fleet { tenant, may_create } => {
             let device_tag = params
                 .get("device_tag")
@@ -120,6 +124,16 @@ pub async fn write(
         ApiError::from(error)
     })?;
     metrics::counter!("ferrite_ingest_messages_total", "protocol" => "http").increment(count);
+
+    // NOTE: labels reach the metadata store within about 2 s and are not in
+    // the ingest log, so a crash in between loses them until the device
+    // writes its tags again.
+    let mut pending = state.pending_labels.lock();
+    for (device, labels) in labels {
+        if !labels.is_empty() {
+            pending.entry(device).or_default().extend(labels);
+        }
+    }
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -202,7 +216,8 @@ fn check_timestamps(
     Ok(())
 }
 
-/// Splits a fleet batch into one envelope per device.
+/// Splits a fleet batch into one envelope per device, with each device's
+/// labels: its tags other than `device_tag`.
 async fn fleet_envelopes(
     state: &AppState,
     tenant: TenantId,
@@ -211,8 +226,8 @@ async fn fleet_envelopes(
     lines: &[Line<'_>],
     received_at_ns: i64,
     precision: Precision,
-) -> Result<Vec<Envelope>, ApiError> {
-    let mut by_device: Vec<(String, String)> = Vec::new();
+) -> Result<(Vec<Envelope>, Vec<(DeviceId, Labels)>), ApiError> {
+    let mut by_device: Vec<(String, String, Labels)> = Vec::new();
     let mut index: HashMap<&str, usize> = HashMap::new();
     for line in lines {
         let Some((_, name)) = line.tags.iter().find(|(key, _)| key == device_tag) else {
@@ -223,16 +238,23 @@ async fn fleet_envelopes(
             )));
         };
         let slot = *index.entry(name.as_str()).or_insert_with(|| {
-            by_device.push((name.clone(), String::new()));
+            by_device.push((name.clone(), String::new(), Labels::new()));
             by_device.len() - 1
         });
-        let payload = &mut by_device[slot].1;
+        let (_, payload, labels) = &mut by_device[slot];
         payload.push_str(line.raw);
         payload.push('\n');
+        labels.extend(
+            line.tags
+                .iter()
+                .filter(|(key, _)| key != device_tag)
+                .cloned(),
+        );
     }
 
     let mut envelopes = Vec::with_capacity(by_device.len());
-    for (name, payload) in by_device {
+    let mut labels_by_device = Vec::with_capacity(by_device.len());
+    for (name, payload, labels) in by_device {
         let device = device_by_name(state, tenant, &name, may_create).await?;
         envelopes.push(envelope(
             tenant,
@@ -241,8 +263,9 @@ async fn fleet_envelopes(
             precision,
             Bytes::from(payload),
         ));
+        labels_by_device.push((device, labels));
     }
-    Ok(envelopes)
+    Ok((envelopes, labels_by_device))
 }
 
 async fn device_by_name(
