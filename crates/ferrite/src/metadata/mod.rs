@@ -16,7 +16,7 @@ use crate::ids::{ApiKeyId, DeviceId, TenantId, UserId};
 
 pub use sqlite::SqliteMetadata;
 
-/// Who may do what on the REST API.
+/// Role of a person or service on the REST API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
@@ -97,7 +97,7 @@ pub struct ApiKey {
 }
 
 /// Errors of the metadata layer. Domain errors are kept apart from database
-/// failures so the API can answer 404/409 without exposing internals.
+/// failures so the API can return 404/409 without exposing internals.
 #[derive(Debug, thiserror::Error)]
 pub enum MetadataError {
     #[error("{0} not found")]
@@ -111,7 +111,7 @@ pub enum MetadataError {
 }
 
 /// Storage of tenants, users, devices and credentials. Hashes are computed
-/// by the caller (`auth`), so the store never sees a secret.
+/// by the caller (`auth`), so the store never receives a secret.
 #[allow(async_fn_in_trait)]
 pub trait MetadataStore: Send + Sync {
     async fn default_tenant(&self) -> Result<Tenant, MetadataError>;
