@@ -220,3 +220,35 @@ pub async fn create_api_key(
         Json(json!({"id": created.id, "name": created.name, "role": created.role, "key": key})),
     ))
 }
+
+/// `GET /api/v1/api-keys`: the tenant's API keys, without the secrets (admins only).
+pub async fn list_api_keys(
+    State(state): State<Arc<AppState>>,
+    principal: Principal,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    principal.require(Role::Admin)?;
+    let keys = state.metadata.list_api_keys(principal.tenant_id).await?;
+    let keys: Vec<_> = keys
+        .iter()
+        .map(|key| json!({"id": key.id, "name": key.name, "role": key.role, "created_at": key.created_at}))
+        .collect();
+    Ok(Json(json!({"api_keys": keys})))
+}
+
+/// `DELETE /api/v1/api-keys/{id}`: revokes an API key at once (admins only).
+pub async fn revoke_api_key(
+    State(state): State<Arc<AppState>>,
+    principal: Principal,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    principal.require(Role::Admin)?;
+    let id = id.parse().map_err(|_| {
+        ApiError::not_found(format!("API key {id:?} not found: API key ids are UUIDs"))
+    })?;
+    state
+        .metadata
+        .revoke_api_key(principal.tenant_id, id)
+        .await?;
+    tracing::info!(api_key_id = %id, by = %principal.subject, "API key revoked");
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -39,7 +39,14 @@ pub fn router() -> Router<Arc<AppState>> {
             get(telemetry::latest),
         )
         .route("/api/v1/devices/{id}/telemetry/keys", get(telemetry::keys))
-        .route("/api/v1/api-keys", post(devices::create_api_key))
+        .route(
+            "/api/v1/api-keys",
+            get(devices::list_api_keys).post(devices::create_api_key),
+        )
+        .route(
+            "/api/v1/api-keys/{id}",
+            axum::routing::delete(devices::revoke_api_key),
+        )
 }
 
 /// Returns the bearer credential of a request, if any.

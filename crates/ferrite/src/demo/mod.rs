@@ -165,8 +165,15 @@ async fn set_up(state: &AppState, count: usize) -> anyhow::Result<Setup> {
         .await
         .context("cannot create or update the demo devices")?;
 
-    // NOTE: keys from earlier starts stay valid, because the metadata store
-    // has no way to revoke an API key yet.
+    // The key of an earlier start is printed in its output; revoke it so that
+    // only the newest demo key works.
+    let revoked = metadata
+        .revoke_api_keys_named(tenant.id, API_KEY_NAME)
+        .await
+        .context("cannot revoke the earlier demo API keys")?;
+    if revoked > 0 {
+        tracing::debug!(revoked, "revoked the demo API keys of earlier starts");
+    }
     let api_key = auth::generate_api_key();
     metadata
         .create_api_key(

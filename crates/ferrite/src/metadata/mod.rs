@@ -94,6 +94,8 @@ pub struct ApiKey {
     pub tenant_id: TenantId,
     pub name: String,
     pub role: Role,
+    /// Creation time in epoch milliseconds.
+    pub created_at: i64,
 }
 
 /// Errors of the metadata layer. Domain errors are kept apart from database
@@ -166,4 +168,14 @@ pub trait MetadataStore: Send + Sync {
         key_hash: &[u8],
     ) -> Result<ApiKey, MetadataError>;
     async fn api_key_by_hash(&self, key_hash: &[u8]) -> Result<Option<ApiKey>, MetadataError>;
+    /// Lists the tenant's unrevoked API keys by name.
+    async fn list_api_keys(&self, tenant: TenantId) -> Result<Vec<ApiKey>, MetadataError>;
+    /// Revokes one API key; it stops working on the next request.
+    async fn revoke_api_key(&self, tenant: TenantId, id: ApiKeyId) -> Result<(), MetadataError>;
+    /// Revokes every unrevoked key of the tenant with this name; returns how many.
+    async fn revoke_api_keys_named(
+        &self,
+        tenant: TenantId,
+        name: &str,
+    ) -> Result<u64, MetadataError>;
 }

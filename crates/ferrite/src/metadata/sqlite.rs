@@ -42,6 +42,16 @@ fn parse_labels(text: String) -> Result<Labels, MetadataError> {
     })
 }
 
+fn api_key_from_row(row: sqlx::sqlite::SqliteRow) -> Result<ApiKey, MetadataError> {
+    Ok(ApiKey {
+        id: parse_id(row.try_get("id")?)?,
+        tenant_id: parse_id(row.try_get("tenant_id")?)?,
+        name: row.try_get("name")?,
+        role: parse_role(row.try_get("role")?)?,
+        created_at: row.try_get("created_at")?,
+    })
+}
+
 fn is_unique_violation(error: &sqlx::Error) -> bool {
     matches!(error, sqlx::Error::Database(db) if db.is_unique_violation())
 }
@@ -350,6 +360,7 @@ impl MetadataStore for SqliteMetadata {
         key_hash: &[u8],
     ) -> Result<ApiKey, MetadataError> {
         let id = ApiKeyId::new_random();
+        let created_at = now_ms();
         sqlx::query(
             "INSERT INTO api_keys (id, tenant_id, name, key_hash, role, created_at) VALUES (?, ?, ?, ?, ?, ?)",
         )
@@ -358,7 +369,7 @@ impl MetadataStore for SqliteMetadata {
         .bind(name)
         .bind(key_hash)
         .bind(role.as_str())
-        .bind(now_ms())
+        .bind(created_at)
         .execute(&self.pool)
         .await?;
         Ok(ApiKey {
@@ -366,24 +377,58 @@ impl MetadataStore for SqliteMetadata {
             tenant_id: tenant,
             name: name.to_owned(),
             role,
+            created_at,
         })
     }
 
     async fn api_key_by_hash(&self, key_hash: &[u8]) -> Result<Option<ApiKey>, MetadataError> {
         let row = sqlx::query(
-            "SELECT id, tenant_id, name, role FROM api_keys WHERE key_hash = ? AND revoked_at IS NULL",
+            "SELECT id, tenant_id, name, role, created_at FROM api_keys WHERE key_hash = ? AND revoked_at IS NULL",
         )
         .bind(key_hash)
         .fetch_optional(&self.pool)
         .await?;
-        row.map(|row| {
-            Ok(ApiKey {
-                id: parse_id(row.try_get("id")?)?,
-                tenant_id: parse_id(row.try_get("tenant_id")?)?,
-                name: row.try_get("name")?,
-                role: parse_role(row.try_get("role")?)?,
-            })
-        })
-        .transpose()
+        row.map(api_key_from_row).transpose()
+    }
+
+    async fn list_api_keys(&self, tenant: TenantId) -> Result<Vec<ApiKey>, MetadataError> {
+        let rows = sqlx::query(
+            "SELECT id, tenant_id, name, role, created_at FROM api_keys WHERE tenant_id = ? AND revoked_at IS NULL ORDER BY name, created_at",
+        )
+        .bind(tenant.to_string())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(api_key_from_row).collect()
+    }
+
+    async fn revoke_api_key(&self, tenant: TenantId, id: ApiKeyId) -> Result<(), MetadataError> {
+        let result = sqlx::query(
+            "UPDATE api_keys SET revoked_at = ? WHERE tenant_id = ? AND id = ? AND revoked_at IS NULL",
+        )
+        .bind(now_ms())
+        .bind(tenant.to_string())
+        .bind(id.to_string())
+        .execute(&self.pool)
+        .await?;
+        if result.rows_affected() == 0 {
+            return Err(MetadataError::NotFound("API key"));
+        }
+        Ok(())
+    }
+
+    async fn revoke_api_keys_named(
+        &self,
+        tenant: TenantId,
+        name: &str,
+    ) -> Result<u64, MetadataError> {
+        let result = sqlx::query(
+            "UPDATE api_keys SET revoked_at = ? WHERE tenant_id = ? AND name = ? AND revoked_at IS NULL",
+        )
+        .bind(now_ms())
+        .bind(tenant.to_string())
+        .bind(name)
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected())
     }
 }

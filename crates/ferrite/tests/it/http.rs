@@ -601,3 +601,67 @@ async fn default_start_aligns_buckets_to_the_interval() {
     let total: i64 = buckets.iter().map(|b| b["count"].as_i64().unwrap()).sum();
     assert_eq!(total, 1);
 }
+
+#[tokio::test]
+async fn api_keys_are_listed_and_revoked() {
+    let server = Server::start().await;
+    let admin = server.admin_token().await;
+    let (status, text) = post(
+        &server,
+        "/api/v1/api-keys",
+        Some(&admin),
+        r#"{"name": "grafana", "role": "viewer"}"#,
+    )
+    .await;
+    assert_eq!(status, 201, "{text}");
+    let created: Value = serde_json::from_str(&text).unwrap();
+    let key = created["key"].as_str().unwrap().to_owned();
+    let id = created["id"].as_str().unwrap().to_owned();
+
+    let (status, list) = server.get_json("/api/v1/api-keys").await;
+    assert_eq!(status, 200);
+    let listed = list["api_keys"].as_array().unwrap();
+    assert!(
+        listed
+            .iter()
+            .any(|k| k["id"] == json!(id) && k["name"] == json!("grafana")),
+        "{list}"
+    );
+    assert!(
+        !list.to_string().contains(&key),
+        "the list must not contain secrets"
+    );
+
+    // A viewer key can neither list nor revoke keys.
+    let client = reqwest::Client::new();
+    let response = client
+        .get(format!("{}/api/v1/api-keys", server.http_url))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 403);
+
+    // After revocation the key stops working at once.
+    let response = client
+        .delete(format!("{}/api/v1/api-keys/{id}", server.http_url))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 204);
+    let response = client
+        .get(format!("{}/api/v1/devices", server.http_url))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401);
+    let response = client
+        .delete(format!("{}/api/v1/api-keys/{id}", server.http_url))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404, "revoking twice is not found");
+}
