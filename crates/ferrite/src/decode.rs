@@ -2,7 +2,7 @@
 //! runs before it acknowledges.
 //!
 //! Adapters call [`check_payload`] before they append an envelope, so a bad
-//! payload is answered with an error and never reaches the log. The pipeline
+//! payload gets an error and never reaches the log. The pipeline
 //! calls [`decode_envelope`] on the same bytes later. Decoding is
 //! deterministic: a record without a timestamp gets the envelope's receive
 //! time, so a replay of the log stores exactly the same points.
@@ -22,7 +22,7 @@ pub struct DecodedPoint {
     pub value: Value,
 }
 
-/// Why a payload was rejected. `Display` is the message for the client.
+/// Reason a payload was rejected. `Display` is the message for the client.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum DecodeError {
     #[error("{0}")]
@@ -55,7 +55,7 @@ pub fn check_payload(
     received_at_ns: TimestampNs,
     max_future: Duration,
 ) -> Result<usize, DecodeError> {
-    let latest_allowed = received_at_ns.saturating_add(max_future.as_nanos() as i64);
+    let latest_allowed = latest_allowed_ts(received_at_ns, max_future);
     let mut count = 0;
     for_each_point(content_type, payload, received_at_ns, |key, ts, _| {
         if ts > latest_allowed {
@@ -135,6 +135,14 @@ fn for_each_point(
     Ok(())
 }
 
+/// Returns the latest timestamp accepted for data received at
+/// `received_at_ns`: `max_future` later, saturating instead of wrapping for
+/// very long settings.
+pub fn latest_allowed_ts(received_at_ns: TimestampNs, max_future: Duration) -> TimestampNs {
+    let max_future = i64::try_from(max_future.as_nanos()).unwrap_or(i64::MAX);
+    received_at_ns.saturating_add(max_future)
+}
+
 /// Formats a duration for messages in the largest whole unit: `24h`, `90s`.
 pub fn format_duration(duration: Duration) -> String {
     let seconds = duration.as_secs();
@@ -150,4 +158,27 @@ pub fn format_duration(duration: Duration) -> String {
 /// Formats a timestamp as RFC 3339 for messages.
 pub fn format_ts(ts: TimestampNs) -> String {
     chrono::DateTime::from_timestamp_nanos(ts).to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latest_allowed_saturates_for_long_limits() {
+        let now = 1_700_000_000_000_000_000;
+        assert_eq!(
+            latest_allowed_ts(now, Duration::from_secs(1)),
+            now + 1_000_000_000
+        );
+        let centuries = Duration::from_secs(1000 * 365 * 86_400);
+        assert_eq!(latest_allowed_ts(now, centuries), i64::MAX);
+    }
+
+    #[test]
+    fn durations_print_in_whole_units() {
+        assert_eq!(format_duration(Duration::from_secs(86_400)), "24h");
+        assert_eq!(format_duration(Duration::from_secs(120)), "2m");
+        assert_eq!(format_duration(Duration::from_secs(90)), "90s");
+    }
 }

@@ -30,7 +30,7 @@ use super::body::read_limited;
 use super::telemetry::{count_rejected, now_ns};
 use crate::api::{ApiError, bearer_token};
 use crate::auth::{self, DEVICE_TOKEN_PREFIX};
-use crate::decode::{format_duration, format_ts};
+use crate::decode::{format_duration, format_ts, latest_allowed_ts};
 use crate::ids::{DeviceId, TenantId};
 use crate::ingest::{ContentType, Envelope, Protocol};
 use crate::metadata::{Labels, MetadataStore, Role};
@@ -199,7 +199,7 @@ fn check_timestamps(
     state: &AppState,
 ) -> Result<(), ApiError> {
     let max_future = state.config.ingest.max_future;
-    let latest_allowed = received_at_ns.saturating_add(max_future.as_nanos() as i64);
+    let latest_allowed = latest_allowed_ts(received_at_ns, max_future);
     for line in lines {
         if let Some(ts) = line.timestamp_ns
             && ts > latest_allowed
