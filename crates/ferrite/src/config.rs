@@ -33,7 +33,7 @@ pub struct HttpConfig {
     pub listen: SocketAddr,
     /// Largest accepted request body in bytes, after gzip decompression.
     pub max_body_bytes: usize,
-    /// Time a handler has to answer a request.
+    /// Time a handler has to respond to a request.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
     /// Time a client has to send the headers of a request, also on an idle
@@ -89,7 +89,7 @@ pub struct IngestConfig {
     /// device is always handled by the same worker, so per-device order holds.
     pub workers: usize,
     /// Appends waiting for the log writer; when full, new appends wait up to
-    /// `append_timeout` and then get an "overloaded" answer.
+    /// `append_timeout` and then get an "overloaded" error.
     pub queue_capacity: usize,
     #[serde(with = "humantime_serde")]
     pub append_timeout: Duration,
@@ -332,7 +332,7 @@ data_dir = "ferrite-data"
 listen = "0.0.0.0:8080"
 # Largest request body in bytes, after gzip decompression.
 max_body_bytes = 262144
-# Time a handler has to answer a request.
+# Time a handler has to respond to a request.
 request_timeout = "30s"
 # Time a client has to send request headers; silent connections are closed.
 header_read_timeout = "10s"

@@ -197,11 +197,11 @@ async fn open_cli_metadata(config: &Config) -> anyhow::Result<metadata::SqliteMe
     let existed = config.data_dir.join("metadata.db").exists();
     let metadata = server::open_metadata(&config.data_dir).await?;
     if !existed {
-        let shown =
+        let full_path =
             std::fs::canonicalize(&config.data_dir).unwrap_or_else(|_| config.data_dir.clone());
         eprintln!(
             "note: created a new data directory {}; a server started with another --data-dir does not see this. Pass the server's --data-dir (or FERRITE_DATA_DIR).",
-            shown.display()
+            full_path.display()
         );
     }
     Ok(metadata)

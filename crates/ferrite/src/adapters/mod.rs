@@ -1,6 +1,6 @@
 //! Protocol adapters: each owns its listener and sessions, authenticates
-//! devices, checks payloads, appends envelopes to the ingest log and answers
-//! only after the append is durable. Adapters call `auth`, `decode` and
+//! devices, checks payloads, appends envelopes to the ingest log and
+//! acknowledges only after the append is durable. Adapters call `auth`, `decode` and
 //! `ingest`, nothing else.
 
 pub mod http;

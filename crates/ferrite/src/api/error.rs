@@ -51,7 +51,8 @@ impl ApiError {
         Self::new(StatusCode::BAD_REQUEST, "Bad request", detail)
     }
 
-    /// A bad query parameter or body field, named in the response.
+    /// Creates the error for a bad query parameter or body field, named in
+    /// the response.
     pub fn invalid_param(param: &'static str, detail: impl Into<String>) -> Self {
         Self {
             param: Some(param),

@@ -12,7 +12,7 @@
 //!   response is complete.
 //! - Aggregates (`interval` and `agg` together) return one entry per bucket,
 //!   also for empty buckets. Buckets start at `start` and are `interval` long;
-//!   the last one ends at `end`. Each entry holds the bucket start `ts`, the
+//!   the last one ends at `end`. Each entry contains the bucket start `ts`, the
 //!   `value` (null for an empty bucket, and for sum/min/max/avg of a bucket
 //!   without numeric points) and the number of points `count`; a bucket
 //!   with strings or booleans also gets `non_numeric`, the number of points
@@ -160,7 +160,7 @@ pub async fn latest(
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     reject_unknown_params(&params, &["keys"])?;
-    let wanted = parse_keys(&params)?;
+    let requested = parse_keys(&params)?;
     let device = state
         .metadata
         .device(principal.tenant_id, device_id(&id)?)
@@ -171,7 +171,10 @@ pub async fn latest(
         .map_err(|_| ApiError::internal())?;
     let mut body = Map::new();
     for (key, ts, value) in latest {
-        if wanted.as_ref().is_none_or(|wanted| wanted.contains(&key)) {
+        if requested
+            .as_ref()
+            .is_none_or(|requested| requested.contains(&key))
+        {
             body.insert(key, point_json(ts, &value));
         }
     }

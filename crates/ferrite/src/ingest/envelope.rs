@@ -32,7 +32,7 @@ impl Protocol {
     }
 }
 
-/// How the payload is encoded.
+/// Encoding of the payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ContentType {
     /// Telemetry JSON: see `ferrite_codec::json`.

@@ -200,7 +200,7 @@ struct Writer {
     file_len: u64,
     next_seq: u64,
     committed: mpsc::Sender<Committed>,
-    /// Why the writer stopped accepting appends, once it has.
+    /// Reason the writer stopped accepting appends, once it has.
     broken: Option<&'static str>,
 }
 
@@ -381,7 +381,7 @@ impl Writer {
         let path = segment_path(&self.dir, self.next_seq);
         if std::fs::metadata(&path).is_ok_and(|meta| meta.len() > 0) {
             anyhow::bail!(
-                "the ingest log segment {} already holds records, so sequence number {} would be used twice; the log directory was changed by hand or damaged",
+                "the ingest log segment {} already contains records, so sequence number {} would be used twice; the log directory was changed by hand or damaged",
                 path.display(),
                 self.next_seq
             );
@@ -430,7 +430,7 @@ impl Writer {
                     batch.push((seq, envelope));
                     replayed += 1;
                     // Bounded in bytes as well, so a replay of large
-                    // records holds no more memory than live traffic.
+                    // records uses no more memory than live traffic.
                     if batch.len() >= 4096 || batch_bytes >= MAX_GROUP_BYTES {
                         batch_bytes = 0;
                         let records = std::mem::take(&mut batch);

@@ -1,5 +1,5 @@
 //! Faults that other IoT platforms and time-series databases suffered, each
-//! as a table of inputs with the answer Ferrite must give: line-protocol
+//! as a table of inputs with the response Ferrite must give: line-protocol
 //! escaping, timestamp units and range, JSON number forms, bucket alignment,
 //! and query validation with paging.
 

@@ -488,7 +488,7 @@ async fn api_mistakes_get_problem_details() {
     wait_for_key(&server, &device.id, "b").await;
     let client = reqwest::Client::new();
 
-    // A device token cannot read the API, and the error says what to use.
+    // A device token cannot read the API, and the error names what to use.
     let response = client
         .get(format!(
             "{}/api/v1/devices/{}/telemetry/latest",
@@ -529,7 +529,7 @@ async fn api_mistakes_get_problem_details() {
         "{problem}"
     );
 
-    // Unknown paths and methods answer with problem details too.
+    // Unknown paths and methods also get problem details.
     let response = client
         .get(format!("{}/api/v1/nothing/here", server.http_url))
         .send()
