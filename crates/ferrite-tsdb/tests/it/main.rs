@@ -2,6 +2,7 @@
 //! real files in temporary directories. One test binary keeps link time low.
 
 mod api;
+mod compat;
 mod golden;
 mod model;
 mod recovery;
