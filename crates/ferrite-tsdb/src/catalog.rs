@@ -80,6 +80,18 @@ impl Catalog {
         None
     }
 
+    /// Every live series id, grouped by tenant name.
+    pub(crate) fn series_by_tenant(
+        &self,
+    ) -> impl Iterator<Item = (&str, impl Iterator<Item = SeriesId> + '_)> {
+        self.tenants.iter().map(|(tenant, devices)| {
+            (
+                tenant.as_str(),
+                devices.values().flat_map(|keys| keys.values().copied()),
+            )
+        })
+    }
+
     pub(crate) fn remove_device(&mut self, tenant: &str, device: &str) -> Option<DeviceSeries> {
         let devices = self.tenants.get_mut(tenant)?;
         let removed = devices.remove(device);

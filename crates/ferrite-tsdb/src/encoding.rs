@@ -70,6 +70,13 @@ impl<'a> Reader<'a> {
         Reader { bytes, pos: 0 }
     }
 
+    /// Returns the unread bytes and moves to the end.
+    pub(crate) fn rest(&mut self) -> &'a [u8] {
+        let rest = &self.bytes[self.pos..];
+        self.pos = self.bytes.len();
+        rest
+    }
+
     pub(crate) fn is_empty(&self) -> bool {
         self.pos == self.bytes.len()
     }
@@ -141,8 +148,10 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Encodes the points of one block incrementally. Points must arrive in
-/// strictly ascending timestamp order.
+/// Encodes the points of one format 1 block incrementally. Points must
+/// arrive in strictly ascending timestamp order. Only tests write format 1
+/// blocks now.
+#[cfg(test)]
 pub(crate) struct BlockEncoder {
     body: Vec<u8>,
     count: u32,
@@ -150,6 +159,7 @@ pub(crate) struct BlockEncoder {
     max_ts: TimestampNs,
 }
 
+#[cfg(test)]
 impl BlockEncoder {
     pub(crate) fn new() -> BlockEncoder {
         BlockEncoder {
@@ -158,22 +168,6 @@ impl BlockEncoder {
             min_ts: 0,
             max_ts: 0,
         }
-    }
-
-    pub(crate) fn count(&self) -> u32 {
-        self.count
-    }
-
-    pub(crate) fn body_len(&self) -> usize {
-        self.body.len()
-    }
-
-    pub(crate) fn min_ts(&self) -> TimestampNs {
-        self.min_ts
-    }
-
-    pub(crate) fn max_ts(&self) -> TimestampNs {
-        self.max_ts
     }
 
     /// Appends a point. The first point stores its timestamp as a zigzag

@@ -133,11 +133,14 @@
 //! name index and latest point of every series, and one index entry per
 //! (segment, series), which compaction bounds to `max_segments + 1` segments.
 
+mod block;
 mod catalog;
+mod compress;
 mod encoding;
 mod error;
 mod fsio;
 mod head;
+mod marker;
 mod merge;
 mod segment;
 mod series_log;
@@ -174,23 +177,102 @@ impl SeriesKey {
     }
 }
 
+/// Nanoseconds in one day.
+pub const DAY_NS: i64 = 86_400 * 1_000_000_000;
+
+/// Returns the current time in nanoseconds since the Unix epoch. Tests
+/// replace it to move time forward.
+pub type Clock = std::sync::Arc<dyn Fn() -> TimestampNs + Send + Sync>;
+
+/// How long raw points are kept, per tenant. `None` keeps them forever.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Retention {
+    /// Retention of tenants without their own entry, in nanoseconds.
+    pub default: Option<i64>,
+    /// Retention per tenant name, overriding `default`.
+    pub tenants: std::collections::HashMap<String, Option<i64>>,
+}
+
+impl Retention {
+    /// Retention of `tenant` in nanoseconds, `None` for unlimited.
+    pub fn of(&self, tenant: &str) -> Option<i64> {
+        match self.tenants.get(tenant) {
+            Some(retention) => *retention,
+            None => self.default,
+        }
+    }
+
+    /// Oldest timestamp of `tenant` that is still kept at time `now`
+    /// (`TimestampNs::MIN` for unlimited retention).
+    pub fn cutoff(&self, tenant: &str, now: TimestampNs) -> TimestampNs {
+        self.of(tenant)
+            .map_or(TimestampNs::MIN, |keep| now.saturating_sub(keep))
+    }
+}
+
 /// Settings of a [`Store`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct StoreOptions {
     /// Head size, as estimated by [`Store::head_bytes`], at which the caller
     /// should flush ([`Store::needs_flush`]). The store itself does not
     /// enforce it.
     pub head_budget_bytes: usize,
-    /// Flush compacts all segments into one when there are more than this
-    /// many. Values below 1 act as 1.
-    pub max_segments: usize,
+    /// Length of a time partition in nanoseconds. Every segment holds
+    /// points of one partition, so retention deletes whole files and
+    /// compaction of old data leaves recent data alone. Default: one day.
+    pub partition_ns: i64,
+    /// Background compaction merges the newest `merge_fan_in` segments of a
+    /// partition once they are all of the same level. Values below 2 act
+    /// as 2.
+    pub merge_fan_in: usize,
+    /// A partition that received no new segment for this long is merged
+    /// into a single segment, which stores its points most compactly.
+    pub cold_after: std::time::Duration,
+    /// Retention of raw points.
+    pub retention: Retention,
+    /// Runs compaction and retention in a background thread every
+    /// `maintenance_interval` and after each flush. Tests turn it off and
+    /// call [`Store::run_maintenance`] themselves.
+    pub background_maintenance: bool,
+    pub maintenance_interval: std::time::Duration,
+    pub clock: Clock,
+}
+
+impl std::fmt::Debug for StoreOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreOptions")
+            .field("head_budget_bytes", &self.head_budget_bytes)
+            .field("partition_ns", &self.partition_ns)
+            .field("merge_fan_in", &self.merge_fan_in)
+            .field("cold_after", &self.cold_after)
+            .field("retention", &self.retention)
+            .field("background_maintenance", &self.background_maintenance)
+            .field("maintenance_interval", &self.maintenance_interval)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The system clock as a [`Clock`].
+pub fn system_clock() -> Clock {
+    std::sync::Arc::new(|| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        i64::try_from(now.as_nanos()).unwrap_or(TimestampNs::MAX)
+    })
 }
 
 impl Default for StoreOptions {
     fn default() -> StoreOptions {
         StoreOptions {
             head_budget_bytes: 64 * 1024 * 1024,
-            max_segments: 8,
+            partition_ns: DAY_NS,
+            merge_fan_in: 4,
+            cold_after: std::time::Duration::from_secs(600),
+            retention: Retention::default(),
+            background_maintenance: true,
+            maintenance_interval: std::time::Duration::from_secs(10),
+            clock: system_clock(),
         }
     }
 }

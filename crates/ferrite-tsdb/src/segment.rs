@@ -8,24 +8,32 @@ use std::path::{Path, PathBuf};
 
 use ferrite_core::{TimestampNs, Value};
 
+use crate::block::BlockBuilder;
 use crate::catalog::{IdMap, SeriesId};
 use crate::encoding::{
-    BLOCK_FRAME_LEN, BlockEncoder, DecodeError, Point, Reader, decode_framed_block, put_ivarint,
-    put_uvarint, put_value,
+    BLOCK_FRAME_LEN, DecodeError, Point, Reader, put_ivarint, put_uvarint, put_value,
 };
 use crate::error::{IoContext, StoreError};
 use crate::fsio;
 
 const MAGIC: [u8; 8] = *b"FERRTSEG";
-const VERSION: u32 = 1;
-const HEADER_LEN: u64 = 16;
+/// Format version that this build writes.
+pub(crate) const VERSION: u32 = 2;
+/// Oldest format version that this build reads.
+const OLDEST_VERSION: u32 = 1;
+/// Header length of format 1; format 2 appends `marker_from` and a checksum.
+const HEADER_LEN_V1: u64 = 16;
+const HEADER_LEN: u64 = 32;
 const TRAILER_LEN: u64 = 48;
 
-/// A block is closed after this many points.
-const MAX_BLOCK_POINTS: u32 = 2048;
-/// A block is closed once its encoded points reach this many bytes, so long
-/// strings do not make blocks (and the reads of one query) arbitrarily large.
-const TARGET_BLOCK_BYTES: usize = 64 * 1024;
+/// A block is closed after this many points: one day of a series that
+/// reports every 10 s fits into one block, which compresses well, and a
+/// block still decodes in microseconds.
+const MAX_BLOCK_POINTS: u32 = 8640;
+/// A block is closed once its uncompressed points reach this many bytes, so
+/// long strings do not make blocks (and the reads of one query) arbitrarily
+/// large.
+const TARGET_BLOCK_BYTES: usize = 256 * 1024;
 
 const SEGMENT_PREFIX: &str = "seg-";
 const SEGMENT_SUFFIX: &str = ".fseg";
@@ -72,18 +80,76 @@ pub(crate) struct IndexEntry {
     pub(crate) blocks: Box<[BlockRef]>,
 }
 
+/// Time range `[start, end)` that holds every point of a segment. Format 1
+/// segments have no partition and cover all time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) struct Partition {
+    pub(crate) start: TimestampNs,
+    pub(crate) end: TimestampNs,
+}
+
+impl Partition {
+    pub(crate) const ALL: Partition = Partition {
+        start: TimestampNs::MIN,
+        end: TimestampNs::MAX,
+    };
+
+    /// The partition of `duration` nanoseconds that contains `ts`, aligned
+    /// to the Unix epoch.
+    pub(crate) fn of(ts: TimestampNs, duration: i64) -> Partition {
+        let start = ts.div_euclid(duration).saturating_mul(duration);
+        Partition {
+            start,
+            end: start.saturating_add(duration),
+        }
+    }
+}
+
+/// What a segment's index says about the segment as a whole.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct SegmentMeta {
+    pub(crate) partition: Partition,
+    /// Order of last-write-wins between segments whose partitions overlap:
+    /// for equal timestamps the segment with the greater priority wins. A
+    /// flushed segment has its own sequence number, a compaction output the
+    /// greatest priority of its inputs.
+    pub(crate) priority: u64,
+    /// Durable marker before the flush that wrote the oldest points of this
+    /// segment: replaying the ingest log from here rebuilds them.
+    pub(crate) marker_from: u64,
+    /// 0 for a flushed segment, one more than its greatest input for a
+    /// compaction output.
+    pub(crate) level: u8,
+    /// Sequence numbers of the segments that this compaction output
+    /// replaces.
+    pub(crate) inputs: Vec<u64>,
+}
+
+impl SegmentMeta {
+    pub(crate) fn flushed(partition: Partition, seq: u64, marker_from: u64) -> SegmentMeta {
+        SegmentMeta {
+            partition,
+            priority: seq,
+            marker_from,
+            level: 0,
+            inputs: Vec::new(),
+        }
+    }
+}
+
 /// An open, immutable segment: its trailer fields and index in memory, and a
 /// read handle for its blocks.
 pub(crate) struct Segment {
     pub(crate) seq: u64,
     pub(crate) path: PathBuf,
     file: File,
+    pub(crate) version: u32,
+    /// File size in bytes.
+    pub(crate) size: u64,
     /// Marker passed to the flush that wrote this segment. A compacted
     /// segment carries the marker of its newest input.
     pub(crate) marker: u64,
-    /// For a compaction output, the sequence numbers of its first and last
-    /// input: every segment in that range is superseded by this one.
-    pub(crate) compacted_from: Option<(u64, u64)>,
+    pub(crate) meta: SegmentMeta,
     pub(crate) index: IdMap<IndexEntry>,
 }
 
@@ -94,28 +160,32 @@ impl Segment {
     pub(crate) fn open(path: PathBuf, seq: u64) -> Result<Segment, StoreError> {
         let file = File::open(&path).context("open", &path)?;
         let file_len = file.metadata().context("read metadata of", &path)?.len();
-        if file_len < HEADER_LEN + TRAILER_LEN {
+        if file_len < HEADER_LEN_V1 + TRAILER_LEN {
             return Err(StoreError::corrupt(
                 &path,
                 format!("file is {file_len} bytes, shorter than header and trailer"),
             ));
         }
 
-        let mut header = [0u8; HEADER_LEN as usize];
-        fsio::read_exact_at(&file, &mut header, 0).context("read", &path)?;
-        if header[0..8] != MAGIC {
-            return Err(StoreError::corrupt(
-                &path,
-                "not a segment file (bad header magic)",
-            ));
-        }
+        let header_marker_from = read_header(&file, &path)?;
+        let header_len = if header_marker_from.is_some() {
+            HEADER_LEN
+        } else {
+            HEADER_LEN_V1
+        };
 
         let mut trailer = [0u8; TRAILER_LEN as usize];
         fsio::read_exact_at(&file, &mut trailer, file_len - TRAILER_LEN).context("read", &path)?;
         let fields = parse_trailer(&trailer).map_err(|err| StoreError::corrupt(&path, err.0))?;
 
         let data_end = file_len - TRAILER_LEN;
-        if fields.index_offset < HEADER_LEN
+        if (fields.version == 1) != header_marker_from.is_none() {
+            return Err(StoreError::corrupt(
+                &path,
+                "header and trailer disagree on the format version",
+            ));
+        }
+        if fields.index_offset < header_len
             || fields.index_offset.checked_add(fields.index_len) != Some(data_end)
         {
             return Err(StoreError::corrupt(
@@ -129,15 +199,24 @@ impl Segment {
         if crc32fast::hash(&index_bytes) != fields.index_crc {
             return Err(StoreError::corrupt(&path, "index checksum mismatch"));
         }
-        let (compacted_from, index) = decode_index(&index_bytes, fields.index_offset)
-            .map_err(|err| StoreError::corrupt(&path, format!("invalid index: {}", err.0)))?;
+        let (mut meta, index) = decode_index(
+            &index_bytes,
+            header_len,
+            fields.index_offset,
+            fields.version,
+            seq,
+        )
+        .map_err(|err| StoreError::corrupt(&path, format!("invalid index: {}", err.0)))?;
+        meta.marker_from = header_marker_from.unwrap_or(0);
 
         Ok(Segment {
             seq,
             path,
             file,
+            version: fields.version,
+            size: file_len,
             marker: fields.marker,
-            compacted_from,
+            meta,
             index,
         })
     }
@@ -150,7 +229,12 @@ impl Segment {
     pub(crate) fn read_block(&self, block: &BlockRef) -> Result<Vec<Point>, StoreError> {
         let mut frame = vec![0u8; block.len as usize];
         fsio::read_exact_at(&self.file, &mut frame, block.offset).context("read", &self.path)?;
-        let points = decode_framed_block(&frame).map_err(|err| {
+        let decoded = if self.version == 1 {
+            crate::encoding::decode_framed_block(&frame)
+        } else {
+            crate::block::decode_framed_block(&frame)
+        };
+        let points = decoded.map_err(|err| {
             StoreError::corrupt(
                 &self.path,
                 format!("block at offset {}: {}", block.offset, err.0),
@@ -173,7 +257,47 @@ impl Segment {
     }
 }
 
+/// Reads and checks the header. Returns `Some(marker_from)` for format 2
+/// and `None` for format 1.
+fn read_header(file: &File, path: &Path) -> Result<Option<u64>, StoreError> {
+    let mut header = [0u8; HEADER_LEN as usize];
+    fsio::read_exact_at(file, &mut header[..HEADER_LEN_V1 as usize], 0).context("read", path)?;
+    if header[0..8] != MAGIC {
+        return Err(StoreError::corrupt(
+            path,
+            "not a segment file (bad header magic)",
+        ));
+    }
+    let u32_at = |bytes: &[u8], at: usize| {
+        u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"))
+    };
+    match u32_at(&header, 8) {
+        1 => Ok(None),
+        VERSION => {
+            fsio::read_exact_at(file, &mut header, 0).context("read", path)?;
+            if crc32fast::hash(&header[0..24]) != u32_at(&header, 24) {
+                return Err(StoreError::corrupt(path, "header checksum mismatch"));
+            }
+            Ok(Some(u64::from_le_bytes(
+                header[16..24].try_into().expect("8 bytes"),
+            )))
+        }
+        _ => Err(StoreError::corrupt(
+            path,
+            "unsupported segment format version in header (written by a newer Ferrite?)",
+        )),
+    }
+}
+
+/// Returns the `marker_from` of a format 2 segment whose header is intact,
+/// for recovery when the rest of the file is damaged.
+pub(crate) fn damaged_segment_marker_from(path: &Path) -> Option<u64> {
+    let file = File::open(path).ok()?;
+    read_header(&file, path).ok().flatten()
+}
+
 struct TrailerFields {
+    version: u32,
     marker: u64,
     index_offset: u64,
     index_len: u64,
@@ -192,10 +316,14 @@ fn parse_trailer(trailer: &[u8; TRAILER_LEN as usize]) -> Result<TrailerFields, 
     if crc32fast::hash(&trailer[0..32]) != u32_at(32) {
         return Err(DecodeError("trailer checksum mismatch"));
     }
-    if u32_at(28) != VERSION {
-        return Err(DecodeError("unsupported segment format version"));
+    let version = u32_at(28);
+    if !(OLDEST_VERSION..=VERSION).contains(&version) {
+        return Err(DecodeError(
+            "unsupported segment format version (written by a newer Ferrite?)",
+        ));
     }
     Ok(TrailerFields {
+        version,
         marker: u64_at(0),
         index_offset: u64_at(8),
         index_len: u64_at(16),
@@ -209,7 +337,7 @@ fn encode_trailer(fields: &TrailerFields) -> Vec<u8> {
     trailer.extend_from_slice(&fields.index_offset.to_le_bytes());
     trailer.extend_from_slice(&fields.index_len.to_le_bytes());
     trailer.extend_from_slice(&fields.index_crc.to_le_bytes());
-    trailer.extend_from_slice(&VERSION.to_le_bytes());
+    trailer.extend_from_slice(&fields.version.to_le_bytes());
     let crc = crc32fast::hash(&trailer);
     trailer.extend_from_slice(&crc.to_le_bytes());
     trailer.extend_from_slice(&0u32.to_le_bytes());
@@ -218,11 +346,20 @@ fn encode_trailer(fields: &TrailerFields) -> Vec<u8> {
     trailer
 }
 
-fn encode_index(compacted_from: Option<(u64, u64)>, entries: &[(SeriesId, IndexEntry)]) -> Vec<u8> {
+/// Tier byte of raw data; rollup tiers get other values.
+const TIER_RAW: u8 = 0;
+
+fn encode_index(meta: &SegmentMeta, entries: &[(SeriesId, IndexEntry)]) -> Vec<u8> {
     let mut buf = Vec::new();
-    let (first, last) = compacted_from.unwrap_or((0, 0));
-    put_uvarint(&mut buf, first);
-    put_uvarint(&mut buf, last);
+    buf.push(TIER_RAW);
+    put_ivarint(&mut buf, meta.partition.start);
+    put_ivarint(&mut buf, meta.partition.end);
+    put_uvarint(&mut buf, meta.priority);
+    buf.push(meta.level);
+    put_uvarint(&mut buf, meta.inputs.len() as u64);
+    for input in &meta.inputs {
+        put_uvarint(&mut buf, *input);
+    }
     put_uvarint(&mut buf, entries.len() as u64);
 
     for (id, entry) in entries {
@@ -243,16 +380,65 @@ fn encode_index(compacted_from: Option<(u64, u64)>, entries: &[(SeriesId, IndexE
     buf
 }
 
-type DecodedIndex = (Option<(u64, u64)>, IdMap<IndexEntry>);
+type DecodedIndex = (SegmentMeta, IdMap<IndexEntry>);
 
-fn decode_index(bytes: &[u8], data_end: u64) -> Result<DecodedIndex, DecodeError> {
+/// Format 1 compaction outputs name their inputs as a range of sequence
+/// numbers; ranges longer than this are not expanded (format 1 compacted
+/// at most a few segments at a time).
+const MAX_VERSION_1_INPUTS: u64 = 1 << 20;
+
+fn decode_index(
+    bytes: &[u8],
+    data_start: u64,
+    data_end: u64,
+    version: u32,
+    seq: u64,
+) -> Result<DecodedIndex, DecodeError> {
     let mut reader = Reader::new(bytes);
-    let first = reader.uvarint()?;
-    let last = reader.uvarint()?;
-    let compacted_from = match (first, last) {
-        (0, 0) => None,
-        (first, last) if 0 < first && first <= last => Some((first, last)),
-        _ => return Err(DecodeError("invalid compaction input range")),
+    let meta = if version == 1 {
+        let first = reader.uvarint()?;
+        let last = reader.uvarint()?;
+        let inputs = match (first, last) {
+            (0, 0) => Vec::new(),
+            (first, last) if 0 < first && first <= last && last - first < MAX_VERSION_1_INPUTS => {
+                (first..=last).collect()
+            }
+            _ => return Err(DecodeError("invalid compaction input range")),
+        };
+        SegmentMeta {
+            partition: Partition::ALL,
+            priority: seq,
+            // Set by the store at open from the segments before this one.
+            marker_from: 0,
+            level: u8::from(!inputs.is_empty()),
+            inputs,
+        }
+    } else {
+        if reader.u8()? != TIER_RAW {
+            return Err(DecodeError("unknown tier"));
+        }
+        let partition = Partition {
+            start: reader.ivarint()?,
+            end: reader.ivarint()?,
+        };
+        if partition.start >= partition.end {
+            return Err(DecodeError("empty partition"));
+        }
+        let priority = reader.uvarint()?;
+        let level = reader.u8()?;
+        let input_count = reader.len()?;
+        let mut inputs = Vec::with_capacity(input_count.min(bytes.len()));
+        for _ in 0..input_count {
+            inputs.push(reader.uvarint()?);
+        }
+        SegmentMeta {
+            partition,
+            priority,
+            // Set by the caller from the header.
+            marker_from: 0,
+            level,
+            inputs,
+        }
     };
 
     let series_count = reader.len()?;
@@ -263,7 +449,7 @@ fn decode_index(bytes: &[u8], data_end: u64) -> Result<DecodedIndex, DecodeError
 
     for _ in 0..series_count {
         let id = SeriesId(reader.uvarint()?);
-        let entry = decode_index_entry(&mut reader, data_end)?;
+        let entry = decode_index_entry(&mut reader, data_start, data_end)?;
         if id.0 == 0 || index.insert(id, entry).is_some() {
             return Err(DecodeError("series id 0 or listed twice"));
         }
@@ -272,10 +458,19 @@ fn decode_index(bytes: &[u8], data_end: u64) -> Result<DecodedIndex, DecodeError
     if !reader.is_empty() {
         return Err(DecodeError("trailing bytes after the last index entry"));
     }
-    Ok((compacted_from, index))
+    for entry in index.values() {
+        if entry.min_ts < meta.partition.start || entry.max_ts >= meta.partition.end {
+            return Err(DecodeError("points outside the segment's partition"));
+        }
+    }
+    Ok((meta, index))
 }
 
-fn decode_index_entry(reader: &mut Reader<'_>, data_end: u64) -> Result<IndexEntry, DecodeError> {
+fn decode_index_entry(
+    reader: &mut Reader<'_>,
+    data_start: u64,
+    data_end: u64,
+) -> Result<IndexEntry, DecodeError> {
     let count = reader.uvarint()?;
     let min_ts = reader.ivarint()?;
     let max_ts = reader.ivarint()?;
@@ -298,7 +493,7 @@ fn decode_index_entry(reader: &mut Reader<'_>, data_end: u64) -> Result<IndexEnt
             max_ts: reader.ivarint()?,
         };
 
-        let inside_data = block.offset >= HEADER_LEN
+        let inside_data = block.offset >= data_start
             && block.len as usize > BLOCK_FRAME_LEN
             && block
                 .offset
@@ -350,14 +545,20 @@ pub(crate) struct SegmentWriter {
     /// Bytes written so far, which is the offset of the next block.
     pos: u64,
     index: Vec<(SeriesId, IndexEntry)>,
-    encoder: BlockEncoder,
+    encoder: BlockBuilder,
     frame: Vec<u8>,
     /// Set once the temporary file has been renamed to its final name.
     renamed: bool,
 }
 
 impl SegmentWriter {
-    pub(crate) fn create(dir: &Path, seq: u64) -> Result<SegmentWriter, StoreError> {
+    /// Starts segment `seq`. `marker_from` goes into the header, where
+    /// recovery finds it even when the rest of the file is damaged.
+    pub(crate) fn create(
+        dir: &Path,
+        seq: u64,
+        marker_from: u64,
+    ) -> Result<SegmentWriter, StoreError> {
         let temp_path = dir.join(format!("{}{TEMP_SUFFIX}", segment_file_name(seq)));
         let file = File::create(&temp_path).context("create", &temp_path)?;
         let mut writer = SegmentWriter {
@@ -367,7 +568,7 @@ impl SegmentWriter {
             out: Some(BufWriter::with_capacity(256 * 1024, file)),
             pos: 0,
             index: Vec::new(),
-            encoder: BlockEncoder::new(),
+            encoder: BlockBuilder::default(),
             frame: Vec::new(),
             renamed: false,
         };
@@ -376,8 +577,17 @@ impl SegmentWriter {
         header.extend_from_slice(&MAGIC);
         header.extend_from_slice(&VERSION.to_le_bytes());
         header.extend_from_slice(&0u32.to_le_bytes());
+        header.extend_from_slice(&marker_from.to_le_bytes());
+        let crc = crc32fast::hash(&header);
+        header.extend_from_slice(&crc.to_le_bytes());
+        header.extend_from_slice(&0u32.to_le_bytes());
         writer.write_bytes(&header)?;
         Ok(writer)
+    }
+
+    /// True when no series has been written.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.index.is_empty()
     }
 
     fn write_bytes(&mut self, bytes: &[u8]) -> Result<(), StoreError> {
@@ -409,7 +619,7 @@ impl SegmentWriter {
             last = Some(point);
 
             if self.encoder.count() >= MAX_BLOCK_POINTS
-                || self.encoder.body_len() >= TARGET_BLOCK_BYTES
+                || self.encoder.raw_bytes() >= TARGET_BLOCK_BYTES
             {
                 blocks.push(self.finish_block()?);
             }
@@ -456,13 +666,10 @@ impl SegmentWriter {
 
     /// Writes index and trailer, syncs the file, renames it to its final
     /// name and syncs the directory. Returns the segment opened for reading.
-    pub(crate) fn finish(
-        mut self,
-        marker: u64,
-        compacted_from: Option<(u64, u64)>,
-    ) -> Result<Segment, StoreError> {
-        let index_bytes = encode_index(compacted_from, &self.index);
+    pub(crate) fn finish(mut self, marker: u64, meta: SegmentMeta) -> Result<Segment, StoreError> {
+        let index_bytes = encode_index(&meta, &self.index);
         let trailer = encode_trailer(&TrailerFields {
+            version: VERSION,
             marker,
             index_offset: self.pos,
             index_len: index_bytes.len() as u64,
@@ -490,8 +697,10 @@ impl SegmentWriter {
             seq: self.seq,
             path,
             file,
+            version: VERSION,
+            size: self.pos,
             marker,
-            compacted_from,
+            meta,
             index,
         })
     }
@@ -535,23 +744,34 @@ mod tests {
             .map(|i| (i, Value::Str(format!("{i}").repeat(4000))))
             .collect();
 
-        let mut writer = SegmentWriter::create(dir.path(), 7).unwrap();
+        let mut writer = SegmentWriter::create(dir.path(), 7, 42).unwrap();
         writer.write_series(SeriesId(1), ok_points(&long)).unwrap();
         writer
             .write_series(SeriesId(2), ok_points(&strings))
             .unwrap();
         writer.write_series(SeriesId(3), ok_points(&[])).unwrap();
-        let written = writer.finish(99, Some((2, 6))).unwrap();
+        let meta = SegmentMeta {
+            partition: Partition {
+                start: -100,
+                end: 1 << 40,
+            },
+            priority: 6,
+            marker_from: 42,
+            level: 2,
+            inputs: vec![2, 4, 6],
+        };
+        let written = writer.finish(99, meta.clone()).unwrap();
 
         let segment = Segment::open(written.path.clone(), 7).unwrap();
 
         assert_eq!(segment.marker, 99);
-        assert_eq!(segment.compacted_from, Some((2, 6)));
+        assert_eq!(segment.meta, meta);
+        assert_eq!(damaged_segment_marker_from(&segment.path), Some(42));
         assert!(segment.entry(SeriesId(3)).is_none());
 
         let entry = segment.entry(SeriesId(1)).unwrap();
         assert_eq!(entry.count, 5000);
-        assert_eq!(entry.blocks.len(), 3);
+        assert_eq!(entry.blocks.len(), 1);
         assert_eq!((entry.min_ts, entry.max_ts), (0, 49_990));
         assert_eq!(entry.last_value, Value::Int(4999));
         let mut read = Vec::new();
@@ -576,11 +796,14 @@ mod tests {
     fn segment_open_rejects_truncation() {
         let dir = tempfile::tempdir().unwrap();
         let points: Vec<Point> = (0..10).map(|i| (i, Value::Float(i as f64))).collect();
-        let mut writer = SegmentWriter::create(dir.path(), 1).unwrap();
+        let mut writer = SegmentWriter::create(dir.path(), 1, 0).unwrap();
         writer
             .write_series(SeriesId(1), ok_points(&points))
             .unwrap();
-        let path = writer.finish(1, None).unwrap().path;
+        let path = writer
+            .finish(1, SegmentMeta::flushed(Partition::ALL, 1, 0))
+            .unwrap()
+            .path;
         let bytes = fs::read(&path).unwrap();
 
         for cut in [1, 10, 48, bytes.len() / 2] {
@@ -598,7 +821,7 @@ mod tests {
     #[test]
     fn unfinished_writer_removes_temp_file() {
         let dir = tempfile::tempdir().unwrap();
-        let writer = SegmentWriter::create(dir.path(), 3).unwrap();
+        let writer = SegmentWriter::create(dir.path(), 3, 0).unwrap();
         let temp_path = writer.temp_path.clone();
         assert!(temp_path.exists());
 

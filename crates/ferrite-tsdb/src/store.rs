@@ -1,23 +1,29 @@
-//! The `Store`: write path, flush, compaction, queries and recovery at open.
-//! Invariants and file formats are described in the crate documentation.
+//! The `Store`: write path, flush, background compaction and retention,
+//! queries and recovery at open. Invariants and file formats are described
+//! in the crate documentation.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, File, OpenOptions, TryLockError};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread::JoinHandle;
 use std::time::Instant;
 
 use ferrite_core::{TimestampNs, Value, is_storable_timestamp};
-use parking_lot::{Mutex, RwLock};
+use parking_lot::{Condvar, Mutex, RwLock};
 
 use crate::catalog::{Catalog, IdMap, SeriesId};
 use crate::encoding::Point;
 use crate::error::{IoContext, StoreError, io_error};
 use crate::head::Head;
 use crate::merge::{MergedPoints, Source};
-use crate::segment::{Segment, SegmentWriter, TEMP_SUFFIX, parse_segment_file_name};
+use crate::segment::{
+    Partition, Segment, SegmentMeta, SegmentWriter, TEMP_SUFFIX, damaged_segment_marker_from,
+    parse_segment_file_name,
+};
 use crate::series_log::{LoadedSeries, SeriesLog, SeriesRecord};
-use crate::{Bucket, MAX_NAME_LEN, RangePage, SeriesKey, StoreOptions};
+use crate::{Bucket, MAX_NAME_LEN, RangePage, SeriesKey, StoreOptions, marker};
 
 const LOCK_FILE_NAME: &str = "LOCK";
 const CORRUPT_DIR_NAME: &str = "corrupt";
@@ -29,13 +35,31 @@ const ALL_END: TimestampNs = TimestampNs::MAX;
 
 /// Embedded time-series store. See the crate documentation.
 pub struct Store {
+    inner: Arc<Inner>,
+    /// Background compaction and retention, stopped on drop.
+    maintenance_thread: Option<JoinHandle<()>>,
+}
+
+struct Inner {
     dir: PathBuf,
     options: StoreOptions,
     state: RwLock<State>,
-    /// Serialises flush, compaction and delete, which change files.
-    maintenance: Mutex<Maintenance>,
+    /// Serialises flush and delete, which append to the series file.
+    flush_lock: Mutex<SeriesLog>,
+    /// Serialises compaction and retention passes.
+    compaction_lock: Mutex<()>,
+    /// Next segment sequence number; flush and compaction both take numbers.
+    next_seq: AtomicU64,
+    /// Wakes the maintenance thread; `true` asks it to stop.
+    wake: (Mutex<WakeState>, Condvar),
     /// Holds the directory lock until the store is dropped.
     _lock_file: File,
+}
+
+#[derive(Default)]
+struct WakeState {
+    pending: bool,
+    stop: bool,
 }
 
 /// In-memory state that readers and writers share.
@@ -45,12 +69,19 @@ struct State {
     /// Series created since open that the series file does not define yet,
     /// with their names. Flush writes their definitions.
     unpersisted: IdMap<SeriesKey>,
+    /// Series deleted since open. Compaction leaves their points out; series
+    /// deleted before open were dropped from the segment indexes at open.
+    deleted: HashSet<SeriesId>,
     head: Head,
-    /// The head being flushed, visible to queries until its segment is
+    /// The head being flushed, visible to queries until its segments are
     /// installed. Only set while a flush runs.
     frozen: Option<Arc<Head>>,
-    /// Installed segments, oldest first.
+    /// Installed segments in ascending priority (ties by sequence number):
+    /// for equal timestamps a later segment wins.
     segments: Vec<Arc<Segment>>,
+    /// When each partition last received a flushed segment, for the cold
+    /// rule of compaction.
+    partition_touched: BTreeMap<Partition, Instant>,
     /// Latest point per series over the installed segments.
     flushed_latest: IdMap<Point>,
     durable_marker: u64,
@@ -58,16 +89,6 @@ struct State {
 
 /// Series that a flush defines in the series file, ascending by id.
 type Definitions = Vec<(SeriesId, SeriesKey)>;
-
-/// State that only the holder of the maintenance lock uses.
-struct Maintenance {
-    series_log: SeriesLog,
-    next_segment_seq: u64,
-    /// Series deleted since open whose points may still be in segments.
-    /// Compaction leaves them out. Series deleted before open were already
-    /// dropped from the segment indexes at open.
-    deleted_ids: HashSet<SeriesId>,
-}
 
 impl Store {
     /// Opens or creates the store in `dir` and recovers it as described in
@@ -77,6 +98,12 @@ impl Store {
     /// and with [`StoreError::Corrupt`] when the series file is damaged in a
     /// way that a crash cannot explain.
     pub fn open(dir: &Path, options: StoreOptions) -> Result<Store, StoreError> {
+        if options.partition_ns <= 0 {
+            return Err(StoreError::InvalidArgument(format!(
+                "partition length must be positive, got {} ns",
+                options.partition_ns
+            )));
+        }
         let started = Instant::now();
         fs::create_dir_all(dir).context("create store directory", dir)?;
         let lock_file = lock_directory(dir)?;
@@ -113,27 +140,52 @@ impl Store {
             "opened time-series store"
         );
 
+        let now = Instant::now();
+        let partition_touched = recovered
+            .segments
+            .iter()
+            .map(|segment| (segment.meta.partition, now))
+            .collect();
+        let mut segments: Vec<Arc<Segment>> =
+            recovered.segments.into_iter().map(Arc::new).collect();
+        sort_by_priority(&mut segments);
         let state = State {
             catalog,
             next_series_id: loaded.max_id + 1,
             unpersisted: IdMap::default(),
+            deleted: HashSet::new(),
             head: Head::default(),
             frozen: None,
-            segments: recovered.segments.into_iter().map(Arc::new).collect(),
+            segments,
+            partition_touched,
             flushed_latest,
             durable_marker: recovered.durable_marker,
         };
-        let maintenance = Maintenance {
-            series_log,
-            next_segment_seq: recovered.max_seq + 1,
-            deleted_ids: HashSet::new(),
-        };
-        Ok(Store {
+        let background = options.background_maintenance;
+        let inner = Arc::new(Inner {
             dir: dir.to_path_buf(),
             options,
             state: RwLock::new(state),
-            maintenance: Mutex::new(maintenance),
+            flush_lock: Mutex::new(series_log),
+            compaction_lock: Mutex::new(()),
+            next_seq: AtomicU64::new(recovered.max_seq + 1),
+            wake: (Mutex::new(WakeState::default()), Condvar::new()),
             _lock_file: lock_file,
+        });
+
+        let maintenance_thread = if background {
+            let inner = Arc::clone(&inner);
+            let handle = std::thread::Builder::new()
+                .name("tsdb-maintenance".into())
+                .spawn(move || inner.maintenance_loop())
+                .map_err(|err| io_error("start maintenance thread for", dir, err))?;
+            Some(handle)
+        } else {
+            None
+        };
+        Ok(Store {
+            inner,
+            maintenance_thread,
         })
     }
 
@@ -141,10 +193,10 @@ impl Store {
     /// store). The server stores its ingest-log position here so that
     /// recovery replays the log from it.
     ///
-    /// When open set damaged segments aside, this is the marker from before
+    /// When open set damaged segments aside, this is a marker from before
     /// them until the next flush, so that a replay covers the lost points.
     pub fn durable_marker(&self) -> u64 {
-        self.state.read().durable_marker
+        self.inner.state.read().durable_marker
     }
 
     /// Adds points to the in-memory head. Not durable until [`Store::flush`].
@@ -154,7 +206,9 @@ impl Store {
     /// The batch is checked first and rejected whole with
     /// [`StoreError::InvalidArgument`] when a timestamp is outside the
     /// storable range, a float is NaN or infinite, or a name is longer than
-    /// [`MAX_NAME_LEN`].
+    /// [`MAX_NAME_LEN`]. Points older than the tenant's retention are
+    /// accepted and expire at once: the caller rejects them before they
+    /// reach the store when it wants to tell the sender.
     pub fn write(
         &self,
         tenant: &str,
@@ -170,7 +224,7 @@ impl Store {
             return Ok(());
         }
 
-        let mut guard = self.state.write();
+        let mut guard = self.inner.state.write();
         let State {
             catalog,
             next_series_id,
@@ -200,90 +254,53 @@ impl Store {
     /// compares with [`StoreOptions::head_budget_bytes`]. A frozen head that
     /// is being flushed is not included.
     pub fn head_bytes(&self) -> usize {
-        self.state.read().head.bytes()
+        self.inner.state.read().head.bytes()
     }
 
     /// Returns true when [`Store::head_bytes`] has reached the head budget.
     pub fn needs_flush(&self) -> bool {
-        self.head_bytes() >= self.options.head_budget_bytes
+        self.head_bytes() >= self.inner.options.head_budget_bytes
     }
 
-    /// Persists the head as one immutable segment file (write to a temporary
-    /// file, fsync, rename, fsync the directory), records `marker` with it,
-    /// then drops that head from memory.
+    /// Persists the head as immutable segment files, one per time partition
+    /// it touches (each written to a temporary file, fsynced and renamed),
+    /// then records `marker` in the durable-marker file and drops that head
+    /// from memory. The flush is durable once the marker file names
+    /// `marker`.
     ///
     /// Writes that arrive meanwhile go to a fresh head and are not blocked
-    /// by the disk write. Queries see the frozen head until the segment is
-    /// installed. With an empty head the call only records `marker` (as an
-    /// empty segment), and does nothing when `marker` is already the durable
-    /// one. On error the frozen points go back into the head, so a later
-    /// flush retries them.
+    /// by the disk writes. Queries see the frozen head until its segments
+    /// are installed. With an empty head the call only records `marker`, and
+    /// does nothing when `marker` is already the durable one. On error the
+    /// frozen points go back into the head, so a later flush retries them;
+    /// segments that were already renamed into place hold copies of points
+    /// that stay in the head, which last-write-wins makes harmless.
     ///
-    /// When the segment count then exceeds [`StoreOptions::max_segments`],
-    /// all segments are compacted into one before returning. A compaction
-    /// failure is logged and does not fail the flush, whose segment is
-    /// already durable.
+    /// Compaction and retention run afterwards in the background thread.
     pub fn flush(&self, marker: u64) -> Result<(), StoreError> {
-        let mut maintenance = self.maintenance.lock();
-        let Some((frozen, definitions)) = self.freeze_head(marker) else {
-            return Ok(());
-        };
-
-        let seq = maintenance.next_segment_seq;
-        maintenance.next_segment_seq += 1;
-        let started = Instant::now();
-        let written = self.write_head_segment(
-            &mut maintenance.series_log,
-            seq,
-            &frozen,
-            &definitions,
-            marker,
-        );
-        let segment = match written {
-            Ok(segment) => segment,
-            Err(err) => {
-                drop(frozen);
-                self.unfreeze_head();
-                return Err(err);
-            }
-        };
-        tracing::debug!(
-            seq,
-            marker,
-            series = segment.index.len(),
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "flushed head to segment"
-        );
-        self.install_flushed_segment(segment, &frozen, &definitions, marker);
-        drop(frozen);
-
-        // NOTE: compaction rewrites every segment each time the count exceeds
-        // `max_segments`, so its cost grows with the size of the store.
-        let segment_count = self.state.read().segments.len();
-        if segment_count > self.options.max_segments.max(1)
-            && let Err(err) = self.compact_locked(&mut maintenance)
-        {
-            tracing::error!(
-                error = %err,
-                segments = segment_count,
-                "compaction failed; the flushed data is durable and compaction is retried after the next flush"
-            );
-        }
-        Ok(())
+        self.inner.flush(marker)
     }
 
-    /// Merges all segments into one now, with last-write-wins, and deletes
-    /// the old files once the new one is durable. Flush does this on its own
-    /// when there are more than `max_segments` segments.
+    /// Merges every partition that has more than one segment into a single
+    /// segment now, drops points older than the retention, and waits until
+    /// done. The background thread does the same step by step; this is for
+    /// tools, tests and benchmarks that want the compacted state at once.
     pub fn compact(&self) -> Result<(), StoreError> {
-        let mut maintenance = self.maintenance.lock();
-        self.compact_locked(&mut maintenance)
+        self.inner.maintain(true)
+    }
+
+    /// Runs one background maintenance pass now: retention, then the
+    /// compactions that the policy asks for.
+    pub fn run_maintenance(&self) -> Result<(), StoreError> {
+        self.inner.maintain(false)
     }
 
     /// Returns the latest point of every key of a device, sorted by key.
     /// "Latest" is the greatest timestamp. Served from memory in O(keys).
+    /// Keys whose latest point is older than the retention are left out.
     pub fn latest(&self, tenant: &str, device: &str) -> Vec<(String, TimestampNs, Value)> {
-        let state = self.state.read();
+        let cutoff = self.inner.cutoff(tenant);
+        let state = self.inner.state.read();
         let Some(keys) = state.catalog.device(tenant, device) else {
             return Vec::new();
         };
@@ -292,23 +309,25 @@ impl Store {
             .iter()
             .filter_map(|(key, id)| {
                 let (ts, value) = state.latest_point(*id)?;
-                Some((key.clone(), ts, value.clone()))
+                (ts >= cutoff).then(|| (key.clone(), ts, value.clone()))
             })
             .collect();
         latest.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         latest
     }
 
-    /// Returns the keys of a device that have at least one point, sorted.
+    /// Returns the keys of a device that have at least one point within the
+    /// retention, sorted.
     pub fn keys(&self, tenant: &str, device: &str) -> Vec<String> {
-        let state = self.state.read();
+        let cutoff = self.inner.cutoff(tenant);
+        let state = self.inner.state.read();
         let Some(keys) = state.catalog.device(tenant, device) else {
             return Vec::new();
         };
 
         let mut names: Vec<String> = keys
             .iter()
-            .filter(|(_, id)| state.latest_point(**id).is_some())
+            .filter(|(_, id)| state.latest_point(**id).is_some_and(|(ts, _)| ts >= cutoff))
             .map(|(key, _)| key.clone())
             .collect();
         names.sort_unstable();
@@ -316,7 +335,7 @@ impl Store {
     }
 
     /// Returns raw points with `start <= ts < end`, ascending, at most
-    /// `limit`.
+    /// `limit`. Points older than the retention are left out.
     ///
     /// With `after` set, the page starts strictly after that timestamp (the
     /// cursor is the timestamp of the last point of the previous page).
@@ -334,7 +353,7 @@ impl Store {
             Some(after) => start.max(after.saturating_add(1)),
             None => start,
         };
-        let mut merged = self.merged_points(series, lo, end);
+        let mut merged = self.inner.merged_points(series, lo, end);
 
         let mut points = Vec::with_capacity(limit.min(1024));
         while points.len() < limit {
@@ -392,10 +411,40 @@ impl Store {
             })
             .collect();
 
-        let mut merged = self.merged_points(series, start, end);
+        let mut merged = self.inner.merged_points(series, start, end);
         while let Some((ts, value)) = merged.next_point()? {
             let index = ((i128::from(ts) - i128::from(start)) / interval_wide) as usize;
             buckets[index].add(ts, value);
+        }
+        Ok(buckets)
+    }
+
+    /// Aggregates the points of a series into caller-defined buckets:
+    /// `bounds` lists ascending, contiguous `[start, end)` ranges (calendar
+    /// days in a time zone, for example). Returns one bucket per range.
+    pub fn aggregate_buckets(
+        &self,
+        series: &SeriesKey,
+        bounds: &[(TimestampNs, TimestampNs)],
+    ) -> Result<Vec<Bucket>, StoreError> {
+        let mut buckets: Vec<Bucket> = bounds
+            .iter()
+            .map(|(start, _)| Bucket::empty(*start))
+            .collect();
+        let (Some(first), Some(last)) = (bounds.first(), bounds.last()) else {
+            return Ok(buckets);
+        };
+        let mut merged = self.inner.merged_points(series, first.0, last.1);
+        let mut index = 0;
+        while let Some((ts, value)) = merged.next_point()? {
+            while index < bounds.len() && ts >= bounds[index].1 {
+                index += 1;
+            }
+            match buckets.get_mut(index) {
+                Some(bucket) if ts >= bounds[index].0 => bucket.add(ts, value),
+                Some(_) => {}
+                None => break,
+            }
         }
         Ok(buckets)
     }
@@ -404,41 +453,83 @@ impl Store {
     /// `Ok`. A later write to the device starts new series.
     ///
     /// Blocks writes for one append and sync of the series file, and waits
-    /// for a running flush or compaction. Disk space is reclaimed by the
-    /// next compaction.
+    /// for a running flush. Disk space is reclaimed by later compactions.
     pub fn delete_device(&self, tenant: &str, device: &str) -> Result<(), StoreError> {
-        let mut maintenance = self.maintenance.lock();
-        let mut state = self.state.write();
-        let Some(keys) = state.catalog.device(tenant, device) else {
+        self.inner.delete_device(tenant, device)
+    }
+
+    /// Number of segment files and their total size in bytes, for metrics.
+    pub fn disk_usage(&self) -> (usize, u64) {
+        let state = self.inner.state.read();
+        let bytes = state.segments.iter().map(|segment| segment.size).sum();
+        (state.segments.len(), bytes)
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        if let Some(handle) = self.maintenance_thread.take() {
+            {
+                let mut wake = self.inner.wake.0.lock();
+                wake.stop = true;
+            }
+            self.inner.wake.1.notify_all();
+            if handle.join().is_err() {
+                tracing::error!("time-series maintenance thread panicked");
+            }
+        }
+    }
+}
+
+impl Inner {
+    fn now(&self) -> TimestampNs {
+        (self.options.clock)()
+    }
+
+    fn cutoff(&self, tenant: &str) -> TimestampNs {
+        if self.options.retention.of(tenant).is_none() {
+            return TimestampNs::MIN;
+        }
+        self.options.retention.cutoff(tenant, self.now())
+    }
+
+    fn take_seq(&self) -> u64 {
+        self.next_seq.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn flush(&self, marker: u64) -> Result<(), StoreError> {
+        let mut series_log = self.flush_lock.lock();
+        let Some((frozen, definitions, marker_from)) = self.freeze_head(marker) else {
             return Ok(());
         };
-        let ids: Vec<SeriesId> = keys.values().copied().collect();
 
-        // Series that never reached the series file have nothing on disk.
-        let records: Vec<SeriesRecord<'_>> = ids
-            .iter()
-            .filter(|id| !state.unpersisted.contains_key(id))
-            .map(|id| SeriesRecord::Delete(*id))
-            .collect();
-        maintenance.series_log.append(&records)?;
-
-        state.catalog.remove_device(tenant, device);
-        for id in &ids {
-            state.head.remove(*id);
-            state.flushed_latest.remove(id);
-            state.unpersisted.remove(id);
-        }
-        drop(state);
-
-        tracing::info!(tenant, device, series = ids.len(), "deleted device data");
-        maintenance.deleted_ids.extend(ids);
+        let started = Instant::now();
+        let written = self.write_flush(&mut series_log, &frozen, &definitions, marker, marker_from);
+        let segments = match written {
+            Ok(segments) => segments,
+            Err(err) => {
+                drop(frozen);
+                self.unfreeze_head();
+                return Err(err);
+            }
+        };
+        tracing::debug!(
+            marker,
+            segments = segments.len(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "flushed head"
+        );
+        self.install_flushed(segments, &frozen, &definitions, marker);
+        drop(frozen);
+        drop(series_log);
+        self.wake_maintenance();
         Ok(())
     }
 
     /// Moves the head aside as the frozen head. Returns it with the
-    /// definitions of its series that the series file still lacks, or `None`
-    /// when there is nothing to flush.
-    fn freeze_head(&self, marker: u64) -> Option<(Arc<Head>, Definitions)> {
+    /// definitions of its series that the series file still lacks and the
+    /// current durable marker, or `None` when there is nothing to flush.
+    fn freeze_head(&self, marker: u64) -> Option<(Arc<Head>, Definitions, u64)> {
         let mut state = self.state.write();
         if state.head.is_empty() && marker == state.durable_marker {
             return None;
@@ -453,7 +544,7 @@ impl Store {
             .collect();
         definitions.sort_unstable_by_key(|(id, _)| *id);
         state.frozen = Some(Arc::clone(&frozen));
-        Some((frozen, definitions))
+        Some((frozen, definitions, state.durable_marker))
     }
 
     /// Puts the frozen head back in front of the head after a failed flush.
@@ -468,14 +559,16 @@ impl Store {
         state.head = restored;
     }
 
-    fn write_head_segment(
+    /// Writes one segment per partition of the frozen head, then the marker
+    /// file.
+    fn write_flush(
         &self,
         series_log: &mut SeriesLog,
-        seq: u64,
         frozen: &Head,
         definitions: &[(SeriesId, SeriesKey)],
         marker: u64,
-    ) -> Result<Segment, StoreError> {
+        marker_from: u64,
+    ) -> Result<Vec<Segment>, StoreError> {
         // Definitions must be durable before a segment refers to their ids.
         let records: Vec<SeriesRecord<'_>> = definitions
             .iter()
@@ -486,18 +579,47 @@ impl Store {
         let mut ids: Vec<SeriesId> = frozen.series().map(|(id, _)| id).collect();
         ids.sort_unstable();
 
-        let mut writer = SegmentWriter::create(&self.dir, seq)?;
-        for id in ids {
-            let series = frozen.get(id).expect("id listed from the same head");
-            let points = series.sorted_view(ALL_LO, ALL_END);
-            writer.write_series(id, points.into_iter().map(Ok))?;
+        // Sorted points of every series, split into runs by partition. Runs
+        // are collected per partition first so that one segment file is
+        // open at a time, however many partitions a backfill touches.
+        let views: Vec<(SeriesId, Vec<&Point>)> = ids
+            .into_iter()
+            .map(|id| {
+                let series = frozen.get(id).expect("id listed from the same head");
+                (id, series.sorted_view(ALL_LO, ALL_END))
+            })
+            .collect();
+        let mut runs: BTreeMap<Partition, Vec<(usize, usize, usize)>> = BTreeMap::new();
+        for (view_index, (_, points)) in views.iter().enumerate() {
+            let mut start = 0;
+            while start < points.len() {
+                let partition = Partition::of(points[start].0, self.options.partition_ns);
+                let len = points[start..].partition_point(|p| p.0 < partition.end);
+                runs.entry(partition)
+                    .or_default()
+                    .push((view_index, start, start + len));
+                start += len;
+            }
         }
-        writer.finish(marker, None)
+
+        let mut segments = Vec::with_capacity(runs.len());
+        for (partition, series_runs) in runs {
+            let seq = self.take_seq();
+            let mut writer = SegmentWriter::create(&self.dir, seq, marker_from)?;
+            for (view_index, start, end) in series_runs {
+                let (id, points) = &views[view_index];
+                writer.write_series(*id, points[start..end].iter().copied().map(Ok))?;
+            }
+            segments
+                .push(writer.finish(marker, SegmentMeta::flushed(partition, seq, marker_from))?);
+        }
+        marker::write(&self.dir, marker)?;
+        Ok(segments)
     }
 
-    fn install_flushed_segment(
+    fn install_flushed(
         &self,
-        segment: Segment,
+        segments: Vec<Segment>,
         frozen: &Head,
         definitions: &[(SeriesId, SeriesKey)],
         marker: u64,
@@ -511,72 +633,312 @@ impl Store {
         for (id, _) in definitions {
             state.unpersisted.remove(id);
         }
-        state.segments.push(Arc::new(segment));
+        let now = Instant::now();
+        for segment in segments {
+            state.partition_touched.insert(segment.meta.partition, now);
+            // Flushed segments have the greatest priorities so far.
+            state.segments.push(Arc::new(segment));
+        }
         state.frozen = None;
         state.durable_marker = marker;
     }
 
-    fn compact_locked(&self, maintenance: &mut Maintenance) -> Result<(), StoreError> {
-        let inputs: Vec<Arc<Segment>> = self.state.read().segments.clone();
-        if inputs.len() < 2 {
+    fn delete_device(&self, tenant: &str, device: &str) -> Result<(), StoreError> {
+        let mut series_log = self.flush_lock.lock();
+        let mut state = self.state.write();
+        let Some(keys) = state.catalog.device(tenant, device) else {
+            return Ok(());
+        };
+        let ids: Vec<SeriesId> = keys.values().copied().collect();
+
+        // Series that never reached the series file have nothing on disk.
+        let records: Vec<SeriesRecord<'_>> = ids
+            .iter()
+            .filter(|id| !state.unpersisted.contains_key(id))
+            .map(|id| SeriesRecord::Delete(*id))
+            .collect();
+        series_log.append(&records)?;
+
+        state.catalog.remove_device(tenant, device);
+        for id in &ids {
+            state.head.remove(*id);
+            state.flushed_latest.remove(id);
+            state.unpersisted.remove(id);
+            state.deleted.insert(*id);
+        }
+        drop(state);
+
+        tracing::info!(tenant, device, series = ids.len(), "deleted device data");
+        Ok(())
+    }
+
+    fn wake_maintenance(&self) {
+        self.wake.0.lock().pending = true;
+        self.wake.1.notify_all();
+    }
+
+    fn maintenance_loop(&self) {
+        loop {
+            {
+                let mut wake = self.wake.0.lock();
+                if !wake.pending && !wake.stop {
+                    self.wake
+                        .1
+                        .wait_for(&mut wake, self.options.maintenance_interval);
+                }
+                if wake.stop {
+                    return;
+                }
+                wake.pending = false;
+            }
+            if let Err(err) = self.maintain(false) {
+                tracing::error!(
+                    error = %err,
+                    "time-series compaction or retention failed; stored data is intact and the pass is retried"
+                );
+            }
+        }
+    }
+
+    /// Retention, then compactions until the policy asks for none (`full`:
+    /// merge every partition with more than one segment).
+    fn maintain(&self, full: bool) -> Result<(), StoreError> {
+        let _running = self.compaction_lock.lock();
+        let cutoffs = self.cutoffs();
+        self.drop_expired_segments(&cutoffs)?;
+        let mut done: HashSet<Partition> = HashSet::new();
+        while let Some(inputs) = self.pick_compaction(full, &cutoffs, &done) {
+            if self.wake.0.lock().stop {
+                return Ok(());
+            }
+            let partition = inputs[0].meta.partition;
+            self.compact_inputs(&inputs, &cutoffs)?;
+            if full {
+                done.insert(partition);
+            }
+        }
+        Ok(())
+    }
+
+    /// Retention cutoff per series, or `None` when no retention is set.
+    fn cutoffs(&self) -> Option<Cutoffs> {
+        let retention = &self.options.retention;
+        if retention.default.is_none() && retention.tenants.values().all(Option::is_none) {
+            return None;
+        }
+        let now = self.now();
+        let state = self.state.read();
+        let mut per_series = IdMap::default();
+        for (tenant, ids) in state.catalog.series_by_tenant() {
+            let cutoff = retention.cutoff(tenant, now);
+            for id in ids {
+                per_series.insert(id, cutoff);
+            }
+        }
+        Some(Cutoffs { per_series })
+    }
+
+    /// Deletes segments whose every series ends before its retention
+    /// cutoff (whole files, no rewrite).
+    fn drop_expired_segments(&self, cutoffs: &Option<Cutoffs>) -> Result<(), StoreError> {
+        let Some(cutoffs) = cutoffs else {
+            return Ok(());
+        };
+        let expired: Vec<Arc<Segment>> = {
+            let state = self.state.read();
+            state
+                .segments
+                .iter()
+                .filter(|segment| {
+                    segment
+                        .index
+                        .iter()
+                        .all(|(id, entry)| entry.max_ts < cutoffs.of(*id))
+                })
+                .cloned()
+                .collect()
+        };
+        if expired.is_empty() {
             return Ok(());
         }
-        let started = Instant::now();
+        {
+            let mut state = self.state.write();
+            state
+                .segments
+                .retain(|segment| !expired.iter().any(|e| Arc::ptr_eq(e, segment)));
+            rebuild_latest(&mut state);
+        }
+        for segment in &expired {
+            fs::remove_file(&segment.path).context("delete expired segment", &segment.path)?;
+        }
+        fsio_sync_dir(&self.dir);
+        tracing::info!(
+            segments = expired.len(),
+            bytes = expired.iter().map(|s| s.size).sum::<u64>(),
+            "deleted segments past their retention"
+        );
+        Ok(())
+    }
 
+    /// Chooses the next compaction: the segments of one partition that are
+    /// contiguous in priority order (so last-write-wins is kept).
+    fn pick_compaction(
+        &self,
+        full: bool,
+        cutoffs: &Option<Cutoffs>,
+        done: &HashSet<Partition>,
+    ) -> Option<Vec<Arc<Segment>>> {
+        let state = self.state.read();
+        let mut groups: BTreeMap<Partition, Vec<Arc<Segment>>> = BTreeMap::new();
+        for segment in &state.segments {
+            groups
+                .entry(segment.meta.partition)
+                .or_default()
+                .push(Arc::clone(segment));
+        }
+
+        let fan_in = self.options.merge_fan_in.max(2);
+        for (partition, group) in groups {
+            if done.contains(&partition) {
+                continue;
+            }
+            // Format 1 segments cover all time; they are rewritten into
+            // partitions together.
+            if partition == Partition::ALL {
+                return Some(group);
+            }
+            let needs_rewrite = |segment: &Segment| {
+                segment.version != crate::segment::VERSION
+                    || segment.index.keys().any(|id| state.deleted.contains(id))
+                    || cutoffs.as_ref().is_some_and(|cutoffs| {
+                        segment
+                            .index
+                            .iter()
+                            .any(|(id, entry)| entry.min_ts < cutoffs.of(*id))
+                    })
+            };
+            let cold = state
+                .partition_touched
+                .get(&partition)
+                .is_none_or(|touched| touched.elapsed() >= self.options.cold_after);
+            if group.len() >= 2 && (full || cold) {
+                return Some(group);
+            }
+            if full && group.len() == 1 && needs_rewrite(&group[0]) {
+                return Some(group);
+            }
+            if group.len() >= fan_in {
+                let tail = &group[group.len() - fan_in..];
+                if tail.iter().all(|s| s.meta.level == tail[0].meta.level) {
+                    return Some(tail.to_vec());
+                }
+            }
+        }
+        None
+    }
+
+    /// Merges `inputs` (contiguous in priority order, one partition or the
+    /// format 1 group) into one segment per partition, installs the outputs
+    /// and deletes the inputs.
+    fn compact_inputs(
+        &self,
+        inputs: &[Arc<Segment>],
+        cutoffs: &Option<Cutoffs>,
+    ) -> Result<(), StoreError> {
+        let started = Instant::now();
+        let deleted = self.state.read().deleted.clone();
         let mut ids: Vec<SeriesId> = inputs
             .iter()
             .flat_map(|segment| segment.index.keys().copied())
-            .filter(|id| !maintenance.deleted_ids.contains(id))
+            .filter(|id| !deleted.contains(id))
             .collect();
         ids.sort_unstable();
         ids.dedup();
 
-        let seq = maintenance.next_segment_seq;
-        maintenance.next_segment_seq += 1;
-        let mut writer = SegmentWriter::create(&self.dir, seq)?;
+        let priority = inputs.iter().map(|s| s.meta.priority).max().unwrap_or(0);
+        let marker = inputs.iter().map(|s| s.marker).max().unwrap_or(0);
+        let marker_from = inputs.iter().map(|s| s.meta.marker_from).min().unwrap_or(0);
+        let level = inputs
+            .iter()
+            .map(|s| s.meta.level)
+            .max()
+            .unwrap_or(0)
+            .saturating_add(1);
+        let input_seqs: Vec<u64> = inputs.iter().map(|s| s.seq).collect();
+        let partition = inputs[0].meta.partition;
+
+        // One writer per output partition. Normal groups have one
+        // partition; the format 1 group is split as its points come.
+        let mut writers: BTreeMap<Partition, SegmentWriter> = BTreeMap::new();
         let mut damaged: HashSet<u64> = HashSet::new();
         for id in ids {
+            let lo = cutoffs.as_ref().map_or(ALL_LO, |c| c.of(id));
             let sources = inputs
                 .iter()
-                .filter_map(|segment| Source::segment(segment, id, ALL_LO, ALL_END, true))
+                .filter_map(|segment| Source::segment(segment, id, lo, ALL_END, true))
                 .collect();
             let mut merged = MergedPoints::new(sources);
-            writer.write_series(id, std::iter::from_fn(|| merged.next_point().transpose()))?;
+            let mut points: Vec<Point> = Vec::new();
+            while let Some(point) = merged.next_point()? {
+                points.push(point);
+            }
             damaged.extend(merged.damaged_segments());
+            let mut start = 0;
+            while start < points.len() {
+                let output = if partition == Partition::ALL {
+                    Partition::of(points[start].0, self.options.partition_ns)
+                } else {
+                    partition
+                };
+                let len = points[start..].partition_point(|p| p.0 < output.end);
+                let writer = match writers.entry(output) {
+                    std::collections::btree_map::Entry::Occupied(entry) => entry.into_mut(),
+                    std::collections::btree_map::Entry::Vacant(entry) => {
+                        let seq = self.take_seq();
+                        entry.insert(SegmentWriter::create(&self.dir, seq, marker_from)?)
+                    }
+                };
+                writer.write_series(id, points[start..start + len].iter().map(Ok))?;
+                start += len;
+            }
         }
 
-        let first = inputs.first().expect("at least two inputs");
-        let last = inputs.last().expect("at least two inputs");
-        let compacted = Arc::new(writer.finish(last.marker, Some((first.seq, last.seq)))?);
+        // Only the last output names the inputs: a crash before it leaves
+        // the inputs in place, and the earlier outputs hold the same
+        // points with the same priority, which is harmless.
+        let output_count = writers.len();
+        let mut outputs = Vec::with_capacity(output_count);
+        for (n, (output_partition, writer)) in writers.into_iter().enumerate() {
+            if writer.is_empty() {
+                continue;
+            }
+            let meta = SegmentMeta {
+                partition: output_partition,
+                priority,
+                marker_from,
+                level,
+                inputs: if n + 1 == output_count {
+                    input_seqs.clone()
+                } else {
+                    Vec::new()
+                },
+            };
+            outputs.push(Arc::new(writer.finish(marker, meta)?));
+        }
 
         {
             let mut state = self.state.write();
-            // Only maintenance-lock holders change the segment list, so the
-            // inputs are still its prefix.
-            debug_assert!(
-                state
-                    .segments
-                    .iter()
-                    .zip(&inputs)
-                    .all(|(a, b)| Arc::ptr_eq(a, b)),
-                "segment list changed during compaction"
-            );
             state
                 .segments
-                .splice(0..inputs.len(), [Arc::clone(&compacted)]);
-            if !damaged.is_empty() {
-                // Skipped blocks may have held a cached latest point.
-                state.flushed_latest.clear();
-                for (id, entry) in &compacted.index {
-                    state
-                        .flushed_latest
-                        .insert(*id, (entry.max_ts, entry.last_value.clone()));
-                }
+                .retain(|segment| !inputs.iter().any(|input| Arc::ptr_eq(input, segment)));
+            state.segments.extend(outputs.iter().cloned());
+            sort_by_priority(&mut state.segments);
+            if !damaged.is_empty() || cutoffs.is_some() {
+                rebuild_latest(&mut state);
             }
         }
-        maintenance.deleted_ids.clear();
 
-        for input in &inputs {
+        for input in inputs {
             let result = if damaged.contains(&input.seq) {
                 set_aside(&self.dir, &input.path)
             } else {
@@ -589,10 +951,12 @@ impl Store {
         }
         fsio_sync_dir(&self.dir);
 
-        tracing::info!(
+        tracing::debug!(
             inputs = inputs.len(),
-            seq,
-            series = compacted.index.len(),
+            outputs = outputs.len(),
+            level,
+            input_bytes = inputs.iter().map(|s| s.size).sum::<u64>(),
+            output_bytes = outputs.iter().map(|s| s.size).sum::<u64>(),
             damaged_inputs = damaged.len(),
             elapsed_ms = started.elapsed().as_millis() as u64,
             "compacted segments"
@@ -600,10 +964,12 @@ impl Store {
         Ok(())
     }
 
-    /// Collects the sources of one series for `lo <= ts < end`. Head points
-    /// are copied under the read lock; segment blocks are read later,
-    /// without the lock.
+    /// Collects the sources of one series for `lo <= ts < end`, in
+    /// last-write-wins order, with `lo` raised to the retention cutoff.
+    /// Head points are copied under the read lock; segment blocks are read
+    /// later, without the lock.
     fn merged_points(&self, series: &SeriesKey, lo: TimestampNs, end: TimestampNs) -> MergedPoints {
+        let lo = lo.max(self.cutoff(&series.tenant));
         if lo >= end {
             return MergedPoints::empty();
         }
@@ -615,6 +981,7 @@ impl Store {
         let mut sources: Vec<Source> = state
             .segments
             .iter()
+            .filter(|segment| segment.meta.partition.end > lo && segment.meta.partition.start < end)
             .filter_map(|segment| Source::segment(segment, id, lo, end, false))
             .collect();
         let heads = [state.frozen.as_deref(), Some(&state.head)];
@@ -627,6 +994,21 @@ impl Store {
             }
         }
         MergedPoints::new(sources)
+    }
+}
+
+/// Retention cutoff of every live series during one maintenance pass.
+struct Cutoffs {
+    per_series: IdMap<TimestampNs>,
+}
+
+impl Cutoffs {
+    /// Series that are not live (deleted) expire entirely.
+    fn of(&self, id: SeriesId) -> TimestampNs {
+        self.per_series
+            .get(&id)
+            .copied()
+            .unwrap_or(TimestampNs::MAX)
     }
 }
 
@@ -645,6 +1027,22 @@ impl State {
         }
         best
     }
+}
+
+fn sort_by_priority(segments: &mut [Arc<Segment>]) {
+    segments.sort_by_key(|segment| (segment.meta.priority, segment.seq));
+}
+
+/// Recomputes the latest point of every series from the segment indexes,
+/// after segments were removed. Later segments win ties.
+fn rebuild_latest(state: &mut State) {
+    let mut latest: IdMap<Point> = IdMap::default();
+    for segment in &state.segments {
+        for (id, entry) in &segment.index {
+            update_latest(&mut latest, *id, entry.max_ts, &entry.last_value);
+        }
+    }
+    state.flushed_latest = latest;
 }
 
 fn update_latest(latest: &mut IdMap<Point>, id: SeriesId, ts: TimestampNs, value: &Value) {
@@ -701,18 +1099,18 @@ fn lock_directory(dir: &Path) -> Result<File, StoreError> {
     }
 }
 
-/// Deletes segments that a crash left half-written.
+/// Deletes segments and marker files that a crash left half-written.
 fn remove_temp_files(dir: &Path) -> Result<(), StoreError> {
     for entry in fs::read_dir(dir).context("list", dir)? {
         let entry = entry.context("list", dir)?;
         let name = entry.file_name();
         let Some(name) = name.to_str() else { continue };
-        let Some(segment_name) = name.strip_suffix(TEMP_SUFFIX) else {
+        let Some(final_name) = name.strip_suffix(TEMP_SUFFIX) else {
             continue;
         };
-        if parse_segment_file_name(segment_name).is_some() {
+        if parse_segment_file_name(final_name).is_some() || final_name == marker::MARKER_FILE_NAME {
             let path = entry.path();
-            tracing::info!(path = %path.display(), "deleting unfinished segment left by a crash");
+            tracing::info!(path = %path.display(), "deleting unfinished file left by a crash");
             fs::remove_file(&path).context("delete", &path)?;
         }
     }
@@ -749,7 +1147,7 @@ fn fsio_sync_dir(dir: &Path) {
 }
 
 struct RecoveredSegments {
-    /// Intact segments, oldest first.
+    /// Intact segments.
     segments: Vec<Segment>,
     /// Largest sequence number seen in the directory, so new segments sort
     /// after every file ever created there.
@@ -758,7 +1156,7 @@ struct RecoveredSegments {
 }
 
 /// Opens all segments, sets aside damaged ones, deletes superseded ones and
-/// computes the durable marker (steps 3 to 5 of recovery).
+/// computes the durable marker (steps 3 to 6 of recovery).
 fn recover_segments(dir: &Path, loaded: &LoadedSeries) -> Result<RecoveredSegments, StoreError> {
     let mut files: Vec<(u64, PathBuf)> = Vec::new();
     for entry in fs::read_dir(dir).context("list", dir)? {
@@ -768,7 +1166,7 @@ fn recover_segments(dir: &Path, loaded: &LoadedSeries) -> Result<RecoveredSegmen
         }
     }
     files.sort_unstable_by_key(|(seq, _)| *seq);
-    let mut max_seq = files.last().map_or(0, |(seq, _)| *seq);
+    let max_seq = files.last().map_or(0, |(seq, _)| *seq);
 
     let mut intact: Vec<Segment> = Vec::new();
     let mut damaged: Vec<(u64, PathBuf, String)> = Vec::new();
@@ -790,25 +1188,24 @@ fn recover_segments(dir: &Path, loaded: &LoadedSeries) -> Result<RecoveredSegmen
         }
     }
 
-    // Compaction outputs whose inputs are still present (crash before the
-    // inputs were deleted).
-    let compactions: Vec<(u64, u64, u64)> = intact
+    // Format 1 segments carry no `marker_from`: their points came after the
+    // marker of the segment written before them.
+    let mut previous_marker = 0;
+    for segment in &mut intact {
+        if segment.version == 1 {
+            segment.meta.marker_from = previous_marker;
+            previous_marker = segment.marker;
+        }
+    }
+
+    let superseding: HashSet<u64> = intact
         .iter()
-        .filter_map(|segment| {
-            segment
-                .compacted_from
-                .map(|(first, last)| (first, last, segment.seq))
-        })
+        .flat_map(|segment| segment.meta.inputs.iter().copied())
         .collect();
-    let superseded = |seq: u64| {
-        compactions
-            .iter()
-            .any(|(first, last, output)| *first <= seq && seq <= *last && seq < *output)
-    };
 
     let mut kept = Vec::with_capacity(intact.len());
     for mut segment in intact {
-        if superseded(segment.seq) {
+        if superseding.contains(&segment.seq) {
             tracing::info!(path = %segment.path.display(), "deleting segment superseded by a compaction");
             fs::remove_file(&segment.path).context("delete", &segment.path)?;
             continue;
@@ -817,9 +1214,25 @@ fn recover_segments(dir: &Path, loaded: &LoadedSeries) -> Result<RecoveredSegmen
         kept.push(segment);
     }
 
-    let mut oldest_lost: Option<u64> = None;
+    let recorded = match marker::read(dir) {
+        Ok(recorded) => recorded,
+        Err(StoreError::Corrupt { detail, path }) => {
+            tracing::warn!(
+                path = %path.display(),
+                detail,
+                "durable-marker file is damaged; replaying the whole ingest log that is left"
+            );
+            Some(0)
+        }
+        Err(err) => return Err(err),
+    };
+    // Format 1 kept the marker in its segments only.
+    let mut durable_marker =
+        recorded.unwrap_or_else(|| kept.iter().map(|segment| segment.marker).max().unwrap_or(0));
+
+    let mut moved_back = false;
     for (seq, path, detail) in damaged {
-        if superseded(seq) {
+        if superseding.contains(&seq) {
             tracing::info!(path = %path.display(), detail, "setting aside damaged segment superseded by a compaction");
         } else {
             tracing::warn!(
@@ -827,32 +1240,33 @@ fn recover_segments(dir: &Path, loaded: &LoadedSeries) -> Result<RecoveredSegmen
                 detail,
                 "setting aside damaged segment; its points are lost unless the ingest log still contains them"
             );
-            oldest_lost = Some(oldest_lost.map_or(seq, |oldest| oldest.min(seq)));
+            // The header names the marker before the segment's points;
+            // format 1 headers do not, so the segment before it tells.
+            let from = damaged_segment_marker_from(&path).unwrap_or_else(|| {
+                kept.iter()
+                    .filter(|segment| segment.seq < seq)
+                    .map(|segment| segment.marker)
+                    .max()
+                    .unwrap_or(0)
+            });
+            if from < durable_marker {
+                durable_marker = from;
+                moved_back = true;
+            }
         }
         set_aside(dir, &path)?;
     }
     fsio_sync_dir(dir);
 
-    let durable_marker = match oldest_lost {
-        None => kept.last().map_or(0, |segment| segment.marker),
-        Some(lost_seq) => {
-            let marker = kept
-                .iter()
-                .rev()
-                .find(|segment| segment.seq < lost_seq)
-                .map_or(0, |segment| segment.marker);
-            // Record the reverted marker, so that a restart before the next
-            // flush still replays the lost range.
-            max_seq += 1;
-            let empty = SegmentWriter::create(dir, max_seq)?.finish(marker, None)?;
-            kept.push(empty);
-            tracing::warn!(
-                durable_marker = marker,
-                "durable marker moved back to before the damaged segments"
-            );
-            marker
-        }
-    };
+    if moved_back {
+        // Record the reverted marker, so that a restart before the next
+        // flush still replays the lost range.
+        marker::write(dir, durable_marker)?;
+        tracing::warn!(
+            durable_marker,
+            "durable marker moved back to before the damaged segments"
+        );
+    }
 
     Ok(RecoveredSegments {
         segments: kept,

@@ -259,7 +259,9 @@ fn flush_records_marker_and_empties_head() {
     let dir = tempfile::tempdir().unwrap();
     let options = StoreOptions {
         head_budget_bytes: 4096,
-        max_segments: 2,
+        merge_fan_in: 2,
+        background_maintenance: false,
+        ..StoreOptions::default()
     };
     let store = Store::open(dir.path(), options.clone()).unwrap();
     assert_eq!(store.durable_marker(), 0);
@@ -284,11 +286,14 @@ fn flush_records_marker_and_empties_head() {
     store.flush(8).unwrap();
     assert_eq!(store.durable_marker(), 8);
 
-    // A third segment exceeds max_segments = 2 and triggers compaction.
+    // A second segment of the same partition and level is merged with the
+    // first by the next maintenance pass (fan-in 2).
     store
         .write("t1", "d1", &[("v", 1000, Value::Int(1))])
         .unwrap();
     store.flush(9).unwrap();
+    assert_eq!(segment_files(dir.path()).len(), 2);
+    store.run_maintenance().unwrap();
     assert_eq!(segment_files(dir.path()).len(), 1);
     drop(store);
 
@@ -335,9 +340,13 @@ fn concurrent_writes_flushes_and_queries() {
     const BATCH: i64 = 50;
 
     let dir = tempfile::tempdir().unwrap();
+    // The background thread compacts while writers, flushes and readers
+    // run.
     let options = StoreOptions {
         head_budget_bytes: 16 * 1024,
-        max_segments: 3,
+        merge_fan_in: 3,
+        maintenance_interval: std::time::Duration::from_millis(5),
+        ..StoreOptions::default()
     };
     let store = Arc::new(Store::open(dir.path(), options).unwrap());
     let done = Arc::new(AtomicBool::new(false));

@@ -45,7 +45,7 @@ fn store_with(
     placement: Placement,
 ) -> Store {
     let options = StoreOptions {
-        max_segments: 8,
+        background_maintenance: false,
         ..StoreOptions::default()
     };
     let store = Store::open(dir, options.clone()).unwrap();
@@ -81,7 +81,16 @@ fn store_with(
         }
         Placement::Compacted => {
             store.compact().unwrap();
-            assert_eq!(crate::segment_files(dir).len(), 1);
+            let mut days: Vec<i64> = points
+                .iter()
+                .map(|(ts, _)| ts.div_euclid(ferrite_tsdb::DAY_NS))
+                .collect();
+            days.dedup();
+            assert_eq!(
+                crate::segment_files(dir).len(),
+                days.len(),
+                "one segment per day partition"
+            );
             store
         }
         _ => store,

@@ -3,13 +3,18 @@
 //! aggregate queries after every operation.
 //!
 //! The model keeps flushed points and head points apart, because a reopen
-//! loses the head (writes are durable only after a flush).
+//! loses the head (writes are durable only after a flush). Tenant `t2` has a
+//! retention of [`T2_RETENTION`] on a clock that the operations move
+//! forward; tiny partitions make flushes and compactions span several
+//! partitions.
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 
 use ferrite_core::Value;
-use ferrite_tsdb::{Bucket, SeriesKey, Store, StoreOptions};
+use ferrite_tsdb::{Bucket, Retention, SeriesKey, Store, StoreOptions};
 use proptest::prelude::*;
 
 use crate::{Exact, exact, exact_points};
@@ -22,6 +27,11 @@ const KEYS: [&str; 2] = ["temp", "status"];
 /// ends of the storable range are mixed in as well.
 const TS_RANGE: std::ops::Range<i64> = -20..60;
 
+/// Retention of tenant `t2`; `t1` keeps everything.
+const T2_RETENTION: i64 = 30;
+/// Clock value at the start of every case.
+const START_CLOCK: i64 = 40;
+
 #[derive(Debug, Clone)]
 enum Op {
     Write {
@@ -32,6 +42,8 @@ enum Op {
     Flush,
     Reopen,
     Compact,
+    Maintain,
+    AdvanceClock(i64),
     DeleteDevice {
         tenant: usize,
         device: usize,
@@ -49,11 +61,22 @@ struct QueryParams {
 
 type Points = BTreeMap<i64, Value>;
 
-#[derive(Default)]
 struct Model {
     flushed: BTreeMap<SeriesKey, Points>,
     head: BTreeMap<SeriesKey, Points>,
     marker: u64,
+    now: i64,
+}
+
+impl Default for Model {
+    fn default() -> Model {
+        Model {
+            flushed: BTreeMap::new(),
+            head: BTreeMap::new(),
+            marker: 0,
+            now: START_CLOCK,
+        }
+    }
 }
 
 impl Model {
@@ -84,11 +107,16 @@ impl Model {
         self.head.retain(|series, _| !belongs(series));
     }
 
-    /// Flushed points overlaid with head points.
+    /// Flushed points overlaid with head points, without those past the
+    /// retention.
     fn view(&self, series: &SeriesKey) -> Points {
         let mut points = self.flushed.get(series).cloned().unwrap_or_default();
         if let Some(head) = self.head.get(series) {
             points.extend(head.iter().map(|(ts, value)| (*ts, value.clone())));
+        }
+        if series.tenant == "t2" {
+            let cutoff = self.now.saturating_sub(T2_RETENTION);
+            points.retain(|ts, _| *ts >= cutoff);
         }
         points
     }
@@ -165,6 +193,8 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         3 => Just(Op::Flush),
         1 => Just(Op::Reopen),
         1 => Just(Op::Compact),
+        2 => Just(Op::Maintain),
+        1 => (1i64..40).prop_map(Op::AdvanceClock),
         1 => delete,
     ]
 }
@@ -180,15 +210,25 @@ fn query_strategy() -> impl Strategy<Value = QueryParams> {
     })
 }
 
-fn options() -> StoreOptions {
+fn options(clock: &Arc<AtomicI64>) -> StoreOptions {
+    let clock = Arc::clone(clock);
     StoreOptions {
         head_budget_bytes: 1 << 20,
-        max_segments: 3,
+        partition_ns: 16,
+        merge_fan_in: 2,
+        cold_after: std::time::Duration::from_secs(3600),
+        retention: Retention {
+            default: None,
+            tenants: [("t2".to_string(), Some(T2_RETENTION))].into(),
+        },
+        background_maintenance: false,
+        clock: Arc::new(move || clock.load(Ordering::Relaxed)),
+        ..StoreOptions::default()
     }
 }
 
-fn open(dir: &Path) -> Store {
-    Store::open(dir, options()).expect("open store")
+fn open(dir: &Path, clock: &Arc<AtomicI64>) -> Store {
+    Store::open(dir, options(clock)).expect("open store")
 }
 
 /// Reads `[start, end)` page by page and checks that pages join without gaps
@@ -290,7 +330,8 @@ fn check_series(store: &Store, model: &Model, params: &QueryParams, series: &Ser
 
 fn run_case(ops: &[Op], params: &QueryParams) {
     let dir = tempfile::tempdir().unwrap();
-    let mut store = Some(open(dir.path()));
+    let clock = Arc::new(AtomicI64::new(START_CLOCK));
+    let mut store = Some(open(dir.path(), &clock));
     let mut model = Model::default();
     let mut next_marker = 1;
 
@@ -318,10 +359,15 @@ fn run_case(ops: &[Op], params: &QueryParams) {
             }
             Op::Reopen => {
                 drop(store.take());
-                store = Some(open(dir.path()));
+                store = Some(open(dir.path(), &clock));
                 model.reopen();
             }
             Op::Compact => current.compact().unwrap(),
+            Op::Maintain => current.run_maintenance().unwrap(),
+            Op::AdvanceClock(by) => {
+                model.now += by;
+                clock.store(model.now, Ordering::Relaxed);
+            }
             Op::DeleteDevice { tenant, device } => {
                 current
                     .delete_device(TENANTS[*tenant], DEVICES[*device])
@@ -339,9 +385,27 @@ fn run_case(ops: &[Op], params: &QueryParams) {
         check_store(current, &model, params);
     }
 
+    // A full compaction leaves one segment per partition.
+    let current = store.as_ref().unwrap();
+    current.compact().unwrap();
+    check_store(current, &model, params);
+    let files = crate::segment_files(dir.path());
+    let mut partitions: Vec<i64> = Vec::new();
+    for tenant in TENANTS {
+        for device in DEVICES {
+            for key in KEYS {
+                let series = SeriesKey::new(tenant, device, key);
+                partitions.extend(model.view(&series).keys().map(|ts| ts.div_euclid(16)));
+            }
+        }
+    }
+    partitions.sort_unstable();
+    partitions.dedup();
     assert!(
-        crate::segment_files(dir.path()).len() <= options().max_segments + 1,
-        "compaction must bound the segment count"
+        files.len() <= partitions.len(),
+        "{} segments for {} partitions after a full compaction",
+        files.len(),
+        partitions.len()
     );
     assert!(crate::corrupt_files(dir.path()).is_empty());
 }

@@ -132,11 +132,11 @@ fn truncated_newest_segment_is_set_aside() {
 fn damaged_block_fails_query_and_compaction_salvages() {
     let dir = tempfile::tempdir().unwrap();
     three_segments(dir.path());
-    // The first series of a segment starts right after the 16-byte header;
+    // The first series of a segment starts right after the 32-byte header;
     // series ids follow first use, so `temp` (id 1) comes first.
     let first = segment_files(dir.path())[0].clone();
     let mut bytes = fs::read(&first).unwrap();
-    bytes[16 + 10] ^= 0x55;
+    bytes[32 + 10] ^= 0x55;
     fs::write(&first, &bytes).unwrap();
 
     let store = open(dir.path());
