@@ -7,6 +7,8 @@
 //! timestamps: the first is kept as an open "end of time" bound in queries and
 //! the second is kept free for symmetry, as InfluxDB does.
 
+pub mod calendar;
+
 use serde::{Serialize, Serializer};
 
 /// Nanoseconds since 1970-01-01T00:00:00Z.
