@@ -105,6 +105,63 @@ pub struct StorageConfig {
     /// before a flush writes them to a segment.
     #[serde(with = "humantime_serde")]
     pub flush_interval: Duration,
+    /// How long raw points are kept; `None` keeps them forever. Points
+    /// older than this are rejected at ingest.
+    #[serde(with = "retention_serde")]
+    pub retention: Option<Duration>,
+    /// Retention per tenant id, overriding `retention`.
+    #[serde(default)]
+    pub tenant_retention: std::collections::BTreeMap<String, RetentionSetting>,
+    /// Length of the time partitions of the store: each segment file holds
+    /// one partition, and retention deletes whole files.
+    #[serde(with = "humantime_serde")]
+    pub partition: Duration,
+    /// A partition that received nothing new for this long is merged into
+    /// one segment.
+    #[serde(with = "humantime_serde")]
+    pub cold_after: Duration,
+}
+
+/// A retention value of `tenant_retention`: a duration or `"forever"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct RetentionSetting(#[serde(with = "retention_serde")] pub Option<Duration>);
+
+impl StorageConfig {
+    /// Raw retention of a tenant.
+    pub fn retention_for(&self, tenant: &str) -> Option<Duration> {
+        match self.tenant_retention.get(tenant) {
+            Some(setting) => setting.0,
+            None => self.retention,
+        }
+    }
+}
+
+/// `"forever"` or a duration such as `"90d"`.
+mod retention_serde {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Option<Duration>, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        if text.trim() == "forever" {
+            return Ok(None);
+        }
+        let duration = humantime::parse_duration(text.trim()).map_err(|err| {
+            serde::de::Error::custom(format!(
+                "retention {text:?} is neither \"forever\" nor a duration such as \"90d\": {err}"
+            ))
+        })?;
+        if duration.is_zero() {
+            return Err(serde::de::Error::custom(
+                "retention must be longer than zero; use \"forever\" to keep data without limit",
+            ));
+        }
+        Ok(Some(duration))
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -192,6 +249,10 @@ impl Default for StorageConfig {
         Self {
             head_budget_bytes: 64 * 1024 * 1024,
             flush_interval: Duration::from_secs(60),
+            retention: None,
+            tenant_retention: std::collections::BTreeMap::new(),
+            partition: Duration::from_secs(24 * 3600),
+            cold_after: Duration::from_secs(600),
         }
     }
 }
@@ -372,6 +433,16 @@ append_timeout = "5s"
 head_budget_bytes = 67108864
 # Longest time points stay only in memory and in the ingest log.
 flush_interval = "60s"
+# How long raw points are kept: "forever" or a duration such as "90d".
+# Older points are rejected at ingest and deleted in whole segment files.
+retention = "forever"
+# Length of the time partition that one segment file holds.
+partition = "1d"
+# A partition without new data for this long is merged into one file.
+cold_after = "10m"
+
+# Retention per tenant id, overriding storage.retention.
+[storage.tenant_retention]
 
 [auth]
 # Lifetime of access tokens from POST /api/v1/auth/login.

@@ -47,24 +47,67 @@ impl DecodeError {
     }
 }
 
+/// The timestamps a tenant may write, relative to the receive time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TimeWindow {
+    /// How far ahead of the server clock a timestamp may be.
+    pub max_future: Duration,
+    /// Raw retention: older timestamps would expire at once. `None` keeps
+    /// data forever.
+    pub retention: Option<Duration>,
+}
+
+impl TimeWindow {
+    pub fn new(config: &crate::config::Config, tenant: &str) -> TimeWindow {
+        TimeWindow {
+            max_future: config.ingest.max_future,
+            retention: config.storage.retention_for(tenant),
+        }
+    }
+
+    /// Checks one timestamp; `what` names the value in the message.
+    pub fn check(
+        &self,
+        what: &str,
+        ts: TimestampNs,
+        received_at_ns: TimestampNs,
+    ) -> Result<(), String> {
+        if ts > latest_allowed_ts(received_at_ns, self.max_future) {
+            return Err(format!(
+                "the timestamp of {what} ({}) is more than {} ahead of the server clock; check the device clock and the timestamp unit",
+                format_ts(ts),
+                format_duration(self.max_future)
+            ));
+        }
+        if let Some(retention) = self.retention {
+            let keep = i64::try_from(retention.as_nanos()).unwrap_or(i64::MAX);
+            let earliest = received_at_ns.saturating_sub(keep);
+            if ts < earliest {
+                return Err(format!(
+                    "the timestamp of {what} ({}) is older than the retention of {}: points before {} are not kept; check the timestamp unit or raise storage.retention",
+                    format_ts(ts),
+                    format_duration(retention),
+                    format_ts(earliest)
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Validates a payload as the pipeline will decode it, plus the checks that
 /// depend on the receive time. Returns the number of points.
 pub fn check_payload(
     content_type: ContentType,
     payload: &[u8],
     received_at_ns: TimestampNs,
-    max_future: Duration,
+    window: TimeWindow,
 ) -> Result<usize, DecodeError> {
-    let latest_allowed = latest_allowed_ts(received_at_ns, max_future);
     let mut count = 0;
     for_each_point(content_type, payload, received_at_ns, |key, ts, _| {
-        if ts > latest_allowed {
-            return Err(DecodeError::Timestamp(format!(
-                "the timestamp of {key:?} ({}) is more than {} ahead of the server clock; check the device clock and the timestamp unit",
-                format_ts(ts),
-                format_duration(max_future)
-            )));
-        }
+        window
+            .check(&format!("{key:?}"), ts, received_at_ns)
+            .map_err(DecodeError::Timestamp)?;
         count += 1;
         Ok(())
     })?;

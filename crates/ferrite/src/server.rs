@@ -103,9 +103,9 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
     )?);
 
     let store_dir = config.data_dir.join("tsdb");
-    let head_budget = config.storage.head_budget_bytes;
+    let storage_config = config.storage.clone();
     let store: Arc<dyn TimeSeriesStore> = Arc::new(
-        tokio::task::spawn_blocking(move || EmbeddedStore::open(&store_dir, head_budget))
+        tokio::task::spawn_blocking(move || EmbeddedStore::open(&store_dir, &storage_config))
             .await?
             .context("cannot open the time-series store")?,
     );
@@ -168,6 +168,7 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
         auth: auth.clone(),
         ingest: ingest.clone(),
         max_future: config.ingest.max_future,
+        storage: config.storage.clone(),
     });
     let mqtt_task = tokio::spawn(adapters::mqtt::serve(
         mqtt_listener,

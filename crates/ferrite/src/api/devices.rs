@@ -47,9 +47,12 @@ fn device_json(state: &AppState, device: &Device) -> serde_json::Value {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ListParams {
     limit: Option<i64>,
     offset: Option<i64>,
+    /// Exact device name: the answer holds that device or nothing.
+    name: Option<String>,
 }
 
 /// `GET /api/v1/devices`: devices by name, a page at a time.
@@ -58,6 +61,14 @@ pub async fn list(
     principal: Principal,
     Query(params): Query<ListParams>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    if let Some(name) = &params.name {
+        let found = state
+            .metadata
+            .device_by_name(principal.tenant_id, name)
+            .await?;
+        let page: Vec<_> = found.iter().map(|device| device_json(&state, device)).collect();
+        return Ok(Json(json!({ "devices": page, "next_offset": null })));
+    }
     let limit = params.limit.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
         return Err(ApiError::invalid_param(

@@ -3,8 +3,10 @@
 //! Every endpoint except login takes `Authorization: Bearer <JWT or API key>`
 //! and works inside the caller's tenant; ids of other tenants get 404.
 
+mod buckets;
 pub mod devices;
 pub mod error;
+mod fleet;
 mod telemetry;
 
 pub use telemetry::query as telemetry_query;
@@ -39,6 +41,9 @@ pub fn router() -> Router<Arc<AppState>> {
             get(telemetry::latest),
         )
         .route("/api/v1/devices/{id}/telemetry/keys", get(telemetry::keys))
+        .route("/api/v1/telemetry/latest", get(fleet::latest))
+        .route("/api/v1/telemetry/aggregate", get(fleet::aggregate))
+        .route("/api/v1/admin/compact", post(compact))
         .route(
             "/api/v1/api-keys",
             get(devices::list_api_keys).post(devices::create_api_key),
@@ -47,6 +52,29 @@ pub fn router() -> Router<Arc<AppState>> {
             "/api/v1/api-keys/{id}",
             axum::routing::delete(devices::revoke_api_key),
         )
+}
+
+/// `POST /api/v1/admin/compact`: merges the stored data into its most
+/// compact form and waits until done (admins only). Background compaction
+/// does the same over time; this is for backups, benchmarks and tests.
+async fn compact(
+    State(state): State<Arc<AppState>>,
+    principal: Principal,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    principal.require(Role::Admin)?;
+    let store = state.store.clone();
+    let started = std::time::Instant::now();
+    let (files, bytes) = tokio::task::spawn_blocking(move || {
+        store.compact()?;
+        Ok::<_, crate::store::StoreError>(store.disk_usage())
+    })
+    .await
+    .map_err(|_| ApiError::internal())??;
+    Ok(Json(serde_json::json!({
+        "segments": files,
+        "bytes": bytes,
+        "elapsed_ms": started.elapsed().as_millis() as u64,
+    })))
 }
 
 /// Returns the bearer credential of a request, if any.

@@ -11,8 +11,10 @@
 //!   next page is the same query with `cursor=<value>`. No header means the
 //!   response is complete.
 //! - Aggregates (`interval` and `agg` together) return one entry per bucket,
-//!   also for empty buckets. Buckets start at `start` and are `interval` long;
-//!   the last one ends at `end`. Each entry contains the bucket start `ts`, the
+//!   also for empty buckets. Buckets are aligned as the `buckets` module
+//!   describes (epoch multiples for fixed intervals, local calendar days,
+//!   weeks and months in the time zone `tz`); the first is the one holding
+//!   `start`, and only points inside `[start, end)` count. Each entry contains the bucket start `ts`, the
 //!   `value` (null for an empty bucket, and for sum/min/max/avg of a bucket
 //!   without numeric points) and the number of points `count`; a bucket
 //!   with strings or booleans also gets `non_numeric`, the number of points
@@ -32,7 +34,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use ferrite_core::{TimestampNs, Value, nanos_to_millis};
 use serde_json::{Map, json};
 
-use super::time::{parse_interval, parse_time};
+use super::time::parse_time;
 use super::{ApiError, devices::device_id};
 use crate::auth::Principal;
 use crate::metadata::{MetadataStore, Role};
@@ -41,11 +43,10 @@ use crate::store::{Bucket, Series};
 
 pub const DEFAULT_LIMIT: usize = 1000;
 pub const MAX_LIMIT: usize = 10_000;
-pub const MAX_BUCKETS: i64 = 10_000;
 const DAY_NS: i64 = 86_400_000_000_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Aggregation {
+pub(super) enum Aggregation {
     Count,
     Sum,
     Min,
@@ -56,7 +57,7 @@ enum Aggregation {
 }
 
 impl Aggregation {
-    fn parse(text: &str) -> Result<Self, ApiError> {
+    pub(super) fn parse(text: &str) -> Result<Self, ApiError> {
         Ok(match text {
             "count" => Self::Count,
             "sum" => Self::Sum,
@@ -76,7 +77,7 @@ impl Aggregation {
         })
     }
 
-    fn value(self, bucket: &Bucket) -> serde_json::Value {
+    pub(super) fn value(self, bucket: &Bucket) -> serde_json::Value {
         let number = |value: Option<f64>| value.map_or(serde_json::Value::Null, |v| json!(v));
         match self {
             Self::Count => json!(bucket.count),
@@ -100,7 +101,7 @@ impl Aggregation {
         }
     }
 
-    fn is_numeric(self) -> bool {
+    pub(super) fn is_numeric(self) -> bool {
         matches!(self, Self::Sum | Self::Min | Self::Max | Self::Avg)
     }
 }
@@ -109,12 +110,14 @@ fn value_json(value: &Value) -> serde_json::Value {
     serde_json::to_value(value).unwrap_or(serde_json::Value::Null)
 }
 
-fn point_json(ts: TimestampNs, value: &Value) -> serde_json::Value {
+pub(super) fn point_json(ts: TimestampNs, value: &Value) -> serde_json::Value {
     json!({"ts": nanos_to_millis(ts), "value": value_json(value)})
 }
 
 /// Query parameters of the raw and aggregate query.
-const QUERY_PARAMS: [&str; 7] = ["keys", "start", "end", "interval", "agg", "limit", "cursor"];
+const QUERY_PARAMS: [&str; 8] = [
+    "keys", "start", "end", "interval", "agg", "tz", "limit", "cursor",
+];
 
 fn reject_unknown_params(
     params: &HashMap<String, String>,
@@ -197,6 +200,58 @@ pub async fn keys(
     Ok(Json(latest.into_iter().map(|(key, _, _)| key).collect()))
 }
 
+/// Parses `start` and `end` with their defaults (`end`: now; `start`: one
+/// day before `end`, aligned to a fixed interval). Returns the parameters
+/// that look like seconds, for the `Ferrite-Warning` header.
+pub(super) fn parse_range(
+    start: Option<&str>,
+    end: Option<&str>,
+    interval: Option<ferrite_core::calendar::Interval>,
+) -> Result<(TimestampNs, TimestampNs, Vec<&'static str>), ApiError> {
+    let mut warnings = Vec::new();
+    let end = match end {
+        Some(text) => {
+            let end = parse_time("end", text)?;
+            if end.looks_like_seconds {
+                warnings.push("end");
+            }
+            end.ns
+        }
+        None => chrono::Utc::now()
+            .timestamp_nanos_opt()
+            .unwrap_or(ferrite_core::MAX_TIMESTAMP_NS),
+    };
+    let start = match start {
+        Some(text) => {
+            let start = parse_time("start", text)?;
+            if start.looks_like_seconds {
+                warnings.insert(0, "start");
+            }
+            start.ns
+        }
+        None => {
+            let start = end.saturating_sub(DAY_NS);
+            match interval {
+                Some(ferrite_core::calendar::Interval::Fixed(interval)) => {
+                    start - start.rem_euclid(interval)
+                }
+                _ => start,
+            }
+        }
+    };
+    if start > end {
+        return Err(ApiError::invalid_param(
+            "start",
+            format!(
+                "start ({}) is after end ({}); the range is [start, end)",
+                nanos_to_millis(start),
+                nanos_to_millis(end)
+            ),
+        ));
+    }
+    Ok((start, end, warnings))
+}
+
 /// `GET /api/v1/devices/{id}/telemetry`: raw points or aggregates.
 pub async fn query(
     State(state): State<Arc<AppState>>,
@@ -214,55 +269,18 @@ pub async fn query(
 
     let interval = params
         .get("interval")
-        .map(|text| parse_interval("interval", text))
+        .map(|text| super::buckets::parse_interval(text))
         .transpose()?;
     let agg = params
         .get("agg")
         .map(|text| Aggregation::parse(text))
         .transpose()?;
 
-    let mut warnings = Vec::new();
-    let end = match params.get("end") {
-        Some(text) => {
-            let end = parse_time("end", text)?;
-            if end.looks_like_seconds {
-                warnings.push("end");
-            }
-            end.ns
-        }
-        None => chrono::Utc::now()
-            .timestamp_nanos_opt()
-            .unwrap_or(ferrite_core::MAX_TIMESTAMP_NS),
-    };
-    let start = match params.get("start") {
-        Some(text) => {
-            let start = parse_time("start", text)?;
-            if start.looks_like_seconds {
-                warnings.insert(0, "start");
-            }
-            start.ns
-        }
-        None => {
-            let start = end.saturating_sub(DAY_NS);
-            match interval {
-                Some(interval) => {
-                    let interval = i64::try_from(interval.as_nanos()).unwrap_or(i64::MAX);
-                    start - start.rem_euclid(interval)
-                }
-                None => start,
-            }
-        }
-    };
-    if start > end {
-        return Err(ApiError::invalid_param(
-            "start",
-            format!(
-                "start ({}) is after end ({}); the range is [start, end)",
-                nanos_to_millis(start),
-                nanos_to_millis(end)
-            ),
-        ));
-    }
+    let (start, end, warnings) = parse_range(
+        params.get("start").map(String::as_str),
+        params.get("end").map(String::as_str),
+        interval,
+    )?;
 
     let keys: Vec<String> = match parse_keys(&params)? {
         Some(keys) => keys,
@@ -285,18 +303,14 @@ pub async fn query(
                     "limit and cursor apply to raw queries; an aggregate query returns every bucket",
                 ));
             }
-            let interval_ns = i64::try_from(interval.as_nanos()).unwrap_or(i64::MAX);
-            aggregate_response(
-                &state,
-                device.tenant_id,
-                device.id,
-                keys,
+            let grid = super::buckets::grid(
+                interval,
+                params.get("tz").map(String::as_str),
                 start,
                 end,
-                interval_ns,
-                agg,
-            )
-            .await?
+            )?;
+            aggregate_response(&state, device.tenant_id, device.id, keys, start, end, grid, agg)
+                .await?
         }
         (Some(_), None) => {
             return Err(ApiError::invalid_param(
@@ -311,6 +325,12 @@ pub async fn query(
             ));
         }
         (None, None) => {
+            if params.contains_key("tz") {
+                return Err(ApiError::invalid_param(
+                    "tz",
+                    "tz applies to aggregate queries: add interval and agg",
+                ));
+            }
             raw_response(
                 &state,
                 device.tenant_id,
@@ -344,27 +364,24 @@ async fn aggregate_response(
     keys: Vec<String>,
     start: TimestampNs,
     end: TimestampNs,
-    interval: i64,
+    grid: Option<ferrite_core::calendar::BucketGrid>,
     agg: Aggregation,
 ) -> Result<Response, ApiError> {
-    let span = (end as i128 - start as i128).max(0);
-    let buckets = (span + interval as i128 - 1) / interval as i128;
-    if buckets > MAX_BUCKETS as i128 {
-        return Err(ApiError::invalid_param(
-            "interval",
-            format!(
-                "the range and interval make {buckets} buckets; at most {MAX_BUCKETS} are allowed, so choose a larger interval or a shorter range"
-            ),
-        ));
-    }
     let store = state.store.clone();
     let results = tokio::task::spawn_blocking(move || {
         let mut results = Vec::with_capacity(keys.len());
+        let bounds = grid
+            .as_ref()
+            .map(|grid| super::buckets::clipped_bounds(grid, start, end));
         for key in keys {
-            let buckets = if start == end {
-                Vec::new()
-            } else {
-                store.aggregate(Series::new(tenant, device, &key), start, end, interval)?
+            let buckets = match (&grid, &bounds) {
+                (Some(grid), Some(bounds)) => {
+                    let mut buckets =
+                        store.aggregate_buckets(Series::new(tenant, device, &key), bounds)?;
+                    super::buckets::relabel(grid, &mut buckets);
+                    buckets
+                }
+                _ => Vec::new(),
             };
             results.push((key, buckets));
         }

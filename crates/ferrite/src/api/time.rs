@@ -1,9 +1,7 @@
 //! Parsing of time and duration query parameters.
 //!
-//! Times are epoch milliseconds (an integer) or RFC 3339 strings; durations
-//! are milliseconds (an integer) or a unit form such as `15m`, `1h`, `1d`.
-
-use std::time::Duration;
+//! Times are epoch milliseconds (an integer) or RFC 3339 strings. Intervals
+//! are parsed in the `buckets` module.
 
 use ferrite_core::{TimestampNs, millis_to_nanos};
 
@@ -50,33 +48,6 @@ pub fn parse_time(param: &'static str, text: &str) -> Result<TimeParam, ApiError
     })
 }
 
-/// Parses a positive duration in milliseconds or with a unit.
-pub fn parse_interval(param: &'static str, text: &str) -> Result<Duration, ApiError> {
-    let text = text.trim();
-    let duration = match text.parse::<i64>() {
-        Ok(ms) if ms > 0 => Duration::from_millis(ms as u64),
-        Ok(ms) => {
-            return Err(ApiError::invalid_param(
-                param,
-                format!("{param}={ms} must be a positive number of milliseconds"),
-            ));
-        }
-        Err(_) => humantime::parse_duration(text).map_err(|_| {
-            ApiError::invalid_param(
-                param,
-                format!("invalid {param} {text:?}: expected milliseconds (e.g. 3600000) or a duration such as 15m, 1h or 1d"),
-            )
-        })?,
-    };
-    if duration.is_zero() {
-        return Err(ApiError::invalid_param(
-            param,
-            format!("{param} must be greater than zero"),
-        ));
-    }
-    Ok(duration)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -98,23 +69,5 @@ mod tests {
     fn parse_time_rejects_garbage() {
         let error = parse_time("start", "abc").err().unwrap();
         assert_eq!(error.param, Some("start"));
-    }
-
-    #[test]
-    fn parse_interval_forms() {
-        assert_eq!(
-            parse_interval("interval", "3600000").unwrap(),
-            Duration::from_secs(3600)
-        );
-        assert_eq!(
-            parse_interval("interval", "1h").unwrap(),
-            Duration::from_secs(3600)
-        );
-        assert_eq!(
-            parse_interval("interval", "1d").unwrap(),
-            Duration::from_secs(86400)
-        );
-        assert!(parse_interval("interval", "0").is_err());
-        assert!(parse_interval("interval", "-1000").is_err());
     }
 }

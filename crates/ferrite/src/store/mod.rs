@@ -65,13 +65,17 @@ pub trait TimeSeriesStore: Send + Sync + 'static {
         after: Option<TimestampNs>,
         limit: usize,
     ) -> Result<RangePage, StoreError>;
-    fn aggregate(
+    /// Aggregates into caller-defined `[start, end)` buckets, ascending and
+    /// not overlapping.
+    fn aggregate_buckets(
         &self,
         series: Series<'_>,
-        start: TimestampNs,
-        end: TimestampNs,
-        interval: i64,
+        bounds: &[(TimestampNs, TimestampNs)],
     ) -> Result<Vec<Bucket>, StoreError>;
+    /// Merges the stored data into its most compact form now.
+    fn compact(&self) -> Result<(), StoreError>;
+    /// Number of files and bytes on disk.
+    fn disk_usage(&self) -> (usize, u64);
 }
 
 /// The embedded default: `ferrite_tsdb` in the data directory.
@@ -80,9 +84,20 @@ pub struct EmbeddedStore {
 }
 
 impl EmbeddedStore {
-    pub fn open(dir: &Path, head_budget_bytes: usize) -> Result<Self, StoreError> {
+    pub fn open(dir: &Path, config: &crate::config::StorageConfig) -> Result<Self, StoreError> {
+        let nanos = |duration: std::time::Duration| i64::try_from(duration.as_nanos()).unwrap_or(i64::MAX);
         let options = StoreOptions {
-            head_budget_bytes,
+            head_budget_bytes: config.head_budget_bytes,
+            partition_ns: nanos(config.partition).max(1),
+            cold_after: config.cold_after,
+            retention: ferrite_tsdb::Retention {
+                default: config.retention.map(nanos),
+                tenants: config
+                    .tenant_retention
+                    .iter()
+                    .map(|(tenant, setting)| (tenant.clone(), setting.0.map(nanos)))
+                    .collect(),
+            },
             ..StoreOptions::default()
         };
         Ok(Self {
@@ -129,13 +144,19 @@ impl TimeSeriesStore for EmbeddedStore {
         self.store.range(&series.to_key(), start, end, after, limit)
     }
 
-    fn aggregate(
+    fn aggregate_buckets(
         &self,
         series: Series<'_>,
-        start: TimestampNs,
-        end: TimestampNs,
-        interval: i64,
+        bounds: &[(TimestampNs, TimestampNs)],
     ) -> Result<Vec<Bucket>, StoreError> {
-        self.store.aggregate(&series.to_key(), start, end, interval)
+        self.store.aggregate_buckets(&series.to_key(), bounds)
+    }
+
+    fn compact(&self) -> Result<(), StoreError> {
+        self.store.compact()
+    }
+
+    fn disk_usage(&self) -> (usize, u64) {
+        self.store.disk_usage()
     }
 }

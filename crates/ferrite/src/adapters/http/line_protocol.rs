@@ -30,7 +30,6 @@ use super::body::read_limited;
 use super::telemetry::{count_rejected, now_ns};
 use crate::api::{ApiError, bearer_token};
 use crate::auth::{self, DEVICE_TOKEN_PREFIX};
-use crate::decode::{format_duration, format_ts, latest_allowed_ts};
 use crate::ids::{DeviceId, TenantId};
 use crate::ingest::{ContentType, Envelope, Protocol};
 use crate::metadata::{Labels, MetadataStore, Role};
@@ -89,7 +88,10 @@ pub async fn write(
     }
 
     let received_at_ns = now_ns();
-    check_timestamps(&lines, received_at_ns, &state)?;
+    let tenant = match &writer {
+        Writer::Device { tenant, .. } | Writer::Fleet { tenant, .. } => *tenant,
+    };
+    check_timestamps(&lines, received_at_ns, &state, &tenant.to_string())?;
 
     let (envelopes, labels) = match writer {
         Writer::Device { tenant, device } => {
@@ -197,19 +199,16 @@ fn check_timestamps(
     lines: &[Line<'_>],
     received_at_ns: i64,
     state: &AppState,
+    tenant: &str,
 ) -> Result<(), ApiError> {
-    let max_future = state.config.ingest.max_future;
-    let latest_allowed = latest_allowed_ts(received_at_ns, max_future);
+    let window = crate::decode::TimeWindow::new(&state.config, tenant);
     for line in lines {
         if let Some(ts) = line.timestamp_ns
-            && ts > latest_allowed
+            && let Err(problem) = window.check(&format!("line {}", line.line_number), ts, received_at_ns)
         {
             count_rejected("invalid_timestamp");
             return Err(ApiError::bad_request(format!(
-                "line {}: the timestamp {} is more than {} ahead of the server clock; check the precision parameter and the device clock. Nothing from this batch was stored",
-                line.line_number,
-                format_ts(ts),
-                format_duration(max_future)
+                "{problem}. Nothing from this batch was stored"
             )));
         }
     }

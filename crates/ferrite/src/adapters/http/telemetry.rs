@@ -103,7 +103,7 @@ async fn accept_json(
         ContentType::Json,
         &payload,
         received_at_ns,
-        state.config.ingest.max_future,
+        crate::decode::TimeWindow::new(&state.config, &device.tenant_id.to_string()),
     )
     .map_err(|error| {
         count_rejected(error.reason());

@@ -188,7 +188,7 @@ impl Connection {
             ContentType::Json,
             &publish.payload,
             received_at_ns,
-            context.max_future,
+            context.time_window(&self.identity.tenant_id.to_string()),
         ) {
             events::messages_rejected(error.reason(), 1);
             if let Some(suppressed) = self.warnings.payload_invalid.allow(Instant::now()) {
@@ -546,7 +546,7 @@ async fn append_will(shared: &Shared, identity: &DeviceIdentity, client_id: &Cli
         ContentType::Json,
         &will.payload,
         received_at_ns,
-        shared.context.max_future,
+        shared.context.time_window(&identity.tenant_id.to_string()),
     ) {
         events::messages_rejected(error.reason(), 1);
         tracing::warn!(topic = %will.topic, reason = error.reason(), %error, "will message not stored: invalid payload");

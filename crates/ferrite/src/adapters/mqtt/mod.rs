@@ -83,6 +83,18 @@ pub struct MqttContext {
     /// Telemetry stamped further ahead of the server clock is rejected
     /// (`ingest.max_future`).
     pub max_future: Duration,
+    /// Retention settings, which bound how old a timestamp may be.
+    pub storage: crate::config::StorageConfig,
+}
+
+impl MqttContext {
+    /// The timestamps that a device of `tenant` may publish.
+    pub fn time_window(&self, tenant: &str) -> crate::decode::TimeWindow {
+        crate::decode::TimeWindow {
+            max_future: self.max_future,
+            retention: self.storage.retention_for(tenant),
+        }
+    }
 }
 
 /// State shared by the accept loop, the connection tasks and the tasks of
