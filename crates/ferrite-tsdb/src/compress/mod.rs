@@ -6,8 +6,9 @@
 //! the count. Encoders try the codings that fit their column and keep the
 //! smallest. Decoders check every length, count and index, and return
 //! [`DecodeError`] instead of panicking. They also reject counts above
-//! [`MAX_COUNT`] before allocating, so a damaged or hostile column allocates
-//! at most a few MiB.
+//! [`MAX_COUNT`] before allocating, so the values decoded from a damaged or
+//! hostile numeric column take at most 8 MiB. String columns also cap their
+//! decoded text at [`MAX_DECODED_TEXT_LEN`] bytes.
 //!
 //! NOTE: a count that is slightly too large is not always detected. The
 //! constant codings repeat their value for any count, and the bit-packed,
