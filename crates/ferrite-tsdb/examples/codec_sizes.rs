@@ -185,6 +185,7 @@ fn runs_per_second(mut work: impl FnMut()) -> f64 {
 fn coding_name(column: &[u8]) -> String {
     let mode = column[0];
     let inner = match mode {
+        0x40 => None,
         0x10 if column.len() > 9 => {
             // Skip the first timestamp and the gcd varint.
             let gcd_len = column[9..].iter().position(|byte| byte & 0x80 == 0);
@@ -328,10 +329,82 @@ fn print_block_table(trucks: &[TruckDay], block_len: usize) -> (f64, f64) {
         field_bytes += measurement.bytes;
         field_values += measurement.values;
     }
+    print_other_types(trucks, block_len);
     (
         timestamps.bytes_per_value(),
         field_bytes as f64 / field_values as f64,
     )
+}
+
+/// Prints rows for the integer, boolean and string codecs, fed with columns
+/// derived from the truck fields: the integer fields as `i64`, whether the
+/// truck moves, and the status as a name.
+fn print_other_types(trucks: &[TruckDay], block_len: usize) {
+    const STATUS_NAMES: [&str; 6] = [
+        "parked",
+        "idle",
+        "driving",
+        "loading",
+        "unloading",
+        "service",
+    ];
+    let field_index = |name: &str| FIELDS.iter().position(|field| *field == name).unwrap();
+
+    for name in ["heading", "load", "status"] {
+        let index = field_index(name);
+        let columns: Vec<Vec<i64>> = trucks
+            .iter()
+            .map(|truck| {
+                truck.fields[index]
+                    .iter()
+                    .map(|&value| value as i64)
+                    .collect()
+            })
+            .collect();
+        let columns: Vec<&[i64]> = columns.iter().map(Vec::as_slice).collect();
+        let measurement = measure(
+            &blocks_of(&columns, block_len),
+            compress::encode_ints,
+            |input, count| compress::decode_ints(input, count).unwrap().len(),
+        );
+        print_row(&format!("{name} (int)"), &measurement);
+    }
+
+    let velocity = field_index("velocity");
+    let columns: Vec<Vec<bool>> = trucks
+        .iter()
+        .map(|truck| {
+            truck.fields[velocity]
+                .iter()
+                .map(|&value| value > 0.0)
+                .collect()
+        })
+        .collect();
+    let columns: Vec<&[bool]> = columns.iter().map(Vec::as_slice).collect();
+    let measurement = measure(
+        &blocks_of(&columns, block_len),
+        compress::encode_bools,
+        |input, count| compress::decode_bools(input, count).unwrap().len(),
+    );
+    print_row("moving (bool)", &measurement);
+
+    let status = field_index("status");
+    let columns: Vec<Vec<&str>> = trucks
+        .iter()
+        .map(|truck| {
+            truck.fields[status]
+                .iter()
+                .map(|&value| STATUS_NAMES[value as usize])
+                .collect()
+        })
+        .collect();
+    let columns: Vec<&[&str]> = columns.iter().map(Vec::as_slice).collect();
+    let measurement = measure(
+        &blocks_of(&columns, block_len),
+        compress::encode_strings,
+        |input, count| compress::decode_strings(input, count).unwrap().len(),
+    );
+    print_row("status (string)", &measurement);
 }
 
 /// Prints the bytes per value of each forced coding for blocks of
