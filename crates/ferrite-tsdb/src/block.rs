@@ -20,7 +20,8 @@
 use ferrite_core::{TimestampNs, Value};
 
 use crate::compress;
-use crate::encoding::{BLOCK_FRAME_LEN, DecodeError, Point, Reader, put_uvarint};
+use crate::encoding::{BLOCK_FRAME_LEN, DecodeError, Reader, put_uvarint};
+use crate::item::StoredValue;
 
 const KIND_FLOAT: u8 = 0;
 const KIND_INT: u8 = 1;
@@ -30,15 +31,24 @@ const KIND_MIXED: u8 = 4;
 
 /// Collects the points of one block; [`BlockBuilder::finish_into`] encodes
 /// them. Points must arrive in strictly ascending timestamp order.
-#[derive(Default)]
-pub(crate) struct BlockBuilder {
+pub(crate) struct BlockBuilder<V> {
     timestamps: Vec<TimestampNs>,
-    values: Vec<Value>,
+    values: Vec<V>,
     /// Uncompressed size estimate, which bounds block size for long strings.
     raw_bytes: usize,
 }
 
-impl BlockBuilder {
+impl<V> Default for BlockBuilder<V> {
+    fn default() -> BlockBuilder<V> {
+        BlockBuilder {
+            timestamps: Vec::new(),
+            values: Vec::new(),
+            raw_bytes: 0,
+        }
+    }
+}
+
+impl<V: StoredValue> BlockBuilder<V> {
     pub(crate) fn count(&self) -> u32 {
         self.timestamps.len() as u32
     }
@@ -55,12 +65,9 @@ impl BlockBuilder {
         self.timestamps[self.timestamps.len() - 1]
     }
 
-    pub(crate) fn push(&mut self, ts: TimestampNs, value: &Value) {
+    pub(crate) fn push(&mut self, ts: TimestampNs, value: &V) {
         debug_assert!(self.timestamps.last().is_none_or(|last| *last < ts));
-        self.raw_bytes += 8 + match value {
-            Value::Str(s) => s.len() + 2,
-            _ => 8,
-        };
+        self.raw_bytes += value.raw_size();
         self.timestamps.push(ts);
         self.values.push(value.clone());
     }
@@ -74,7 +81,7 @@ impl BlockBuilder {
         compress::encode_timestamps(&self.timestamps, &mut column);
         put_uvarint(&mut payload, column.len() as u64);
         payload.extend_from_slice(&column);
-        encode_values(&self.values, &mut payload);
+        V::encode_columns(&self.values, &mut payload);
 
         let start = out.len();
         out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
@@ -97,7 +104,8 @@ fn kind_of(value: &Value) -> u8 {
     }
 }
 
-fn encode_values(values: &[Value], out: &mut Vec<u8>) {
+/// Appends a value column (kind byte and columns) for `values`.
+pub(crate) fn encode_values(values: &[Value], out: &mut Vec<u8>) {
     let first = kind_of(&values[0]);
     if values.iter().all(|value| kind_of(value) == first) {
         out.push(first);
@@ -196,7 +204,9 @@ fn decode_column(kind: u8, input: &[u8], count: usize) -> Result<Vec<Value>, Dec
 }
 
 /// Checks the frame of a version 2 block and decodes its points.
-pub(crate) fn decode_framed_block(frame: &[u8]) -> Result<Vec<Point>, DecodeError> {
+pub(crate) fn decode_framed_block<V: StoredValue>(
+    frame: &[u8],
+) -> Result<Vec<(TimestampNs, V)>, DecodeError> {
     if frame.len() < BLOCK_FRAME_LEN {
         return Err(DecodeError("block shorter than its frame"));
     }
@@ -224,6 +234,26 @@ pub(crate) fn decode_framed_block(frame: &[u8]) -> Result<Vec<Point>, DecodeErro
         ));
     }
 
+    let values = V::decode_columns(&mut reader, count)?;
+    if !reader.is_empty() {
+        return Err(DecodeError("trailing bytes after the last column"));
+    }
+    if values.len() != count {
+        return Err(DecodeError("value column length differs from the count"));
+    }
+    Ok(timestamps
+        .into_iter()
+        .zip(values)
+        .map(|(ts, value)| (ts, value.at(ts)))
+        .collect())
+}
+
+/// Reads a value column written by [`encode_values`]; it takes the rest of
+/// `reader`.
+pub(crate) fn decode_values(
+    reader: &mut Reader<'_>,
+    count: usize,
+) -> Result<Vec<Value>, DecodeError> {
     let kind = reader.u8()?;
     let values = if kind == KIND_MIXED {
         let tags_len = reader.len()?;
@@ -251,21 +281,20 @@ pub(crate) fn decode_framed_block(frame: &[u8]) -> Result<Vec<Point>, DecodeErro
     } else {
         decode_column(kind, reader.rest(), count)?
     };
-    if kind == KIND_MIXED && !reader.is_empty() {
-        return Err(DecodeError("trailing bytes after the last column"));
-    }
     if values.len() != count {
         return Err(DecodeError("value column length differs from the count"));
     }
-    Ok(timestamps.into_iter().zip(values).collect())
+    Ok(values)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    use crate::encoding::Point;
+
     fn round_trip(points: &[Point]) -> Vec<Point> {
-        let mut builder = BlockBuilder::default();
+        let mut builder = BlockBuilder::<Value>::default();
         for (ts, value) in points {
             builder.push(*ts, value);
         }
@@ -306,7 +335,7 @@ mod tests {
 
     #[test]
     fn damage_is_detected() {
-        let mut builder = BlockBuilder::default();
+        let mut builder = BlockBuilder::<Value>::default();
         for i in 0..50 {
             builder.push(i, &Value::Int(i));
         }
@@ -315,7 +344,10 @@ mod tests {
         for at in [0, 5, 9, frame.len() - 1] {
             let mut damaged = frame.clone();
             damaged[at] ^= 0x40;
-            assert!(decode_framed_block(&damaged).is_err(), "flip at {at}");
+            assert!(
+                decode_framed_block::<Value>(&damaged).is_err(),
+                "flip at {at}"
+            );
         }
     }
 }

@@ -70,6 +70,14 @@ impl HeadSeries {
         SERIES_OVERHEAD_BYTES + self.points.capacity() * size_of::<Point>() + strings
     }
 
+    /// Returns the smallest timestamp in the head.
+    pub(crate) fn min_ts(&self) -> Option<TimestampNs> {
+        if self.strictly_ascending {
+            return self.points.first().map(|p| p.0);
+        }
+        self.points.iter().map(|p| p.0).min()
+    }
+
     /// Returns the point with the greatest timestamp (the last written among
     /// equal timestamps).
     pub(crate) fn latest(&self) -> Option<&Point> {

@@ -140,6 +140,7 @@ mod encoding;
 mod error;
 mod fsio;
 mod head;
+mod item;
 mod marker;
 mod merge;
 mod segment;
@@ -230,6 +231,13 @@ pub struct StoreOptions {
     pub cold_after: std::time::Duration,
     /// Retention of raw points.
     pub retention: Retention,
+    /// Intervals of the rollup tiers in nanoseconds, ascending, each a
+    /// multiple of the one before. Default: 1 min, 1 h, 1 d. Changing them
+    /// rebuilds the tiers from the raw points at the next open.
+    pub rollup_intervals: Vec<i64>,
+    /// Retention of each rollup tier, in the order of `rollup_intervals`;
+    /// missing entries keep rows forever.
+    pub rollup_retention: Vec<Retention>,
     /// Runs compaction and retention in a background thread every
     /// `maintenance_interval` and after each flush. Tests turn it off and
     /// call [`Store::run_maintenance`] themselves.
@@ -246,6 +254,8 @@ impl std::fmt::Debug for StoreOptions {
             .field("merge_fan_in", &self.merge_fan_in)
             .field("cold_after", &self.cold_after)
             .field("retention", &self.retention)
+            .field("rollup_intervals", &self.rollup_intervals)
+            .field("rollup_retention", &self.rollup_retention)
             .field("background_maintenance", &self.background_maintenance)
             .field("maintenance_interval", &self.maintenance_interval)
             .finish_non_exhaustive()
@@ -270,6 +280,8 @@ impl Default for StoreOptions {
             merge_fan_in: 4,
             cold_after: std::time::Duration::from_secs(600),
             retention: Retention::default(),
+            rollup_intervals: vec![60_000_000_000, 3_600_000_000_000, DAY_NS],
+            rollup_retention: Vec::new(),
             background_maintenance: true,
             maintenance_interval: std::time::Duration::from_secs(10),
             clock: system_clock(),
@@ -306,7 +318,8 @@ pub struct Bucket {
 }
 
 impl Bucket {
-    fn empty(start: TimestampNs) -> Bucket {
+    /// A bucket without points.
+    pub fn empty(start: TimestampNs) -> Bucket {
         Bucket {
             start,
             count: 0,
@@ -319,8 +332,35 @@ impl Bucket {
         }
     }
 
+    /// Adds the points that `other` summarises (same bucket, another
+    /// series or another part of the bucket's range).
+    pub fn merge(&mut self, other: &Bucket) {
+        self.count += other.count;
+        self.numeric_count += other.numeric_count;
+        let combine = |a: Option<f64>, b: Option<f64>, f: fn(f64, f64) -> f64| match (a, b) {
+            (Some(a), Some(b)) => Some(f(a, b)),
+            (a, b) => a.or(b),
+        };
+        self.sum = combine(self.sum, other.sum, |a, b| a + b);
+        self.min = combine(self.min, other.min, f64::min);
+        self.max = combine(self.max, other.max, f64::max);
+        if let Some(first) = &other.first
+            && self
+                .first
+                .as_ref()
+                .is_none_or(|current| first.0 < current.0)
+        {
+            self.first = Some(first.clone());
+        }
+        if let Some(last) = &other.last
+            && self.last.as_ref().is_none_or(|current| last.0 >= current.0)
+        {
+            self.last = Some(last.clone());
+        }
+    }
+
     /// Adds a point. Points must arrive in ascending timestamp order.
-    fn add(&mut self, ts: TimestampNs, value: Value) {
+    pub(crate) fn add(&mut self, ts: TimestampNs, value: Value) {
         self.count += 1;
         if let Some(number) = value.as_f64() {
             self.numeric_count += 1;

@@ -7,22 +7,22 @@ use std::sync::Arc;
 use ferrite_core::{TimestampNs, Value};
 
 use crate::catalog::SeriesId;
-use crate::encoding::Point;
 use crate::error::StoreError;
+use crate::item::StoredValue;
 use crate::segment::{BlockRef, Segment};
 
 /// Points of one series from one source, ascending and unique by timestamp,
 /// restricted to `lo <= ts < end`.
-pub(crate) struct Source {
-    points: Vec<Point>,
+pub(crate) struct Source<V: StoredValue = Value> {
+    points: Vec<(TimestampNs, V)>,
     pos: usize,
-    blocks: Option<BlockSource>,
+    blocks: Option<BlockSource<V>>,
 }
 
 /// Blocks of one series in one segment that overlap the query, read one at a
 /// time as the merge reaches them.
-struct BlockSource {
-    segment: Arc<Segment>,
+struct BlockSource<V: StoredValue> {
+    segment: Arc<Segment<V>>,
     blocks: Vec<BlockRef>,
     next: usize,
     lo: TimestampNs,
@@ -33,10 +33,10 @@ struct BlockSource {
     damaged: bool,
 }
 
-impl Source {
+impl<V: StoredValue> Source<V> {
     /// Creates a source over points that are already sorted, unique and in
     /// range.
-    pub(crate) fn memory(points: Vec<Point>) -> Source {
+    pub(crate) fn memory(points: Vec<(TimestampNs, V)>) -> Source<V> {
         Source {
             points,
             pos: 0,
@@ -47,12 +47,12 @@ impl Source {
     /// Creates a source over the blocks of `id` in `segment` that overlap
     /// `lo <= ts < end`. Returns `None` when there are none.
     pub(crate) fn segment(
-        segment: &Arc<Segment>,
+        segment: &Arc<Segment<V>>,
         id: SeriesId,
         lo: TimestampNs,
         end: TimestampNs,
         skip_damaged: bool,
-    ) -> Option<Source> {
+    ) -> Option<Source<V>> {
         let entry = segment.entry(id)?;
         if entry.max_ts < lo || entry.min_ts >= end {
             return None;
@@ -99,10 +99,10 @@ impl Source {
 
     /// Moves the current point out. Call only after `peek_ts` returned a
     /// timestamp.
-    fn take(&mut self) -> Point {
+    fn take(&mut self) -> (TimestampNs, V) {
         let point = &mut self.points[self.pos];
         self.pos += 1;
-        (point.0, std::mem::replace(&mut point.1, Value::Bool(false)))
+        (point.0, std::mem::replace(&mut point.1, V::placeholder()))
     }
 
     fn skip(&mut self) {
@@ -118,8 +118,8 @@ impl Source {
     }
 }
 
-impl BlockSource {
-    fn next_points(&mut self) -> Result<Option<Vec<Point>>, StoreError> {
+impl<V: StoredValue> BlockSource<V> {
+    fn next_points(&mut self) -> Result<Option<Vec<(TimestampNs, V)>>, StoreError> {
         while let Some(block) = self.blocks.get(self.next).copied() {
             self.next += 1;
             let mut points = match self.segment.read_block(&block) {
@@ -151,17 +151,17 @@ impl BlockSource {
 }
 
 /// Ascending, deduplicated points of one series over all its sources.
-pub(crate) struct MergedPoints {
+pub(crate) struct MergedPoints<V: StoredValue = Value> {
     /// Oldest source first.
-    sources: Vec<Source>,
+    sources: Vec<Source<V>>,
 }
 
-impl MergedPoints {
-    pub(crate) fn new(sources: Vec<Source>) -> MergedPoints {
+impl<V: StoredValue> MergedPoints<V> {
+    pub(crate) fn new(sources: Vec<Source<V>>) -> MergedPoints<V> {
         MergedPoints { sources }
     }
 
-    pub(crate) fn empty() -> MergedPoints {
+    pub(crate) fn empty() -> MergedPoints<V> {
         MergedPoints {
             sources: Vec::new(),
         }
@@ -169,7 +169,7 @@ impl MergedPoints {
 
     /// Returns the next point: the smallest timestamp among the sources,
     /// with the value of the newest source that has it.
-    pub(crate) fn next_point(&mut self) -> Result<Option<Point>, StoreError> {
+    pub(crate) fn next_point(&mut self) -> Result<Option<(TimestampNs, V)>, StoreError> {
         let mut min_ts: Option<TimestampNs> = None;
         for source in &mut self.sources {
             if let Some(ts) = source.peek_ts()? {
@@ -202,6 +202,7 @@ impl MergedPoints {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::encoding::Point;
 
     fn drain(merged: &mut MergedPoints) -> Vec<Point> {
         let mut points = Vec::new();
@@ -238,6 +239,6 @@ mod tests {
 
     #[test]
     fn merge_of_no_sources_is_empty() {
-        assert_eq!(MergedPoints::empty().next_point().unwrap(), None);
+        assert_eq!(MergedPoints::<Value>::empty().next_point().unwrap(), None);
     }
 }

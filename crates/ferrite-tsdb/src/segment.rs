@@ -10,11 +10,10 @@ use ferrite_core::{TimestampNs, Value};
 
 use crate::block::BlockBuilder;
 use crate::catalog::{IdMap, SeriesId};
-use crate::encoding::{
-    BLOCK_FRAME_LEN, DecodeError, Point, Reader, put_ivarint, put_uvarint, put_value,
-};
+use crate::encoding::{BLOCK_FRAME_LEN, DecodeError, Reader, put_ivarint, put_uvarint};
 use crate::error::{IoContext, StoreError};
 use crate::fsio;
+use crate::item::StoredValue;
 
 const MAGIC: [u8; 8] = *b"FERRTSEG";
 /// Format version that this build writes.
@@ -36,19 +35,28 @@ const MAX_BLOCK_POINTS: u32 = 8640;
 const TARGET_BLOCK_BYTES: usize = 256 * 1024;
 
 const SEGMENT_PREFIX: &str = "seg-";
+/// Prefix of rollup tier segments, so that a directory listing tells raw
+/// data and rollups apart.
+const ROLLUP_PREFIX: &str = "rollup-";
 const SEGMENT_SUFFIX: &str = ".fseg";
 pub(crate) const TEMP_SUFFIX: &str = ".tmp";
 
 /// File name of the segment with sequence number `seq`. The zero-padded hex
 /// number makes lexical order equal creation order.
-pub(crate) fn segment_file_name(seq: u64) -> String {
-    format!("{SEGMENT_PREFIX}{seq:016x}{SEGMENT_SUFFIX}")
+pub(crate) fn segment_file_name(seq: u64, tier: u8) -> String {
+    let prefix = if tier == 0 {
+        SEGMENT_PREFIX
+    } else {
+        ROLLUP_PREFIX
+    };
+    format!("{prefix}{seq:016x}{SEGMENT_SUFFIX}")
 }
 
 /// Sequence number of a segment file name, or `None` for other files.
 pub(crate) fn parse_segment_file_name(name: &str) -> Option<u64> {
     let hex = name
-        .strip_prefix(SEGMENT_PREFIX)?
+        .strip_prefix(SEGMENT_PREFIX)
+        .or_else(|| name.strip_prefix(ROLLUP_PREFIX))?
         .strip_suffix(SEGMENT_SUFFIX)?;
     if hex.len() != 16 {
         return None;
@@ -70,12 +78,12 @@ pub(crate) struct BlockRef {
 
 /// Index entry of one series in one segment.
 #[derive(Debug)]
-pub(crate) struct IndexEntry {
+pub(crate) struct IndexEntry<V = Value> {
     pub(crate) count: u64,
     pub(crate) min_ts: TimestampNs,
     pub(crate) max_ts: TimestampNs,
     /// Value of the point at `max_ts`, which feeds the latest-point cache.
-    pub(crate) last_value: Value,
+    pub(crate) last_value: V,
     /// Blocks in ascending time order, with disjoint time ranges.
     pub(crate) blocks: Box<[BlockRef]>,
 }
@@ -108,6 +116,8 @@ impl Partition {
 /// What a segment's index says about the segment as a whole.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct SegmentMeta {
+    /// 0 for raw points, 1 and up for the rollup tiers in order.
+    pub(crate) tier: u8,
     pub(crate) partition: Partition,
     /// Order of last-write-wins between segments whose partitions overlap:
     /// for equal timestamps the segment with the greater priority wins. A
@@ -126,8 +136,14 @@ pub(crate) struct SegmentMeta {
 }
 
 impl SegmentMeta {
-    pub(crate) fn flushed(partition: Partition, seq: u64, marker_from: u64) -> SegmentMeta {
+    pub(crate) fn flushed(
+        tier: u8,
+        partition: Partition,
+        seq: u64,
+        marker_from: u64,
+    ) -> SegmentMeta {
         SegmentMeta {
+            tier,
             partition,
             priority: seq,
             marker_from,
@@ -139,7 +155,7 @@ impl SegmentMeta {
 
 /// An open, immutable segment: its trailer fields and index in memory, and a
 /// read handle for its blocks.
-pub(crate) struct Segment {
+pub(crate) struct Segment<V = Value> {
     pub(crate) seq: u64,
     pub(crate) path: PathBuf,
     file: File,
@@ -150,14 +166,39 @@ pub(crate) struct Segment {
     /// segment carries the marker of its newest input.
     pub(crate) marker: u64,
     pub(crate) meta: SegmentMeta,
-    pub(crate) index: IdMap<IndexEntry>,
+    pub(crate) index: IdMap<IndexEntry<V>>,
 }
 
-impl Segment {
+/// Reads the tier byte of a segment (0 for format 1), so that recovery can
+/// open it with the right value type. Checks nothing else.
+pub(crate) fn probe_tier(path: &Path) -> Result<u8, StoreError> {
+    let file = File::open(path).context("open", path)?;
+    let file_len = file.metadata().context("read metadata of", path)?.len();
+    if file_len < HEADER_LEN_V1 + TRAILER_LEN {
+        return Err(StoreError::corrupt(
+            path,
+            "file shorter than header and trailer",
+        ));
+    }
+    let mut trailer = [0u8; TRAILER_LEN as usize];
+    fsio::read_exact_at(&file, &mut trailer, file_len - TRAILER_LEN).context("read", path)?;
+    let fields = parse_trailer(&trailer).map_err(|err| StoreError::corrupt(path, err.0))?;
+    if fields.version == 1 {
+        return Ok(0);
+    }
+    if fields.index_offset >= file_len {
+        return Err(StoreError::corrupt(path, "index position outside the file"));
+    }
+    let mut tier = [0u8; 1];
+    fsio::read_exact_at(&file, &mut tier, fields.index_offset).context("read", path)?;
+    Ok(tier[0])
+}
+
+impl<V: StoredValue> Segment<V> {
     /// Opens a segment and reads its trailer and index, checking both
     /// checksums and that every block reference lies inside the data area.
     /// Blocks themselves are checked when they are read.
-    pub(crate) fn open(path: PathBuf, seq: u64) -> Result<Segment, StoreError> {
+    pub(crate) fn open(path: PathBuf, seq: u64) -> Result<Segment<V>, StoreError> {
         let file = File::open(&path).context("open", &path)?;
         let file_len = file.metadata().context("read metadata of", &path)?.len();
         if file_len < HEADER_LEN_V1 + TRAILER_LEN {
@@ -221,18 +262,18 @@ impl Segment {
         })
     }
 
-    pub(crate) fn entry(&self, id: SeriesId) -> Option<&IndexEntry> {
+    pub(crate) fn entry(&self, id: SeriesId) -> Option<&IndexEntry<V>> {
         self.index.get(&id)
     }
 
     /// Reads one block and checks its checksum.
-    pub(crate) fn read_block(&self, block: &BlockRef) -> Result<Vec<Point>, StoreError> {
+    pub(crate) fn read_block(&self, block: &BlockRef) -> Result<Vec<(TimestampNs, V)>, StoreError> {
         let mut frame = vec![0u8; block.len as usize];
         fsio::read_exact_at(&self.file, &mut frame, block.offset).context("read", &self.path)?;
         let decoded = if self.version == 1 {
-            crate::encoding::decode_framed_block(&frame)
+            V::decode_version_1_block(&frame)
         } else {
-            crate::block::decode_framed_block(&frame)
+            crate::block::decode_framed_block::<V>(&frame)
         };
         let points = decoded.map_err(|err| {
             StoreError::corrupt(
@@ -346,12 +387,12 @@ fn encode_trailer(fields: &TrailerFields) -> Vec<u8> {
     trailer
 }
 
-/// Tier byte of raw data; rollup tiers get other values.
-const TIER_RAW: u8 = 0;
-
-fn encode_index(meta: &SegmentMeta, entries: &[(SeriesId, IndexEntry)]) -> Vec<u8> {
+fn encode_index<V: StoredValue>(
+    meta: &SegmentMeta,
+    entries: &[(SeriesId, IndexEntry<V>)],
+) -> Vec<u8> {
     let mut buf = Vec::new();
-    buf.push(TIER_RAW);
+    buf.push(meta.tier);
     put_ivarint(&mut buf, meta.partition.start);
     put_ivarint(&mut buf, meta.partition.end);
     put_uvarint(&mut buf, meta.priority);
@@ -367,7 +408,7 @@ fn encode_index(meta: &SegmentMeta, entries: &[(SeriesId, IndexEntry)]) -> Vec<u
         put_uvarint(&mut buf, entry.count);
         put_ivarint(&mut buf, entry.min_ts);
         put_ivarint(&mut buf, entry.max_ts);
-        put_value(&mut buf, &entry.last_value);
+        entry.last_value.put_last(&mut buf);
         put_uvarint(&mut buf, entry.blocks.len() as u64);
         for block in &entry.blocks {
             put_uvarint(&mut buf, block.offset);
@@ -380,20 +421,20 @@ fn encode_index(meta: &SegmentMeta, entries: &[(SeriesId, IndexEntry)]) -> Vec<u
     buf
 }
 
-type DecodedIndex = (SegmentMeta, IdMap<IndexEntry>);
+type DecodedIndex<V> = (SegmentMeta, IdMap<IndexEntry<V>>);
 
 /// Format 1 compaction outputs name their inputs as a range of sequence
 /// numbers; ranges longer than this are not expanded (format 1 compacted
 /// at most a few segments at a time).
 const MAX_VERSION_1_INPUTS: u64 = 1 << 20;
 
-fn decode_index(
+fn decode_index<V: StoredValue>(
     bytes: &[u8],
     data_start: u64,
     data_end: u64,
     version: u32,
     seq: u64,
-) -> Result<DecodedIndex, DecodeError> {
+) -> Result<DecodedIndex<V>, DecodeError> {
     let mut reader = Reader::new(bytes);
     let meta = if version == 1 {
         let first = reader.uvarint()?;
@@ -406,6 +447,7 @@ fn decode_index(
             _ => return Err(DecodeError("invalid compaction input range")),
         };
         SegmentMeta {
+            tier: 0,
             partition: Partition::ALL,
             priority: seq,
             // Set by the store at open from the segments before this one.
@@ -414,8 +456,9 @@ fn decode_index(
             inputs,
         }
     } else {
-        if reader.u8()? != TIER_RAW {
-            return Err(DecodeError("unknown tier"));
+        let tier = reader.u8()?;
+        if (tier == 0) != V::RAW {
+            return Err(DecodeError("segment of another tier than expected"));
         }
         let partition = Partition {
             start: reader.ivarint()?,
@@ -432,6 +475,7 @@ fn decode_index(
             inputs.push(reader.uvarint()?);
         }
         SegmentMeta {
+            tier,
             partition,
             priority,
             // Set by the caller from the header.
@@ -466,15 +510,15 @@ fn decode_index(
     Ok((meta, index))
 }
 
-fn decode_index_entry(
+fn decode_index_entry<V: StoredValue>(
     reader: &mut Reader<'_>,
     data_start: u64,
     data_end: u64,
-) -> Result<IndexEntry, DecodeError> {
+) -> Result<IndexEntry<V>, DecodeError> {
     let count = reader.uvarint()?;
     let min_ts = reader.ivarint()?;
     let max_ts = reader.ivarint()?;
-    let last_value = reader.value()?;
+    let last_value = V::read_last(reader)?;
     let block_count = reader.len()?;
     if block_count == 0 {
         return Err(DecodeError("series without blocks"));
@@ -537,29 +581,29 @@ fn decode_index_entry(
 /// Writes a segment to a temporary file and installs it atomically in
 /// [`SegmentWriter::finish`]. Dropping an unfinished writer deletes the
 /// temporary file.
-pub(crate) struct SegmentWriter {
+pub(crate) struct SegmentWriter<V: StoredValue = Value> {
     dir: PathBuf,
     seq: u64,
     temp_path: PathBuf,
     out: Option<BufWriter<File>>,
     /// Bytes written so far, which is the offset of the next block.
     pos: u64,
-    index: Vec<(SeriesId, IndexEntry)>,
-    encoder: BlockBuilder,
+    index: Vec<(SeriesId, IndexEntry<V>)>,
+    encoder: BlockBuilder<V>,
     frame: Vec<u8>,
     /// Set once the temporary file has been renamed to its final name.
     renamed: bool,
 }
 
-impl SegmentWriter {
+impl<V: StoredValue> SegmentWriter<V> {
     /// Starts segment `seq`. `marker_from` goes into the header, where
     /// recovery finds it even when the rest of the file is damaged.
     pub(crate) fn create(
         dir: &Path,
         seq: u64,
         marker_from: u64,
-    ) -> Result<SegmentWriter, StoreError> {
-        let temp_path = dir.join(format!("{}{TEMP_SUFFIX}", segment_file_name(seq)));
+    ) -> Result<SegmentWriter<V>, StoreError> {
+        let temp_path = dir.join(format!("{}{TEMP_SUFFIX}", segment_file_name(seq, 0)));
         let file = File::create(&temp_path).context("create", &temp_path)?;
         let mut writer = SegmentWriter {
             dir: dir.to_path_buf(),
@@ -600,7 +644,7 @@ impl SegmentWriter {
     /// Writes all points of one series. Series must come in ascending id
     /// order and points in strictly ascending timestamp order. A series
     /// without points gets no index entry.
-    pub(crate) fn write_series<P: Borrow<Point>>(
+    pub(crate) fn write_series<P: Borrow<(TimestampNs, V)>>(
         &mut self,
         id: SeriesId,
         points: impl Iterator<Item = Result<P, StoreError>>,
@@ -666,7 +710,11 @@ impl SegmentWriter {
 
     /// Writes index and trailer, syncs the file, renames it to its final
     /// name and syncs the directory. Returns the segment opened for reading.
-    pub(crate) fn finish(mut self, marker: u64, meta: SegmentMeta) -> Result<Segment, StoreError> {
+    pub(crate) fn finish(
+        mut self,
+        marker: u64,
+        meta: SegmentMeta,
+    ) -> Result<Segment<V>, StoreError> {
         let index_bytes = encode_index(&meta, &self.index);
         let trailer = encode_trailer(&TrailerFields {
             version: VERSION,
@@ -686,7 +734,7 @@ impl SegmentWriter {
         file.sync_all().context("sync", &self.temp_path)?;
         drop(file);
 
-        let path = self.dir.join(segment_file_name(self.seq));
+        let path = self.dir.join(segment_file_name(self.seq, meta.tier));
         fs::rename(&self.temp_path, &path).context("rename segment into place at", &path)?;
         self.renamed = true;
         fsio::sync_dir(&self.dir).context("sync directory", &self.dir)?;
@@ -706,7 +754,7 @@ impl SegmentWriter {
     }
 }
 
-impl Drop for SegmentWriter {
+impl<V: StoredValue> Drop for SegmentWriter<V> {
     fn drop(&mut self) {
         if !self.renamed {
             let _ = fs::remove_file(&self.temp_path);
@@ -717,6 +765,7 @@ impl Drop for SegmentWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::encoding::Point;
 
     fn ok_points(points: &[Point]) -> impl Iterator<Item = Result<&Point, StoreError>> {
         points.iter().map(Ok)
@@ -724,7 +773,12 @@ mod tests {
 
     #[test]
     fn segment_file_name_round_trip() {
-        assert_eq!(segment_file_name(26), "seg-000000000000001a.fseg");
+        assert_eq!(segment_file_name(26, 0), "seg-000000000000001a.fseg");
+        assert_eq!(segment_file_name(26, 2), "rollup-000000000000001a.fseg");
+        assert_eq!(
+            parse_segment_file_name("rollup-000000000000001a.fseg"),
+            Some(26)
+        );
         assert_eq!(
             parse_segment_file_name("seg-000000000000001a.fseg"),
             Some(26)
@@ -744,13 +798,14 @@ mod tests {
             .map(|i| (i, Value::Str(format!("{i}").repeat(4000))))
             .collect();
 
-        let mut writer = SegmentWriter::create(dir.path(), 7, 42).unwrap();
+        let mut writer = SegmentWriter::<Value>::create(dir.path(), 7, 42).unwrap();
         writer.write_series(SeriesId(1), ok_points(&long)).unwrap();
         writer
             .write_series(SeriesId(2), ok_points(&strings))
             .unwrap();
         writer.write_series(SeriesId(3), ok_points(&[])).unwrap();
         let meta = SegmentMeta {
+            tier: 0,
             partition: Partition {
                 start: -100,
                 end: 1 << 40,
@@ -762,7 +817,7 @@ mod tests {
         };
         let written = writer.finish(99, meta.clone()).unwrap();
 
-        let segment = Segment::open(written.path.clone(), 7).unwrap();
+        let segment = Segment::<Value>::open(written.path.clone(), 7).unwrap();
 
         assert_eq!(segment.marker, 99);
         assert_eq!(segment.meta, meta);
@@ -796,12 +851,12 @@ mod tests {
     fn segment_open_rejects_truncation() {
         let dir = tempfile::tempdir().unwrap();
         let points: Vec<Point> = (0..10).map(|i| (i, Value::Float(i as f64))).collect();
-        let mut writer = SegmentWriter::create(dir.path(), 1, 0).unwrap();
+        let mut writer = SegmentWriter::<Value>::create(dir.path(), 1, 0).unwrap();
         writer
             .write_series(SeriesId(1), ok_points(&points))
             .unwrap();
         let path = writer
-            .finish(1, SegmentMeta::flushed(Partition::ALL, 1, 0))
+            .finish(1, SegmentMeta::flushed(0, Partition::ALL, 1, 0))
             .unwrap()
             .path;
         let bytes = fs::read(&path).unwrap();
@@ -810,7 +865,7 @@ mod tests {
             fs::write(&path, &bytes[..bytes.len() - cut]).unwrap();
             assert!(
                 matches!(
-                    Segment::open(path.clone(), 1),
+                    Segment::<Value>::open(path.clone(), 1),
                     Err(StoreError::Corrupt { .. })
                 ),
                 "truncating {cut} bytes not detected"
@@ -821,7 +876,7 @@ mod tests {
     #[test]
     fn unfinished_writer_removes_temp_file() {
         let dir = tempfile::tempdir().unwrap();
-        let writer = SegmentWriter::create(dir.path(), 3, 0).unwrap();
+        let writer = SegmentWriter::<Value>::create(dir.path(), 3, 0).unwrap();
         let temp_path = writer.temp_path.clone();
         assert!(temp_path.exists());
 

@@ -18,12 +18,18 @@ pub fn open(dir: &Path) -> Store {
     Store::open(dir, StoreOptions::default()).expect("open store")
 }
 
-/// Segment files in the store directory, oldest first.
+/// Segment files of raw points in the store directory, oldest first.
 pub fn segment_files(dir: &Path) -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .unwrap()
         .map(|entry| entry.unwrap().path())
         .filter(|path| path.extension().is_some_and(|ext| ext == "fseg"))
+        .filter(|path| {
+            path.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("seg-")
+        })
         .collect();
     files.sort();
     files

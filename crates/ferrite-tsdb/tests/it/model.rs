@@ -27,6 +27,9 @@ const KEYS: [&str; 2] = ["temp", "status"];
 /// ends of the storable range are mixed in as well.
 const TS_RANGE: std::ops::Range<i64> = -20..60;
 
+/// Tiny rollup tiers, so that the timestamps of the cases span many rows.
+const ROLLUP_INTERVALS: [i64; 3] = [4, 8, 16];
+
 /// Retention of tenant `t2`; `t1` keeps everything.
 const T2_RETENTION: i64 = 30;
 /// Clock value at the start of every case.
@@ -222,6 +225,7 @@ fn options(clock: &Arc<AtomicI64>) -> StoreOptions {
             tenants: [("t2".to_string(), Some(T2_RETENTION))].into(),
         },
         background_maintenance: false,
+        rollup_intervals: ROLLUP_INTERVALS.to_vec(),
         clock: Arc::new(move || clock.load(Ordering::Relaxed)),
         ..StoreOptions::default()
     }
@@ -317,6 +321,10 @@ fn check_series(store: &Store, model: &Model, params: &QueryParams, series: &Ser
     let paged = read_all_pages(store, series, start, end, params.page_limit);
     assert_eq!(paged, expected, "range [{start}, {end}) of {series:?}");
 
+    if series.tenant == "t1" {
+        check_tiers(store, model, series, start, end);
+    }
+
     let buckets = store
         .aggregate(series, start, end, params.interval)
         .unwrap();
@@ -326,6 +334,72 @@ fn check_series(store: &Store, model: &Model, params: &QueryParams, series: &Ser
         "aggregate [{start}, {end}) by {} of {series:?}",
         params.interval
     );
+}
+
+/// Aggregates whose bucket edges line up with a rollup tier must equal the
+/// raw answer (sums up to rounding).
+fn check_tiers(store: &Store, model: &Model, series: &SeriesKey, start: i64, end: i64) {
+    let lo = start.div_euclid(16) * 16;
+    let hi = (end.div_euclid(16) + 1) * 16;
+    for width in [4i64, 8, 16, 12] {
+        let bounds: Vec<(i64, i64)> = (0..)
+            .map(|i| (lo + i * width, lo + (i + 1) * width))
+            .take_while(|(s, _)| *s < hi)
+            .collect();
+        let expected_tier = match width {
+            4 | 12 => Some(4),
+            8 => Some(8),
+            _ => Some(16),
+        };
+        assert_eq!(store.rollup_tier_for(&bounds), expected_tier);
+        let actual = store.aggregate_buckets(series, &bounds).unwrap();
+        for ((bucket_start, bucket_end), bucket) in bounds.iter().zip(&actual) {
+            let expected = model.aggregate(
+                series,
+                *bucket_start,
+                *bucket_end,
+                bucket_end - bucket_start,
+            );
+            let expected = &expected[0];
+            let context =
+                format!("{series:?} bucket [{bucket_start}, {bucket_end}) by tier {width}");
+            assert_eq!(bucket.count, expected.count, "count of {context}");
+            assert_eq!(
+                bucket.numeric_count, expected.numeric_count,
+                "numeric count of {context}"
+            );
+            assert_eq!(bucket.min, expected.min, "min of {context}");
+            assert_eq!(bucket.max, expected.max, "max of {context}");
+            assert_eq!(
+                bucket.first.as_ref().map(|(ts, v)| (*ts, exact(v))),
+                expected.first.as_ref().map(|(ts, v)| (*ts, exact(v))),
+                "first of {context}"
+            );
+            assert_eq!(
+                bucket.last.as_ref().map(|(ts, v)| (*ts, exact(v))),
+                expected.last.as_ref().map(|(ts, v)| (*ts, exact(v))),
+                "last of {context}"
+            );
+            // Rows add in another order, so the sums may differ by rounding,
+            // which scales with the magnitude of the values added.
+            let magnitude: f64 = model
+                .view(series)
+                .range(*bucket_start..*bucket_end)
+                .filter_map(|(_, value)| match value {
+                    Value::Float(v) => Some(v.abs()),
+                    Value::Int(v) => Some((*v as f64).abs()),
+                    _ => None,
+                })
+                .sum();
+            match (bucket.sum, expected.sum) {
+                (Some(a), Some(b)) => assert!(
+                    (a - b).abs() <= 1e-12 * magnitude.max(1.0),
+                    "sum of {context}: {a} vs {b}"
+                ),
+                (a, b) => assert_eq!(a, b, "sum of {context}"),
+            }
+        }
+    }
 }
 
 fn run_case(ops: &[Op], params: &QueryParams) {

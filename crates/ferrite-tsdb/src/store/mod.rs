@@ -17,12 +17,15 @@ use crate::catalog::{Catalog, IdMap, SeriesId};
 use crate::encoding::Point;
 use crate::error::{IoContext, StoreError, io_error};
 use crate::head::Head;
+use crate::item::StoredValue;
 use crate::merge::{MergedPoints, Source};
 use crate::segment::{
     Partition, Segment, SegmentMeta, SegmentWriter, TEMP_SUFFIX, damaged_segment_marker_from,
-    parse_segment_file_name,
+    parse_segment_file_name, probe_tier,
 };
 use crate::series_log::{LoadedSeries, SeriesLog, SeriesRecord};
+mod rollup;
+
 use crate::{Bucket, MAX_NAME_LEN, RangePage, SeriesKey, StoreOptions, marker};
 
 const LOCK_FILE_NAME: &str = "LOCK";
@@ -79,9 +82,13 @@ struct State {
     /// Installed segments in ascending priority (ties by sequence number):
     /// for equal timestamps a later segment wins.
     segments: Vec<Arc<Segment>>,
-    /// When each partition last received a flushed segment, for the cold
-    /// rule of compaction.
-    partition_touched: BTreeMap<Partition, Instant>,
+    /// Segments of each rollup tier, ordered like `segments`.
+    rollups: Vec<Vec<Arc<Segment<Bucket>>>>,
+    /// Open rollup rows of every series (see the `rollup` module).
+    open_rows: IdMap<rollup::OpenRows>,
+    /// When each (tier, partition) last received a flushed segment, for
+    /// the cold rule of compaction. Tier 0 is raw data.
+    partition_touched: BTreeMap<(u8, Partition), Instant>,
     /// Latest point per series over the installed segments.
     flushed_latest: IdMap<Point>,
     durable_marker: u64,
@@ -104,6 +111,17 @@ impl Store {
                 options.partition_ns
             )));
         }
+        let intervals = &options.rollup_intervals;
+        let valid_tiers = intervals.len() < 255
+            && intervals.first().is_none_or(|first| *first > 0)
+            && intervals
+                .windows(2)
+                .all(|pair| pair[1] > pair[0] && pair[1] % pair[0] == 0);
+        if !valid_tiers {
+            return Err(StoreError::InvalidArgument(format!(
+                "rollup intervals {intervals:?} must be positive, ascending, and each a multiple of the one before"
+            )));
+        }
         let started = Instant::now();
         fs::create_dir_all(dir).context("create store directory", dir)?;
         let lock_file = lock_directory(dir)?;
@@ -123,7 +141,7 @@ impl Store {
             }
         }
 
-        let recovered = recover_segments(dir, &loaded)?;
+        let mut recovered = recover_segments(dir, &loaded)?;
         let mut flushed_latest: IdMap<Point> = IdMap::default();
         for segment in &recovered.segments {
             for (id, entry) in &segment.index {
@@ -140,15 +158,68 @@ impl Store {
             "opened time-series store"
         );
 
+        // Rollups are usable when they were built for the configured
+        // intervals; otherwise they are built again from the raw points.
+        let tiers_file = dir.join(ROLLUP_FILE_NAME);
+        let configured = rollup_description(&options.rollup_intervals);
+        let recorded = fs::read_to_string(&tiers_file).ok();
+        let has_data = !recovered.segments.is_empty() || !recovered.rollups.is_empty();
+        // Damaged segments are rebuilt too: rows must agree with the raw
+        // points that are left.
+        let outdated = recorded.as_deref() != Some(configured.as_str());
+        let rebuild = has_data && (outdated || recovered.damaged);
+        if rebuild || outdated {
+            for segment in recovered.rollups.drain(..) {
+                fs::remove_file(&segment.path)
+                    .context("delete outdated rollup segment", &segment.path)?;
+            }
+        }
+
         let now = Instant::now();
         let partition_touched = recovered
             .segments
             .iter()
-            .map(|segment| (segment.meta.partition, now))
+            .map(|segment| ((0, segment.meta.partition), now))
+            .chain(
+                recovered
+                    .rollups
+                    .iter()
+                    .map(|segment| ((segment.meta.tier, segment.meta.partition), now)),
+            )
             .collect();
         let mut segments: Vec<Arc<Segment>> =
             recovered.segments.into_iter().map(Arc::new).collect();
         sort_by_priority(&mut segments);
+        let mut rollups: Vec<Vec<Arc<Segment<Bucket>>>> =
+            vec![Vec::new(); options.rollup_intervals.len()];
+        for segment in recovered.rollups {
+            let tier = usize::from(segment.meta.tier) - 1;
+            match rollups.get_mut(tier) {
+                Some(list) => list.push(Arc::new(segment)),
+                None => {
+                    tracing::warn!(path = %segment.path.display(), "ignoring a segment of an unknown rollup tier")
+                }
+            }
+        }
+        let mut open_rows: IdMap<rollup::OpenRows> = IdMap::default();
+        for (tier, list) in rollups.iter_mut().enumerate() {
+            sort_by_priority(list);
+            for segment in list.iter() {
+                for (id, entry) in &segment.index {
+                    let rows = open_rows
+                        .entry(*id)
+                        .or_insert_with(|| vec![None; options.rollup_intervals.len()]);
+                    if rows[tier]
+                        .as_ref()
+                        .is_none_or(|row| row.start <= entry.max_ts)
+                    {
+                        let mut row = entry.last_value.clone();
+                        row.start = entry.max_ts;
+                        rows[tier] = Some(row);
+                    }
+                }
+            }
+        }
         let state = State {
             catalog,
             next_series_id: loaded.max_id + 1,
@@ -157,6 +228,8 @@ impl Store {
             head: Head::default(),
             frozen: None,
             segments,
+            rollups,
+            open_rows,
             partition_touched,
             flushed_latest,
             durable_marker: recovered.durable_marker,
@@ -172,6 +245,18 @@ impl Store {
             wake: (Mutex::new(WakeState::default()), Condvar::new()),
             _lock_file: lock_file,
         });
+
+        if rebuild {
+            let started = Instant::now();
+            inner.rebuild_rollups()?;
+            tracing::info!(
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "built rollup tiers from raw points"
+            );
+        }
+        if recorded.as_deref() != Some(configured.as_str()) {
+            write_file_durably(dir, ROLLUP_FILE_NAME, configured.as_bytes())?;
+        }
 
         let maintenance_thread = if background {
             let inner = Arc::clone(&inner);
@@ -422,31 +507,67 @@ impl Store {
     /// Aggregates the points of a series into caller-defined buckets:
     /// `bounds` lists ascending, contiguous `[start, end)` ranges (calendar
     /// days in a time zone, for example). Returns one bucket per range.
+    ///
+    /// When every edge is a multiple of a rollup tier's interval, the
+    /// coarsest such tier answers ([`Store::rollup_tier_for`] tells which);
+    /// the result equals the raw answer except for the rounding of sums.
     pub fn aggregate_buckets(
         &self,
         series: &SeriesKey,
         bounds: &[(TimestampNs, TimestampNs)],
     ) -> Result<Vec<Bucket>, StoreError> {
-        let mut buckets: Vec<Bucket> = bounds
-            .iter()
-            .map(|(start, _)| Bucket::empty(*start))
-            .collect();
-        let (Some(first), Some(last)) = (bounds.first(), bounds.last()) else {
-            return Ok(buckets);
+        let empty = || {
+            bounds
+                .iter()
+                .map(|(start, _)| Bucket::empty(*start))
+                .collect()
         };
-        let mut merged = self.inner.merged_points(series, first.0, last.1);
-        let mut index = 0;
-        while let Some((ts, value)) = merged.next_point()? {
-            while index < bounds.len() && ts >= bounds[index].1 {
-                index += 1;
-            }
-            match buckets.get_mut(index) {
-                Some(bucket) if ts >= bounds[index].0 => bucket.add(ts, value),
-                Some(_) => {}
-                None => break,
-            }
+        if bounds.is_empty() {
+            return Ok(empty());
         }
-        Ok(buckets)
+        let tier = self.inner.choose_tier(bounds);
+        let (id, head_min) = {
+            let state = self.inner.state.read();
+            let Some(id) = state.catalog.get(series) else {
+                return Ok(empty());
+            };
+            let heads = [state.frozen.as_deref(), Some(&state.head)];
+            let head_min = heads
+                .into_iter()
+                .flatten()
+                .filter_map(|head| head.get(id).and_then(|series| series.min_ts()))
+                .min()
+                .unwrap_or(TimestampNs::MAX);
+            (id, head_min)
+        };
+        let now = self.inner.now();
+        let mut cutoffs = vec![self.inner.cutoff(&series.tenant)];
+        for tier in 0..self.inner.tier_count() {
+            cutoffs.push(self.inner.options.rollup_retention.get(tier).map_or(
+                TimestampNs::MIN,
+                |retention| {
+                    if retention.of(&series.tenant).is_none() {
+                        TimestampNs::MIN
+                    } else {
+                        retention.cutoff(&series.tenant, now)
+                    }
+                },
+            ));
+        }
+        self.inner.summarize(id, tier, bounds, head_min, &cutoffs)
+    }
+
+    /// Interval in nanoseconds of the rollup tier that answers
+    /// [`Store::aggregate_buckets`] for these bounds; `None` for raw points.
+    pub fn rollup_tier_for(&self, bounds: &[(TimestampNs, TimestampNs)]) -> Option<i64> {
+        self.inner
+            .choose_tier(bounds)
+            .map(|tier| self.inner.options.rollup_intervals[tier])
+    }
+
+    /// Intervals of the rollup tiers, in nanoseconds.
+    pub fn rollup_intervals(&self) -> &[i64] {
+        &self.inner.options.rollup_intervals
     }
 
     /// Deletes all points and keys of a device. Durable when it returns
@@ -461,8 +582,10 @@ impl Store {
     /// Number of segment files and their total size in bytes, for metrics.
     pub fn disk_usage(&self) -> (usize, u64) {
         let state = self.inner.state.read();
-        let bytes = state.segments.iter().map(|segment| segment.size).sum();
-        (state.segments.len(), bytes)
+        let raw = state.segments.iter().map(|segment| segment.size);
+        let rollups = state.rollups.iter().flatten().map(|segment| segment.size);
+        let files = state.segments.len() + state.rollups.iter().map(Vec::len).sum::<usize>();
+        (files, raw.chain(rollups).sum())
     }
 }
 
@@ -505,8 +628,8 @@ impl Inner {
 
         let started = Instant::now();
         let written = self.write_flush(&mut series_log, &frozen, &definitions, marker, marker_from);
-        let segments = match written {
-            Ok(segments) => segments,
+        let flushed = match written {
+            Ok(flushed) => flushed,
             Err(err) => {
                 drop(frozen);
                 self.unfreeze_head();
@@ -515,11 +638,12 @@ impl Inner {
         };
         tracing::debug!(
             marker,
-            segments = segments.len(),
+            segments = flushed.raw.len(),
+            rollup_segments = flushed.rollups.len(),
             elapsed_ms = started.elapsed().as_millis() as u64,
             "flushed head"
         );
-        self.install_flushed(segments, &frozen, &definitions, marker);
+        self.install_flushed(flushed, &frozen, &definitions, marker);
         drop(frozen);
         drop(series_log);
         self.wake_maintenance();
@@ -568,7 +692,7 @@ impl Inner {
         definitions: &[(SeriesId, SeriesKey)],
         marker: u64,
         marker_from: u64,
-    ) -> Result<Vec<Segment>, StoreError> {
+    ) -> Result<Flushed, StoreError> {
         // Definitions must be durable before a segment refers to their ids.
         let records: Vec<SeriesRecord<'_>> = definitions
             .iter()
@@ -611,15 +735,21 @@ impl Inner {
                 writer.write_series(*id, points[start..end].iter().copied().map(Ok))?;
             }
             segments
-                .push(writer.finish(marker, SegmentMeta::flushed(partition, seq, marker_from))?);
+                .push(writer.finish(marker, SegmentMeta::flushed(0, partition, seq, marker_from))?);
         }
+        let rollup = self.fold_rollups(&views)?;
+        let rollups = self.write_rollup_segments(rollup.rows, marker, marker_from)?;
         marker::write(&self.dir, marker)?;
-        Ok(segments)
+        Ok(Flushed {
+            raw: segments,
+            rollups,
+            open_rows: rollup.open,
+        })
     }
 
     fn install_flushed(
         &self,
-        segments: Vec<Segment>,
+        flushed: Flushed,
         frozen: &Head,
         definitions: &[(SeriesId, SeriesKey)],
         marker: u64,
@@ -634,11 +764,23 @@ impl Inner {
             state.unpersisted.remove(id);
         }
         let now = Instant::now();
-        for segment in segments {
-            state.partition_touched.insert(segment.meta.partition, now);
+        for segment in flushed.raw {
+            state
+                .partition_touched
+                .insert((0, segment.meta.partition), now);
             // Flushed segments have the greatest priorities so far.
             state.segments.push(Arc::new(segment));
         }
+        for segment in flushed.rollups {
+            let tier = segment.meta.tier;
+            state
+                .partition_touched
+                .insert((tier, segment.meta.partition), now);
+            state.rollups[usize::from(tier) - 1].push(Arc::new(segment));
+        }
+        // Open rows change together with the frozen head leaving, so a
+        // query never sees a point in both.
+        state.open_rows.extend(flushed.open_rows);
         state.frozen = None;
         state.durable_marker = marker;
     }
@@ -662,6 +804,7 @@ impl Inner {
         state.catalog.remove_device(tenant, device);
         for id in &ids {
             state.head.remove(*id);
+            state.open_rows.remove(id);
             state.flushed_latest.remove(id);
             state.unpersisted.remove(id);
             state.deleted.insert(*id);
@@ -701,18 +844,37 @@ impl Inner {
     }
 
     /// Retention, then compactions until the policy asks for none (`full`:
-    /// merge every partition with more than one segment).
+    /// merge every partition with more than one segment), for raw data and
+    /// every rollup tier.
     fn maintain(&self, full: bool) -> Result<(), StoreError> {
         let _running = self.compaction_lock.lock();
-        let cutoffs = self.cutoffs();
-        self.drop_expired_segments(&cutoffs)?;
+        let cutoffs = self.cutoffs_for(&self.options.retention);
+        self.maintain_tier::<Value>(0, full, &cutoffs)?;
+        for tier in 0..self.tier_count() {
+            let cutoffs = match self.options.rollup_retention.get(tier) {
+                Some(retention) => self.cutoffs_for(retention),
+                None => None,
+            };
+            let tier_byte = u8::try_from(tier + 1).expect("at most 254 tiers");
+            self.maintain_tier::<Bucket>(tier_byte, full, &cutoffs)?;
+        }
+        Ok(())
+    }
+
+    fn maintain_tier<V: SegmentList>(
+        &self,
+        tier: u8,
+        full: bool,
+        cutoffs: &Option<Cutoffs>,
+    ) -> Result<(), StoreError> {
+        self.drop_expired_segments::<V>(tier, cutoffs)?;
         let mut done: HashSet<Partition> = HashSet::new();
-        while let Some(inputs) = self.pick_compaction(full, &cutoffs, &done) {
+        while let Some(inputs) = self.pick_compaction::<V>(tier, full, cutoffs, &done) {
             if self.wake.0.lock().stop {
                 return Ok(());
             }
             let partition = inputs[0].meta.partition;
-            self.compact_inputs(&inputs, &cutoffs)?;
+            self.compact_inputs(tier, &inputs, cutoffs)?;
             if full {
                 done.insert(partition);
             }
@@ -720,9 +882,17 @@ impl Inner {
         Ok(())
     }
 
-    /// Retention cutoff per series, or `None` when no retention is set.
-    fn cutoffs(&self) -> Option<Cutoffs> {
-        let retention = &self.options.retention;
+    /// Partition length of tier `tier` (0: raw data).
+    fn partition_ns_of(&self, tier: u8) -> i64 {
+        match tier {
+            0 => self.options.partition_ns,
+            tier => self.tier_partition_ns(usize::from(tier) - 1),
+        }
+    }
+
+    /// Retention cutoff per series, or `None` when `retention` keeps
+    /// everything.
+    fn cutoffs_for(&self, retention: &crate::Retention) -> Option<Cutoffs> {
         if retention.default.is_none() && retention.tenants.values().all(Option::is_none) {
             return None;
         }
@@ -740,14 +910,17 @@ impl Inner {
 
     /// Deletes segments whose every series ends before its retention
     /// cutoff (whole files, no rewrite).
-    fn drop_expired_segments(&self, cutoffs: &Option<Cutoffs>) -> Result<(), StoreError> {
+    fn drop_expired_segments<V: SegmentList>(
+        &self,
+        tier: u8,
+        cutoffs: &Option<Cutoffs>,
+    ) -> Result<(), StoreError> {
         let Some(cutoffs) = cutoffs else {
             return Ok(());
         };
-        let expired: Vec<Arc<Segment>> = {
+        let expired: Vec<Arc<Segment<V>>> = {
             let state = self.state.read();
-            state
-                .segments
+            V::list(&state, tier)
                 .iter()
                 .filter(|segment| {
                     segment
@@ -763,16 +936,18 @@ impl Inner {
         }
         {
             let mut state = self.state.write();
-            state
-                .segments
+            V::list_mut(&mut state, tier)
                 .retain(|segment| !expired.iter().any(|e| Arc::ptr_eq(e, segment)));
-            rebuild_latest(&mut state);
+            if V::RAW {
+                rebuild_latest(&mut state);
+            }
         }
         for segment in &expired {
             fs::remove_file(&segment.path).context("delete expired segment", &segment.path)?;
         }
         fsio_sync_dir(&self.dir);
         tracing::info!(
+            tier,
             segments = expired.len(),
             bytes = expired.iter().map(|s| s.size).sum::<u64>(),
             "deleted segments past their retention"
@@ -782,15 +957,16 @@ impl Inner {
 
     /// Chooses the next compaction: the segments of one partition that are
     /// contiguous in priority order (so last-write-wins is kept).
-    fn pick_compaction(
+    fn pick_compaction<V: SegmentList>(
         &self,
+        tier: u8,
         full: bool,
         cutoffs: &Option<Cutoffs>,
         done: &HashSet<Partition>,
-    ) -> Option<Vec<Arc<Segment>>> {
+    ) -> Option<Vec<Arc<Segment<V>>>> {
         let state = self.state.read();
-        let mut groups: BTreeMap<Partition, Vec<Arc<Segment>>> = BTreeMap::new();
-        for segment in &state.segments {
+        let mut groups: BTreeMap<Partition, Vec<Arc<Segment<V>>>> = BTreeMap::new();
+        for segment in V::list(&state, tier) {
             groups
                 .entry(segment.meta.partition)
                 .or_default()
@@ -807,7 +983,7 @@ impl Inner {
             if partition == Partition::ALL {
                 return Some(group);
             }
-            let needs_rewrite = |segment: &Segment| {
+            let needs_rewrite = |segment: &Segment<V>| {
                 segment.version != crate::segment::VERSION
                     || segment.index.keys().any(|id| state.deleted.contains(id))
                     || cutoffs.as_ref().is_some_and(|cutoffs| {
@@ -819,7 +995,7 @@ impl Inner {
             };
             let cold = state
                 .partition_touched
-                .get(&partition)
+                .get(&(tier, partition))
                 .is_none_or(|touched| touched.elapsed() >= self.options.cold_after);
             if group.len() >= 2 && (full || cold) {
                 return Some(group);
@@ -840,9 +1016,10 @@ impl Inner {
     /// Merges `inputs` (contiguous in priority order, one partition or the
     /// format 1 group) into one segment per partition, installs the outputs
     /// and deletes the inputs.
-    fn compact_inputs(
+    fn compact_inputs<V: SegmentList>(
         &self,
-        inputs: &[Arc<Segment>],
+        tier: u8,
+        inputs: &[Arc<Segment<V>>],
         cutoffs: &Option<Cutoffs>,
     ) -> Result<(), StoreError> {
         let started = Instant::now();
@@ -866,10 +1043,11 @@ impl Inner {
             .saturating_add(1);
         let input_seqs: Vec<u64> = inputs.iter().map(|s| s.seq).collect();
         let partition = inputs[0].meta.partition;
+        let partition_ns = self.partition_ns_of(tier);
 
         // One writer per output partition. Normal groups have one
         // partition; the format 1 group is split as its points come.
-        let mut writers: BTreeMap<Partition, SegmentWriter> = BTreeMap::new();
+        let mut writers: BTreeMap<Partition, SegmentWriter<V>> = BTreeMap::new();
         let mut damaged: HashSet<u64> = HashSet::new();
         for id in ids {
             let lo = cutoffs.as_ref().map_or(ALL_LO, |c| c.of(id));
@@ -878,7 +1056,7 @@ impl Inner {
                 .filter_map(|segment| Source::segment(segment, id, lo, ALL_END, true))
                 .collect();
             let mut merged = MergedPoints::new(sources);
-            let mut points: Vec<Point> = Vec::new();
+            let mut points: Vec<(TimestampNs, V)> = Vec::new();
             while let Some(point) = merged.next_point()? {
                 points.push(point);
             }
@@ -886,7 +1064,7 @@ impl Inner {
             let mut start = 0;
             while start < points.len() {
                 let output = if partition == Partition::ALL {
-                    Partition::of(points[start].0, self.options.partition_ns)
+                    Partition::of(points[start].0, partition_ns)
                 } else {
                     partition
                 };
@@ -913,6 +1091,7 @@ impl Inner {
                 continue;
             }
             let meta = SegmentMeta {
+                tier,
                 partition: output_partition,
                 priority,
                 marker_from,
@@ -928,12 +1107,11 @@ impl Inner {
 
         {
             let mut state = self.state.write();
-            state
-                .segments
-                .retain(|segment| !inputs.iter().any(|input| Arc::ptr_eq(input, segment)));
-            state.segments.extend(outputs.iter().cloned());
-            sort_by_priority(&mut state.segments);
-            if !damaged.is_empty() || cutoffs.is_some() {
+            let list = V::list_mut(&mut state, tier);
+            list.retain(|segment| !inputs.iter().any(|input| Arc::ptr_eq(input, segment)));
+            list.extend(outputs.iter().cloned());
+            sort_by_priority(list);
+            if V::RAW && (!damaged.is_empty() || cutoffs.is_some()) {
                 rebuild_latest(&mut state);
             }
         }
@@ -952,6 +1130,7 @@ impl Inner {
         fsio_sync_dir(&self.dir);
 
         tracing::debug!(
+            tier,
             inputs = inputs.len(),
             outputs = outputs.len(),
             level,
@@ -970,13 +1149,18 @@ impl Inner {
     /// later, without the lock.
     fn merged_points(&self, series: &SeriesKey, lo: TimestampNs, end: TimestampNs) -> MergedPoints {
         let lo = lo.max(self.cutoff(&series.tenant));
+        let Some(id) = self.state.read().catalog.get(series) else {
+            return MergedPoints::empty();
+        };
+        self.merged_points_by_id(id, lo, end)
+    }
+
+    /// Like [`Inner::merged_points`] for a series id, without retention.
+    fn merged_points_by_id(&self, id: SeriesId, lo: TimestampNs, end: TimestampNs) -> MergedPoints {
         if lo >= end {
             return MergedPoints::empty();
         }
         let state = self.state.read();
-        let Some(id) = state.catalog.get(series) else {
-            return MergedPoints::empty();
-        };
 
         let mut sources: Vec<Source> = state
             .segments
@@ -994,6 +1178,33 @@ impl Inner {
             }
         }
         MergedPoints::new(sources)
+    }
+}
+
+/// Segments of one kind in the state: raw points, or the rows of one
+/// rollup tier.
+trait SegmentList: StoredValue {
+    fn list(state: &State, tier: u8) -> &Vec<Arc<Segment<Self>>>;
+    fn list_mut(state: &mut State, tier: u8) -> &mut Vec<Arc<Segment<Self>>>;
+}
+
+impl SegmentList for Value {
+    fn list(state: &State, _tier: u8) -> &Vec<Arc<Segment<Value>>> {
+        &state.segments
+    }
+
+    fn list_mut(state: &mut State, _tier: u8) -> &mut Vec<Arc<Segment<Value>>> {
+        &mut state.segments
+    }
+}
+
+impl SegmentList for Bucket {
+    fn list(state: &State, tier: u8) -> &Vec<Arc<Segment<Bucket>>> {
+        &state.rollups[usize::from(tier) - 1]
+    }
+
+    fn list_mut(state: &mut State, tier: u8) -> &mut Vec<Arc<Segment<Bucket>>> {
+        &mut state.rollups[usize::from(tier) - 1]
     }
 }
 
@@ -1029,7 +1240,35 @@ impl State {
     }
 }
 
-fn sort_by_priority(segments: &mut [Arc<Segment>]) {
+/// File naming the rollup intervals that the tiers were built for.
+const ROLLUP_FILE_NAME: &str = "rollup-tiers";
+
+fn rollup_description(intervals: &[i64]) -> String {
+    let listed: Vec<String> = intervals.iter().map(i64::to_string).collect();
+    format!("rollup intervals ns: {}\n", listed.join(" "))
+}
+
+/// Writes a small file atomically and durably.
+fn write_file_durably(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
+    use std::io::Write;
+    let path = dir.join(name);
+    let temp = dir.join(format!("{name}.tmp"));
+    let mut file = File::create(&temp).context("create", &temp)?;
+    file.write_all(bytes).context("write", &temp)?;
+    file.sync_all().context("sync", &temp)?;
+    drop(file);
+    fs::rename(&temp, &path).context("rename into place at", &path)?;
+    crate::fsio::sync_dir(dir).context("sync directory", dir)
+}
+
+/// What one flush wrote.
+struct Flushed {
+    raw: Vec<Segment>,
+    rollups: Vec<Segment<Bucket>>,
+    open_rows: IdMap<rollup::OpenRows>,
+}
+
+fn sort_by_priority<V: StoredValue>(segments: &mut [Arc<Segment<V>>]) {
     segments.sort_by_key(|segment| (segment.meta.priority, segment.seq));
 }
 
@@ -1147,8 +1386,12 @@ fn fsio_sync_dir(dir: &Path) {
 }
 
 struct RecoveredSegments {
-    /// Intact segments.
+    /// Intact segments of raw points.
     segments: Vec<Segment>,
+    /// Intact segments of the rollup tiers.
+    rollups: Vec<Segment<Bucket>>,
+    /// True when a segment was set aside.
+    damaged: bool,
     /// Largest sequence number seen in the directory, so new segments sort
     /// after every file ever created there.
     max_seq: u64,
@@ -1169,20 +1412,34 @@ fn recover_segments(dir: &Path, loaded: &LoadedSeries) -> Result<RecoveredSegmen
     let max_seq = files.last().map_or(0, |(seq, _)| *seq);
 
     let mut intact: Vec<Segment> = Vec::new();
+    let mut intact_rollups: Vec<Segment<Bucket>> = Vec::new();
     let mut damaged: Vec<(u64, PathBuf, String)> = Vec::new();
+    let undefined = |id: SeriesId| {
+        format!(
+            "refers to series id {} that the series file does not define",
+            id.0
+        )
+    };
     for (seq, path) in files {
-        match Segment::open(path.clone(), seq) {
-            Ok(segment) => match undefined_series(&segment, loaded) {
-                None => intact.push(segment),
-                Some(id) => damaged.push((
-                    seq,
-                    path,
-                    format!(
-                        "refers to series id {} that the series file does not define",
-                        id.0
-                    ),
-                )),
-            },
+        let opened = probe_tier(&path).and_then(|tier| {
+            if tier == 0 {
+                Segment::<Value>::open(path.clone(), seq).map(|segment| {
+                    match undefined_series(&segment, loaded) {
+                        None => intact.push(segment),
+                        Some(id) => damaged.push((seq, path.clone(), undefined(id))),
+                    }
+                })
+            } else {
+                Segment::<Bucket>::open(path.clone(), seq).map(|segment| {
+                    match undefined_series(&segment, loaded) {
+                        None => intact_rollups.push(segment),
+                        Some(id) => damaged.push((seq, path.clone(), undefined(id))),
+                    }
+                })
+            }
+        });
+        match opened {
+            Ok(()) => {}
             Err(StoreError::Corrupt { detail, .. }) => damaged.push((seq, path, detail)),
             Err(err) => return Err(err),
         }
@@ -1201,7 +1458,21 @@ fn recover_segments(dir: &Path, loaded: &LoadedSeries) -> Result<RecoveredSegmen
     let superseding: HashSet<u64> = intact
         .iter()
         .flat_map(|segment| segment.meta.inputs.iter().copied())
+        .chain(
+            intact_rollups
+                .iter()
+                .flat_map(|segment| segment.meta.inputs.iter().copied()),
+        )
         .collect();
+    let mut kept_rollups = Vec::with_capacity(intact_rollups.len());
+    for mut segment in intact_rollups {
+        if superseding.contains(&segment.seq) {
+            fs::remove_file(&segment.path).context("delete", &segment.path)?;
+            continue;
+        }
+        segment.index.retain(|id, _| !loaded.deleted.contains(id));
+        kept_rollups.push(segment);
+    }
 
     let mut kept = Vec::with_capacity(intact.len());
     for mut segment in intact {
@@ -1231,6 +1502,7 @@ fn recover_segments(dir: &Path, loaded: &LoadedSeries) -> Result<RecoveredSegmen
         recorded.unwrap_or_else(|| kept.iter().map(|segment| segment.marker).max().unwrap_or(0));
 
     let mut moved_back = false;
+    let any_damaged = !damaged.is_empty();
     for (seq, path, detail) in damaged {
         if superseding.contains(&seq) {
             tracing::info!(path = %path.display(), detail, "setting aside damaged segment superseded by a compaction");
@@ -1270,13 +1542,18 @@ fn recover_segments(dir: &Path, loaded: &LoadedSeries) -> Result<RecoveredSegmen
 
     Ok(RecoveredSegments {
         segments: kept,
+        rollups: kept_rollups,
+        damaged: any_damaged,
         max_seq,
         durable_marker,
     })
 }
 
 /// Returns a series id of the segment that is neither live nor deleted.
-fn undefined_series(segment: &Segment, loaded: &LoadedSeries) -> Option<SeriesId> {
+fn undefined_series<V: StoredValue>(
+    segment: &Segment<V>,
+    loaded: &LoadedSeries,
+) -> Option<SeriesId> {
     segment
         .index
         .keys()

@@ -1,0 +1,422 @@
+//! Rollup tiers: rows of count, sum, min, max, first and last per series and
+//! interval (1 min, 1 h, 1 d by default), maintained at every flush and
+//! used by aggregate queries whose buckets line up with a tier.
+//!
+//! # How rows stay exact
+//!
+//! Every series keeps one *open row* per tier in memory: the row of the
+//! bucket that holds the newest point folded so far (its high-water mark,
+//! the row's last timestamp). A flush folds the flushed points of each
+//! series in timestamp order:
+//!
+//! - A point newer than a tier's high-water mark is added to the open row;
+//!   when it falls into a later bucket, the open row is *closed* (written)
+//!   and a new one starts.
+//! - Any other point (late, or rewriting a timestamp) marks its bucket
+//!   *dirty*. After folding, each dirty bucket is computed again from the
+//!   raw points (segments, the flushed head and the current head), which
+//!   last-write-wins has already resolved. For the open bucket only points
+//!   up to the high-water mark count, so later points are not counted twice.
+//!
+//! The flush writes the closed and recomputed rows and, as provisional
+//! rows, the open rows of every series it touched, so that a restart finds
+//! the open rows in the segment indexes. A row written later replaces an
+//! earlier one of the same bucket (the same last-write-wins as raw points).
+//! Replayed points after a crash are not newer than the high-water mark and
+//! so are recomputed, never counted twice.
+//!
+//! # Queries
+//!
+//! An aggregate whose bucket edges are all multiples of a tier's interval
+//! is answered by the coarsest such tier. Rows cover what has been flushed;
+//! from the bucket that holds the oldest point still in memory (in the
+//! head) onwards, the next finer tier answers, and below the finest tier
+//! the raw points. The answer is therefore the same as from raw points,
+//! except that sums may differ in the last bits (they add in a different
+//! order).
+
+use std::collections::BTreeSet;
+
+use ferrite_core::{TimestampNs, Value};
+
+use super::{ALL_END, ALL_LO, Inner};
+use crate::Bucket;
+use crate::catalog::{IdMap, SeriesId};
+use crate::encoding::Point;
+use crate::error::StoreError;
+use crate::merge::{MergedPoints, Source};
+use crate::segment::{Partition, Segment, SegmentMeta, SegmentWriter};
+
+/// Open rows of one series, one per tier.
+pub(super) type OpenRows = Vec<Option<Bucket>>;
+
+/// What one flush adds to the rollup tiers.
+pub(super) struct RollupOutput {
+    /// Rows to write per tier, in the order they were produced (a later row
+    /// of the same series and bucket replaces an earlier one).
+    pub(super) rows: Vec<Vec<(SeriesId, Bucket)>>,
+    /// New open rows of the series the flush touched.
+    pub(super) open: IdMap<OpenRows>,
+}
+
+/// Start of the bucket of `interval` that holds `ts`.
+/// Saturates at the lower end of the timestamp range.
+pub(super) fn bucket_start(ts: TimestampNs, interval: i64) -> TimestampNs {
+    ts.saturating_sub(ts.rem_euclid(interval))
+}
+
+fn last_ts(row: &Bucket) -> TimestampNs {
+    row.last.as_ref().map_or(TimestampNs::MIN, |(ts, _)| *ts)
+}
+
+impl Inner {
+    pub(super) fn tier_count(&self) -> usize {
+        self.options.rollup_intervals.len()
+    }
+
+    /// Partition length of rollup tier `tier` (0-based): 1440 buckets, at
+    /// least the raw partition.
+    pub(super) fn tier_partition_ns(&self, tier: usize) -> i64 {
+        self.options.rollup_intervals[tier]
+            .saturating_mul(1440)
+            .max(self.options.partition_ns)
+    }
+
+    /// Folds the sorted, deduplicated points of a flush into the rollup
+    /// tiers, recomputing dirty buckets from raw points.
+    pub(super) fn fold_rollups(
+        &self,
+        views: &[(SeriesId, Vec<&Point>)],
+    ) -> Result<RollupOutput, StoreError> {
+        let tiers = self.tier_count();
+        let mut output = RollupOutput {
+            rows: vec![Vec::new(); tiers],
+            open: IdMap::default(),
+        };
+        if tiers == 0 {
+            return Ok(output);
+        }
+        let mut current: IdMap<OpenRows> = {
+            let state = self.state.read();
+            views
+                .iter()
+                .filter_map(|(id, _)| Some((*id, state.open_rows.get(id)?.clone())))
+                .collect()
+        };
+
+        let intervals = &self.options.rollup_intervals;
+        let mut dirty: BTreeSet<(SeriesId, usize, TimestampNs)> = BTreeSet::new();
+        for (id, points) in views {
+            let mut open = current.remove(id).unwrap_or_else(|| vec![None; tiers]);
+            for (ts, value) in points.iter().map(|p| (p.0, &p.1)) {
+                for (tier, row) in open.iter_mut().enumerate() {
+                    let start = bucket_start(ts, intervals[tier]);
+                    match row {
+                        Some(open_row) if ts <= last_ts(open_row) => {
+                            dirty.insert((*id, tier, start));
+                        }
+                        Some(open_row) if open_row.start == start => {
+                            open_row.add(ts, value.clone());
+                        }
+                        _ => {
+                            let mut fresh = Bucket::empty(start);
+                            fresh.add(ts, value.clone());
+                            if let Some(closed) = row.replace(fresh) {
+                                output.rows[tier].push((*id, closed));
+                            }
+                        }
+                    }
+                }
+            }
+            output.open.insert(*id, open);
+        }
+
+        for (id, tier, start) in dirty {
+            let open = output.open.get_mut(&id).expect("dirty series were folded");
+            let interval = intervals[tier];
+            let is_open = open[tier].as_ref().is_some_and(|row| row.start == start);
+            let end = if is_open {
+                last_ts(open[tier].as_ref().expect("checked above")).saturating_add(1)
+            } else {
+                start.saturating_add(interval)
+            };
+            let mut merged = self.merged_points_by_id(id, start, end);
+            let mut row = Bucket::empty(start);
+            while let Some((ts, value)) = merged.next_point()? {
+                row.add(ts, value);
+            }
+            if row.count == 0 {
+                continue;
+            }
+            if is_open {
+                open[tier] = Some(row);
+            } else {
+                output.rows[tier].push((id, row));
+            }
+        }
+
+        for (id, open) in &output.open {
+            for (tier, row) in open.iter().enumerate() {
+                if let Some(row) = row {
+                    output.rows[tier].push((*id, row.clone()));
+                }
+            }
+        }
+        Ok(output)
+    }
+
+    /// Writes the rows of one flush as segments, one per tier partition.
+    pub(super) fn write_rollup_segments(
+        &self,
+        mut rows: Vec<Vec<(SeriesId, Bucket)>>,
+        marker: u64,
+        marker_from: u64,
+    ) -> Result<Vec<Segment<Bucket>>, StoreError> {
+        let mut segments = Vec::new();
+        for (tier, tier_rows) in rows.iter_mut().enumerate() {
+            if tier_rows.is_empty() {
+                continue;
+            }
+            // Stable sort, then keep the last row of each (series, bucket).
+            tier_rows.sort_by_key(|(id, row)| (*id, row.start));
+            let mut unique: Vec<(SeriesId, Bucket)> = Vec::with_capacity(tier_rows.len());
+            for (id, row) in tier_rows.drain(..) {
+                match unique.last_mut() {
+                    Some(last) if last.0 == id && last.1.start == row.start => *last = (id, row),
+                    _ => unique.push((id, row)),
+                }
+            }
+            segments.extend(self.write_rows(tier, &unique, marker, marker_from)?);
+        }
+        Ok(segments)
+    }
+
+    /// Writes rows sorted by (series, bucket) into one segment per
+    /// partition of `tier`.
+    pub(super) fn write_rows(
+        &self,
+        tier: usize,
+        rows: &[(SeriesId, Bucket)],
+        marker: u64,
+        marker_from: u64,
+    ) -> Result<Vec<Segment<Bucket>>, StoreError> {
+        let partition_ns = self.tier_partition_ns(tier);
+        let mut by_partition: std::collections::BTreeMap<Partition, Vec<usize>> =
+            std::collections::BTreeMap::new();
+        for (index, (_, row)) in rows.iter().enumerate() {
+            by_partition
+                .entry(Partition::of(row.start, partition_ns))
+                .or_default()
+                .push(index);
+        }
+        let mut segments = Vec::with_capacity(by_partition.len());
+        for (partition, indexes) in by_partition {
+            let seq = self.take_seq();
+            let mut writer = SegmentWriter::<Bucket>::create(&self.dir, seq, marker_from)?;
+            let mut run_start = 0;
+            while run_start < indexes.len() {
+                let id = rows[indexes[run_start]].0;
+                let run_len = indexes[run_start..]
+                    .iter()
+                    .take_while(|index| rows[**index].0 == id)
+                    .count();
+                let run = &indexes[run_start..run_start + run_len];
+                writer.write_series(
+                    id,
+                    run.iter().map(|index| {
+                        let row = &rows[*index].1;
+                        Ok((row.start, row.clone()))
+                    }),
+                )?;
+                run_start += run_len;
+            }
+            let tier_byte = u8::try_from(tier + 1).expect("at most 254 tiers");
+            segments.push(writer.finish(
+                marker,
+                SegmentMeta::flushed(tier_byte, partition, seq, marker_from),
+            )?);
+        }
+        Ok(segments)
+    }
+
+    /// The coarsest tier whose interval divides every bucket edge, if any.
+    pub(super) fn choose_tier(&self, bounds: &[(TimestampNs, TimestampNs)]) -> Option<usize> {
+        (0..self.tier_count()).rev().find(|tier| {
+            let interval = self.options.rollup_intervals[*tier];
+            bounds.iter().all(|(start, end)| {
+                start.rem_euclid(interval) == 0 && end.rem_euclid(interval) == 0
+            })
+        })
+    }
+
+    /// Aggregates series `id` into `bounds` from tier `tier` (`None`: raw
+    /// points), handing the part that rows do not cover yet to the next
+    /// finer tier. `cutoffs` are the retention cutoffs of raw data and of
+    /// each tier for the series' tenant.
+    pub(super) fn summarize(
+        &self,
+        id: SeriesId,
+        tier: Option<usize>,
+        bounds: &[(TimestampNs, TimestampNs)],
+        head_min: TimestampNs,
+        cutoffs: &[TimestampNs],
+    ) -> Result<Vec<Bucket>, StoreError> {
+        let mut buckets: Vec<Bucket> = bounds
+            .iter()
+            .map(|(start, _)| Bucket::empty(*start))
+            .collect();
+        let (Some(first), Some(last)) = (bounds.first(), bounds.last()) else {
+            return Ok(buckets);
+        };
+        let Some(tier) = tier else {
+            let lo = first.0.max(cutoffs[0]);
+            let mut merged = self.merged_points_by_id(id, lo, last.1);
+            add_points(&mut merged, bounds, &mut buckets)?;
+            return Ok(buckets);
+        };
+
+        let interval = self.options.rollup_intervals[tier];
+        let cut = if head_min < last.1 {
+            bucket_start(head_min, interval).max(first.0)
+        } else {
+            last.1
+        };
+        if first.0 < cut {
+            let lo = first.0.max(cutoffs[tier + 1]);
+            let mut rows = self.merged_rows(id, tier, lo, cut);
+            let mut index = 0;
+            while let Some((start, row)) = rows.next_point()? {
+                while index < bounds.len() && start >= bounds[index].1 {
+                    index += 1;
+                }
+                match buckets.get_mut(index) {
+                    Some(bucket) if start >= bounds[index].0 => bucket.merge(&row),
+                    Some(_) => {}
+                    None => break,
+                }
+            }
+        }
+        if cut < last.1 {
+            let finer = tier.checked_sub(1);
+            let rest: Vec<(usize, (TimestampNs, TimestampNs))> = bounds
+                .iter()
+                .enumerate()
+                .filter(|(_, (_, end))| *end > cut)
+                .map(|(index, (start, end))| (index, ((*start).max(cut), *end)))
+                .collect();
+            let rest_bounds: Vec<(TimestampNs, TimestampNs)> =
+                rest.iter().map(|(_, bound)| *bound).collect();
+            let parts = self.summarize(id, finer, &rest_bounds, head_min, cutoffs)?;
+            for ((index, _), part) in rest.iter().zip(parts) {
+                buckets[*index].merge(&part);
+            }
+        }
+        Ok(buckets)
+    }
+
+    /// Rows of one tier for buckets starting in `[lo, end)`: stored rows
+    /// with last-write-wins, and the in-memory open row on top.
+    fn merged_rows(
+        &self,
+        id: SeriesId,
+        tier: usize,
+        lo: TimestampNs,
+        end: TimestampNs,
+    ) -> MergedPoints<Bucket> {
+        if lo >= end {
+            return MergedPoints::empty();
+        }
+        let state = self.state.read();
+        let mut sources: Vec<Source<Bucket>> = state.rollups[tier]
+            .iter()
+            .filter(|segment| segment.meta.partition.end > lo && segment.meta.partition.start < end)
+            .filter_map(|segment| Source::segment(segment, id, lo, end, false))
+            .collect();
+        if let Some(Some(row)) = state.open_rows.get(&id).and_then(|rows| rows.get(tier))
+            && lo <= row.start
+            && row.start < end
+        {
+            sources.push(Source::memory(vec![(row.start, row.clone())]));
+        }
+        MergedPoints::new(sources)
+    }
+
+    /// Builds every rollup tier from the raw points, replacing what the
+    /// tiers held: for directories of format 1, and after the configured
+    /// intervals changed.
+    pub(super) fn rebuild_rollups(&self) -> Result<(), StoreError> {
+        let tiers = self.tier_count();
+        let ids: Vec<SeriesId> = {
+            let state = self.state.read();
+            state
+                .catalog
+                .series_by_tenant()
+                .flat_map(|(_, ids)| ids.collect::<Vec<_>>())
+                .collect()
+        };
+        let marker = self.state.read().durable_marker;
+        let intervals = self.options.rollup_intervals.clone();
+        let mut rows: Vec<Vec<(SeriesId, Bucket)>> = vec![Vec::new(); tiers];
+        let mut open_rows: IdMap<OpenRows> = IdMap::default();
+        let mut sorted_ids = ids;
+        sorted_ids.sort_unstable();
+        for id in sorted_ids {
+            let mut merged = self.merged_points_by_id(id, ALL_LO, ALL_END);
+            let mut open: OpenRows = vec![None; tiers];
+            while let Some((ts, value)) = merged.next_point()? {
+                for (tier, row) in open.iter_mut().enumerate() {
+                    let start = bucket_start(ts, intervals[tier]);
+                    match row {
+                        Some(open_row) if open_row.start == start => {
+                            open_row.add(ts, value.clone())
+                        }
+                        _ => {
+                            let mut fresh = Bucket::empty(start);
+                            fresh.add(ts, value.clone());
+                            if let Some(closed) = row.replace(fresh) {
+                                rows[tier].push((id, closed));
+                            }
+                        }
+                    }
+                }
+            }
+            for (tier, row) in open.iter().enumerate() {
+                if let Some(row) = row {
+                    rows[tier].push((id, row.clone()));
+                }
+            }
+            open_rows.insert(id, open);
+        }
+        let segments = self.write_rollup_segments(rows, marker, marker)?;
+        let mut state = self.state.write();
+        for segment in segments {
+            let tier = usize::from(segment.meta.tier) - 1;
+            state.rollups[tier].push(std::sync::Arc::new(segment));
+        }
+        for list in &mut state.rollups {
+            super::sort_by_priority(list);
+        }
+        state.open_rows = open_rows;
+        Ok(())
+    }
+}
+
+/// Adds ascending points to the buckets of ascending, contiguous bounds.
+pub(super) fn add_points(
+    merged: &mut MergedPoints<Value>,
+    bounds: &[(TimestampNs, TimestampNs)],
+    buckets: &mut [Bucket],
+) -> Result<(), StoreError> {
+    let mut index = 0;
+    while let Some((ts, value)) = merged.next_point()? {
+        while index < bounds.len() && ts >= bounds[index].1 {
+            index += 1;
+        }
+        match buckets.get_mut(index) {
+            Some(bucket) if ts >= bounds[index].0 => bucket.add(ts, value),
+            Some(_) => {}
+            None => break,
+        }
+    }
+    Ok(())
+}
