@@ -120,6 +120,37 @@ pub struct StorageConfig {
     /// one segment.
     #[serde(with = "humantime_serde")]
     pub cold_after: Duration,
+    /// Intervals of the rollup tiers, ascending, each a multiple of the one
+    /// before.
+    #[serde(with = "duration_list_serde")]
+    pub rollups: Vec<Duration>,
+    /// Retention per rollup tier, by the tier's interval as written in
+    /// `rollups`; tiers not listed keep their rows forever.
+    #[serde(default)]
+    pub rollup_retention: std::collections::BTreeMap<String, RetentionSetting>,
+}
+
+/// A list of durations such as `["1m", "1h", "1d"]`.
+mod duration_list_serde {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Vec<Duration>, D::Error> {
+        let texts = Vec::<String>::deserialize(deserializer)?;
+        texts
+            .iter()
+            .map(|text| {
+                humantime::parse_duration(text.trim()).map_err(|err| {
+                    serde::de::Error::custom(format!(
+                        "rollup interval {text:?} is not a duration such as \"1h\": {err}"
+                    ))
+                })
+            })
+            .collect()
+    }
 }
 
 /// A retention value of `tenant_retention`: a duration or `"forever"`.
@@ -253,6 +284,12 @@ impl Default for StorageConfig {
             tenant_retention: std::collections::BTreeMap::new(),
             partition: Duration::from_secs(24 * 3600),
             cold_after: Duration::from_secs(600),
+            rollups: vec![
+                Duration::from_secs(60),
+                Duration::from_secs(3600),
+                Duration::from_secs(24 * 3600),
+            ],
+            rollup_retention: std::collections::BTreeMap::new(),
         }
     }
 }
@@ -440,6 +477,15 @@ retention = "forever"
 partition = "1d"
 # A partition without new data for this long is merged into one file.
 cold_after = "10m"
+# Rollup tiers: count, sum, min, max, first and last per interval, kept up
+# to date at every flush. Aggregate queries whose buckets line up with a
+# tier read it. Ascending, each a multiple of the one before; a change
+# rebuilds the tiers from the raw points at the next start.
+rollups = ["1m", "1h", "1d"]
+
+# Retention per rollup tier, by interval as written in rollups, for example
+# "1m" = "30d". Tiers not listed keep their rows forever.
+[storage.rollup_retention]
 
 # Retention per tenant id, overriding storage.retention.
 [storage.tenant_retention]

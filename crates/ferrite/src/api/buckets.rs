@@ -36,18 +36,114 @@ pub fn parse_interval(text: &str) -> Result<Interval, ApiError> {
     Interval::parse(text).map_err(|error| ApiError::invalid_param("interval", error.to_string()))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// Default of `max_points` when `interval=auto`.
+pub const DEFAULT_AUTO_POINTS: usize = 1000;
 
-    #[test]
-    fn interval_forms() {
-        assert_eq!(parse_interval("3600000").unwrap(), Interval::Fixed(3_600_000_000_000));
-        assert_eq!(parse_interval("1h").unwrap(), Interval::Fixed(3_600_000_000_000));
-        assert!(matches!(parse_interval("1d").unwrap(), Interval::Calendar { .. }));
-        for bad in ["0", "-1000", "1x", ""] {
-            assert!(parse_interval(bad).is_err(), "{bad}");
+/// The `interval` parameter: a given interval or `auto`.
+#[derive(Debug, Clone, Copy)]
+pub enum IntervalParam {
+    Given(Interval),
+    Auto,
+}
+
+impl IntervalParam {
+    pub fn parse(text: &str) -> Result<IntervalParam, ApiError> {
+        if text.trim() == "auto" {
+            return Ok(IntervalParam::Auto);
         }
+        parse_interval(text).map(IntervalParam::Given)
+    }
+
+    /// The interval to align a default `start` to.
+    pub fn given(self) -> Option<Interval> {
+        match self {
+            IntervalParam::Given(interval) => Some(interval),
+            IntervalParam::Auto => None,
+        }
+    }
+}
+
+/// Parses `max_points`: 1 to [`MAX_BUCKETS`].
+pub fn parse_max_points(text: Option<&str>) -> Result<Option<usize>, ApiError> {
+    let Some(text) = text else {
+        return Ok(None);
+    };
+    match text.trim().parse::<usize>() {
+        Ok(n) if (1..=MAX_BUCKETS).contains(&n) => Ok(Some(n)),
+        _ => Err(ApiError::invalid_param(
+            "max_points",
+            format!("max_points must be a whole number from 1 to {MAX_BUCKETS}, got {text:?}"),
+        )),
+    }
+}
+
+/// Chooses the interval and builds the grid. With `interval=auto`, the
+/// finest rollup interval (then a week, then a month) whose grid has at most
+/// `max_points` buckets; with a given interval, a grid of more than
+/// `max_points` buckets is an error.
+pub fn plan(
+    interval: IntervalParam,
+    max_points: Option<usize>,
+    tz: Option<&str>,
+    start: TimestampNs,
+    end: TimestampNs,
+    tier_intervals: &[i64],
+) -> Result<(Interval, Option<BucketGrid>), ApiError> {
+    match interval {
+        IntervalParam::Given(interval) => {
+            let grid = grid(interval, tz, start, end)?;
+            if let (Some(max), Some(grid)) = (max_points, &grid)
+                && grid.len() > max
+            {
+                return Err(ApiError::invalid_param(
+                    "max_points",
+                    format!(
+                        "interval {interval} makes {} buckets, more than max_points={max}; choose a longer interval, a shorter range, or interval=auto",
+                        grid.len()
+                    ),
+                ));
+            }
+            Ok((interval, grid))
+        }
+        IntervalParam::Auto => {
+            let max = max_points.unwrap_or(DEFAULT_AUTO_POINTS);
+            let candidates = tier_intervals.iter().map(|ns| Interval::Fixed(*ns)).chain([
+                Interval::Calendar {
+                    unit: ferrite_core::calendar::CalendarUnit::Week,
+                    count: 1,
+                },
+                Interval::Calendar {
+                    unit: ferrite_core::calendar::CalendarUnit::Month,
+                    count: 1,
+                },
+            ]);
+            for candidate in candidates {
+                match BucketGrid::new(candidate, tz, start, end, max) {
+                    Ok(grid) => return Ok((candidate, Some(grid))),
+                    Err(GridError::TooManyBuckets { .. }) => continue,
+                    Err(GridError::EmptyRange { .. }) => {
+                        return Ok((candidate, self::grid(candidate, tz, start, end)?));
+                    }
+                    Err(error) => return Err(grid_error(error)),
+                }
+            }
+            Err(ApiError::invalid_param(
+                "max_points",
+                format!(
+                    "even monthly buckets are more than max_points={max} over this range; raise max_points or shorten the range"
+                ),
+            ))
+        }
+    }
+}
+
+/// Name of the data that answers: `raw` or a rollup interval such as `1h`.
+pub fn tier_name(tier: Option<i64>) -> String {
+    const DAY_NS: i64 = 86_400_000_000_000;
+    match tier {
+        None => "raw".to_owned(),
+        Some(ns) if ns % DAY_NS == 0 => format!("{}d", ns / DAY_NS),
+        Some(ns) => Interval::Fixed(ns).to_string(),
     }
 }
 
@@ -61,8 +157,14 @@ pub fn grid(
     if start == end {
         if let Some(name) = tz {
             // Still report an unknown zone name.
-            BucketGrid::new(interval, Some(name), start, start.saturating_add(1), MAX_BUCKETS)
-                .map_err(grid_error)?;
+            BucketGrid::new(
+                interval,
+                Some(name),
+                start,
+                start.saturating_add(1),
+                MAX_BUCKETS,
+            )
+            .map_err(grid_error)?;
         }
         return Ok(None);
     }
@@ -99,31 +201,26 @@ pub fn relabel(grid: &BucketGrid, buckets: &mut [Bucket]) {
     }
 }
 
-/// Adds the points summarised by `from` to `into` (same bucket, another
-/// series).
-pub fn merge_into(into: &mut Bucket, from: &Bucket) {
-    into.count += from.count;
-    into.numeric_count += from.numeric_count;
-    into.sum = match (into.sum, from.sum) {
-        (Some(a), Some(b)) => Some(a + b),
-        (a, b) => a.or(b),
-    };
-    into.min = match (into.min, from.min) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    };
-    into.max = match (into.max, from.max) {
-        (Some(a), Some(b)) => Some(a.max(b)),
-        (a, b) => a.or(b),
-    };
-    if let Some(first) = &from.first
-        && into.first.as_ref().is_none_or(|current| first.0 < current.0)
-    {
-        into.first = Some(first.clone());
-    }
-    if let Some(last) = &from.last
-        && into.last.as_ref().is_none_or(|current| last.0 > current.0)
-    {
-        into.last = Some(last.clone());
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interval_forms() {
+        assert_eq!(
+            parse_interval("3600000").unwrap(),
+            Interval::Fixed(3_600_000_000_000)
+        );
+        assert_eq!(
+            parse_interval("1h").unwrap(),
+            Interval::Fixed(3_600_000_000_000)
+        );
+        assert!(matches!(
+            parse_interval("1d").unwrap(),
+            Interval::Calendar { .. }
+        ));
+        for bad in ["0", "-1000", "1x", ""] {
+            assert!(parse_interval(bad).is_err(), "{bad}");
+        }
     }
 }

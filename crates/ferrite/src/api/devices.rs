@@ -66,7 +66,10 @@ pub async fn list(
             .metadata
             .device_by_name(principal.tenant_id, name)
             .await?;
-        let page: Vec<_> = found.iter().map(|device| device_json(&state, device)).collect();
+        let page: Vec<_> = found
+            .iter()
+            .map(|device| device_json(&state, device))
+            .collect();
         return Ok(Json(json!({ "devices": page, "next_offset": null })));
     }
     let limit = params.limit.unwrap_or(100);

@@ -38,7 +38,10 @@ const DEVICE_PAGE: i64 = 1000;
 type Params = Vec<(String, String)>;
 
 fn reject_unknown(params: &Params, allowed: &[&'static str]) -> Result<(), ApiError> {
-    if let Some((unknown, _)) = params.iter().find(|(name, _)| !allowed.contains(&name.as_str())) {
+    if let Some((unknown, _)) = params
+        .iter()
+        .find(|(name, _)| !allowed.contains(&name.as_str()))
+    {
         return Err(ApiError::invalid_param(
             "query",
             format!(
@@ -51,7 +54,10 @@ fn reject_unknown(params: &Params, allowed: &[&'static str]) -> Result<(), ApiEr
 }
 
 fn single<'a>(params: &'a Params, name: &'static str) -> Result<Option<&'a str>, ApiError> {
-    let mut values = params.iter().filter(|(n, _)| n == name).map(|(_, v)| v.as_str());
+    let mut values = params
+        .iter()
+        .filter(|(n, _)| n == name)
+        .map(|(_, v)| v.as_str());
     let first = values.next();
     if values.next().is_some() {
         return Err(ApiError::invalid_param(
@@ -71,7 +77,9 @@ fn label_selectors(params: &Params) -> Result<Vec<(String, String)>, ApiError> {
             Some((name, value)) if !name.is_empty() => Ok((name.to_owned(), value.to_owned())),
             _ => Err(ApiError::invalid_param(
                 "label",
-                format!("invalid label selector {text:?}: write NAME:VALUE, for example fleet:South"),
+                format!(
+                    "invalid label selector {text:?}: write NAME:VALUE, for example fleet:South"
+                ),
             )),
         })
         .collect()
@@ -257,26 +265,56 @@ pub async fn aggregate(
     reject_unknown(
         &params,
         &[
-            "key", "agg", "interval", "start", "end", "tz", "label", "group_by",
+            "key",
+            "agg",
+            "interval",
+            "max_points",
+            "start",
+            "end",
+            "tz",
+            "label",
+            "group_by",
         ],
     )?;
     let key = single(&params, "key")?
         .map(str::trim)
         .filter(|key| !key.is_empty())
-        .ok_or_else(|| ApiError::invalid_param("key", "key is required, for example key=readings.velocity"))?
+        .ok_or_else(|| {
+            ApiError::invalid_param("key", "key is required, for example key=readings.velocity")
+        })?
         .to_owned();
     let agg = Aggregation::parse(single(&params, "agg")?.ok_or_else(|| {
-        ApiError::invalid_param("agg", "agg is required: one of count, sum, min, max, avg, first, last")
+        ApiError::invalid_param(
+            "agg",
+            "agg is required: one of count, sum, min, max, avg, first, last",
+        )
     })?)?;
-    let interval = buckets::parse_interval(single(&params, "interval")?.ok_or_else(|| {
-        ApiError::invalid_param("interval", "interval is required, for example interval=1h")
-    })?)?;
+    let interval =
+        buckets::IntervalParam::parse(single(&params, "interval")?.ok_or_else(|| {
+            ApiError::invalid_param(
+                "interval",
+                "interval is required, for example interval=1h or interval=auto",
+            )
+        })?)?;
+    let max_points = buckets::parse_max_points(single(&params, "max_points")?)?;
     let (start, end, _) = parse_range(
         single(&params, "start")?,
         single(&params, "end")?,
-        Some(interval),
+        interval.given(),
     )?;
-    let grid = buckets::grid(interval, single(&params, "tz")?, start, end)?;
+    let (interval, grid) = buckets::plan(
+        interval,
+        max_points,
+        single(&params, "tz")?,
+        start,
+        end,
+        &state.store.rollup_intervals(),
+    )?;
+    let tier = buckets::tier_name(grid.as_ref().and_then(|grid| {
+        state
+            .store
+            .rollup_tier_for(&buckets::clipped_bounds(grid, start, end))
+    }));
     let group_by = single(&params, "group_by")?.unwrap_or("device").to_owned();
     let selectors = label_selectors(&params)?;
     let devices = matching_devices(&state, &principal, &selectors).await?;
@@ -304,7 +342,7 @@ pub async fn aggregate(
             match groups.get_mut(&group) {
                 Some(existing) => {
                     for (into, from) in existing.iter_mut().zip(&series_buckets) {
-                        buckets::merge_into(into, from);
+                        into.merge(from);
                     }
                 }
                 None => {
@@ -328,7 +366,7 @@ pub async fn aggregate(
         })
         .collect();
     Ok(Json(json!({
-        "tier": "raw",
+        "tier": tier,
         "interval": interval_text,
         "groups": groups,
     })))

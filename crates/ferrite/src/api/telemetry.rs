@@ -115,8 +115,16 @@ pub(super) fn point_json(ts: TimestampNs, value: &Value) -> serde_json::Value {
 }
 
 /// Query parameters of the raw and aggregate query.
-const QUERY_PARAMS: [&str; 8] = [
-    "keys", "start", "end", "interval", "agg", "tz", "limit", "cursor",
+const QUERY_PARAMS: [&str; 9] = [
+    "keys",
+    "start",
+    "end",
+    "interval",
+    "agg",
+    "tz",
+    "max_points",
+    "limit",
+    "cursor",
 ];
 
 fn reject_unknown_params(
@@ -269,8 +277,10 @@ pub async fn query(
 
     let interval = params
         .get("interval")
-        .map(|text| super::buckets::parse_interval(text))
+        .map(|text| super::buckets::IntervalParam::parse(text))
         .transpose()?;
+    let max_points =
+        super::buckets::parse_max_points(params.get("max_points").map(String::as_str))?;
     let agg = params
         .get("agg")
         .map(|text| Aggregation::parse(text))
@@ -279,7 +289,7 @@ pub async fn query(
     let (start, end, warnings) = parse_range(
         params.get("start").map(String::as_str),
         params.get("end").map(String::as_str),
-        interval,
+        interval.and_then(super::buckets::IntervalParam::given),
     )?;
 
     let keys: Vec<String> = match parse_keys(&params)? {
@@ -303,14 +313,25 @@ pub async fn query(
                     "limit and cursor apply to raw queries; an aggregate query returns every bucket",
                 ));
             }
-            let grid = super::buckets::grid(
+            let (_, grid) = super::buckets::plan(
                 interval,
+                max_points,
                 params.get("tz").map(String::as_str),
                 start,
                 end,
+                &state.store.rollup_intervals(),
             )?;
-            aggregate_response(&state, device.tenant_id, device.id, keys, start, end, grid, agg)
-                .await?
+            aggregate_response(
+                &state,
+                device.tenant_id,
+                device.id,
+                keys,
+                start,
+                end,
+                grid,
+                agg,
+            )
+            .await?
         }
         (Some(_), None) => {
             return Err(ApiError::invalid_param(
@@ -325,11 +346,13 @@ pub async fn query(
             ));
         }
         (None, None) => {
-            if params.contains_key("tz") {
-                return Err(ApiError::invalid_param(
-                    "tz",
-                    "tz applies to aggregate queries: add interval and agg",
-                ));
+            for param in ["tz", "max_points"] {
+                if params.contains_key(param) {
+                    return Err(ApiError::invalid_param(
+                        param,
+                        format!("{param} applies to aggregate queries: add interval and agg"),
+                    ));
+                }
             }
             raw_response(
                 &state,
@@ -368,11 +391,16 @@ async fn aggregate_response(
     agg: Aggregation,
 ) -> Result<Response, ApiError> {
     let store = state.store.clone();
+    let bounds = grid
+        .as_ref()
+        .map(|grid| super::buckets::clipped_bounds(grid, start, end));
+    let tier = super::buckets::tier_name(
+        bounds
+            .as_deref()
+            .and_then(|bounds| store.rollup_tier_for(bounds)),
+    );
     let results = tokio::task::spawn_blocking(move || {
         let mut results = Vec::with_capacity(keys.len());
-        let bounds = grid
-            .as_ref()
-            .map(|grid| super::buckets::clipped_bounds(grid, start, end));
         for key in keys {
             let buckets = match (&grid, &bounds) {
                 (Some(grid), Some(bounds)) => {
@@ -409,7 +437,11 @@ async fn aggregate_response(
             .collect();
         body.insert(key, serde_json::Value::Array(entries));
     }
-    Ok(Json(serde_json::Value::Object(body)).into_response())
+    let mut response = Json(serde_json::Value::Object(body)).into_response();
+    if let Ok(value) = HeaderValue::from_str(&tier) {
+        response.headers_mut().insert("ferrite-tier", value);
+    }
+    Ok(response)
 }
 
 /// Cursor: the keys that have more points, each with the timestamp (ns) of

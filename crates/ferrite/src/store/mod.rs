@@ -72,6 +72,11 @@ pub trait TimeSeriesStore: Send + Sync + 'static {
         series: Series<'_>,
         bounds: &[(TimestampNs, TimestampNs)],
     ) -> Result<Vec<Bucket>, StoreError>;
+    /// Rollup interval (ns) that answers `aggregate_buckets` for these
+    /// bounds, `None` for raw points.
+    fn rollup_tier_for(&self, bounds: &[(TimestampNs, TimestampNs)]) -> Option<i64>;
+    /// Intervals of the rollup tiers in nanoseconds.
+    fn rollup_intervals(&self) -> Vec<i64>;
     /// Merges the stored data into its most compact form now.
     fn compact(&self) -> Result<(), StoreError>;
     /// Number of files and bytes on disk.
@@ -85,7 +90,8 @@ pub struct EmbeddedStore {
 
 impl EmbeddedStore {
     pub fn open(dir: &Path, config: &crate::config::StorageConfig) -> Result<Self, StoreError> {
-        let nanos = |duration: std::time::Duration| i64::try_from(duration.as_nanos()).unwrap_or(i64::MAX);
+        let nanos =
+            |duration: std::time::Duration| i64::try_from(duration.as_nanos()).unwrap_or(i64::MAX);
         let options = StoreOptions {
             head_budget_bytes: config.head_budget_bytes,
             partition_ns: nanos(config.partition).max(1),
@@ -98,6 +104,25 @@ impl EmbeddedStore {
                     .map(|(tenant, setting)| (tenant.clone(), setting.0.map(nanos)))
                     .collect(),
             },
+            rollup_intervals: config.rollups.iter().map(|d| nanos(*d)).collect(),
+            rollup_retention: config
+                .rollups
+                .iter()
+                .map(|interval| {
+                    let name = humantime::format_duration(*interval).to_string();
+                    let keep = config
+                        .rollup_retention
+                        .iter()
+                        .find(|(key, _)| {
+                            humantime::parse_duration(key).ok() == Some(*interval) || **key == name
+                        })
+                        .and_then(|(_, setting)| setting.0);
+                    ferrite_tsdb::Retention {
+                        default: keep.map(nanos),
+                        tenants: Default::default(),
+                    }
+                })
+                .collect(),
             ..StoreOptions::default()
         };
         Ok(Self {
@@ -150,6 +175,14 @@ impl TimeSeriesStore for EmbeddedStore {
         bounds: &[(TimestampNs, TimestampNs)],
     ) -> Result<Vec<Bucket>, StoreError> {
         self.store.aggregate_buckets(&series.to_key(), bounds)
+    }
+
+    fn rollup_tier_for(&self, bounds: &[(TimestampNs, TimestampNs)]) -> Option<i64> {
+        self.store.rollup_tier_for(bounds)
+    }
+
+    fn rollup_intervals(&self) -> Vec<i64> {
+        self.store.rollup_intervals().to_vec()
     }
 
     fn compact(&self) -> Result<(), StoreError> {

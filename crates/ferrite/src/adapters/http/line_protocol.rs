@@ -204,7 +204,8 @@ fn check_timestamps(
     let window = crate::decode::TimeWindow::new(&state.config, tenant);
     for line in lines {
         if let Some(ts) = line.timestamp_ns
-            && let Err(problem) = window.check(&format!("line {}", line.line_number), ts, received_at_ns)
+            && let Err(problem) =
+                window.check(&format!("line {}", line.line_number), ts, received_at_ns)
         {
             count_rejected("invalid_timestamp");
             return Err(ApiError::bad_request(format!(
