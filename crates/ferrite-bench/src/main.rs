@@ -14,6 +14,7 @@ mod idle;
 mod lp;
 mod mqtt;
 mod queries;
+mod sink;
 mod stats;
 mod summary;
 mod target;
@@ -46,6 +47,8 @@ enum Command {
     Generate(tsbs::GenerateArgs),
     /// Run the IoT fleet query set against one system and report latencies and result sizes.
     Queries(queries::QueriesArgs),
+    /// Serve HTTP on loopback and discard every request body, to measure the generator alone.
+    Sink(sink::SinkArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -59,6 +62,7 @@ fn main() -> anyhow::Result<()> {
         Command::Mqtt(args) => serde_json::to_value(runtime.block_on(mqtt::run(args))?)?,
         Command::Idle(args) => serde_json::to_value(runtime.block_on(idle::run(args))?)?,
         Command::Queries(args) => serde_json::to_value(runtime.block_on(queries::run(args))?)?,
+        Command::Sink(args) => serde_json::to_value(runtime.block_on(sink::run(args))?)?,
         Command::Summary(args) => {
             print!("{}", summary::run(&args)?);
             return Ok(());
