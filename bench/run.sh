@@ -10,19 +10,35 @@
 #   durability  Lines found after SIGKILL right after an acknowledged batch. Systems: Ferrite, InfluxDB, VictoriaMetrics.
 # One more Ferrite line-protocol run under `perf record` shows where its time goes.
 #
+# The storage scenario loads one IoT fleet dataset (written once by
+# `ferrite-bench generate`, STORAGE_DEVICES trucks over STORAGE_DURATION) into
+# a fresh instance of each system, ROUNDS times with the order of the systems
+# rotated each round, and measures for each load:
+#   ingest   field values/s of `lp --dataset` (the whole file once).
+#   disk     bytes on disk per field value after the system compacted its data.
+#   memory   VmRSS of the server right after the ingest.
+#   queries  median and p99 latency of the IoT query set (`ferrite-bench queries`)
+#            and the size of each result, checked against the generator.
+# The same dataset sent to `ferrite-bench sink`, which discards it, shows the
+# generator's own ceiling. These results go to their own block of the page.
+#
 # Every server is started by this script on 127.0.0.1 with free ports and a
 # data directory under a temporary folder, and stopped by its process id.
 # Peers missing from the machine are installed with apt-get (run as root).
 # Settings come from the environment. With the defaults a full run took
 # about 7 minutes on 2 cores after the release build, and the wait for a
-# quiet machine adds up to QUIET_WAIT_S seconds before each timed run.
+# quiet machine adds up to QUIET_WAIT_S seconds before each timed run. The
+# storage scenario comes on top. NOTE: its full-size duration has not been
+# measured; with 100 trucks over 1d and ROUNDS=2 it took under 3 minutes for
+# InfluxDB and VictoriaMetrics together.
 #
 # Usage: bench/run.sh            (from anywhere inside the repository)
 #        ROUNDS=5 bench/run.sh   (more runs per system)
+#        SCENARIOS=storage SYSTEMS="influxdb victoriametrics" STORAGE_DEVICES=20 STORAGE_DURATION=1h bench/run.sh
 
 set -euo pipefail
 
-ROUNDS=${ROUNDS:-3}                   # runs per system for lp and mqtt
+ROUNDS=${ROUNDS:-3}                   # runs per system for lp, mqtt and storage
 LP_CONNECTIONS=${LP_CONNECTIONS:-4}
 LP_BATCH_LINES=${LP_BATCH_LINES:-5000}
 LP_BATCHES=${LP_BATCHES:-300}         # timed batches per run
@@ -37,14 +53,35 @@ IDLE_SETTLE_S=${IDLE_SETTLE_S:-10}    # wait after the last CONNACK before readi
 GENERATOR_TIMEOUT_S=${GENERATOR_TIMEOUT_S:-300}  # backstop for one generator process
 QUIET_WAIT_S=${QUIET_WAIT_S:-30}      # maximum wait before a run for other processes to go quiet
 KEEP_WORK=${KEEP_WORK:-0}             # 1 keeps the temporary folder with logs and data
+# Scenarios to run, from: lp durability mqtt memory profile storage.
+SCENARIOS=${SCENARIOS:-lp durability mqtt memory profile storage}
+# Systems to run, from: ferrite influxdb victoriametrics mosquitto. Each
+# scenario runs the systems of its own list that are named here.
+SYSTEMS=${SYSTEMS:-ferrite influxdb victoriametrics mosquitto}
+# 1,000 trucks over 1d are 17.1 M lines, 85.5 M field values and 3.0 GB of line protocol.
+STORAGE_DEVICES=${STORAGE_DEVICES:-1000}            # trucks of the fleet dataset
+STORAGE_DURATION=${STORAGE_DURATION:-1d}            # time span of the dataset, one report per truck every 10 s
+STORAGE_START=${STORAGE_START:-2026-01-01T00:00:00Z}
+STORAGE_SEED=${STORAGE_SEED:-1}
+STORAGE_BATCH_LINES=${STORAGE_BATCH_LINES:-5000}
+STORAGE_CONNECTIONS=${STORAGE_CONNECTIONS:-4}
+STORAGE_MAX_DURATION_S=${STORAGE_MAX_DURATION_S:-1800}  # bound of one dataset ingest
+COMPACT_TIMEOUT_S=${COMPACT_TIMEOUT_S:-900}         # maximum wait for a system to finish compacting
+QUERY_ROUNDS=${QUERY_ROUNDS:-20}                    # timed rounds of the query set per load
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-RESULTS_PAGE="$REPO/docs/benchmarks.md"
+RESULTS_PAGE=${RESULTS_PAGE:-$REPO/docs/benchmarks.md}
 FERRITE="$REPO/target/release/ferrite"
 BENCH="$REPO/target/release/ferrite-bench"
 WORK=$(mktemp -d /tmp/ferrite-bench.XXXXXX)
 RESULTS="$WORK/results.jsonl"
 COMMANDS="$WORK/commands.txt"
+STORAGE_RESULTS="$WORK/storage-results.jsonl"
+STORAGE_COMMANDS="$WORK/storage-commands.txt"
+DATASET="$WORK/fleet.lp"
+FERRITE_TEMPLATE="$WORK/ferrite-template"   # data directory copied by start_ferrite
+INFLUXDB_DATA_SETTINGS=""                   # extra [data] settings for start_influxdb
+START_WAIT_S=30                             # maximum wait for a started server to listen
 CLOCK_TICKS=$(getconf CLK_TCK)
 STARTED_PIDS=()
 SERVER_PID=""
@@ -122,26 +159,26 @@ die_with_log() {
 
 wait_tcp() {
     local port=$1 name=$2
-    for _ in $(seq 1 300); do
+    for _ in $(seq 1 $((START_WAIT_S * 10))); do
         if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
             return
         fi
         kill -0 "$SERVER_PID" 2>/dev/null || die_with_log "$name exited during start-up"
         sleep 0.1
     done
-    die_with_log "$name did not listen on 127.0.0.1:$port within 30 s"
+    die_with_log "$name did not listen on 127.0.0.1:$port within $START_WAIT_S s"
 }
 
 wait_http() {
     local url=$1 name=$2
-    for _ in $(seq 1 300); do
+    for _ in $(seq 1 $((START_WAIT_S * 10))); do
         if curl -fs -o /dev/null "$url"; then
             return
         fi
         kill -0 "$SERVER_PID" 2>/dev/null || die_with_log "$name exited during start-up"
         sleep 0.1
     done
-    die_with_log "$name did not answer $url within 30 s"
+    die_with_log "$name did not answer $url within $START_WAIT_S s"
 }
 
 # CPU seconds (user + system, all threads) used so far by process $1.
@@ -175,17 +212,18 @@ rss_kib() {
     awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"
 }
 
-# Stops the server started last, by its process id: SIGTERM, then SIGKILL after 30 s.
+# Stops the server started last, by its process id: SIGTERM, then SIGKILL
+# after $1 seconds (default 30).
 stop_server() {
-    local pid=$SERVER_PID
+    local pid=$SERVER_PID grace=${1:-30}
     [[ -n "$pid" ]] || return 0
     kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 1 300); do
+    for _ in $(seq 1 $((grace * 10))); do
         kill -0 "$pid" 2>/dev/null || break
         sleep 0.1
     done
     if kill -0 "$pid" 2>/dev/null; then
-        log "process $pid did not stop within 30 s of SIGTERM; sending SIGKILL"
+        log "process $pid did not stop within $grace s of SIGTERM; sending SIGKILL"
         kill -KILL "$pid" 2>/dev/null || true
     fi
     wait "$pid" 2>/dev/null || true
@@ -249,16 +287,25 @@ prepare_ferrite_template() {
     log "Ferrite template: an operator API key and $(wc -l <"$WORK/tokens") devices"
 }
 
+# A data directory with only an admin API key, for the storage scenario: the
+# trucks of the dataset become its only devices, created by their first write.
+prepare_ferrite_storage_template() {
+    local template="$WORK/ferrite-storage-template"
+    mkdir -p "$template"
+    "$FERRITE" api-key create bench-admin --role admin --data-dir "$template" | jq -r .key >"$WORK/admin-key"
+}
+
 # Each start_<system> NAME [reuse] starts a server on new free ports with the
 # data directory $WORK/run/<system>-NAME, made fresh unless "reuse" is given,
-# and sets SERVER_PID, SERVER_LOG and HTTP_PORT or MQTT_PORT.
+# and sets SERVER_PID, SERVER_LOG and HTTP_PORT or MQTT_PORT. Ferrite's fresh
+# directory is a copy of $FERRITE_TEMPLATE.
 
 start_ferrite() {
     local dir="$WORK/run/ferrite-$1"
     if [[ "${2:-}" != reuse ]]; then
         rm -rf "$dir"
         mkdir -p "$(dirname "$dir")"
-        cp -a "$WORK/ferrite-template" "$dir"
+        cp -a "$FERRITE_TEMPLATE" "$dir"
     fi
     HTTP_PORT=$(free_port)
     MQTT_PORT=$(free_port)
@@ -291,6 +338,7 @@ bind-address = "127.0.0.1:$rpc_port"
   dir = "$dir/data"
   wal-dir = "$dir/wal"
   query-log-enabled = false
+$INFLUXDB_DATA_SETTINGS
 [monitor]
   store-enabled = false
 [subscriber]
@@ -324,8 +372,10 @@ start_victoriametrics() {
     [[ "${2:-}" == reuse ]] || rm -rf "$dir"
     mkdir -p "$dir"
     HTTP_PORT=$(free_port)
+    # The default retention of one month would drop the fleet dataset, whose
+    # timestamps start on a fixed date.
     victoria-metrics -httpListenAddr="127.0.0.1:$HTTP_PORT" -storageDataPath="$dir" \
-        -loggerLevel=WARN >>"$WORK/logs/victoriametrics.log" 2>&1 &
+        -retentionPeriod=100y -loggerLevel=WARN >>"$WORK/logs/victoriametrics.log" 2>&1 &
     SERVER_PID=$!
     SERVER_LOG="$WORK/logs/victoriametrics.log"
     STARTED_PIDS+=("$SERVER_PID")
@@ -691,6 +741,317 @@ profile_ferrite_lp() {
     } >"$out"
 }
 
+# ---------------------------------------------------------------- storage ---
+
+# Prints those of the arguments that $SYSTEMS names, in the order given.
+selected() {
+    local system
+    for system in "$@"; do
+        if [[ " $SYSTEMS " == *" $system "* ]]; then
+            echo "$system"
+        fi
+    done
+}
+
+# Succeeds when $SCENARIOS names $1.
+scenario_enabled() {
+    [[ " $SCENARIOS " == *" $1 "* ]]
+}
+
+# Writes the fleet dataset to $DATASET and records the generator's counts
+# and speed as a "generate" line.
+generate_dataset() {
+    local args=(generate "${DATASET_ARGS[@]}" --output "$DATASET")
+    COMMANDS=$STORAGE_COMMANDS note_command generate ferrite-bench "${args[@]}"
+    "$BENCH" "${args[@]}" 2>"$WORK/generate.json" ||
+        die "the dataset generator failed: $(cat "$WORK/generate.json")"
+    tee -a "$STORAGE_RESULTS" <"$WORK/generate.json" >&2
+}
+
+# Records the result sizes computed from the generator, which every
+# system's query results are compared with.
+record_expected_results() {
+    local args=(queries --system expected "${DATASET_ARGS[@]}")
+    COMMANDS=$STORAGE_COMMANDS note_command "queries expected" ferrite-bench "${args[@]}"
+    "$BENCH" "${args[@]}" >"$WORK/expected.json" || die "computing the expected query results failed"
+    cat "$WORK/expected.json" >>"$STORAGE_RESULTS"
+}
+
+# Sends $DATASET once to the running server (or sink) named $1 at URL $2 and
+# appends the lp_dataset line of round $3, with CPU use and the field values
+# the server reports, to $STORAGE_RESULTS.
+ingest_dataset() {
+    local system=$1 url=$2 round=$3
+    local args=(lp --url "$url" --dataset "$DATASET" --batch-lines "$STORAGE_BATCH_LINES"
+        --connections "$STORAGE_CONNECTIONS" --max-duration-s "$STORAGE_MAX_DURATION_S" --label "$system")
+    local token=()
+    if [[ $system == ferrite ]]; then
+        token=(--token "$(cat "$WORK/admin-key")")
+        # The key is written as the literal text $API_KEY on purpose.
+        # shellcheck disable=SC2016
+        COMMANDS=$STORAGE_COMMANDS note_command "lp --dataset $system" ferrite-bench "${args[@]}" --token '$API_KEY'
+    else
+        COMMANDS=$STORAGE_COMMANDS note_command "lp --dataset $system" ferrite-bench "${args[@]}"
+    fi
+
+    wait_for_quiet_machine
+    local cpu_before machine_before
+    cpu_before=$(cpu_seconds "$SERVER_PID")
+    machine_before=$(machine_cpu_seconds)
+    # Reading and splitting the file before the clock starts takes time too.
+    /usr/bin/time -f '%U %S %M' -o "$WORK/time" \
+        timeout "$((STORAGE_MAX_DURATION_S + 300))" "$BENCH" "${args[@]}" "${token[@]}" >"$WORK/line" ||
+        die_with_log "loading the dataset into $system failed"
+    measure_cpu "$cpu_before" "$machine_before"
+
+    local sent stored
+    sent=$(jq .points "$WORK/line")
+    stored=$(stored_field_values "$system" "$sent")
+    jq -c --argjson server "$SERVER_CPU" --argjson client "$CLIENT_CPU" --argjson other "$OTHER_CPU" \
+        --argjson round "$round" --argjson stored "${stored:-null}" \
+        '. + {round: $round, server_cpu_s: $server, client_cpu_s: $client, other_cpu_s: $other,
+              field_values_reported_by_server: $stored}' \
+        "$WORK/line" | tee -a "$STORAGE_RESULTS" >&2
+    jq -e '.batches_failed == 0 and .batches_ok == .batches_total' "$WORK/line" >/dev/null ||
+        log "warning: $system did not acknowledge every batch of the dataset; see first_error"
+}
+
+# Prints the field values the running server $1 stores or reports as written
+# (null for the sink). Ferrite's pipeline counter trails the
+# acknowledgements, so it is polled until it reaches $2 or 60 s pass.
+stored_field_values() {
+    local system=$1 sent=$2
+    case $system in
+        ferrite)
+            stored_points ferrite "$sent" | awk '{ print $1 }'
+            ;;
+        influxdb)
+            curl -fs "http://127.0.0.1:$HTTP_PORT/query?db=bench" \
+                --data-urlencode 'q=SELECT count(*) FROM "readings", "diagnostics"' |
+                jq '[.results[0].series[]?.values[0][1:][] | numbers] | add // 0'
+            ;;
+        victoriametrics)
+            curl -fs -o /dev/null "http://127.0.0.1:$HTTP_PORT/internal/force_flush"
+            stored_points victoriametrics "$sent" | awk '{ print $1 }'
+            ;;
+        *)
+            echo null
+            ;;
+    esac
+}
+
+# Sends the dataset to `ferrite-bench sink`, which discards it: the rate the
+# generator reaches with no storage behind the socket.
+run_sink_ingest() {
+    rm -f "$WORK/sink-port"
+    "$BENCH" sink --port-file "$WORK/sink-port" --duration-s "$((STORAGE_MAX_DURATION_S + 600))" \
+        >/dev/null 2>>"$WORK/logs/sink.log" &
+    SERVER_PID=$!
+    SERVER_LOG="$WORK/logs/sink.log"
+    STARTED_PIDS+=("$SERVER_PID")
+    for _ in $(seq 1 100); do
+        [[ -s "$WORK/sink-port" ]] && break
+        sleep 0.1
+    done
+    [[ -s "$WORK/sink-port" ]] || die_with_log "the sink did not write its port within 10 s"
+    HTTP_PORT=$(cat "$WORK/sink-port")
+    ingest_dataset null-sink "http://127.0.0.1:$HTTP_PORT/write?precision=ns" 1
+    stop_server
+}
+
+# Each compact_<system> NAME makes the running server of the data directory
+# NAME compact its data and sets COMPACTION to the method used.
+
+# Ferrite compacts when asked through the admin API. Without that endpoint,
+# stopping it with SIGTERM and starting it on the same directory compacts it.
+# NOTE: neither path has run yet, because both were written before Ferrite
+# had them.
+compact_ferrite() {
+    local name=$1 code
+    code=$(curl -s -o /dev/null -w '%{http_code}' -X POST \
+        -H "Authorization: Bearer $(cat "$WORK/admin-key")" \
+        "http://127.0.0.1:$HTTP_PORT/api/v1/admin/compact" || true)
+    if [[ $code == 2?? ]]; then
+        COMPACTION="POST /api/v1/admin/compact (HTTP $code)"
+        return
+    fi
+    stop_server "$COMPACT_TIMEOUT_S"
+    start_ferrite "$name" reuse
+    COMPACTION="SIGTERM and restart (POST /api/v1/admin/compact returned HTTP $code)"
+}
+
+# InfluxDB was started with short cold-write durations, so it writes its
+# cache to TSM files and compacts them fully on its own once writes stop.
+compact_influxdb() {
+    COMPACTION="cache-snapshot-write-cold-duration = 5s, compact-full-write-cold-duration = 10s; waited until idle"
+}
+
+compact_victoriametrics() {
+    curl -fs -o /dev/null "http://127.0.0.1:$HTTP_PORT/internal/force_flush"
+    curl -fs -o /dev/null "http://127.0.0.1:$HTTP_PORT/internal/force_merge"
+    COMPACTION="/internal/force_flush, /internal/force_merge; waited until no merge was active"
+}
+
+# Succeeds while the running server $1 reports compaction or merge work.
+server_busy() {
+    case $1 in
+        influxdb)
+            local wal active
+            wal=$(find "$2/wal" -name '*.wal' -size +0c | wc -l)
+            active=$(curl -fs "http://127.0.0.1:$HTTP_PORT/debug/vars" |
+                jq '[to_entries[] | select(.key | startswith("tsm1_engine")) | .value.values
+                     | to_entries[] | select(.key | endswith("CompactionsActive")) | .value] | add // 0')
+            ((wal > 0 || active > 0))
+            ;;
+        victoriametrics)
+            curl -fs "http://127.0.0.1:$HTTP_PORT/metrics" |
+                awk '/^vm_active_(force_)?merges/ || /^vm_pending_rows/ { busy += $2 } END { exit !(busy > 0) }'
+            ;;
+        *)
+            return 1
+            ;;
+    esac
+}
+
+# Prints the data directories of system $1 whose data directory is $2.
+data_paths() {
+    case $1 in
+        influxdb) echo "$2/meta" "$2/data" "$2/wal" ;;
+        *) echo "$2" ;;
+    esac
+}
+
+# Waits until the server $1 with data directory $2 reports no background
+# work and its directory size has not changed for three checks 2 s apart,
+# after at least $3 seconds, or until $COMPACT_TIMEOUT_S seconds pass.
+wait_until_settled() {
+    local system=$1 dir=$2 minimum=$3 waited=0 previous="" same=0 size
+    local paths
+    read -r -a paths <<<"$(data_paths "$system" "$dir")"
+    while ((waited < COMPACT_TIMEOUT_S)); do
+        sleep 2
+        waited=$((waited + 2))
+        size=$(du -s -b -c "${paths[@]}" | tail -n 1 | cut -f 1)
+        if [[ $size == "$previous" ]] && ! server_busy "$system" "$dir"; then
+            same=$((same + 1))
+        else
+            same=0
+        fi
+        previous=$size
+        ((same >= 3 && waited >= minimum)) && return 0
+    done
+    log "warning: $system was still busy or growing after $COMPACT_TIMEOUT_S s; measuring anyway"
+}
+
+# Runs the query set against the running server $1 and appends its line of
+# round $2, with the queries whose result sizes differ from the expected ones.
+run_queries() {
+    local system=$1 round=$2
+    local args=(queries --system "$system" --url "http://127.0.0.1:$HTTP_PORT" "${DATASET_ARGS[@]}"
+        --rounds "$QUERY_ROUNDS")
+    [[ $system == influxdb ]] && args+=(--db bench)
+    local token=()
+    if [[ $system == ferrite ]]; then
+        token=(--token "$(cat "$WORK/admin-key")")
+        # shellcheck disable=SC2016
+        COMMANDS=$STORAGE_COMMANDS note_command "queries $system" ferrite-bench "${args[@]}" --token '$API_KEY'
+    else
+        COMMANDS=$STORAGE_COMMANDS note_command "queries $system" ferrite-bench "${args[@]}"
+    fi
+    wait_for_quiet_machine
+    timeout "$GENERATOR_TIMEOUT_S" "$BENCH" "${args[@]}" "${token[@]}" >"$WORK/line" ||
+        die_with_log "the query set against $system failed"
+    jq -c --argjson round "$round" --slurpfile expected "$WORK/expected.json" \
+        '. + {round: $round, rows_differ_from_expected:
+              [.queries | to_entries[] | select(.value.rows != $expected[0].queries[.key].rows) | .key]}' \
+        "$WORK/line" | tee -a "$STORAGE_RESULTS" >&2
+    local differing
+    differing=$(tail -n 1 "$STORAGE_RESULTS" | jq -r '.rows_differ_from_expected | join(", ")')
+    [[ -z "$differing" ]] || log "warning: $system returned other result sizes than expected for: $differing"
+}
+
+# One load of the dataset into a fresh instance of $1: ingest, memory,
+# compaction, bytes on disk, queries.
+run_storage() {
+    local system=$1 round=$2
+    local name="storage-$round"
+    local dir="$WORK/run/$system-$name"
+    "start_$system" "$name"
+    ingest_dataset "$system" "$(lp_url "$system")" "$round"
+    local points rss_ingest
+    points=$(jq .points "$WORK/line")
+    rss_ingest=$(rss_kib "$SERVER_PID")
+
+    local started minimum=0
+    started=$(date +%s.%N)
+    "compact_$system" "$name"
+    # InfluxDB starts its full compaction 10 s after the last write. The
+    # margin covers the delay until it starts, under 5 s with InfluxDB 1.6.7.
+    [[ $system == influxdb ]] && minimum=30
+    wait_until_settled "$system" "$dir" "$minimum"
+    local compaction_s
+    compaction_s=$(awk -v started="$started" -v now="$(date +%s.%N)" 'BEGIN { printf "%.1f", now - started }')
+
+    local paths disk apparent rss_compacted
+    read -r -a paths <<<"$(data_paths "$system" "$dir")"
+    disk=$(du -s -B1 -c "${paths[@]}" | tail -n 1 | cut -f 1)
+    apparent=$(du -s -b -c "${paths[@]}" | tail -n 1 | cut -f 1)
+    rss_compacted=$(rss_kib "$SERVER_PID")
+
+    run_queries "$system" "$round"
+    local rss_queries
+    rss_queries=$(rss_kib "$SERVER_PID")
+
+    jq -n -c --arg system "$system" --argjson round "$round" --argjson points "$points" \
+        --argjson disk "$disk" --argjson apparent "$apparent" --arg compaction "$COMPACTION" \
+        --argjson compaction_s "$compaction_s" --argjson rss_ingest "$rss_ingest" \
+        --argjson rss_compacted "$rss_compacted" --argjson rss_queries "$rss_queries" \
+        '{figure: "storage", system: $system, round: $round, field_values: $points,
+          disk_bytes: $disk, apparent_bytes: $apparent,
+          bytes_per_value: (if $points > 0 then ($disk / $points * 1000 | round / 1000) else null end),
+          apparent_bytes_per_value: (if $points > 0 then ($apparent / $points * 1000 | round / 1000) else null end),
+          disk_mib: ($disk / 1048576 * 10 | round / 10),
+          rss_after_ingest_mib: ($rss_ingest / 1024 * 10 | round / 10),
+          rss_after_compaction_mib: ($rss_compacted / 1024 * 10 | round / 10),
+          rss_after_queries_mib: ($rss_queries / 1024 * 10 | round / 10),
+          compaction: $compaction, compaction_s: $compaction_s}' | tee -a "$STORAGE_RESULTS" >&2
+    stop_server "$COMPACT_TIMEOUT_S"
+    rm -rf "$WORK/run"
+}
+
+# The storage scenario: the dataset once, the sink run, then ROUNDS loads of
+# every selected system, the order rotated by one system each round.
+run_storage_scenario() {
+    local systems
+    mapfile -t systems < <(selected ferrite influxdb victoriametrics)
+    ((${#systems[@]} > 0)) || { log "storage: no system selected"; return 0; }
+
+    log "storage: generating the dataset ($STORAGE_DEVICES trucks, $STORAGE_DURATION)"
+    generate_dataset
+    record_expected_results
+    log "storage: the dataset sent to a sink that discards it"
+    run_sink_ingest
+
+    # Short cold-write durations make InfluxDB compact soon after the load.
+    INFLUXDB_DATA_SETTINGS='  cache-snapshot-write-cold-duration = "5s"
+  compact-full-write-cold-duration = "10s"'
+    FERRITE_TEMPLATE="$WORK/ferrite-storage-template"
+    # A restart on a loaded data directory may take longer than an empty start.
+    START_WAIT_S=$COMPACT_TIMEOUT_S
+    local round index count=${#systems[@]}
+    for round in $(seq 1 "$ROUNDS"); do
+        for index in $(seq 0 $((count - 1))); do
+            local system=${systems[$(((index + round - 1) % count))]}
+            log "storage round $round: $system"
+            run_storage "$system" "$round"
+        done
+    done
+    INFLUXDB_DATA_SETTINGS=""
+    FERRITE_TEMPLATE="$WORK/ferrite-template"
+    START_WAIT_S=30
+    write_storage_results_page
+}
+
 # ---------------------------------------------------------------- report ---
 
 write_results_page() {
@@ -706,7 +1067,7 @@ write_results_page() {
         free -g
         echo '```'
         echo
-        echo "Versions: $("$FERRITE" --version); InfluxDB $(dpkg-query -W -f='${Version}' influxdb);"
+        echo "Versions: $(ferrite_version); InfluxDB $(dpkg-query -W -f='${Version}' influxdb);"
         echo "VictoriaMetrics $(dpkg-query -W -f='${Version}' victoria-metrics); Mosquitto $(dpkg-query -W -f='${Version}' mosquitto) (Debian package versions)."
         echo
         echo "Settings: ROUNDS=$ROUNDS, LP_CONNECTIONS=$LP_CONNECTIONS, LP_BATCH_LINES=$LP_BATCH_LINES,"
@@ -735,66 +1096,166 @@ write_results_page() {
         echo
         echo "<!-- results:end -->"
     } >"$block"
+    replace_block results "$block" fail
+}
 
-    grep -q '^<!-- results:start' "$RESULTS_PAGE" || die "$RESULTS_PAGE has no <!-- results:start --> marker"
-    awk -v block="$block" '
-        /^<!-- results:start/ { while ((getline line < block) > 0) print line; skipping = 1; next }
-        /^<!-- results:end -->/ { skipping = 0; next }
+ferrite_version() {
+    if [[ -x "$FERRITE" ]]; then
+        "$FERRITE" --version
+    else
+        echo "ferrite (not built in this run)"
+    fi
+}
+
+# Replaces the lines from `<!-- $1:start` to `<!-- $1:end -->` of the results
+# page with the file $2. A page without the markers makes the script stop
+# when $3 is "fail", and gets the block appended when $3 is "append".
+replace_block() {
+    local name=$1 block=$2 without_markers=$3
+    if ! grep -q "^<!-- $name:start" "$RESULTS_PAGE"; then
+        [[ $without_markers == append ]] || die "$RESULTS_PAGE has no <!-- $name:start --> marker"
+        { echo; cat "$block"; } >>"$RESULTS_PAGE"
+        log "appended the $name block to $RESULTS_PAGE"
+        return
+    fi
+    awk -v block="$block" -v start="^<!-- $name:start" -v end="^<!-- $name:end -->" '
+        $0 ~ start { while ((getline line < block) > 0) print line; skipping = 1; next }
+        $0 ~ end { skipping = 0; next }
         !skipping { print }
     ' "$RESULTS_PAGE" >"$WORK/page.md"
     cp "$WORK/page.md" "$RESULTS_PAGE"
-    log "wrote $RESULTS_PAGE"
+    log "wrote the $name block of $RESULTS_PAGE"
+}
+
+# Writes the storage scenario's block of the results page, placed at the end
+# of the page the first time.
+write_storage_results_page() {
+    local block=$WORK/storage-block.md
+    local versions="" system
+    for system in $(selected ferrite influxdb victoriametrics); do
+        case $system in
+            ferrite) versions+="$(ferrite_version); " ;;
+            influxdb) versions+="InfluxDB $(dpkg-query -W -f='${Version}' influxdb); " ;;
+            victoriametrics) versions+="VictoriaMetrics $(dpkg-query -W -f='${Version}' victoria-metrics); " ;;
+        esac
+    done
+    {
+        echo "<!-- storage-results:start (generated by bench/run.sh; edits here are overwritten) -->"
+        echo
+        echo "### Storage and queries: the IoT fleet dataset"
+        echo
+        echo "Run on $(date -u '+%Y-%m-%d %H:%M UTC') at commit \`$(git -C "$REPO" rev-parse --short HEAD)\`$(git -C "$REPO" diff --quiet HEAD -- crates/ferrite crates/ferrite-bench || echo ' with uncommitted changes')."
+        echo "Machine: $(nproc) CPUs, $(lscpu | awk -F': *' '/^Model name/ { print $2; exit }'), $(free -g | awk '/^Mem:/ { print $2 }') GiB of memory."
+        echo "Versions: ${versions%; } (Debian package versions for the peers)."
+        echo
+        jq -r '"Dataset: \(.devices) trucks from \(.start) over \(.duration_s) s (seed \(.seed)): \(.lines) lines, \(.field_values) field values, \(.bytes) bytes of line protocol; the generator wrote it in \(.elapsed_s) s (\(.lines_per_s) lines/s)."' \
+            "$WORK/generate.json"
+        echo
+        echo "Settings: ROUNDS=$ROUNDS, STORAGE_BATCH_LINES=$STORAGE_BATCH_LINES, STORAGE_CONNECTIONS=$STORAGE_CONNECTIONS,"
+        echo "QUERY_ROUNDS=$QUERY_ROUNDS. Each load starts the system on an empty data directory. The row"
+        echo "\`null-sink\` is the same dataset sent to \`ferrite-bench sink\`, which discards it: the"
+        echo "generator's ceiling on this machine. Bytes on disk are \`du -B1\` of the data directories"
+        echo "after compaction; memory is VmRSS right after the ingest."
+        echo
+        echo "Compaction per system:"
+        echo
+        jq -r -s 'map(select(.figure == "storage")) | unique_by(.system)[] | "- \(.system): \(.compaction)"' "$STORAGE_RESULTS"
+        echo
+        "$BENCH" summary --results "$STORAGE_RESULTS" --reference ferrite
+        echo "Commands (one per system; every run of a system used the same):"
+        echo
+        echo '```text'
+        cat "$STORAGE_COMMANDS"
+        echo '```'
+        echo
+        echo "<details><summary>Raw result lines</summary>"
+        echo
+        echo '```json'
+        cat "$STORAGE_RESULTS"
+        echo '```'
+        echo
+        echo "</details>"
+        echo
+        echo "<!-- storage-results:end -->"
+    } >"$block"
+    replace_block storage-results "$block" append
 }
 
 # ---------------------------------------------------------------- main ---
 
 main() {
     install_missing
+    local packages=(-p ferrite-bench)
+    [[ -n "$(selected ferrite)" ]] && packages+=(-p ferrite)
     log "building the release binaries"
-    (cd "$REPO" && cargo build --release -p ferrite -p ferrite-bench)
+    (cd "$REPO" && cargo build --release "${packages[@]}")
 
     # Each server and generator needs a descriptor per connection.
     ulimit -n "$(ulimit -Hn)"
     mkdir -p "$WORK/logs"
     : >"$RESULTS"
-    prepare_ferrite_template
+    : >"$STORAGE_RESULTS"
+    if [[ -n "$(selected ferrite)" ]]; then
+        prepare_ferrite_template
+        if scenario_enabled storage; then
+            prepare_ferrite_storage_template
+        fi
+    else
+        # Mosquitto accepts any username, so names stand in for device tokens.
+        seq -f 'bench-device-%g' 0 $((MQTT_DEVICES - 1)) >"$WORK/tokens"
+    fi
     # One fixed start time, so every lp run sends byte-identical bodies.
     LP_START_S=$(($(date +%s) - 24 * 3600))
+    DATASET_ARGS=(--devices "$STORAGE_DEVICES" --start "$STORAGE_START" --duration "$STORAGE_DURATION"
+        --seed "$STORAGE_SEED")
 
     local round system
-    for round in $(seq 1 "$ROUNDS"); do
-        for system in ferrite influxdb victoriametrics; do
-            log "lp round $round: $system"
-            run_lp "$system" "$round"
+    if scenario_enabled lp; then
+        for round in $(seq 1 "$ROUNDS"); do
+            for system in $(selected ferrite influxdb victoriametrics); do
+                log "lp round $round: $system"
+                run_lp "$system" "$round"
+            done
         done
-    done
-    for system in ferrite influxdb victoriametrics; do
-        log "durability: $system killed right after an acknowledged batch"
-        check_durability "$system"
-    done
-    for round in $(seq 1 "$ROUNDS"); do
-        for system in ferrite mosquitto; do
-            log "mqtt round $round: $system"
-            run_mqtt "$system" "$round"
+    fi
+    if scenario_enabled durability; then
+        for system in $(selected ferrite influxdb victoriametrics); do
+            log "durability: $system killed right after an acknowledged batch"
+            check_durability "$system"
         done
-    done
-    for system in ferrite mosquitto; do
-        log "mqtt with two generator processes: $system"
-        run_mqtt_split "$system"
-    done
-    for system in ferrite mosquitto; do
-        log "memory: $system with $IDLE_CONNECTIONS idle connections"
-        run_memory "$system"
-    done
-    if command -v perf >/dev/null; then
+    fi
+    if scenario_enabled mqtt; then
+        for round in $(seq 1 "$ROUNDS"); do
+            for system in $(selected ferrite mosquitto); do
+                log "mqtt round $round: $system"
+                run_mqtt "$system" "$round"
+            done
+        done
+        for system in $(selected ferrite mosquitto); do
+            log "mqtt with two generator processes: $system"
+            run_mqtt_split "$system"
+        done
+    fi
+    if scenario_enabled memory; then
+        for system in $(selected ferrite mosquitto); do
+            log "memory: $system with $IDLE_CONNECTIONS idle connections"
+            run_memory "$system"
+        done
+    fi
+    echo "This run has no profile: the profile scenario, Ferrite or perf was not selected or installed." >"$WORK/profile.md"
+    if scenario_enabled profile && [[ -n "$(selected ferrite)" ]] && command -v perf >/dev/null; then
         log "profiling Ferrite during one more lp run"
         profile_ferrite_lp
-    else
-        echo "perf is not installed, so this run has no profile." >"$WORK/profile.md"
+    fi
+    if [[ -s "$RESULTS" ]]; then
+        write_results_page
+        "$BENCH" summary --results "$RESULTS" --reference ferrite
     fi
 
-    write_results_page
-    "$BENCH" summary --results "$RESULTS" --reference ferrite
+    if scenario_enabled storage; then
+        run_storage_scenario
+        "$BENCH" summary --results "$STORAGE_RESULTS" --reference ferrite
+    fi
 }
 
 # Sourcing the script (for trying one function) defines the functions only.

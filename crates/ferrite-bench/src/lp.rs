@@ -15,8 +15,16 @@
 //! one request at a time until the batches run out or `--max-duration-s`
 //! passes. A point is one field value, so a batch carries `lines x 7` points,
 //! and only points of batches acknowledged with 2xx count.
+//!
+//! With `--dataset FILE` the batches come from a line-protocol file instead,
+//! such as one written by `generate`. The whole file is read into memory and
+//! split into batches of `--batch-lines` lines before the clock starts. Every
+//! batch is sent once and timed. There is no warm-up, because creating the
+//! series is part of loading a dataset. The points of a batch are the field
+//! values of its lines.
 
 use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -108,6 +116,10 @@ pub struct LpArgs {
     /// http://127.0.0.1:8080/write?precision=ns&device_tag=name.
     #[arg(long)]
     url: String,
+    /// Line-protocol file to send once, split into batches of --batch-lines
+    /// lines, instead of generated batches.
+    #[arg(long, conflicts_with_all = ["batches", "warmup_batches", "devices", "start_s", "interval_s", "seed"])]
+    dataset: Option<PathBuf>,
     /// Credential sent as `Authorization: Token <TOKEN>`; none when absent.
     #[arg(long, env = "FERRITE_BENCH_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -219,27 +231,46 @@ fn write_line(body: &mut String, truck: &Truck, timestamp_ns: i64) {
     let _ = writeln!(body, " {timestamp_ns}");
 }
 
-/// The result line of one `lp` run.
+/// One request body with the lines and points (field values) it carries.
+struct Batch {
+    body: Bytes,
+    lines: u64,
+    points: u64,
+}
+
+/// The result line of one `lp` run: figure `lp` for generated batches,
+/// `lp_dataset` for a dataset file.
 #[derive(Debug, Serialize)]
 pub struct LpResult {
     figure: &'static str,
     system: String,
+    /// The dataset file, for `lp_dataset`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dataset: Option<String>,
     connections: usize,
     batch_lines: usize,
-    fields_per_line: usize,
-    devices: usize,
+    /// Fields of every line; null for a dataset, whose lines differ.
+    fields_per_line: Option<usize>,
+    /// Trucks of the generated batches; null for a dataset.
+    devices: Option<usize>,
     warmup_batches: usize,
+    /// Timed batches: all of them were sent when this equals batches_ok.
+    batches_total: usize,
     batches_ok: usize,
     batches_failed: usize,
     lines: u64,
     points: u64,
     elapsed_s: f64,
     points_per_s: f64,
+    lines_per_s: f64,
     /// Points/s over the first and the second half of the acknowledged
     /// batches, which shows whether the rate changes during a run.
     points_per_s_by_half: [f64; 2],
     request_bytes_per_batch: usize,
     latency_ms: LatencySummary,
+    /// CPU seconds this process used during the timed phase; null where
+    /// /proc is missing.
+    generator_cpu_s: Option<f64>,
     first_error: Option<String>,
 }
 
@@ -248,9 +279,12 @@ pub struct LpResult {
 struct WorkerTally {
     ok: usize,
     failed: usize,
+    lines: u64,
+    points: u64,
     latencies: Vec<Duration>,
-    /// Time from the start of the timed phase to each acknowledgement.
-    acknowledged_at: Vec<Duration>,
+    /// Time from the start of the timed phase to each acknowledgement, with
+    /// the points of the batch.
+    acknowledged_at: Vec<(Duration, u64)>,
     first_error: Option<String>,
 }
 
@@ -268,16 +302,31 @@ pub async fn run(args: LpArgs) -> anyhow::Result<LpResult> {
     anyhow::ensure!(args.devices > 0, "--devices must be at least 1");
     anyhow::ensure!(args.interval_s > 0, "--interval-s must be at least 1");
 
-    let start_s = args.start_s.unwrap_or_else(|| unix_now_s() - 24 * 3600);
-    let spec = DatasetSpec {
-        devices: args.devices,
-        batch_lines: args.batch_lines,
-        batches: args.warmup_batches + args.batches,
-        start_ns: start_s * 1_000_000_000,
-        interval_ns: args.interval_s * 1_000_000_000,
-        seed: args.seed,
+    let (figure, batches, warmup_batches) = match &args.dataset {
+        Some(path) => ("lp_dataset", read_dataset(path, args.batch_lines)?, 0),
+        None => {
+            let start_s = args.start_s.unwrap_or_else(|| unix_now_s() - 24 * 3600);
+            let spec = DatasetSpec {
+                devices: args.devices,
+                batch_lines: args.batch_lines,
+                batches: args.warmup_batches + args.batches,
+                start_ns: start_s * 1_000_000_000,
+                interval_ns: args.interval_s * 1_000_000_000,
+                seed: args.seed,
+            };
+            let lines = args.batch_lines as u64;
+            let batches = generate(&spec)
+                .into_iter()
+                .map(|body| Batch {
+                    body,
+                    lines,
+                    points: lines * FIELDS_PER_LINE as u64,
+                })
+                .collect();
+            ("lp", batches, args.warmup_batches)
+        }
     };
-    let batches = Arc::new(generate(&spec));
+    let batches = Arc::new(batches);
     let target = Arc::new(Target {
         url,
         token: args.token.clone(),
@@ -286,11 +335,12 @@ pub async fn run(args: LpArgs) -> anyhow::Result<LpResult> {
         .map(|_| new_client(args.request_timeout_s))
         .collect::<anyhow::Result<Vec<_>>>()?;
 
-    warm_up(&clients, &target, &batches[..args.warmup_batches]).await?;
+    warm_up(&clients, &target, &batches[..warmup_batches]).await?;
 
     // Timed phase: workers take the next batch index until none is left or
     // the deadline passes.
-    let next = Arc::new(AtomicUsize::new(args.warmup_batches));
+    let next = Arc::new(AtomicUsize::new(warmup_batches));
+    let cpu_before = process_cpu_s();
     let started = Instant::now();
     let deadline = started + Duration::from_secs(args.max_duration_s);
     let mut workers = Vec::with_capacity(clients.len());
@@ -305,12 +355,17 @@ pub async fn run(args: LpArgs) -> anyhow::Result<LpResult> {
                 if index >= batches.len() || Instant::now() >= deadline {
                     break;
                 }
+                let batch = &batches[index];
                 let sent = Instant::now();
-                match send(&client, &target, batches[index].clone()).await {
+                match send(&client, &target, batch.body.clone()).await {
                     Ok(()) => {
                         tally.ok += 1;
+                        tally.lines += batch.lines;
+                        tally.points += batch.points;
                         tally.latencies.push(sent.elapsed());
-                        tally.acknowledged_at.push(started.elapsed());
+                        tally
+                            .acknowledged_at
+                            .push((started.elapsed(), batch.points));
                     }
                     Err(error) => {
                         tally.failed += 1;
@@ -327,6 +382,8 @@ pub async fn run(args: LpArgs) -> anyhow::Result<LpResult> {
         let tally = worker.await.context("an HTTP worker panicked")?;
         total.ok += tally.ok;
         total.failed += tally.failed;
+        total.lines += tally.lines;
+        total.points += tally.points;
         total.latencies.extend(tally.latencies);
         total.acknowledged_at.extend(tally.acknowledged_at);
         if total.first_error.is_none() {
@@ -334,45 +391,156 @@ pub async fn run(args: LpArgs) -> anyhow::Result<LpResult> {
         }
     }
     let elapsed = started.elapsed().as_secs_f64();
+    let generator_cpu_s = process_cpu_s()
+        .zip(cpu_before)
+        .map(|(after, before)| round3(after - before));
 
-    let lines = (total.ok * args.batch_lines) as u64;
-    let points = lines * FIELDS_PER_LINE as u64;
+    let generated = args.dataset.is_none();
     Ok(LpResult {
-        figure: "lp",
+        figure,
         system: args.label,
+        dataset: args.dataset.as_ref().map(|path| path.display().to_string()),
         connections: args.connections,
         batch_lines: args.batch_lines,
-        fields_per_line: FIELDS_PER_LINE,
-        devices: args.devices,
-        warmup_batches: args.warmup_batches,
+        fields_per_line: generated.then_some(FIELDS_PER_LINE),
+        devices: generated.then_some(args.devices),
+        warmup_batches,
+        batches_total: batches.len() - warmup_batches,
         batches_ok: total.ok,
         batches_failed: total.failed,
-        lines,
-        points,
+        lines: total.lines,
+        points: total.points,
         elapsed_s: round3(elapsed),
-        points_per_s: (points as f64 / elapsed).round(),
-        points_per_s_by_half: rate_by_half(
-            &mut total.acknowledged_at,
-            args.batch_lines * FIELDS_PER_LINE,
-        ),
-        request_bytes_per_batch: batches.last().map_or(0, Bytes::len),
+        points_per_s: (total.points as f64 / elapsed).round(),
+        lines_per_s: (total.lines as f64 / elapsed).round(),
+        points_per_s_by_half: rate_by_half(&mut total.acknowledged_at),
+        request_bytes_per_batch: batches.last().map_or(0, |batch| batch.body.len()),
         latency_ms: LatencySummary::from_durations(&total.latencies),
+        generator_cpu_s,
         first_error: total.first_error,
     })
 }
 
+/// Returns the user and system CPU seconds of this process (all threads)
+/// from /proc/self/stat, or `None` where that file is missing.
+fn process_cpu_s() -> Option<f64> {
+    // Linux reports these fields in USER_HZ ticks, 100 per second on the
+    // architectures this tool runs on.
+    const TICKS_PER_S: f64 = 100.0;
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The command name in field 2 may contain spaces, so count from its ")".
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let user: f64 = fields.get(11)?.parse().ok()?;
+    let system: f64 = fields.get(12)?.parse().ok()?;
+    Some((user + system) / TICKS_PER_S)
+}
+
+/// Reads a line-protocol file and splits it into batches of `batch_lines`
+/// lines, each a slice of one buffer. Blank lines and `#` comments are
+/// skipped when counting lines and points but stay in the bodies.
+fn read_dataset(path: &Path, batch_lines: usize) -> anyhow::Result<Vec<Batch>> {
+    let text = Bytes::from(
+        std::fs::read(path)
+            .with_context(|| format!("cannot read the dataset {}", path.display()))?,
+    );
+    let batches = split_batches(&text, batch_lines);
+    anyhow::ensure!(
+        !batches.is_empty(),
+        "the dataset {} contains no line-protocol line",
+        path.display()
+    );
+    Ok(batches)
+}
+
+fn split_batches(text: &Bytes, batch_lines: usize) -> Vec<Batch> {
+    let mut batches = Vec::new();
+    let mut batch_start = 0;
+    let mut lines = 0u64;
+    let mut points = 0u64;
+    let mut line_start = 0;
+    while line_start < text.len() {
+        let line_end = text[line_start..]
+            .iter()
+            .position(|&byte| byte == b'\n')
+            .map_or(text.len(), |offset| line_start + offset + 1);
+        let line = &text[line_start..line_end];
+        let fields = count_fields(line);
+        if fields > 0 {
+            lines += 1;
+            points += fields as u64;
+        }
+        line_start = line_end;
+        if lines == batch_lines as u64 || (line_start == text.len() && lines > 0) {
+            batches.push(Batch {
+                body: text.slice(batch_start..line_start),
+                lines,
+                points,
+            });
+            batch_start = line_start;
+            lines = 0;
+            points = 0;
+        }
+    }
+    batches
+}
+
+/// Counts the field values of one line-protocol line: the commas of its
+/// field set plus one, skipping escaped characters and quoted strings.
+/// Returns 0 for a blank line or a `#` comment.
+fn count_fields(line: &[u8]) -> usize {
+    let line = line.trim_ascii();
+    if line.is_empty() || line[0] == b'#' {
+        return 0;
+    }
+    let mut section = 0; // 0: measurement and tags, 1: fields, 2: timestamp
+    let mut fields = 0;
+    let mut in_string = false;
+    let mut escaped = false;
+    for &byte in line {
+        if escaped {
+            escaped = false;
+            continue;
+        }
+        match byte {
+            b'\\' => escaped = true,
+            b'"' if section == 1 => in_string = !in_string,
+            b' ' if !in_string => {
+                section += 1;
+                if section == 1 {
+                    fields = 1;
+                }
+                if section == 2 {
+                    break;
+                }
+            }
+            b',' if section == 1 && !in_string => fields += 1,
+            _ => {}
+        }
+    }
+    fields
+}
+
 /// Returns the points/s of the first and the second half of the batches, in
-/// order of acknowledgement, or zeros with fewer than two batches.
-fn rate_by_half(acknowledged_at: &mut [Duration], points_per_batch: usize) -> [f64; 2] {
+/// order of acknowledgement, or zeros with fewer than two batches. Each
+/// entry is the acknowledgement time and the points of its batch.
+fn rate_by_half(acknowledged_at: &mut [(Duration, u64)]) -> [f64; 2] {
     if acknowledged_at.len() < 2 {
         return [0.0, 0.0];
     }
     acknowledged_at.sort();
     let half = acknowledged_at.len() / 2;
-    let middle = acknowledged_at[half - 1].as_secs_f64();
-    let end = acknowledged_at[acknowledged_at.len() - 1].as_secs_f64();
-    let first = (half * points_per_batch) as f64 / middle;
-    let second = ((acknowledged_at.len() - half) * points_per_batch) as f64 / (end - middle);
+    let middle = acknowledged_at[half - 1].0.as_secs_f64();
+    let end = acknowledged_at[acknowledged_at.len() - 1].0.as_secs_f64();
+    let first_points: u64 = acknowledged_at[..half]
+        .iter()
+        .map(|(_, points)| points)
+        .sum();
+    let second_points: u64 = acknowledged_at[half..]
+        .iter()
+        .map(|(_, points)| points)
+        .sum();
+    let first = first_points as f64 / middle;
+    let second = second_points as f64 / (end - middle);
     [first.round(), second.round()]
 }
 
@@ -390,7 +558,7 @@ fn new_client(timeout_s: u64) -> anyhow::Result<reqwest::Client> {
 async fn warm_up(
     clients: &[reqwest::Client],
     target: &Arc<Target>,
-    batches: &[Bytes],
+    batches: &[Batch],
 ) -> anyhow::Result<()> {
     let mut tasks = Vec::new();
     for (index, client) in clients.iter().enumerate() {
@@ -398,7 +566,7 @@ async fn warm_up(
             .iter()
             .skip(index)
             .step_by(clients.len())
-            .cloned()
+            .map(|batch| batch.body.clone())
             .collect();
         let client = client.clone();
         let target = Arc::clone(target);
@@ -510,10 +678,60 @@ mod tests {
 
     #[test]
     fn rate_by_half_splits_batches() {
-        let mut times: Vec<Duration> = [4, 1, 2, 8].into_iter().map(Duration::from_secs).collect();
+        let mut times: Vec<(Duration, u64)> = [4, 1, 2, 8]
+            .into_iter()
+            .map(|seconds| (Duration::from_secs(seconds), 10))
+            .collect();
         // Two batches by 2 s, two more in the 6 s after.
-        assert_eq!(rate_by_half(&mut times, 10), [10.0, 3.0]);
-        assert_eq!(rate_by_half(&mut [Duration::from_secs(1)], 10), [0.0, 0.0]);
+        assert_eq!(rate_by_half(&mut times), [10.0, 3.0]);
+        assert_eq!(
+            rate_by_half(&mut [(Duration::from_secs(1), 10)]),
+            [0.0, 0.0]
+        );
+    }
+
+    #[test]
+    fn field_count_of_lines() {
+        let cases: [(&[u8], usize); 8] = [
+            (b"readings,name=truck_1 a=1,b=2.5,c=3 1000\n", 3),
+            (b"m a=1", 1),
+            (b"m,tag=x\\ y a=1,b=2 5", 2),
+            (b"m s=\"x, y z\",n=1 5", 2),
+            (b"m s=\"q\\\"x,y\",n=1", 2),
+            (b"", 0),
+            (b"   \n", 0),
+            (b"# comment a=1,b=2", 0),
+        ];
+        for (line, expected) in cases {
+            assert_eq!(
+                count_fields(line),
+                expected,
+                "{}",
+                String::from_utf8_lossy(line)
+            );
+        }
+    }
+
+    #[test]
+    fn dataset_splits_into_batches() {
+        let text = Bytes::from_static(b"m a=1,b=2 1\nm a=1 2\n\n# note\nm a=1,b=2,c=3 3\nm x=1 4");
+        let batches = split_batches(&text, 2);
+        assert_eq!(batches.len(), 2);
+        assert_eq!(
+            batches[0].body,
+            Bytes::from_static(b"m a=1,b=2 1\nm a=1 2\n")
+        );
+        assert_eq!((batches[0].lines, batches[0].points), (2, 3));
+        assert_eq!(
+            batches[1].body,
+            Bytes::from_static(b"\n# note\nm a=1,b=2,c=3 3\nm x=1 4")
+        );
+        assert_eq!((batches[1].lines, batches[1].points), (2, 4));
+
+        let one_batch = split_batches(&text, 100);
+        assert_eq!(one_batch.len(), 1);
+        assert_eq!(one_batch[0].body, text);
+        assert!(split_batches(&Bytes::from_static(b"\n# only\n"), 2).is_empty());
     }
 
     #[test]

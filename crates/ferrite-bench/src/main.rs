@@ -4,6 +4,8 @@
 //! client side of every comparison is identical. Each load subcommand prints
 //! one JSON line of results on standard output; `summary` turns the lines a
 //! run collected into the Markdown tables of `docs/benchmarks.md`.
+//! `generate` writes the IoT fleet dataset that `lp --dataset` loads and
+//! `queries` queries.
 //!
 //! Every load is bounded in count and time, and only loopback addresses are
 //! accepted as targets.
@@ -11,9 +13,12 @@
 mod idle;
 mod lp;
 mod mqtt;
+mod queries;
+mod sink;
 mod stats;
 mod summary;
 mod target;
+mod tsbs;
 
 use clap::{Parser, Subcommand};
 
@@ -38,6 +43,12 @@ enum Command {
     Idle(idle::IdleArgs),
     /// Print Markdown tables (median, min, max, ratios) from collected result lines.
     Summary(summary::SummaryArgs),
+    /// Write the IoT fleet dataset as line protocol; counts go to standard error.
+    Generate(tsbs::GenerateArgs),
+    /// Run the IoT fleet query set against one system and report latencies and result sizes.
+    Queries(queries::QueriesArgs),
+    /// Serve HTTP on loopback and discard every request body, to measure the generator alone.
+    Sink(sink::SinkArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -50,8 +61,16 @@ fn main() -> anyhow::Result<()> {
         Command::Lp(args) => serde_json::to_value(runtime.block_on(lp::run(args))?)?,
         Command::Mqtt(args) => serde_json::to_value(runtime.block_on(mqtt::run(args))?)?,
         Command::Idle(args) => serde_json::to_value(runtime.block_on(idle::run(args))?)?,
+        Command::Queries(args) => serde_json::to_value(runtime.block_on(queries::run(args))?)?,
+        Command::Sink(args) => serde_json::to_value(runtime.block_on(sink::run(args))?)?,
         Command::Summary(args) => {
             print!("{}", summary::run(&args)?);
+            return Ok(());
+        }
+        Command::Generate(args) => {
+            // Standard output may carry the dataset, so the counts go to standard error.
+            let report = tsbs::run(&args)?;
+            eprintln!("{}", serde_json::to_string(&report)?);
             return Ok(());
         }
     };

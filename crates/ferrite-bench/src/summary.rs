@@ -5,6 +5,10 @@
 //! row per system. A row has the number of runs, the median, min and max of
 //! the figure's metric, the reference system's median divided by this
 //! system's median, and the medians of a few supporting values.
+//!
+//! Lines of the `queries` figure get two tables of their own: latency per
+//! query and system, and the result sizes, which show whether the systems
+//! returned equivalent results.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -14,6 +18,7 @@ use anyhow::Context;
 use clap::Args;
 use serde_json::Value;
 
+use crate::queries::Query;
 use crate::stats::median;
 
 #[derive(Args, Debug)]
@@ -40,7 +45,7 @@ struct FigureSpec {
     extras: &'static [(&'static str, &'static str)],
 }
 
-const FIGURES: [FigureSpec; 5] = [
+const FIGURES: [FigureSpec; 8] = [
     FigureSpec {
         figure: "lp",
         title: "HTTP line-protocol ingest",
@@ -99,6 +104,49 @@ const FIGURES: [FigureSpec; 5] = [
         ],
     },
     FigureSpec {
+        figure: "lp_dataset",
+        title: "Loading the IoT fleet dataset over HTTP line protocol, each system empty at the start",
+        metric: "points_per_s",
+        unit: "field values/s",
+        higher_is_better: true,
+        ratio: true,
+        extras: &[
+            ("lines_per_s", "lines/s"),
+            ("elapsed_s", "load s"),
+            ("latency_ms.p50", "batch p50 ms"),
+            ("latency_ms.p99", "batch p99 ms"),
+            ("server_cpu_s", "server CPU s"),
+            ("generator_cpu_s", "generator CPU s while sending"),
+            ("batches_failed", "failed batches"),
+        ],
+    },
+    FigureSpec {
+        figure: "storage",
+        title: "Bytes on disk per field value after compaction",
+        metric: "bytes_per_value",
+        unit: "bytes of `du -B1` per field value",
+        higher_is_better: false,
+        ratio: true,
+        extras: &[
+            ("apparent_bytes_per_value", "apparent bytes per value"),
+            ("disk_mib", "data MiB"),
+            ("field_values", "field values"),
+            ("compaction_s", "compaction wait s"),
+        ],
+    },
+    FigureSpec {
+        figure: "storage",
+        title: "Resident memory of the server right after loading the dataset",
+        metric: "rss_after_ingest_mib",
+        unit: "MiB of VmRSS",
+        higher_is_better: false,
+        ratio: true,
+        extras: &[
+            ("rss_after_compaction_mib", "after compaction MiB"),
+            ("rss_after_queries_mib", "after the queries MiB"),
+        ],
+    },
+    FigureSpec {
         figure: "durability",
         title: "Acknowledged lines found after SIGKILL and restart",
         metric: "lines_after_sigkill",
@@ -133,16 +181,166 @@ fn parse_lines(text: &str) -> anyhow::Result<Vec<Value>> {
 /// Renders one table per figure that has records; figures without records are left out.
 pub fn render(records: &[Value], reference: &str) -> String {
     let mut output = String::new();
-    for spec in &FIGURES {
-        let runs: Vec<&Value> = records
+    let of_figure = |figure: &str| -> Vec<&Value> {
+        records
             .iter()
-            .filter(|record| record.get("figure").and_then(Value::as_str) == Some(spec.figure))
-            .collect();
+            .filter(|record| record.get("figure").and_then(Value::as_str) == Some(figure))
+            .collect()
+    };
+    for spec in &FIGURES {
+        let runs = of_figure(spec.figure);
         if !runs.is_empty() {
             render_figure(&mut output, spec, &runs, reference);
         }
     }
+    let query_runs = of_figure("queries");
+    if !query_runs.is_empty() {
+        render_queries(&mut output, &query_runs, reference);
+    }
     output
+}
+
+/// The system whose `queries` lines hold result sizes computed from the
+/// generator, without latencies.
+const EXPECTED: &str = "expected";
+
+/// Relative difference below which two value sums count as equal.
+const SUM_TOLERANCE: f64 = 1e-6;
+
+/// Renders the latency table and the result-size table of the query set.
+fn render_queries(output: &mut String, runs: &[&Value], reference: &str) {
+    let systems = group_by_system(runs, reference);
+    let timed: Vec<&(String, Vec<&Value>)> = systems
+        .iter()
+        .filter(|(system, _)| system != EXPECTED)
+        .collect();
+    let median_of = |system_runs: &[&Value], path: &str| median(&values(system_runs, path));
+
+    let _ = writeln!(
+        output,
+        "### IoT fleet queries (ms per request, median over the runs of each run's p50 and p99; lower is better)\n"
+    );
+    let mut header = String::from("| Query |");
+    let mut rule = String::from("| --- |");
+    for (system, _) in &timed {
+        let _ = write!(header, " {system} p50 | {system} p99 |");
+        rule.push_str(" ---: | ---: |");
+    }
+    let peers: Vec<&&(String, Vec<&Value>)> = timed
+        .iter()
+        .filter(|(system, _)| system != reference)
+        .collect();
+    let reference_runs = timed
+        .iter()
+        .find(|(system, _)| system == reference)
+        .map(|(_, runs)| runs.as_slice());
+    if reference_runs.is_some() {
+        for (peer, _) in &peers {
+            let _ = write!(header, " {reference} / {peer} |");
+            rule.push_str(" ---: |");
+        }
+    }
+    let _ = writeln!(output, "{header}\n{rule}");
+    for query in Query::ALL {
+        let p50 = format!("queries.{}.latency_ms.p50", query.name());
+        let p99 = format!("queries.{}.latency_ms.p99", query.name());
+        let mut row = format!("| {} |", query.name());
+        for (_, system_runs) in &timed {
+            let _ = write!(
+                row,
+                " {} | {} |",
+                format_optional(median_of(system_runs, &p50)),
+                format_optional(median_of(system_runs, &p99))
+            );
+        }
+        if let Some(reference_runs) = reference_runs {
+            let ours = median_of(reference_runs, &p50);
+            for (_, peer_runs) in &peers {
+                let ratio = match (ours, median_of(peer_runs, &p50)) {
+                    (Some(ours), Some(theirs)) if theirs != 0.0 => format!("{:.2}", ours / theirs),
+                    _ => "n/a".to_owned(),
+                };
+                let _ = write!(row, " {ratio} |");
+            }
+        }
+        let _ = writeln!(output, "{row}");
+    }
+    output.push('\n');
+
+    let _ = writeln!(
+        output,
+        "### Result sizes of the queries (rows; the same count and value sum in every system means equivalent results)\n"
+    );
+    let mut header = String::from("| Query |");
+    let mut rule = String::from("| --- |");
+    for (system, _) in &systems {
+        let _ = write!(header, " {system} |");
+        rule.push_str(" ---: |");
+    }
+    header.push_str(" value sums |");
+    rule.push_str(" --- |");
+    let _ = writeln!(output, "{header}\n{rule}");
+    let mut errors = Vec::new();
+    for query in Query::ALL {
+        let rows_path = format!("queries.{}.rows", query.name());
+        let sum_path = format!("queries.{}.value_sum", query.name());
+        let mut row = format!("| {} |", query.name());
+        let mut sums: Vec<(&str, f64)> = Vec::new();
+        for (system, system_runs) in &systems {
+            let mut counts: Vec<String> = values(system_runs, &rows_path)
+                .iter()
+                .map(|rows| format_number(*rows))
+                .collect();
+            counts.dedup();
+            let text = if counts.is_empty() {
+                "n/a".to_owned()
+            } else {
+                counts.join(" / ")
+            };
+            let _ = write!(row, " {text} |");
+            sums.extend(
+                values(system_runs, &sum_path)
+                    .into_iter()
+                    .map(|sum| (system.as_str(), sum)),
+            );
+            for run in system_runs {
+                let error = path_value(run, &format!("queries.{}.error", query.name()));
+                if let Some(error) = error.and_then(Value::as_str) {
+                    errors.push(format!("{system}, {}: {error}", query.name()));
+                }
+            }
+        }
+        let _ = writeln!(row, " {} |", compare_sums(&sums));
+        output.push_str(&row);
+    }
+    output.push('\n');
+    if !errors.is_empty() {
+        errors.dedup();
+        let _ = writeln!(output, "Errors reported by the query runs:\n");
+        for error in errors {
+            let _ = writeln!(output, "- {error}");
+        }
+        output.push('\n');
+    }
+}
+
+/// Returns "equal" when every sum is within [`SUM_TOLERANCE`] of the first,
+/// else names the systems whose sums differ from it.
+fn compare_sums(sums: &[(&str, f64)]) -> String {
+    let Some((first_system, first)) = sums.first() else {
+        return "n/a".to_owned();
+    };
+    let mut differing: Vec<&str> = sums
+        .iter()
+        .filter(|(_, sum)| (sum - first).abs() > SUM_TOLERANCE * first.abs().max(1.0))
+        .map(|(system, _)| *system)
+        .collect();
+    differing.dedup();
+    if differing.is_empty() {
+        "equal".to_owned()
+    } else {
+        format!("unlike {first_system}: {}", differing.join(", "))
+    }
 }
 
 fn render_figure(output: &mut String, spec: &FigureSpec, runs: &[&Value], reference: &str) {
@@ -250,9 +448,13 @@ fn group_by_system<'a>(runs: &[&'a Value], reference: &str) -> Vec<(String, Vec<
 /// it. A numeric part of the path indexes an array.
 fn values(runs: &[&Value], path: &str) -> Vec<f64> {
     runs.iter()
-        .filter_map(|run| path.split('.').try_fold(*run, step))
+        .filter_map(|run| path_value(run, path))
         .filter_map(Value::as_f64)
         .collect()
+}
+
+fn path_value<'a>(run: &'a Value, path: &str) -> Option<&'a Value> {
+    path.split('.').try_fold(run, step)
 }
 
 fn step<'a>(value: &'a Value, key: &str) -> Option<&'a Value> {
@@ -369,6 +571,62 @@ mod tests {
             text.contains("| mosquitto | 1 | 10 | 10 | 10 | n/a |"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn query_tables_compare_systems() {
+        let queries = |p50: f64, rows: u64, sum: f64| {
+            json!({
+                "last-loc": {"latency_ms": {"p50": p50, "p99": p50 * 2.0}, "rows": rows, "value_sum": sum},
+                "low-fuel": {"latency_ms": null, "rows": null, "value_sum": null, "error": "HTTP 404"}
+            })
+        };
+        let records = vec![
+            json!({"figure": "queries", "system": "expected", "queries": {
+                "last-loc": {"latency_ms": null, "rows": 250, "value_sum": 10.5}}}),
+            json!({"figure": "queries", "system": "influxdb", "queries": queries(4.0, 250, 10.5)}),
+            json!({"figure": "queries", "system": "ferrite", "queries": queries(1.0, 250, 10.5)}),
+            json!({"figure": "queries", "system": "ferrite", "queries": queries(3.0, 250, 10.5)}),
+            json!({"figure": "queries", "system": "victoriametrics", "queries": queries(0.5, 249, 9.0)}),
+        ];
+        let text = render(&records, "ferrite");
+
+        assert!(
+            text.contains("| Query | ferrite p50 | ferrite p99 | influxdb p50 | influxdb p99 | victoriametrics p50 | victoriametrics p99 | ferrite / influxdb | ferrite / victoriametrics |"),
+            "{text}"
+        );
+        assert!(
+            text.contains("| last-loc | 2 | 4 | 4 | 8 | 0.50 | 1 | 0.50 | 4.00 |"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "| Query | ferrite | expected | influxdb | victoriametrics | value sums |"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("| last-loc | 250 | 250 | 250 | 249 | unlike ferrite: victoriametrics |"),
+            "{text}"
+        );
+        assert!(
+            text.contains("| low-fuel | n/a | n/a | n/a | n/a | n/a |"),
+            "{text}"
+        );
+        assert!(text.contains("- ferrite, low-fuel: HTTP 404"), "{text}");
+    }
+
+    #[test]
+    fn value_sums_within_tolerance_are_equal() {
+        assert_eq!(
+            compare_sums(&[("a", 1000.0), ("b", 1_000.000_000_1)]),
+            "equal"
+        );
+        assert_eq!(
+            compare_sums(&[("a", 1.0), ("b", 1.1), ("c", 1.1)]),
+            "unlike a: b, c"
+        );
+        assert_eq!(compare_sums(&[]), "n/a");
     }
 
     #[test]
