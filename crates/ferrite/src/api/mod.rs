@@ -39,6 +39,7 @@ pub fn router() -> Router<Arc<AppState>> {
             get(telemetry::latest),
         )
         .route("/api/v1/devices/{id}/telemetry/keys", get(telemetry::keys))
+        .route("/api/v1/export", get(crate::export::http::export))
         .route(
             "/api/v1/api-keys",
             get(devices::list_api_keys).post(devices::create_api_key),
