@@ -6,6 +6,7 @@ mod auth;
 mod config;
 mod decode;
 mod demo;
+mod export;
 mod ids;
 mod ingest;
 mod metadata;
@@ -58,6 +59,9 @@ enum Command {
     /// Configuration helpers.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Export stored telemetry to a Parquet or CSV file. Runs on the data
+    /// directory of a stopped server; use GET /api/v1/export while it runs.
+    Export(ExportArgs),
 }
 
 #[derive(Args)]
@@ -86,6 +90,14 @@ struct ServeArgs {
     /// Number of simulated devices with --demo.
     #[arg(long, default_value_t = 120)]
     demo_devices: usize,
+}
+
+#[derive(Args)]
+struct ExportArgs {
+    #[command(flatten)]
+    data: DataDirArg,
+    #[command(flatten)]
+    options: export::cli::ExportOptions,
 }
 
 #[derive(Subcommand)]
@@ -274,6 +286,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Config(ConfigCommand::Example) => {
             print!("{}", config::EXAMPLE);
             Ok(())
+        }
+        Command::Export(args) => {
+            let config = load_config(&args.data)?;
+            export::cli::run(&config, args.options).await
         }
     }
 }

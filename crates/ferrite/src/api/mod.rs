@@ -44,6 +44,7 @@ pub fn router() -> Router<Arc<AppState>> {
         .route("/api/v1/telemetry/latest", get(fleet::latest))
         .route("/api/v1/telemetry/aggregate", get(fleet::aggregate))
         .route("/api/v1/admin/compact", post(compact))
+        .route("/api/v1/export", get(crate::export::http::export))
         .route(
             "/api/v1/api-keys",
             get(devices::list_api_keys).post(devices::create_api_key),

@@ -3,6 +3,7 @@
 
 mod cases;
 mod durability;
+mod export;
 mod http;
 mod mqtt;
 mod support;
