@@ -1,16 +1,20 @@
 //! Ferrite's embedded time-series store.
 //!
 //! A [`Store`] keeps points written since the last flush in an in-memory
-//! *head*. [`Store::flush`] persists the head as one immutable *segment*
-//! file and records a caller-supplied *marker* with it (the server stores its
-//! ingest-log position there). Queries merge segments and head with
-//! last-write-wins per (series, timestamp). When there are more than
-//! [`StoreOptions::max_segments`] segments, flush merges all of them into one
-//! (*compaction*).
+//! *head*. [`Store::flush`] persists the head as immutable, compressed
+//! *segment* files, one per time *partition* (a day by default) that the
+//! head touches, and then records a caller-supplied *marker* (the server
+//! stores its ingest-log position there). Queries merge segments and head
+//! with last-write-wins per (series, timestamp). Each flush also maintains
+//! the *rollup tiers* (1 min, 1 h, 1 d by default; see the `rollup` module
+//! of the store): rows of count, sum, min, max, first and last that answer
+//! aggregates over long ranges. A background thread merges segments
+//! (*compaction*) and deletes data past its *retention*.
 //!
-//! This is format version 1: no compression, no rollups, no retention. A
-//! later version adds them behind the same API; files of this version carry
-//! version numbers so that a reader can recognise them.
+//! This is format version 2. Directories of version 1 (uncompressed, no
+//! partitions, no rollups) open as they are; their segments are rewritten
+//! into partitions by the first compaction, and their rollups are built at
+//! open.
 //!
 //! # Durability contract
 //!
@@ -18,8 +22,9 @@
 //!   [`Store::flush`] returns `Ok`. A crash or drop before that loses them,
 //!   and the caller recovers them by replaying its own log from
 //!   [`Store::durable_marker`].
-//! - A flush is atomic: after a crash either the whole segment with its
-//!   marker is there or none of it.
+//! - A flush is durable when the marker file names its marker. Segments a
+//!   crash left from an unfinished flush hold copies of points that the
+//!   replay writes again; last-write-wins makes the copies harmless.
 //! - [`Store::delete_device`] is durable when it returns `Ok`.
 //!
 //! # Directory layout
@@ -28,8 +33,11 @@
 //! |---|---|
 //! | `LOCK` | empty file, locked (advisory `flock`) while a `Store` has the directory open |
 //! | `series.log` | series file: series ids and names, append-only |
-//! | `seg-<seq>.fseg` | segment; `<seq>` is 16 lower-case hex digits, increasing in creation order |
-//! | `seg-<seq>.fseg.tmp` | segment being written; deleted at open |
+//! | `durable-marker` | the marker of the last completed flush |
+//! | `rollup-tiers` | the rollup intervals the tiers were built for |
+//! | `seg-<seq>.fseg` | segment of raw points; `<seq>` is 16 lower-case hex digits, increasing in creation order |
+//! | `rollup-<seq>.fseg` | segment of rollup rows of one tier |
+//! | `*.tmp` | file being written; deleted at open |
 //! | `corrupt/` | files set aside at open or by compaction, kept for inspection |
 //!
 //! All integers below are little-endian. *varint* is unsigned LEB128 (at
@@ -48,47 +56,71 @@
 //!
 //! Ids start at 1 and are never reused; a device that writes again after
 //! [`Store::delete_device`] gets new ids. Definitions of the series in a
-//! head are appended and synced before the segment holding their points is
+//! head are appended and synced before a segment holding their points is
 //! renamed into place, so every id in a segment is defined in this file.
 //! Repeating an identical definition is allowed (a failed flush is retried).
 //!
-//! # Segment file (`seg-<seq>.fseg`)
+//! # Marker file (`durable-marker`)
 //!
 //! ```text
-//! header (16):  magic "FERRTSEG" (8) | version u32 = 1 | reserved u32 = 0
+//! magic "FERRMARK" (8) | version u32 = 1 | reserved u32 = 0 | marker u64 | crc32(bytes 0..24) u32
+//! ```
+//!
+//! Replaced atomically (temporary file, fsync, rename, directory fsync)
+//! after all segments of a flush are in place.
+//!
+//! # Segment files
+//!
+//! ```text
+//! header (32):  magic "FERRTSEG" (8) | version u32 = 2 | reserved u32 = 0
+//!               | marker_from u64 | crc32(header bytes 0..24) u32 | reserved u32
 //! blocks:       for each series (ascending id), its blocks in time order
 //! index:        see below
 //! trailer (48): marker u64 | index_offset u64 | index_len u64 | crc32(index) u32
 //!               | version u32 | crc32(trailer bytes 0..32) u32 | reserved u32 | magic "FERRTSEG"
 //! ```
 //!
-//! A block holds up to 2048 points of one series and is closed early once
-//! its encoded points reach 64 KiB:
+//! `marker_from` is the durable marker before the oldest flush whose points
+//! the segment holds: replaying the ingest log from there rebuilds them. It
+//! sits in the header so that recovery can read it from a segment whose
+//! tail is damaged.
+//!
+//! A block holds up to 8640 points of one series (a day at 10 s) and is
+//! closed early once its uncompressed points reach 256 KiB. Its columns use
+//! the codings of the `compress` module (each column starts with a mode
+//! byte), chosen per column by size:
 //!
 //! ```text
 //! block:   payload_len u32 | crc32(payload) u32 | payload
-//! payload: count varint | first_ts zigzag | value
-//!          then count-1 times: ts_delta varint (> 0) | value
-//! value:   tag u8 = 0 Float: f64 bits u64 | 1 Int: zigzag | 2 Bool false | 3 Bool true
-//!          | 4 Str: string
+//! payload: count varint | ts_len varint | timestamps column | values
+//! values (raw):    kind u8 (0 float, 1 int, 2 bool, 3 string, 4 mixed) | column(s)
+//! values (rollup): count, numeric_count, sum, min, max, first_ts, first value,
+//!                  last_ts, last value columns, each len varint | column
 //! ```
 //!
 //! Within a segment the points of a series are strictly ascending and unique
 //! by timestamp (the head is deduplicated with last-write-wins before it is
-//! written). The index is:
+//! written), and all lie inside the segment's partition. The index is:
 //!
 //! ```text
-//! compacted_first varint | compacted_last varint   (0, 0 for a flushed head)
-//! series_count varint
+//! tier u8 (0 raw, 1.. rollup tiers) | partition_start zigzag | partition_end zigzag
+//! | priority varint | level u8 | input_count varint | input seq varint...
+//! | series_count varint
 //! per series:  id varint | count varint | min_ts zigzag | max_ts zigzag | last value
 //!              | block_count varint
 //!              | per block: offset varint | len varint | count varint | min_ts zigzag | max_ts zigzag
 //! ```
 //!
-//! `last value` is the value at `max_ts`. Block `offset` counts from the
-//! start of the file and `len` includes the 8-byte block frame. A compaction
-//! output supersedes every segment whose seq lies in
-//! `[compacted_first, compacted_last]`.
+//! `last value` is the value (for rollups the row) at `max_ts`. Block
+//! `offset` counts from the start of the file and `len` includes the 8-byte
+//! block frame. `priority` orders last-write-wins between segments of the
+//! same tier and partition: a flushed segment has its own seq, a compaction
+//! output the greatest priority of its inputs, which it lists; once it is in
+//! place, its inputs are superseded.
+//!
+//! Version 1 segments have a 16-byte header without `marker_from`, an index
+//! that starts with the first and last seq of the compaction inputs instead
+//! of the fields before `series_count`, and uncompressed row-wise blocks.
 //!
 //! Open reads only header, trailer and index of each segment. Block
 //! checksums are checked when a query or compaction reads the block, so
@@ -96,7 +128,7 @@
 //!
 //! # Recovery at open
 //!
-//! 1. Take the directory lock and delete leftover `*.tmp` segments.
+//! 1. Take the directory lock and delete leftover `*.tmp` files.
 //! 2. Load the series file. A damaged tail (an append cut short by a crash)
 //!    is cut off with a warning; no segment refers to those records yet.
 //! 3. Open every segment's trailer and index. A segment that fails a check,
@@ -104,34 +136,52 @@
 //!    `corrupt/` with a warning.
 //! 4. Delete segments superseded by an intact compaction output (a crash
 //!    between installing the output and deleting its inputs leaves them).
-//! 5. [`Store::durable_marker`] becomes the marker of the newest segment.
-//!    When segments were set aside, it becomes the marker of the newest
-//!    intact segment older than all of them (0 if there is none), and open
-//!    writes an empty segment holding that marker so that the value survives
-//!    another restart. Replaying the ingest log from there rebuilds the lost
-//!    points, but only as far as the log still holds them: points whose log
-//!    records were already truncated are lost for good.
+//! 5. [`Store::durable_marker`] becomes the marker file's value (version 1:
+//!    the marker of the newest segment). When segments were set aside, it
+//!    moves back to the oldest `marker_from` among them (0 when a header is
+//!    unreadable), and open records that value so that it survives another
+//!    restart. Replaying the ingest log from there rebuilds the lost points,
+//!    but only as far as the log still holds them.
+//! 6. When segments were set aside, or the rollup intervals differ from
+//!    those in `rollup-tiers`, the rollup tiers are built again from the raw
+//!    points.
 //!
 //! A damaged block found later makes the query that reads it fail with
 //! [`StoreError::Corrupt`]. Compaction skips such a block with an error log
 //! (its points are lost), writes the rest, and moves the damaged input to
 //! `corrupt/`.
 //!
+//! # Compaction and retention
+//!
+//! The maintenance thread wakes after each flush and every
+//! [`StoreOptions::maintenance_interval`]. Per tier and partition it merges
+//! the newest [`StoreOptions::merge_fan_in`] segments once they have the
+//! same level (so each point is rewritten about log(n) times), and merges
+//! a partition into one segment once it received nothing new for
+//! [`StoreOptions::cold_after`]. Merges take only segments that are
+//! contiguous in priority order, so last-write-wins holds. Segments whose
+//! every series is past its retention are deleted whole; compaction drops
+//! older points from the segments it rewrites, and queries never return
+//! them. Compaction runs beside writes, flushes and queries.
+//!
 //! # Concurrency and memory
 //!
 //! All methods take `&self`; `Store` is `Send + Sync`. One `RwLock` guards
 //! the in-memory state. [`Store::write`] holds it for the hash lookups and
 //! pushes only. Queries copy what they need under the read lock and read
-//! segment blocks after releasing it. Flush, compaction and delete are
-//! serialised by a second lock: flush moves the head aside as the *frozen
-//! head* (queries keep seeing it), writes the segment without holding the
-//! state lock, and swaps the segment in for the frozen head. New writes go
-//! to a fresh head meanwhile.
+//! segment blocks after releasing it. Flushes and deletes are serialised by
+//! a second lock, compaction passes by a third: flush moves the head aside
+//! as the *frozen head* (queries keep seeing it), writes its segments
+//! without holding the state lock, and swaps them in for the frozen head.
+//! New writes go to a fresh head meanwhile.
 //!
 //! Memory is the head (the caller flushes when [`Store::head_bytes`] reaches
 //! [`StoreOptions::head_budget_bytes`]), the frozen head during a flush, the
-//! name index and latest point of every series, and one index entry per
-//! (segment, series), which compaction bounds to `max_segments + 1` segments.
+//! name index, latest point and open rollup rows of every series, and one
+//! index entry per (segment, series).
+//!
+//! NOTE: segment indexes are held in memory whole, so memory grows with the
+//! number of series times the number of partitions kept.
 
 mod block;
 mod catalog;

@@ -4,6 +4,7 @@
 mod cases;
 mod durability;
 mod export;
+mod fleet;
 mod http;
 mod mqtt;
 mod support;
