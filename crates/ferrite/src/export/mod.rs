@@ -529,14 +529,28 @@ mod testing {
             })
         }
 
-        fn aggregate(
+        fn aggregate_buckets(
             &self,
             _: Series<'_>,
-            _: TimestampNs,
-            _: TimestampNs,
-            _: i64,
+            _: &[(TimestampNs, TimestampNs)],
         ) -> Result<Vec<Bucket>, StoreError> {
             Ok(Vec::new())
+        }
+
+        fn rollup_tier_for(&self, _: &[(TimestampNs, TimestampNs)]) -> Option<i64> {
+            None
+        }
+
+        fn rollup_intervals(&self) -> Vec<i64> {
+            Vec::new()
+        }
+
+        fn compact(&self) -> Result<(), StoreError> {
+            Ok(())
+        }
+
+        fn disk_usage(&self) -> (usize, u64) {
+            (0, 0)
         }
     }
 
