@@ -83,6 +83,11 @@ pub struct IngestConfig {
     /// are rejected.
     #[serde(with = "humantime_serde")]
     pub max_future: Duration,
+    /// Points with a timestamp further than this behind the server clock
+    /// are rejected (`None`: no limit besides the retention). Within the
+    /// window, late and repeated points are stored with last write wins.
+    #[serde(with = "retention_serde")]
+    pub max_past: Option<Duration>,
     /// Size at which the ingest log starts a new segment file.
     pub segment_bytes: u64,
     /// Pipeline workers that decode envelopes and write the store; each
@@ -267,6 +272,7 @@ impl Default for IngestConfig {
         Self {
             durability: Durability::Fsync,
             max_future: Duration::from_secs(24 * 3600),
+            max_past: None,
             segment_bytes: 64 * 1024 * 1024,
             workers: 2,
             queue_capacity: 4096,
@@ -457,6 +463,10 @@ max_session_expiry = "24h"
 durability = "fsync"
 # Points stamped further ahead of the server clock are rejected.
 max_future = "24h"
+# Points stamped further behind the server clock are rejected: "forever"
+# (no limit besides storage.retention) or a duration such as "7d". Late
+# and repeated points within the window are stored; the last write wins.
+max_past = "forever"
 # Size at which the ingest log starts a new segment file, in bytes.
 segment_bytes = 67108864
 # Pipeline workers; each device always goes to the same one.

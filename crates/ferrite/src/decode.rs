@@ -55,6 +55,9 @@ pub struct TimeWindow {
     /// Raw retention: older timestamps would expire at once. `None` keeps
     /// data forever.
     pub retention: Option<Duration>,
+    /// `ingest.max_past`: how far behind the server clock a timestamp may
+    /// be.
+    pub max_past: Option<Duration>,
 }
 
 impl TimeWindow {
@@ -62,6 +65,7 @@ impl TimeWindow {
         TimeWindow {
             max_future: config.ingest.max_future,
             retention: config.storage.retention_for(tenant),
+            max_past: config.ingest.max_past,
         }
     }
 
@@ -78,6 +82,17 @@ impl TimeWindow {
                 format_ts(ts),
                 format_duration(self.max_future)
             ));
+        }
+        if let Some(max_past) = self.max_past {
+            let keep = i64::try_from(max_past.as_nanos()).unwrap_or(i64::MAX);
+            let earliest = received_at_ns.saturating_sub(keep);
+            if ts < earliest {
+                return Err(format!(
+                    "the timestamp of {what} ({}) is more than {} behind the server clock (ingest.max_past); check the device clock and the timestamp unit",
+                    format_ts(ts),
+                    format_duration(max_past)
+                ));
+            }
         }
         if let Some(retention) = self.retention {
             let keep = i64::try_from(retention.as_nanos()).unwrap_or(i64::MAX);
@@ -206,6 +221,42 @@ pub fn format_ts(ts: TimestampNs) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn time_window_names_the_limit_that_refused() {
+        let now = 1_700_000_000_000_000_000;
+        let hour = Duration::from_secs(3600);
+        let window = TimeWindow {
+            max_future: hour,
+            retention: Some(hour * 48),
+            max_past: Some(hour * 24),
+        };
+        assert!(window.check("t", now - 23 * 3_600_000_000_000, now).is_ok());
+        let past = window
+            .check("t", now - 25 * 3_600_000_000_000, now)
+            .unwrap_err();
+        assert!(past.contains("ingest.max_past"), "{past}");
+        let future = window
+            .check("t", now + 2 * 3_600_000_000_000, now)
+            .unwrap_err();
+        assert!(future.contains("ahead of the server clock"), "{future}");
+        let retention = TimeWindow {
+            max_past: None,
+            ..window
+        }
+        .check("t", now - 49 * 3_600_000_000_000, now)
+        .unwrap_err();
+        assert!(retention.contains("retention"), "{retention}");
+        let open = TimeWindow {
+            max_future: hour,
+            retention: None,
+            max_past: None,
+        };
+        assert!(
+            open.check("t", -1_000_000_000, now).is_ok(),
+            "before 1970 is valid"
+        );
+    }
 
     #[test]
     fn latest_allowed_saturates_for_long_limits() {

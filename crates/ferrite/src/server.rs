@@ -168,6 +168,7 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
         auth: auth.clone(),
         ingest: ingest.clone(),
         max_future: config.ingest.max_future,
+        max_past: config.ingest.max_past,
         storage: config.storage.clone(),
     });
     let mqtt_task = tokio::spawn(adapters::mqtt::serve(

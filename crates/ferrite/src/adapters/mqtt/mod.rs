@@ -83,6 +83,9 @@ pub struct MqttContext {
     /// Telemetry stamped further ahead of the server clock is rejected
     /// (`ingest.max_future`).
     pub max_future: Duration,
+    /// Telemetry stamped further behind the server clock is rejected
+    /// (`ingest.max_past`).
+    pub max_past: Option<Duration>,
     /// Retention settings, which bound how old a timestamp may be.
     pub storage: crate::config::StorageConfig,
 }
@@ -93,6 +96,7 @@ impl MqttContext {
         crate::decode::TimeWindow {
             max_future: self.max_future,
             retention: self.storage.retention_for(tenant),
+            max_past: self.max_past,
         }
     }
 }
