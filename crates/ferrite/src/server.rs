@@ -33,6 +33,8 @@ pub struct AppState {
     pub auth: Arc<Auth>,
     pub metadata: Arc<SqliteMetadata>,
     pub store: Arc<dyn TimeSeriesStore>,
+    /// Asks the pipeline's flusher for a flush now.
+    pub flush_requests: Arc<crate::pipeline::FlushRequests>,
     pub ingest: IngestHandle,
     pub metrics: PrometheusHandle,
     /// Set once every listener accepts connections.
@@ -144,6 +146,7 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
     }
 
     let state = Arc::new(AppState {
+        flush_requests: pipeline.flush_requests(),
         config: config.clone(),
         auth: auth.clone(),
         metadata: metadata.clone(),

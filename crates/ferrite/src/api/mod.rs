@@ -55,16 +55,28 @@ pub fn router() -> Router<Arc<AppState>> {
         )
 }
 
-/// `POST /api/v1/admin/compact`: merges the stored data into its most
-/// compact form and waits until done (admins only). Background compaction
-/// does the same over time; this is for backups, benchmarks and tests.
+/// `POST /api/v1/admin/compact`: writes the points held in memory to
+/// segments (which lets the ingest log shrink), merges the stored data into
+/// its most compact form and waits until done (admins only). Background
+/// work does the same over time; this is for backups, benchmarks and tests.
 async fn compact(
     State(state): State<Arc<AppState>>,
     principal: Principal,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     principal.require(Role::Admin)?;
-    let store = state.store.clone();
     let started = std::time::Instant::now();
+    if !state
+        .flush_requests
+        .flush(std::time::Duration::from_secs(120))
+        .await
+    {
+        return Err(ApiError::new(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "Flush timed out",
+            "the store did not finish a flush within 120 s; the server is overloaded or the disk is failing, see the server log",
+        ));
+    }
+    let store = state.store.clone();
     let (files, bytes) = tokio::task::spawn_blocking(move || {
         store.compact()?;
         Ok::<_, crate::store::StoreError>(store.disk_usage())

@@ -49,7 +49,36 @@ struct Work {
     envelopes: Vec<Envelope>,
 }
 
+/// Lets other tasks ask the flusher for a flush now (before a compaction
+/// on demand, for example) and wait for it.
+#[derive(Default)]
+pub struct FlushRequests {
+    requested: AtomicU64,
+    done: AtomicU64,
+    wake: Option<Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>>,
+}
+
+impl FlushRequests {
+    /// Asks for a flush and waits until one that started after the request
+    /// has finished, for at most `timeout`. Returns false on timeout.
+    pub async fn flush(&self, timeout: Duration) -> bool {
+        let ticket = self.requested.fetch_add(1, Ordering::AcqRel) + 1;
+        if let Some(wake) = &self.wake {
+            wake.1.notify_all();
+        }
+        let deadline = Instant::now() + timeout;
+        while self.done.load(Ordering::Acquire) < ticket {
+            if Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
+    }
+}
+
 pub struct Pipeline {
+    flush_requests: Arc<FlushRequests>,
     dispatcher: Option<JoinHandle<()>>,
     workers: Vec<JoinHandle<()>>,
     flusher: Option<JoinHandle<()>>,
@@ -114,17 +143,25 @@ impl Pipeline {
             .spawn(move || run_dispatcher(committed, senders))?;
 
         let stop_flusher = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+        let flush_requests = Arc::new(FlushRequests {
+            wake: Some(stop_flusher.clone()),
+            ..FlushRequests::default()
+        });
         let flusher = {
             let store = store.clone();
             let log = log.clone();
             let applied = applied.clone();
             let stop = stop_flusher.clone();
+            let requests = flush_requests.clone();
             std::thread::Builder::new()
                 .name("store-flush".into())
-                .spawn(move || run_flusher(store.as_ref(), &log, &applied, &stop, &options))?
+                .spawn(move || {
+                    run_flusher(store.as_ref(), &log, &applied, &stop, &requests, &options)
+                })?
         };
 
         Ok(Pipeline {
+            flush_requests,
             dispatcher: Some(dispatcher),
             workers,
             flusher: Some(flusher),
@@ -133,6 +170,11 @@ impl Pipeline {
             store,
             log,
         })
+    }
+
+    /// The handle through which other tasks ask for a flush now.
+    pub fn flush_requests(&self) -> Arc<FlushRequests> {
+        self.flush_requests.clone()
     }
 
     /// Waits for the pipeline to drain after the log writer stopped, then
@@ -283,6 +325,7 @@ fn run_flusher(
     log: &LogControl,
     applied: &[AtomicU64],
     stop: &(std::sync::Mutex<bool>, std::sync::Condvar),
+    requests: &FlushRequests,
     options: &PipelineOptions,
 ) {
     let (stopped, wake) = stop;
@@ -300,9 +343,12 @@ fn run_flusher(
         metrics::gauge!("ferrite_store_pending_bytes").set(store.pending_bytes() as f64);
         let over_budget = store.pending_bytes() >= options.head_budget_bytes;
         let due = last_flush.elapsed() >= options.flush_interval;
-        if over_budget || due {
+        let requested = requests.requested.load(Ordering::Acquire);
+        let asked = requested > requests.done.load(Ordering::Acquire);
+        if over_budget || due || asked {
             flush_once(store, log, applied);
             last_flush = Instant::now();
+            requests.done.store(requested, Ordering::Release);
         }
     }
 }
