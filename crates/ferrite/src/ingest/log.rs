@@ -58,6 +58,9 @@ const RECORD_HEADER: usize = 4 + 4 + 8;
 pub const MAX_RECORD_BODY: usize = 64 * 1024 * 1024;
 /// Bytes gathered into one write before the writer stops draining the queue.
 const MAX_GROUP_BYTES: usize = 16 * 1024 * 1024;
+/// A segment being written is closed early, so that a checkpoint can delete
+/// it, once every record in it is stored and it holds at least this much.
+const CLOSE_COVERED_BYTES: u64 = 1024 * 1024;
 
 /// Committed envelopes, in sequence order, for the pipeline.
 pub struct Committed {
@@ -88,9 +91,30 @@ pub struct LogControl {
 }
 
 impl LogControl {
-    /// Deletes the segments whose records are all at or below `marker`.
+    /// Deletes the segments whose records are all at or below `marker`,
+    /// and asks the writer to close the segment it writes when `marker`
+    /// covers all of it (a later checkpoint deletes it then).
     pub fn checkpoint(&self, marker: u64) {
-        let mut segments = self.segments.lock();
+        // Best effort: when the queue is full, a later checkpoint asks again.
+        let _ = self.commands.try_send(LogCommand::Covered(marker));
+        delete_covered(&self.segments, marker);
+    }
+
+    /// Commits everything appended so far, stops the writer and waits for it.
+    pub async fn shutdown(&self) {
+        let _ = self.commands.send(LogCommand::Shutdown).await;
+        let writer = self.writer.lock().take();
+        if let Some(writer) = writer {
+            let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+        }
+    }
+}
+
+/// Deletes the segments, except the last, whose records are all at or
+/// below `marker`.
+fn delete_covered(segments: &Mutex<Vec<Segment>>, marker: u64) {
+    {
+        let mut segments = segments.lock();
 
         // Segment i contains sequence numbers [first_seq(i), first_seq(i + 1)).
         let mut removable = 0;
@@ -101,15 +125,6 @@ impl LogControl {
             if let Err(error) = std::fs::remove_file(&segment.path) {
                 tracing::warn!(path = %segment.path.display(), %error, "cannot delete ingest log segment");
             }
-        }
-    }
-
-    /// Commits everything appended so far, stops the writer and waits for it.
-    pub async fn shutdown(&self) {
-        let _ = self.commands.send(LogCommand::Shutdown).await;
-        let writer = self.writer.lock().take();
-        if let Some(writer) = writer {
-            let _ = tokio::task::spawn_blocking(move || writer.join()).await;
         }
     }
 }
@@ -239,6 +254,7 @@ impl Writer {
             let mut requests = Vec::new();
             let mut bytes = 0usize;
             let mut stop = false;
+            let mut covered = None;
             match command {
                 LogCommand::Append(request) => {
                     bytes += request
@@ -248,6 +264,7 @@ impl Writer {
                         .sum::<usize>();
                     requests.push(request);
                 }
+                LogCommand::Covered(marker) => covered = Some(marker),
                 LogCommand::Shutdown => stop = true,
             }
 
@@ -262,6 +279,7 @@ impl Writer {
                             .sum::<usize>();
                         requests.push(request);
                     }
+                    Ok(LogCommand::Covered(marker)) => covered = Some(marker),
                     Ok(LogCommand::Shutdown) => stop = true,
                     Err(_) => break,
                 }
@@ -279,11 +297,32 @@ impl Writer {
             if !requests.is_empty() {
                 self.commit(requests, &mut buffer);
             }
+            if let Some(marker) = covered {
+                self.close_if_covered(marker);
+            }
             if stop {
                 break;
             }
         }
         tracing::info!(next_seq = self.next_seq, "ingest log writer stopped");
+    }
+
+    /// Starts a new segment when every record of the current one is at or
+    /// below `marker` and it is large enough to be worth deleting, then
+    /// deletes the covered segments.
+    fn close_if_covered(&mut self, marker: u64) {
+        let whole_segment_covered = self.next_seq == marker.saturating_add(1);
+        if self.broken.is_some() || !whole_segment_covered || self.file_len < CLOSE_COVERED_BYTES {
+            return;
+        }
+        if let Err(error) = self.start_segment() {
+            tracing::warn!(
+                error = format!("{error:#}"),
+                "cannot start a new ingest log segment; the stored one is kept"
+            );
+            return;
+        }
+        delete_covered(&self.segments, marker);
     }
 
     fn commit(&mut self, requests: Vec<AppendRequest>, buffer: &mut Vec<u8>) {
@@ -718,6 +757,51 @@ mod tests {
             1,
             "the active segment stays"
         );
+
+        control.shutdown().await;
+        drop(handle);
+        drop(control);
+        drain.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn covered_segment_being_written_is_closed_and_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = LogOptions {
+            segment_bytes: 64 * 1024 * 1024,
+            ..options()
+        };
+        let (handle, control, mut committed, ready) = open(dir.path(), options, 0).unwrap();
+        let drain = tokio::spawn(async move { while committed.recv().await.is_some() {} });
+        ready.await.unwrap().unwrap();
+        for n in 0..12 {
+            let mut big = envelope(n);
+            big.payload = Bytes::from(vec![b'x'; 100_000]);
+            handle.append(vec![big]).await.unwrap();
+        }
+        assert_eq!(list_segments(dir.path()).unwrap().len(), 1);
+
+        // Not all records covered: the segment stays.
+        control.checkpoint(11);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(list_segments(dir.path()).unwrap()[0].first_seq, 1);
+
+        // All 12 covered: the writer starts segment 13, the next
+        // checkpoint (or the writer itself) deletes segment 1.
+        control.checkpoint(12);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let segments = list_segments(dir.path()).unwrap();
+            if segments.len() == 1 && segments[0].first_seq == 13 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "segment 1 was not deleted"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        handle.append(vec![envelope(99)]).await.unwrap();
 
         control.shutdown().await;
         drop(handle);

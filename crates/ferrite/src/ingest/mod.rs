@@ -35,6 +35,10 @@ pub(crate) struct AppendRequest {
 
 pub(crate) enum LogCommand {
     Append(AppendRequest),
+    /// Every record up to this sequence number is stored elsewhere: when
+    /// that covers the whole segment being written, start a new one so the
+    /// covered one can be deleted.
+    Covered(u64),
     Shutdown,
 }
 
