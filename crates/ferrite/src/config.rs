@@ -290,11 +290,7 @@ impl Default for StorageConfig {
             tenant_retention: std::collections::BTreeMap::new(),
             partition: Duration::from_secs(24 * 3600),
             cold_after: Duration::from_secs(600),
-            rollups: vec![
-                Duration::from_secs(60),
-                Duration::from_secs(3600),
-                Duration::from_secs(24 * 3600),
-            ],
+            rollups: vec![Duration::from_secs(3600), Duration::from_secs(24 * 3600)],
             rollup_retention: std::collections::BTreeMap::new(),
         }
     }
@@ -490,8 +486,10 @@ cold_after = "10m"
 # Rollup tiers: count, sum, min, max, first and last per interval, kept up
 # to date at every flush. Aggregate queries whose buckets line up with a
 # tier read it. Ascending, each a multiple of the one before; a change
-# rebuilds the tiers from the raw points at the next start.
-rollups = ["1m", "1h", "1d"]
+# rebuilds the tiers from the raw points at the next start. Add "1m" for
+# series sampled every second or faster; for slower series a 1-minute tier
+# costs more disk and flush time than it saves.
+rollups = ["1h", "1d"]
 
 # Retention per rollup tier, by interval as written in rollups, for example
 # "1m" = "30d". Tiers not listed keep their rows forever.

@@ -7,7 +7,7 @@
 use super::bits::{BitReader, BitWriter, ByteReader};
 use super::{
     DecodeError, MODE_EMPTY, MODE_FLOAT_DECIMAL, MODE_FLOAT_PCO, MODE_FLOAT_RAW, MODE_FLOAT_XOR,
-    PCO_MIN_COUNT, ints, pcodec,
+    ints, pcodec,
 };
 
 /// Highest decimal scale: values with up to 18 digits after the point.
@@ -59,7 +59,7 @@ pub(super) fn encode(values: &[f64], out: &mut Vec<u8>) {
 
     let start = out.len();
     encode_xor(values, out);
-    if values.len() >= PCO_MIN_COUNT {
+    if super::try_pco(values.len()) {
         let mut candidate = Vec::with_capacity(out.len() - start);
         if encode_pco(values, &mut candidate) && candidate.len() < out.len() - start {
             out.truncate(start);

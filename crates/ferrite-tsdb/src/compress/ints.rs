@@ -10,8 +10,8 @@ use super::bits::{
     BitReader, BitWriter, ByteReader, bit_width, gcd, ivarint_len, put_ivarint, put_uvarint,
     uvarint_len,
 };
+use super::pcodec;
 use super::{DecodeError, MODE_INT_BITPACK, MODE_INT_CONSTANT, MODE_INT_PCO, MODE_INT_RLE};
-use super::{PCO_MIN_COUNT, pcodec};
 
 /// Highest difference order of the bit-packed coding: 0 packs the values,
 /// 1 their deltas, 2 their deltas of deltas.
@@ -79,7 +79,7 @@ pub(super) fn encode(values: &[i64], out: &mut Vec<u8>) {
         encode_bitpack(values, &best_plan, out);
     }
 
-    if values.len() >= PCO_MIN_COUNT {
+    if super::try_pco(values.len()) {
         let mut candidate = Vec::with_capacity(out.len() - start);
         if encode_pco(values, &mut candidate) && candidate.len() < out.len() - start {
             out.truncate(start);

@@ -627,7 +627,9 @@ impl Inner {
         };
 
         let started = Instant::now();
-        let written = self.write_flush(&mut series_log, &frozen, &definitions, marker, marker_from);
+        let written = crate::compress::fast_codings(|| {
+            self.write_flush(&mut series_log, &frozen, &definitions, marker, marker_from)
+        });
         let flushed = match written {
             Ok(flushed) => flushed,
             Err(err) => {
@@ -693,6 +695,7 @@ impl Inner {
         marker: u64,
         marker_from: u64,
     ) -> Result<Flushed, StoreError> {
+        let started = Instant::now();
         // Definitions must be durable before a segment refers to their ids.
         let records: Vec<SeriesRecord<'_>> = definitions
             .iter()
@@ -737,8 +740,16 @@ impl Inner {
             segments
                 .push(writer.finish(marker, SegmentMeta::flushed(0, partition, seq, marker_from))?);
         }
+        let raw_done = Instant::now();
         let rollup = self.fold_rollups(&views)?;
+        let folded = Instant::now();
         let rollups = self.write_rollup_segments(rollup.rows, marker, marker_from)?;
+        tracing::debug!(
+            raw_ms = (raw_done - started).as_millis() as u64,
+            fold_ms = (folded - raw_done).as_millis() as u64,
+            rollup_write_ms = folded.elapsed().as_millis() as u64,
+            "flush phases"
+        );
         marker::write(&self.dir, marker)?;
         Ok(Flushed {
             raw: segments,
@@ -869,12 +880,18 @@ impl Inner {
     ) -> Result<(), StoreError> {
         self.drop_expired_segments::<V>(tier, cutoffs)?;
         let mut done: HashSet<Partition> = HashSet::new();
-        while let Some(inputs) = self.pick_compaction::<V>(tier, full, cutoffs, &done) {
+        while let Some((inputs, whole)) = self.pick_compaction::<V>(tier, full, cutoffs, &done) {
             if self.wake.0.lock().stop {
                 return Ok(());
             }
             let partition = inputs[0].meta.partition;
-            self.compact_inputs(tier, &inputs, cutoffs)?;
+            // Merging a whole partition produces its lasting form, worth
+            // every coding; intermediate merges keep to the fast ones.
+            if whole {
+                self.compact_inputs(tier, &inputs, cutoffs)?;
+            } else {
+                crate::compress::fast_codings(|| self.compact_inputs(tier, &inputs, cutoffs))?;
+            }
             if full {
                 done.insert(partition);
             }
@@ -956,14 +973,15 @@ impl Inner {
     }
 
     /// Chooses the next compaction: the segments of one partition that are
-    /// contiguous in priority order (so last-write-wins is kept).
+    /// contiguous in priority order (so last-write-wins is kept), and
+    /// whether they are the whole partition.
     fn pick_compaction<V: SegmentList>(
         &self,
         tier: u8,
         full: bool,
         cutoffs: &Option<Cutoffs>,
         done: &HashSet<Partition>,
-    ) -> Option<Vec<Arc<Segment<V>>>> {
+    ) -> Option<(Vec<Arc<Segment<V>>>, bool)> {
         let state = self.state.read();
         let mut groups: BTreeMap<Partition, Vec<Arc<Segment<V>>>> = BTreeMap::new();
         for segment in V::list(&state, tier) {
@@ -981,7 +999,7 @@ impl Inner {
             // Format 1 segments cover all time; they are rewritten into
             // partitions together.
             if partition == Partition::ALL {
-                return Some(group);
+                return Some((group, true));
             }
             let needs_rewrite = |segment: &Segment<V>| {
                 segment.version != crate::segment::VERSION
@@ -998,15 +1016,15 @@ impl Inner {
                 .get(&(tier, partition))
                 .is_none_or(|touched| touched.elapsed() >= self.options.cold_after);
             if group.len() >= 2 && (full || cold) {
-                return Some(group);
+                return Some((group, true));
             }
             if full && group.len() == 1 && needs_rewrite(&group[0]) {
-                return Some(group);
+                return Some((group, true));
             }
             if group.len() >= fan_in {
                 let tail = &group[group.len() - fan_in..];
                 if tail.iter().all(|s| s.meta.level == tail[0].meta.level) {
-                    return Some(tail.to_vec());
+                    return Some((tail.to_vec(), false));
                 }
             }
         }

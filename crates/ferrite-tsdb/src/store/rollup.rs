@@ -105,7 +105,9 @@ impl Inner {
         };
 
         let intervals = &self.options.rollup_intervals;
-        let mut dirty: BTreeSet<(SeriesId, usize, TimestampNs)> = BTreeSet::new();
+        // Ordered by tier first: a tier's dirty buckets are computed from
+        // the rows of the tier below, which must be up to date by then.
+        let mut dirty: BTreeSet<(usize, SeriesId, TimestampNs)> = BTreeSet::new();
         for (id, points) in views {
             let mut open = current.remove(id).unwrap_or_else(|| vec![None; tiers]);
             for (ts, value) in points.iter().map(|p| (p.0, &p.1)) {
@@ -113,7 +115,7 @@ impl Inner {
                     let start = bucket_start(ts, intervals[tier]);
                     match row {
                         Some(open_row) if ts <= last_ts(open_row) => {
-                            dirty.insert((*id, tier, start));
+                            dirty.insert((tier, *id, start));
                         }
                         Some(open_row) if open_row.start == start => {
                             open_row.add(ts, value.clone());
@@ -131,30 +133,67 @@ impl Inner {
             output.open.insert(*id, open);
         }
 
-        for (id, tier, start) in dirty {
-            let open = output.open.get_mut(&id).expect("dirty series were folded");
-            let interval = intervals[tier];
-            let is_open = open[tier].as_ref().is_some_and(|row| row.start == start);
-            let end = if is_open {
-                last_ts(open[tier].as_ref().expect("checked above")).saturating_add(1)
+        let fold_done = std::time::Instant::now();
+        let dirty_count = dirty.len();
+        // Rows of this flush per tier, for the recomputation of coarser
+        // tiers; a later row of the same bucket replaces an earlier one.
+        let mut pending: Vec<std::collections::BTreeMap<(SeriesId, TimestampNs), Bucket>> =
+            if dirty.is_empty() {
+                Vec::new()
             } else {
-                start.saturating_add(interval)
+                output
+                    .rows
+                    .iter()
+                    .map(|rows| {
+                        rows.iter()
+                            .map(|(id, row)| ((*id, row.start), row.clone()))
+                            .collect()
+                    })
+                    .collect()
             };
-            let mut merged = self.merged_points_by_id(id, start, end);
-            let mut row = Bucket::empty(start);
-            while let Some((ts, value)) = merged.next_point()? {
-                row.add(ts, value);
-            }
+        for (tier, id, start) in dirty {
+            let interval = intervals[tier];
+            let open = output.open.get(&id).expect("dirty series were folded");
+            let is_open = open[tier].as_ref().is_some_and(|row| row.start == start);
+            let row = if tier == 0 {
+                // The finest tier from the raw points; for the open bucket
+                // only up to the high-water mark, so that later points are
+                // not counted twice.
+                let end = if is_open {
+                    last_ts(open[tier].as_ref().expect("checked above")).saturating_add(1)
+                } else {
+                    start.saturating_add(interval)
+                };
+                let mut merged = self.merged_points_by_id(id, start, end);
+                let mut row = Bucket::empty(start);
+                while let Some((ts, value)) = merged.next_point()? {
+                    row.add(ts, value);
+                }
+                row
+            } else {
+                // Coarser tiers from the rows of the tier below, which hold
+                // nothing past the high-water mark.
+                let end = start.saturating_add(interval);
+                let open_below = open[tier - 1].as_ref();
+                self.sum_rows_below(id, tier - 1, start, end, &pending[tier - 1], open_below)?
+            };
             if row.count == 0 {
                 continue;
             }
+            pending[tier].insert((id, start), row.clone());
             if is_open {
-                open[tier] = Some(row);
+                output.open.get_mut(&id).expect("checked above")[tier] = Some(row);
             } else {
                 output.rows[tier].push((id, row));
             }
         }
 
+        tracing::debug!(
+            series = views.len(),
+            dirty = dirty_count,
+            recompute_ms = fold_done.elapsed().as_millis() as u64,
+            "rollup fold"
+        );
         for (id, open) in &output.open {
             for (tier, row) in open.iter().enumerate() {
                 if let Some(row) = row {
@@ -163,6 +202,49 @@ impl Inner {
             }
         }
         Ok(output)
+    }
+
+    /// Sums the rows of tier `tier` with bucket starts in `[start, end)`:
+    /// stored rows, then the rows of this flush (`pending`), then the open
+    /// row, each newer source replacing older rows of the same bucket.
+    fn sum_rows_below(
+        &self,
+        id: SeriesId,
+        tier: usize,
+        start: TimestampNs,
+        end: TimestampNs,
+        pending: &std::collections::BTreeMap<(SeriesId, TimestampNs), Bucket>,
+        open: Option<&Bucket>,
+    ) -> Result<Bucket, StoreError> {
+        let mut sources: Vec<Source<Bucket>> = {
+            let state = self.state.read();
+            state.rollups[tier]
+                .iter()
+                .filter(|segment| {
+                    segment.meta.partition.end > start && segment.meta.partition.start < end
+                })
+                .filter_map(|segment| Source::segment(segment, id, start, end, false))
+                .collect()
+        };
+        let flushed: Vec<(TimestampNs, Bucket)> = pending
+            .range((id, start)..(id, end))
+            .map(|((_, bucket), row)| (*bucket, row.clone()))
+            .collect();
+        if !flushed.is_empty() {
+            sources.push(Source::memory(flushed));
+        }
+        if let Some(row) = open
+            && start <= row.start
+            && row.start < end
+        {
+            sources.push(Source::memory(vec![(row.start, row.clone())]));
+        }
+        let mut merged = MergedPoints::new(sources);
+        let mut sum = Bucket::empty(start);
+        while let Some((_, row)) = merged.next_point()? {
+            sum.merge(&row);
+        }
+        Ok(sum)
     }
 
     /// Writes the rows of one flush as segments, one per tier partition.
