@@ -6,7 +6,7 @@
 //! head touches, and then records a caller-supplied *marker* (the server
 //! stores its ingest-log position there). Queries merge segments and head
 //! with last-write-wins per (series, timestamp). Each flush also maintains
-//! the *rollup tiers* (1 min, 1 h, 1 d by default; see the `rollup` module
+//! the *rollup tiers* (1 h and 1 d by default; see the `rollup` module
 //! of the store): rows of count, sum, min, max, first and last that answer
 //! aggregates over long ranges. A background thread merges segments
 //! (*compaction*) and deletes data past its *retention*.

@@ -1,5 +1,5 @@
 //! Rollup tiers: rows of count, sum, min, max, first and last per series and
-//! interval (1 min, 1 h, 1 d by default), maintained at every flush and
+//! interval (1 h and 1 d by default), maintained at every flush and
 //! used by aggregate queries whose buckets line up with a tier.
 //!
 //! # How rows stay exact
