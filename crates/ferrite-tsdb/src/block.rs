@@ -141,7 +141,7 @@ fn encode_column<'a>(kind: u8, values: impl Iterator<Item = &'a Value>, out: &mu
             let floats: Vec<f64> = values
                 .map(|v| match v {
                     Value::Float(f) => *f,
-                    _ => unreachable!("column holds one type"),
+                    _ => unreachable!("a column contains one type"),
                 })
                 .collect();
             compress::encode_floats(&floats, out);
@@ -150,7 +150,7 @@ fn encode_column<'a>(kind: u8, values: impl Iterator<Item = &'a Value>, out: &mu
             let ints: Vec<i64> = values
                 .map(|v| match v {
                     Value::Int(i) => *i,
-                    _ => unreachable!("column holds one type"),
+                    _ => unreachable!("a column contains one type"),
                 })
                 .collect();
             compress::encode_ints(&ints, out);
@@ -159,7 +159,7 @@ fn encode_column<'a>(kind: u8, values: impl Iterator<Item = &'a Value>, out: &mu
             let bools: Vec<bool> = values
                 .map(|v| match v {
                     Value::Bool(b) => *b,
-                    _ => unreachable!("column holds one type"),
+                    _ => unreachable!("a column contains one type"),
                 })
                 .collect();
             compress::encode_bools(&bools, out);
@@ -168,7 +168,7 @@ fn encode_column<'a>(kind: u8, values: impl Iterator<Item = &'a Value>, out: &mu
             let strings: Vec<&str> = values
                 .map(|v| match v {
                     Value::Str(s) => s.as_str(),
-                    _ => unreachable!("column holds one type"),
+                    _ => unreachable!("a column contains one type"),
                 })
                 .collect();
             compress::encode_strings(&strings, out);

@@ -7,7 +7,7 @@
 //! stores its ingest-log position there). Queries merge segments and head
 //! with last-write-wins per (series, timestamp). Each flush also maintains
 //! the *rollup tiers* (1 h and 1 d by default; see the `rollup` module
-//! of the store): rows of count, sum, min, max, first and last that answer
+//! of the store): rows of count, sum, min, max, first and last that serve
 //! aggregates over long ranges. A background thread merges segments
 //! (*compaction*) and deletes data past its *retention*.
 //!
@@ -23,7 +23,7 @@
 //!   and the caller recovers them by replaying its own log from
 //!   [`Store::durable_marker`].
 //! - A flush is durable when the marker file names its marker. Segments a
-//!   crash left from an unfinished flush hold copies of points that the
+//!   crash left from an unfinished flush contain copies of points that the
 //!   replay writes again; last-write-wins makes the copies harmless.
 //! - [`Store::delete_device`] is durable when it returns `Ok`.
 //!
@@ -81,11 +81,11 @@
 //! ```
 //!
 //! `marker_from` is the durable marker before the oldest flush whose points
-//! the segment holds: replaying the ingest log from there rebuilds them. It
+//! the segment contains: replaying the ingest log from there rebuilds them. It
 //! sits in the header so that recovery can read it from a segment whose
 //! tail is damaged.
 //!
-//! A block holds up to 8640 points of one series (a day at 10 s) and is
+//! A block contains up to 8640 points of one series (a day at 10 s) and is
 //! closed early once its uncompressed points reach 256 KiB. Its columns use
 //! the codings of the `compress` module (each column starts with a mode
 //! byte), chosen per column by size:
@@ -141,7 +141,7 @@
 //!    moves back to the oldest `marker_from` among them (0 when a header is
 //!    unreadable), and open records that value so that it survives another
 //!    restart. Replaying the ingest log from there rebuilds the lost points,
-//!    but only as far as the log still holds them.
+//!    but only as far as the log still contains them.
 //! 6. When segments were set aside, or the rollup intervals differ from
 //!    those in `rollup-tiers`, the rollup tiers are built again from the raw
 //!    points.
@@ -159,7 +159,7 @@
 //! same level (so each point is rewritten about log(n) times), and merges
 //! a partition into one segment once it received nothing new for
 //! [`StoreOptions::cold_after`]. Merges take only segments that are
-//! contiguous in priority order, so last-write-wins holds. Segments whose
+//! contiguous in priority order, so last-write-wins is kept. Segments whose
 //! every series is past its retention are deleted whole; compaction drops
 //! older points from the segments it rewrites, and queries never return
 //! them. Compaction runs beside writes, flushes and queries.
@@ -237,7 +237,7 @@ pub const DAY_NS: i64 = 86_400 * 1_000_000_000;
 /// benchmark (every series sampled every 10 s) its rows took 0.80 bytes per
 /// raw field value on disk, more than the 0.55 of the raw points they
 /// summarise, and folding and writing them made a flush about three times
-/// slower, while raw points answer 1-minute buckets as fast. It pays off for
+/// slower, while raw points serve 1-minute buckets as fast. It pays off for
 /// series sampled every second or faster.
 pub const DEFAULT_ROLLUP_INTERVALS: [i64; 2] = [3_600_000_000_000, DAY_NS];
 
@@ -278,7 +278,7 @@ pub struct StoreOptions {
     /// should flush ([`Store::needs_flush`]). The store itself does not
     /// enforce it.
     pub head_budget_bytes: usize,
-    /// Length of a time partition in nanoseconds. Every segment holds
+    /// Length of a time partition in nanoseconds. Every segment contains
     /// points of one partition, so retention deletes whole files and
     /// compaction of old data leaves recent data alone. Default: one day.
     pub partition_ns: i64,

@@ -1,5 +1,5 @@
 //! The durable-marker file: the ingest-log position up to which the
-//! segments hold every point.
+//! segments contain every point.
 //!
 //! ```text
 //! magic "FERRMARK" (8) | version u32 = 1 | reserved u32 = 0 | marker u64 | crc32(bytes 0..24) u32

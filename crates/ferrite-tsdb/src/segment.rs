@@ -35,7 +35,7 @@ const MAX_BLOCK_POINTS: u32 = 8640;
 const TARGET_BLOCK_BYTES: usize = 256 * 1024;
 
 const SEGMENT_PREFIX: &str = "seg-";
-/// Prefix of rollup tier segments, so that a directory listing tells raw
+/// Prefix of rollup tier segments, so that a directory listing shows raw
 /// data and rollups apart.
 const ROLLUP_PREFIX: &str = "rollup-";
 const SEGMENT_SUFFIX: &str = ".fseg";
@@ -88,7 +88,7 @@ pub(crate) struct IndexEntry<V = Value> {
     pub(crate) blocks: Box<[BlockRef]>,
 }
 
-/// Time range `[start, end)` that holds every point of a segment. Format 1
+/// Time range `[start, end)` that contains every point of a segment. Format 1
 /// segments have no partition and cover all time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub(crate) struct Partition {
@@ -113,7 +113,7 @@ impl Partition {
     }
 }
 
-/// What a segment's index says about the segment as a whole.
+/// Fields of a segment's index that describe the whole segment.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct SegmentMeta {
     /// 0 for raw points, 1 and up for the rollup tiers in order.

@@ -117,7 +117,7 @@ pub struct StorageConfig {
     /// Retention per tenant id, overriding `retention`.
     #[serde(default)]
     pub tenant_retention: std::collections::BTreeMap<String, RetentionSetting>,
-    /// Length of the time partitions of the store: each segment file holds
+    /// Length of the time partitions of the store: each segment file contains
     /// one partition, and retention deletes whole files.
     #[serde(with = "humantime_serde")]
     pub partition: Duration,
@@ -479,7 +479,7 @@ flush_interval = "60s"
 # How long raw points are kept: "forever" or a duration such as "90d".
 # Older points are rejected at ingest and deleted in whole segment files.
 retention = "forever"
-# Length of the time partition that one segment file holds.
+# Length of the time partition that one segment file contains.
 partition = "1d"
 # A partition without new data for this long is merged into one file.
 cold_after = "10m"

@@ -33,7 +33,7 @@ pub struct AppState {
     pub auth: Arc<Auth>,
     pub metadata: Arc<SqliteMetadata>,
     pub store: Arc<dyn TimeSeriesStore>,
-    /// Asks the pipeline's flusher for a flush now.
+    /// Requests a flush from the pipeline's flusher.
     pub flush_requests: Arc<crate::pipeline::FlushRequests>,
     pub ingest: IngestHandle,
     pub metrics: PrometheusHandle,

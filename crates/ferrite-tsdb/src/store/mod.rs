@@ -53,9 +53,9 @@ struct Inner {
     compaction_lock: Mutex<()>,
     /// Next segment sequence number; flush and compaction both take numbers.
     next_seq: AtomicU64,
-    /// Wakes the maintenance thread; `true` asks it to stop.
+    /// Wakes the maintenance thread and requests its stop.
     wake: (Mutex<WakeState>, Condvar),
-    /// Holds the directory lock until the store is dropped.
+    /// The locked `LOCK` file, released when the store is dropped.
     _lock_file: File,
 }
 
@@ -293,7 +293,7 @@ impl Store {
     /// storable range, a float is NaN or infinite, or a name is longer than
     /// [`MAX_NAME_LEN`]. Points older than the tenant's retention are
     /// accepted and expire at once: the caller rejects them before they
-    /// reach the store when it wants to tell the sender.
+    /// reach the store when the sender must get an error.
     pub fn write(
         &self,
         tenant: &str,
@@ -358,7 +358,7 @@ impl Store {
     /// are installed. With an empty head the call only records `marker`, and
     /// does nothing when `marker` is already the durable one. On error the
     /// frozen points go back into the head, so a later flush retries them;
-    /// segments that were already renamed into place hold copies of points
+    /// segments that were already renamed into place contain copies of points
     /// that stay in the head, which last-write-wins makes harmless.
     ///
     /// Compaction and retention run afterwards in the background thread.
@@ -375,7 +375,7 @@ impl Store {
     }
 
     /// Runs one background maintenance pass now: retention, then the
-    /// compactions that the policy asks for.
+    /// compactions that the policy selects.
     pub fn run_maintenance(&self) -> Result<(), StoreError> {
         self.inner.maintain(false)
     }
@@ -509,8 +509,8 @@ impl Store {
     /// days in a time zone, for example). Returns one bucket per range.
     ///
     /// When every edge is a multiple of a rollup tier's interval, the
-    /// coarsest such tier answers ([`Store::rollup_tier_for`] tells which);
-    /// the result equals the raw answer except for the rounding of sums.
+    /// coarsest such tier serves the query ([`Store::rollup_tier_for`] returns which);
+    /// the result equals the raw result except for the rounding of sums.
     pub fn aggregate_buckets(
         &self,
         series: &SeriesKey,
@@ -557,7 +557,7 @@ impl Store {
         self.inner.summarize(id, tier, bounds, head_min, &cutoffs)
     }
 
-    /// Interval in nanoseconds of the rollup tier that answers
+    /// Interval in nanoseconds of the rollup tier that serves
     /// [`Store::aggregate_buckets`] for these bounds; `None` for raw points.
     pub fn rollup_tier_for(&self, bounds: &[(TimestampNs, TimestampNs)]) -> Option<i64> {
         self.inner
@@ -854,7 +854,7 @@ impl Inner {
         }
     }
 
-    /// Retention, then compactions until the policy asks for none (`full`:
+    /// Retention, then compactions until the policy selects none (`full`:
     /// merge every partition with more than one segment), for raw data and
     /// every rollup tier.
     fn maintain(&self, full: bool) -> Result<(), StoreError> {
@@ -1100,7 +1100,7 @@ impl Inner {
         }
 
         // Only the last output names the inputs: a crash before it leaves
-        // the inputs in place, and the earlier outputs hold the same
+        // the inputs in place, and the earlier outputs contain the same
         // points with the same priority, which is harmless.
         let output_count = writers.len();
         let mut outputs = Vec::with_capacity(output_count);
@@ -1531,7 +1531,7 @@ fn recover_segments(dir: &Path, loaded: &LoadedSeries) -> Result<RecoveredSegmen
                 "setting aside damaged segment; its points are lost unless the ingest log still contains them"
             );
             // The header names the marker before the segment's points;
-            // format 1 headers do not, so the segment before it tells.
+            // format 1 headers do not, so the marker of the segment before it is used.
             let from = damaged_segment_marker_from(&path).unwrap_or_else(|| {
                 kept.iter()
                     .filter(|segment| segment.seq < seq)

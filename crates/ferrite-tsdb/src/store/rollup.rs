@@ -5,7 +5,7 @@
 //! # How rows stay exact
 //!
 //! Every series keeps one *open row* per tier in memory: the row of the
-//! bucket that holds the newest point folded so far (its high-water mark,
+//! bucket that contains the newest point folded so far (its high-water mark,
 //! the row's last timestamp). A flush folds the flushed points of each
 //! series in timestamp order:
 //!
@@ -28,10 +28,10 @@
 //! # Queries
 //!
 //! An aggregate whose bucket edges are all multiples of a tier's interval
-//! is answered by the coarsest such tier. Rows cover what has been flushed;
-//! from the bucket that holds the oldest point still in memory (in the
-//! head) onwards, the next finer tier answers, and below the finest tier
-//! the raw points. The answer is therefore the same as from raw points,
+//! is computed from the coarsest such tier. Rows cover what has been flushed;
+//! from the bucket that contains the oldest point still in memory (in the
+//! head) onwards, the next finer tier is used, and below the finest tier
+//! the raw points. The result is therefore the same as from raw points,
 //! except that sums may differ in the last bits (they add in a different
 //! order).
 
@@ -59,7 +59,7 @@ pub(super) struct RollupOutput {
     pub(super) open: IdMap<OpenRows>,
 }
 
-/// Start of the bucket of `interval` that holds `ts`.
+/// Start of the bucket of `interval` that contains `ts`.
 /// Saturates at the lower end of the timestamp range.
 pub(super) fn bucket_start(ts: TimestampNs, interval: i64) -> TimestampNs {
     ts.saturating_sub(ts.rem_euclid(interval))
@@ -171,7 +171,7 @@ impl Inner {
                 }
                 row
             } else {
-                // Coarser tiers from the rows of the tier below, which hold
+                // Coarser tiers from the rows of the tier below, which contain
                 // nothing past the high-water mark.
                 let end = start.saturating_add(interval);
                 let open_below = open[tier - 1].as_ref();

@@ -337,7 +337,7 @@ fn check_series(store: &Store, model: &Model, params: &QueryParams, series: &Ser
 }
 
 /// Aggregates whose bucket edges line up with a rollup tier must equal the
-/// raw answer (sums up to rounding).
+/// raw result (sums up to rounding).
 fn check_tiers(store: &Store, model: &Model, series: &SeriesKey, start: i64, end: i64) {
     let lo = start.div_euclid(16) * 16;
     let hi = (end.div_euclid(16) + 1) * 16;

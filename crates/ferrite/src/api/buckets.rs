@@ -137,7 +137,7 @@ pub fn plan(
     }
 }
 
-/// Name of the data that answers: `raw` or a rollup interval such as `1h`.
+/// Name of the data that serves a query: `raw` or a rollup interval such as `1h`.
 pub fn tier_name(tier: Option<i64>) -> String {
     const DAY_NS: i64 = 86_400_000_000_000;
     match tier {

@@ -51,7 +51,7 @@ fn device_json(state: &AppState, device: &Device) -> serde_json::Value {
 pub struct ListParams {
     limit: Option<i64>,
     offset: Option<i64>,
-    /// Exact device name: the answer holds that device or nothing.
+    /// Exact device name: the response contains that device or nothing.
     name: Option<String>,
 }
 

@@ -59,7 +59,7 @@ pub const MAX_RECORD_BODY: usize = 64 * 1024 * 1024;
 /// Bytes gathered into one write before the writer stops draining the queue.
 const MAX_GROUP_BYTES: usize = 16 * 1024 * 1024;
 /// A segment being written is closed early, so that a checkpoint can delete
-/// it, once every record in it is stored and it holds at least this much.
+/// it, once every record in it is stored and it contains at least this much.
 const CLOSE_COVERED_BYTES: u64 = 1024 * 1024;
 
 /// Committed envelopes, in sequence order, for the pipeline.
@@ -92,10 +92,10 @@ pub struct LogControl {
 
 impl LogControl {
     /// Deletes the segments whose records are all at or below `marker`,
-    /// and asks the writer to close the segment it writes when `marker`
+    /// and requests that the writer close the segment it writes when `marker`
     /// covers all of it (a later checkpoint deletes it then).
     pub fn checkpoint(&self, marker: u64) {
-        // Best effort: when the queue is full, a later checkpoint asks again.
+        // Best effort: when the queue is full, a later checkpoint sends it again.
         let _ = self.commands.try_send(LogCommand::Covered(marker));
         delete_covered(&self.segments, marker);
     }

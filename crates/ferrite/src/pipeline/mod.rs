@@ -49,7 +49,7 @@ struct Work {
     envelopes: Vec<Envelope>,
 }
 
-/// Lets other tasks ask the flusher for a flush now (before a compaction
+/// Lets other tasks request a flush now (before a compaction
 /// on demand, for example) and wait for it.
 #[derive(Default)]
 pub struct FlushRequests {
@@ -59,7 +59,7 @@ pub struct FlushRequests {
 }
 
 impl FlushRequests {
-    /// Asks for a flush and waits until one that started after the request
+    /// Requests a flush and waits until one that started after the request
     /// has finished, for at most `timeout`. Returns false on timeout.
     pub async fn flush(&self, timeout: Duration) -> bool {
         let ticket = self.requested.fetch_add(1, Ordering::AcqRel) + 1;
@@ -172,7 +172,7 @@ impl Pipeline {
         })
     }
 
-    /// The handle through which other tasks ask for a flush now.
+    /// The handle through which other tasks request a flush now.
     pub fn flush_requests(&self) -> Arc<FlushRequests> {
         self.flush_requests.clone()
     }
@@ -344,8 +344,8 @@ fn run_flusher(
         let over_budget = store.pending_bytes() >= options.head_budget_bytes;
         let due = last_flush.elapsed() >= options.flush_interval;
         let requested = requests.requested.load(Ordering::Acquire);
-        let asked = requested > requests.done.load(Ordering::Acquire);
-        if over_budget || due || asked {
+        let flush_requested = requested > requests.done.load(Ordering::Acquire);
+        if over_budget || due || flush_requested {
             flush_once(store, log, applied);
             last_flush = Instant::now();
             requests.done.store(requested, Ordering::Release);

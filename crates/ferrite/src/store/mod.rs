@@ -72,7 +72,7 @@ pub trait TimeSeriesStore: Send + Sync + 'static {
         series: Series<'_>,
         bounds: &[(TimestampNs, TimestampNs)],
     ) -> Result<Vec<Bucket>, StoreError>;
-    /// Rollup interval (ns) that answers `aggregate_buckets` for these
+    /// Rollup interval (ns) that serves `aggregate_buckets` for these
     /// bounds, `None` for raw points.
     fn rollup_tier_for(&self, bounds: &[(TimestampNs, TimestampNs)]) -> Option<i64>;
     /// Intervals of the rollup tiers in nanoseconds.

@@ -52,7 +52,7 @@ async fn kill_under_load_loses_no_acknowledged_point() {
                 // Bounded: at most 2000 requests per writer per round.
                 for _ in 0..2000 {
                     let n = next.fetch_add(1, Ordering::Relaxed);
-                    // 10 ms apart: a 10 s partition holds 1000 points.
+                    // 10 ms apart: a 10 s partition contains 1000 points.
                     let body = format!(r#"{{"ts": {}, "values": {{"n": {n}}}}}"#, t0 + n * 10);
                     match client
                         .post(&url)

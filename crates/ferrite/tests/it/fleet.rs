@@ -139,7 +139,7 @@ async fn fleet_latest_aggregate_and_calendar_days() {
     assert_eq!(counts, [138, 138, 144, 12]);
     assert_eq!(body["tier"], json!("1h"), "Berlin days are whole UTC hours");
 
-    // Unknown zone and too many points are refused with the parameter.
+    // An unknown zone and too many points are rejected, naming the parameter.
     let (status, body) = server
         .get_json(
             "/api/v1/telemetry/aggregate?key=readings.velocity&agg=avg&interval=1d&tz=Mars/Olympus",
@@ -231,7 +231,7 @@ async fn rollup_tiers_answer_and_agree_with_raw_points() {
     assert_eq!(raw_sum, hourly_sum);
     assert_eq!(daily["readings.velocity"][0]["value"], json!(hourly_sum));
 
-    // Compaction on demand keeps every answer.
+    // Compaction on demand keeps every result.
     let response = reqwest::Client::new()
         .post(format!("{}/api/v1/admin/compact", server.http_url))
         .bearer_auth(server.admin_token().await)
