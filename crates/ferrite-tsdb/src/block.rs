@@ -20,7 +20,7 @@
 use ferrite_core::{TimestampNs, Value};
 
 use crate::compress;
-use crate::encoding::{BLOCK_FRAME_LEN, DecodeError, Reader, put_uvarint};
+use crate::encoding::{DecodeError, Reader, put_uvarint};
 use crate::item::StoredValue;
 
 const KIND_FLOAT: u8 = 0;
@@ -207,19 +207,7 @@ fn decode_column(kind: u8, input: &[u8], count: usize) -> Result<Vec<Value>, Dec
 pub(crate) fn decode_framed_block<V: StoredValue>(
     frame: &[u8],
 ) -> Result<Vec<(TimestampNs, V)>, DecodeError> {
-    if frame.len() < BLOCK_FRAME_LEN {
-        return Err(DecodeError("block shorter than its frame"));
-    }
-    let payload_len = u32::from_le_bytes(frame[0..4].try_into().expect("4 bytes")) as usize;
-    let crc = u32::from_le_bytes(frame[4..8].try_into().expect("4 bytes"));
-    let payload = &frame[BLOCK_FRAME_LEN..];
-    if payload.len() != payload_len {
-        return Err(DecodeError("block length differs from the index"));
-    }
-    if crc32fast::hash(payload) != crc {
-        return Err(DecodeError("block checksum mismatch"));
-    }
-
+    let payload = crate::encoding::unframe(frame)?;
     let mut reader = Reader::new(payload);
     let count = reader.len()?;
     if count == 0 {

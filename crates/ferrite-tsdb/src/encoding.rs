@@ -203,9 +203,15 @@ impl BlockEncoder {
     }
 }
 
-/// Checks the frame of a block read from disk and decodes its points.
-/// `frame` must be exactly the bytes the index entry points at.
+/// Checks the frame of a format 1 block read from disk and decodes its
+/// points. `frame` must be exactly the bytes the index entry points at.
 pub(crate) fn decode_framed_block(frame: &[u8]) -> Result<Vec<Point>, DecodeError> {
+    decode_block_payload(unframe(frame)?)
+}
+
+/// Checks a block frame (length and CRC32, the same in both formats) and
+/// returns its payload.
+pub(crate) fn unframe(frame: &[u8]) -> Result<&[u8], DecodeError> {
     if frame.len() < BLOCK_FRAME_LEN {
         return Err(DecodeError("block shorter than its frame"));
     }
@@ -218,7 +224,7 @@ pub(crate) fn decode_framed_block(frame: &[u8]) -> Result<Vec<Point>, DecodeErro
     if crc32fast::hash(payload) != crc {
         return Err(DecodeError("block checksum mismatch"));
     }
-    decode_block_payload(payload)
+    Ok(payload)
 }
 
 fn decode_block_payload(payload: &[u8]) -> Result<Vec<Point>, DecodeError> {

@@ -203,19 +203,7 @@ pub async fn latest(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     principal.require(Role::Viewer)?;
     reject_unknown(&params, &["keys", "label", "filter"])?;
-    let keys: Option<Vec<String>> = single(&params, "keys")?.map(|text| {
-        text.split(',')
-            .map(str::trim)
-            .filter(|key| !key.is_empty())
-            .map(str::to_owned)
-            .collect()
-    });
-    if keys.as_ref().is_some_and(Vec::is_empty) {
-        return Err(ApiError::invalid_param(
-            "keys",
-            "keys is empty: give a comma-separated list of keys, or leave it out for all keys",
-        ));
-    }
+    let keys = super::parse_key_list(single(&params, "keys")?)?;
     let filter = single(&params, "filter")?.map(Filter::parse).transpose()?;
     let selectors = label_selectors(&params)?;
     let devices = matching_devices(&state, &principal, &selectors).await?;

@@ -90,6 +90,27 @@ async fn compact(
     })))
 }
 
+/// Parses a comma-separated `keys` parameter; `None` (no parameter) means
+/// every key. An empty list is an error naming `keys`.
+pub fn parse_key_list(text: Option<&str>) -> Result<Option<Vec<String>>, ApiError> {
+    let Some(text) = text else {
+        return Ok(None);
+    };
+    let keys: Vec<String> = text
+        .split(',')
+        .map(str::trim)
+        .filter(|key| !key.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if keys.is_empty() {
+        return Err(ApiError::invalid_param(
+            "keys",
+            "keys is empty: give a comma-separated list of keys, or leave it out for all keys",
+        ));
+    }
+    Ok(Some(keys))
+}
+
 /// Returns the bearer credential of a request, if any.
 pub fn bearer_token(parts: &Parts) -> Option<&str> {
     let value = parts.headers.get(header::AUTHORIZATION)?.to_str().ok()?;

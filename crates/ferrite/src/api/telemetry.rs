@@ -145,22 +145,7 @@ fn reject_unknown_params(
 
 /// Parses the optional `keys` list; `None` means every key.
 fn parse_keys(params: &HashMap<String, String>) -> Result<Option<Vec<String>>, ApiError> {
-    let Some(text) = params.get("keys") else {
-        return Ok(None);
-    };
-    let keys: Vec<String> = text
-        .split(',')
-        .map(str::trim)
-        .filter(|key| !key.is_empty())
-        .map(str::to_owned)
-        .collect();
-    if keys.is_empty() {
-        return Err(ApiError::invalid_param(
-            "keys",
-            "keys is empty: give a comma-separated list of keys, or leave it out for all keys",
-        ));
-    }
-    Ok(Some(keys))
+    super::parse_key_list(params.get("keys").map(String::as_str))
 }
 
 /// `GET /api/v1/devices/{id}/telemetry/latest[?keys=K1,K2]`.

@@ -181,24 +181,7 @@ fn parse_query(params: &[(String, String)]) -> Result<ExportQuery, ApiError> {
         ));
     }
 
-    let keys = match single("keys")? {
-        None => None,
-        Some(text) => {
-            let keys: Vec<String> = text
-                .split(',')
-                .map(str::trim)
-                .filter(|key| !key.is_empty())
-                .map(str::to_owned)
-                .collect();
-            if keys.is_empty() {
-                return Err(ApiError::invalid_param(
-                    "keys",
-                    "keys is empty: give a comma-separated list of keys, or leave it out for all keys",
-                ));
-            }
-            Some(keys)
-        }
-    };
+    let keys = crate::api::parse_key_list(single("keys")?)?;
 
     Ok(ExportQuery {
         range,
