@@ -50,7 +50,7 @@ use crate::segment::{Partition, Segment, SegmentMeta, SegmentWriter};
 /// Open rows of one series, one per tier.
 pub(super) type OpenRows = Vec<Option<Bucket>>;
 
-/// What one flush adds to the rollup tiers.
+/// Rows and open rows that one flush adds to the rollup tiers.
 pub(super) struct RollupOutput {
     /// Rows to write per tier, in the order they were produced (a later row
     /// of the same series and bucket replaces an earlier one).
@@ -113,20 +113,10 @@ impl Inner {
             for (ts, value) in points.iter().map(|p| (p.0, &p.1)) {
                 for (tier, row) in open.iter_mut().enumerate() {
                     let start = bucket_start(ts, intervals[tier]);
-                    match row {
-                        Some(open_row) if ts <= last_ts(open_row) => {
-                            dirty.insert((tier, *id, start));
-                        }
-                        Some(open_row) if open_row.start == start => {
-                            open_row.add(ts, value.clone());
-                        }
-                        _ => {
-                            let mut fresh = Bucket::empty(start);
-                            fresh.add(ts, value.clone());
-                            if let Some(closed) = row.replace(fresh) {
-                                output.rows[tier].push((*id, closed));
-                            }
-                        }
+                    if row.as_ref().is_some_and(|open_row| ts <= last_ts(open_row)) {
+                        dirty.insert((tier, *id, start));
+                    } else if let Some(closed) = fold_newer(row, start, ts, value) {
+                        output.rows[tier].push((*id, closed));
                     }
                 }
             }
@@ -321,7 +311,8 @@ impl Inner {
         Ok(segments)
     }
 
-    /// The coarsest tier whose interval divides every bucket edge, if any.
+    /// Returns the coarsest tier whose interval divides every bucket edge, if
+    /// any.
     pub(super) fn choose_tier(&self, bounds: &[(TimestampNs, TimestampNs)]) -> Option<usize> {
         (0..self.tier_count()).rev().find(|tier| {
             let interval = self.options.rollup_intervals[*tier];
@@ -448,17 +439,8 @@ impl Inner {
             while let Some((ts, value)) = merged.next_point()? {
                 for (tier, row) in open.iter_mut().enumerate() {
                     let start = bucket_start(ts, intervals[tier]);
-                    match row {
-                        Some(open_row) if open_row.start == start => {
-                            open_row.add(ts, value.clone())
-                        }
-                        _ => {
-                            let mut fresh = Bucket::empty(start);
-                            fresh.add(ts, value.clone());
-                            if let Some(closed) = row.replace(fresh) {
-                                rows[tier].push((id, closed));
-                            }
-                        }
+                    if let Some(closed) = fold_newer(row, start, ts, &value) {
+                        rows[tier].push((id, closed));
                     }
                 }
             }
@@ -481,6 +463,26 @@ impl Inner {
         state.open_rows = open_rows;
         Ok(())
     }
+}
+
+/// Adds a point newer than the open row's last one to the open row when it
+/// falls into the row's bucket (`start`), else starts a new open row with
+/// it. Returns the row that was closed, if any.
+fn fold_newer(
+    row: &mut Option<Bucket>,
+    start: TimestampNs,
+    ts: TimestampNs,
+    value: &Value,
+) -> Option<Bucket> {
+    if let Some(open_row) = row
+        && open_row.start == start
+    {
+        open_row.add(ts, value.clone());
+        return None;
+    }
+    let mut fresh = Bucket::empty(start);
+    fresh.add(ts, value.clone());
+    row.replace(fresh)
 }
 
 /// Adds ascending points to the buckets of ascending, contiguous bounds.
