@@ -80,7 +80,7 @@ impl Catalog {
         None
     }
 
-    /// Every live series id, grouped by tenant name.
+    /// Lists every live series id, grouped by tenant name.
     pub(crate) fn series_by_tenant(
         &self,
     ) -> impl Iterator<Item = (&str, impl Iterator<Item = SeriesId> + '_)> {

@@ -1,4 +1,4 @@
-//! What a segment stores per timestamp: a raw [`Value`], or a rollup row
+//! The value a segment stores per timestamp: a raw [`Value`], or a rollup row
 //! (a [`Bucket`] summarising the points of one interval). Segments, blocks,
 //! merging and compaction are generic over [`StoredValue`], so both kinds
 //! share one file format, one last-write-wins rule and one compactor.

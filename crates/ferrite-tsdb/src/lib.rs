@@ -170,7 +170,7 @@
 //! the in-memory state. [`Store::write`] holds it for the hash lookups and
 //! pushes only. Queries copy what they need under the read lock and read
 //! segment blocks after releasing it. Flushes and deletes are serialised by
-//! a second lock, compaction passes by a third: flush moves the head aside
+//! a second lock, compaction passes by a third. A flush moves the head aside
 //! as the *frozen head* (queries keep seeing it), writes its segments
 //! without holding the state lock, and swaps them in for the frozen head.
 //! New writes go to a fresh head meanwhile.
@@ -323,7 +323,7 @@ impl std::fmt::Debug for StoreOptions {
     }
 }
 
-/// The system clock as a [`Clock`].
+/// Returns the system clock as a [`Clock`].
 pub fn system_clock() -> Clock {
     std::sync::Arc::new(|| {
         let now = std::time::SystemTime::now()
@@ -379,7 +379,7 @@ pub struct Bucket {
 }
 
 impl Bucket {
-    /// A bucket without points.
+    /// Returns a bucket without points.
     pub fn empty(start: TimestampNs) -> Bucket {
         Bucket {
             start,

@@ -107,7 +107,7 @@ impl Partition {
         end: TimestampNs::MAX,
     };
 
-    /// The partition of `duration` nanoseconds that contains `ts`, aligned
+    /// Returns the partition of `duration` nanoseconds that contains `ts`, aligned
     /// to the Unix epoch.
     pub(crate) fn of(ts: TimestampNs, duration: i64) -> Partition {
         let start = ts.div_euclid(duration).saturating_mul(duration);

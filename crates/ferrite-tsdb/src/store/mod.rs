@@ -789,8 +789,8 @@ impl Inner {
                 .insert((tier, segment.meta.partition), now);
             state.rollups[usize::from(tier) - 1].push(Arc::new(segment));
         }
-        // Open rows change together with the frozen head leaving, so a
-        // query never sees a point in both.
+        // Open rows change in the same step that removes the frozen head,
+        // so no query counts a point in both.
         state.open_rows.extend(flushed.open_rows);
         state.frozen = None;
         state.durable_marker = marker;
@@ -1279,7 +1279,7 @@ fn write_file_durably(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StoreE
     crate::fsio::sync_dir(dir).context("sync directory", dir)
 }
 
-/// What one flush wrote.
+/// Segments and open rows written by one flush.
 struct Flushed {
     raw: Vec<Segment>,
     rollups: Vec<Segment<Bucket>>,

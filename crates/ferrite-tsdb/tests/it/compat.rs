@@ -85,7 +85,7 @@ fn write_fixture() {
     store.delete_device("default", "gone").unwrap();
 }
 
-/// The fixture's final contents: the writes of [`write_fixture`] applied
+/// Builds the fixture's final contents: the writes of [`write_fixture`] applied
 /// with last-write-wins, without the deleted device.
 fn expected() -> std::collections::BTreeMap<(String, String), std::collections::BTreeMap<i64, Value>>
 {

@@ -54,7 +54,7 @@ impl IntervalParam {
         parse_interval(text).map(IntervalParam::Given)
     }
 
-    /// The interval to align a default `start` to.
+    /// Returns the interval that a default `start` is aligned to.
     pub fn given(self) -> Option<Interval> {
         match self {
             IntervalParam::Given(interval) => Some(interval),
@@ -147,7 +147,7 @@ pub fn tier_name(tier: Option<i64>) -> String {
     }
 }
 
-/// The bucket grid of `[start, end)`, or `None` for an empty range.
+/// Builds the bucket grid of `[start, end)`, or `None` for an empty range.
 pub fn grid(
     interval: Interval,
     tz: Option<&str>,
@@ -182,7 +182,7 @@ fn grid_error(error: GridError) -> ApiError {
     ApiError::invalid_param(param, error.to_string())
 }
 
-/// The grid's buckets clipped to `[start, end)`: the ranges the store
+/// Returns the grid's buckets clipped to `[start, end)`: the ranges the store
 /// aggregates. Labels come from [`BucketGrid::bucket`].
 pub fn clipped_bounds(
     grid: &BucketGrid,

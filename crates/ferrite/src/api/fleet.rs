@@ -85,7 +85,7 @@ fn label_selectors(params: &Params) -> Result<Vec<(String, String)>, ApiError> {
         .collect()
 }
 
-/// Every device of the tenant whose labels match all selectors, with the
+/// Lists every device of the tenant whose labels match all selectors, with the
 /// labels that are not yet written to the metadata store.
 async fn matching_devices(
     state: &AppState,

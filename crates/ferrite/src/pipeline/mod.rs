@@ -172,7 +172,7 @@ impl Pipeline {
         })
     }
 
-    /// The handle through which other tasks request a flush now.
+    /// Returns the handle through which other tasks request a flush now.
     pub fn flush_requests(&self) -> Arc<FlushRequests> {
         self.flush_requests.clone()
     }

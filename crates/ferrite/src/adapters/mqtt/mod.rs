@@ -91,7 +91,7 @@ pub struct MqttContext {
 }
 
 impl MqttContext {
-    /// The timestamps that a device of `tenant` may publish.
+    /// Returns the timestamps that a device of `tenant` may publish.
     pub fn time_window(&self, tenant: &str) -> crate::decode::TimeWindow {
         crate::decode::TimeWindow {
             max_future: self.max_future,
