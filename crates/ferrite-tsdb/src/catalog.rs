@@ -44,7 +44,18 @@ pub(crate) type DeviceSeries = HashMap<String, SeriesId>;
 #[derive(Default)]
 pub(crate) struct Catalog {
     tenants: HashMap<String, HashMap<String, DeviceSeries>>,
+    /// Tenant number per tenant name, assigned in order of first use and
+    /// never reused while the store is open.
+    tenant_numbers: HashMap<String, u32>,
+    tenant_names: Vec<String>,
+    /// Tenant number of every series by id ([`NO_TENANT`] for deleted or
+    /// unknown ids): 4 bytes per series, so that retention finds the
+    /// tenant of an id without a map per pass.
+    tenant_of: Vec<u32>,
 }
+
+/// Tenant number of ids that belong to no live series.
+pub(crate) const NO_TENANT: u32 = u32::MAX;
 
 impl Catalog {
     pub(crate) fn get(&self, series: &SeriesKey) -> Option<SeriesId> {
@@ -77,7 +88,42 @@ impl Catalog {
             return Some(*existing);
         }
         keys.insert(series.key.clone(), id);
+        let tenant = self.tenant_number(&series.tenant);
+        self.set_tenant(id, tenant);
         None
+    }
+
+    /// Returns the number of a tenant, assigning the next one to a new name.
+    pub(crate) fn tenant_number(&mut self, tenant: &str) -> u32 {
+        if let Some(number) = self.tenant_numbers.get(tenant) {
+            return *number;
+        }
+        let number = u32::try_from(self.tenant_names.len())
+            .ok()
+            .filter(|n| *n != NO_TENANT)
+            .expect("fewer than 4 billion tenants");
+        self.tenant_numbers.insert(tenant.to_owned(), number);
+        self.tenant_names.push(tenant.to_owned());
+        number
+    }
+
+    /// Records the tenant of a series added by the write path.
+    pub(crate) fn set_tenant(&mut self, id: SeriesId, tenant: u32) {
+        let index = usize::try_from(id.0).expect("series ids fit in memory");
+        if self.tenant_of.len() <= index {
+            self.tenant_of.resize(index + 1, NO_TENANT);
+        }
+        self.tenant_of[index] = tenant;
+    }
+
+    /// Tenant number of every series id, see [`Catalog::tenant_of`].
+    pub(crate) fn tenants_by_id(&self) -> &[u32] {
+        &self.tenant_of
+    }
+
+    /// Names of the tenants in number order.
+    pub(crate) fn tenant_names(&self) -> &[String] {
+        &self.tenant_names
     }
 
     /// Lists every live series id, grouped by tenant name.
@@ -97,6 +143,14 @@ impl Catalog {
         let removed = devices.remove(device);
         if devices.is_empty() {
             self.tenants.remove(tenant);
+        }
+        for id in removed.iter().flat_map(|keys| keys.values()) {
+            if let Some(tenant) = usize::try_from(id.0)
+                .ok()
+                .and_then(|index| self.tenant_of.get_mut(index))
+            {
+                *tenant = NO_TENANT;
+            }
         }
         removed
     }

@@ -81,6 +81,11 @@ impl<'a> Reader<'a> {
         self.pos == self.bytes.len()
     }
 
+    /// Number of bytes read so far.
+    pub(crate) fn position(&self) -> usize {
+        self.pos
+    }
+
     pub(crate) fn u8(&mut self) -> Result<u8, DecodeError> {
         let byte = *self
             .bytes

@@ -9,7 +9,7 @@ use ferrite_core::{TimestampNs, Value};
 use crate::catalog::SeriesId;
 use crate::error::StoreError;
 use crate::item::StoredValue;
-use crate::segment::{BlockRef, Segment};
+use crate::segment::{BlockRef, IndexEntry, Segment};
 
 /// Points of one series from one source, ascending and unique by timestamp,
 /// restricted to `lo <= ts < end`.
@@ -52,8 +52,21 @@ impl<V: StoredValue> Source<V> {
         lo: TimestampNs,
         end: TimestampNs,
         skip_damaged: bool,
+    ) -> Result<Option<Source<V>>, StoreError> {
+        Ok(segment
+            .entry(id)?
+            .and_then(|entry| Source::entry(segment, &entry, lo, end, skip_damaged)))
+    }
+
+    /// Creates a source over the blocks of `entry`, an index entry of
+    /// `segment`, that overlap `lo <= ts < end`.
+    pub(crate) fn entry(
+        segment: &Arc<Segment<V>>,
+        entry: &IndexEntry<V>,
+        lo: TimestampNs,
+        end: TimestampNs,
+        skip_damaged: bool,
     ) -> Option<Source<V>> {
-        let entry = segment.entry(id)?;
         if entry.max_ts < lo || entry.min_ts >= end {
             return None;
         }
@@ -154,22 +167,42 @@ impl<V: StoredValue> BlockSource<V> {
 pub(crate) struct MergedPoints<V: StoredValue = Value> {
     /// Oldest source first.
     sources: Vec<Source<V>>,
+    /// Error met while finding the sources, returned by the first read.
+    failed: Option<StoreError>,
 }
 
 impl<V: StoredValue> MergedPoints<V> {
     pub(crate) fn new(sources: Vec<Source<V>>) -> MergedPoints<V> {
-        MergedPoints { sources }
+        MergedPoints {
+            sources,
+            failed: None,
+        }
+    }
+
+    /// Returns the sources found, or a merge whose first read returns the
+    /// error met while finding them.
+    pub(crate) fn from_sources(
+        sources: Result<Vec<Source<V>>, StoreError>,
+    ) -> MergedPoints<V> {
+        match sources {
+            Ok(sources) => MergedPoints::new(sources),
+            Err(err) => MergedPoints {
+                sources: Vec::new(),
+                failed: Some(err),
+            },
+        }
     }
 
     pub(crate) fn empty() -> MergedPoints<V> {
-        MergedPoints {
-            sources: Vec::new(),
-        }
+        MergedPoints::new(Vec::new())
     }
 
     /// Returns the next point: the smallest timestamp among the sources,
     /// with the value of the newest source that has it.
     pub(crate) fn next_point(&mut self) -> Result<Option<(TimestampNs, V)>, StoreError> {
+        if let Some(err) = self.failed.take() {
+            return Err(err);
+        }
         let mut min_ts: Option<TimestampNs> = None;
         for source in &mut self.sources {
             if let Some(ts) = source.peek_ts()? {

@@ -13,7 +13,7 @@ use std::time::Instant;
 use ferrite_core::{TimestampNs, Value, is_storable_timestamp};
 use parking_lot::{Condvar, Mutex, RwLock};
 
-use crate::catalog::{Catalog, IdMap, SeriesId};
+use crate::catalog::{NO_TENANT, Catalog, IdMap, SeriesId};
 use crate::encoding::Point;
 use crate::error::{IoContext, StoreError, io_error};
 use crate::head::Head;
@@ -142,12 +142,6 @@ impl Store {
         }
 
         let mut recovered = recover_segments(dir, &loaded)?;
-        let mut flushed_latest: IdMap<Point> = IdMap::default();
-        for segment in &recovered.segments {
-            for (id, entry) in &segment.index {
-                update_latest(&mut flushed_latest, *id, entry.max_ts, &entry.last_value);
-            }
-        }
 
         tracing::info!(
             dir = %dir.display(),
@@ -190,6 +184,7 @@ impl Store {
         let mut segments: Vec<Arc<Segment>> =
             recovered.segments.into_iter().map(Arc::new).collect();
         sort_by_priority(&mut segments);
+        let flushed_latest = latest_of_segments(&segments, &|id| loaded.deleted.contains(&id))?;
         let mut rollups: Vec<Vec<Arc<Segment<Bucket>>>> =
             vec![Vec::new(); options.rollup_intervals.len()];
         for segment in recovered.rollups {
@@ -205,9 +200,13 @@ impl Store {
         for (tier, list) in rollups.iter_mut().enumerate() {
             sort_by_priority(list);
             for segment in list.iter() {
-                for (id, entry) in &segment.index {
+                for entry in segment.entries() {
+                    let (id, entry) = entry?;
+                    if loaded.deleted.contains(&id) {
+                        continue;
+                    }
                     let rows = open_rows
-                        .entry(*id)
+                        .entry(id)
                         .or_insert_with(|| vec![None; options.rollup_intervals.len()]);
                     if rows[tier]
                         .as_ref()
@@ -224,7 +223,9 @@ impl Store {
             catalog,
             next_series_id: loaded.max_id + 1,
             unpersisted: IdMap::default(),
-            deleted: HashSet::new(),
+            // Segments keep the points of deleted series until compaction
+            // drops them.
+            deleted: loaded.deleted.iter().copied().collect(),
             head: Head::default(),
             frozen: None,
             segments,
@@ -319,6 +320,7 @@ impl Store {
         } = &mut *guard;
         let keys = catalog.device_entry(tenant, device);
 
+        let mut added = Vec::new();
         for (key, ts, value) in points {
             let id = match keys.get(*key) {
                 Some(id) => *id,
@@ -327,10 +329,17 @@ impl Store {
                     *next_series_id += 1;
                     keys.insert((*key).to_owned(), id);
                     unpersisted.insert(id, SeriesKey::new(tenant, device, *key));
+                    added.push(id);
                     id
                 }
             };
             head.push(id, *ts, value.clone());
+        }
+        if !added.is_empty() {
+            let number = catalog.tenant_number(tenant);
+            for id in added {
+                catalog.set_tenant(id, number);
+            }
         }
         Ok(())
     }
@@ -915,14 +924,15 @@ impl Inner {
         }
         let now = self.now();
         let state = self.state.read();
-        let mut per_series = IdMap::default();
-        for (tenant, ids) in state.catalog.series_by_tenant() {
-            let cutoff = retention.cutoff(tenant, now);
-            for id in ids {
-                per_series.insert(id, cutoff);
-            }
-        }
-        Some(Cutoffs { per_series })
+        Some(Cutoffs {
+            by_tenant: state
+                .catalog
+                .tenant_names()
+                .iter()
+                .map(|tenant| retention.cutoff(tenant, now))
+                .collect(),
+            tenant_of: state.catalog.tenants_by_id().to_vec(),
+        })
     }
 
     /// Deletes segments whose every series ends before its retention
@@ -935,19 +945,13 @@ impl Inner {
         let Some(cutoffs) = cutoffs else {
             return Ok(());
         };
-        let expired: Vec<Arc<Segment<V>>> = {
-            let state = self.state.read();
-            V::list(&state, tier)
-                .iter()
-                .filter(|segment| {
-                    segment
-                        .index
-                        .iter()
-                        .all(|(id, entry)| entry.max_ts < cutoffs.of(*id))
-                })
-                .cloned()
-                .collect()
-        };
+        let listed: Vec<Arc<Segment<V>>> = V::list(&self.state.read(), tier).clone();
+        let mut expired = Vec::new();
+        for segment in listed {
+            if cutoffs.all_expired(&segment)? {
+                expired.push(segment);
+            }
+        }
         if expired.is_empty() {
             return Ok(());
         }
@@ -956,7 +960,7 @@ impl Inner {
             V::list_mut(&mut state, tier)
                 .retain(|segment| !expired.iter().any(|e| Arc::ptr_eq(e, segment)));
             if V::RAW {
-                rebuild_latest(&mut state);
+                forget_expired_latest(&mut state, cutoffs);
             }
         }
         for segment in &expired {
@@ -1001,14 +1005,19 @@ impl Inner {
             if partition == Partition::ALL {
                 return Some((group, true));
             }
+            // Reads the whole index, which only an explicit full compaction
+            // does. An unreadable index counts as needing a rewrite, whose
+            // error then tells what is wrong.
             let needs_rewrite = |segment: &Segment<V>| {
                 segment.version != crate::segment::VERSION
-                    || segment.index.keys().any(|id| state.deleted.contains(id))
-                    || cutoffs.as_ref().is_some_and(|cutoffs| {
-                        segment
-                            .index
-                            .iter()
-                            .any(|(id, entry)| entry.min_ts < cutoffs.of(*id))
+                    || segment.entries().any(|entry| match entry {
+                        Ok((id, entry)) => {
+                            state.deleted.contains(&id)
+                                || cutoffs
+                                    .as_ref()
+                                    .is_some_and(|cutoffs| entry.min_ts < cutoffs.of(id))
+                        }
+                        Err(_) => true,
                     })
             };
             let cold = state
@@ -1042,13 +1051,6 @@ impl Inner {
     ) -> Result<(), StoreError> {
         let started = Instant::now();
         let deleted = self.state.read().deleted.clone();
-        let mut ids: Vec<SeriesId> = inputs
-            .iter()
-            .flat_map(|segment| segment.index.keys().copied())
-            .filter(|id| !deleted.contains(id))
-            .collect();
-        ids.sort_unstable();
-        ids.dedup();
 
         let priority = inputs.iter().map(|s| s.meta.priority).max().unwrap_or(0);
         let marker = inputs.iter().map(|s| s.marker).max().unwrap_or(0);
@@ -1067,12 +1069,43 @@ impl Inner {
         // partition; the format 1 group is split as its points come.
         let mut writers: BTreeMap<Partition, SegmentWriter<V>> = BTreeMap::new();
         let mut damaged: HashSet<u64> = HashSet::new();
-        for id in ids {
+        // The indexes are read side by side in ascending id order, so the
+        // merge holds one entry per input in memory.
+        let mut indexes: Vec<_> = inputs
+            .iter()
+            .map(|segment| segment.entries().peekable())
+            .collect();
+        loop {
+            let mut next_id: Option<SeriesId> = None;
+            for index in &mut indexes {
+                match index.peek() {
+                    Some(Ok((id, _))) => next_id = Some(next_id.map_or(*id, |next| next.min(*id))),
+                    Some(Err(_)) => {
+                        return Err(index
+                            .next()
+                            .and_then(Result::err)
+                            .expect("peeked an error"));
+                    }
+                    None => {}
+                }
+            }
+            let Some(id) = next_id else {
+                break;
+            };
             let lo = cutoffs.as_ref().map_or(ALL_LO, |c| c.of(id));
-            let sources = inputs
-                .iter()
-                .filter_map(|segment| Source::segment(segment, id, lo, ALL_END, true))
-                .collect();
+            let mut sources = Vec::new();
+            for (segment, index) in inputs.iter().zip(&mut indexes) {
+                if let Some(Ok((entry_id, _))) = index.peek()
+                    && *entry_id == id
+                    && let Some(Ok((_, entry))) = index.next()
+                    && let Some(source) = Source::entry(segment, &entry, lo, ALL_END, true)
+                {
+                    sources.push(source);
+                }
+            }
+            if deleted.contains(&id) {
+                continue;
+            }
             let mut merged = MergedPoints::new(sources);
             let mut points: Vec<(TimestampNs, V)> = Vec::new();
             while let Some(point) = merged.next_point()? {
@@ -1129,8 +1162,10 @@ impl Inner {
             list.retain(|segment| !inputs.iter().any(|input| Arc::ptr_eq(input, segment)));
             list.extend(outputs.iter().cloned());
             sort_by_priority(list);
-            if V::RAW && (!damaged.is_empty() || cutoffs.is_some()) {
-                rebuild_latest(&mut state);
+            if V::RAW && !damaged.is_empty() {
+                rebuild_latest(&mut state)?;
+            } else if V::RAW && let Some(cutoffs) = cutoffs {
+                forget_expired_latest(&mut state, cutoffs);
             }
         }
 
@@ -1152,6 +1187,7 @@ impl Inner {
             inputs = inputs.len(),
             outputs = outputs.len(),
             level,
+            series = outputs.iter().map(|s| s.series_count).sum::<u64>(),
             input_bytes = inputs.iter().map(|s| s.size).sum::<u64>(),
             output_bytes = outputs.iter().map(|s| s.size).sum::<u64>(),
             damaged_inputs = damaged.len(),
@@ -1180,12 +1216,16 @@ impl Inner {
         }
         let state = self.state.read();
 
-        let mut sources: Vec<Source> = state
+        let sources: Result<Vec<Source>, StoreError> = state
             .segments
             .iter()
             .filter(|segment| segment.meta.partition.end > lo && segment.meta.partition.start < end)
-            .filter_map(|segment| Source::segment(segment, id, lo, end, false))
+            .filter_map(|segment| Source::segment(segment, id, lo, end, false).transpose())
             .collect();
+        let mut sources = match sources {
+            Ok(sources) => sources,
+            Err(err) => return MergedPoints::from_sources(Err(err)),
+        };
         let heads = [state.frozen.as_deref(), Some(&state.head)];
         for head in heads.into_iter().flatten() {
             if let Some(head_series) = head.get(id) {
@@ -1226,18 +1266,57 @@ impl SegmentList for Bucket {
     }
 }
 
-/// Retention cutoff of every live series during one maintenance pass.
+/// Retention cutoffs during one maintenance pass.
 struct Cutoffs {
-    per_series: IdMap<TimestampNs>,
+    /// Cutoff per tenant number.
+    by_tenant: Vec<TimestampNs>,
+    /// Tenant number per series id, copied from the catalog.
+    tenant_of: Vec<u32>,
 }
 
 impl Cutoffs {
+    fn tenant(&self, id: SeriesId) -> u32 {
+        usize::try_from(id.0)
+            .ok()
+            .and_then(|index| self.tenant_of.get(index))
+            .copied()
+            .unwrap_or(NO_TENANT)
+    }
+
     /// Series that are not live (deleted) expire entirely.
     fn of(&self, id: SeriesId) -> TimestampNs {
-        self.per_series
-            .get(&id)
+        self.of_tenant(self.tenant(id))
+    }
+
+    fn of_tenant(&self, tenant: u32) -> TimestampNs {
+        usize::try_from(tenant)
+            .ok()
+            .and_then(|index| self.by_tenant.get(index))
             .copied()
             .unwrap_or(TimestampNs::MAX)
+    }
+
+    /// True when every point of `segment` is older than the cutoff of its
+    /// series. The greatest timestamp per tenant is read from the index
+    /// once per segment.
+    fn all_expired<V: StoredValue>(&self, segment: &Segment<V>) -> Result<bool, StoreError> {
+        let per_tenant = match segment.tenant_max_ts.get() {
+            Some(per_tenant) => per_tenant,
+            None => {
+                let mut max_ts: BTreeMap<u32, TimestampNs> = BTreeMap::new();
+                for entry in segment.entries() {
+                    let (id, entry) = entry?;
+                    let slot = max_ts.entry(self.tenant(id)).or_insert(entry.max_ts);
+                    *slot = (*slot).max(entry.max_ts);
+                }
+                segment
+                    .tenant_max_ts
+                    .get_or_init(|| max_ts.into_iter().collect())
+            }
+        };
+        Ok(per_tenant
+            .iter()
+            .all(|(tenant, max_ts)| *max_ts < self.of_tenant(*tenant)))
     }
 }
 
@@ -1291,15 +1370,38 @@ fn sort_by_priority<V: StoredValue>(segments: &mut [Arc<Segment<V>>]) {
 }
 
 /// Recomputes the latest point of every series from the segment indexes,
-/// after segments were removed. Later segments win ties.
-fn rebuild_latest(state: &mut State) {
+/// after a damaged segment was set aside. Later segments win ties. Reads
+/// every index, so it is kept for that rare case.
+fn rebuild_latest(state: &mut State) -> Result<(), StoreError> {
+    state.flushed_latest = latest_of_segments(&state.segments, &|id| state.deleted.contains(&id))?;
+    Ok(())
+}
+
+/// Latest point of every series in `segments` except the `deleted` ones.
+fn latest_of_segments(
+    segments: &[Arc<Segment>],
+    deleted: &dyn Fn(SeriesId) -> bool,
+) -> Result<IdMap<Point>, StoreError> {
     let mut latest: IdMap<Point> = IdMap::default();
-    for segment in &state.segments {
-        for (id, entry) in &segment.index {
-            update_latest(&mut latest, *id, entry.max_ts, &entry.last_value);
+    for segment in segments {
+        for entry in segment.entries() {
+            let (id, entry) = entry?;
+            if deleted(id) {
+                continue;
+            }
+            update_latest(&mut latest, id, entry.max_ts, &entry.last_value);
         }
     }
-    state.flushed_latest = latest;
+    Ok(latest)
+}
+
+/// Forgets the latest points that retention removed. A series whose latest
+/// point is older than its cutoff has no point left at all, so nothing
+/// else needs to be read.
+fn forget_expired_latest(state: &mut State, cutoffs: &Cutoffs) {
+    state
+        .flushed_latest
+        .retain(|id, (ts, _)| *ts >= cutoffs.of(*id));
 }
 
 fn update_latest(latest: &mut IdMap<Point>, id: SeriesId, ts: TimestampNs, value: &Value) {
@@ -1440,16 +1542,23 @@ fn recover_segments(dir: &Path, loaded: &LoadedSeries) -> Result<RecoveredSegmen
     };
     for (seq, path) in files {
         let opened = probe_tier(&path).and_then(|tier| {
+            let mut unknown = None;
+            let mut check = |id: SeriesId| {
+                if unknown.is_none() && !loaded.live.contains_key(&id) && !loaded.deleted.contains(&id)
+                {
+                    unknown = Some(id);
+                }
+            };
             if tier == 0 {
-                Segment::<Value>::open(path.clone(), seq).map(|segment| {
-                    match undefined_series(&segment, loaded) {
+                Segment::<Value>::open(path.clone(), seq, |id, _| check(id)).map(|segment| {
+                    match unknown {
                         None => intact.push(segment),
                         Some(id) => damaged.push((seq, path.clone(), undefined(id))),
                     }
                 })
             } else {
-                Segment::<Bucket>::open(path.clone(), seq).map(|segment| {
-                    match undefined_series(&segment, loaded) {
+                Segment::<Bucket>::open(path.clone(), seq, |id, _| check(id)).map(|segment| {
+                    match unknown {
                         None => intact_rollups.push(segment),
                         Some(id) => damaged.push((seq, path.clone(), undefined(id))),
                     }
@@ -1483,23 +1592,21 @@ fn recover_segments(dir: &Path, loaded: &LoadedSeries) -> Result<RecoveredSegmen
         )
         .collect();
     let mut kept_rollups = Vec::with_capacity(intact_rollups.len());
-    for mut segment in intact_rollups {
+    for segment in intact_rollups {
         if superseding.contains(&segment.seq) {
             fs::remove_file(&segment.path).context("delete", &segment.path)?;
             continue;
         }
-        segment.index.retain(|id, _| !loaded.deleted.contains(id));
         kept_rollups.push(segment);
     }
 
     let mut kept = Vec::with_capacity(intact.len());
-    for mut segment in intact {
+    for segment in intact {
         if superseding.contains(&segment.seq) {
             tracing::info!(path = %segment.path.display(), "deleting segment superseded by a compaction");
             fs::remove_file(&segment.path).context("delete", &segment.path)?;
             continue;
         }
-        segment.index.retain(|id, _| !loaded.deleted.contains(id));
         kept.push(segment);
     }
 
@@ -1567,14 +1674,3 @@ fn recover_segments(dir: &Path, loaded: &LoadedSeries) -> Result<RecoveredSegmen
     })
 }
 
-/// Returns a series id of the segment that is neither live nor deleted.
-fn undefined_series<V: StoredValue>(
-    segment: &Segment<V>,
-    loaded: &LoadedSeries,
-) -> Option<SeriesId> {
-    segment
-        .index
-        .keys()
-        .find(|id| !loaded.live.contains_key(id) && !loaded.deleted.contains(id))
-        .copied()
-}

@@ -213,8 +213,8 @@ impl Inner {
                 .filter(|segment| {
                     segment.meta.partition.end > start && segment.meta.partition.start < end
                 })
-                .filter_map(|segment| Source::segment(segment, id, start, end, false))
-                .collect()
+                .filter_map(|segment| Source::segment(segment, id, start, end, false).transpose())
+                .collect::<Result<_, _>>()?
         };
         let flushed: Vec<(TimestampNs, Bucket)> = pending
             .range((id, start)..(id, end))
@@ -400,11 +400,15 @@ impl Inner {
             return MergedPoints::empty();
         }
         let state = self.state.read();
-        let mut sources: Vec<Source<Bucket>> = state.rollups[tier]
+        let sources: Result<Vec<Source<Bucket>>, StoreError> = state.rollups[tier]
             .iter()
             .filter(|segment| segment.meta.partition.end > lo && segment.meta.partition.start < end)
-            .filter_map(|segment| Source::segment(segment, id, lo, end, false))
+            .filter_map(|segment| Source::segment(segment, id, lo, end, false).transpose())
             .collect();
+        let mut sources = match sources {
+            Ok(sources) => sources,
+            Err(err) => return MergedPoints::from_sources(Err(err)),
+        };
         if let Some(Some(row)) = state.open_rows.get(&id).and_then(|rows| rows.get(tier))
             && lo <= row.start
             && row.start < end
