@@ -3,8 +3,10 @@
 //! store needs per series.
 //!
 //! ```text
-//! cargo run --release -p ferrite-tsdb --example many_series -- SERIES ROUNDS [DIR]
+//! cargo run --release -p ferrite-tsdb --example many_series -- SERIES ROUNDS [BUDGET_MIB [DIR]]
 //! ```
+//!
+//! `BUDGET_MIB` sets [`StoreOptions::memory_budget_bytes`] (default 1024).
 //!
 //! Series are spread over devices with 7 keys each, like the trucks of the
 //! fleet benchmark, and rounds are 10 s apart. Without `DIR` the store goes
@@ -29,11 +31,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let series: usize = args.next().map_or(Ok(1_000_000), |a| a.parse())?;
     let rounds: i64 = args.next().map_or(Ok(10), |a| a.parse())?;
+    let budget_mib: usize = args.next().map_or(Ok(1024), |a| a.parse())?;
     let temp = tempfile::tempdir()?;
-    let dir = args.next().map_or_else(|| temp.path().to_path_buf(), Into::into);
+    let dir = args
+        .next()
+        .map_or_else(|| temp.path().to_path_buf(), Into::into);
 
     let devices = series.div_ceil(KEYS.len());
-    let store = Store::open(&dir, StoreOptions::default())?;
+    let options = StoreOptions {
+        memory_budget_bytes: Some(budget_mib * 1024 * 1024),
+        ..StoreOptions::default()
+    };
+    let store = Store::open(&dir, options)?;
     let start_ns: i64 = 1_700_000_000_000_000_000;
     let started = Instant::now();
     let mut marker = 0;
@@ -44,7 +53,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let points: Vec<(&str, i64, Value)> = KEYS
                 .iter()
                 .enumerate()
-                .map(|(k, key)| (*key, ts, Value::Float((device * 7 + k) as f64 + round as f64 * 0.5)))
+                .map(|(k, key)| {
+                    (
+                        *key,
+                        ts,
+                        Value::Float((device * 7 + k) as f64 + round as f64 * 0.5),
+                    )
+                })
                 .collect();
             store.write("fleet", &name, &points)?;
             if store.needs_flush() {
@@ -54,10 +69,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         marker += 1;
         store.flush(marker)?;
+        let usage = store.memory_usage();
         println!(
-            "round {round}: {:.1} s, rss {} MiB",
+            "round {round}: {:.1} s, rss {} MiB, estimate {} MiB ({} fixed: names {}, latest {}, open rows {}, segments {}), head budget {} MiB",
             started.elapsed().as_secs_f64(),
-            status_kib("VmRSS") / 1024
+            status_kib("VmRSS") / 1024,
+            usage.total() >> 20,
+            usage.fixed() >> 20,
+            usage.names >> 20,
+            usage.latest >> 20,
+            usage.open_rows >> 20,
+            usage.segments >> 20,
+            store.head_budget() >> 20
         );
     }
     let points = devices as i64 * KEYS.len() as i64 * rounds;

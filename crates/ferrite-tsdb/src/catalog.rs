@@ -35,6 +35,22 @@ impl Hasher for IdHasher {
 
 pub(crate) type IdMap<V> = HashMap<SeriesId, V, BuildHasherDefault<IdHasher>>;
 
+/// Estimated heap bytes of a hash table with room for `capacity` entries:
+/// slots at the table's 7/8 load factor, each with one control byte.
+pub(crate) fn table_bytes<K, V>(capacity: usize) -> usize {
+    capacity * 8 / 7 * (size_of::<K>() + size_of::<V>() + 1)
+}
+
+/// Estimated bytes of one heap allocation of `len` bytes: glibc malloc adds
+/// an 8-byte header, rounds to 16 and allocates at least 32.
+pub(crate) fn heap_bytes(len: usize) -> usize {
+    if len == 0 {
+        0
+    } else {
+        (len + 8).next_multiple_of(16).max(32)
+    }
+}
+
 /// Keys of one device and their series ids.
 pub(crate) type DeviceSeries = HashMap<String, SeriesId>;
 
@@ -119,6 +135,24 @@ impl Catalog {
     /// Tenant number of every series id, see [`Catalog::tenant_of`].
     pub(crate) fn tenants_by_id(&self) -> &[u32] {
         &self.tenant_of
+    }
+
+    /// Estimated heap bytes of the name index and the tenant table. Walks
+    /// every key, so it is meant for once per flush, not per write.
+    pub(crate) fn estimated_bytes(&self) -> usize {
+        let mut bytes = self.tenant_of.capacity() * size_of::<u32>()
+            + table_bytes::<String, u32>(self.tenant_numbers.capacity())
+            + self.tenant_names.capacity() * size_of::<String>();
+        for (tenant, devices) in &self.tenants {
+            bytes += 2 * heap_bytes(tenant.len())
+                + table_bytes::<String, DeviceSeries>(devices.capacity());
+            for (device, keys) in devices {
+                bytes +=
+                    heap_bytes(device.len()) + table_bytes::<String, SeriesId>(keys.capacity());
+                bytes += keys.keys().map(|key| heap_bytes(key.len())).sum::<usize>();
+            }
+        }
+        bytes
     }
 
     /// Names of the tenants in number order.

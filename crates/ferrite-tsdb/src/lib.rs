@@ -100,7 +100,8 @@
 //!
 //! Within a segment the points of a series are strictly ascending and unique
 //! by timestamp (the head is deduplicated with last-write-wins before it is
-//! written), and all lie inside the segment's partition. The index is:
+//! written), and all lie inside the segment's partition. The index lists the
+//! series in strictly ascending id order, which lookups rely on:
 //!
 //! ```text
 //! tier u8 (0 raw, 1.. rollup tiers) | partition_start zigzag | partition_end zigzag
@@ -122,9 +123,13 @@
 //! that starts with the first and last seq of the compaction inputs instead
 //! of the fields before `series_count`, and uncompressed row-wise blocks.
 //!
-//! Open reads only header, trailer and index of each segment. Block
-//! checksums are checked when a query or compaction reads the block, so
-//! start-up time does not grow with the amount of data.
+//! Open reads only header, trailer and index of each segment, checks the
+//! index checksum and every entry, and keeps in memory one *fence* (series
+//! id and position) per 32 entries. A lookup reads the entries between two
+//! fences from the file (the operating system's page cache keeps hot
+//! indexes); compaction reads the indexes of its inputs side by side in id
+//! order. Block checksums are checked when a query or compaction reads the
+//! block, so start-up time does not grow with the amount of data.
 //!
 //! # Recovery at open
 //!
@@ -175,13 +180,15 @@
 //! without holding the state lock, and swaps them in for the frozen head.
 //! New writes go to a fresh head meanwhile.
 //!
-//! Memory is the head (the caller flushes when [`Store::head_bytes`] reaches
-//! [`StoreOptions::head_budget_bytes`]), the frozen head during a flush, the
-//! name index, latest point and open rollup rows of every series, and one
-//! index entry per (segment, series).
+//! Memory is the head (the caller flushes when [`Store::needs_flush`]), the
+//! frozen head during a flush, and per series its name, latest point and
+//! open rollup rows (about 560 bytes with two tiers), plus 16 bytes per 32
+//! series per open segment. [`StoreOptions::memory_budget_bytes`] bounds the
+//! sum: the head budget ([`Store::head_budget`]) is what the series leave,
+//! halved for the frozen head. [`Store::memory_usage`] estimates each part.
 //!
-//! NOTE: segment indexes are held in memory whole, so memory grows with the
-//! number of series times the number of partitions kept.
+//! NOTE: the open rollup rows take 60 % of the per-series memory (a
+//! [`Bucket`] per tier); a compact numeric form would cut them by a third.
 
 mod block;
 mod catalog;
@@ -271,6 +278,43 @@ impl Retention {
     }
 }
 
+/// Smallest head budget that a memory budget leaves: below it flushes would
+/// write a few points per series each and cost more than they free.
+pub const MIN_HEAD_BUDGET_BYTES: usize = 8 * 1024 * 1024;
+
+/// Estimated memory of a [`Store`] by part, in bytes. The estimates count
+/// the allocated tables and their entries; string values held as latest
+/// points or open rows are not counted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MemoryUsage {
+    /// Live series.
+    pub series: usize,
+    /// Series names (tenant, device and key) and the tenant table.
+    pub names: usize,
+    /// Latest flushed point of every series.
+    pub latest: usize,
+    /// Open rollup row of every series and tier.
+    pub open_rows: usize,
+    /// Open segments: their fences and fields.
+    pub segments: usize,
+    /// Points not yet flushed.
+    pub head: usize,
+    /// Points of the flush that is running.
+    pub frozen_head: usize,
+}
+
+impl MemoryUsage {
+    /// Memory that grows with the number of series and segments rather
+    /// than with the points waiting for a flush.
+    pub fn fixed(&self) -> usize {
+        self.names + self.latest + self.open_rows + self.segments
+    }
+
+    pub fn total(&self) -> usize {
+        self.fixed() + self.head + self.frozen_head
+    }
+}
+
 /// Settings of a [`Store`].
 #[derive(Clone)]
 pub struct StoreOptions {
@@ -278,6 +322,13 @@ pub struct StoreOptions {
     /// should flush ([`Store::needs_flush`]). The store itself does not
     /// enforce it.
     pub head_budget_bytes: usize,
+    /// Memory the store may use in all, in bytes: the head, the frozen head
+    /// of a running flush, and what it keeps per series (names, latest
+    /// points, open rollup rows, index fences; see [`Store::memory_usage`]).
+    /// When set, the head budget that [`Store::needs_flush`] uses shrinks
+    /// as series are added, down to [`MIN_HEAD_BUDGET_BYTES`], so that the
+    /// whole stays within it; `head_budget_bytes` remains the largest head.
+    pub memory_budget_bytes: Option<usize>,
     /// Length of a time partition in nanoseconds. Every segment contains
     /// points of one partition, so retention deletes whole files and
     /// compaction of old data leaves recent data alone. Default: one day.
@@ -311,6 +362,7 @@ impl std::fmt::Debug for StoreOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StoreOptions")
             .field("head_budget_bytes", &self.head_budget_bytes)
+            .field("memory_budget_bytes", &self.memory_budget_bytes)
             .field("partition_ns", &self.partition_ns)
             .field("merge_fan_in", &self.merge_fan_in)
             .field("cold_after", &self.cold_after)
@@ -337,6 +389,7 @@ impl Default for StoreOptions {
     fn default() -> StoreOptions {
         StoreOptions {
             head_budget_bytes: 64 * 1024 * 1024,
+            memory_budget_bytes: None,
             partition_ns: DAY_NS,
             merge_fan_in: 4,
             cold_after: std::time::Duration::from_secs(600),

@@ -181,9 +181,7 @@ impl<V: StoredValue> MergedPoints<V> {
 
     /// Returns the sources found, or a merge whose first read returns the
     /// error met while finding them.
-    pub(crate) fn from_sources(
-        sources: Result<Vec<Source<V>>, StoreError>,
-    ) -> MergedPoints<V> {
+    pub(crate) fn from_sources(sources: Result<Vec<Source<V>>, StoreError>) -> MergedPoints<V> {
         match sources {
             Ok(sources) => MergedPoints::new(sources),
             Err(err) => MergedPoints {

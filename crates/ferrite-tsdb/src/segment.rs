@@ -316,13 +316,27 @@ impl<V: StoredValue> Segment<V> {
         })
     }
 
+    /// Estimated heap bytes that the open segment holds.
+    pub(crate) fn resident_bytes(&self) -> usize {
+        size_of::<Self>()
+            + self.fences.len() * size_of::<Fence>()
+            + self.meta.inputs.capacity() * size_of::<u64>()
+            + self.path.as_os_str().len()
+            + self.tenant_max_ts.get().map_or(0, |per_tenant| {
+                per_tenant.capacity() * size_of::<(u32, TimestampNs)>()
+            })
+    }
+
     /// Reads the index entry of `id`, or `None` when the segment has no
     /// points of that series.
     pub(crate) fn entry(&self, id: SeriesId) -> Result<Option<IndexEntry<V>>, StoreError> {
         if id.0 > self.last_id {
             return Ok(None);
         }
-        let Some(fence) = self.fences.partition_point(|f| f.first_id <= id.0).checked_sub(1)
+        let Some(fence) = self
+            .fences
+            .partition_point(|f| f.first_id <= id.0)
+            .checked_sub(1)
         else {
             return Ok(None);
         };
@@ -596,7 +610,8 @@ fn scan_index<V: StoredValue>(
     let series_count = reader.uvarint()?;
     let entries_start = reader.position();
 
-    let mut fences = Vec::with_capacity((series_count / FENCE_EVERY + 1).min(bytes.len() as u64) as usize);
+    let mut fences =
+        Vec::with_capacity((series_count / FENCE_EVERY + 1).min(bytes.len() as u64) as usize);
     let mut last_id = 0u64;
     for n in 0..series_count {
         let offset = (reader.position() - entries_start) as u64;
@@ -609,7 +624,7 @@ fn scan_index<V: StoredValue>(
         if entry.min_ts < meta.partition.start || entry.max_ts >= meta.partition.end {
             return Err(DecodeError("points outside the segment's partition"));
         }
-        if n % FENCE_EVERY == 0 {
+        if n.is_multiple_of(FENCE_EVERY) {
             fences.push(Fence {
                 first_id: id,
                 offset,
@@ -864,7 +879,7 @@ impl<V: StoredValue> SegmentWriter<V> {
             last_value: last.borrow().1.clone(),
             blocks: blocks.into_boxed_slice(),
         };
-        if self.series_count % FENCE_EVERY == 0 {
+        if self.series_count.is_multiple_of(FENCE_EVERY) {
             self.fences.push(Fence {
                 first_id: id.0,
                 offset: self.entries.len() as u64,

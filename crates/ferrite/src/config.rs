@@ -106,6 +106,13 @@ pub struct StorageConfig {
     /// Memory for points not yet written to a segment; reaching it triggers
     /// a flush.
     pub head_budget_bytes: usize,
+    /// Memory the time-series store may use in all: points not yet flushed
+    /// (twice, while a flush runs) and what it keeps per series (names,
+    /// latest values, open rollup rows). As series are added the head gets
+    /// less of it, down to 8 MiB, and a warning says when the series alone
+    /// need more. Connections, HTTP buffers and the metadata database come
+    /// on top.
+    pub memory_budget_bytes: usize,
     /// Longest time points stay only in memory (and in the ingest log)
     /// before a flush writes them to a segment.
     #[serde(with = "humantime_serde")]
@@ -285,6 +292,7 @@ impl Default for StorageConfig {
     fn default() -> Self {
         Self {
             head_budget_bytes: 64 * 1024 * 1024,
+            memory_budget_bytes: 1024 * 1024 * 1024,
             flush_interval: Duration::from_secs(60),
             retention: None,
             tenant_retention: std::collections::BTreeMap::new(),
@@ -412,6 +420,10 @@ impl Config {
             self.storage.head_budget_bytes >= 1024 * 1024,
             "storage.head_budget_bytes must be at least 1 MiB (1048576)"
         );
+        anyhow::ensure!(
+            self.storage.memory_budget_bytes >= 64 * 1024 * 1024,
+            "storage.memory_budget_bytes must be at least 64 MiB (67108864)"
+        );
         Ok(())
     }
 }
@@ -474,6 +486,10 @@ append_timeout = "5s"
 [storage]
 # Memory for points not yet in a segment file, in bytes.
 head_budget_bytes = 67108864
+# Memory of the time-series store in all, in bytes: unflushed points and
+# what it keeps per series (about 600 bytes each). With many series the
+# head gets less of it; the process needs more for connections and HTTP.
+memory_budget_bytes = 1073741824
 # Longest time points stay only in memory and in the ingest log.
 flush_interval = "60s"
 # How long raw points are kept: "forever" or a duration such as "90d".

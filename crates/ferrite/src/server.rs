@@ -133,7 +133,6 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
         seen.clone(),
         PipelineOptions {
             workers: config.ingest.workers,
-            head_budget_bytes: config.storage.head_budget_bytes,
             flush_interval: config.storage.flush_interval,
         },
     )?;

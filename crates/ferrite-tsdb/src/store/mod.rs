@@ -6,14 +6,14 @@ use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, File, OpenOptions, TryLockError};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
 use ferrite_core::{TimestampNs, Value, is_storable_timestamp};
 use parking_lot::{Condvar, Mutex, RwLock};
 
-use crate::catalog::{NO_TENANT, Catalog, IdMap, SeriesId};
+use crate::catalog::{Catalog, IdMap, NO_TENANT, SeriesId, heap_bytes, table_bytes};
 use crate::encoding::Point;
 use crate::error::{IoContext, StoreError, io_error};
 use crate::head::Head;
@@ -26,7 +26,10 @@ use crate::segment::{
 use crate::series_log::{LoadedSeries, SeriesLog, SeriesRecord};
 mod rollup;
 
-use crate::{Bucket, MAX_NAME_LEN, RangePage, SeriesKey, StoreOptions, marker};
+use crate::{
+    Bucket, MAX_NAME_LEN, MIN_HEAD_BUDGET_BYTES, MemoryUsage, RangePage, SeriesKey, StoreOptions,
+    marker,
+};
 
 const LOCK_FILE_NAME: &str = "LOCK";
 const CORRUPT_DIR_NAME: &str = "corrupt";
@@ -53,6 +56,11 @@ struct Inner {
     compaction_lock: Mutex<()>,
     /// Next segment sequence number; flush and compaction both take numbers.
     next_seq: AtomicU64,
+    /// [`MemoryUsage::fixed`] as of the last flush, open or compaction.
+    fixed_bytes: AtomicUsize,
+    /// Set while the fixed memory alone exceeds the memory budget, so that
+    /// the warning is logged once per crossing.
+    over_budget: AtomicBool,
     /// Wakes the maintenance thread and requests its stop.
     wake: (Mutex<WakeState>, Condvar),
     /// The locked `LOCK` file, released when the store is dropped.
@@ -243,6 +251,8 @@ impl Store {
             flush_lock: Mutex::new(series_log),
             compaction_lock: Mutex::new(()),
             next_seq: AtomicU64::new(recovered.max_seq + 1),
+            fixed_bytes: AtomicUsize::new(0),
+            over_budget: AtomicBool::new(false),
             wake: (Mutex::new(WakeState::default()), Condvar::new()),
             _lock_file: lock_file,
         });
@@ -258,6 +268,7 @@ impl Store {
         if recorded.as_deref() != Some(configured.as_str()) {
             write_file_durably(dir, ROLLUP_FILE_NAME, configured.as_bytes())?;
         }
+        inner.refresh_fixed_bytes();
 
         let maintenance_thread = if background {
             let inner = Arc::clone(&inner);
@@ -351,9 +362,22 @@ impl Store {
         self.inner.state.read().head.bytes()
     }
 
-    /// Returns true when [`Store::head_bytes`] has reached the head budget.
+    /// Returns true when [`Store::head_bytes`] has reached [`Store::head_budget`].
     pub fn needs_flush(&self) -> bool {
-        self.head_bytes() >= self.inner.options.head_budget_bytes
+        self.head_bytes() >= self.head_budget()
+    }
+
+    /// Head size at which to flush: [`StoreOptions::head_budget_bytes`], or
+    /// less when the memory budget minus what the series need leaves less
+    /// room for the head and the frozen head of a flush.
+    pub fn head_budget(&self) -> usize {
+        self.inner.head_budget()
+    }
+
+    /// Estimates the memory of the store by part. Walks the name index, so
+    /// call it for metrics, not per write.
+    pub fn memory_usage(&self) -> MemoryUsage {
+        self.inner.memory_usage()
     }
 
     /// Persists the head as immutable segment files, one per time partition
@@ -657,6 +681,7 @@ impl Inner {
         self.install_flushed(flushed, &frozen, &definitions, marker);
         drop(frozen);
         drop(series_log);
+        self.refresh_fixed_bytes();
         self.wake_maintenance();
         Ok(())
     }
@@ -752,7 +777,7 @@ impl Inner {
         let raw_done = Instant::now();
         let rollup = self.fold_rollups(&views)?;
         let folded = Instant::now();
-        let rollups = self.write_rollup_segments(rollup.rows, marker, marker_from)?;
+        let rollups = self.write_rollup_segments(rollup.rows, &rollup.open, marker, marker_from)?;
         tracing::debug!(
             raw_ms = (raw_done - started).as_millis() as u64,
             fold_ms = (folded - raw_done).as_millis() as u64,
@@ -835,6 +860,71 @@ impl Inner {
         Ok(())
     }
 
+    fn head_budget(&self) -> usize {
+        let configured = self.options.head_budget_bytes;
+        match self.options.memory_budget_bytes {
+            None => configured,
+            Some(budget) => {
+                let left = budget.saturating_sub(self.fixed_bytes.load(Ordering::Relaxed));
+                (left / 2).clamp(MIN_HEAD_BUDGET_BYTES.min(configured), configured)
+            }
+        }
+    }
+
+    fn memory_usage(&self) -> MemoryUsage {
+        let state = self.state.read();
+        let tiers = self.options.rollup_intervals.len();
+        let segments = state
+            .segments
+            .iter()
+            .map(|segment| segment.resident_bytes())
+            .chain(
+                state
+                    .rollups
+                    .iter()
+                    .flatten()
+                    .map(|segment| segment.resident_bytes()),
+            )
+            .sum();
+        MemoryUsage {
+            series: state
+                .catalog
+                .tenants_by_id()
+                .iter()
+                .filter(|t| **t != NO_TENANT)
+                .count(),
+            names: state.catalog.estimated_bytes()
+                + table_bytes::<SeriesId, SeriesKey>(state.unpersisted.capacity()),
+            latest: table_bytes::<SeriesId, Point>(state.flushed_latest.capacity()),
+            open_rows: table_bytes::<SeriesId, rollup::OpenRows>(state.open_rows.capacity())
+                + state.open_rows.len() * heap_bytes(tiers * size_of::<Option<Bucket>>()),
+            segments,
+            head: state.head.bytes(),
+            frozen_head: state.frozen.as_ref().map_or(0, |frozen| frozen.bytes()),
+        }
+    }
+
+    /// Recomputes the fixed memory that [`Inner::head_budget`] subtracts,
+    /// and warns when it alone exceeds the memory budget.
+    fn refresh_fixed_bytes(&self) {
+        let Some(budget) = self.options.memory_budget_bytes else {
+            return;
+        };
+        let usage = self.memory_usage();
+        self.fixed_bytes.store(usage.fixed(), Ordering::Relaxed);
+        let over = usage.fixed() + 2 * MIN_HEAD_BUDGET_BYTES > budget;
+        if over && !self.over_budget.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                series = usage.series,
+                needed_mib = (usage.fixed() + 2 * MIN_HEAD_BUDGET_BYTES) / (1024 * 1024),
+                budget_mib = budget / (1024 * 1024),
+                "the time-series store needs more memory for its series than its memory budget allows; raise the memory budget"
+            );
+        } else if !over {
+            self.over_budget.store(false, Ordering::Relaxed);
+        }
+    }
+
     fn wake_maintenance(&self) {
         self.wake.0.lock().pending = true;
         self.wake.1.notify_all();
@@ -854,7 +944,9 @@ impl Inner {
                 }
                 wake.pending = false;
             }
-            if let Err(err) = self.maintain(false) {
+            let maintained = self.maintain(false);
+            self.refresh_fixed_bytes();
+            if let Err(err) = maintained {
                 tracing::error!(
                     error = %err,
                     "time-series compaction or retention failed; stored data is intact and the pass is retried"
@@ -1081,10 +1173,7 @@ impl Inner {
                 match index.peek() {
                     Some(Ok((id, _))) => next_id = Some(next_id.map_or(*id, |next| next.min(*id))),
                     Some(Err(_)) => {
-                        return Err(index
-                            .next()
-                            .and_then(Result::err)
-                            .expect("peeked an error"));
+                        return Err(index.next().and_then(Result::err).expect("peeked an error"));
                     }
                     None => {}
                 }
@@ -1164,7 +1253,9 @@ impl Inner {
             sort_by_priority(list);
             if V::RAW && !damaged.is_empty() {
                 rebuild_latest(&mut state)?;
-            } else if V::RAW && let Some(cutoffs) = cutoffs {
+            } else if V::RAW
+                && let Some(cutoffs) = cutoffs
+            {
                 forget_expired_latest(&mut state, cutoffs);
             }
         }
@@ -1544,7 +1635,9 @@ fn recover_segments(dir: &Path, loaded: &LoadedSeries) -> Result<RecoveredSegmen
         let opened = probe_tier(&path).and_then(|tier| {
             let mut unknown = None;
             let mut check = |id: SeriesId| {
-                if unknown.is_none() && !loaded.live.contains_key(&id) && !loaded.deleted.contains(&id)
+                if unknown.is_none()
+                    && !loaded.live.contains_key(&id)
+                    && !loaded.deleted.contains(&id)
                 {
                     unknown = Some(id);
                 }
@@ -1673,4 +1766,3 @@ fn recover_segments(dir: &Path, loaded: &LoadedSeries) -> Result<RecoveredSegmen
         durable_marker,
     })
 }
-

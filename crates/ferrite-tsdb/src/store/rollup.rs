@@ -82,6 +82,32 @@ impl Inner {
             .max(self.options.partition_ns)
     }
 
+    /// Folds the flushed points of one series into its open rows (`current`,
+    /// or none yet), adds closed rows to `output` and late points' buckets
+    /// to `dirty`, and returns the new open rows.
+    fn fold_series(
+        &self,
+        id: SeriesId,
+        points: &[&Point],
+        current: Option<OpenRows>,
+        dirty: &mut BTreeSet<(usize, SeriesId, TimestampNs)>,
+        output: &mut RollupOutput,
+    ) -> OpenRows {
+        let intervals = &self.options.rollup_intervals;
+        let mut open = current.unwrap_or_else(|| vec![None; intervals.len()]);
+        for (ts, value) in points.iter().map(|p| (p.0, &p.1)) {
+            for (tier, row) in open.iter_mut().enumerate() {
+                let start = bucket_start(ts, intervals[tier]);
+                if row.as_ref().is_some_and(|open_row| ts <= last_ts(open_row)) {
+                    dirty.insert((tier, id, start));
+                } else if let Some(closed) = fold_newer(row, start, ts, value) {
+                    output.rows[tier].push((id, closed));
+                }
+            }
+        }
+        open
+    }
+
     /// Folds the sorted, deduplicated points of a flush into the rollup
     /// tiers, recomputing dirty buckets from raw points.
     pub(super) fn fold_rollups(
@@ -96,31 +122,26 @@ impl Inner {
         if tiers == 0 {
             return Ok(output);
         }
-        let mut current: IdMap<OpenRows> = {
-            let state = self.state.read();
-            views
-                .iter()
-                .filter_map(|(id, _)| Some((*id, state.open_rows.get(id)?.clone())))
-                .collect()
-        };
-
+        output.open.reserve(views.len());
         let intervals = &self.options.rollup_intervals;
         // Ordered by tier first: a tier's dirty buckets are computed from
         // the rows of the tier below, which must be up to date by then.
         let mut dirty: BTreeSet<(usize, SeriesId, TimestampNs)> = BTreeSet::new();
-        for (id, points) in views {
-            let mut open = current.remove(id).unwrap_or_else(|| vec![None; tiers]);
-            for (ts, value) in points.iter().map(|p| (p.0, &p.1)) {
-                for (tier, row) in open.iter_mut().enumerate() {
-                    let start = bucket_start(ts, intervals[tier]);
-                    if row.as_ref().is_some_and(|open_row| ts <= last_ts(open_row)) {
-                        dirty.insert((tier, *id, start));
-                    } else if let Some(closed) = fold_newer(row, start, ts, value) {
-                        output.rows[tier].push((*id, closed));
-                    }
-                }
+        // The open rows are copied a chunk at a time: queries keep using
+        // the current ones until the flush installs the new ones, and a
+        // copy of all of them at once would double their memory.
+        for chunk in views.chunks(4096) {
+            let current: Vec<Option<OpenRows>> = {
+                let state = self.state.read();
+                chunk
+                    .iter()
+                    .map(|(id, _)| state.open_rows.get(id).cloned())
+                    .collect()
+            };
+            for ((id, points), current) in chunk.iter().zip(current) {
+                let open = self.fold_series(*id, points, current, &mut dirty, &mut output);
+                output.open.insert(*id, open);
             }
-            output.open.insert(*id, open);
         }
 
         let fold_done = std::time::Instant::now();
@@ -184,13 +205,6 @@ impl Inner {
             recompute_ms = fold_done.elapsed().as_millis() as u64,
             "rollup fold"
         );
-        for (id, open) in &output.open {
-            for (tier, row) in open.iter().enumerate() {
-                if let Some(row) = row {
-                    output.rows[tier].push((*id, row.clone()));
-                }
-            }
-        }
         Ok(output)
     }
 
@@ -238,27 +252,44 @@ impl Inner {
     }
 
     /// Writes the rows of one flush as segments, one per tier partition.
+    /// Writes the rows of one flush, followed by the open rows of the
+    /// series it touched as provisional rows, one tier at a time so that
+    /// only one tier's copy of the open rows exists at once.
     pub(super) fn write_rollup_segments(
         &self,
-        mut rows: Vec<Vec<(SeriesId, Bucket)>>,
+        rows: Vec<Vec<(SeriesId, Bucket)>>,
+        open: &IdMap<OpenRows>,
         marker: u64,
         marker_from: u64,
     ) -> Result<Vec<Segment<Bucket>>, StoreError> {
         let mut segments = Vec::new();
-        for (tier, tier_rows) in rows.iter_mut().enumerate() {
+        for (tier, mut tier_rows) in rows.into_iter().enumerate() {
+            tier_rows.extend(
+                open.iter()
+                    .filter_map(|(id, rows)| Some((*id, rows.get(tier)?.clone()?))),
+            );
             if tier_rows.is_empty() {
                 continue;
             }
-            // Stable sort, then keep the last row of each (series, bucket).
+            // Stable sort, then keep the last row of each (series, bucket),
+            // in place.
             tier_rows.sort_by_key(|(id, row)| (*id, row.start));
-            let mut unique: Vec<(SeriesId, Bucket)> = Vec::with_capacity(tier_rows.len());
-            for (id, row) in tier_rows.drain(..) {
-                match unique.last_mut() {
-                    Some(last) if last.0 == id && last.1.start == row.start => *last = (id, row),
-                    _ => unique.push((id, row)),
+            let mut kept = 0;
+            for index in 0..tier_rows.len() {
+                let same_bucket = kept > 0 && {
+                    let (last_id, last_row) = &tier_rows[kept - 1];
+                    let (id, row) = &tier_rows[index];
+                    last_id == id && last_row.start == row.start
+                };
+                if same_bucket {
+                    tier_rows.swap(kept - 1, index);
+                } else {
+                    tier_rows.swap(kept, index);
+                    kept += 1;
                 }
             }
-            segments.extend(self.write_rows(tier, &unique, marker, marker_from)?);
+            tier_rows.truncate(kept);
+            segments.extend(self.write_rows(tier, &tier_rows, marker, marker_from)?);
         }
         Ok(segments)
     }
@@ -448,14 +479,9 @@ impl Inner {
                     }
                 }
             }
-            for (tier, row) in open.iter().enumerate() {
-                if let Some(row) = row {
-                    rows[tier].push((id, row.clone()));
-                }
-            }
             open_rows.insert(id, open);
         }
-        let segments = self.write_rollup_segments(rows, marker, marker)?;
+        let segments = self.write_rollup_segments(rows, &open_rows, marker, marker)?;
         let mut state = self.state.write();
         for segment in segments {
             let tier = usize::from(segment.meta.tier) - 1;

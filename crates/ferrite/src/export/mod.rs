@@ -488,6 +488,10 @@ mod testing {
             0
         }
 
+        fn flush_threshold(&self) -> usize {
+            usize::MAX
+        }
+
         fn flush(&self, _: u64) -> Result<(), StoreError> {
             Ok(())
         }

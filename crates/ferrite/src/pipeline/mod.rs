@@ -88,9 +88,12 @@ pub struct Pipeline {
     log: Arc<LogControl>,
 }
 
+/// How often the flusher refreshes the store's memory gauges; the estimate
+/// walks every series name.
+const MEMORY_REPORT_EVERY: Duration = Duration::from_secs(10);
+
 pub struct PipelineOptions {
     pub workers: usize,
-    pub head_budget_bytes: usize,
     pub flush_interval: Duration,
 }
 
@@ -119,22 +122,10 @@ impl Pipeline {
             let store = store.clone();
             let applied = applied.clone();
             let seen = seen.clone();
-            // Workers wait above twice the budget: a flush that cannot keep
-            // up, or keeps failing, then slows the input down instead of
-            // filling memory.
-            let memory_limit = options.head_budget_bytes.saturating_mul(2);
             workers.push(
                 std::thread::Builder::new()
                     .name(format!("pipeline-{index}"))
-                    .spawn(move || {
-                        run_worker(
-                            receiver,
-                            store.as_ref(),
-                            &applied[index],
-                            &seen,
-                            memory_limit,
-                        )
-                    })?,
+                    .spawn(move || run_worker(receiver, store.as_ref(), &applied[index], &seen))?,
             );
         }
 
@@ -230,14 +221,16 @@ fn run_worker(
     store: &dyn TimeSeriesStore,
     applied: &AtomicU64,
     seen: &SeenDevices,
-    memory_limit: usize,
 ) {
     // Set by a store write that failed for a reason other than invalid
     // input. The applied position then stays below the failed record, so the
     // log keeps it and the next start writes it again.
     let mut stalled = false;
     while let Ok(work) = receiver.recv() {
-        while store.pending_bytes() > memory_limit {
+        // Workers wait above twice the flush threshold: a flush that cannot
+        // keep up, or keeps failing, then slows the input down instead of
+        // filling memory.
+        while store.pending_bytes() > store.flush_threshold().saturating_mul(2) {
             std::thread::sleep(Duration::from_millis(10));
         }
         let mut last_seen: HashMap<DeviceId, i64> = HashMap::new();
@@ -330,6 +323,7 @@ fn run_flusher(
 ) {
     let (stopped, wake) = stop;
     let mut last_flush = Instant::now();
+    let mut last_memory_report = Instant::now() - MEMORY_REPORT_EVERY;
     loop {
         {
             let guard = stopped.lock().expect("flusher lock");
@@ -341,7 +335,13 @@ fn run_flusher(
             }
         }
         metrics::gauge!("ferrite_store_pending_bytes").set(store.pending_bytes() as f64);
-        let over_budget = store.pending_bytes() >= options.head_budget_bytes;
+        let over_budget = store.pending_bytes() >= store.flush_threshold();
+        if last_memory_report.elapsed() >= MEMORY_REPORT_EVERY {
+            for (part, bytes) in store.memory_usage() {
+                metrics::gauge!("ferrite_store_memory_bytes", "part" => part).set(bytes as f64);
+            }
+            last_memory_report = Instant::now();
+        }
         let due = last_flush.elapsed() >= options.flush_interval;
         let requested = requests.requested.load(Ordering::Acquire);
         let flush_requested = requested > requests.done.load(Ordering::Acquire);

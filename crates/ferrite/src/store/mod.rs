@@ -52,6 +52,12 @@ pub trait TimeSeriesStore: Send + Sync + 'static {
     ) -> Result<(), StoreError>;
     /// Memory held by points that are not yet flushed, in bytes.
     fn pending_bytes(&self) -> usize;
+    /// `pending_bytes` at which to flush; may shrink as series are added.
+    fn flush_threshold(&self) -> usize;
+    /// Estimated memory by part, for metrics.
+    fn memory_usage(&self) -> Vec<(&'static str, usize)> {
+        Vec::new()
+    }
     /// Makes every written point durable and records `marker` with them.
     fn flush(&self, marker: u64) -> Result<(), StoreError>;
     /// The marker of the last completed flush.
@@ -94,6 +100,7 @@ impl EmbeddedStore {
             |duration: std::time::Duration| i64::try_from(duration.as_nanos()).unwrap_or(i64::MAX);
         let options = StoreOptions {
             head_budget_bytes: config.head_budget_bytes,
+            memory_budget_bytes: Some(config.memory_budget_bytes),
             partition_ns: nanos(config.partition).max(1),
             cold_after: config.cold_after,
             retention: ferrite_tsdb::Retention {
@@ -144,6 +151,22 @@ impl TimeSeriesStore for EmbeddedStore {
 
     fn pending_bytes(&self) -> usize {
         self.store.head_bytes()
+    }
+
+    fn flush_threshold(&self) -> usize {
+        self.store.head_budget()
+    }
+
+    fn memory_usage(&self) -> Vec<(&'static str, usize)> {
+        let usage = self.store.memory_usage();
+        vec![
+            ("names", usage.names),
+            ("latest", usage.latest),
+            ("open_rows", usage.open_rows),
+            ("segments", usage.segments),
+            ("head", usage.head),
+            ("frozen_head", usage.frozen_head),
+        ]
     }
 
     fn flush(&self, marker: u64) -> Result<(), StoreError> {
