@@ -17,6 +17,10 @@ use std::time::Instant;
 use ferrite_core::Value;
 use ferrite_tsdb::{Store, StoreOptions};
 
+// The allocator of the `ferrite` server, so that resident sizes compare.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const KEYS: [&str; 7] = [
     "latitude",
     "longitude",

@@ -215,14 +215,14 @@ impl Store {
                     }
                     let rows = open_rows
                         .entry(id)
-                        .or_insert_with(|| vec![None; options.rollup_intervals.len()]);
+                        .or_insert_with(|| vec![None; options.rollup_intervals.len()].into());
                     if rows[tier]
                         .as_ref()
-                        .is_none_or(|row| row.start <= entry.max_ts)
+                        .is_none_or(|row| row.start() <= entry.max_ts)
                     {
-                        let mut row = entry.last_value.clone();
+                        let mut row = entry.last_value;
                         row.start = entry.max_ts;
-                        rows[tier] = Some(row);
+                        rows[tier] = Some(rollup::CompactRow::new(row));
                     }
                 }
             }
@@ -897,7 +897,8 @@ impl Inner {
                 + table_bytes::<SeriesId, SeriesKey>(state.unpersisted.capacity()),
             latest: table_bytes::<SeriesId, Point>(state.flushed_latest.capacity()),
             open_rows: table_bytes::<SeriesId, rollup::OpenRows>(state.open_rows.capacity())
-                + state.open_rows.len() * heap_bytes(tiers * size_of::<Option<Bucket>>()),
+                + state.open_rows.len()
+                    * heap_bytes(tiers * size_of::<Option<rollup::CompactRow>>()),
             segments,
             head: state.head.bytes(),
             frozen_head: state.frozen.as_ref().map_or(0, |frozen| frozen.bytes()),

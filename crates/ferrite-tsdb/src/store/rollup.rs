@@ -47,8 +47,121 @@ use crate::error::StoreError;
 use crate::merge::{MergedPoints, Source};
 use crate::segment::{Partition, Segment, SegmentMeta, SegmentWriter};
 
-/// Open rows of one series, one per tier.
-pub(super) type OpenRows = Vec<Option<Bucket>>;
+/// Open rows of one series, one per tier, as the store keeps them.
+pub(super) type OpenRows = Box<[Option<CompactRow>]>;
+
+/// Open rows of one series while a flush folds points into them.
+type FoldRows = Vec<Option<Bucket>>;
+
+/// A rollup row in the form kept for every series and tier. A row of
+/// numbers, the common case, takes 80 bytes instead of a [`Bucket`]'s 136;
+/// other rows are boxed.
+#[derive(Debug, Clone)]
+pub(super) enum CompactRow {
+    Numeric(NumericRow),
+    Other(Box<Bucket>),
+}
+
+/// A row whose points are all numbers.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct NumericRow {
+    start: TimestampNs,
+    count: u64,
+    sum: f64,
+    min: f64,
+    max: f64,
+    first_ts: TimestampNs,
+    last_ts: TimestampNs,
+    /// Bits of an `f64`, or an `i64` when the matching flag is set.
+    first: u64,
+    last: u64,
+    first_is_int: bool,
+    last_is_int: bool,
+}
+
+impl CompactRow {
+    pub(super) fn new(row: Bucket) -> CompactRow {
+        let number = |value: &Value| match value {
+            Value::Float(v) => Some((v.to_bits(), false)),
+            Value::Int(v) => Some((*v as u64, true)),
+            _ => None,
+        };
+        if let (Some(sum), Some(min), Some(max), Some((first_ts, first)), Some((last_ts, last))) =
+            (row.sum, row.min, row.max, &row.first, &row.last)
+            && row.numeric_count == row.count
+            && let (Some((first, first_is_int)), Some((last, last_is_int))) =
+                (number(first), number(last))
+        {
+            return CompactRow::Numeric(NumericRow {
+                start: row.start,
+                count: row.count,
+                sum,
+                min,
+                max,
+                first_ts: *first_ts,
+                last_ts: *last_ts,
+                first,
+                last,
+                first_is_int,
+                last_is_int,
+            });
+        }
+        CompactRow::Other(Box::new(row))
+    }
+
+    pub(super) fn start(&self) -> TimestampNs {
+        match self {
+            CompactRow::Numeric(row) => row.start,
+            CompactRow::Other(row) => row.start,
+        }
+    }
+
+    pub(super) fn to_bucket(&self) -> Bucket {
+        match self {
+            CompactRow::Numeric(row) => {
+                let value = |bits: u64, is_int: bool| {
+                    if is_int {
+                        Value::Int(bits as i64)
+                    } else {
+                        Value::Float(f64::from_bits(bits))
+                    }
+                };
+                Bucket {
+                    start: row.start,
+                    count: row.count,
+                    numeric_count: row.count,
+                    sum: Some(row.sum),
+                    min: Some(row.min),
+                    max: Some(row.max),
+                    first: Some((row.first_ts, value(row.first, row.first_is_int))),
+                    last: Some((row.last_ts, value(row.last, row.last_is_int))),
+                }
+            }
+            CompactRow::Other(row) => (**row).clone(),
+        }
+    }
+}
+
+/// Appends `row` to rows sorted by bucket start, replacing the last row
+/// when it has the same start.
+fn push_replacing(rows: &mut Vec<(TimestampNs, Bucket)>, row: Bucket) {
+    match rows.last_mut() {
+        Some(last) if last.0 == row.start => last.1 = row,
+        _ => rows.push((row.start, row)),
+    }
+}
+
+fn compact(rows: FoldRows) -> OpenRows {
+    rows.into_iter()
+        .map(|row| row.map(CompactRow::new))
+        .collect()
+}
+
+fn expand(rows: &OpenRows) -> FoldRows {
+    rows.iter()
+        .map(|row| row.as_ref().map(CompactRow::to_bucket))
+        .collect()
+}
 
 /// Rows and open rows that one flush adds to the rollup tiers.
 pub(super) struct RollupOutput {
@@ -89,12 +202,12 @@ impl Inner {
         &self,
         id: SeriesId,
         points: &[&Point],
-        current: Option<OpenRows>,
+        current: Option<&OpenRows>,
         dirty: &mut BTreeSet<(usize, SeriesId, TimestampNs)>,
         output: &mut RollupOutput,
     ) -> OpenRows {
         let intervals = &self.options.rollup_intervals;
-        let mut open = current.unwrap_or_else(|| vec![None; intervals.len()]);
+        let mut open = current.map_or_else(|| vec![None; intervals.len()], expand);
         for (ts, value) in points.iter().map(|p| (p.0, &p.1)) {
             for (tier, row) in open.iter_mut().enumerate() {
                 let start = bucket_start(ts, intervals[tier]);
@@ -105,7 +218,7 @@ impl Inner {
                 }
             }
         }
-        open
+        compact(open)
     }
 
     /// Folds the sorted, deduplicated points of a flush into the rollup
@@ -139,7 +252,7 @@ impl Inner {
                     .collect()
             };
             for ((id, points), current) in chunk.iter().zip(current) {
-                let open = self.fold_series(*id, points, current, &mut dirty, &mut output);
+                let open = self.fold_series(*id, points, current.as_ref(), &mut dirty, &mut output);
                 output.open.insert(*id, open);
             }
         }
@@ -164,7 +277,7 @@ impl Inner {
             };
         for (tier, id, start) in dirty {
             let interval = intervals[tier];
-            let open = output.open.get(&id).expect("dirty series were folded");
+            let open = expand(output.open.get(&id).expect("dirty series were folded"));
             let is_open = open[tier].as_ref().is_some_and(|row| row.start == start);
             let row = if tier == 0 {
                 // The finest tier from the raw points; for the open bucket
@@ -193,7 +306,7 @@ impl Inner {
             }
             pending[tier].insert((id, start), row.clone());
             if is_open {
-                output.open.get_mut(&id).expect("checked above")[tier] = Some(row);
+                output.open.get_mut(&id).expect("checked above")[tier] = Some(CompactRow::new(row));
             } else {
                 output.rows[tier].push((id, row));
             }
@@ -253,8 +366,9 @@ impl Inner {
 
     /// Writes the rows of one flush as segments, one per tier partition.
     /// Writes the rows of one flush, followed by the open rows of the
-    /// series it touched as provisional rows, one tier at a time so that
-    /// only one tier's copy of the open rows exists at once.
+    /// series in `open` as provisional rows, into one segment per tier and
+    /// partition. Series are written in id order one at a time, so the
+    /// open rows are expanded one series at a time.
     pub(super) fn write_rollup_segments(
         &self,
         rows: Vec<Vec<(SeriesId, Bucket)>>,
@@ -262,82 +376,59 @@ impl Inner {
         marker: u64,
         marker_from: u64,
     ) -> Result<Vec<Segment<Bucket>>, StoreError> {
+        let mut open_ids: Vec<SeriesId> = open.keys().copied().collect();
+        open_ids.sort_unstable();
         let mut segments = Vec::new();
-        for (tier, mut tier_rows) in rows.into_iter().enumerate() {
-            tier_rows.extend(
-                open.iter()
-                    .filter_map(|(id, rows)| Some((*id, rows.get(tier)?.clone()?))),
-            );
-            if tier_rows.is_empty() {
-                continue;
-            }
-            // Stable sort, then keep the last row of each (series, bucket),
-            // in place.
-            tier_rows.sort_by_key(|(id, row)| (*id, row.start));
-            let mut kept = 0;
-            for index in 0..tier_rows.len() {
-                let same_bucket = kept > 0 && {
-                    let (last_id, last_row) = &tier_rows[kept - 1];
-                    let (id, row) = &tier_rows[index];
-                    last_id == id && last_row.start == row.start
+        for (tier, mut closed) in rows.into_iter().enumerate() {
+            // A later row of the same series and bucket replaces an earlier
+            // one: stable sort, then keep the last of each run.
+            closed.sort_by_key(|(id, row)| (*id, row.start));
+            let partition_ns = self.tier_partition_ns(tier);
+            let tier_byte = u8::try_from(tier + 1).expect("at most 254 tiers");
+            let mut writers: std::collections::BTreeMap<Partition, (u64, SegmentWriter<Bucket>)> =
+                std::collections::BTreeMap::new();
+            let mut closed = closed.into_iter().peekable();
+            let mut open_ids = open_ids.iter().copied().peekable();
+            let mut series_rows: Vec<(TimestampNs, Bucket)> = Vec::new();
+            loop {
+                let id = match (closed.peek(), open_ids.peek()) {
+                    (Some((a, _)), Some(b)) => (*a).min(*b),
+                    (Some((a, _)), None) => *a,
+                    (None, Some(b)) => *b,
+                    (None, None) => break,
                 };
-                if same_bucket {
-                    tier_rows.swap(kept - 1, index);
-                } else {
-                    tier_rows.swap(kept, index);
-                    kept += 1;
+                series_rows.clear();
+                while let Some((_, row)) = closed.next_if(|(row_id, _)| *row_id == id) {
+                    push_replacing(&mut series_rows, row);
+                }
+                if open_ids.next_if_eq(&id).is_some()
+                    && let Some(Some(row)) = open.get(&id).and_then(|rows| rows.get(tier))
+                {
+                    push_replacing(&mut series_rows, row.to_bucket());
+                }
+                let mut start = 0;
+                while start < series_rows.len() {
+                    let partition = Partition::of(series_rows[start].0, partition_ns);
+                    let len = series_rows[start..].partition_point(|row| row.0 < partition.end);
+                    let (_, writer) = match writers.entry(partition) {
+                        std::collections::btree_map::Entry::Occupied(entry) => entry.into_mut(),
+                        std::collections::btree_map::Entry::Vacant(entry) => {
+                            let seq = self.take_seq();
+                            let writer =
+                                SegmentWriter::<Bucket>::create(&self.dir, seq, marker_from)?;
+                            entry.insert((seq, writer))
+                        }
+                    };
+                    writer.write_series(id, series_rows[start..start + len].iter().map(Ok))?;
+                    start += len;
                 }
             }
-            tier_rows.truncate(kept);
-            segments.extend(self.write_rows(tier, &tier_rows, marker, marker_from)?);
-        }
-        Ok(segments)
-    }
-
-    /// Writes rows sorted by (series, bucket) into one segment per
-    /// partition of `tier`.
-    pub(super) fn write_rows(
-        &self,
-        tier: usize,
-        rows: &[(SeriesId, Bucket)],
-        marker: u64,
-        marker_from: u64,
-    ) -> Result<Vec<Segment<Bucket>>, StoreError> {
-        let partition_ns = self.tier_partition_ns(tier);
-        let mut by_partition: std::collections::BTreeMap<Partition, Vec<usize>> =
-            std::collections::BTreeMap::new();
-        for (index, (_, row)) in rows.iter().enumerate() {
-            by_partition
-                .entry(Partition::of(row.start, partition_ns))
-                .or_default()
-                .push(index);
-        }
-        let mut segments = Vec::with_capacity(by_partition.len());
-        for (partition, indexes) in by_partition {
-            let seq = self.take_seq();
-            let mut writer = SegmentWriter::<Bucket>::create(&self.dir, seq, marker_from)?;
-            let mut run_start = 0;
-            while run_start < indexes.len() {
-                let id = rows[indexes[run_start]].0;
-                let run_len = indexes[run_start..]
-                    .iter()
-                    .take_while(|index| rows[**index].0 == id)
-                    .count();
-                let run = &indexes[run_start..run_start + run_len];
-                writer.write_series(
-                    id,
-                    run.iter().map(|index| {
-                        let row = &rows[*index].1;
-                        Ok((row.start, row.clone()))
-                    }),
-                )?;
-                run_start += run_len;
+            for (partition, (seq, writer)) in writers {
+                segments.push(writer.finish(
+                    marker,
+                    SegmentMeta::flushed(tier_byte, partition, seq, marker_from),
+                )?);
             }
-            let tier_byte = u8::try_from(tier + 1).expect("at most 254 tiers");
-            segments.push(writer.finish(
-                marker,
-                SegmentMeta::flushed(tier_byte, partition, seq, marker_from),
-            )?);
         }
         Ok(segments)
     }
@@ -441,10 +532,10 @@ impl Inner {
             Err(err) => return MergedPoints::from_sources(Err(err)),
         };
         if let Some(Some(row)) = state.open_rows.get(&id).and_then(|rows| rows.get(tier))
-            && lo <= row.start
-            && row.start < end
+            && lo <= row.start()
+            && row.start() < end
         {
-            sources.push(Source::memory(vec![(row.start, row.clone())]));
+            sources.push(Source::memory(vec![(row.start(), row.to_bucket())]));
         }
         MergedPoints::new(sources)
     }
@@ -470,7 +561,7 @@ impl Inner {
         sorted_ids.sort_unstable();
         for id in sorted_ids {
             let mut merged = self.merged_points_by_id(id, ALL_LO, ALL_END);
-            let mut open: OpenRows = vec![None; tiers];
+            let mut open: FoldRows = vec![None; tiers];
             while let Some((ts, value)) = merged.next_point()? {
                 for (tier, row) in open.iter_mut().enumerate() {
                     let start = bucket_start(ts, intervals[tier]);
@@ -479,7 +570,7 @@ impl Inner {
                     }
                 }
             }
-            open_rows.insert(id, open);
+            open_rows.insert(id, compact(open));
         }
         let segments = self.write_rollup_segments(rows, &open_rows, marker, marker)?;
         let mut state = self.state.write();
@@ -533,4 +624,39 @@ pub(super) fn add_points(
         }
     }
     Ok(())
+}
+
+// Keeps the per-series cost that the memory budget counts on.
+const _: () = assert!(size_of::<Option<CompactRow>>() <= 80);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row_of(points: &[(TimestampNs, Value)]) -> Bucket {
+        let mut row = Bucket::empty(0);
+        for (ts, value) in points {
+            row.add(*ts, value.clone());
+        }
+        row
+    }
+
+    #[test]
+    fn compact_rows_give_back_the_same_bucket() {
+        let rows = [
+            row_of(&[(1, Value::Float(1.5)), (2, Value::Float(-0.0))]),
+            row_of(&[(1, Value::Int(i64::MIN)), (5, Value::Int(7))]),
+            row_of(&[(1, Value::Int(3)), (2, Value::Float(f64::NAN))]),
+            row_of(&[(1, Value::Float(2.0)), (2, Value::Bool(true))]),
+            row_of(&[(1, Value::Str("on".into()))]),
+        ];
+        for (n, row) in rows.into_iter().enumerate() {
+            let compact = CompactRow::new(row.clone());
+            assert_eq!(matches!(compact, CompactRow::Numeric(_)), n < 3, "row {n}");
+            let back = compact.to_bucket();
+            // Compares through Debug so that NaN equals NaN.
+            assert_eq!(format!("{back:?}"), format!("{row:?}"), "row {n}");
+            assert_eq!(compact.start(), row.start);
+        }
+    }
 }
