@@ -22,6 +22,14 @@
 # The same dataset sent to `ferrite-bench sink`, which discards it, shows the
 # generator's own ceiling. These results go to their own block of the page.
 #
+# The series scenario loads SERIES_DEVICES trucks (default 142,858, whose 7
+# fields make 1,000,006 series) with SERIES_ROUNDS points per series into a
+# fresh instance of each system, once per system. It records the ingest rate
+# in field values/s, VmRSS right after the load and again after
+# SERIES_SETTLE_S seconds without load, and VmHWM (the peak). Ferrite runs
+# with storage.memory_budget = SERIES_MEMORY_BUDGET. These results go to a
+# block of their own too.
+#
 # Every server is started by this script on 127.0.0.1 with free ports and a
 # data directory under a temporary folder, and stopped by its process id.
 # Peers missing from the machine are installed with apt-get (run as root).
@@ -35,6 +43,7 @@
 # Usage: bench/run.sh            (from anywhere inside the repository)
 #        ROUNDS=5 bench/run.sh   (more runs per system)
 #        SCENARIOS=storage SYSTEMS="influxdb victoriametrics" STORAGE_DEVICES=20 STORAGE_DURATION=1h bench/run.sh
+#        SCENARIOS=series bench/run.sh
 
 set -euo pipefail
 
@@ -53,8 +62,8 @@ IDLE_SETTLE_S=${IDLE_SETTLE_S:-10}    # wait after the last CONNACK before readi
 GENERATOR_TIMEOUT_S=${GENERATOR_TIMEOUT_S:-300}  # backstop for one generator process
 QUIET_WAIT_S=${QUIET_WAIT_S:-30}      # maximum wait before a run for other processes to go quiet
 KEEP_WORK=${KEEP_WORK:-0}             # 1 keeps the temporary folder with logs and data
-# Scenarios to run, from: lp durability mqtt memory profile storage.
-SCENARIOS=${SCENARIOS:-lp durability mqtt memory profile storage}
+# Scenarios to run, from: lp durability mqtt memory profile storage series.
+SCENARIOS=${SCENARIOS:-lp durability mqtt memory profile storage series}
 # Systems to run, from: ferrite influxdb victoriametrics mosquitto. Each
 # scenario runs the systems of its own list that are named here.
 SYSTEMS=${SYSTEMS:-ferrite influxdb victoriametrics mosquitto}
@@ -68,6 +77,16 @@ STORAGE_CONNECTIONS=${STORAGE_CONNECTIONS:-4}
 STORAGE_MAX_DURATION_S=${STORAGE_MAX_DURATION_S:-1800}  # bound of one dataset ingest
 COMPACT_TIMEOUT_S=${COMPACT_TIMEOUT_S:-900}         # maximum wait for a system to finish compacting
 QUERY_ROUNDS=${QUERY_ROUNDS:-20}                    # timed rounds of the query set per load
+# The series scenario sends its batches of at most LP_BATCH_LINES lines over LP_CONNECTIONS connections.
+SERIES_DEVICES=${SERIES_DEVICES:-142858}            # trucks; each has 7 series, one per field
+SERIES_ROUNDS=${SERIES_ROUNDS:-10}                  # points per series
+SERIES_SETTLE_S=${SERIES_SETTLE_S:-30}              # wait without load before the second VmRSS reading
+# Bound of the timed load. It leaves 90 s of GENERATOR_TIMEOUT_S for generating
+# the batches and for the requests in flight at the bound (60 s timeout each).
+SERIES_MAX_DURATION_S=${SERIES_MAX_DURATION_S:-$((GENERATOR_TIMEOUT_S - 90))}
+# Ferrite's storage.memory_budget for the series scenario, a byte size such as
+# "1GiB". Set it empty to leave the key out of the configuration file.
+SERIES_MEMORY_BUDGET=${SERIES_MEMORY_BUDGET-1GiB}
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 RESULTS_PAGE=${RESULTS_PAGE:-$REPO/docs/benchmarks.md}
@@ -78,8 +97,11 @@ RESULTS="$WORK/results.jsonl"
 COMMANDS="$WORK/commands.txt"
 STORAGE_RESULTS="$WORK/storage-results.jsonl"
 STORAGE_COMMANDS="$WORK/storage-commands.txt"
+SERIES_RESULTS="$WORK/series-results.jsonl"
+SERIES_COMMANDS="$WORK/series-commands.txt"
 DATASET="$WORK/fleet.lp"
 FERRITE_TEMPLATE="$WORK/ferrite-template"   # data directory copied by start_ferrite
+FERRITE_CONFIG_FILE=""                      # configuration file for start_ferrite; none when empty
 INFLUXDB_DATA_SETTINGS=""                   # extra [data] settings for start_influxdb
 START_WAIT_S=30                             # maximum wait for a started server to listen
 CLOCK_TICKS=$(getconf CLK_TCK)
@@ -212,6 +234,11 @@ rss_kib() {
     awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"
 }
 
+# The peak VmRSS of process $1 since it started, in KiB.
+hwm_kib() {
+    awk '/^VmHWM:/ { print $2 }' "/proc/$1/status"
+}
+
 # Stops the server started last, by its process id: SIGTERM, then SIGKILL
 # after $1 seconds (default 30).
 stop_server() {
@@ -287,8 +314,8 @@ prepare_ferrite_template() {
     log "Ferrite template: an operator API key and $(wc -l <"$WORK/tokens") devices"
 }
 
-# A data directory with only an admin API key, for the storage scenario: the
-# trucks of the dataset become its only devices, created by their first write.
+# A data directory with only an admin API key, for the storage and series
+# scenarios: the trucks become its only devices, created by their first write.
 prepare_ferrite_storage_template() {
     local template="$WORK/ferrite-storage-template"
     mkdir -p "$template"
@@ -298,7 +325,8 @@ prepare_ferrite_storage_template() {
 # Each start_<system> NAME [reuse] starts a server on new free ports with the
 # data directory $WORK/run/<system>-NAME, made fresh unless "reuse" is given,
 # and sets SERVER_PID, SERVER_LOG and HTTP_PORT or MQTT_PORT. Ferrite's fresh
-# directory is a copy of $FERRITE_TEMPLATE.
+# directory is a copy of $FERRITE_TEMPLATE, and Ferrite reads the
+# configuration file $FERRITE_CONFIG_FILE when that is set.
 
 start_ferrite() {
     local dir="$WORK/run/ferrite-$1"
@@ -309,9 +337,11 @@ start_ferrite() {
     fi
     HTTP_PORT=$(free_port)
     MQTT_PORT=$(free_port)
+    local config=()
+    [[ -z "$FERRITE_CONFIG_FILE" ]] || config=(--config "$FERRITE_CONFIG_FILE")
     # A 5,000-line batch is about 1.08 MB, and the default body limit is 256 KiB.
     FERRITE_HTTP_MAX_BODY_BYTES=16777216 FERRITE_LOG_LEVEL=warn \
-        "$FERRITE" serve --data-dir "$dir" \
+        "$FERRITE" serve --data-dir "$dir" "${config[@]}" \
         --http-listen "127.0.0.1:$HTTP_PORT" --mqtt-listen "127.0.0.1:$MQTT_PORT" \
         >>"$WORK/logs/ferrite.log" 2>&1 &
     SERVER_PID=$!
@@ -1052,6 +1082,136 @@ run_storage_scenario() {
     write_storage_results_page
 }
 
+# ---------------------------------------------------------------- series ---
+
+# Prints the series that the running server $1 reports, or null. For
+# VictoriaMetrics these are the entries of its cache from series name to id.
+# Its index may count a few percent more, because concurrent first writes of
+# a series may register it twice: with 1.79.5, `/api/v1/series/count` gave
+# 14,840 for 14,000 series. For InfluxDB they are the series of the database
+# times the 7 fields, because InfluxDB counts one series per tag set.
+# Ferrite has no such counter.
+reported_series() {
+    case $1 in
+        influxdb)
+            curl -fs "http://127.0.0.1:$HTTP_PORT/debug/vars" |
+                jq '."database:bench".values.numSeries // null | if . == null then null else . * 7 end'
+            ;;
+        victoriametrics)
+            curl -fs "http://127.0.0.1:$HTTP_PORT/metrics" |
+                awk '/^vm_cache_entries\{type="storage\/tsid"\}/ { print $2 }'
+            ;;
+        *)
+            echo null
+            ;;
+    esac
+}
+
+# Sends the series load to a fresh instance of $1 and appends its "series"
+# line: the lp result with VmRSS right after the last acknowledgement, VmRSS
+# after $SERIES_SETTLE_S seconds without load, VmHWM and CPU use.
+run_series() {
+    local system=$1
+    "start_$system" series
+    local args=(lp --url "$(lp_url "$system")" --connections "$LP_CONNECTIONS"
+        --batch-lines "$SERIES_BATCH_LINES" --batches "$SERIES_BATCHES" --warmup-batches 0
+        --devices "$SERIES_DEVICES" --start-s "$SERIES_START_S"
+        --max-duration-s "$SERIES_MAX_DURATION_S" --label "$system")
+    local token=()
+    if [[ $system == ferrite ]]; then
+        token=(--token "$(cat "$WORK/admin-key")")
+        # The key is written as the literal text $API_KEY on purpose.
+        # shellcheck disable=SC2016
+        COMMANDS=$SERIES_COMMANDS note_command "lp $system" ferrite-bench "${args[@]}" --token '$API_KEY'
+    else
+        COMMANDS=$SERIES_COMMANDS note_command "lp $system" ferrite-bench "${args[@]}"
+    fi
+
+    wait_for_quiet_machine
+    local cpu_before machine_before rss_load
+    cpu_before=$(cpu_seconds "$SERVER_PID")
+    machine_before=$(machine_cpu_seconds)
+    /usr/bin/time -f '%U %S %M' -o "$WORK/time" timeout "$GENERATOR_TIMEOUT_S" "$BENCH" "${args[@]}" "${token[@]}" >"$WORK/line" ||
+        die_with_log "the series load against $system failed"
+    rss_load=$(rss_kib "$SERVER_PID")
+    measure_cpu "$cpu_before" "$machine_before"
+    jq -e '.batches_failed == 0 and .batches_ok == .batches_total' "$WORK/line" >/dev/null ||
+        log "warning: $system did not acknowledge every batch: some failed or were not sent within SERIES_MAX_DURATION_S=$SERIES_MAX_DURATION_S s; see first_error"
+
+    # Nothing is sent during the wait, so background work (flushes, merges,
+    # cache trimming) shows in the second reading.
+    sleep "$SERIES_SETTLE_S"
+    local rss_settled hwm
+    rss_settled=$(rss_kib "$SERVER_PID")
+    hwm=$(hwm_kib "$SERVER_PID")
+
+    local sent stored series budget=null
+    sent=$(jq .points "$WORK/line")
+    read -r stored _ < <(stored_points "$system" "$sent")
+    series=$(reported_series "$system")
+    if [[ $system == ferrite && -n "$SERIES_MEMORY_BUDGET" ]]; then
+        budget=$(jq -n --arg budget "$SERIES_MEMORY_BUDGET" '$budget')
+    fi
+    jq -c --argjson server "$SERVER_CPU" --argjson client "$CLIENT_CPU" --argjson other "$OTHER_CPU" \
+        --argjson series_sent "$((SERIES_DEVICES * 7))" --argjson rounds "$SERIES_ROUNDS" \
+        --argjson series "${series:-null}" --argjson stored "${stored:-null}" \
+        --argjson rss_load "$rss_load" --argjson rss_settled "$rss_settled" --argjson hwm "$hwm" \
+        --argjson settle_s "$SERIES_SETTLE_S" --argjson budget "$budget" \
+        '. + {figure: "series", series_sent: $series_sent, points_per_series: $rounds,
+              series_reported_by_server: $series, field_values_reported_by_server: $stored,
+              rss_after_load_mib: ($rss_load / 1024 * 10 | round / 10),
+              rss_settled_mib: ($rss_settled / 1024 * 10 | round / 10),
+              rss_peak_mib: ($hwm / 1024 * 10 | round / 10),
+              settle_s: $settle_s, memory_budget: $budget,
+              server_cpu_s: $server, client_cpu_s: $client, other_cpu_s: $other}' \
+        "$WORK/line" | tee -a "$SERIES_RESULTS" >&2
+    # With a million series in memory, a server may need more than the
+    # default 30 s to write them out at SIGTERM.
+    stop_server 60
+    rm -rf "$WORK/run"
+}
+
+# The series scenario: one load of every selected system, each on a fresh
+# instance.
+run_series_scenario() {
+    local systems
+    mapfile -t systems < <(selected ferrite influxdb victoriametrics)
+    ((${#systems[@]} > 0)) || { log "series: no system selected"; return 0; }
+    ((SERIES_MAX_DURATION_S > 0)) ||
+        die "SERIES_MAX_DURATION_S is $SERIES_MAX_DURATION_S; set it to at least 1 or GENERATOR_TIMEOUT_S above 90"
+
+    # Batches of equal size, at most LP_BATCH_LINES lines, that give every
+    # series SERIES_ROUNDS points. Lines go round-robin over the trucks, so
+    # the lines that rounding up adds, fewer than one per batch, give the
+    # first trucks one point more.
+    local lines=$((SERIES_DEVICES * SERIES_ROUNDS))
+    SERIES_BATCHES=$(((lines + LP_BATCH_LINES - 1) / LP_BATCH_LINES))
+    SERIES_BATCH_LINES=$(((lines + SERIES_BATCHES - 1) / SERIES_BATCHES))
+    # 00:00 UTC yesterday. A truck's points are 10 s apart, so with fewer
+    # than 8,640 rounds they stay within one day, one of Ferrite's partitions.
+    SERIES_START_S=$((($(date +%s) / 86400 - 1) * 86400))
+
+    FERRITE_TEMPLATE="$WORK/ferrite-storage-template"
+    if [[ -n "$SERIES_MEMORY_BUDGET" ]]; then
+        FERRITE_CONFIG_FILE="$WORK/ferrite-series.toml"
+        printf '[storage]\nmemory_budget = "%s"\n' "$SERIES_MEMORY_BUDGET" >"$FERRITE_CONFIG_FILE"
+    fi
+    # By default InfluxDB 1.6 rejects the points of a tag's 100,001st value
+    # (the tag `name` has one per truck) and of a database's 1,000,001st
+    # series (one per tag set, so per truck). Both limits are switched off.
+    INFLUXDB_DATA_SETTINGS='  max-values-per-tag = 0
+  max-series-per-database = 0'
+    local system
+    for system in "${systems[@]}"; do
+        log "series: $system, $((SERIES_DEVICES * 7)) series with $SERIES_ROUNDS points each"
+        run_series "$system"
+    done
+    INFLUXDB_DATA_SETTINGS=""
+    FERRITE_CONFIG_FILE=""
+    FERRITE_TEMPLATE="$WORK/ferrite-template"
+    write_series_results_page
+}
+
 # ---------------------------------------------------------------- report ---
 
 write_results_page() {
@@ -1127,10 +1287,9 @@ replace_block() {
     log "wrote the $name block of $RESULTS_PAGE"
 }
 
-# Writes the storage scenario's block of the results page, placed at the end
-# of the page the first time.
-write_storage_results_page() {
-    local block=$WORK/storage-block.md
+# Prints the versions of the selected systems among Ferrite, InfluxDB and
+# VictoriaMetrics, separated by "; ".
+storage_system_versions() {
     local versions="" system
     for system in $(selected ferrite influxdb victoriametrics); do
         case $system in
@@ -1139,6 +1298,15 @@ write_storage_results_page() {
             victoriametrics) versions+="VictoriaMetrics $(dpkg-query -W -f='${Version}' victoria-metrics); " ;;
         esac
     done
+    echo "${versions%; }"
+}
+
+# Writes the storage scenario's block of the results page, placed at the end
+# of the page the first time.
+write_storage_results_page() {
+    local block=$WORK/storage-block.md
+    local versions
+    versions=$(storage_system_versions)
     {
         echo "<!-- storage-results:start (generated by bench/run.sh; edits here are overwritten) -->"
         echo
@@ -1146,7 +1314,7 @@ write_storage_results_page() {
         echo
         echo "Run on $(date -u '+%Y-%m-%d %H:%M UTC') at commit \`$(git -C "$REPO" rev-parse --short HEAD)\`$(git -C "$REPO" diff --quiet HEAD -- crates/ferrite crates/ferrite-bench || echo ' with uncommitted changes')."
         echo "Machine: $(nproc) CPUs, $(lscpu | awk -F': *' '/^Model name/ { print $2; exit }'), $(free -g | awk '/^Mem:/ { print $2 }') GiB of memory."
-        echo "Versions: ${versions%; } (Debian package versions for the peers)."
+        echo "Versions: $versions (Debian package versions for the peers)."
         echo
         jq -r '"Dataset: \(.devices) trucks from \(.start) over \(.duration_s) s (seed \(.seed)): \(.lines) lines, \(.field_values) field values, \(.bytes) bytes of line protocol; the generator wrote it in \(.elapsed_s) s (\(.lines_per_s) lines/s)."' \
             "$WORK/generate.json"
@@ -1181,6 +1349,73 @@ write_storage_results_page() {
     replace_block storage-results "$block" append
 }
 
+# Writes the series scenario's block of the results page, placed at the end
+# of the page the first time.
+write_series_results_page() {
+    local block=$WORK/series-block.md
+    local versions
+    versions=$(storage_system_versions)
+    {
+        echo "<!-- series-results:start (generated by bench/run.sh; edits here are overwritten) -->"
+        echo
+        echo "### Resident memory with $(jq -n "$SERIES_DEVICES * 7" | commas) active series"
+        echo
+        echo "Run on $(date -u '+%Y-%m-%d %H:%M UTC') at commit \`$(git -C "$REPO" rev-parse --short HEAD)\`$(git -C "$REPO" diff --quiet HEAD -- crates/ferrite crates/ferrite-tsdb crates/ferrite-bench || echo ' with uncommitted changes')."
+        echo "Machine: $(nproc) CPUs, $(lscpu | awk -F': *' '/^Model name/ { print $2; exit }'), $(free -g | awk '/^Mem:/ { print $2 }') GiB of memory."
+        echo "Versions: $versions (Debian package versions for the peers)."
+        echo
+        local extra=$((SERIES_BATCHES * SERIES_BATCH_LINES - SERIES_DEVICES * SERIES_ROUNDS))
+        echo "Load: SERIES_DEVICES=$SERIES_DEVICES trucks of 7 fields, SERIES_ROUNDS=$SERIES_ROUNDS points per series"
+        ((extra == 0)) || echo "(the first $extra trucks one more, from rounding up to whole batches)"
+        echo "in $SERIES_BATCHES batches of $SERIES_BATCH_LINES lines over $LP_CONNECTIONS connections, timestamps from"
+        echo "$(date -u -d "@$SERIES_START_S" '+%Y-%m-%d %H:%M UTC'), 10 s apart per truck. Each system ran once on an empty data"
+        echo "directory. The rate covers the whole load, creating the series included. Memory is VmRSS right"
+        echo "after the last acknowledged batch and again after SERIES_SETTLE_S=$SERIES_SETTLE_S s without load;"
+        echo "the peak is VmHWM at the second reading. InfluxDB ran with \`max-values-per-tag = 0\` and"
+        echo "\`max-series-per-database = 0\`, and its reported series are its tag sets times 7."
+        echo
+        echo "| System | series sent | series reported by the server | points per series | field values acknowledged | values/s | RSS after load MiB | RSS settled MiB | peak RSS MiB | memory budget | settled RSS / VictoriaMetrics' |"
+        echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |"
+        jq -s -r "$JQ_NUMBER_FORMAT"'
+            map(select(.figure == "series")) as $rows
+            | ($rows | map(select(.system == "victoriametrics")) | first | .rss_settled_mib) as $reference
+            | $rows[]
+            | "| \(.system) | \(.series_sent | commas) | \(.series_reported_by_server // "-" | commas)"
+              + " | \(.points_per_series) | \(.points | commas) | \(.points_per_s | floor | commas)"
+              + " | \(.rss_after_load_mib) | \(.rss_settled_mib) | \(.rss_peak_mib)"
+              + " | \(if .system == "ferrite" then (.memory_budget // "not set") else "-" end)"
+              + " | \(if $reference then (.rss_settled_mib / $reference | hundredths) else "-" end) |"
+        ' "$SERIES_RESULTS"
+        echo
+        echo "Commands:"
+        echo
+        echo '```text'
+        cat "$SERIES_COMMANDS"
+        echo '```'
+        echo
+        echo "<details><summary>Raw result lines</summary>"
+        echo
+        echo '```json'
+        cat "$SERIES_RESULTS"
+        echo '```'
+        echo
+        echo "</details>"
+        echo
+        echo "<!-- series-results:end -->"
+    } >"$block"
+    replace_block series-results "$block" append
+}
+
+# jq functions that write an integer with commas between thousands and a
+# non-negative number with two decimals.
+JQ_NUMBER_FORMAT='def commas: tostring | if length > 3 then (.[0:length - 3] | commas) + "," + .[length - 3:] else . end;
+def hundredths: . * 100 | round | "\(. / 100 | floor).\(. % 100 + 100 | tostring | .[1:])";'
+
+# Prints the number on standard input, rounded down, with commas between thousands.
+commas() {
+    jq -r "$JQ_NUMBER_FORMAT"' floor | commas'
+}
+
 # ---------------------------------------------------------------- main ---
 
 main() {
@@ -1195,9 +1430,10 @@ main() {
     mkdir -p "$WORK/logs"
     : >"$RESULTS"
     : >"$STORAGE_RESULTS"
+    : >"$SERIES_RESULTS"
     if [[ -n "$(selected ferrite)" ]]; then
         prepare_ferrite_template
-        if scenario_enabled storage; then
+        if scenario_enabled storage || scenario_enabled series; then
             prepare_ferrite_storage_template
         fi
     else
@@ -1255,6 +1491,9 @@ main() {
     if scenario_enabled storage; then
         run_storage_scenario
         "$BENCH" summary --results "$STORAGE_RESULTS" --reference ferrite
+    fi
+    if scenario_enabled series; then
+        run_series_scenario
     fi
 }
 
