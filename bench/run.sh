@@ -1372,16 +1372,18 @@ write_series_results_page() {
         echo "directory. The rate covers the whole load, creating the series included. Memory is VmRSS right"
         echo "after the last acknowledged batch and again after SERIES_SETTLE_S=$SERIES_SETTLE_S s without load;"
         echo "the peak is VmHWM at the second reading. InfluxDB ran with \`max-values-per-tag = 0\` and"
-        echo "\`max-series-per-database = 0\`, and its reported series are its tag sets times 7."
+        echo "\`max-series-per-database = 0\`, and its reported series are its tag sets times 7. \"Other processes"
+        echo "CPU s\" is the busy time of the rest of the machine during the load, such as other builds."
         echo
-        echo "| System | series sent | series reported by the server | points per series | field values acknowledged | values/s | RSS after load MiB | RSS settled MiB | peak RSS MiB | memory budget | settled RSS / VictoriaMetrics' |"
-        echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |"
+        echo "| System | series sent | series reported by the server | points per series | field values acknowledged | values/s | server CPU s | other processes CPU s | RSS after load MiB | RSS settled MiB | peak RSS MiB | memory budget | settled RSS / VictoriaMetrics' |"
+        echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |"
         jq -s -r "$JQ_NUMBER_FORMAT"'
             map(select(.figure == "series")) as $rows
             | ($rows | map(select(.system == "victoriametrics")) | first | .rss_settled_mib) as $reference
             | $rows[]
             | "| \(.system) | \(.series_sent | commas) | \(.series_reported_by_server // "-" | commas)"
               + " | \(.points_per_series) | \(.points | commas) | \(.points_per_s | floor | commas)"
+              + " | \(.server_cpu_s) | \(.other_cpu_s)"
               + " | \(.rss_after_load_mib) | \(.rss_settled_mib) | \(.rss_peak_mib)"
               + " | \(if .system == "ferrite" then (.memory_budget // "not set") else "-" end)"
               + " | \(if $reference then (.rss_settled_mib / $reference | hundredths) else "-" end) |"
