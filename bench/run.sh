@@ -38,7 +38,10 @@
 # quiet machine adds up to QUIET_WAIT_S seconds before each timed run. The
 # storage scenario comes on top. NOTE: its full-size duration has not been
 # measured; with 100 trucks over 1d and ROUNDS=2 it took under 3 minutes for
-# InfluxDB and VictoriaMetrics together.
+# InfluxDB and VictoriaMetrics together. The series scenario at full size
+# took about 3 minutes for InfluxDB and VictoriaMetrics together. NOTE:
+# Ferrite's full-size series run has not been timed. Creating its 142,858
+# devices alone is estimated at about a minute.
 #
 # Usage: bench/run.sh            (from anywhere inside the repository)
 #        ROUNDS=5 bench/run.sh   (more runs per system)
@@ -1365,9 +1368,9 @@ write_series_results_page() {
         echo "Versions: $versions (Debian package versions for the peers)."
         echo
         local extra=$((SERIES_BATCHES * SERIES_BATCH_LINES - SERIES_DEVICES * SERIES_ROUNDS))
-        echo "Load: SERIES_DEVICES=$SERIES_DEVICES trucks of 7 fields, SERIES_ROUNDS=$SERIES_ROUNDS points per series"
-        ((extra == 0)) || echo "(the first $extra trucks one more, from rounding up to whole batches)"
-        echo "in $SERIES_BATCHES batches of $SERIES_BATCH_LINES lines over $LP_CONNECTIONS connections, timestamps from"
+        echo "Load: SERIES_DEVICES=$SERIES_DEVICES trucks of 7 fields, SERIES_ROUNDS=$SERIES_ROUNDS points per series."
+        ((extra == 0)) || echo "Rounding up to whole batches gave the first $extra trucks one point more."
+        echo "The $SERIES_BATCHES batches of $SERIES_BATCH_LINES lines went over $LP_CONNECTIONS connections, with timestamps from"
         echo "$(date -u -d "@$SERIES_START_S" '+%Y-%m-%d %H:%M UTC'), 10 s apart per truck. Each system ran once on an empty data"
         echo "directory. The rate covers the whole load, creating the series included. Memory is VmRSS right"
         echo "after the last acknowledged batch and again after SERIES_SETTLE_S=$SERIES_SETTLE_S s without load;"
