@@ -27,8 +27,8 @@
 # fresh instance of each system, once per system. It records the ingest rate
 # in field values/s, VmRSS right after the load and again after
 # SERIES_SETTLE_S seconds without load, and VmHWM (the peak). Ferrite runs
-# with storage.memory_budget = SERIES_MEMORY_BUDGET. These results go to a
-# block of their own too.
+# with storage.memory_budget_bytes set from SERIES_MEMORY_BUDGET. These
+# results go to a block of their own too.
 #
 # Every server is started by this script on 127.0.0.1 with free ports and a
 # data directory under a temporary folder, and stopped by its process id.
@@ -87,8 +87,9 @@ SERIES_SETTLE_S=${SERIES_SETTLE_S:-30}              # wait without load before t
 # Bound of the timed load. It leaves 90 s of GENERATOR_TIMEOUT_S for generating
 # the batches and for the requests in flight at the bound (60 s timeout each).
 SERIES_MAX_DURATION_S=${SERIES_MAX_DURATION_S:-$((GENERATOR_TIMEOUT_S - 90))}
-# Ferrite's storage.memory_budget for the series scenario, a byte size such as
-# "1GiB". Set it empty to leave the key out of the configuration file.
+# Ferrite's storage.memory_budget_bytes for the series scenario, in bytes or
+# with a suffix KiB, MiB or GiB such as "1GiB". Set it empty to leave the key
+# out of the configuration file.
 SERIES_MEMORY_BUDGET=${SERIES_MEMORY_BUDGET-1GiB}
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -1148,30 +1149,47 @@ run_series() {
     rss_settled=$(rss_kib "$SERVER_PID")
     hwm=$(hwm_kib "$SERVER_PID")
 
-    local sent stored series budget=null
+    local sent stored series budget=null budget_bytes=null
     sent=$(jq .points "$WORK/line")
     read -r stored _ < <(stored_points "$system" "$sent")
     series=$(reported_series "$system")
     if [[ $system == ferrite && -n "$SERIES_MEMORY_BUDGET" ]]; then
         budget=$(jq -n --arg budget "$SERIES_MEMORY_BUDGET" '$budget')
+        budget_bytes=$SERIES_MEMORY_BUDGET_BYTES
     fi
     jq -c --argjson server "$SERVER_CPU" --argjson client "$CLIENT_CPU" --argjson other "$OTHER_CPU" \
         --argjson series_sent "$((SERIES_DEVICES * 7))" --argjson rounds "$SERIES_ROUNDS" \
         --argjson series "${series:-null}" --argjson stored "${stored:-null}" \
         --argjson rss_load "$rss_load" --argjson rss_settled "$rss_settled" --argjson hwm "$hwm" \
-        --argjson settle_s "$SERIES_SETTLE_S" --argjson budget "$budget" \
+        --argjson settle_s "$SERIES_SETTLE_S" --argjson budget "$budget" --argjson budget_bytes "$budget_bytes" \
         '. + {figure: "series", series_sent: $series_sent, points_per_series: $rounds,
               series_reported_by_server: $series, field_values_reported_by_server: $stored,
               rss_after_load_mib: ($rss_load / 1024 * 10 | round / 10),
               rss_settled_mib: ($rss_settled / 1024 * 10 | round / 10),
               rss_peak_mib: ($hwm / 1024 * 10 | round / 10),
-              settle_s: $settle_s, memory_budget: $budget,
+              settle_s: $settle_s, memory_budget: $budget, memory_budget_bytes: $budget_bytes,
               server_cpu_s: $server, client_cpu_s: $client, other_cpu_s: $other}' \
         "$WORK/line" | tee -a "$SERIES_RESULTS" >&2
     # With a million series in memory, a server may need more than the
     # default 30 s to write them out at SIGTERM.
     stop_server 60
     rm -rf "$WORK/run"
+}
+
+# Prints the bytes of a size such as 1073741824, 512MiB or 1GiB (suffixes
+# KiB, MiB and GiB, powers of 1024), or stops the script on another form.
+byte_count() {
+    local size=$1
+    [[ $size =~ ^([0-9]+)(KiB|MiB|GiB)?$ ]] ||
+        die "invalid byte size \"$size\": write bytes, or a number with KiB, MiB or GiB such as 1GiB"
+    # 10# reads a number with leading zeros as decimal, not octal.
+    local number=$((10#${BASH_REMATCH[1]}))
+    case ${BASH_REMATCH[2]} in
+        KiB) echo $((number * 1024)) ;;
+        MiB) echo $((number * 1024 * 1024)) ;;
+        GiB) echo $((number * 1024 * 1024 * 1024)) ;;
+        *) echo "$number" ;;
+    esac
 }
 
 # The series scenario: one load of every selected system, each on a fresh
@@ -1196,8 +1214,10 @@ run_series_scenario() {
 
     FERRITE_TEMPLATE="$WORK/ferrite-storage-template"
     if [[ -n "$SERIES_MEMORY_BUDGET" ]]; then
+        # A plain assignment, so that set -e stops the script on an invalid size.
+        SERIES_MEMORY_BUDGET_BYTES=$(byte_count "$SERIES_MEMORY_BUDGET")
         FERRITE_CONFIG_FILE="$WORK/ferrite-series.toml"
-        printf '[storage]\nmemory_budget = "%s"\n' "$SERIES_MEMORY_BUDGET" >"$FERRITE_CONFIG_FILE"
+        printf '[storage]\nmemory_budget_bytes = %s\n' "$SERIES_MEMORY_BUDGET_BYTES" >"$FERRITE_CONFIG_FILE"
     fi
     # By default InfluxDB 1.6 rejects the points of a tag's 100,001st value
     # (the tag `name` has one per truck) and of a database's 1,000,001st
@@ -1377,6 +1397,10 @@ write_series_results_page() {
         echo "the peak is VmHWM at the second reading. InfluxDB ran with \`max-values-per-tag = 0\` and"
         echo "\`max-series-per-database = 0\`, and its reported series are its tag sets times 7. \"Other processes"
         echo "CPU s\" is the busy time of the rest of the machine during the load, such as other builds."
+        if [[ -n "$(selected ferrite)" ]]; then
+            echo "Ferrite's memory budget (\`storage.memory_budget_bytes\`) bounds its time-series store; connections,"
+            echo "HTTP buffers and the metadata database come on top of it in VmRSS."
+        fi
         echo
         echo "| System | series sent | series reported by the server | points per series | field values acknowledged | values/s | server CPU s | other processes CPU s | RSS after load MiB | RSS settled MiB | peak RSS MiB | memory budget | settled RSS / VictoriaMetrics' |"
         echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |"
