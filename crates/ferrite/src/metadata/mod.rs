@@ -132,6 +132,20 @@ pub trait MetadataStore: Send + Sync {
         name: &str,
         token_hash: &[u8],
     ) -> Result<Device, MetadataError>;
+    /// Creates the devices named in `new`, each with its token hash, in one
+    /// transaction; names that already exist are skipped. Returns the
+    /// names and ids of the devices it created.
+    async fn create_devices(
+        &self,
+        tenant: TenantId,
+        new: &[(String, Vec<u8>)],
+    ) -> Result<Vec<(String, DeviceId)>, MetadataError>;
+    /// Returns the ids of the devices among `names` that exist.
+    async fn device_ids_by_names(
+        &self,
+        tenant: TenantId,
+        names: &[String],
+    ) -> Result<Vec<(String, DeviceId)>, MetadataError>;
     async fn device(&self, tenant: TenantId, id: DeviceId) -> Result<Device, MetadataError>;
     async fn device_by_name(
         &self,

@@ -235,6 +235,69 @@ impl MetadataStore for SqliteMetadata {
             .ok_or(MetadataError::NotFound("device"))
     }
 
+    async fn create_devices(
+        &self,
+        tenant: TenantId,
+        new: &[(String, Vec<u8>)],
+    ) -> Result<Vec<(String, DeviceId)>, MetadataError> {
+        let created_at = now_ms();
+        let tenant = tenant.to_string();
+        let mut created = Vec::with_capacity(new.len());
+        let mut tx = self.pool.begin().await?;
+        for (name, token_hash) in new {
+            let id = DeviceId::new_random();
+            let inserted = sqlx::query(
+                "INSERT INTO devices (id, tenant_id, name, created_at) VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            )
+            .bind(id.to_string())
+            .bind(&tenant)
+            .bind(name)
+            .bind(created_at)
+            .execute(&mut *tx)
+            .await?;
+            if inserted.rows_affected() == 0 {
+                continue;
+            }
+            sqlx::query(
+                "INSERT INTO device_tokens (token_hash, device_id, created_at) VALUES (?, ?, ?)",
+            )
+            .bind(token_hash)
+            .bind(id.to_string())
+            .bind(created_at)
+            .execute(&mut *tx)
+            .await?;
+            created.push((name.clone(), id));
+        }
+        tx.commit().await?;
+        Ok(created)
+    }
+
+    async fn device_ids_by_names(
+        &self,
+        tenant: TenantId,
+        names: &[String],
+    ) -> Result<Vec<(String, DeviceId)>, MetadataError> {
+        // SQLite allows 32,766 parameters per statement; 500 names keep each
+        // statement small.
+        let tenant = tenant.to_string();
+        let mut found = Vec::with_capacity(names.len());
+        for chunk in names.chunks(500) {
+            let placeholders = vec!["?"; chunk.len()].join(", ");
+            let sql = format!(
+                "SELECT name, id FROM devices WHERE tenant_id = ? AND name IN ({placeholders})"
+            );
+            // Only the number of placeholders varies; names are bound.
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(&tenant);
+            for name in chunk {
+                query = query.bind(name);
+            }
+            for row in query.fetch_all(&self.pool).await? {
+                found.push((row.try_get("name")?, parse_id(row.try_get("id")?)?));
+            }
+        }
+        Ok(found)
+    }
+
     async fn device_by_name(
         &self,
         tenant: TenantId,

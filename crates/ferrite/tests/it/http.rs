@@ -290,6 +290,46 @@ async fn api_key_writes_a_fleet_by_tag() {
 }
 
 #[tokio::test]
+async fn concurrent_batches_create_each_new_device_once() {
+    let server = Server::start().await;
+    let key = server.create_api_key("telegraf", "operator");
+    // More names than one lookup statement takes, sent by four requests at
+    // once, each in its own order.
+    const DEVICES: usize = 1200;
+    let body = |shift: usize| -> String {
+        (0..DEVICES)
+            .map(|n| {
+                let truck = (n + shift * 300) % DEVICES;
+                format!("readings,name=truck-{truck} velocity={n} 1714953600000000000\n")
+            })
+            .collect()
+    };
+    let requests = (0..4).map(|shift| {
+        let (server, key, body) = (&server, &key, body(shift));
+        async move { post(server, "/write?device_tag=name", Some(key), body).await }
+    });
+    for (status, text) in futures::future::join_all(requests).await {
+        assert_eq!(status, 204, "{text}");
+    }
+
+    let mut names = std::collections::BTreeSet::new();
+    for offset in [0, 1000] {
+        let (status, list) = server
+            .get_json(&format!("/api/v1/devices?limit=1000&offset={offset}"))
+            .await;
+        assert_eq!(status, 200);
+        for device in list["devices"].as_array().unwrap() {
+            assert!(
+                names.insert(device["name"].as_str().unwrap().to_owned()),
+                "{} listed twice",
+                device["name"]
+            );
+        }
+    }
+    assert_eq!(names.len(), DEVICES);
+}
+
+#[tokio::test]
 async fn devices_api_and_last_seen() {
     let server = Server::start().await;
     let admin = server.admin_token().await;

@@ -252,10 +252,11 @@ async fn fleet_envelopes(
         );
     }
 
+    let names: Vec<&str> = by_device.iter().map(|(name, _, _)| name.as_str()).collect();
+    let ids = device_ids(state, tenant, &names, may_create).await?;
     let mut envelopes = Vec::with_capacity(by_device.len());
     let mut labels_by_device = Vec::with_capacity(by_device.len());
-    for (name, payload, labels) in by_device {
-        let device = device_by_name(state, tenant, &name, may_create).await?;
+    for ((_, payload, labels), device) in by_device.into_iter().zip(ids) {
         envelopes.push(envelope(
             tenant,
             device,
@@ -268,49 +269,87 @@ async fn fleet_envelopes(
     Ok((envelopes, labels_by_device))
 }
 
-async fn device_by_name(
+/// Returns the ids of the devices `names`, in order: from the name cache,
+/// else from the metadata store in one query, creating the missing ones in
+/// one transaction when `may_create` is set. A batch that names thousands
+/// of new devices so costs two statements per device in one transaction
+/// rather than a transaction each.
+async fn device_ids(
     state: &AppState,
     tenant: TenantId,
-    name: &str,
+    names: &[&str],
     may_create: bool,
-) -> Result<DeviceId, ApiError> {
-    if let Some(id) = state.device_names.lock().get(&(tenant, name.to_owned())) {
-        return Ok(*id);
+) -> Result<Vec<DeviceId>, ApiError> {
+    let mut ids: Vec<Option<DeviceId>> = {
+        let cache = state.device_names.lock();
+        names
+            .iter()
+            .map(|name| cache.get(&(tenant, (*name).to_owned())).copied())
+            .collect()
+    };
+    let missing: Vec<String> = names
+        .iter()
+        .zip(&ids)
+        .filter(|(_, id)| id.is_none())
+        .map(|(name, _)| (*name).to_owned())
+        .collect();
+    if missing.is_empty() {
+        return Ok(ids.into_iter().flatten().collect());
     }
-    let device = match state.metadata.device_by_name(tenant, name).await? {
-        Some(device) => device,
-        None if may_create => {
-            // The token of an auto-created device is not shown to anyone; an
-            // operator rotates it when the device itself needs to connect.
-            let token = auth::generate_device_token();
-            match state
-                .metadata
-                .create_device(tenant, name, &auth::hash_secret(&token))
-                .await
-            {
-                Ok(device) => {
-                    tracing::info!(device_id = %device.id, name, "created a device on its first line-protocol write");
-                    device
-                }
-                // Another request created it at the same moment.
-                Err(crate::metadata::MetadataError::Conflict(_)) => state
-                    .metadata
-                    .device_by_name(tenant, name)
-                    .await?
-                    .ok_or_else(ApiError::internal)?,
-                Err(error) => return Err(error.into()),
-            }
-        }
-        None => {
+
+    let mut found: HashMap<String, DeviceId> = state
+        .metadata
+        .device_ids_by_names(tenant, &missing)
+        .await?
+        .into_iter()
+        .collect();
+    let unknown: Vec<String> = missing
+        .into_iter()
+        .filter(|name| !found.contains_key(name))
+        .collect();
+    if !unknown.is_empty() {
+        if !may_create {
             count_rejected("unknown_device");
             return Err(ApiError::not_found(format!(
-                "device {name:?} not found; create it first or enable auth.auto_create_devices. Nothing from this batch was stored"
+                "device {:?} not found; create it first or enable auth.auto_create_devices. Nothing from this batch was stored",
+                unknown[0]
             )));
         }
-    };
-    state
-        .device_names
-        .lock()
-        .insert((tenant, name.to_owned()), device.id);
-    Ok(device.id)
+        // The token of an auto-created device is not shown to anyone; an
+        // operator rotates it when the device itself needs to connect.
+        let new: Vec<(String, Vec<u8>)> = unknown
+            .iter()
+            .map(|name| {
+                let token = auth::generate_device_token();
+                (name.clone(), auth::hash_secret(&token).to_vec())
+            })
+            .collect();
+        let created = state.metadata.create_devices(tenant, &new).await?;
+        if !created.is_empty() {
+            tracing::info!(
+                devices = created.len(),
+                first = %created[0].0,
+                "created devices on their first line-protocol write"
+            );
+        }
+        found.extend(created);
+        // Names that another request created at the same moment.
+        let raced: Vec<String> = unknown
+            .into_iter()
+            .filter(|name| !found.contains_key(name))
+            .collect();
+        if !raced.is_empty() {
+            found.extend(state.metadata.device_ids_by_names(tenant, &raced).await?);
+        }
+    }
+
+    let mut cache = state.device_names.lock();
+    for (name, id) in names.iter().zip(&mut ids) {
+        if id.is_none() {
+            let device = *found.get(*name).ok_or_else(ApiError::internal)?;
+            cache.insert((tenant, (*name).to_owned()), device);
+            *id = Some(device);
+        }
+    }
+    Ok(ids.into_iter().flatten().collect())
 }
