@@ -1093,10 +1093,14 @@ run_storage_scenario() {
 # Its index may count a few percent more, because concurrent first writes of
 # a series may register it twice: with 1.79.5, `/api/v1/series/count` gave
 # 14,840 for 14,000 series. For InfluxDB they are the series of the database
-# times the 7 fields, because InfluxDB counts one series per tag set.
-# Ferrite has no such counter.
+# times the 7 fields, because InfluxDB counts one series per tag set. For
+# Ferrite it is the store's series gauge, refreshed every 10 s.
 reported_series() {
     case $1 in
+        ferrite)
+            curl -fs "http://127.0.0.1:$HTTP_PORT/metrics" |
+                awk '/^ferrite_store_series / { print $2; found = 1 } END { if (!found) print "null" }'
+            ;;
         influxdb)
             curl -fs "http://127.0.0.1:$HTTP_PORT/debug/vars" |
                 jq '."database:bench".values.numSeries // null | if . == null then null else . * 7 end'

@@ -182,13 +182,15 @@
 //!
 //! Memory is the head (the caller flushes when [`Store::needs_flush`]), the
 //! frozen head during a flush, and per series its name, latest point and
-//! open rollup rows (about 560 bytes with two tiers), plus 16 bytes per 32
-//! series per open segment. [`StoreOptions::memory_budget_bytes`] bounds the
-//! sum: the head budget ([`Store::head_budget`]) is what the series leave,
-//! halved for the frozen head. [`Store::memory_usage`] estimates each part.
-//!
-//! NOTE: the open rollup rows take 60 % of the per-series memory (a
-//! [`Bucket`] per tier); a compact numeric form would cut them by a third.
+//! open rollup rows (about 460 bytes with two tiers; rows of numbers are
+//! kept in an 80-byte form), plus 16 bytes per 32 series per open segment.
+//! A flush also holds the new open rows of the series it writes until it
+//! installs them (copy on write, so that queries never count a point
+//! twice). [`StoreOptions::memory_budget_bytes`] bounds the sum: the head
+//! budget ([`Store::head_budget`]) is what the series and that copy leave,
+//! halved for the frozen head. [`Store::memory_usage`] estimates each
+//! part; allocator overhead and the buffers of a running compaction are
+//! not counted.
 
 mod block;
 mod catalog;

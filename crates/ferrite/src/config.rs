@@ -487,7 +487,7 @@ append_timeout = "5s"
 # Memory for points not yet in a segment file, in bytes.
 head_budget_bytes = 67108864
 # Memory of the time-series store in all, in bytes: unflushed points and
-# what it keeps per series (about 600 bytes each). With many series the
+# what it keeps per series (about 460 bytes each). With many series the
 # head gets less of it; the process needs more for connections and HTTP.
 memory_budget_bytes = 1073741824
 # Longest time points stay only in memory and in the ingest log.

@@ -56,7 +56,8 @@ struct Inner {
     compaction_lock: Mutex<()>,
     /// Next segment sequence number; flush and compaction both take numbers.
     next_seq: AtomicU64,
-    /// [`MemoryUsage::fixed`] as of the last flush, open or compaction.
+    /// [`MemoryUsage::fixed`] plus the open rows that a flush copies, as of
+    /// the last flush, open or maintenance pass.
     fixed_bytes: AtomicUsize,
     /// Set while the fixed memory alone exceeds the memory budget, so that
     /// the warning is logged once per crossing.
@@ -912,12 +913,15 @@ impl Inner {
             return;
         };
         let usage = self.memory_usage();
-        self.fixed_bytes.store(usage.fixed(), Ordering::Relaxed);
-        let over = usage.fixed() + 2 * MIN_HEAD_BUDGET_BYTES > budget;
+        // A flush holds a second copy of the open rows of the series it
+        // writes, which with many active series is nearly all of them.
+        let reserved = usage.fixed() + usage.open_rows;
+        self.fixed_bytes.store(reserved, Ordering::Relaxed);
+        let over = reserved + 2 * MIN_HEAD_BUDGET_BYTES > budget;
         if over && !self.over_budget.swap(true, Ordering::Relaxed) {
             tracing::warn!(
                 series = usage.series,
-                needed_mib = (usage.fixed() + 2 * MIN_HEAD_BUDGET_BYTES) / (1024 * 1024),
+                needed_mib = (reserved + 2 * MIN_HEAD_BUDGET_BYTES) / (1024 * 1024),
                 budget_mib = budget / (1024 * 1024),
                 "the time-series store needs more memory for its series than its memory budget allows; raise the memory budget"
             );

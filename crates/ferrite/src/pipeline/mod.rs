@@ -338,7 +338,11 @@ fn run_flusher(
         let over_budget = store.pending_bytes() >= store.flush_threshold();
         if last_memory_report.elapsed() >= MEMORY_REPORT_EVERY {
             for (part, bytes) in store.memory_usage() {
-                metrics::gauge!("ferrite_store_memory_bytes", "part" => part).set(bytes as f64);
+                if part == "series" {
+                    metrics::gauge!("ferrite_store_series").set(bytes as f64);
+                } else {
+                    metrics::gauge!("ferrite_store_memory_bytes", "part" => part).set(bytes as f64);
+                }
             }
             last_memory_report = Instant::now();
         }

@@ -54,7 +54,8 @@ pub trait TimeSeriesStore: Send + Sync + 'static {
     fn pending_bytes(&self) -> usize;
     /// `pending_bytes` at which to flush; may shrink as series are added.
     fn flush_threshold(&self) -> usize;
-    /// Estimated memory by part, for metrics.
+    /// Estimated memory in bytes by part, for metrics, and under `series`
+    /// the number of series.
     fn memory_usage(&self) -> Vec<(&'static str, usize)> {
         Vec::new()
     }
@@ -160,6 +161,7 @@ impl TimeSeriesStore for EmbeddedStore {
     fn memory_usage(&self) -> Vec<(&'static str, usize)> {
         let usage = self.store.memory_usage();
         vec![
+            ("series", usage.series),
             ("names", usage.names),
             ("latest", usage.latest),
             ("open_rows", usage.open_rows),
