@@ -36,12 +36,9 @@
 # Settings come from the environment. With the defaults a full run took
 # about 7 minutes on 2 cores after the release build, and the wait for a
 # quiet machine adds up to QUIET_WAIT_S seconds before each timed run. The
-# storage scenario comes on top. NOTE: its full-size duration has not been
-# measured; with 100 trucks over 1d and ROUNDS=2 it took under 3 minutes for
-# InfluxDB and VictoriaMetrics together. The series scenario at full size
-# took about 3 minutes for InfluxDB and VictoriaMetrics together. NOTE:
-# Ferrite's full-size series run has not been timed. Creating its 142,858
-# devices alone is estimated at about a minute.
+# storage scenario comes on top: at its default size with ROUNDS=2 it took
+# about 15 minutes for the three systems. The series scenario at full size
+# took about 5 minutes for the three systems.
 #
 # Usage: bench/run.sh            (from anywhere inside the repository)
 #        ROUNDS=5 bench/run.sh   (more runs per system)

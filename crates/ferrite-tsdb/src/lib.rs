@@ -126,8 +126,8 @@
 //! Open reads only header, trailer and index of each segment, checks the
 //! index checksum and every entry, and keeps in memory one *fence* (series
 //! id and position) per 32 entries. A lookup reads the entries between two
-//! fences from the file (the operating system's page cache keeps hot
-//! indexes); compaction reads the indexes of its inputs side by side in id
+//! fences from the file, and the operating system's page cache keeps hot
+//! indexes. Compaction reads the indexes of its inputs side by side in id
 //! order. Block checksums are checked when a query or compaction reads the
 //! block, so start-up time does not grow with the amount of data.
 //!
@@ -182,8 +182,8 @@
 //!
 //! Memory is the head (the caller flushes when [`Store::needs_flush`]), the
 //! frozen head during a flush, and per series its name, latest point and
-//! open rollup rows (about 460 bytes with two tiers; rows of numbers are
-//! kept in an 80-byte form), plus 16 bytes per 32 series per open segment.
+//! open rollup rows, about 460 bytes with two tiers. Rows of numbers are
+//! kept in an 80-byte form. Each open segment adds 16 bytes per 32 series.
 //! A flush also holds the new open rows of the series it writes until it
 //! installs them (copy on write, so that queries never count a point
 //! twice). [`StoreOptions::memory_budget_bytes`] bounds the sum: the head
@@ -324,9 +324,9 @@ pub struct StoreOptions {
     /// should flush ([`Store::needs_flush`]). The store itself does not
     /// enforce it.
     pub head_budget_bytes: usize,
-    /// Memory the store may use in all, in bytes: the head, the frozen head
-    /// of a running flush, and what it keeps per series (names, latest
-    /// points, open rollup rows, index fences; see [`Store::memory_usage`]).
+    /// Memory the store may use in all, in bytes. It covers the head, the
+    /// frozen head of a running flush, and what the store keeps per series
+    /// (see [`Store::memory_usage`]).
     /// When set, the head budget that [`Store::needs_flush`] uses shrinks
     /// as series are added, down to [`MIN_HEAD_BUDGET_BYTES`], so that the
     /// whole stays within it; `head_budget_bytes` remains the largest head.

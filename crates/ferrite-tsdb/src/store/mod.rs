@@ -913,7 +913,7 @@ impl Inner {
             return;
         };
         let usage = self.memory_usage();
-        // A flush holds a second copy of the open rows of the series it
+        // A flush keeps a second copy of the open rows of the series it
         // writes, which with many active series is nearly all of them.
         let reserved = usage.fixed() + usage.open_rows;
         self.fixed_bytes.store(reserved, Ordering::Relaxed);
@@ -1104,7 +1104,7 @@ impl Inner {
             }
             // Reads the whole index, which only an explicit full compaction
             // does. An unreadable index counts as needing a rewrite, whose
-            // error then tells what is wrong.
+            // error then reports what is wrong.
             let needs_rewrite = |segment: &Segment<V>| {
                 segment.version != crate::segment::VERSION
                     || segment.entries().any(|entry| match entry {
