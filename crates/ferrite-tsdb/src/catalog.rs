@@ -68,6 +68,9 @@ pub(crate) struct Catalog {
     /// unknown ids): 4 bytes per series, so that retention finds the
     /// tenant of an id without a map per pass.
     tenant_of: Vec<u32>,
+    /// Estimated heap bytes of the key names, kept as keys are added and
+    /// removed so that [`Catalog::estimated_bytes`] need not visit them.
+    key_bytes: usize,
 }
 
 /// Tenant number of ids that belong to no live series.
@@ -104,6 +107,7 @@ impl Catalog {
             return Some(*existing);
         }
         keys.insert(series.key.clone(), id);
+        self.key_bytes += heap_bytes(series.key.len());
         let tenant = self.tenant_number(&series.tenant);
         self.set_tenant(id, tenant);
         None
@@ -137,8 +141,14 @@ impl Catalog {
         &self.tenant_of
     }
 
-    /// Estimated heap bytes of the name index and the tenant table. Walks
-    /// every key, so it is meant for once per flush, not per write.
+    /// Counts the heap bytes of key names that the write path added to a
+    /// device's map directly.
+    pub(crate) fn note_added_keys(&mut self, bytes: usize) {
+        self.key_bytes += bytes;
+    }
+
+    /// Estimated heap bytes of the name index and the tenant table. Visits
+    /// every device, so it is meant for once per flush, not per write.
     pub(crate) fn estimated_bytes(&self) -> usize {
         let mut bytes = self.tenant_of.capacity() * size_of::<u32>()
             + table_bytes::<String, u32>(self.tenant_numbers.capacity())
@@ -149,10 +159,9 @@ impl Catalog {
             for (device, keys) in devices {
                 bytes +=
                     heap_bytes(device.len()) + table_bytes::<String, SeriesId>(keys.capacity());
-                bytes += keys.keys().map(|key| heap_bytes(key.len())).sum::<usize>();
             }
         }
-        bytes
+        bytes + self.key_bytes
     }
 
     /// Names of the tenants in number order.
@@ -178,6 +187,12 @@ impl Catalog {
         if devices.is_empty() {
             self.tenants.remove(tenant);
         }
+        let removed_key_bytes: usize = removed
+            .iter()
+            .flat_map(|keys| keys.keys())
+            .map(|key| heap_bytes(key.len()))
+            .sum();
+        self.key_bytes = self.key_bytes.saturating_sub(removed_key_bytes);
         for id in removed.iter().flat_map(|keys| keys.values()) {
             if let Some(tenant) = usize::try_from(id.0)
                 .ok()
@@ -187,5 +202,27 @@ impl Catalog {
             }
         }
         removed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn estimate_follows_added_and_removed_keys() {
+        let mut catalog = Catalog::default();
+        let empty = catalog.estimated_bytes();
+        for (n, key) in ["a-rather-long-key-name", "velocity"].iter().enumerate() {
+            let series = SeriesKey::new("t", "d", *key);
+            assert_eq!(catalog.insert(&series, SeriesId(n as u64 + 1)), None);
+        }
+        let with_keys = catalog.estimated_bytes();
+        assert!(with_keys >= empty + heap_bytes(22) + heap_bytes(8));
+
+        catalog.remove_device("t", "d");
+        assert_eq!(catalog.key_bytes, 0);
+        assert!(catalog.estimated_bytes() < with_keys);
+        assert_eq!(catalog.tenants_by_id()[1], NO_TENANT);
     }
 }

@@ -333,6 +333,7 @@ impl Store {
         let keys = catalog.device_entry(tenant, device);
 
         let mut added = Vec::new();
+        let mut added_key_bytes = 0;
         for (key, ts, value) in points {
             let id = match keys.get(*key) {
                 Some(id) => *id,
@@ -342,6 +343,7 @@ impl Store {
                     keys.insert((*key).to_owned(), id);
                     unpersisted.insert(id, SeriesKey::new(tenant, device, *key));
                     added.push(id);
+                    added_key_bytes += heap_bytes(key.len());
                     id
                 }
             };
@@ -352,6 +354,7 @@ impl Store {
             for id in added {
                 catalog.set_tenant(id, number);
             }
+            catalog.note_added_keys(added_key_bytes);
         }
         Ok(())
     }
