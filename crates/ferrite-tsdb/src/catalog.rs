@@ -41,8 +41,9 @@ pub(crate) fn table_bytes<K, V>(capacity: usize) -> usize {
     capacity * 8 / 7 * (size_of::<K>() + size_of::<V>() + 1)
 }
 
-/// Estimated bytes of one heap allocation of `len` bytes: glibc malloc adds
-/// an 8-byte header, rounds to 16 and allocates at least 32.
+/// Estimated bytes of one heap allocation of `len` bytes, modelled on glibc
+/// malloc, which adds an 8-byte header, rounds to 16 and allocates at least
+/// 32. Other allocators differ by a few bytes per allocation.
 pub(crate) fn heap_bytes(len: usize) -> usize {
     if len == 0 {
         0

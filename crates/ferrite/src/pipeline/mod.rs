@@ -88,8 +88,8 @@ pub struct Pipeline {
     log: Arc<LogControl>,
 }
 
-/// How often the flusher refreshes the store's memory gauges; the estimate
-/// walks every series name.
+/// How often the flusher refreshes the store's memory gauges. The estimate
+/// visits every device, so it is not refreshed at every flusher tick.
 const MEMORY_REPORT_EVERY: Duration = Duration::from_secs(10);
 
 pub struct PipelineOptions {
