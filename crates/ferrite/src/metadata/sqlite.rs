@@ -92,6 +92,23 @@ impl SqliteMetadata {
     }
 }
 
+/// Inserts a device token hash inside the transaction that creates the
+/// device or replaces its tokens.
+async fn insert_device_token(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    token_hash: &[u8],
+    id: DeviceId,
+    created_at: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("INSERT INTO device_tokens (token_hash, device_id, created_at) VALUES (?, ?, ?)")
+        .bind(token_hash)
+        .bind(id.to_string())
+        .bind(created_at)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
 fn device_from_row(row: sqlx::sqlite::SqliteRow) -> Result<Device, MetadataError> {
     Ok(Device {
         id: parse_id(row.try_get("id")?)?,
@@ -203,14 +220,7 @@ impl MetadataStore for SqliteMetadata {
             }
             Err(error) => return Err(error.into()),
         }
-        sqlx::query(
-            "INSERT INTO device_tokens (token_hash, device_id, created_at) VALUES (?, ?, ?)",
-        )
-        .bind(token_hash)
-        .bind(id.to_string())
-        .bind(created_at)
-        .execute(&mut *tx)
-        .await?;
+        insert_device_token(&mut tx, token_hash, id, created_at).await?;
         tx.commit().await?;
         Ok(Device {
             id,
@@ -258,14 +268,7 @@ impl MetadataStore for SqliteMetadata {
             if inserted.rows_affected() == 0 {
                 continue;
             }
-            sqlx::query(
-                "INSERT INTO device_tokens (token_hash, device_id, created_at) VALUES (?, ?, ?)",
-            )
-            .bind(token_hash)
-            .bind(id.to_string())
-            .bind(created_at)
-            .execute(&mut *tx)
-            .await?;
+            insert_device_token(&mut tx, token_hash, id, created_at).await?;
             created.push((name.clone(), id));
         }
         tx.commit().await?;
@@ -358,14 +361,7 @@ impl MetadataStore for SqliteMetadata {
         .bind(id.to_string())
         .execute(&mut *tx)
         .await?;
-        sqlx::query(
-            "INSERT INTO device_tokens (token_hash, device_id, created_at) VALUES (?, ?, ?)",
-        )
-        .bind(token_hash)
-        .bind(id.to_string())
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
+        insert_device_token(&mut tx, token_hash, id, now).await?;
         tx.commit().await?;
         Ok(())
     }
