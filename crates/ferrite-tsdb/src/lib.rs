@@ -184,7 +184,7 @@
 //! frozen head during a flush, and per series its name, latest point and
 //! open rollup rows, about 460 bytes with two tiers. Rows of numbers are
 //! kept in an 80-byte form. Each open segment adds 16 bytes per 32 series.
-//! A flush also holds the new open rows of the series it writes until it
+//! A flush also keeps the new open rows of the series it writes until it
 //! installs them (copy on write, so that queries never count a point
 //! twice). [`StoreOptions::memory_budget_bytes`] bounds the sum: the head
 //! budget ([`Store::head_budget`]) is what the series and that copy leave,

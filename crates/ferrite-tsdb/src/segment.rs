@@ -163,7 +163,7 @@ impl SegmentMeta {
 /// Every this many index entries, an open segment keeps the id and position
 /// of one entry in memory (a fence). A lookup reads the entries between two
 /// fences from the file, so the index itself stays on disk: with a million
-/// series an open segment holds about 0.5 MB instead of the 130 MB that the
+/// series an open segment keeps about 0.5 MB instead of the 130 MB that the
 /// decoded entries took.
 const FENCE_EVERY: u64 = 32;
 
@@ -234,8 +234,8 @@ pub(crate) fn probe_tier(path: &Path) -> Result<u8, StoreError> {
 impl<V: StoredValue> Segment<V> {
     /// Opens a segment and reads its trailer and index, checking both
     /// checksums, that series come in ascending id order and that every
-    /// block reference lies inside the data area; `visit` sees every index
-    /// entry. Blocks themselves are checked when they are read.
+    /// block reference lies inside the data area. `visit` is called with
+    /// every index entry. Blocks themselves are checked when they are read.
     pub(crate) fn open(
         path: PathBuf,
         seq: u64,
@@ -316,7 +316,7 @@ impl<V: StoredValue> Segment<V> {
         })
     }
 
-    /// Estimated heap bytes that the open segment holds.
+    /// Estimated heap bytes that the open segment keeps.
     pub(crate) fn resident_bytes(&self) -> usize {
         size_of::<Self>()
             + self.fences.len() * size_of::<Fence>()
@@ -582,7 +582,7 @@ impl<V: StoredValue> Iterator for Entries<'_, V> {
     }
 }
 
-/// What opening a segment keeps of its index.
+/// Parts of a segment's index that the open segment keeps in memory.
 struct ScannedIndex {
     meta: SegmentMeta,
     series_count: u64,

@@ -109,7 +109,7 @@ pub struct StorageConfig {
     /// Memory the time-series store may use in all: points not yet flushed
     /// (twice, while a flush runs) and what it keeps per series (names,
     /// latest values, open rollup rows). As series are added the head gets
-    /// less of it, down to 8 MiB, and a warning says when the series alone
+    /// less of it, down to 8 MiB, and a warning is logged when the series alone
     /// need more. Connections, HTTP buffers and the metadata database come
     /// on top.
     pub memory_budget_bytes: usize,

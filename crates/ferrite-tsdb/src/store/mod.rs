@@ -1170,7 +1170,7 @@ impl Inner {
         let mut writers: BTreeMap<Partition, SegmentWriter<V>> = BTreeMap::new();
         let mut damaged: HashSet<u64> = HashSet::new();
         // The indexes are read side by side in ascending id order, so the
-        // merge holds one entry per input in memory.
+        // merge keeps one entry per input in memory.
         let mut indexes: Vec<_> = inputs
             .iter()
             .map(|segment| segment.entries().peekable())

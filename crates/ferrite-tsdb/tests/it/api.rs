@@ -413,8 +413,8 @@ fn concurrent_writes_flushes_and_queries() {
         assert_eq!(page.points.len() as i64, BATCHES * BATCH);
     }
     // Tiered merges leave at most `fan_in - 1` segments per level once
-    // the background thread has caught up; on a slow machine it may still
-    // be merging when the writers stop, so wait for it (bounded).
+    // the background thread has caught up. On a slow machine it may still
+    // be merging when the writers stop, so the test waits for it (bounded).
     let levels = (last_marker as f64).log(3.0).ceil() as usize + 1;
     let bound = 2 * levels;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
