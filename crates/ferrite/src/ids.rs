@@ -62,3 +62,12 @@ uuid_id!(
     /// An API key for scripts and services.
     ApiKeyId
 );
+uuid_id!(
+    /// A device profile: codec, key schema, transformations and rules
+    /// shared by a kind of device.
+    ProfileId
+);
+uuid_id!(
+    /// One alarm: a rule's condition on one device, from raised to cleared.
+    AlarmId
+);

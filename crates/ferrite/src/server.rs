@@ -45,6 +45,8 @@ pub struct AppState {
     pub pending_labels: parking_lot::Mutex<std::collections::HashMap<DeviceId, Labels>>,
     /// Device ids by name, for line-protocol fleet writes.
     pub device_names: parking_lot::Mutex<std::collections::HashMap<(TenantId, String), DeviceId>>,
+    /// Processed telemetry and alarm changes for live subscribers.
+    pub live: crate::live::LiveBus,
 }
 
 impl AppState {
@@ -126,6 +128,7 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
     let log_control = Arc::new(log_control);
 
     let seen = SeenDevices::default();
+    let live = crate::live::LiveBus::default();
     let pipeline = Pipeline::start(
         committed,
         store.clone(),
@@ -156,6 +159,7 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
         seen: seen.clone(),
         device_names: Default::default(),
         pending_labels: Default::default(),
+        live: live.clone(),
     });
 
     let shutdown = CancellationToken::new();
