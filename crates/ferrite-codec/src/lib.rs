@@ -6,10 +6,12 @@
 //!   records and arrays of either.
 //! - [`senml`] decodes SenML packs (RFC 8428) in their JSON and CBOR
 //!   representations.
+//! - [`cayenne_lpp`] decodes Cayenne Low Power Payload, the binary format
+//!   of many LoRaWAN devices.
 //!
 //! Each turns a payload into typed [`ferrite_core::Value`]s, with nanosecond
 //! timestamps where the format carries time, or into an error that names
-//! the offending line, record, key or field and explains how
+//! the offending line, record, key, field or byte offset and explains how
 //! to fix it. The rules each decoder applies (escaping, value types,
 //! timestamps, limits) are part of Ferrite's user-facing behaviour and are
 //! written down in the module docs.
@@ -25,6 +27,7 @@
 //!   [`line_protocol::parse_batch`] takes a `&str`,
 //! - authentication and mapping of payloads to tenants and devices.
 
+pub mod cayenne_lpp;
 pub mod json;
 pub mod line_protocol;
 pub mod senml;

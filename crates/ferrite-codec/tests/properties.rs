@@ -373,3 +373,79 @@ mod senml_properties {
         }
     }
 }
+
+mod cayenne_lpp_properties {
+    use ferrite_codec::cayenne_lpp::decode;
+    use proptest::collection::vec;
+    use proptest::prelude::*;
+    use proptest::sample::select;
+
+    /// Data sizes by type code, from the ElectronicCats CayenneLPP table:
+    /// an oracle independent of the decoder's own table.
+    const SIZES: [(u8, usize, usize); 26] = [
+        // (code, data bytes, values)
+        (0, 1, 1),
+        (1, 1, 1),
+        (2, 2, 1),
+        (3, 2, 1),
+        (100, 4, 1),
+        (101, 2, 1),
+        (102, 1, 1),
+        (103, 2, 1),
+        (104, 1, 1),
+        (113, 6, 3),
+        (115, 2, 1),
+        (116, 2, 1),
+        (117, 2, 1),
+        (118, 4, 1),
+        (120, 1, 1),
+        (121, 2, 1),
+        (125, 2, 1),
+        (128, 2, 1),
+        (130, 4, 1),
+        (131, 4, 1),
+        (132, 2, 1),
+        (133, 4, 1),
+        (134, 6, 3),
+        (135, 3, 3),
+        (136, 9, 3),
+        (142, 1, 1),
+    ];
+
+    proptest! {
+        #[test]
+        fn decoder_never_panics(bytes in vec(any::<u8>(), 0..120)) {
+            let _ = decode(&bytes);
+        }
+
+        #[test]
+        fn decoder_never_panics_on_known_types(
+            bytes in vec(prop_oneof![select(SIZES.map(|(code, _, _)| code).to_vec()), any::<u8>()], 0..80),
+        ) {
+            let _ = decode(&bytes);
+        }
+
+        #[test]
+        fn well_formed_payloads_decode(
+            entries in vec((0..SIZES.len(), any::<u8>(), vec(any::<u8>(), 9)), 0..12),
+        ) {
+            let mut payload = Vec::new();
+            let mut seen = std::collections::HashSet::new();
+            let mut expected_values = 0;
+            for (type_index, channel, data) in entries {
+                let (code, size, value_count) = SIZES[type_index];
+                if !seen.insert((code, channel)) {
+                    continue;
+                }
+                payload.extend_from_slice(&[channel, code]);
+                payload.extend_from_slice(&data[..size]);
+                expected_values += value_count;
+            }
+
+            let decoded = decode(&payload);
+
+            prop_assert!(decoded.is_ok(), "{:02x?}: {:?}", payload, decoded);
+            prop_assert_eq!(decoded.unwrap().len(), expected_values);
+        }
+    }
+}
