@@ -15,7 +15,7 @@ use serde::Serialize;
 use tokio::sync::broadcast;
 
 use crate::ids::{DeviceId, ProfileId, TenantId};
-use crate::metadata::Labels;
+use crate::metadata::{Attributes, Labels};
 
 /// Events a subscriber may fall behind before it loses the oldest.
 pub const LIVE_BUS_CAPACITY: usize = 16_384;
@@ -55,6 +55,8 @@ pub struct TelemetryEvent {
     pub profile_name: Option<Arc<str>>,
     /// The device's labels when the message was processed (enrichment).
     pub labels: Arc<Labels>,
+    /// The device attributes the profile's `enrich.attributes` names.
+    pub attributes: Arc<Attributes>,
     /// Server time when the message arrived, in nanoseconds.
     pub received_at_ns: TimestampNs,
     /// Stored points as (key, timestamp in nanoseconds, value).
