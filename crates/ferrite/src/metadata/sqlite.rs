@@ -98,6 +98,13 @@ impl SqliteMetadata {
         Ok(())
     }
 
+    /// Wraps a pool without running migrations, for tests that never reach
+    /// the database.
+    #[cfg(test)]
+    pub fn from_pool(pool: SqlitePool) -> Self {
+        Self { pool }
+    }
+
     /// Starts a transaction that takes the write lock at once. A deferred
     /// transaction that reads first and writes later fails at once with
     /// "database is locked" when another connection writes meanwhile,

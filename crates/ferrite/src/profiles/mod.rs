@@ -178,12 +178,15 @@ pub fn parse_documents(text: &str, format: DocumentFormat) -> Result<Vec<Profile
     }
 }
 
-/// Writes profiles as YAML documents separated by `---`.
+/// Writes profiles as YAML documents separated by `---`. They go through
+/// JSON values, so enums come out as plain maps (`- rename: {...}`) rather
+/// than YAML tags, which [`parse_documents`] and people read alike.
 pub fn to_yaml(specs: &[&ProfileSpec]) -> String {
     let mut out = String::new();
     for spec in specs {
+        let value = serde_json::to_value(spec).unwrap_or_default();
         out.push_str("---\n");
-        out.push_str(&serde_yaml_ng::to_string(spec).unwrap_or_default());
+        out.push_str(&serde_yaml_ng::to_string(&value).unwrap_or_default());
     }
     out
 }
@@ -238,6 +241,15 @@ impl Directory {
             profiles: RwLock::default(),
             devices: RwLock::default(),
         }
+    }
+
+    /// Creates a directory whose database is never reached, for tests of
+    /// the cache alone.
+    #[cfg(test)]
+    pub fn new_for_tests() -> Directory {
+        let options = sqlx::sqlite::SqliteConnectOptions::new().filename(":memory:");
+        let pool = sqlx::sqlite::SqlitePoolOptions::new().connect_lazy_with(options);
+        Directory::new(Arc::new(SqliteMetadata::from_pool(pool)))
     }
 
     /// Returns a device, from the cache or the database. `None` when the

@@ -116,6 +116,11 @@ pub fn parse_expression(text: &str) -> Result<(Node<DefaultNumericTypes>, Vec<St
         .collect();
     inputs.sort();
     inputs.dedup();
+    // The parser accepts some malformed text (`1 + `) and unknown functions;
+    // both fail at evaluation. A trial run with every key set to 1 finds
+    // them when the profile is saved rather than on live data.
+    evaluate(&node, &inputs, |_| Some(Value::Float(1.0)))
+        .map_err(|error| format!("invalid expression {text:?}: {error}"))?;
     Ok((node, inputs))
 }
 
