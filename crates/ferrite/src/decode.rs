@@ -15,15 +15,6 @@ use ferrite_core::{TimestampNs, Value};
 use crate::ingest::{ContentType, Envelope};
 use crate::profiles::{CodecSpec, Field, Record};
 
-/// One decoded point of one device.
-#[cfg(test)]
-#[derive(Debug, Clone, PartialEq)]
-pub struct DecodedPoint {
-    pub key: String,
-    pub ts: TimestampNs,
-    pub value: Value,
-}
-
 /// Reason a payload was rejected. `Display` is the message for the client.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum DecodeError {
@@ -142,27 +133,6 @@ pub fn check_payload(
         Ok(())
     })?;
     Ok(count)
-}
-
-/// Decodes an envelope into points. Fails only on payloads that
-/// [`check_payload`] would have rejected.
-#[cfg(test)]
-pub fn decode_envelope(envelope: &Envelope) -> Result<Vec<DecodedPoint>, DecodeError> {
-    let mut points = Vec::new();
-    for_each_point(
-        envelope.content_type,
-        &envelope.payload,
-        envelope.received_at_ns,
-        |key, ts, value, _| {
-            points.push(DecodedPoint {
-                key: key.to_owned(),
-                ts,
-                value: value.clone(),
-            });
-            Ok(())
-        },
-    )?;
-    Ok(points)
 }
 
 /// Runs scripted decoders; each pipeline worker keeps one.

@@ -190,6 +190,9 @@ impl AlarmManager {
         let details = details(transition);
         let (alarm, change) = match open {
             Some(open) if open.severity == transition.severity => return Ok(()),
+            // A repeated raise only reopens an alarm cleared by hand; the
+            // severity of an open one changes with the profile's edges.
+            Some(_) if transition.repeated => return Ok(()),
             Some(open) => {
                 let alarm = self
                     .metadata
@@ -379,6 +382,7 @@ impl AlarmManager {
                             crate::decode::format_duration(no_data.duration)
                         ),
                         values: Vec::new(),
+                        repeated: false,
                     };
                     if let Err(error) = self.raise(&device, &profile, &transition).await {
                         tracing::error!(device_id = %device.id, rule = %rule.name, %error, "cannot raise a no-data alarm");

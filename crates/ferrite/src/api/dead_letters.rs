@@ -42,9 +42,12 @@ pub struct ListParams {
 fn letter_json(letter: &DeadLetter) -> serde_json::Value {
     let mut value = serde_json::to_value(letter).unwrap_or_default();
     value["received_at"] = json!(crate::decode::format_ts(letter.received_at_ns));
+    // Text formats show as text; binary ones (and text that is not valid
+    // UTF-8) as base64.
+    let binary = matches!(letter.content_type.as_str(), "raw" | "senml+cbor");
     match std::str::from_utf8(&letter.payload) {
-        Ok(text) => value["payload"] = json!(text),
-        Err(_) => {
+        Ok(text) if !binary => value["payload"] = json!(text),
+        _ => {
             value["payload_base64"] =
                 json!(base64::engine::general_purpose::STANDARD.encode(&letter.payload));
         }

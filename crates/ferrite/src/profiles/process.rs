@@ -397,13 +397,13 @@ impl Processor {
 
 fn check_value(profile: &str, key: &str, spec: &KeySpec, value: &Value) -> Result<(), String> {
     if let Some(expected) = spec.value_type {
-        let matches = match (expected, value) {
-            (ValueType::Number, Value::Float(_) | Value::Int(_)) => true,
-            (ValueType::Integer, Value::Int(_)) => true,
-            (ValueType::Boolean, Value::Bool(_)) => true,
-            (ValueType::String, Value::Str(_)) => true,
-            _ => false,
-        };
+        let matches = matches!(
+            (expected, value),
+            (ValueType::Number, Value::Float(_) | Value::Int(_))
+                | (ValueType::Integer, Value::Int(_))
+                | (ValueType::Boolean, Value::Bool(_))
+                | (ValueType::String, Value::Str(_))
+        );
         if !matches {
             return Err(format!(
                 "key {key:?} = {} is {}, but profile {profile:?} expects {}",

@@ -22,7 +22,9 @@
 //! - A worker that starts (or meets a device for the first time) does not
 //!   know which alarms are open: its first evaluation reports the state
 //!   either way, and the alarm manager ignores raises of open alarms and
-//!   clears of closed ones.
+//!   clears of closed ones. While a condition holds, every message that
+//!   checks it reports a (repeated) raise, so an alarm cleared by hand is
+//!   raised again by the next message that still meets the condition.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -211,6 +213,7 @@ pub struct CompiledRule {
     clear: Option<Compiled>,
     hold_ns: i64,
     message: Option<String>,
+    #[allow(dead_code)] // TODO: run by the alarm manager once actions land.
     pub actions: Vec<ActionSpec>,
     /// The keys the rule reads; a message without any of them is skipped.
     keys: Vec<String>,
@@ -405,15 +408,14 @@ pub fn compile(rules: &[RuleSpec]) -> Result<Vec<CompiledRule>, Vec<String>> {
         );
         let clear = rule.clear.as_ref().and_then(|clear| {
             let mut clear_no_data = None;
-            let compiled = compile_condition(
+            compile_condition(
                 clear,
                 &format!("{at}.clear"),
                 true,
                 &mut problems,
                 &mut keys,
                 &mut clear_no_data,
-            );
-            compiled
+            )
         });
         if no_data.is_some() && (rule.clear.is_some() || rule.hold.is_some()) {
             problems.push(format!(
@@ -456,6 +458,10 @@ pub struct Transition {
     pub message: String,
     /// The values the condition read.
     pub values: Vec<(String, Value)>,
+    /// A raise while the worker already counts the rule as active. The
+    /// alarm manager ignores it unless the alarm was cleared by hand
+    /// meanwhile, in which case it raises a new alarm.
+    pub repeated: bool,
 }
 
 /// What a worker remembers of one device between messages.
@@ -630,12 +636,13 @@ impl DeviceState {
         let mut transitions = Vec::new();
         for record in records {
             for rule in rules {
-                if !rule
+                // A rule runs on messages that carry a key it reads; a
+                // no_data rule runs on every message, which ends a silence.
+                let reads_message = rule
                     .keys
                     .iter()
-                    .any(|key| record.fields.iter().any(|field| &field.key == key))
-                    && !(rule.no_data.is_some() && rule.keys.is_empty())
-                {
+                    .any(|key| record.fields.iter().any(|field| &field.key == key));
+                if !reads_message && rule.no_data.is_none() {
                     continue;
                 }
                 let view = View {
@@ -652,10 +659,11 @@ impl DeviceState {
                 };
 
                 let mut raise = None;
+                let mut repeated = false;
                 if condition {
                     let since = *state.holding_since.get_or_insert(record.ts);
-                    if state.active != Some(true) && record.ts.saturating_sub(since) >= rule.hold_ns
-                    {
+                    if record.ts.saturating_sub(since) >= rule.hold_ns {
+                        repeated = state.active == Some(true);
                         raise = Some(true);
                     }
                 } else {
@@ -678,6 +686,7 @@ impl DeviceState {
                         ts: record.ts,
                         message: rule.message(device, &values, raise),
                         values,
+                        repeated,
                     });
                 }
             }

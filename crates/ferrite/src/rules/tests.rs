@@ -35,6 +35,7 @@ fn run(rules: &[CompiledRule], messages: &[Record]) -> Vec<Vec<String>> {
             state
                 .evaluate(rules, "dev-1", std::slice::from_ref(message))
                 .iter()
+                .filter(|transition| !transition.repeated)
                 .map(|transition| {
                     format!(
                         "{}{}",
@@ -71,6 +72,16 @@ fn threshold_raises_on_the_edge_and_reports_its_first_state() {
             (record(5, &[("t", 30.0)]), &["-hot"]),
         ],
     );
+}
+
+#[test]
+fn a_condition_that_keeps_holding_repeats_its_raise() {
+    let rules = rules(r#"[{name: hot, condition: {threshold: {key: t, op: ">", value: 30}}}]"#);
+    let mut state = DeviceState::default();
+    let first = state.evaluate(&rules, "d", &[record(0, &[("t", 31.0)])]);
+    let second = state.evaluate(&rules, "d", &[record(1, &[("t", 32.0)])]);
+    assert!(first[0].raise && !first[0].repeated);
+    assert!(second[0].raise && second[0].repeated);
 }
 
 #[test]
