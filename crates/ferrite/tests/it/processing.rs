@@ -569,3 +569,82 @@ fn hex_bytes(text: &str) -> Vec<u8> {
         .map(|index| u8::from_str_radix(&text[index..index + 2], 16).unwrap())
         .collect()
 }
+
+#[tokio::test]
+async fn fleet_queries_filter_and_group_by_profile_and_api_labels() {
+    let server = Server::start().await;
+    let api = Api::new(&server).await;
+    for name in ["boiler", "chiller"] {
+        api.yaml(
+            reqwest::Method::POST,
+            "/api/v1/profiles",
+            &format!("name: {name}\n"),
+        )
+        .await;
+    }
+    let mut devices = Vec::new();
+    for (name, profile, site) in [
+        ("b1", "boiler", "north"),
+        ("b2", "boiler", "south"),
+        ("c1", "chiller", "north"),
+    ] {
+        let device = api.device(name, profile).await;
+        let (status, _) = api
+            .send(
+                reqwest::Method::PATCH,
+                &format!("/api/v1/devices/{}", device.id),
+                "application/json",
+                json!({"labels": {"site": site}}).to_string(),
+            )
+            .await;
+        assert_eq!(status, 200);
+        let body = format!(
+            r#"{{"ts": 1700000000000, "values": {{"t": {}}}}}"#,
+            name.len() * 10
+        );
+        assert_eq!(
+            api.telemetry(&device, "application/json", body.into_bytes())
+                .await,
+            200
+        );
+        devices.push(device);
+    }
+    for device in &devices {
+        api.wait_for(
+            &format!("/api/v1/devices/{}/telemetry/latest", device.id),
+            |body| body.get("t").is_some(),
+        )
+        .await;
+    }
+    let (status, boilers) = api
+        .get("/api/v1/telemetry/latest?keys=t&profile=boiler&label=site:north")
+        .await;
+    assert_eq!(status, 200, "{boilers}");
+    let names: Vec<&str> = boilers["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|device| device["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["b1"]);
+    let (status, grouped) = api
+        .get("/api/v1/telemetry/aggregate?key=t&agg=count&interval=1d&start=2023-11-14T00:00:00Z&end=2023-11-15T00:00:00Z&group_by=profile")
+        .await;
+    assert_eq!(status, 200, "{grouped}");
+    let groups: Vec<(&str, i64)> = grouped["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|group| {
+            (
+                group["group"].as_str().unwrap(),
+                group["buckets"][0]["count"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(groups, [("boiler", 2), ("chiller", 1)]);
+    let (status, _) = api
+        .get("/api/v1/telemetry/latest?keys=t&profile=nope")
+        .await;
+    assert_eq!(status, 404);
+}
