@@ -412,9 +412,14 @@ fn exception_error(
             parse_location(frame[start..].trim_end_matches(')'))
         })
         .unzip();
+    let message = if message.is_empty() {
+        name.to_owned()
+    } else {
+        format!("{name}: {message}")
+    };
     ScriptError::Exception {
         function,
-        message: truncate(format!("{name}: {message}")),
+        message: truncate(message),
         line,
         column,
     }

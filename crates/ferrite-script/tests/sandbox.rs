@@ -140,6 +140,7 @@ fn thrown_values_described() {
             "RangeError: port 1",
         ),
         ("throw undefined;", "undefined"),
+        ("throw new TypeError();", "TypeError"),
     ];
     for (statement, expected) in cases {
         let source = format!("function decodeUplink(input) {{ {statement} }}");
@@ -731,5 +732,48 @@ fn small_thread_stack_recursion_is_clean() {
     assert!(
         matches!(result, Err(ScriptError::StackOverflow { .. })),
         "{result:?}"
+    );
+}
+
+#[test]
+fn many_calls_do_not_accumulate_memory() {
+    // 20,000 calls allocate far more than 2 MiB in total, so any memory that
+    // a call leaves behind (input objects, saved references, queued jobs)
+    // would make a later call fail.
+    let source = "function decodeUplink(input) {
+        Promise.resolve(input.bytes).then(function (bytes) { return bytes.slice(); });
+        return { data: { sum: input.bytes.reduce(function (a, b) { return a + b; }, 0) },
+                 warnings: ['w'] };
+    }";
+    let limits = Limits {
+        max_memory_bytes: 2 * 1024 * 1024,
+        ..Limits::default()
+    };
+    let mut decoder = Decoder::compile(source, limits).unwrap();
+    let bytes = [7_u8; 64];
+    for call in 0..20_000 {
+        let result = decoder.decode_uplink(&UplinkInput {
+            bytes: &bytes,
+            f_port: 1,
+            recv_time_ms: call,
+        });
+        assert_eq!(
+            result.map(|decoded| decoded.data["sum"].clone()),
+            Ok(json!(448)),
+            "call {call}"
+        );
+    }
+}
+
+#[test]
+fn thrown_null_reported_as_out_of_memory() {
+    // QuickJS throws null when it cannot allocate an error object, so a
+    // script's own `throw null` cannot be told apart from memory exhaustion.
+    let error = compile("function decodeUplink(input) { throw null; }")
+        .decode_uplink(&INPUT)
+        .unwrap_err();
+    assert!(
+        matches!(error, ScriptError::OutOfMemory { .. }),
+        "{error:?}"
     );
 }
