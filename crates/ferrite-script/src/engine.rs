@@ -45,9 +45,9 @@ type Intrinsics = (
     intrinsic::Promise,
 );
 
-/// Script evaluated before the formatter: it defines a `console` whose
-/// methods discard their arguments and guards the Array methods that the
-/// time limit cannot interrupt. See the comments in the file.
+/// Script evaluated before the formatter. It defines a `console` whose
+/// methods discard their arguments, and it guards the built-in methods that
+/// the time limit cannot interrupt (see the comments in the file).
 const PRELUDE: &str = include_str!("prelude.js");
 
 /// Reason a call failed, before it is turned into a [`ScriptError`].
@@ -96,7 +96,7 @@ impl Drop for Sandbox {
             if !self.runtime.is_job_pending() {
                 return;
             }
-            // The job's outcome is of no interest: its script is discarded.
+            // The job's outcome is ignored, because its script is discarded.
             let _ = self.runtime.execute_pending_job();
         }
 
@@ -123,9 +123,9 @@ impl Watch {
         }
     }
 
-    /// Builds the handler that QuickJS calls every few thousand bytecode
-    /// instructions and during regular expression matching. Returning true
-    /// raises an exception that scripts cannot catch.
+    /// Builds the handler that QuickJS calls once per 10,000 function calls
+    /// and loop iterations, and regularly during regular expression matching.
+    /// Returning true raises an exception that scripts cannot catch.
     fn interrupt_handler(&self) -> rquickjs::runtime::InterruptHandler {
         let watch = self.clone();
         Box::new(move || match watch.deadline.get() {
@@ -278,13 +278,16 @@ fn run<R>(
         // created, which may have been in a shallower or deeper frame.
         unsafe { qjs::JS_UpdateStackTop(qjs::JS_GetRuntime(ctx.as_raw().as_ptr())) };
 
-        let outcome = body(&ctx);
-        let jobs = run_queued_jobs(&ctx, watch);
-        let outcome = match (outcome, jobs) {
+        // A failure is classified before the queued jobs run, because a job
+        // could replace the exception that is pending in the context.
+        let outcome =
+            body(&ctx).map_err(|failure| classify(&ctx, limits, function, watch, failure));
+        let jobs = run_queued_jobs(&ctx, watch)
+            .map_err(|failure| classify(&ctx, limits, function, watch, failure));
+        match (outcome, jobs) {
             (Ok(value), Ok(())) => Ok(value),
-            (Ok(_), Err(failure)) | (Err(failure), _) => Err(failure),
-        };
-        outcome.map_err(|failure| classify(&ctx, limits, function, watch, failure))
+            (Err(error), _) | (Ok(_), Err(error)) => Err(error),
+        }
     });
     watch.stop();
     outcome

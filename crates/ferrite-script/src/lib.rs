@@ -75,11 +75,11 @@
 //! # Limits
 //!
 //! [`Limits`] bounds each call and the evaluation of the top-level code:
-//! - Run time: QuickJS calls an interrupt handler every few thousand
-//!   bytecode instructions and during regular expression matching. Once the
-//!   deadline has passed, the handler raises an exception that the script
-//!   cannot catch, so `while (true) {}` stops within microseconds of the
-//!   limit. Built-in methods written in C do not call the handler while they
+//! - Run time: QuickJS calls an interrupt handler once per 10,000 function
+//!   calls and loop iterations, and regularly during regular expression
+//!   matching. Once the deadline has passed, the handler raises an exception
+//!   that the script cannot catch, so `while (true) {}` stops within
+//!   microseconds of the limit. Built-in methods written in C do not call the handler while they
 //!   loop. The sandbox therefore guards the `Array.prototype` methods that
 //!   loop over a whole array without allocating (see `src/prelude.js`):
 //!   they throw a RangeError on more than 65,536 elements. Other built-ins

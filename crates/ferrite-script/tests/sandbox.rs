@@ -153,6 +153,20 @@ fn thrown_values_described() {
 }
 
 #[test]
+fn exception_survives_queued_jobs() {
+    let source = "function decodeUplink(input) {
+        Promise.resolve().then(function () { throw new Error('from the job'); });
+        queueMicrotask(function () { try { null.x; } catch (e) {} });
+        throw new Error('from the call');
+    }";
+    let error = compile(source).decode_uplink(&INPUT).unwrap_err();
+    let ScriptError::Exception { message, .. } = &error else {
+        panic!("expected Exception, got {error:?}");
+    };
+    assert_eq!(message, "Error: from the call");
+}
+
+#[test]
 fn script_catches_its_own_errors() {
     let source = "function decodeUplink(input) {
         try { null.x; } catch (e) { return { data: { caught: e.name } }; }
