@@ -275,20 +275,15 @@ impl Converter {
         for entry in object.props::<String, Value>() {
             let (key, value) = entry?;
             self.charge(key.len() + 4)?;
-            path.push(Segment::Key(key));
+            path.push(Segment::Key(key.clone()));
             let converted = self.value(value, path, depth + 1)?;
-            let Some(Segment::Key(key)) = path.pop() else {
-                unreachable!("the key pushed above is on top of the path");
-            };
-            match converted {
-                Some(json) => {
-                    map.insert(key, json);
-                }
-                None => {
-                    path.push(Segment::Key(key));
-                    self.warn(format!("{path} is undefined and was left out"))?;
-                    path.pop();
-                }
+            if converted.is_none() {
+                self.warn(format!("{path} is undefined and was left out"))?;
+            }
+            path.pop();
+
+            if let Some(json) = converted {
+                map.insert(key, json);
             }
         }
         Ok(map)
@@ -420,8 +415,8 @@ impl Path {
         self.segments.push(segment);
     }
 
-    fn pop(&mut self) -> Option<Segment> {
-        self.segments.pop()
+    fn pop(&mut self) {
+        self.segments.pop();
     }
 
     /// Returns the key that `toJSON` receives: the last property name, or
