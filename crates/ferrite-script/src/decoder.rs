@@ -93,6 +93,24 @@ impl Decoder {
             });
         }
 
+        // rquickjs passes the source as a C string, which cannot contain NUL.
+        if let Some(offset) = source.find('\0') {
+            let before = &source[..offset];
+            let line = before.matches('\n').count() + 1;
+            let column = before
+                .rsplit('\n')
+                .next()
+                .unwrap_or_default()
+                .chars()
+                .count()
+                + 1;
+            return Err(ScriptError::Syntax {
+                message: "the source contains a NUL character; remove it".to_owned(),
+                line: u32::try_from(line).unwrap_or(u32::MAX),
+                column: u32::try_from(column).unwrap_or(u32::MAX),
+            });
+        }
+
         let engine = Engine::new(source, &limits)?;
         Ok(Decoder {
             source: source.to_owned(),

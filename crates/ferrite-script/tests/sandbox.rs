@@ -77,6 +77,20 @@ fn unterminated_source_is_syntax_error() {
 }
 
 #[test]
+fn nul_character_is_syntax_error() {
+    let source = "function decodeUplink(input) {\n  return { data: {} }; \0\n}";
+    let error = Decoder::compile(source, Limits::default()).unwrap_err();
+    assert_eq!(
+        error,
+        ScriptError::Syntax {
+            message: "the source contains a NUL character; remove it".to_owned(),
+            line: 2,
+            column: 24
+        }
+    );
+}
+
+#[test]
 fn missing_decode_uplink() {
     for source in [
         "function decode(input) { return {}; }",
