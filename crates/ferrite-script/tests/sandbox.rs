@@ -796,7 +796,7 @@ fn many_calls_do_not_accumulate_memory() {
 #[test]
 fn thrown_null_reported_as_out_of_memory() {
     // QuickJS throws null when it cannot allocate an error object, so a
-    // script's own `throw null` cannot be told apart from memory exhaustion.
+    // script's own `throw null` is indistinguishable from memory exhaustion.
     let error = compile("function decodeUplink(input) { throw null; }")
         .decode_uplink(&INPUT)
         .unwrap_err();
