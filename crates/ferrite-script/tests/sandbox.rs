@@ -13,8 +13,10 @@ const INPUT: UplinkInput<'static> = UplinkInput {
 };
 
 /// Slack allowed on top of the time limit. The interrupt handler itself
-/// reacts within microseconds; the rest covers a loaded test machine.
-const TIMEOUT_SLACK: Duration = Duration::from_millis(50);
+/// reacts within microseconds (the overshoot measured in a release build was
+/// below 1 ms). The rest covers a loaded test machine that runs the tests
+/// in parallel on two cores.
+const TIMEOUT_SLACK: Duration = Duration::from_millis(100);
 
 fn compile(source: &str) -> Decoder {
     match Decoder::compile(source, Limits::default()) {
