@@ -113,6 +113,18 @@ fn check_header(spec: &ProfileSpec) -> Vec<String> {
             && (limit.is_zero() || *limit > Duration::from_secs(5))
         {
             problems.push("codec.max_run_time must be between 1 ms and 5 s".to_owned());
+        } else if script.len() <= spec::MAX_SCRIPT_BYTES
+            && let Err(error) = ferrite_script::Decoder::compile(
+                script,
+                ferrite_script::Limits {
+                    max_run_time: max_run_time.unwrap_or(Duration::from_millis(100)),
+                    ..ferrite_script::Limits::default()
+                },
+            )
+        {
+            // Compiling evaluates the script's top level (about 0.2 ms), which
+            // finds syntax errors and a missing decodeUplink at save time.
+            problems.push(format!("codec.script: {error}"));
         }
     }
     if let Some(retention) = spec.retention

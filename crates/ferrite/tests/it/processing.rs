@@ -648,3 +648,168 @@ async fn fleet_queries_filter_and_group_by_profile_and_api_labels() {
         .await;
     assert_eq!(status, 404);
 }
+
+/// A formatter in the style of The Things Stack device repository: signed
+/// 16-bit big-endian temperature in hundredths of a degree, humidity in
+/// half percent, a battery flag, errors for a bad length.
+const TH_DECODER: &str = r#"
+function readInt16BE(bytes, index) {
+  var value = (bytes[index] << 8) | bytes[index + 1];
+  return value > 0x7fff ? value - 0x10000 : value;
+}
+
+function decodeUplink(input) {
+  if (input.bytes.length !== 4) {
+    return { errors: ["expected 4 bytes, got " + input.bytes.length] };
+  }
+  var warnings = [];
+  var battery_low = (input.bytes[3] & 0x80) !== 0;
+  if (battery_low) {
+    warnings.push("battery low");
+  }
+  return {
+    data: {
+      temperature: readInt16BE(input.bytes, 0) / 100,
+      humidity: (input.bytes[2]) / 2,
+      battery: { low: battery_low },
+      port: input.fPort
+    },
+    warnings: warnings
+  };
+}
+"#;
+
+#[tokio::test]
+async fn scripted_decoders_run_unchanged_and_fail_into_the_dead_letter_log() {
+    let server = Server::start().await;
+    let api = Api::new(&server).await;
+    let spec = json!({
+        "name": "th-lora",
+        "codec": {"type": "script", "script": TH_DECODER},
+        "keys": {"temperature": {"type": "number", "min": -40, "max": 85}},
+    });
+    let (status, body) = api.post("/api/v1/profiles", spec).await;
+    assert_eq!(status, 201, "{body}");
+
+    // Try it before any device sends.
+    let (status, tried) = api
+        .post(
+            "/api/v1/profiles/test",
+            json!({"profile": "th-lora", "payload_hex": "f8 30 64 80"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{tried}");
+    assert_eq!(tried["stored"][0]["values"]["temperature"], -20.0);
+    assert_eq!(tried["stored"][0]["values"]["humidity"], 50.0);
+    assert_eq!(tried["stored"][0]["values"]["battery.low"], true);
+
+    let device = api.device("lora-7", "th-lora").await;
+    // 0x0929 = 2345: 23.45 °C; 0x91 / 2 = 72.5 %.
+    assert_eq!(
+        api.telemetry(
+            &device,
+            "application/octet-stream",
+            vec![0x09, 0x29, 0x91, 0x00]
+        )
+        .await,
+        200
+    );
+    let latest = api
+        .wait_for(
+            &format!("/api/v1/devices/{}/telemetry/latest", device.id),
+            |body| body.get("temperature").is_some(),
+        )
+        .await;
+    assert_eq!(latest["temperature"]["value"], 23.45);
+    assert_eq!(latest["humidity"]["value"], 72.5);
+    assert_eq!(latest["battery.low"]["value"], false);
+
+    // The script's own errors, and a value the schema rejects.
+    assert_eq!(
+        api.telemetry(&device, "application/octet-stream", vec![1, 2])
+            .await,
+        200
+    );
+    assert_eq!(
+        api.telemetry(&device, "application/octet-stream", vec![0x27, 0x10, 0, 0])
+            .await,
+        200
+    );
+    let letters = api
+        .wait_for(
+            &format!("/api/v1/devices/{}/dead-letters", device.id),
+            |body| {
+                body["dead_letters"]
+                    .as_array()
+                    .is_some_and(|letters| letters.len() == 2)
+            },
+        )
+        .await;
+    let reasons: Vec<&str> = letters["dead_letters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|letter| letter["reason"].as_str().unwrap())
+        .collect();
+    assert!(reasons[0].contains("above the maximum 85"), "{reasons:?}");
+    assert!(
+        reasons[1].contains("expected 4 bytes, got 2"),
+        "{reasons:?}"
+    );
+    assert_eq!(letters["dead_letters"][1]["stage"], "decode");
+
+    // A script that never ends is stopped at its time limit and the worker
+    // goes on with the next message.
+    let (status, body) = api
+        .post(
+            "/api/v1/profiles",
+            json!({"name": "spinner", "codec": {"type": "script", "max_run_time": "50ms",
+                   "script": "function decodeUplink(input) { if (input.bytes[0] === 1) { while (true) {} } return {data: {v: input.bytes[0]}}; }"}}),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let spinner = api.device("spinner-1", "spinner").await;
+    assert_eq!(
+        api.telemetry(&spinner, "application/octet-stream", vec![1])
+            .await,
+        200
+    );
+    assert_eq!(
+        api.telemetry(&spinner, "application/octet-stream", vec![2])
+            .await,
+        200
+    );
+    api.wait_for(
+        &format!("/api/v1/devices/{}/telemetry/latest", spinner.id),
+        |body| body["v"]["value"] == 2,
+    )
+    .await;
+    let letters = api
+        .wait_for(
+            &format!("/api/v1/devices/{}/dead-letters", spinner.id),
+            |body| {
+                body["dead_letters"]
+                    .as_array()
+                    .is_some_and(|letters| letters.len() == 1)
+            },
+        )
+        .await;
+    let reason = letters["dead_letters"][0]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("50ms") || reason.contains("time"),
+        "{reason}"
+    );
+
+    // A script with a syntax error is refused when saved.
+    let (status, invalid) = api
+        .post(
+            "/api/v1/profiles",
+            json!({"name": "broken", "codec": {"type": "script", "script": "function decodeUplink(input) { return {data: {}; }"}}),
+        )
+        .await;
+    assert_eq!(status, 422, "{invalid}");
+    assert!(
+        invalid["detail"].as_str().unwrap().contains("syntax error"),
+        "{invalid}"
+    );
+}
