@@ -7,6 +7,7 @@
 //! deterministic: a record without a timestamp gets the envelope's receive
 //! time, so a replay of the log stores exactly the same points.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use ferrite_codec::{cayenne_lpp, json, line_protocol, senml};
@@ -156,23 +157,31 @@ pub fn decode_records(
     scripts: &mut dyn ScriptRunner,
 ) -> Result<Vec<Record>, DecodeError> {
     let mut records: Vec<Record> = Vec::new();
+    // Record index by timestamp, so a batch of many lines stays linear.
+    let mut by_ts: HashMap<TimestampNs, usize> = HashMap::new();
+    // Records that got values from more than one line or record of the
+    // payload, which may repeat a key.
+    let mut merged: Vec<usize> = Vec::new();
     let mut push = |key: &str, ts: TimestampNs, value: &Value, unit: Option<&str>| {
         let field = Field {
             key: key.to_owned(),
             value: value.clone(),
             unit: unit.map(str::to_owned),
         };
-        match records.iter_mut().rev().find(|record| record.ts == ts) {
-            Some(record) => {
-                // A later value of the same key in one message wins, as it
-                // would in the store.
-                record.fields.retain(|existing| existing.key != field.key);
-                record.fields.push(field);
+        match by_ts.get(&ts) {
+            Some(&index) => {
+                if merged.last() != Some(&index) {
+                    merged.push(index);
+                }
+                records[index].fields.push(field);
             }
-            None => records.push(Record {
-                ts,
-                fields: vec![field],
-            }),
+            None => {
+                by_ts.insert(ts, records.len());
+                records.push(Record {
+                    ts,
+                    fields: vec![field],
+                });
+            }
         }
         Ok(())
     };
@@ -205,6 +214,22 @@ pub fn decode_records(
             for_each_point(ContentType::Json, &envelope.payload, received_at_ns, push)?;
         }
         (content_type, _) => for_each_point(content_type, &envelope.payload, received_at_ns, push)?,
+    }
+    // A later value of the same key and timestamp in one message wins, as
+    // it would in the store.
+    merged.sort_unstable();
+    merged.dedup();
+    for index in merged {
+        let fields = &mut records[index].fields;
+        let mut seen = std::collections::HashSet::with_capacity(fields.len());
+        let mut kept: Vec<Field> = Vec::with_capacity(fields.len());
+        for field in fields.drain(..).rev() {
+            if seen.insert(field.key.clone()) {
+                kept.push(field);
+            }
+        }
+        kept.reverse();
+        *fields = kept;
     }
     Ok(records)
 }
@@ -362,6 +387,56 @@ mod tests {
         );
         let centuries = Duration::from_secs(1000 * 365 * 86_400);
         assert_eq!(latest_allowed_ts(now, centuries), i64::MAX);
+    }
+
+    struct NoScripts;
+
+    impl ScriptRunner for NoScripts {
+        fn decode_uplink(
+            &mut self,
+            _: &CodecSpec,
+            _: (crate::ids::ProfileId, i64),
+            _: &Envelope,
+        ) -> Result<Vec<u8>, DecodeError> {
+            unreachable!("no script codec in these tests")
+        }
+    }
+
+    #[test]
+    fn records_group_points_by_timestamp_and_the_last_value_wins() {
+        let envelope = Envelope {
+            tenant_id: crate::ids::TenantId::new_random(),
+            device_id: crate::ids::DeviceId::new_random(),
+            protocol: crate::ingest::Protocol::Http,
+            received_at_ns: 0,
+            content_type: ContentType::LineProtocol(line_protocol::Precision::S),
+            payload: bytes::Bytes::from_static(b"m a=1,b=2 10\nm c=3 20\nm a=4 10\n"),
+            meta: bytes::Bytes::new(),
+        };
+        let records = decode_records(&envelope, &CodecSpec::Json, None, &mut NoScripts).unwrap();
+        let shape: Vec<(i64, Vec<(&str, Value)>)> = records
+            .iter()
+            .map(|record| {
+                (
+                    record.ts,
+                    record
+                        .fields
+                        .iter()
+                        .map(|field| (field.key.as_str(), field.value.clone()))
+                        .collect(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            shape,
+            [
+                (
+                    10_000_000_000,
+                    vec![("m.b", Value::Float(2.0)), ("m.a", Value::Float(4.0))]
+                ),
+                (20_000_000_000, vec![("m.c", Value::Float(3.0))]),
+            ]
+        );
     }
 
     #[test]
