@@ -48,6 +48,8 @@ pub struct AppState {
     /// Processed telemetry and alarm changes for live subscribers.
     #[allow(dead_code)] // TODO: read by the live stream endpoints.
     pub live: crate::live::LiveBus,
+    /// Sends to devices connected over MQTT (commands).
+    pub mqtt_router: adapters::mqtt::Router,
 }
 
 impl AppState {
@@ -128,6 +130,8 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
     )?;
     let log_control = Arc::new(log_control);
 
+    let mqtt_router = adapters::mqtt::Router::new(&config.mqtt);
+
     let seen = SeenDevices::default();
     let live = crate::live::LiveBus::default();
     let pipeline = Pipeline::start(
@@ -161,6 +165,7 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
         device_names: Default::default(),
         pending_labels: Default::default(),
         live: live.clone(),
+        mqtt_router: mqtt_router.clone(),
     });
 
     let shutdown = CancellationToken::new();
@@ -181,6 +186,7 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
     let mqtt_task = tokio::spawn(adapters::mqtt::serve(
         mqtt_listener,
         mqtt_context,
+        mqtt_router,
         shutdown.clone(),
     ));
     drop(ingest);
