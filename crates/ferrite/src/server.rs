@@ -18,6 +18,7 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::actions::Actions;
 use crate::adapters;
 use crate::auth::{self, Auth};
 use crate::config::Config;
@@ -50,6 +51,8 @@ pub struct AppState {
     pub live: crate::live::LiveBus,
     /// Sends to devices connected over MQTT (commands).
     pub mqtt_router: adapters::mqtt::Router,
+    /// Runs the actions of alarm rules and records their deliveries.
+    pub actions: Actions,
 }
 
 impl AppState {
@@ -131,6 +134,7 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
     let log_control = Arc::new(log_control);
 
     let mqtt_router = adapters::mqtt::Router::new(&config.mqtt);
+    let actions = Actions::start(&config.actions, metadata.clone(), mqtt_router.clone())?;
 
     let seen = SeenDevices::default();
     let live = crate::live::LiveBus::default();
@@ -166,6 +170,7 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
         pending_labels: Default::default(),
         live: live.clone(),
         mqtt_router: mqtt_router.clone(),
+        actions: actions.clone(),
     });
 
     let shutdown = CancellationToken::new();
@@ -207,6 +212,7 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
     let _ = mqtt_task.await;
     log_control.shutdown().await;
     tokio::task::spawn_blocking(move || pipeline.finish()).await?;
+    actions.shutdown().await;
     let _ = last_seen_task.await;
     flush_device_status(&state).await;
     metadata.close().await;
