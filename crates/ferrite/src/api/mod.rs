@@ -3,7 +3,9 @@
 //! Every endpoint except login takes `Authorization: Bearer <JWT or API key>`
 //! and works inside the caller's tenant; ids of other tenants get 404.
 
+mod actions;
 mod buckets;
+mod commands;
 pub mod devices;
 pub mod error;
 mod fleet;
@@ -36,6 +38,7 @@ pub fn router() -> Router<Arc<AppState>> {
             get(devices::get_one).delete(devices::delete),
         )
         .route("/api/v1/devices/{id}/token", post(devices::rotate_token))
+        .route("/api/v1/devices/{id}/commands", post(commands::send))
         .route(
             "/api/v1/devices/{id}/telemetry/latest",
             get(telemetry::latest),
@@ -53,6 +56,13 @@ pub fn router() -> Router<Arc<AppState>> {
             "/api/v1/api-keys/{id}",
             axum::routing::delete(devices::revoke_api_key),
         )
+        .route("/api/v1/actions/deliveries", get(actions::list))
+        .route("/api/v1/actions/deliveries/{id}", get(actions::get_one))
+        .route(
+            "/api/v1/actions/deliveries/{id}/retry",
+            post(actions::retry),
+        )
+        .route("/api/v1/actions/test", post(actions::test))
 }
 
 /// `POST /api/v1/admin/compact`: writes the points held in memory to
