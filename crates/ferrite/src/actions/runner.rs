@@ -371,7 +371,11 @@ async fn start_due_attempts(inner: &Arc<Inner>) {
 }
 
 /// Runs one attempt of `delivery` and stores its outcome.
-async fn run_attempt(inner: Arc<Inner>, delivery: Delivery, permit: OwnedSemaphorePermit) {
+async fn run_attempt(inner: Arc<Inner>, due: Delivery, permit: OwnedSemaphorePermit) {
+    let Some(delivery) = reread_due(&inner, &due).await else {
+        inner.busy.lock().remove(&due.id);
+        return;
+    };
     let attempt = attempt(&inner, &delivery).await;
     let attempts = delivery.attempts.saturating_add(1);
     let result = inner.policy.after_attempt(
@@ -399,6 +403,26 @@ async fn run_attempt(inner: Arc<Inner>, delivery: Delivery, permit: OwnedSemapho
     inner.busy.lock().remove(&delivery.id);
     drop(permit);
     inner.wake.notify_one();
+}
+
+/// Reads the delivery again now that it is marked busy, and returns it if
+/// it is still due. The scheduler's read may predate the end of an earlier
+/// attempt, whose outcome was written before it left the busy set, so only
+/// this read shows the current state.
+async fn reread_due(inner: &Inner, due: &Delivery) -> Option<Delivery> {
+    match inner.metadata.action_delivery(due.tenant_id, due.id).await {
+        Ok(delivery)
+            if delivery.status == DeliveryStatus::Pending
+                && delivery.next_attempt_at.is_some_and(|at| at <= now_ms()) =>
+        {
+            Some(delivery)
+        }
+        Ok(_) | Err(MetadataError::NotFound(_)) => None,
+        Err(error) => {
+            warn_database(inner, &error);
+            None
+        }
+    }
 }
 
 /// Sends the delivery once by its kind.
