@@ -1,11 +1,11 @@
 """Alarm actions and device commands with Python clients.
 
-- Webhooks go to a receiver on 127.0.0.1 written with `http.server`; the
-  signature is checked with Python's `hmac`, in the same way as the example
-  in docs/actions.md.
-- `mqtt_publish` actions go to the Mosquitto broker on 127.0.0.1:1883 and
-  are read back with a paho-mqtt subscriber.
-- Commands go to a paho-mqtt device that answers like a ThingsBoard device.
+- Webhooks go to a receiver on 127.0.0.1 written with `http.server`. The
+  test checks the signature with Python's `hmac`, as the example in
+  docs/actions.md does.
+- `mqtt_publish` actions go to the Mosquitto broker on 127.0.0.1:1883, and
+  a paho-mqtt subscriber reads them back.
+- Commands go to a paho-mqtt device that responds like a ThingsBoard device.
 
 Actions run through `POST /api/v1/actions/test`, which records a delivery
 for a made-up alarm change, because rules are configured elsewhere.
@@ -49,8 +49,8 @@ def verify_signature(secret: bytes, timestamp: str, signature: str, body: bytes)
 
 
 class WebhookReceiver:
-    """An HTTP server on 127.0.0.1 that answers POSTs with scripted
-    responses (then 204) and records them."""
+    """An HTTP server on 127.0.0.1 that responds to POSTs with scripted
+    statuses (then 204) and records the requests."""
 
     def __init__(self) -> None:
         self.requests: list[tuple[dict[str, str], bytes, float]] = []
@@ -249,8 +249,8 @@ def test_mqtt_publish_reaches_mosquitto(server: FerriteServer) -> None:
 
 
 class AnsweringDevice:
-    """A paho device subscribed to its RPC requests that answers each one
-    on its response topic, unless the method is `ignore`."""
+    """A paho device subscribed to its RPC requests. It responds to each
+    request on the response topic, unless the method is `ignore`."""
 
     def __init__(self, server: FerriteServer, device: Device, protocol: int) -> None:
         self.client = PahoDevice(server, device.token, protocol)

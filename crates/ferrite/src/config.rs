@@ -260,7 +260,7 @@ pub struct ActionsConfig {
     #[serde(with = "humantime_serde")]
     pub retry_initial_delay: Duration,
     /// Upper bound of the delay between two attempts, except where a
-    /// `Retry-After` header asks for more.
+    /// `Retry-After` header requests a longer one.
     #[serde(with = "humantime_serde")]
     pub retry_max_delay: Duration,
     /// Time succeeded deliveries are kept before they are deleted.

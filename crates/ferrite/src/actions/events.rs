@@ -9,7 +9,7 @@ use crate::metadata::ActionKind;
 /// Shortest time between two warnings of one kind.
 const WARN_INTERVAL: Duration = Duration::from_secs(10);
 
-/// What became of one attempt, for `ferrite_action_deliveries_total`.
+/// Outcome of one attempt, a label of `ferrite_action_deliveries_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     Succeeded,

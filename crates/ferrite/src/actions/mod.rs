@@ -58,18 +58,19 @@ pub struct ActionEvent {
 }
 
 impl ActionEvent {
-    /// The event name of webhooks and deliveries, such as `alarm.raised`.
+    /// Returns the event name of webhooks and deliveries, such as
+    /// `alarm.raised`.
     pub fn event_name(&self) -> String {
         format!("alarm.{}", self.change.as_str())
     }
 
-    /// The alarm's `id`, when it is a UUID.
+    /// Returns the alarm's `id` when it is a UUID.
     pub fn alarm_id(&self) -> Option<AlarmId> {
         self.alarm.get("id")?.as_str()?.parse().ok()
     }
 
-    /// The body of webhooks and MQTT publishes, without `sent_at`, which
-    /// each attempt adds.
+    /// Builds the body of webhooks and MQTT publishes without `sent_at`,
+    /// which each attempt adds.
     pub fn document(&self) -> serde_json::Value {
         json!({
             "event": self.event_name(),

@@ -75,7 +75,7 @@ impl RetryPolicy {
     /// Computes the state of a delivery after its `attempts`-th attempt
     /// ended with `attempt`. `started_at_ms` is the start of the current
     /// round of attempts and `now_ms` the end of this one, both in epoch
-    /// milliseconds; `random` in [0, 1) draws the jitter.
+    /// milliseconds. `random`, in [0, 1), draws the jitter.
     pub fn after_attempt(
         &self,
         attempt: Attempt,

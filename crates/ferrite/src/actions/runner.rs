@@ -40,7 +40,7 @@ use crate::metadata::{
     Delivery, DeliveryId, DeliveryStatus, MetadataError, MetadataStore, NewDelivery, SqliteMetadata,
 };
 
-/// Longest wait of the scheduler between two looks at the table.
+/// Maximum wait of the scheduler between two reads of the table.
 const POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// Interval of the deletion of old finished deliveries.
 const CLEANUP_INTERVAL: Duration = Duration::from_secs(3600);
@@ -49,7 +49,7 @@ const RECORD_BATCH: usize = 256;
 /// Extra time shutdown gives running attempts beyond their own timeout.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
-/// What [`Actions::submit`] did with a delivery.
+/// Outcome of [`Actions::submit`] for one delivery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Submission {
     /// Queued for recording and a first attempt.
@@ -60,7 +60,7 @@ pub enum Submission {
     Dropped,
 }
 
-/// Why a manual retry was not started.
+/// Error of [`Actions::retry`].
 #[derive(Debug, thiserror::Error)]
 pub enum RetryError {
     #[error("an attempt of this delivery is running; retry after it ends")]
@@ -260,7 +260,8 @@ fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
-/// The recorder task.
+/// Inserts submitted deliveries in batches until shutdown, then records
+/// what is still queued.
 async fn record_submissions(inner: Arc<Inner>, mut submissions: mpsc::Receiver<NewDelivery>) {
     let mut batch = Vec::with_capacity(RECORD_BATCH);
     loop {
@@ -300,7 +301,8 @@ async fn record(inner: &Inner, batch: &mut Vec<NewDelivery>) {
     batch.clear();
 }
 
-/// The scheduler task.
+/// Starts due attempts whenever woken, a retry falls due, or
+/// [`POLL_INTERVAL`] passes, until shutdown.
 async fn schedule_attempts(inner: Arc<Inner>) {
     loop {
         start_due_attempts(&inner).await;
@@ -541,7 +543,8 @@ fn warn_database(inner: &Inner, error: &MetadataError) {
     }
 }
 
-/// The cleaner task.
+/// Deletes finished deliveries past their retention every
+/// [`CLEANUP_INTERVAL`], until shutdown.
 async fn delete_old_deliveries(inner: Arc<Inner>) {
     let mut ticker = tokio::time::interval(CLEANUP_INTERVAL);
     loop {

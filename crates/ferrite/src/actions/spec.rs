@@ -1,9 +1,9 @@
 //! Action specifications: what a rule does when one of its alarms changes.
 //!
 //! People write these inside device profiles, in YAML or JSON. Parsing
-//! rejects unknown fields and unknown action types, and
-//! [`ActionSpec::validate`] checks every value with an error that names the
-//! field, shows the value and says what to write instead.
+//! rejects unknown fields and unknown action types. [`ActionSpec::validate`]
+//! checks every value, with an error that names the field, shows the value
+//! and suggests a valid one.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -169,7 +169,7 @@ impl ActionSpec {
         }
     }
 
-    /// The alarm changes that trigger this action.
+    /// Returns the alarm changes that trigger this action.
     pub fn on(&self) -> &[Trigger] {
         match self {
             ActionSpec::Webhook(spec) => &spec.on,
@@ -184,7 +184,7 @@ impl ActionSpec {
     }
 
     /// Checks every value of the action. The error names the field and the
-    /// value and says what to write instead.
+    /// value and suggests a valid one.
     pub fn validate(&self) -> Result<(), SpecError> {
         let kind = self.kind().as_str();
         let invalid = |field: &'static str, message: String| SpecError {
@@ -493,7 +493,7 @@ mod tests {
     }
 
     #[test]
-    fn spec_parses_from_yaml_like_json_of_each_type() {
+    fn each_type_parses_with_defaults() {
         let mqtt = parse(json!({"type": "mqtt_publish", "topic": "alarms/{device_name}"})).unwrap();
         assert_eq!(
             mqtt,

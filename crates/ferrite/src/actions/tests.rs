@@ -38,7 +38,7 @@ struct Received {
     at: Instant,
 }
 
-/// A webhook receiver on 127.0.0.1 that answers with scripted responses
+/// A webhook receiver on 127.0.0.1 that responds with scripted responses
 /// (then 200) and records every request.
 struct Receiver {
     url: String,

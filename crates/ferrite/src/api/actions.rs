@@ -1,5 +1,6 @@
 //! Deliveries of alarm actions: listing, manual retries and test runs.
-//! Every endpoint needs the operator role and sees only the caller's tenant.
+//! Every endpoint needs the operator role and works only on the caller's
+//! tenant.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -211,8 +212,8 @@ pub async fn test(
     Ok((StatusCode::ACCEPTED, Json(json!(delivery))))
 }
 
-/// The alarm of a test run: the caller's fields, over defaults that mark it
-/// as a test (`"rule": "test"`, `"test": true`) and a new random id.
+/// Builds the alarm of a test run: the caller's fields over defaults that
+/// mark it as a test (`"rule": "test"`, `"test": true`) and a new random id.
 fn test_alarm(
     change: AlarmChange,
     fields: Option<serde_json::Map<String, serde_json::Value>>,

@@ -1,6 +1,6 @@
-//! Two-way RPC commands to devices, as in ThingsBoard: the request goes to
+//! Two-way RPC commands to devices, as in ThingsBoard. The request goes to
 //! the device over MQTT on `v1/devices/me/rpc/request/{request_id}`, and the
-//! HTTP request waits for the device's answer on
+//! HTTP request waits for the device's response on
 //! `v1/devices/me/rpc/response/{request_id}`.
 
 use std::sync::Arc;
@@ -43,8 +43,8 @@ fn empty_object() -> serde_json::Value {
 }
 
 /// `POST /api/v1/devices/{id}/commands`: sends `{"method", "params"}` to the
-/// device and returns its response, or 504 when it does not answer within
-/// `timeout_ms`, or 409 when it is not connected.
+/// device and returns its response. Fails with 504 when the device does not
+/// respond within `timeout_ms`, and with 409 when it is not connected.
 pub async fn send(
     State(state): State<Arc<AppState>>,
     principal: Principal,
@@ -94,7 +94,7 @@ pub async fn send(
 }
 
 /// Checks `timeout_ms` against its limits: at most 60 s, and short enough
-/// to answer within `http.request_timeout`.
+/// to respond within `http.request_timeout`.
 fn command_timeout(
     timeout_ms: Option<u64>,
     request_timeout: Duration,

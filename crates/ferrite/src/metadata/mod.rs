@@ -265,7 +265,7 @@ impl FromStr for DeliveryId {
     }
 }
 
-/// What an action does, as stored and shown by the deliveries API.
+/// Kind of an action, as stored and shown by the deliveries API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ActionKind {
@@ -342,7 +342,7 @@ pub struct NewDelivery {
     pub device_id: DeviceId,
     pub alarm_id: Option<AlarmId>,
     pub kind: ActionKind,
-    /// Where the action sends to, as shown by the API (no credentials).
+    /// Destination of the action as the API shows it, without credentials.
     pub target: String,
     /// Event name such as `alarm.raised`.
     pub event: String,
@@ -397,7 +397,7 @@ pub struct AttemptResult {
     pub updated_at: i64,
 }
 
-/// Which deliveries to list.
+/// Filter and page of a deliveries list.
 #[derive(Debug, Clone, Default)]
 pub struct DeliveryFilter {
     pub status: Option<DeliveryStatus>,

@@ -1,7 +1,8 @@
-//! Alarm actions and device commands over the REST API: test runs of
-//! webhooks against a receiver on 127.0.0.1, manual retries, a pending
-//! delivery across a crash, publishes to the Mosquitto broker on
-//! 127.0.0.1:1883, and two-way RPC with an MQTT device client (`rumqttc`).
+//! Alarm actions and device commands over the REST API. The tests cover
+//! test runs of webhooks against a receiver on 127.0.0.1, manual retries
+//! and a pending delivery across a crash. They also cover publishes to the
+//! Mosquitto broker on 127.0.0.1:1883 and two-way RPC with an MQTT device
+//! client (`rumqttc`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,8 +24,8 @@ const MOSQUITTO_PORT: u16 = 1883;
 /// A scripted response: the status code and an optional `Retry-After`.
 type ScriptedStatus = (u16, Option<&'static str>);
 
-/// A webhook receiver on 127.0.0.1 that answers each request with the next
-/// status of its script (then 200) and records the requests.
+/// A webhook receiver on 127.0.0.1 that responds to each request with the
+/// next status of its script (then 200) and records the requests.
 struct Receiver {
     url: String,
     requests: Arc<Mutex<Vec<(HeaderMap, Bytes)>>>,
@@ -171,7 +172,8 @@ async fn webhook_test_run_is_delivered_and_listed() {
     assert_eq!(created["event"], "alarm.raised");
     assert_eq!(created["device_id"], device.id.as_str());
     assert_eq!(created["target"], receiver.url.as_str());
-    assert!(created.get("spec").is_none() && created.get("payload").is_none());
+    assert!(created.get("spec").is_none(), "{created}");
+    assert!(created.get("payload").is_none(), "{created}");
     let id = created["id"].as_str().expect("delivery id");
 
     let delivery = wait_for_delivery(&server, id, has_status("succeeded")).await;
@@ -377,6 +379,8 @@ async fn mqtt_client(
         options.set_credentials(token, "");
     }
     let (client, mut eventloop) = AsyncClient::new(options, 16);
+
+    // The client counts as ready at CONNACK, or at SUBACK when it subscribes.
     let (connected, connected_rx) = tokio::sync::oneshot::channel();
     let (messages, messages_rx) = tokio::sync::mpsc::unbounded_channel();
     let mut connected = Some(connected);
@@ -403,6 +407,7 @@ async fn mqtt_client(
             }
         }
     });
+
     if let Some(filter) = subscribe {
         client
             .subscribe(filter, QoS::AtLeastOnce)
@@ -461,9 +466,9 @@ async fn mqtt_publish_reaches_mosquitto() {
     wait_for_delivery(&server, id, has_status("succeeded")).await;
 }
 
-/// Answers every RPC request with `{"method", "params"}` echoed back,
-/// unless the method is `ignore`.
-fn answer_requests(
+/// Responds to every RPC request with `{"echo": request}`, unless the
+/// method is `ignore`, and records the requests in `seen`.
+fn respond_to_requests(
     client: AsyncClient,
     mut messages: tokio::sync::mpsc::UnboundedReceiver<(String, Bytes)>,
     seen: Arc<Mutex<Vec<Value>>>,
@@ -522,7 +527,7 @@ async fn command_round_trip_with_a_device() {
     )
     .await;
     let seen = Arc::default();
-    answer_requests(client, messages, Arc::clone(&seen));
+    respond_to_requests(client, messages, Arc::clone(&seen));
 
     let (status, body) = post_json(
         &server,
@@ -591,7 +596,7 @@ async fn command_action_reaches_the_device() {
     )
     .await;
     let seen: Arc<Mutex<Vec<Value>>> = Arc::default();
-    answer_requests(client, messages, Arc::clone(&seen));
+    respond_to_requests(client, messages, Arc::clone(&seen));
 
     let created = test_run(
         &server,

@@ -1,7 +1,7 @@
 //! Server-side RPC to devices in the style of ThingsBoard's MQTT device
-//! API: Ferrite publishes `{"method", "params"}` to
-//! `v1/devices/me/rpc/request/{request_id}`, and a device that answers
-//! publishes its response to `v1/devices/me/rpc/response/{request_id}`.
+//! API. Ferrite publishes `{"method", "params"}` to
+//! `v1/devices/me/rpc/request/{request_id}`, and a device responds by
+//! publishing to `v1/devices/me/rpc/response/{request_id}`.
 //!
 //! Request ids are decimal integers, because firmware written for
 //! ThingsBoard often parses them as numbers. They start at a random value
@@ -11,8 +11,8 @@
 //! A caller that waits for the response registers a [`PendingResponse`]
 //! before it sends. [`super::Router`] hands a device's publish on its
 //! response topic to the waiting request instead of routing it to the
-//! device's own subscribers. A response nobody waits for is routed like any
-//! other publish of the device.
+//! device's own subscribers. A response that no request waits for is
+//! routed like any other publish of the device.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -76,7 +76,7 @@ impl PendingRequests {
     }
 
     /// Hands a device's publish on `suffix` to the request waiting for it.
-    /// Returns false when `suffix` is no response topic or nobody waits.
+    /// Returns false when `suffix` is no response topic or no request waits.
     pub(super) fn complete(&self, device_id: DeviceId, suffix: &str, payload: &Bytes) -> bool {
         let Some(request_id) = suffix
             .strip_prefix(RESPONSE_SUFFIX)
@@ -134,7 +134,7 @@ impl PendingResponse {
     }
 }
 
-/// Why an RPC request was not sent.
+/// Error of sending an RPC request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum RpcSendError {
     #[error("the device has no open MQTT connection")]
@@ -182,7 +182,10 @@ mod tests {
         requests.next_id.store(u32::MAX, Ordering::Relaxed);
         let first = requests.next_request_id();
         let second = requests.next_request_id();
-        assert!(first > 0 && second > 0 && first != second);
-        assert!(first <= i32::MAX as u32 && second <= i32::MAX as u32);
+        assert_ne!(first, 0);
+        assert_ne!(second, 0);
+        assert_ne!(first, second);
+        assert!(first <= i32::MAX as u32, "{first}");
+        assert!(second <= i32::MAX as u32, "{second}");
     }
 }
