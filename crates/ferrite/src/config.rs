@@ -26,6 +26,7 @@ pub struct Config {
     pub auth: AuthConfig,
     pub processing: ProcessingConfig,
     pub log: LogConfig,
+    pub actions: ActionsConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -259,6 +260,122 @@ pub enum LogFormat {
     Json,
 }
 
+/// Delivery of alarm actions: webhooks, MQTT publishes and device commands.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ActionsConfig {
+    /// Alarm changes waiting to be recorded as deliveries; when full, new
+    /// ones are dropped and counted in `ferrite_action_queue_dropped_total`.
+    pub queue_capacity: usize,
+    /// Deliveries attempted at the same time.
+    pub max_concurrent: usize,
+    /// Time one attempt may take: a webhook request until its response
+    /// has arrived, or an MQTT publish until the broker's PUBACK.
+    #[serde(with = "humantime_serde")]
+    pub attempt_timeout: Duration,
+    /// Attempts of one delivery, the first included, before it is marked
+    /// failed.
+    pub max_attempts: u32,
+    /// A delivery that has not succeeded this long after its first attempt
+    /// is marked failed.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+    /// Delay before the first retry; each further retry waits twice as long.
+    #[serde(with = "humantime_serde")]
+    pub retry_initial_delay: Duration,
+    /// Upper bound of the delay between two attempts, except where a
+    /// `Retry-After` header requests a longer one.
+    #[serde(with = "humantime_serde")]
+    pub retry_max_delay: Duration,
+    /// Time succeeded deliveries are kept before they are deleted.
+    #[serde(with = "humantime_serde")]
+    pub succeeded_retention: Duration,
+    /// Time failed deliveries are kept before they are deleted.
+    #[serde(with = "humantime_serde")]
+    pub failed_retention: Duration,
+    pub mqtt: ActionsMqttConfig,
+}
+
+/// The external MQTT broker that `mqtt_publish` actions publish to.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ActionsMqttConfig {
+    /// `mqtt://host:port`; empty when no broker is configured, which makes
+    /// every `mqtt_publish` delivery fail.
+    pub url: String,
+    /// MQTT client id; empty for `ferrite-actions-` and a random suffix.
+    pub client_id: String,
+    /// User name; empty to connect without credentials.
+    pub username: String,
+    pub password: String,
+    /// Keep-alive interval of the connection.
+    #[serde(with = "humantime_serde")]
+    pub keep_alive: Duration,
+}
+
+impl std::fmt::Debug for ActionsMqttConfig {
+    // Written out so that the password never reaches a log.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ActionsMqttConfig")
+            .field("url", &self.url)
+            .field("client_id", &self.client_id)
+            .field("username", &self.username)
+            .field(
+                "password",
+                &(!self.password.is_empty()).then_some("<redacted>"),
+            )
+            .field("keep_alive", &self.keep_alive)
+            .finish()
+    }
+}
+
+/// Host and port of `actions.mqtt.url`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerAddress {
+    pub host: String,
+    pub port: u16,
+}
+
+impl ActionsMqttConfig {
+    /// Parses `url`; `Ok(None)` when no broker is configured.
+    pub fn broker_address(&self) -> anyhow::Result<Option<BrokerAddress>> {
+        if self.url.trim().is_empty() {
+            return Ok(None);
+        }
+        let url = reqwest::Url::parse(self.url.trim()).with_context(|| {
+            format!(
+                "actions.mqtt.url {:?} is not a URL; write one such as mqtt://127.0.0.1:1883",
+                self.url
+            )
+        })?;
+        anyhow::ensure!(
+            matches!(url.scheme(), "mqtt" | "tcp"),
+            "actions.mqtt.url {:?} uses the scheme {:?}; only mqtt:// (plain TCP) is supported",
+            self.url,
+            url.scheme()
+        );
+        anyhow::ensure!(
+            url.username().is_empty() && url.password().is_none(),
+            "actions.mqtt.url must not contain credentials; set actions.mqtt.username and actions.mqtt.password"
+        );
+        anyhow::ensure!(
+            matches!(url.path(), "" | "/") && url.query().is_none(),
+            "actions.mqtt.url {:?} has a path or query; write only mqtt://host:port",
+            self.url
+        );
+        let host = url
+            .host_str()
+            .filter(|host| !host.is_empty())
+            .with_context(|| format!("actions.mqtt.url {:?} has no host", self.url))?;
+        // Brackets of an IPv6 literal are URL syntax, not part of the host.
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        Ok(Some(BrokerAddress {
+            host: host.to_owned(),
+            port: url.port().unwrap_or(1883),
+        }))
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Self {
@@ -270,6 +387,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             processing: ProcessingConfig::default(),
             log: LogConfig::default(),
+            actions: ActionsConfig::default(),
         }
     }
 }
@@ -347,15 +465,49 @@ impl Default for LogConfig {
     }
 }
 
-/// Sections of the file, for mapping `FERRITE_<SECTION>_<KEY>` variables.
-const SECTIONS: [&str; 7] = [
-    "http",
-    "mqtt",
-    "ingest",
-    "storage",
-    "auth",
-    "processing",
-    "log",
+impl Default for ActionsConfig {
+    fn default() -> Self {
+        Self {
+            queue_capacity: 10_000,
+            max_concurrent: 16,
+            attempt_timeout: Duration::from_secs(10),
+            max_attempts: 20,
+            max_age: Duration::from_secs(24 * 3600),
+            retry_initial_delay: Duration::from_secs(1),
+            retry_max_delay: Duration::from_secs(300),
+            succeeded_retention: Duration::from_secs(7 * 24 * 3600),
+            failed_retention: Duration::from_secs(30 * 24 * 3600),
+            mqtt: ActionsMqttConfig::default(),
+        }
+    }
+}
+
+impl Default for ActionsMqttConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            client_id: String::new(),
+            username: String::new(),
+            password: String::new(),
+            keep_alive: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Sections of the file, for mapping `FERRITE_<SECTION>_<KEY>` variables,
+/// as the variable prefix and the path of tables. A nested section comes
+/// before its parent, so that `FERRITE_ACTIONS_MQTT_URL` sets
+/// `actions.mqtt.url` rather than `actions.mqtt_url`.
+const SECTIONS: [(&str, &[&str]); 9] = [
+    ("http", &["http"]),
+    ("mqtt", &["mqtt"]),
+    ("ingest", &["ingest"]),
+    ("storage", &["storage"]),
+    ("auth", &["auth"]),
+    ("processing", &["processing"]),
+    ("log", &["log"]),
+    ("actions_mqtt", &["actions", "mqtt"]),
+    ("actions", &["actions"]),
 ];
 
 /// Loads the configuration: defaults, then the file at `path` if given, then
@@ -394,19 +546,32 @@ fn apply_env(table: &mut toml::Table, vars: impl Iterator<Item = (String, String
             table.insert(rest, value);
             continue;
         }
-        let Some(section) = SECTIONS
+        let Some((prefix, path)) = SECTIONS
             .iter()
-            .find(|section| rest.starts_with(&format!("{section}_")))
+            .find(|(prefix, _)| rest.starts_with(&format!("{prefix}_")))
         else {
             continue;
         };
-        let key = rest[section.len() + 1..].to_owned();
-        let entry = table
-            .entry(section.to_string())
-            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        if let toml::Value::Table(section_table) = entry {
-            section_table.insert(key, value);
+        let key = rest[prefix.len() + 1..].to_owned();
+        // `None` when the file sets the section to a value that is not a
+        // table, which deserializing then reports.
+        if let Some(section) = section_table(table, path) {
+            section.insert(key, value);
         }
+    }
+}
+
+/// Returns the table at `path`, creating missing tables on the way.
+fn section_table<'a>(table: &'a mut toml::Table, path: &[&str]) -> Option<&'a mut toml::Table> {
+    let Some((first, rest)) = path.split_first() else {
+        return Some(table);
+    };
+    let entry = table
+        .entry(first.to_string())
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    match entry {
+        toml::Value::Table(inner) => section_table(inner, rest),
+        _ => None,
     }
 }
 
@@ -470,6 +635,43 @@ impl Config {
             self.storage.memory_budget_bytes >= 64 * 1024 * 1024,
             "storage.memory_budget_bytes must be at least 64 MiB (67108864)"
         );
+        self.actions.validate()?;
+        Ok(())
+    }
+}
+
+impl ActionsConfig {
+    fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.queue_capacity > 0,
+            "actions.queue_capacity must be at least 1"
+        );
+        anyhow::ensure!(
+            self.max_concurrent > 0,
+            "actions.max_concurrent must be at least 1"
+        );
+        anyhow::ensure!(
+            self.max_attempts > 0,
+            "actions.max_attempts must be at least 1"
+        );
+        anyhow::ensure!(
+            !self.attempt_timeout.is_zero(),
+            "actions.attempt_timeout must be longer than zero"
+        );
+        anyhow::ensure!(
+            !self.retry_initial_delay.is_zero(),
+            "actions.retry_initial_delay must be longer than zero"
+        );
+        anyhow::ensure!(
+            self.retry_max_delay >= self.retry_initial_delay,
+            "actions.retry_max_delay must not be shorter than actions.retry_initial_delay"
+        );
+        anyhow::ensure!(
+            self.mqtt.keep_alive >= Duration::from_secs(1)
+                && self.mqtt.keep_alive <= Duration::from_secs(u16::MAX.into()),
+            "actions.mqtt.keep_alive must be from 1s to 65535s"
+        );
+        self.mqtt.broker_address()?;
         Ok(())
     }
 }
@@ -581,6 +783,44 @@ script_max_run_time = "100ms"
 level = "info"
 # "text" or "json".
 format = "text"
+
+[actions]
+# Alarm actions (webhooks, MQTT publishes, device commands), see
+# docs/actions.md. Each run of an action is a delivery, recorded in the
+# metadata database and retried with exponential backoff.
+# Alarm changes waiting to be recorded; more are dropped and counted in
+# ferrite_action_queue_dropped_total.
+queue_capacity = 10000
+# Deliveries attempted at the same time.
+max_concurrent = 16
+# Time one attempt may take: a webhook request until its response has
+# arrived, an MQTT publish until the broker acknowledges it.
+attempt_timeout = "10s"
+# Attempts of one delivery, the first included, before it is failed.
+max_attempts = 20
+# A delivery that has not succeeded this long after its first attempt fails.
+max_age = "24h"
+# Delay before the first retry; each further retry waits twice as long,
+# up to retry_max_delay, with +-20 % jitter. A Retry-After header of a
+# 429 or 5xx response sets the delay instead.
+retry_initial_delay = "1s"
+retry_max_delay = "5m"
+# Time finished deliveries are kept.
+succeeded_retention = "7d"
+failed_retention = "30d"
+
+[actions.mqtt]
+# External broker of mqtt_publish actions, such as "mqtt://127.0.0.1:1883"
+# (no TLS). Empty: mqtt_publish deliveries fail. The connection opens at the
+# first publish.
+url = ""
+# Empty: "ferrite-actions-" and a random suffix.
+client_id = ""
+# Empty: connect without credentials. Environment:
+# FERRITE_ACTIONS_MQTT_USERNAME, FERRITE_ACTIONS_MQTT_PASSWORD.
+username = ""
+password = ""
+keep_alive = "30s"
 "#;
 
 #[cfg(test)]
@@ -618,6 +858,53 @@ mod tests {
             docs.contains(EXAMPLE),
             "docs/configuration.md is out of date: paste the output of `ferrite config example` into it"
         );
+    }
+
+    #[test]
+    fn environment_sets_nested_action_keys() {
+        let mut table = toml::Table::new();
+        let vars = [
+            ("FERRITE_ACTIONS_MQTT_URL", "mqtt://127.0.0.1:1883"),
+            ("FERRITE_ACTIONS_MQTT_PASSWORD", "secret"),
+            ("FERRITE_ACTIONS_MAX_ATTEMPTS", "3"),
+        ]
+        .map(|(name, value)| (name.to_owned(), value.to_owned()));
+        apply_env(&mut table, vars.into_iter());
+        let config: Config = toml::Value::Table(table).try_into().unwrap();
+        assert_eq!(config.actions.mqtt.url, "mqtt://127.0.0.1:1883");
+        assert_eq!(config.actions.mqtt.password, "secret");
+        assert_eq!(config.actions.max_attempts, 3);
+        assert!(!format!("{config:?}").contains("secret"));
+    }
+
+    #[test]
+    fn broker_url_is_checked() {
+        let broker = |url: &str| {
+            ActionsMqttConfig {
+                url: url.to_owned(),
+                ..ActionsMqttConfig::default()
+            }
+            .broker_address()
+        };
+        assert_eq!(broker("").unwrap(), None);
+        assert_eq!(
+            broker("mqtt://127.0.0.1").unwrap(),
+            Some(BrokerAddress {
+                host: "127.0.0.1".to_owned(),
+                port: 1883
+            })
+        );
+        assert_eq!(broker("tcp://[::1]:1884").unwrap().unwrap().host, "::1");
+        for (url, fragment) in [
+            ("mqtts://broker:8883", "only mqtt://"),
+            ("127.0.0.1:1883", "not a URL"),
+            ("localhost:1883", "scheme"),
+            ("mqtt://u:p@broker", "credentials"),
+            ("mqtt://broker/x", "path"),
+        ] {
+            let error = format!("{:#}", broker(url).unwrap_err());
+            assert!(error.contains(fragment), "{url}: {error}");
+        }
     }
 
     #[test]

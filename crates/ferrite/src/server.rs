@@ -18,6 +18,7 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::actions::Actions;
 use crate::adapters;
 use crate::auth::{self, Auth};
 use crate::config::Config;
@@ -52,6 +53,10 @@ pub struct AppState {
     /// changes.
     pub directory: Arc<crate::profiles::Directory>,
     pub alarms: Arc<crate::alarms::AlarmManager>,
+    /// Sends to devices connected over MQTT (commands).
+    pub mqtt_router: adapters::mqtt::Router,
+    /// Runs the actions of alarm rules and records their deliveries.
+    pub actions: Actions,
 }
 
 impl AppState {
@@ -132,12 +137,19 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
     )?;
     let log_control = Arc::new(log_control);
 
+    let mqtt_router = adapters::mqtt::Router::new(&config.mqtt);
+    let actions = Actions::start(&config.actions, metadata.clone(), mqtt_router.clone())?;
+
     let seen = SeenDevices::default();
     let live = crate::live::LiveBus::default();
     let directory = Arc::new(crate::profiles::Directory::new(metadata.clone()));
-    let (alarms, alarm_signals, alarm_receiver) =
-        crate::alarms::AlarmManager::open(metadata.clone(), directory.clone(), live.clone())
-            .await?;
+    let (alarms, alarm_signals, alarm_receiver) = crate::alarms::AlarmManager::open(
+        metadata.clone(),
+        directory.clone(),
+        live.clone(),
+        actions.clone(),
+    )
+    .await?;
     let processing = Arc::new(crate::pipeline::Processing {
         config: config.clone(),
         directory: directory.clone(),
@@ -182,6 +194,8 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
         live: live.clone(),
         directory,
         alarms,
+        mqtt_router: mqtt_router.clone(),
+        actions: actions.clone(),
     });
 
     let last_seen_task = tokio::spawn(sync_device_status(state.clone(), shutdown.clone()));
@@ -202,6 +216,7 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
     let mqtt_task = tokio::spawn(adapters::mqtt::serve(
         mqtt_listener,
         mqtt_context,
+        mqtt_router,
         shutdown.clone(),
     ));
     drop(ingest);
@@ -224,6 +239,7 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
     tokio::task::spawn_blocking(move || pipeline.finish()).await?;
     // The workers are gone, so the alarm manager's queue has closed.
     let _ = alarm_task.await;
+    actions.shutdown().await;
     let _ = last_seen_task.await;
     flush_device_status(&state).await;
     metadata.close().await;

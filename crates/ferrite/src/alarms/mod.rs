@@ -28,6 +28,7 @@ use serde_json::json;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::actions::{ActionEvent, Actions};
 use crate::ids::{AlarmId, DeviceId, TenantId};
 use crate::live::{AlarmChange, AlarmEvent, LiveBus, LiveEvent};
 use crate::metadata::alarms::{Alarm, NewAlarm};
@@ -60,6 +61,8 @@ struct OpenAlarm {
 
 pub struct AlarmManager {
     metadata: Arc<SqliteMetadata>,
+    /// Runs the rules' actions (webhooks, MQTT publishes, commands).
+    actions: Actions,
     directory: Arc<Directory>,
     live: LiveBus,
     /// Open alarms by device and rule name.
@@ -92,6 +95,7 @@ impl AlarmManager {
         metadata: Arc<SqliteMetadata>,
         directory: Arc<Directory>,
         live: LiveBus,
+        actions: Actions,
     ) -> Result<
         (
             Arc<AlarmManager>,
@@ -117,6 +121,7 @@ impl AlarmManager {
         let (sender, receiver) = mpsc::channel(SIGNAL_QUEUE_CAPACITY);
         let manager = Arc::new(AlarmManager {
             metadata,
+            actions,
             directory,
             live,
             open: Mutex::new(open),
@@ -318,8 +323,21 @@ impl AlarmManager {
 
     fn announce(&self, alarm: Alarm, change: AlarmChange, profile: Option<&CompiledProfile>) {
         let alarm_json = Arc::new(serde_json::to_value(&alarm).unwrap_or_default());
-        // TODO: run the rule's actions here once they land.
-        let _ = profile;
+        if let Some(rule) =
+            profile.and_then(|profile| profile.rules.iter().find(|rule| rule.name == alarm.rule))
+            && !rule.actions.is_empty()
+        {
+            let event = ActionEvent {
+                tenant_id: alarm.tenant_id,
+                device_id: alarm.device_id,
+                device_name: alarm.device_name.clone(),
+                change,
+                alarm: (*alarm_json).clone(),
+            };
+            for action in &rule.actions {
+                self.actions.submit(action, &event);
+            }
+        }
         self.live.publish(LiveEvent::Alarm(AlarmEvent {
             tenant_id: alarm.tenant_id,
             device_id: alarm.device_id,

@@ -3,8 +3,10 @@
 //! Every endpoint except login takes `Authorization: Bearer <JWT or API key>`
 //! and works inside the caller's tenant; ids of other tenants get 404.
 
+mod actions;
 mod alarms;
 mod buckets;
+mod commands;
 mod dead_letters;
 pub mod devices;
 pub mod error;
@@ -66,6 +68,7 @@ pub fn router() -> Router<Arc<AppState>> {
         .route("/api/v1/alarms/{id}/ack", post(alarms::acknowledge))
         .route("/api/v1/alarms/{id}/clear", post(alarms::clear))
         .route("/api/v1/devices/{id}/token", post(devices::rotate_token))
+        .route("/api/v1/devices/{id}/commands", post(commands::send))
         .route(
             "/api/v1/devices/{id}/telemetry/latest",
             get(telemetry::latest),
@@ -83,6 +86,13 @@ pub fn router() -> Router<Arc<AppState>> {
             "/api/v1/api-keys/{id}",
             axum::routing::delete(devices::revoke_api_key),
         )
+        .route("/api/v1/actions/deliveries", get(actions::list))
+        .route("/api/v1/actions/deliveries/{id}", get(actions::get_one))
+        .route(
+            "/api/v1/actions/deliveries/{id}/retry",
+            post(actions::retry),
+        )
+        .route("/api/v1/actions/test", post(actions::test))
 }
 
 /// `POST /api/v1/admin/compact`: writes the points held in memory to

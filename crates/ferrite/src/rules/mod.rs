@@ -33,10 +33,8 @@ use evalexpr::{DefaultNumericTypes, Node};
 use ferrite_core::{TimestampNs, Value};
 use serde::{Deserialize, Serialize};
 
+use crate::actions::ActionSpec;
 use crate::profiles::process::{Record, evaluate, parse_expression};
-
-// TODO: replace by the typed action specification once actions land.
-pub type ActionSpec = serde_json::Value;
 
 /// Longest rule name, in bytes.
 const MAX_RULE_NAME_BYTES: usize = 128;
@@ -213,7 +211,6 @@ pub struct CompiledRule {
     clear: Option<Compiled>,
     hold_ns: i64,
     message: Option<String>,
-    #[allow(dead_code)] // TODO: run by the alarm manager once actions land.
     pub actions: Vec<ActionSpec>,
     /// The keys the rule reads; a message without any of them is skipped.
     keys: Vec<String>,
@@ -417,6 +414,11 @@ pub fn compile(rules: &[RuleSpec]) -> Result<Vec<CompiledRule>, Vec<String>> {
                 &mut clear_no_data,
             )
         });
+        for (action_index, action) in rule.actions.iter().enumerate() {
+            if let Err(error) = action.validate() {
+                problems.push(format!("{at}.actions[{action_index}]: {error}"));
+            }
+        }
         if no_data.is_some() && (rule.clear.is_some() || rule.hold.is_some()) {
             problems.push(format!(
                 "{at}: a no_data rule clears when data arrives; leave out clear and for"

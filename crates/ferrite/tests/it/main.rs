@@ -1,6 +1,7 @@
 //! Black-box tests: each starts the real `ferrite` binary on free loopback
 //! ports with its own data directory and talks to it over sockets.
 
+pub mod actions;
 mod cases;
 mod durability;
 mod export;

@@ -454,7 +454,7 @@ async fn a_silent_device_raises_a_no_data_alarm_that_clears_on_data() {
 }
 
 #[tokio::test]
-async fn senml_cayenne_lpp_and_scripted_payloads_are_decoded_by_their_codecs() {
+async fn senml_and_cayenne_lpp_payloads_are_decoded_by_their_codecs() {
     let server = Server::start().await;
     let api = Api::new(&server).await;
     for profile in [
@@ -812,4 +812,53 @@ async fn scripted_decoders_run_unchanged_and_fail_into_the_dead_letter_log() {
         invalid["detail"].as_str().unwrap().contains("syntax error"),
         "{invalid}"
     );
+}
+
+#[tokio::test]
+async fn alarm_changes_run_the_rule_webhook_signed() {
+    let receiver = crate::actions::Receiver::start(Vec::new()).await;
+    let server = Server::start().await;
+    let api = Api::new(&server).await;
+    let spec = json!({
+        "name": "tank",
+        "rules": [{
+            "name": "low-level",
+            "severity": "minor",
+            "condition": {"threshold": {"key": "level", "op": "<", "value": 10}},
+            "actions": [{"type": "webhook", "url": receiver.url, "secret": "s3cret"}],
+        }],
+    });
+    let (status, body) = api.post("/api/v1/profiles", spec).await;
+    assert_eq!(status, 201, "{body}");
+    let device = api.device("tank-3", "tank").await;
+    for level in [50, 5, 60] {
+        let body = format!(r#"{{"level": {level}}}"#).into_bytes();
+        assert_eq!(api.telemetry(&device, "application/json", body).await, 200);
+        // Keep the messages apart, so each change is its own webhook.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while receiver.requests().len() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "webhooks did not arrive"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let requests = receiver.requests();
+    let events: Vec<&str> = requests
+        .iter()
+        .map(|(headers, _)| headers["x-ferrite-event"].to_str().unwrap())
+        .collect();
+    assert_eq!(events, ["alarm.raised", "alarm.cleared"]);
+    let (headers, body) = &requests[0];
+    assert!(
+        headers["x-ferrite-signature"]
+            .to_str()
+            .unwrap()
+            .starts_with("sha256=")
+    );
+    let body: Value = serde_json::from_slice(body).unwrap();
+    assert_eq!(body["alarm"]["rule"], "low-level");
+    assert_eq!(body["device"]["name"], "tank-3");
 }
