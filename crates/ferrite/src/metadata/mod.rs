@@ -1,4 +1,10 @@
-//! Metadata: tenants, users, devices and credentials.
+//! Metadata: tenants, users, devices and credentials, and (in their own
+//! modules) device profiles, the dead-letter log, alarms and action
+//! deliveries.
+//!
+//! NOTE: profiles, dead letters and alarms are inherent methods of
+//! [`SqliteMetadata`] rather than part of [`MetadataStore`]; the trait
+//! grows to cover them when a second backend (PostgreSQL) is built.
 //!
 //! [`MetadataStore`] is the seam for the scale-out backend; [`SqliteMetadata`]
 //! is the embedded default, a SQLite file `metadata.db` in the data directory
