@@ -34,6 +34,8 @@ pub struct Config {
 pub struct ProcessingConfig {
     /// Dead letters kept per device; older ones are deleted.
     pub dead_letters_per_device: i64,
+    /// Dead letters kept in all; the oldest of any device are deleted.
+    pub dead_letters_total: i64,
     /// Memory one scripted decoder may use, in bytes.
     pub script_max_memory_bytes: usize,
     /// Run time of one scripted decoder call unless its profile sets
@@ -46,6 +48,7 @@ impl Default for ProcessingConfig {
     fn default() -> Self {
         Self {
             dead_letters_per_device: 1000,
+            dead_letters_total: 100_000,
             script_max_memory_bytes: 16 * 1024 * 1024,
             script_max_run_time: Duration::from_millis(100),
         }
@@ -597,6 +600,10 @@ impl Config {
             "processing.dead_letters_per_device must be at least 1"
         );
         anyhow::ensure!(
+            self.processing.dead_letters_total >= self.processing.dead_letters_per_device,
+            "processing.dead_letters_total must be at least processing.dead_letters_per_device"
+        );
+        anyhow::ensure!(
             self.processing.script_max_memory_bytes >= 1024 * 1024,
             "processing.script_max_memory_bytes must be at least 1 MiB (1048576)"
         );
@@ -772,6 +779,10 @@ auto_create_devices = true
 # Dead letters (messages the pipeline could not store) kept per device; the
 # oldest are deleted beyond this.
 dead_letters_per_device = 1000
+# Dead letters kept in all devices together; the oldest are deleted beyond
+# this. A letter keeps its payload, so the worst case on disk is this times
+# the largest accepted message.
+dead_letters_total = 100000
 # Memory one scripted decoder may use, in bytes.
 script_max_memory_bytes = 16777216
 # Run time of one scripted decoder call, unless the profile sets

@@ -148,6 +148,7 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
         directory.clone(),
         live.clone(),
         actions.clone(),
+        seen.clone(),
     )
     .await?;
     let processing = Arc::new(crate::pipeline::Processing {
@@ -155,12 +156,14 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
         directory: directory.clone(),
         live: live.clone(),
         alarms: alarm_signals,
+        open_alarms: alarms.open_alarms(),
         seen: seen.clone(),
         runtime: tokio::runtime::Handle::current(),
         scripts: crate::scripts::runner_factory(&config.processing),
     });
     let shutdown = CancellationToken::new();
-    let alarm_task = tokio::spawn(alarms.clone().run(alarm_receiver, shutdown.clone()));
+    let alarm_task = tokio::spawn(alarms.clone().run(alarm_receiver));
+    let silence_task = tokio::spawn(alarms.clone().watch_silence(shutdown.clone()));
     let pipeline = Pipeline::start(
         committed,
         store.clone(),
@@ -239,6 +242,7 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
     tokio::task::spawn_blocking(move || pipeline.finish()).await?;
     // The workers are gone, so the alarm manager's queue has closed.
     let _ = alarm_task.await;
+    let _ = silence_task.await;
     actions.shutdown().await;
     let _ = last_seen_task.await;
     flush_device_status(&state).await;

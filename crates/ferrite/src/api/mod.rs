@@ -55,7 +55,11 @@ pub fn router() -> Router<Arc<AppState>> {
             "/api/v1/profiles",
             get(profiles::list).post(profiles::create),
         )
-        .route("/api/v1/profiles/import", post(profiles::import))
+        .route(
+            "/api/v1/profiles/import",
+            // The handler applies its own, larger limit.
+            post(profiles::import).layer(axum::extract::DefaultBodyLimit::disable()),
+        )
         .route("/api/v1/profiles/test", post(profiles::test))
         .route(
             "/api/v1/profiles/{id}",
