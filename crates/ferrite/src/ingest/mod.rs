@@ -3,9 +3,12 @@
 //! the log in order and checkpoints it once the store has flushed.
 //!
 //! ## Backends
-//! [`open`] starts the implementation of [`IngestLog`]:
+//! `ingest.backend` picks one of two implementations of [`IngestLog`] at
+//! start ([`open`]):
 //! - [`log`]: the embedded log, segment files in the data directory with
 //!   group commit. One node, no other service.
+//! - [`nats`]: a NATS JetStream stream, so that the queue lives outside the
+//!   node and survives it.
 //!
 //! Adapters hold an [`IngestHandle`], which can only append. The server and
 //! the pipeline hold the [`LogControl`], which checkpoints and shuts down.
@@ -13,7 +16,7 @@
 //! pipeline through a `tokio::sync::mpsc::Receiver<Committed>` whatever the
 //! backend.
 //!
-//! The seam is a trait object rather than an enum of backends. The
+//! The seam is a trait object rather than an enum of the two backends. The
 //! backend is chosen at run time, each one keeps its code in its own file
 //! behind three methods, and a test can put a fake log behind a handle. It
 //! costs one boxed future per append, which is small next to the disk sync
@@ -38,13 +41,14 @@
 
 mod envelope;
 pub mod log;
+pub mod nats;
 
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::config::Config;
+use crate::config::{Config, IngestBackend};
 
 pub use envelope::{ContentType, Envelope, Protocol};
 pub use log::LogOptions;
@@ -57,7 +61,8 @@ pub enum IngestError {
     Overloaded,
     #[error("the server is shutting down")]
     ShuttingDown,
-    /// The append could not be stored; nothing of it was acknowledged.
+    /// The append could not be stored (a disk error, or the NATS server is
+    /// unreachable); nothing of it was acknowledged.
     #[error("the ingest queue is unavailable; retry later")]
     Io,
     /// One message is larger than the backend accepts in one record.
@@ -97,8 +102,8 @@ pub struct IngestHandle {
 
 impl IngestHandle {
     /// Appends `envelopes` as one unit and returns once they are durable (as
-    /// configured by `ingest.durability`). On an error none of them is
-    /// acknowledged.
+    /// configured by `ingest.backend` and, for the embedded log,
+    /// `ingest.durability`). On an error none of them is acknowledged.
     pub async fn append(&self, envelopes: Vec<Envelope>) -> Result<(), IngestError> {
         if envelopes.is_empty() {
             return Ok(());
@@ -144,21 +149,29 @@ pub struct OpenedLog {
     pub ready: oneshot::Receiver<anyhow::Result<()>>,
 }
 
-/// Opens the ingest log. Every record above `replay_after`, the store's
-/// durable marker, is delivered to the pipeline.
+/// Opens the backend that `config.ingest.backend` names. Every record above
+/// `replay_after`, the store's durable marker, is delivered to the pipeline.
 pub async fn open(config: &Config, replay_after: u64) -> anyhow::Result<OpenedLog> {
-    let options = LogOptions {
-        durability: config.ingest.durability,
-        segment_bytes: config.ingest.segment_bytes,
-        queue_capacity: config.ingest.queue_capacity,
-        append_timeout: config.ingest.append_timeout,
-    };
-    let (handle, control, committed, ready) =
-        log::open(&config.data_dir.join("log"), options, replay_after)?;
-    Ok(OpenedLog {
-        handle,
-        control,
-        committed,
-        ready,
-    })
+    match config.ingest.backend {
+        IngestBackend::Embedded => {
+            let options = LogOptions {
+                durability: config.ingest.durability,
+                segment_bytes: config.ingest.segment_bytes,
+                queue_capacity: config.ingest.queue_capacity,
+                append_timeout: config.ingest.append_timeout,
+            };
+            let (handle, control, committed, ready) =
+                log::open(&config.data_dir.join("log"), options, replay_after)?;
+            Ok(OpenedLog {
+                handle,
+                control,
+                committed,
+                ready,
+            })
+        }
+        IngestBackend::Nats => {
+            let options = nats::NatsOptions::from_config(config);
+            nats::open(options, replay_after).await
+        }
+    }
 }
