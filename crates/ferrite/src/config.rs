@@ -103,9 +103,21 @@ pub enum Durability {
     None,
 }
 
+/// The queue in which accepted messages wait for the pipeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IngestBackend {
+    /// Segment files under `data_dir/log`, for a single node.
+    Embedded,
+    /// A NATS JetStream stream, configured in `[ingest.nats]`.
+    Nats,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct IngestConfig {
+    pub backend: IngestBackend,
+    /// Embedded log only.
     pub durability: Durability,
     /// Points with a timestamp further than this ahead of the server clock
     /// are rejected.
@@ -116,16 +128,107 @@ pub struct IngestConfig {
     /// window, late and repeated points are stored with last write wins.
     #[serde(with = "retention_serde")]
     pub max_past: Option<Duration>,
-    /// Size at which the ingest log starts a new segment file.
+    /// Size at which the embedded log starts a new segment file.
     pub segment_bytes: u64,
     /// Pipeline workers that decode envelopes and write the store; each
     /// device is always handled by the same worker, so per-device order holds.
     pub workers: usize,
-    /// Appends waiting for the log writer; when full, new appends wait up to
-    /// `append_timeout` and then get an "overloaded" error.
+    /// Appends waiting for the embedded log's writer; when full, new appends
+    /// wait up to `append_timeout` and then get an "overloaded" error.
     pub queue_capacity: usize,
+    /// Maximum time an append waits: for room in the embedded log's queue,
+    /// or for JetStream to acknowledge every message of it.
     #[serde(with = "humantime_serde")]
     pub append_timeout: Duration,
+    pub nats: NatsConfig,
+}
+
+/// The JetStream stream and consumer of `ingest.backend = "nats"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsConfig {
+    /// Server URL, or several separated by commas (members of one cluster).
+    pub url: String,
+    /// A `.creds` file (user JWT and NKey seed); `None` connects without
+    /// credentials.
+    pub credentials_file: Option<PathBuf>,
+    /// Stream name; created at start when missing, updated when its limits
+    /// differ from these.
+    pub stream: String,
+    /// Messages are published to `{subject_prefix}.{tenant_id}.{device_id}`,
+    /// and the stream takes `{subject_prefix}.>`.
+    pub subject_prefix: String,
+    /// Durable name of the pull consumer that feeds the pipeline.
+    pub consumer: String,
+    /// Size limit of the stream. When it is full, new messages are refused
+    /// (discard policy "new") and appends fail as overloaded.
+    pub max_bytes: u64,
+    /// Copies of every message in a JetStream cluster (1 to 5).
+    pub replicas: usize,
+    /// Time within which a message with a repeated `Nats-Msg-Id` is stored
+    /// only once.
+    #[serde(with = "humantime_serde")]
+    pub duplicate_window: Duration,
+    /// Time JetStream waits for the acknowledgement of a delivered message
+    /// before it delivers it again. Messages are acknowledged after the
+    /// store flush that contains them, so this must exceed
+    /// `storage.flush_interval`.
+    #[serde(with = "humantime_serde")]
+    pub ack_wait: Duration,
+}
+
+impl NatsConfig {
+    /// Rejects names that JetStream would reject, and an `ack_wait` that
+    /// would let JetStream deliver every message again before its flush.
+    fn validate(&self, flush_interval: Duration) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            !self.url.trim().is_empty(),
+            "ingest.nats.url is empty; set it to the NATS server, such as \"nats://127.0.0.1:4222\""
+        );
+        for (key, name) in [
+            ("ingest.nats.stream", &self.stream),
+            ("ingest.nats.consumer", &self.consumer),
+        ] {
+            let bad = name
+                .chars()
+                .find(|c| c.is_whitespace() || c.is_control() || ".*>/\\".contains(*c));
+            anyhow::ensure!(
+                !name.is_empty() && bad.is_none(),
+                "{key} {name:?} is not a valid JetStream name: use letters, digits, '-' and '_' without spaces, '.', '*', '>', '/' or '\\'"
+            );
+        }
+        let prefix = &self.subject_prefix;
+        let valid_prefix = prefix.split('.').all(|token| {
+            !token.is_empty()
+                && token != "*"
+                && token != ">"
+                && !token.chars().any(|c| c.is_whitespace() || c.is_control())
+        });
+        anyhow::ensure!(
+            valid_prefix,
+            "ingest.nats.subject_prefix {prefix:?} is not a subject prefix: use non-empty tokens separated by '.', without spaces or the wildcards '*' and '>'"
+        );
+        anyhow::ensure!(
+            self.max_bytes >= 1024 * 1024,
+            "ingest.nats.max_bytes must be at least 1 MiB (1048576)"
+        );
+        anyhow::ensure!(
+            (1..=5).contains(&self.replicas),
+            "ingest.nats.replicas must be between 1 and 5, got {}",
+            self.replicas
+        );
+        anyhow::ensure!(
+            !self.duplicate_window.is_zero(),
+            "ingest.nats.duplicate_window must be longer than zero"
+        );
+        anyhow::ensure!(
+            self.ack_wait > flush_interval,
+            "ingest.nats.ack_wait ({}) must be longer than storage.flush_interval ({}), because a message is acknowledged only after the flush that stores it; twice the flush interval leaves room for a slow flush",
+            humantime::format_duration(self.ack_wait),
+            humantime::format_duration(flush_interval)
+        );
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -423,6 +526,7 @@ impl Default for MqttConfig {
 impl Default for IngestConfig {
     fn default() -> Self {
         Self {
+            backend: IngestBackend::Embedded,
             durability: Durability::Fsync,
             max_future: Duration::from_secs(24 * 3600),
             max_past: None,
@@ -430,6 +534,23 @@ impl Default for IngestConfig {
             workers: 2,
             queue_capacity: 4096,
             append_timeout: Duration::from_secs(5),
+            nats: NatsConfig::default(),
+        }
+    }
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        Self {
+            url: "nats://127.0.0.1:4222".to_owned(),
+            credentials_file: None,
+            stream: "FERRITE_INGEST".to_owned(),
+            subject_prefix: "ferrite.ingest".to_owned(),
+            consumer: "ferrite-pipeline".to_owned(),
+            max_bytes: 1024 * 1024 * 1024,
+            replicas: 1,
+            duplicate_window: Duration::from_secs(120),
+            ack_wait: Duration::from_secs(300),
         }
     }
 }
@@ -501,9 +622,10 @@ impl Default for ActionsMqttConfig {
 /// as the variable prefix and the path of tables. A nested section comes
 /// before its parent, so that `FERRITE_ACTIONS_MQTT_URL` sets
 /// `actions.mqtt.url` rather than `actions.mqtt_url`.
-const SECTIONS: [(&str, &[&str]); 9] = [
+const SECTIONS: [(&str, &[&str]); 10] = [
     ("http", &["http"]),
     ("mqtt", &["mqtt"]),
+    ("ingest_nats", &["ingest", "nats"]),
     ("ingest", &["ingest"]),
     ("storage", &["storage"]),
     ("auth", &["auth"]),
@@ -634,6 +756,9 @@ impl Config {
             self.mqtt.max_inflight > 0,
             "mqtt.max_inflight must be at least 1"
         );
+        if self.ingest.backend == IngestBackend::Nats {
+            self.ingest.nats.validate(self.storage.flush_interval)?;
+        }
         anyhow::ensure!(
             self.storage.head_budget_bytes >= 1024 * 1024,
             "storage.head_budget_bytes must be at least 1 MiB (1048576)"
@@ -721,7 +846,11 @@ max_queued_messages = 1000
 max_session_expiry = "24h"
 
 [ingest]
-# "fsync": acknowledge after the ingest log is synced to disk.
+# Where accepted messages wait for the pipeline: "embedded" (segment files
+# under data_dir/log, one node) or "nats" (a JetStream stream, see
+# [ingest.nats]).
+backend = "embedded"
+# Embedded log only. "fsync": acknowledge after the log is synced to disk.
 # "none": acknowledge after the write reaches the operating system.
 durability = "fsync"
 # Points stamped further ahead of the server clock are rejected.
@@ -730,13 +859,41 @@ max_future = "24h"
 # (no limit besides storage.retention) or a duration such as "7d". Late
 # and repeated points within the window are stored; the last write wins.
 max_past = "forever"
-# Size at which the ingest log starts a new segment file, in bytes.
+# Embedded log only: size at which it starts a new segment file, in bytes.
 segment_bytes = 67108864
 # Pipeline workers; each device always goes to the same one.
 workers = 2
-# Appends waiting for the log writer before new ones wait, then fail.
+# Embedded log only: appends waiting for the log writer before new ones
+# wait, then fail.
 queue_capacity = 4096
+# Longest wait of an append: for room in the embedded log's queue, or for
+# JetStream to acknowledge every message of it.
 append_timeout = "5s"
+
+# Used with backend = "nats"; FERRITE_INGEST_NATS_URL sets url, and so on.
+[ingest.nats]
+# Server URL, or several separated by commas (members of one cluster).
+url = "nats://127.0.0.1:4222"
+# A .creds file (user JWT and NKey seed); without it no credentials are sent.
+# credentials_file = "/etc/ferrite/nats.creds"
+# Stream, created at start when missing. It takes subject_prefix.> and
+# stores messages in files until the store has flushed them.
+stream = "FERRITE_INGEST"
+# Messages go to {subject_prefix}.{tenant_id}.{device_id}.
+subject_prefix = "ferrite.ingest"
+# Durable pull consumer that feeds the pipeline. One Ferrite node consumes
+# a stream; see docs/architecture.md.
+consumer = "ferrite-pipeline"
+# Stream size limit in bytes; when full, appends fail as overloaded.
+max_bytes = 1073741824
+# Copies of each message in a JetStream cluster (1 to 5).
+replicas = 1
+# A retried publish with the same message id is stored once within this.
+duplicate_window = "2m"
+# Redelivery delay of unacknowledged messages. Messages are acknowledged
+# after the store flush that contains them: keep this above
+# storage.flush_interval, twice it or more.
+ack_wait = "5m"
 
 [storage]
 # Memory for points not yet in a segment file, in bytes.
@@ -885,6 +1042,15 @@ mod tests {
         assert_eq!(config.actions.mqtt.url, "mqtt://127.0.0.1:1883");
         assert_eq!(config.actions.mqtt.password, "secret");
         assert_eq!(config.actions.max_attempts, 3);
+        let mut table = toml::Table::new();
+        let vars = [
+            ("FERRITE_INGEST_NATS_URL", "nats://10.0.0.1:4222"),
+            ("FERRITE_INGEST_BACKEND", "nats"),
+        ]
+        .map(|(name, value)| (name.to_owned(), value.to_owned()));
+        apply_env(&mut table, vars.into_iter());
+        let config: Config = toml::Value::Table(table).try_into().unwrap();
+        assert_eq!(config.ingest.nats.url, "nats://10.0.0.1:4222");
         assert!(!format!("{config:?}").contains("secret"));
     }
 
@@ -916,6 +1082,67 @@ mod tests {
             let error = format!("{:#}", broker(url).unwrap_err());
             assert!(error.contains(fragment), "{url}: {error}");
         }
+    }
+
+    #[test]
+    fn nats_settings_are_validated() {
+        let mut config = Config::default();
+        config.ingest.backend = IngestBackend::Nats;
+        config.validate().expect("the defaults are valid");
+
+        type Change = fn(&mut NatsConfig);
+        let cases: [(&str, Change, &str); 7] = [
+            (
+                "dot in stream",
+                |nats| nats.stream = "A.B".into(),
+                "ingest.nats.stream",
+            ),
+            (
+                "space in consumer",
+                |nats| nats.consumer = "a b".into(),
+                "ingest.nats.consumer",
+            ),
+            (
+                "wildcard prefix",
+                |nats| nats.subject_prefix = "a.*".into(),
+                "ingest.nats.subject_prefix",
+            ),
+            (
+                "empty token",
+                |nats| nats.subject_prefix = "a..b".into(),
+                "ingest.nats.subject_prefix",
+            ),
+            (
+                "tiny stream",
+                |nats| nats.max_bytes = 1000,
+                "ingest.nats.max_bytes",
+            ),
+            (
+                "six replicas",
+                |nats| nats.replicas = 6,
+                "ingest.nats.replicas",
+            ),
+            (
+                "short ack wait",
+                |nats| nats.ack_wait = Duration::from_secs(60),
+                "storage.flush_interval",
+            ),
+        ];
+        for (case, change, named) in cases {
+            let mut invalid = config.clone();
+            change(&mut invalid.ingest.nats);
+            let error = invalid.validate().expect_err(case).to_string();
+            assert!(error.contains(named), "{case}: {error}");
+        }
+    }
+
+    #[test]
+    fn nats_table_is_ignored_for_embedded() {
+        let mut config = Config::default();
+        config.ingest.nats.stream = "A.B".into();
+        config
+            .validate()
+            .expect("only the chosen backend is checked");
     }
 
     #[test]

@@ -23,7 +23,7 @@ use crate::adapters;
 use crate::auth::{self, Auth};
 use crate::config::Config;
 use crate::ids::{DeviceId, TenantId};
-use crate::ingest::{self, IngestHandle, LogOptions};
+use crate::ingest::{self, IngestHandle};
 use crate::metadata::{Labels, MetadataStore, Role, SqliteMetadata};
 use crate::pipeline::{Pipeline, PipelineOptions, SeenDevices};
 use crate::store::{EmbeddedStore, TimeSeriesStore};
@@ -124,17 +124,12 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
             .context("cannot open the time-series store")?,
     );
 
-    let log_options = LogOptions {
-        durability: config.ingest.durability,
-        segment_bytes: config.ingest.segment_bytes,
-        queue_capacity: config.ingest.queue_capacity,
-        append_timeout: config.ingest.append_timeout,
-    };
-    let (ingest, log_control, committed, log_ready) = ingest::open(
-        &config.data_dir.join("log"),
-        log_options,
-        store.durable_marker(),
-    )?;
+    let ingest::OpenedLog {
+        handle: ingest,
+        control: log_control,
+        committed,
+        ready: log_ready,
+    } = ingest::open(&config, store.durable_marker()).await?;
     let log_control = Arc::new(log_control);
 
     let mqtt_router = adapters::mqtt::Router::new(&config.mqtt);

@@ -8,5 +8,6 @@ mod export;
 mod fleet;
 mod http;
 mod mqtt;
+mod nats;
 mod processing;
 mod support;
