@@ -122,6 +122,7 @@ fn envelope(n: u32) -> Envelope {
         received_at_ns: i64::from(n),
         content_type: ContentType::Json,
         payload: Bytes::from(format!("{{\"n\":{n}}}")),
+        meta: Bytes::new(),
     }
 }
 
