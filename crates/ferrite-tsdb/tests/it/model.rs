@@ -223,6 +223,7 @@ fn options(clock: &Arc<AtomicI64>) -> StoreOptions {
         retention: Retention {
             default: None,
             tenants: [("t2".to_string(), Some(T2_RETENTION))].into(),
+            ..Retention::default()
         },
         background_maintenance: false,
         rollup_intervals: ROLLUP_INTERVALS.to_vec(),

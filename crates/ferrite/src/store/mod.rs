@@ -111,6 +111,7 @@ impl EmbeddedStore {
                     .iter()
                     .map(|(tenant, setting)| (tenant.clone(), setting.0.map(nanos)))
                     .collect(),
+                devices: Default::default(),
             },
             rollup_intervals: config.rollups.iter().map(|d| nanos(*d)).collect(),
             rollup_retention: config
@@ -127,7 +128,7 @@ impl EmbeddedStore {
                         .and_then(|(_, setting)| setting.0);
                     ferrite_tsdb::Retention {
                         default: keep.map(nanos),
-                        tenants: Default::default(),
+                        ..Default::default()
                     }
                 })
                 .collect(),
