@@ -63,6 +63,25 @@ impl AppState {
     pub fn forget_device_name(&self, tenant: TenantId, name: &str) {
         self.device_names.lock().remove(&(tenant, name.to_owned()));
     }
+
+    /// Gives the store the retention of every device whose profile sets
+    /// one. Called at start and after changes to profiles or to a device's
+    /// profile; a failure keeps the previous retention and is logged.
+    pub async fn sync_device_retention(&self) {
+        if let Err(error) = sync_device_retention(&self.metadata, &self.store).await {
+            tracing::warn!(%error, "cannot apply the retention of device profiles; the previous retention stays in force");
+        }
+    }
+}
+
+async fn sync_device_retention(
+    metadata: &SqliteMetadata,
+    store: &Arc<dyn TimeSeriesStore>,
+) -> anyhow::Result<()> {
+    let retentions = metadata.device_retentions().await?;
+    let store = store.clone();
+    tokio::task::spawn_blocking(move || store.set_device_retention(retentions)).await??;
+    Ok(())
 }
 
 /// Extra work `serve` starts once the listeners are up (the demo fleet).
@@ -130,6 +149,11 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
         committed,
         ready: log_ready,
     } = ingest::open(&config, store.durable_marker()).await?;
+    // Before replay, so queries and maintenance know the profiles'
+    // retention from the start.
+    sync_device_retention(&metadata, &store)
+        .await
+        .context("cannot apply the retention of device profiles")?;
     let log_control = Arc::new(log_control);
 
     let mqtt_router = adapters::mqtt::Router::new(&config.mqtt);

@@ -184,6 +184,7 @@ async fn apply_patch(
             None => None,
         };
         state.alarms.reconcile(profile.as_deref(), Some(id)).await;
+        state.sync_device_retention().await;
     }
     Ok(device)
 }

@@ -144,6 +144,7 @@ async fn publish(state: &AppState, stored: &StoredProfile) -> Option<Arc<Compile
         Ok(Ok(compiled)) => {
             let compiled = state.directory.store_profile(Arc::new(compiled));
             state.alarms.reconcile(Some(&compiled), None).await;
+            state.sync_device_retention().await;
             Some(compiled)
         }
         // Checked before saving, so this is a bug; the pipeline reports it

@@ -304,6 +304,33 @@ impl SqliteMetadata {
         rows.into_iter().map(device_from_row).collect()
     }
 
+    /// Lists every device whose profile sets a retention, with that
+    /// retention.
+    pub async fn device_retentions(
+        &self,
+    ) -> Result<Vec<((TenantId, DeviceId), std::time::Duration)>, MetadataError> {
+        let rows = sqlx::query(
+            "SELECT d.tenant_id, d.id, p.spec FROM devices d JOIN device_profiles p ON p.id = d.profile_id
+             WHERE p.spec LIKE '%\"retention\"%'",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut retentions = Vec::new();
+        for row in rows {
+            let spec: ProfileSpec = parse_json_column(row.try_get("spec")?, "device profile")?;
+            if let Some(retention) = spec.retention {
+                retentions.push((
+                    (
+                        parse_id(row.try_get("tenant_id")?)?,
+                        parse_id(row.try_get("id")?)?,
+                    ),
+                    retention,
+                ));
+            }
+        }
+        Ok(retentions)
+    }
+
     /// Lists the profiles, of every tenant, that may have a `no_data` rule.
     /// The text match is a cheap first filter; callers check the rules.
     pub async fn profiles_with_silence_rules(&self) -> Result<Vec<StoredProfile>, MetadataError> {

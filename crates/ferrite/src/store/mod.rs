@@ -98,8 +98,6 @@ pub trait TimeSeriesStore: Send + Sync + 'static {
     /// are compacted. When a device's retention gets longer, points already
     /// past its old cutoff stay expired. The default does nothing, for
     /// stores that never expire data.
-    // Until the server passes device profiles to the store, only tests call it.
-    #[allow(dead_code)]
     fn set_device_retention(
         &self,
         devices: Vec<((TenantId, DeviceId), Duration)>,

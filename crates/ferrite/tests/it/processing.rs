@@ -1034,3 +1034,47 @@ async fn an_open_mqtt_session_uses_the_profile_set_after_it_connected() {
     .await;
     poller.abort();
 }
+
+#[tokio::test]
+async fn points_older_than_the_profile_retention_are_rejected() {
+    let server = Server::start().await;
+    let api = Api::new(&server).await;
+    api.yaml(
+        reqwest::Method::POST,
+        "/api/v1/profiles",
+        "name: short-lived\nretention: 1h\n",
+    )
+    .await;
+    let device = api.device("probe-9", "short-lived").await;
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let old = format!(
+        r#"{{"ts": {}, "values": {{"t": 1}}}}"#,
+        now_ms - 2 * 3_600_000
+    );
+    let recent = format!(r#"{{"ts": {}, "values": {{"t": 2}}}}"#, now_ms - 60_000);
+    for body in [old, recent] {
+        assert_eq!(
+            api.telemetry(&device, "application/json", body.into_bytes())
+                .await,
+            200
+        );
+    }
+    let letters = api
+        .wait_for(
+            &format!("/api/v1/devices/{}/dead-letters", device.id),
+            |body| {
+                body["dead_letters"]
+                    .as_array()
+                    .is_some_and(|letters| letters.len() == 1)
+            },
+        )
+        .await;
+    assert_eq!(letters["dead_letters"][0]["stage"], "timestamp");
+    let reason = letters["dead_letters"][0]["reason"].as_str().unwrap();
+    assert!(reason.contains("retention of 1h"), "{reason}");
+    api.wait_for(
+        &format!("/api/v1/devices/{}/telemetry/latest", device.id),
+        |body| body["t"]["value"] == 2,
+    )
+    .await;
+}
