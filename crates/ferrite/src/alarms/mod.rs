@@ -13,9 +13,10 @@
 //!
 //! ## Replay
 //! Every alarm row records the ingest log position of the last transition
-//! applied to it. After a crash the log replays messages the store had not
-//! flushed; their transitions carry positions at or below the recorded one
-//! and are skipped, so alarms and their actions do not fire twice.
+//! applied to it. After a crash the log replays the messages that the store
+//! had not flushed. Their transitions carry positions at or below the
+//! recorded one, so they are skipped and alarms and actions do not fire
+//! twice.
 //!
 //! ## Silence
 //! `no_data` rules are checked every [`NO_DATA_CHECK_INTERVAL`] against the
@@ -223,7 +224,7 @@ impl AlarmManager {
         Ok((manager, sender, receiver))
     }
 
-    /// The open alarms, for the pipeline workers.
+    /// Returns the open alarms, for the pipeline workers.
     pub fn open_alarms(&self) -> Arc<OpenAlarms> {
         self.open.clone()
     }

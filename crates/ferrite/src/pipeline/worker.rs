@@ -39,7 +39,7 @@ use crate::profiles::{
 use crate::rules::DeviceState;
 use crate::store::TimeSeriesStore;
 
-/// What the workers share: caches, the buses they publish to and settings.
+/// State shared by the workers: caches, the buses they publish to and settings.
 pub struct Processing {
     pub config: Config,
     pub directory: Arc<Directory>,
@@ -137,8 +137,8 @@ pub(super) fn run(
 }
 
 /// Attempts of one message whose processing fails for a reason other than
-/// its content, and the pause before the second; each pause doubles
-/// (0.1 + 0.2 + 0.4 + 0.8 s).
+/// its content. The pause before the second attempt is `FIRST_PAUSE`, and
+/// each later pause doubles (0.1 + 0.2 + 0.4 + 0.8 s in all).
 const ATTEMPTS: u32 = 5;
 const FIRST_PAUSE: Duration = Duration::from_millis(100);
 

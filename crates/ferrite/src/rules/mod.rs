@@ -42,7 +42,7 @@ use serde::{Deserialize, Serialize};
 use crate::actions::ActionSpec;
 use crate::profiles::process::{Record, evaluate, parse_expression};
 
-/// Longest rule name, in bytes.
+/// Maximum length of a rule name, in bytes.
 const MAX_RULE_NAME_BYTES: usize = 128;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
