@@ -20,6 +20,7 @@ mod rules;
 mod scripts;
 mod server;
 mod store;
+mod warn_limit;
 
 use std::io::Read;
 use std::net::SocketAddr;

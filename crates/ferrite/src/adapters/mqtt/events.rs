@@ -4,10 +4,11 @@
 //! Every label value comes from a fixed set: a device id or topic never
 //! becomes a label.
 
+#[cfg(test)]
 use std::time::{Duration, Instant};
 
-/// Shortest time between two warnings of one kind on one connection.
-const WARN_INTERVAL: Duration = Duration::from_secs(10);
+#[cfg(test)]
+use crate::warn_limit::WARN_INTERVAL;
 
 /// Registers the metrics with their descriptions, so that they appear on
 /// `/metrics` before the first connection.
@@ -91,29 +92,7 @@ pub fn deliveries_dropped(reason: &'static str, count: usize) {
         .increment(count as u64);
 }
 
-/// Lets one warning through per [`WARN_INTERVAL`] and counts the rest, so
-/// a device that repeats a mistake cannot flood the log.
-#[derive(Debug, Default)]
-pub struct WarnLimiter {
-    last: Option<Instant>,
-    suppressed: u64,
-}
-
-impl WarnLimiter {
-    /// Returns `Some(suppressed since the last warning)` when a warning may
-    /// be logged now.
-    pub fn allow(&mut self, now: Instant) -> Option<u64> {
-        if self
-            .last
-            .is_some_and(|last| now.duration_since(last) < WARN_INTERVAL)
-        {
-            self.suppressed += 1;
-            return None;
-        }
-        self.last = Some(now);
-        Some(std::mem::take(&mut self.suppressed))
-    }
-}
+pub use crate::warn_limit::WarnLimiter;
 
 #[cfg(test)]
 mod tests {
