@@ -7,6 +7,7 @@ mod buckets;
 pub mod devices;
 pub mod error;
 mod fleet;
+mod live;
 mod telemetry;
 
 pub use telemetry::query as telemetry_query;
@@ -53,6 +54,8 @@ pub fn router() -> Router<Arc<AppState>> {
             "/api/v1/api-keys/{id}",
             axum::routing::delete(devices::revoke_api_key),
         )
+        // GET /api/v1/live/ws and GET /api/v1/live/sse.
+        .merge(live::router())
 }
 
 /// `POST /api/v1/admin/compact`: writes the points held in memory to
