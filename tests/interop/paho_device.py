@@ -105,7 +105,11 @@ class PahoDevice:
     def publish(self, topic: str, payload: Any, qos: int) -> ReasonCode:
         """Publish JSON and return the PUBACK reason code (QoS 1) or, for
         QoS 0, the code paho reports once the packet is written."""
-        info = self.client.publish(topic, json.dumps(payload), qos=qos)
+        return self.publish_bytes(topic, json.dumps(payload).encode(), qos)
+
+    def publish_bytes(self, topic: str, payload: bytes, qos: int) -> ReasonCode:
+        """Publish `payload` as it is; see `publish`."""
+        info = self.client.publish(topic, payload, qos=qos)
         assert info.rc == mqtt.MQTT_ERR_SUCCESS, mqtt.error_string(info.rc)
         wait_until(lambda: info.mid in self.pubacks, f"PUBACK of {topic}")
         return self.pubacks[info.mid]

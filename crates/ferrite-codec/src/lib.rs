@@ -4,28 +4,37 @@
 //!   generators and tests.
 //! - [`json`] decodes telemetry JSON: flat objects, `{"ts", "values"}`
 //!   records and arrays of either.
+//! - [`senml`] decodes SenML packs (RFC 8428) in their JSON and CBOR
+//!   representations.
+//! - [`cayenne_lpp`] decodes Cayenne Low Power Payload, the binary format
+//!   of many LoRaWAN devices.
 //!
-//! Both turn a payload into typed [`ferrite_core::Value`]s with nanosecond
-//! timestamps, or into an error that names the offending line, key or token
-//! and explains how to fix it. The rules each decoder applies (escaping, value
-//! types, timestamps, limits) are part of Ferrite's user-facing behaviour and
-//! are written down in the module docs.
+//! Each turns a payload into typed [`ferrite_core::Value`]s, with nanosecond
+//! timestamps where the format carries time, or into an error that names
+//! the offending line, record, key, field or byte offset and explains how
+//! to fix it. The rules each decoder applies (escaping, value types,
+//! timestamps, limits) are part of Ferrite's user-facing behaviour and are
+//! written down in the module docs.
 //!
 //! The crate is pure: no I/O, no async, no logging, no global state, so the
 //! server, tools, tests and fuzzers all share it. It leaves these to the
 //! caller:
-//! - the receive time for values that carry no timestamp,
+//! - the receive time for values that carry no timestamp, and the "now"
+//!   that SenML relative times count from,
 //! - rejecting timestamps too far in the future,
 //! - request body size limits and decompression,
 //! - UTF-8 validation of line protocol bodies, because
 //!   [`line_protocol::parse_batch`] takes a `&str`,
 //! - authentication and mapping of payloads to tenants and devices.
 
+pub mod cayenne_lpp;
 pub mod json;
 pub mod line_protocol;
+pub mod senml;
 
-/// Maximum length in bytes of a measurement name, tag key, field key or
-/// telemetry JSON key (a flattened key, for nested JSON objects).
+/// Maximum length in bytes of a measurement name, tag key, field key,
+/// telemetry JSON key (a flattened key, for nested JSON objects), or SenML
+/// name, base name or unit.
 pub const MAX_KEY_BYTES: usize = 256;
 
 /// Maximum length in bytes of a string value, after unescaping.

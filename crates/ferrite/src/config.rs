@@ -24,7 +24,31 @@ pub struct Config {
     pub ingest: IngestConfig,
     pub storage: StorageConfig,
     pub auth: AuthConfig,
+    pub processing: ProcessingConfig,
     pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProcessingConfig {
+    /// Dead letters kept per device; older ones are deleted.
+    pub dead_letters_per_device: i64,
+    /// Memory one scripted decoder may use, in bytes.
+    pub script_max_memory_bytes: usize,
+    /// Run time of one scripted decoder call unless its profile sets
+    /// `codec.max_run_time`.
+    #[serde(with = "humantime_serde")]
+    pub script_max_run_time: Duration,
+}
+
+impl Default for ProcessingConfig {
+    fn default() -> Self {
+        Self {
+            dead_letters_per_device: 1000,
+            script_max_memory_bytes: 16 * 1024 * 1024,
+            script_max_run_time: Duration::from_millis(100),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -244,6 +268,7 @@ impl Default for Config {
             ingest: IngestConfig::default(),
             storage: StorageConfig::default(),
             auth: AuthConfig::default(),
+            processing: ProcessingConfig::default(),
             log: LogConfig::default(),
         }
     }
@@ -323,7 +348,15 @@ impl Default for LogConfig {
 }
 
 /// Sections of the file, for mapping `FERRITE_<SECTION>_<KEY>` variables.
-const SECTIONS: [&str; 6] = ["http", "mqtt", "ingest", "storage", "auth", "log"];
+const SECTIONS: [&str; 7] = [
+    "http",
+    "mqtt",
+    "ingest",
+    "storage",
+    "auth",
+    "processing",
+    "log",
+];
 
 /// Loads the configuration: defaults, then the file at `path` if given, then
 /// `FERRITE_<SECTION>_<KEY>` environment variables (for example
@@ -394,6 +427,19 @@ impl Config {
     /// Rejects values that parse but cannot work.
     pub fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(self.ingest.workers > 0, "ingest.workers must be at least 1");
+        anyhow::ensure!(
+            self.processing.dead_letters_per_device >= 1,
+            "processing.dead_letters_per_device must be at least 1"
+        );
+        anyhow::ensure!(
+            self.processing.script_max_memory_bytes >= 1024 * 1024,
+            "processing.script_max_memory_bytes must be at least 1 MiB (1048576)"
+        );
+        anyhow::ensure!(
+            !self.processing.script_max_run_time.is_zero()
+                && self.processing.script_max_run_time <= Duration::from_secs(5),
+            "processing.script_max_run_time must be between 1ms and 5s"
+        );
         anyhow::ensure!(
             self.ingest.queue_capacity > 0,
             "ingest.queue_capacity must be at least 1"
@@ -519,6 +565,16 @@ rollups = ["1h", "1d"]
 access_token_ttl = "1h"
 # Lets admin and operator API keys create devices on first line-protocol write.
 auto_create_devices = true
+
+[processing]
+# Dead letters (messages the pipeline could not store) kept per device; the
+# oldest are deleted beyond this.
+dead_letters_per_device = 1000
+# Memory one scripted decoder may use, in bytes.
+script_max_memory_bytes = 16777216
+# Run time of one scripted decoder call, unless the profile sets
+# codec.max_run_time.
+script_max_run_time = "100ms"
 
 [log]
 # Tracing filter; RUST_LOG overrides it.

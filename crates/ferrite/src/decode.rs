@@ -7,20 +7,14 @@
 //! deterministic: a record without a timestamp gets the envelope's receive
 //! time, so a replay of the log stores exactly the same points.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
-use ferrite_codec::{json, line_protocol};
+use ferrite_codec::{cayenne_lpp, json, line_protocol, senml};
 use ferrite_core::{TimestampNs, Value};
 
 use crate::ingest::{ContentType, Envelope};
-
-/// One decoded point of one device.
-#[derive(Debug, Clone, PartialEq)]
-pub struct DecodedPoint {
-    pub key: String,
-    pub ts: TimestampNs,
-    pub value: Value,
-}
+use crate::profiles::{CodecSpec, Field, Record};
 
 /// Reason a payload was rejected. `Display` is the message for the client.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -33,6 +27,15 @@ pub enum DecodeError {
     NotUtf8,
     #[error("{0}")]
     Timestamp(String),
+    #[error("{0}")]
+    Senml(String),
+    #[error("{0}")]
+    CayenneLpp(String),
+    #[error("{0}")]
+    Script(String),
+    /// Raw bytes arrived for a device whose profile codec does not take them.
+    #[error("{0}")]
+    Codec(String),
 }
 
 impl DecodeError {
@@ -43,6 +46,10 @@ impl DecodeError {
             DecodeError::LineProtocol(_) => "invalid_line_protocol",
             DecodeError::NotUtf8 => "invalid_encoding",
             DecodeError::Timestamp(_) => "invalid_timestamp",
+            DecodeError::Senml(_) => "invalid_senml",
+            DecodeError::CayenneLpp(_) => "invalid_cayenne_lpp",
+            DecodeError::Script(_) => "script_failed",
+            DecodeError::Codec(_) => "wrong_codec",
         }
     }
 }
@@ -119,7 +126,7 @@ pub fn check_payload(
     window: TimeWindow,
 ) -> Result<usize, DecodeError> {
     let mut count = 0;
-    for_each_point(content_type, payload, received_at_ns, |key, ts, _| {
+    for_each_point(content_type, payload, received_at_ns, |key, ts, _, _| {
         window
             .check(&format!("{key:?}"), ts, received_at_ns)
             .map_err(DecodeError::Timestamp)?;
@@ -129,31 +136,119 @@ pub fn check_payload(
     Ok(count)
 }
 
-/// Decodes an envelope into points. Fails only on payloads that
-/// [`check_payload`] would have rejected.
-pub fn decode_envelope(envelope: &Envelope) -> Result<Vec<DecodedPoint>, DecodeError> {
-    let mut points = Vec::new();
-    for_each_point(
-        envelope.content_type,
-        &envelope.payload,
-        envelope.received_at_ns,
-        |key, ts, value| {
-            points.push(DecodedPoint {
-                key: key.to_owned(),
-                ts,
-                value: value.clone(),
-            });
-            Ok(())
-        },
-    )?;
-    Ok(points)
+/// Runs scripted decoders; each pipeline worker keeps one.
+pub trait ScriptRunner {
+    /// Runs the profile's `decodeUplink` and returns its `data` as telemetry
+    /// JSON.
+    fn decode_uplink(
+        &mut self,
+        codec: &CodecSpec,
+        cache_key: (crate::ids::ProfileId, i64),
+        envelope: &Envelope,
+    ) -> Result<Vec<u8>, DecodeError>;
+}
+
+/// Decodes an envelope with the codec of the device's profile into records
+/// of points that share a timestamp, in payload order.
+pub fn decode_records(
+    envelope: &Envelope,
+    codec: &CodecSpec,
+    cache_key: Option<(crate::ids::ProfileId, i64)>,
+    scripts: &mut dyn ScriptRunner,
+) -> Result<Vec<Record>, DecodeError> {
+    let mut records: Vec<Record> = Vec::new();
+    // Record index by timestamp, so a batch of many lines stays linear.
+    let mut by_ts: HashMap<TimestampNs, usize> = HashMap::new();
+    // Records that got values from more than one line or record of the
+    // payload, which may repeat a key.
+    let mut merged: Vec<usize> = Vec::new();
+    let mut push = |key: &str, ts: TimestampNs, value: &Value, unit: Option<&str>| {
+        let field = Field {
+            key: key.to_owned(),
+            value: value.clone(),
+            unit: unit.map(str::to_owned),
+        };
+        match by_ts.get(&ts) {
+            Some(&index) => {
+                if merged.last() != Some(&index) {
+                    merged.push(index);
+                }
+                records[index].fields.push(field);
+            }
+            None => {
+                by_ts.insert(ts, records.len());
+                records.push(Record {
+                    ts,
+                    fields: vec![field],
+                });
+            }
+        }
+        Ok(())
+    };
+
+    let received_at_ns = envelope.received_at_ns;
+    match (envelope.content_type, codec) {
+        (ContentType::Raw, CodecSpec::CayenneLpp) => {
+            let values = cayenne_lpp::decode(&envelope.payload)
+                .map_err(|error| DecodeError::CayenneLpp(error.to_string()))?;
+            for (key, value) in &values {
+                push(key, received_at_ns, value, None)?;
+            }
+        }
+        (ContentType::Raw, CodecSpec::Script { .. }) => {
+            let Some(cache_key) = cache_key else {
+                return Err(DecodeError::Codec(
+                    "a scripted codec needs a stored profile".to_owned(),
+                ));
+            };
+            let json = scripts.decode_uplink(codec, cache_key, envelope)?;
+            for_each_point(ContentType::Json, &json, received_at_ns, push).map_err(|error| {
+                DecodeError::Script(format!("the decoder's data cannot be stored: {error}"))
+            })?;
+        }
+        (ContentType::Raw, CodecSpec::Senml) => {
+            let content_type = senml_content_type(&envelope.payload);
+            for_each_point(content_type, &envelope.payload, received_at_ns, push)?;
+        }
+        (ContentType::Raw, CodecSpec::Json) => {
+            for_each_point(ContentType::Json, &envelope.payload, received_at_ns, push)?;
+        }
+        (content_type, _) => for_each_point(content_type, &envelope.payload, received_at_ns, push)?,
+    }
+    // A later value of the same key and timestamp in one message wins, as
+    // it would in the store.
+    merged.sort_unstable();
+    merged.dedup();
+    for index in merged {
+        let fields = &mut records[index].fields;
+        let mut seen = std::collections::HashSet::with_capacity(fields.len());
+        let mut kept: Vec<Field> = Vec::with_capacity(fields.len());
+        for field in fields.drain(..).rev() {
+            if seen.insert(field.key.clone()) {
+                kept.push(field);
+            }
+        }
+        kept.reverse();
+        *fields = kept;
+    }
+    Ok(records)
+}
+
+/// Tells SenML JSON from SenML CBOR by the first byte: JSON starts with `[`
+/// after optional white space; a CBOR array starts with a major type 4 byte
+/// (0x80 to 0x9f).
+pub fn senml_content_type(payload: &[u8]) -> ContentType {
+    match payload.iter().find(|byte| !byte.is_ascii_whitespace()) {
+        Some(b'[') | Some(b'{') => ContentType::SenmlJson,
+        _ => ContentType::SenmlCbor,
+    }
 }
 
 fn for_each_point(
     content_type: ContentType,
     payload: &[u8],
     received_at_ns: TimestampNs,
-    mut on_point: impl FnMut(&str, TimestampNs, &Value) -> Result<(), DecodeError>,
+    mut on_point: impl FnMut(&str, TimestampNs, &Value, Option<&str>) -> Result<(), DecodeError>,
 ) -> Result<(), DecodeError> {
     match content_type {
         ContentType::Json => {
@@ -162,9 +257,34 @@ fn for_each_point(
             for record in &records {
                 let ts = record.ts_ns.unwrap_or(received_at_ns);
                 for (key, value) in &record.values {
-                    on_point(key, ts, value)?;
+                    on_point(key, ts, value, None)?;
                 }
             }
+        }
+        ContentType::SenmlJson | ContentType::SenmlCbor => {
+            let records = if content_type == ContentType::SenmlJson {
+                senml::parse_json(payload, received_at_ns)
+            } else {
+                senml::parse_cbor(payload, received_at_ns)
+            }
+            .map_err(|error| DecodeError::Senml(error.to_string()))?;
+            for record in &records {
+                let ts = record.ts_ns.unwrap_or(received_at_ns);
+                // The key is the record's own name; the base name usually
+                // names the device, which Ferrite knows from the
+                // credentials. A record without a name uses the base name.
+                let key = if record.name.is_empty() {
+                    record.full_name()
+                } else {
+                    record.name.clone()
+                };
+                on_point(&key, ts, &record.value, record.unit.as_deref())?;
+            }
+        }
+        ContentType::Raw => {
+            return Err(DecodeError::Codec(
+                "raw bytes need the codec of the device's profile".to_owned(),
+            ));
         }
         ContentType::LineProtocol(precision) => {
             let text = std::str::from_utf8(payload).map_err(|_| DecodeError::NotUtf8)?;
@@ -185,7 +305,7 @@ fn for_each_point(
                     key.push_str(&line.measurement);
                     key.push('.');
                     key.push_str(field);
-                    on_point(&key, ts, value)?;
+                    on_point(&key, ts, value, None)?;
                 }
             }
         }
@@ -267,6 +387,56 @@ mod tests {
         );
         let centuries = Duration::from_secs(1000 * 365 * 86_400);
         assert_eq!(latest_allowed_ts(now, centuries), i64::MAX);
+    }
+
+    struct NoScripts;
+
+    impl ScriptRunner for NoScripts {
+        fn decode_uplink(
+            &mut self,
+            _: &CodecSpec,
+            _: (crate::ids::ProfileId, i64),
+            _: &Envelope,
+        ) -> Result<Vec<u8>, DecodeError> {
+            unreachable!("no script codec in these tests")
+        }
+    }
+
+    #[test]
+    fn records_group_points_by_timestamp_and_the_last_value_wins() {
+        let envelope = Envelope {
+            tenant_id: crate::ids::TenantId::new_random(),
+            device_id: crate::ids::DeviceId::new_random(),
+            protocol: crate::ingest::Protocol::Http,
+            received_at_ns: 0,
+            content_type: ContentType::LineProtocol(line_protocol::Precision::S),
+            payload: bytes::Bytes::from_static(b"m a=1,b=2 10\nm c=3 20\nm a=4 10\n"),
+            meta: bytes::Bytes::new(),
+        };
+        let records = decode_records(&envelope, &CodecSpec::Json, None, &mut NoScripts).unwrap();
+        let shape: Vec<(i64, Vec<(&str, Value)>)> = records
+            .iter()
+            .map(|record| {
+                (
+                    record.ts,
+                    record
+                        .fields
+                        .iter()
+                        .map(|field| (field.key.as_str(), field.value.clone()))
+                        .collect(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            shape,
+            [
+                (
+                    10_000_000_000,
+                    vec![("m.b", Value::Float(2.0)), ("m.a", Value::Float(4.0))]
+                ),
+                (20_000_000_000, vec![("m.c", Value::Float(3.0))]),
+            ]
+        );
     }
 
     #[test]

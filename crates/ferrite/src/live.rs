@@ -23,7 +23,7 @@ use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 use crate::ids::{DeviceId, ProfileId, TenantId};
-use crate::metadata::Labels;
+use crate::metadata::{Attributes, Labels};
 
 /// Events a subscriber may fall behind before it loses the oldest.
 pub const LIVE_BUS_CAPACITY: usize = 16_384;
@@ -63,6 +63,8 @@ pub struct TelemetryEvent {
     pub profile_name: Option<Arc<str>>,
     /// The device's labels when the message was processed (enrichment).
     pub labels: Arc<Labels>,
+    /// The device attributes the profile's `enrich.attributes` names.
+    pub attributes: Arc<Attributes>,
     /// Server time when the message arrived, in nanoseconds.
     pub received_at_ns: TimestampNs,
     /// Stored points as (key, timestamp in nanoseconds, value).
@@ -157,7 +159,8 @@ pub struct LiveFilter {
     pub devices: BTreeSet<DeviceId>,
     /// Telemetry keys to include; empty means every key.
     pub keys: Vec<KeyPattern>,
-    pub profile: Option<ProfileSelector>,
+    /// The device profile to include; `None` means every device.
+    pub profile: Option<ProfileId>,
     /// Labels a device must have, each with the given value.
     pub labels: Vec<(String, String)>,
     pub telemetry: bool,
@@ -204,60 +207,45 @@ impl std::fmt::Display for KeyPattern {
     }
 }
 
-/// The `profile` selector: a profile id, or a name.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ProfileSelector {
-    Id(ProfileId),
-    Name(String),
-}
-
 impl LiveFilter {
     pub fn matches_device(&self, device: DeviceId) -> bool {
         self.devices.is_empty() || self.devices.contains(&device)
+    }
+
+    pub fn matches_profile(&self, profile: Option<ProfileId>) -> bool {
+        self.profile.is_none() || self.profile == profile
+    }
+
+    pub fn matches_labels(&self, labels: &Labels) -> bool {
+        self.labels
+            .iter()
+            .all(|(name, value)| labels.get(name) == Some(value))
     }
 
     pub fn matches_key(&self, key: &str) -> bool {
         self.keys.is_empty() || self.keys.iter().any(|pattern| pattern.matches(key))
     }
 
-    /// Checks the label and profile parts against what is known of a device.
-    pub fn matches_device_facts(
-        &self,
-        labels: &Labels,
-        profile_id: Option<ProfileId>,
-        profile_name: Option<&str>,
-    ) -> bool {
-        let profile_passes = match &self.profile {
-            None => true,
-            Some(ProfileSelector::Id(id)) => profile_id == Some(*id),
-            Some(ProfileSelector::Name(name)) => profile_name == Some(name.as_str()),
-        };
-        profile_passes
-            && self
-                .labels
-                .iter()
-                .all(|(name, value)| labels.get(name) == Some(value))
-    }
-
-    /// True when matching an alarm needs the device's labels or profile
-    /// name, which alarm events do not carry.
-    pub fn needs_device_facts(&self) -> bool {
-        !self.labels.is_empty() || matches!(self.profile, Some(ProfileSelector::Name(_)))
+    /// Checks an alarm change; the caller checks the device's labels.
+    pub fn passes_alarm(&self, event: &AlarmEvent) -> bool {
+        self.alarms
+            && self.matches_device(event.device_id)
+            && self.matches_profile(event.profile_id)
     }
 
     /// Returns the points of `event` that pass the filter, or `None` when
-    /// the event does not pass or no point is left.
+    /// the event does not pass or no point is left. `labels` are the
+    /// device's current labels, because an event carries them only when
+    /// its profile enriches with labels.
     pub fn telemetry_points<'a>(
         &self,
         event: &'a TelemetryEvent,
+        labels: &Labels,
     ) -> Option<Vec<&'a (String, TimestampNs, Value)>> {
         let passes = self.telemetry
             && self.matches_device(event.device_id)
-            && self.matches_device_facts(
-                &event.labels,
-                event.profile_id,
-                event.profile_name.as_deref(),
-            );
+            && self.matches_profile(event.profile_id)
+            && self.matches_labels(labels);
         if !passes {
             return None;
         }
@@ -274,19 +262,15 @@ impl LiveFilter {
 mod tests {
     use super::*;
 
-    fn telemetry(labels: &[(&str, &str)], profile: Option<(ProfileId, &str)>) -> TelemetryEvent {
+    fn telemetry(profile: Option<ProfileId>) -> TelemetryEvent {
         TelemetryEvent {
             tenant_id: TenantId::new_random(),
             device_id: DeviceId::new_random(),
             device_name: Arc::from("pump-1"),
-            profile_id: profile.map(|(id, _)| id),
-            profile_name: profile.map(|(_, name)| Arc::from(name)),
-            labels: Arc::new(
-                labels
-                    .iter()
-                    .map(|(name, value)| (name.to_string(), value.to_string()))
-                    .collect(),
-            ),
+            profile_id: profile,
+            profile_name: profile.map(|_| Arc::from("pump")),
+            labels: Arc::default(),
+            attributes: Arc::default(),
             received_at_ns: 1_700_000_000_000_000_000,
             points: vec![
                 ("temperature".into(), 1, Value::Float(21.5)),
@@ -296,20 +280,28 @@ mod tests {
         }
     }
 
+    fn labels(pairs: &[(&str, &str)]) -> Labels {
+        pairs
+            .iter()
+            .map(|(name, value)| (name.to_string(), value.to_string()))
+            .collect()
+    }
+
     fn keys(points: Option<Vec<&(String, TimestampNs, Value)>>) -> Option<Vec<&str>> {
         points.map(|points| points.iter().map(|(key, _, _)| key.as_str()).collect())
     }
 
     #[test]
     fn default_filter_passes_every_point() {
-        let event = telemetry(&[], None);
-        let passed = keys(LiveFilter::default().telemetry_points(&event));
+        let event = telemetry(None);
+        let passed = keys(LiveFilter::default().telemetry_points(&event, &Labels::new()));
         assert_eq!(passed, Some(vec!["temperature", "temp.inner", "humidity"]));
     }
 
     #[test]
     fn key_patterns_keep_matching_points() {
-        let event = telemetry(&[], None);
+        let event = telemetry(None);
+        let no_labels = Labels::new();
         let filter = LiveFilter {
             keys: vec![
                 KeyPattern::Prefix("temp".into()),
@@ -318,7 +310,7 @@ mod tests {
             ..LiveFilter::default()
         };
         assert_eq!(
-            keys(filter.telemetry_points(&event)),
+            keys(filter.telemetry_points(&event, &no_labels)),
             Some(vec!["temperature", "temp.inner"])
         );
 
@@ -326,83 +318,106 @@ mod tests {
             keys: vec![KeyPattern::Exact("temp".into())],
             ..LiveFilter::default()
         };
-        assert_eq!(keys(exact.telemetry_points(&event)), None);
+        assert_eq!(keys(exact.telemetry_points(&event, &no_labels)), None);
 
         let every = LiveFilter {
             keys: vec![KeyPattern::Prefix(String::new())],
             ..LiveFilter::default()
         };
         assert_eq!(
-            keys(every.telemetry_points(&event)).map(|k| k.len()),
+            keys(every.telemetry_points(&event, &no_labels)).map(|k| k.len()),
             Some(3)
         );
     }
 
     #[test]
     fn device_filter_skips_other_devices() {
-        let event = telemetry(&[], None);
+        let event = telemetry(None);
         let other = LiveFilter {
             devices: BTreeSet::from([DeviceId::new_random()]),
             ..LiveFilter::default()
         };
-        assert!(other.telemetry_points(&event).is_none());
+        assert!(other.telemetry_points(&event, &Labels::new()).is_none());
         let own = LiveFilter {
             devices: BTreeSet::from([event.device_id]),
             ..LiveFilter::default()
         };
-        assert!(own.telemetry_points(&event).is_some());
+        assert!(own.telemetry_points(&event, &Labels::new()).is_some());
     }
 
     #[test]
     fn labels_and_profile_must_all_match() {
         let profile = ProfileId::new_random();
-        let event = telemetry(
-            &[("site", "north"), ("floor", "2")],
-            Some((profile, "pump")),
-        );
+        let event = telemetry(Some(profile));
+        let device_labels = labels(&[("site", "north"), ("floor", "2")]);
         let cases = [
             (vec![("site", "north")], None, true),
             (vec![("site", "north"), ("floor", "2")], None, true),
             (vec![("site", "south")], None, false),
             (vec![("room", "2")], None, false),
-            (vec![], Some(ProfileSelector::Id(profile)), true),
-            (
-                vec![],
-                Some(ProfileSelector::Id(ProfileId::new_random())),
-                false,
-            ),
-            (vec![], Some(ProfileSelector::Name("pump".into())), true),
+            (vec![], Some(profile), true),
+            (vec![], Some(ProfileId::new_random()), false),
             (
                 vec![("site", "north")],
-                Some(ProfileSelector::Name("fan".into())),
+                Some(ProfileId::new_random()),
                 false,
             ),
         ];
-        for (labels, profile, expected) in cases {
+        for (selectors, profile, expected) in cases {
             let filter = LiveFilter {
-                labels: labels
+                labels: selectors
                     .iter()
                     .map(|(name, value)| (name.to_string(), value.to_string()))
                     .collect(),
-                profile: profile.clone(),
+                profile,
                 ..LiveFilter::default()
             };
             assert_eq!(
-                filter.telemetry_points(&event).is_some(),
+                filter.telemetry_points(&event, &device_labels).is_some(),
                 expected,
-                "labels {labels:?}, profile {profile:?}"
+                "labels {selectors:?}, profile {profile:?}"
             );
         }
     }
 
     #[test]
+    fn alarm_filter_checks_type_device_profile() {
+        let profile = ProfileId::new_random();
+        let alarm = AlarmEvent {
+            tenant_id: TenantId::new_random(),
+            device_id: DeviceId::new_random(),
+            profile_id: Some(profile),
+            change: AlarmChange::Raised,
+            alarm: Arc::new(serde_json::json!({})),
+        };
+        assert!(LiveFilter::default().passes_alarm(&alarm));
+        let cases = [
+            LiveFilter {
+                alarms: false,
+                ..LiveFilter::default()
+            },
+            LiveFilter {
+                devices: BTreeSet::from([DeviceId::new_random()]),
+                ..LiveFilter::default()
+            },
+            LiveFilter {
+                profile: Some(ProfileId::new_random()),
+                ..LiveFilter::default()
+            },
+        ];
+        for filter in cases {
+            assert!(!filter.passes_alarm(&alarm), "{filter:?}");
+        }
+    }
+
+    #[test]
     fn alarms_only_filter_skips_telemetry() {
-        let event = telemetry(&[], None);
+        let event = telemetry(None);
         let filter = LiveFilter {
             telemetry: false,
             ..LiveFilter::default()
         };
-        assert!(filter.telemetry_points(&event).is_none());
+        assert!(filter.telemetry_points(&event, &Labels::new()).is_none());
     }
 
     #[tokio::test]

@@ -1,6 +1,7 @@
 //! The `ferrite` command: the server and the administrative commands.
 
 mod adapters;
+mod alarms;
 mod api;
 mod auth;
 mod config;
@@ -13,6 +14,9 @@ mod ingest;
 mod live;
 mod metadata;
 mod pipeline;
+mod profiles;
+mod rules;
+mod scripts;
 mod server;
 mod store;
 

@@ -47,6 +47,10 @@ pub struct AppState {
     pub device_names: parking_lot::Mutex<std::collections::HashMap<(TenantId, String), DeviceId>>,
     /// Processed telemetry and alarm changes for live subscribers.
     pub live: crate::live::LiveBus,
+    /// Cached devices and compiled profiles; the API invalidates what it
+    /// changes.
+    pub directory: Arc<crate::profiles::Directory>,
+    pub alarms: Arc<crate::alarms::AlarmManager>,
 }
 
 impl AppState {
@@ -129,11 +133,26 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
 
     let seen = SeenDevices::default();
     let live = crate::live::LiveBus::default();
+    let directory = Arc::new(crate::profiles::Directory::new(metadata.clone()));
+    let (alarms, alarm_signals, alarm_receiver) =
+        crate::alarms::AlarmManager::open(metadata.clone(), directory.clone(), live.clone())
+            .await?;
+    let processing = Arc::new(crate::pipeline::Processing {
+        config: config.clone(),
+        directory: directory.clone(),
+        live: live.clone(),
+        alarms: alarm_signals,
+        seen: seen.clone(),
+        runtime: tokio::runtime::Handle::current(),
+        scripts: crate::scripts::runner_factory(&config.processing),
+    });
+    let shutdown = CancellationToken::new();
+    let alarm_task = tokio::spawn(alarms.clone().run(alarm_receiver, shutdown.clone()));
     let pipeline = Pipeline::start(
         committed,
         store.clone(),
         log_control.clone(),
-        seen.clone(),
+        processing,
         PipelineOptions {
             workers: config.ingest.workers,
             flush_interval: config.storage.flush_interval,
@@ -160,9 +179,10 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
         device_names: Default::default(),
         pending_labels: Default::default(),
         live: live.clone(),
+        directory,
+        alarms,
     });
 
-    let shutdown = CancellationToken::new();
     let last_seen_task = tokio::spawn(sync_device_status(state.clone(), shutdown.clone()));
     let http_task = tokio::spawn(adapters::http::serve(
         http_listener,
@@ -176,6 +196,7 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
         max_future: config.ingest.max_future,
         max_past: config.ingest.max_past,
         storage: config.storage.clone(),
+        directory: state.directory.clone(),
     });
     let mqtt_task = tokio::spawn(adapters::mqtt::serve(
         mqtt_listener,
@@ -203,6 +224,8 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
     let _ = mqtt_task.await;
     log_control.shutdown().await;
     tokio::task::spawn_blocking(move || pipeline.finish()).await?;
+    // The workers are gone, so the alarm manager's queue has closed.
+    let _ = alarm_task.await;
     let _ = last_seen_task.await;
     flush_device_status(&state).await;
     metadata.close().await;

@@ -43,6 +43,8 @@ fn device_json(state: &AppState, device: &Device) -> serde_json::Value {
         "last_seen_at": last_seen_at,
         "online": last_seen_at.is_some_and(|at| now - at <= ONLINE_WINDOW_MS),
         "labels": labels,
+        "profile_id": device.profile_id,
+        "attributes": device.attributes,
     })
 }
 
@@ -103,8 +105,92 @@ pub async fn list(
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct CreateDevice {
     name: String,
+    #[serde(flatten)]
+    changes: DevicePatch,
+}
+
+/// Body of `PATCH /api/v1/devices/{id}`; also accepted at creation.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct DevicePatch {
+    /// Profile name or id; `null` removes the profile.
+    #[serde(default, deserialize_with = "present")]
+    profile: Option<Option<String>>,
+    /// JSON merge patch of the labels (strings; `null` removes one).
+    #[serde(default)]
+    labels: Option<serde_json::Map<String, serde_json::Value>>,
+    /// JSON merge patch of the attributes.
+    #[serde(default)]
+    attributes: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+/// Tells a field set to `null` (`Some(None)`) from a missing one (`None`).
+fn present<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Option<String>>, D::Error> {
+    Option::<String>::deserialize(deserializer).map(Some)
+}
+
+impl DevicePatch {
+    fn is_empty(&self) -> bool {
+        self.profile.is_none() && self.labels.is_none() && self.attributes.is_none()
+    }
+}
+
+/// Applies a device patch and refreshes the caches that hold the device.
+async fn apply_patch(
+    state: &AppState,
+    principal: &Principal,
+    id: DeviceId,
+    patch: DevicePatch,
+) -> Result<Device, ApiError> {
+    if let Some(labels) = &patch.labels {
+        crate::metadata::profiles::check_label_patch(labels)
+            .map_err(|message| ApiError::invalid_param("labels", message))?;
+    }
+    let profile_id = match &patch.profile {
+        None => None,
+        Some(None) => Some(None),
+        Some(Some(reference)) => {
+            let profile = super::profiles::find(state, principal.tenant_id, reference).await?;
+            Some(Some(profile.id))
+        }
+    };
+    let changes = crate::metadata::profiles::DeviceChanges {
+        profile_id,
+        labels: patch.labels,
+        attributes: patch.attributes,
+    };
+    let device = state
+        .metadata
+        .update_device(principal.tenant_id, id, &changes)
+        .await?;
+    state.directory.forget_device(id);
+    // The authentication cache holds the profile, which picks the codec.
+    state.auth.forget_device(id);
+    Ok(device)
+}
+
+/// `PATCH /api/v1/devices/{id}`: sets the profile, labels and attributes.
+pub async fn update(
+    State(state): State<Arc<AppState>>,
+    principal: Principal,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    principal.require(Role::Operator)?;
+    let id = device_id(&id)?;
+    let patch: DevicePatch = serde_json::from_slice(&body).map_err(|error| {
+        ApiError::bad_request(format!(
+            "the body must be a JSON object with any of \"profile\", \"labels\" and \"attributes\": {error}"
+        ))
+    })?;
+    let device = apply_patch(&state, &principal, id, patch).await?;
+    tracing::info!(device_id = %id, by = %principal.subject, "device updated");
+    Ok(Json(device_json(&state, &device)))
 }
 
 fn check_name(name: &str) -> Result<(), ApiError> {
@@ -126,10 +212,15 @@ pub async fn create(
     principal.require(Role::Operator)?;
     let request: CreateDevice = serde_json::from_slice(&body).map_err(|error| {
         ApiError::bad_request(format!(
-            "the body must be a JSON object with \"name\": {error}"
+            "the body must be a JSON object with \"name\" and optionally \"profile\", \"labels\" and \"attributes\": {error}"
         ))
     })?;
     check_name(&request.name)?;
+    // Check the profile before the device exists, so a wrong name does not
+    // leave a device behind.
+    if let Some(Some(reference)) = &request.changes.profile {
+        super::profiles::find(&state, principal.tenant_id, reference).await?;
+    }
     let token = auth::generate_device_token();
     let device = state
         .metadata
@@ -139,6 +230,11 @@ pub async fn create(
             &auth::hash_secret(&token),
         )
         .await?;
+    let device = if request.changes.is_empty() {
+        device
+    } else {
+        apply_patch(&state, &principal, device.id, request.changes).await?
+    };
     tracing::info!(device_id = %device.id, name = %device.name, by = %principal.subject, "device created");
     let mut body = device_json(&state, &device);
     body["token"] = json!(token);
@@ -172,6 +268,7 @@ pub async fn delete(
         .delete_device(principal.tenant_id, id)
         .await?;
     state.auth.forget_device(id);
+    state.directory.forget_device(id);
     state.forget_device_name(principal.tenant_id, &device.name);
     tracing::info!(device_id = %id, by = %principal.subject, "device deleted");
     Ok(StatusCode::NO_CONTENT)

@@ -23,6 +23,9 @@ pub struct ApiError {
     pub param: Option<&'static str>,
     /// Seconds for a `Retry-After` header.
     pub retry_after: Option<u64>,
+    /// Every problem found, when there is more than one (a profile with
+    /// several mistakes, for example).
+    pub errors: Vec<String>,
 }
 
 #[derive(Serialize)]
@@ -34,6 +37,8 @@ struct Problem<'a> {
     detail: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     param: Option<&'static str>,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    errors: &'a [String],
 }
 
 impl ApiError {
@@ -44,6 +49,19 @@ impl ApiError {
             detail: detail.into(),
             param: None,
             retry_after: None,
+            errors: Vec::new(),
+        }
+    }
+
+    /// Creates a 422 response that lists every problem of a document.
+    pub fn invalid_document(title: &'static str, problems: Vec<String>) -> Self {
+        let detail = match problems.len() {
+            1 => problems[0].clone(),
+            count => format!("{count} problems: {}", problems.join("; ")),
+        };
+        Self {
+            errors: problems,
+            ..Self::new(StatusCode::UNPROCESSABLE_ENTITY, title, detail)
         }
     }
 
@@ -99,6 +117,7 @@ impl IntoResponse for ApiError {
             status: self.status.as_u16(),
             detail: &self.detail,
             param: self.param,
+            errors: &self.errors,
         };
         let mut response = (self.status, Json(&problem)).into_response();
         let headers = response.headers_mut();

@@ -1,11 +1,11 @@
 //! Fleet queries: one request across many devices, selected by label.
 //!
-//! - `GET /api/v1/telemetry/latest?keys=K1,K2[&label=NAME:VALUE...][&filter=KEY<OP>NUMBER]`
+//! - `GET /api/v1/telemetry/latest?keys=K1,K2[&label=NAME:VALUE...][&profile=P][&filter=KEY<OP>NUMBER]`
 //!   returns the latest value of each key for every matching device that has
 //!   one. `filter` keeps devices whose latest value of `KEY` satisfies the
 //!   condition (`<`, `<=`, `>`, `>=`, `==`, `!=`; booleans and strings never
 //!   satisfy a numeric condition).
-//! - `GET /api/v1/telemetry/aggregate?key=K&agg=A&interval=I[&start][&end][&tz][&label...][&group_by=device|LABEL]`
+//! - `GET /api/v1/telemetry/aggregate?key=K&agg=A&interval=I[&start][&end][&tz][&label...][&profile=P][&group_by=device|profile|LABEL]`
 //!   aggregates one key over the matching devices into buckets, one series
 //!   of buckets per group. Groups are devices (the default) or the values of
 //!   a label; devices without that label form the group `null`. Averages
@@ -13,7 +13,9 @@
 //!   weighs the same.
 //!
 //! `label` may repeat; a device matches when it has every listed label with
-//! the given value. Labels are the line-protocol tags of the device's
+//! the given value. `profile=NAME_OR_ID` keeps the devices of one profile,
+//! and `group_by=profile` groups by profile name (a label named `profile`
+//! cannot be grouped by). Labels are the line-protocol tags of the device's
 //! writes, other than the tag that names the device.
 
 use std::collections::BTreeMap;
@@ -28,6 +30,7 @@ use super::ApiError;
 use super::buckets;
 use super::telemetry::{Aggregation, parse_range, point_json};
 use crate::auth::Principal;
+use crate::ids::ProfileId;
 use crate::metadata::{Device, MetadataStore, Role};
 use crate::server::AppState;
 use crate::store::{Bucket, Series};
@@ -68,6 +71,22 @@ fn single<'a>(params: &'a Params, name: &'static str) -> Result<Option<&'a str>,
     Ok(first)
 }
 
+/// Resolves the `profile` parameter (a profile's name or id).
+async fn profile_selector(
+    state: &AppState,
+    principal: &Principal,
+    params: &Params,
+) -> Result<Option<ProfileId>, ApiError> {
+    match single(params, "profile")? {
+        Some(reference) => Ok(Some(
+            super::profiles::find(state, principal.tenant_id, reference)
+                .await?
+                .id,
+        )),
+        None => Ok(None),
+    }
+}
+
 /// Parses the repeated `label=NAME:VALUE` selectors.
 fn label_selectors(params: &Params) -> Result<Vec<(String, String)>, ApiError> {
     params
@@ -91,6 +110,7 @@ async fn matching_devices(
     state: &AppState,
     principal: &Principal,
     selectors: &[(String, String)],
+    profile: Option<ProfileId>,
 ) -> Result<Vec<Device>, ApiError> {
     let mut matching = Vec::new();
     let mut offset = 0;
@@ -110,6 +130,7 @@ async fn matching_devices(
                 if selectors
                     .iter()
                     .all(|(name, value)| device.labels.get(name) == Some(value))
+                    && profile.is_none_or(|profile| device.profile_id == Some(profile))
                 {
                     matching.push(device);
                 }
@@ -202,11 +223,12 @@ pub async fn latest(
     Query(params): Query<Params>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     principal.require(Role::Viewer)?;
-    reject_unknown(&params, &["keys", "label", "filter"])?;
+    reject_unknown(&params, &["keys", "label", "profile", "filter"])?;
     let keys = super::parse_key_list(single(&params, "keys")?)?;
     let filter = single(&params, "filter")?.map(Filter::parse).transpose()?;
     let selectors = label_selectors(&params)?;
-    let devices = matching_devices(&state, &principal, &selectors).await?;
+    let profile = profile_selector(&state, &principal, &params).await?;
+    let devices = matching_devices(&state, &principal, &selectors, profile).await?;
 
     let store = state.store.clone();
     let entries = tokio::task::spawn_blocking(move || {
@@ -261,6 +283,7 @@ pub async fn aggregate(
             "end",
             "tz",
             "label",
+            "profile",
             "group_by",
         ],
     )?;
@@ -305,7 +328,20 @@ pub async fn aggregate(
     }));
     let group_by = single(&params, "group_by")?.unwrap_or("device").to_owned();
     let selectors = label_selectors(&params)?;
-    let devices = matching_devices(&state, &principal, &selectors).await?;
+    let profile = profile_selector(&state, &principal, &params).await?;
+    let devices = matching_devices(&state, &principal, &selectors, profile).await?;
+    // `group_by=profile` groups by profile name.
+    let profile_names: std::collections::HashMap<ProfileId, String> = if group_by == "profile" {
+        state
+            .metadata
+            .list_profiles(principal.tenant_id)
+            .await?
+            .into_iter()
+            .map(|profile| (profile.id, profile.spec.name))
+            .collect()
+    } else {
+        Default::default()
+    };
 
     let store = state.store.clone();
     let interval_text = interval.to_string();
@@ -316,10 +352,12 @@ pub async fn aggregate(
         };
         let bounds = buckets::clipped_bounds(&grid, start, end);
         for device in &devices {
-            let group = if group_by == "device" {
-                Some(device.name.clone())
-            } else {
-                device.labels.get(&group_by).cloned()
+            let group = match group_by.as_str() {
+                "device" => Some(device.name.clone()),
+                "profile" => device
+                    .profile_id
+                    .and_then(|id| profile_names.get(&id).cloned()),
+                label => device.labels.get(label).cloned(),
             };
             let mut series_buckets =
                 store.aggregate_buckets(Series::new(device.tenant_id, device.id, &key), &bounds)?;

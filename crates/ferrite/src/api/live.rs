@@ -26,7 +26,6 @@
 //!
 //! [`LIVE_BUS_CAPACITY`]: crate::live::LIVE_BUS_CAPACITY
 
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
@@ -51,10 +50,8 @@ use tracing::Instrument;
 use super::ApiError;
 use crate::auth::Principal;
 use crate::ids::{DeviceId, ProfileId, TenantId};
-use crate::live::{
-    AlarmChange, AlarmEvent, KeyPattern, LiveEvent, LiveFilter, ProfileSelector, TelemetryEvent,
-};
-use crate::metadata::{Labels, MetadataStore, Role};
+use crate::live::{AlarmChange, AlarmEvent, KeyPattern, LiveEvent, LiveFilter, TelemetryEvent};
+use crate::metadata::{Attributes, Labels, MetadataStore, Role};
 use crate::server::AppState;
 
 /// Maximum wait for one message to reach the client's socket before the
@@ -72,9 +69,6 @@ const SSE_QUEUE: usize = 64;
 const MAX_CLIENT_MESSAGE_BYTES: usize = 64 * 1024;
 /// Maximum number of values of one filter field (`device`, `key` or `label`).
 const MAX_FILTER_VALUES: usize = 1000;
-/// Devices whose labels and profile a stream remembers for alarm filters;
-/// the memory is cleared when it would grow past this.
-const MAX_REMEMBERED_DEVICES: usize = 100_000;
 
 /// Query parameters of both endpoints.
 const QUERY_PARAMS: [&str; 6] = [
@@ -311,7 +305,6 @@ impl FilterFields {
         for text in &self.key {
             filter.keys.push(parse_key_pattern(text)?);
         }
-        filter.profile = parse_profile(&self.profile)?;
         (filter.telemetry, filter.alarms) = parse_event_types(&self.events)?;
         for text in &self.label {
             filter.labels.push(parse_label(text)?);
@@ -385,8 +378,8 @@ fn parse_key_pattern(text: &str) -> Result<KeyPattern, ApiError> {
     })
 }
 
-/// Parses `profile`: a UUID is a profile id, anything else a profile name.
-fn parse_profile(values: &[String]) -> Result<Option<ProfileSelector>, ApiError> {
+/// Returns the one `profile` value, a profile's id or name, if given.
+fn profile_reference(values: &[String]) -> Result<Option<&str>, ApiError> {
     let [text] = values else {
         if values.is_empty() {
             return Ok(None);
@@ -403,10 +396,7 @@ fn parse_profile(values: &[String]) -> Result<Option<ProfileSelector>, ApiError>
             "profile is empty: give a profile name or id, or leave it out for every profile",
         ));
     }
-    Ok(Some(match text.parse::<ProfileId>() {
-        Ok(id) => ProfileSelector::Id(id),
-        Err(_) => ProfileSelector::Name(text.to_owned()),
-    }))
+    Ok(Some(text))
 }
 
 /// Parses the `events` values, each a comma-separated list of `telemetry`
@@ -455,8 +445,34 @@ fn parse_label(text: &str) -> Result<(String, String), ApiError> {
     }
 }
 
-/// Rejects device ids that are not devices of the tenant, because such a
-/// filter would never pass an event.
+/// Parses the filter fields and checks them against the tenant's devices
+/// and profiles: an id or name that is not there would never pass an event,
+/// so it is rejected.
+async fn build_filter(
+    state: &AppState,
+    tenant: TenantId,
+    fields: &FilterFields,
+) -> Result<LiveFilter, ApiError> {
+    let mut filter = fields.parse()?;
+    check_devices(state, tenant, &filter).await?;
+    if let Some(reference) = profile_reference(&fields.profile)? {
+        let profile = super::profiles::find(state, tenant, reference)
+            .await
+            .map_err(|error| {
+                if error.status == axum::http::StatusCode::NOT_FOUND {
+                    ApiError::invalid_param(
+                        "profile",
+                        format!("profile {reference:?} not found; list the profiles with GET /api/v1/profiles"),
+                    )
+                } else {
+                    error
+                }
+            })?;
+        filter.profile = Some(profile.id);
+    }
+    Ok(filter)
+}
+
 async fn check_devices(
     state: &AppState,
     tenant: TenantId,
@@ -486,14 +502,10 @@ fn filter_json(filter: &LiveFilter) -> serde_json::Value {
     if filter.alarms {
         events.push("alarms");
     }
-    let profile = filter.profile.as_ref().map(|profile| match profile {
-        ProfileSelector::Id(id) => id.to_string(),
-        ProfileSelector::Name(name) => name.clone(),
-    });
     json!({
         "device": filter.devices,
         "key": filter.keys.iter().map(ToString::to_string).collect::<Vec<_>>(),
-        "profile": profile,
+        "profile": filter.profile,
         "events": events,
         "label": filter
             .labels
@@ -513,6 +525,7 @@ struct TelemetryMessage<'a> {
     device_name: &'a str,
     profile: Option<ProfileReference<'a>>,
     labels: &'a Labels,
+    attributes: &'a Attributes,
     received_at: String,
     points: Vec<PointMessage<'a>>,
 }
@@ -551,6 +564,7 @@ fn telemetry_message(event: &TelemetryEvent, points: &[&(String, TimestampNs, Va
             name: event.profile_name.as_deref(),
         }),
         labels: &event.labels,
+        attributes: &event.attributes,
         received_at: chrono::DateTime::from_timestamp_nanos(event.received_at_ns)
             .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
         points: points
@@ -588,14 +602,6 @@ struct Outgoing {
 
 // ----------------------------------------------------------- subscription ---
 
-/// What a stream remembers of a device for label and profile filters on
-/// alarms, whose events carry neither.
-#[derive(Clone)]
-struct DeviceFacts {
-    labels: Arc<Labels>,
-    profile_name: Option<Arc<str>>,
-}
-
 /// The transport-independent part of one stream: its tenant, filter and
 /// place on the bus.
 struct Subscription {
@@ -603,7 +609,6 @@ struct Subscription {
     tenant_id: TenantId,
     filter: LiveFilter,
     receiver: broadcast::Receiver<Arc<LiveEvent>>,
-    device_facts: HashMap<DeviceId, DeviceFacts>,
     transport: Transport,
 }
 
@@ -620,7 +625,6 @@ impl Subscription {
             tenant_id,
             filter,
             receiver,
-            device_facts: HashMap::new(),
             transport,
         }
     }
@@ -644,92 +648,50 @@ impl Subscription {
         if event.tenant_id() != self.tenant_id {
             return None;
         }
+        let labels = self.device_labels(event.device_id()).await;
         match event.as_ref() {
             LiveEvent::Telemetry(telemetry) => {
-                self.remember_device(telemetry);
-                let points = self.filter.telemetry_points(telemetry)?;
+                let points = self.filter.telemetry_points(telemetry, &labels)?;
                 Some(Outgoing {
                     kind: "telemetry",
                     json: telemetry_message(telemetry, &points),
                 })
             }
-            LiveEvent::Alarm(alarm) => self.alarm_passes(alarm).await.then(|| Outgoing {
-                kind: "alarm",
-                json: alarm_message(alarm),
-            }),
+            LiveEvent::Alarm(alarm) => {
+                let passes = self.filter.passes_alarm(alarm) && self.filter.matches_labels(&labels);
+                passes.then(|| Outgoing {
+                    kind: "alarm",
+                    json: alarm_message(alarm),
+                })
+            }
         }
     }
 
-    fn remember_device(&mut self, event: &TelemetryEvent) {
-        if !(self.filter.alarms && self.filter.needs_device_facts()) {
-            return;
+    /// Returns the device's labels for a `label` filter, and none without
+    /// one. They come from the device cache that the pipeline uses, with
+    /// the labels written since the last metadata update on top.
+    async fn device_labels(&self, device: DeviceId) -> Labels {
+        if self.filter.labels.is_empty() {
+            return Labels::new();
         }
-        if self.device_facts.len() >= MAX_REMEMBERED_DEVICES
-            && !self.device_facts.contains_key(&event.device_id)
-        {
-            self.device_facts.clear();
-        }
-        self.device_facts.insert(
-            event.device_id,
-            DeviceFacts {
-                labels: event.labels.clone(),
-                profile_name: event.profile_name.clone(),
-            },
-        );
-    }
-
-    async fn alarm_passes(&mut self, event: &AlarmEvent) -> bool {
-        if !self.filter.alarms || !self.filter.matches_device(event.device_id) {
-            return false;
-        }
-        if !self.filter.needs_device_facts() {
-            return self
-                .filter
-                .matches_device_facts(&Labels::new(), event.profile_id, None);
-        }
-        let facts = match self.device_facts.get(&event.device_id) {
-            Some(facts) => facts.clone(),
-            None => self.load_device_facts(event.device_id).await,
-        };
-        self.filter.matches_device_facts(
-            &facts.labels,
-            event.profile_id,
-            facts.profile_name.as_deref(),
-        )
-    }
-
-    /// Reads a device's labels from the metadata store, for an alarm of a
-    /// device that sent no telemetry since the stream opened.
-    // NOTE: the metadata store has no profiles yet, so a profile name
-    // filter passes such an alarm only after the device's next telemetry.
-    async fn load_device_facts(&mut self, device: DeviceId) -> DeviceFacts {
-        let mut labels = match self.state.metadata.device(self.tenant_id, device).await {
-            Ok(found) => found.labels,
+        let mut labels = match self.state.directory.device(device).await {
+            Ok(Some(found)) => Labels::clone(&found.labels),
+            Ok(None) => Labels::new(),
             Err(error) => {
-                tracing::debug!(%error, %device, "no labels for an alarm's device");
+                tracing::debug!(%error, %device, "cannot read a device's labels for a live filter");
                 Labels::new()
             }
         };
         if let Some(pending) = self.state.pending_labels.lock().get(&device) {
             labels.extend(pending.clone());
         }
-        let facts = DeviceFacts {
-            labels: Arc::new(labels),
-            profile_name: None,
-        };
-        if self.device_facts.len() >= MAX_REMEMBERED_DEVICES {
-            self.device_facts.clear();
-        }
-        self.device_facts.insert(device, facts.clone());
-        facts
+        labels
     }
 
     /// Applies a WebSocket `subscribe` message and returns the reply.
     async fn apply_subscribe_message(&mut self, text: &str) -> String {
-        let parsed = match FilterFields::from_subscribe_message(text).and_then(|f| f.parse()) {
-            Ok(filter) => check_devices(&self.state, self.tenant_id, &filter)
-                .await
-                .map(|()| filter),
+        let parsed = match FilterFields::from_subscribe_message(text) {
+            Ok(fields) => build_filter(&self.state, self.tenant_id, &fields).await,
             Err(error) => Err(error),
         };
         match parsed {
@@ -757,8 +719,8 @@ async fn open_subscription(
     transport: Transport,
 ) -> Result<Subscription, ApiError> {
     let principal = authenticate(&state, headers, from_header, params).await?;
-    let filter = FilterFields::from_query(params)?.parse()?;
-    check_devices(&state, principal.tenant_id, &filter).await?;
+    let fields = FilterFields::from_query(params)?;
+    let filter = build_filter(&state, principal.tenant_id, &fields).await?;
     Ok(Subscription::new(
         state,
         principal.tenant_id,
@@ -1029,6 +991,13 @@ mod tests {
             crate::ingest::open(&dir.path().join("log"), options, store.durable_marker())
                 .expect("ingest log");
 
+        let live = crate::live::LiveBus::default();
+        let directory = Arc::new(crate::profiles::Directory::new(metadata.clone()));
+        let (alarms, _signals, _alarm_queue) =
+            crate::alarms::AlarmManager::open(metadata.clone(), directory.clone(), live.clone())
+                .await
+                .expect("alarm manager");
+
         let tenant = metadata.default_tenant().await.expect("tenant");
         let key = crate::auth::generate_api_key();
         metadata
@@ -1055,7 +1024,9 @@ mod tests {
             seen: Default::default(),
             pending_labels: Default::default(),
             device_names: Default::default(),
-            live: Default::default(),
+            live,
+            directory,
+            alarms,
         });
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("address");
@@ -1125,28 +1096,19 @@ mod tests {
         fn publish_telemetry(&self, tenant: TenantId, device: DeviceId, keys: &[&str]) {
             self.state
                 .live
-                .publish(telemetry_event(tenant, device, keys, &[]));
+                .publish(telemetry_event(tenant, device, keys));
         }
     }
 
-    fn telemetry_event(
-        tenant: TenantId,
-        device: DeviceId,
-        keys: &[&str],
-        labels: &[(&str, &str)],
-    ) -> LiveEvent {
+    fn telemetry_event(tenant: TenantId, device: DeviceId, keys: &[&str]) -> LiveEvent {
         LiveEvent::Telemetry(TelemetryEvent {
             tenant_id: tenant,
             device_id: device,
             device_name: Arc::from("pump-7"),
             profile_id: None,
             profile_name: None,
-            labels: Arc::new(
-                labels
-                    .iter()
-                    .map(|(name, value)| (name.to_string(), value.to_string()))
-                    .collect(),
-            ),
+            labels: Arc::default(),
+            attributes: Arc::default(),
             received_at_ns: 1_767_225_600_123_000_000,
             points: keys
                 .iter()
@@ -1359,6 +1321,8 @@ mod tests {
             ("?events=,".to_owned(), "events"),
             ("?label=site".to_owned(), "label"),
             ("?profile=a&profile=b".to_owned(), "profile"),
+            ("?profile=no-such-profile".to_owned(), "profile"),
+            (format!("?profile={}", ProfileId::new_random()), "profile"),
         ];
         for (query, param) in cases {
             let (status, body) = problem(server.get_sse(&query, Some(&server.key)).await).await;
@@ -1409,31 +1373,41 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn label_filter_applies_to_alarms() {
+    async fn label_filter_uses_device_labels() {
         let server = start().await;
         let north = server.create_device("pump-north").await;
         let south = server.create_device("pump-south").await;
-        let mut client = server.connect("?label=site:north&events=alarms").await;
+        let unlabelled = server.create_device("pump-unlabelled").await;
+        let site = |value: &str| Labels::from([("site".to_owned(), value.to_owned())]);
+        server
+            .state
+            .metadata
+            .merge_labels(&[(north, site("north")), (south, site("south"))])
+            .await
+            .expect("labels");
+        let mut client = server.connect("?label=site:north").await;
 
-        for (device, site) in [(north, "north"), (south, "south")] {
-            server.state.live.publish(telemetry_event(
-                server.tenant_id,
-                device,
-                &["temperature"],
-                &[("site", site)],
-            ));
-        }
-        let unseen = server.create_device("pump-unseen").await;
-        for device in [unseen, south, north] {
+        for device in [unlabelled, south, north] {
             server
                 .state
                 .live
                 .publish(alarm_event(server.tenant_id, device));
         }
-
         let message = next_json(&mut client).await;
         assert_eq!(message["type"], "alarm");
         assert_eq!(message["device_id"], north.to_string());
+
+        // Labels written since the last metadata update count too.
+        server
+            .state
+            .pending_labels
+            .lock()
+            .insert(unlabelled, site("north"));
+        server.publish_telemetry(server.tenant_id, south, &["temperature"]);
+        server.publish_telemetry(server.tenant_id, unlabelled, &["temperature"]);
+        let message = next_json(&mut client).await;
+        assert_eq!(message["type"], "telemetry");
+        assert_eq!(message["device_id"], unlabelled.to_string());
     }
 
     #[tokio::test]
@@ -1567,7 +1541,7 @@ mod tests {
                 .live
                 .publish(LiveEvent::Telemetry(TelemetryEvent {
                     points: vec![("blob".into(), 0, Value::Str(big.clone()))],
-                    ..match telemetry_event(server.tenant_id, device, &[], &[]) {
+                    ..match telemetry_event(server.tenant_id, device, &[]) {
                         LiveEvent::Telemetry(event) => event,
                         LiveEvent::Alarm(_) => unreachable!(),
                     }
@@ -1644,18 +1618,11 @@ mod tests {
     }
 
     #[test]
-    fn profile_parses_as_id_or_name() {
-        let id = ProfileId::new_random();
-        assert_eq!(
-            parse_profile(&[id.to_string()]).unwrap(),
-            Some(ProfileSelector::Id(id))
-        );
-        assert_eq!(
-            parse_profile(&["pump".into()]).unwrap(),
-            Some(ProfileSelector::Name("pump".into()))
-        );
-        assert_eq!(parse_profile(&[]).unwrap(), None);
-        assert!(parse_profile(&["".into()]).is_err());
+    fn profile_given_once_and_not_empty() {
+        assert_eq!(profile_reference(&["pump".into()]).unwrap(), Some("pump"));
+        assert_eq!(profile_reference(&[]).unwrap(), None);
+        assert!(profile_reference(&[" ".into()]).is_err());
+        assert!(profile_reference(&["a".into(), "b".into()]).is_err());
     }
 
     #[test]

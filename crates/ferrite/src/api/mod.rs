@@ -3,11 +3,14 @@
 //! Every endpoint except login takes `Authorization: Bearer <JWT or API key>`
 //! and works inside the caller's tenant; ids of other tenants get 404.
 
+mod alarms;
 mod buckets;
+mod dead_letters;
 pub mod devices;
 pub mod error;
 mod fleet;
 mod live;
+pub mod profiles;
 mod telemetry;
 
 pub use telemetry::query as telemetry_query;
@@ -34,8 +37,35 @@ pub fn router() -> Router<Arc<AppState>> {
         .route("/api/v1/devices", get(devices::list).post(devices::create))
         .route(
             "/api/v1/devices/{id}",
-            get(devices::get_one).delete(devices::delete),
+            get(devices::get_one)
+                .patch(devices::update)
+                .delete(devices::delete),
         )
+        .route(
+            "/api/v1/devices/{id}/dead-letters",
+            get(dead_letters::list_device).delete(dead_letters::delete),
+        )
+        .route(
+            "/api/v1/devices/{id}/dead-letters/replay",
+            post(dead_letters::replay),
+        )
+        .route("/api/v1/dead-letters", get(dead_letters::list))
+        .route(
+            "/api/v1/profiles",
+            get(profiles::list).post(profiles::create),
+        )
+        .route("/api/v1/profiles/import", post(profiles::import))
+        .route("/api/v1/profiles/test", post(profiles::test))
+        .route(
+            "/api/v1/profiles/{id}",
+            get(profiles::get_one)
+                .put(profiles::replace)
+                .delete(profiles::delete),
+        )
+        .route("/api/v1/alarms", get(alarms::list))
+        .route("/api/v1/alarms/{id}", get(alarms::get_one))
+        .route("/api/v1/alarms/{id}/ack", post(alarms::acknowledge))
+        .route("/api/v1/alarms/{id}/clear", post(alarms::clear))
         .route("/api/v1/devices/{id}/token", post(devices::rotate_token))
         .route(
             "/api/v1/devices/{id}/telemetry/latest",

@@ -40,6 +40,8 @@ pub struct DeviceIdentity {
     pub tenant_id: TenantId,
     pub device_id: DeviceId,
     pub name: String,
+    /// Selects the payload codec; see `crate::profiles`.
+    pub profile_id: Option<crate::ids::ProfileId>,
 }
 
 /// An authenticated person or service calling the REST API.
@@ -189,6 +191,7 @@ impl Auth {
             tenant_id: device.tenant_id,
             device_id: device.id,
             name: device.name,
+            profile_id: device.profile_id,
         };
         self.device_cache.lock().insert(
             hash,

@@ -568,6 +568,8 @@ mod testing {
             created_at: 0,
             last_seen_at: None,
             labels: Default::default(),
+            profile_id: None,
+            attributes: Default::default(),
         };
         ExportPlan::build(
             store,

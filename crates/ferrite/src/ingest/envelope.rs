@@ -1,11 +1,13 @@
 //! [`Envelope`]: one accepted message before decoding, and its binary form
 //! in the ingest log.
 //!
-//! Record body layout (little endian):
+//! Record body layout (little endian), version 2:
 //! ```text
-//! version u8 (=1) | tenant [16] | device [16] | protocol u8 | received_at_ns i64
-//! | content_type u8 | precision u8 | payload_len u32 | payload
+//! version u8 (=2) | tenant [16] | device [16] | protocol u8 | received_at_ns i64
+//! | content_type u8 | precision u8 | meta_len u32 | payload_len u32 | meta | payload
 //! ```
+//! Version 1 records (no `meta_len` and `meta`) are still read, so a log
+//! written by an older version replays.
 
 use bytes::Bytes;
 use ferrite_codec::line_protocol::Precision;
@@ -13,8 +15,9 @@ use ferrite_core::TimestampNs;
 
 use crate::ids::{DeviceId, TenantId};
 
-const VERSION: u8 = 1;
-const HEADER_LEN: usize = 1 + 16 + 16 + 1 + 8 + 1 + 1 + 4;
+const VERSION: u8 = 2;
+const VERSION_1_HEADER_LEN: usize = 1 + 16 + 16 + 1 + 8 + 1 + 1 + 4;
+const HEADER_LEN: usize = VERSION_1_HEADER_LEN + 4;
 
 /// Protocol that brought a message in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +42,57 @@ pub enum ContentType {
     Json,
     /// InfluxDB line protocol with the precision its request named.
     LineProtocol(Precision),
+    /// SenML in JSON (RFC 8428 section 5).
+    SenmlJson,
+    /// SenML in CBOR (RFC 8428 section 6).
+    SenmlCbor,
+    /// Bytes for the codec of the device's profile (Cayenne LPP or a
+    /// script), which runs in the pipeline.
+    Raw,
+}
+
+impl ContentType {
+    /// The name used in the dead-letter log and the API.
+    pub fn name(self) -> String {
+        match self {
+            ContentType::Json => "json".into(),
+            ContentType::LineProtocol(precision) => {
+                format!("line_protocol;precision={}", precision_name(precision))
+            }
+            ContentType::SenmlJson => "senml+json".into(),
+            ContentType::SenmlCbor => "senml+cbor".into(),
+            ContentType::Raw => "raw".into(),
+        }
+    }
+
+    /// Reads a name written by [`ContentType::name`].
+    pub fn from_name(name: &str) -> Option<ContentType> {
+        Some(match name {
+            "json" => ContentType::Json,
+            "senml+json" => ContentType::SenmlJson,
+            "senml+cbor" => ContentType::SenmlCbor,
+            "raw" => ContentType::Raw,
+            other => {
+                let precision = other.strip_prefix("line_protocol;precision=")?;
+                ContentType::LineProtocol(match precision {
+                    "ns" => Precision::Ns,
+                    "us" => Precision::Us,
+                    "ms" => Precision::Ms,
+                    "s" => Precision::S,
+                    _ => return None,
+                })
+            }
+        })
+    }
+}
+
+fn precision_name(precision: Precision) -> &'static str {
+    match precision {
+        Precision::Ns => "ns",
+        Precision::Us => "us",
+        Precision::Ms => "ms",
+        Precision::S => "s",
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -51,6 +105,9 @@ pub struct Envelope {
     pub received_at_ns: TimestampNs,
     pub content_type: ContentType,
     pub payload: Bytes,
+    /// Transport metadata as a JSON object (for example a LoRaWAN uplink's
+    /// `f_port`, RSSI and SNR); empty when there is none.
+    pub meta: Bytes,
 }
 
 fn precision_code(precision: Precision) -> u8 {
@@ -74,7 +131,7 @@ fn precision_from_code(code: u8) -> Option<Precision> {
 
 impl Envelope {
     pub fn encoded_len(&self) -> usize {
-        HEADER_LEN + self.payload.len()
+        HEADER_LEN + self.meta.len() + self.payload.len()
     }
 
     pub fn encode_into(&self, out: &mut Vec<u8>) {
@@ -90,16 +147,27 @@ impl Envelope {
         let (content_type, precision) = match self.content_type {
             ContentType::Json => (0, 0),
             ContentType::LineProtocol(precision) => (1, precision_code(precision)),
+            ContentType::SenmlJson => (2, 0),
+            ContentType::SenmlCbor => (3, 0),
+            ContentType::Raw => (4, 0),
         };
         out.push(content_type);
         out.push(precision);
+        out.extend_from_slice(&(self.meta.len() as u32).to_le_bytes());
         out.extend_from_slice(&(self.payload.len() as u32).to_le_bytes());
+        out.extend_from_slice(&self.meta);
         out.extend_from_slice(&self.payload);
     }
 
     /// Decodes a record body; `None` when it is not a valid envelope.
     pub fn decode(body: &[u8]) -> Option<Envelope> {
-        if body.len() < HEADER_LEN || body[0] != VERSION {
+        let version = *body.first()?;
+        let header_len = match version {
+            1 => VERSION_1_HEADER_LEN,
+            VERSION => HEADER_LEN,
+            _ => return None,
+        };
+        if body.len() < header_len {
             return None;
         }
         let tenant: [u8; 16] = body[1..17].try_into().ok()?;
@@ -113,19 +181,30 @@ impl Envelope {
         let content_type = match body[42] {
             0 => ContentType::Json,
             1 => ContentType::LineProtocol(precision_from_code(body[43])?),
+            2 => ContentType::SenmlJson,
+            3 => ContentType::SenmlCbor,
+            4 => ContentType::Raw,
             _ => return None,
         };
-        let len = u32::from_le_bytes(body[44..48].try_into().ok()?) as usize;
-        if body.len() != HEADER_LEN + len {
+        let read_len =
+            |at: usize| Some(u32::from_le_bytes(body[at..at + 4].try_into().ok()?) as usize);
+        let (meta_len, payload_len) = if version == 1 {
+            (0, read_len(44)?)
+        } else {
+            (read_len(44)?, read_len(48)?)
+        };
+        if body.len() != header_len.checked_add(meta_len)?.checked_add(payload_len)? {
             return None;
         }
+        let meta_end = header_len + meta_len;
         Some(Envelope {
             tenant_id: TenantId::from_bytes(tenant),
             device_id: DeviceId::from_bytes(device),
             protocol,
             received_at_ns,
             content_type,
-            payload: Bytes::copy_from_slice(&body[HEADER_LEN..]),
+            meta: Bytes::copy_from_slice(&body[header_len..meta_end]),
+            payload: Bytes::copy_from_slice(&body[meta_end..]),
         })
     }
 }
@@ -143,11 +222,46 @@ mod tests {
             received_at_ns: -42,
             content_type: ContentType::LineProtocol(Precision::Ms),
             payload: Bytes::from_static(b"m,dev=a f=1 1"),
+            meta: Bytes::from_static(b"{\"f_port\":2}"),
         };
         let mut buffer = Vec::new();
         envelope.encode_into(&mut buffer);
         assert_eq!(buffer.len(), envelope.encoded_len());
         assert_eq!(Envelope::decode(&buffer), Some(envelope));
+    }
+
+    #[test]
+    fn version_1_records_still_decode() {
+        let tenant = TenantId::new_random();
+        let device = DeviceId::new_random();
+        let mut body = vec![1];
+        body.extend_from_slice(tenant.as_bytes());
+        body.extend_from_slice(device.as_bytes());
+        body.push(0);
+        body.extend_from_slice(&7i64.to_le_bytes());
+        body.extend_from_slice(&[0, 0]);
+        body.extend_from_slice(&3u32.to_le_bytes());
+        body.extend_from_slice(b"{ }");
+        let envelope = Envelope::decode(&body).expect("version 1 decodes");
+        assert_eq!(envelope.payload, Bytes::from_static(b"{ }"));
+        assert!(envelope.meta.is_empty());
+        assert_eq!(envelope.received_at_ns, 7);
+    }
+
+    #[test]
+    fn content_type_names_round_trip() {
+        for content_type in [
+            ContentType::Json,
+            ContentType::LineProtocol(Precision::Us),
+            ContentType::SenmlJson,
+            ContentType::SenmlCbor,
+            ContentType::Raw,
+        ] {
+            assert_eq!(
+                ContentType::from_name(&content_type.name()),
+                Some(content_type)
+            );
+        }
     }
 
     #[test]
@@ -159,6 +273,7 @@ mod tests {
             received_at_ns: 1,
             content_type: ContentType::Json,
             payload: Bytes::from_static(b"{\"a\":1}"),
+            meta: Bytes::new(),
         };
         let mut buffer = Vec::new();
         envelope.encode_into(&mut buffer);

@@ -612,6 +612,7 @@ mod tests {
             received_at_ns: n as i64,
             content_type: ContentType::Json,
             payload: Bytes::from(format!("{{\"n\":{n}}}")),
+            meta: Bytes::new(),
         }
     }
 

@@ -5,6 +5,9 @@
 //! opened in WAL mode, so the `ferrite device create` command can write while
 //! the server runs. Migrations live in `migrations/` and run at open.
 
+pub mod alarms;
+pub mod dead_letters;
+pub mod profiles;
 mod sqlite;
 
 use std::fmt;
@@ -12,7 +15,7 @@ use std::str::FromStr;
 
 use serde::Serialize;
 
-use crate::ids::{ApiKeyId, DeviceId, TenantId, UserId};
+use crate::ids::{ApiKeyId, DeviceId, ProfileId, TenantId, UserId};
 
 pub use sqlite::SqliteMetadata;
 
@@ -81,9 +84,18 @@ pub struct Device {
     pub created_at: i64,
     /// Time of the last accepted message in epoch milliseconds.
     pub last_seen_at: Option<i64>,
-    /// Line-protocol tags the device wrote, newest value per tag.
+    /// Labels set through the API or written as line-protocol tags, newest
+    /// value per label.
     pub labels: Labels,
+    /// The device profile; `None` means telemetry JSON without schema or
+    /// rules.
+    pub profile_id: Option<ProfileId>,
+    /// Server-side attributes set through the API, such as `location`.
+    pub attributes: Attributes,
 }
+
+/// Server-side attributes of a device, by name.
+pub type Attributes = serde_json::Map<String, serde_json::Value>;
 
 /// Labels of a device, by name.
 pub type Labels = std::collections::BTreeMap<String, String>;

@@ -14,14 +14,14 @@ const DEFAULT_TENANT: &str = "default";
 
 #[derive(Clone)]
 pub struct SqliteMetadata {
-    pool: SqlitePool,
+    pub(super) pool: SqlitePool,
 }
 
-fn now_ms() -> i64 {
+pub(super) fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
-fn parse_id<T: FromStr>(text: String) -> Result<T, MetadataError> {
+pub(super) fn parse_id<T: FromStr>(text: String) -> Result<T, MetadataError> {
     text.parse().map_err(|_| {
         MetadataError::Database(sqlx::Error::Decode(
             format!("invalid id {text:?} in metadata database").into(),
@@ -38,6 +38,17 @@ fn parse_labels(text: String) -> Result<Labels, MetadataError> {
     serde_json::from_str(&text).map_err(|error| {
         MetadataError::Database(sqlx::Error::Decode(
             format!("invalid device labels {text:?} in metadata database: {error}").into(),
+        ))
+    })
+}
+
+pub(super) fn parse_json_column<T: serde::de::DeserializeOwned>(
+    text: String,
+    what: &str,
+) -> Result<T, MetadataError> {
+    serde_json::from_str(&text).map_err(|error| {
+        MetadataError::Database(sqlx::Error::Decode(
+            format!("invalid {what} {text:?} in metadata database: {error}").into(),
         ))
     })
 }
@@ -87,6 +98,23 @@ impl SqliteMetadata {
         Ok(())
     }
 
+    /// Wraps a pool without running migrations, for tests that never reach
+    /// the database.
+    #[cfg(test)]
+    pub fn from_pool(pool: SqlitePool) -> Self {
+        Self { pool }
+    }
+
+    /// Starts a transaction that takes the write lock at once. A deferred
+    /// transaction that reads first and writes later fails at once with
+    /// "database is locked" when another connection writes meanwhile,
+    /// because SQLite cannot wait for the lock without risking a deadlock.
+    pub(super) async fn begin_write(
+        &self,
+    ) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, sqlx::Error> {
+        self.pool.begin_with("BEGIN IMMEDIATE").await
+    }
+
     pub async fn close(&self) {
         self.pool.close().await;
     }
@@ -109,7 +137,7 @@ async fn insert_device_token(
     Ok(())
 }
 
-fn device_from_row(row: sqlx::sqlite::SqliteRow) -> Result<Device, MetadataError> {
+pub(super) fn device_from_row(row: sqlx::sqlite::SqliteRow) -> Result<Device, MetadataError> {
     Ok(Device {
         id: parse_id(row.try_get("id")?)?,
         tenant_id: parse_id(row.try_get("tenant_id")?)?,
@@ -117,6 +145,11 @@ fn device_from_row(row: sqlx::sqlite::SqliteRow) -> Result<Device, MetadataError
         created_at: row.try_get("created_at")?,
         last_seen_at: row.try_get("last_seen_at")?,
         labels: parse_labels(row.try_get("labels")?)?,
+        profile_id: row
+            .try_get::<Option<String>, _>("profile_id")?
+            .map(parse_id)
+            .transpose()?,
+        attributes: parse_json_column(row.try_get("attributes")?, "device attributes")?,
     })
 }
 
@@ -229,12 +262,14 @@ impl MetadataStore for SqliteMetadata {
             created_at,
             last_seen_at: None,
             labels: Labels::new(),
+            profile_id: None,
+            attributes: Default::default(),
         })
     }
 
     async fn device(&self, tenant: TenantId, id: DeviceId) -> Result<Device, MetadataError> {
         let row = sqlx::query(
-            "SELECT id, tenant_id, name, created_at, last_seen_at, labels FROM devices WHERE tenant_id = ? AND id = ?",
+            "SELECT id, tenant_id, name, created_at, last_seen_at, labels, profile_id, attributes FROM devices WHERE tenant_id = ? AND id = ?",
         )
         .bind(tenant.to_string())
         .bind(id.to_string())
@@ -307,7 +342,7 @@ impl MetadataStore for SqliteMetadata {
         name: &str,
     ) -> Result<Option<Device>, MetadataError> {
         let row = sqlx::query(
-            "SELECT id, tenant_id, name, created_at, last_seen_at, labels FROM devices WHERE tenant_id = ? AND name = ?",
+            "SELECT id, tenant_id, name, created_at, last_seen_at, labels, profile_id, attributes FROM devices WHERE tenant_id = ? AND name = ?",
         )
         .bind(tenant.to_string())
         .bind(name)
@@ -323,7 +358,7 @@ impl MetadataStore for SqliteMetadata {
         offset: i64,
     ) -> Result<Vec<Device>, MetadataError> {
         let rows = sqlx::query(
-            "SELECT id, tenant_id, name, created_at, last_seen_at, labels FROM devices WHERE tenant_id = ? ORDER BY name LIMIT ? OFFSET ?",
+            "SELECT id, tenant_id, name, created_at, last_seen_at, labels, profile_id, attributes FROM devices WHERE tenant_id = ? ORDER BY name LIMIT ? OFFSET ?",
         )
         .bind(tenant.to_string())
         .bind(limit)
@@ -371,7 +406,7 @@ impl MetadataStore for SqliteMetadata {
         token_hash: &[u8],
     ) -> Result<Option<Device>, MetadataError> {
         let row = sqlx::query(
-            "SELECT d.id, d.tenant_id, d.name, d.created_at, d.last_seen_at, d.labels
+            "SELECT d.id, d.tenant_id, d.name, d.created_at, d.last_seen_at, d.labels, d.profile_id, d.attributes
              FROM device_tokens t JOIN devices d ON d.id = t.device_id
              WHERE t.token_hash = ? AND t.revoked_at IS NULL",
         )

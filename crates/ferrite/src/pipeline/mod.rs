@@ -1,5 +1,7 @@
-//! The pipeline: consumes committed envelopes from the ingest log, decodes
-//! them and writes the points to the time-series store.
+//! The pipeline: consumes committed envelopes from the ingest log and runs
+//! each through the steps of [`worker`]: decode with the profile's codec,
+//! transform, validate, store, publish to live subscribers and evaluate
+//! rules. Messages that fail a step go to the dead-letter log.
 //!
 //! ## Threads and ownership
 //! - The dispatcher thread receives committed batches in sequence order and
@@ -28,23 +30,26 @@ use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::mpsc::{SyncSender, sync_channel};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
 
-use crate::decode::decode_envelope;
 use crate::ids::DeviceId;
 use crate::ingest::{Committed, Envelope, LogControl};
 use crate::store::TimeSeriesStore;
+
+mod worker;
+
+pub use worker::Processing;
 
 /// Devices seen since the last metadata update, with the newest receive time
 /// in epoch milliseconds.
 pub type SeenDevices = Arc<Mutex<HashMap<DeviceId, i64>>>;
 
-struct Work {
+pub(crate) struct Work {
     last_seq: u64,
     envelopes: Vec<Envelope>,
 }
@@ -104,7 +109,7 @@ impl Pipeline {
         committed: mpsc::Receiver<Committed>,
         store: Arc<dyn TimeSeriesStore>,
         log: Arc<LogControl>,
-        seen: SeenDevices,
+        processing: Arc<Processing>,
         options: PipelineOptions,
     ) -> anyhow::Result<Pipeline> {
         let start_marker = store.durable_marker();
@@ -121,11 +126,13 @@ impl Pipeline {
             senders.push(sender);
             let store = store.clone();
             let applied = applied.clone();
-            let seen = seen.clone();
+            let processing = processing.clone();
             workers.push(
                 std::thread::Builder::new()
                     .name(format!("pipeline-{index}"))
-                    .spawn(move || run_worker(receiver, store.as_ref(), &applied[index], &seen))?,
+                    .spawn(move || {
+                        worker::run(receiver, store.as_ref(), &applied[index], &processing)
+                    })?,
             );
         }
 
@@ -212,69 +219,6 @@ fn run_dispatcher(mut committed: mpsc::Receiver<Committed>, senders: Vec<SyncSen
                 );
                 return;
             }
-        }
-    }
-}
-
-fn run_worker(
-    receiver: Receiver<Work>,
-    store: &dyn TimeSeriesStore,
-    applied: &AtomicU64,
-    seen: &SeenDevices,
-) {
-    // Set by a store write that failed for a reason other than invalid
-    // input. The applied position then stays below the failed record, so the
-    // log keeps it and the next start writes it again.
-    let mut stalled = false;
-    while let Ok(work) = receiver.recv() {
-        // Workers wait above twice the flush threshold: a flush that cannot
-        // keep up, or keeps failing, then slows the input down instead of
-        // filling memory.
-        while store.pending_bytes() > store.flush_threshold().saturating_mul(2) {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let mut last_seen: HashMap<DeviceId, i64> = HashMap::new();
-        for envelope in &work.envelopes {
-            let decoded = match decode_envelope(envelope) {
-                Ok(decoded) => decoded,
-                Err(error) => {
-                    // Adapters check payloads before appending, so this is
-                    // a log written by another version or a bug.
-                    tracing::error!(device_id = %envelope.device_id, reason = error.reason(), %error, "cannot decode a logged envelope; it is skipped");
-                    metrics::counter!("ferrite_pipeline_decode_errors_total").increment(1);
-                    continue;
-                }
-            };
-            let points: Vec<(&str, i64, ferrite_core::Value)> = decoded
-                .iter()
-                .map(|point| (point.key.as_str(), point.ts, point.value.clone()))
-                .collect();
-            if let Err(error) = store.write(envelope.tenant_id, envelope.device_id, &points) {
-                metrics::counter!("ferrite_store_write_errors_total").increment(1);
-                if matches!(error, ferrite_tsdb::StoreError::InvalidArgument(_)) {
-                    // Writing it again would fail again.
-                    tracing::error!(device_id = %envelope.device_id, %error, "the store rejected points; they are skipped");
-                } else {
-                    tracing::error!(device_id = %envelope.device_id, %error, "store write failed; the points stay in the ingest log and are written again at the next start");
-                    stalled = true;
-                }
-                continue;
-            }
-            metrics::counter!("ferrite_pipeline_points_total", "protocol" => envelope.protocol.as_str())
-                .increment(points.len() as u64);
-            let received_ms = ferrite_core::nanos_to_millis(envelope.received_at_ns);
-            let entry = last_seen.entry(envelope.device_id).or_insert(received_ms);
-            *entry = (*entry).max(received_ms);
-        }
-        if !last_seen.is_empty() {
-            let mut seen = seen.lock();
-            for (device, at) in last_seen {
-                let entry = seen.entry(device).or_insert(at);
-                *entry = (*entry).max(at);
-            }
-        }
-        if !stalled {
-            applied.store(work.last_seq, Ordering::Release);
         }
     }
 }

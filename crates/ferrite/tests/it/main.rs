@@ -7,4 +7,5 @@ mod export;
 mod fleet;
 mod http;
 mod mqtt;
+mod processing;
 mod support;

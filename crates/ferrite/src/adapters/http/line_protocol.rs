@@ -153,6 +153,7 @@ fn envelope(
         received_at_ns,
         content_type: ContentType::LineProtocol(precision),
         payload,
+        meta: Bytes::new(),
     }
 }
 

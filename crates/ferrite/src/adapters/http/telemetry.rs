@@ -86,6 +86,7 @@ pub async fn by_device_id(
             tenant_id: device.tenant_id,
             device_id: device.id,
             name: device.name,
+            profile_id: device.profile_id,
         }
     };
     accept_json(&state, &device, Request::from_parts(parts, body)).await
@@ -96,28 +97,50 @@ async fn accept_json(
     device: &DeviceIdentity,
     request: Request,
 ) -> Result<StatusCode, ApiError> {
+    let declared = request
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .map(str::to_owned);
     let payload: Bytes =
         read_limited(request.into_body(), state.config.http.max_body_bytes).await?;
     let received_at_ns = now_ns();
-    check_payload(
-        ContentType::Json,
-        &payload,
-        received_at_ns,
-        crate::decode::TimeWindow::new(&state.config, &device.tenant_id.to_string()),
-    )
-    .map_err(|error| {
-        count_rejected(error.reason());
-        tracing::debug!(device_id = %device.device_id, %error, "rejected HTTP telemetry");
-        ApiError::from(error)
-    })?;
+    state.directory.warm(device.profile_id).await;
+    let content_type = state
+        .directory
+        .content_type_for(device.profile_id, declared.as_deref(), &payload)
+        .map_err(|message| {
+            count_rejected("wrong_codec");
+            ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "Unsupported payload format",
+                message,
+            )
+        })?;
+    // Bytes for a profile's Cayenne LPP or script codec are decoded by the
+    // pipeline; failures go to the device's dead-letter log.
+    if content_type != ContentType::Raw {
+        check_payload(
+            content_type,
+            &payload,
+            received_at_ns,
+            crate::decode::TimeWindow::new(&state.config, &device.tenant_id.to_string()),
+        )
+        .map_err(|error| {
+            count_rejected(error.reason());
+            tracing::debug!(device_id = %device.device_id, %error, "rejected HTTP telemetry");
+            ApiError::from(error)
+        })?;
+    }
 
     let envelope = Envelope {
         tenant_id: device.tenant_id,
         device_id: device.device_id,
         protocol: Protocol::Http,
         received_at_ns,
-        content_type: ContentType::Json,
+        content_type,
         payload,
+        meta: Bytes::new(),
     };
     state.ingest.append(vec![envelope]).await.map_err(|error| {
         count_rejected("overloaded");

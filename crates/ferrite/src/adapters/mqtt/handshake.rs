@@ -108,6 +108,7 @@ pub async fn accept_connect(frame: Frame, context: &MqttContext) -> Result<Conne
     let connect = decode_connect(frame, version)?;
     check_features(&connect, version)?;
     let identity = authenticate(&connect, version, context).await?;
+    context.directory.warm(identity.profile_id).await;
     let will = check_will(&connect, version, &identity)?;
     let (client_id, client_id_assigned) = client_id(&connect, version)?;
     let (session_expiry, session_expiry_capped) = session_expiry(&connect, version, context);

@@ -184,12 +184,36 @@ impl Connection {
     fn stage_telemetry(&mut self, publish: PublishPacket, packet_id: u16) {
         let context = &self.shared.context;
         let received_at_ns = now_ns();
-        if let Err(error) = check_payload(
-            ContentType::Json,
+        let declared = publish.properties.get_content_type();
+        let content_type = match context.directory.content_type_for(
+            self.identity.profile_id,
+            declared.as_deref(),
             &publish.payload,
-            received_at_ns,
-            context.time_window(&self.identity.tenant_id.to_string()),
         ) {
+            Ok(content_type) => content_type,
+            Err(message) => {
+                events::messages_rejected("wrong_codec", 1);
+                let (reason, reason_string) = match self.version {
+                    ProtocolVersion::V5 => (ReasonCode::PayloadFormatInvalid, Some(message)),
+                    ProtocolVersion::V311 => (ReasonCode::Success, None),
+                };
+                self.decide(packet_id, publish.qos, reason, reason_string);
+                return;
+            }
+        };
+        // Bytes for a profile's Cayenne LPP or script codec are decoded by
+        // the pipeline; failures go to the device's dead-letter log.
+        let checked = if content_type == ContentType::Raw {
+            Ok(0)
+        } else {
+            check_payload(
+                content_type,
+                &publish.payload,
+                received_at_ns,
+                context.time_window(&self.identity.tenant_id.to_string()),
+            )
+        };
+        if let Err(error) = checked {
             events::messages_rejected(error.reason(), 1);
             if let Some(suppressed) = self.warnings.payload_invalid.allow(Instant::now()) {
                 tracing::warn!(
@@ -215,8 +239,9 @@ impl Connection {
             device_id: self.identity.device_id,
             protocol: Protocol::Mqtt,
             received_at_ns,
-            content_type: ContentType::Json,
+            content_type,
             payload: publish.payload.clone(),
+            meta: Bytes::new(),
         });
         self.group.routes.push(StoredRoute {
             payload: publish.payload,
@@ -560,6 +585,7 @@ async fn append_will(shared: &Shared, identity: &DeviceIdentity, client_id: &Cli
         received_at_ns,
         content_type: ContentType::Json,
         payload: will.payload.clone(),
+        meta: Bytes::new(),
     };
     match shared.context.ingest.append(vec![envelope]).await {
         Ok(()) => {

@@ -88,6 +88,8 @@ pub struct MqttContext {
     pub max_past: Option<Duration>,
     /// Retention settings, which bound how old a timestamp may be.
     pub storage: crate::config::StorageConfig,
+    /// Device profiles, which choose the payload codec.
+    pub directory: Arc<crate::profiles::Directory>,
 }
 
 impl MqttContext {
