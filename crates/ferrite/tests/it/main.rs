@@ -6,6 +6,7 @@ mod durability;
 mod export;
 mod fleet;
 mod http;
+mod live;
 mod mqtt;
 mod processing;
 mod support;
