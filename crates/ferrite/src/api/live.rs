@@ -782,6 +782,8 @@ async fn run_websocket(socket: WebSocket, mut subscription: Subscription) {
     let mut pong_due = false;
 
     let end = loop {
+        // Replies and pings are not events, so only events are counted.
+        let mut is_event = false;
         let outgoing = tokio::select! {
             () = closed.cancelled() => break WebSocketEnd::ServerShutdown,
             message = incoming.next() => match message {
@@ -812,9 +814,7 @@ async fn run_websocket(socket: WebSocket, mut subscription: Subscription) {
             received = subscription.receiver.recv() => {
                 match subscription.prepare(received).await {
                     Some(outgoing) => {
-                        if outgoing.kind != "lagged" {
-                            count_sent(Transport::WebSocket);
-                        }
+                        is_event = outgoing.kind != "lagged";
                         Message::text(outgoing.json)
                     }
                     None => continue,
@@ -824,7 +824,11 @@ async fn run_websocket(socket: WebSocket, mut subscription: Subscription) {
 
         // Each send flushes, so tungstenite buffers at most this message.
         match tokio::time::timeout(SEND_TIMEOUT, sink.send(outgoing)).await {
-            Ok(Ok(())) => {}
+            Ok(Ok(())) => {
+                if is_event {
+                    count_sent(Transport::WebSocket);
+                }
+            }
             Ok(Err(_)) => break WebSocketEnd::ClientGone,
             Err(_) => break WebSocketEnd::ClientNotReading,
         }
