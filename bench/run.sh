@@ -34,10 +34,10 @@
 # data directory under a temporary folder, and stopped by its process id.
 # Peers missing from the machine are installed with apt-get (run as root).
 # The live scenario (Ferrite only) measures the latency from an MQTT
-# publish to its delivery on a live WebSocket: LIVE_DEVICES connections
+# publish to its delivery on a live WebSocket. LIVE_DEVICES connections
 # publish QoS 1 messages at LIVE_RATE messages/s in total for
-# LIVE_DURATION_S seconds, and one subscriber compares each message's
-# receive time with the send time it carries. It runs ROUNDS times, each on
+# LIVE_DURATION_S seconds. One subscriber compares each message's receive
+# time with the send time it carries. It runs ROUNDS times, each on
 # a fresh server, and its results go to a block of their own.
 #
 # Settings come from the environment. With the defaults a full run took
