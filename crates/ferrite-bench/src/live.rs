@@ -5,9 +5,8 @@
 //! connections (one device token each, reused round-robin) publish QoS 1
 //! messages on a fixed schedule of `--rate` messages per second in total.
 //! Message `j` of the run is due at `j / rate` seconds, and connection
-//! `j mod devices` sends it. Each
-//! payload is `{"sent_ns": <wall clock in ns>}`, taken right before the
-//! publish call. The subscriber records, for every delivered message, its
+//! `j mod devices` sends it. Each payload is `{"sent_ns": <wall clock in
+//! ns>}`, taken right before the publish call. The subscriber records, for every delivered message, its
 //! receive time minus `sent_ns`. Both clocks are this machine's wall clock.
 //!
 //! Messages sent during `--warmup-s` are not measured. After `--duration-s`
