@@ -77,6 +77,10 @@ pub(crate) struct Catalog {
 /// Tenant number of ids that belong to no live series.
 pub(crate) const NO_TENANT: u32 = u32::MAX;
 
+/// Tenant numbers stay below this, so that retention can number the groups
+/// of devices with their own retention above them.
+pub(crate) const MAX_TENANTS: u32 = 1 << 31;
+
 impl Catalog {
     pub(crate) fn get(&self, series: &SeriesKey) -> Option<SeriesId> {
         self.device(&series.tenant, &series.device)?
@@ -121,8 +125,8 @@ impl Catalog {
         }
         let number = u32::try_from(self.tenant_names.len())
             .ok()
-            .filter(|n| *n != NO_TENANT)
-            .expect("fewer than 4 billion tenants");
+            .filter(|n| *n < MAX_TENANTS)
+            .expect("fewer than 2^31 tenants");
         self.tenant_numbers.insert(tenant.to_owned(), number);
         self.tenant_names.push(tenant.to_owned());
         number

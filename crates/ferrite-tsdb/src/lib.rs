@@ -169,6 +169,12 @@
 //! older points from the segments it rewrites, and queries never return
 //! them. Compaction runs beside writes, flushes and queries.
 //!
+//! Retention is set per tenant and per device ([`Retention`]). A segment
+//! contains the series of many tenants and devices. When a device's
+//! retention is shorter than that of the others in its segments, queries
+//! leave its expired points out at once. They are removed from disk when
+//! compaction rewrites those segments or the whole file expires.
+//!
 //! # Concurrency and memory
 //!
 //! All methods take `&self`; `Store` is `Send + Sync`. One `RwLock` guards
@@ -205,6 +211,8 @@ mod merge;
 mod segment;
 mod series_log;
 mod store;
+
+use std::collections::HashMap;
 
 use ferrite_core::{TimestampNs, Value};
 
@@ -254,17 +262,27 @@ pub const DEFAULT_ROLLUP_INTERVALS: [i64; 2] = [3_600_000_000_000, DAY_NS];
 /// replace it to move time forward.
 pub type Clock = std::sync::Arc<dyn Fn() -> TimestampNs + Send + Sync>;
 
-/// How long raw points are kept, per tenant. `None` keeps them forever.
+/// How long points are kept, per tenant and per device. `None` keeps them
+/// forever. All durations are in nanoseconds and must be positive.
+///
+/// A device's entry in `devices` replaces its tenant's retention for every
+/// series of that device, whether it is shorter or longer. Devices without
+/// an entry follow their tenant. The store applies a [`Retention`] given to
+/// [`Store::set_retention`] so that no cutoff moves back in time.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Retention {
     /// Retention of tenants without their own entry, in nanoseconds.
     pub default: Option<i64>,
     /// Retention per tenant name, overriding `default`.
-    pub tenants: std::collections::HashMap<String, Option<i64>>,
+    pub tenants: HashMap<String, Option<i64>>,
+    /// Retention per device, by tenant name and then device name,
+    /// overriding the tenant's retention for that device.
+    pub devices: HashMap<String, HashMap<String, Option<i64>>>,
 }
 
 impl Retention {
-    /// Retention of `tenant` in nanoseconds, `None` for unlimited.
+    /// Retention of `tenant` in nanoseconds, `None` for unlimited. Device
+    /// entries are not consulted; see [`Retention::of_device`].
     pub fn of(&self, tenant: &str) -> Option<i64> {
         match self.tenants.get(tenant) {
             Some(retention) => *retention,
@@ -272,12 +290,81 @@ impl Retention {
         }
     }
 
+    /// Retention of the series of `device` of `tenant` in nanoseconds,
+    /// `None` for unlimited: the device's entry, else the tenant's.
+    pub fn of_device(&self, tenant: &str, device: &str) -> Option<i64> {
+        match self.device_entry(tenant, device) {
+            Some(retention) => retention,
+            None => self.of(tenant),
+        }
+    }
+
+    /// Returns the device's own entry, `None` when it follows its tenant.
+    pub(crate) fn device_entry(&self, tenant: &str, device: &str) -> Option<Option<i64>> {
+        self.devices.get(tenant)?.get(device).copied()
+    }
+
     /// Oldest timestamp of `tenant` that is still kept at time `now`
     /// (`TimestampNs::MIN` for unlimited retention).
     pub fn cutoff(&self, tenant: &str, now: TimestampNs) -> TimestampNs {
-        self.of(tenant)
-            .map_or(TimestampNs::MIN, |keep| now.saturating_sub(keep))
+        cutoff_at(self.of(tenant), now)
     }
+
+    /// Oldest timestamp of the series of `device` of `tenant` that is still
+    /// kept at time `now` (`TimestampNs::MIN` for unlimited retention).
+    pub fn device_cutoff(&self, tenant: &str, device: &str, now: TimestampNs) -> TimestampNs {
+        cutoff_at(self.of_device(tenant, device), now)
+    }
+
+    /// Sets the retention of one device, replacing its tenant's.
+    pub fn set_device(
+        &mut self,
+        tenant: impl Into<String>,
+        device: impl Into<String>,
+        retention: Option<i64>,
+    ) {
+        self.devices
+            .entry(tenant.into())
+            .or_default()
+            .insert(device.into(), retention);
+    }
+
+    /// True when no entry limits retention.
+    pub(crate) fn keeps_everything(&self) -> bool {
+        self.default.is_none()
+            && self.tenants.values().all(Option::is_none)
+            && self
+                .devices
+                .values()
+                .flat_map(HashMap::values)
+                .all(Option::is_none)
+    }
+
+    /// Rejects durations that are zero or negative, naming the entry and
+    /// `setting`, the name of this retention.
+    pub(crate) fn validate(&self, setting: &str) -> Result<(), StoreError> {
+        let check = |entry: String, retention: &Option<i64>| match retention {
+            Some(keep) if *keep <= 0 => Err(StoreError::InvalidArgument(format!(
+                "invalid {setting} of {entry}: {keep} ns, expected a positive number of nanoseconds, or None to keep points forever"
+            ))),
+            _ => Ok(()),
+        };
+        check("tenants without their own entry".to_owned(), &self.default)?;
+        for (tenant, retention) in &self.tenants {
+            check(format!("tenant {tenant:?}"), retention)?;
+        }
+        for (tenant, devices) in &self.devices {
+            for (device, retention) in devices {
+                check(format!("device {device:?} of tenant {tenant:?}"), retention)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Oldest timestamp kept at `now` under retention `keep`.
+pub(crate) fn cutoff_at(keep: Option<i64>, now: TimestampNs) -> TimestampNs {
+    keep.map_or(TimestampNs::MIN, |keep| now.saturating_sub(keep))
 }
 
 /// Smallest head budget that a memory budget leaves: below it flushes would
@@ -342,7 +429,8 @@ pub struct StoreOptions {
     /// A partition that received no new segment for this long is merged
     /// into a single segment, which stores its points most compactly.
     pub cold_after: std::time::Duration,
-    /// Retention of raw points.
+    /// Retention of raw points at open; [`Store::set_retention`] replaces
+    /// it while the store is open.
     pub retention: Retention,
     /// Intervals of the rollup tiers in nanoseconds, ascending, each a
     /// multiple of the one before. Default: 1 h and 1 d (see

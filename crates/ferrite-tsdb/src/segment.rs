@@ -6,9 +6,9 @@ use std::fs::{self, File};
 use std::io::{BufWriter, Write};
 use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 
 use ferrite_core::{TimestampNs, Value};
+use parking_lot::Mutex;
 
 use crate::block::BlockBuilder;
 use crate::catalog::SeriesId;
@@ -178,6 +178,14 @@ struct Fence {
     offset: u64,
 }
 
+/// Greatest timestamp per retention group of a segment.
+pub(crate) struct GroupMaxTs {
+    /// Generation of the retention rules that numbered the groups.
+    pub(crate) generation: u64,
+    /// Group and greatest timestamp, ascending by group.
+    pub(crate) max_ts: Vec<(u32, TimestampNs)>,
+}
+
 /// An open, immutable segment: its trailer fields and a sparse view of its
 /// index in memory, and a read handle for its index entries and blocks.
 pub(crate) struct Segment<V = Value> {
@@ -192,9 +200,10 @@ pub(crate) struct Segment<V = Value> {
     pub(crate) marker: u64,
     pub(crate) meta: SegmentMeta,
     pub(crate) series_count: u64,
-    /// Greatest timestamp per tenant (by the catalog's tenant number),
-    /// computed once from the index when retention first needs it.
-    pub(crate) tenant_max_ts: OnceLock<Vec<(u32, TimestampNs)>>,
+    /// Greatest timestamp per retention group, computed from the index when
+    /// retention first needs it and again after the groups change (see the
+    /// store's `retention` module).
+    pub(crate) group_max_ts: Mutex<Option<GroupMaxTs>>,
     /// Block references must lie in `data_start..data_end`.
     data_start: u64,
     data_end: u64,
@@ -305,7 +314,7 @@ impl<V: StoredValue> Segment<V> {
             marker: fields.marker,
             meta,
             series_count: scanned.series_count,
-            tenant_max_ts: OnceLock::new(),
+            group_max_ts: Mutex::new(None),
             data_start: header_len,
             data_end: fields.index_offset,
             entries_start: fields.index_offset + scanned.entries_start as u64,
@@ -322,8 +331,8 @@ impl<V: StoredValue> Segment<V> {
             + self.fences.len() * size_of::<Fence>()
             + self.meta.inputs.capacity() * size_of::<u64>()
             + self.path.as_os_str().len()
-            + self.tenant_max_ts.get().map_or(0, |per_tenant| {
-                per_tenant.capacity() * size_of::<(u32, TimestampNs)>()
+            + self.group_max_ts.lock().as_ref().map_or(0, |cached| {
+                cached.max_ts.capacity() * size_of::<(u32, TimestampNs)>()
             })
     }
 
@@ -963,7 +972,7 @@ impl<V: StoredValue> SegmentWriter<V> {
             marker,
             meta,
             series_count: self.series_count,
-            tenant_max_ts: OnceLock::new(),
+            group_max_ts: Mutex::new(None),
             data_start: HEADER_LEN,
             data_end: index_offset,
             entries_start,

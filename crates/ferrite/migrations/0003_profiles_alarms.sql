@@ -38,8 +38,12 @@ CREATE TABLE dead_letters (
     profile_id      TEXT,
     profile_version INTEGER,
     created_at      INTEGER NOT NULL,
-    replayed_at     INTEGER
+    replayed_at     INTEGER,
+    -- Ingest log position of the message, so that a replay of the log after
+    -- a crash does not record the same letter twice.
+    log_seq         INTEGER NOT NULL
 );
+CREATE UNIQUE INDEX dead_letters_by_position ON dead_letters(device_id, log_seq);
 CREATE INDEX dead_letters_by_device ON dead_letters(device_id, id);
 CREATE INDEX dead_letters_by_tenant ON dead_letters(tenant_id, id);
 
@@ -60,7 +64,11 @@ CREATE TABLE alarms (
     updated_at       INTEGER NOT NULL,
     acknowledged_at  INTEGER,
     acknowledged_by  TEXT,
-    cleared_at       INTEGER
+    cleared_at       INTEGER,
+    -- Ingest log position of the last transition applied, so that a replay
+    -- of the log after a crash does not apply it again. NULL for changes
+    -- not caused by a message (silence, by hand).
+    last_seq         INTEGER
 );
 CREATE UNIQUE INDEX alarms_open_per_rule ON alarms(device_id, rule) WHERE status = 'active';
 CREATE INDEX alarms_by_tenant ON alarms(tenant_id, raised_at);

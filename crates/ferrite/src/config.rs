@@ -26,6 +26,7 @@ pub struct Config {
     pub auth: AuthConfig,
     pub processing: ProcessingConfig,
     pub log: LogConfig,
+    pub actions: ActionsConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -33,6 +34,8 @@ pub struct Config {
 pub struct ProcessingConfig {
     /// Dead letters kept per device; older ones are deleted.
     pub dead_letters_per_device: i64,
+    /// Dead letters kept in all; the oldest of any device are deleted.
+    pub dead_letters_total: i64,
     /// Memory one scripted decoder may use, in bytes.
     pub script_max_memory_bytes: usize,
     /// Run time of one scripted decoder call unless its profile sets
@@ -45,6 +48,7 @@ impl Default for ProcessingConfig {
     fn default() -> Self {
         Self {
             dead_letters_per_device: 1000,
+            dead_letters_total: 100_000,
             script_max_memory_bytes: 16 * 1024 * 1024,
             script_max_run_time: Duration::from_millis(100),
         }
@@ -99,9 +103,21 @@ pub enum Durability {
     None,
 }
 
+/// The queue in which accepted messages wait for the pipeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IngestBackend {
+    /// Segment files under `data_dir/log`, for a single node.
+    Embedded,
+    /// A NATS JetStream stream, configured in `[ingest.nats]`.
+    Nats,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct IngestConfig {
+    pub backend: IngestBackend,
+    /// Embedded log only.
     pub durability: Durability,
     /// Points with a timestamp further than this ahead of the server clock
     /// are rejected.
@@ -112,16 +128,107 @@ pub struct IngestConfig {
     /// window, late and repeated points are stored with last write wins.
     #[serde(with = "retention_serde")]
     pub max_past: Option<Duration>,
-    /// Size at which the ingest log starts a new segment file.
+    /// Size at which the embedded log starts a new segment file.
     pub segment_bytes: u64,
     /// Pipeline workers that decode envelopes and write the store; each
     /// device is always handled by the same worker, so per-device order holds.
     pub workers: usize,
-    /// Appends waiting for the log writer; when full, new appends wait up to
-    /// `append_timeout` and then get an "overloaded" error.
+    /// Appends waiting for the embedded log's writer; when full, new appends
+    /// wait up to `append_timeout` and then get an "overloaded" error.
     pub queue_capacity: usize,
+    /// Maximum time an append waits: for room in the embedded log's queue,
+    /// or for JetStream to acknowledge every message of it.
     #[serde(with = "humantime_serde")]
     pub append_timeout: Duration,
+    pub nats: NatsConfig,
+}
+
+/// The JetStream stream and consumer of `ingest.backend = "nats"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsConfig {
+    /// Server URL, or several separated by commas (members of one cluster).
+    pub url: String,
+    /// A `.creds` file (user JWT and NKey seed); `None` connects without
+    /// credentials.
+    pub credentials_file: Option<PathBuf>,
+    /// Stream name; created at start when missing, updated when its limits
+    /// differ from these.
+    pub stream: String,
+    /// Messages are published to `{subject_prefix}.{tenant_id}.{device_id}`,
+    /// and the stream takes `{subject_prefix}.>`.
+    pub subject_prefix: String,
+    /// Durable name of the pull consumer that feeds the pipeline.
+    pub consumer: String,
+    /// Size limit of the stream. When it is full, new messages are refused
+    /// (discard policy "new") and appends fail as overloaded.
+    pub max_bytes: u64,
+    /// Copies of every message in a JetStream cluster (1 to 5).
+    pub replicas: usize,
+    /// Time within which a message with a repeated `Nats-Msg-Id` is stored
+    /// only once.
+    #[serde(with = "humantime_serde")]
+    pub duplicate_window: Duration,
+    /// Time JetStream waits for the acknowledgement of a delivered message
+    /// before it delivers it again. Messages are acknowledged after the
+    /// store flush that contains them, so this must exceed
+    /// `storage.flush_interval`.
+    #[serde(with = "humantime_serde")]
+    pub ack_wait: Duration,
+}
+
+impl NatsConfig {
+    /// Rejects names that JetStream would reject, and an `ack_wait` that
+    /// would let JetStream deliver every message again before its flush.
+    fn validate(&self, flush_interval: Duration) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            !self.url.trim().is_empty(),
+            "ingest.nats.url is empty; set it to the NATS server, such as \"nats://127.0.0.1:4222\""
+        );
+        for (key, name) in [
+            ("ingest.nats.stream", &self.stream),
+            ("ingest.nats.consumer", &self.consumer),
+        ] {
+            let bad = name
+                .chars()
+                .find(|c| c.is_whitespace() || c.is_control() || ".*>/\\".contains(*c));
+            anyhow::ensure!(
+                !name.is_empty() && bad.is_none(),
+                "{key} {name:?} is not a valid JetStream name: use letters, digits, '-' and '_' without spaces, '.', '*', '>', '/' or '\\'"
+            );
+        }
+        let prefix = &self.subject_prefix;
+        let valid_prefix = prefix.split('.').all(|token| {
+            !token.is_empty()
+                && token != "*"
+                && token != ">"
+                && !token.chars().any(|c| c.is_whitespace() || c.is_control())
+        });
+        anyhow::ensure!(
+            valid_prefix,
+            "ingest.nats.subject_prefix {prefix:?} is not a subject prefix: use non-empty tokens separated by '.', without spaces or the wildcards '*' and '>'"
+        );
+        anyhow::ensure!(
+            self.max_bytes >= 1024 * 1024,
+            "ingest.nats.max_bytes must be at least 1 MiB (1048576)"
+        );
+        anyhow::ensure!(
+            (1..=5).contains(&self.replicas),
+            "ingest.nats.replicas must be between 1 and 5, got {}",
+            self.replicas
+        );
+        anyhow::ensure!(
+            !self.duplicate_window.is_zero(),
+            "ingest.nats.duplicate_window must be longer than zero"
+        );
+        anyhow::ensure!(
+            self.ack_wait > flush_interval,
+            "ingest.nats.ack_wait ({}) must be longer than storage.flush_interval ({}), because a message is acknowledged only after the flush that stores it; twice the flush interval leaves room for a slow flush",
+            humantime::format_duration(self.ack_wait),
+            humantime::format_duration(flush_interval)
+        );
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -259,6 +366,122 @@ pub enum LogFormat {
     Json,
 }
 
+/// Delivery of alarm actions: webhooks, MQTT publishes and device commands.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ActionsConfig {
+    /// Alarm changes waiting to be recorded as deliveries; when full, new
+    /// ones are dropped and counted in `ferrite_action_queue_dropped_total`.
+    pub queue_capacity: usize,
+    /// Deliveries attempted at the same time.
+    pub max_concurrent: usize,
+    /// Time one attempt may take: a webhook request until its response
+    /// has arrived, or an MQTT publish until the broker's PUBACK.
+    #[serde(with = "humantime_serde")]
+    pub attempt_timeout: Duration,
+    /// Attempts of one delivery, the first included, before it is marked
+    /// failed.
+    pub max_attempts: u32,
+    /// A delivery that has not succeeded this long after its first attempt
+    /// is marked failed.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+    /// Delay before the first retry; each further retry waits twice as long.
+    #[serde(with = "humantime_serde")]
+    pub retry_initial_delay: Duration,
+    /// Upper bound of the delay between two attempts, except where a
+    /// `Retry-After` header requests a longer one.
+    #[serde(with = "humantime_serde")]
+    pub retry_max_delay: Duration,
+    /// Time succeeded deliveries are kept before they are deleted.
+    #[serde(with = "humantime_serde")]
+    pub succeeded_retention: Duration,
+    /// Time failed deliveries are kept before they are deleted.
+    #[serde(with = "humantime_serde")]
+    pub failed_retention: Duration,
+    pub mqtt: ActionsMqttConfig,
+}
+
+/// The external MQTT broker that `mqtt_publish` actions publish to.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ActionsMqttConfig {
+    /// `mqtt://host:port`; empty when no broker is configured, which makes
+    /// every `mqtt_publish` delivery fail.
+    pub url: String,
+    /// MQTT client id; empty for `ferrite-actions-` and a random suffix.
+    pub client_id: String,
+    /// User name; empty to connect without credentials.
+    pub username: String,
+    pub password: String,
+    /// Keep-alive interval of the connection.
+    #[serde(with = "humantime_serde")]
+    pub keep_alive: Duration,
+}
+
+impl std::fmt::Debug for ActionsMqttConfig {
+    // Written out so that the password never reaches a log.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ActionsMqttConfig")
+            .field("url", &self.url)
+            .field("client_id", &self.client_id)
+            .field("username", &self.username)
+            .field(
+                "password",
+                &(!self.password.is_empty()).then_some("<redacted>"),
+            )
+            .field("keep_alive", &self.keep_alive)
+            .finish()
+    }
+}
+
+/// Host and port of `actions.mqtt.url`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerAddress {
+    pub host: String,
+    pub port: u16,
+}
+
+impl ActionsMqttConfig {
+    /// Parses `url`; `Ok(None)` when no broker is configured.
+    pub fn broker_address(&self) -> anyhow::Result<Option<BrokerAddress>> {
+        if self.url.trim().is_empty() {
+            return Ok(None);
+        }
+        let url = reqwest::Url::parse(self.url.trim()).with_context(|| {
+            format!(
+                "actions.mqtt.url {:?} is not a URL; write one such as mqtt://127.0.0.1:1883",
+                self.url
+            )
+        })?;
+        anyhow::ensure!(
+            matches!(url.scheme(), "mqtt" | "tcp"),
+            "actions.mqtt.url {:?} uses the scheme {:?}; only mqtt:// (plain TCP) is supported",
+            self.url,
+            url.scheme()
+        );
+        anyhow::ensure!(
+            url.username().is_empty() && url.password().is_none(),
+            "actions.mqtt.url must not contain credentials; set actions.mqtt.username and actions.mqtt.password"
+        );
+        anyhow::ensure!(
+            matches!(url.path(), "" | "/") && url.query().is_none(),
+            "actions.mqtt.url {:?} has a path or query; write only mqtt://host:port",
+            self.url
+        );
+        let host = url
+            .host_str()
+            .filter(|host| !host.is_empty())
+            .with_context(|| format!("actions.mqtt.url {:?} has no host", self.url))?;
+        // Brackets of an IPv6 literal are URL syntax, not part of the host.
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        Ok(Some(BrokerAddress {
+            host: host.to_owned(),
+            port: url.port().unwrap_or(1883),
+        }))
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Self {
@@ -270,6 +493,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             processing: ProcessingConfig::default(),
             log: LogConfig::default(),
+            actions: ActionsConfig::default(),
         }
     }
 }
@@ -302,6 +526,7 @@ impl Default for MqttConfig {
 impl Default for IngestConfig {
     fn default() -> Self {
         Self {
+            backend: IngestBackend::Embedded,
             durability: Durability::Fsync,
             max_future: Duration::from_secs(24 * 3600),
             max_past: None,
@@ -309,6 +534,23 @@ impl Default for IngestConfig {
             workers: 2,
             queue_capacity: 4096,
             append_timeout: Duration::from_secs(5),
+            nats: NatsConfig::default(),
+        }
+    }
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        Self {
+            url: "nats://127.0.0.1:4222".to_owned(),
+            credentials_file: None,
+            stream: "FERRITE_INGEST".to_owned(),
+            subject_prefix: "ferrite.ingest".to_owned(),
+            consumer: "ferrite-pipeline".to_owned(),
+            max_bytes: 1024 * 1024 * 1024,
+            replicas: 1,
+            duplicate_window: Duration::from_secs(120),
+            ack_wait: Duration::from_secs(300),
         }
     }
 }
@@ -347,15 +589,50 @@ impl Default for LogConfig {
     }
 }
 
-/// Sections of the file, for mapping `FERRITE_<SECTION>_<KEY>` variables.
-const SECTIONS: [&str; 7] = [
-    "http",
-    "mqtt",
-    "ingest",
-    "storage",
-    "auth",
-    "processing",
-    "log",
+impl Default for ActionsConfig {
+    fn default() -> Self {
+        Self {
+            queue_capacity: 10_000,
+            max_concurrent: 16,
+            attempt_timeout: Duration::from_secs(10),
+            max_attempts: 20,
+            max_age: Duration::from_secs(24 * 3600),
+            retry_initial_delay: Duration::from_secs(1),
+            retry_max_delay: Duration::from_secs(300),
+            succeeded_retention: Duration::from_secs(7 * 24 * 3600),
+            failed_retention: Duration::from_secs(30 * 24 * 3600),
+            mqtt: ActionsMqttConfig::default(),
+        }
+    }
+}
+
+impl Default for ActionsMqttConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            client_id: String::new(),
+            username: String::new(),
+            password: String::new(),
+            keep_alive: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Sections of the file, for mapping `FERRITE_<SECTION>_<KEY>` variables,
+/// as the variable prefix and the path of tables. A nested section comes
+/// before its parent, so that `FERRITE_ACTIONS_MQTT_URL` sets
+/// `actions.mqtt.url` rather than `actions.mqtt_url`.
+const SECTIONS: [(&str, &[&str]); 10] = [
+    ("http", &["http"]),
+    ("mqtt", &["mqtt"]),
+    ("ingest_nats", &["ingest", "nats"]),
+    ("ingest", &["ingest"]),
+    ("storage", &["storage"]),
+    ("auth", &["auth"]),
+    ("processing", &["processing"]),
+    ("log", &["log"]),
+    ("actions_mqtt", &["actions", "mqtt"]),
+    ("actions", &["actions"]),
 ];
 
 /// Loads the configuration: defaults, then the file at `path` if given, then
@@ -394,19 +671,32 @@ fn apply_env(table: &mut toml::Table, vars: impl Iterator<Item = (String, String
             table.insert(rest, value);
             continue;
         }
-        let Some(section) = SECTIONS
+        let Some((prefix, path)) = SECTIONS
             .iter()
-            .find(|section| rest.starts_with(&format!("{section}_")))
+            .find(|(prefix, _)| rest.starts_with(&format!("{prefix}_")))
         else {
             continue;
         };
-        let key = rest[section.len() + 1..].to_owned();
-        let entry = table
-            .entry(section.to_string())
-            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        if let toml::Value::Table(section_table) = entry {
-            section_table.insert(key, value);
+        let key = rest[prefix.len() + 1..].to_owned();
+        // `None` when the file sets the section to a value that is not a
+        // table, which deserializing then reports.
+        if let Some(section) = section_table(table, path) {
+            section.insert(key, value);
         }
+    }
+}
+
+/// Returns the table at `path`, creating missing tables on the way.
+fn section_table<'a>(table: &'a mut toml::Table, path: &[&str]) -> Option<&'a mut toml::Table> {
+    let Some((first, rest)) = path.split_first() else {
+        return Some(table);
+    };
+    let entry = table
+        .entry(first.to_string())
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    match entry {
+        toml::Value::Table(inner) => section_table(inner, rest),
+        _ => None,
     }
 }
 
@@ -430,6 +720,10 @@ impl Config {
         anyhow::ensure!(
             self.processing.dead_letters_per_device >= 1,
             "processing.dead_letters_per_device must be at least 1"
+        );
+        anyhow::ensure!(
+            self.processing.dead_letters_total >= self.processing.dead_letters_per_device,
+            "processing.dead_letters_total must be at least processing.dead_letters_per_device"
         );
         anyhow::ensure!(
             self.processing.script_max_memory_bytes >= 1024 * 1024,
@@ -462,6 +756,9 @@ impl Config {
             self.mqtt.max_inflight > 0,
             "mqtt.max_inflight must be at least 1"
         );
+        if self.ingest.backend == IngestBackend::Nats {
+            self.ingest.nats.validate(self.storage.flush_interval)?;
+        }
         anyhow::ensure!(
             self.storage.head_budget_bytes >= 1024 * 1024,
             "storage.head_budget_bytes must be at least 1 MiB (1048576)"
@@ -470,6 +767,43 @@ impl Config {
             self.storage.memory_budget_bytes >= 64 * 1024 * 1024,
             "storage.memory_budget_bytes must be at least 64 MiB (67108864)"
         );
+        self.actions.validate()?;
+        Ok(())
+    }
+}
+
+impl ActionsConfig {
+    fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.queue_capacity > 0,
+            "actions.queue_capacity must be at least 1"
+        );
+        anyhow::ensure!(
+            self.max_concurrent > 0,
+            "actions.max_concurrent must be at least 1"
+        );
+        anyhow::ensure!(
+            self.max_attempts > 0,
+            "actions.max_attempts must be at least 1"
+        );
+        anyhow::ensure!(
+            !self.attempt_timeout.is_zero(),
+            "actions.attempt_timeout must be longer than zero"
+        );
+        anyhow::ensure!(
+            !self.retry_initial_delay.is_zero(),
+            "actions.retry_initial_delay must be longer than zero"
+        );
+        anyhow::ensure!(
+            self.retry_max_delay >= self.retry_initial_delay,
+            "actions.retry_max_delay must not be shorter than actions.retry_initial_delay"
+        );
+        anyhow::ensure!(
+            self.mqtt.keep_alive >= Duration::from_secs(1)
+                && self.mqtt.keep_alive <= Duration::from_secs(u16::MAX.into()),
+            "actions.mqtt.keep_alive must be from 1s to 65535s"
+        );
+        self.mqtt.broker_address()?;
         Ok(())
     }
 }
@@ -512,7 +846,11 @@ max_queued_messages = 1000
 max_session_expiry = "24h"
 
 [ingest]
-# "fsync": acknowledge after the ingest log is synced to disk.
+# Where accepted messages wait for the pipeline: "embedded" (segment files
+# under data_dir/log, one node) or "nats" (a JetStream stream, see
+# [ingest.nats]).
+backend = "embedded"
+# Embedded log only. "fsync": acknowledge after the log is synced to disk.
 # "none": acknowledge after the write reaches the operating system.
 durability = "fsync"
 # Points stamped further ahead of the server clock are rejected.
@@ -521,13 +859,41 @@ max_future = "24h"
 # (no limit besides storage.retention) or a duration such as "7d". Late
 # and repeated points within the window are stored; the last write wins.
 max_past = "forever"
-# Size at which the ingest log starts a new segment file, in bytes.
+# Embedded log only: size at which it starts a new segment file, in bytes.
 segment_bytes = 67108864
 # Pipeline workers; each device always goes to the same one.
 workers = 2
-# Appends waiting for the log writer before new ones wait, then fail.
+# Embedded log only: appends waiting for the log writer before new ones
+# wait, then fail.
 queue_capacity = 4096
+# Longest wait of an append: for room in the embedded log's queue, or for
+# JetStream to acknowledge every message of it.
 append_timeout = "5s"
+
+# Used with backend = "nats"; FERRITE_INGEST_NATS_URL sets url, and so on.
+[ingest.nats]
+# Server URL, or several separated by commas (members of one cluster).
+url = "nats://127.0.0.1:4222"
+# A .creds file (user JWT and NKey seed); without it no credentials are sent.
+# credentials_file = "/etc/ferrite/nats.creds"
+# Stream, created at start when missing. It takes subject_prefix.> and
+# stores messages in files until the store has flushed them.
+stream = "FERRITE_INGEST"
+# Messages go to {subject_prefix}.{tenant_id}.{device_id}.
+subject_prefix = "ferrite.ingest"
+# Durable pull consumer that feeds the pipeline. One Ferrite node consumes
+# a stream; see docs/architecture.md.
+consumer = "ferrite-pipeline"
+# Stream size limit in bytes; when full, appends fail as overloaded.
+max_bytes = 1073741824
+# Copies of each message in a JetStream cluster (1 to 5).
+replicas = 1
+# A retried publish with the same message id is stored once within this.
+duplicate_window = "2m"
+# Redelivery delay of unacknowledged messages. Messages are acknowledged
+# after the store flush that contains them: keep this above
+# storage.flush_interval, twice it or more.
+ack_wait = "5m"
 
 [storage]
 # Memory for points not yet in a segment file, in bytes.
@@ -570,6 +936,10 @@ auto_create_devices = true
 # Dead letters (messages the pipeline could not store) kept per device; the
 # oldest are deleted beyond this.
 dead_letters_per_device = 1000
+# Dead letters kept in all devices together; the oldest are deleted beyond
+# this. A letter keeps its payload, so the worst case on disk is this times
+# the largest accepted message.
+dead_letters_total = 100000
 # Memory one scripted decoder may use, in bytes.
 script_max_memory_bytes = 16777216
 # Run time of one scripted decoder call, unless the profile sets
@@ -581,6 +951,44 @@ script_max_run_time = "100ms"
 level = "info"
 # "text" or "json".
 format = "text"
+
+[actions]
+# Alarm actions (webhooks, MQTT publishes, device commands), see
+# docs/actions.md. Each run of an action is a delivery, recorded in the
+# metadata database and retried with exponential backoff.
+# Alarm changes waiting to be recorded; more are dropped and counted in
+# ferrite_action_queue_dropped_total.
+queue_capacity = 10000
+# Deliveries attempted at the same time.
+max_concurrent = 16
+# Time one attempt may take: a webhook request until its response has
+# arrived, an MQTT publish until the broker acknowledges it.
+attempt_timeout = "10s"
+# Attempts of one delivery, the first included, before it is failed.
+max_attempts = 20
+# A delivery that has not succeeded this long after its first attempt fails.
+max_age = "24h"
+# Delay before the first retry; each further retry waits twice as long,
+# up to retry_max_delay, with +-20 % jitter. A Retry-After header of a
+# 429 or 5xx response sets the delay instead.
+retry_initial_delay = "1s"
+retry_max_delay = "5m"
+# Time finished deliveries are kept.
+succeeded_retention = "7d"
+failed_retention = "30d"
+
+[actions.mqtt]
+# External broker of mqtt_publish actions, such as "mqtt://127.0.0.1:1883"
+# (no TLS). Empty: mqtt_publish deliveries fail. The connection opens at the
+# first publish.
+url = ""
+# Empty: "ferrite-actions-" and a random suffix.
+client_id = ""
+# Empty: connect without credentials. Environment:
+# FERRITE_ACTIONS_MQTT_USERNAME, FERRITE_ACTIONS_MQTT_PASSWORD.
+username = ""
+password = ""
+keep_alive = "30s"
 "#;
 
 #[cfg(test)]
@@ -618,6 +1026,123 @@ mod tests {
             docs.contains(EXAMPLE),
             "docs/configuration.md is out of date: paste the output of `ferrite config example` into it"
         );
+    }
+
+    #[test]
+    fn environment_sets_nested_action_keys() {
+        let mut table = toml::Table::new();
+        let vars = [
+            ("FERRITE_ACTIONS_MQTT_URL", "mqtt://127.0.0.1:1883"),
+            ("FERRITE_ACTIONS_MQTT_PASSWORD", "secret"),
+            ("FERRITE_ACTIONS_MAX_ATTEMPTS", "3"),
+        ]
+        .map(|(name, value)| (name.to_owned(), value.to_owned()));
+        apply_env(&mut table, vars.into_iter());
+        let config: Config = toml::Value::Table(table).try_into().unwrap();
+        assert_eq!(config.actions.mqtt.url, "mqtt://127.0.0.1:1883");
+        assert_eq!(config.actions.mqtt.password, "secret");
+        assert_eq!(config.actions.max_attempts, 3);
+        let mut table = toml::Table::new();
+        let vars = [
+            ("FERRITE_INGEST_NATS_URL", "nats://10.0.0.1:4222"),
+            ("FERRITE_INGEST_BACKEND", "nats"),
+        ]
+        .map(|(name, value)| (name.to_owned(), value.to_owned()));
+        apply_env(&mut table, vars.into_iter());
+        let config: Config = toml::Value::Table(table).try_into().unwrap();
+        assert_eq!(config.ingest.nats.url, "nats://10.0.0.1:4222");
+        assert!(!format!("{config:?}").contains("secret"));
+    }
+
+    #[test]
+    fn broker_url_is_checked() {
+        let broker = |url: &str| {
+            ActionsMqttConfig {
+                url: url.to_owned(),
+                ..ActionsMqttConfig::default()
+            }
+            .broker_address()
+        };
+        assert_eq!(broker("").unwrap(), None);
+        assert_eq!(
+            broker("mqtt://127.0.0.1").unwrap(),
+            Some(BrokerAddress {
+                host: "127.0.0.1".to_owned(),
+                port: 1883
+            })
+        );
+        assert_eq!(broker("tcp://[::1]:1884").unwrap().unwrap().host, "::1");
+        for (url, fragment) in [
+            ("mqtts://broker:8883", "only mqtt://"),
+            ("127.0.0.1:1883", "not a URL"),
+            ("localhost:1883", "scheme"),
+            ("mqtt://u:p@broker", "credentials"),
+            ("mqtt://broker/x", "path"),
+        ] {
+            let error = format!("{:#}", broker(url).unwrap_err());
+            assert!(error.contains(fragment), "{url}: {error}");
+        }
+    }
+
+    #[test]
+    fn nats_settings_are_validated() {
+        let mut config = Config::default();
+        config.ingest.backend = IngestBackend::Nats;
+        config.validate().expect("the defaults are valid");
+
+        type Change = fn(&mut NatsConfig);
+        let cases: [(&str, Change, &str); 7] = [
+            (
+                "dot in stream",
+                |nats| nats.stream = "A.B".into(),
+                "ingest.nats.stream",
+            ),
+            (
+                "space in consumer",
+                |nats| nats.consumer = "a b".into(),
+                "ingest.nats.consumer",
+            ),
+            (
+                "wildcard prefix",
+                |nats| nats.subject_prefix = "a.*".into(),
+                "ingest.nats.subject_prefix",
+            ),
+            (
+                "empty token",
+                |nats| nats.subject_prefix = "a..b".into(),
+                "ingest.nats.subject_prefix",
+            ),
+            (
+                "tiny stream",
+                |nats| nats.max_bytes = 1000,
+                "ingest.nats.max_bytes",
+            ),
+            (
+                "six replicas",
+                |nats| nats.replicas = 6,
+                "ingest.nats.replicas",
+            ),
+            (
+                "short ack wait",
+                |nats| nats.ack_wait = Duration::from_secs(60),
+                "storage.flush_interval",
+            ),
+        ];
+        for (case, change, named) in cases {
+            let mut invalid = config.clone();
+            change(&mut invalid.ingest.nats);
+            let error = invalid.validate().expect_err(case).to_string();
+            assert!(error.contains(named), "{case}: {error}");
+        }
+    }
+
+    #[test]
+    fn nats_table_is_ignored_for_embedded() {
+        let mut config = Config::default();
+        config.ingest.nats.stream = "A.B".into();
+        config
+            .validate()
+            .expect("only the chosen backend is checked");
     }
 
     #[test]

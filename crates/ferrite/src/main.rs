@@ -1,5 +1,6 @@
 //! The `ferrite` command: the server and the administrative commands.
 
+mod actions;
 mod adapters;
 mod alarms;
 mod api;

@@ -18,11 +18,12 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::actions::Actions;
 use crate::adapters;
 use crate::auth::{self, Auth};
 use crate::config::Config;
 use crate::ids::{DeviceId, TenantId};
-use crate::ingest::{self, IngestHandle, LogOptions};
+use crate::ingest::{self, IngestHandle};
 use crate::metadata::{Labels, MetadataStore, Role, SqliteMetadata};
 use crate::pipeline::{Pipeline, PipelineOptions, SeenDevices};
 use crate::store::{EmbeddedStore, TimeSeriesStore};
@@ -51,12 +52,35 @@ pub struct AppState {
     /// changes.
     pub directory: Arc<crate::profiles::Directory>,
     pub alarms: Arc<crate::alarms::AlarmManager>,
+    /// Sends to devices connected over MQTT (commands).
+    pub mqtt_router: adapters::mqtt::Router,
+    /// Runs the actions of alarm rules and records their deliveries.
+    pub actions: Actions,
 }
 
 impl AppState {
     pub fn forget_device_name(&self, tenant: TenantId, name: &str) {
         self.device_names.lock().remove(&(tenant, name.to_owned()));
     }
+
+    /// Gives the store the retention of every device whose profile sets
+    /// one. Called at start and after changes to profiles or to a device's
+    /// profile; a failure keeps the previous retention and is logged.
+    pub async fn sync_device_retention(&self) {
+        if let Err(error) = sync_device_retention(&self.metadata, &self.store).await {
+            tracing::warn!(%error, "cannot apply the retention of device profiles; the previous retention stays in force");
+        }
+    }
+}
+
+async fn sync_device_retention(
+    metadata: &SqliteMetadata,
+    store: &Arc<dyn TimeSeriesStore>,
+) -> anyhow::Result<()> {
+    let retentions = metadata.device_retentions().await?;
+    let store = store.clone();
+    tokio::task::spawn_blocking(move || store.set_device_retention(retentions)).await??;
+    Ok(())
 }
 
 /// Extra work `serve` starts once the listeners are up (the demo fleet).
@@ -118,36 +142,46 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
             .context("cannot open the time-series store")?,
     );
 
-    let log_options = LogOptions {
-        durability: config.ingest.durability,
-        segment_bytes: config.ingest.segment_bytes,
-        queue_capacity: config.ingest.queue_capacity,
-        append_timeout: config.ingest.append_timeout,
-    };
-    let (ingest, log_control, committed, log_ready) = ingest::open(
-        &config.data_dir.join("log"),
-        log_options,
-        store.durable_marker(),
-    )?;
+    let ingest::OpenedLog {
+        handle: ingest,
+        control: log_control,
+        committed,
+        ready: log_ready,
+    } = ingest::open(&config, store.durable_marker()).await?;
+    // Before replay, so queries and maintenance know the profiles'
+    // retention from the start.
+    sync_device_retention(&metadata, &store)
+        .await
+        .context("cannot apply the retention of device profiles")?;
     let log_control = Arc::new(log_control);
+
+    let mqtt_router = adapters::mqtt::Router::new(&config.mqtt);
+    let actions = Actions::start(&config.actions, metadata.clone(), mqtt_router.clone())?;
 
     let seen = SeenDevices::default();
     let live = crate::live::LiveBus::default();
     let directory = Arc::new(crate::profiles::Directory::new(metadata.clone()));
-    let (alarms, alarm_signals, alarm_receiver) =
-        crate::alarms::AlarmManager::open(metadata.clone(), directory.clone(), live.clone())
-            .await?;
+    let (alarms, alarm_signals, alarm_receiver) = crate::alarms::AlarmManager::open(
+        metadata.clone(),
+        directory.clone(),
+        live.clone(),
+        actions.clone(),
+        seen.clone(),
+    )
+    .await?;
     let processing = Arc::new(crate::pipeline::Processing {
         config: config.clone(),
         directory: directory.clone(),
         live: live.clone(),
         alarms: alarm_signals,
+        open_alarms: alarms.open_alarms(),
         seen: seen.clone(),
         runtime: tokio::runtime::Handle::current(),
         scripts: crate::scripts::runner_factory(&config.processing),
     });
     let shutdown = CancellationToken::new();
-    let alarm_task = tokio::spawn(alarms.clone().run(alarm_receiver, shutdown.clone()));
+    let alarm_task = tokio::spawn(alarms.clone().run(alarm_receiver));
+    let silence_task = tokio::spawn(alarms.clone().watch_silence(shutdown.clone()));
     let pipeline = Pipeline::start(
         committed,
         store.clone(),
@@ -181,6 +215,8 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
         live: live.clone(),
         directory,
         alarms,
+        mqtt_router: mqtt_router.clone(),
+        actions: actions.clone(),
     });
 
     let last_seen_task = tokio::spawn(sync_device_status(state.clone(), shutdown.clone()));
@@ -201,6 +237,7 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
     let mqtt_task = tokio::spawn(adapters::mqtt::serve(
         mqtt_listener,
         mqtt_context,
+        mqtt_router,
         shutdown.clone(),
     ));
     drop(ingest);
@@ -226,6 +263,8 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
     tokio::task::spawn_blocking(move || pipeline.finish()).await?;
     // The workers are gone, so the alarm manager's queue has closed.
     let _ = alarm_task.await;
+    let _ = silence_task.await;
+    actions.shutdown().await;
     let _ = last_seen_task.await;
     flush_device_status(&state).await;
     metadata.close().await;

@@ -24,11 +24,14 @@ use crate::segment::{
     parse_segment_file_name, probe_tier,
 };
 use crate::series_log::{LoadedSeries, SeriesLog, SeriesRecord};
+mod retention;
 mod rollup;
 
+use retention::{Cutoffs, RetentionRules};
+
 use crate::{
-    Bucket, MAX_NAME_LEN, MIN_HEAD_BUDGET_BYTES, MemoryUsage, RangePage, SeriesKey, StoreOptions,
-    marker,
+    Bucket, MAX_NAME_LEN, MIN_HEAD_BUDGET_BYTES, MemoryUsage, RangePage, Retention, SeriesKey,
+    StoreOptions, marker,
 };
 
 const LOCK_FILE_NAME: &str = "LOCK";
@@ -48,7 +51,14 @@ pub struct Store {
 
 struct Inner {
     dir: PathBuf,
+    /// Settings given to open, with `retention` and `rollup_retention` moved
+    /// into the fields below.
     options: StoreOptions,
+    /// Retention of raw points; [`Store::set_retention`] replaces it.
+    retention: RwLock<Arc<RetentionRules>>,
+    /// Retention of each rollup tier, in tier order; missing tiers keep
+    /// their rows forever.
+    rollup_retention: Vec<RetentionRules>,
     state: RwLock<State>,
     /// Serialises flush and delete, which append to the series file.
     flush_lock: Mutex<SeriesLog>,
@@ -113,7 +123,7 @@ impl Store {
     /// Fails with [`StoreError::Locked`] when another `Store` has `dir` open,
     /// and with [`StoreError::Corrupt`] when the series file is damaged in a
     /// way that a crash cannot explain.
-    pub fn open(dir: &Path, options: StoreOptions) -> Result<Store, StoreError> {
+    pub fn open(dir: &Path, mut options: StoreOptions) -> Result<Store, StoreError> {
         if options.partition_ns <= 0 {
             return Err(StoreError::InvalidArgument(format!(
                 "partition length must be positive, got {} ns",
@@ -131,6 +141,15 @@ impl Store {
                 "rollup intervals {intervals:?} must be positive, ascending, and each a multiple of the one before"
             )));
         }
+        let retention = RetentionRules::new(std::mem::take(&mut options.retention), "retention")?;
+        let rollup_retention = std::mem::take(&mut options.rollup_retention)
+            .into_iter()
+            .enumerate()
+            .map(|(tier, retention)| {
+                RetentionRules::new(retention, &format!("retention of rollup tier {}", tier + 1))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+
         let started = Instant::now();
         fs::create_dir_all(dir).context("create store directory", dir)?;
         let lock_file = lock_directory(dir)?;
@@ -248,6 +267,8 @@ impl Store {
         let inner = Arc::new(Inner {
             dir: dir.to_path_buf(),
             options,
+            retention: RwLock::new(Arc::new(retention)),
+            rollup_retention,
             state: RwLock::new(state),
             flush_lock: Mutex::new(series_log),
             compaction_lock: Mutex::new(()),
@@ -304,7 +325,7 @@ impl Store {
     /// The batch is checked first and rejected whole with
     /// [`StoreError::InvalidArgument`] when a timestamp is outside the
     /// storable range, a float is NaN or infinite, or a name is longer than
-    /// [`MAX_NAME_LEN`]. Points older than the tenant's retention are
+    /// [`MAX_NAME_LEN`]. Points older than the device's retention are
     /// accepted and expire at once: the caller rejects them before they
     /// reach the store when the sender must get an error.
     pub fn write(
@@ -421,7 +442,7 @@ impl Store {
     /// "Latest" is the greatest timestamp. Served from memory in O(keys).
     /// Keys whose latest point is older than the retention are left out.
     pub fn latest(&self, tenant: &str, device: &str) -> Vec<(String, TimestampNs, Value)> {
-        let cutoff = self.inner.cutoff(tenant);
+        let cutoff = self.inner.cutoff(tenant, device);
         let state = self.inner.state.read();
         let Some(keys) = state.catalog.device(tenant, device) else {
             return Vec::new();
@@ -441,7 +462,7 @@ impl Store {
     /// Returns the keys of a device that have at least one point within the
     /// retention, sorted.
     pub fn keys(&self, tenant: &str, device: &str) -> Vec<String> {
-        let cutoff = self.inner.cutoff(tenant);
+        let cutoff = self.inner.cutoff(tenant, device);
         let state = self.inner.state.read();
         let Some(keys) = state.catalog.device(tenant, device) else {
             return Vec::new();
@@ -578,18 +599,16 @@ impl Store {
             (id, head_min)
         };
         let now = self.inner.now();
-        let mut cutoffs = vec![self.inner.cutoff(&series.tenant)];
+        let mut cutoffs = vec![self.inner.cutoff(&series.tenant, &series.device)];
         for tier in 0..self.inner.tier_count() {
-            cutoffs.push(self.inner.options.rollup_retention.get(tier).map_or(
-                TimestampNs::MIN,
-                |retention| {
-                    if retention.of(&series.tenant).is_none() {
-                        TimestampNs::MIN
-                    } else {
-                        retention.cutoff(&series.tenant, now)
-                    }
-                },
-            ));
+            cutoffs.push(
+                self.inner
+                    .rollup_retention
+                    .get(tier)
+                    .map_or(TimestampNs::MIN, |rules| {
+                        rules.device_cutoff(&series.tenant, &series.device, now)
+                    }),
+            );
         }
         self.inner.summarize(id, tier, bounds, head_min, &cutoffs)
     }
@@ -605,6 +624,29 @@ impl Store {
     /// Intervals of the rollup tiers, in nanoseconds.
     pub fn rollup_intervals(&self) -> &[i64] {
         &self.inner.options.rollup_intervals
+    }
+
+    /// Replaces the retention of raw points (rollup tiers keep theirs).
+    /// Queries apply it at once. The maintenance pass that this call starts
+    /// deletes the points it expires, as far as whole files and compaction
+    /// allow (see the crate documentation).
+    ///
+    /// A cutoff never moves back in time. When the retention of a tenant or
+    /// device gets longer, points already past its old cutoff stay expired,
+    /// and only newer points are kept longer. A shorter retention applies
+    /// to all points. This holds until the store is closed, because a store
+    /// opened again starts from the retention in [`StoreOptions`].
+    ///
+    /// Fails with [`StoreError::InvalidArgument`], and changes nothing,
+    /// when a duration is zero or negative.
+    pub fn set_retention(&self, retention: Retention) -> Result<(), StoreError> {
+        self.inner.set_retention(retention)
+    }
+
+    /// Returns the retention of raw points: the one given to
+    /// [`Store::set_retention`] last, else the one given at open.
+    pub fn retention(&self) -> Retention {
+        self.inner.raw_retention().retention().clone()
     }
 
     /// Deletes all points and keys of a device. Durable when it returns
@@ -644,13 +686,6 @@ impl Drop for Store {
 impl Inner {
     fn now(&self) -> TimestampNs {
         (self.options.clock)()
-    }
-
-    fn cutoff(&self, tenant: &str) -> TimestampNs {
-        if self.options.retention.of(tenant).is_none() {
-            return TimestampNs::MIN;
-        }
-        self.options.retention.cutoff(tenant, self.now())
     }
 
     fn take_seq(&self) -> u64 {
@@ -968,11 +1003,11 @@ impl Inner {
     /// every rollup tier.
     fn maintain(&self, full: bool) -> Result<(), StoreError> {
         let _running = self.compaction_lock.lock();
-        let cutoffs = self.cutoffs_for(&self.options.retention);
+        let cutoffs = self.cutoffs_for(&self.raw_retention());
         self.maintain_tier::<Value>(0, full, &cutoffs)?;
         for tier in 0..self.tier_count() {
-            let cutoffs = match self.options.rollup_retention.get(tier) {
-                Some(retention) => self.cutoffs_for(retention),
+            let cutoffs = match self.rollup_retention.get(tier) {
+                Some(rules) => self.cutoffs_for(rules),
                 None => None,
             };
             let tier_byte = u8::try_from(tier + 1).expect("at most 254 tiers");
@@ -1014,25 +1049,6 @@ impl Inner {
             0 => self.options.partition_ns,
             tier => self.tier_partition_ns(usize::from(tier) - 1),
         }
-    }
-
-    /// Retention cutoff per series, or `None` when `retention` keeps
-    /// everything.
-    fn cutoffs_for(&self, retention: &crate::Retention) -> Option<Cutoffs> {
-        if retention.default.is_none() && retention.tenants.values().all(Option::is_none) {
-            return None;
-        }
-        let now = self.now();
-        let state = self.state.read();
-        Some(Cutoffs {
-            by_tenant: state
-                .catalog
-                .tenant_names()
-                .iter()
-                .map(|tenant| retention.cutoff(tenant, now))
-                .collect(),
-            tenant_of: state.catalog.tenants_by_id().to_vec(),
-        })
     }
 
     /// Deletes segments whose every series ends before its retention
@@ -1301,7 +1317,7 @@ impl Inner {
     /// Head points are copied under the read lock; segment blocks are read
     /// later, without the lock.
     fn merged_points(&self, series: &SeriesKey, lo: TimestampNs, end: TimestampNs) -> MergedPoints {
-        let lo = lo.max(self.cutoff(&series.tenant));
+        let lo = lo.max(self.cutoff(&series.tenant, &series.device));
         let Some(id) = self.state.read().catalog.get(series) else {
             return MergedPoints::empty();
         };
@@ -1362,60 +1378,6 @@ impl SegmentList for Bucket {
 
     fn list_mut(state: &mut State, tier: u8) -> &mut Vec<Arc<Segment<Bucket>>> {
         &mut state.rollups[usize::from(tier) - 1]
-    }
-}
-
-/// Retention cutoffs during one maintenance pass.
-struct Cutoffs {
-    /// Cutoff per tenant number.
-    by_tenant: Vec<TimestampNs>,
-    /// Tenant number per series id, copied from the catalog.
-    tenant_of: Vec<u32>,
-}
-
-impl Cutoffs {
-    fn tenant(&self, id: SeriesId) -> u32 {
-        usize::try_from(id.0)
-            .ok()
-            .and_then(|index| self.tenant_of.get(index))
-            .copied()
-            .unwrap_or(NO_TENANT)
-    }
-
-    /// Series that are not live (deleted) expire entirely.
-    fn of(&self, id: SeriesId) -> TimestampNs {
-        self.of_tenant(self.tenant(id))
-    }
-
-    fn of_tenant(&self, tenant: u32) -> TimestampNs {
-        usize::try_from(tenant)
-            .ok()
-            .and_then(|index| self.by_tenant.get(index))
-            .copied()
-            .unwrap_or(TimestampNs::MAX)
-    }
-
-    /// True when every point of `segment` is older than the cutoff of its
-    /// series. The greatest timestamp per tenant is read from the index
-    /// once per segment.
-    fn all_expired<V: StoredValue>(&self, segment: &Segment<V>) -> Result<bool, StoreError> {
-        let per_tenant = match segment.tenant_max_ts.get() {
-            Some(per_tenant) => per_tenant,
-            None => {
-                let mut max_ts: BTreeMap<u32, TimestampNs> = BTreeMap::new();
-                for entry in segment.entries() {
-                    let (id, entry) = entry?;
-                    let slot = max_ts.entry(self.tenant(id)).or_insert(entry.max_ts);
-                    *slot = (*slot).max(entry.max_ts);
-                }
-                segment
-                    .tenant_max_ts
-                    .get_or_init(|| max_ts.into_iter().collect())
-            }
-        };
-        Ok(per_tenant
-            .iter()
-            .all(|(tenant, max_ts)| *max_ts < self.of_tenant(*tenant)))
     }
 }
 

@@ -6,6 +6,7 @@ mod compat;
 mod golden;
 mod model;
 mod recovery;
+mod retention;
 
 use std::path::{Path, PathBuf};
 

@@ -1,7 +1,9 @@
 //! Alarms: listing with filters, one alarm with its history, and the
 //! acknowledge and clear actions of operators.
 //!
-//! - `GET /api/v1/alarms[?status=active|acknowledged|cleared|open][&device_id=][&rule=][&severity=MIN][&before=MS][&limit=N]`
+//! - `GET /api/v1/alarms[?status=active|acknowledged|cleared|open][&device_id=][&rule=][&severity=MIN][&before=CURSOR][&limit=N]`
+//!   lists newest first; `next_before` in the response is the cursor of the
+//!   next page.
 //! - `GET /api/v1/alarms/{id}`: the alarm and its history.
 //! - `POST /api/v1/alarms/{id}/ack` and `POST /api/v1/alarms/{id}/clear`
 //!   (operator role).
@@ -84,7 +86,7 @@ pub async fn list(
         .list_alarms(principal.tenant_id, &filter)
         .await?;
     let next_before = (alarms.len() as i64 == limit)
-        .then(|| alarms.last().map(|alarm| alarm.raised_at))
+        .then(|| alarms.last().map(|alarm| alarm.cursor))
         .flatten();
     Ok(Json(
         json!({ "alarms": alarms, "next_before": next_before }),

@@ -77,6 +77,7 @@ async fn list_for(
         pending_only: params.pending.unwrap_or(false),
         before_id: params.before,
         limit,
+        oldest_first: false,
     };
     let letters = state
         .metadata
@@ -145,27 +146,40 @@ pub async fn replay(
             ))
         })?
     };
+    if request.ids.len() > MAX_REPLAY as usize {
+        return Err(ApiError::invalid_param(
+            "ids",
+            format!(
+                "ids lists {} letters; replay at most {MAX_REPLAY} per request",
+                request.ids.len()
+            ),
+        ));
+    }
     let filter = DeadLetterFilter {
         device_id: Some(id),
         ids: request.ids,
         pending_only: true,
         before_id: None,
         limit: MAX_REPLAY,
+        // The device's messages keep their order.
+        oldest_first: true,
     };
-    let mut letters = state
+    let letters = state
         .metadata
         .list_dead_letters(principal.tenant_id, &filter)
         .await?;
-    // Oldest first, so the device's messages keep their order.
-    letters.reverse();
-    let mut envelopes = Vec::with_capacity(letters.len());
-    for letter in &letters {
-        let content_type = ContentType::from_name(&letter.content_type).ok_or_else(|| {
-            ApiError::bad_request(format!(
-                "dead letter {} has an unknown content type {:?}",
-                letter.id, letter.content_type
-            ))
-        })?;
+    // Marking first means a concurrent replay cannot take the same letters.
+    let claimed = state
+        .metadata
+        .claim_dead_letters(&letters.iter().map(|letter| letter.id).collect::<Vec<_>>())
+        .await?;
+    let mut envelopes = Vec::with_capacity(claimed.len());
+    let mut ids = Vec::with_capacity(claimed.len());
+    for letter in letters.iter().filter(|letter| claimed.contains(&letter.id)) {
+        let Some(content_type) = ContentType::from_name(&letter.content_type) else {
+            tracing::warn!(dead_letter = letter.id, content_type = %letter.content_type, "a dead letter has an unknown content type; it is skipped");
+            continue;
+        };
         envelopes.push(Envelope {
             tenant_id: principal.tenant_id,
             device_id: id,
@@ -179,11 +193,15 @@ pub async fn replay(
             payload: letter.payload.clone().into(),
             meta: letter.meta.clone().into(),
         });
+        ids.push(letter.id);
     }
-    let ids: Vec<i64> = letters.iter().map(|letter| letter.id).collect();
-    if !envelopes.is_empty() {
-        state.ingest.append(envelopes).await?;
-        state.metadata.mark_dead_letters_replayed(&ids).await?;
+    if !envelopes.is_empty()
+        && let Err(error) = state.ingest.append(envelopes).await
+    {
+        if let Err(unclaim) = state.metadata.unclaim_dead_letters(&claimed).await {
+            tracing::error!(%unclaim, "cannot mark dead letters as pending again after a failed replay");
+        }
+        return Err(error.into());
     }
     metrics::counter!("ferrite_pipeline_dead_letters_replayed_total").increment(ids.len() as u64);
     tracing::info!(device_id = %id, count = ids.len(), by = %principal.subject, "dead letters replayed");

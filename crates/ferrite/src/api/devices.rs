@@ -164,13 +164,28 @@ async fn apply_patch(
         labels: patch.labels,
         attributes: patch.attributes,
     };
+    let profile_changed = changes.profile_id.is_some();
     let device = state
         .metadata
         .update_device(principal.tenant_id, id, &changes)
         .await?;
-    state.directory.forget_device(id);
+    state.directory.store_device(device.clone());
     // The authentication cache holds the profile, which picks the codec.
     state.auth.forget_device(id);
+    if profile_changed {
+        // Alarms of the old profile's rules have nothing left to clear them.
+        let profile = match device.profile_id {
+            Some(profile) => state
+                .directory
+                .profile(profile)
+                .await
+                .ok()
+                .and_then(Result::ok),
+            None => None,
+        };
+        state.alarms.reconcile(profile.as_deref(), Some(id)).await;
+        state.sync_device_retention().await;
+    }
     Ok(device)
 }
 
@@ -216,8 +231,12 @@ pub async fn create(
         ))
     })?;
     check_name(&request.name)?;
-    // Check the profile before the device exists, so a wrong name does not
-    // leave a device behind.
+    // Check the labels and the profile before the device exists, so a
+    // mistake does not leave a device behind.
+    if let Some(labels) = &request.changes.labels {
+        crate::metadata::profiles::check_label_patch(labels)
+            .map_err(|message| ApiError::invalid_param("labels", message))?;
+    }
     if let Some(Some(reference)) = &request.changes.profile {
         super::profiles::find(&state, principal.tenant_id, reference).await?;
     }

@@ -951,7 +951,6 @@ mod tests {
     use super::*;
     use crate::auth::Auth;
     use crate::config::Config;
-    use crate::ingest::LogOptions;
     use crate::metadata::SqliteMetadata;
     use crate::store::{EmbeddedStore, TimeSeriesStore};
 
@@ -985,22 +984,30 @@ mod tests {
         let store: Arc<dyn TimeSeriesStore> = Arc::new(
             EmbeddedStore::open(&dir.path().join("tsdb"), &config.storage).expect("store"),
         );
-        let options = LogOptions {
-            durability: config.ingest.durability,
-            segment_bytes: config.ingest.segment_bytes,
-            queue_capacity: config.ingest.queue_capacity,
-            append_timeout: config.ingest.append_timeout,
-        };
-        let (ingest, log, _committed, _ready) =
-            crate::ingest::open(&dir.path().join("log"), options, store.durable_marker())
-                .expect("ingest log");
+        let crate::ingest::OpenedLog {
+            handle: ingest,
+            control: log,
+            ..
+        } = crate::ingest::open(&config, store.durable_marker())
+            .await
+            .expect("ingest log");
 
         let live = crate::live::LiveBus::default();
         let directory = Arc::new(crate::profiles::Directory::new(metadata.clone()));
-        let (alarms, _signals, _alarm_queue) =
-            crate::alarms::AlarmManager::open(metadata.clone(), directory.clone(), live.clone())
-                .await
-                .expect("alarm manager");
+        let mqtt_router = crate::adapters::mqtt::Router::new(&config.mqtt);
+        let actions =
+            crate::actions::Actions::start(&config.actions, metadata.clone(), mqtt_router.clone())
+                .expect("actions");
+        let seen = crate::pipeline::SeenDevices::default();
+        let (alarms, _signals, _alarm_queue) = crate::alarms::AlarmManager::open(
+            metadata.clone(),
+            directory.clone(),
+            live.clone(),
+            actions.clone(),
+            seen.clone(),
+        )
+        .await
+        .expect("alarm manager");
 
         let tenant = metadata.default_tenant().await.expect("tenant");
         let key = crate::auth::generate_api_key();
@@ -1025,12 +1032,14 @@ mod tests {
                 .build_recorder()
                 .handle(),
             ready: AtomicBool::new(true),
-            seen: Default::default(),
+            seen,
             pending_labels: Default::default(),
             device_names: Default::default(),
             live,
             directory,
             alarms,
+            mqtt_router,
+            actions,
         });
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("address");

@@ -3,8 +3,10 @@
 //! Every endpoint except login takes `Authorization: Bearer <JWT or API key>`
 //! and works inside the caller's tenant; ids of other tenants get 404.
 
+mod actions;
 mod alarms;
 mod buckets;
+mod commands;
 mod dead_letters;
 pub mod devices;
 pub mod error;
@@ -54,7 +56,11 @@ pub fn router() -> Router<Arc<AppState>> {
             "/api/v1/profiles",
             get(profiles::list).post(profiles::create),
         )
-        .route("/api/v1/profiles/import", post(profiles::import))
+        .route(
+            "/api/v1/profiles/import",
+            // The handler applies its own, larger limit.
+            post(profiles::import).layer(axum::extract::DefaultBodyLimit::disable()),
+        )
         .route("/api/v1/profiles/test", post(profiles::test))
         .route(
             "/api/v1/profiles/{id}",
@@ -67,6 +73,7 @@ pub fn router() -> Router<Arc<AppState>> {
         .route("/api/v1/alarms/{id}/ack", post(alarms::acknowledge))
         .route("/api/v1/alarms/{id}/clear", post(alarms::clear))
         .route("/api/v1/devices/{id}/token", post(devices::rotate_token))
+        .route("/api/v1/devices/{id}/commands", post(commands::send))
         .route(
             "/api/v1/devices/{id}/telemetry/latest",
             get(telemetry::latest),
@@ -84,6 +91,13 @@ pub fn router() -> Router<Arc<AppState>> {
             "/api/v1/api-keys/{id}",
             axum::routing::delete(devices::revoke_api_key),
         )
+        .route("/api/v1/actions/deliveries", get(actions::list))
+        .route("/api/v1/actions/deliveries/{id}", get(actions::get_one))
+        .route(
+            "/api/v1/actions/deliveries/{id}/retry",
+            post(actions::retry),
+        )
+        .route("/api/v1/actions/test", post(actions::test))
         // GET /api/v1/live/ws and GET /api/v1/live/sse.
         .merge(live::router())
 }

@@ -114,9 +114,15 @@ fn read_documents(headers: &HeaderMap, body: &[u8]) -> Result<Vec<ProfileSpec>, 
 }
 
 /// Compiles a profile document, or returns every problem as a 422.
-fn check(spec: ProfileSpec) -> Result<CompiledProfile, ApiError> {
-    CompiledProfile::compile(ProfileId::new_random(), TenantId::new_random(), 0, spec)
-        .map_err(|problems| ApiError::invalid_document("Invalid profile", problems))
+/// Compiling a script runs its top level for up to its time limit, so it
+/// runs off the async threads.
+async fn check(spec: ProfileSpec) -> Result<CompiledProfile, ApiError> {
+    tokio::task::spawn_blocking(move || {
+        CompiledProfile::compile(ProfileId::new_random(), TenantId::new_random(), 0, spec)
+    })
+    .await
+    .map_err(|_| ApiError::internal())?
+    .map_err(|problems| ApiError::invalid_document("Invalid profile", problems))
 }
 
 fn single(mut specs: Vec<ProfileSpec>) -> Result<ProfileSpec, ApiError> {
@@ -129,15 +135,25 @@ fn single(mut specs: Vec<ProfileSpec>) -> Result<ProfileSpec, ApiError> {
     }
 }
 
-/// Compiles a stored profile and puts it into the pipeline's cache.
-fn publish(state: &AppState, stored: &StoredProfile) {
-    match CompiledProfile::from_stored(stored.clone()) {
-        Ok(compiled) => state.directory.store_profile(Arc::new(compiled)),
+/// Compiles a stored profile, puts it into the pipeline's cache and clears
+/// open alarms of rules it no longer has. Returns the compiled profile.
+async fn publish(state: &AppState, stored: &StoredProfile) -> Option<Arc<CompiledProfile>> {
+    let stored = stored.clone();
+    let id = stored.id;
+    match tokio::task::spawn_blocking(move || CompiledProfile::from_stored(stored)).await {
+        Ok(Ok(compiled)) => {
+            let compiled = state.directory.store_profile(Arc::new(compiled));
+            state.alarms.reconcile(Some(&compiled), None).await;
+            state.sync_device_retention().await;
+            Some(compiled)
+        }
         // Checked before saving, so this is a bug; the pipeline reports it
         // per message.
-        Err(problems) => {
-            tracing::error!(profile_id = %stored.id, ?problems, "a saved profile does not compile")
+        Ok(Err(problems)) => {
+            tracing::error!(profile_id = %id, ?problems, "a saved profile does not compile");
+            None
         }
+        Err(_) => None,
     }
 }
 
@@ -181,12 +197,12 @@ pub async fn create(
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
     principal.require(Role::Admin)?;
     let spec = single(read_documents(&headers, &body)?)?;
-    check(spec.clone())?;
+    check(spec.clone()).await?;
     let stored = state
         .metadata
         .create_profile(principal.tenant_id, &spec)
         .await?;
-    publish(&state, &stored);
+    publish(&state, &stored).await;
     tracing::info!(profile_id = %stored.id, name = %spec.name, by = %principal.subject, "profile created");
     Ok((StatusCode::CREATED, Json(profile_json(&stored))))
 }
@@ -203,12 +219,12 @@ pub async fn replace(
     principal.require(Role::Admin)?;
     let existing = find(&state, principal.tenant_id, &reference).await?;
     let spec = single(read_documents(&headers, &body)?)?;
-    check(spec.clone())?;
+    check(spec.clone()).await?;
     let stored = state
         .metadata
         .update_profile(principal.tenant_id, existing.id, &spec)
         .await?;
-    publish(&state, &stored);
+    publish(&state, &stored).await;
     tracing::info!(profile_id = %stored.id, version = stored.version, by = %principal.subject, "profile updated");
     Ok(Json(profile_json(&stored)))
 }
@@ -236,12 +252,12 @@ pub async fn import(
     State(state): State<Arc<AppState>>,
     principal: Principal,
     headers: HeaderMap,
-    body: Bytes,
+    body: axum::body::Body,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    let body = axum::body::to_bytes(body, MAX_IMPORT_BYTES)
+        .await
+        .map_err(|_| ApiError::payload_too_large(MAX_IMPORT_BYTES))?;
     principal.require(Role::Admin)?;
-    if body.len() > MAX_IMPORT_BYTES {
-        return Err(ApiError::payload_too_large(MAX_IMPORT_BYTES));
-    }
     let specs = read_documents(&headers, &body)?;
     if specs.is_empty() {
         return Err(ApiError::bad_request("the file contains no profile"));
@@ -251,7 +267,7 @@ pub async fn import(
         if specs[..index].iter().any(|other| other.name == spec.name) {
             problems.push(format!("profile {:?} appears twice in the file", spec.name));
         }
-        if let Err(error) = check(spec.clone()) {
+        if let Err(error) = check(spec.clone()).await {
             problems.extend(
                 error
                     .errors
@@ -264,31 +280,21 @@ pub async fn import(
         return Err(ApiError::invalid_document("Invalid profile file", problems));
     }
 
-    let mut results = Vec::with_capacity(specs.len());
-    for spec in &specs {
-        let (stored, action) = match state
-            .metadata
-            .profile_by_name(principal.tenant_id, &spec.name)
-            .await?
-        {
-            Some(existing) if existing.spec == *spec => (existing, "unchanged"),
-            Some(existing) => (
-                state
-                    .metadata
-                    .update_profile(principal.tenant_id, existing.id, spec)
-                    .await?,
-                "updated",
-            ),
-            None => (
-                state
-                    .metadata
-                    .create_profile(principal.tenant_id, spec)
-                    .await?,
-                "created",
-            ),
-        };
-        publish(&state, &stored);
-        results.push(json!({"id": stored.id, "name": spec.name, "version": stored.version, "action": action}));
+    let stored = state
+        .metadata
+        .import_profiles(principal.tenant_id, &specs)
+        .await?;
+    let mut results = Vec::with_capacity(stored.len());
+    for (profile, action) in &stored {
+        if *action != "unchanged" {
+            publish(&state, profile).await;
+        }
+        results.push(json!({
+            "id": profile.id,
+            "name": profile.spec.name,
+            "version": profile.version,
+            "action": action,
+        }));
     }
     tracing::info!(profiles = results.len(), by = %principal.subject, "profiles imported");
     Ok(Json(json!({ "profiles": results })))
@@ -344,7 +350,7 @@ pub async fn test(
             CompiledProfile::from_stored(stored)
                 .map_err(|problems| ApiError::invalid_document("Invalid profile", problems))?
         }
-        (None, Some(spec)) => check(spec)?,
+        (None, Some(spec)) => check(spec).await?,
         _ => {
             return Err(ApiError::bad_request(
                 "give either \"profile\" (a stored profile's id or name) or \"spec\" (a profile document)",

@@ -46,10 +46,11 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use anyhow::Context;
+use futures::future::BoxFuture;
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{AppendRequest, Envelope, IngestError, IngestHandle, LogCommand};
+use super::{Committed, Envelope, IngestError, IngestHandle, IngestLog, LogControl};
 use crate::config::Durability;
 
 const RECORD_HEADER: usize = 4 + 4 + 8;
@@ -61,14 +62,6 @@ const MAX_GROUP_BYTES: usize = 16 * 1024 * 1024;
 /// A segment being written is closed early, so that a checkpoint can delete
 /// it, once every record in it is stored and it contains at least this much.
 const CLOSE_COVERED_BYTES: u64 = 1024 * 1024;
-
-/// Committed envelopes, in sequence order, for the pipeline.
-pub struct Committed {
-    /// Sequence number of the last record in this batch; every record up to
-    /// it is in this batch or an earlier one.
-    pub last_seq: u64,
-    pub records: Vec<(u64, Envelope)>,
-}
 
 #[derive(Debug, Clone)]
 pub struct LogOptions {
@@ -83,30 +76,83 @@ struct Segment {
     path: PathBuf,
 }
 
-/// Owner-side control of the log: checkpoints and shutdown.
-pub struct LogControl {
+struct AppendRequest {
+    envelopes: Vec<Envelope>,
+    done: oneshot::Sender<Result<(), IngestError>>,
+}
+
+enum LogCommand {
+    Append(AppendRequest),
+    /// Every record up to this sequence number is stored elsewhere: when
+    /// that covers the whole segment being written, start a new one so the
+    /// covered one can be deleted.
+    Covered(u64),
+    Shutdown,
+}
+
+/// The adapters' and the owner's side of the embedded log. The files belong
+/// to the writer thread; this only queues commands for it and deletes
+/// covered segments.
+struct EmbeddedLog {
     segments: Arc<Mutex<Vec<Segment>>>,
     commands: mpsc::Sender<LogCommand>,
+    append_timeout: Duration,
     writer: Mutex<Option<JoinHandle<()>>>,
 }
 
-impl LogControl {
-    /// Deletes the segments whose records are all at or below `marker`,
-    /// and requests that the writer close the segment it writes when `marker`
-    /// covers all of it (a later checkpoint deletes it then).
-    pub fn checkpoint(&self, marker: u64) {
-        // Best effort: when the queue is full, a later checkpoint sends it again.
-        let _ = self.commands.try_send(LogCommand::Covered(marker));
-        delete_covered(&self.segments, marker);
+impl EmbeddedLog {
+    /// Queues `envelopes` for the writer and waits until they are written
+    /// (and synced, with `durability = "fsync"`).
+    async fn append_envelopes(&self, envelopes: Vec<Envelope>) -> Result<(), IngestError> {
+        // The sequence number shares the record body with the envelope.
+        if let Some(large) = envelopes
+            .iter()
+            .find(|envelope| envelope.encoded_len() + 8 > MAX_RECORD_BODY)
+        {
+            return Err(IngestError::TooLarge(large.encoded_len()));
+        }
+        let (done, wait) = oneshot::channel();
+        let request = LogCommand::Append(AppendRequest { envelopes, done });
+
+        // A full queue means the writer or the pipeline behind it is slower
+        // than the input: wait a bounded time, then tell the client.
+        match tokio::time::timeout(self.append_timeout, self.commands.send(request)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return Err(IngestError::ShuttingDown),
+            Err(_) => {
+                metrics::counter!("ferrite_ingest_overloaded_total").increment(1);
+                return Err(IngestError::Overloaded);
+            }
+        }
+        wait.await.unwrap_or(Err(IngestError::ShuttingDown))
     }
 
     /// Commits everything appended so far, stops the writer and waits for it.
-    pub async fn shutdown(&self) {
+    async fn stop_writer(&self) {
         let _ = self.commands.send(LogCommand::Shutdown).await;
         let writer = self.writer.lock().take();
         if let Some(writer) = writer {
             let _ = tokio::task::spawn_blocking(move || writer.join()).await;
         }
+    }
+}
+
+impl IngestLog for EmbeddedLog {
+    fn append(&self, envelopes: Vec<Envelope>) -> BoxFuture<'_, Result<(), IngestError>> {
+        Box::pin(self.append_envelopes(envelopes))
+    }
+
+    /// Deletes the segments whose records are all at or below `marker`,
+    /// and requests that the writer close the segment it writes when `marker`
+    /// covers all of it (a later checkpoint deletes it then).
+    fn checkpoint(&self, marker: u64) {
+        // Best effort: when the queue is full, a later checkpoint sends it again.
+        let _ = self.commands.try_send(LogCommand::Covered(marker));
+        delete_covered(&self.segments, marker);
+    }
+
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        Box::pin(self.stop_writer())
     }
 }
 
@@ -169,15 +215,12 @@ pub fn open(
         .spawn(move || writer.run(commands_rx, replay_after, ready_tx))
         .context("cannot start the ingest log writer thread")?;
 
-    let handle = IngestHandle {
-        commands: commands_tx.clone(),
-        append_timeout: options.append_timeout,
-    };
-    let control = LogControl {
+    let (handle, control) = super::split(Arc::new(EmbeddedLog {
         segments,
         commands: commands_tx,
+        append_timeout: options.append_timeout,
         writer: Mutex::new(Some(thread)),
-    };
+    }));
     Ok((handle, control, committed_rx, ready_rx))
 }
 

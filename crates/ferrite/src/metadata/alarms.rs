@@ -36,6 +36,9 @@ pub struct Alarm {
     pub acknowledged_at: Option<i64>,
     pub acknowledged_by: Option<String>,
     pub cleared_at: Option<i64>,
+    /// Paging position for `GET /api/v1/alarms?before=`.
+    #[serde(skip)]
+    pub cursor: i64,
 }
 
 impl Alarm {
@@ -63,7 +66,7 @@ pub struct AlarmFilter {
     pub device_id: Option<DeviceId>,
     pub rule: Option<String>,
     pub min_severity: Option<Severity>,
-    /// Alarms raised before this time (epoch milliseconds), for paging.
+    /// Paging cursor: alarms listed after the one with this `cursor`.
     pub before: Option<i64>,
     pub limit: i64,
 }
@@ -78,11 +81,13 @@ pub struct NewAlarm<'a> {
     pub message: &'a str,
     pub details: &'a serde_json::Value,
     pub at: i64,
+    /// Ingest log position of the message that raised it.
+    pub seq: Option<u64>,
 }
 
 macro_rules! alarm_columns {
     () => {
-        "a.id, a.tenant_id, a.device_id, d.name AS device_name, a.profile_id, a.rule, a.severity, a.status, a.acknowledged, a.message, a.details, a.raised_at, a.updated_at, a.acknowledged_at, a.acknowledged_by, a.cleared_at"
+        "a.id, a.tenant_id, a.device_id, d.name AS device_name, a.profile_id, a.rule, a.severity, a.status, a.acknowledged, a.message, a.details, a.raised_at, a.updated_at, a.acknowledged_at, a.acknowledged_by, a.cleared_at, a.rowid AS cursor"
     };
 }
 
@@ -114,6 +119,7 @@ fn alarm_from_row(row: sqlx::sqlite::SqliteRow) -> Result<Alarm, MetadataError> 
         acknowledged_at: row.try_get("acknowledged_at")?,
         acknowledged_by: row.try_get("acknowledged_by")?,
         cleared_at: row.try_get("cleared_at")?,
+        cursor: row.try_get("cursor")?,
     })
 }
 
@@ -159,6 +165,27 @@ impl SqliteMetadata {
             .ok_or(MetadataError::NotFound("alarm"))
     }
 
+    /// Returns the ingest log position of the last transition applied per
+    /// device and rule, for the alarm manager's start.
+    pub async fn alarm_positions(
+        &self,
+    ) -> Result<std::collections::HashMap<(DeviceId, String), u64>, MetadataError> {
+        let rows = sqlx::query(
+            "SELECT device_id, rule, MAX(last_seq) AS last_seq FROM alarms WHERE last_seq IS NOT NULL GROUP BY device_id, rule",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|row| {
+                let seq: i64 = row.try_get("last_seq")?;
+                Ok((
+                    (parse_id(row.try_get("device_id")?)?, row.try_get("rule")?),
+                    seq as u64,
+                ))
+            })
+            .collect()
+    }
+
     /// Returns every open alarm of every tenant, for the alarm manager's
     /// start.
     pub async fn open_alarms(&self) -> Result<Vec<Alarm>, MetadataError> {
@@ -176,8 +203,8 @@ impl SqliteMetadata {
         let id = AlarmId::new_random();
         let mut tx = self.begin_write().await?;
         sqlx::query(
-            "INSERT INTO alarms (id, tenant_id, device_id, profile_id, rule, severity, status, message, details, raised_at, updated_at)
-             VALUES (?, ?, ?, ?, ?, ?, 'active', ?, ?, ?, ?)",
+            "INSERT INTO alarms (id, tenant_id, device_id, profile_id, rule, severity, status, message, details, raised_at, updated_at, last_seq)
+             VALUES (?, ?, ?, ?, ?, ?, 'active', ?, ?, ?, ?, ?)",
         )
         .bind(id.to_string())
         .bind(new.tenant_id.to_string())
@@ -189,6 +216,7 @@ impl SqliteMetadata {
         .bind(new.details.to_string())
         .bind(new.at)
         .bind(new.at)
+        .bind(new.seq.map(|seq| seq as i64))
         .execute(&mut *tx)
         .await?;
         append_event(
@@ -214,15 +242,17 @@ impl SqliteMetadata {
         message: &str,
         details: &serde_json::Value,
         at: i64,
+        seq: Option<u64>,
     ) -> Result<Alarm, MetadataError> {
         let mut tx = self.begin_write().await?;
         sqlx::query(
-            "UPDATE alarms SET severity = ?, message = ?, details = ?, updated_at = ? WHERE id = ?",
+            "UPDATE alarms SET severity = ?, message = ?, details = ?, updated_at = ?, last_seq = COALESCE(?, last_seq) WHERE id = ?",
         )
         .bind(severity.as_str())
         .bind(message)
         .bind(details.to_string())
         .bind(at)
+        .bind(seq.map(|seq| seq as i64))
         .bind(id.to_string())
         .execute(&mut *tx)
         .await?;
@@ -248,6 +278,7 @@ impl SqliteMetadata {
         details: &serde_json::Value,
         at: i64,
         actor: Option<&str>,
+        seq: Option<u64>,
     ) -> Result<Alarm, MetadataError> {
         let mut tx = self.begin_write().await?;
         let alarm = self.alarm_in(&mut tx, id).await?;
@@ -257,10 +288,11 @@ impl SqliteMetadata {
             ));
         }
         sqlx::query(
-            "UPDATE alarms SET status = 'cleared', cleared_at = ?, updated_at = ? WHERE id = ?",
+            "UPDATE alarms SET status = 'cleared', cleared_at = ?, updated_at = ?, last_seq = COALESCE(?, last_seq) WHERE id = ?",
         )
         .bind(at)
         .bind(at)
+        .bind(seq.map(|seq| seq as i64))
         .bind(id.to_string())
         .execute(&mut *tx)
         .await?;
@@ -381,7 +413,7 @@ impl SqliteMetadata {
             sql.push_str(" AND a.rule = ?");
         }
         if filter.before.is_some() {
-            sql.push_str(" AND a.raised_at < ?");
+            sql.push_str(" AND a.rowid < ?");
         }
         if let Some(min) = filter.min_severity {
             let names: Vec<String> = Severity::ALL
@@ -391,7 +423,9 @@ impl SqliteMetadata {
                 .collect();
             sql.push_str(&format!(" AND a.severity IN ({})", names.join(", ")));
         }
-        sql.push_str(" ORDER BY a.raised_at DESC, a.id LIMIT ?");
+        // Row ids grow with every raise, so they order alarms as their
+        // raise times do and, unlike times, never tie.
+        sql.push_str(" ORDER BY a.rowid DESC LIMIT ?");
         let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(tenant.to_string());
         if let Some(device) = filter.device_id {
             query = query.bind(device.to_string());

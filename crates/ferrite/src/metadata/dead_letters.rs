@@ -23,6 +23,8 @@ pub struct NewDeadLetter {
     pub reason: String,
     pub profile_id: Option<ProfileId>,
     pub profile_version: Option<i64>,
+    /// Ingest log position of the message.
+    pub log_seq: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -57,6 +59,8 @@ pub struct DeadLetterFilter {
     /// Ids below this one (for paging backwards).
     pub before_id: Option<i64>,
     pub limit: i64,
+    /// Oldest first, as a replay needs them.
+    pub oldest_first: bool,
 }
 
 fn dead_letter_from_row(row: sqlx::sqlite::SqliteRow) -> Result<DeadLetter, MetadataError> {
@@ -87,15 +91,18 @@ impl SqliteMetadata {
         &self,
         letters: &[NewDeadLetter],
         keep_per_device: i64,
+        keep_total: i64,
     ) -> Result<(), MetadataError> {
         let now = now_ms();
         let mut tx = self.begin_write().await?;
         for letter in letters {
             // A device deleted meanwhile has no row to refer to; its letter
             // goes with it.
+            // A replay of the log after a crash meets letters it recorded
+            // before; the position keeps them from being recorded twice.
             sqlx::query(
-                "INSERT INTO dead_letters (tenant_id, device_id, received_at_ns, protocol, content_type, payload, meta, stage, reason, profile_id, profile_version, created_at)
-                 SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM devices WHERE id = ?)",
+                "INSERT OR IGNORE INTO dead_letters (tenant_id, device_id, received_at_ns, protocol, content_type, payload, meta, stage, reason, profile_id, profile_version, created_at, log_seq)
+                 SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM devices WHERE id = ?)",
             )
             .bind(letter.tenant_id.to_string())
             .bind(letter.device_id.to_string())
@@ -109,6 +116,7 @@ impl SqliteMetadata {
             .bind(letter.profile_id.map(|id| id.to_string()))
             .bind(letter.profile_version)
             .bind(now)
+            .bind(letter.log_seq as i64)
             .bind(letter.device_id.to_string())
             .execute(&mut *tx)
             .await?;
@@ -126,11 +134,18 @@ impl SqliteMetadata {
             .execute(&mut *tx)
             .await?;
         }
+        // The oldest letters of all devices go beyond the total limit. Ids
+        // grow by one per letter, so the newest `keep_total` ids are kept.
+        sqlx::query("DELETE FROM dead_letters WHERE id <= (SELECT MAX(id) FROM dead_letters) - ?")
+            .bind(keep_total)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(())
     }
 
-    /// Lists the tenant's dead letters, newest first.
+    /// Lists the tenant's dead letters, newest first, or oldest first with
+    /// `filter.oldest_first`.
     pub async fn list_dead_letters(
         &self,
         tenant: TenantId,
@@ -154,7 +169,11 @@ impl SqliteMetadata {
             sql.push_str(&vec!["?"; filter.ids.len()].join(", "));
             sql.push(')');
         }
-        sql.push_str(" ORDER BY id DESC LIMIT ?");
+        sql.push_str(if filter.oldest_first {
+            " ORDER BY id LIMIT ?"
+        } else {
+            " ORDER BY id DESC LIMIT ?"
+        });
         let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(tenant.to_string());
         if let Some(device) = filter.device_id {
             query = query.bind(device.to_string());
@@ -169,13 +188,33 @@ impl SqliteMetadata {
         rows.into_iter().map(dead_letter_from_row).collect()
     }
 
-    /// Marks letters as replayed.
-    pub async fn mark_dead_letters_replayed(&self, ids: &[i64]) -> Result<(), MetadataError> {
+    /// Marks letters as replayed and returns those this call marked, so
+    /// that two concurrent replays never replay the same letter.
+    pub async fn claim_dead_letters(&self, ids: &[i64]) -> Result<Vec<i64>, MetadataError> {
         let now = now_ms();
         let mut tx = self.begin_write().await?;
+        let mut claimed = Vec::with_capacity(ids.len());
         for id in ids {
-            sqlx::query("UPDATE dead_letters SET replayed_at = ? WHERE id = ?")
-                .bind(now)
+            let updated = sqlx::query(
+                "UPDATE dead_letters SET replayed_at = ? WHERE id = ? AND replayed_at IS NULL",
+            )
+            .bind(now)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+            if updated.rows_affected() == 1 {
+                claimed.push(*id);
+            }
+        }
+        tx.commit().await?;
+        Ok(claimed)
+    }
+
+    /// Marks letters as pending again after a replay that failed.
+    pub async fn unclaim_dead_letters(&self, ids: &[i64]) -> Result<(), MetadataError> {
+        let mut tx = self.begin_write().await?;
+        for id in ids {
+            sqlx::query("UPDATE dead_letters SET replayed_at = NULL WHERE id = ?")
                 .bind(id)
                 .execute(&mut *tx)
                 .await?;

@@ -1,4 +1,10 @@
-//! Metadata: tenants, users, devices and credentials.
+//! Metadata: tenants, users, devices and credentials, and (in their own
+//! modules) device profiles, the dead-letter log, alarms and action
+//! deliveries.
+//!
+//! NOTE: profiles, dead letters and alarms are inherent methods of
+//! [`SqliteMetadata`] rather than part of [`MetadataStore`]; the trait
+//! grows to cover them when a second backend (PostgreSQL) is built.
 //!
 //! [`MetadataStore`] is the seam for the scale-out backend; [`SqliteMetadata`]
 //! is the embedded default, a SQLite file `metadata.db` in the data directory
@@ -15,7 +21,7 @@ use std::str::FromStr;
 
 use serde::Serialize;
 
-use crate::ids::{ApiKeyId, DeviceId, ProfileId, TenantId, UserId};
+use crate::ids::{AlarmId, ApiKeyId, DeviceId, ProfileId, TenantId, UserId};
 
 pub use sqlite::SqliteMetadata;
 
@@ -204,4 +210,217 @@ pub trait MetadataStore: Send + Sync {
         tenant: TenantId,
         name: &str,
     ) -> Result<u64, MetadataError>;
+    /// Records new action deliveries as pending, each due at its creation
+    /// time.
+    async fn insert_action_deliveries(
+        &self,
+        deliveries: &[NewDelivery],
+    ) -> Result<(), MetadataError>;
+    /// Returns up to `limit` pending deliveries of every tenant whose next
+    /// attempt is due at `now_ms`, the earliest first.
+    async fn due_action_deliveries(
+        &self,
+        now_ms: i64,
+        limit: i64,
+    ) -> Result<Vec<Delivery>, MetadataError>;
+    /// Stores the outcome of one attempt of a delivery.
+    async fn record_action_attempt(
+        &self,
+        id: DeliveryId,
+        result: &AttemptResult,
+    ) -> Result<(), MetadataError>;
+    async fn action_delivery(
+        &self,
+        tenant: TenantId,
+        id: DeliveryId,
+    ) -> Result<Delivery, MetadataError>;
+    /// Lists the tenant's deliveries that match `filter`, the newest first.
+    async fn list_action_deliveries(
+        &self,
+        tenant: TenantId,
+        filter: &DeliveryFilter,
+    ) -> Result<Vec<Delivery>, MetadataError>;
+    /// Makes a delivery pending again with a new round of attempts that
+    /// starts at `now_ms`, and returns it.
+    async fn restart_action_delivery(
+        &self,
+        tenant: TenantId,
+        id: DeliveryId,
+        now_ms: i64,
+    ) -> Result<Delivery, MetadataError>;
+    /// Deletes succeeded deliveries last updated before `succeeded_before`
+    /// and failed ones last updated before `failed_before` (epoch
+    /// milliseconds); returns how many it deleted.
+    async fn delete_finished_action_deliveries(
+        &self,
+        succeeded_before: i64,
+        failed_before: i64,
+    ) -> Result<u64, MetadataError>;
+}
+
+/// Id of one action delivery: a UUID v7, so that ids sort by creation time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
+pub struct DeliveryId(pub uuid::Uuid);
+
+impl DeliveryId {
+    pub fn new_v7() -> Self {
+        Self(uuid::Uuid::now_v7())
+    }
+}
+
+impl fmt::Display for DeliveryId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl FromStr for DeliveryId {
+    type Err = uuid::Error;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        uuid::Uuid::parse_str(s).map(Self)
+    }
+}
+
+/// Kind of an action, as stored and shown by the deliveries API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ActionKind {
+    Webhook,
+    MqttPublish,
+    Command,
+}
+
+impl ActionKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ActionKind::Webhook => "webhook",
+            ActionKind::MqttPublish => "mqtt_publish",
+            ActionKind::Command => "command",
+        }
+    }
+}
+
+impl FromStr for ActionKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "webhook" => Ok(ActionKind::Webhook),
+            "mqtt_publish" => Ok(ActionKind::MqttPublish),
+            "command" => Ok(ActionKind::Command),
+            other => Err(format!(
+                "invalid action kind {other:?}: expected webhook, mqtt_publish or command"
+            )),
+        }
+    }
+}
+
+/// State of a delivery. Pending deliveries have a next attempt time;
+/// succeeded and failed ones are final until a manual retry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeliveryStatus {
+    Pending,
+    Succeeded,
+    Failed,
+}
+
+impl DeliveryStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryStatus::Pending => "pending",
+            DeliveryStatus::Succeeded => "succeeded",
+            DeliveryStatus::Failed => "failed",
+        }
+    }
+}
+
+impl FromStr for DeliveryStatus {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "pending" => Ok(DeliveryStatus::Pending),
+            "succeeded" => Ok(DeliveryStatus::Succeeded),
+            "failed" => Ok(DeliveryStatus::Failed),
+            other => Err(format!(
+                "invalid delivery status {other:?}: expected pending, succeeded or failed"
+            )),
+        }
+    }
+}
+
+/// A delivery to record: one action run for one alarm change.
+#[derive(Debug, Clone)]
+pub struct NewDelivery {
+    pub id: DeliveryId,
+    pub tenant_id: TenantId,
+    pub device_id: DeviceId,
+    pub alarm_id: Option<AlarmId>,
+    pub kind: ActionKind,
+    /// Destination of the action as the API shows it, without credentials.
+    pub target: String,
+    /// Event name such as `alarm.raised`.
+    pub event: String,
+    /// The action as JSON, secret included, so that retries after a
+    /// restart send the same request.
+    pub spec: String,
+    /// The device and the alarm as JSON, the body without `sent_at`.
+    pub payload: String,
+    /// Epoch milliseconds.
+    pub created_at: i64,
+}
+
+/// A recorded delivery. `spec` and `payload` are never shown by the API.
+#[derive(Debug, Clone, Serialize)]
+pub struct Delivery {
+    pub id: DeliveryId,
+    pub tenant_id: TenantId,
+    pub device_id: DeviceId,
+    pub alarm_id: Option<AlarmId>,
+    pub kind: ActionKind,
+    pub target: String,
+    pub event: String,
+    #[serde(skip)]
+    pub spec: String,
+    #[serde(skip)]
+    pub payload: String,
+    pub status: DeliveryStatus,
+    /// Attempts made in the current round (since creation or the last
+    /// manual retry).
+    pub attempts: u32,
+    pub last_error: Option<String>,
+    /// HTTP status of the last webhook response.
+    pub last_status_code: Option<u16>,
+    /// Epoch milliseconds; set only while pending.
+    pub next_attempt_at: Option<i64>,
+    /// Start of the current round of attempts in epoch milliseconds, from
+    /// which `actions.max_age` counts.
+    #[serde(skip)]
+    pub started_at: i64,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+/// The outcome of one attempt, written over the delivery's state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttemptResult {
+    pub status: DeliveryStatus,
+    pub attempts: u32,
+    pub last_error: Option<String>,
+    pub last_status_code: Option<u16>,
+    pub next_attempt_at: Option<i64>,
+    pub updated_at: i64,
+}
+
+/// Filter and page of a deliveries list.
+#[derive(Debug, Clone, Default)]
+pub struct DeliveryFilter {
+    pub status: Option<DeliveryStatus>,
+    pub alarm_id: Option<AlarmId>,
+    /// Only deliveries created before this one (paging).
+    pub before: Option<DeliveryId>,
+    pub limit: i64,
 }

@@ -230,7 +230,15 @@ impl SqliteMetadata {
                     .bind(tenant.to_string())
                     .bind(id.to_string())
                     .execute(&mut *tx)
-                    .await?;
+                    .await
+                    .map_err(|error| match &error {
+                        // The profile was deleted since the caller looked
+                        // it up.
+                        sqlx::Error::Database(db) if db.is_foreign_key_violation() => {
+                            MetadataError::NotFound("profile")
+                        }
+                        _ => error.into(),
+                    })?;
             if updated.rows_affected() == 0 {
                 return Err(MetadataError::NotFound("device"));
             }
@@ -277,28 +285,130 @@ impl SqliteMetadata {
         row.map(device_from_row).transpose()
     }
 
-    /// Lists the devices of a profile with their last-seen and creation
-    /// times, for `no_data` rules.
-    pub async fn devices_of_profile(&self, id: ProfileId) -> Result<Vec<Device>, MetadataError> {
+    /// Lists the devices of a profile whose last message (or creation,
+    /// for a device that never sent one) is older than `before_ms`, for
+    /// `no_data` rules.
+    pub async fn silent_devices(
+        &self,
+        id: ProfileId,
+        before_ms: i64,
+    ) -> Result<Vec<Device>, MetadataError> {
         let rows = sqlx::query(
-            "SELECT id, tenant_id, name, created_at, last_seen_at, labels, profile_id, attributes FROM devices WHERE profile_id = ?",
+            "SELECT id, tenant_id, name, created_at, last_seen_at, labels, profile_id, attributes FROM devices
+             WHERE profile_id = ? AND COALESCE(last_seen_at, created_at) < ?",
         )
         .bind(id.to_string())
+        .bind(before_ms)
         .fetch_all(&self.pool)
         .await?;
         rows.into_iter().map(device_from_row).collect()
     }
 
-    /// Lists every profile that has a `no_data` rule, across tenants.
-    pub async fn all_profiles(&self) -> Result<Vec<StoredProfile>, MetadataError> {
+    /// Lists every device whose profile sets a retention, with that
+    /// retention.
+    pub async fn device_retentions(
+        &self,
+    ) -> Result<Vec<((TenantId, DeviceId), std::time::Duration)>, MetadataError> {
+        let rows = sqlx::query(
+            "SELECT d.tenant_id, d.id, p.spec FROM devices d JOIN device_profiles p ON p.id = d.profile_id
+             WHERE p.spec LIKE '%\"retention\"%'",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut retentions = Vec::new();
+        for row in rows {
+            let spec: ProfileSpec = parse_json_column(row.try_get("spec")?, "device profile")?;
+            if let Some(retention) = spec.retention {
+                retentions.push((
+                    (
+                        parse_id(row.try_get("tenant_id")?)?,
+                        parse_id(row.try_get("id")?)?,
+                    ),
+                    retention,
+                ));
+            }
+        }
+        Ok(retentions)
+    }
+
+    /// Lists the profiles, of every tenant, that may have a `no_data` rule.
+    /// The text match is a cheap first filter; callers check the rules.
+    pub async fn profiles_with_silence_rules(&self) -> Result<Vec<StoredProfile>, MetadataError> {
         let rows = sqlx::query(concat!(
             "SELECT ",
             profile_columns!(),
-            " FROM device_profiles"
+            " FROM device_profiles WHERE spec LIKE '%\"no_data\"%'"
         ))
         .fetch_all(&self.pool)
         .await?;
         rows.into_iter().map(profile_from_row).collect()
+    }
+
+    /// Creates or replaces the tenant's profiles by name in one
+    /// transaction. Returns each stored profile with `created`, `updated`
+    /// or `unchanged`.
+    pub async fn import_profiles(
+        &self,
+        tenant: TenantId,
+        specs: &[ProfileSpec],
+    ) -> Result<Vec<(StoredProfile, &'static str)>, MetadataError> {
+        let now = now_ms();
+        let mut tx = self.begin_write().await?;
+        let mut results = Vec::with_capacity(specs.len());
+        for spec in specs {
+            let existing = sqlx::query(concat!(
+                "SELECT ",
+                profile_columns!(),
+                " FROM device_profiles WHERE tenant_id = ? AND name = ?"
+            ))
+            .bind(tenant.to_string())
+            .bind(&spec.name)
+            .fetch_optional(&mut *tx)
+            .await?
+            .map(profile_from_row)
+            .transpose()?;
+            let result = match existing {
+                Some(existing) if existing.spec == *spec => (existing, "unchanged"),
+                Some(existing) => {
+                    let row = sqlx::query(concat!(
+                        "UPDATE device_profiles SET spec = ?, version = version + 1, updated_at = ? WHERE id = ? RETURNING ",
+                        profile_columns!()
+                    ))
+                    .bind(encode(spec)?)
+                    .bind(now)
+                    .bind(existing.id.to_string())
+                    .fetch_one(&mut *tx)
+                    .await?;
+                    (profile_from_row(row)?, "updated")
+                }
+                None => {
+                    let id = ProfileId::new_random();
+                    sqlx::query(
+                        "INSERT INTO device_profiles (id, tenant_id, name, spec, version, created_at, updated_at) VALUES (?, ?, ?, ?, 1, ?, ?)",
+                    )
+                    .bind(id.to_string())
+                    .bind(tenant.to_string())
+                    .bind(&spec.name)
+                    .bind(encode(spec)?)
+                    .bind(now)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                    let stored = StoredProfile {
+                        id,
+                        tenant_id: tenant,
+                        spec: spec.clone(),
+                        version: 1,
+                        created_at: now,
+                        updated_at: now,
+                    };
+                    (stored, "created")
+                }
+            };
+            results.push(result);
+        }
+        tx.commit().await?;
+        Ok(results)
     }
 }
 

@@ -7,7 +7,10 @@ use std::time::Duration;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
 
-use super::{ApiKey, Device, Labels, MetadataError, MetadataStore, Role, Tenant, User};
+use super::{
+    ApiKey, AttemptResult, Delivery, DeliveryFilter, DeliveryId, DeliveryStatus, Device, Labels,
+    MetadataError, MetadataStore, NewDelivery, Role, Tenant, User,
+};
 use crate::ids::{ApiKeyId, DeviceId, TenantId, UserId};
 
 const DEFAULT_TENANT: &str = "default";
@@ -525,4 +528,173 @@ impl MetadataStore for SqliteMetadata {
         .await?;
         Ok(result.rows_affected())
     }
+
+    async fn insert_action_deliveries(
+        &self,
+        deliveries: &[NewDelivery],
+    ) -> Result<(), MetadataError> {
+        let mut tx = self.pool.begin().await?;
+        for delivery in deliveries {
+            sqlx::query(
+                "INSERT INTO action_deliveries (id, tenant_id, device_id, alarm_id, kind, target, event, spec, payload, status, attempts, next_attempt_at, started_at, created_at, updated_at)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', 0, ?, ?, ?, ?)",
+            )
+            .bind(delivery.id.to_string())
+            .bind(delivery.tenant_id.to_string())
+            .bind(delivery.device_id.to_string())
+            .bind(delivery.alarm_id.map(|id| id.to_string()))
+            .bind(delivery.kind.as_str())
+            .bind(&delivery.target)
+            .bind(&delivery.event)
+            .bind(&delivery.spec)
+            .bind(&delivery.payload)
+            .bind(delivery.created_at)
+            .bind(delivery.created_at)
+            .bind(delivery.created_at)
+            .bind(delivery.created_at)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn due_action_deliveries(
+        &self,
+        now_ms: i64,
+        limit: i64,
+    ) -> Result<Vec<Delivery>, MetadataError> {
+        let rows = sqlx::query(
+            "SELECT * FROM action_deliveries WHERE status = 'pending' AND next_attempt_at <= ? ORDER BY next_attempt_at LIMIT ?",
+        )
+        .bind(now_ms)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(delivery_from_row).collect()
+    }
+
+    async fn record_action_attempt(
+        &self,
+        id: DeliveryId,
+        result: &AttemptResult,
+    ) -> Result<(), MetadataError> {
+        sqlx::query(
+            "UPDATE action_deliveries SET status = ?, attempts = ?, last_error = ?, last_status_code = ?, next_attempt_at = ?, updated_at = ? WHERE id = ?",
+        )
+        .bind(result.status.as_str())
+        .bind(i64::from(result.attempts))
+        .bind(&result.last_error)
+        .bind(result.last_status_code.map(i64::from))
+        .bind(result.next_attempt_at)
+        .bind(result.updated_at)
+        .bind(id.to_string())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn action_delivery(
+        &self,
+        tenant: TenantId,
+        id: DeliveryId,
+    ) -> Result<Delivery, MetadataError> {
+        let row = sqlx::query("SELECT * FROM action_deliveries WHERE tenant_id = ? AND id = ?")
+            .bind(tenant.to_string())
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(delivery_from_row)
+            .transpose()?
+            .ok_or(MetadataError::NotFound("delivery"))
+    }
+
+    async fn list_action_deliveries(
+        &self,
+        tenant: TenantId,
+        filter: &DeliveryFilter,
+    ) -> Result<Vec<Delivery>, MetadataError> {
+        // Unset filters compare with NULL and match every row.
+        let rows = sqlx::query(
+            "SELECT * FROM action_deliveries
+             WHERE tenant_id = ?
+               AND (?2 IS NULL OR status = ?2)
+               AND (?3 IS NULL OR alarm_id = ?3)
+               AND (?4 IS NULL OR id < ?4)
+             ORDER BY id DESC LIMIT ?5",
+        )
+        .bind(tenant.to_string())
+        .bind(filter.status.map(DeliveryStatus::as_str))
+        .bind(filter.alarm_id.map(|id| id.to_string()))
+        .bind(filter.before.map(|id| id.to_string()))
+        .bind(filter.limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(delivery_from_row).collect()
+    }
+
+    async fn restart_action_delivery(
+        &self,
+        tenant: TenantId,
+        id: DeliveryId,
+        now_ms: i64,
+    ) -> Result<Delivery, MetadataError> {
+        let result = sqlx::query(
+            "UPDATE action_deliveries SET status = 'pending', attempts = 0, next_attempt_at = ?1, started_at = ?1, updated_at = ?1 WHERE tenant_id = ?2 AND id = ?3",
+        )
+        .bind(now_ms)
+        .bind(tenant.to_string())
+        .bind(id.to_string())
+        .execute(&self.pool)
+        .await?;
+        if result.rows_affected() == 0 {
+            return Err(MetadataError::NotFound("delivery"));
+        }
+        self.action_delivery(tenant, id).await
+    }
+
+    async fn delete_finished_action_deliveries(
+        &self,
+        succeeded_before: i64,
+        failed_before: i64,
+    ) -> Result<u64, MetadataError> {
+        let result = sqlx::query(
+            "DELETE FROM action_deliveries WHERE (status = 'succeeded' AND updated_at < ?) OR (status = 'failed' AND updated_at < ?)",
+        )
+        .bind(succeeded_before)
+        .bind(failed_before)
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected())
+    }
+}
+
+fn parse_column<T: FromStr<Err = String>>(text: String) -> Result<T, MetadataError> {
+    text.parse()
+        .map_err(|message: String| MetadataError::Database(sqlx::Error::Decode(message.into())))
+}
+
+fn delivery_from_row(row: sqlx::sqlite::SqliteRow) -> Result<Delivery, MetadataError> {
+    let alarm_id: Option<String> = row.try_get("alarm_id")?;
+    let attempts: i64 = row.try_get("attempts")?;
+    let last_status_code: Option<i64> = row.try_get("last_status_code")?;
+    Ok(Delivery {
+        id: parse_id(row.try_get("id")?)?,
+        tenant_id: parse_id(row.try_get("tenant_id")?)?,
+        device_id: parse_id(row.try_get("device_id")?)?,
+        alarm_id: alarm_id.map(parse_id).transpose()?,
+        kind: parse_column(row.try_get("kind")?)?,
+        target: row.try_get("target")?,
+        event: row.try_get("event")?,
+        spec: row.try_get("spec")?,
+        payload: row.try_get("payload")?,
+        status: parse_column(row.try_get("status")?)?,
+        attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
+        last_error: row.try_get("last_error")?,
+        last_status_code: last_status_code.and_then(|code| u16::try_from(code).ok()),
+        next_attempt_at: row.try_get("next_attempt_at")?,
+        started_at: row.try_get("started_at")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+    })
 }

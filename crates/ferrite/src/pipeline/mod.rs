@@ -51,7 +51,8 @@ pub type SeenDevices = Arc<Mutex<HashMap<DeviceId, i64>>>;
 
 pub(crate) struct Work {
     last_seq: u64,
-    envelopes: Vec<Envelope>,
+    /// Envelopes with their ingest log positions.
+    envelopes: Vec<(u64, Envelope)>,
 }
 
 /// Lets other tasks request a flush now (before a compaction
@@ -204,9 +205,9 @@ fn worker_index(device: DeviceId, workers: usize) -> usize {
 
 fn run_dispatcher(mut committed: mpsc::Receiver<Committed>, senders: Vec<SyncSender<Work>>) {
     while let Some(batch) = committed.blocking_recv() {
-        let mut parts: Vec<Vec<Envelope>> = senders.iter().map(|_| Vec::new()).collect();
-        for (_, envelope) in batch.records {
-            parts[worker_index(envelope.device_id, senders.len())].push(envelope);
+        let mut parts: Vec<Vec<(u64, Envelope)>> = senders.iter().map(|_| Vec::new()).collect();
+        for (seq, envelope) in batch.records {
+            parts[worker_index(envelope.device_id, senders.len())].push((seq, envelope));
         }
         for (sender, envelopes) in senders.iter().zip(parts) {
             let work = Work {

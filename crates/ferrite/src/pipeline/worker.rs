@@ -39,12 +39,14 @@ use crate::profiles::{
 use crate::rules::DeviceState;
 use crate::store::TimeSeriesStore;
 
-/// What the workers share: caches, the buses they publish to and settings.
+/// State shared by the workers: caches, the buses they publish to and settings.
 pub struct Processing {
     pub config: Config,
     pub directory: Arc<Directory>,
     pub live: LiveBus,
     pub alarms: mpsc::Sender<AlarmSignal>,
+    /// The alarm manager's open alarms, which decide what is a change.
+    pub open_alarms: Arc<crate::alarms::OpenAlarms>,
     pub seen: SeenDevices,
     /// Runs the metadata calls of the workers, which are OS threads.
     pub runtime: tokio::runtime::Handle,
@@ -67,9 +69,9 @@ enum Outcome {
     Rejected(Rejection, Option<Arc<CompiledProfile>>),
     /// The device was deleted after the message was accepted.
     UnknownDevice,
-    /// The store failed for a reason other than the input; retried at the
-    /// next start.
-    StoreFailed,
+    /// The store or the metadata database failed, for a reason other than
+    /// the input.
+    Failed,
 }
 
 pub(super) fn run(
@@ -85,9 +87,10 @@ pub(super) fn run(
         devices: HashMap::new(),
         rule_versions: HashMap::new(),
     };
-    // Set by a store or dead-letter write that failed for a reason other
-    // than invalid input. The applied position then stays below the failed
-    // record, so the log keeps it and the next start processes it again.
+    // Set when a message could not be processed after every retry, for a
+    // reason other than its content (the database or the disk failing).
+    // The applied position then stays below it, so the log keeps it and the
+    // next start processes it again.
     let mut stalled = false;
     while let Ok(work) = receiver.recv() {
         // Workers wait above twice the flush threshold: a flush that cannot
@@ -98,35 +101,27 @@ pub(super) fn run(
         }
         let mut last_seen: HashMap<DeviceId, i64> = HashMap::new();
         let mut dead_letters = Vec::new();
-        for envelope in &work.envelopes {
-            match worker.process(envelope) {
+        for (seq, envelope) in &work.envelopes {
+            match worker.process_with_retries(*seq, envelope) {
                 Outcome::Stored => {}
                 Outcome::Rejected(rejection, profile) => {
                     metrics::counter!("ferrite_pipeline_dead_letters_total", "stage" => rejection.stage.as_str())
                         .increment(1);
                     tracing::debug!(device_id = %envelope.device_id, stage = rejection.stage.as_str(), reason = %rejection.reason, "message sent to the dead-letter log");
-                    dead_letters.push(dead_letter(envelope, rejection, profile.as_deref()));
+                    dead_letters.push(dead_letter(*seq, envelope, rejection, profile.as_deref()));
                 }
                 Outcome::UnknownDevice => {
                     metrics::counter!("ferrite_pipeline_unknown_device_total").increment(1);
                     continue;
                 }
-                Outcome::StoreFailed => stalled = true,
+                Outcome::Failed => stalled = true,
             }
             let received_ms = ferrite_core::nanos_to_millis(envelope.received_at_ns);
             let entry = last_seen.entry(envelope.device_id).or_insert(received_ms);
             *entry = (*entry).max(received_ms);
         }
-        if !dead_letters.is_empty() {
-            let metadata = processing.directory.metadata().clone();
-            let keep = processing.config.processing.dead_letters_per_device;
-            if let Err(error) = processing
-                .runtime
-                .block_on(metadata.insert_dead_letters(&dead_letters, keep))
-            {
-                tracing::error!(%error, count = dead_letters.len(), "cannot write to the dead-letter log; the messages stay in the ingest log and are processed again at the next start");
-                stalled = true;
-            }
+        if !dead_letters.is_empty() && !worker.write_dead_letters(&dead_letters) {
+            stalled = true;
         }
         if !last_seen.is_empty() {
             let mut seen = processing.seen.lock();
@@ -141,12 +136,20 @@ pub(super) fn run(
     }
 }
 
+/// Attempts of one message whose processing fails for a reason other than
+/// its content. The pause before the second attempt is `FIRST_PAUSE`, and
+/// each later pause doubles (0.1 + 0.2 + 0.4 + 0.8 s in all).
+const ATTEMPTS: u32 = 5;
+const FIRST_PAUSE: Duration = Duration::from_millis(100);
+
 fn dead_letter(
+    seq: u64,
     envelope: &Envelope,
     rejection: Rejection,
     profile: Option<&CompiledProfile>,
 ) -> NewDeadLetter {
     NewDeadLetter {
+        log_seq: seq,
         tenant_id: envelope.tenant_id,
         device_id: envelope.device_id,
         received_at_ns: envelope.received_at_ns,
@@ -176,7 +179,73 @@ fn reject(
 }
 
 impl Worker<'_> {
-    fn process(&mut self, envelope: &Envelope) -> Outcome {
+    /// Processes one message, retrying failures of the store or the
+    /// database a few times. A panic (a bug, or a library that panics on
+    /// some input) rejects the message to the dead-letter log instead of
+    /// stopping the worker, which would stop ingest for every device.
+    fn process_with_retries(&mut self, seq: u64, envelope: &Envelope) -> Outcome {
+        let mut pause = FIRST_PAUSE;
+        for attempt in 1..=ATTEMPTS {
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.process(seq, envelope)
+            }));
+            match outcome {
+                Ok(Outcome::Failed) if attempt < ATTEMPTS => {
+                    std::thread::sleep(pause);
+                    pause *= 2;
+                }
+                Ok(outcome) => return outcome,
+                Err(panic) => {
+                    let message = panic
+                        .downcast_ref::<&str>()
+                        .map(|text| (*text).to_owned())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "unknown cause".to_owned());
+                    metrics::counter!("ferrite_pipeline_panics_total").increment(1);
+                    tracing::error!(device_id = %envelope.device_id, panic = %message, "processing a message panicked; it goes to the dead-letter log");
+                    // The rule state of the device may be half updated.
+                    self.devices.remove(&envelope.device_id);
+                    return reject(
+                        Stage::Transform,
+                        format!(
+                            "processing the message failed inside Ferrite ({message}); report this as a bug with the payload"
+                        ),
+                        None,
+                    );
+                }
+            }
+        }
+        Outcome::Failed
+    }
+
+    /// Writes a batch's dead letters; false when the database keeps
+    /// failing.
+    fn write_dead_letters(&self, letters: &[NewDeadLetter]) -> bool {
+        let processing = self.processing;
+        let metadata = processing.directory.metadata().clone();
+        let config = &processing.config.processing;
+        let mut pause = FIRST_PAUSE;
+        for attempt in 1..=ATTEMPTS {
+            match processing.runtime.block_on(metadata.insert_dead_letters(
+                letters,
+                config.dead_letters_per_device,
+                config.dead_letters_total,
+            )) {
+                Ok(()) => return true,
+                Err(error) if attempt < ATTEMPTS => {
+                    tracing::warn!(%error, attempt, "cannot write to the dead-letter log; retrying");
+                    std::thread::sleep(pause);
+                    pause *= 2;
+                }
+                Err(error) => {
+                    tracing::error!(%error, count = letters.len(), "cannot write to the dead-letter log; the messages stay in the ingest log and are processed again at the next start");
+                }
+            }
+        }
+        false
+    }
+
+    fn process(&mut self, seq: u64, envelope: &Envelope) -> Outcome {
         let processing = self.processing;
 
         // Step 1: the device and its profile.
@@ -188,7 +257,7 @@ impl Worker<'_> {
             Ok(None) => return Outcome::UnknownDevice,
             Err(error) => {
                 tracing::error!(device_id = %envelope.device_id, %error, "cannot read the device; the message is processed again at the next start");
-                return Outcome::StoreFailed;
+                return Outcome::Failed;
             }
         };
         let profile = match device.profile_id {
@@ -208,7 +277,7 @@ impl Worker<'_> {
                 Ok(Err(broken)) => return reject(Stage::Profile, broken.0, None),
                 Err(error) => {
                     tracing::error!(device_id = %device.id, %error, "cannot read the device's profile; the message is processed again at the next start");
-                    return Outcome::StoreFailed;
+                    return Outcome::Failed;
                 }
             },
         };
@@ -272,7 +341,7 @@ impl Worker<'_> {
                 );
             }
             tracing::error!(device_id = %envelope.device_id, %error, "store write failed; the points stay in the ingest log and are written again at the next start");
-            return Outcome::StoreFailed;
+            return Outcome::Failed;
         }
         metrics::counter!("ferrite_pipeline_points_total", "protocol" => envelope.protocol.as_str())
             .increment(points.len() as u64);
@@ -293,7 +362,7 @@ impl Worker<'_> {
         if let Some(profile) = &profile
             && !profile.rules.is_empty()
         {
-            self.evaluate_rules(&device, profile, &records);
+            self.evaluate_rules(seq, &device, profile, &records);
         }
         Outcome::Stored
     }
@@ -325,6 +394,7 @@ impl Worker<'_> {
 
     fn evaluate_rules(
         &mut self,
+        seq: u64,
         device: &Arc<DeviceInfo>,
         profile: &Arc<CompiledProfile>,
         records: &[Record],
@@ -334,8 +404,12 @@ impl Worker<'_> {
         if self.rule_versions.insert(device.id, version) != Some(version) {
             state.retain_rules(&profile.rules);
         }
-        let transitions = state.evaluate(&profile.rules, &device.name, records);
-        for transition in transitions {
+        let open = &self.processing.open_alarms;
+        let transitions = state.evaluate(&profile.rules, &device.name, records, &|rule| {
+            open.severity(device.id, rule)
+        });
+        for mut transition in transitions {
+            transition.seq = Some(seq);
             let signal = AlarmSignal {
                 device: device.clone(),
                 profile: profile.clone(),

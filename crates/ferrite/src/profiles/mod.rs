@@ -238,6 +238,10 @@ pub struct Directory {
     metadata: Arc<SqliteMetadata>,
     profiles: RwLock<HashMap<ProfileId, Arc<CompiledProfile>>>,
     devices: RwLock<HashMap<DeviceId, (Arc<DeviceInfo>, Instant)>>,
+    /// Grows with every change the API makes to a device. A database read
+    /// that started before a change must not refill the cache with what it
+    /// read.
+    device_changes: std::sync::atomic::AtomicU64,
 }
 
 /// A profile that is stored but does not compile (saved by an older
@@ -252,6 +256,7 @@ impl Directory {
             metadata,
             profiles: RwLock::default(),
             devices: RwLock::default(),
+            device_changes: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -275,19 +280,51 @@ impl Directory {
         {
             return Ok(Some(device.clone()));
         }
+        let changes_before = self
+            .device_changes
+            .load(std::sync::atomic::Ordering::Acquire);
         let Some(device) = self.metadata.device_by_id(id).await? else {
             self.devices.write().remove(&id);
             return Ok(None);
         };
         let device = Arc::new(DeviceInfo::from(device));
-        self.devices
-            .write()
-            .insert(id, (device.clone(), Instant::now()));
+        let mut devices = self.devices.write();
+        if self
+            .device_changes
+            .load(std::sync::atomic::Ordering::Acquire)
+            == changes_before
+        {
+            devices.insert(id, (device.clone(), Instant::now()));
+        }
         Ok(Some(device))
     }
 
     pub fn forget_device(&self, id: DeviceId) {
-        self.devices.write().remove(&id);
+        let mut devices = self.devices.write();
+        self.device_changes
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        devices.remove(&id);
+    }
+
+    /// Puts a device the API just changed into the cache, so that the
+    /// pipeline and open MQTT connections use its new profile at once.
+    pub fn store_device(&self, device: Device) {
+        let mut devices = self.devices.write();
+        self.device_changes
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        devices.insert(
+            device.id,
+            (Arc::new(DeviceInfo::from(device)), Instant::now()),
+        );
+    }
+
+    /// Returns the profile of a cached device without waiting, however old
+    /// the entry; `None` when the device is not cached.
+    pub fn cached_profile_of(&self, id: DeviceId) -> Option<Option<ProfileId>> {
+        self.devices
+            .read()
+            .get(&id)
+            .map(|(device, _)| device.profile_id)
     }
 
     /// Returns a compiled profile, from the cache or the database.
@@ -300,11 +337,17 @@ impl Directory {
         }
         let stored = self.metadata.profile_by_id(id).await?;
         let name = stored.spec.name.clone();
-        match CompiledProfile::from_stored(stored) {
+        // Compiling a script runs its top level, which may take up to its
+        // time limit; keep it off the async threads.
+        let compiled = tokio::task::spawn_blocking(move || CompiledProfile::from_stored(stored))
+            .await
+            .map_err(|_| {
+                crate::metadata::MetadataError::Conflict("compiling the profile panicked".into())
+            })?;
+        match compiled {
             Ok(profile) => {
                 let profile = Arc::new(profile);
-                self.profiles.write().insert(id, profile.clone());
-                Ok(Ok(profile))
+                Ok(Ok(self.store_profile(profile)))
             }
             Err(problems) => Ok(Err(BrokenProfile(format!(
                 "profile {name:?} does not compile: {}; fix it through the API",
@@ -314,9 +357,17 @@ impl Directory {
     }
 
     /// Puts a profile that the API just saved into the cache, so the next
-    /// message uses it.
-    pub fn store_profile(&self, profile: Arc<CompiledProfile>) {
-        self.profiles.write().insert(profile.id, profile);
+    /// message uses it, unless the cache already holds a newer version (a
+    /// read that raced with a change). Returns the version in the cache.
+    pub fn store_profile(&self, profile: Arc<CompiledProfile>) -> Arc<CompiledProfile> {
+        let mut profiles = self.profiles.write();
+        match profiles.get(&profile.id) {
+            Some(cached) if cached.version > profile.version => cached.clone(),
+            _ => {
+                profiles.insert(profile.id, profile.clone());
+                profile
+            }
+        }
     }
 
     pub fn forget_profile(&self, id: ProfileId) {

@@ -118,9 +118,14 @@ pub fn parse_expression(text: &str) -> Result<(Node<DefaultNumericTypes>, Vec<St
     inputs.dedup();
     // The parser accepts some malformed text (`1 + `) and unknown functions;
     // both fail at evaluation. A trial run with every key set to 1 finds
-    // them when the profile is saved rather than on live data.
-    evaluate(&node, &inputs, |_| Some(Value::Float(1.0)))
-        .map_err(|error| format!("invalid expression {text:?}: {error}"))?;
+    // them when the profile is saved rather than on live data. Type errors
+    // are expected in the trial (a key that holds booleans is 1 here) and
+    // are left to the data.
+    if let Err(error) = evaluate_raw(&node, &inputs, |_| Some(Value::Float(1.0)))
+        && !is_type_error(&error)
+    {
+        return Err(format!("invalid expression {text:?}: {error}"));
+    }
     Ok((node, inputs))
 }
 
@@ -137,14 +142,55 @@ fn assigned_names(node: &Node<DefaultNumericTypes>) -> HashSet<String> {
     names
 }
 
+fn is_type_error(error: &evalexpr::EvalexprError<DefaultNumericTypes>) -> bool {
+    use evalexpr::EvalexprError::*;
+    matches!(
+        error,
+        ExpectedString { .. }
+            | ExpectedInt { .. }
+            | ExpectedFloat { .. }
+            | ExpectedNumber { .. }
+            | ExpectedNumberOrString { .. }
+            | ExpectedBoolean { .. }
+            | ExpectedTuple { .. }
+            | ExpectedFixedLengthTuple { .. }
+            | ExpectedRangedLengthTuple { .. }
+            | ExpectedEmpty { .. }
+            | TypeError { .. }
+            | WrongTypeCombination { .. }
+    )
+}
+
 /// Evaluates an expression over the values of a message. Integers enter as
 /// floats, so `humidity / 100` divides as people expect and not as integer
-/// division. Returns `Ok(None)` when a key it reads is missing.
+/// division. Returns `Ok(None)` when a key it reads is missing. A panic
+/// inside the expression library (some string functions panic on text that
+/// is not ASCII) becomes an error.
 pub fn evaluate(
     expression: &Node<DefaultNumericTypes>,
     inputs: &[String],
     lookup: impl Fn(&str) -> Option<Value>,
 ) -> Result<Option<evalexpr::Value<DefaultNumericTypes>>, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        evaluate_raw(expression, inputs, lookup)
+    }))
+    .unwrap_or_else(|_| {
+        Err(evalexpr::EvalexprError::CustomMessage(
+            "the expression failed on this input (a string function met text it cannot handle)"
+                .to_owned(),
+        ))
+    })
+    .map_err(|error| error.to_string())
+}
+
+fn evaluate_raw(
+    expression: &Node<DefaultNumericTypes>,
+    inputs: &[String],
+    lookup: impl Fn(&str) -> Option<Value>,
+) -> Result<
+    Option<evalexpr::Value<DefaultNumericTypes>>,
+    evalexpr::EvalexprError<DefaultNumericTypes>,
+> {
     let mut context = HashMapContext::<DefaultNumericTypes>::new();
     for input in inputs {
         let Some(value) = lookup(input) else {
@@ -156,14 +202,9 @@ pub fn evaluate(
             Value::Bool(v) => evalexpr::Value::Boolean(v),
             Value::Str(v) => evalexpr::Value::String(v),
         };
-        context
-            .set_value(input.clone(), value)
-            .map_err(|error| error.to_string())?;
+        context.set_value(input.clone(), value)?;
     }
-    expression
-        .eval_with_context_mut(&mut context)
-        .map(Some)
-        .map_err(|error| error.to_string())
+    expression.eval_with_context_mut(&mut context).map(Some)
 }
 
 impl Processor {
@@ -308,8 +349,7 @@ impl Processor {
                     offset,
                 } => {
                     if let Some(field) = record.get_mut(key) {
-                        let value = numeric(field, "scale")?;
-                        field.value = finite(key, value * factor + offset)?;
+                        field.value = scale(field, *factor, *offset)?;
                     }
                 }
                 Step::Convert { key, conversion } => {
@@ -357,7 +397,7 @@ impl Processor {
 
     fn validate(&self, record: &mut Record) -> Result<(), String> {
         let profile = &self.profile;
-        if self.unknown_keys != UnknownKeys::Accept && !self.schema.is_empty() {
+        if self.unknown_keys != UnknownKeys::Accept {
             let known = |key: &str| self.schema.iter().any(|(name, _)| name == key);
             if self.unknown_keys == UnknownKeys::Reject
                 && let Some(field) = record.fields.iter().find(|field| !known(&field.key))
@@ -456,6 +496,22 @@ fn render(value: &Value) -> String {
         Value::Bool(v) => v.to_string(),
         Value::Str(v) => format!("{:?}", crate::profiles::preview(v)),
     }
+}
+
+/// Scales a value. An integer stays an integer when the factor and offset
+/// are whole and the result fits, so a key of type `integer` can be scaled.
+fn scale(field: &Field, factor: f64, offset: f64) -> Result<Value, String> {
+    if let Value::Int(value) = field.value
+        && factor.fract() == 0.0
+        && offset.fract() == 0.0
+        && let Some(scaled) = (factor.abs() < 9.0e15 && offset.abs() < 9.0e15)
+            .then(|| value.checked_mul(factor as i64)?.checked_add(offset as i64))
+            .flatten()
+    {
+        return Ok(Value::Int(scaled));
+    }
+    let value = numeric(field, "scale")?;
+    finite(&field.key, value * factor + offset)
 }
 
 fn numeric(field: &Field, step: &str) -> Result<f64, String> {

@@ -59,10 +59,9 @@ pub fn lookup(name: &str) -> Option<Unit> {
     Some(match name.trim() {
         // Base: kelvin.
         "K" | "kelvin" => unit(Temperature, 1.0, 0.0),
-        "Cel" | "°C" | "degC" | "C" | "celsius" => unit(Temperature, 1.0, 273.15),
-        "°F" | "degF" | "F" | "fahrenheit" => {
-            unit(Temperature, 5.0 / 9.0, 273.15 - 32.0 * 5.0 / 9.0)
-        }
+        // Not "C" and "F": in SenML they are coulomb and farad.
+        "Cel" | "°C" | "degC" | "celsius" => unit(Temperature, 1.0, 273.15),
+        "°F" | "degF" | "fahrenheit" => unit(Temperature, 5.0 / 9.0, 273.15 - 32.0 * 5.0 / 9.0),
         // Base: pascal.
         "Pa" => unit(Pressure, 1.0, 0.0),
         "hPa" => unit(Pressure, 100.0, 0.0),

@@ -19,12 +19,18 @@
 //!   order (older than the previous one) are not used for rates.
 //! - `no_data` holds when a device has sent nothing for the duration. The alarm manager checks it on a timer, because silence
 //!   brings no message to evaluate; a worker clears it when data arrives.
-//! - A worker that starts (or meets a device for the first time) does not
-//!   know which alarms are open: its first evaluation reports the state
-//!   either way, and the alarm manager ignores raises of open alarms and
-//!   clears of closed ones. While a condition holds, every message that
-//!   checks it reports a (repeated) raise, so an alarm cleared by hand is
-//!   raised again by the next message that still meets the condition.
+//! - Workers compare the outcome of each message with the alarm manager's
+//!   open alarms (shared, read without waiting): a rule that holds raises
+//!   unless its alarm is open with the rule's severity, and a rule that no
+//!   longer holds clears an open alarm. So an alarm cleared by hand is
+//!   raised again by the next message that meets the condition, a new
+//!   severity takes effect, and a restart needs no state. The manager
+//!   ignores what it has already applied.
+//! - Only the end state of a message counts, and points older than the
+//!   newest value of their key (late data, replayed dead letters) are
+//!   stored without raising or clearing alarms about the present.
+//! - `all` and `any` use three-valued logic: a condition whose keys have not
+//!   arrived is unknown, and `any` holds as soon as one known branch holds.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -33,12 +39,10 @@ use evalexpr::{DefaultNumericTypes, Node};
 use ferrite_core::{TimestampNs, Value};
 use serde::{Deserialize, Serialize};
 
+use crate::actions::ActionSpec;
 use crate::profiles::process::{Record, evaluate, parse_expression};
 
-// TODO: replace by the typed action specification once actions land.
-pub type ActionSpec = serde_json::Value;
-
-/// Longest rule name, in bytes.
+/// Maximum length of a rule name, in bytes.
 const MAX_RULE_NAME_BYTES: usize = 128;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -213,7 +217,6 @@ pub struct CompiledRule {
     clear: Option<Compiled>,
     hold_ns: i64,
     message: Option<String>,
-    #[allow(dead_code)] // TODO: run by the alarm manager once actions land.
     pub actions: Vec<ActionSpec>,
     /// The keys the rule reads; a message without any of them is skipped.
     keys: Vec<String>,
@@ -417,6 +420,11 @@ pub fn compile(rules: &[RuleSpec]) -> Result<Vec<CompiledRule>, Vec<String>> {
                 &mut clear_no_data,
             )
         });
+        for (action_index, action) in rule.actions.iter().enumerate() {
+            if let Err(error) = action.validate() {
+                problems.push(format!("{at}.actions[{action_index}]: {error}"));
+            }
+        }
         if no_data.is_some() && (rule.clear.is_some() || rule.hold.is_some()) {
             problems.push(format!(
                 "{at}: a no_data rule clears when data arrives; leave out clear and for"
@@ -458,10 +466,9 @@ pub struct Transition {
     pub message: String,
     /// The values the condition read.
     pub values: Vec<(String, Value)>,
-    /// A raise while the worker already counts the rule as active. The
-    /// alarm manager ignores it unless the alarm was cleared by hand
-    /// meanwhile, in which case it raises a new alarm.
-    pub repeated: bool,
+    /// Ingest log position of the message, so that a replay after a crash
+    /// does not apply the same change twice; `None` for the silence check.
+    pub seq: Option<u64>,
 }
 
 /// What a worker remembers of one device between messages.
@@ -474,10 +481,16 @@ pub struct DeviceState {
 
 #[derive(Debug, Default, Clone, Copy)]
 struct RuleState {
-    /// `None` until the first evaluation after start.
-    active: Option<bool>,
     /// Data time at which the condition started to hold, for `for`.
     holding_since: Option<TimestampNs>,
+}
+
+/// What the last deciding record of a message said about one rule.
+#[derive(Debug, Clone)]
+struct Outcome {
+    raise: bool,
+    ts: TimestampNs,
+    values: Vec<(String, Value)>,
 }
 
 struct View<'a> {
@@ -545,19 +558,29 @@ fn holds(condition: &Compiled, view: &View<'_>) -> Option<bool> {
                 _ => None,
             }
         }
+        // Three-valued logic: one false branch decides `all` and one true
+        // branch decides `any`, even while other branches are unknown.
         Compiled::All(conditions) => {
-            let mut all = true;
+            let mut unknown = false;
             for condition in conditions {
-                all &= holds(condition, view)?;
+                match holds(condition, view) {
+                    Some(false) => return Some(false),
+                    Some(true) => {}
+                    None => unknown = true,
+                }
             }
-            Some(all)
+            (!unknown).then_some(true)
         }
         Compiled::Any(conditions) => {
-            let mut any = false;
+            let mut unknown = false;
             for condition in conditions {
-                any |= holds(condition, view)?;
+                match holds(condition, view) {
+                    Some(true) => return Some(true),
+                    Some(false) => {}
+                    None => unknown = true,
+                }
             }
-            Some(any)
+            (!unknown).then_some(false)
         }
     }
 }
@@ -632,63 +655,47 @@ impl DeviceState {
         rules: &[CompiledRule],
         device: &str,
         records: &[Record],
+        open: &dyn Fn(&str) -> Option<Severity>,
     ) -> Vec<Transition> {
-        let mut transitions = Vec::new();
+        // The outcome of the last record that decided each rule. Only the
+        // end state of a message counts, so a message of many records that
+        // cross a threshold back and forth makes one change, not thousands.
+        let mut outcomes: Vec<Option<Outcome>> = vec![None; rules.len()];
         for record in records {
-            for rule in rules {
-                // A rule runs on messages that carry a key it reads; a
-                // no_data rule runs on every message, which ends a silence.
-                let reads_message = rule
-                    .keys
-                    .iter()
-                    .any(|key| record.fields.iter().any(|field| &field.key == key));
-                if !reads_message && rule.no_data.is_none() {
+            for (index, rule) in rules.iter().enumerate() {
+                if !self.reads(rule, record) {
                     continue;
                 }
                 let view = View {
                     record,
                     latest: &self.latest,
                 };
-                let state = self.rules.entry(rule.name.clone()).or_default();
                 let Some(condition) = holds(&rule.condition, &view) else {
                     continue;
                 };
-                let cleared = match &rule.clear {
-                    Some(clear) => holds(clear, &view),
-                    None => Some(!condition),
-                };
-
-                let mut raise = None;
-                let mut repeated = false;
-                if condition {
+                let state = self.rules.entry(rule.name.clone()).or_default();
+                let decision = if condition {
                     let since = *state.holding_since.get_or_insert(record.ts);
-                    if record.ts.saturating_sub(since) >= rule.hold_ns {
-                        repeated = state.active == Some(true);
-                        raise = Some(true);
-                    }
+                    (record.ts.saturating_sub(since) >= rule.hold_ns).then_some(true)
                 } else {
                     state.holding_since = None;
-                    if cleared == Some(true) && state.active != Some(false) {
-                        raise = Some(false);
-                    }
-                }
-                if let Some(raise) = raise {
-                    state.active = Some(raise);
-                    let values: Vec<(String, Value)> = rule
-                        .keys
-                        .iter()
-                        .filter_map(|key| view.value(key).map(|value| (key.clone(), value)))
-                        .collect();
-                    transitions.push(Transition {
-                        rule: rule.name.clone(),
-                        raise,
-                        severity: rule.severity,
-                        ts: record.ts,
-                        message: rule.message(device, &values, raise),
-                        values,
-                        repeated,
-                    });
-                }
+                    let cleared = match &rule.clear {
+                        Some(clear) => holds(clear, &view),
+                        None => Some(true),
+                    };
+                    (cleared == Some(true)).then_some(false)
+                };
+                let Some(raise) = decision else { continue };
+                let values: Vec<(String, Value)> = rule
+                    .keys
+                    .iter()
+                    .filter_map(|key| view.value(key).map(|value| (key.clone(), value)))
+                    .collect();
+                outcomes[index] = Some(Outcome {
+                    raise,
+                    ts: record.ts,
+                    values,
+                });
             }
 
             for field in &record.fields {
@@ -702,7 +709,50 @@ impl DeviceState {
                 }
             }
         }
+
+        // The alarm manager's open alarms decide what is a change: a rule
+        // that holds raises unless its alarm is open with the same severity
+        // (so an alarm cleared by hand, or a new severity, takes effect),
+        // and a rule that no longer holds clears an open alarm.
+        let mut transitions = Vec::new();
+        for (rule, outcome) in rules.iter().zip(outcomes) {
+            let Some(outcome) = outcome else { continue };
+            let open = open(&rule.name);
+            let change = if outcome.raise {
+                open != Some(rule.severity)
+            } else {
+                open.is_some()
+            };
+            if change {
+                transitions.push(Transition {
+                    rule: rule.name.clone(),
+                    raise: outcome.raise,
+                    severity: rule.severity,
+                    ts: outcome.ts,
+                    message: rule.message(device, &outcome.values, outcome.raise),
+                    values: outcome.values,
+                    seq: None,
+                });
+            }
+        }
         transitions
+    }
+
+    /// True when `record` carries a key the rule reads, at a timestamp not
+    /// older than the newest value of that key seen so far: late points are
+    /// stored, but do not raise or clear alarms about the present. A
+    /// no_data rule reads every message, which ends a silence.
+    fn reads(&self, rule: &CompiledRule, record: &Record) -> bool {
+        if rule.no_data.is_some() {
+            return true;
+        }
+        rule.keys.iter().any(|key| {
+            record.fields.iter().any(|field| &field.key == key)
+                && self
+                    .latest
+                    .get(key)
+                    .is_none_or(|(newest, _)| *newest <= record.ts)
+        })
     }
 
     /// Forgets the state of rules that no longer exist, after a profile

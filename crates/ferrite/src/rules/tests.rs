@@ -25,26 +25,51 @@ fn record(ts_s: i64, values: &[(&str, f64)]) -> Record {
     }
 }
 
+/// The alarm manager's open alarms, as the tests keep them.
+#[derive(Default)]
+struct Alarms(HashMap<String, Severity>);
+
+impl Alarms {
+    fn evaluate(
+        &mut self,
+        state: &mut DeviceState,
+        rules: &[CompiledRule],
+        records: &[Record],
+    ) -> Vec<Transition> {
+        let transitions =
+            state.evaluate(rules, "dev-1", records, &|rule| self.0.get(rule).copied());
+        for transition in &transitions {
+            if transition.raise {
+                self.0.insert(transition.rule.clone(), transition.severity);
+            } else {
+                self.0.remove(&transition.rule);
+            }
+        }
+        transitions
+    }
+}
+
+fn render(transitions: &[Transition]) -> Vec<String> {
+    transitions
+        .iter()
+        .map(|transition| {
+            format!(
+                "{}{}",
+                if transition.raise { '+' } else { '-' },
+                transition.rule
+            )
+        })
+        .collect()
+}
+
 /// Feeds records one message at a time and returns, per message, the
 /// transitions as `+rule` (raise) and `-rule` (clear).
 fn run(rules: &[CompiledRule], messages: &[Record]) -> Vec<Vec<String>> {
     let mut state = DeviceState::default();
+    let mut alarms = Alarms::default();
     messages
         .iter()
-        .map(|message| {
-            state
-                .evaluate(rules, "dev-1", std::slice::from_ref(message))
-                .iter()
-                .filter(|transition| !transition.repeated)
-                .map(|transition| {
-                    format!(
-                        "{}{}",
-                        if transition.raise { '+' } else { '-' },
-                        transition.rule
-                    )
-                })
-                .collect()
-        })
+        .map(|message| render(&alarms.evaluate(&mut state, rules, std::slice::from_ref(message))))
         .collect()
 }
 
@@ -58,12 +83,11 @@ fn expect(rules_yaml: &str, table: &[(Record, &[&str])]) {
 }
 
 #[test]
-fn threshold_raises_on_the_edge_and_reports_its_first_state() {
+fn threshold_raises_and_clears_on_the_edges() {
     expect(
         r#"[{name: hot, condition: {threshold: {key: t, op: ">", value: 30}}}]"#,
         &[
-            // The first evaluation reports the state either way.
-            (record(0, &[("t", 20.0)]), &["-hot"]),
+            (record(0, &[("t", 20.0)]), &[]),
             (record(1, &[("t", 25.0)]), &[]),
             (record(2, &[("t", 31.0)]), &["+hot"]),
             (record(3, &[("t", 35.0)]), &[]),
@@ -75,13 +99,80 @@ fn threshold_raises_on_the_edge_and_reports_its_first_state() {
 }
 
 #[test]
-fn a_condition_that_keeps_holding_repeats_its_raise() {
-    let rules = rules(r#"[{name: hot, condition: {threshold: {key: t, op: ">", value: 30}}}]"#);
+fn an_alarm_cleared_by_hand_or_with_a_new_severity_is_raised_again() {
+    let minor = rules(
+        r#"[{name: hot, severity: minor, condition: {threshold: {key: t, op: ">", value: 30}}}]"#,
+    );
     let mut state = DeviceState::default();
-    let first = state.evaluate(&rules, "d", &[record(0, &[("t", 31.0)])]);
-    let second = state.evaluate(&rules, "d", &[record(1, &[("t", 32.0)])]);
-    assert!(first[0].raise && !first[0].repeated);
-    assert!(second[0].raise && second[0].repeated);
+    let mut alarms = Alarms::default();
+    let first = alarms.evaluate(&mut state, &minor, &[record(0, &[("t", 31.0)])]);
+    assert_eq!(render(&first), ["+hot"]);
+    assert!(
+        alarms
+            .evaluate(&mut state, &minor, &[record(1, &[("t", 32.0)])])
+            .is_empty()
+    );
+    // Someone clears it by hand while the condition holds.
+    alarms.0.clear();
+    let again = alarms.evaluate(&mut state, &minor, &[record(2, &[("t", 33.0)])]);
+    assert_eq!(render(&again), ["+hot"]);
+    // The profile now calls it critical.
+    let critical = rules(
+        r#"[{name: hot, severity: critical, condition: {threshold: {key: t, op: ">", value: 30}}}]"#,
+    );
+    let raised = alarms.evaluate(&mut state, &critical, &[record(3, &[("t", 34.0)])]);
+    assert_eq!(raised[0].severity, Severity::Critical);
+}
+
+#[test]
+fn a_message_of_many_records_changes_an_alarm_once() {
+    let rules = rules(r#"[{name: hot, condition: {threshold: {key: t, op: ">", value: 30}}}]"#);
+    let flapping: Vec<Record> = (0..4000)
+        .map(|index| record(index, &[("t", if index % 2 == 0 { 40.0 } else { 20.0 })]))
+        .collect();
+    let mut state = DeviceState::default();
+    let mut alarms = Alarms::default();
+    // The last record is below the threshold: nothing to raise.
+    assert!(alarms.evaluate(&mut state, &rules, &flapping).is_empty());
+    let raised = alarms.evaluate(&mut state, &rules, &[record(5000, &[("t", 41.0)])]);
+    assert_eq!(render(&raised), ["+hot"]);
+}
+
+#[test]
+fn late_points_do_not_raise_or_clear_alarms() {
+    expect(
+        r#"[{name: hot, condition: {threshold: {key: t, op: ">", value: 30}}}]"#,
+        &[
+            (record(100, &[("t", 35.0)]), &["+hot"]),
+            // An older point below the threshold arrives late.
+            (record(50, &[("t", 20.0)]), &[]),
+            (record(110, &[("t", 20.0)]), &["-hot"]),
+            (record(60, &[("t", 99.0)]), &[]),
+        ],
+    );
+}
+
+#[test]
+fn any_holds_while_another_branch_is_still_unknown() {
+    expect(
+        r#"[{name: either, condition: {any: [
+              {threshold: {key: t, op: ">", value: 30}},
+              {threshold: {key: h, op: ">", value: 90}}]}},
+            {name: both, condition: {all: [
+              {threshold: {key: t, op: ">", value: 30}},
+              {threshold: {key: h, op: ">", value: 90}}]}}]"#,
+        &[
+            // h has never arrived: `any` is decided, `all` is not.
+            (record(0, &[("t", 31.0)]), &["+either"]),
+            // Now neither known branch holds, but h might: still unknown.
+            (record(1, &[("t", 20.0)]), &[]),
+            (record(2, &[("h", 95.0), ("t", 35.0)]), &["+both"]),
+            (
+                record(3, &[("h", 50.0), ("t", 20.0)]),
+                &["-either", "-both"],
+            ),
+        ],
+    );
 }
 
 #[test]
@@ -117,7 +208,7 @@ fn range_holds_outside_by_default_and_inside_when_asked() {
     expect(
         "[{name: band, condition: {range: {key: p, min: 10, max: 20}}}]",
         &[
-            (record(0, &[("p", 15.0)]), &["-band"]),
+            (record(0, &[("p", 15.0)]), &[]),
             (record(1, &[("p", 20.0)]), &[]),
             (record(2, &[("p", 20.5)]), &["+band"]),
             (record(3, &[("p", 9.0)]), &[]),
@@ -127,7 +218,7 @@ fn range_holds_outside_by_default_and_inside_when_asked() {
     expect(
         "[{name: band, condition: {range: {key: p, min: 10, inside: true}}}]",
         &[
-            (record(0, &[("p", 5.0)]), &["-band"]),
+            (record(0, &[("p", 5.0)]), &[]),
             (record(1, &[("p", 1e9)]), &["+band"]),
         ],
     );
@@ -143,7 +234,7 @@ fn rate_of_change_scales_to_the_period_and_honours_direction() {
             // No earlier value: unknown.
             (record(0, &[("t", 20.0)]), &[]),
             // +2 in 60 s = 2/min.
-            (record(60, &[("t", 22.0)]), &["-jump"]),
+            (record(60, &[("t", 22.0)]), &[]),
             // +3 in 30 s = 6/min.
             (record(90, &[("t", 25.0)]), &["+jump"]),
             // -6 in 60 s = 6/min, still faster than 5.
@@ -157,7 +248,7 @@ fn rate_of_change_scales_to_the_period_and_honours_direction() {
         "[{name: rise, condition: {rate_of_change: {key: t, max: 5, per: 1m, direction: rise}}}]",
         &[
             (record(0, &[("t", 20.0)]), &[]),
-            (record(60, &[("t", 10.0)]), &["-rise"]),
+            (record(60, &[("t", 10.0)]), &[]),
             (record(120, &[("t", 20.0)]), &["+rise"]),
         ],
     );
@@ -187,7 +278,7 @@ fn all_and_any_combine_conditions() {
     expect(
         rule,
         &[
-            (record(0, &[("a", 2.0), ("b", 0.0)]), &["-both", "+either"]),
+            (record(0, &[("a", 2.0), ("b", 0.0)]), &["+either"]),
             (record(1, &[("b", 2.0)]), &["+both"]),
             (record(2, &[("a", 0.0), ("b", 0.0)]), &["-both", "-either"]),
         ],
@@ -229,14 +320,21 @@ fn clear_condition_adds_hysteresis() {
 }
 
 #[test]
-fn no_data_rule_clears_when_any_message_arrives() {
-    expect(
-        "[{name: silent, condition: {no_data: {for: 10m}}}]",
-        &[
-            (record(0, &[("x", 1.0)]), &["-silent"]),
-            (record(1, &[("y", 1.0)]), &[]),
-        ],
+fn no_data_rule_clears_an_open_alarm_whenever_a_message_arrives() {
+    let rules = rules("[{name: silent, condition: {no_data: {for: 10m}}}]");
+    let mut state = DeviceState::default();
+    let mut alarms = Alarms::default();
+    assert!(
+        alarms
+            .evaluate(&mut state, &rules, &[record(0, &[("x", 1.0)])])
+            .is_empty()
     );
+    // The silence check raises it, twice over.
+    for ts in [900, 2000] {
+        alarms.0.insert("silent".into(), Severity::Major);
+        let cleared = alarms.evaluate(&mut state, &rules, &[record(ts, &[("y", 1.0)])]);
+        assert_eq!(render(&cleared), ["-silent"]);
+    }
 }
 
 #[test]
@@ -247,7 +345,7 @@ fn messages_use_templates_and_name_the_values() {
            {name: plain, condition: {threshold: {key: t, op: ">", value: 30}}}]"#,
     );
     let mut state = DeviceState::default();
-    let transitions = state.evaluate(&rules, "boiler-2", &[record(0, &[("t", 31.5)])]);
+    let transitions = state.evaluate(&rules, "boiler-2", &[record(0, &[("t", 31.5)])], &|_| None);
     assert_eq!(transitions[0].message, "boiler-2 at 31.5 degrees (hot)");
     assert_eq!(transitions[1].message, "plain: t > 30 holds (t = 31.5)");
     assert_eq!(

@@ -5,6 +5,7 @@
 //! Series are addressed by tenant id, device id and key.
 
 use std::path::Path;
+use std::time::Duration;
 
 use ferrite_core::{TimestampNs, Value};
 pub use ferrite_tsdb::{Bucket, RangePage};
@@ -88,17 +89,41 @@ pub trait TimeSeriesStore: Send + Sync + 'static {
     fn compact(&self) -> Result<(), StoreError>;
     /// Number of files and bytes on disk.
     fn disk_usage(&self) -> (usize, u64);
+    /// Replaces the raw-data retention of single devices, such as the one
+    /// their device profile sets. A listed device keeps its raw points for
+    /// the given duration or its tenant's retention, whichever is shorter,
+    /// and a device listed twice gets the shorter duration. Devices not
+    /// listed follow their tenant again. Queries apply it at once, and
+    /// maintenance removes expired points from disk as their files expire or
+    /// are compacted. When a device's retention gets longer, points already
+    /// past its old cutoff stay expired. The default does nothing, for
+    /// stores that never expire data.
+    fn set_device_retention(
+        &self,
+        devices: Vec<((TenantId, DeviceId), Duration)>,
+    ) -> Result<(), StoreError> {
+        let _ = devices;
+        Ok(())
+    }
+}
+
+/// Converts a duration to nanoseconds, saturating at `i64::MAX`.
+fn duration_ns(duration: Duration) -> i64 {
+    i64::try_from(duration.as_nanos()).unwrap_or(i64::MAX)
 }
 
 /// The embedded default: `ferrite_tsdb` in the data directory.
 pub struct EmbeddedStore {
     store: Store,
+    /// Raw retention from the configuration, which device entries are
+    /// merged into.
+    #[allow(dead_code)]
+    configured_retention: ferrite_tsdb::Retention,
 }
 
 impl EmbeddedStore {
     pub fn open(dir: &Path, config: &crate::config::StorageConfig) -> Result<Self, StoreError> {
-        let nanos =
-            |duration: std::time::Duration| i64::try_from(duration.as_nanos()).unwrap_or(i64::MAX);
+        let nanos = duration_ns;
         let options = StoreOptions {
             head_budget_bytes: config.head_budget_bytes,
             memory_budget_bytes: Some(config.memory_budget_bytes),
@@ -111,6 +136,7 @@ impl EmbeddedStore {
                     .iter()
                     .map(|(tenant, setting)| (tenant.clone(), setting.0.map(nanos)))
                     .collect(),
+                devices: Default::default(),
             },
             rollup_intervals: config.rollups.iter().map(|d| nanos(*d)).collect(),
             rollup_retention: config
@@ -127,14 +153,16 @@ impl EmbeddedStore {
                         .and_then(|(_, setting)| setting.0);
                     ferrite_tsdb::Retention {
                         default: keep.map(nanos),
-                        tenants: Default::default(),
+                        ..Default::default()
                     }
                 })
                 .collect(),
             ..StoreOptions::default()
         };
+        let configured_retention = options.retention.clone();
         Ok(Self {
             store: Store::open(dir, options)?,
+            configured_retention,
         })
     }
 }
@@ -216,5 +244,99 @@ impl TimeSeriesStore for EmbeddedStore {
 
     fn disk_usage(&self) -> (usize, u64) {
         self.store.disk_usage()
+    }
+
+    fn set_device_retention(
+        &self,
+        devices: Vec<((TenantId, DeviceId), Duration)>,
+    ) -> Result<(), StoreError> {
+        let mut retention = self.configured_retention.clone();
+        for ((tenant, device), keep) in devices {
+            let tenant = tenant.to_string();
+            let device = device.to_string();
+            // The shorter retention wins, as in the ingest check of points
+            // against a device profile.
+            let mut keep = duration_ns(keep);
+            if let Some(tenant_keep) = retention.of(&tenant) {
+                keep = keep.min(tenant_keep);
+            }
+            let listed = retention
+                .devices
+                .get(&tenant)
+                .and_then(|devices| devices.get(&device))
+                .copied()
+                .flatten();
+            if let Some(listed) = listed {
+                keep = keep.min(listed);
+            }
+            retention.set_device(tenant, device, Some(keep));
+        }
+        self.store.set_retention(retention)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{RetentionSetting, StorageConfig};
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    fn now_ns() -> TimestampNs {
+        duration_ns(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap(),
+        )
+    }
+
+    fn stored(store: &EmbeddedStore, tenant: TenantId, device: DeviceId) -> usize {
+        let series = Series::new(tenant, device, "v");
+        let page = store
+            .range(series, TimestampNs::MIN, TimestampNs::MAX, None, 100)
+            .unwrap();
+        page.points.len()
+    }
+
+    #[test]
+    fn device_retention_is_capped_by_tenant() {
+        let dir = tempfile::tempdir().unwrap();
+        let tenant = TenantId::new_random();
+        let mut config = StorageConfig::default();
+        config
+            .tenant_retention
+            .insert(tenant.to_string(), RetentionSetting(Some(3 * HOUR)));
+        let store = EmbeddedStore::open(dir.path(), &config).unwrap();
+
+        let short = DeviceId::new_random();
+        let long = DeviceId::new_random();
+        let other = DeviceId::new_random();
+        let two_hours_ago = now_ns() - duration_ns(2 * HOUR);
+        for device in [short, long, other] {
+            store
+                .write(tenant, device, &[("v", two_hours_ago, Value::Int(1))])
+                .unwrap();
+        }
+        store
+            .set_device_retention(vec![((tenant, short), HOUR), ((tenant, long), 48 * HOUR)])
+            .unwrap();
+
+        assert_eq!(stored(&store, tenant, short), 0);
+        assert_eq!(stored(&store, tenant, long), 1);
+        assert_eq!(stored(&store, tenant, other), 1);
+        let retention = store.store.retention();
+        assert_eq!(
+            retention.of_device(&tenant.to_string(), &long.to_string()),
+            Some(duration_ns(3 * HOUR)),
+            "the tenant's shorter retention caps the device's"
+        );
+
+        let error = store
+            .set_device_retention(vec![((tenant, other), Duration::ZERO)])
+            .unwrap_err();
+        assert!(
+            error.to_string().contains("expected a positive number"),
+            "{error}"
+        );
     }
 }

@@ -1,6 +1,7 @@
 //! Black-box tests: each starts the real `ferrite` binary on free loopback
 //! ports with its own data directory and talks to it over sockets.
 
+pub mod actions;
 mod cases;
 mod durability;
 mod export;
@@ -8,5 +9,6 @@ mod fleet;
 mod http;
 mod live;
 mod mqtt;
+mod nats;
 mod processing;
 mod support;

@@ -432,29 +432,32 @@ async fn a_silent_device_raises_a_no_data_alarm_that_clears_on_data() {
     )
     .await;
     let device = api.device("pump", "heartbeat").await;
-    let raised = api
-        .wait_for("/api/v1/alarms?status=active", |body| {
+    // Two silences in a row: each raises, and data clears each.
+    for round in 1..=2 {
+        let raised = api
+            .wait_for("/api/v1/alarms?status=active", |body| {
+                body["alarms"]
+                    .as_array()
+                    .is_some_and(|alarms| alarms.len() == 1)
+            })
+            .await;
+        assert_eq!(raised["alarms"][0]["rule"], "silent");
+        assert_eq!(
+            api.telemetry(&device, "application/json", br#"{"on": true}"#.to_vec())
+                .await,
+            200
+        );
+        api.wait_for("/api/v1/alarms?status=cleared", |body| {
             body["alarms"]
                 .as_array()
-                .is_some_and(|alarms| alarms.len() == 1)
+                .is_some_and(|alarms| alarms.len() == round)
         })
         .await;
-    assert_eq!(raised["alarms"][0]["rule"], "silent");
-    assert_eq!(
-        api.telemetry(&device, "application/json", br#"{"on": true}"#.to_vec())
-            .await,
-        200
-    );
-    api.wait_for("/api/v1/alarms?status=cleared", |body| {
-        body["alarms"]
-            .as_array()
-            .is_some_and(|alarms| alarms.len() == 1)
-    })
-    .await;
+    }
 }
 
 #[tokio::test]
-async fn senml_cayenne_lpp_and_scripted_payloads_are_decoded_by_their_codecs() {
+async fn senml_and_cayenne_lpp_payloads_are_decoded_by_their_codecs() {
     let server = Server::start().await;
     let api = Api::new(&server).await;
     for profile in [
@@ -812,4 +815,266 @@ async fn scripted_decoders_run_unchanged_and_fail_into_the_dead_letter_log() {
         invalid["detail"].as_str().unwrap().contains("syntax error"),
         "{invalid}"
     );
+}
+
+#[tokio::test]
+async fn alarm_changes_run_the_rule_webhook_signed() {
+    let receiver = crate::actions::Receiver::start(Vec::new()).await;
+    let server = Server::start().await;
+    let api = Api::new(&server).await;
+    let spec = json!({
+        "name": "tank",
+        "rules": [{
+            "name": "low-level",
+            "severity": "minor",
+            "condition": {"threshold": {"key": "level", "op": "<", "value": 10}},
+            "actions": [{"type": "webhook", "url": receiver.url, "secret": "s3cret"}],
+        }],
+    });
+    let (status, body) = api.post("/api/v1/profiles", spec).await;
+    assert_eq!(status, 201, "{body}");
+    let device = api.device("tank-3", "tank").await;
+    for level in [50, 5, 60] {
+        let body = format!(r#"{{"level": {level}}}"#).into_bytes();
+        assert_eq!(api.telemetry(&device, "application/json", body).await, 200);
+        // Keep the messages apart, so each change is its own webhook.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while receiver.requests().len() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "webhooks did not arrive"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let requests = receiver.requests();
+    let events: Vec<&str> = requests
+        .iter()
+        .map(|(headers, _)| headers["x-ferrite-event"].to_str().unwrap())
+        .collect();
+    assert_eq!(events, ["alarm.raised", "alarm.cleared"]);
+    let (headers, body) = &requests[0];
+    assert!(
+        headers["x-ferrite-signature"]
+            .to_str()
+            .unwrap()
+            .starts_with("sha256=")
+    );
+    let body: Value = serde_json::from_slice(body).unwrap();
+    assert_eq!(body["alarm"]["rule"], "low-level");
+    assert_eq!(body["device"]["name"], "tank-3");
+}
+
+#[tokio::test]
+async fn a_crash_replay_repeats_no_alarm_and_no_dead_letter() {
+    let mut server = Server::start().await;
+    let device = {
+        let api = Api::new(&server).await;
+        api.yaml(reqwest::Method::POST, "/api/v1/profiles", THERMOMETER)
+            .await;
+        let device = api.device("kiln", "thermometer").await;
+        for body in [r#"{"temp": 35}"#, r#"{"temp": 20}"#, r#"{"temp": 90}"#] {
+            assert_eq!(
+                api.telemetry(&device, "application/json", body.into())
+                    .await,
+                200
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        api.wait_for("/api/v1/alarms?status=cleared", |body| {
+            body["alarms"]
+                .as_array()
+                .is_some_and(|alarms| alarms.len() == 1)
+        })
+        .await;
+        api.wait_for(
+            &format!("/api/v1/devices/{}/dead-letters", device.id),
+            |body| {
+                body["dead_letters"]
+                    .as_array()
+                    .is_some_and(|letters| letters.len() == 1)
+            },
+        )
+        .await;
+        device
+    };
+
+    // SIGKILL before the store flushes: the log replays all three messages.
+    server.restart().await;
+    let api = Api::new(&server).await;
+    api.wait_for(
+        &format!("/api/v1/devices/{}/telemetry/latest", device.id),
+        |body| body["temperature"]["value"] == 20,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (_, alarms) = api.get("/api/v1/alarms").await;
+    assert_eq!(alarms["alarms"].as_array().unwrap().len(), 1, "{alarms}");
+    let (_, letters) = api
+        .get(&format!("/api/v1/devices/{}/dead-letters", device.id))
+        .await;
+    assert_eq!(
+        letters["dead_letters"].as_array().unwrap().len(),
+        1,
+        "{letters}"
+    );
+}
+
+#[tokio::test]
+async fn an_expression_that_fails_on_some_input_rejects_only_that_message() {
+    let server = Server::start().await;
+    let api = Api::new(&server).await;
+    // evalexpr's substring cuts bytes, so it fails on non-ASCII text.
+    let (status, body) = api
+        .yaml(
+            reqwest::Method::POST,
+            "/api/v1/profiles",
+            "name: labels\ntransform:\n  - derive: { key: initial, expression: 'str::substring(status, 0, 1)' }\nrules:\n  - name: flag\n    condition: { expression: 'door_open && temperature > 30' }\n",
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let device = api.device("door-1", "labels").await;
+    assert_eq!(
+        api.telemetry(
+            &device,
+            "application/json",
+            r#"{"status": "été"}"#.as_bytes().to_vec()
+        )
+        .await,
+        200
+    );
+    assert_eq!(
+        api.telemetry(
+            &device,
+            "application/json",
+            br#"{"status": "open", "door_open": true, "temperature": 35}"#.to_vec()
+        )
+        .await,
+        200
+    );
+    let latest = api
+        .wait_for(
+            &format!("/api/v1/devices/{}/telemetry/latest", device.id),
+            |body| body.get("initial").is_some(),
+        )
+        .await;
+    assert_eq!(latest["initial"]["value"], "o");
+    let letters = api
+        .wait_for(
+            &format!("/api/v1/devices/{}/dead-letters", device.id),
+            |body| {
+                body["dead_letters"]
+                    .as_array()
+                    .is_some_and(|letters| letters.len() == 1)
+            },
+        )
+        .await;
+    assert_eq!(letters["dead_letters"][0]["stage"], "transform");
+    api.wait_for("/api/v1/alarms?status=active", |body| {
+        body["alarms"]
+            .as_array()
+            .is_some_and(|alarms| alarms.len() == 1)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_open_mqtt_session_uses_the_profile_set_after_it_connected() {
+    let server = Server::start().await;
+    let api = Api::new(&server).await;
+    api.yaml(
+        reqwest::Method::POST,
+        "/api/v1/profiles",
+        "name: lpp\ncodec: { type: cayenne_lpp }\n",
+    )
+    .await;
+    let device = server.create_device("switcher").await;
+    let mut options = rumqttc::MqttOptions::new("switcher", "127.0.0.1", server.mqtt_addr.port());
+    options.set_credentials(&device.token, "");
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 10);
+    let poller = tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
+    client
+        .publish(
+            "v1/devices/me/telemetry",
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            r#"{"a": 1}"#,
+        )
+        .await
+        .unwrap();
+    api.wait_for(
+        &format!("/api/v1/devices/{}/telemetry/latest", device.id),
+        |body| body.get("a").is_some(),
+    )
+    .await;
+
+    let (status, _) = api
+        .send(
+            reqwest::Method::PATCH,
+            &format!("/api/v1/devices/{}", device.id),
+            "application/json",
+            json!({"profile": "lpp"}).to_string(),
+        )
+        .await;
+    assert_eq!(status, 200);
+    client
+        .publish(
+            "v1/devices/me/telemetry",
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            vec![0x03, 0x67, 0x01, 0x10],
+        )
+        .await
+        .unwrap();
+    api.wait_for(
+        &format!("/api/v1/devices/{}/telemetry/latest", device.id),
+        |body| body["temperature_3"]["value"] == 27.2,
+    )
+    .await;
+    poller.abort();
+}
+
+#[tokio::test]
+async fn points_older_than_the_profile_retention_are_rejected() {
+    let server = Server::start().await;
+    let api = Api::new(&server).await;
+    api.yaml(
+        reqwest::Method::POST,
+        "/api/v1/profiles",
+        "name: short-lived\nretention: 1h\n",
+    )
+    .await;
+    let device = api.device("probe-9", "short-lived").await;
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let old = format!(
+        r#"{{"ts": {}, "values": {{"t": 1}}}}"#,
+        now_ms - 2 * 3_600_000
+    );
+    let recent = format!(r#"{{"ts": {}, "values": {{"t": 2}}}}"#, now_ms - 60_000);
+    for body in [old, recent] {
+        assert_eq!(
+            api.telemetry(&device, "application/json", body.into_bytes())
+                .await,
+            200
+        );
+    }
+    let letters = api
+        .wait_for(
+            &format!("/api/v1/devices/{}/dead-letters", device.id),
+            |body| {
+                body["dead_letters"]
+                    .as_array()
+                    .is_some_and(|letters| letters.len() == 1)
+            },
+        )
+        .await;
+    assert_eq!(letters["dead_letters"][0]["stage"], "timestamp");
+    let reason = letters["dead_letters"][0]["reason"].as_str().unwrap();
+    assert!(reason.contains("retention of 1h"), "{reason}");
+    api.wait_for(
+        &format!("/api/v1/devices/{}/telemetry/latest", device.id),
+        |body| body["t"]["value"] == 2,
+    )
+    .await;
 }

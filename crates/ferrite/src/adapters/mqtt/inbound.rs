@@ -185,22 +185,28 @@ impl Connection {
         let context = &self.shared.context;
         let received_at_ns = now_ns();
         let declared = publish.properties.get_content_type();
-        let content_type = match context.directory.content_type_for(
-            self.identity.profile_id,
-            declared.as_deref(),
-            &publish.payload,
-        ) {
-            Ok(content_type) => content_type,
-            Err(message) => {
-                events::messages_rejected("wrong_codec", 1);
-                let (reason, reason_string) = match self.version {
-                    ProtocolVersion::V5 => (ReasonCode::PayloadFormatInvalid, Some(message)),
-                    ProtocolVersion::V311 => (ReasonCode::Success, None),
-                };
-                self.decide(packet_id, publish.qos, reason, reason_string);
-                return;
-            }
-        };
+        // The directory holds the device's current profile (the API updates
+        // it); the identity holds the one at CONNECT.
+        let profile = context
+            .directory
+            .cached_profile_of(self.identity.device_id)
+            .unwrap_or(self.identity.profile_id);
+        let content_type =
+            match context
+                .directory
+                .content_type_for(profile, declared.as_deref(), &publish.payload)
+            {
+                Ok(content_type) => content_type,
+                Err(message) => {
+                    events::messages_rejected("wrong_codec", 1);
+                    let (reason, reason_string) = match self.version {
+                        ProtocolVersion::V5 => (ReasonCode::PayloadFormatInvalid, Some(message)),
+                        ProtocolVersion::V311 => (ReasonCode::Success, None),
+                    };
+                    self.decide(packet_id, publish.qos, reason, reason_string);
+                    return;
+                }
+            };
         // Bytes for a profile's Cayenne LPP or script codec are decoded by
         // the pipeline; failures go to the device's dead-letter log.
         let checked = if content_type == ContentType::Raw {

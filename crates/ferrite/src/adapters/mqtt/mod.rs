@@ -19,6 +19,9 @@
 //!   subscriptions and delivery of QoS 0 and 1 to the sessions of the same
 //!   device (`router.rs`), which other parts of Ferrite publish through with
 //!   [`Router::publish_to_device`].
+//! - RPC requests to devices and their responses on
+//!   `v1/devices/me/rpc/{request,response}/{id}`, as in ThingsBoard
+//!   (`rpc.rs`, [`Router::call_device`]).
 //! - Keep-alive ([MQTT-3.1.2-24]), will messages with MQTT 5 delay, limits
 //!   on connections, connect time and packet size (`connection.rs`).
 //!
@@ -50,6 +53,7 @@ mod handshake;
 mod inbound;
 mod outbound;
 mod router;
+mod rpc;
 mod session;
 mod topics;
 
@@ -63,6 +67,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 pub use router::Router;
+pub use rpc::RpcSendError;
 
 use crate::auth::Auth;
 use crate::config::MqttConfig;
@@ -114,18 +119,12 @@ struct Shared {
     shutdown: CancellationToken,
 }
 
-/// Serves MQTT on `listener` until `shutdown` is cancelled, with a router of
-/// its own. Use [`serve_with_router`] to publish to devices from elsewhere.
-pub async fn serve(listener: TcpListener, context: Arc<MqttContext>, shutdown: CancellationToken) {
-    let router = Router::new(&context.config);
-    serve_with_router(listener, context, router, shutdown).await;
-}
-
 /// Serves MQTT on `listener` until `shutdown` is cancelled; then stops
 /// accepting, sends MQTT 5 clients DISCONNECT 0x8B, waits for in-flight
 /// appends to finish and returns. `router` is the handle through which
-/// other parts of Ferrite reach the connected devices.
-pub async fn serve_with_router(
+/// other parts of Ferrite reach the connected devices: the caller creates
+/// it with [`Router::new`] and keeps a clone.
+pub async fn serve(
     listener: TcpListener,
     context: Arc<MqttContext>,
     router: Router,

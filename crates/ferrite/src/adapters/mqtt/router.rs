@@ -14,7 +14,10 @@
 //! queues QoS 1 messages; offline sessions do not keep QoS 0 messages.
 //!
 //! Other parts of Ferrite (commands, shared attributes) send to devices
-//! through [`Router::publish_to_device`].
+//! through [`Router::publish_to_device`], and send RPC requests with
+//! [`Router::send_rpc_request`] and [`Router::call_device`] (`rpc.rs`). A
+//! device's publish on `rpc/response/{id}` goes to the request waiting for
+//! it, if any, instead of the device's subscribers.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -25,6 +28,7 @@ use parking_lot::{Mutex, MutexGuard};
 use tokio::sync::mpsc::error::TrySendError;
 
 use super::events::{self, WarnLimiter};
+use super::rpc::{self, PendingRequests, PendingResponse, RpcSendError};
 use super::session::{ClientId, Outgoing, Presence, Session, SessionStore, Subscription};
 use super::topics::{is_valid_topic_name, suffix_matches};
 use crate::config::MqttConfig;
@@ -37,6 +41,8 @@ pub struct Router {
     sessions: Arc<Mutex<SessionStore>>,
     /// Limits warnings about full delivery channels for the whole server.
     queue_full_warnings: Arc<Mutex<WarnLimiter>>,
+    /// RPC requests waiting for a device's response.
+    rpc_requests: Arc<PendingRequests>,
 }
 
 impl Router {
@@ -50,6 +56,7 @@ impl Router {
                 capacity,
             ))),
             queue_full_warnings: Arc::new(Mutex::new(WarnLimiter::default())),
+            rpc_requests: Arc::new(PendingRequests::default()),
         }
     }
 
@@ -59,10 +66,6 @@ impl Router {
     /// granted QoS. QoS 2 is sent as QoS 1. Returns the number of sessions
     /// that got the message or queued it: 0 when `suffix` is empty or
     /// contains a wildcard, which no topic name may.
-    #[allow(
-        dead_code,
-        reason = "the entry point for commands and shared attributes, which are not built yet"
-    )]
     pub fn publish_to_device(
         &self,
         device_id: DeviceId,
@@ -76,7 +79,75 @@ impl Router {
         self.route(device_id, suffix, &payload, qos, None)
     }
 
+    /// True when a connection of `device_id` is open.
+    pub fn is_device_connected(&self, device_id: DeviceId) -> bool {
+        let store = self.sessions.lock();
+        let Some(clients) = store.by_device.get(&device_id) else {
+            return false;
+        };
+        clients.iter().any(|client_id| {
+            store
+                .sessions
+                .get(client_id)
+                .is_some_and(|session| matches!(session.presence, Presence::Online(_)))
+        })
+    }
+
+    /// Sends the RPC request `{"method", "params"}` to `device_id` with QoS 1
+    /// and returns its request id, without waiting for a response. An
+    /// offline persistent session queues the request.
+    pub fn send_rpc_request(
+        &self,
+        device_id: DeviceId,
+        method: &str,
+        params: &serde_json::Value,
+    ) -> Result<u32, RpcSendError> {
+        let request_id = self.rpc_requests.next_request_id();
+        if self.publish_rpc_request(device_id, request_id, method, params) == 0 {
+            return Err(RpcSendError::NotSubscribed);
+        }
+        Ok(request_id)
+    }
+
+    /// Sends an RPC request to a connected device and returns the wait for
+    /// its response on `rpc/response/{request_id}`.
+    pub fn call_device(
+        &self,
+        device_id: DeviceId,
+        method: &str,
+        params: &serde_json::Value,
+    ) -> Result<PendingResponse, RpcSendError> {
+        if !self.is_device_connected(device_id) {
+            return Err(RpcSendError::NotConnected);
+        }
+        let request_id = self.rpc_requests.next_request_id();
+        // Registered first, so that a fast response cannot arrive before.
+        let pending = self.rpc_requests.register(device_id, request_id);
+        if self.publish_rpc_request(device_id, request_id, method, params) == 0 {
+            return Err(RpcSendError::NotSubscribed);
+        }
+        Ok(pending)
+    }
+
+    fn publish_rpc_request(
+        &self,
+        device_id: DeviceId,
+        request_id: u32,
+        method: &str,
+        params: &serde_json::Value,
+    ) -> usize {
+        let payload = serde_json::json!({"method": method, "params": params});
+        self.publish_to_device(
+            device_id,
+            &format!("{}{request_id}", rpc::REQUEST_SUFFIX),
+            Bytes::from(payload.to_string()),
+            QoS::AtLeastOnce,
+        )
+    }
+
     /// Routes a publish of the session `publisher` (for MQTT 5 No Local).
+    /// A device's RPC response that a request waits for goes to that
+    /// request only and counts as one delivery.
     pub(super) fn route(
         &self,
         device_id: DeviceId,
@@ -85,6 +156,10 @@ impl Router {
         qos: QoS,
         publisher: Option<&ClientId>,
     ) -> usize {
+        if publisher.is_some() && self.rpc_requests.complete(device_id, suffix, payload) {
+            return 1;
+        }
+
         let mut guard = self.sessions.lock();
         let store = &mut *guard;
         let Some(clients) = store.by_device.get(&device_id) else {
