@@ -648,9 +648,17 @@ impl Subscription {
         if event.tenant_id() != self.tenant_id {
             return None;
         }
-        let labels = self.device_labels(event.device_id()).await;
+        // The cheap checks come first, so that the label lookup only runs
+        // for events that can still pass.
         match event.as_ref() {
             LiveEvent::Telemetry(telemetry) => {
+                let candidate = self.filter.telemetry
+                    && self.filter.matches_device(telemetry.device_id)
+                    && self.filter.matches_profile(telemetry.profile_id);
+                if !candidate {
+                    return None;
+                }
+                let labels = self.device_labels(telemetry.device_id).await;
                 let points = self.filter.telemetry_points(telemetry, &labels)?;
                 Some(Outgoing {
                     kind: "telemetry",
@@ -658,8 +666,11 @@ impl Subscription {
                 })
             }
             LiveEvent::Alarm(alarm) => {
-                let passes = self.filter.passes_alarm(alarm) && self.filter.matches_labels(&labels);
-                passes.then(|| Outgoing {
+                if !self.filter.passes_alarm(alarm) {
+                    return None;
+                }
+                let labels = self.device_labels(alarm.device_id).await;
+                self.filter.matches_labels(&labels).then(|| Outgoing {
                     kind: "alarm",
                     json: alarm_message(alarm),
                 })
