@@ -13,7 +13,7 @@
 //! the publishers stop, and the subscriber keeps reading for `--drain-s`
 //! before the counts are taken: `missing` is published minus delivered.
 //! A message that is due while its connection is still sending earlier ones
-//! goes out late; its latency counts from the actual send, and `behind_ms`
+//! goes out late. Its latency counts from the actual send, and `behind_ms`
 //! reports how far the publishers fell behind the schedule.
 
 use std::path::PathBuf;
