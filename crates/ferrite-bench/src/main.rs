@@ -11,6 +11,7 @@
 //! accepted as targets.
 
 mod idle;
+mod live;
 mod lp;
 mod mqtt;
 mod queries;
@@ -41,6 +42,8 @@ enum Command {
     Mqtt(mqtt::MqttArgs),
     /// Open idle MQTT connections and hold them, for memory measurements.
     Idle(idle::IdleArgs),
+    /// Publish over MQTT at a fixed rate and measure the latency to a live WebSocket subscriber.
+    Live(live::LiveArgs),
     /// Print Markdown tables (median, min, max, ratios) from collected result lines.
     Summary(summary::SummaryArgs),
     /// Write the IoT fleet dataset as line protocol; counts go to standard error.
@@ -61,6 +64,7 @@ fn main() -> anyhow::Result<()> {
         Command::Lp(args) => serde_json::to_value(runtime.block_on(lp::run(args))?)?,
         Command::Mqtt(args) => serde_json::to_value(runtime.block_on(mqtt::run(args))?)?,
         Command::Idle(args) => serde_json::to_value(runtime.block_on(idle::run(args))?)?,
+        Command::Live(args) => serde_json::to_value(runtime.block_on(live::run(args))?)?,
         Command::Queries(args) => serde_json::to_value(runtime.block_on(queries::run(args))?)?,
         Command::Sink(args) => serde_json::to_value(runtime.block_on(sink::run(args))?)?,
         Command::Summary(args) => {

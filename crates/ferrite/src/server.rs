@@ -47,7 +47,6 @@ pub struct AppState {
     /// Device ids by name, for line-protocol fleet writes.
     pub device_names: parking_lot::Mutex<std::collections::HashMap<(TenantId, String), DeviceId>>,
     /// Processed telemetry and alarm changes for live subscribers.
-    #[allow(dead_code)] // TODO: read by the live stream endpoints.
     pub live: crate::live::LiveBus,
     /// Cached devices and compiled profiles; the API invalidates what it
     /// changes.
@@ -255,6 +254,9 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
     tracing::info!("shutting down: no new connections; finishing accepted messages");
     state.ready.store(false, Ordering::Release);
     shutdown.cancel();
+    // Live streams never end by themselves; the HTTP listener would wait
+    // for them until its drain timeout.
+    state.live.close();
     let _ = http_task.await;
     let _ = mqtt_task.await;
     log_control.shutdown().await;

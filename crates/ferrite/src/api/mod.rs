@@ -11,6 +11,7 @@ mod dead_letters;
 pub mod devices;
 pub mod error;
 mod fleet;
+mod live;
 pub mod profiles;
 mod telemetry;
 
@@ -97,6 +98,8 @@ pub fn router() -> Router<Arc<AppState>> {
             post(actions::retry),
         )
         .route("/api/v1/actions/test", post(actions::test))
+        // GET /api/v1/live/ws and GET /api/v1/live/sse.
+        .merge(live::router())
 }
 
 /// `POST /api/v1/admin/compact`: writes the points held in memory to

@@ -7,6 +7,7 @@ mod durability;
 mod export;
 mod fleet;
 mod http;
+mod live;
 mod mqtt;
 mod nats;
 mod processing;
