@@ -11,7 +11,6 @@ mod demo;
 mod export;
 mod ids;
 mod ingest;
-#[allow(dead_code)] // TODO: remove once the pipeline and the alarm manager publish.
 mod live;
 mod metadata;
 mod pipeline;
