@@ -43,13 +43,6 @@ impl LiveEvent {
             LiveEvent::Alarm(event) => event.tenant_id,
         }
     }
-
-    pub fn device_id(&self) -> DeviceId {
-        match self {
-            LiveEvent::Telemetry(event) => event.device_id,
-            LiveEvent::Alarm(event) => event.device_id,
-        }
-    }
 }
 
 /// The points that one message of one device stored, after decoding,
