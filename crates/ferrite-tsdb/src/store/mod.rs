@@ -1148,7 +1148,14 @@ impl Inner {
             }
             if group.len() >= fan_in {
                 let tail = &group[group.len() - fan_in..];
-                if tail.iter().all(|s| s.meta.level == tail[0].meta.level) {
+                // Same-level tails keep merges tiered. Flushes and merges
+                // can interleave so that no tail has one level, and then a
+                // hot partition would keep every segment until it cools;
+                // beyond twice the fan-in the tail merges anyway. Any tail
+                // is contiguous in priority order, so last-write-wins holds.
+                if tail.iter().all(|s| s.meta.level == tail[0].meta.level)
+                    || group.len() >= 2 * fan_in
+                {
                     return Some((tail.to_vec(), false));
                 }
             }
