@@ -48,7 +48,7 @@ pub struct DeadLetter {
     pub replayed_at: Option<i64>,
 }
 
-/// Which dead letters a listing or replay covers.
+/// Selection of dead letters for a listing or a replay.
 #[derive(Debug, Default, Clone)]
 pub struct DeadLetterFilter {
     pub device_id: Option<DeviceId>,

@@ -48,6 +48,36 @@ fn encode<T: serde::Serialize>(value: &T) -> Result<String, MetadataError> {
         .map_err(|error| MetadataError::Database(sqlx::Error::Encode(error.into())))
 }
 
+/// Inserts a new profile at version 1; a taken name is a conflict.
+async fn insert_profile(
+    connection: &mut sqlx::SqliteConnection,
+    tenant: TenantId,
+    spec: &ProfileSpec,
+    now: i64,
+) -> Result<StoredProfile, MetadataError> {
+    let id = ProfileId::new_random();
+    sqlx::query(
+        "INSERT INTO device_profiles (id, tenant_id, name, spec, version, created_at, updated_at) VALUES (?, ?, ?, ?, 1, ?, ?)",
+    )
+    .bind(id.to_string())
+    .bind(tenant.to_string())
+    .bind(&spec.name)
+    .bind(encode(spec)?)
+    .bind(now)
+    .bind(now)
+    .execute(&mut *connection)
+    .await
+    .map_err(|error| name_conflict(error, &spec.name))?;
+    Ok(StoredProfile {
+        id,
+        tenant_id: tenant,
+        spec: spec.clone(),
+        version: 1,
+        created_at: now,
+        updated_at: now,
+    })
+}
+
 fn name_conflict(error: sqlx::Error, name: &str) -> MetadataError {
     if matches!(&error, sqlx::Error::Database(db) if db.is_unique_violation()) {
         MetadataError::Conflict(format!("a profile named {name:?} already exists"))
@@ -68,28 +98,8 @@ impl SqliteMetadata {
         tenant: TenantId,
         spec: &ProfileSpec,
     ) -> Result<StoredProfile, MetadataError> {
-        let id = ProfileId::new_random();
-        let now = now_ms();
-        sqlx::query(
-            "INSERT INTO device_profiles (id, tenant_id, name, spec, version, created_at, updated_at) VALUES (?, ?, ?, ?, 1, ?, ?)",
-        )
-        .bind(id.to_string())
-        .bind(tenant.to_string())
-        .bind(&spec.name)
-        .bind(encode(spec)?)
-        .bind(now)
-        .bind(now)
-        .execute(&self.pool)
-        .await
-        .map_err(|error| name_conflict(error, &spec.name))?;
-        Ok(StoredProfile {
-            id,
-            tenant_id: tenant,
-            spec: spec.clone(),
-            version: 1,
-            created_at: now,
-            updated_at: now,
-        })
+        let mut connection = self.pool.acquire().await?;
+        insert_profile(&mut connection, tenant, spec, now_ms()).await
     }
 
     /// Replaces a profile's document and raises its version.
@@ -381,29 +391,7 @@ impl SqliteMetadata {
                     .await?;
                     (profile_from_row(row)?, "updated")
                 }
-                None => {
-                    let id = ProfileId::new_random();
-                    sqlx::query(
-                        "INSERT INTO device_profiles (id, tenant_id, name, spec, version, created_at, updated_at) VALUES (?, ?, ?, ?, 1, ?, ?)",
-                    )
-                    .bind(id.to_string())
-                    .bind(tenant.to_string())
-                    .bind(&spec.name)
-                    .bind(encode(spec)?)
-                    .bind(now)
-                    .bind(now)
-                    .execute(&mut *tx)
-                    .await?;
-                    let stored = StoredProfile {
-                        id,
-                        tenant_id: tenant,
-                        spec: spec.clone(),
-                        version: 1,
-                        created_at: now,
-                        updated_at: now,
-                    };
-                    (stored, "created")
-                }
+                None => (insert_profile(&mut tx, tenant, spec, now).await?, "created"),
             };
             results.push(result);
         }

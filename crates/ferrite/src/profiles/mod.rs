@@ -203,7 +203,7 @@ pub fn to_yaml(specs: &[&ProfileSpec]) -> String {
     out
 }
 
-/// What the pipeline needs to know of a device.
+/// Device properties the pipeline reads for every message.
 #[derive(Debug, Clone)]
 pub struct DeviceInfo {
     pub id: DeviceId,

@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::rules::RuleSpec;
 
-/// Longest profile name, in bytes.
+/// Maximum length of a profile name, in bytes.
 pub const MAX_NAME_BYTES: usize = 128;
 /// Largest script of a scripted codec, in bytes.
 pub const MAX_SCRIPT_BYTES: usize = 256 * 1024;
@@ -87,7 +87,7 @@ pub enum CodecSpec {
     /// device repository.
     Script {
         script: String,
-        /// Longest run time of one call (default 100 ms).
+        /// Maximum run time of one call (default 100 ms).
         #[serde(
             default,
             with = "humantime_serde",

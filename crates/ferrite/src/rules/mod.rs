@@ -471,7 +471,7 @@ pub struct Transition {
     pub seq: Option<u64>,
 }
 
-/// What a worker remembers of one device between messages.
+/// Rule state a worker keeps per device between messages.
 #[derive(Debug, Default)]
 pub struct DeviceState {
     /// Newest value of each key a rule reads.
@@ -485,7 +485,7 @@ struct RuleState {
     holding_since: Option<TimestampNs>,
 }
 
-/// What the last deciding record of a message said about one rule.
+/// Decision of the last record of a message that decided one rule.
 #[derive(Debug, Clone)]
 struct Outcome {
     raise: bool,
