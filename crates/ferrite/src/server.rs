@@ -56,6 +56,9 @@ pub struct AppState {
     pub mqtt_router: adapters::mqtt::Router,
     /// Runs the actions of alarm rules and records their deliveries.
     pub actions: Actions,
+    /// Seals and opens secrets stored in the metadata database.
+    #[allow(dead_code)] // TODO: remove when the LoRaWAN and DTLS adapters use it.
+    pub master_key: Arc<crate::encryption::MasterKey>,
 }
 
 impl AppState {
@@ -133,6 +136,7 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
         metadata.clone(),
         config.auth.access_token_ttl,
     )?);
+    let master_key = Arc::new(crate::encryption::MasterKey::load(&config.data_dir)?);
 
     let store_dir = config.data_dir.join("tsdb");
     let storage_config = config.storage.clone();
@@ -217,6 +221,7 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
         alarms,
         mqtt_router: mqtt_router.clone(),
         actions: actions.clone(),
+        master_key,
     });
 
     let last_seen_task = tokio::spawn(sync_device_status(state.clone(), shutdown.clone()));

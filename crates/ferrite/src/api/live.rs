@@ -1051,6 +1051,7 @@ mod tests {
             alarms,
             mqtt_router,
             actions,
+            master_key: Arc::new(crate::encryption::MasterKey::from_bytes(&[1; 32])),
         });
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("address");

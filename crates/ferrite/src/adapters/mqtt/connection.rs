@@ -43,8 +43,8 @@ use futures::StreamExt;
 use futures::stream::FuturesOrdered;
 use mqtt5_protocol::packet::disconnect::DisconnectPacket;
 use mqtt5_protocol::{Packet, ProtocolVersion, ReasonCode};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio_util::sync::CancellationToken;
 
@@ -225,11 +225,15 @@ pub struct Connection {
     finished: CancellationToken,
 }
 
-/// Serves one accepted TCP connection until it closes.
-pub async fn run(mut stream: TcpStream, shared: Arc<Shared>, _slot: OwnedSemaphorePermit) {
+/// A byte stream that carries MQTT packets: a TCP connection, or the
+/// binary messages of a WebSocket.
+pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Transport for T {}
+
+/// Serves one accepted connection until it closes.
+pub async fn run<S: Transport>(mut stream: S, shared: Arc<Shared>, _slot: OwnedSemaphorePermit) {
     let _open = OpenConnection::new();
-    // Acknowledgements are small and latency matters more than packet count.
-    let _ = stream.set_nodelay(true);
     let context = &shared.context;
     let max_packet_size = context
         .config
@@ -316,8 +320,8 @@ enum ConnectReadError {
 
 /// Reads until a whole first packet is buffered; it must be CONNECT
 /// ([MQTT-3.1.0-1]), which is checked on its first byte.
-async fn read_connect_frame(
-    stream: &mut TcpStream,
+async fn read_connect_frame<S: Transport>(
+    stream: &mut S,
     buffer: &mut BytesMut,
     max_packet_size: usize,
 ) -> Result<Frame, ConnectReadError> {
@@ -336,7 +340,7 @@ async fn read_connect_frame(
 
 /// Writes the last bytes of a connection, bounded in time, and closes the
 /// sending side so that the client reads them before the close.
-async fn write_last(stream: &mut TcpStream, bytes: &[u8]) {
+async fn write_last<S: Transport>(stream: &mut S, bytes: &[u8]) {
     let _ = tokio::time::timeout(FINAL_WRITE_TIMEOUT, async {
         stream.write_all(bytes).await?;
         stream.shutdown().await
@@ -434,7 +438,7 @@ impl Connection {
     }
 
     /// Serves packets until the connection has to end; returns why.
-    async fn serve(&mut self, stream: &mut TcpStream) -> CloseCause {
+    async fn serve<S: Transport>(&mut self, stream: &mut S) -> CloseCause {
         let shutdown = self.shared.shutdown.clone();
         let takeover = self.takeover.clone();
         let max_inflight = usize::from(self.shared.context.config.max_inflight);
@@ -443,7 +447,7 @@ impl Connection {
         let keep_alive_timer =
             tokio::time::sleep(keep_alive_limit.unwrap_or(Duration::from_secs(3600)));
         tokio::pin!(keep_alive_timer);
-        let (mut reader, mut writer) = stream.split();
+        let (mut reader, mut writer) = tokio::io::split(stream);
 
         loop {
             if let Err(cause) = self.process_buffered(max_inflight) {
@@ -579,7 +583,7 @@ impl Connection {
     /// Ends the connection: acknowledges what was accepted, sends MQTT 5
     /// clients the reason, closes the socket, publishes the will if due and
     /// returns the session to the store.
-    async fn finish(mut self, mut stream: TcpStream, cause: CloseCause) {
+    async fn finish<S: Transport>(mut self, mut stream: S, cause: CloseCause) {
         log_close(&cause);
 
         // Every PUBLISH taken from the read buffer is appended and acknowledged

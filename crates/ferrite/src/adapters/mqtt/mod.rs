@@ -190,6 +190,9 @@ pub async fn serve(
             client_id = tracing::field::Empty,
             device_id = tracing::field::Empty,
         );
+        // Acknowledgements are small and latency matters more than packet
+        // count.
+        let _ = stream.set_nodelay(true);
         shared
             .tasks
             .spawn(connection::run(stream, shared.clone(), slot).instrument(span));
