@@ -99,6 +99,13 @@ fn read_remaining_length(buffer: &[u8]) -> Result<Option<(usize, usize)>, FrameE
         };
         value |= usize::from(byte & 0x7F) << (7 * index);
         if byte & 0x80 == 0 {
+            // A last byte of 0 after a continuation byte adds nothing: the
+            // value fits in fewer bytes ([MQTT-1.5.5-1]).
+            if index > 0 && byte == 0 {
+                return Err(FrameError::Malformed(
+                    "the remaining length is not in its shortest encoding".to_owned(),
+                ));
+            }
             return Ok(Some((value, index + 1)));
         }
     }
@@ -299,6 +306,15 @@ mod tests {
         let mut buffer = BytesMut::from(&[0x30u8, 0xFF, 0xFF, 0xFF, 0xFF, 0x01][..]);
         assert!(matches!(
             take_frame(&mut buffer, usize::MAX),
+            Err(FrameError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn padded_remaining_length_is_malformed() {
+        let mut buffer = BytesMut::from(&[0xC0u8, 0x80, 0x00][..]);
+        assert!(matches!(
+            take_frame(&mut buffer, 1024),
             Err(FrameError::Malformed(_))
         ));
     }
