@@ -11,7 +11,8 @@
 //!
 //! Known leniency of the codec (version 0.16): in a MQTT 3.1.1 SUBSCRIBE,
 //! a requested QoS of 3 and set reserved bits are read as QoS 0 instead of
-//! being rejected as malformed ([MQTT-3.8.3-4]).
+//! being rejected as malformed ([MQTT-3.8.3-4]). Packet identifiers of 0,
+//! which the codec accepts, are checked here.
 
 use bytes::{Buf, Bytes, BytesMut};
 use mqtt5_protocol::packet::MqttPacket;
@@ -28,6 +29,10 @@ pub enum FrameError {
     Malformed(String),
     #[error("packet of {size} bytes exceeds the maximum packet size of {max} bytes")]
     TooLarge { size: usize, max: usize },
+    /// A packet that decodes but breaks a rule of the protocol, such as a
+    /// packet identifier of 0; MQTT 5 calls this a Protocol Error (0x82).
+    #[error("protocol error: {0}")]
+    Protocol(String),
 }
 
 /// One complete packet as received, not yet decoded.
@@ -154,7 +159,26 @@ pub fn decode(frame: Frame, version: ProtocolVersion) -> Result<Packet, FrameErr
             body.remaining()
         )));
     }
+    check_packet_id(&packet)?;
     Ok(packet)
+}
+
+/// PUBLISH with QoS 1 or 2, SUBSCRIBE and UNSUBSCRIBE need a packet
+/// identifier other than 0 ([MQTT-2.3.1-1], [MQTT-2.2.1-3]).
+fn check_packet_id(packet: &Packet) -> Result<(), FrameError> {
+    let packet_id = match packet {
+        Packet::Publish(publish) => publish.packet_id,
+        Packet::Subscribe(subscribe) => Some(subscribe.packet_id),
+        Packet::Unsubscribe(unsubscribe) => Some(unsubscribe.packet_id),
+        _ => None,
+    };
+    if packet_id == Some(0) {
+        return Err(FrameError::Protocol(format!(
+            "{} with packet identifier 0",
+            packet.packet_type_name()
+        )));
+    }
+    Ok(())
 }
 
 /// Appends the encoded `packet` to `out`.
@@ -379,6 +403,25 @@ mod tests {
             .expect("valid")
             .expect("complete");
         assert!(decode(frame, ProtocolVersion::V5).is_err());
+    }
+
+    #[test]
+    fn zero_packet_id_is_a_protocol_error() {
+        for version in [ProtocolVersion::V311, ProtocolVersion::V5] {
+            let mut publish =
+                PublishPacket::new("v1/devices/me/a", Bytes::new(), QoS::AtLeastOnce)
+                    .with_packet_id(0);
+            publish.protocol_version = version.as_u8();
+            let mut buffer = BytesMut::new();
+            encode_publish(&publish, &mut buffer);
+            let frame = take_frame(&mut buffer, 1024)
+                .expect("valid")
+                .expect("complete");
+            assert!(matches!(
+                decode(frame, version),
+                Err(FrameError::Protocol(_))
+            ));
+        }
     }
 
     #[test]

@@ -116,6 +116,7 @@ impl CloseCause {
         let code = match error {
             FrameError::TooLarge { .. } => ReasonCode::PacketTooLarge,
             FrameError::Malformed(_) => ReasonCode::MalformedPacket,
+            FrameError::Protocol(_) => ReasonCode::ProtocolError,
         };
         Self::protocol(code, error.to_string())
     }
