@@ -9,10 +9,10 @@
 //! so that an unsupported level gets the CONNACK the specification
 //! requires. No sockets, no async.
 //!
-//! Known leniency of the codec (version 0.16): in a MQTT 3.1.1 SUBSCRIBE,
-//! a requested QoS of 3 and set reserved bits are read as QoS 0 instead of
-//! being rejected as malformed ([MQTT-3.8.3-4]). Packet identifiers of 0,
-//! which the codec accepts, are checked here.
+//! Checks the codec (version 0.16) leaves out are made here: the options of
+//! a MQTT 3.1.1 SUBSCRIBE, which the codec reads as QoS 0 when they ask for
+//! QoS 3 or set reserved bits ([MQTT-3.8.3-4]), empty filter lists, and
+//! packet identifiers of 0.
 
 use bytes::{Buf, Bytes, BytesMut};
 use mqtt5_protocol::packet::MqttPacket;
@@ -144,6 +144,15 @@ pub fn connect_protocol(body: &[u8]) -> Result<ConnectProtocol, FrameError> {
 /// Decodes a frame as a packet of `version`. Bytes left over after the
 /// packet make it malformed.
 pub fn decode(frame: Frame, version: ProtocolVersion) -> Result<Packet, FrameError> {
+    // Wrong fixed header flags are left to the codec, which reports them as
+    // malformed.
+    if matches!(
+        frame.header.packet_type,
+        PacketType::Subscribe | PacketType::Unsubscribe
+    ) && frame.header.validate_flags()
+    {
+        check_filter_list(&frame, version)?;
+    }
     let mut body = frame.body;
     let packet = Packet::decode_from_body_with_version(
         frame.header.packet_type,
@@ -161,6 +170,68 @@ pub fn decode(frame: Frame, version: ProtocolVersion) -> Result<Packet, FrameErr
     }
     check_packet_id(&packet)?;
     Ok(packet)
+}
+
+/// Checks the topic filter list of a SUBSCRIBE or UNSUBSCRIBE before the
+/// codec reads it: the list may not be empty ([MQTT-3.8.3-3],
+/// [MQTT-3.10.3-2]), and the subscription options may not set reserved
+/// bits or ask for QoS 3 ([MQTT-3.8.3-4], [MQTT-3.8.3-5]), which the codec
+/// lets through for MQTT 3.1.1, nor Retain Handling 3 in MQTT 5. A list cut
+/// short is left to the codec to report.
+fn check_filter_list(frame: &Frame, version: ProtocolVersion) -> Result<(), FrameError> {
+    let body = &frame.body[..];
+    let subscribe = frame.header.packet_type == PacketType::Subscribe;
+    let name = if subscribe { "SUBSCRIBE" } else { "UNSUBSCRIBE" };
+
+    let mut at = 2;
+    if version == ProtocolVersion::V5 {
+        let Some((length, length_bytes)) = read_variable_int(body.get(at..).unwrap_or_default())
+        else {
+            return Ok(());
+        };
+        at += length_bytes + length;
+    }
+    if at >= body.len() {
+        return Err(FrameError::Protocol(format!(
+            "{name} without a topic filter"
+        )));
+    }
+
+    while subscribe && at + 2 <= body.len() {
+        let filter_len = usize::from(u16::from_be_bytes([body[at], body[at + 1]]));
+        at += 2 + filter_len;
+        let Some(&options) = body.get(at) else {
+            return Ok(());
+        };
+        at += 1;
+        let reserved = match version {
+            ProtocolVersion::V311 => 0xFC,
+            ProtocolVersion::V5 => 0xC0,
+        };
+        if options & reserved != 0 || options & 0x03 == 0x03 {
+            return Err(FrameError::Malformed(format!(
+                "SUBSCRIBE options 0x{options:02x} set reserved bits or QoS 3"
+            )));
+        }
+        if version == ProtocolVersion::V5 && (options >> 4) & 0x03 == 0x03 {
+            return Err(FrameError::Protocol(
+                "SUBSCRIBE with Retain Handling 3".to_owned(),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Reads a Variable Byte Integer: the value and the number of bytes it took.
+fn read_variable_int(bytes: &[u8]) -> Option<(usize, usize)> {
+    let mut value = 0usize;
+    for (index, byte) in bytes.iter().take(MAX_LENGTH_BYTES).enumerate() {
+        value |= usize::from(byte & 0x7F) << (7 * index);
+        if byte & 0x80 == 0 {
+            return Some((value, index + 1));
+        }
+    }
+    None
 }
 
 /// PUBLISH with QoS 1 or 2, SUBSCRIBE and UNSUBSCRIBE need a packet
@@ -421,6 +492,56 @@ mod tests {
                 decode(frame, version),
                 Err(FrameError::Protocol(_))
             ));
+        }
+    }
+
+    #[test]
+    fn subscribe_option_bits_are_checked() {
+        // Packet id 1, filter "a", then the options byte.
+        let cases = [
+            (ProtocolVersion::V311, 0x03, true),
+            (ProtocolVersion::V311, 0x04, true),
+            (ProtocolVersion::V311, 0x02, false),
+            (ProtocolVersion::V5, 0xC0, true),
+            (ProtocolVersion::V5, 0x03, true),
+            (ProtocolVersion::V5, 0x30, true),
+            (ProtocolVersion::V5, 0x2E, false),
+        ];
+        for (version, options, rejected) in cases {
+            let mut body = vec![0x00, 0x01];
+            if version == ProtocolVersion::V5 {
+                body.push(0x00);
+            }
+            body.extend_from_slice(&[0x00, 0x01, b'a', options]);
+            let mut buffer = framed(0x82, &body);
+            let frame = take_frame(&mut buffer, 1024)
+                .expect("valid")
+                .expect("complete");
+            assert_eq!(
+                decode(frame, version).is_err(),
+                rejected,
+                "{version:?} options 0x{options:02x}"
+            );
+        }
+    }
+
+    #[test]
+    fn empty_filter_lists_are_protocol_errors() {
+        let cases = [
+            (ProtocolVersion::V311, 0x82, &[0x00, 0x01][..]),
+            (ProtocolVersion::V311, 0xA2, &[0x00, 0x01]),
+            (ProtocolVersion::V5, 0x82, &[0x00, 0x01, 0x00]),
+            (ProtocolVersion::V5, 0xA2, &[0x00, 0x01, 0x00]),
+        ];
+        for (version, first_byte, body) in cases {
+            let mut buffer = framed(first_byte, body);
+            let frame = take_frame(&mut buffer, 1024)
+                .expect("valid")
+                .expect("complete");
+            assert!(
+                matches!(decode(frame, version), Err(FrameError::Protocol(_))),
+                "{version:?} 0x{first_byte:02x}"
+            );
         }
     }
 
