@@ -35,7 +35,7 @@ use mqtt5_protocol::packet::puback::PubAckPacket;
 use mqtt5_protocol::packet::pubcomp::PubCompPacket;
 use mqtt5_protocol::packet::publish::PublishPacket;
 use mqtt5_protocol::packet::pubrec::PubRecPacket;
-use mqtt5_protocol::{ProtocolVersion, QoS, ReasonCode};
+use mqtt5_protocol::{PropertyId, PropertyValue, ProtocolVersion, QoS, ReasonCode};
 
 use super::Shared;
 use super::codec;
@@ -169,6 +169,9 @@ impl Connection {
                 ReasonCode::ProtocolError,
                 format!("invalid PUBLISH topic name {:?}", publish.topic_name),
             ));
+        }
+        if self.version == ProtocolVersion::V5 {
+            check_publish_properties(publish)?;
         }
         if self.version == ProtocolVersion::V5 && publish.retain {
             return Err(CloseCause::protocol(
@@ -542,6 +545,28 @@ impl Connection {
             &mut self.out,
         );
     }
+}
+
+/// Checks the MQTT 5 properties that a client may not send in a PUBLISH:
+/// a Subscription Identifier ([MQTT-3.3.4-6]) or a Response Topic that is
+/// not a valid topic name ([MQTT-3.3.2-14]).
+fn check_publish_properties(publish: &PublishPacket) -> Result<(), CloseCause> {
+    let properties = &publish.properties;
+    if properties.get_subscription_identifier().is_some() {
+        return Err(CloseCause::protocol(
+            ReasonCode::ProtocolError,
+            "a PUBLISH from a client may not carry a Subscription Identifier",
+        ));
+    }
+    if let Some(PropertyValue::Utf8String(topic)) = properties.get(PropertyId::ResponseTopic)
+        && !is_valid_topic_name(topic)
+    {
+        return Err(CloseCause::protocol(
+            ReasonCode::ProtocolError,
+            format!("invalid Response Topic {topic:?}: it must be a non-empty topic name without wildcards"),
+        ));
+    }
+    Ok(())
 }
 
 /// Publishes a will message like a PUBLISH of its device: telemetry is
