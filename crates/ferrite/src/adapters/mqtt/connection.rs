@@ -42,7 +42,7 @@ use bytes::{Buf, BytesMut};
 use futures::StreamExt;
 use futures::stream::FuturesOrdered;
 use mqtt5_protocol::packet::disconnect::DisconnectPacket;
-use mqtt5_protocol::{Packet, ProtocolVersion, ReasonCode};
+use mqtt5_protocol::{Packet, PacketType, ProtocolVersion, ReasonCode};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
@@ -506,6 +506,14 @@ impl Connection {
                 Ok(None) => break,
                 Err(error) => return Err(CloseCause::from_frame_error(error)),
             };
+            // No Authentication Method was accepted at CONNECT, so an AUTH
+            // with valid flags is a Protocol Error ([MQTT-4.12.0-7]).
+            if frame.header.packet_type == PacketType::Auth && frame.header.validate_flags() {
+                return Err(CloseCause::protocol(
+                    ReasonCode::ProtocolError,
+                    "AUTH without an Authentication Method in CONNECT",
+                ));
+            }
             let packet =
                 codec::decode(frame, self.version).map_err(CloseCause::from_frame_error)?;
             self.dispatch(packet)?;
