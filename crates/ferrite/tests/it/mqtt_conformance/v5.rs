@@ -228,6 +228,17 @@ fn connect_rows(lane: &Lane, v: Version) -> Vec<Row> {
     let mut username_missing = connect();
     username_missing.username = None;
     username_missing.flags = Some(0x82);
+    let mut username_absent = connect();
+    username_absent.flags = Some(0x02);
+    let mut password_absent = connect();
+    password_absent.payload = Some(
+        [
+            string(&connect().client_id),
+            string(lane.token.as_bytes()),
+            string(b"pw"),
+        ]
+        .concat(),
+    );
     let mut password_missing = connect();
     password_missing.flags = Some(0x82 | 0x80 | 0x40);
     let mut empty_payload = connect();
@@ -236,6 +247,8 @@ fn connect_rows(lane: &Lane, v: Version) -> Vec<Row> {
     bad_client_id.client_id = b"id\xFF".to_vec();
     let mut bad_username = connect();
     bad_username.username = Some(b"tok\xC3".to_vec());
+    let mut all_fields = connect().with_will(Will::new("v1/devices/me/status", b"gone"));
+    all_fields.password = Some(b"secret".to_vec());
     let mut alphanumeric = connect();
     alphanumeric.client_id = b"0123456789abcdefghijXYZ".to_vec();
     let mut bad_token = connect();
@@ -326,6 +339,18 @@ fn connect_rows(lane: &Lane, v: Version) -> Vec<Row> {
             0x81,
         ),
         connect_refused(
+            "MQTT-3.1.2-16",
+            "user name flag 0 with a user name",
+            username_absent.bytes(),
+            0x81,
+        ),
+        connect_refused(
+            "MQTT-3.1.2-18",
+            "password flag 0 with a password",
+            password_absent.bytes(),
+            0x81,
+        ),
+        connect_refused(
             "MQTT-3.1.2-17",
             "user name flag 1 without a user name",
             username_missing.bytes(),
@@ -354,6 +379,11 @@ fn connect_rows(lane: &Lane, v: Version) -> Vec<Row> {
             bad_client_id.bytes(),
             0x81,
         ),
+        Row {
+            id: "MQTT-3.1.3-1",
+            case: "client id, will, user name and password in order",
+            steps: connected(1, &all_fields),
+        },
         Row {
             id: "MQTT-3.1.3-5",
             case: "23 alphanumeric characters are accepted",
