@@ -9,10 +9,10 @@
 //! so that an unsupported level gets the CONNACK the specification
 //! requires. No sockets, no async.
 //!
-//! Checks the codec (version 0.16) leaves out are made here: the options of
-//! a MQTT 3.1.1 SUBSCRIBE, which the codec reads as QoS 0 when they ask for
-//! QoS 3 or set reserved bits ([MQTT-3.8.3-4]), empty filter lists, and
-//! packet identifiers of 0.
+//! Some checks that the codec (version 0.16) leaves out are made here. The
+//! codec reads the options of a MQTT 3.1.1 SUBSCRIBE that ask for QoS 3 or
+//! set reserved bits as QoS 0 ([MQTT-3.8.3-4]), and it accepts empty filter
+//! lists and packet identifiers of 0.
 
 use bytes::{Buf, Bytes, BytesMut};
 use mqtt5_protocol::packet::MqttPacket;
@@ -30,7 +30,7 @@ pub enum FrameError {
     #[error("packet of {size} bytes exceeds the maximum packet size of {max} bytes")]
     TooLarge { size: usize, max: usize },
     /// A packet that decodes but breaks a rule of the protocol, such as a
-    /// packet identifier of 0; MQTT 5 calls this a Protocol Error (0x82).
+    /// packet identifier of 0. MQTT 5 calls this a Protocol Error (0x82).
     #[error("protocol error: {0}")]
     Protocol(String),
 }
@@ -173,15 +173,18 @@ pub fn decode(frame: Frame, version: ProtocolVersion) -> Result<Packet, FrameErr
 }
 
 /// Checks the topic filter list of a SUBSCRIBE or UNSUBSCRIBE before the
-/// codec reads it: the list may not be empty ([MQTT-3.8.3-3],
-/// [MQTT-3.10.3-2]), and the subscription options may not set reserved
-/// bits or ask for QoS 3 ([MQTT-3.8.3-4], [MQTT-3.8.3-5]), which the codec
-/// lets through for MQTT 3.1.1, nor Retain Handling 3 in MQTT 5. A list cut
-/// short is left to the codec to report.
+/// codec reads it. The list may not be empty ([MQTT-3.8.3-3],
+/// [MQTT-3.10.3-2]). Subscription options may not set reserved bits or ask
+/// for QoS 3 ([MQTT-3.8.3-4], [MQTT-3.8.3-5]), nor Retain Handling 3 in
+/// MQTT 5. A list cut short is left to the codec to report.
 fn check_filter_list(frame: &Frame, version: ProtocolVersion) -> Result<(), FrameError> {
     let body = &frame.body[..];
     let subscribe = frame.header.packet_type == PacketType::Subscribe;
-    let name = if subscribe { "SUBSCRIBE" } else { "UNSUBSCRIBE" };
+    let name = if subscribe {
+        "SUBSCRIBE"
+    } else {
+        "UNSUBSCRIBE"
+    };
 
     let mut at = 2;
     if version == ProtocolVersion::V5 {
@@ -479,9 +482,8 @@ mod tests {
     #[test]
     fn zero_packet_id_is_a_protocol_error() {
         for version in [ProtocolVersion::V311, ProtocolVersion::V5] {
-            let mut publish =
-                PublishPacket::new("v1/devices/me/a", Bytes::new(), QoS::AtLeastOnce)
-                    .with_packet_id(0);
+            let mut publish = PublishPacket::new("v1/devices/me/a", Bytes::new(), QoS::AtLeastOnce)
+                .with_packet_id(0);
             publish.protocol_version = version.as_u8();
             let mut buffer = BytesMut::new();
             encode_publish(&publish, &mut buffer);

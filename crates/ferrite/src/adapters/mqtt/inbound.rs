@@ -563,7 +563,9 @@ fn check_publish_properties(publish: &PublishPacket) -> Result<(), CloseCause> {
     {
         return Err(CloseCause::protocol(
             ReasonCode::ProtocolError,
-            format!("invalid Response Topic {topic:?}: it must be a non-empty topic name without wildcards"),
+            format!(
+                "invalid Response Topic {topic:?}: it must be a non-empty topic name without wildcards"
+            ),
         ));
     }
     Ok(())
