@@ -9,7 +9,7 @@
 //! byte by byte, so malformed input is as easy to express as valid input.
 //! One server serves a whole table. Rows run in lanes, one device per lane,
 //! so that messages routed between connections of one row never reach
-//! another row. `pending.rs` holds ignored tests for features that are not
+//! another row. `pending.rs` contains ignored tests for features that are not
 //! built yet.
 //!
 //! Run with `cargo test -p ferrite --test it -- mqtt_conformance::`.
@@ -20,6 +20,7 @@ mod v5;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
@@ -70,7 +71,7 @@ pub enum Expect {
     Bytes(Vec<u8>),
     /// CONNACK with this Session Present flag and return or reason code.
     Connack { session_present: bool, code: u8 },
-    /// The next packet passes the check; the error says what differs.
+    /// The next packet passes the check, or the error describes the difference.
     Packet(&'static str, Check),
     /// The server closes the connection and sends nothing more.
     Closed,
@@ -96,7 +97,7 @@ impl Lane {
         format!("conf{}x{}", self.lane, NEXT.fetch_add(1, Ordering::Relaxed))
     }
 
-    /// A CONNECT of `version` with a fresh client id and the lane's token.
+    /// Builds a CONNECT of `version` with a fresh client id and the lane's token.
     pub fn connect(&self, version: Version) -> Connect {
         Connect::new(version, &self.client_id(), &self.token)
     }
@@ -119,7 +120,7 @@ pub fn connected(slot: usize, connect: &Connect) -> Vec<Step> {
 }
 
 /// Copies steps for a second row that shares a scenario. Checks cannot be
-/// cloned, so each becomes a wait for any packet; the copy keeps its place
+/// cloned, so each becomes a wait for any packet. The copy keeps its place
 /// in the exchange and leaves the checking to the first row.
 pub fn copy_steps(steps: &[Step]) -> Vec<Step> {
     steps
@@ -422,7 +423,7 @@ pub fn var_int(mut value: usize) -> Vec<u8> {
     }
 }
 
-/// A packet from its first byte and body.
+/// Builds a packet from its first byte and body.
 pub fn frame(first_byte: u8, body: &[u8]) -> Vec<u8> {
     let mut out = vec![first_byte];
     out.extend(var_int(body.len()));
@@ -430,7 +431,7 @@ pub fn frame(first_byte: u8, body: &[u8]) -> Vec<u8> {
     out
 }
 
-/// An MQTT string or binary field: a big-endian length and the bytes.
+/// Encodes an MQTT string or binary field: a big-endian length and the bytes.
 pub fn string(value: &[u8]) -> Vec<u8> {
     let mut out = (value.len() as u16).to_be_bytes().to_vec();
     out.extend_from_slice(value);
@@ -463,7 +464,7 @@ pub mod property {
     pub const SUBSCRIPTION_IDENTIFIER_AVAILABLE: u8 = 0x29;
 }
 
-/// A property with a one-byte value.
+/// Encodes a property with a one-byte value.
 pub fn prop_u8(id: u8, value: u8) -> Vec<u8> {
     vec![id, value]
 }
@@ -480,7 +481,7 @@ pub fn prop_u32(id: u8, value: u32) -> Vec<u8> {
     out
 }
 
-/// A property with a string or binary value.
+/// Encodes a property with a string or binary value.
 pub fn prop_str(id: u8, value: &[u8]) -> Vec<u8> {
     let mut out = vec![id];
     out.extend(string(value));
@@ -494,7 +495,7 @@ pub fn user_property(name: &[u8], value: &[u8]) -> Vec<u8> {
     out
 }
 
-/// A property list with its length in front.
+/// Encodes a property list with its length in front.
 pub fn properties(list: &[Vec<u8>]) -> Vec<u8> {
     let bytes: Vec<u8> = list.concat();
     let mut out = var_int(bytes.len());
@@ -637,7 +638,7 @@ impl Connect {
     }
 }
 
-/// A PUBLISH. `flags` are the low four bits besides QoS: 0x08 DUP, 0x01
+/// Builds a PUBLISH. `flags` are the low four bits besides QoS: 0x08 DUP, 0x01
 /// RETAIN. `props` are MQTT 5 properties, ignored for 3.1.1.
 pub fn publish(
     version: Version,
@@ -659,7 +660,7 @@ pub fn publish(
     frame(0x30 | (qos << 1) | flags, &body)
 }
 
-/// A plain PUBLISH of `payload` to `topic`.
+/// Builds a plain PUBLISH of `payload` to `topic`.
 pub fn publish_simple(
     version: Version,
     qos: u8,
@@ -670,7 +671,7 @@ pub fn publish_simple(
     publish(version, qos, 0, topic.as_bytes(), packet_id, &[], payload)
 }
 
-/// A SUBSCRIBE with (filter, subscription options) pairs.
+/// Builds a SUBSCRIBE with (filter, subscription options) pairs.
 pub fn subscribe(version: Version, packet_id: u16, filters: &[(&str, u8)]) -> Vec<u8> {
     let mut body = packet_id.to_be_bytes().to_vec();
     if version == Version::V5 {
@@ -700,7 +701,7 @@ pub fn ack(first_byte: u8, packet_id: u16) -> Vec<u8> {
     frame(first_byte, &packet_id.to_be_bytes())
 }
 
-/// An acknowledgement with a reason code and no properties.
+/// Builds an acknowledgement with a reason code and no properties.
 pub fn ack_with_reason(first_byte: u8, packet_id: u16, reason: u8) -> Vec<u8> {
     let mut body = packet_id.to_be_bytes().to_vec();
     body.push(reason);
@@ -711,7 +712,7 @@ pub const PINGREQ: [u8; 2] = [0xC0, 0x00];
 pub const PINGRESP: [u8; 2] = [0xD0, 0x00];
 pub const DISCONNECT_V311: [u8; 2] = [0xE0, 0x00];
 
-/// An MQTT 5 DISCONNECT with a reason code and properties.
+/// Builds an MQTT 5 DISCONNECT with a reason code and properties.
 pub fn disconnect_v5(reason: u8, props: &[Vec<u8>]) -> Vec<u8> {
     let mut body = vec![reason];
     body.extend(properties(props));
@@ -721,6 +722,9 @@ pub fn disconnect_v5(reason: u8, props: &[Vec<u8>]) -> Vec<u8> {
 // ---------------------------------------------------------------------------
 // Packet parsers and reusable expectations
 // ---------------------------------------------------------------------------
+
+/// One MQTT 5 property: its identifier and its value bytes.
+pub type Property = (u8, Vec<u8>);
 
 /// Reads a Variable Byte Integer; returns the value and its length.
 fn read_var_int(bytes: &[u8]) -> Result<(usize, usize), String> {
@@ -747,7 +751,7 @@ fn read_string(bytes: &[u8]) -> Result<(Vec<u8>, usize), String> {
 
 /// Parses an MQTT 5 property list that starts with its length; returns
 /// the properties as (identifier, value bytes) and the bytes read.
-pub fn read_properties(bytes: &[u8]) -> Result<(Vec<(u8, Vec<u8>)>, usize), String> {
+pub fn read_properties(bytes: &[u8]) -> Result<(Vec<Property>, usize), String> {
     let (length, length_bytes) = read_var_int(bytes)?;
     let end = length_bytes + length;
     let mut list = Vec::new();
@@ -787,7 +791,7 @@ pub struct Publish {
     pub retain: bool,
     pub topic: Vec<u8>,
     pub packet_id: Option<u16>,
-    pub properties: Vec<(u8, Vec<u8>)>,
+    pub properties: Vec<Property>,
     pub payload: Vec<u8>,
 }
 
@@ -847,6 +851,54 @@ pub fn expect_publish(version: Version, topic: &str, payload: &[u8], qos: u8) ->
     )
 }
 
+/// Packet ids of deliveries that one row records, so that a later step can
+/// compare a resend with the first delivery.
+pub type SeenIds = Arc<Mutex<Vec<u16>>>;
+
+/// Expects a first QoS 1 delivery of `payload` (DUP 0) and records its
+/// packet id in `seen`.
+pub fn expect_first_delivery(version: Version, payload: &'static [u8], seen: &SeenIds) -> Expect {
+    let seen = seen.clone();
+    expect_publish_where(version, "a first QoS 1 delivery", move |publish| {
+        if publish.payload != payload || publish.qos != 1 || publish.dup {
+            return Err(format!(
+                "expected {:?} at QoS 1 with DUP 0, got {publish:?}",
+                String::from_utf8_lossy(payload)
+            ));
+        }
+        let packet_id = publish.packet_id.ok_or("packet id missing")?;
+        seen.lock().expect("ids lock").push(packet_id);
+        Ok(())
+    })
+}
+
+/// Expects the resend of the `index`-th recorded delivery: the same payload
+/// and packet id with DUP 1 ([MQTT-3.3.1-1], [MQTT-2.3.1-4] in 3.1.1).
+pub fn expect_resend(
+    version: Version,
+    payload: &'static [u8],
+    seen: &SeenIds,
+    index: usize,
+) -> Expect {
+    let seen = seen.clone();
+    expect_publish_where(version, "a resend with DUP 1", move |publish| {
+        let first_id = seen.lock().expect("ids lock").get(index).copied();
+        if publish.payload != payload || publish.qos != 1 || !publish.dup {
+            return Err(format!(
+                "expected {:?} resent at QoS 1 with DUP 1, got {publish:?}",
+                String::from_utf8_lossy(payload)
+            ));
+        }
+        if publish.packet_id != first_id {
+            return Err(format!(
+                "expected the first delivery's packet id {first_id:?}, got {:?}",
+                publish.packet_id
+            ));
+        }
+        Ok(())
+    })
+}
+
 /// Expects a PUBLISH that passes `check`.
 pub fn expect_publish_where(
     version: Version,
@@ -865,7 +917,7 @@ pub fn expect_ack_where(
     first_byte: u8,
     packet_id: u16,
     reason: u8,
-    check_properties: impl Fn(&[(u8, Vec<u8>)]) -> Result<(), String> + Send + Sync + 'static,
+    check_properties: impl Fn(&[Property]) -> Result<(), String> + Send + Sync + 'static,
 ) -> Expect {
     Expect::Packet(
         "acknowledgement",
@@ -928,7 +980,7 @@ pub fn expect_sub_ack(version: Version, first_byte: u8, packet_id: u16, codes: &
 pub fn expect_connack_where(
     session_present: bool,
     code: u8,
-    check: impl Fn(&[(u8, Vec<u8>)]) -> Result<(), String> + Send + Sync + 'static,
+    check: impl Fn(&[Property]) -> Result<(), String> + Send + Sync + 'static,
 ) -> Expect {
     Expect::Packet(
         "CONNACK",
@@ -961,13 +1013,13 @@ pub fn expect_size_at_most(first_byte: u8, max: usize) -> Expect {
 }
 
 /// Returns the value of `id` in a property list.
-pub fn find_property(list: &[(u8, Vec<u8>)], id: u8) -> Option<&[u8]> {
+pub fn find_property(list: &[Property], id: u8) -> Option<&[u8]> {
     list.iter()
         .find(|(found, _)| *found == id)
         .map(|(_, value)| value.as_slice())
 }
 
-pub fn lacks(list: &[(u8, Vec<u8>)], id: u8, name: &str) -> Result<(), String> {
+pub fn lacks(list: &[Property], id: u8, name: &str) -> Result<(), String> {
     match find_property(list, id) {
         Some(value) => Err(format!("{name} must be absent, got {value:02x?}")),
         None => Ok(()),

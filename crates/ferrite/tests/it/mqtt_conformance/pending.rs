@@ -68,7 +68,7 @@ fn one(id: &'static str, case: &'static str, steps: Vec<Step>) -> Vec<Row> {
 // Retained messages
 // ---------------------------------------------------------------------------
 
-/// A retained QoS 1 message reaches a later subscriber with RETAIN 1.
+/// Checks that a retained QoS 1 message reaches a later subscriber with RETAIN 1.
 fn retained_stored(lane: &Lane, v: Version) -> Vec<Row> {
     let t = topic("retained/a");
     let mut steps = publisher(
@@ -86,7 +86,7 @@ fn retained_stored(lane: &Lane, v: Version) -> Vec<Row> {
     )
 }
 
-/// A later retained message on a topic replaces the earlier one.
+/// Checks that a later retained message on a topic replaces the earlier one.
 fn retained_replaced(lane: &Lane, v: Version) -> Vec<Row> {
     let t = topic("retained/b");
     let mut steps = publisher(
@@ -114,7 +114,7 @@ fn retained_replaced(lane: &Lane, v: Version) -> Vec<Row> {
     )
 }
 
-/// An empty retained message deletes the retained message and is not kept.
+/// Checks that an empty retained message deletes the retained message and is not stored.
 fn retained_deleted(lane: &Lane, v: Version) -> Vec<Row> {
     let t = topic("retained/c");
     let mut steps = publisher(
@@ -332,7 +332,7 @@ async fn mqtt_5_retained_3_3_1_5_to_13_and_3_1_2_15_and_3_8_4_4() {
 // Outgoing QoS 2
 // ---------------------------------------------------------------------------
 
-/// The server delivers QoS 2 as the sender: PUBLISH QoS 2 DUP 0, PUBREL
+/// Checks QoS 2 delivery with the server as sender: PUBLISH QoS 2 DUP 0, PUBREL
 /// after PUBREC with the same id, no PUBLISH resend after PUBREL, and
 /// PUBREL resent on resume.
 fn outgoing_qos2(lane: &Lane, v: Version) -> Vec<Row> {
@@ -439,8 +439,8 @@ async fn mqtt_5_outgoing_qos2_4_3_3_1_to_6_and_4_6_0_4_and_3_6_2_1() {
 // Topic aliases (MQTT 5)
 // ---------------------------------------------------------------------------
 
-/// The server accepts topic aliases up to its Topic Alias Maximum and
-/// forgets them with the connection.
+/// Checks that the server accepts topic aliases up to its Topic Alias
+/// Maximum and drops them when the connection ends.
 fn inbound_aliases(lane: &Lane, v: Version) -> Vec<Row> {
     let t = topic("alias");
     let mut steps = subscriber(lane, v, 2, &t, 0);
@@ -499,7 +499,7 @@ fn inbound_aliases(lane: &Lane, v: Version) -> Vec<Row> {
     ]
 }
 
-/// The server sends aliases only up to the client's Topic Alias Maximum.
+/// Checks that the server sends aliases only up to the client's Topic Alias Maximum.
 fn outbound_aliases(lane: &Lane, v: Version) -> Vec<Row> {
     let t = topic("alias/out");
     let receiver = lane
@@ -715,14 +715,14 @@ async fn mqtt_5_message_expiry_3_3_2_5_and_3_3_2_6() {
 // Request/response and PUBLISH properties (MQTT 5)
 // ---------------------------------------------------------------------------
 
-/// A PUBLISH property reaches the subscriber unchanged.
+/// Builds a row that checks that PUBLISH properties reach the subscriber unchanged.
 fn forwarded(
     lane: &Lane,
     v: Version,
     id: &'static str,
     case: &'static str,
     props: Vec<Vec<u8>>,
-    expected: Vec<(u8, Vec<u8>)>,
+    expected: Vec<Property>,
 ) -> Row {
     let t = topic("props");
     let mut steps = subscriber(lane, v, 2, &t, 0);
@@ -734,12 +734,12 @@ fn forwarded(
     steps.push(Step::Expect(
         2,
         expect_publish_where(v, "PUBLISH with its properties", move |publish| {
-            let kept: Vec<&(u8, Vec<u8>)> = publish
+            let kept: Vec<&Property> = publish
                 .properties
                 .iter()
                 .filter(|(id, _)| expected.iter().any(|(wanted, _)| wanted == id))
                 .collect();
-            let expected: Vec<&(u8, Vec<u8>)> = expected.iter().collect();
+            let expected: Vec<&Property> = expected.iter().collect();
             (kept == expected)
                 .then_some(())
                 .ok_or(format!("expected {expected:02x?}, got {kept:02x?}"))
