@@ -602,6 +602,45 @@ fn shared(lane: &Lane, v: Version) -> Vec<Row> {
         ),
     ));
 
+    // Two members; whichever gets the message refuses it with PUBACK 0x80,
+    // and then neither may get it again.
+    let mut refused_by_member = Vec::new();
+    for slot in [1, 2] {
+        refused_by_member.extend(connected(slot, &lane.connect(v)));
+        refused_by_member.push(Step::Send(slot, subscribe(v, 1, &[(&filter, 1)])));
+        refused_by_member.push(Step::Expect(slot, expect_sub_ack(v, 0x90, 1, &[1])));
+    }
+    refused_by_member.extend(connected(3, &lane.connect(v)));
+    refused_by_member.push(Step::Send(3, publish_simple(v, 1, &t, 1, b"no")));
+    refused_by_member.push(Step::Expect(3, expect_ack(0x40, 1, 0)));
+    refused_by_member.push(Step::Pause(Duration::from_millis(300)));
+    for slot in [1, 2] {
+        // A PUBACK 0x80 for packet id 1 is ignored by the member that did
+        // not get the message.
+        refused_by_member.push(Step::Send(slot, ack_with_reason(0x40, 1, 0x80)));
+    }
+    for slot in [1, 2] {
+        refused_by_member.push(Step::Send(slot, PINGREQ.to_vec()));
+    }
+    for slot in [1, 2] {
+        refused_by_member.push(Step::Expect(
+            slot,
+            Expect::Packet(
+                "PINGRESP or the first copy",
+                Box::new(|packet| {
+                    matches!(packet.first_byte >> 4, 3 | 13)
+                        .then_some(())
+                        .ok_or(format!("got {packet:02x?}"))
+                }),
+            ),
+        ));
+    }
+    refused_by_member.push(Step::Pause(Duration::from_millis(300)));
+    for slot in [1, 2] {
+        refused_by_member.push(Step::Send(slot, PINGREQ.to_vec()));
+        refused_by_member.push(Step::Expect(slot, expect_any_but_publish()));
+    }
+
     let mut no_local = connected(1, &lane.connect(v));
     no_local.push(Step::Send(1, subscribe(v, 1, &[(&filter, 0x04)])));
     no_local.push(Step::Expect(1, Expect::Disconnect(0x82)));
@@ -627,12 +666,17 @@ fn shared(lane: &Lane, v: Version) -> Vec<Row> {
             case: "No Local on a shared subscription",
             steps: no_local,
         },
+        Row {
+            id: "MQTT-4.8.2-6",
+            case: "a message refused by a member goes to no other member",
+            steps: refused_by_member,
+        },
     ]
 }
 
 #[tokio::test]
 #[ignore = "needs shared subscriptions"]
-async fn mqtt_5_shared_subscriptions_4_8_2_1_to_3_and_3_8_3_4() {
+async fn mqtt_5_shared_subscriptions_4_8_2_1_to_3_and_6_and_3_8_3_4() {
     run(Version::V5, shared).await;
 }
 
@@ -770,8 +814,49 @@ fn request_response(lane: &Lane, v: Version) -> Vec<Row> {
     ]
 }
 
+/// Expects a packet other than PUBLISH.
+fn expect_any_but_publish() -> Expect {
+    Expect::Packet(
+        "no PUBLISH",
+        Box::new(|packet| {
+            (packet.first_byte >> 4 != 3)
+                .then_some(())
+                .ok_or(format!("the message was sent again: {packet:02x?}"))
+        }),
+    )
+}
+
 fn properties_forwarded(lane: &Lane, v: Version) -> Vec<Row> {
+    let status = topic("status");
+    let mut will = Will::new(&status, b"gone");
+    will.properties = vec![user_property(b"b", b"2"), user_property(b"a", b"1")];
+    let mut will_order = subscriber(lane, v, 2, &status, 0);
+    will_order.extend(connected(1, &lane.connect(v).with_will(will)));
+    will_order.push(Step::Close(1));
+    will_order.push(Step::Expect(
+        2,
+        expect_publish_where(v, "the will with its User Properties in order", |publish| {
+            let kept: Vec<&Property> = publish
+                .properties
+                .iter()
+                .filter(|(id, _)| *id == p::USER_PROPERTY)
+                .collect();
+            let expected = [
+                (p::USER_PROPERTY, [string(b"b"), string(b"2")].concat()),
+                (p::USER_PROPERTY, [string(b"a"), string(b"1")].concat()),
+            ];
+            (kept == expected.iter().collect::<Vec<_>>())
+                .then_some(())
+                .ok_or(format!("expected {expected:02x?}, got {kept:02x?}"))
+        }),
+    ));
+
     vec![
+        Row {
+            id: "MQTT-3.1.3-10",
+            case: "will User Properties keep their order",
+            steps: will_order,
+        },
         forwarded(
             lane,
             v,
@@ -823,6 +908,6 @@ async fn mqtt_5_request_response_3_3_2_15_and_3_3_2_16() {
 
 #[tokio::test]
 #[ignore = "needs PUBLISH properties forwarded to subscribers"]
-async fn mqtt_5_properties_forwarded_3_3_2_4_17_18_20() {
+async fn mqtt_5_properties_forwarded_3_3_2_4_17_18_20_and_3_1_3_10() {
     run(Version::V5, properties_forwarded).await;
 }

@@ -1486,6 +1486,33 @@ fn publish_rows(lane: &Lane, v: Version) -> Vec<Row> {
             },
         },
         Row {
+            id: "MQTT-3.7.2-2",
+            case: "PUBCOMP fits a Maximum Packet Size of 8",
+            steps: {
+                let small = lane
+                    .connect(v)
+                    .with_property(prop_u32(p::MAXIMUM_PACKET_SIZE, 8));
+                let mut steps = connected(1, &small);
+                steps.push(Step::Send(1, ack(0x62, 77)));
+                steps.push(Step::Expect(1, expect_size_at_most(0x70, 8)));
+                steps
+            },
+        },
+        Row {
+            id: "MQTT-3.14.2-3",
+            case: "DISCONNECT fits a Maximum Packet Size of 8",
+            steps: {
+                let small = lane
+                    .connect(v)
+                    .with_property(prop_u32(p::MAXIMUM_PACKET_SIZE, 8));
+                let mut steps = connected(1, &small);
+                steps.push(Step::Send(1, vec![0xC1, 0x00]));
+                steps.push(Step::Expect(1, expect_size_at_most(0xE0, 8)));
+                steps.push(Step::Expect(1, Expect::Closed));
+                steps
+            },
+        },
+        Row {
             id: "MQTT-3.8.3-3",
             case: "No Local: own messages are not delivered back",
             steps: no_local,
