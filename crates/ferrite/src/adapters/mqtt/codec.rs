@@ -186,15 +186,22 @@ fn check_filter_list(frame: &Frame, version: ProtocolVersion) -> Result<(), Fram
         "UNSUBSCRIBE"
     };
 
+    // A body too short for the packet identifier or the properties is left
+    // to the codec, which reports it as malformed.
     let mut at = 2;
+    if body.len() < at {
+        return Ok(());
+    }
     if version == ProtocolVersion::V5 {
-        let Some((length, length_bytes)) = read_variable_int(body.get(at..).unwrap_or_default())
-        else {
+        let Some((length, length_bytes)) = read_variable_int(&body[at..]) else {
             return Ok(());
         };
         at += length_bytes + length;
+        if at > body.len() {
+            return Ok(());
+        }
     }
-    if at >= body.len() {
+    if at == body.len() {
         return Err(FrameError::Protocol(format!(
             "{name} without a topic filter"
         )));
@@ -543,6 +550,24 @@ mod tests {
             assert!(
                 matches!(decode(frame, version), Err(FrameError::Protocol(_))),
                 "{version:?} 0x{first_byte:02x}"
+            );
+        }
+    }
+
+    #[test]
+    fn truncated_filter_lists_are_malformed() {
+        let cases = [
+            (ProtocolVersion::V311, &[0x00][..]),
+            (ProtocolVersion::V5, &[0x00, 0x01, 0x05]),
+        ];
+        for (version, body) in cases {
+            let mut buffer = framed(0x82, body);
+            let frame = take_frame(&mut buffer, 1024)
+                .expect("valid")
+                .expect("complete");
+            assert!(
+                matches!(decode(frame, version), Err(FrameError::Malformed(_))),
+                "{version:?} {body:02x?}"
             );
         }
     }
