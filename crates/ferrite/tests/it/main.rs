@@ -12,3 +12,4 @@ mod mqtt;
 mod nats;
 mod processing;
 mod support;
+mod websocket;

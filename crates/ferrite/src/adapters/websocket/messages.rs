@@ -99,9 +99,20 @@ pub fn parse_client_message(text: &str) -> Result<ClientMessage<'_>, MessageErro
         other => Err(MessageError::invalid(
             id,
             format!(
-                "unknown message type {other:?}: a device sends \"telemetry\" or \"command_response\""
+                "unknown message type {:?}: a device sends \"telemetry\" or \"command_response\"",
+                shorten(other)
             ),
         )),
+    }
+}
+
+/// Cuts text from the client to at most 64 characters, so that an error
+/// message does not repeat a large input.
+fn shorten(text: &str) -> String {
+    const MAX_CHARS: usize = 64;
+    match text.char_indices().nth(MAX_CHARS) {
+        Some((end, _)) => format!("{}...", &text[..end]),
+        None => text.to_owned(),
     }
 }
 
@@ -158,7 +169,8 @@ fn check_fields(
         Some(unknown) => Err(MessageError::invalid(
             id.clone(),
             format!(
-                "unknown field {unknown:?}; this message type takes {}",
+                "unknown field {:?}; this message type takes {}",
+                shorten(unknown),
                 allowed.join(", ")
             ),
         )),
