@@ -104,7 +104,7 @@ pub struct WebSocketConfig {
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
     /// Maximum number of messages (acknowledgements, errors, commands)
-    /// waiting to be sent to one device; a socket with more is closed,
+    /// waiting to be sent to one device. A socket with more is closed,
     /// because its client does not read.
     pub max_outgoing_messages: usize,
 }

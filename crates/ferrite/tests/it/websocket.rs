@@ -27,6 +27,8 @@ const WAIT: Duration = Duration::from_secs(10);
 const STORE_WAIT: Duration = Duration::from_secs(5);
 
 type Client = WebSocketStream<MaybeTlsStream<TcpStream>>;
+/// Extra request headers as name and value.
+type Headers<'a> = &'a [(&'a str, &'a str)];
 
 // ---------------------------------------------------------------------------
 // Helpers
@@ -37,7 +39,7 @@ async fn open(
     server: &Server,
     path: &str,
     protocols: Option<&str>,
-    headers: &[(&str, &str)],
+    headers: Headers<'_>,
 ) -> Result<(Client, Option<String>), (u16, Value)> {
     let mut request = format!("ws://{}{path}", server.http_addr)
         .into_client_request()
@@ -331,8 +333,7 @@ async fn mqtt_connection_limit_covers_tcp_and_websocket() {
 
     let (status, body) = open(&server, "/mqtt", Some("mqtt"), &[])
         .await
-        .err()
-        .expect("second WebSocket refused");
+        .expect_err("second WebSocket refused");
     assert_eq!(status, 503, "{body}");
     assert!(
         body["detail"]
@@ -407,7 +408,7 @@ async fn device_socket_checks_credentials_before_upgrade() {
 
     let both = format!("/api/v1/devices/ws?access_token={}", device.token);
     let api_key_path = format!("/api/v1/devices/ws?access_token={api_key}");
-    let cases: [(&str, &[(&str, &str)], u16, &str); 4] = [
+    let cases: [(&str, Headers, u16, &str); 4] = [
         ("/api/v1/devices/ws", &[], 401, "missing credentials"),
         ("/api/v1/devices/ws?access_token=wrong", &[], 401, ""),
         (&both, &[("authorization", &bearer)], 400, "given twice"),
@@ -553,8 +554,8 @@ async fn device_silent_socket_times_out() {
     let mut answering = open_device(&server, &device).await;
     let silent = open_device(&server, &device).await;
 
-    // A client that reads gets pings and answers them, so it stays open;
-    // the silent one never reads, so it never sends a pong.
+    // A client that reads gets the pings and replies with pongs, so it
+    // stays open. The silent one never reads, so it never sends a pong.
     let started = Instant::now();
     let pings = tokio::time::timeout(Duration::from_millis(2500), async {
         let mut pings = 0;
@@ -569,9 +570,9 @@ async fn device_silent_socket_times_out() {
     assert!(pings.is_err(), "the answering socket was closed: {pings:?}");
     assert!(started.elapsed() >= Duration::from_secs(2));
 
-    // Reading now makes the client answer the old pings on a socket that
-    // the server has closed, which may reset it before the close frame is
-    // read; the metric shows why it closed.
+    // Reading now makes the client send pongs for the old pings on a
+    // socket that the server has closed. That may reset the connection
+    // before the close frame is read, so the metric shows why it closed.
     let counted = metric_value(
         &server,
         "ferrite_websocket_device_disconnects_total{reason=\"idle_timeout\"}",
@@ -679,4 +680,33 @@ async fn shutdown_closes_both_socket_kinds() {
     let (code, _) = expect_close(&mut mqtt).await;
     assert_eq!(code, CloseCode::Normal);
     let _server = terminate.await.expect("server stopped");
+}
+
+#[tokio::test]
+async fn sockets_outlive_http_request_timeout() {
+    let server = Server::start_with_env(&[("FERRITE_HTTP_REQUEST_TIMEOUT", "1s")]).await;
+    let device = server.create_device("ws-long").await;
+    let mut device_socket = open_device(&server, &device).await;
+    let mut mqtt = open_mqtt(&server).await;
+    mqtt.send(Message::binary(connect_packet("ws-long", &device.token)))
+        .await
+        .expect("send");
+    read_bytes(&mut mqtt, 4).await;
+
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+
+    device_socket
+        .send(Message::text(
+            json!({"type": "telemetry", "id": "late", "data": {"late": 1}}).to_string(),
+        ))
+        .await
+        .expect("send");
+    assert_eq!(
+        next_json(&mut device_socket).await,
+        json!({"type": "ack", "id": "late"})
+    );
+    mqtt.send(Message::binary(vec![0xC0, 0x00]))
+        .await
+        .expect("send PINGREQ");
+    assert_eq!(read_bytes(&mut mqtt, 2).await, [0xD0, 0x00]);
 }

@@ -204,9 +204,9 @@ impl MqttServer {
 }
 
 /// Serves MQTT on `listener` until the shutdown token of `server` is
-/// cancelled; then stops accepting, sends MQTT 5 clients DISCONNECT 0x8B,
-/// waits for in-flight appends to finish and returns. Connections over
-/// WebSocket end the same way and are waited for too.
+/// cancelled. Then it stops accepting, sends MQTT 5 clients DISCONNECT
+/// 0x8B, waits for in-flight appends to finish and returns. Connections
+/// over WebSocket end the same way and are waited for too.
 pub async fn serve(listener: TcpListener, server: MqttServer) {
     let shared = server.shared.clone();
     let shutdown = shared.shutdown.clone();

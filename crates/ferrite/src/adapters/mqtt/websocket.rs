@@ -36,7 +36,7 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 const CLOSE_UNSUPPORTED_DATA: u16 = 1003;
 const CLOSE_NORMAL: u16 = 1000;
 
-/// How the reading side of the WebSocket ended.
+/// Reason the reading side of the WebSocket ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ReadEnd {
     /// A close frame arrived or the stream ended.
@@ -140,7 +140,7 @@ where
 
             match ready!(this.socket.poll_next_unpin(cx)) {
                 Some(Ok(Message::Binary(bytes))) => this.incoming = bytes,
-                // tungstenite answers pings itself.
+                // tungstenite replies to pings itself.
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
                 Some(Ok(Message::Text(_))) => this.read_end = Some(ReadEnd::TextMessage),
                 Some(Ok(Message::Close(_))) | None => this.read_end = Some(ReadEnd::PeerClosed),

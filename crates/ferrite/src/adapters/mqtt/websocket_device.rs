@@ -64,7 +64,7 @@ impl DeviceReceiver {
             device_id,
             clean_start: true,
             expiry: std::time::Duration::ZERO,
-            // The client id is new, so no connection holds it to wait for.
+            // The client id is new, so no other connection is attached to it.
             force: true,
         };
         let attached = match router.sessions().attach(&request, Instant::now()) {

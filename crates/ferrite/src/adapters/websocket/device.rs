@@ -195,7 +195,8 @@ impl SocketEnd {
         }
     }
 
-    /// The close frame to send, if the socket can still take one.
+    /// Returns the close frame to send, or `None` when the socket cannot
+    /// take one.
     fn close_frame(self, idle_timeout: Duration) -> Option<CloseFrame> {
         let (code, reason) = match self {
             SocketEnd::ClientClosed | SocketEnd::Failed | SocketEnd::SlowClient => return None,
@@ -354,7 +355,7 @@ impl DeviceSocket {
                 self.replies.push_back(ready_reply(&error));
             }
             Message::Close(_) => return Err(SocketEnd::ClientClosed),
-            // tungstenite answers pings itself; a pong only shows that the
+            // tungstenite replies to pings itself. A pong only shows that the
             // client is alive.
             Message::Ping(_) | Message::Pong(_) => {}
         }
@@ -494,8 +495,9 @@ impl DeviceSocket {
             tracing::debug!(reason = end.label(), "device WebSocket closed");
         }
 
-        // Every telemetry message taken from the socket is appended, so
-        // nothing is lost half-way; the replies go out if the socket works.
+        // Every telemetry message taken from the socket is appended, so that
+        // the device's view and the log agree. The replies are queued unless
+        // the client does not read.
         let idle_timeout = self.state.config.websocket.idle_timeout;
         while let Some(reply) = self.replies.next().await {
             if end != SocketEnd::SlowClient {
@@ -517,7 +519,7 @@ impl DeviceSocket {
     }
 }
 
-/// A reply that is ready at once.
+/// Wraps an error reply in a future that is ready at once.
 fn ready_reply(error: &MessageError) -> BoxFuture<'static, String> {
     futures::future::ready(messages::error(error)).boxed()
 }
