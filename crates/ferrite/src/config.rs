@@ -103,6 +103,9 @@ pub struct WebSocketConfig {
     /// long is closed.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// Open device sockets beyond this number are rejected with 503 before
+    /// the upgrade.
+    pub max_connections: usize,
     /// Maximum number of messages (acknowledgements, errors, commands)
     /// waiting to be sent to one device. A socket with more is closed,
     /// because its client does not read.
@@ -547,6 +550,7 @@ impl Default for WebSocketConfig {
         Self {
             ping_interval: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(90),
+            max_connections: 10_000,
             max_outgoing_messages: 64,
         }
     }
@@ -1040,6 +1044,8 @@ ping_interval = "30s"
 # A device socket that receives nothing, not even a pong, for this long is
 # closed.
 idle_timeout = "90s"
+# Open device sockets beyond this number are rejected with 503.
+max_connections = 10000
 # Messages waiting to be sent to one device (acknowledgements, errors,
 # commands); one more closes the socket, because its client does not read.
 max_outgoing_messages = 64

@@ -57,6 +57,8 @@ pub struct AppState {
     /// The MQTT server's state, for MQTT over WebSocket and the device
     /// WebSocket.
     pub mqtt: adapters::mqtt::MqttServer,
+    /// One permit per open device WebSocket (`websocket.max_connections`).
+    pub device_socket_slots: Arc<tokio::sync::Semaphore>,
     /// Runs the actions of alarm rules and records their deliveries.
     pub actions: Actions,
     /// Seals and opens secrets stored in the metadata database.
@@ -236,6 +238,12 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
         alarms,
         mqtt_router: mqtt_router.clone(),
         mqtt: mqtt_server.clone(),
+        device_socket_slots: Arc::new(tokio::sync::Semaphore::new(
+            config
+                .websocket
+                .max_connections
+                .min(tokio::sync::Semaphore::MAX_PERMITS),
+        )),
         actions: actions.clone(),
         master_key,
     });

@@ -1063,6 +1063,7 @@ mod tests {
             directory,
             alarms,
             mqtt,
+            device_socket_slots: Arc::new(tokio::sync::Semaphore::new(1)),
             mqtt_router,
             actions,
             master_key: Arc::new(crate::encryption::MasterKey::from_bytes(&[1; 32])),

@@ -710,3 +710,27 @@ async fn sockets_outlive_http_request_timeout() {
         .expect("send PINGREQ");
     assert_eq!(read_bytes(&mut mqtt, 2).await, [0xD0, 0x00]);
 }
+
+#[tokio::test]
+async fn device_socket_limit_rejects_with_503() {
+    let server = Server::start_with_env(&[("FERRITE_WEBSOCKET_MAX_CONNECTIONS", "1")]).await;
+    let device = server.create_device("ws-max").await;
+    let path = format!("/api/v1/devices/ws?access_token={}", device.token);
+    let mut first = open_device(&server, &device).await;
+
+    let (status, body) = open(&server, &path, None, &[])
+        .await
+        .expect_err("second socket rejected");
+    assert_eq!(status, 503, "{body}");
+    let detail = body["detail"].as_str().unwrap_or_default();
+    assert!(detail.contains("websocket.max_connections"), "{detail}");
+
+    first.close(None).await.expect("close");
+    drop(first);
+    let reopened = wait_until(
+        || async { open(&server, &path, None, &[]).await.is_ok() },
+        WAIT,
+    )
+    .await;
+    assert!(reopened, "the slot of a closed socket was not returned");
+}

@@ -21,6 +21,8 @@
 //! `ferrite_websocket_device_disconnects_total{reason="slow_client"}`.
 //! Other sockets are not affected. A socket that receives nothing, not even
 //! a pong to the server's pings, for `websocket.idle_timeout` is closed.
+//! At most `websocket.max_connections` sockets are open; the next upgrade
+//! request gets 503.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -29,7 +31,7 @@ use std::time::{Duration, Instant};
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, Query, State};
-use axum::http::{HeaderMap, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures::future::BoxFuture;
@@ -38,8 +40,8 @@ use futures::{FutureExt, SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::Value;
 use serde_json::value::RawValue;
-use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tracing::Instrument;
 
 use super::messages::{self, ClientMessage, MessageError};
@@ -86,6 +88,23 @@ pub async fn endpoint(
         )
     })?;
 
+    let Ok(slot) = state.device_socket_slots.clone().try_acquire_owned() else {
+        metrics::counter!("ferrite_websocket_device_rejected_total", "reason" => "max_connections")
+            .increment(1);
+        tracing::debug!(%peer, device_id = %device.device_id, "rejected a device WebSocket: websocket.max_connections reached");
+        return Err(ApiError {
+            retry_after: Some(5),
+            ..ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Too many connections",
+                format!(
+                    "websocket.max_connections ({}) device sockets are open; retry later",
+                    state.config.websocket.max_connections
+                ),
+            )
+        });
+    };
+
     let span = tracing::error_span!(
         "device_websocket",
         %peer,
@@ -101,7 +120,7 @@ pub async fn endpoint(
         .max_frame_size(max_message)
         .on_upgrade(move |socket| {
             let mqtt = state.mqtt.clone();
-            let task = run(socket, state, device).instrument(span);
+            let task = run(socket, state, device, slot).instrument(span);
             async move { mqtt.track_connection(task).await }
         })
         .into_response())
@@ -234,7 +253,14 @@ impl Drop for OpenSocket {
     }
 }
 
-async fn run(socket: WebSocket, state: Arc<AppState>, device: DeviceIdentity) {
+/// Serves one device socket. `_slot` is its place within
+/// `websocket.max_connections`, returned when the socket ends.
+async fn run(
+    socket: WebSocket,
+    state: Arc<AppState>,
+    device: DeviceIdentity,
+    _slot: OwnedSemaphorePermit,
+) {
     let _open = OpenSocket::new();
     let receiver = DeviceReceiver::attach(&state.mqtt_router, device.device_id);
     let (sink, incoming) = socket.split();
