@@ -48,18 +48,17 @@ enum ReadEnd {
 
 /// A WebSocket as the byte stream of one MQTT connection.
 ///
-/// NOTE: `poll_write` hands its bytes to the WebSocket as one message and
-/// returns `Pending` until the message is flushed. When it is polled again,
-/// it returns the length of that message, whatever buffer it gets. A caller
-/// must therefore repeat a pending write with a buffer that starts with the
-/// same bytes. `write_all` and the connection loop of `connection.rs` do.
+/// Each write becomes one message, which the socket starts to send at
+/// once. A message that the socket cannot take completely stays in
+/// tungstenite's buffer and is flushed by the next write, read or flush,
+/// because the connection loop never calls `flush`. The next write waits
+/// for it, so at most one message is buffered.
 pub struct WebSocketTransport<S> {
     socket: S,
     /// The unread rest of the current binary message.
     incoming: Bytes,
-    /// Length of the message that was handed to the socket and is still
-    /// being flushed.
-    unflushed: Option<usize>,
+    /// Set while a sent message is not yet completely flushed.
+    unflushed: bool,
     read_end: Option<ReadEnd>,
     close_sent: bool,
 }
@@ -72,7 +71,7 @@ where
         Self {
             socket,
             incoming: Bytes::new(),
-            unflushed: None,
+            unflushed: false,
             read_end: None,
             close_sent: false,
         }
@@ -105,6 +104,15 @@ where
         })
         .await;
     }
+
+    /// Flushes the message that a write left in the socket's buffer.
+    fn poll_flush_unflushed(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.unflushed {
+            ready!(self.socket.poll_flush_unpin(cx)).map_err(to_io_error)?;
+            self.unflushed = false;
+        }
+        Poll::Ready(Ok(()))
+    }
 }
 
 fn to_io_error(error: axum::Error) -> io::Error {
@@ -121,6 +129,12 @@ where
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        // Reading goes on while the flush is pending; a failed flush ends
+        // the connection.
+        if let Poll::Ready(Err(error)) = this.poll_flush_unflushed(cx) {
+            return Poll::Ready(Err(error));
+        }
+
         loop {
             if !this.incoming.is_empty() {
                 let count = this.incoming.len().min(buf.remaining());
@@ -170,23 +184,26 @@ where
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
-        if this.unflushed.is_none() {
-            if buf.is_empty() {
-                return Poll::Ready(Ok(0));
-            }
-            ready!(this.socket.poll_ready_unpin(cx)).map_err(to_io_error)?;
-            this.socket
-                .start_send_unpin(Message::Binary(Bytes::copy_from_slice(buf)))
-                .map_err(to_io_error)?;
-            this.unflushed = Some(buf.len());
+        ready!(this.poll_flush_unflushed(cx))?;
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
         }
+        ready!(this.socket.poll_ready_unpin(cx)).map_err(to_io_error)?;
+        this.socket
+            .start_send_unpin(Message::Binary(Bytes::copy_from_slice(buf)))
+            .map_err(to_io_error)?;
 
-        ready!(this.socket.poll_flush_unpin(cx)).map_err(to_io_error)?;
-        Poll::Ready(Ok(this.unflushed.take().unwrap_or_default()))
+        // The message is accepted; an error of this first flush shows at
+        // the next write, read or flush.
+        this.unflushed = true;
+        let _ = this.poll_flush_unflushed(cx);
+        Poll::Ready(Ok(buf.len()))
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.socket.poll_flush_unpin(cx).map_err(to_io_error)
+        let this = &mut *self;
+        ready!(this.poll_flush_unflushed(cx))?;
+        this.socket.poll_flush_unpin(cx).map_err(to_io_error)
     }
 
     /// Sends a normal close frame (1000), as the TCP listener's connections
@@ -339,6 +356,73 @@ mod tests {
             Some(Message::Close(Some(frame))) => assert_eq!(frame.code, CLOSE_UNSUPPORTED_DATA),
             other => panic!("expected a close frame, got {other:?}"),
         }
+    }
+
+    /// A socket whose flush stays pending until `flushable` is set, and
+    /// which counts the messages sent.
+    struct SlowSocket {
+        sent: usize,
+        flushable: bool,
+    }
+
+    impl Stream for SlowSocket {
+        type Item = Result<Message, axum::Error>;
+
+        fn poll_next(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+            Poll::Pending
+        }
+    }
+
+    impl Sink<Message> for SlowSocket {
+        type Error = axum::Error;
+
+        fn poll_ready(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn start_send(mut self: Pin<&mut Self>, _: Message) -> Result<(), Self::Error> {
+            self.sent += 1;
+            Ok(())
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            if self.flushable {
+                Poll::Ready(Ok(()))
+            } else {
+                Poll::Pending
+            }
+        }
+
+        fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[test]
+    fn write_waits_for_the_previous_flush() {
+        let mut transport = WebSocketTransport::new(SlowSocket {
+            sent: 0,
+            flushable: false,
+        });
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+
+        let first = Pin::new(&mut transport).poll_write(&mut cx, &[1, 2, 3]);
+        assert!(matches!(first, Poll::Ready(Ok(3))), "{first:?}");
+        let second = Pin::new(&mut transport).poll_write(&mut cx, &[4]);
+        assert!(second.is_pending(), "{second:?}");
+        assert_eq!(transport.socket.sent, 1);
+
+        // A read drives the pending flush, after which writing goes on.
+        transport.socket.flushable = true;
+        let mut buffer = [0u8; 4];
+        let mut read_buf = ReadBuf::new(&mut buffer);
+        let read = Pin::new(&mut transport).poll_read(&mut cx, &mut read_buf);
+        assert!(read.is_pending(), "{read:?}");
+        assert!(!transport.unflushed);
+        let third = Pin::new(&mut transport).poll_write(&mut cx, &[4]);
+        assert!(matches!(third, Poll::Ready(Ok(1))), "{third:?}");
+        assert_eq!(transport.socket.sent, 2);
     }
 
     #[tokio::test]
