@@ -310,6 +310,68 @@ async fn mqtt_text_message_closes_with_1003() {
 }
 
 #[tokio::test]
+async fn mqtt_packet_and_message_size_limits() {
+    // Packets may have 1 KiB of payload plus 8 KiB of headroom, and
+    // messages twice that.
+    let server = Server::start_with_env(&[("FERRITE_MQTT_MAX_PAYLOAD_BYTES", "1024")]).await;
+    let device = server.create_device("ws-size").await;
+
+    let mut client = open_mqtt(&server).await;
+    let options = ConnectOptions::new("ws-size-5")
+        .with_keep_alive(Duration::from_secs(30))
+        .with_credentials(&device.token, b"");
+    client
+        .send(Message::binary(encode(&ConnectPacket::new(options))))
+        .await
+        .expect("send");
+    let connack = read_bytes(&mut client, 3).await;
+    assert_eq!(connack[0], 0x20, "CONNACK: {connack:?}");
+
+    let payload = "x".repeat(12 * 1024);
+    let publish = PublishPacket::new(
+        "v1/devices/me/telemetry",
+        payload.into_bytes(),
+        QoS::AtLeastOnce,
+    )
+    .with_packet_id(1);
+    client
+        .send(Message::binary(encode(&publish)))
+        .await
+        .expect("send");
+    let mut disconnect = Vec::new();
+    let (code, _) = loop {
+        match next_message(&mut client).await {
+            Some(Message::Binary(data)) => disconnect.extend_from_slice(&data),
+            Some(Message::Close(Some(frame))) => break (frame.code, frame.reason),
+            other => panic!("expected DISCONNECT and a close frame, got {other:?}"),
+        }
+    };
+    // CONNACK's properties may come in the same messages; DISCONNECT is last.
+    let position = disconnect.iter().rposition(|byte| *byte == 0xE0);
+    let reason = position.and_then(|index| disconnect.get(index + 2));
+    assert_eq!(
+        reason,
+        Some(&0x95),
+        "DISCONNECT Packet Too Large: {disconnect:?}"
+    );
+    assert_eq!(code, CloseCode::Normal);
+
+    let mut client = open_mqtt(&server).await;
+    client
+        .send(Message::binary(vec![0u8; 40 * 1024]))
+        .await
+        .expect("send");
+    let ended = loop {
+        match next_message(&mut client).await {
+            None => break true,
+            Some(Message::Close(frame)) => panic!("expected no close frame, got {frame:?}"),
+            Some(_) => {}
+        }
+    };
+    assert!(ended);
+}
+
+#[tokio::test]
 async fn mqtt_silent_client_is_closed_after_connect_timeout() {
     let server = Server::start_with_env(&[("FERRITE_MQTT_CONNECT_TIMEOUT", "1s")]).await;
     let mut client = open_mqtt(&server).await;
