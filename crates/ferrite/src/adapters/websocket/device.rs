@@ -28,6 +28,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use axum::extract::rejection::QueryRejection;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, Query, State};
@@ -72,9 +73,15 @@ pub async fn endpoint(
     State(state): State<Arc<AppState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
-    Query(params): Query<SocketParams>,
+    params: Result<Query<SocketParams>, QueryRejection>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
+    let Query(params) = params.map_err(|rejection| {
+        ApiError::bad_request(format!(
+            "invalid query string ({}); give the device access token once, as access_token=<token>",
+            rejection.body_text()
+        ))
+    })?;
     let device = authenticate(&state, &headers, params.access_token.as_deref()).await?;
     let upgrade = upgrade.map_err(|rejection| {
         ApiError::new(
