@@ -27,6 +27,7 @@ pub struct Config {
     pub processing: ProcessingConfig,
     pub log: LogConfig,
     pub actions: ActionsConfig,
+    pub websocket: WebSocketConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -89,6 +90,26 @@ pub struct MqttConfig {
     /// expiry of MQTT 3.1.1 sessions with clean session = 0.
     #[serde(with = "humantime_serde")]
     pub max_session_expiry: Duration,
+}
+
+/// The device WebSocket (`GET /api/v1/devices/ws`) on the HTTP listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebSocketConfig {
+    /// Interval at which the server sends a ping to each device socket.
+    #[serde(with = "humantime_serde")]
+    pub ping_interval: Duration,
+    /// A device socket that receives nothing, not even a pong, for this
+    /// long is closed.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Open device sockets beyond this number are rejected with 503 before
+    /// the upgrade.
+    pub max_connections: usize,
+    /// Maximum number of messages (acknowledgements, errors, commands)
+    /// waiting to be sent to one device. A socket with more is closed,
+    /// because its client does not read.
+    pub max_outgoing_messages: usize,
 }
 
 /// When an acknowledgement is sent relative to the disk.
@@ -494,6 +515,7 @@ impl Default for Config {
             processing: ProcessingConfig::default(),
             log: LogConfig::default(),
             actions: ActionsConfig::default(),
+            websocket: WebSocketConfig::default(),
         }
     }
 }
@@ -519,6 +541,17 @@ impl Default for MqttConfig {
             max_inflight: 32,
             max_queued_messages: 1000,
             max_session_expiry: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+impl Default for WebSocketConfig {
+    fn default() -> Self {
+        Self {
+            ping_interval: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(90),
+            max_connections: 10_000,
+            max_outgoing_messages: 64,
         }
     }
 }
@@ -622,7 +655,7 @@ impl Default for ActionsMqttConfig {
 /// as the variable prefix and the path of tables. A nested section comes
 /// before its parent, so that `FERRITE_ACTIONS_MQTT_URL` sets
 /// `actions.mqtt.url` rather than `actions.mqtt_url`.
-const SECTIONS: [(&str, &[&str]); 10] = [
+const SECTIONS: [(&str, &[&str]); 11] = [
     ("http", &["http"]),
     ("mqtt", &["mqtt"]),
     ("ingest_nats", &["ingest", "nats"]),
@@ -633,6 +666,7 @@ const SECTIONS: [(&str, &[&str]); 10] = [
     ("log", &["log"]),
     ("actions_mqtt", &["actions", "mqtt"]),
     ("actions", &["actions"]),
+    ("websocket", &["websocket"]),
 ];
 
 /// Loads the configuration: defaults, then the file at `path` if given, then
@@ -768,6 +802,18 @@ impl Config {
             "storage.memory_budget_bytes must be at least 64 MiB (67108864)"
         );
         self.actions.validate()?;
+        anyhow::ensure!(
+            !self.websocket.ping_interval.is_zero(),
+            "websocket.ping_interval must be longer than zero"
+        );
+        anyhow::ensure!(
+            self.websocket.idle_timeout > self.websocket.ping_interval,
+            "websocket.idle_timeout must be longer than websocket.ping_interval, so that a pong can arrive in time"
+        );
+        anyhow::ensure!(
+            self.websocket.max_outgoing_messages > 0,
+            "websocket.max_outgoing_messages must be at least 1"
+        );
         Ok(())
     }
 }
@@ -989,6 +1035,20 @@ client_id = ""
 username = ""
 password = ""
 keep_alive = "30s"
+
+[websocket]
+# The device WebSocket, GET /api/v1/devices/ws on the HTTP listener. MQTT
+# over WebSocket (/mqtt) follows the [mqtt] settings instead.
+# Interval of the server's pings to each device socket.
+ping_interval = "30s"
+# A device socket that receives nothing, not even a pong, for this long is
+# closed.
+idle_timeout = "90s"
+# Open device sockets beyond this number are rejected with 503.
+max_connections = 10000
+# Messages waiting to be sent to one device (acknowledgements, errors,
+# commands); one more closes the socket, because its client does not read.
+max_outgoing_messages = 64
 "#;
 
 #[cfg(test)]

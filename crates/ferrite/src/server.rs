@@ -54,6 +54,11 @@ pub struct AppState {
     pub alarms: Arc<crate::alarms::AlarmManager>,
     /// Sends to devices connected over MQTT (commands).
     pub mqtt_router: adapters::mqtt::Router,
+    /// The MQTT server's state, for MQTT over WebSocket and the device
+    /// WebSocket.
+    pub mqtt: adapters::mqtt::MqttServer,
+    /// One permit per open device WebSocket (`websocket.max_connections`).
+    pub device_socket_slots: Arc<tokio::sync::Semaphore>,
     /// Runs the actions of alarm rules and records their deliveries.
     pub actions: Actions,
     /// Seals and opens secrets stored in the metadata database.
@@ -204,6 +209,18 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
         Err(_) => anyhow::bail!("the ingest log writer stopped during start-up"),
     }
 
+    let mqtt_context = Arc::new(adapters::mqtt::MqttContext {
+        config: config.mqtt.clone(),
+        auth: auth.clone(),
+        ingest: ingest.clone(),
+        max_future: config.ingest.max_future,
+        max_past: config.ingest.max_past,
+        storage: config.storage.clone(),
+        directory: directory.clone(),
+    });
+    let mqtt_server =
+        adapters::mqtt::MqttServer::new(mqtt_context, mqtt_router.clone(), shutdown.clone());
+
     let state = Arc::new(AppState {
         flush_requests: pipeline.flush_requests(),
         config: config.clone(),
@@ -220,6 +237,13 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
         directory,
         alarms,
         mqtt_router: mqtt_router.clone(),
+        mqtt: mqtt_server.clone(),
+        device_socket_slots: Arc::new(tokio::sync::Semaphore::new(
+            config
+                .websocket
+                .max_connections
+                .min(tokio::sync::Semaphore::MAX_PERMITS),
+        )),
         actions: actions.clone(),
         master_key,
     });
@@ -230,25 +254,11 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
         state.clone(),
         shutdown.clone(),
     ));
-    let mqtt_context = Arc::new(adapters::mqtt::MqttContext {
-        config: config.mqtt.clone(),
-        auth: auth.clone(),
-        ingest: ingest.clone(),
-        max_future: config.ingest.max_future,
-        max_past: config.ingest.max_past,
-        storage: config.storage.clone(),
-        directory: state.directory.clone(),
-    });
-    let mqtt_task = tokio::spawn(adapters::mqtt::serve(
-        mqtt_listener,
-        mqtt_context,
-        mqtt_router,
-        shutdown.clone(),
-    ));
+    let mqtt_task = tokio::spawn(adapters::mqtt::serve(mqtt_listener, mqtt_server));
     drop(ingest);
 
     state.ready.store(true, Ordering::Release);
-    tracing::info!(addr = %addrs.http, "HTTP listening (REST API, HTTP telemetry, line protocol)");
+    tracing::info!(addr = %addrs.http, "HTTP listening (REST API, HTTP telemetry, line protocol, WebSocket)");
     tracing::info!(addr = %addrs.mqtt, "MQTT listening");
     tracing::info!(data_dir = %config.data_dir.display(), "Ferrite is ready");
     if let Some(after_start) = after_start {

@@ -1,7 +1,8 @@
 //! Two-way RPC commands to devices, as in ThingsBoard. The request goes to
-//! the device over MQTT on `v1/devices/me/rpc/request/{request_id}`, and the
-//! HTTP request waits for the device's response on
-//! `v1/devices/me/rpc/response/{request_id}`.
+//! the device over MQTT on `v1/devices/me/rpc/request/{request_id}`, or as
+//! a `command` message on the device WebSocket, and the HTTP request waits
+//! for the device's response on `v1/devices/me/rpc/response/{request_id}`
+//! or in a `command_response` message.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -121,7 +122,7 @@ fn command_timeout(
 fn not_sent(device_id: crate::ids::DeviceId, error: RpcSendError) -> ApiError {
     let detail = match error {
         RpcSendError::NotConnected => format!(
-            "device {device_id} is not connected over MQTT; commands reach only connected devices, so retry when it is online"
+            "device {device_id} is not connected over MQTT or the device WebSocket; commands reach only connected devices, so retry when it is online"
         ),
         RpcSendError::NotSubscribed => format!(
             "device {device_id} is connected but not subscribed to v1/devices/me/rpc/request/+; its firmware must subscribe to receive commands"

@@ -1032,6 +1032,19 @@ mod tests {
             .await
             .expect("API key");
 
+        let mqtt = crate::adapters::mqtt::MqttServer::new(
+            Arc::new(crate::adapters::mqtt::MqttContext {
+                config: config.mqtt.clone(),
+                auth: auth.clone(),
+                ingest: ingest.clone(),
+                max_future: config.ingest.max_future,
+                max_past: config.ingest.max_past,
+                storage: config.storage.clone(),
+                directory: directory.clone(),
+            }),
+            mqtt_router.clone(),
+            CancellationToken::new(),
+        );
         let state = Arc::new(AppState {
             config,
             auth,
@@ -1049,6 +1062,8 @@ mod tests {
             live,
             directory,
             alarms,
+            mqtt,
+            device_socket_slots: Arc::new(tokio::sync::Semaphore::new(1)),
             mqtt_router,
             actions,
             master_key: Arc::new(crate::encryption::MasterKey::from_bytes(&[1; 32])),

@@ -13,3 +13,4 @@ mod mqtt_conformance;
 mod nats;
 mod processing;
 mod support;
+mod websocket;

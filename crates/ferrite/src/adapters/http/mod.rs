@@ -11,11 +11,13 @@ mod body;
 mod line_protocol;
 mod telemetry;
 
+pub use telemetry::now_ns;
+
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{ConnectInfo, State};
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
@@ -25,10 +27,12 @@ use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::decompression::RequestDecompressionLayer;
 use tower_http::timeout::TimeoutLayer;
 
+use crate::adapters::websocket;
 use crate::api;
 use crate::server::AppState;
 
@@ -50,6 +54,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/write", post(line_protocol::write))
         .route("/api/v2/write", post(line_protocol::write))
+        .route("/mqtt", get(websocket::mqtt_endpoint))
+        .route("/api/v1/devices/ws", get(websocket::device_endpoint))
         .merge(api::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -76,7 +82,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: Cancel
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(header_read_timeout);
-    let service = TowerToHyperService::new(router(state));
+    let router = router(state);
     let graceful = GracefulShutdown::new();
 
     loop {
@@ -94,7 +100,8 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: Cancel
         };
         let _ = stream.set_nodelay(true);
         let builder = builder.clone();
-        let service = service.clone();
+        // The peer address, for handlers that log it (MQTT over WebSocket).
+        let service = TowerToHyperService::new(router.clone().map_request(insert_peer(peer)));
         let watcher = graceful.watcher();
         tokio::spawn(async move {
             // hyper's header read timeout starts with the first byte, so a
@@ -125,6 +132,17 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: Cancel
             timeout = ?drain_timeout,
             "HTTP requests still running at shutdown were cut off"
         );
+    }
+}
+
+/// Returns a request mapper that records the connection's peer address
+/// as [`ConnectInfo`].
+fn insert_peer<B>(
+    peer: std::net::SocketAddr,
+) -> impl Fn(axum::http::Request<B>) -> axum::http::Request<B> + Clone {
+    move |mut request| {
+        request.extensions_mut().insert(ConnectInfo(peer));
+        request
     }
 }
 

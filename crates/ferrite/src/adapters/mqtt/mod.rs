@@ -37,7 +37,13 @@
 //! - NOTE: topic aliases are not supported (Topic Alias Maximum 0); a
 //!   PUBLISH with a topic alias closes the connection with 0x94.
 //! - Sessions live in memory and end when the server stops; there is no
-//!   TLS or WebSocket listener and no enhanced (AUTH) authentication yet.
+//!   TLS listener and no enhanced (AUTH) authentication yet.
+//!
+//! ## WebSocket
+//! MQTT over WebSocket (`/mqtt` on the HTTP listener) runs the same
+//! connection code over [`WebSocketTransport`], with the same limits and
+//! the same sessions (`websocket.rs`). Devices on the device WebSocket get
+//! a session too ([`DeviceReceiver`]), so that commands reach them.
 //!
 //! ## Shutdown
 //! [`serve`] stops accepting when its token is cancelled. Each connection
@@ -56,18 +62,25 @@ mod router;
 mod rpc;
 mod session;
 mod topics;
+mod websocket;
+mod websocket_device;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tokio_util::task::task_tracker::TrackedFuture;
 use tracing::Instrument;
 
+pub use connection::PACKET_HEADROOM;
 pub use router::Router;
 pub use rpc::RpcSendError;
+pub use websocket::serve_websocket;
+pub use websocket_device::{DeviceCommand, DeviceReceiver};
 
 use crate::auth::Auth;
 use crate::config::MqttConfig;
@@ -108,8 +121,8 @@ impl MqttContext {
     }
 }
 
-/// State shared by the accept loop, the connection tasks and the tasks of
-/// delayed will messages.
+/// State shared by the accept loop, the WebSocket endpoint, the connection
+/// tasks and the tasks of delayed will messages.
 struct Shared {
     context: Arc<MqttContext>,
     router: Router,
@@ -119,27 +132,84 @@ struct Shared {
     shutdown: CancellationToken,
 }
 
-/// Serves MQTT on `listener` until `shutdown` is cancelled; then stops
-/// accepting, sends MQTT 5 clients DISCONNECT 0x8B, waits for in-flight
-/// appends to finish and returns. `router` is the handle through which
-/// other parts of Ferrite reach the connected devices: the caller creates
-/// it with [`Router::new`] and keeps a clone.
-pub async fn serve(
-    listener: TcpListener,
-    context: Arc<MqttContext>,
-    router: Router,
-    shutdown: CancellationToken,
-) {
-    events::register();
-    let max_connections = context.config.max_connections.min(Semaphore::MAX_PERMITS);
-    let connection_slots = Arc::new(Semaphore::new(max_connections));
-    let shared = Arc::new(Shared {
-        context,
-        router,
-        tasks: TaskTracker::new(),
-        shutdown: shutdown.clone(),
-    });
-    let mut rejection_warnings = WarnLimiter::default();
+/// Handle to the state of the MQTT server. The TCP listener ([`serve`])
+/// and MQTT over WebSocket on the HTTP listener (`websocket.rs`) share it,
+/// and with it the sessions, the `mqtt.max_connections` limit and the
+/// shutdown. Cheap to clone.
+#[derive(Clone)]
+pub struct MqttServer {
+    shared: Arc<Shared>,
+    /// One permit per open connection, over TCP or WebSocket.
+    connection_slots: Arc<Semaphore>,
+    /// Limits the warnings about connections refused at the limit.
+    rejection_warnings: Arc<parking_lot::Mutex<WarnLimiter>>,
+}
+
+impl MqttServer {
+    /// Creates the server state. `router` is the handle through which other
+    /// parts of Ferrite reach the connected devices: the caller creates it
+    /// with [`Router::new`] and keeps a clone. Connections end when
+    /// `shutdown` is cancelled.
+    pub fn new(context: Arc<MqttContext>, router: Router, shutdown: CancellationToken) -> Self {
+        events::register();
+        let max_connections = context.config.max_connections.min(Semaphore::MAX_PERMITS);
+        Self {
+            shared: Arc::new(Shared {
+                context,
+                router,
+                tasks: TaskTracker::new(),
+                shutdown,
+            }),
+            connection_slots: Arc::new(Semaphore::new(max_connections)),
+            rejection_warnings: Arc::default(),
+        }
+    }
+
+    pub fn config(&self) -> &MqttConfig {
+        &self.shared.context.config
+    }
+
+    /// Takes a connection slot; `None` when `mqtt.max_connections`
+    /// connections are open, which is counted and logged here.
+    pub fn reserve_connection(&self, peer: SocketAddr) -> Option<OwnedSemaphorePermit> {
+        if let Ok(slot) = self.connection_slots.clone().try_acquire_owned() {
+            return Some(slot);
+        }
+        events::connection_refused("max_connections");
+        let allowed = self
+            .rejection_warnings
+            .lock()
+            .allow(std::time::Instant::now());
+        if let Some(suppressed) = allowed {
+            tracing::warn!(
+                %peer,
+                max_connections = self.config().max_connections,
+                suppressed,
+                "refused an MQTT connection: mqtt.max_connections reached"
+            );
+        }
+        None
+    }
+
+    /// Tracks `task` as one of the server's connections, so that [`serve`]
+    /// waits for it at shutdown.
+    pub fn track_connection<F: std::future::Future>(&self, task: F) -> TrackedFuture<F> {
+        self.shared.tasks.track_future(task)
+    }
+
+    /// Cancelled when the server shuts down.
+    pub fn shutdown(&self) -> &CancellationToken {
+        &self.shared.shutdown
+    }
+}
+
+/// Serves MQTT on `listener` until the shutdown token of `server` is
+/// cancelled. Then it stops accepting, sends MQTT 5 clients DISCONNECT
+/// 0x8B, waits for in-flight appends to finish and returns. Connections
+/// over WebSocket end the same way and are waited for too.
+pub async fn serve(listener: TcpListener, server: MqttServer) {
+    let shared = server.shared.clone();
+    let shutdown = shared.shutdown.clone();
     let mut accept_warnings = WarnLimiter::default();
     let mut session_sweep = tokio::time::interval(SESSION_SWEEP_INTERVAL);
 
@@ -168,16 +238,7 @@ pub async fn serve(
         };
 
         // Refuse at accept, before any buffer is allocated for the client.
-        let Ok(slot) = connection_slots.clone().try_acquire_owned() else {
-            events::connection_refused("max_connections");
-            if let Some(suppressed) = rejection_warnings.allow(std::time::Instant::now()) {
-                tracing::warn!(
-                    %peer,
-                    max_connections = shared.context.config.max_connections,
-                    suppressed,
-                    "refused an MQTT connection: mqtt.max_connections reached"
-                );
-            }
+        let Some(slot) = server.reserve_connection(peer) else {
             drop(stream);
             continue;
         };

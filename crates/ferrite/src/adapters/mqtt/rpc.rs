@@ -137,7 +137,7 @@ impl PendingResponse {
 /// Error of sending an RPC request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum RpcSendError {
-    #[error("the device has no open MQTT connection")]
+    #[error("the device has no open MQTT connection or device WebSocket")]
     NotConnected,
     #[error(
         "the device has no MQTT session subscribed to v1/devices/me/rpc/request/+ (or devices/{{id}}/rpc/request/+)"
