@@ -561,3 +561,119 @@ async fn rpc_request_reaches_an_observer_and_returns() {
     let late = client.request(post(&response_path, Some(50), b"{}")).await;
     assert_eq!(code(&late), "4.04");
 }
+
+#[tokio::test]
+async fn slow_append_gets_a_separate_response() {
+    // With no wait, every Confirmable request gets an empty ACK first.
+    let server = Server::start_with_env(&[("FERRITE_COAP_PIGGYBACK_WAIT", "0s")]).await;
+    let device = server.create_device("coap-separate").await;
+    let mut client = Client::connect(server.coap_addr).await;
+    let mut packet = post(
+        &format!("/api/v1/{}/telemetry", device.token),
+        Some(50),
+        br#"{"separate": 1}"#,
+    );
+    packet.header.message_id = client.message_id();
+    client.send_raw(&packet.to_bytes().unwrap()).await;
+
+    let ack = client.receive(REPLY_WAIT).await.expect("an empty ACK");
+    assert_eq!(ack.header.get_type(), MessageType::Acknowledgement);
+    assert_eq!(ack.header.code, MessageClass::Empty);
+    assert_eq!(ack.header.message_id, packet.header.message_id);
+
+    let response = client
+        .receive(REPLY_WAIT)
+        .await
+        .expect("a separate response");
+    assert_eq!(response.header.get_type(), MessageType::Confirmable);
+    assert_eq!(code(&response), "2.04");
+    assert_eq!(response.get_token(), b"t1");
+    assert!(wait_for_latest(&server, &device, "separate", &json!(1)).await);
+
+    // Unacknowledged, it is sent again with the same message ID after
+    // ACK_TIMEOUT (2 to 3 s).
+    let again = client
+        .receive(Duration::from_secs(4))
+        .await
+        .expect("a retransmission");
+    assert_eq!(again.header.message_id, response.header.message_id);
+    client.acknowledge(&again).await;
+    assert!(
+        client.receive(Duration::from_secs(5)).await.is_none(),
+        "no retransmission after the ACK"
+    );
+    assert!(metric(&server, "ferrite_coap_retransmissions_total").await >= 1.0);
+}
+
+#[tokio::test]
+async fn idle_block1_upload_is_dropped() {
+    let server = Server::start_with_env(&[("FERRITE_COAP_BLOCK_TIMEOUT", "1s")]).await;
+    let device = server.create_device("coap-block-timeout").await;
+    let mut client = Client::connect(server.coap_addr).await;
+    let path = format!("/api/v1/{}/telemetry", device.token);
+
+    let mut first = post(&path, Some(50), &[b' '; 64]);
+    first.add_option(CoapOption::Block1, block_value(0, true, 2));
+    assert_eq!(code(&client.request(first).await), "2.31");
+
+    // The sweeper runs every 5 s.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let mut second = post(&path, Some(50), br#"{"late": 1}"#);
+    second.add_option(CoapOption::Block1, block_value(1, false, 2));
+    let reply = client.request(second).await;
+    assert_eq!(code(&reply), "4.08");
+    assert!(
+        metric(
+            &server,
+            "ferrite_coap_block_transfers_abandoned_total{reason=\"timed_out\"}"
+        )
+        .await
+            >= 1.0
+    );
+}
+
+#[tokio::test]
+async fn reset_of_a_notification_ends_the_observation() {
+    let server = Server::start().await;
+    let device = server.create_device("coap-reset").await;
+    let mut client = Client::connect(server.coap_addr).await;
+    let mut observe = request(
+        RequestType::Get,
+        &format!("/api/v1/{}/rpc", device.token),
+        b"rpc",
+    );
+    observe.add_option(CoapOption::Observe, vec![]);
+    assert_eq!(code(&client.request(observe).await), "2.05");
+
+    let url = format!("{}/api/v1/devices/{}/commands", server.http_url, device.id);
+    let token = server.admin_token().await;
+    let send_command = || {
+        let (url, token) = (url.clone(), token.clone());
+        tokio::spawn(async move {
+            reqwest::Client::new()
+                .post(url)
+                .bearer_auth(token)
+                .json(&json!({"method": "ping", "timeout_ms": 1000}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        })
+    };
+
+    let first = send_command();
+    let notification = client
+        .receive(REPLY_WAIT)
+        .await
+        .expect("an RPC notification");
+    let id = notification.header.message_id.to_be_bytes();
+    client.send_raw(&[0x70, 0, id[0], id[1]]).await;
+    assert_eq!(first.await.unwrap(), 504, "the device never responded");
+
+    let second = send_command().await.unwrap();
+    assert_eq!(
+        second, 409,
+        "the observer is gone, so the device is unreachable"
+    );
+}
