@@ -5,9 +5,9 @@
 //! Paths follow ThingsBoard's CoAP device API, so existing firmware works:
 //! - `POST /api/v1/{access_token}/telemetry`
 //! - `POST /api/v1/{access_token}/attributes`: client attributes. Ferrite
-//!   does not store them; they go to the device's own MQTT subscribers of
-//!   `v1/devices/me/attributes` and CoAP observers, as an MQTT publish on
-//!   that topic would.
+//!   does not store them. They go to the device's own MQTT subscribers of
+//!   `v1/devices/me/attributes` and CoAP observers, like an MQTT publish on
+//!   that topic.
 //! - `GET /api/v1/{access_token}/attributes`: the device's attributes set
 //!   through the REST API, `{"shared": {...}}`; with Observe, later
 //!   updates are notified.
@@ -276,8 +276,8 @@ fn request_body(
     }
 }
 
-/// The request without its token, payload and block options: what makes
-/// two blocks part of one upload (RFC 7959 section 2.4).
+/// Formats the request without its token, payload and block options,
+/// which identifies the upload a block belongs to (RFC 7959 section 2.4).
 fn transfer_request_key(request: &Request<'_>) -> String {
     let queries: Vec<String> = request
         .packet
@@ -321,8 +321,8 @@ fn telemetry_media_type(format: Option<u32>) -> Result<Option<&'static str>, Coa
     }
 }
 
-/// The payload as the pipeline decodes it: CBOR converted to JSON, other
-/// formats unchanged.
+/// Returns the payload as the pipeline decodes it: CBOR converted to JSON,
+/// other formats unchanged.
 fn telemetry_payload(format: Option<u32>, body: Vec<u8>) -> Result<Vec<u8>, CoapError> {
     if format == Some(u32::from(content_format::CBOR)) {
         cbor_to_json(&body)
@@ -483,8 +483,8 @@ fn observe_rpc(request: &Request<'_>, device: &DeviceIdentity) -> Result<Reply, 
     Ok(reply)
 }
 
-/// Registers or deregisters an observer as the Observe option asks;
-/// returns the Observe value of the response (`None`: not observing).
+/// Registers or deregisters an observer as the Observe option requests,
+/// and returns the Observe value of the response (`None`: not observing).
 fn observe(
     request: &Request<'_>,
     device: &DeviceIdentity,
