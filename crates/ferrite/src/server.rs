@@ -262,9 +262,11 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
         mqtt_router,
         shutdown.clone(),
     ));
+    // A DTLS listener shares `coap_context`, and with it the observers
+    // that the router delivers to.
     let coap_task = tokio::spawn(adapters::coap::serve(
         coap_socket,
-        coap_context,
+        coap_context.clone(),
         shutdown.clone(),
     ));
     drop(ingest);
