@@ -225,12 +225,19 @@ async fn authenticate(
     }
 }
 
+/// The request body after step 4.
+enum Body {
+    /// The whole body, and the Block1 value for the response when it came
+    /// in blocks.
+    Complete(Vec<u8>, Option<BlockValue>),
+    /// A block was taken and the body is not complete: send this 2.31
+    /// Continue.
+    Continue(Reply),
+}
+
 /// Step 4 of POST requests: the whole body, reassembled from Block1
-/// blocks when the client sends it in blocks. `Ok(Err(reply))` is a 2.31
-/// Continue to send before the body is complete.
-fn request_body(
-    request: &mut Request<'_>,
-) -> Result<Result<(Vec<u8>, Option<BlockValue>), Reply>, CoapError> {
+/// blocks when the client sends it in blocks.
+fn request_body(request: &mut Request<'_>) -> Result<Body, CoapError> {
     let payload = std::mem::take(&mut request.packet.payload);
     let limit = request.endpoint.context.config.max_payload_bytes;
     // Step 1 checked that the option is well formed.
@@ -244,7 +251,7 @@ fn request_body(
                 limit,
             });
         }
-        return Ok(Ok((payload, None)));
+        return Ok(Body::Complete(payload, None));
     };
 
     let size1 = message::uint_option(&request.packet, CoapOption::Size1)
@@ -263,16 +270,16 @@ fn request_body(
         BlockOutcome::Continue(echo) => {
             let mut reply = Reply::new(ResponseType::Continue);
             reply.block1 = Some(echo);
-            Ok(Err(reply))
+            Ok(Body::Continue(reply))
         }
-        BlockOutcome::Complete(body) => Ok(Ok((
+        BlockOutcome::Complete(body) => Ok(Body::Complete(
             body,
             Some(BlockValue {
                 num: block.num,
                 more: false,
                 szx: block.szx,
             }),
-        ))),
+        )),
     }
 }
 
@@ -363,8 +370,8 @@ async fn post_telemetry(
     // its first block.
     let declared = telemetry_media_type(format)?;
     let (body, block1) = match request_body(request)? {
-        Ok(body) => body,
-        Err(continue_reply) => return Ok(continue_reply),
+        Body::Complete(body, block1) => (body, block1),
+        Body::Continue(reply) => return Ok(reply),
     };
     let payload = telemetry_payload(format, body)?;
     let context = &request.endpoint.context;
@@ -418,8 +425,8 @@ async fn post_attributes(
 ) -> Result<Reply, CoapError> {
     let format = content_format(request)?;
     let (body, block1) = match request_body(request)? {
-        Ok(body) => body,
-        Err(continue_reply) => return Ok(continue_reply),
+        Body::Complete(body, block1) => (body, block1),
+        Body::Continue(reply) => return Ok(reply),
     };
     let body = match format.map(|format| u16::try_from(format).unwrap_or(u16::MAX)) {
         None | Some(content_format::TEXT_PLAIN | content_format::JSON) => body,
@@ -524,8 +531,8 @@ async fn post_rpc_response(
     request_id: u32,
 ) -> Result<Reply, CoapError> {
     let (body, block1) = match request_body(request)? {
-        Ok(body) => body,
-        Err(continue_reply) => return Ok(continue_reply),
+        Body::Complete(body, block1) => (body, block1),
+        Body::Continue(reply) => return Ok(reply),
     };
     let body = match content_format(request)? {
         Some(format) if format == u32::from(content_format::CBOR) => cbor_to_json(&body)?,
