@@ -24,6 +24,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use coap_lite::{CoapOption, ObserveOption, Packet, RequestType, ResponseType};
+use tracing::Instrument;
 
 use super::blockwise::{BlockOutcome, TransferKey};
 use super::endpoint::Endpoint;
@@ -146,17 +147,18 @@ async fn serve_request(
     let token = path_token.or_else(|| message::query_value(&request.packet, "token"));
     let device = authenticate(&request, token.as_deref()).await?;
     let span = tracing::debug_span!("coap_request", %peer, device_id = %device.device_id);
-    let _entered = span.enter();
-
-    match (route, method) {
-        (Route::Telemetry, _) => post_telemetry(&mut request, &device).await,
-        (Route::Attributes, RequestType::Post) => post_attributes(&mut request, &device).await,
-        (Route::Attributes, _) => get_attributes(&request, &device).await,
-        (Route::Rpc, _) => observe_rpc(&request, &device),
-        (Route::RpcResponse(request_id), _) => {
-            post_rpc_response(&mut request, &device, request_id).await
+    let dispatch = async {
+        match (route, method) {
+            (Route::Telemetry, _) => post_telemetry(&mut request, &device).await,
+            (Route::Attributes, RequestType::Post) => post_attributes(&mut request, &device).await,
+            (Route::Attributes, _) => get_attributes(&request, &device).await,
+            (Route::Rpc, _) => observe_rpc(&request, &device),
+            (Route::RpcResponse(request_id), _) => {
+                post_rpc_response(&mut request, &device, request_id).await
+            }
         }
-    }
+    };
+    dispatch.instrument(span).await
 }
 
 /// Step 1: options Ferrite must understand (RFC 7252 section 5.4.1).
