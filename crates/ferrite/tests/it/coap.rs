@@ -677,3 +677,25 @@ async fn reset_of_a_notification_ends_the_observation() {
         "the observer is gone, so the device is unreachable"
     );
 }
+
+#[tokio::test]
+async fn observers_per_device_are_limited() {
+    let server = Server::start_with_env(&[("FERRITE_COAP_MAX_OBSERVERS_PER_DEVICE", "2")]).await;
+    let device = server.create_device("coap-observer-limit").await;
+    let path = format!("/api/v1/{}/attributes", device.token);
+
+    let mut observing = Vec::new();
+    for index in 0..3 {
+        let mut client = Client::connect(server.coap_addr).await;
+        let mut observe = request(RequestType::Get, &path, b"lim");
+        observe.add_option(CoapOption::Observe, vec![]);
+        let reply = client.request(observe).await;
+        assert_eq!(code(&reply), "2.05", "client {index}");
+        observing.push(reply.get_first_option(CoapOption::Observe).is_some());
+    }
+    assert_eq!(
+        observing,
+        [true, true, false],
+        "the third registration is served without Observe"
+    );
+}

@@ -15,7 +15,7 @@
 //! attribute notifications are Confirmable every [`CONFIRMABLE_EVERY`]
 //! notifications and when the last Confirmable one is older than
 //! [`CONFIRMABLE_INTERVAL`], so that a dead observer is found (RFC 7641
-//! section 4.5 asks for one at least every 24 hours).
+//! section 4.5 requires one at least every 24 hours).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -33,7 +33,7 @@ use crate::ids::DeviceId;
 /// Attribute notifications sent as Non-confirmable between two
 /// Confirmable ones.
 pub const CONFIRMABLE_EVERY: u32 = 10;
-/// Longest time between two Confirmable notifications of one observer.
+/// Maximum time between two Confirmable notifications of one observer.
 pub const CONFIRMABLE_INTERVAL: Duration = Duration::from_secs(24 * 3600);
 /// Observe sequence numbers are 24-bit (RFC 7641 section 3.4).
 const SEQUENCE_MASK: u32 = 0x00ff_ffff;
@@ -99,6 +99,8 @@ impl Observers {
         let list = lists.entry((device_id, resource)).or_default();
         let weak = Arc::downgrade(endpoint);
         list.retain(|observer| observer.endpoint.strong_count() > 0);
+
+        // A new registration from the same client replaces the old one.
         if let Some(existing) = list
             .iter_mut()
             .find(|observer| observer.peer == peer && Weak::ptr_eq(&observer.endpoint, &weak))
@@ -108,10 +110,12 @@ impl Observers {
             events::observer("registered");
             return Some(existing.sequence);
         }
+
         if list.len() >= self.max_per_device {
             events::observer("limit");
             return None;
         }
+
         // Sequence numbers start above the Observe values 0 and 1 of
         // requests, which makes responses easy to tell apart in traces.
         let sequence = 2;
