@@ -256,7 +256,14 @@ async fn failures_get_codes_and_diagnostics() {
     unknown_option.add_option(CoapOption::Unknown(2049), vec![1]);
     let mut unknown_method = post(&path, Some(50), b"{}");
     unknown_method.header.code = MessageClass::Reserved(0x08);
+    let mut not_acceptable = request(
+        RequestType::Get,
+        &format!("/api/v1/{}/attributes", device.token),
+        b"a",
+    );
+    not_acceptable.add_option(CoapOption::Accept, vec![60]);
     let cases: Vec<(&str, Packet, &str)> = vec![
+        ("not acceptable", not_acceptable, "4.06"),
         (
             "bad token",
             post("/api/v1/not-a-token/telemetry", Some(50), b"{}"),
@@ -356,6 +363,13 @@ async fn malformed_datagrams_do_not_stop_the_listener() {
     let reply = client.receive(REPLY_WAIT).await.expect("a Reset");
     assert_eq!(reply.header.get_type(), MessageType::Reset);
     assert_eq!(reply.header.message_id, 0x3001);
+
+    // A message of another CoAP version is dropped silently.
+    client.send_raw(&[0x80, 0x02, 0x30, 0x03]).await;
+    assert!(
+        client.receive(Duration::from_millis(300)).await.is_none(),
+        "version 2"
+    );
 
     // An empty Confirmable message is a ping, and the reply is a Reset.
     client.send_raw(&[0x40, 0x00, 0x30, 0x02]).await;

@@ -455,12 +455,25 @@ async fn post_attributes(
     Ok(reply)
 }
 
+/// Checks the Accept option of a GET: responses are JSON only.
+fn check_accept(request: &Request<'_>) -> Result<(), CoapError> {
+    let accept = message::uint_option(&request.packet, CoapOption::Accept)
+        .map_err(|()| CoapError::BadRequest("the Accept option is longer than 4 bytes".into()))?;
+    match accept {
+        Some(format) if format != u32::from(content_format::JSON) => {
+            Err(CoapError::NotAcceptable(format))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Shared attributes, with Observe registration or deregistration.
 async fn get_attributes(
     request: &Request<'_>,
     device: &DeviceIdentity,
 ) -> Result<Reply, CoapError> {
     use crate::metadata::MetadataStore;
+    check_accept(request)?;
     let stored = request
         .endpoint
         .context
@@ -480,6 +493,7 @@ async fn get_attributes(
 
 /// RPC requests reach the device only as Observe notifications.
 fn observe_rpc(request: &Request<'_>, device: &DeviceIdentity) -> Result<Reply, CoapError> {
+    check_accept(request)?;
     let observe_option = request.packet.get_observe_value();
     if observe_option.is_none() {
         return Err(CoapError::BadRequest(
