@@ -98,6 +98,7 @@ pub type AfterStart = Box<dyn FnOnce(Arc<AppState>, ServerAddrs) + Send>;
 pub struct ServerAddrs {
     pub http: SocketAddr,
     pub mqtt: SocketAddr,
+    pub coap: SocketAddr,
 }
 
 async fn bind(addr: SocketAddr, what: &str, setting: &str) -> anyhow::Result<TcpListener> {
@@ -119,9 +120,18 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
         "--mqtt-listen, FERRITE_MQTT_LISTEN or mqtt.listen",
     )
     .await?;
+    let coap_socket = tokio::net::UdpSocket::bind(config.coap.listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen for CoAP on UDP {}; choose another address with --coap-listen, FERRITE_COAP_LISTEN or coap.listen",
+                config.coap.listen
+            )
+        })?;
     let addrs = ServerAddrs {
         http: http_listener.local_addr()?,
         mqtt: mqtt_listener.local_addr()?,
+        coap: coap_socket.local_addr()?,
     };
 
     std::fs::create_dir_all(&config.data_dir).with_context(|| {
@@ -254,12 +264,27 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
         state.clone(),
         shutdown.clone(),
     ));
+    let coap_context = adapters::coap::CoapContext::new(
+        &config,
+        auth.clone(),
+        ingest.clone(),
+        state.directory.clone(),
+        mqtt_router.clone(),
+    );
     let mqtt_task = tokio::spawn(adapters::mqtt::serve(mqtt_listener, mqtt_server));
+    // A DTLS listener shares `coap_context`, and with it the observers
+    // that the router delivers to.
+    let coap_task = tokio::spawn(adapters::coap::serve(
+        coap_socket,
+        coap_context.clone(),
+        shutdown.clone(),
+    ));
     drop(ingest);
 
     state.ready.store(true, Ordering::Release);
     tracing::info!(addr = %addrs.http, "HTTP listening (REST API, HTTP telemetry, line protocol, WebSocket)");
     tracing::info!(addr = %addrs.mqtt, "MQTT listening");
+    tracing::info!(addr = %addrs.coap, "CoAP listening (UDP)");
     tracing::info!(data_dir = %config.data_dir.display(), "Ferrite is ready");
     if let Some(after_start) = after_start {
         after_start(state.clone(), addrs);
@@ -274,6 +299,7 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
     state.live.close();
     let _ = http_task.await;
     let _ = mqtt_task.await;
+    let _ = coap_task.await;
     log_control.shutdown().await;
     tokio::task::spawn_blocking(move || pipeline.finish()).await?;
     // The workers are gone, so the alarm manager's queue has closed.

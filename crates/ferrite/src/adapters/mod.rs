@@ -3,6 +3,7 @@
 //! acknowledges only after the append is durable. Adapters call `auth`, `decode` and
 //! `ingest`, nothing else.
 
+pub mod coap;
 pub mod http;
 pub mod mqtt;
 pub mod websocket;

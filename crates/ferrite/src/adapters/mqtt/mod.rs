@@ -77,7 +77,7 @@ use tokio_util::task::task_tracker::TrackedFuture;
 use tracing::Instrument;
 
 pub use connection::PACKET_HEADROOM;
-pub use router::Router;
+pub use router::{ExternalReceivers, Router};
 pub use rpc::RpcSendError;
 pub use websocket::serve_websocket;
 pub use websocket_device::{DeviceCommand, DeviceReceiver};
