@@ -22,6 +22,7 @@ pub struct Config {
     pub http: HttpConfig,
     pub mqtt: MqttConfig,
     pub coap: CoapConfig,
+    pub lorawan: LorawanConfig,
     pub ingest: IngestConfig,
     pub storage: StorageConfig,
     pub auth: AuthConfig,
@@ -137,6 +138,23 @@ pub struct CoapConfig {
     /// Observers per device and resource; more registrations are served
     /// without Observe.
     pub max_observers_per_device: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LorawanConfig {
+    /// UDP address for the Semtech packet forwarder protocol.
+    pub listen: SocketAddr,
+    /// Time to collect copies of one uplink from several gateways before
+    /// it is handled once.
+    #[serde(with = "humantime_serde")]
+    pub deduplication_window: Duration,
+    /// Frames a device may lose in a row before its frame counter is no
+    /// longer recognized (MAX_FCNT_GAP).
+    pub max_f_cnt_gap: u32,
+    /// NetID given to devices in join accepts, 6 hex digits; its 7 low
+    /// bits become the top bits of every assigned DevAddr.
+    pub net_id: String,
 }
 
 /// When an acknowledgement is sent relative to the disk.
@@ -537,6 +555,7 @@ impl Default for Config {
             http: HttpConfig::default(),
             mqtt: MqttConfig::default(),
             coap: CoapConfig::default(),
+            lorawan: LorawanConfig::default(),
             ingest: IngestConfig::default(),
             storage: StorageConfig::default(),
             auth: AuthConfig::default(),
@@ -556,6 +575,30 @@ impl Default for HttpConfig {
             request_timeout: Duration::from_secs(30),
             header_read_timeout: Duration::from_secs(10),
         }
+    }
+}
+
+impl Default for LorawanConfig {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:1700".parse().expect("valid literal address"),
+            deduplication_window: Duration::from_millis(200),
+            max_f_cnt_gap: ferrite_lorawan::fcnt::MAX_FCNT_GAP,
+            net_id: "000000".to_owned(),
+        }
+    }
+}
+
+impl LorawanConfig {
+    /// Returns `net_id` as a 24-bit number.
+    pub fn net_id_value(&self) -> anyhow::Result<u32> {
+        let valid = self.net_id.len() == 6 && self.net_id.chars().all(|c| c.is_ascii_hexdigit());
+        anyhow::ensure!(
+            valid,
+            "lorawan.net_id {:?} is invalid: write 6 hex digits, such as \"000000\"",
+            self.net_id
+        );
+        Ok(u32::from_str_radix(&self.net_id, 16)?)
     }
 }
 
@@ -699,10 +742,11 @@ impl Default for ActionsMqttConfig {
 /// as the variable prefix and the path of tables. A nested section comes
 /// before its parent, so that `FERRITE_ACTIONS_MQTT_URL` sets
 /// `actions.mqtt.url` rather than `actions.mqtt_url`.
-const SECTIONS: [(&str, &[&str]); 12] = [
+const SECTIONS: [(&str, &[&str]); 13] = [
     ("http", &["http"]),
     ("mqtt", &["mqtt"]),
     ("coap", &["coap"]),
+    ("lorawan", &["lorawan"]),
     ("ingest_nats", &["ingest", "nats"]),
     ("ingest", &["ingest"]),
     ("storage", &["storage"]),
@@ -796,6 +840,15 @@ impl Config {
     /// Rejects values that parse but cannot work.
     pub fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(self.ingest.workers > 0, "ingest.workers must be at least 1");
+        self.lorawan.net_id_value()?;
+        anyhow::ensure!(
+            (1..=65_535).contains(&self.lorawan.max_f_cnt_gap),
+            "lorawan.max_f_cnt_gap must be from 1 to 65535"
+        );
+        anyhow::ensure!(
+            self.lorawan.deduplication_window <= Duration::from_millis(600),
+            "lorawan.deduplication_window must be at most 600ms, so that downlinks still reach RX1 one second after the uplink"
+        );
         anyhow::ensure!(
             self.processing.dead_letters_per_device >= 1,
             "processing.dead_letters_per_device must be at least 1"
@@ -976,6 +1029,17 @@ max_block_transfers_per_peer = 4
 max_block_bytes = 67108864
 # Observers per device and resource; more are served without Observe.
 max_observers_per_device = 4
+
+[lorawan]
+# Semtech UDP packet forwarder protocol from LoRaWAN gateways.
+# Environment: FERRITE_LORAWAN_LISTEN; flag: --lorawan-listen.
+listen = "0.0.0.0:1700"
+# Time to collect one uplink heard by several gateways (at most 600ms).
+deduplication_window = "200ms"
+# Frames a device may lose in a row before its counter is rejected.
+max_f_cnt_gap = 16384
+# NetID in join accepts (6 hex digits); its 7 low bits start each DevAddr.
+net_id = "000000"
 
 [ingest]
 # Where accepted messages wait for the pipeline: "embedded" (segment files

@@ -97,6 +97,9 @@ struct ServeArgs {
     /// Address of the CoAP listener (UDP) [default: 0.0.0.0:5683].
     #[arg(long, env = "FERRITE_COAP_LISTEN", value_parser = parse_listen)]
     coap_listen: Option<SocketAddr>,
+    /// UDP address of the LoRaWAN listener (Semtech packet forwarder protocol) [default: 0.0.0.0:1700].
+    #[arg(long, env = "FERRITE_LORAWAN_LISTEN", value_parser = parse_listen)]
+    lorawan_listen: Option<SocketAddr>,
     /// Also start a simulated fleet of devices that publish over MQTT and HTTP.
     #[arg(long)]
     demo: bool,
@@ -244,6 +247,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             if let Some(listen) = args.coap_listen {
                 config.coap.listen = listen;
+            }
+            if let Some(listen) = args.lorawan_listen {
+                config.lorawan.listen = listen;
             }
             config.validate()?;
             init_logging(&config);

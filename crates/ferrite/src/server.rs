@@ -62,7 +62,6 @@ pub struct AppState {
     /// Runs the actions of alarm rules and records their deliveries.
     pub actions: Actions,
     /// Seals and opens secrets stored in the metadata database.
-    #[allow(dead_code)] // TODO: remove when the LoRaWAN and DTLS adapters use it.
     pub master_key: Arc<crate::encryption::MasterKey>,
 }
 
@@ -99,6 +98,7 @@ pub struct ServerAddrs {
     pub http: SocketAddr,
     pub mqtt: SocketAddr,
     pub coap: SocketAddr,
+    pub lorawan: SocketAddr,
 }
 
 async fn bind(addr: SocketAddr, what: &str, setting: &str) -> anyhow::Result<TcpListener> {
@@ -128,10 +128,12 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
                 config.coap.listen
             )
         })?;
+    let lorawan_socket = adapters::lorawan::bind(config.lorawan.listen).await?;
     let addrs = ServerAddrs {
         http: http_listener.local_addr()?,
         mqtt: mqtt_listener.local_addr()?,
         coap: coap_socket.local_addr()?,
+        lorawan: lorawan_socket.local_addr()?,
     };
 
     std::fs::create_dir_all(&config.data_dir).with_context(|| {
@@ -255,7 +257,7 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
                 .min(tokio::sync::Semaphore::MAX_PERMITS),
         )),
         actions: actions.clone(),
-        master_key,
+        master_key: master_key.clone(),
     });
 
     let last_seen_task = tokio::spawn(sync_device_status(state.clone(), shutdown.clone()));
@@ -279,12 +281,25 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
         coap_context.clone(),
         shutdown.clone(),
     ));
+    let lorawan_context = Arc::new(adapters::lorawan::LorawanContext {
+        config: config.lorawan.clone(),
+        metadata: metadata.clone(),
+        master_key,
+        ingest: ingest.clone(),
+        seen: seen.clone(),
+    });
+    let lorawan_task = tokio::spawn(adapters::lorawan::serve(
+        lorawan_socket,
+        lorawan_context,
+        shutdown.clone(),
+    ));
     drop(ingest);
 
     state.ready.store(true, Ordering::Release);
     tracing::info!(addr = %addrs.http, "HTTP listening (REST API, HTTP telemetry, line protocol, WebSocket)");
     tracing::info!(addr = %addrs.mqtt, "MQTT listening");
     tracing::info!(addr = %addrs.coap, "CoAP listening (UDP)");
+    tracing::info!(addr = %addrs.lorawan, "LoRaWAN listening (Semtech UDP)");
     tracing::info!(data_dir = %config.data_dir.display(), "Ferrite is ready");
     if let Some(after_start) = after_start {
         after_start(state.clone(), addrs);
@@ -300,6 +315,7 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
     let _ = http_task.await;
     let _ = mqtt_task.await;
     let _ = coap_task.await;
+    let _ = lorawan_task.await;
     log_control.shutdown().await;
     tokio::task::spawn_blocking(move || pipeline.finish()).await?;
     // The workers are gone, so the alarm manager's queue has closed.

@@ -5,5 +5,6 @@
 
 pub mod coap;
 pub mod http;
+pub mod lorawan;
 pub mod mqtt;
 pub mod websocket;

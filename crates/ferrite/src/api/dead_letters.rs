@@ -186,6 +186,7 @@ pub async fn replay(
             protocol: match letter.protocol.as_str() {
                 "mqtt" => Protocol::Mqtt,
                 "coap" => Protocol::Coap,
+                "lorawan" => Protocol::Lorawan,
                 _ => Protocol::Http,
             },
             received_at_ns: letter.received_at_ns,

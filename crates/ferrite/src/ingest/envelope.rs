@@ -25,6 +25,7 @@ pub enum Protocol {
     Mqtt,
     Http,
     Coap,
+    Lorawan,
 }
 
 impl Protocol {
@@ -33,6 +34,7 @@ impl Protocol {
             Protocol::Mqtt => "mqtt",
             Protocol::Http => "http",
             Protocol::Coap => "coap",
+            Protocol::Lorawan => "lorawan",
         }
     }
 }
@@ -145,6 +147,7 @@ impl Envelope {
             Protocol::Mqtt => 0,
             Protocol::Http => 1,
             Protocol::Coap => 2,
+            Protocol::Lorawan => 3,
         });
         out.extend_from_slice(&self.received_at_ns.to_le_bytes());
         let (content_type, precision) = match self.content_type {
@@ -179,6 +182,7 @@ impl Envelope {
             0 => Protocol::Mqtt,
             1 => Protocol::Http,
             2 => Protocol::Coap,
+            3 => Protocol::Lorawan,
             _ => return None,
         };
         let received_at_ns = i64::from_le_bytes(body[34..42].try_into().ok()?);

@@ -9,6 +9,7 @@ mod export;
 mod fleet;
 mod http;
 mod live;
+mod lorawan;
 mod mqtt;
 mod mqtt_conformance;
 mod nats;

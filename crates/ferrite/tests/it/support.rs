@@ -19,6 +19,8 @@ pub struct Server {
     /// The CoAP listener (UDP).
     pub coap_addr: SocketAddr,
     pub http_addr: SocketAddr,
+    /// UDP address of the LoRaWAN listener (Semtech packet forwarder).
+    pub lorawan_addr: SocketAddr,
     pub http_url: String,
     pub data_dir: PathBuf,
     child: Option<Child>,
@@ -113,6 +115,7 @@ impl Server {
             mqtt_addr: "127.0.0.1:0".parse().unwrap(),
             coap_addr: "127.0.0.1:0".parse().unwrap(),
             http_addr: "127.0.0.1:0".parse().unwrap(),
+            lorawan_addr: "127.0.0.1:0".parse().unwrap(),
             http_url: String::new(),
             data_dir: data_dir.to_owned(),
             child: None,
@@ -129,6 +132,7 @@ impl Server {
             let mqtt: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
             let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
             let coap: SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse().unwrap();
+            let lorawan: SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse().unwrap();
             let mut command = Command::new(BINARY);
             command
                 .arg("serve")
@@ -140,6 +144,8 @@ impl Server {
                 .arg(mqtt.to_string())
                 .arg("--coap-listen")
                 .arg(coap.to_string())
+                .arg("--lorawan-listen")
+                .arg(lorawan.to_string())
                 .env("RUST_LOG", "warn")
                 .stdout(Stdio::null())
                 .stderr(Stdio::inherit());
@@ -150,6 +156,7 @@ impl Server {
             self.mqtt_addr = mqtt;
             self.coap_addr = coap;
             self.http_addr = http;
+            self.lorawan_addr = lorawan;
             self.http_url = format!("http://{http}");
             let deadline = Instant::now() + Duration::from_secs(20);
             while Instant::now() < deadline {
