@@ -238,6 +238,7 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
         max_past: config.ingest.max_past,
         storage: config.storage.clone(),
         directory: state.directory.clone(),
+        live: live.clone(),
     });
     let mqtt_task = tokio::spawn(adapters::mqtt::serve(
         mqtt_listener,

@@ -9,6 +9,7 @@ mod fleet;
 mod http;
 mod live;
 mod mqtt;
+mod mqtt_broker;
 mod nats;
 mod processing;
 mod support;

@@ -48,6 +48,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio_util::sync::CancellationToken;
 
+use super::application::Client;
 use super::codec::{self, Frame, FrameError};
 use super::events::{self, WarnLimiter};
 use super::handshake::{self, Connected, Will};
@@ -56,7 +57,6 @@ use super::session::{
     Attach, AttachRequest, Attached, ClientId, DeliveryState, Outgoing, TAKEOVER_WAIT,
 };
 use super::{Shared, events::connection_refused};
-use crate::auth::DeviceIdentity;
 use crate::ingest::IngestError;
 
 /// Bytes a PUBLISH may have beyond `mqtt.max_payload_bytes` for its fixed
@@ -183,7 +183,7 @@ impl Drop for OpenConnection {
 pub struct Connection {
     pub shared: Arc<Shared>,
     pub version: ProtocolVersion,
-    pub identity: DeviceIdentity,
+    pub client: Client,
     pub client_id: ClientId,
     /// Generation of the session attach; see `session.rs`.
     pub generation: u64,
@@ -284,10 +284,9 @@ pub async fn run<S: Transport>(mut stream: S, shared: Arc<Shared>, _slot: OwnedS
 
     let span = tracing::Span::current();
     span.record("client_id", connected.client_id.as_str());
-    span.record(
-        "device_id",
-        tracing::field::display(connected.identity.device_id),
-    );
+    if let Some(identity) = connected.client.device() {
+        span.record("device_id", tracing::field::display(identity.device_id));
+    }
 
     let attached = attach_session(&shared, &connected).await;
     tracing::debug!(
@@ -353,7 +352,7 @@ async fn write_last<S: Transport>(stream: &mut S, bytes: &[u8]) {
 async fn attach_session(shared: &Shared, connected: &Connected) -> Attached {
     let mut request = AttachRequest {
         client_id: connected.client_id.clone(),
-        device_id: connected.identity.device_id,
+        owner: connected.client.owner(),
         clean_start: connected.clean_start,
         expiry: connected.session_expiry,
         force: false,
@@ -405,7 +404,7 @@ impl Connection {
 
         let mut connection = Self {
             version: connected.version,
-            identity: connected.identity,
+            client: connected.client,
             client_id: connected.client_id,
             generation: attached.generation,
             request_problem_information: connected.request_problem_information,
@@ -621,7 +620,7 @@ impl Connection {
     async fn hand_back_session(mut self, will: Option<Will>) {
         let delayed_will = match will {
             Some(will) if will.delay.is_zero() || self.session_expiry.is_zero() => {
-                inbound::publish_will(&self.shared, &self.identity, &self.client_id, will).await;
+                inbound::publish_will(&self.shared, &self.client, &self.client_id, will).await;
                 None
             }
             other => other,
@@ -655,14 +654,14 @@ impl Connection {
                 let cancel = will_cancel.unwrap_or_default();
                 spawn_delayed_will(
                     self.shared.clone(),
-                    self.identity.clone(),
+                    self.client.clone(),
                     self.client_id.clone(),
                     will,
                     delay,
                     cancel,
                 );
             } else {
-                inbound::publish_will(&self.shared, &self.identity, &self.client_id, will).await;
+                inbound::publish_will(&self.shared, &self.client, &self.client_id, will).await;
             }
         }
     }
@@ -672,7 +671,7 @@ impl Connection {
 /// the server stops.
 fn spawn_delayed_will(
     shared: Arc<Shared>,
-    identity: DeviceIdentity,
+    client: Client,
     client_id: ClientId,
     will: Will,
     delay: Duration,
@@ -684,7 +683,7 @@ fn spawn_delayed_will(
     let task = async move {
         tokio::select! {
             () = tokio::time::sleep(delay) => {
-                inbound::publish_will(&task_shared, &identity, &client_id, will).await;
+                inbound::publish_will(&task_shared, &client, &client_id, will).await;
             }
             () = cancel.cancelled() => tracing::debug!("will message cancelled: the session was resumed"),
             () = task_shared.shutdown.cancelled() => {}

@@ -38,6 +38,7 @@ use mqtt5_protocol::packet::pubrec::PubRecPacket;
 use mqtt5_protocol::{ProtocolVersion, QoS, ReasonCode};
 
 use super::Shared;
+use super::application::{self, AppPublishTarget, Client, classify_app_publish};
 use super::codec;
 use super::connection::{CloseCause, Connection};
 use super::events;
@@ -132,7 +133,11 @@ impl Connection {
             return Ok(());
         }
 
-        match classify_publish(&publish.topic_name, self.identity.device_id) {
+        let device_id = match &self.client {
+            Client::Device(identity) => identity.device_id,
+            Client::Application(_) => return self.on_application_publish(&publish, packet_id),
+        };
+        match classify_publish(&publish.topic_name, device_id) {
             PublishTarget::Telemetry => {
                 self.stage_telemetry(publish, packet_id);
                 Ok(())
@@ -182,6 +187,11 @@ impl Connection {
     /// Step 3, telemetry: the payload must decode as the pipeline will
     /// decode it; then it joins the group's append.
     fn stage_telemetry(&mut self, publish: PublishPacket, packet_id: u16) {
+        let Client::Device(identity) = &self.client else {
+            return;
+        };
+        let (tenant_id, device_id, connect_profile) =
+            (identity.tenant_id, identity.device_id, identity.profile_id);
         let context = &self.shared.context;
         let received_at_ns = now_ns();
         let declared = publish.properties.get_content_type();
@@ -189,8 +199,8 @@ impl Connection {
         // it); the identity holds the one at CONNECT.
         let profile = context
             .directory
-            .cached_profile_of(self.identity.device_id)
-            .unwrap_or(self.identity.profile_id);
+            .cached_profile_of(device_id)
+            .unwrap_or(connect_profile);
         let content_type =
             match context
                 .directory
@@ -216,7 +226,7 @@ impl Connection {
                 content_type,
                 &publish.payload,
                 received_at_ns,
-                context.time_window(&self.identity.tenant_id.to_string()),
+                context.time_window(&tenant_id.to_string()),
             )
         };
         if let Err(error) = checked {
@@ -241,8 +251,8 @@ impl Connection {
         }
 
         self.group.envelopes.push(Envelope {
-            tenant_id: self.identity.tenant_id,
-            device_id: self.identity.device_id,
+            tenant_id,
+            device_id,
             protocol: Protocol::Mqtt,
             received_at_ns,
             content_type,
@@ -270,11 +280,15 @@ impl Connection {
     /// MQTT 5 gets a success code: 0x00, or 0x10 (no matching subscribers)
     /// when no session took it.
     fn route_own_topic(&mut self, publish: &PublishPacket, suffix: &str, packet_id: u16) {
+        let Some(identity) = self.client.device() else {
+            return;
+        };
         let delivered = self.shared.router.route(
-            self.identity.device_id,
+            identity.device_id,
             suffix,
             &publish.payload,
             publish.qos,
+            application::forwarded_properties(publish).as_ref(),
             Some(&self.client_id),
         );
         events::messages_routed(1);
@@ -321,7 +335,7 @@ impl Connection {
     /// Queues an acknowledgement decided on receipt. A QoS 2 PUBLISH
     /// acknowledged as accepted keeps its packet id until PUBREL, like a
     /// stored one.
-    fn decide(
+    pub(super) fn decide(
         &mut self,
         packet_id: u16,
         qos: QoS,
@@ -385,14 +399,17 @@ impl Connection {
         match &failure {
             None => {
                 events::messages_stored(done.stored);
-                for route in &done.routes {
-                    self.shared.router.route(
-                        self.identity.device_id,
-                        topics::TELEMETRY_SUFFIX,
-                        &route.payload,
-                        route.qos,
-                        Some(&self.client_id),
-                    );
+                if let Some(identity) = self.client.device() {
+                    for route in &done.routes {
+                        self.shared.router.route(
+                            identity.device_id,
+                            topics::TELEMETRY_SUFFIX,
+                            &route.payload,
+                            route.qos,
+                            None,
+                            Some(&self.client_id),
+                        );
+                    }
                 }
             }
             Some(error) => self.report_append_failure(error, done.stored),
@@ -544,16 +561,29 @@ impl Connection {
     }
 }
 
-/// Publishes a will message like a PUBLISH of its device: telemetry is
-/// checked and appended, other topics of the device are routed. The topic
-/// was authorized at CONNECT.
-pub async fn publish_will(
-    shared: &Shared,
-    identity: &DeviceIdentity,
-    client_id: &ClientId,
-    will: Will,
-) {
+/// Publishes a will message like a PUBLISH of its client: a device's
+/// telemetry is checked and appended, other topics of the device are
+/// routed, and an application's will goes to the tenant's applications.
+/// The topic was authorized at CONNECT.
+pub async fn publish_will(shared: &Shared, client: &Client, client_id: &ClientId, will: Will) {
     events::message_received();
+    let identity = match client {
+        Client::Device(identity) => identity,
+        Client::Application(principal) => {
+            if classify_app_publish(&will.topic) == AppPublishTarget::Shared {
+                shared.router.route_to_applications(
+                    principal.tenant_id,
+                    &will.topic,
+                    &will.payload,
+                    will.qos,
+                    None,
+                    Some(client_id),
+                );
+                events::messages_routed(1);
+            }
+            return;
+        }
+    };
     match classify_publish(&will.topic, identity.device_id) {
         PublishTarget::Forbidden => {}
         PublishTarget::OwnTopic { suffix } => {
@@ -562,6 +592,7 @@ pub async fn publish_will(
                 suffix,
                 &will.payload,
                 will.qos,
+                None,
                 Some(client_id),
             );
             events::messages_routed(1);
@@ -601,6 +632,7 @@ async fn append_will(shared: &Shared, identity: &DeviceIdentity, client_id: &Cli
                 topics::TELEMETRY_SUFFIX,
                 &will.payload,
                 will.qos,
+                None,
                 Some(client_id),
             );
             tracing::debug!(topic = %will.topic, "stored the will message");

@@ -1,10 +1,16 @@
 //! The MQTT server: devices connect over TCP with MQTT 3.1.1 or 5, publish
 //! telemetry that is stored in the ingest log, and subscribe to topics of
-//! their own namespace.
+//! their own namespace. Applications of a tenant connect to follow its
+//! devices' telemetry and alarms and to send commands.
 //!
 //! ## What it implements
 //! - Authentication with the device access token as user name; the
 //!   password is ignored, as in ThingsBoard, so existing firmware works.
+//! - Application clients (`application.rs`): an API key, or a user's email
+//!   and password, scoped to one tenant, with their own topic tree
+//!   (telemetry and alarms from the live bus, commands to devices with
+//!   MQTT 5 request/response, free `apps/` topics). Viewers may only
+//!   subscribe.
 //! - Per-device authorization of topics (`topics.rs`): a device publishes
 //!   and subscribes only under `v1/devices/me/` or `devices/{its id}/`.
 //! - The durability contract: PUBACK and PUBREC are sent only after the
@@ -24,6 +30,9 @@
 //!   (`rpc.rs`, [`Router::call_device`]).
 //! - Keep-alive ([MQTT-3.1.2-24]), will messages with MQTT 5 delay, limits
 //!   on connections, connect time and packet size (`connection.rs`).
+//! - MQTT 5 Payload Format Indicator, Response Topic, Correlation Data, User
+//!   Properties and Content Type forwarded unchanged to subscribers, and
+//!   Response Information for applications that request it.
 //!
 //! ## What it leaves out
 //! - NOTE: outgoing QoS 2 is not supported: subscriptions are granted at
@@ -46,6 +55,7 @@
 //! `serve` returns when every connection task and every will message
 //! waiting for its delay has ended; delayed wills are not sent at shutdown.
 
+mod application;
 mod codec;
 mod connection;
 mod events;
@@ -95,6 +105,8 @@ pub struct MqttContext {
     pub storage: crate::config::StorageConfig,
     /// Device profiles, which choose the payload codec.
     pub directory: Arc<crate::profiles::Directory>,
+    /// Processed telemetry and alarm changes, forwarded to applications.
+    pub live: crate::live::LiveBus,
 }
 
 impl MqttContext {
@@ -142,6 +154,9 @@ pub async fn serve(
     let mut rejection_warnings = WarnLimiter::default();
     let mut accept_warnings = WarnLimiter::default();
     let mut session_sweep = tokio::time::interval(SESSION_SWEEP_INTERVAL);
+    shared
+        .tasks
+        .spawn(application::run_live_bridge(shared.clone()));
 
     loop {
         let accepted = tokio::select! {

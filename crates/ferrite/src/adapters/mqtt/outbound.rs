@@ -16,10 +16,11 @@ use mqtt5_protocol::packet::unsuback::{UnsubAckPacket, UnsubAckReasonCode};
 use mqtt5_protocol::packet::unsubscribe::UnsubscribePacket;
 use mqtt5_protocol::{ProtocolVersion, QoS, ReasonCode};
 
+use super::application::{Client, authorize_app_filter};
 use super::codec;
 use super::connection::{CloseCause, Connection};
 use super::events;
-use super::session::{Outgoing, Subscription};
+use super::session::{MessageProperties, Outgoing, Subscription};
 use super::topics::{FilterRejection, authorize_filter};
 
 impl Connection {
@@ -38,7 +39,11 @@ impl Connection {
         let mut codes = Vec::with_capacity(subscribe.filters.len());
         let mut accepted = Vec::new();
         for requested in subscribe.filters {
-            match authorize_filter(&requested.filter, self.identity.device_id) {
+            let authorized = match &self.client {
+                Client::Device(identity) => authorize_filter(&requested.filter, identity.device_id),
+                Client::Application(_) => authorize_app_filter(&requested.filter),
+            };
+            match authorized {
                 Ok(authorized) => {
                     let qos = if requested.options.qos == QoS::AtMostOnce {
                         QoS::AtMostOnce
@@ -88,7 +93,7 @@ impl Connection {
                 filter,
                 rejection = ?rejection,
                 suppressed,
-                "rejected an MQTT subscription outside the device's namespace or with an invalid filter"
+                "rejected an MQTT subscription with an unauthorized or invalid filter"
             );
         }
     }
@@ -171,7 +176,12 @@ impl Connection {
                 PublishPacket::new_v311(message.topic.clone(), message.payload.clone(), message.qos)
             }
             ProtocolVersion::V5 => {
-                PublishPacket::new(message.topic.clone(), message.payload.clone(), message.qos)
+                let publish =
+                    PublishPacket::new(message.topic.clone(), message.payload.clone(), message.qos);
+                match &message.properties {
+                    Some(properties) => with_properties(publish, properties),
+                    None => publish,
+                }
             }
         };
         if let Some(packet_id) = packet_id {
@@ -200,4 +210,25 @@ impl Connection {
             }
         }
     }
+}
+
+/// Adds the forwarded MQTT 5 properties to an outgoing PUBLISH, unchanged
+/// ([MQTT-3.3.2-15], [MQTT-3.3.2-16], [MQTT-3.3.2-17], [MQTT-3.3.2-20]).
+fn with_properties(mut publish: PublishPacket, properties: &MessageProperties) -> PublishPacket {
+    if properties.payload_is_utf8 {
+        publish = publish.with_payload_format_indicator(true);
+    }
+    if let Some(topic) = &properties.response_topic {
+        publish = publish.with_response_topic(topic.clone());
+    }
+    if let Some(data) = &properties.correlation_data {
+        publish = publish.with_correlation_data(data.to_vec());
+    }
+    if let Some(content_type) = &properties.content_type {
+        publish = publish.with_content_type(content_type.clone());
+    }
+    for (key, value) in &properties.user_properties {
+        publish = publish.with_user_property(key.clone(), value.clone());
+    }
+    publish
 }

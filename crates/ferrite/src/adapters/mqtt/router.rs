@@ -7,6 +7,10 @@
 //! topic after `v1/devices/me/` or `devices/{id}/`, and each subscriber gets
 //! the topic in the spelling its filter used.
 //!
+//! Application sessions (`application.rs`) are indexed by tenant and
+//! matched on the whole topic of the tenant's application tree
+//! ([`Router::route_to_applications`]).
+//!
 //! Delivery never waits: a connected session gets the message through its
 //! bounded channel, and a full channel drops the message (counted in
 //! `ferrite_mqtt_deliveries_dropped_total{reason="queue_full"}`), so a slow
@@ -29,10 +33,12 @@ use tokio::sync::mpsc::error::TrySendError;
 
 use super::events::{self, WarnLimiter};
 use super::rpc::{self, PendingRequests, PendingResponse, RpcSendError};
-use super::session::{ClientId, Outgoing, Presence, Session, SessionStore, Subscription};
+use super::session::{
+    ClientId, MessageProperties, Outgoing, Presence, Session, SessionStore, Subscription,
+};
 use super::topics::{is_valid_topic_name, suffix_matches};
 use crate::config::MqttConfig;
-use crate::ids::DeviceId;
+use crate::ids::{DeviceId, TenantId};
 
 /// Handle to the sessions and subscriptions of the MQTT server. Cheap to
 /// clone; all clones share the same state.
@@ -76,7 +82,77 @@ impl Router {
         if !is_valid_topic_name(suffix) {
             return 0;
         }
-        self.route(device_id, suffix, &payload, qos, None)
+        self.route(device_id, suffix, &payload, qos, None, None)
+    }
+
+    /// True when a connection of `device_id` in `tenant_id` is open. A
+    /// device of another tenant counts as not connected.
+    pub fn is_device_connected_in(&self, device_id: DeviceId, tenant_id: TenantId) -> bool {
+        let store = self.sessions.lock();
+        let Some(clients) = store.by_device.get(&device_id) else {
+            return false;
+        };
+        clients.iter().any(|client_id| {
+            store.sessions.get(client_id).is_some_and(|session| {
+                session.owner.tenant_id() == tenant_id
+                    && matches!(session.presence, Presence::Online(_))
+            })
+        })
+    }
+
+    /// True when `tenant_id` has an application session, online or not,
+    /// so that the live bridge can skip rendering messages without a recipient.
+    pub fn has_application_sessions(&self, tenant_id: TenantId) -> bool {
+        self.sessions.lock().by_tenant.contains_key(&tenant_id)
+    }
+
+    /// Routes a message on `topic` of the application topic tree of
+    /// `tenant_id` to the application sessions of that tenant whose
+    /// filters match. `publisher` is the publishing session, for MQTT 5
+    /// No Local. Returns the number of sessions that got or queued it.
+    pub(super) fn route_to_applications(
+        &self,
+        tenant_id: TenantId,
+        topic: &str,
+        payload: &Bytes,
+        qos: QoS,
+        properties: Option<&Arc<MessageProperties>>,
+        publisher: Option<&ClientId>,
+    ) -> usize {
+        let mut guard = self.sessions.lock();
+        let store = &mut *guard;
+        let Some(clients) = store.by_tenant.get(&tenant_id) else {
+            return 0;
+        };
+
+        let mut delivered = 0;
+        let mut queue_full = 0;
+        for client_id in clients {
+            let Some(session) = store.sessions.get_mut(client_id) else {
+                continue;
+            };
+            let is_publisher = publisher == Some(client_id);
+            let Some(subscription) = best_match(&session.subscriptions, topic, is_publisher) else {
+                continue;
+            };
+            let message = Outgoing {
+                topic: topic.to_owned(),
+                payload: payload.clone(),
+                qos: lower_qos(qos, subscription.qos),
+                properties: properties.cloned(),
+            };
+            match deliver(session, message, store.max_queued) {
+                DeliveryResult::Delivered => delivered += 1,
+                DeliveryResult::QueueFull => queue_full += 1,
+                DeliveryResult::Skipped => {}
+            }
+        }
+        drop(guard);
+
+        if queue_full > 0 {
+            events::deliveries_dropped("queue_full", queue_full);
+        }
+        delivered
     }
 
     /// True when a connection of `device_id` is open.
@@ -154,6 +230,7 @@ impl Router {
         suffix: &str,
         payload: &Bytes,
         qos: QoS,
+        properties: Option<&Arc<MessageProperties>>,
         publisher: Option<&ClientId>,
     ) -> usize {
         if publisher.is_some() && self.rpc_requests.complete(device_id, suffix, payload) {
@@ -184,6 +261,7 @@ impl Router {
                 ),
                 payload: payload.clone(),
                 qos: lower_qos(qos, subscription.qos),
+                properties: properties.cloned(),
             };
             match deliver(session, message, store.max_queued) {
                 DeliveryResult::Delivered => delivered += 1,
@@ -329,7 +407,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::adapters::mqtt::session::{Attach, AttachRequest, Attached};
+    use crate::adapters::mqtt::session::{Attach, AttachRequest, Attached, Owner};
     use crate::adapters::mqtt::topics::authorize_filter;
 
     fn config() -> MqttConfig {
@@ -342,7 +420,10 @@ mod tests {
     fn attach(router: &Router, client_id: &str, device_id: DeviceId) -> Attached {
         let request = AttachRequest {
             client_id: ClientId::new(client_id),
-            device_id,
+            owner: Owner::Device {
+                device_id,
+                tenant_id: TenantId::from_bytes([1; 16]),
+            },
             clean_start: false,
             expiry: Duration::from_secs(60),
             force: false,

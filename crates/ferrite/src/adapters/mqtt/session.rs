@@ -42,7 +42,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::events;
-use crate::ids::DeviceId;
+use crate::ids::{DeviceId, TenantId};
 
 /// Maximum wait of a new connection for the old connection of the same
 /// client id to finish. The old connection first lets its appends finish,
@@ -82,6 +82,40 @@ pub struct Outgoing {
     pub payload: Bytes,
     /// QoS 0 or 1: outgoing QoS 2 is not supported.
     pub qos: QoS,
+    /// MQTT 5 properties forwarded to the subscriber; `None` when there
+    /// are none, so that most messages carry no allocation for them.
+    pub properties: Option<Arc<MessageProperties>>,
+}
+
+/// The MQTT 5 PUBLISH properties that a broker forwards unchanged from the
+/// publisher to each subscriber (MQTT 5.0, 3.3.2.3).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MessageProperties {
+    pub payload_is_utf8: bool,
+    pub response_topic: Option<String>,
+    pub correlation_data: Option<Bytes>,
+    pub content_type: Option<String>,
+    pub user_properties: Vec<(String, String)>,
+}
+
+/// The client a session belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Owner {
+    /// A device, authenticated with its access token.
+    Device {
+        device_id: DeviceId,
+        tenant_id: TenantId,
+    },
+    /// An application (API key or user) of a tenant.
+    Application { tenant_id: TenantId },
+}
+
+impl Owner {
+    pub fn tenant_id(self) -> TenantId {
+        match self {
+            Owner::Device { tenant_id, .. } | Owner::Application { tenant_id } => tenant_id,
+        }
+    }
 }
 
 /// One accepted subscription of a session.
@@ -154,7 +188,7 @@ pub enum Presence {
 
 #[derive(Debug)]
 pub struct Session {
-    pub device_id: DeviceId,
+    pub owner: Owner,
     /// Time the session outlives its connection; zero for clean sessions.
     pub expiry: Duration,
     pub subscriptions: Vec<Subscription>,
@@ -165,7 +199,7 @@ pub struct Session {
 #[derive(Debug, Clone)]
 pub struct AttachRequest {
     pub client_id: ClientId,
-    pub device_id: DeviceId,
+    pub owner: Owner,
     /// Clean Start (MQTT 5) or Clean Session (3.1.1): discard any state.
     pub clean_start: bool,
     pub expiry: Duration,
@@ -205,6 +239,8 @@ pub struct SessionStore {
     pub sessions: HashMap<ClientId, Session>,
     /// Client ids of the sessions of each device, for routing.
     pub by_device: HashMap<DeviceId, Vec<ClientId>>,
+    /// Client ids of the application sessions of each tenant, for routing.
+    pub by_tenant: HashMap<TenantId, Vec<ClientId>>,
     next_generation: u64,
     /// Offline queue limit per session.
     pub max_queued: usize,
@@ -217,6 +253,7 @@ impl SessionStore {
         Self {
             sessions: HashMap::new(),
             by_device: HashMap::new(),
+            by_tenant: HashMap::new(),
             next_generation: 1,
             max_queued,
             delivery_capacity: delivery_capacity.max(1),
@@ -229,10 +266,10 @@ impl SessionStore {
     pub fn attach(&mut self, request: &AttachRequest, now: Instant) -> Attach {
         let mut resumed = None;
         if let Some(existing) = self.sessions.get(&request.client_id) {
-            let same_device = existing.device_id == request.device_id;
+            let same_owner = existing.owner == request.owner;
             if let Presence::Online(link) = &existing.presence {
                 link.takeover.cancel();
-                if same_device && !request.force {
+                if same_owner && !request.force {
                     return Attach::Wait {
                         finished: link.finished.clone(),
                     };
@@ -242,7 +279,7 @@ impl SessionStore {
             let old = self
                 .remove(&request.client_id)
                 .expect("session was found above");
-            if same_device && !request.clean_start {
+            if same_owner && !request.clean_start {
                 resumed = resume(old, now);
             }
         }
@@ -258,7 +295,7 @@ impl SessionStore {
         self.insert(
             request.client_id.clone(),
             Session {
-                device_id: request.device_id,
+                owner: request.owner,
                 expiry: request.expiry,
                 subscriptions,
                 presence: Presence::Online(ConnectionLink {
@@ -359,22 +396,38 @@ impl SessionStore {
     }
 
     fn insert(&mut self, client_id: ClientId, session: Session) {
-        self.by_device
-            .entry(session.device_id)
-            .or_default()
-            .push(client_id.clone());
+        let index = match session.owner {
+            Owner::Device { device_id, .. } => self.by_device.entry(device_id).or_default(),
+            Owner::Application { tenant_id } => self.by_tenant.entry(tenant_id).or_default(),
+        };
+        index.push(client_id.clone());
         self.sessions.insert(client_id, session);
     }
 
     fn remove(&mut self, client_id: &ClientId) -> Option<Session> {
         let session = self.sessions.remove(client_id)?;
-        if let Some(clients) = self.by_device.get_mut(&session.device_id) {
-            clients.retain(|id| id != client_id);
-            if clients.is_empty() {
-                self.by_device.remove(&session.device_id);
+        match session.owner {
+            Owner::Device { device_id, .. } => {
+                remove_from_index(&mut self.by_device, device_id, client_id);
+            }
+            Owner::Application { tenant_id } => {
+                remove_from_index(&mut self.by_tenant, tenant_id, client_id);
             }
         }
         Some(session)
+    }
+}
+
+fn remove_from_index<K: std::hash::Hash + Eq>(
+    index: &mut HashMap<K, Vec<ClientId>>,
+    key: K,
+    client_id: &ClientId,
+) {
+    if let Some(clients) = index.get_mut(&key) {
+        clients.retain(|id| id != client_id);
+        if clients.is_empty() {
+            index.remove(&key);
+        }
     }
 }
 
@@ -405,7 +458,12 @@ mod tests {
     fn request(client_id: &str, device_id: DeviceId, clean_start: bool) -> AttachRequest {
         AttachRequest {
             client_id: ClientId::new(client_id),
-            device_id,
+            owner: Owner::Device {
+                device_id,
+                tenant_id: "00000000-0000-7000-8000-000000000001"
+                    .parse()
+                    .expect("valid tenant id"),
+            },
             clean_start,
             expiry: Duration::from_secs(60),
             force: false,
@@ -424,6 +482,7 @@ mod tests {
             topic: topic.to_owned(),
             payload: Bytes::from_static(b"{}"),
             qos: QoS::AtLeastOnce,
+            properties: None,
         }
     }
 
@@ -508,7 +567,10 @@ mod tests {
             None,
             now
         ));
-        assert_eq!(store.sessions[&ClientId::new("c")].device_id, other_device);
+        assert!(matches!(
+            store.sessions[&ClientId::new("c")].owner,
+            Owner::Device { device_id, .. } if device_id == other_device
+        ));
     }
 
     #[test]

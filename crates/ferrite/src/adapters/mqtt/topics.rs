@@ -90,7 +90,7 @@ pub fn is_valid_topic_name(topic: &str) -> bool {
 
 /// Returns whether `filter` follows the wildcard rules: `+` and `#` fill a
 /// whole level and `#` comes last ([MQTT-4.7.1-2], [MQTT-4.7.1-3]).
-fn is_valid_filter(filter: &str) -> bool {
+pub fn is_valid_filter(filter: &str) -> bool {
     if filter.is_empty() || filter.contains('\0') {
         return false;
     }
