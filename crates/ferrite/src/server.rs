@@ -239,6 +239,7 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
         storage: config.storage.clone(),
         directory: state.directory.clone(),
         live: live.clone(),
+        metadata: metadata.clone(),
     });
     let mqtt_task = tokio::spawn(adapters::mqtt::serve(
         mqtt_listener,

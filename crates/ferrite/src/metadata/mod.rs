@@ -13,6 +13,7 @@
 
 pub mod alarms;
 pub mod dead_letters;
+pub mod mqtt_retained;
 pub mod profiles;
 mod sqlite;
 

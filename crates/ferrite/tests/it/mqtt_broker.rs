@@ -1,6 +1,7 @@
 //! Broker features of the MQTT server over real sockets: application
 //! clients of a tenant (API key or email and password), their topic tree,
-//! commands with MQTT 5 request/response, and forwarded properties.
+//! commands with MQTT 5 request/response, forwarded properties, retained
+//! messages and outbound QoS 2.
 //!
 //! Statements of the MQTT 5.0 specification each test checks:
 //!
@@ -10,6 +11,12 @@
 //! | `command_response_goes_to_response_topic` | [MQTT-3.3.2-15], [MQTT-3.3.2-16] (request/response, MQTT 5.0 4.10) |
 //! | `command_with_wildcard_response_topic_closes` | [MQTT-3.3.2-14] |
 //! | `response_information_is_returned_on_request` | MQTT 5.0 3.2.2.3.15 (Response Information) |
+//! | `retained_message_replaced_and_sent_on_subscribe` | [MQTT-3.3.1-5], [MQTT-3.3.1-9] |
+//! | `retained_empty_payload_deletes` | [MQTT-3.3.1-6], [MQTT-3.3.1-7], [MQTT-3.3.1-8] |
+//! | `retain_handling_controls_sending` | [MQTT-3.3.1-9], [MQTT-3.3.1-10], [MQTT-3.3.1-11] |
+//! | `retain_as_published_keeps_flag` | [MQTT-3.3.1-12], [MQTT-3.3.1-13] |
+//! | `qos2_flow_resumes_across_reconnects` | [MQTT-4.4.0-1] |
+//! | `topic_alias_sets_and_uses_topic` | [MQTT-3.3.2-9] |
 
 use std::time::{Duration, Instant};
 
@@ -17,8 +24,8 @@ use bytes::Bytes;
 use rumqttc::v5;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{
-    ConnectProperties, ConnectReturnCode, DisconnectReasonCode, Packet, PubAckReason,
-    PublishProperties, SubscribeReasonCode,
+    ConnectProperties, ConnectReturnCode, DisconnectReasonCode, Filter, Packet, PubAckReason,
+    PublishProperties, RetainForwardRule, SubscribeReasonCode,
 };
 use serde_json::Value;
 
@@ -619,4 +626,538 @@ async fn forwarded_properties_reach_subscribers_unchanged() {
     assert_eq!(received.correlation_data, sent.correlation_data);
     assert_eq!(received.user_properties, sent.user_properties);
     assert_eq!(received.content_type, sent.content_type);
+}
+
+// ---------------------------------------------------------------------------
+// Retained messages
+// ---------------------------------------------------------------------------
+
+/// Publishes `payload` with RETAIN at QoS 1 and returns the PUBACK reason.
+async fn publish_retained(
+    client: &v5::AsyncClient,
+    eventloop: &mut v5::EventLoop,
+    topic: &str,
+    payload: &[u8],
+) -> PubAckReason {
+    client
+        .publish(topic, QoS::AtLeastOnce, true, payload.to_vec())
+        .await
+        .expect("queue PUBLISH");
+    wait_for(eventloop, |packet| match packet {
+        Packet::PubAck(ack) => Some(ack.reason),
+        _ => None,
+    })
+    .await
+}
+
+/// Subscribes with `filter` and returns the PUBLISHes that arrive within
+/// [`QUIET`] after SUBACK.
+async fn subscribe_and_collect(
+    client: &v5::AsyncClient,
+    eventloop: &mut v5::EventLoop,
+    filter: Filter,
+) -> Vec<v5::mqttbytes::v5::Publish> {
+    client
+        .subscribe_many([filter])
+        .await
+        .expect("queue SUBSCRIBE");
+    wait_for(eventloop, |packet| match packet {
+        Packet::SubAck(_) => Some(()),
+        _ => None,
+    })
+    .await;
+    publishes_during_quiet(eventloop).await
+}
+
+fn filter(path: &str, rule: RetainForwardRule, preserve_retain: bool) -> Filter {
+    Filter {
+        path: path.to_owned(),
+        qos: QoS::AtLeastOnce,
+        nolocal: false,
+        preserve_retain,
+        retain_forward_rule: rule,
+    }
+}
+
+/// [MQTT-3.3.1-5] (5.0): a retained PUBLISH replaces the message on its
+/// topic; [MQTT-3.3.1-9] (5.0): a new subscription receives it with RETAIN.
+#[tokio::test]
+async fn retained_message_replaced_and_sent_on_subscribe() {
+    let server = Server::start().await;
+    let key = server.create_api_key("ops", "operator");
+    let (publisher, mut publisher_loop, connack) =
+        connect(options(&server, "publisher", &key, "")).await;
+    let retain_available = connack
+        .properties
+        .and_then(|properties| properties.retain_available);
+    assert_ne!(retain_available, Some(0), "CONNACK Retain Available");
+
+    for payload in [&b"first"[..], b"second"] {
+        let reason =
+            publish_retained(&publisher, &mut publisher_loop, "apps/status", payload).await;
+        assert_eq!(reason, PubAckReason::Success);
+    }
+
+    let (subscriber, mut subscriber_loop, _) =
+        connect(options(&server, "subscriber", &key, "")).await;
+    let received = subscribe_and_collect(
+        &subscriber,
+        &mut subscriber_loop,
+        filter("apps/#", RetainForwardRule::OnEverySubscribe, false),
+    )
+    .await;
+    assert_eq!(received.len(), 1, "{received:?}");
+    assert_eq!(&received[0].payload[..], b"second");
+    assert!(received[0].retain, "RETAIN flag of a retained message");
+}
+
+/// [MQTT-3.3.1-6], [MQTT-3.3.1-7] (5.0): an empty retained PUBLISH deletes
+/// the retained message and is not stored itself. [MQTT-3.3.1-8] (5.0): a
+/// PUBLISH without RETAIN leaves the retained message alone.
+#[tokio::test]
+async fn retained_empty_payload_deletes() {
+    let server = Server::start().await;
+    let key = server.create_api_key("ops", "operator");
+    let (publisher, mut publisher_loop, _) = connect(options(&server, "publisher", &key, "")).await;
+    publish_retained(&publisher, &mut publisher_loop, "apps/kept", b"kept").await;
+    publish_retained(&publisher, &mut publisher_loop, "apps/gone", b"gone").await;
+    publish_retained(&publisher, &mut publisher_loop, "apps/gone", b"").await;
+    publisher
+        .publish(
+            "apps/kept",
+            QoS::AtLeastOnce,
+            false,
+            b"not retained".to_vec(),
+        )
+        .await
+        .expect("queue PUBLISH");
+    wait_for(&mut publisher_loop, |packet| match packet {
+        Packet::PubAck(_) => Some(()),
+        _ => None,
+    })
+    .await;
+
+    let (subscriber, mut subscriber_loop, _) =
+        connect(options(&server, "subscriber", &key, "")).await;
+    let received = subscribe_and_collect(
+        &subscriber,
+        &mut subscriber_loop,
+        filter("apps/#", RetainForwardRule::OnEverySubscribe, false),
+    )
+    .await;
+    let topics: Vec<&[u8]> = received.iter().map(|publish| &publish.topic[..]).collect();
+    assert_eq!(topics, [&b"apps/kept"[..]]);
+    assert_eq!(&received[0].payload[..], b"kept");
+}
+
+/// [MQTT-3.3.1-10] (5.0): Retain Handling 1 sends retained messages only
+/// for a new subscription. [MQTT-3.3.1-11] (5.0): Retain Handling 2 never.
+#[tokio::test]
+async fn retain_handling_controls_sending() {
+    let server = Server::start().await;
+    let key = server.create_api_key("ops", "operator");
+    let (publisher, mut publisher_loop, _) = connect(options(&server, "publisher", &key, "")).await;
+    publish_retained(&publisher, &mut publisher_loop, "apps/a", b"1").await;
+
+    let (subscriber, mut subscriber_loop, _) =
+        connect(options(&server, "subscriber", &key, "")).await;
+    let cases = [
+        (
+            "new subscription, handling 1",
+            RetainForwardRule::OnNewSubscribe,
+            1,
+        ),
+        (
+            "existing subscription, handling 1",
+            RetainForwardRule::OnNewSubscribe,
+            0,
+        ),
+        ("handling 2", RetainForwardRule::Never, 0),
+        ("handling 0", RetainForwardRule::OnEverySubscribe, 1),
+    ];
+    for (case, rule, expected) in cases {
+        let received = subscribe_and_collect(
+            &subscriber,
+            &mut subscriber_loop,
+            filter("apps/a", rule, false),
+        )
+        .await;
+        assert_eq!(received.len(), expected, "{case}");
+    }
+}
+
+/// [MQTT-3.3.1-12], [MQTT-3.3.1-13] (5.0): a forwarded message has RETAIN
+/// cleared unless the subscription sets Retain As Published.
+#[tokio::test]
+async fn retain_as_published_keeps_flag() {
+    let server = Server::start().await;
+    let key = server.create_api_key("ops", "operator");
+    let (plain, mut plain_loop, _) = connect(options(&server, "plain", &key, "")).await;
+    subscribe_and_collect(
+        &plain,
+        &mut plain_loop,
+        filter("apps/live", RetainForwardRule::Never, false),
+    )
+    .await;
+    let (keeping, mut keeping_loop, _) = connect(options(&server, "keeping", &key, "")).await;
+    subscribe_and_collect(
+        &keeping,
+        &mut keeping_loop,
+        filter("apps/live", RetainForwardRule::Never, true),
+    )
+    .await;
+
+    let (publisher, mut publisher_loop, _) = connect(options(&server, "publisher", &key, "")).await;
+    publish_retained(&publisher, &mut publisher_loop, "apps/live", b"x").await;
+
+    let to_plain = next_publish_on(&mut plain_loop, "apps/live").await;
+    assert!(!to_plain.retain, "Retain As Published 0 clears RETAIN");
+    let to_keeping = next_publish_on(&mut keeping_loop, "apps/live").await;
+    assert!(to_keeping.retain, "Retain As Published 1 keeps RETAIN");
+}
+
+#[tokio::test]
+async fn retained_message_survives_restart() {
+    let mut server = Server::start().await;
+    let key = server.create_api_key("ops", "operator");
+    {
+        let (publisher, mut publisher_loop, _) =
+            connect(options(&server, "publisher", &key, "")).await;
+        let reason = publish_retained(&publisher, &mut publisher_loop, "apps/config", b"v1").await;
+        assert_eq!(reason, PubAckReason::Success);
+    }
+    // SIGKILL: the PUBACK promised that the message is on disk.
+    server.restart().await;
+
+    let (subscriber, mut subscriber_loop, _) =
+        connect(options(&server, "subscriber", &key, "")).await;
+    let received = subscribe_and_collect(
+        &subscriber,
+        &mut subscriber_loop,
+        filter("apps/config", RetainForwardRule::OnEverySubscribe, false),
+    )
+    .await;
+    assert_eq!(received.len(), 1);
+    assert_eq!(&received[0].payload[..], b"v1");
+}
+
+#[tokio::test]
+async fn retained_device_telemetry_is_stored() {
+    let server = Server::start().await;
+    let device = server.create_device("sensor").await;
+    let (device_client, mut device_loop, _) =
+        connect(options(&server, "sensor", &device.token, "")).await;
+    let reason = publish_retained(
+        &device_client,
+        &mut device_loop,
+        "v1/devices/me/telemetry",
+        br#"{"level": 7}"#,
+    )
+    .await;
+    assert_eq!(reason, PubAckReason::Success);
+
+    let stored = crate::support::wait_until(
+        || async { server.latest(&device.id).await.get("level").is_some() },
+        WAIT,
+    )
+    .await;
+    assert!(stored, "retained telemetry was not stored as telemetry");
+
+    // The same topic in the other spelling is the same retained message.
+    let (second, mut second_loop, _) =
+        connect(options(&server, "sensor-2", &device.token, "")).await;
+    let received = subscribe_and_collect(
+        &second,
+        &mut second_loop,
+        filter(
+            &format!("devices/{}/telemetry", device.id),
+            RetainForwardRule::OnEverySubscribe,
+            false,
+        ),
+    )
+    .await;
+    assert_eq!(received.len(), 1);
+    assert_eq!(
+        received[0].topic,
+        format!("devices/{}/telemetry", device.id).as_bytes()
+    );
+    assert!(received[0].retain);
+}
+
+#[tokio::test]
+async fn retained_limit_rejects_new_topics() {
+    let server = Server::start_with_env(&[("FERRITE_MQTT_MAX_RETAINED_MESSAGES", "2")]).await;
+    let key = server.create_api_key("ops", "operator");
+    let (publisher, mut publisher_loop, _) = connect(options(&server, "publisher", &key, "")).await;
+
+    let cases = [
+        ("apps/1", PubAckReason::Success),
+        ("apps/2", PubAckReason::Success),
+        ("apps/3", PubAckReason::QuotaExceeded),
+        ("apps/1", PubAckReason::Success),
+    ];
+    for (topic, expected) in cases {
+        let reason = publish_retained(&publisher, &mut publisher_loop, topic, b"x").await;
+        assert_eq!(reason, expected, "topic {topic}");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Outbound QoS 2
+// ---------------------------------------------------------------------------
+
+/// A TCP connection that sends and reads MQTT 5 packets as bytes, for the
+/// flows a client library hides (withheld acknowledgements, resends).
+struct RawClient {
+    stream: tokio::net::TcpStream,
+    buffer: bytes::BytesMut,
+}
+
+/// One packet read from the server: the first byte and the body.
+#[derive(Debug)]
+struct RawPacket {
+    first_byte: u8,
+    body: Vec<u8>,
+}
+
+impl RawPacket {
+    /// Packet id of a QoS 1 or 2 PUBLISH.
+    fn publish_packet_id(&self) -> u16 {
+        let topic_len = usize::from(u16::from_be_bytes([self.body[0], self.body[1]]));
+        u16::from_be_bytes([self.body[2 + topic_len], self.body[3 + topic_len]])
+    }
+
+    /// Packet id of an acknowledgement (PUBREL and the like).
+    fn ack_packet_id(&self) -> u16 {
+        u16::from_be_bytes([self.body[0], self.body[1]])
+    }
+}
+
+impl RawClient {
+    /// Connects with MQTT 5, Clean Start 0 and a session expiry of 300 s,
+    /// and returns the client and the CONNACK's session present flag.
+    async fn connect(server: &Server, client_id: &str, user: &str) -> (Self, bool) {
+        use mqtt5_protocol::packet::connect::ConnectPacket;
+
+        let stream = tokio::net::TcpStream::connect(server.mqtt_addr)
+            .await
+            .expect("connect to the MQTT port");
+        let mut client = Self {
+            stream,
+            buffer: bytes::BytesMut::new(),
+        };
+        let options = mqtt5_protocol::ConnectOptions::new(client_id)
+            .with_clean_start(false)
+            .with_session_expiry_interval(300)
+            .with_credentials(user, Vec::<u8>::new());
+        client.send(&ConnectPacket::new(options)).await;
+        let connack = client.next_packet().await.expect("CONNACK");
+        assert_eq!(connack.first_byte, 0x20, "expected CONNACK: {connack:?}");
+        assert_eq!(connack.body[1], 0x00, "connection refused: {connack:?}");
+        (client, connack.body[0] & 0x01 == 1)
+    }
+
+    async fn send(&mut self, packet: &impl mqtt5_protocol::packet::MqttPacket) {
+        use tokio::io::AsyncWriteExt;
+
+        let mut bytes = bytes::BytesMut::new();
+        packet.encode(&mut bytes).expect("encode a test packet");
+        self.stream.write_all(&bytes).await.expect("send bytes");
+    }
+
+    /// Reads the next packet; `None` when the server closed the connection
+    /// or sent nothing within `QUIET`.
+    async fn next_packet_within(&mut self, limit: Duration) -> Option<RawPacket> {
+        use tokio::io::AsyncReadExt;
+
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(packet) = self.take_packet() {
+                return Some(packet);
+            }
+            let read =
+                tokio::time::timeout_at(deadline.into(), self.stream.read_buf(&mut self.buffer));
+            match read.await {
+                Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return None,
+                Ok(Ok(_)) => {}
+            }
+        }
+    }
+
+    async fn next_packet(&mut self) -> Option<RawPacket> {
+        self.next_packet_within(WAIT).await
+    }
+
+    fn take_packet(&mut self) -> Option<RawPacket> {
+        use bytes::Buf;
+
+        let mut length = 0usize;
+        for index in 0..4 {
+            let byte = *self.buffer.get(1 + index)?;
+            length |= usize::from(byte & 0x7F) << (7 * index);
+            if byte & 0x80 == 0 {
+                let header = 2 + index;
+                if self.buffer.len() < header + length {
+                    return None;
+                }
+                let first_byte = self.buffer[0];
+                self.buffer.advance(header);
+                let body = self.buffer.split_to(length).to_vec();
+                return Some(RawPacket { first_byte, body });
+            }
+        }
+        None
+    }
+}
+
+/// Publishes one QoS 2 message on `topic` from a separate application.
+async fn publish_qos2(server: &Server, key: &str, topic: &str, payload: &[u8]) {
+    let (publisher, mut publisher_loop, _) =
+        connect(options(server, "qos2-publisher", key, "")).await;
+    publisher
+        .publish(topic, QoS::ExactlyOnce, false, payload.to_vec())
+        .await
+        .expect("queue PUBLISH");
+    wait_for(&mut publisher_loop, |packet| match packet {
+        Packet::PubComp(_) => Some(()),
+        _ => None,
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn qos2_subscription_is_granted_and_delivered() {
+    let server = Server::start().await;
+    let key = server.create_api_key("ops", "operator");
+    let (subscriber, mut subscriber_loop, _) =
+        connect(options(&server, "subscriber", &key, "")).await;
+    subscriber
+        .subscribe("apps/q", QoS::ExactlyOnce)
+        .await
+        .expect("queue SUBSCRIBE");
+    let codes = wait_for(&mut subscriber_loop, |packet| match packet {
+        Packet::SubAck(suback) => Some(suback.return_codes.clone()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(codes, [SubscribeReasonCode::Success(QoS::ExactlyOnce)]);
+
+    publish_qos2(&server, &key, "apps/q", b"once").await;
+    let message = next_publish_on(&mut subscriber_loop, "apps/q").await;
+    assert_eq!(message.qos, QoS::ExactlyOnce);
+    assert_eq!(&message.payload[..], b"once");
+    // rumqttc sends PUBREC and PUBCOMP; the flow must end without a
+    // second copy.
+    assert!(
+        publishes_during_quiet(&mut subscriber_loop)
+            .await
+            .is_empty()
+    );
+}
+
+/// [MQTT-4.4.0-1]: on resume the server resends the unacknowledged
+/// PUBLISH (with DUP) and, once PUBREC came, only the PUBREL, both with
+/// their original packet ids.
+#[tokio::test]
+async fn qos2_flow_resumes_across_reconnects() {
+    use mqtt5_protocol::packet::pubcomp::PubCompPacket;
+    use mqtt5_protocol::packet::pubrec::PubRecPacket;
+    use mqtt5_protocol::packet::subscribe::SubscribePacket;
+
+    let server = Server::start().await;
+    let key = server.create_api_key("ops", "operator");
+
+    let (mut first, present) = RawClient::connect(&server, "exactly-once", &key).await;
+    assert!(!present);
+    first
+        .send(&SubscribePacket::new(1).add_filter("apps/q", mqtt5_protocol::QoS::ExactlyOnce))
+        .await;
+    let suback = first.next_packet().await.expect("SUBACK");
+    assert_eq!(suback.first_byte, 0x90);
+    publish_qos2(&server, &key, "apps/q", b"exactly once").await;
+    let publish = first.next_packet().await.expect("PUBLISH");
+    assert_eq!(
+        publish.first_byte & 0xF6,
+        0x34,
+        "QoS 2 PUBLISH: {publish:?}"
+    );
+    assert_eq!(publish.first_byte & 0x08, 0, "first send has DUP 0");
+    let packet_id = publish.publish_packet_id();
+    drop(first);
+
+    // Resume without PUBREC: the PUBLISH comes again, with DUP.
+    let (mut second, present) = RawClient::connect(&server, "exactly-once", &key).await;
+    assert!(present);
+    let resent = second.next_packet().await.expect("resent PUBLISH");
+    assert_eq!(resent.first_byte & 0xF6, 0x34, "{resent:?}");
+    assert_eq!(resent.first_byte & 0x08, 0x08, "resend has DUP 1");
+    assert_eq!(resent.publish_packet_id(), packet_id);
+    second.send(&PubRecPacket::new(packet_id)).await;
+    let pubrel = second.next_packet().await.expect("PUBREL");
+    assert_eq!(pubrel.first_byte, 0x62);
+    assert_eq!(pubrel.ack_packet_id(), packet_id);
+    drop(second);
+
+    // Resume after PUBREC: only the PUBREL comes again.
+    let (mut third, present) = RawClient::connect(&server, "exactly-once", &key).await;
+    assert!(present);
+    let pubrel = third.next_packet().await.expect("resent PUBREL");
+    assert_eq!(pubrel.first_byte, 0x62, "{pubrel:?}");
+    assert_eq!(pubrel.ack_packet_id(), packet_id);
+    third.send(&PubCompPacket::new(packet_id)).await;
+    assert!(
+        third.next_packet_within(QUIET).await.is_none(),
+        "nothing more after PUBCOMP"
+    );
+    drop(third);
+
+    // The flow is complete: nothing is resent.
+    let (mut fourth, _) = RawClient::connect(&server, "exactly-once", &key).await;
+    assert!(fourth.next_packet_within(QUIET).await.is_none());
+}
+
+// ---------------------------------------------------------------------------
+// Topic aliases
+// ---------------------------------------------------------------------------
+
+/// [MQTT-3.3.2-9]: an alias above the Topic Alias Maximum of CONNACK is
+/// invalid, and the server closes with 0x94; a set alias stands for its
+/// topic in later PUBLISHes of the same connection.
+#[tokio::test]
+async fn topic_alias_sets_and_uses_topic() {
+    use mqtt5_protocol::packet::publish::PublishPacket;
+
+    let server = Server::start().await;
+    let key = server.create_api_key("ops", "operator");
+    let (subscriber, mut subscriber_loop, _) =
+        connect(options(&server, "subscriber", &key, "")).await;
+    subscribe(&subscriber, &mut subscriber_loop, "apps/#").await;
+
+    let (mut raw, _) = RawClient::connect(&server, "aliasing", &key).await;
+    let set = PublishPacket::new(
+        "apps/long/topic",
+        &b"first"[..],
+        mqtt5_protocol::QoS::AtMostOnce,
+    )
+    .with_topic_alias(1);
+    raw.send(&set).await;
+    let used =
+        PublishPacket::new("", &b"second"[..], mqtt5_protocol::QoS::AtMostOnce).with_topic_alias(1);
+    raw.send(&used).await;
+
+    for expected in [&b"first"[..], b"second"] {
+        let message = next_publish_on(&mut subscriber_loop, "apps/long/topic").await;
+        assert_eq!(&message.payload[..], expected);
+        let alias = message
+            .properties
+            .and_then(|properties| properties.topic_alias);
+        assert_eq!(alias, None, "the alias is not forwarded");
+    }
+
+    let too_high = PublishPacket::new("apps/x", &b"x"[..], mqtt5_protocol::QoS::AtMostOnce)
+        .with_topic_alias(u16::MAX);
+    raw.send(&too_high).await;
+    let disconnect = raw.next_packet().await.expect("DISCONNECT");
+    assert_eq!(disconnect.first_byte, 0xE0, "{disconnect:?}");
+    assert_eq!(disconnect.body[0], 0x94, "reason code Topic Alias invalid");
 }

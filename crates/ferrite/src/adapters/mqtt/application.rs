@@ -31,7 +31,7 @@
 //! device queues it.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use mqtt5_protocol::packet::publish::PublishPacket;
@@ -43,7 +43,7 @@ use super::Shared;
 use super::connection::{CloseCause, Connection};
 use super::events;
 use super::rpc::{PendingResponse, RpcSendError};
-use super::session::{MessageProperties, Owner};
+use super::session::{MessageProperties, Owner, RoutedMessage};
 use super::topics::{AuthorizedFilter, FilterRejection, is_valid_filter, is_valid_topic_name};
 use crate::auth::{DeviceIdentity, Principal};
 use crate::ids::{DeviceId, TenantId};
@@ -215,6 +215,21 @@ pub fn forwarded_properties(publish: &PublishPacket) -> Option<Arc<MessageProper
     (forwarded != MessageProperties::default()).then(|| Arc::new(forwarded))
 }
 
+/// Returns the message of `publish` as it is routed: payload, QoS, RETAIN,
+/// forwarded properties and the expiry from the Message Expiry Interval.
+pub fn routed_message(publish: &PublishPacket) -> RoutedMessage {
+    RoutedMessage {
+        payload: publish.payload.clone(),
+        qos: publish.qos,
+        retain: publish.retain,
+        properties: forwarded_properties(publish),
+        expires_at: publish
+            .properties
+            .get_message_expiry_interval()
+            .map(|seconds| Instant::now() + Duration::from_secs(u64::from(seconds))),
+    }
+}
+
 /// Body of a command from an application.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -337,17 +352,17 @@ impl Connection {
 
     /// Routes a message on an `apps/` topic to the tenant's applications.
     fn route_app_topic(&mut self, publish: &PublishPacket, tenant_id: TenantId) -> Decision {
-        let properties = forwarded_properties(publish);
         let delivered = self.shared.router.route_to_applications(
             tenant_id,
             &publish.topic_name,
-            &publish.payload,
-            publish.qos,
-            properties.as_ref(),
+            &routed_message(publish),
             Some(&self.client_id),
         );
         events::messages_routed(1);
-        if delivered == 0 {
+        self.apply_retain(publish);
+        // A retained message is kept for later subscribers, so it is not
+        // "no matching subscribers".
+        if delivered == 0 && !publish.retain {
             Decision::failure(
                 ReasonCode::NoMatchingSubscribers,
                 "no application of this tenant subscribes to this topic",
@@ -484,12 +499,14 @@ fn spawn_response_wait(shared: Arc<Shared>, pending: PendingResponse, response: 
             correlation_data: response.correlation_data,
             ..MessageProperties::default()
         };
+        let message = RoutedMessage {
+            properties: Some(Arc::new(properties)),
+            ..RoutedMessage::plain(Bytes::from(body.to_string()), response.qos)
+        };
         task_shared.router.route_to_applications(
             response.tenant_id,
             &response.topic,
-            &Bytes::from(body.to_string()),
-            response.qos,
-            Some(&Arc::new(properties)),
+            &message,
             None,
         );
     };
@@ -555,14 +572,13 @@ fn forward_live_event(shared: &Shared, event: &LiveEvent) {
         content_type: Some("application/json".to_owned()),
         ..MessageProperties::default()
     });
-    shared.router.route_to_applications(
-        tenant_id,
-        &topic,
-        &Bytes::from(payload),
-        QoS::AtLeastOnce,
-        Some(&properties),
-        None,
-    );
+    let message = RoutedMessage {
+        properties: Some(properties),
+        ..RoutedMessage::plain(Bytes::from(payload), QoS::AtLeastOnce)
+    };
+    shared
+        .router
+        .route_to_applications(tenant_id, &topic, &message, None);
 }
 
 #[cfg(test)]

@@ -212,6 +212,9 @@ pub struct Connection {
     pub group: PendingGroup,
     /// Inbound QoS 2 packet ids from PUBLISH until PUBREL.
     pub qos2: HashMap<u16, Qos2State>,
+    /// MQTT 5 topic aliases the client set on this connection; they end
+    /// with it ([MQTT-3.3.2-7]).
+    pub topic_aliases: HashMap<u16, String>,
     /// Set when an append failed on MQTT 3.1.1: no acknowledgement is sent
     /// after that, because acknowledging later PUBLISHes while skipping the
     /// failed one would break the acknowledgement order.
@@ -422,6 +425,7 @@ impl Connection {
             pending_messages: 0,
             group: PendingGroup::default(),
             qos2,
+            topic_aliases: HashMap::new(),
             acks_stopped: false,
             warnings: Warnings::default(),
             deliveries: attached.deliveries,
@@ -457,7 +461,7 @@ impl Connection {
 
             let can_read = self.pending_messages < max_inflight && self.out.len() < OUT_HIGH_WATER;
             let can_deliver = self.delivery.queued.is_empty()
-                && self.delivery.inflight.len() < self.send_quota
+                && self.delivery.unacknowledged() < self.send_quota
                 && self.out.len() < OUT_HIGH_WATER;
 
             tokio::select! {
@@ -523,8 +527,14 @@ impl Connection {
                 self.on_puback(ack.packet_id);
                 Ok(())
             }
-            // Acknowledgements of outgoing QoS 2, which this server never sends.
-            Packet::PubRec(_) | Packet::PubComp(_) => Ok(()),
+            Packet::PubRec(received) => {
+                self.on_pubrec(received.packet_id, received.reason_code);
+                Ok(())
+            }
+            Packet::PubComp(complete) => {
+                self.on_pubcomp(complete.packet_id);
+                Ok(())
+            }
             Packet::Subscribe(subscribe) => self.on_subscribe(subscribe),
             Packet::Unsubscribe(unsubscribe) => {
                 self.on_unsubscribe(unsubscribe);
@@ -628,6 +638,7 @@ impl Connection {
 
         let state = DeliveryState {
             inflight: std::mem::take(&mut self.delivery.inflight),
+            released: std::mem::take(&mut self.delivery.released),
             queued: std::mem::take(&mut self.delivery.queued),
             qos2_stored: self
                 .qos2

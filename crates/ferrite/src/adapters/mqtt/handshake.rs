@@ -14,7 +14,6 @@
 //! | metadata store unavailable | 0x88 | 0x03 |
 //! | will topic outside the device's namespace | 0x87 | 0x05 |
 //! | application will: viewer, or topic outside `apps/` | 0x87 | 0x05 |
-//! | retained will (retain is not supported) | 0x9A | accepted, not retained |
 //! | enhanced authentication requested | 0x8C | n/a |
 
 use std::time::Duration;
@@ -34,6 +33,9 @@ use crate::metadata::Role;
 
 /// Session Expiry Interval value meaning "never expires" (MQTT 5 3.1.2.11.2).
 const EXPIRY_NEVER: u32 = u32::MAX;
+/// Topic aliases an MQTT 5 client may set per connection (Topic Alias
+/// Maximum in CONNACK). Each costs one topic string of memory.
+pub const TOPIC_ALIAS_MAXIMUM: u16 = 64;
 
 /// A will message stored at CONNECT.
 #[derive(Debug, Clone)]
@@ -41,6 +43,8 @@ pub struct Will {
     pub topic: String,
     pub payload: Bytes,
     pub qos: QoS,
+    /// Published as a retained message.
+    pub retain: bool,
     /// MQTT 5 Will Delay Interval; zero for 3.1.1.
     pub delay: Duration,
 }
@@ -215,14 +219,6 @@ fn check_features(connect: &ConnectPacket, version: ProtocolVersion) -> Result<(
             "Receive Maximum or Maximum Packet Size of 0",
         ));
     }
-    if connect.will.as_ref().is_some_and(|will| will.retain) {
-        return Err(Rejection::new(
-            version,
-            ReasonCode::RetainNotSupported,
-            "unsupported_feature",
-            "retained will messages are not supported",
-        ));
-    }
     Ok(())
 }
 
@@ -364,6 +360,7 @@ fn check_will(
         topic: will.topic.clone(),
         payload: Bytes::from(will.payload.clone()),
         qos: will.qos,
+        retain: will.retain,
         delay: Duration::from_secs(u64::from(will.properties.will_delay_interval.unwrap_or(0))),
     }))
 }
@@ -428,10 +425,11 @@ pub fn success_connack(
     let mut connack = ConnAckPacket::new(session_present, ReasonCode::Success)
         .with_receive_maximum(context.config.max_inflight)
         .with_maximum_packet_size(u32::try_from(max_packet_size).unwrap_or(u32::MAX))
-        .with_retain_available(false)
+        .with_retain_available(true)
         .with_shared_subscription_available(false)
         .with_subscription_identifier_available(false)
-        .with_wildcard_subscription_available(true);
+        .with_wildcard_subscription_available(true)
+        .with_topic_alias_maximum(TOPIC_ALIAS_MAXIMUM);
     if connected.session_expiry_capped {
         let seconds = u32::try_from(connected.session_expiry.as_secs()).unwrap_or(EXPIRY_NEVER - 1);
         connack = connack.with_session_expiry_interval(seconds);

@@ -38,16 +38,18 @@ use mqtt5_protocol::packet::pubrec::PubRecPacket;
 use mqtt5_protocol::{ProtocolVersion, QoS, ReasonCode};
 
 use super::Shared;
-use super::application::{self, AppPublishTarget, Client, classify_app_publish};
+use super::application::{self, AppPublishTarget, Client, classify_app_publish, routed_message};
 use super::codec;
 use super::connection::{CloseCause, Connection};
 use super::events;
 use super::handshake::Will;
-use super::session::ClientId;
+use super::retained::{self, RetainScope, RetainedMessage};
+use super::session::{ClientId, RoutedMessage};
 use super::topics::{self, PublishTarget, classify_publish, is_valid_topic_name};
 use crate::auth::DeviceIdentity;
 use crate::decode::check_payload;
 use crate::ingest::{ContentType, Envelope, IngestError, Protocol};
+use crate::metadata::mqtt_retained::RetainedChange;
 
 /// Reason string of PUBACK 0x10 for a message that no subscriber took.
 const NOT_STORED_REASON: &str = "no subscriber for this topic; only telemetry topics are stored";
@@ -87,8 +89,7 @@ pub enum AckItem {
 /// Telemetry to send to subscribers once it is stored.
 #[derive(Debug)]
 pub struct StoredRoute {
-    payload: Bytes,
-    qos: QoS,
+    message: RoutedMessage,
 }
 
 /// The packets of one read whose acknowledgements wait for the same
@@ -98,6 +99,8 @@ pub struct PendingGroup {
     pub items: Vec<AckItem>,
     pub envelopes: Vec<Envelope>,
     pub routes: Vec<StoredRoute>,
+    /// Changes to retained messages, written to SQLite with the append.
+    pub retained: Vec<RetainedChange>,
     /// PUBLISHes in the group, for the in-flight limit.
     pub messages: usize,
 }
@@ -122,10 +125,34 @@ fn now_ns() -> i64 {
 
 impl Connection {
     /// Handles a PUBLISH from the client.
-    pub fn on_publish(&mut self, publish: PublishPacket) -> Result<(), CloseCause> {
+    pub fn on_publish(&mut self, mut publish: PublishPacket) -> Result<(), CloseCause> {
         events::message_received();
+        self.resolve_topic_alias(&mut publish)?;
         self.check_publish(&publish)?;
         let packet_id = publish.packet_id.unwrap_or(0);
+
+        if publish.retain
+            && let Err(limit) = self.check_retain_limit(&publish)
+        {
+            events::messages_rejected("retained_limit", 1);
+            if let Some(suppressed) = self.warnings.publish_rejected.allow(Instant::now()) {
+                tracing::warn!(topic = %publish.topic_name, %limit, suppressed, "did not retain an MQTT message: the tenant's retained message limit is reached");
+            }
+            match self.version {
+                ProtocolVersion::V5 => {
+                    self.decide(
+                        packet_id,
+                        publish.qos,
+                        ReasonCode::QuotaExceeded,
+                        Some(limit.to_string()),
+                    );
+                    return Ok(());
+                }
+                // MQTT 3.1.1 has no negative acknowledgement: the message
+                // is handled as if it were not retained.
+                ProtocolVersion::V311 => publish.retain = false,
+            }
+        }
 
         if publish.qos == QoS::ExactlyOnce && self.qos2.contains_key(&packet_id) {
             self.group.items.push(AckItem::Qos2Duplicate { packet_id });
@@ -163,25 +190,123 @@ impl Connection {
                 ),
             ));
         }
-        if self.version == ProtocolVersion::V5 && publish.properties.get_topic_alias().is_some() {
-            return Err(CloseCause::protocol(
-                ReasonCode::TopicAliasInvalid,
-                "topic aliases are not supported",
-            ));
-        }
         if !is_valid_topic_name(&publish.topic_name) {
             return Err(CloseCause::protocol(
                 ReasonCode::ProtocolError,
                 format!("invalid PUBLISH topic name {:?}", publish.topic_name),
             ));
         }
-        if self.version == ProtocolVersion::V5 && publish.retain {
+        Ok(())
+    }
+
+    /// Applies an MQTT 5 Topic Alias: a PUBLISH with a topic name and an
+    /// alias sets the alias, one with an empty topic name uses it. An alias
+    /// of 0 or above the Topic Alias Maximum closes the connection with
+    /// 0x94 ([MQTT-3.3.2-8], [MQTT-3.3.2-9]). An unknown alias with an
+    /// empty topic name is a protocol error.
+    fn resolve_topic_alias(&mut self, publish: &mut PublishPacket) -> Result<(), CloseCause> {
+        if self.version != ProtocolVersion::V5 {
+            return Ok(());
+        }
+        let Some(alias) = publish.properties.get_topic_alias() else {
+            return Ok(());
+        };
+        if alias == 0 || alias > super::handshake::TOPIC_ALIAS_MAXIMUM {
             return Err(CloseCause::protocol(
-                ReasonCode::RetainNotSupported,
-                "retained messages are not supported",
+                ReasonCode::TopicAliasInvalid,
+                format!(
+                    "topic alias {alias} is outside 1 to {}, the Topic Alias Maximum",
+                    super::handshake::TOPIC_ALIAS_MAXIMUM
+                ),
             ));
         }
+        publish.properties.remove_topic_alias();
+        if publish.topic_name.is_empty() {
+            let Some(topic) = self.topic_aliases.get(&alias) else {
+                return Err(CloseCause::protocol(
+                    ReasonCode::ProtocolError,
+                    format!("topic alias {alias} is not set on this connection"),
+                ));
+            };
+            publish.topic_name.clone_from(topic);
+        } else if is_valid_topic_name(&publish.topic_name) {
+            self.topic_aliases.insert(alias, publish.topic_name.clone());
+        }
         Ok(())
+    }
+
+    /// Returns the scope and key of the retained message that a PUBLISH
+    /// with RETAIN changes, or `None` when its topic cannot be retained
+    /// (commands, topics outside the client's tree).
+    fn retain_target(&self, topic: &str) -> Option<(RetainScope, String)> {
+        match &self.client {
+            Client::Device(identity) => {
+                let suffix = match classify_publish(topic, identity.device_id) {
+                    PublishTarget::Telemetry => topics::TELEMETRY_SUFFIX,
+                    PublishTarget::OwnTopic { suffix } => suffix,
+                    PublishTarget::Forbidden => return None,
+                };
+                let scope = RetainScope {
+                    tenant_id: identity.tenant_id,
+                    device_id: Some(identity.device_id),
+                };
+                Some((scope, suffix.to_owned()))
+            }
+            Client::Application(principal) => {
+                if classify_app_publish(topic) != AppPublishTarget::Shared {
+                    return None;
+                }
+                let scope = RetainScope {
+                    tenant_id: principal.tenant_id,
+                    device_id: None,
+                };
+                Some((scope, topic.to_owned()))
+            }
+        }
+    }
+
+    /// Checks that a retained PUBLISH stays within the tenant's limits. An
+    /// empty payload deletes, which always fits.
+    fn check_retain_limit(&self, publish: &PublishPacket) -> Result<(), retained::RetainLimit> {
+        if publish.payload.is_empty() {
+            return Ok(());
+        }
+        match self.retain_target(&publish.topic_name) {
+            Some((scope, topic)) => {
+                self.shared
+                    .router
+                    .retained()
+                    .check(scope, &topic, &publish.payload)
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Stores or deletes the retained message of an accepted PUBLISH with
+    /// RETAIN: memory now, SQLite with the group's append, before the
+    /// acknowledgement. An empty payload deletes ([MQTT-3.3.1-6],
+    /// [MQTT-3.3.1-7]); a PUBLISH without RETAIN changes nothing
+    /// ([MQTT-3.3.1-8]).
+    pub(super) fn apply_retain(&mut self, publish: &PublishPacket) {
+        if !publish.retain {
+            return;
+        }
+        let Some((scope, topic)) = self.retain_target(&publish.topic_name) else {
+            return;
+        };
+        let message = retained_message(publish);
+        {
+            let mut store = self.shared.router.retained();
+            match &message {
+                Some(message) => store.set(scope, &topic, message.clone()),
+                None => {
+                    store.remove(scope, &topic);
+                }
+            }
+        }
+        self.group
+            .retained
+            .push(retained::change_for(scope, &topic, message.as_ref()));
     }
 
     /// Step 3, telemetry: the payload must decode as the pipeline will
@@ -250,6 +375,10 @@ impl Connection {
             return;
         }
 
+        self.apply_retain(&publish);
+        let route = StoredRoute {
+            message: routed_message(&publish),
+        };
         self.group.envelopes.push(Envelope {
             tenant_id,
             device_id,
@@ -259,10 +388,7 @@ impl Connection {
             payload: publish.payload.clone(),
             meta: Bytes::new(),
         });
-        self.group.routes.push(StoredRoute {
-            payload: publish.payload,
-            qos: publish.qos,
-        });
+        self.group.routes.push(route);
         if publish.qos != QoS::AtMostOnce {
             self.group.items.push(AckItem::AfterAppend {
                 packet_id,
@@ -286,15 +412,15 @@ impl Connection {
         let delivered = self.shared.router.route(
             identity.device_id,
             suffix,
-            &publish.payload,
-            publish.qos,
-            application::forwarded_properties(publish).as_ref(),
+            &routed_message(publish),
             Some(&self.client_id),
         );
         events::messages_routed(1);
+        self.apply_retain(publish);
 
         let (reason, reason_string) = match self.version {
-            ProtocolVersion::V5 if delivered == 0 => (
+            // A retained message is kept for later subscribers.
+            ProtocolVersion::V5 if delivered == 0 && !publish.retain => (
                 ReasonCode::NoMatchingSubscribers,
                 Some(NOT_STORED_REASON.to_owned()),
             ),
@@ -365,13 +491,17 @@ impl Connection {
 
     /// Starts the append of the current group.
     pub fn flush_group(&mut self) {
-        if self.group.items.is_empty() && self.group.envelopes.is_empty() {
+        if self.group.items.is_empty()
+            && self.group.envelopes.is_empty()
+            && self.group.retained.is_empty()
+        {
             return;
         }
         let group = std::mem::take(&mut self.group);
         self.pending_messages += group.messages;
 
         let ingest = self.shared.context.ingest.clone();
+        let metadata = self.shared.context.metadata.clone();
         self.pending.push_back(Box::pin(async move {
             let stored = group.envelopes.len();
             let result = if group.envelopes.is_empty() {
@@ -379,6 +509,9 @@ impl Connection {
             } else {
                 ingest.append(group.envelopes).await
             };
+            if !group.retained.is_empty() {
+                persist_retained(&metadata, &group.retained).await;
+            }
             GroupDone {
                 items: group.items,
                 routes: group.routes,
@@ -404,9 +537,7 @@ impl Connection {
                         self.shared.router.route(
                             identity.device_id,
                             topics::TELEMETRY_SUFFIX,
-                            &route.payload,
-                            route.qos,
-                            None,
+                            &route.message,
                             Some(&self.client_id),
                         );
                     }
@@ -574,12 +705,15 @@ pub async fn publish_will(shared: &Shared, client: &Client, client_id: &ClientId
                 shared.router.route_to_applications(
                     principal.tenant_id,
                     &will.topic,
-                    &will.payload,
-                    will.qos,
-                    None,
+                    &will_message(&will),
                     Some(client_id),
                 );
                 events::messages_routed(1);
+                let scope = RetainScope {
+                    tenant_id: principal.tenant_id,
+                    device_id: None,
+                };
+                retain_will(shared, scope, &will.topic, &will).await;
             }
             return;
         }
@@ -590,12 +724,11 @@ pub async fn publish_will(shared: &Shared, client: &Client, client_id: &ClientId
             shared.router.route(
                 identity.device_id,
                 suffix,
-                &will.payload,
-                will.qos,
-                None,
+                &will_message(&will),
                 Some(client_id),
             );
             events::messages_routed(1);
+            retain_will(shared, device_scope(identity), suffix, &will).await;
             tracing::debug!(topic = %will.topic, "published the will message to subscribers");
         }
         PublishTarget::Telemetry => append_will(shared, identity, client_id, will).await,
@@ -630,11 +763,16 @@ async fn append_will(shared: &Shared, identity: &DeviceIdentity, client_id: &Cli
             shared.router.route(
                 identity.device_id,
                 topics::TELEMETRY_SUFFIX,
-                &will.payload,
-                will.qos,
-                None,
+                &will_message(&will),
                 Some(client_id),
             );
+            retain_will(
+                shared,
+                device_scope(identity),
+                topics::TELEMETRY_SUFFIX,
+                &will,
+            )
+            .await;
             tracing::debug!(topic = %will.topic, "stored the will message");
         }
         Err(error) => {
@@ -649,4 +787,74 @@ async fn append_will(shared: &Shared, identity: &DeviceIdentity, client_id: &Cli
             tracing::warn!(%error, "will message not stored: appending to the ingest log failed");
         }
     }
+}
+
+/// Returns the retained message that `publish` stores, or `None` for an
+/// empty payload, which deletes.
+fn retained_message(publish: &PublishPacket) -> Option<RetainedMessage> {
+    if publish.payload.is_empty() {
+        return None;
+    }
+    let expires_at_ms = publish
+        .properties
+        .get_message_expiry_interval()
+        .map(|seconds| retained::now_ms().saturating_add(i64::from(seconds) * 1000));
+    Some(RetainedMessage {
+        payload: publish.payload.clone(),
+        qos: publish.qos,
+        properties: application::forwarded_properties(publish),
+        expires_at_ms,
+    })
+}
+
+/// Writes retained message changes to SQLite. A failure is logged: the
+/// change stays in memory and is lost at restart.
+async fn persist_retained(metadata: &crate::metadata::SqliteMetadata, changes: &[RetainedChange]) {
+    if let Err(error) = metadata.apply_mqtt_retained(changes).await {
+        tracing::error!(%error, changes = changes.len(), "cannot store retained MQTT messages; they are lost when the server restarts");
+    }
+}
+
+fn device_scope(identity: &DeviceIdentity) -> RetainScope {
+    RetainScope {
+        tenant_id: identity.tenant_id,
+        device_id: Some(identity.device_id),
+    }
+}
+
+fn will_message(will: &Will) -> RoutedMessage {
+    RoutedMessage {
+        retain: will.retain,
+        ..RoutedMessage::plain(will.payload.clone(), will.qos)
+    }
+}
+
+/// Stores or deletes the retained message of a will with RETAIN.
+async fn retain_will(shared: &Shared, scope: RetainScope, topic: &str, will: &Will) {
+    if !will.retain {
+        return;
+    }
+    let message = (!will.payload.is_empty()).then(|| RetainedMessage {
+        payload: will.payload.clone(),
+        qos: will.qos,
+        properties: None,
+        expires_at_ms: None,
+    });
+    {
+        let mut store = shared.router.retained();
+        match &message {
+            Some(message) => {
+                if let Err(limit) = store.check(scope, topic, &message.payload) {
+                    tracing::warn!(topic, %limit, "did not retain a will message");
+                    return;
+                }
+                store.set(scope, topic, message.clone());
+            }
+            None => {
+                store.remove(scope, topic);
+            }
+        }
+    }
+    let change = retained::change_for(scope, topic, message.as_ref());
+    persist_retained(&shared.context.metadata, &[change]).await;
 }

@@ -21,10 +21,12 @@
 //!   the PUBLISHes came in ([MQTT-4.6.0-2], [MQTT-4.6.0-3]).
 //! - QoS 0, 1 and 2 inbound, with the QoS 2 packet ids kept until PUBREL so
 //!   that a resent PUBLISH is not stored twice ([MQTT-4.3.3-9]).
+//! - Outgoing QoS 2, with the flow (PUBREC, PUBREL, PUBCOMP) kept in the
+//!   session and resumed on reconnect ([MQTT-4.4.0-1], `outbound.rs`).
 //! - Sessions with clean start, session expiry and takeover (`session.rs`);
-//!   subscriptions and delivery of QoS 0 and 1 to the sessions of the same
-//!   device (`router.rs`), which other parts of Ferrite publish through with
-//!   [`Router::publish_to_device`].
+//!   subscriptions and delivery of QoS 0, 1 and 2 to the sessions of the
+//!   same device (`router.rs`), which other parts of Ferrite publish
+//!   through with [`Router::publish_to_device`].
 //! - RPC requests to devices and their responses on
 //!   `v1/devices/me/rpc/{request,response}/{id}`, as in ThingsBoard
 //!   (`rpc.rs`, [`Router::call_device`]).
@@ -33,18 +35,16 @@
 //! - MQTT 5 Payload Format Indicator, Response Topic, Correlation Data, User
 //!   Properties and Content Type forwarded unchanged to subscribers, and
 //!   Response Information for applications that request it.
+//! - Retained messages per device namespace and per tenant application
+//!   tree (`retained.rs`), kept in SQLite, with Retain Handling, Retain As
+//!   Published and limits per tenant; Message Expiry Interval on retained
+//!   and queued messages.
+//! - MQTT 5 topic aliases from clients, up to 64 per connection; the
+//!   server sends no aliases itself.
 //!
 //! ## What it leaves out
-//! - NOTE: outgoing QoS 2 is not supported: subscriptions are granted at
-//!   most QoS 1 and messages are delivered with at most QoS 1.
-//! - NOTE: retained messages are not supported. MQTT 5 clients learn it
-//!   from CONNACK (Retain Available = 0), and a retained PUBLISH closes
-//!   their connection with 0x9A. MQTT 3.1.1 publishes with RETAIN are
-//!   handled as normal publishes.
 //! - NOTE: shared subscriptions are not supported (`$share/` filters get
 //!   SUBACK 0x9E in MQTT 5 and 0x80 in 3.1.1).
-//! - NOTE: topic aliases are not supported (Topic Alias Maximum 0); a
-//!   PUBLISH with a topic alias closes the connection with 0x94.
 //! - Sessions live in memory and end when the server stops; there is no
 //!   TLS or WebSocket listener and no enhanced (AUTH) authentication yet.
 //!
@@ -62,6 +62,7 @@ mod events;
 mod handshake;
 mod inbound;
 mod outbound;
+mod retained;
 mod router;
 mod rpc;
 mod session;
@@ -107,6 +108,8 @@ pub struct MqttContext {
     pub directory: Arc<crate::profiles::Directory>,
     /// Processed telemetry and alarm changes, forwarded to applications.
     pub live: crate::live::LiveBus,
+    /// Stores retained messages.
+    pub metadata: Arc<crate::metadata::SqliteMetadata>,
 }
 
 impl MqttContext {
@@ -143,6 +146,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     events::register();
+    load_retained(&context, &router).await;
     let max_connections = context.config.max_connections.min(Semaphore::MAX_PERMITS);
     let connection_slots = Arc::new(Semaphore::new(max_connections));
     let shared = Arc::new(Shared {
@@ -218,4 +222,19 @@ pub async fn serve(
     shared.tasks.close();
     shared.tasks.wait().await;
     tracing::info!("MQTT server stopped");
+}
+
+/// Loads the retained messages stored before the last stop. On failure the
+/// server starts without them and logs the error.
+async fn load_retained(context: &MqttContext, router: &Router) {
+    match context.metadata.load_mqtt_retained().await {
+        Ok(rows) => {
+            let count = rows.len();
+            router.retained().load(rows);
+            tracing::info!(count, "loaded retained MQTT messages");
+        }
+        Err(error) => {
+            tracing::error!(%error, "cannot load retained MQTT messages; starting without them");
+        }
+    }
 }

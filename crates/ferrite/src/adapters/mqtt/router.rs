@@ -32,9 +32,10 @@ use parking_lot::{Mutex, MutexGuard};
 use tokio::sync::mpsc::error::TrySendError;
 
 use super::events::{self, WarnLimiter};
+use super::retained::RetainedStore;
 use super::rpc::{self, PendingRequests, PendingResponse, RpcSendError};
 use super::session::{
-    ClientId, MessageProperties, Outgoing, Presence, Session, SessionStore, Subscription,
+    ClientId, Outgoing, Presence, RoutedMessage, Session, SessionStore, Subscription,
 };
 use super::topics::{is_valid_topic_name, suffix_matches};
 use crate::config::MqttConfig;
@@ -49,6 +50,8 @@ pub struct Router {
     queue_full_warnings: Arc<Mutex<WarnLimiter>>,
     /// RPC requests waiting for a device's response.
     rpc_requests: Arc<PendingRequests>,
+    /// Retained messages; see `retained.rs`.
+    retained: Arc<Mutex<RetainedStore>>,
 }
 
 impl Router {
@@ -63,13 +66,17 @@ impl Router {
             ))),
             queue_full_warnings: Arc::new(Mutex::new(WarnLimiter::default())),
             rpc_requests: Arc::new(PendingRequests::default()),
+            retained: Arc::new(Mutex::new(RetainedStore::new(
+                config.max_retained_messages,
+                config.max_retained_bytes,
+            ))),
         }
     }
 
     /// Sends `payload` to the sessions of `device_id` whose subscriptions
     /// match the topic `v1/devices/me/{suffix}` (or its equal
     /// `devices/{device_id}/{suffix}`), with the lower of `qos` and the
-    /// granted QoS. QoS 2 is sent as QoS 1. Returns the number of sessions
+    /// granted QoS. Returns the number of sessions
     /// that got the message or queued it: 0 when `suffix` is empty or
     /// contains a wildcard, which no topic name may.
     pub fn publish_to_device(
@@ -82,7 +89,7 @@ impl Router {
         if !is_valid_topic_name(suffix) {
             return 0;
         }
-        self.route(device_id, suffix, &payload, qos, None, None)
+        self.route(device_id, suffix, &RoutedMessage::plain(payload, qos), None)
     }
 
     /// True when a connection of `device_id` in `tenant_id` is open. A
@@ -114,9 +121,7 @@ impl Router {
         &self,
         tenant_id: TenantId,
         topic: &str,
-        payload: &Bytes,
-        qos: QoS,
-        properties: Option<&Arc<MessageProperties>>,
+        message: &RoutedMessage,
         publisher: Option<&ClientId>,
     ) -> usize {
         let mut guard = self.sessions.lock();
@@ -135,13 +140,8 @@ impl Router {
             let Some(subscription) = best_match(&session.subscriptions, topic, is_publisher) else {
                 continue;
             };
-            let message = Outgoing {
-                topic: topic.to_owned(),
-                payload: payload.clone(),
-                qos: lower_qos(qos, subscription.qos),
-                properties: properties.cloned(),
-            };
-            match deliver(session, message, store.max_queued) {
+            let outgoing = outgoing(topic.to_owned(), message, subscription);
+            match deliver(session, outgoing, store.max_queued) {
                 DeliveryResult::Delivered => delivered += 1,
                 DeliveryResult::QueueFull => queue_full += 1,
                 DeliveryResult::Skipped => {}
@@ -228,12 +228,14 @@ impl Router {
         &self,
         device_id: DeviceId,
         suffix: &str,
-        payload: &Bytes,
-        qos: QoS,
-        properties: Option<&Arc<MessageProperties>>,
+        message: &RoutedMessage,
         publisher: Option<&ClientId>,
     ) -> usize {
-        if publisher.is_some() && self.rpc_requests.complete(device_id, suffix, payload) {
+        if publisher.is_some()
+            && self
+                .rpc_requests
+                .complete(device_id, suffix, &message.payload)
+        {
             return 1;
         }
 
@@ -254,16 +256,12 @@ impl Router {
             else {
                 continue;
             };
-            let message = Outgoing {
-                topic: format!(
-                    "{}{suffix}",
-                    &subscription.filter[..subscription.prefix_len]
-                ),
-                payload: payload.clone(),
-                qos: lower_qos(qos, subscription.qos),
-                properties: properties.cloned(),
-            };
-            match deliver(session, message, store.max_queued) {
+            let topic = format!(
+                "{}{suffix}",
+                &subscription.filter[..subscription.prefix_len]
+            );
+            let outgoing = outgoing(topic, message, subscription);
+            match deliver(session, outgoing, store.max_queued) {
                 DeliveryResult::Delivered => delivered += 1,
                 DeliveryResult::QueueFull => queue_full += 1,
                 DeliveryResult::Skipped => {}
@@ -282,28 +280,42 @@ impl Router {
         self.sessions.lock()
     }
 
+    /// Locks the retained messages.
+    pub(super) fn retained(&self) -> MutexGuard<'_, RetainedStore> {
+        self.retained.lock()
+    }
+
     /// Adds `subscriptions` to the session held by the connection of
     /// `generation`, replacing those with the same filter ([MQTT-3.8.4-3]).
+    /// Returns, per subscription, whether one with its filter existed.
     pub(super) fn subscribe(
         &self,
         client_id: &ClientId,
         generation: u64,
         subscriptions: Vec<Subscription>,
-    ) {
+    ) -> Vec<bool> {
         let mut store = self.sessions.lock();
         let Some(session) = store.current_session(client_id, generation) else {
-            return;
+            return vec![false; subscriptions.len()];
         };
+        let mut existed = Vec::with_capacity(subscriptions.len());
         for subscription in subscriptions {
             match session
                 .subscriptions
                 .iter_mut()
                 .find(|existing| existing.filter == subscription.filter)
             {
-                Some(existing) => *existing = subscription,
-                None => session.subscriptions.push(subscription),
+                Some(existing) => {
+                    *existing = subscription;
+                    existed.push(true);
+                }
+                None => {
+                    session.subscriptions.push(subscription);
+                    existed.push(false);
+                }
             }
         }
+        existed
     }
 
     /// Removes the subscriptions with these filters. Returns, per filter,
@@ -378,6 +390,20 @@ fn deliver(session: &mut Session, message: Outgoing, max_queued: usize) -> Deliv
     }
 }
 
+/// Builds the copy of `message` for one subscription: the lower QoS, and
+/// the RETAIN flag only with Retain As Published ([MQTT-3.3.1-12],
+/// [MQTT-3.3.1-13]).
+fn outgoing(topic: String, message: &RoutedMessage, subscription: &Subscription) -> Outgoing {
+    Outgoing {
+        topic,
+        payload: message.payload.clone(),
+        qos: lower_qos(message.qos, subscription.qos),
+        properties: message.properties.clone(),
+        retain: message.retain && subscription.retain_as_published,
+        expires_at: message.expires_at,
+    }
+}
+
 /// Picks the matching subscription with the highest QoS; a session gets
 /// one copy of a message however many of its filters match.
 fn best_match<'a>(
@@ -395,11 +421,9 @@ fn best_match<'a>(
         })
 }
 
-/// Outgoing QoS: the lower of the published and the granted QoS, and never
-/// 2 (outgoing QoS 2 is not supported).
+/// Outgoing QoS: the lower of the published and the granted QoS.
 fn lower_qos(published: QoS, granted: QoS) -> QoS {
-    let level = (published as u8).min(granted as u8).min(1);
-    QoS::from(level)
+    QoS::from((published as u8).min(granted as u8))
 }
 
 #[cfg(test)]
@@ -442,6 +466,7 @@ mod tests {
             suffix_filter: authorized.suffix_filter,
             qos,
             no_local: false,
+            retain_as_published: false,
         }
     }
 

@@ -4,7 +4,10 @@
 //! ## State
 //! A session contains its device and its subscriptions. While no
 //! connection is attached, it also keeps its [`DeliveryState`]:
-//! - `inflight`: QoS 1 messages sent and not acknowledged;
+//! - `inflight`: QoS 1 and 2 messages sent and not acknowledged (PUBACK,
+//!   or PUBREC for QoS 2);
+//! - `released`: packet ids of outgoing QoS 2 messages whose PUBREC came
+//!   and whose PUBREL waits for PUBCOMP;
 //! - `queued`: QoS 1 messages that arrived since, at most
 //!   `mqtt.max_queued_messages`, the oldest dropped first;
 //! - `qos2_stored`: packet ids of QoS 2 PUBLISHes stored and waiting for
@@ -80,11 +83,40 @@ impl fmt::Display for ClientId {
 pub struct Outgoing {
     pub topic: String,
     pub payload: Bytes,
-    /// QoS 0 or 1: outgoing QoS 2 is not supported.
     pub qos: QoS,
     /// MQTT 5 properties forwarded to the subscriber; `None` when there
     /// are none, so that most messages carry no allocation for them.
     pub properties: Option<Arc<MessageProperties>>,
+    /// RETAIN flag of the PUBLISH to the subscriber: set for retained
+    /// messages sent after SUBSCRIBE, and for Retain As Published.
+    pub retain: bool,
+    /// When the message expires (MQTT 5 Message Expiry Interval); an
+    /// expired message is dropped instead of sent.
+    pub expires_at: Option<Instant>,
+}
+
+/// A message as published, before it is routed to subscribers.
+#[derive(Debug, Clone)]
+pub struct RoutedMessage {
+    pub payload: Bytes,
+    pub qos: QoS,
+    /// RETAIN flag of the PUBLISH that carried it.
+    pub retain: bool,
+    pub properties: Option<Arc<MessageProperties>>,
+    pub expires_at: Option<Instant>,
+}
+
+impl RoutedMessage {
+    /// Builds a message without retain flag, properties or expiry.
+    pub fn plain(payload: Bytes, qos: QoS) -> Self {
+        Self {
+            payload,
+            qos,
+            retain: false,
+            properties: None,
+            expires_at: None,
+        }
+    }
 }
 
 /// The MQTT 5 PUBLISH properties that a broker forwards unchanged from the
@@ -127,24 +159,31 @@ pub struct Subscription {
     pub prefix_len: usize,
     /// `filter` after the prefix, matched against topic suffixes.
     pub suffix_filter: String,
-    /// Granted QoS, 0 or 1.
+    /// Granted QoS.
     pub qos: QoS,
     /// MQTT 5 No Local: messages this session publishes are not sent back.
     pub no_local: bool,
+    /// MQTT 5 Retain As Published: forwarded messages keep their RETAIN
+    /// flag instead of having it cleared.
+    pub retain_as_published: bool,
 }
 
 /// Delivery state that a connection owns while it is attached to the
 /// session and returns to the store when it ends.
 #[derive(Debug)]
 pub struct DeliveryState {
-    /// QoS 1 messages sent and not yet acknowledged, oldest first.
+    /// QoS 1 and 2 messages sent and not yet acknowledged with PUBACK or
+    /// PUBREC, oldest first.
     pub inflight: VecDeque<(u16, Outgoing)>,
-    /// QoS 1 messages not sent yet, oldest first.
+    /// Packet ids of outgoing QoS 2 messages released with PUBREL and
+    /// waiting for PUBCOMP, oldest first.
+    pub released: VecDeque<u16>,
+    /// Messages not sent yet, oldest first.
     pub queued: VecDeque<Outgoing>,
     /// Packet ids of QoS 2 PUBLISHes that were stored and acknowledged with
     /// PUBREC, waiting for PUBREL.
     pub qos2_stored: Vec<u16>,
-    /// Packet id to try first for the next outgoing QoS 1 message.
+    /// Packet id to try first for the next outgoing QoS 1 or 2 message.
     pub next_packet_id: u16,
 }
 
@@ -152,10 +191,19 @@ impl Default for DeliveryState {
     fn default() -> Self {
         Self {
             inflight: VecDeque::new(),
+            released: VecDeque::new(),
             queued: VecDeque::new(),
             qos2_stored: Vec::new(),
             next_packet_id: 1,
         }
+    }
+}
+
+impl DeliveryState {
+    /// Outgoing QoS 1 and 2 messages not yet fully acknowledged, which the
+    /// client's Receive Maximum bounds ([MQTT-3.3.4-9]).
+    pub fn unacknowledged(&self) -> usize {
+        self.inflight.len() + self.released.len()
     }
 }
 
@@ -483,6 +531,8 @@ mod tests {
             payload: Bytes::from_static(b"{}"),
             qos: QoS::AtLeastOnce,
             properties: None,
+            retain: false,
+            expires_at: None,
         }
     }
 
