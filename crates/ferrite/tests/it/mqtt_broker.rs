@@ -17,6 +17,10 @@
 //! | `retain_as_published_keeps_flag` | [MQTT-3.3.1-12], [MQTT-3.3.1-13] |
 //! | `qos2_flow_resumes_across_reconnects` | [MQTT-4.4.0-1] |
 //! | `topic_alias_sets_and_uses_topic` | [MQTT-3.3.2-9] |
+//! | `shared_subscription_alternates_members` | [MQTT-4.8.2-1] |
+//! | `shared_subscription_rules` | [MQTT-4.8.2-2] |
+//! | `shared_subscription_with_no_local_closes` | [MQTT-3.8.3-4] |
+//! | `application_session_is_taken_over` | [MQTT-3.1.4-3] |
 
 use std::time::{Duration, Instant};
 
@@ -1160,4 +1164,266 @@ async fn topic_alias_sets_and_uses_topic() {
     let disconnect = raw.next_packet().await.expect("DISCONNECT");
     assert_eq!(disconnect.first_byte, 0xE0, "{disconnect:?}");
     assert_eq!(disconnect.body[0], 0x94, "reason code Topic Alias invalid");
+}
+
+// ---------------------------------------------------------------------------
+// Shared subscriptions
+// ---------------------------------------------------------------------------
+
+/// Publishes `count` QoS 1 messages on `topic`, numbered from 0.
+async fn publish_numbered(server: &Server, key: &str, topic: &str, count: usize) {
+    let (publisher, mut publisher_loop, _) =
+        connect(options(server, "numbered-publisher", key, "")).await;
+    for index in 0..count {
+        publisher
+            .publish(topic, QoS::AtLeastOnce, false, index.to_string())
+            .await
+            .expect("queue PUBLISH");
+        wait_for(&mut publisher_loop, |packet| match packet {
+            Packet::PubAck(_) => Some(()),
+            _ => None,
+        })
+        .await;
+    }
+}
+
+/// [MQTT-4.8.2-1]: `$share/{ShareName}/{filter}` is a shared
+/// subscription; each message goes to one member, round robin.
+#[tokio::test]
+async fn shared_subscription_alternates_members() {
+    let server = Server::start().await;
+    let key = server.create_api_key("ops", "operator");
+    let mut members = Vec::new();
+    for name in ["worker-a", "worker-b"] {
+        let (client, mut eventloop, connack) = connect(options(&server, name, &key, "")).await;
+        let available = connack
+            .properties
+            .and_then(|properties| properties.shared_subscription_available);
+        assert_ne!(available, Some(0), "CONNACK Shared Subscription Available");
+        subscribe(&client, &mut eventloop, "$share/workers/apps/jobs").await;
+        members.push((client, eventloop));
+    }
+
+    publish_numbered(&server, &key, "apps/jobs", 6).await;
+
+    let mut total = 0;
+    for (name, (_client, eventloop)) in ["worker-a", "worker-b"].iter().zip(members.iter_mut()) {
+        let received = publishes_during_quiet(eventloop).await;
+        assert_eq!(received.len(), 3, "{name} received {received:?}");
+        total += received.len();
+    }
+    assert_eq!(total, 6, "each message reaches exactly one member");
+}
+
+/// An offline persistent member queues a message only when no member is
+/// online; its queue is delivered when it reconnects.
+#[tokio::test]
+async fn shared_subscription_prefers_online_members() {
+    use mqtt5_protocol::packet::subscribe::SubscribePacket;
+
+    let server = Server::start().await;
+    let key = server.create_api_key("ops", "operator");
+    let (mut persistent, _) = RawClient::connect(&server, "persistent-member", &key).await;
+    persistent
+        .send(
+            &SubscribePacket::new(1)
+                .add_filter("$share/workers/apps/jobs", mqtt5_protocol::QoS::AtLeastOnce),
+        )
+        .await;
+    let suback = persistent.next_packet().await.expect("SUBACK");
+    assert_eq!(suback.first_byte, 0x90);
+    drop(persistent);
+
+    let (online, mut online_loop, _) = connect(options(&server, "online-member", &key, "")).await;
+    subscribe(&online, &mut online_loop, "$share/workers/apps/jobs").await;
+    publish_numbered(&server, &key, "apps/jobs", 2).await;
+    let received = publishes_during_quiet(&mut online_loop).await;
+    assert_eq!(received.len(), 2, "the online member gets every message");
+    online.disconnect().await.expect("queue DISCONNECT");
+    let _ = tokio::time::timeout(QUIET, async { while online_loop.poll().await.is_ok() {} }).await;
+
+    publish_numbered(&server, &key, "apps/jobs", 1).await;
+    let (mut resumed, present) = RawClient::connect(&server, "persistent-member", &key).await;
+    assert!(present);
+    let queued = resumed.next_packet().await.expect("queued PUBLISH");
+    assert_eq!(queued.first_byte & 0xF0, 0x30, "{queued:?}");
+    assert!(
+        resumed.next_packet_within(QUIET).await.is_none(),
+        "only the message published while no member was online is queued"
+    );
+}
+
+/// [MQTT-4.8.2-2]: a ShareName with `+` or `#`, or without `/` and a
+/// filter after it, is rejected with SUBACK 0x8F; retained messages are
+/// not sent to a shared subscription.
+#[tokio::test]
+async fn shared_subscription_rules() {
+    use mqtt5_protocol::packet::subscribe::SubscribePacket;
+
+    let server = Server::start().await;
+    let key = server.create_api_key("ops", "operator");
+    let (publisher, mut publisher_loop, _) = connect(options(&server, "publisher", &key, "")).await;
+    publish_retained(&publisher, &mut publisher_loop, "apps/state", b"retained").await;
+
+    let (mut raw, _) = RawClient::connect(&server, "share-rules", &key).await;
+    let filters = [
+        "$share/g+/apps/x",
+        "$share/g#/apps/x",
+        "$share/group",
+        "$share/group/apps/state",
+    ];
+    let mut subscribe = SubscribePacket::new(7);
+    for filter in filters {
+        subscribe = subscribe.add_filter(filter, mqtt5_protocol::QoS::AtLeastOnce);
+    }
+    raw.send(&subscribe).await;
+    let suback = raw.next_packet().await.expect("SUBACK");
+    assert_eq!(suback.first_byte, 0x90);
+    // Packet id (2 bytes), property length 0, then one code per filter.
+    assert_eq!(&suback.body[3..], &[0x8F, 0x8F, 0x8F, 0x01]);
+    assert!(
+        raw.next_packet_within(QUIET).await.is_none(),
+        "no retained message for a shared subscription"
+    );
+}
+
+/// It is a protocol error to set No Local on a shared subscription.
+#[tokio::test]
+async fn shared_subscription_with_no_local_closes() {
+    use mqtt5_protocol::packet::subscribe::{SubscribePacket, SubscriptionOptions, TopicFilter};
+
+    let server = Server::start().await;
+    let key = server.create_api_key("ops", "operator");
+    let (mut raw, _) = RawClient::connect(&server, "no-local", &key).await;
+    let options = SubscriptionOptions {
+        no_local: true,
+        ..SubscriptionOptions::default()
+    };
+    raw.send(
+        &SubscribePacket::new(1)
+            .add_filter_with_options(TopicFilter::with_options("$share/g/apps/x", options)),
+    )
+    .await;
+    let disconnect = raw.next_packet().await.expect("DISCONNECT");
+    assert_eq!(disconnect.first_byte, 0xE0, "{disconnect:?}");
+    assert_eq!(disconnect.body[0], 0x82, "reason code Protocol Error");
+}
+
+// ---------------------------------------------------------------------------
+// Persistent sessions
+// ---------------------------------------------------------------------------
+
+fn persistent_options(server: &Server, client_id: &str, key: &str) -> v5::MqttOptions {
+    let mut options = options(server, client_id, key, "");
+    options.set_clean_start(false);
+    options.set_session_expiry_interval(Some(300));
+    options
+}
+
+/// An offline persistent session queues QoS 1 and 2 messages; on resume
+/// they arrive with their QoS, an expired one is dropped, and the
+/// Message Expiry Interval of the others is decremented.
+#[tokio::test]
+async fn offline_session_queues_qos1_qos2_with_expiry() {
+    let server = Server::start().await;
+    let key = server.create_api_key("ops", "operator");
+    {
+        let (client, mut eventloop, _) = connect(persistent_options(&server, "queued", &key)).await;
+        client
+            .subscribe("apps/queue/#", QoS::ExactlyOnce)
+            .await
+            .expect("queue SUBSCRIBE");
+        wait_for(&mut eventloop, |packet| match packet {
+            Packet::SubAck(_) => Some(()),
+            _ => None,
+        })
+        .await;
+        client.disconnect().await.expect("queue DISCONNECT");
+        let _ =
+            tokio::time::timeout(QUIET, async { while eventloop.poll().await.is_ok() {} }).await;
+    }
+
+    let (publisher, mut publisher_loop, _) = connect(options(&server, "publisher", &key, "")).await;
+    let cases = [
+        ("apps/queue/one", QoS::AtLeastOnce, None),
+        ("apps/queue/two", QoS::ExactlyOnce, Some(60)),
+        ("apps/queue/expired", QoS::AtLeastOnce, Some(1)),
+    ];
+    for (topic, qos, expiry) in cases {
+        let properties = PublishProperties {
+            message_expiry_interval: expiry,
+            ..PublishProperties::default()
+        };
+        publisher
+            .publish_with_properties(topic, qos, false, b"x".to_vec(), properties)
+            .await
+            .expect("queue PUBLISH");
+        wait_for(&mut publisher_loop, |packet| match packet {
+            Packet::PubAck(_) | Packet::PubComp(_) => Some(()),
+            _ => None,
+        })
+        .await;
+    }
+    // Let the 1 s expiry pass while the session is offline.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+
+    let (_client, mut eventloop, connack) =
+        connect(persistent_options(&server, "queued", &key)).await;
+    assert!(connack.session_present);
+    let received = publishes_during_quiet(&mut eventloop).await;
+    let topics: Vec<&[u8]> = received.iter().map(|publish| &publish.topic[..]).collect();
+    assert_eq!(topics, [&b"apps/queue/one"[..], b"apps/queue/two"]);
+    assert_eq!(received[0].qos, QoS::AtLeastOnce);
+    assert_eq!(received[1].qos, QoS::ExactlyOnce);
+    let interval = received[1]
+        .properties
+        .as_ref()
+        .and_then(|properties| properties.message_expiry_interval)
+        .expect("Message Expiry Interval");
+    assert!(
+        interval < 60,
+        "the interval was not decremented: {interval}"
+    );
+    assert!(interval >= 50, "the interval dropped too far: {interval}");
+}
+
+/// [MQTT-3.1.4-3]: a second connection with the same client id takes the
+/// session over, and the first gets DISCONNECT 0x8E.
+#[tokio::test]
+async fn application_session_is_taken_over() {
+    let server = Server::start().await;
+    let key = server.create_api_key("ops", "operator");
+    let (first, mut first_loop, _) = connect(persistent_options(&server, "twin-app", &key)).await;
+    subscribe(&first, &mut first_loop, "apps/twin").await;
+
+    let (_second, mut second_loop, connack) =
+        connect(persistent_options(&server, "twin-app", &key)).await;
+    assert!(
+        connack.session_present,
+        "the session moves to the new connection"
+    );
+
+    let deadline = Instant::now() + WAIT;
+    let code = loop {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(remaining, first_loop.poll())
+            .await
+            .expect("the first connection was not closed")
+        {
+            Ok(v5::Event::Incoming(Packet::Disconnect(disconnect))) => {
+                break Some(disconnect.reason_code);
+            }
+            Ok(_) => {}
+            Err(v5::ConnectionError::MqttState(v5::StateError::ServerDisconnect {
+                reason_code,
+                ..
+            })) => break Some(reason_code),
+            Err(_) => break None,
+        }
+    };
+    assert_eq!(code, Some(DisconnectReasonCode::SessionTakenOver));
+
+    // The subscription moved with the session.
+    publish_numbered(&server, &key, "apps/twin", 1).await;
+    next_publish_on(&mut second_loop, "apps/twin").await;
 }

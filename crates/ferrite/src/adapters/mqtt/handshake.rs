@@ -426,7 +426,7 @@ pub fn success_connack(
         .with_receive_maximum(context.config.max_inflight)
         .with_maximum_packet_size(u32::try_from(max_packet_size).unwrap_or(u32::MAX))
         .with_retain_available(true)
-        .with_shared_subscription_available(false)
+        .with_shared_subscription_available(true)
         .with_subscription_identifier_available(false)
         .with_wildcard_subscription_available(true)
         .with_topic_alias_maximum(TOPIC_ALIAS_MAXIMUM);

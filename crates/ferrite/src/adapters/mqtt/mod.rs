@@ -39,12 +39,12 @@
 //!   tree (`retained.rs`), kept in SQLite, with Retain Handling, Retain As
 //!   Published and limits per tenant; Message Expiry Interval on retained
 //!   and queued messages.
+//! - Shared subscriptions `$share/{ShareName}/{filter}` (`router.rs`):
+//!   each message goes to one member, round robin among those online.
 //! - MQTT 5 topic aliases from clients, up to 64 per connection; the
 //!   server sends no aliases itself.
 //!
 //! ## What it leaves out
-//! - NOTE: shared subscriptions are not supported (`$share/` filters get
-//!   SUBACK 0x9E in MQTT 5 and 0x80 in 3.1.1).
 //! - Sessions live in memory and end when the server stops; there is no
 //!   TLS or WebSocket listener and no enhanced (AUTH) authentication yet.
 //!

@@ -29,7 +29,7 @@ use super::connection::{CloseCause, Connection};
 use super::events;
 use super::retained::{self, RetainScope};
 use super::session::{MessageProperties, Outgoing, Subscription};
-use super::topics::{FilterRejection, authorize_filter};
+use super::topics::{FilterRejection, authorize_filter, split_shared};
 
 impl Connection {
     /// Handles SUBSCRIBE: each filter must lie in the client's topic tree;
@@ -48,10 +48,27 @@ impl Connection {
         let mut accepted = Vec::new();
         let mut retain_handling = Vec::new();
         for requested in subscribe.filters {
-            let authorized = match &self.client {
-                Client::Device(identity) => authorize_filter(&requested.filter, identity.device_id),
-                Client::Application(_) => authorize_app_filter(&requested.filter),
+            let shared = split_shared(&requested.filter);
+            if let Ok(Some(_)) = shared
+                && requested.options.no_local
+            {
+                return Err(CloseCause::protocol(
+                    ReasonCode::ProtocolError,
+                    format!(
+                        "No Local is set on the shared subscription {:?}",
+                        requested.filter
+                    ),
+                ));
+            }
+            let (filter_start, inner_filter) = match shared {
+                Ok(Some(shared)) => (shared.prefix_len, Ok(shared.filter)),
+                Ok(None) => (0, Ok(requested.filter.as_str())),
+                Err(rejection) => (0, Err(rejection)),
             };
+            let authorized = inner_filter.and_then(|filter| match &self.client {
+                Client::Device(identity) => authorize_filter(filter, identity.device_id),
+                Client::Application(_) => authorize_app_filter(filter),
+            });
             match authorized {
                 Ok(authorized) => {
                     let qos = requested.options.qos;
@@ -67,6 +84,8 @@ impl Connection {
                     });
                     accepted.push(Subscription {
                         filter: requested.filter,
+                        filter_start,
+                        shared: filter_start > 0,
                         prefix_len: authorized.prefix_len,
                         suffix_filter: authorized.suffix_filter,
                         qos,
@@ -106,7 +125,9 @@ impl Connection {
                 RetainHandling::SendAtSubscribeIfNew => !existed,
                 RetainHandling::DoNotSend => false,
             };
-            if send {
+            // Retained messages are not sent for a shared subscription
+            // (MQTT 5.0 section 4.8.2).
+            if send && !subscription.shared {
                 self.queue_retained(subscription);
             }
         }
@@ -130,7 +151,7 @@ impl Connection {
         let messages = self.shared.router.retained().matching(
             scope,
             &subscription.suffix_filter,
-            &subscription.filter[..subscription.prefix_len],
+            subscription.topic_prefix(),
             subscription.qos,
             retained::now_ms(),
         );

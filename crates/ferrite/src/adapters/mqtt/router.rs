@@ -23,6 +23,7 @@
 //! device's publish on `rpc/response/{id}` goes to the request waiting for
 //! it, if any, instead of the device's subscribers.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -35,7 +36,7 @@ use super::events::{self, WarnLimiter};
 use super::retained::RetainedStore;
 use super::rpc::{self, PendingRequests, PendingResponse, RpcSendError};
 use super::session::{
-    ClientId, Outgoing, Presence, RoutedMessage, Session, SessionStore, Subscription,
+    ClientId, Outgoing, Presence, RoutedMessage, Session, SessionStore, ShareScope, Subscription,
 };
 use super::topics::{is_valid_topic_name, suffix_matches};
 use crate::config::MqttConfig;
@@ -124,35 +125,24 @@ impl Router {
         message: &RoutedMessage,
         publisher: Option<&ClientId>,
     ) -> usize {
-        let mut guard = self.sessions.lock();
-        let store = &mut *guard;
-        let Some(clients) = store.by_tenant.get(&tenant_id) else {
+        let mut store = self.sessions.lock();
+        let Some(clients) = store.by_tenant.get(&tenant_id).cloned() else {
             return 0;
         };
+        let routed = route_in_scope(
+            &mut store,
+            &clients,
+            ShareScope::Tenant(tenant_id),
+            topic,
+            message,
+            publisher,
+        );
+        drop(store);
 
-        let mut delivered = 0;
-        let mut queue_full = 0;
-        for client_id in clients {
-            let Some(session) = store.sessions.get_mut(client_id) else {
-                continue;
-            };
-            let is_publisher = publisher == Some(client_id);
-            let Some(subscription) = best_match(&session.subscriptions, topic, is_publisher) else {
-                continue;
-            };
-            let outgoing = outgoing(topic.to_owned(), message, subscription);
-            match deliver(session, outgoing, store.max_queued) {
-                DeliveryResult::Delivered => delivered += 1,
-                DeliveryResult::QueueFull => queue_full += 1,
-                DeliveryResult::Skipped => {}
-            }
+        if routed.queue_full > 0 {
+            events::deliveries_dropped("queue_full", routed.queue_full);
         }
-        drop(guard);
-
-        if queue_full > 0 {
-            events::deliveries_dropped("queue_full", queue_full);
-        }
-        delivered
+        routed.delivered
     }
 
     /// True when a connection of `device_id` is open.
@@ -239,40 +229,24 @@ impl Router {
             return 1;
         }
 
-        let mut guard = self.sessions.lock();
-        let store = &mut *guard;
-        let Some(clients) = store.by_device.get(&device_id) else {
+        let mut store = self.sessions.lock();
+        let Some(clients) = store.by_device.get(&device_id).cloned() else {
             return 0;
         };
+        let routed = route_in_scope(
+            &mut store,
+            &clients,
+            ShareScope::Device(device_id),
+            suffix,
+            message,
+            publisher,
+        );
+        drop(store);
 
-        let mut delivered = 0;
-        let mut queue_full = 0;
-        for client_id in clients {
-            let Some(session) = store.sessions.get_mut(client_id) else {
-                continue;
-            };
-            let is_publisher = publisher == Some(client_id);
-            let Some(subscription) = best_match(&session.subscriptions, suffix, is_publisher)
-            else {
-                continue;
-            };
-            let topic = format!(
-                "{}{suffix}",
-                &subscription.filter[..subscription.prefix_len]
-            );
-            let outgoing = outgoing(topic, message, subscription);
-            match deliver(session, outgoing, store.max_queued) {
-                DeliveryResult::Delivered => delivered += 1,
-                DeliveryResult::QueueFull => queue_full += 1,
-                DeliveryResult::Skipped => {}
-            }
+        if routed.queue_full > 0 {
+            self.warn_queue_full(device_id, routed.queue_full);
         }
-        drop(guard);
-
-        if queue_full > 0 {
-            self.warn_queue_full(device_id, queue_full);
-        }
-        delivered
+        routed.delivered
     }
 
     /// Locks the session store for the steps of a connection.
@@ -361,6 +335,102 @@ impl Router {
     }
 }
 
+/// Sessions that got a message, and sessions whose channel was full.
+#[derive(Debug, Default)]
+struct Routed {
+    delivered: usize,
+    queue_full: usize,
+}
+
+impl Routed {
+    fn count(&mut self, result: DeliveryResult) {
+        match result {
+            DeliveryResult::Delivered => self.delivered += 1,
+            DeliveryResult::QueueFull => self.queue_full += 1,
+            DeliveryResult::Skipped => {}
+        }
+    }
+}
+
+/// A session whose shared subscription matches a message.
+struct ShareCandidate {
+    client_id: ClientId,
+    subscription: Subscription,
+    online: bool,
+}
+
+/// Routes a message on `topic` (a device's topic suffix, or a topic of the
+/// application tree) to the sessions `clients` of one scope.
+///
+/// Each session gets one copy for its best matching non-shared
+/// subscription. Each shared subscription filter (group) gets one copy,
+/// for one member chosen round robin among the members online; when no
+/// member is online, the first offline member queues it.
+fn route_in_scope(
+    store: &mut SessionStore,
+    clients: &[ClientId],
+    scope: ShareScope,
+    topic: &str,
+    message: &RoutedMessage,
+    publisher: Option<&ClientId>,
+) -> Routed {
+    let mut routed = Routed::default();
+    let mut groups: BTreeMap<String, Vec<ShareCandidate>> = BTreeMap::new();
+    let max_queued = store.max_queued;
+
+    for client_id in clients {
+        let Some(session) = store.sessions.get_mut(client_id) else {
+            continue;
+        };
+        let online = matches!(session.presence, Presence::Online(_));
+        for shared in session
+            .subscriptions
+            .iter()
+            .filter(|subscription| subscription.shared)
+            .filter(|subscription| suffix_matches(&subscription.suffix_filter, topic))
+        {
+            groups
+                .entry(shared.filter.clone())
+                .or_default()
+                .push(ShareCandidate {
+                    client_id: client_id.clone(),
+                    subscription: shared.clone(),
+                    online,
+                });
+        }
+
+        let is_publisher = publisher == Some(client_id);
+        let Some(subscription) = best_match(&session.subscriptions, topic, is_publisher) else {
+            continue;
+        };
+        let full_topic = format!("{}{topic}", subscription.topic_prefix());
+        let outgoing = outgoing(full_topic, message, subscription);
+        routed.count(deliver(session, outgoing, max_queued));
+    }
+
+    for (filter, candidates) in groups {
+        let online: Vec<&ShareCandidate> = candidates.iter().filter(|c| c.online).collect();
+        let chosen = if online.is_empty() {
+            candidates.first()
+        } else {
+            let cursor = store.share_cursors.entry((scope, filter)).or_default();
+            let index = *cursor % online.len();
+            *cursor = cursor.wrapping_add(1);
+            Some(online[index])
+        };
+        let Some(chosen) = chosen else {
+            continue;
+        };
+        let Some(session) = store.sessions.get_mut(&chosen.client_id) else {
+            continue;
+        };
+        let full_topic = format!("{}{topic}", chosen.subscription.topic_prefix());
+        let outgoing = outgoing(full_topic, message, &chosen.subscription);
+        routed.count(deliver(session, outgoing, max_queued));
+    }
+    routed
+}
+
 enum DeliveryResult {
     Delivered,
     QueueFull,
@@ -413,6 +483,7 @@ fn best_match<'a>(
 ) -> Option<&'a Subscription> {
     subscriptions
         .iter()
+        .filter(|subscription| !subscription.shared)
         .filter(|subscription| !(is_publisher && subscription.no_local))
         .filter(|subscription| suffix_matches(&subscription.suffix_filter, suffix))
         .fold(None, |best: Option<&Subscription>, candidate| match best {
@@ -462,7 +533,9 @@ mod tests {
         let authorized = authorize_filter(filter, device_id).expect("authorized filter");
         Subscription {
             filter: filter.to_owned(),
+            filter_start: 0,
             prefix_len: authorized.prefix_len,
+            shared: false,
             suffix_filter: authorized.suffix_filter,
             qos,
             no_local: false,

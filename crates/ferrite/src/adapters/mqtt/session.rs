@@ -130,6 +130,14 @@ pub struct MessageProperties {
     pub user_properties: Vec<(String, String)>,
 }
 
+/// The scope that a shared subscription group lives in: a device's
+/// namespace or a tenant's application tree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ShareScope {
+    Device(DeviceId),
+    Tenant(TenantId),
+}
+
 /// The client a session belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Owner {
@@ -153,10 +161,17 @@ impl Owner {
 /// One accepted subscription of a session.
 #[derive(Debug, Clone)]
 pub struct Subscription {
-    /// The filter as the client sent it.
+    /// The filter as the client sent it, with `$share/{ShareName}/` for a
+    /// shared subscription.
     pub filter: String,
-    /// Length of the namespace prefix in `filter` (see `topics.rs`).
+    /// Start of the topic filter in `filter`: after `$share/{ShareName}/`
+    /// for a shared subscription, otherwise 0.
+    pub filter_start: usize,
+    /// Length of the namespace prefix in `filter` after `filter_start`
+    /// (see `topics.rs`).
     pub prefix_len: usize,
+    /// Shared subscription: one member of the group receives each message.
+    pub shared: bool,
     /// `filter` after the prefix, matched against topic suffixes.
     pub suffix_filter: String,
     /// Granted QoS.
@@ -166,6 +181,14 @@ pub struct Subscription {
     /// MQTT 5 Retain As Published: forwarded messages keep their RETAIN
     /// flag instead of having it cleared.
     pub retain_as_published: bool,
+}
+
+impl Subscription {
+    /// The namespace prefix that topics sent for this subscription begin
+    /// with, in the spelling of the filter.
+    pub fn topic_prefix(&self) -> &str {
+        &self.filter[self.filter_start..self.filter_start + self.prefix_len]
+    }
 }
 
 /// Delivery state that a connection owns while it is attached to the
@@ -292,6 +315,10 @@ pub struct SessionStore {
     next_generation: u64,
     /// Offline queue limit per session.
     pub max_queued: usize,
+    /// Round-robin position of each shared subscription group.
+    /// NOTE: entries stay after the group's last member leaves; there is
+    /// one per shared filter ever used in a scope.
+    pub share_cursors: HashMap<(ShareScope, String), usize>,
     /// Capacity of the delivery channel of each connection.
     delivery_capacity: usize,
 }
@@ -304,6 +331,7 @@ impl SessionStore {
             by_tenant: HashMap::new(),
             next_generation: 1,
             max_queued,
+            share_cursors: HashMap::new(),
             delivery_capacity: delivery_capacity.max(1),
         }
     }
