@@ -1427,3 +1427,92 @@ async fn application_session_is_taken_over() {
     publish_numbered(&server, &key, "apps/twin", 1).await;
     next_publish_on(&mut second_loop, "apps/twin").await;
 }
+
+#[tokio::test]
+async fn application_receives_device_attributes() {
+    let server = Server::start().await;
+    let device = server.create_device("gateway").await;
+    let key = server.create_api_key("dashboard", "viewer");
+    let (app, mut app_loop, _) = connect(options(&server, "dashboard", &key, "")).await;
+    subscribe(&app, &mut app_loop, "devices/+/attributes").await;
+
+    let (device_client, mut device_loop, _) =
+        connect(options(&server, "gateway", &device.token, "")).await;
+    let reason = publish_acked(
+        &device_client,
+        &mut device_loop,
+        "v1/devices/me/attributes",
+        br#"{"firmware": "1.2.0"}"#,
+        PublishProperties::default(),
+    )
+    .await;
+    assert_eq!(reason, PubAckReason::Success, "an application took it");
+
+    let topic = format!("devices/{}/attributes", device.id);
+    let message = next_publish_on(&mut app_loop, &topic).await;
+    assert_eq!(&message.payload[..], br#"{"firmware": "1.2.0"}"#);
+}
+
+/// POSTs `body` with the admin token and returns the JSON response,
+/// checking for 201 Created.
+async fn admin_post(server: &Server, path: &str, body: Value) -> Value {
+    let response = reqwest::Client::new()
+        .post(format!("{}{path}", server.http_url))
+        .bearer_auth(server.admin_token().await)
+        .json(&body)
+        .send()
+        .await
+        .expect("POST request");
+    let status = response.status().as_u16();
+    let body: Value = response.json().await.unwrap_or(Value::Null);
+    assert_eq!(status, 201, "POST {path}: {body}");
+    body
+}
+
+#[tokio::test]
+async fn application_receives_alarm_changes() {
+    let server = Server::start().await;
+    let profile = serde_json::json!({
+        "name": "tank",
+        "rules": [{
+            "name": "low-level",
+            "severity": "minor",
+            "condition": {"threshold": {"key": "level", "op": "<", "value": 10}},
+        }],
+    });
+    admin_post(&server, "/api/v1/profiles", profile).await;
+    let device = admin_post(
+        &server,
+        "/api/v1/devices",
+        serde_json::json!({"name": "tank-1", "profile": "tank"}),
+    )
+    .await;
+    let device_id = device["id"].as_str().expect("device id").to_owned();
+    let token = device["token"].as_str().expect("device token").to_owned();
+
+    let key = server.create_api_key("dashboard", "viewer");
+    let (app, mut app_loop, _) = connect(options(&server, "dashboard", &key, "")).await;
+    subscribe(&app, &mut app_loop, "alarms/#").await;
+
+    let (device_client, mut device_loop, _) = connect(options(&server, "tank-1", &token, "")).await;
+    for level in [5, 50] {
+        let body = format!(r#"{{"level": {level}}}"#);
+        publish_acked(
+            &device_client,
+            &mut device_loop,
+            "v1/devices/me/telemetry",
+            body.as_bytes(),
+            PublishProperties::default(),
+        )
+        .await;
+    }
+
+    let topic = format!("alarms/{device_id}/low-level");
+    for expected in ["raised", "cleared"] {
+        let message = next_publish_on(&mut app_loop, &topic).await;
+        let body: Value = serde_json::from_slice(&message.payload).expect("alarm is JSON");
+        assert_eq!(body["type"], "alarm");
+        assert_eq!(body["change"], expected, "{body}");
+        assert_eq!(body["alarm"]["rule"], "low-level");
+    }
+}

@@ -9,6 +9,7 @@
 //! | topic | direction | payload |
 //! |---|---|---|
 //! | `devices/{device id}/telemetry` | to the application | processed telemetry, the live stream's `telemetry` message |
+//! | `devices/{device id}/attributes` | to the application | what the device publishes on `v1/devices/me/attributes`, unchanged |
 //! | `alarms/{device id}/{rule}` | to the application | an alarm change, the live stream's `alarm` message |
 //! | `devices/{device id}/commands` | from the application | `{"method", "params", "timeout_ms"}`, as `POST /api/v1/devices/{id}/commands` |
 //! | `apps/...` | both | free topics of the tenant's applications, and command responses |
@@ -148,6 +149,11 @@ pub fn authorize_app_filter(filter: &str) -> Result<AuthorizedFilter, FilterReje
 /// Topic of a device's processed telemetry in the application tree.
 pub fn telemetry_topic(device_id: DeviceId) -> String {
     format!("devices/{device_id}/telemetry")
+}
+
+/// Topic of a device's attribute updates in the application tree.
+pub fn attributes_topic(device_id: DeviceId) -> String {
+    format!("devices/{device_id}/attributes")
 }
 
 /// Topic of an alarm change in the application tree. Characters that a

@@ -409,12 +409,19 @@ impl Connection {
         let Some(identity) = self.client.device() else {
             return;
         };
-        let delivered = self.shared.router.route(
-            identity.device_id,
-            suffix,
-            &routed_message(publish),
-            Some(&self.client_id),
-        );
+        let message = routed_message(publish);
+        let mut delivered =
+            self.shared
+                .router
+                .route(identity.device_id, suffix, &message, Some(&self.client_id));
+        if suffix == topics::ATTRIBUTES_SUFFIX {
+            delivered += self.shared.router.route_to_applications(
+                identity.tenant_id,
+                &application::attributes_topic(identity.device_id),
+                &message,
+                None,
+            );
+        }
         events::messages_routed(1);
         self.apply_retain(publish);
 

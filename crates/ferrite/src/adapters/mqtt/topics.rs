@@ -19,6 +19,9 @@ const ME_PREFIX: &str = "v1/devices/me/";
 const BY_ID_FIRST_LEVEL: &str = "devices/";
 /// The suffix of the telemetry topic in both spellings.
 pub const TELEMETRY_SUFFIX: &str = "telemetry";
+/// The suffix of the topic on which a device publishes its attributes,
+/// which the tenant's applications also receive.
+pub const ATTRIBUTES_SUFFIX: &str = "attributes";
 
 /// Target of a PUBLISH topic, seen from the device that sent it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
