@@ -21,6 +21,7 @@
 //! | `shared_subscription_rules` | [MQTT-4.8.2-2] |
 //! | `shared_subscription_with_no_local_closes` | [MQTT-3.8.3-4] |
 //! | `application_session_is_taken_over` | [MQTT-3.1.4-3] |
+//! | `offline_session_queues_qos1_qos2_with_expiry` | [MQTT-3.3.2-5], [MQTT-3.3.2-6] |
 
 use std::time::{Duration, Instant};
 
@@ -1495,7 +1496,10 @@ async fn application_receives_alarm_changes() {
     subscribe(&app, &mut app_loop, "alarms/#").await;
 
     let (device_client, mut device_loop, _) = connect(options(&server, "tank-1", &token, "")).await;
-    for level in [5, 50] {
+    // Each change is awaited before the next message, so that the test
+    // does not depend on how the pipeline batches messages.
+    let topic = format!("alarms/{device_id}/low-level");
+    for (level, expected) in [(5, "raised"), (50, "cleared")] {
         let body = format!(r#"{{"level": {level}}}"#);
         publish_acked(
             &device_client,
@@ -1505,10 +1509,6 @@ async fn application_receives_alarm_changes() {
             PublishProperties::default(),
         )
         .await;
-    }
-
-    let topic = format!("alarms/{device_id}/low-level");
-    for expected in ["raised", "cleared"] {
         let message = next_publish_on(&mut app_loop, &topic).await;
         let body: Value = serde_json::from_slice(&message.payload).expect("alarm is JSON");
         assert_eq!(body["type"], "alarm");

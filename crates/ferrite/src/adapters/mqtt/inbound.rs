@@ -2,9 +2,11 @@
 //! will message, and their acknowledgements.
 //!
 //! A PUBLISH goes through these steps ([`Connection::on_publish`]):
-//! 1. check the packet (size, topic name, features not offered);
+//! 1. resolve an MQTT 5 topic alias and check the packet (size, topic
+//!    name);
 //! 2. acknowledge a resent QoS 2 PUBLISH whose packet id is still kept
-//!    like the first one, without storing it again;
+//!    like the first one, without storing it again, and check that a
+//!    retained PUBLISH fits the tenant's limits;
 //! 3. authorize the topic (`topics.rs`) and
 //!    - telemetry: check the payload, add it to the current group;
 //!    - another topic of the device: route it to the device's subscribers
@@ -25,6 +27,9 @@
 //! | outside the namespace | 0x87 (QoS 0: dropped) | connection closed |
 //! | log overloaded | 0x97 | closed without acknowledgement |
 //! | log failed or stopping | 0x80 (stopping: then DISCONNECT 0x8B) | closed without acknowledgement |
+//! | retained, over the tenant's limits | 0x97, dropped | handled without RETAIN |
+//!
+//! Applications (`application.rs`) take their own path after step 2.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -131,32 +136,13 @@ impl Connection {
         self.check_publish(&publish)?;
         let packet_id = publish.packet_id.unwrap_or(0);
 
-        if publish.retain
-            && let Err(limit) = self.check_retain_limit(&publish)
-        {
-            events::messages_rejected("retained_limit", 1);
-            if let Some(suppressed) = self.warnings.publish_rejected.allow(Instant::now()) {
-                tracing::warn!(topic = %publish.topic_name, %limit, suppressed, "did not retain an MQTT message: the tenant's retained message limit is reached");
-            }
-            match self.version {
-                ProtocolVersion::V5 => {
-                    self.decide(
-                        packet_id,
-                        publish.qos,
-                        ReasonCode::QuotaExceeded,
-                        Some(limit.to_string()),
-                    );
-                    return Ok(());
-                }
-                // MQTT 3.1.1 has no negative acknowledgement: the message
-                // is handled as if it were not retained.
-                ProtocolVersion::V311 => publish.retain = false,
-            }
-        }
-
         if publish.qos == QoS::ExactlyOnce && self.qos2.contains_key(&packet_id) {
             self.group.items.push(AckItem::Qos2Duplicate { packet_id });
             self.group.messages += 1;
+            return Ok(());
+        }
+
+        if self.rejected_by_retain_limit(&mut publish, packet_id) {
             return Ok(());
         }
 
@@ -233,6 +219,39 @@ impl Connection {
             self.topic_aliases.insert(alias, publish.topic_name.clone());
         }
         Ok(())
+    }
+
+    /// Step 2, retained: checks a retained PUBLISH against the tenant's
+    /// limits.
+    /// MQTT 5 gets PUBACK 0x97 and the message is dropped (returns true);
+    /// MQTT 3.1.1 has no negative acknowledgement, so the message is
+    /// handled as if it were not retained.
+    fn rejected_by_retain_limit(&mut self, publish: &mut PublishPacket, packet_id: u16) -> bool {
+        if !publish.retain {
+            return false;
+        }
+        let Err(limit) = self.check_retain_limit(publish) else {
+            return false;
+        };
+        events::messages_rejected("retained_limit", 1);
+        if let Some(suppressed) = self.warnings.publish_rejected.allow(Instant::now()) {
+            tracing::warn!(topic = %publish.topic_name, %limit, suppressed, "did not retain an MQTT message: the tenant's retained message limit is reached");
+        }
+        match self.version {
+            ProtocolVersion::V5 => {
+                self.decide(
+                    packet_id,
+                    publish.qos,
+                    ReasonCode::QuotaExceeded,
+                    Some(limit.to_string()),
+                );
+                true
+            }
+            ProtocolVersion::V311 => {
+                publish.retain = false;
+                false
+            }
+        }
     }
 
     /// Returns the scope and key of the retained message that a PUBLISH

@@ -363,9 +363,9 @@ struct ShareCandidate {
 /// application tree) to the sessions `clients` of one scope.
 ///
 /// Each session gets one copy for its best matching non-shared
-/// subscription. Each shared subscription filter (group) gets one copy,
-/// for one member chosen round robin among the members online; when no
-/// member is online, the first offline member queues it.
+/// subscription. Each shared subscription filter (group) gets one copy for
+/// one member, chosen round robin among the members online. When no member
+/// is online, the first offline member queues it.
 fn route_in_scope(
     store: &mut SessionStore,
     clients: &[ClientId],
