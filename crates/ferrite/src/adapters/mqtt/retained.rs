@@ -14,6 +14,12 @@
 //! PUBLISH's acknowledgement step, and [`RetainedStore::load`] reads them
 //! back at start.
 //!
+//! NOTE: two connections that retain on the same topic at the same moment
+//! update memory in one order, but their SQLite writes may commit in the
+//! other, so after a restart the older message can be the retained one.
+//! NOTE: retained messages of a deleted device stay until they are
+//! replaced or deleted over MQTT, and count towards the tenant's limits.
+//!
 //! ## Limits
 //! Per tenant, at most `mqtt.max_retained_messages` messages and
 //! `mqtt.max_retained_bytes` bytes of topic and payload. A change that
