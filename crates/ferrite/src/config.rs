@@ -92,6 +92,11 @@ pub struct MqttConfig {
     /// expiry of MQTT 3.1.1 sessions with clean session = 0.
     #[serde(with = "humantime_serde")]
     pub max_session_expiry: Duration,
+    /// Retained messages per tenant; a retained PUBLISH for a new topic
+    /// beyond it is rejected.
+    pub max_retained_messages: usize,
+    /// Bytes of retained messages (topic and payload) per tenant.
+    pub max_retained_bytes: usize,
 }
 
 /// The device WebSocket (`GET /api/v1/devices/ws`) on the HTTP listener.
@@ -612,6 +617,8 @@ impl Default for MqttConfig {
             max_inflight: 32,
             max_queued_messages: 1000,
             max_session_expiry: Duration::from_secs(24 * 3600),
+            max_retained_messages: 10_000,
+            max_retained_bytes: 16 * 1024 * 1024,
         }
     }
 }
@@ -1007,6 +1014,9 @@ max_inflight = 32
 max_queued_messages = 1000
 # Longest session expiry granted to a client.
 max_session_expiry = "24h"
+# Retained messages per tenant, and their bytes (topic and payload).
+max_retained_messages = 10000
+max_retained_bytes = 16777216
 
 [coap]
 # CoAP over UDP (RFC 7252, block-wise transfers and Observe).

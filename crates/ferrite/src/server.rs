@@ -229,6 +229,8 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
         max_past: config.ingest.max_past,
         storage: config.storage.clone(),
         directory: directory.clone(),
+        live: live.clone(),
+        metadata: metadata.clone(),
     });
     let mqtt_server =
         adapters::mqtt::MqttServer::new(mqtt_context, mqtt_router.clone(), shutdown.clone());

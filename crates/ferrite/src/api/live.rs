@@ -554,7 +554,10 @@ struct AlarmMessage<'a> {
     alarm: &'a serde_json::Value,
 }
 
-fn telemetry_message(event: &TelemetryEvent, points: &[&(String, TimestampNs, Value)]) -> String {
+pub(crate) fn telemetry_message(
+    event: &TelemetryEvent,
+    points: &[&(String, TimestampNs, Value)],
+) -> String {
     let message = TelemetryMessage {
         kind: "telemetry",
         device_id: event.device_id,
@@ -579,7 +582,7 @@ fn telemetry_message(event: &TelemetryEvent, points: &[&(String, TimestampNs, Va
     serde_json::to_string(&message).expect("a telemetry message serializes")
 }
 
-fn alarm_message(event: &AlarmEvent) -> String {
+pub(crate) fn alarm_message(event: &AlarmEvent) -> String {
     let message = AlarmMessage {
         kind: "alarm",
         change: event.change,
@@ -1041,6 +1044,8 @@ mod tests {
                 max_past: config.ingest.max_past,
                 storage: config.storage.clone(),
                 directory: directory.clone(),
+                live: live.clone(),
+                metadata: metadata.clone(),
             }),
             mqtt_router.clone(),
             CancellationToken::new(),

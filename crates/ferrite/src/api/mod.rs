@@ -11,7 +11,7 @@ mod dead_letters;
 pub mod devices;
 pub mod error;
 mod fleet;
-mod live;
+pub(crate) mod live;
 pub mod lorawan;
 pub mod profiles;
 mod telemetry;

@@ -211,8 +211,27 @@ impl Auth {
             .retain(|_, cached| cached.identity.device_id != device);
     }
 
-    /// Checks an email and password and issues a JWT access token.
-    pub async fn login(&self, email: &str, password: &str) -> Result<LoginToken, AuthError> {
+    /// Checks an email and password without issuing a token, for clients
+    /// that send them on every connection (MQTT applications).
+    pub async fn authenticate_user(
+        &self,
+        email: &str,
+        password: &str,
+    ) -> Result<Principal, AuthError> {
+        let user = self.verify_login(email, password).await?;
+        Ok(Principal {
+            tenant_id: user.tenant_id,
+            role: user.role,
+            subject: Subject::User(user.id),
+        })
+    }
+
+    /// Returns the user with this email when the password matches.
+    async fn verify_login(
+        &self,
+        email: &str,
+        password: &str,
+    ) -> Result<crate::metadata::User, AuthError> {
         let user = self.metadata.user_by_email(email).await?;
 
         // Verify against a fixed hash when the user does not exist, so the
@@ -235,6 +254,12 @@ impl Auth {
             }
             return Err(AuthError::InvalidLogin);
         };
+        Ok(user)
+    }
+
+    /// Checks an email and password and issues a JWT access token.
+    pub async fn login(&self, email: &str, password: &str) -> Result<LoginToken, AuthError> {
+        let user = self.verify_login(email, password).await?;
 
         let now = jsonwebtoken::get_current_timestamp();
         let claims = Claims {
@@ -255,28 +280,33 @@ impl Auth {
         })
     }
 
+    /// Resolves an API key to its tenant and role.
+    pub async fn authenticate_api_key(&self, key: &str) -> Result<Principal, AuthError> {
+        let hash = hash_secret(key);
+        let Some(key) = self.metadata.api_key_by_hash(&hash).await? else {
+            if let Some(failures) = self.failures.due("api_key") {
+                tracing::warn!(
+                    key_hash = hex::encode(&hash[..4]),
+                    failures,
+                    "rejected an unknown or revoked API key"
+                );
+            }
+            return Err(AuthError::InvalidBearer);
+        };
+        Ok(Principal {
+            tenant_id: key.tenant_id,
+            role: key.role,
+            subject: Subject::ApiKey(key.name),
+        })
+    }
+
     /// Resolves an `Authorization` bearer value: a JWT access token or an API key.
     pub async fn authenticate_bearer(&self, token: &str) -> Result<Principal, AuthError> {
         if token.starts_with(secrets::DEVICE_TOKEN_PREFIX) {
             return Err(AuthError::DeviceTokenNotAllowed);
         }
-        if token.starts_with(secrets::API_KEY_PREFIX) {
-            let hash = hash_secret(token);
-            let Some(key) = self.metadata.api_key_by_hash(&hash).await? else {
-                if let Some(failures) = self.failures.due("api_key") {
-                    tracing::warn!(
-                        key_hash = hex::encode(&hash[..4]),
-                        failures,
-                        "rejected an unknown or revoked API key"
-                    );
-                }
-                return Err(AuthError::InvalidBearer);
-            };
-            return Ok(Principal {
-                tenant_id: key.tenant_id,
-                role: key.role,
-                subject: Subject::ApiKey(key.name),
-            });
+        if is_api_key(token) {
+            return self.authenticate_api_key(token).await;
         }
 
         let mut validation = Validation::new(Algorithm::HS256);
@@ -301,6 +331,12 @@ impl Auth {
             subject: Subject::User(claims.sub.parse().map_err(|_| AuthError::InvalidBearer)?),
         })
     }
+}
+
+/// Returns whether `text` has the form of an API key (its prefix), so that
+/// callers can tell keys from device tokens, JWTs and passwords.
+pub fn is_api_key(text: &str) -> bool {
+    text.starts_with(secrets::API_KEY_PREFIX)
 }
 
 /// Minimum rules for a new password.

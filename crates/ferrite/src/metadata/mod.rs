@@ -14,6 +14,7 @@
 pub mod alarms;
 pub mod dead_letters;
 pub mod lorawan;
+pub mod mqtt_retained;
 pub mod profiles;
 mod sqlite;
 

@@ -11,6 +11,7 @@ mod http;
 mod live;
 mod lorawan;
 mod mqtt;
+mod mqtt_broker;
 mod mqtt_conformance;
 mod nats;
 mod processing;

@@ -48,6 +48,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio_util::sync::CancellationToken;
 
+use super::application::Client;
 use super::codec::{self, Frame, FrameError};
 use super::events::{self, WarnLimiter};
 use super::handshake::{self, Connected, Will};
@@ -56,7 +57,6 @@ use super::session::{
     Attach, AttachRequest, Attached, ClientId, DeliveryState, Outgoing, TAKEOVER_WAIT,
 };
 use super::{Shared, events::connection_refused};
-use crate::auth::DeviceIdentity;
 use crate::ingest::IngestError;
 
 /// Bytes a PUBLISH may have beyond `mqtt.max_payload_bytes` for its fixed
@@ -184,7 +184,7 @@ impl Drop for OpenConnection {
 pub struct Connection {
     pub shared: Arc<Shared>,
     pub version: ProtocolVersion,
-    pub identity: DeviceIdentity,
+    pub client: Client,
     pub client_id: ClientId,
     /// Generation of the session attach; see `session.rs`.
     pub generation: u64,
@@ -213,6 +213,9 @@ pub struct Connection {
     pub group: PendingGroup,
     /// Inbound QoS 2 packet ids from PUBLISH until PUBREL.
     pub qos2: HashMap<u16, Qos2State>,
+    /// MQTT 5 topic aliases the client set on this connection; they end
+    /// with it ([MQTT-3.3.2-7]).
+    pub topic_aliases: HashMap<u16, String>,
     /// Set when an append failed on MQTT 3.1.1: no acknowledgement is sent
     /// after that, because acknowledging later PUBLISHes while skipping the
     /// failed one would break the acknowledgement order.
@@ -285,10 +288,9 @@ pub async fn run<S: Transport>(mut stream: S, shared: Arc<Shared>, _slot: OwnedS
 
     let span = tracing::Span::current();
     span.record("client_id", connected.client_id.as_str());
-    span.record(
-        "device_id",
-        tracing::field::display(connected.identity.device_id),
-    );
+    if let Some(identity) = connected.client.device() {
+        span.record("device_id", tracing::field::display(identity.device_id));
+    }
 
     let attached = attach_session(&shared, &connected).await;
     tracing::debug!(
@@ -354,7 +356,7 @@ async fn write_last<S: Transport>(stream: &mut S, bytes: &[u8]) {
 async fn attach_session(shared: &Shared, connected: &Connected) -> Attached {
     let mut request = AttachRequest {
         client_id: connected.client_id.clone(),
-        device_id: connected.identity.device_id,
+        owner: connected.client.owner(),
         clean_start: connected.clean_start,
         expiry: connected.session_expiry,
         force: false,
@@ -406,7 +408,7 @@ impl Connection {
 
         let mut connection = Self {
             version: connected.version,
-            identity: connected.identity,
+            client: connected.client,
             client_id: connected.client_id,
             generation: attached.generation,
             request_problem_information: connected.request_problem_information,
@@ -424,6 +426,7 @@ impl Connection {
             pending_messages: 0,
             group: PendingGroup::default(),
             qos2,
+            topic_aliases: HashMap::new(),
             acks_stopped: false,
             warnings: Warnings::default(),
             deliveries: attached.deliveries,
@@ -459,7 +462,7 @@ impl Connection {
 
             let can_read = self.pending_messages < max_inflight && self.out.len() < OUT_HIGH_WATER;
             let can_deliver = self.delivery.queued.is_empty()
-                && self.delivery.inflight.len() < self.send_quota
+                && self.delivery.unacknowledged() < self.send_quota
                 && self.out.len() < OUT_HIGH_WATER;
 
             tokio::select! {
@@ -533,8 +536,14 @@ impl Connection {
                 self.on_puback(ack.packet_id);
                 Ok(())
             }
-            // Acknowledgements of outgoing QoS 2, which this server never sends.
-            Packet::PubRec(_) | Packet::PubComp(_) => Ok(()),
+            Packet::PubRec(received) => {
+                self.on_pubrec(received.packet_id, received.reason_code);
+                Ok(())
+            }
+            Packet::PubComp(complete) => {
+                self.on_pubcomp(complete.packet_id);
+                Ok(())
+            }
             Packet::Subscribe(subscribe) => self.on_subscribe(subscribe),
             Packet::Unsubscribe(unsubscribe) => {
                 self.on_unsubscribe(unsubscribe);
@@ -630,7 +639,7 @@ impl Connection {
     async fn hand_back_session(mut self, will: Option<Will>) {
         let delayed_will = match will {
             Some(will) if will.delay.is_zero() || self.session_expiry.is_zero() => {
-                inbound::publish_will(&self.shared, &self.identity, &self.client_id, will).await;
+                inbound::publish_will(&self.shared, &self.client, &self.client_id, will).await;
                 None
             }
             other => other,
@@ -638,6 +647,7 @@ impl Connection {
 
         let state = DeliveryState {
             inflight: std::mem::take(&mut self.delivery.inflight),
+            released: std::mem::take(&mut self.delivery.released),
             queued: std::mem::take(&mut self.delivery.queued),
             qos2_stored: self
                 .qos2
@@ -664,14 +674,14 @@ impl Connection {
                 let cancel = will_cancel.unwrap_or_default();
                 spawn_delayed_will(
                     self.shared.clone(),
-                    self.identity.clone(),
+                    self.client.clone(),
                     self.client_id.clone(),
                     will,
                     delay,
                     cancel,
                 );
             } else {
-                inbound::publish_will(&self.shared, &self.identity, &self.client_id, will).await;
+                inbound::publish_will(&self.shared, &self.client, &self.client_id, will).await;
             }
         }
     }
@@ -681,7 +691,7 @@ impl Connection {
 /// the server stops.
 fn spawn_delayed_will(
     shared: Arc<Shared>,
-    identity: DeviceIdentity,
+    client: Client,
     client_id: ClientId,
     will: Will,
     delay: Duration,
@@ -693,7 +703,7 @@ fn spawn_delayed_will(
     let task = async move {
         tokio::select! {
             () = tokio::time::sleep(delay) => {
-                inbound::publish_will(&task_shared, &identity, &client_id, will).await;
+                inbound::publish_will(&task_shared, &client, &client_id, will).await;
             }
             () = cancel.cancelled() => tracing::debug!("will message cancelled: the session was resumed"),
             () = task_shared.shutdown.cancelled() => {}

@@ -73,7 +73,7 @@ pub fn messages_stored(count: usize) {
 
 /// Counts PUBLISHes that were not stored. `reason` is a
 /// `DecodeError::reason()` label or one of `not_authorized`,
-/// `overloaded`, `unavailable`.
+/// `overloaded`, `unavailable`, `retained_limit`, `invalid_command`.
 pub fn messages_rejected(reason: &'static str, count: usize) {
     metrics::counter!("ferrite_ingest_rejected_total", "protocol" => "mqtt", "reason" => reason)
         .increment(count as u64);
@@ -86,7 +86,9 @@ pub fn messages_routed(count: usize) {
 
 /// Counts messages for subscribers that were dropped. `reason` is one of
 /// `queue_full` (the connection's outgoing queue), `offline_queue_full`
-/// (oldest message of an offline session), `too_large_for_client`.
+/// (oldest message of an offline session), `too_large_for_client`,
+/// `expired` (MQTT 5 Message Expiry Interval), `live_bus_lagged` (events
+/// for applications lost behind the live bus).
 pub fn deliveries_dropped(reason: &'static str, count: usize) {
     metrics::counter!("ferrite_mqtt_deliveries_dropped_total", "reason" => reason)
         .increment(count as u64);

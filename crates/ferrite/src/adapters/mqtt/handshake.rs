@@ -9,11 +9,11 @@
 //! | protocol level other than 4 and 5 | 0x84 | 0x01 |
 //! | malformed CONNECT | 0x81 | none, close |
 //! | empty client id with clean session 0 | server assigns an id | 0x02 |
-//! | no user name | 0x86 | 0x04 |
-//! | unknown or revoked access token | 0x86 | 0x05 |
+//! | no user name and no API key as password | 0x86 | 0x04 |
+//! | unknown or revoked access token or API key, wrong password | 0x86 | 0x05 |
 //! | metadata store unavailable | 0x88 | 0x03 |
 //! | will topic outside the device's namespace | 0x87 | 0x05 |
-//! | retained will (retain is not supported) | 0x9A | accepted, not retained |
+//! | application will: viewer, or topic outside `apps/` | 0x87 | 0x05 |
 //! | enhanced authentication requested | 0x8C | n/a |
 
 use std::time::Duration;
@@ -24,13 +24,18 @@ use mqtt5_protocol::packet::connect::ConnectPacket;
 use mqtt5_protocol::{Packet, PropertyId, PropertyValue, ProtocolVersion, QoS, ReasonCode};
 
 use super::MqttContext;
+use super::application::{self, AppPublishTarget, Client, classify_app_publish};
 use super::codec::{self, ConnectProtocol, Frame, FrameError};
 use super::session::ClientId;
 use super::topics::{PublishTarget, classify_publish, is_valid_topic_name};
-use crate::auth::{AuthError, DeviceIdentity};
+use crate::auth::{AuthError, is_api_key};
+use crate::metadata::Role;
 
 /// Session Expiry Interval value meaning "never expires" (MQTT 5 3.1.2.11.2).
 const EXPIRY_NEVER: u32 = u32::MAX;
+/// Topic aliases an MQTT 5 client may set per connection (Topic Alias
+/// Maximum in CONNACK). Each costs one topic string of memory.
+pub const TOPIC_ALIAS_MAXIMUM: u16 = 64;
 
 /// A will message stored at CONNECT.
 #[derive(Debug, Clone)]
@@ -38,6 +43,8 @@ pub struct Will {
     pub topic: String,
     pub payload: Bytes,
     pub qos: QoS,
+    /// Published as a retained message.
+    pub retain: bool,
     /// MQTT 5 Will Delay Interval; zero for 3.1.1.
     pub delay: Duration,
 }
@@ -49,7 +56,7 @@ pub struct Connected {
     pub client_id: ClientId,
     /// The client sent an empty client id and the server chose one.
     pub client_id_assigned: bool,
-    pub identity: DeviceIdentity,
+    pub client: Client,
     pub clean_start: bool,
     /// Keep alive requested by the client; `None` when it is zero (off).
     pub keep_alive: Option<Duration>,
@@ -67,6 +74,9 @@ pub struct Connected {
     /// MQTT 5 Request Problem Information: reason strings are allowed in
     /// acknowledgements.
     pub request_problem_information: bool,
+    /// MQTT 5 Request Response Information: the client asks for a prefix
+    /// for its response topics in CONNACK.
+    pub request_response_information: bool,
 }
 
 /// A refused CONNECT.
@@ -107,9 +117,11 @@ pub async fn accept_connect(frame: Frame, context: &MqttContext) -> Result<Conne
     let version = protocol_version(&frame)?;
     let connect = decode_connect(frame, version)?;
     check_features(&connect, version)?;
-    let identity = authenticate(&connect, version, context).await?;
-    context.directory.warm(identity.profile_id).await;
-    let will = check_will(&connect, version, &identity)?;
+    let client = authenticate(&connect, version, context).await?;
+    if let Client::Device(identity) = &client {
+        context.directory.warm(identity.profile_id).await;
+    }
+    let will = check_will(&connect, version, &client)?;
     let (client_id, client_id_assigned) = client_id(&connect, version)?;
     let (session_expiry, session_expiry_capped) = session_expiry(&connect, version, context);
 
@@ -118,7 +130,7 @@ pub async fn accept_connect(frame: Frame, context: &MqttContext) -> Result<Conne
         version,
         client_id,
         client_id_assigned,
-        identity,
+        client,
         clean_start: connect.clean_start,
         keep_alive: (connect.keep_alive > 0)
             .then(|| Duration::from_secs(u64::from(connect.keep_alive))),
@@ -130,6 +142,9 @@ pub async fn accept_connect(frame: Frame, context: &MqttContext) -> Result<Conne
             .get_maximum_packet_size()
             .map_or(usize::MAX, |size| size as usize),
         request_problem_information: properties.get_request_problem_information().unwrap_or(true),
+        request_response_information: properties
+            .get_request_response_information()
+            .unwrap_or(false),
     })
 }
 
@@ -204,38 +219,82 @@ fn check_features(connect: &ConnectPacket, version: ProtocolVersion) -> Result<(
             "Receive Maximum or Maximum Packet Size of 0",
         ));
     }
-    if connect.will.as_ref().is_some_and(|will| will.retain) {
-        return Err(Rejection::new(
-            version,
-            ReasonCode::RetainNotSupported,
-            "unsupported_feature",
-            "retained will messages are not supported",
-        ));
-    }
     Ok(())
 }
 
-/// Authenticates the access token sent as user name.
+/// The credentials of a CONNECT, distinguished by their form.
+#[derive(Debug, PartialEq, Eq)]
+enum Credentials<'a> {
+    /// A device access token as user name; the password is ignored.
+    DeviceToken(&'a str),
+    /// An API key as user name, or as password with any user name.
+    ApiKey(&'a str),
+    /// A user's email as user name and their password.
+    User {
+        email: &'a str,
+        password: &'a str,
+    },
+    Missing,
+}
+
+fn credentials(connect: &ConnectPacket) -> Credentials<'_> {
+    let username = connect.username.as_deref().unwrap_or("");
+    let password = connect
+        .password
+        .as_deref()
+        .and_then(|password| std::str::from_utf8(password).ok())
+        .unwrap_or("");
+    if is_api_key(username) {
+        Credentials::ApiKey(username)
+    } else if is_api_key(password) {
+        Credentials::ApiKey(password)
+    } else if username.contains('@') && !password.is_empty() {
+        Credentials::User {
+            email: username,
+            password,
+        }
+    } else if !username.is_empty() {
+        Credentials::DeviceToken(username)
+    } else {
+        Credentials::Missing
+    }
+}
+
+/// Authenticates a device (access token as user name) or an application
+/// (API key, or email and password).
 async fn authenticate(
     connect: &ConnectPacket,
     version: ProtocolVersion,
     context: &MqttContext,
-) -> Result<DeviceIdentity, Rejection> {
-    let Some(token) = connect
-        .username
-        .as_deref()
-        .filter(|token| !token.is_empty())
-    else {
-        return Err(Rejection::new(
-            version,
-            ReasonCode::BadUsernameOrPassword,
-            "bad_credentials",
-            "no user name; devices send their access token as user name",
-        ));
+) -> Result<Client, Rejection> {
+    let authenticated = match credentials(connect) {
+        Credentials::Missing => {
+            return Err(Rejection::new(
+                version,
+                ReasonCode::BadUsernameOrPassword,
+                "bad_credentials",
+                "no user name; devices send their access token as user name, applications an API key or their email and password",
+            ));
+        }
+        Credentials::DeviceToken(token) => context
+            .auth
+            .authenticate_device(token)
+            .await
+            .map(Client::Device),
+        Credentials::ApiKey(key) => context
+            .auth
+            .authenticate_api_key(key)
+            .await
+            .map(Client::Application),
+        Credentials::User { email, password } => context
+            .auth
+            .authenticate_user(email, password)
+            .await
+            .map(Client::Application),
     };
 
-    match context.auth.authenticate_device(token).await {
-        Ok(identity) => Ok(identity),
+    match authenticated {
+        Ok(client) => Ok(client),
         Err(AuthError::Metadata(error)) => {
             tracing::error!(error = %error, "cannot authenticate an MQTT client: the metadata store failed");
             Err(Rejection::new(
@@ -246,7 +305,7 @@ async fn authenticate(
             ))
         }
         Err(error) => {
-            // In MQTT 3.1.1 a token that matches no device gets 0x05 (not
+            // In MQTT 3.1.1 credentials that match no device, key or user get 0x05 (not
             // authorized), and a missing user name gets 0x04.
             let code = match version {
                 ProtocolVersion::V311 => ReasonCode::NotAuthorized,
@@ -262,12 +321,12 @@ async fn authenticate(
     }
 }
 
-/// Stores the will message after checking that the device may publish to
+/// Stores the will message after checking that the client may publish to
 /// its topic.
 fn check_will(
     connect: &ConnectPacket,
     version: ProtocolVersion,
-    identity: &DeviceIdentity,
+    client: &Client,
 ) -> Result<Option<Will>, Rejection> {
     let Some(will) = &connect.will else {
         return Ok(None);
@@ -280,21 +339,28 @@ fn check_will(
             format!("invalid will topic {:?}", will.topic),
         ));
     }
-    if classify_publish(&will.topic, identity.device_id) == PublishTarget::Forbidden {
+    let allowed = match client {
+        Client::Device(identity) => {
+            classify_publish(&will.topic, identity.device_id) != PublishTarget::Forbidden
+        }
+        Client::Application(principal) => {
+            principal.role >= Role::Operator
+                && classify_app_publish(&will.topic) == AppPublishTarget::Shared
+        }
+    };
+    if !allowed {
         return Err(Rejection::new(
             version,
             ReasonCode::NotAuthorized,
             "not_authorized",
-            format!(
-                "will topic {:?} is outside the device's namespace",
-                will.topic
-            ),
+            format!("the client may not publish to will topic {:?}", will.topic),
         ));
     }
     Ok(Some(Will {
         topic: will.topic.clone(),
         payload: Bytes::from(will.payload.clone()),
         qos: will.qos,
+        retain: will.retain,
         delay: Duration::from_secs(u64::from(will.properties.will_delay_interval.unwrap_or(0))),
     }))
 }
@@ -359,16 +425,23 @@ pub fn success_connack(
     let mut connack = ConnAckPacket::new(session_present, ReasonCode::Success)
         .with_receive_maximum(context.config.max_inflight)
         .with_maximum_packet_size(u32::try_from(max_packet_size).unwrap_or(u32::MAX))
-        .with_retain_available(false)
-        .with_shared_subscription_available(false)
+        .with_retain_available(true)
+        .with_shared_subscription_available(true)
         .with_subscription_identifier_available(false)
-        .with_wildcard_subscription_available(true);
+        .with_wildcard_subscription_available(true)
+        .with_topic_alias_maximum(TOPIC_ALIAS_MAXIMUM);
     if connected.session_expiry_capped {
         let seconds = u32::try_from(connected.session_expiry.as_secs()).unwrap_or(EXPIRY_NEVER - 1);
         connack = connack.with_session_expiry_interval(seconds);
     }
     if connected.client_id_assigned {
         connack = connack.with_assigned_client_id(connected.client_id.to_string());
+    }
+    if connected.request_response_information && matches!(connected.client, Client::Application(_))
+    {
+        connack = connack.with_response_information(application::response_information(
+            connected.client_id.as_str(),
+        ));
     }
     connack
 }

@@ -2,9 +2,11 @@
 //! will message, and their acknowledgements.
 //!
 //! A PUBLISH goes through these steps ([`Connection::on_publish`]):
-//! 1. check the packet (size, topic name, features not offered);
+//! 1. resolve an MQTT 5 topic alias and check the packet (size, topic
+//!    name);
 //! 2. acknowledge a resent QoS 2 PUBLISH whose packet id is still kept
-//!    like the first one, without storing it again;
+//!    like the first one, without storing it again, and check that a
+//!    retained PUBLISH fits the tenant's limits;
 //! 3. authorize the topic (`topics.rs`) and
 //!    - telemetry: check the payload, add it to the current group;
 //!    - another topic of the device: route it to the device's subscribers
@@ -25,6 +27,9 @@
 //! | outside the namespace | 0x87 (QoS 0: dropped) | connection closed |
 //! | log overloaded | 0x97 | closed without acknowledgement |
 //! | log failed or stopping | 0x80 (stopping: then DISCONNECT 0x8B) | closed without acknowledgement |
+//! | retained, over the tenant's limits | 0x97, dropped | handled without RETAIN |
+//!
+//! Applications (`application.rs`) take their own path after step 2.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -38,15 +43,18 @@ use mqtt5_protocol::packet::pubrec::PubRecPacket;
 use mqtt5_protocol::{PropertyId, PropertyValue, ProtocolVersion, QoS, ReasonCode};
 
 use super::Shared;
+use super::application::{self, AppPublishTarget, Client, classify_app_publish, routed_message};
 use super::codec;
 use super::connection::{CloseCause, Connection};
 use super::events;
 use super::handshake::Will;
-use super::session::ClientId;
+use super::retained::{self, RetainScope, RetainedMessage};
+use super::session::{ClientId, RoutedMessage};
 use super::topics::{self, PublishTarget, classify_publish, is_valid_topic_name};
 use crate::auth::DeviceIdentity;
 use crate::decode::check_payload;
 use crate::ingest::{ContentType, Envelope, IngestError, Protocol};
+use crate::metadata::mqtt_retained::RetainedChange;
 
 /// Reason string of PUBACK 0x10 for a message that no subscriber took.
 const NOT_STORED_REASON: &str = "no subscriber for this topic; only telemetry topics are stored";
@@ -86,8 +94,7 @@ pub enum AckItem {
 /// Telemetry to send to subscribers once it is stored.
 #[derive(Debug)]
 pub struct StoredRoute {
-    payload: Bytes,
-    qos: QoS,
+    message: RoutedMessage,
 }
 
 /// The packets of one read whose acknowledgements wait for the same
@@ -97,6 +104,8 @@ pub struct PendingGroup {
     pub items: Vec<AckItem>,
     pub envelopes: Vec<Envelope>,
     pub routes: Vec<StoredRoute>,
+    /// Changes to retained messages, written to SQLite with the append.
+    pub retained: Vec<RetainedChange>,
     /// PUBLISHes in the group, for the in-flight limit.
     pub messages: usize,
 }
@@ -121,8 +130,9 @@ fn now_ns() -> i64 {
 
 impl Connection {
     /// Handles a PUBLISH from the client.
-    pub fn on_publish(&mut self, publish: PublishPacket) -> Result<(), CloseCause> {
+    pub fn on_publish(&mut self, mut publish: PublishPacket) -> Result<(), CloseCause> {
         events::message_received();
+        self.resolve_topic_alias(&mut publish)?;
         self.check_publish(&publish)?;
         let packet_id = publish.packet_id.unwrap_or(0);
 
@@ -132,7 +142,15 @@ impl Connection {
             return Ok(());
         }
 
-        match classify_publish(&publish.topic_name, self.identity.device_id) {
+        if self.rejected_by_retain_limit(&mut publish, packet_id) {
+            return Ok(());
+        }
+
+        let device_id = match &self.client {
+            Client::Device(identity) => identity.device_id,
+            Client::Application(_) => return self.on_application_publish(&publish, packet_id),
+        };
+        match classify_publish(&publish.topic_name, device_id) {
             PublishTarget::Telemetry => {
                 self.stage_telemetry(publish, packet_id);
                 Ok(())
@@ -158,12 +176,6 @@ impl Connection {
                 ),
             ));
         }
-        if self.version == ProtocolVersion::V5 && publish.properties.get_topic_alias().is_some() {
-            return Err(CloseCause::protocol(
-                ReasonCode::TopicAliasInvalid,
-                "topic aliases are not supported",
-            ));
-        }
         if !is_valid_topic_name(&publish.topic_name) {
             return Err(CloseCause::protocol(
                 ReasonCode::ProtocolError,
@@ -173,18 +185,160 @@ impl Connection {
         if self.version == ProtocolVersion::V5 {
             check_publish_properties(publish)?;
         }
-        if self.version == ProtocolVersion::V5 && publish.retain {
+        Ok(())
+    }
+
+    /// Applies an MQTT 5 Topic Alias: a PUBLISH with a topic name and an
+    /// alias sets the alias, one with an empty topic name uses it. An alias
+    /// of 0 or above the Topic Alias Maximum closes the connection with
+    /// 0x94 ([MQTT-3.3.2-8], [MQTT-3.3.2-9]). An unknown alias with an
+    /// empty topic name is a protocol error.
+    fn resolve_topic_alias(&mut self, publish: &mut PublishPacket) -> Result<(), CloseCause> {
+        if self.version != ProtocolVersion::V5 {
+            return Ok(());
+        }
+        let Some(alias) = publish.properties.get_topic_alias() else {
+            return Ok(());
+        };
+        if alias == 0 || alias > super::handshake::TOPIC_ALIAS_MAXIMUM {
             return Err(CloseCause::protocol(
-                ReasonCode::RetainNotSupported,
-                "retained messages are not supported",
+                ReasonCode::TopicAliasInvalid,
+                format!(
+                    "topic alias {alias} is outside 1 to {}, the Topic Alias Maximum",
+                    super::handshake::TOPIC_ALIAS_MAXIMUM
+                ),
             ));
         }
+        publish.properties.remove_topic_alias();
+        if publish.topic_name.is_empty() {
+            let Some(topic) = self.topic_aliases.get(&alias) else {
+                return Err(CloseCause::protocol(
+                    ReasonCode::ProtocolError,
+                    format!("topic alias {alias} is not set on this connection"),
+                ));
+            };
+            publish.topic_name.clone_from(topic);
+        } else if is_valid_topic_name(&publish.topic_name) {
+            self.topic_aliases.insert(alias, publish.topic_name.clone());
+        }
         Ok(())
+    }
+
+    /// Step 2, retained: checks a retained PUBLISH against the tenant's
+    /// limits.
+    /// MQTT 5 gets PUBACK 0x97 and the message is dropped (returns true);
+    /// MQTT 3.1.1 has no negative acknowledgement, so the message is
+    /// handled as if it were not retained.
+    fn rejected_by_retain_limit(&mut self, publish: &mut PublishPacket, packet_id: u16) -> bool {
+        if !publish.retain {
+            return false;
+        }
+        let Err(limit) = self.check_retain_limit(publish) else {
+            return false;
+        };
+        events::messages_rejected("retained_limit", 1);
+        if let Some(suppressed) = self.warnings.publish_rejected.allow(Instant::now()) {
+            tracing::warn!(topic = %publish.topic_name, %limit, suppressed, "did not retain an MQTT message: the tenant's retained message limit is reached");
+        }
+        match self.version {
+            ProtocolVersion::V5 => {
+                self.decide(
+                    packet_id,
+                    publish.qos,
+                    ReasonCode::QuotaExceeded,
+                    Some(limit.to_string()),
+                );
+                true
+            }
+            ProtocolVersion::V311 => {
+                publish.retain = false;
+                false
+            }
+        }
+    }
+
+    /// Returns the scope and key of the retained message that a PUBLISH
+    /// with RETAIN changes, or `None` when its topic cannot be retained
+    /// (commands, topics outside the client's tree).
+    fn retain_target(&self, topic: &str) -> Option<(RetainScope, String)> {
+        match &self.client {
+            Client::Device(identity) => {
+                let suffix = match classify_publish(topic, identity.device_id) {
+                    PublishTarget::Telemetry => topics::TELEMETRY_SUFFIX,
+                    PublishTarget::OwnTopic { suffix } => suffix,
+                    PublishTarget::Forbidden => return None,
+                };
+                let scope = RetainScope {
+                    tenant_id: identity.tenant_id,
+                    device_id: Some(identity.device_id),
+                };
+                Some((scope, suffix.to_owned()))
+            }
+            Client::Application(principal) => {
+                if classify_app_publish(topic) != AppPublishTarget::Shared {
+                    return None;
+                }
+                let scope = RetainScope {
+                    tenant_id: principal.tenant_id,
+                    device_id: None,
+                };
+                Some((scope, topic.to_owned()))
+            }
+        }
+    }
+
+    /// Checks that a retained PUBLISH stays within the tenant's limits. An
+    /// empty payload deletes, which always fits.
+    fn check_retain_limit(&self, publish: &PublishPacket) -> Result<(), retained::RetainLimit> {
+        if publish.payload.is_empty() {
+            return Ok(());
+        }
+        match self.retain_target(&publish.topic_name) {
+            Some((scope, topic)) => {
+                self.shared
+                    .router
+                    .retained()
+                    .check(scope, &topic, &publish.payload)
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Stores or deletes the retained message of an accepted PUBLISH with
+    /// RETAIN: memory now, SQLite with the group's append, before the
+    /// acknowledgement. An empty payload deletes ([MQTT-3.3.1-6],
+    /// [MQTT-3.3.1-7]); a PUBLISH without RETAIN changes nothing
+    /// ([MQTT-3.3.1-8]).
+    pub(super) fn apply_retain(&mut self, publish: &PublishPacket) {
+        if !publish.retain {
+            return;
+        }
+        let Some((scope, topic)) = self.retain_target(&publish.topic_name) else {
+            return;
+        };
+        let message = retained_message(publish);
+        {
+            let mut store = self.shared.router.retained();
+            match &message {
+                Some(message) => store.set(scope, &topic, message.clone()),
+                None => {
+                    store.remove(scope, &topic);
+                }
+            }
+        }
+        self.group
+            .retained
+            .push(retained::change_for(scope, &topic, message.as_ref()));
     }
 
     /// Step 3, telemetry: the payload must decode as the pipeline will
     /// decode it; then it joins the group's append.
     fn stage_telemetry(&mut self, publish: PublishPacket, packet_id: u16) {
+        let Client::Device(identity) = &self.client else {
+            return;
+        };
+        let (tenant_id, device_id, connect_profile) =
+            (identity.tenant_id, identity.device_id, identity.profile_id);
         let context = &self.shared.context;
         let received_at_ns = now_ns();
         let declared = publish.properties.get_content_type();
@@ -192,8 +346,8 @@ impl Connection {
         // it); the identity holds the one at CONNECT.
         let profile = context
             .directory
-            .cached_profile_of(self.identity.device_id)
-            .unwrap_or(self.identity.profile_id);
+            .cached_profile_of(device_id)
+            .unwrap_or(connect_profile);
         let content_type =
             match context
                 .directory
@@ -219,7 +373,7 @@ impl Connection {
                 content_type,
                 &publish.payload,
                 received_at_ns,
-                context.time_window(&self.identity.tenant_id.to_string()),
+                context.time_window(&tenant_id.to_string()),
             )
         };
         if let Err(error) = checked {
@@ -243,19 +397,20 @@ impl Connection {
             return;
         }
 
+        self.apply_retain(&publish);
+        let route = StoredRoute {
+            message: routed_message(&publish),
+        };
         self.group.envelopes.push(Envelope {
-            tenant_id: self.identity.tenant_id,
-            device_id: self.identity.device_id,
+            tenant_id,
+            device_id,
             protocol: Protocol::Mqtt,
             received_at_ns,
             content_type,
             payload: publish.payload.clone(),
             meta: Bytes::new(),
         });
-        self.group.routes.push(StoredRoute {
-            payload: publish.payload,
-            qos: publish.qos,
-        });
+        self.group.routes.push(route);
         if publish.qos != QoS::AtMostOnce {
             self.group.items.push(AckItem::AfterAppend {
                 packet_id,
@@ -273,17 +428,28 @@ impl Connection {
     /// MQTT 5 gets a success code: 0x00, or 0x10 (no matching subscribers)
     /// when no session took it.
     fn route_own_topic(&mut self, publish: &PublishPacket, suffix: &str, packet_id: u16) {
-        let delivered = self.shared.router.route(
-            self.identity.device_id,
-            suffix,
-            &publish.payload,
-            publish.qos,
-            Some(&self.client_id),
-        );
+        let Some(identity) = self.client.device() else {
+            return;
+        };
+        let message = routed_message(publish);
+        let mut delivered =
+            self.shared
+                .router
+                .route(identity.device_id, suffix, &message, Some(&self.client_id));
+        if suffix == topics::ATTRIBUTES_SUFFIX {
+            delivered += self.shared.router.route_to_applications(
+                identity.tenant_id,
+                &application::attributes_topic(identity.device_id),
+                &message,
+                None,
+            );
+        }
         events::messages_routed(1);
+        self.apply_retain(publish);
 
         let (reason, reason_string) = match self.version {
-            ProtocolVersion::V5 if delivered == 0 => (
+            // A retained message is kept for later subscribers.
+            ProtocolVersion::V5 if delivered == 0 && !publish.retain => (
                 ReasonCode::NoMatchingSubscribers,
                 Some(NOT_STORED_REASON.to_owned()),
             ),
@@ -324,7 +490,7 @@ impl Connection {
     /// Queues an acknowledgement decided on receipt. A QoS 2 PUBLISH
     /// acknowledged as accepted keeps its packet id until PUBREL, like a
     /// stored one.
-    fn decide(
+    pub(super) fn decide(
         &mut self,
         packet_id: u16,
         qos: QoS,
@@ -354,13 +520,17 @@ impl Connection {
 
     /// Starts the append of the current group.
     pub fn flush_group(&mut self) {
-        if self.group.items.is_empty() && self.group.envelopes.is_empty() {
+        if self.group.items.is_empty()
+            && self.group.envelopes.is_empty()
+            && self.group.retained.is_empty()
+        {
             return;
         }
         let group = std::mem::take(&mut self.group);
         self.pending_messages += group.messages;
 
         let ingest = self.shared.context.ingest.clone();
+        let metadata = self.shared.context.metadata.clone();
         self.pending.push_back(Box::pin(async move {
             let stored = group.envelopes.len();
             let result = if group.envelopes.is_empty() {
@@ -368,6 +538,9 @@ impl Connection {
             } else {
                 ingest.append(group.envelopes).await
             };
+            if !group.retained.is_empty() {
+                persist_retained(&metadata, &group.retained).await;
+            }
             GroupDone {
                 items: group.items,
                 routes: group.routes,
@@ -388,14 +561,15 @@ impl Connection {
         match &failure {
             None => {
                 events::messages_stored(done.stored);
-                for route in &done.routes {
-                    self.shared.router.route(
-                        self.identity.device_id,
-                        topics::TELEMETRY_SUFFIX,
-                        &route.payload,
-                        route.qos,
-                        Some(&self.client_id),
-                    );
+                if let Some(identity) = self.client.device() {
+                    for route in &done.routes {
+                        self.shared.router.route(
+                            identity.device_id,
+                            topics::TELEMETRY_SUFFIX,
+                            &route.message,
+                            Some(&self.client_id),
+                        );
+                    }
                 }
             }
             Some(error) => self.report_append_failure(error, done.stored),
@@ -571,27 +745,43 @@ fn check_publish_properties(publish: &PublishPacket) -> Result<(), CloseCause> {
     Ok(())
 }
 
-/// Publishes a will message like a PUBLISH of its device: telemetry is
-/// checked and appended, other topics of the device are routed. The topic
-/// was authorized at CONNECT.
-pub async fn publish_will(
-    shared: &Shared,
-    identity: &DeviceIdentity,
-    client_id: &ClientId,
-    will: Will,
-) {
+/// Publishes a will message like a PUBLISH of its client: a device's
+/// telemetry is checked and appended, other topics of the device are
+/// routed, and an application's will goes to the tenant's applications.
+/// The topic was authorized at CONNECT.
+pub async fn publish_will(shared: &Shared, client: &Client, client_id: &ClientId, will: Will) {
     events::message_received();
+    let identity = match client {
+        Client::Device(identity) => identity,
+        Client::Application(principal) => {
+            if classify_app_publish(&will.topic) == AppPublishTarget::Shared {
+                shared.router.route_to_applications(
+                    principal.tenant_id,
+                    &will.topic,
+                    &will_message(&will),
+                    Some(client_id),
+                );
+                events::messages_routed(1);
+                let scope = RetainScope {
+                    tenant_id: principal.tenant_id,
+                    device_id: None,
+                };
+                retain_will(shared, scope, &will.topic, &will).await;
+            }
+            return;
+        }
+    };
     match classify_publish(&will.topic, identity.device_id) {
         PublishTarget::Forbidden => {}
         PublishTarget::OwnTopic { suffix } => {
             shared.router.route(
                 identity.device_id,
                 suffix,
-                &will.payload,
-                will.qos,
+                &will_message(&will),
                 Some(client_id),
             );
             events::messages_routed(1);
+            retain_will(shared, device_scope(identity), suffix, &will).await;
             tracing::debug!(topic = %will.topic, "published the will message to subscribers");
         }
         PublishTarget::Telemetry => append_will(shared, identity, client_id, will).await,
@@ -626,10 +816,16 @@ async fn append_will(shared: &Shared, identity: &DeviceIdentity, client_id: &Cli
             shared.router.route(
                 identity.device_id,
                 topics::TELEMETRY_SUFFIX,
-                &will.payload,
-                will.qos,
+                &will_message(&will),
                 Some(client_id),
             );
+            retain_will(
+                shared,
+                device_scope(identity),
+                topics::TELEMETRY_SUFFIX,
+                &will,
+            )
+            .await;
             tracing::debug!(topic = %will.topic, "stored the will message");
         }
         Err(error) => {
@@ -644,4 +840,74 @@ async fn append_will(shared: &Shared, identity: &DeviceIdentity, client_id: &Cli
             tracing::warn!(%error, "will message not stored: appending to the ingest log failed");
         }
     }
+}
+
+/// Returns the retained message that `publish` stores, or `None` for an
+/// empty payload, which deletes.
+fn retained_message(publish: &PublishPacket) -> Option<RetainedMessage> {
+    if publish.payload.is_empty() {
+        return None;
+    }
+    let expires_at_ms = publish
+        .properties
+        .get_message_expiry_interval()
+        .map(|seconds| retained::now_ms().saturating_add(i64::from(seconds) * 1000));
+    Some(RetainedMessage {
+        payload: publish.payload.clone(),
+        qos: publish.qos,
+        properties: application::forwarded_properties(publish),
+        expires_at_ms,
+    })
+}
+
+/// Writes retained message changes to SQLite. A failure is logged: the
+/// change stays in memory and is lost at restart.
+async fn persist_retained(metadata: &crate::metadata::SqliteMetadata, changes: &[RetainedChange]) {
+    if let Err(error) = metadata.apply_mqtt_retained(changes).await {
+        tracing::error!(%error, changes = changes.len(), "cannot store retained MQTT messages; they are lost when the server restarts");
+    }
+}
+
+fn device_scope(identity: &DeviceIdentity) -> RetainScope {
+    RetainScope {
+        tenant_id: identity.tenant_id,
+        device_id: Some(identity.device_id),
+    }
+}
+
+fn will_message(will: &Will) -> RoutedMessage {
+    RoutedMessage {
+        retain: will.retain,
+        ..RoutedMessage::plain(will.payload.clone(), will.qos)
+    }
+}
+
+/// Stores or deletes the retained message of a will with RETAIN.
+async fn retain_will(shared: &Shared, scope: RetainScope, topic: &str, will: &Will) {
+    if !will.retain {
+        return;
+    }
+    let message = (!will.payload.is_empty()).then(|| RetainedMessage {
+        payload: will.payload.clone(),
+        qos: will.qos,
+        properties: None,
+        expires_at_ms: None,
+    });
+    {
+        let mut store = shared.router.retained();
+        match &message {
+            Some(message) => {
+                if let Err(limit) = store.check(scope, topic, &message.payload) {
+                    tracing::warn!(topic, %limit, "did not retain a will message");
+                    return;
+                }
+                store.set(scope, topic, message.clone());
+            }
+            None => {
+                store.remove(scope, topic);
+            }
+        }
+    }
+    let change = retained::change_for(scope, topic, message.as_ref());
+    persist_retained(&shared.context.metadata, &[change]).await;
 }

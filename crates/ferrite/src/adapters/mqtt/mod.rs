@@ -1,10 +1,16 @@
 //! The MQTT server: devices connect over TCP with MQTT 3.1.1 or 5, publish
 //! telemetry that is stored in the ingest log, and subscribe to topics of
-//! their own namespace.
+//! their own namespace. Applications of a tenant connect to follow its
+//! devices' telemetry and alarms and to send commands.
 //!
 //! ## What it implements
 //! - Authentication with the device access token as user name; the
 //!   password is ignored, as in ThingsBoard, so existing firmware works.
+//! - Application clients (`application.rs`): an API key, or a user's email
+//!   and password, scoped to one tenant, with their own topic tree
+//!   (telemetry and alarms from the live bus, commands to devices with
+//!   MQTT 5 request/response, free `apps/` topics). Viewers may only
+//!   subscribe.
 //! - Per-device authorization of topics (`topics.rs`): a device publishes
 //!   and subscribes only under `v1/devices/me/` or `devices/{its id}/`.
 //! - The durability contract: PUBACK and PUBREC are sent only after the
@@ -15,27 +21,30 @@
 //!   the PUBLISHes came in ([MQTT-4.6.0-2], [MQTT-4.6.0-3]).
 //! - QoS 0, 1 and 2 inbound, with the QoS 2 packet ids kept until PUBREL so
 //!   that a resent PUBLISH is not stored twice ([MQTT-4.3.3-9]).
+//! - Outgoing QoS 2, with the flow (PUBREC, PUBREL, PUBCOMP) kept in the
+//!   session and resumed on reconnect ([MQTT-4.4.0-1], `outbound.rs`).
 //! - Sessions with clean start, session expiry and takeover (`session.rs`);
-//!   subscriptions and delivery of QoS 0 and 1 to the sessions of the same
-//!   device (`router.rs`), which other parts of Ferrite publish through with
-//!   [`Router::publish_to_device`].
+//!   subscriptions and delivery of QoS 0, 1 and 2 to the sessions of the
+//!   same device (`router.rs`), which other parts of Ferrite publish
+//!   through with [`Router::publish_to_device`].
 //! - RPC requests to devices and their responses on
 //!   `v1/devices/me/rpc/{request,response}/{id}`, as in ThingsBoard
 //!   (`rpc.rs`, [`Router::call_device`]).
 //! - Keep-alive ([MQTT-3.1.2-24]), will messages with MQTT 5 delay, limits
 //!   on connections, connect time and packet size (`connection.rs`).
+//! - MQTT 5 Payload Format Indicator, Response Topic, Correlation Data, User
+//!   Properties and Content Type forwarded unchanged to subscribers, and
+//!   Response Information for applications that request it.
+//! - Retained messages per device namespace and per tenant application
+//!   tree (`retained.rs`), kept in SQLite, with Retain Handling, Retain As
+//!   Published and limits per tenant; Message Expiry Interval on retained
+//!   and queued messages.
+//! - Shared subscriptions `$share/{ShareName}/{filter}` (`router.rs`):
+//!   each message goes to one member, round robin among those online.
+//! - MQTT 5 topic aliases from clients, up to 64 per connection; the
+//!   server sends no aliases itself.
 //!
 //! ## What it leaves out
-//! - NOTE: outgoing QoS 2 is not supported: subscriptions are granted at
-//!   most QoS 1 and messages are delivered with at most QoS 1.
-//! - NOTE: retained messages are not supported. MQTT 5 clients learn it
-//!   from CONNACK (Retain Available = 0), and a retained PUBLISH closes
-//!   their connection with 0x9A. MQTT 3.1.1 publishes with RETAIN are
-//!   handled as normal publishes.
-//! - NOTE: shared subscriptions are not supported (`$share/` filters get
-//!   SUBACK 0x9E in MQTT 5 and 0x80 in 3.1.1).
-//! - NOTE: topic aliases are not supported (Topic Alias Maximum 0); a
-//!   PUBLISH with a topic alias closes the connection with 0x94.
 //! - Sessions live in memory and end when the server stops; there is no
 //!   TLS listener and no enhanced (AUTH) authentication yet.
 //!
@@ -52,12 +61,14 @@
 //! `serve` returns when every connection task and every will message
 //! waiting for its delay has ended; delayed wills are not sent at shutdown.
 
+mod application;
 mod codec;
 mod connection;
 mod events;
 mod handshake;
 mod inbound;
 mod outbound;
+mod retained;
 mod router;
 mod rpc;
 mod session;
@@ -108,6 +119,10 @@ pub struct MqttContext {
     pub storage: crate::config::StorageConfig,
     /// Device profiles, which choose the payload codec.
     pub directory: Arc<crate::profiles::Directory>,
+    /// Processed telemetry and alarm changes, forwarded to applications.
+    pub live: crate::live::LiveBus,
+    /// Stores retained messages.
+    pub metadata: Arc<crate::metadata::SqliteMetadata>,
 }
 
 impl MqttContext {
@@ -210,8 +225,12 @@ impl MqttServer {
 pub async fn serve(listener: TcpListener, server: MqttServer) {
     let shared = server.shared.clone();
     let shutdown = shared.shutdown.clone();
+    load_retained(&shared.context, &shared.router).await;
     let mut accept_warnings = WarnLimiter::default();
     let mut session_sweep = tokio::time::interval(SESSION_SWEEP_INTERVAL);
+    shared
+        .tasks
+        .spawn(application::run_live_bridge(shared.clone()));
 
     loop {
         let accepted = tokio::select! {
@@ -264,4 +283,19 @@ pub async fn serve(listener: TcpListener, server: MqttServer) {
     shared.tasks.close();
     shared.tasks.wait().await;
     tracing::info!("MQTT server stopped");
+}
+
+/// Loads the retained messages stored before the last stop. On failure the
+/// server starts without them and logs the error.
+async fn load_retained(context: &MqttContext, router: &Router) {
+    match context.metadata.load_mqtt_retained().await {
+        Ok(rows) => {
+            let count = rows.len();
+            router.retained().load(rows);
+            tracing::info!(count, "loaded retained MQTT messages");
+        }
+        Err(error) => {
+            tracing::error!(%error, "cannot load retained MQTT messages; starting without them");
+        }
+    }
 }

@@ -1,30 +1,39 @@
 //! Toward the client: SUBSCRIBE and UNSUBSCRIBE, delivery of routed
-//! messages, and their acknowledgement (PUBACK from the client).
+//! messages, and their acknowledgement (PUBACK, or PUBREC and PUBCOMP for
+//! QoS 2).
 //!
-//! Outgoing QoS 1 messages are sent while fewer than the send quota (the
-//! lower of the client's Receive Maximum and `mqtt.max_inflight`) wait for
-//! PUBACK; the rest wait in the session's queue or the delivery channel.
-//! Unacknowledged messages are kept in the session and sent again, with
-//! DUP set and their original packet ids, when the session is resumed.
+//! Outgoing QoS 1 and 2 messages are sent while fewer than the send quota
+//! are unacknowledged. The quota is the lower of the client's Receive
+//! Maximum and `mqtt.max_inflight`. The rest wait in the session's queue or
+//! the delivery channel. A QoS 2 message is unacknowledged until PUBCOMP.
+//!
+//! Exactly-once delivery of QoS 2 across reconnects: unacknowledged
+//! PUBLISHes and PUBRELs are kept in the session and sent again, PUBLISH
+//! with DUP set, with their original packet ids, when the session is
+//! resumed ([MQTT-4.4.0-1]). A message whose PUBREC arrived is never sent
+//! again, only its PUBREL.
 
 use std::time::Instant;
 
 use mqtt5_protocol::packet::publish::PublishPacket;
+use mqtt5_protocol::packet::pubrel::PubRelPacket;
 use mqtt5_protocol::packet::suback::{SubAckPacket, SubAckReasonCode};
-use mqtt5_protocol::packet::subscribe::SubscribePacket;
+use mqtt5_protocol::packet::subscribe::{RetainHandling, SubscribePacket};
 use mqtt5_protocol::packet::unsuback::{UnsubAckPacket, UnsubAckReasonCode};
 use mqtt5_protocol::packet::unsubscribe::UnsubscribePacket;
 use mqtt5_protocol::{ProtocolVersion, QoS, ReasonCode};
 
+use super::application::{Client, authorize_app_filter};
 use super::codec;
 use super::connection::{CloseCause, Connection};
 use super::events;
-use super::session::{Outgoing, Subscription};
-use super::topics::{FilterRejection, authorize_filter};
+use super::retained::{self, RetainScope};
+use super::session::{MessageProperties, Outgoing, Subscription};
+use super::topics::{FilterRejection, authorize_filter, split_shared};
 
 impl Connection {
-    /// Handles SUBSCRIBE: each filter must lie in the device's namespace;
-    /// accepted ones are granted at most QoS 1.
+    /// Handles SUBSCRIBE: each filter must lie in the client's topic tree;
+    /// accepted ones are granted the requested QoS.
     pub fn on_subscribe(&mut self, subscribe: SubscribePacket) -> Result<(), CloseCause> {
         if self.version == ProtocolVersion::V5
             && subscribe.properties.get_subscription_identifier().is_some()
@@ -37,21 +46,51 @@ impl Connection {
 
         let mut codes = Vec::with_capacity(subscribe.filters.len());
         let mut accepted = Vec::new();
+        let mut retain_handling = Vec::new();
         for requested in subscribe.filters {
-            match authorize_filter(&requested.filter, self.identity.device_id) {
+            let shared = split_shared(&requested.filter);
+            if let Ok(Some(_)) = shared
+                && requested.options.no_local
+            {
+                return Err(CloseCause::protocol(
+                    ReasonCode::ProtocolError,
+                    format!(
+                        "No Local is set on the shared subscription {:?}",
+                        requested.filter
+                    ),
+                ));
+            }
+            let (filter_start, inner_filter) = match shared {
+                Ok(Some(shared)) => (shared.prefix_len, Ok(shared.filter)),
+                Ok(None) => (0, Ok(requested.filter.as_str())),
+                Err(rejection) => (0, Err(rejection)),
+            };
+            let authorized = inner_filter.and_then(|filter| match &self.client {
+                Client::Device(identity) => authorize_filter(filter, identity.device_id),
+                Client::Application(_) => authorize_app_filter(filter),
+            });
+            match authorized {
                 Ok(authorized) => {
-                    let qos = if requested.options.qos == QoS::AtMostOnce {
-                        QoS::AtMostOnce
-                    } else {
-                        QoS::AtLeastOnce
-                    };
+                    let qos = requested.options.qos;
                     codes.push(SubAckReasonCode::from_qos(qos));
+                    // MQTT 3.1.1 has no subscription options: retained
+                    // messages are always sent, with RETAIN cleared on
+                    // forwarding.
+                    let v5 = self.version == ProtocolVersion::V5;
+                    retain_handling.push(if v5 {
+                        requested.options.retain_handling
+                    } else {
+                        RetainHandling::SendAtSubscribe
+                    });
                     accepted.push(Subscription {
                         filter: requested.filter,
+                        filter_start,
+                        shared: filter_start > 0,
                         prefix_len: authorized.prefix_len,
                         suffix_filter: authorized.suffix_filter,
                         qos,
                         no_local: requested.options.no_local,
+                        retain_as_published: v5 && requested.options.retain_as_published,
                     });
                 }
                 Err(rejection) => {
@@ -68,18 +107,55 @@ impl Connection {
             }
         }
 
-        // NOTE: no retained messages are sent after SUBACK, since retained
-        // messages are not supported.
-        self.shared
-            .router
-            .subscribe(&self.client_id, self.generation, accepted);
+        let existed =
+            self.shared
+                .router
+                .subscribe(&self.client_id, self.generation, accepted.clone());
         let mut suback = match self.version {
             ProtocolVersion::V311 => SubAckPacket::new_v311(subscribe.packet_id),
             ProtocolVersion::V5 => SubAckPacket::new(subscribe.packet_id),
         };
         suback.reason_codes = codes;
         codec::encode(&suback, &mut self.out);
+
+        for ((subscription, handling), existed) in accepted.iter().zip(retain_handling).zip(existed)
+        {
+            let send = match handling {
+                RetainHandling::SendAtSubscribe => true,
+                RetainHandling::SendAtSubscribeIfNew => !existed,
+                RetainHandling::DoNotSend => false,
+            };
+            // Retained messages are not sent for a shared subscription
+            // (MQTT 5.0 section 4.8.2).
+            if send && !subscription.shared {
+                self.queue_retained(subscription);
+            }
+        }
         Ok(())
+    }
+
+    /// Queues the retained messages that match a new subscription, after
+    /// SUBACK, with RETAIN set ([MQTT-3.3.1-9], [MQTT-3.3.1-10],
+    /// [MQTT-3.3.1-11]).
+    fn queue_retained(&mut self, subscription: &Subscription) {
+        let scope = match &self.client {
+            Client::Device(identity) => RetainScope {
+                tenant_id: identity.tenant_id,
+                device_id: Some(identity.device_id),
+            },
+            Client::Application(principal) => RetainScope {
+                tenant_id: principal.tenant_id,
+                device_id: None,
+            },
+        };
+        let messages = self.shared.router.retained().matching(
+            scope,
+            &subscription.suffix_filter,
+            subscription.topic_prefix(),
+            subscription.qos,
+            retained::now_ms(),
+        );
+        self.delivery.queued.extend(messages);
     }
 
     fn warn_subscription_rejected(&mut self, filter: &str, rejection: FilterRejection) {
@@ -88,7 +164,7 @@ impl Connection {
                 filter,
                 rejection = ?rejection,
                 suppressed,
-                "rejected an MQTT subscription outside the device's namespace or with an invalid filter"
+                "rejected an MQTT subscription with an unauthorized or invalid filter"
             );
         }
     }
@@ -121,14 +197,59 @@ impl Connection {
 
     /// Handles PUBACK for an outgoing QoS 1 message.
     pub fn on_puback(&mut self, packet_id: u16) {
-        if let Some(index) = self
+        self.take_inflight(packet_id, QoS::AtLeastOnce);
+    }
+
+    /// Handles PUBREC for an outgoing QoS 2 message: the client has it, so
+    /// it is released with PUBREL and never sent again. A PUBREC with a
+    /// reason code of 0x80 or above ends the flow without PUBREL. A
+    /// repeated PUBREC gets the PUBREL again.
+    pub fn on_pubrec(&mut self, packet_id: u16, reason: ReasonCode) {
+        let known = self.take_inflight(packet_id, QoS::ExactlyOnce).is_some();
+        if u8::from(reason) >= 0x80 {
+            return;
+        }
+        let released = self.delivery.released.contains(&packet_id);
+        if known && !released {
+            self.delivery.released.push_back(packet_id);
+        }
+        let reason = if known || released {
+            ReasonCode::Success
+        } else {
+            ReasonCode::PacketIdentifierNotFound
+        };
+        self.write_pubrel(packet_id, reason);
+    }
+
+    /// Handles PUBCOMP: the QoS 2 flow of `packet_id` is complete and the
+    /// packet id free.
+    pub fn on_pubcomp(&mut self, packet_id: u16) {
+        self.delivery.released.retain(|id| *id != packet_id);
+    }
+
+    fn write_pubrel(&mut self, packet_id: u16, reason: ReasonCode) {
+        let reason = match self.version {
+            ProtocolVersion::V5 => reason,
+            ProtocolVersion::V311 => ReasonCode::Success,
+        };
+        codec::encode(
+            &PubRelPacket::new_with_reason(packet_id, reason),
+            &mut self.out,
+        );
+    }
+
+    /// Removes the in-flight message `packet_id` when it was sent with
+    /// `qos`, and returns it.
+    fn take_inflight(&mut self, packet_id: u16, qos: QoS) -> Option<Outgoing> {
+        let index = self
             .delivery
             .inflight
             .iter()
-            .position(|(id, _)| *id == packet_id)
-        {
-            self.delivery.inflight.remove(index);
-        }
+            .position(|(id, message)| *id == packet_id && message.qos == qos)?;
+        self.delivery
+            .inflight
+            .remove(index)
+            .map(|(_, message)| message)
     }
 
     /// Sends a message from the router.
@@ -145,7 +266,7 @@ impl Connection {
 
     /// Sends queued session messages while the send quota allows.
     pub fn send_queued(&mut self) {
-        while self.delivery.inflight.len() < self.send_quota {
+        while self.delivery.unacknowledged() < self.send_quota {
             let Some(message) = self.delivery.queued.pop_front() else {
                 return;
             };
@@ -153,8 +274,13 @@ impl Connection {
         }
     }
 
-    /// Sends the unacknowledged messages of a resumed session again.
+    /// Sends the unacknowledged PUBLISHes and PUBRELs of a resumed session
+    /// again, in the order they were first sent.
     pub fn resend_inflight(&mut self) {
+        let released: Vec<u16> = self.delivery.released.iter().copied().collect();
+        for packet_id in released {
+            self.write_pubrel(packet_id, ReasonCode::Success);
+        }
         let inflight = std::mem::take(&mut self.delivery.inflight);
         for (packet_id, message) in inflight {
             if self.encode_delivery(&message, Some(packet_id), true) {
@@ -163,17 +289,43 @@ impl Connection {
         }
     }
 
-    /// Encodes a PUBLISH to the client; returns false when the message is
-    /// larger than the client accepts and was dropped ([MQTT-3.1.2-25]).
+    /// Encodes a PUBLISH to the client; returns false when the message was
+    /// dropped: larger than the client accepts ([MQTT-3.1.2-25]) or
+    /// expired (MQTT 5 Message Expiry Interval).
     fn encode_delivery(&mut self, message: &Outgoing, packet_id: Option<u16>, dup: bool) -> bool {
+        let remaining_expiry = match message.expires_at {
+            Some(expires_at) => {
+                let now = Instant::now();
+                if expires_at <= now {
+                    events::deliveries_dropped("expired", 1);
+                    return false;
+                }
+                // The interval sent is the time left, rounded up, so that
+                // a message still valid never carries 0.
+                let left = expires_at - now;
+                let seconds = left.as_secs() + u64::from(left.subsec_nanos() > 0);
+                Some(u32::try_from(seconds).unwrap_or(u32::MAX))
+            }
+            None => None,
+        };
         let mut publish = match self.version {
             ProtocolVersion::V311 => {
                 PublishPacket::new_v311(message.topic.clone(), message.payload.clone(), message.qos)
             }
             ProtocolVersion::V5 => {
-                PublishPacket::new(message.topic.clone(), message.payload.clone(), message.qos)
+                let publish =
+                    PublishPacket::new(message.topic.clone(), message.payload.clone(), message.qos);
+                let publish = match &message.properties {
+                    Some(properties) => with_properties(publish, properties),
+                    None => publish,
+                };
+                match remaining_expiry {
+                    Some(seconds) => publish.with_message_expiry_interval(seconds),
+                    None => publish,
+                }
             }
         };
+        publish = publish.with_retain(message.retain);
         if let Some(packet_id) = packet_id {
             publish = publish.with_packet_id(packet_id).with_dup(dup);
         }
@@ -190,14 +342,36 @@ impl Connection {
         loop {
             let candidate = self.delivery.next_packet_id.max(1);
             self.delivery.next_packet_id = candidate.checked_add(1).unwrap_or(1);
-            if !self
+            let in_use = self
                 .delivery
                 .inflight
                 .iter()
                 .any(|(id, _)| *id == candidate)
-            {
+                || self.delivery.released.contains(&candidate);
+            if !in_use {
                 return candidate;
             }
         }
     }
+}
+
+/// Adds the forwarded MQTT 5 properties to an outgoing PUBLISH, unchanged
+/// ([MQTT-3.3.2-15], [MQTT-3.3.2-16], [MQTT-3.3.2-17], [MQTT-3.3.2-20]).
+fn with_properties(mut publish: PublishPacket, properties: &MessageProperties) -> PublishPacket {
+    if properties.payload_is_utf8 {
+        publish = publish.with_payload_format_indicator(true);
+    }
+    if let Some(topic) = &properties.response_topic {
+        publish = publish.with_response_topic(topic.clone());
+    }
+    if let Some(data) = &properties.correlation_data {
+        publish = publish.with_correlation_data(data.to_vec());
+    }
+    if let Some(content_type) = &properties.content_type {
+        publish = publish.with_content_type(content_type.clone());
+    }
+    for (key, value) in &properties.user_properties {
+        publish = publish.with_user_property(key.clone(), value.clone());
+    }
+    publish
 }

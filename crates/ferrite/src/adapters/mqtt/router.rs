@@ -7,6 +7,10 @@
 //! topic after `v1/devices/me/` or `devices/{id}/`, and each subscriber gets
 //! the topic in the spelling its filter used.
 //!
+//! Application sessions (`application.rs`) are indexed by tenant and
+//! matched on the whole topic of the tenant's application tree
+//! ([`Router::route_to_applications`]).
+//!
 //! Delivery never waits: a connected session gets the message through its
 //! bounded channel, and a full channel drops the message (counted in
 //! `ferrite_mqtt_deliveries_dropped_total{reason="queue_full"}`), so a slow
@@ -19,6 +23,7 @@
 //! device's publish on `rpc/response/{id}` goes to the request waiting for
 //! it, if any, instead of the device's subscribers.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
@@ -28,11 +33,14 @@ use parking_lot::{Mutex, MutexGuard};
 use tokio::sync::mpsc::error::TrySendError;
 
 use super::events::{self, WarnLimiter};
+use super::retained::RetainedStore;
 use super::rpc::{self, PendingRequests, PendingResponse, RpcSendError};
-use super::session::{ClientId, Outgoing, Presence, Session, SessionStore, Subscription};
+use super::session::{
+    ClientId, Outgoing, Presence, RoutedMessage, Session, SessionStore, ShareScope, Subscription,
+};
 use super::topics::{is_valid_topic_name, suffix_matches};
 use crate::config::MqttConfig;
-use crate::ids::DeviceId;
+use crate::ids::{DeviceId, TenantId};
 
 /// Receivers of a device's messages outside the MQTT sessions, such as
 /// CoAP observers. Delivery must not wait, like delivery to sessions.
@@ -56,6 +64,8 @@ pub struct Router {
     rpc_requests: Arc<PendingRequests>,
     /// Receivers of other protocols, set once at start.
     external: Arc<OnceLock<Arc<dyn ExternalReceivers>>>,
+    /// Retained messages; see `retained.rs`.
+    retained: Arc<Mutex<RetainedStore>>,
 }
 
 impl Router {
@@ -71,6 +81,10 @@ impl Router {
             queue_full_warnings: Arc::new(Mutex::new(WarnLimiter::default())),
             rpc_requests: Arc::new(PendingRequests::default()),
             external: Arc::new(OnceLock::new()),
+            retained: Arc::new(Mutex::new(RetainedStore::new(
+                config.max_retained_messages,
+                config.max_retained_bytes,
+            ))),
         }
     }
 
@@ -99,7 +113,7 @@ impl Router {
     /// Sends `payload` to the sessions of `device_id` whose subscriptions
     /// match the topic `v1/devices/me/{suffix}` (or its equal
     /// `devices/{device_id}/{suffix}`), with the lower of `qos` and the
-    /// granted QoS. QoS 2 is sent as QoS 1. Returns the number of sessions
+    /// granted QoS. Returns the number of sessions
     /// that got the message or queued it: 0 when `suffix` is empty or
     /// contains a wildcard, which no topic name may.
     pub fn publish_to_device(
@@ -112,7 +126,59 @@ impl Router {
         if !is_valid_topic_name(suffix) {
             return 0;
         }
-        self.route(device_id, suffix, &payload, qos, None)
+        self.route(device_id, suffix, &RoutedMessage::plain(payload, qos), None)
+    }
+
+    /// True when a connection of `device_id` in `tenant_id` is open. A
+    /// device of another tenant counts as not connected.
+    pub fn is_device_connected_in(&self, device_id: DeviceId, tenant_id: TenantId) -> bool {
+        let store = self.sessions.lock();
+        let Some(clients) = store.by_device.get(&device_id) else {
+            return false;
+        };
+        clients.iter().any(|client_id| {
+            store.sessions.get(client_id).is_some_and(|session| {
+                session.owner.tenant_id() == tenant_id
+                    && matches!(session.presence, Presence::Online(_))
+            })
+        })
+    }
+
+    /// True when `tenant_id` has an application session, online or not,
+    /// so that the live bridge can skip rendering messages without a recipient.
+    pub fn has_application_sessions(&self, tenant_id: TenantId) -> bool {
+        self.sessions.lock().by_tenant.contains_key(&tenant_id)
+    }
+
+    /// Routes a message on `topic` of the application topic tree of
+    /// `tenant_id` to the application sessions of that tenant whose
+    /// filters match. `publisher` is the publishing session, for MQTT 5
+    /// No Local. Returns the number of sessions that got or queued it.
+    pub(super) fn route_to_applications(
+        &self,
+        tenant_id: TenantId,
+        topic: &str,
+        message: &RoutedMessage,
+        publisher: Option<&ClientId>,
+    ) -> usize {
+        let mut store = self.sessions.lock();
+        let Some(clients) = store.by_tenant.get(&tenant_id).cloned() else {
+            return 0;
+        };
+        let routed = route_in_scope(
+            &mut store,
+            &clients,
+            ShareScope::Tenant(tenant_id),
+            topic,
+            message,
+            publisher,
+        );
+        drop(store);
+
+        if routed.queue_full > 0 {
+            events::deliveries_dropped("queue_full", routed.queue_full);
+        }
+        routed.delivered
     }
 
     /// True when a connection of `device_id` is open, or an external
@@ -196,55 +262,38 @@ impl Router {
         &self,
         device_id: DeviceId,
         suffix: &str,
-        payload: &Bytes,
-        qos: QoS,
+        message: &RoutedMessage,
         publisher: Option<&ClientId>,
     ) -> usize {
-        if publisher.is_some() && self.rpc_requests.complete(device_id, suffix, payload) {
+        if publisher.is_some()
+            && self
+                .rpc_requests
+                .complete(device_id, suffix, &message.payload)
+        {
             return 1;
         }
-        let external = self
-            .external
-            .get()
-            .map_or(0, |external| external.deliver(device_id, suffix, payload));
+        let external = self.external.get().map_or(0, |external| {
+            external.deliver(device_id, suffix, &message.payload)
+        });
 
-        let mut guard = self.sessions.lock();
-        let store = &mut *guard;
-        let Some(clients) = store.by_device.get(&device_id) else {
+        let mut store = self.sessions.lock();
+        let Some(clients) = store.by_device.get(&device_id).cloned() else {
             return external;
         };
+        let routed = route_in_scope(
+            &mut store,
+            &clients,
+            ShareScope::Device(device_id),
+            suffix,
+            message,
+            publisher,
+        );
+        drop(store);
 
-        let mut delivered = 0;
-        let mut queue_full = 0;
-        for client_id in clients {
-            let Some(session) = store.sessions.get_mut(client_id) else {
-                continue;
-            };
-            let is_publisher = publisher == Some(client_id);
-            let Some(subscription) = best_match(&session.subscriptions, suffix, is_publisher)
-            else {
-                continue;
-            };
-            let message = Outgoing {
-                topic: format!(
-                    "{}{suffix}",
-                    &subscription.filter[..subscription.prefix_len]
-                ),
-                payload: payload.clone(),
-                qos: lower_qos(qos, subscription.qos),
-            };
-            match deliver(session, message, store.max_queued) {
-                DeliveryResult::Delivered => delivered += 1,
-                DeliveryResult::QueueFull => queue_full += 1,
-                DeliveryResult::Skipped => {}
-            }
+        if routed.queue_full > 0 {
+            self.warn_queue_full(device_id, routed.queue_full);
         }
-        drop(guard);
-
-        if queue_full > 0 {
-            self.warn_queue_full(device_id, queue_full);
-        }
-        delivered + external
+        routed.delivered + external
     }
 
     /// Locks the session store for the steps of a connection.
@@ -252,28 +301,42 @@ impl Router {
         self.sessions.lock()
     }
 
+    /// Locks the retained messages.
+    pub(super) fn retained(&self) -> MutexGuard<'_, RetainedStore> {
+        self.retained.lock()
+    }
+
     /// Adds `subscriptions` to the session held by the connection of
     /// `generation`, replacing those with the same filter ([MQTT-3.8.4-3]).
+    /// Returns, per subscription, whether one with its filter existed.
     pub(super) fn subscribe(
         &self,
         client_id: &ClientId,
         generation: u64,
         subscriptions: Vec<Subscription>,
-    ) {
+    ) -> Vec<bool> {
         let mut store = self.sessions.lock();
         let Some(session) = store.current_session(client_id, generation) else {
-            return;
+            return vec![false; subscriptions.len()];
         };
+        let mut existed = Vec::with_capacity(subscriptions.len());
         for subscription in subscriptions {
             match session
                 .subscriptions
                 .iter_mut()
                 .find(|existing| existing.filter == subscription.filter)
             {
-                Some(existing) => *existing = subscription,
-                None => session.subscriptions.push(subscription),
+                Some(existing) => {
+                    *existing = subscription;
+                    existed.push(true);
+                }
+                None => {
+                    session.subscriptions.push(subscription);
+                    existed.push(false);
+                }
             }
         }
+        existed
     }
 
     /// Removes the subscriptions with these filters. Returns, per filter,
@@ -319,6 +382,102 @@ impl Router {
     }
 }
 
+/// Sessions that got a message, and sessions whose channel was full.
+#[derive(Debug, Default)]
+struct Routed {
+    delivered: usize,
+    queue_full: usize,
+}
+
+impl Routed {
+    fn count(&mut self, result: DeliveryResult) {
+        match result {
+            DeliveryResult::Delivered => self.delivered += 1,
+            DeliveryResult::QueueFull => self.queue_full += 1,
+            DeliveryResult::Skipped => {}
+        }
+    }
+}
+
+/// A session whose shared subscription matches a message.
+struct ShareCandidate {
+    client_id: ClientId,
+    subscription: Subscription,
+    online: bool,
+}
+
+/// Routes a message on `topic` (a device's topic suffix, or a topic of the
+/// application tree) to the sessions `clients` of one scope.
+///
+/// Each session gets one copy for its best matching non-shared
+/// subscription. Each shared subscription filter (group) gets one copy for
+/// one member, chosen round robin among the members online. When no member
+/// is online, the first offline member queues it.
+fn route_in_scope(
+    store: &mut SessionStore,
+    clients: &[ClientId],
+    scope: ShareScope,
+    topic: &str,
+    message: &RoutedMessage,
+    publisher: Option<&ClientId>,
+) -> Routed {
+    let mut routed = Routed::default();
+    let mut groups: BTreeMap<String, Vec<ShareCandidate>> = BTreeMap::new();
+    let max_queued = store.max_queued;
+
+    for client_id in clients {
+        let Some(session) = store.sessions.get_mut(client_id) else {
+            continue;
+        };
+        let online = matches!(session.presence, Presence::Online(_));
+        for shared in session
+            .subscriptions
+            .iter()
+            .filter(|subscription| subscription.shared)
+            .filter(|subscription| suffix_matches(&subscription.suffix_filter, topic))
+        {
+            groups
+                .entry(shared.filter.clone())
+                .or_default()
+                .push(ShareCandidate {
+                    client_id: client_id.clone(),
+                    subscription: shared.clone(),
+                    online,
+                });
+        }
+
+        let is_publisher = publisher == Some(client_id);
+        let Some(subscription) = best_match(&session.subscriptions, topic, is_publisher) else {
+            continue;
+        };
+        let full_topic = format!("{}{topic}", subscription.topic_prefix());
+        let outgoing = outgoing(full_topic, message, subscription);
+        routed.count(deliver(session, outgoing, max_queued));
+    }
+
+    for (filter, candidates) in groups {
+        let online: Vec<&ShareCandidate> = candidates.iter().filter(|c| c.online).collect();
+        let chosen = if online.is_empty() {
+            candidates.first()
+        } else {
+            let cursor = store.share_cursors.entry((scope, filter)).or_default();
+            let index = *cursor % online.len();
+            *cursor = cursor.wrapping_add(1);
+            Some(online[index])
+        };
+        let Some(chosen) = chosen else {
+            continue;
+        };
+        let Some(session) = store.sessions.get_mut(&chosen.client_id) else {
+            continue;
+        };
+        let full_topic = format!("{}{topic}", chosen.subscription.topic_prefix());
+        let outgoing = outgoing(full_topic, message, &chosen.subscription);
+        routed.count(deliver(session, outgoing, max_queued));
+    }
+    routed
+}
+
 enum DeliveryResult {
     Delivered,
     QueueFull,
@@ -348,6 +507,20 @@ fn deliver(session: &mut Session, message: Outgoing, max_queued: usize) -> Deliv
     }
 }
 
+/// Builds the copy of `message` for one subscription: the lower QoS, and
+/// the RETAIN flag only with Retain As Published ([MQTT-3.3.1-12],
+/// [MQTT-3.3.1-13]).
+fn outgoing(topic: String, message: &RoutedMessage, subscription: &Subscription) -> Outgoing {
+    Outgoing {
+        topic,
+        payload: message.payload.clone(),
+        qos: lower_qos(message.qos, subscription.qos),
+        properties: message.properties.clone(),
+        retain: message.retain && subscription.retain_as_published,
+        expires_at: message.expires_at,
+    }
+}
+
 /// Picks the matching subscription with the highest QoS; a session gets
 /// one copy of a message however many of its filters match.
 fn best_match<'a>(
@@ -357,6 +530,7 @@ fn best_match<'a>(
 ) -> Option<&'a Subscription> {
     subscriptions
         .iter()
+        .filter(|subscription| !subscription.shared)
         .filter(|subscription| !(is_publisher && subscription.no_local))
         .filter(|subscription| suffix_matches(&subscription.suffix_filter, suffix))
         .fold(None, |best: Option<&Subscription>, candidate| match best {
@@ -365,11 +539,9 @@ fn best_match<'a>(
         })
 }
 
-/// Outgoing QoS: the lower of the published and the granted QoS, and never
-/// 2 (outgoing QoS 2 is not supported).
+/// Outgoing QoS: the lower of the published and the granted QoS.
 fn lower_qos(published: QoS, granted: QoS) -> QoS {
-    let level = (published as u8).min(granted as u8).min(1);
-    QoS::from(level)
+    QoS::from((published as u8).min(granted as u8))
 }
 
 #[cfg(test)]
@@ -377,7 +549,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::adapters::mqtt::session::{Attach, AttachRequest, Attached};
+    use crate::adapters::mqtt::session::{Attach, AttachRequest, Attached, Owner};
     use crate::adapters::mqtt::topics::authorize_filter;
 
     fn config() -> MqttConfig {
@@ -390,7 +562,10 @@ mod tests {
     fn attach(router: &Router, client_id: &str, device_id: DeviceId) -> Attached {
         let request = AttachRequest {
             client_id: ClientId::new(client_id),
-            device_id,
+            owner: Owner::Device {
+                device_id,
+                tenant_id: TenantId::from_bytes([1; 16]),
+            },
             clean_start: false,
             expiry: Duration::from_secs(60),
             force: false,
@@ -405,10 +580,13 @@ mod tests {
         let authorized = authorize_filter(filter, device_id).expect("authorized filter");
         Subscription {
             filter: filter.to_owned(),
+            filter_start: 0,
             prefix_len: authorized.prefix_len,
+            shared: false,
             suffix_filter: authorized.suffix_filter,
             qos,
             no_local: false,
+            retain_as_published: false,
         }
     }
 

@@ -4,7 +4,10 @@
 //! ## State
 //! A session contains its device and its subscriptions. While no
 //! connection is attached, it also keeps its [`DeliveryState`]:
-//! - `inflight`: QoS 1 messages sent and not acknowledged;
+//! - `inflight`: QoS 1 and 2 messages sent and not acknowledged (PUBACK,
+//!   or PUBREC for QoS 2);
+//! - `released`: packet ids of outgoing QoS 2 messages whose PUBREC came
+//!   and whose PUBREL waits for PUBCOMP;
 //! - `queued`: QoS 1 messages that arrived since, at most
 //!   `mqtt.max_queued_messages`, the oldest dropped first;
 //! - `qos2_stored`: packet ids of QoS 2 PUBLISHes stored and waiting for
@@ -42,7 +45,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::events;
-use crate::ids::DeviceId;
+use crate::ids::{DeviceId, TenantId};
 
 /// Maximum wait of a new connection for the old connection of the same
 /// client id to finish. The old connection first lets its appends finish,
@@ -80,37 +83,130 @@ impl fmt::Display for ClientId {
 pub struct Outgoing {
     pub topic: String,
     pub payload: Bytes,
-    /// QoS 0 or 1: outgoing QoS 2 is not supported.
     pub qos: QoS,
+    /// MQTT 5 properties forwarded to the subscriber; `None` when there
+    /// are none, so that most messages carry no allocation for them.
+    pub properties: Option<Arc<MessageProperties>>,
+    /// RETAIN flag of the PUBLISH to the subscriber: set for retained
+    /// messages sent after SUBSCRIBE, and for Retain As Published.
+    pub retain: bool,
+    /// When the message expires (MQTT 5 Message Expiry Interval); an
+    /// expired message is dropped instead of sent.
+    pub expires_at: Option<Instant>,
+}
+
+/// A message as published, before it is routed to subscribers.
+#[derive(Debug, Clone)]
+pub struct RoutedMessage {
+    pub payload: Bytes,
+    pub qos: QoS,
+    /// RETAIN flag of the PUBLISH that carried it.
+    pub retain: bool,
+    pub properties: Option<Arc<MessageProperties>>,
+    pub expires_at: Option<Instant>,
+}
+
+impl RoutedMessage {
+    /// Builds a message without retain flag, properties or expiry.
+    pub fn plain(payload: Bytes, qos: QoS) -> Self {
+        Self {
+            payload,
+            qos,
+            retain: false,
+            properties: None,
+            expires_at: None,
+        }
+    }
+}
+
+/// The MQTT 5 PUBLISH properties that a broker forwards unchanged from the
+/// publisher to each subscriber (MQTT 5.0, 3.3.2.3).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MessageProperties {
+    pub payload_is_utf8: bool,
+    pub response_topic: Option<String>,
+    pub correlation_data: Option<Bytes>,
+    pub content_type: Option<String>,
+    pub user_properties: Vec<(String, String)>,
+}
+
+/// The scope that a shared subscription group lives in: a device's
+/// namespace or a tenant's application tree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ShareScope {
+    Device(DeviceId),
+    Tenant(TenantId),
+}
+
+/// The client a session belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Owner {
+    /// A device, authenticated with its access token.
+    Device {
+        device_id: DeviceId,
+        tenant_id: TenantId,
+    },
+    /// An application (API key or user) of a tenant.
+    Application { tenant_id: TenantId },
+}
+
+impl Owner {
+    pub fn tenant_id(self) -> TenantId {
+        match self {
+            Owner::Device { tenant_id, .. } | Owner::Application { tenant_id } => tenant_id,
+        }
+    }
 }
 
 /// One accepted subscription of a session.
 #[derive(Debug, Clone)]
 pub struct Subscription {
-    /// The filter as the client sent it.
+    /// The filter as the client sent it, with `$share/{ShareName}/` for a
+    /// shared subscription.
     pub filter: String,
-    /// Length of the namespace prefix in `filter` (see `topics.rs`).
+    /// Start of the topic filter in `filter`: after `$share/{ShareName}/`
+    /// for a shared subscription, otherwise 0.
+    pub filter_start: usize,
+    /// Length of the namespace prefix in `filter` after `filter_start`
+    /// (see `topics.rs`).
     pub prefix_len: usize,
+    /// Shared subscription: one member of the group receives each message.
+    pub shared: bool,
     /// `filter` after the prefix, matched against topic suffixes.
     pub suffix_filter: String,
-    /// Granted QoS, 0 or 1.
+    /// Granted QoS.
     pub qos: QoS,
     /// MQTT 5 No Local: messages this session publishes are not sent back.
     pub no_local: bool,
+    /// MQTT 5 Retain As Published: forwarded messages keep their RETAIN
+    /// flag instead of having it cleared.
+    pub retain_as_published: bool,
+}
+
+impl Subscription {
+    /// The namespace prefix that topics sent for this subscription begin
+    /// with, in the spelling of the filter.
+    pub fn topic_prefix(&self) -> &str {
+        &self.filter[self.filter_start..self.filter_start + self.prefix_len]
+    }
 }
 
 /// Delivery state that a connection owns while it is attached to the
 /// session and returns to the store when it ends.
 #[derive(Debug)]
 pub struct DeliveryState {
-    /// QoS 1 messages sent and not yet acknowledged, oldest first.
+    /// QoS 1 and 2 messages sent and not yet acknowledged with PUBACK or
+    /// PUBREC, oldest first.
     pub inflight: VecDeque<(u16, Outgoing)>,
-    /// QoS 1 messages not sent yet, oldest first.
+    /// Packet ids of outgoing QoS 2 messages released with PUBREL and
+    /// waiting for PUBCOMP, oldest first.
+    pub released: VecDeque<u16>,
+    /// Messages not sent yet, oldest first.
     pub queued: VecDeque<Outgoing>,
     /// Packet ids of QoS 2 PUBLISHes that were stored and acknowledged with
     /// PUBREC, waiting for PUBREL.
     pub qos2_stored: Vec<u16>,
-    /// Packet id to try first for the next outgoing QoS 1 message.
+    /// Packet id to try first for the next outgoing QoS 1 or 2 message.
     pub next_packet_id: u16,
 }
 
@@ -118,10 +214,19 @@ impl Default for DeliveryState {
     fn default() -> Self {
         Self {
             inflight: VecDeque::new(),
+            released: VecDeque::new(),
             queued: VecDeque::new(),
             qos2_stored: Vec::new(),
             next_packet_id: 1,
         }
+    }
+}
+
+impl DeliveryState {
+    /// Outgoing QoS 1 and 2 messages not yet fully acknowledged, which the
+    /// client's Receive Maximum bounds ([MQTT-3.3.4-9]).
+    pub fn unacknowledged(&self) -> usize {
+        self.inflight.len() + self.released.len()
     }
 }
 
@@ -154,7 +259,7 @@ pub enum Presence {
 
 #[derive(Debug)]
 pub struct Session {
-    pub device_id: DeviceId,
+    pub owner: Owner,
     /// Time the session outlives its connection; zero for clean sessions.
     pub expiry: Duration,
     pub subscriptions: Vec<Subscription>,
@@ -165,7 +270,7 @@ pub struct Session {
 #[derive(Debug, Clone)]
 pub struct AttachRequest {
     pub client_id: ClientId,
-    pub device_id: DeviceId,
+    pub owner: Owner,
     /// Clean Start (MQTT 5) or Clean Session (3.1.1): discard any state.
     pub clean_start: bool,
     pub expiry: Duration,
@@ -205,9 +310,15 @@ pub struct SessionStore {
     pub sessions: HashMap<ClientId, Session>,
     /// Client ids of the sessions of each device, for routing.
     pub by_device: HashMap<DeviceId, Vec<ClientId>>,
+    /// Client ids of the application sessions of each tenant, for routing.
+    pub by_tenant: HashMap<TenantId, Vec<ClientId>>,
     next_generation: u64,
     /// Offline queue limit per session.
     pub max_queued: usize,
+    /// Round-robin position of each shared subscription group.
+    /// NOTE: entries stay after the group's last member leaves; there is
+    /// one per shared filter ever used in a scope.
+    pub share_cursors: HashMap<(ShareScope, String), usize>,
     /// Capacity of the delivery channel of each connection.
     delivery_capacity: usize,
 }
@@ -217,8 +328,10 @@ impl SessionStore {
         Self {
             sessions: HashMap::new(),
             by_device: HashMap::new(),
+            by_tenant: HashMap::new(),
             next_generation: 1,
             max_queued,
+            share_cursors: HashMap::new(),
             delivery_capacity: delivery_capacity.max(1),
         }
     }
@@ -229,10 +342,10 @@ impl SessionStore {
     pub fn attach(&mut self, request: &AttachRequest, now: Instant) -> Attach {
         let mut resumed = None;
         if let Some(existing) = self.sessions.get(&request.client_id) {
-            let same_device = existing.device_id == request.device_id;
+            let same_owner = existing.owner == request.owner;
             if let Presence::Online(link) = &existing.presence {
                 link.takeover.cancel();
-                if same_device && !request.force {
+                if same_owner && !request.force {
                     return Attach::Wait {
                         finished: link.finished.clone(),
                     };
@@ -242,7 +355,7 @@ impl SessionStore {
             let old = self
                 .remove(&request.client_id)
                 .expect("session was found above");
-            if same_device && !request.clean_start {
+            if same_owner && !request.clean_start {
                 resumed = resume(old, now);
             }
         }
@@ -258,7 +371,7 @@ impl SessionStore {
         self.insert(
             request.client_id.clone(),
             Session {
-                device_id: request.device_id,
+                owner: request.owner,
                 expiry: request.expiry,
                 subscriptions,
                 presence: Presence::Online(ConnectionLink {
@@ -359,22 +472,38 @@ impl SessionStore {
     }
 
     fn insert(&mut self, client_id: ClientId, session: Session) {
-        self.by_device
-            .entry(session.device_id)
-            .or_default()
-            .push(client_id.clone());
+        let index = match session.owner {
+            Owner::Device { device_id, .. } => self.by_device.entry(device_id).or_default(),
+            Owner::Application { tenant_id } => self.by_tenant.entry(tenant_id).or_default(),
+        };
+        index.push(client_id.clone());
         self.sessions.insert(client_id, session);
     }
 
     fn remove(&mut self, client_id: &ClientId) -> Option<Session> {
         let session = self.sessions.remove(client_id)?;
-        if let Some(clients) = self.by_device.get_mut(&session.device_id) {
-            clients.retain(|id| id != client_id);
-            if clients.is_empty() {
-                self.by_device.remove(&session.device_id);
+        match session.owner {
+            Owner::Device { device_id, .. } => {
+                remove_from_index(&mut self.by_device, device_id, client_id);
+            }
+            Owner::Application { tenant_id } => {
+                remove_from_index(&mut self.by_tenant, tenant_id, client_id);
             }
         }
         Some(session)
+    }
+}
+
+fn remove_from_index<K: std::hash::Hash + Eq>(
+    index: &mut HashMap<K, Vec<ClientId>>,
+    key: K,
+    client_id: &ClientId,
+) {
+    if let Some(clients) = index.get_mut(&key) {
+        clients.retain(|id| id != client_id);
+        if clients.is_empty() {
+            index.remove(&key);
+        }
     }
 }
 
@@ -405,7 +534,12 @@ mod tests {
     fn request(client_id: &str, device_id: DeviceId, clean_start: bool) -> AttachRequest {
         AttachRequest {
             client_id: ClientId::new(client_id),
-            device_id,
+            owner: Owner::Device {
+                device_id,
+                tenant_id: "00000000-0000-7000-8000-000000000001"
+                    .parse()
+                    .expect("valid tenant id"),
+            },
             clean_start,
             expiry: Duration::from_secs(60),
             force: false,
@@ -424,6 +558,9 @@ mod tests {
             topic: topic.to_owned(),
             payload: Bytes::from_static(b"{}"),
             qos: QoS::AtLeastOnce,
+            properties: None,
+            retain: false,
+            expires_at: None,
         }
     }
 
@@ -508,7 +645,10 @@ mod tests {
             None,
             now
         ));
-        assert_eq!(store.sessions[&ClientId::new("c")].device_id, other_device);
+        assert!(matches!(
+            store.sessions[&ClientId::new("c")].owner,
+            Owner::Device { device_id, .. } if device_id == other_device
+        ));
     }
 
     #[test]

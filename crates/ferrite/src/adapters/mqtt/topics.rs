@@ -19,6 +19,9 @@ const ME_PREFIX: &str = "v1/devices/me/";
 const BY_ID_FIRST_LEVEL: &str = "devices/";
 /// The suffix of the telemetry topic in both spellings.
 pub const TELEMETRY_SUFFIX: &str = "telemetry";
+/// The suffix of the topic on which a device publishes its attributes,
+/// which the tenant's applications also receive.
+pub const ATTRIBUTES_SUFFIX: &str = "attributes";
 
 /// Target of a PUBLISH topic, seen from the device that sent it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,10 +50,45 @@ pub struct AuthorizedFilter {
 pub enum FilterRejection {
     /// The filter breaks the wildcard rules of the MQTT specification.
     Invalid,
-    /// `$share/...`: shared subscriptions are not supported.
+    /// `$share/...` where a plain filter is expected, such as inside a
+    /// shared subscription's filter.
     Shared,
     /// The filter reaches outside the device's namespace.
     NotAuthorized,
+}
+
+/// Prefix of a shared subscription filter, `$share/{ShareName}/{filter}`.
+pub const SHARE_PREFIX: &str = "$share/";
+
+/// A shared subscription filter split into its parts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SharedFilter<'a> {
+    pub share_name: &'a str,
+    /// The topic filter after the ShareName.
+    pub filter: &'a str,
+    /// Bytes before `filter`: `$share/`, the ShareName and `/`.
+    pub prefix_len: usize,
+}
+
+/// Splits `$share/{ShareName}/{filter}`. Returns `Ok(None)` for a filter
+/// that is not shared, and `Err` when the ShareName is empty, contains
+/// `+` or `#`, or is not followed by `/` and a filter ([MQTT-4.8.2-1],
+/// [MQTT-4.8.2-2]).
+pub fn split_shared(filter: &str) -> Result<Option<SharedFilter<'_>>, FilterRejection> {
+    let Some(rest) = filter.strip_prefix(SHARE_PREFIX) else {
+        return Ok(None);
+    };
+    let Some((share_name, inner)) = rest.split_once('/') else {
+        return Err(FilterRejection::Invalid);
+    };
+    if share_name.is_empty() || share_name.contains(['+', '#']) || inner.is_empty() {
+        return Err(FilterRejection::Invalid);
+    }
+    Ok(Some(SharedFilter {
+        share_name,
+        filter: inner,
+        prefix_len: filter.len() - inner.len(),
+    }))
 }
 
 /// Splits `topic` into its namespace prefix length and suffix when it lies
@@ -90,7 +128,7 @@ pub fn is_valid_topic_name(topic: &str) -> bool {
 
 /// Returns whether `filter` follows the wildcard rules: `+` and `#` fill a
 /// whole level and `#` comes last ([MQTT-4.7.1-2], [MQTT-4.7.1-3]).
-fn is_valid_filter(filter: &str) -> bool {
+pub fn is_valid_filter(filter: &str) -> bool {
     if filter.is_empty() || filter.contains('\0') {
         return false;
     }
@@ -277,6 +315,31 @@ mod tests {
                 authorize_filter(filter, own_id()),
                 Err(*expected),
                 "filter {filter:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn shared_filters_are_split() {
+        let shared = split_shared("$share/group/v1/devices/me/#")
+            .expect("valid")
+            .expect("shared");
+        assert_eq!(shared.share_name, "group");
+        assert_eq!(shared.filter, "v1/devices/me/#");
+        assert_eq!(shared.prefix_len, "$share/group/".len());
+        assert_eq!(split_shared("v1/devices/me/#"), Ok(None));
+        for invalid in [
+            "$share/",
+            "$share/group",
+            "$share//a",
+            "$share/g+/a",
+            "$share/g#/a",
+            "$share/g/",
+        ] {
+            assert_eq!(
+                split_shared(invalid),
+                Err(FilterRejection::Invalid),
+                "filter {invalid:?}"
             );
         }
     }

@@ -20,8 +20,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::Router;
 use super::rpc::{REQUEST_SUFFIX, RESPONSE_SUFFIX};
-use super::session::{Attach, AttachRequest, ClientId, DeliveryState, Outgoing, Subscription};
-use crate::ids::DeviceId;
+use super::session::{
+    Attach, AttachRequest, ClientId, DeliveryState, Outgoing, Owner, RoutedMessage, Subscription,
+};
+use crate::ids::{DeviceId, TenantId};
 
 /// Topic prefix of the device's own namespace, as the session subscribes.
 const NAMESPACE_PREFIX: &str = "v1/devices/me/";
@@ -57,11 +59,14 @@ pub struct DeviceReceiver {
 
 impl DeviceReceiver {
     /// Starts a session of `device_id` subscribed to its RPC requests.
-    pub fn attach(router: &Router, device_id: DeviceId) -> Self {
+    pub fn attach(router: &Router, device_id: DeviceId, tenant_id: TenantId) -> Self {
         let client_id = ClientId::new(&format!("$ws/{}", uuid::Uuid::new_v4()));
         let request = AttachRequest {
             client_id: client_id.clone(),
-            device_id,
+            owner: Owner::Device {
+                device_id,
+                tenant_id,
+            },
             clean_start: true,
             expiry: std::time::Duration::ZERO,
             // The client id is new, so no other connection is attached to it.
@@ -77,8 +82,11 @@ impl DeviceReceiver {
             suffix_filter: filter[NAMESPACE_PREFIX.len()..].to_owned(),
             prefix_len: NAMESPACE_PREFIX.len(),
             filter,
+            filter_start: 0,
+            shared: false,
             qos: QoS::AtLeastOnce,
             no_local: false,
+            retain_as_published: false,
         };
         router.subscribe(&client_id, attached.generation, vec![subscription]);
 
@@ -121,8 +129,7 @@ impl DeviceReceiver {
         let receivers = self.router.route(
             self.device_id,
             &suffix,
-            &payload,
-            QoS::AtLeastOnce,
+            &RoutedMessage::plain(payload, QoS::AtLeastOnce),
             Some(&self.client_id),
         );
         receivers > 0
@@ -170,7 +177,7 @@ mod tests {
     async fn command_reaches_the_receiver_and_response_completes() {
         let router = Router::new(&MqttConfig::default());
         let device = DeviceId::new_random();
-        let mut receiver = DeviceReceiver::attach(&router, device);
+        let mut receiver = DeviceReceiver::attach(&router, device, TenantId::new_random());
         assert!(router.is_device_connected(device));
 
         let pending = router
@@ -189,7 +196,8 @@ mod tests {
     #[tokio::test]
     async fn response_without_waiting_request_is_not_delivered() {
         let router = Router::new(&MqttConfig::default());
-        let receiver = DeviceReceiver::attach(&router, DeviceId::new_random());
+        let receiver =
+            DeviceReceiver::attach(&router, DeviceId::new_random(), TenantId::new_random());
 
         assert!(!receiver.respond(12345, Bytes::from_static(b"{}")));
     }
@@ -198,7 +206,7 @@ mod tests {
     fn dropped_receiver_ends_the_session() {
         let router = Router::new(&MqttConfig::default());
         let device = DeviceId::new_random();
-        let receiver = DeviceReceiver::attach(&router, device);
+        let receiver = DeviceReceiver::attach(&router, device, TenantId::new_random());
         drop(receiver);
 
         assert!(!router.is_device_connected(device));

@@ -269,7 +269,7 @@ async fn run(
     _slot: OwnedSemaphorePermit,
 ) {
     let _open = OpenSocket::new();
-    let receiver = DeviceReceiver::attach(&state.mqtt_router, device.device_id);
+    let receiver = DeviceReceiver::attach(&state.mqtt_router, device.device_id, device.tenant_id);
     let (sink, incoming) = socket.split();
     let (outgoing, queue) = mpsc::channel(state.config.websocket.max_outgoing_messages);
     let writer = tokio::spawn(write_messages(sink, queue));
