@@ -3,5 +3,6 @@
 //! acknowledges only after the append is durable. Adapters call `auth`, `decode` and
 //! `ingest`, nothing else.
 
+pub mod coap;
 pub mod http;
 pub mod mqtt;

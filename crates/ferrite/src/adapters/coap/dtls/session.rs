@@ -1,0 +1,265 @@
+//! One DTLS session: the handshake after the cookie exchange, then
+//! decryption of the peer's datagrams for the CoAP handler and encryption
+//! of the replies. Each session is a task that owns its `SslStream`, so a
+//! slow handshake step or handler never holds up the listener or other
+//! peers.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use openssl::ssl::{ErrorCode, SslStream, SslVerifyMode};
+use openssl::x509::X509VerifyResult;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::context::{
+    CertificateIdentity, DatagramPipe, PskOutcome, certificate_identity,
+    handle_retransmission_timer, psk_outcome,
+};
+use super::{DatagramHandler, Input, Shared, events};
+use crate::adapters::coap::transport::PeerAuth;
+use crate::auth::DeviceIdentity;
+
+/// Interval at which a handshake checks OpenSSL's retransmission timer,
+/// which starts at 1 s and doubles per retransmission.
+const RETRANSMISSION_CHECK: Duration = Duration::from_millis(200);
+/// Largest plaintext of one record: 2^14 bytes (RFC 6347 §4.1).
+const MAX_PLAINTEXT: usize = 16 * 1024;
+
+/// Why a session ended; the label of `ferrite_coap_dtls_sessions_closed_total`.
+type CloseReason = &'static str;
+
+pub(super) struct Session<H> {
+    pub peer: SocketAddr,
+    pub id: u64,
+    pub stream: SslStream<DatagramPipe>,
+    pub inbox: mpsc::Receiver<Input>,
+    pub shared: Arc<Shared<H>>,
+}
+
+impl<H: DatagramHandler> Session<H> {
+    /// Runs the session to its end and removes it from the registry.
+    pub async fn run(mut self) {
+        let reason = self.run_phases().await;
+        self.shared.sessions.remove(self.peer, self.id);
+        events::session_closed(reason);
+        tracing::debug!(reason, "DTLS session closed");
+    }
+
+    async fn run_phases(&mut self) -> CloseReason {
+        let handshake = self.handshake().await;
+        let identity = match handshake {
+            Ok(()) => self.authenticated_device().await,
+            Err(result) => Err(result),
+        };
+        self.shared.sessions.handshake_finished();
+        let identity = match identity {
+            Ok(identity) => identity,
+            Err(result) => {
+                events::handshake_finished(result);
+                self.log_failed_handshake(result);
+                return "handshake_failed";
+            }
+        };
+        events::handshake_finished("ok");
+        tracing::debug!(device_id = %identity.device_id, "DTLS handshake finished");
+
+        if let Some(handle) = self.shared.sessions.get(self.peer)
+            && handle.id == self.id
+        {
+            handle.established.store(true, Ordering::Release);
+        }
+        self.serve(PeerAuth::Device(identity)).await
+    }
+
+    /// Drives the handshake until it finishes, fails or times out. Returns
+    /// the handshake result label on failure.
+    async fn handshake(&mut self) -> Result<(), &'static str> {
+        let deadline = Instant::now() + self.shared.config.handshake_timeout;
+        loop {
+            let step = self.stream.accept();
+            self.flush();
+            match step {
+                Ok(()) => return Ok(()),
+                Err(error) if error.code() == ErrorCode::WANT_READ => {}
+                Err(_) => return Err(self.classify_failure()),
+            }
+
+            tokio::select! {
+                input = self.inbox.recv() => match input {
+                    Some(Input::Datagram(datagram)) => self.stream.get_mut().push(datagram),
+                    // The sink sends replies only to established sessions.
+                    Some(Input::Send(_)) => {}
+                    None => return Err("failed"),
+                },
+                () = tokio::time::sleep(RETRANSMISSION_CHECK) => {
+                    let alive = handle_retransmission_timer(self.stream.ssl());
+                    self.flush();
+                    if !alive {
+                        return Err("timed_out");
+                    }
+                }
+                () = tokio::time::sleep_until(deadline) => return Err("timed_out"),
+                () = self.shared.shutdown.cancelled() => return Err("failed"),
+            }
+        }
+    }
+
+    fn classify_failure(&self) -> &'static str {
+        let ssl = self.stream.ssl();
+        if psk_outcome(ssl) == Some(PskOutcome::UnknownIdentity) {
+            return "unknown_psk_identity";
+        }
+        if ssl.verify_mode().contains(SslVerifyMode::PEER)
+            && ssl.verify_result() != X509VerifyResult::OK
+        {
+            return "bad_certificate";
+        }
+        "failed"
+    }
+
+    fn log_failed_handshake(&self, result: &'static str) {
+        let mut limiter = self.shared.failure_warnings.lock();
+        if let Some(suppressed) = limiter.allow(std::time::Instant::now()) {
+            tracing::warn!(
+                peer = %self.peer,
+                result,
+                suppressed,
+                "DTLS handshake failed; see ferrite_coap_dtls_handshakes_total for counts"
+            );
+        }
+    }
+
+    /// Finds the device that the handshake authenticated: by the PSK
+    /// identity, or by the client certificate.
+    async fn authenticated_device(&self) -> Result<DeviceIdentity, &'static str> {
+        let ssl = self.stream.ssl();
+        let device = if let Some(PskOutcome::Found(owner)) = psk_outcome(ssl) {
+            self.shared
+                .metadata
+                .device_by_id_any_tenant(owner.device_id)
+                .await
+                .ok()
+                .flatten()
+                .filter(|device| device.tenant_id == owner.tenant_id)
+        } else {
+            let identity = certificate_identity(
+                ssl,
+                &self.shared.credentials,
+                self.shared.context.ca_configured,
+            );
+            let device_id = match identity {
+                Some(CertificateIdentity::Registered(owner)) => owner.device_id,
+                Some(CertificateIdentity::CommonName(device_id)) => device_id,
+                None => return Err("bad_certificate"),
+            };
+            self.shared
+                .metadata
+                .device_by_id_any_tenant(device_id)
+                .await
+                .ok()
+                .flatten()
+        };
+        let device = device.ok_or("unknown_device")?;
+        Ok(DeviceIdentity {
+            tenant_id: device.tenant_id,
+            device_id: device.id,
+            name: device.name,
+            profile_id: device.profile_id,
+        })
+    }
+
+    /// Passes decrypted datagrams to the handler and encrypts replies until
+    /// the peer closes, goes idle or the server shuts down.
+    async fn serve(&mut self, auth: PeerAuth) -> CloseReason {
+        let idle_timeout = self.shared.config.idle_timeout;
+        let mut plaintext = vec![0u8; MAX_PLAINTEXT];
+        loop {
+            let input = tokio::select! {
+                input = tokio::time::timeout(idle_timeout, self.inbox.recv()) => input,
+                () = self.shared.shutdown.cancelled() => {
+                    self.close();
+                    return "shutdown";
+                }
+            };
+            match input {
+                Err(_elapsed) => {
+                    self.close();
+                    return "idle";
+                }
+                // The listener dropped the handle: the peer finished a new
+                // handshake from the same address.
+                Ok(None) => return "replaced",
+                Ok(Some(Input::Send(message))) => self.send(&message),
+                Ok(Some(Input::Datagram(datagram))) => {
+                    self.stream.get_mut().push(datagram);
+                    if let Some(reason) = self.read_records(&mut plaintext, &auth).await {
+                        return reason;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Decrypts what the pipe holds and hands each message to the handler.
+    /// Returns the close reason when the session ended.
+    async fn read_records(&mut self, plaintext: &mut [u8], auth: &PeerAuth) -> Option<CloseReason> {
+        loop {
+            let read = self.stream.ssl_read(plaintext);
+            // Reading can write: a retransmitted final flight, or the
+            // answer to close_notify.
+            self.flush();
+            match read {
+                Ok(length) => {
+                    let message = Bytes::copy_from_slice(&plaintext[..length]);
+                    self.shared
+                        .handler
+                        .clone()
+                        .handle(self.peer, message, auth.clone())
+                        .await;
+                }
+                Err(error) if error.code() == ErrorCode::WANT_READ => return None,
+                Err(error) if error.code() == ErrorCode::ZERO_RETURN => {
+                    self.close();
+                    return Some("close_notify");
+                }
+                Err(error) => {
+                    tracing::debug!(%error, "DTLS session failed");
+                    return Some("error");
+                }
+            }
+        }
+    }
+
+    fn send(&mut self, message: &[u8]) {
+        if let Err(error) = self.stream.ssl_write(message) {
+            tracing::debug!(%error, "cannot encrypt a CoAP message for the peer");
+            events::datagram_dropped("send_failed");
+        }
+        self.flush();
+    }
+
+    /// Sends close_notify; the peer's answer is not awaited (RFC 5246 §7.2.1
+    /// allows closing without it).
+    fn close(&mut self) {
+        let _ = self.stream.shutdown();
+        self.flush();
+    }
+
+    /// Sends what OpenSSL wrote to the pipe.
+    fn flush(&mut self) {
+        for datagram in self.stream.get_mut().take_outbound() {
+            if self
+                .shared
+                .socket
+                .try_send_to(&datagram, self.peer)
+                .is_err()
+            {
+                events::datagram_dropped("send_failed");
+            }
+        }
+    }
+}
