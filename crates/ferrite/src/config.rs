@@ -92,10 +92,30 @@ pub struct MqttConfig {
     pub max_session_expiry: Duration,
 }
 
-/// CoAP listeners.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CoapConfig {
+    pub listen: SocketAddr,
+    /// Largest request payload in bytes, after block-wise reassembly.
+    pub max_payload_bytes: usize,
+    /// Wait for the ingest log before a Confirmable request gets an empty
+    /// ACK and its response follows as a separate Confirmable message.
+    #[serde(with = "humantime_serde")]
+    pub piggyback_wait: Duration,
+    /// Requests processed at once on one listener; more get 5.03.
+    pub max_concurrent_requests: usize,
+    /// Recent message IDs kept for duplicate detection, over all peers.
+    pub max_exchanges: usize,
+    /// A Block1 upload idle for longer is dropped.
+    #[serde(with = "humantime_serde")]
+    pub block_timeout: Duration,
+    /// Block1 uploads in progress per peer.
+    pub max_block_transfers_per_peer: usize,
+    /// Bytes of unfinished Block1 uploads held over all peers.
+    pub max_block_bytes: usize,
+    /// Observers per device and resource; more registrations are served
+    /// without Observe.
+    pub max_observers_per_device: usize,
     pub dtls: CoapDtlsConfig,
 }
 
@@ -594,6 +614,23 @@ impl Default for MqttConfig {
     }
 }
 
+impl Default for CoapConfig {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:5683".parse().expect("valid literal address"),
+            max_payload_bytes: 256 * 1024,
+            piggyback_wait: Duration::from_millis(500),
+            max_concurrent_requests: 1024,
+            max_exchanges: 100_000,
+            block_timeout: Duration::from_secs(60),
+            max_block_transfers_per_peer: 4,
+            max_block_bytes: 64 * 1024 * 1024,
+            max_observers_per_device: 4,
+            dtls: CoapDtlsConfig::default(),
+        }
+    }
+}
+
 impl Default for CoapDtlsConfig {
     fn default() -> Self {
         Self {
@@ -709,10 +746,11 @@ impl Default for ActionsMqttConfig {
 /// as the variable prefix and the path of tables. A nested section comes
 /// before its parent, so that `FERRITE_ACTIONS_MQTT_URL` sets
 /// `actions.mqtt.url` rather than `actions.mqtt_url`.
-const SECTIONS: [(&str, &[&str]); 11] = [
+const SECTIONS: [(&str, &[&str]); 12] = [
     ("http", &["http"]),
     ("mqtt", &["mqtt"]),
     ("coap_dtls", &["coap", "dtls"]),
+    ("coap", &["coap"]),
     ("ingest_nats", &["ingest", "nats"]),
     ("ingest", &["ingest"]),
     ("storage", &["storage"]),
@@ -844,6 +882,25 @@ impl Config {
             self.mqtt.max_inflight > 0,
             "mqtt.max_inflight must be at least 1"
         );
+        anyhow::ensure!(
+            self.coap.max_payload_bytes >= 1024 && self.coap.max_payload_bytes <= max_message,
+            "coap.max_payload_bytes must be from 1024 to {max_message}"
+        );
+        anyhow::ensure!(
+            self.coap.max_concurrent_requests > 0
+                && self.coap.max_exchanges > 0
+                && self.coap.max_block_transfers_per_peer > 0
+                && self.coap.max_observers_per_device > 0,
+            "coap.max_concurrent_requests, coap.max_exchanges, coap.max_block_transfers_per_peer and coap.max_observers_per_device must be at least 1"
+        );
+        anyhow::ensure!(
+            self.coap.piggyback_wait <= Duration::from_secs(1),
+            "coap.piggyback_wait must be at most 1s, because clients retransmit after 2 to 3 s without an ACK"
+        );
+        anyhow::ensure!(
+            self.coap.max_block_bytes >= self.coap.max_payload_bytes,
+            "coap.max_block_bytes must be at least coap.max_payload_bytes"
+        );
         if self.ingest.backend == IngestBackend::Nats {
             self.ingest.nats.validate(self.storage.flush_interval)?;
         }
@@ -933,6 +990,28 @@ max_inflight = 32
 max_queued_messages = 1000
 # Longest session expiry granted to a client.
 max_session_expiry = "24h"
+
+[coap]
+# CoAP over UDP (RFC 7252, block-wise transfers and Observe).
+# Environment: FERRITE_COAP_LISTEN; flag: --coap-listen.
+listen = "0.0.0.0:5683"
+# Largest request payload in bytes, after block-wise reassembly.
+max_payload_bytes = 262144
+# Wait for the ingest log before a confirmable request gets an empty ACK
+# and its response follows separately. At most 1s.
+piggyback_wait = "500ms"
+# Requests processed at once; more get 5.03 Service Unavailable.
+max_concurrent_requests = 1024
+# Recent message IDs kept to detect duplicates, over all peers.
+max_exchanges = 100000
+# A block-wise upload idle for longer is dropped.
+block_timeout = "1m"
+# Block-wise uploads in progress per peer.
+max_block_transfers_per_peer = 4
+# Bytes of unfinished block-wise uploads held over all peers.
+max_block_bytes = 67108864
+# Observers per device and resource; more are served without Observe.
+max_observers_per_device = 4
 
 [coap.dtls]
 # CoAP over DTLS 1.2 (coaps://). Runs when psk is on or cert_file is set.

@@ -94,6 +94,9 @@ struct ServeArgs {
     /// Address of the MQTT listener [default: 0.0.0.0:1883].
     #[arg(long, env = "FERRITE_MQTT_LISTEN", value_parser = parse_listen)]
     mqtt_listen: Option<SocketAddr>,
+    /// Address of the CoAP listener (UDP) [default: 0.0.0.0:5683].
+    #[arg(long, env = "FERRITE_COAP_LISTEN", value_parser = parse_listen)]
+    coap_listen: Option<SocketAddr>,
     /// Address of the CoAP over DTLS listener [default: 0.0.0.0:5684].
     #[arg(long, env = "FERRITE_COAPS_LISTEN", value_parser = parse_listen)]
     coaps_listen: Option<SocketAddr>,
@@ -241,6 +244,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             if let Some(listen) = args.mqtt_listen {
                 config.mqtt.listen = listen;
+            }
+            if let Some(listen) = args.coap_listen {
+                config.coap.listen = listen;
             }
             if let Some(listen) = args.coaps_listen {
                 config.coap.dtls.listen = listen;

@@ -57,8 +57,10 @@ pub struct AppState {
     /// Runs the actions of alarm rules and records their deliveries.
     pub actions: Actions,
     /// Seals and opens secrets stored in the metadata database.
-    #[allow(dead_code)] // TODO: remove when the LoRaWAN and DTLS adapters use it.
     pub master_key: Arc<crate::encryption::MasterKey>,
+    /// DTLS credentials of the devices, mirrored for the DTLS listener; the
+    /// credentials API updates it.
+    pub dtls_credentials: Arc<crate::auth::dtls::DtlsCredentials>,
 }
 
 impl AppState {
@@ -93,6 +95,9 @@ pub type AfterStart = Box<dyn FnOnce(Arc<AppState>, ServerAddrs) + Send>;
 pub struct ServerAddrs {
     pub http: SocketAddr,
     pub mqtt: SocketAddr,
+    pub coap: SocketAddr,
+    /// The CoAP over DTLS listener, unless DTLS is off.
+    pub coaps: Option<SocketAddr>,
 }
 
 async fn bind(addr: SocketAddr, what: &str, setting: &str) -> anyhow::Result<TcpListener> {
@@ -114,9 +119,26 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
         "--mqtt-listen, FERRITE_MQTT_LISTEN or mqtt.listen",
     )
     .await?;
+    let coap_socket = tokio::net::UdpSocket::bind(config.coap.listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen for CoAP on UDP {}; choose another address with --coap-listen, FERRITE_COAP_LISTEN or coap.listen",
+                config.coap.listen
+            )
+        })?;
+    let coaps_socket = match config.coap.dtls.enabled() {
+        true => Some(adapters::coap::dtls::bind_socket(config.coap.dtls.listen).await?),
+        false => None,
+    };
     let addrs = ServerAddrs {
         http: http_listener.local_addr()?,
         mqtt: mqtt_listener.local_addr()?,
+        coap: coap_socket.local_addr()?,
+        coaps: coaps_socket
+            .as_ref()
+            .map(tokio::net::UdpSocket::local_addr)
+            .transpose()?,
     };
 
     std::fs::create_dir_all(&config.data_dir).with_context(|| {
@@ -137,6 +159,22 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
         config.auth.access_token_ttl,
     )?);
     let master_key = Arc::new(crate::encryption::MasterKey::load(&config.data_dir)?);
+    let dtls_credentials = Arc::new(crate::auth::dtls::DtlsCredentials::default());
+    let coaps_listener = match coaps_socket {
+        Some(socket) => {
+            dtls_credentials
+                .reload(&metadata)
+                .await
+                .context("cannot load the devices' DTLS credentials")?;
+            Some(adapters::coap::dtls::DtlsListener::new(
+                socket,
+                &config.coap.dtls,
+                dtls_credentials.clone(),
+                master_key.clone(),
+            )?)
+        }
+        None => None,
+    };
 
     let store_dir = config.data_dir.join("tsdb");
     let storage_config = config.storage.clone();
@@ -222,6 +260,7 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
         mqtt_router: mqtt_router.clone(),
         actions: actions.clone(),
         master_key,
+        dtls_credentials,
     });
 
     let last_seen_task = tokio::spawn(sync_device_status(state.clone(), shutdown.clone()));
@@ -239,10 +278,36 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
         storage: config.storage.clone(),
         directory: state.directory.clone(),
     });
+    let coap_context = adapters::coap::CoapContext::new(
+        &config,
+        auth.clone(),
+        ingest.clone(),
+        state.directory.clone(),
+        mqtt_router.clone(),
+    );
     let mqtt_task = tokio::spawn(adapters::mqtt::serve(
         mqtt_listener,
         mqtt_context,
         mqtt_router,
+        shutdown.clone(),
+    ));
+    let coaps_task = coaps_listener.map(|listener| {
+        let mode = match (listener.psk_enabled(), listener.certificates_enabled()) {
+            (true, true) => "PSK and certificates",
+            (true, false) => "PSK",
+            _ => "certificates",
+        };
+        tracing::info!(addr = ?addrs.coaps, mode, "CoAP listening (DTLS)");
+        tokio::spawn(adapters::coap::dtls::serve(
+            listener,
+            coap_context.clone(),
+            metadata.clone(),
+            shutdown.clone(),
+        ))
+    });
+    let coap_task = tokio::spawn(adapters::coap::serve(
+        coap_socket,
+        coap_context,
         shutdown.clone(),
     ));
     drop(ingest);
@@ -250,6 +315,7 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
     state.ready.store(true, Ordering::Release);
     tracing::info!(addr = %addrs.http, "HTTP listening (REST API, HTTP telemetry, line protocol)");
     tracing::info!(addr = %addrs.mqtt, "MQTT listening");
+    tracing::info!(addr = %addrs.coap, "CoAP listening (UDP)");
     tracing::info!(data_dir = %config.data_dir.display(), "Ferrite is ready");
     if let Some(after_start) = after_start {
         after_start(state.clone(), addrs);
@@ -264,6 +330,10 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
     state.live.close();
     let _ = http_task.await;
     let _ = mqtt_task.await;
+    let _ = coap_task.await;
+    if let Some(task) = coaps_task {
+        let _ = task.await;
+    }
     log_control.shutdown().await;
     tokio::task::spawn_blocking(move || pipeline.finish()).await?;
     // The workers are gone, so the alarm manager's queue has closed.

@@ -203,8 +203,20 @@ pub async fn update(
             "the body must be a JSON object with any of \"profile\", \"labels\" and \"attributes\": {error}"
         ))
     })?;
+    let changed_attributes = patch.attributes.clone();
     let device = apply_patch(&state, &principal, id, patch).await?;
     tracing::info!(device_id = %id, by = %principal.subject, "device updated");
+    // The device learns of changed attributes as a ThingsBoard device does:
+    // MQTT subscribers of v1/devices/me/attributes and CoAP observers get
+    // the changed keys (null for a deleted one).
+    if let Some(changed) = changed_attributes {
+        state.mqtt_router.publish_to_device(
+            id,
+            "attributes",
+            Bytes::from(serde_json::Value::Object(changed).to_string()),
+            mqtt5_protocol::QoS::AtLeastOnce,
+        );
+    }
     Ok(Json(device_json(&state, &device)))
 }
 

@@ -47,16 +47,18 @@ pub struct DtlsCredentials {
 }
 
 impl DtlsCredentials {
-    /// Loads every stored PSK and certificate fingerprint.
-    pub async fn load(metadata: &SqliteMetadata) -> Result<Self, MetadataError> {
-        let credentials = Self::default();
+    /// Replaces the index with every stored PSK and certificate
+    /// fingerprint.
+    pub async fn reload(&self, metadata: &SqliteMetadata) -> Result<(), MetadataError> {
+        let loaded = Self::default();
         for psk in metadata.all_device_psks().await? {
-            credentials.set_psk(&psk);
+            loaded.set_psk(&psk);
         }
         for certificate in metadata.all_device_certificates().await? {
-            credentials.add_certificate(&certificate);
+            loaded.add_certificate(&certificate);
         }
-        Ok(credentials)
+        *self.index.write() = loaded.index.into_inner();
+        Ok(())
     }
 
     /// Sets or replaces the PSK of `psk.device_id`.

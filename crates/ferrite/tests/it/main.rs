@@ -3,6 +3,7 @@
 
 pub mod actions;
 mod cases;
+mod coap;
 mod durability;
 mod export;
 mod fleet;

@@ -66,7 +66,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-pub use router::Router;
+pub use router::{ExternalReceivers, Router};
 pub use rpc::RpcSendError;
 
 use crate::auth::Auth;

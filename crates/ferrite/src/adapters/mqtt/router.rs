@@ -19,7 +19,7 @@
 //! device's publish on `rpc/response/{id}` goes to the request waiting for
 //! it, if any, instead of the device's subscribers.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -34,6 +34,17 @@ use super::topics::{is_valid_topic_name, suffix_matches};
 use crate::config::MqttConfig;
 use crate::ids::DeviceId;
 
+/// Receivers of a device's messages outside the MQTT sessions, such as
+/// CoAP observers. Delivery must not wait, like delivery to sessions.
+pub trait ExternalReceivers: Send + Sync {
+    /// True when `device_id` can receive messages through these receivers
+    /// now.
+    fn is_reachable(&self, device_id: DeviceId) -> bool;
+    /// Delivers a message for the topic suffix `suffix` of `device_id`;
+    /// returns the number of receivers that got it.
+    fn deliver(&self, device_id: DeviceId, suffix: &str, payload: &Bytes) -> usize;
+}
+
 /// Handle to the sessions and subscriptions of the MQTT server. Cheap to
 /// clone; all clones share the same state.
 #[derive(Clone)]
@@ -43,6 +54,8 @@ pub struct Router {
     queue_full_warnings: Arc<Mutex<WarnLimiter>>,
     /// RPC requests waiting for a device's response.
     rpc_requests: Arc<PendingRequests>,
+    /// Receivers of other protocols, set once at start.
+    external: Arc<OnceLock<Arc<dyn ExternalReceivers>>>,
 }
 
 impl Router {
@@ -57,7 +70,30 @@ impl Router {
             ))),
             queue_full_warnings: Arc::new(Mutex::new(WarnLimiter::default())),
             rpc_requests: Arc::new(PendingRequests::default()),
+            external: Arc::new(OnceLock::new()),
         }
+    }
+
+    /// Adds receivers outside the MQTT sessions to every delivery, RPC
+    /// requests included. Only the first call has an effect.
+    pub fn set_external_receivers(&self, receivers: Arc<dyn ExternalReceivers>) {
+        let _ = self.external.set(receivers);
+    }
+
+    /// Hands a device's response to RPC request `request_id` to the request
+    /// waiting for it, as a publish on `rpc/response/{request_id}` would.
+    /// Returns false when no request waits for it.
+    pub fn complete_rpc_response(
+        &self,
+        device_id: DeviceId,
+        request_id: u32,
+        payload: &Bytes,
+    ) -> bool {
+        self.rpc_requests.complete(
+            device_id,
+            &format!("{}{request_id}", rpc::RESPONSE_SUFFIX),
+            payload,
+        )
     }
 
     /// Sends `payload` to the sessions of `device_id` whose subscriptions
@@ -79,8 +115,16 @@ impl Router {
         self.route(device_id, suffix, &payload, qos, None)
     }
 
-    /// True when a connection of `device_id` is open.
+    /// True when a connection of `device_id` is open, or an external
+    /// receiver (a CoAP observer) can reach it.
     pub fn is_device_connected(&self, device_id: DeviceId) -> bool {
+        if self
+            .external
+            .get()
+            .is_some_and(|external| external.is_reachable(device_id))
+        {
+            return true;
+        }
         let store = self.sessions.lock();
         let Some(clients) = store.by_device.get(&device_id) else {
             return false;
@@ -159,11 +203,15 @@ impl Router {
         if publisher.is_some() && self.rpc_requests.complete(device_id, suffix, payload) {
             return 1;
         }
+        let external = self
+            .external
+            .get()
+            .map_or(0, |external| external.deliver(device_id, suffix, payload));
 
         let mut guard = self.sessions.lock();
         let store = &mut *guard;
         let Some(clients) = store.by_device.get(&device_id) else {
-            return 0;
+            return external;
         };
 
         let mut delivered = 0;
@@ -196,7 +244,7 @@ impl Router {
         if queue_full > 0 {
             self.warn_queue_full(device_id, queue_full);
         }
-        delivered
+        delivered + external
     }
 
     /// Locks the session store for the steps of a connection.

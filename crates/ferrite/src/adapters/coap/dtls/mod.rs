@@ -69,6 +69,7 @@ use context::{DtlsContext, ListenOutcome};
 use record::FirstRecord;
 
 use super::transport::{DatagramSink, PeerAuth};
+use super::{CoapContext, Endpoint};
 use crate::auth::dtls::DtlsCredentials;
 use crate::config::CoapDtlsConfig;
 use crate::encryption::MasterKey;
@@ -185,20 +186,27 @@ pub struct DtlsListener {
 }
 
 impl DtlsListener {
-    /// Binds the UDP socket and loads the certificates, so that a taken
-    /// port or a bad file fails at start.
+    /// Binds the UDP socket and loads the certificates (for tests; the
+    /// server binds first with [`bind_socket`] and builds later).
+    #[cfg(test)]
     pub async fn bind(
         config: &CoapDtlsConfig,
         credentials: Arc<DtlsCredentials>,
         master_key: Arc<MasterKey>,
     ) -> anyhow::Result<Self> {
+        let socket = bind_socket(config.listen).await?;
+        Self::new(socket, config, credentials, master_key)
+    }
+
+    /// Builds the listener on a bound socket. Fails with the file name when
+    /// the server certificate, its key or the CA file cannot be loaded.
+    pub fn new(
+        socket: UdpSocket,
+        config: &CoapDtlsConfig,
+        credentials: Arc<DtlsCredentials>,
+        master_key: Arc<MasterKey>,
+    ) -> anyhow::Result<Self> {
         let context = DtlsContext::build(config, credentials.clone(), master_key)?;
-        let socket = UdpSocket::bind(config.listen).await.with_context(|| {
-            format!(
-                "cannot listen for CoAP over DTLS on {}; choose another address with --coaps-listen, FERRITE_COAPS_LISTEN or coap.dtls.listen",
-                config.listen
-            )
-        })?;
         Ok(Self {
             socket: Arc::new(socket),
             context,
@@ -208,6 +216,7 @@ impl DtlsListener {
         })
     }
 
+    #[cfg(test)]
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.socket.local_addr()
     }
@@ -215,6 +224,11 @@ impl DtlsListener {
     /// Whether the ECDHE-ECDSA suites are on (a server certificate is set).
     pub fn certificates_enabled(&self) -> bool {
         self.context.certificates
+    }
+
+    /// Whether the PSK suites are on.
+    pub fn psk_enabled(&self) -> bool {
+        self.config.psk
     }
 
     /// Returns the sink through which the handler sends replies.
@@ -273,6 +287,35 @@ impl DtlsListener {
         tasks.wait().await;
         tracing::info!("DTLS listener stopped");
     }
+}
+
+/// Binds the DTLS listener's UDP socket, with a hint on the settings when
+/// the address is taken.
+pub async fn bind_socket(listen: SocketAddr) -> anyhow::Result<UdpSocket> {
+    UdpSocket::bind(listen).await.with_context(|| {
+        format!(
+            "cannot listen for CoAP over DTLS on UDP {listen}; choose another address with --coaps-listen, FERRITE_COAPS_LISTEN or coap.dtls.listen"
+        )
+    })
+}
+
+impl DatagramHandler for Endpoint {
+    async fn handle(self: Arc<Self>, peer: SocketAddr, datagram: Bytes, auth: PeerAuth) {
+        self.handle_datagram(peer, datagram, auth).await;
+    }
+}
+
+/// Serves CoAP over DTLS until `shutdown` is cancelled: one CoAP endpoint
+/// whose replies go through the listener's sessions.
+pub async fn serve(
+    listener: DtlsListener,
+    context: Arc<CoapContext>,
+    metadata: Arc<SqliteMetadata>,
+    shutdown: CancellationToken,
+) {
+    let endpoint = Endpoint::new(context, listener.sink());
+    listener.serve(endpoint.clone(), metadata, shutdown).await;
+    endpoint.close().await;
 }
 
 /// Routes one received datagram: to the peer's session, or through the

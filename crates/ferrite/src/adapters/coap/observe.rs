@@ -1,0 +1,280 @@
+//! Observers of a device's shared attributes and RPC requests (RFC 7641),
+//! shared by every CoAP endpoint (plain UDP and DTLS).
+//!
+//! The MQTT router delivers a device's messages here through
+//! [`ExternalReceivers`], so the command API, alarm actions and attribute
+//! changes reach CoAP devices the same way they reach MQTT sessions: the
+//! topic suffix `attributes` notifies observers of `.../attributes`, and
+//! `rpc/request/{id}` notifies observers of `.../rpc`.
+//!
+//! An observer is identified by its endpoint, peer address and resource; a
+//! new registration from the same peer replaces the old one and its token.
+//! It ends on a GET with Observe = 1, on a Reset in reply to a
+//! notification, or when a Confirmable notification gets no ACK after
+//! every retransmission. RPC notifications are always Confirmable;
+//! attribute notifications are Confirmable every [`CONFIRMABLE_EVERY`]
+//! notifications, so that a dead observer is found (RFC 7641 section 4.5).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Weak};
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+
+use super::endpoint::Endpoint;
+use super::events;
+use crate::adapters::mqtt::ExternalReceivers;
+use crate::ids::DeviceId;
+
+/// Attribute notifications sent as Non-confirmable between two
+/// Confirmable ones.
+pub const CONFIRMABLE_EVERY: u32 = 10;
+/// Observe sequence numbers are 24-bit (RFC 7641 section 3.4).
+const SEQUENCE_MASK: u32 = 0x00ff_ffff;
+/// Topic suffix of shared attribute updates.
+const ATTRIBUTES_SUFFIX: &str = "attributes";
+/// Topic suffix of RPC requests, before the request id.
+const RPC_REQUEST_PREFIX: &str = "rpc/request/";
+
+/// A resource that can be observed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Resource {
+    Attributes,
+    Rpc,
+}
+
+/// One notification to send, collected under the lock and sent after.
+pub struct Notification {
+    pub endpoint: Arc<Endpoint>,
+    pub peer: SocketAddr,
+    pub token: Vec<u8>,
+    pub sequence: u32,
+    pub confirmable: bool,
+    pub payload: Bytes,
+}
+
+struct Observer {
+    endpoint: Weak<Endpoint>,
+    peer: SocketAddr,
+    token: Vec<u8>,
+    sequence: u32,
+    /// Non-confirmable notifications since the last Confirmable one.
+    since_confirmable: u32,
+}
+
+/// Observers by device and resource.
+pub struct Observers {
+    max_per_device: usize,
+    lists: Mutex<HashMap<(DeviceId, Resource), Vec<Observer>>>,
+}
+
+impl Observers {
+    pub fn new(max_per_device: usize) -> Observers {
+        Observers {
+            max_per_device,
+            lists: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Adds or replaces the observer of `peer` on `endpoint`. Returns the
+    /// sequence number for the registration's response, or `None` when the
+    /// device has `max_per_device` observers of this resource already.
+    pub fn register(
+        &self,
+        device_id: DeviceId,
+        resource: Resource,
+        endpoint: &Arc<Endpoint>,
+        peer: SocketAddr,
+        token: Vec<u8>,
+    ) -> Option<u32> {
+        let mut lists = self.lists.lock();
+        let list = lists.entry((device_id, resource)).or_default();
+        let weak = Arc::downgrade(endpoint);
+        list.retain(|observer| observer.endpoint.strong_count() > 0);
+        if let Some(existing) = list
+            .iter_mut()
+            .find(|observer| observer.peer == peer && Weak::ptr_eq(&observer.endpoint, &weak))
+        {
+            existing.token = token;
+            existing.sequence = (existing.sequence + 1) & SEQUENCE_MASK;
+            events::observer("registered");
+            return Some(existing.sequence);
+        }
+        if list.len() >= self.max_per_device {
+            events::observer("limit");
+            return None;
+        }
+        // Sequence numbers start above the Observe values 0 and 1 of
+        // requests, which makes responses easy to tell apart in traces.
+        let sequence = 2;
+        list.push(Observer {
+            endpoint: weak,
+            peer,
+            token,
+            sequence,
+            since_confirmable: 0,
+        });
+        events::observer("registered");
+        Some(sequence)
+    }
+
+    /// Removes the observer of `peer` on `endpoint`; returns whether one
+    /// existed.
+    pub fn deregister(
+        &self,
+        device_id: DeviceId,
+        resource: Resource,
+        endpoint: &Arc<Endpoint>,
+        peer: SocketAddr,
+    ) -> bool {
+        let weak = Arc::downgrade(endpoint);
+        let removed = self.remove_where(|key, observer| {
+            key == &(device_id, resource)
+                && observer.peer == peer
+                && Weak::ptr_eq(&observer.endpoint, &weak)
+        });
+        if removed > 0 {
+            events::observer("deregistered");
+        }
+        removed > 0
+    }
+
+    /// Removes the observers of `peer` with `token` (a Reset or an
+    /// unacknowledged notification); `event` labels the metric.
+    pub fn remove_token(
+        &self,
+        endpoint: &Arc<Endpoint>,
+        peer: SocketAddr,
+        token: &[u8],
+        event: &'static str,
+    ) -> usize {
+        let weak = Arc::downgrade(endpoint);
+        let removed = self.remove_where(|_, observer| {
+            observer.peer == peer
+                && observer.token == token
+                && Weak::ptr_eq(&observer.endpoint, &weak)
+        });
+        for _ in 0..removed {
+            events::observer(event);
+        }
+        removed
+    }
+
+    fn remove_where(&self, matches: impl Fn(&(DeviceId, Resource), &Observer) -> bool) -> usize {
+        let mut lists = self.lists.lock();
+        let mut removed = 0;
+        lists.retain(|key, list| {
+            let before = list.len();
+            list.retain(|observer| !matches(key, observer));
+            removed += before - list.len();
+            !list.is_empty()
+        });
+        removed
+    }
+
+    /// Prepares one notification per observer of the resource, advancing
+    /// each observer's sequence number.
+    fn prepare(
+        &self,
+        device_id: DeviceId,
+        resource: Resource,
+        payload: &Bytes,
+    ) -> Vec<Notification> {
+        let mut lists = self.lists.lock();
+        let Some(list) = lists.get_mut(&(device_id, resource)) else {
+            return Vec::new();
+        };
+        list.iter_mut()
+            .filter_map(|observer| {
+                let endpoint = observer.endpoint.upgrade()?;
+                observer.sequence = (observer.sequence + 1) & SEQUENCE_MASK;
+                let confirmable = resource == Resource::Rpc
+                    || observer.since_confirmable + 1 >= CONFIRMABLE_EVERY;
+                observer.since_confirmable = if confirmable {
+                    0
+                } else {
+                    observer.since_confirmable + 1
+                };
+                Some(Notification {
+                    endpoint,
+                    peer: observer.peer,
+                    token: observer.token.clone(),
+                    sequence: observer.sequence,
+                    confirmable,
+                    payload: payload.clone(),
+                })
+            })
+            .collect()
+    }
+
+    fn has_observer(&self, device_id: DeviceId, resource: Resource) -> bool {
+        self.lists
+            .lock()
+            .get(&(device_id, resource))
+            .is_some_and(|list| {
+                list.iter()
+                    .any(|observer| observer.endpoint.strong_count() > 0)
+            })
+    }
+}
+
+impl ExternalReceivers for Observers {
+    fn is_reachable(&self, device_id: DeviceId) -> bool {
+        self.has_observer(device_id, Resource::Rpc)
+    }
+
+    fn deliver(&self, device_id: DeviceId, suffix: &str, payload: &Bytes) -> usize {
+        let notifications = if suffix == ATTRIBUTES_SUFFIX {
+            self.prepare(device_id, Resource::Attributes, payload)
+        } else if let Some(request_id) = suffix.strip_prefix(RPC_REQUEST_PREFIX) {
+            let Some(payload) = rpc_notification(request_id, payload) else {
+                return 0;
+            };
+            self.prepare(device_id, Resource::Rpc, &payload)
+        } else {
+            return 0;
+        };
+        let count = notifications.len();
+        for notification in notifications {
+            notification
+                .endpoint
+                .clone()
+                .send_notification(notification);
+        }
+        count
+    }
+}
+
+/// The body of an RPC notification: the request `{"method", "params"}` with
+/// its request id added as `"id"`, as ThingsBoard's CoAP device API sends.
+fn rpc_notification(request_id: &str, request: &Bytes) -> Option<Bytes> {
+    let id: u64 = request_id.parse().ok()?;
+    let mut body: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(request).ok()?;
+    body.insert("id".into(), id.into());
+    Some(Bytes::from(serde_json::Value::Object(body).to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rpc_notification_adds_the_request_id() {
+        let body = rpc_notification(
+            "42",
+            &Bytes::from_static(br#"{"method":"reboot","params":{}}"#),
+        )
+        .expect("valid request");
+        let value: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(value["id"], 42);
+        assert_eq!(value["method"], "reboot");
+        assert!(rpc_notification("x", &Bytes::from_static(b"{}")).is_none());
+    }
+
+    #[test]
+    fn sequence_numbers_wrap_at_24_bits() {
+        assert_eq!((SEQUENCE_MASK + 1) & SEQUENCE_MASK, 0);
+    }
+}

@@ -1,0 +1,693 @@
+//! CoAP requests: the paths Ferrite serves, the device that sends, the
+//! payload, and the response. One request is a context ([`Request`]) and a
+//! list of named steps.
+//!
+//! Paths follow ThingsBoard's CoAP device API, so existing firmware works:
+//! - `POST /api/v1/{access_token}/telemetry`
+//! - `POST /api/v1/{access_token}/attributes`: client attributes. Ferrite
+//!   does not store them; they go to the device's own MQTT subscribers of
+//!   `v1/devices/me/attributes` and CoAP observers, as an MQTT publish on
+//!   that topic would.
+//! - `GET /api/v1/{access_token}/attributes`: the device's attributes set
+//!   through the REST API, `{"shared": {...}}`; with Observe, later
+//!   updates are notified.
+//! - `GET /api/v1/{access_token}/rpc` with Observe: RPC requests as
+//!   notifications `{"id", "method", "params"}`.
+//! - `POST /api/v1/{access_token}/rpc/{request_id}`: the response to one.
+//!
+//! Ferrite's own `POST /telemetry?token={access_token}`, and `/telemetry`
+//! without a token for a peer that DTLS authenticated.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use coap_lite::{CoapOption, ObserveOption, Packet, RequestType, ResponseType};
+
+use super::blockwise::{BlockOutcome, TransferKey};
+use super::endpoint::Endpoint;
+use super::error::CoapError;
+use super::events;
+use super::message::{self, BlockValue, Reply, content_format};
+use super::observe::Resource;
+use super::transport::PeerAuth;
+use crate::auth::DeviceIdentity;
+use crate::decode::check_payload;
+use crate::ingest::{ContentType, Envelope, Protocol};
+
+/// Block size of responses when the client asks for none: 1024 bytes, the
+/// largest over UDP.
+const DEFAULT_BLOCK2_SZX: u8 = BlockValue::MAX_SZX;
+
+/// A path Ferrite serves, with the access token it carries, if any.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Route {
+    Telemetry,
+    Attributes,
+    Rpc,
+    RpcResponse(u32),
+}
+
+impl Route {
+    fn allows(&self, method: RequestType) -> bool {
+        match self {
+            Route::Telemetry | Route::RpcResponse(_) => method == RequestType::Post,
+            Route::Attributes => matches!(method, RequestType::Get | RequestType::Post),
+            Route::Rpc => method == RequestType::Get,
+        }
+    }
+
+    fn allowed_methods(&self) -> &'static str {
+        match self {
+            Route::Telemetry | Route::RpcResponse(_) => "use POST",
+            Route::Attributes => {
+                "use GET to read shared attributes or POST to send client attributes"
+            }
+            Route::Rpc => "use GET with Observe to receive RPC requests",
+        }
+    }
+}
+
+/// One request being served.
+struct Request<'a> {
+    endpoint: &'a Arc<Endpoint>,
+    peer: SocketAddr,
+    packet: Packet,
+    auth: PeerAuth,
+    method: RequestType,
+    path: String,
+}
+
+/// Serves one request and returns its response; failures become error
+/// responses here, in one place.
+pub async fn serve(
+    endpoint: &Arc<Endpoint>,
+    peer: SocketAddr,
+    packet: Packet,
+    auth: PeerAuth,
+) -> Reply {
+    let block2 = message::block_option(&packet, CoapOption::Block2)
+        .ok()
+        .flatten();
+    let reply = match serve_request(endpoint, peer, packet, auth).await {
+        Ok(reply) => reply,
+        Err(error) => {
+            if let CoapError::Internal = error {
+                tracing::error!(%peer, "a CoAP request failed inside the server");
+            } else {
+                tracing::debug!(%peer, %error, "rejected a CoAP request");
+            }
+            events::request_rejected(error.reason());
+            return error.reply();
+        }
+    };
+    match slice_block2(reply, block2) {
+        Ok(reply) => reply,
+        Err(error) => error.reply(),
+    }
+}
+
+async fn serve_request(
+    endpoint: &Arc<Endpoint>,
+    peer: SocketAddr,
+    packet: Packet,
+    auth: PeerAuth,
+) -> Result<Reply, CoapError> {
+    check_options(&packet)?;
+    let method = message::method(&packet).ok_or_else(|| CoapError::MethodNotAllowed {
+        method: format!("method code {}", packet.header.code),
+        path: "any path".into(),
+        allowed: "Ferrite serves GET and POST",
+    })?;
+    let segments = message::path_segments(&packet);
+    let path = format!("/{}", segments.join("/"));
+    let (route, path_token) = route(&segments).ok_or_else(|| {
+        CoapError::NotFound(format!(
+            "no resource at {path}; POST telemetry to /api/v1/{{access_token}}/telemetry or /telemetry?token={{access_token}}"
+        ))
+    })?;
+    if !route.allows(method) {
+        return Err(CoapError::MethodNotAllowed {
+            method: format!("{method:?}").to_uppercase(),
+            path,
+            allowed: route.allowed_methods(),
+        });
+    }
+
+    let mut request = Request {
+        endpoint,
+        peer,
+        packet,
+        auth,
+        method,
+        path,
+    };
+    let token = path_token.or_else(|| message::query_value(&request.packet, "token"));
+    let device = authenticate(&request, token.as_deref()).await?;
+    let span = tracing::debug_span!("coap_request", %peer, device_id = %device.device_id);
+    let _entered = span.enter();
+
+    match (route, method) {
+        (Route::Telemetry, _) => post_telemetry(&mut request, &device).await,
+        (Route::Attributes, RequestType::Post) => post_attributes(&mut request, &device).await,
+        (Route::Attributes, _) => get_attributes(&request, &device).await,
+        (Route::Rpc, _) => observe_rpc(&request, &device),
+        (Route::RpcResponse(request_id), _) => {
+            post_rpc_response(&mut request, &device, request_id).await
+        }
+    }
+}
+
+/// Step 1: options Ferrite must understand (RFC 7252 section 5.4.1).
+fn check_options(packet: &Packet) -> Result<(), CoapError> {
+    if let Some(number) = message::unknown_option(packet) {
+        if message::is_proxy_option(number) {
+            return Err(CoapError::ProxyingNotSupported);
+        }
+        if message::is_critical(number) {
+            return Err(CoapError::BadOption(number));
+        }
+    }
+    if message::block_option(packet, CoapOption::Block1).is_err()
+        || message::block_option(packet, CoapOption::Block2).is_err()
+    {
+        return Err(CoapError::BadRequest(
+            "a Block1 or Block2 option is malformed (longer than 3 bytes or SZX 7)".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Step 2: the resource and the access token in the path, if any.
+fn route(segments: &[String]) -> Option<(Route, Option<String>)> {
+    let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
+    match segments.as_slice() {
+        ["telemetry"] => Some((Route::Telemetry, None)),
+        ["api", "v1", token, rest @ ..] => {
+            let route = match rest {
+                ["telemetry"] => Route::Telemetry,
+                ["attributes"] => Route::Attributes,
+                ["rpc"] => Route::Rpc,
+                ["rpc", id] => Route::RpcResponse(id.parse().ok()?),
+                _ => return None,
+            };
+            Some((route, Some((*token).to_owned())))
+        }
+        _ => None,
+    }
+}
+
+/// Step 3: the device. A DTLS peer is its handshake's device; a token it
+/// sends must name the same device (4.03 otherwise).
+async fn authenticate(
+    request: &Request<'_>,
+    token: Option<&str>,
+) -> Result<DeviceIdentity, CoapError> {
+    let auth = &request.endpoint.context.auth;
+    match (&request.auth, token) {
+        (PeerAuth::Anonymous, None) => Err(CoapError::Unauthorized(format!(
+            "{} needs an access token: use /api/v1/{{access_token}}/... or add the query token={{access_token}}",
+            request.path
+        ))),
+        (PeerAuth::Anonymous, Some(token)) => Ok(auth.authenticate_device(token).await?),
+        (PeerAuth::Device(identity), None) => Ok(identity.clone()),
+        (PeerAuth::Device(identity), Some(token)) => {
+            let named = auth.authenticate_device(token).await?;
+            if named.device_id != identity.device_id {
+                tracing::warn!(device_id = %identity.device_id, token_device_id = %named.device_id, "a DTLS device sent another device's access token");
+                return Err(CoapError::Forbidden(
+                    "the access token names another device than the DTLS identity; send no token or this device's own".into(),
+                ));
+            }
+            Ok(named)
+        }
+    }
+}
+
+/// Step 4 of POST requests: the whole body, reassembled from Block1
+/// blocks when the client sends it in blocks. `Ok(Err(reply))` is a 2.31
+/// Continue to send before the body is complete.
+fn request_body(
+    request: &mut Request<'_>,
+) -> Result<Result<(Vec<u8>, Option<BlockValue>), Reply>, CoapError> {
+    let payload = std::mem::take(&mut request.packet.payload);
+    let limit = request.endpoint.context.config.max_payload_bytes;
+    // Step 1 checked that the option is well formed.
+    let Some(block) = message::block_option(&request.packet, CoapOption::Block1)
+        .ok()
+        .flatten()
+    else {
+        if payload.len() > limit {
+            return Err(CoapError::RequestEntityTooLarge {
+                size: payload.len(),
+                limit,
+            });
+        }
+        return Ok(Ok((payload, None)));
+    };
+
+    let size1 = message::uint_option(&request.packet, CoapOption::Size1)
+        .map_err(|()| CoapError::BadRequest("the Size1 option is longer than 4 bytes".into()))?;
+    let key = TransferKey {
+        peer: request.peer,
+        request: transfer_request_key(request),
+    };
+    let outcome =
+        request
+            .endpoint
+            .blocks
+            .lock()
+            .receive(key, block, &payload, size1, Instant::now())?;
+    match outcome {
+        BlockOutcome::Continue(echo) => {
+            let mut reply = Reply::new(ResponseType::Continue);
+            reply.block1 = Some(echo);
+            Ok(Err(reply))
+        }
+        BlockOutcome::Complete(body) => Ok(Ok((
+            body,
+            Some(BlockValue {
+                num: block.num,
+                more: false,
+                szx: block.szx,
+            }),
+        ))),
+    }
+}
+
+/// The request without its token, payload and block options: what makes
+/// two blocks part of one upload (RFC 7959 section 2.4).
+fn transfer_request_key(request: &Request<'_>) -> String {
+    let queries: Vec<String> = request
+        .packet
+        .get_option(CoapOption::UriQuery)
+        .map(|values| {
+            values
+                .iter()
+                .map(|value| String::from_utf8_lossy(value).into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    let format = message::uint_option(&request.packet, CoapOption::ContentFormat)
+        .ok()
+        .flatten();
+    format!(
+        "{:?} {}?{} {:?}",
+        request.method,
+        request.path,
+        queries.join("&"),
+        format
+    )
+}
+
+/// Step 5 of telemetry: the media type that chooses the decoder, from the
+/// Content-Format. CBOR (60) is converted to JSON by [`telemetry_payload`],
+/// so it maps like JSON telemetry.
+fn telemetry_media_type(format: Option<u32>) -> Result<Option<&'static str>, CoapError> {
+    let Some(format) = format else {
+        return Ok(None);
+    };
+    match u16::try_from(format).unwrap_or(u16::MAX) {
+        content_format::TEXT_PLAIN | content_format::JSON | content_format::CBOR => {
+            Ok(Some("application/json"))
+        }
+        content_format::SENML_JSON => Ok(Some("application/senml+json")),
+        content_format::SENML_CBOR => Ok(Some("application/senml+cbor")),
+        content_format::OCTET_STREAM => Ok(Some("application/octet-stream")),
+        other => Err(CoapError::UnsupportedContentFormat(format!(
+            "Content-Format {other} is not supported; send JSON (50), CBOR (60), SenML JSON (110), SenML CBOR (112) or, for a profile with a binary codec, octet-stream (42)"
+        ))),
+    }
+}
+
+/// The payload as the pipeline decodes it: CBOR converted to JSON, other
+/// formats unchanged.
+fn telemetry_payload(format: Option<u32>, body: Vec<u8>) -> Result<Vec<u8>, CoapError> {
+    if format == Some(u32::from(content_format::CBOR)) {
+        cbor_to_json(&body)
+    } else {
+        Ok(body)
+    }
+}
+
+/// Converts one CBOR data item to JSON text.
+pub fn cbor_to_json(body: &[u8]) -> Result<Vec<u8>, CoapError> {
+    let mut reader = body;
+    let value: serde_json::Value = ciborium::from_reader(&mut reader).map_err(|error| {
+        CoapError::BadRequest(format!(
+            "invalid CBOR telemetry: {error}; send one map with text keys, like the JSON telemetry object"
+        ))
+    })?;
+    if !reader.is_empty() {
+        return Err(CoapError::BadRequest(format!(
+            "invalid CBOR telemetry: {} bytes follow the first data item; send exactly one map",
+            reader.len()
+        )));
+    }
+    Ok(value.to_string().into_bytes())
+}
+
+fn content_format(request: &Request<'_>) -> Result<Option<u32>, CoapError> {
+    message::uint_option(&request.packet, CoapOption::ContentFormat).map_err(|()| {
+        CoapError::BadRequest("the Content-Format option is longer than 4 bytes".into())
+    })
+}
+
+async fn post_telemetry(
+    request: &mut Request<'_>,
+    device: &DeviceIdentity,
+) -> Result<Reply, CoapError> {
+    let format = content_format(request)?;
+    // Checked before blocks are buffered, so an unsupported upload fails at
+    // its first block.
+    let declared = telemetry_media_type(format)?;
+    let (body, block1) = match request_body(request)? {
+        Ok(body) => body,
+        Err(continue_reply) => return Ok(continue_reply),
+    };
+    let payload = telemetry_payload(format, body)?;
+    let context = &request.endpoint.context;
+    let payload = Bytes::from(payload);
+    let received_at_ns = chrono::Utc::now()
+        .timestamp_nanos_opt()
+        .unwrap_or(i64::MAX - 1);
+
+    context.directory.warm(device.profile_id).await;
+    let content_type = context
+        .directory
+        .content_type_for(device.profile_id, declared, &payload)
+        .map_err(CoapError::UnsupportedContentFormat)?;
+    if content_type != ContentType::Raw {
+        check_payload(
+            content_type,
+            &payload,
+            received_at_ns,
+            context.time_window(&device.tenant_id.to_string()),
+        )?;
+    }
+
+    let envelope = Envelope {
+        tenant_id: device.tenant_id,
+        device_id: device.device_id,
+        protocol: Protocol::Coap,
+        received_at_ns,
+        content_type,
+        payload,
+        meta: Bytes::new(),
+    };
+    context
+        .ingest
+        .append(vec![envelope])
+        .await
+        .map_err(|error| {
+            tracing::debug!(%error, "CoAP telemetry not stored");
+            CoapError::from(error)
+        })?;
+    events::ingested();
+    let mut reply = Reply::new(ResponseType::Changed);
+    reply.block1 = block1;
+    Ok(reply)
+}
+
+/// Client attributes: checked to be one JSON object, then routed to the
+/// device's own receivers (not stored).
+async fn post_attributes(
+    request: &mut Request<'_>,
+    device: &DeviceIdentity,
+) -> Result<Reply, CoapError> {
+    let format = content_format(request)?;
+    let (body, block1) = match request_body(request)? {
+        Ok(body) => body,
+        Err(continue_reply) => return Ok(continue_reply),
+    };
+    let body = match format.map(|format| u16::try_from(format).unwrap_or(u16::MAX)) {
+        None | Some(content_format::TEXT_PLAIN | content_format::JSON) => body,
+        Some(content_format::CBOR) => cbor_to_json(&body)?,
+        Some(other) => {
+            return Err(CoapError::UnsupportedContentFormat(format!(
+                "Content-Format {other} is not supported for attributes; send JSON (50) or CBOR (60)"
+            )));
+        }
+    };
+    let attributes: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&body)
+        .map_err(|error| {
+            CoapError::BadRequest(format!("attributes must be one JSON object: {error}"))
+        })?;
+    let payload = Bytes::from(serde_json::Value::Object(attributes).to_string());
+    request.endpoint.context.router.publish_to_device(
+        device.device_id,
+        "attributes",
+        payload,
+        mqtt5_protocol::QoS::AtLeastOnce,
+    );
+    let mut reply = Reply::new(ResponseType::Changed);
+    reply.block1 = block1;
+    Ok(reply)
+}
+
+/// Shared attributes, with Observe registration or deregistration.
+async fn get_attributes(
+    request: &Request<'_>,
+    device: &DeviceIdentity,
+) -> Result<Reply, CoapError> {
+    use crate::metadata::MetadataStore;
+    let stored = request
+        .endpoint
+        .context
+        .directory
+        .metadata()
+        .device(device.tenant_id, device.device_id)
+        .await
+        .map_err(|error| {
+            tracing::warn!(%error, "cannot read device attributes for CoAP");
+            CoapError::Internal
+        })?;
+    let body = serde_json::json!({"shared": stored.attributes});
+    let mut reply = Reply::json(ResponseType::Content, &body);
+    reply.observe = observe(request, device, Resource::Attributes)?;
+    Ok(reply)
+}
+
+/// RPC requests reach the device only as Observe notifications.
+fn observe_rpc(request: &Request<'_>, device: &DeviceIdentity) -> Result<Reply, CoapError> {
+    let observe_option = request.packet.get_observe_value();
+    if observe_option.is_none() {
+        return Err(CoapError::BadRequest(
+            "GET on rpc needs the Observe option: 0 to receive RPC requests as notifications, 1 to stop".into(),
+        ));
+    }
+    let mut reply = Reply::new(ResponseType::Content);
+    reply.content_format = Some(content_format::JSON);
+    reply.observe = observe(request, device, Resource::Rpc)?;
+    Ok(reply)
+}
+
+/// Registers or deregisters an observer as the Observe option asks;
+/// returns the Observe value of the response (`None`: not observing).
+fn observe(
+    request: &Request<'_>,
+    device: &DeviceIdentity,
+    resource: Resource,
+) -> Result<Option<u32>, CoapError> {
+    let observers = &request.endpoint.context.observers;
+    let value = match request.packet.get_observe_value() {
+        None => return Ok(None),
+        Some(Ok(value)) => value,
+        Some(Err(_)) => {
+            return Err(CoapError::BadRequest(
+                "the Observe option is longer than 3 bytes".into(),
+            ));
+        }
+    };
+    match ObserveOption::try_from(value as usize) {
+        Ok(ObserveOption::Register) => Ok(observers.register(
+            device.device_id,
+            resource,
+            request.endpoint,
+            request.peer,
+            request.packet.get_token().to_vec(),
+        )),
+        Ok(ObserveOption::Deregister) => {
+            observers.deregister(device.device_id, resource, request.endpoint, request.peer);
+            Ok(None)
+        }
+        Err(_) => Err(CoapError::BadRequest(format!(
+            "Observe {value} is not valid in a request; send 0 to register or 1 to deregister"
+        ))),
+    }
+}
+
+async fn post_rpc_response(
+    request: &mut Request<'_>,
+    device: &DeviceIdentity,
+    request_id: u32,
+) -> Result<Reply, CoapError> {
+    let (body, block1) = match request_body(request)? {
+        Ok(body) => body,
+        Err(continue_reply) => return Ok(continue_reply),
+    };
+    let body = match content_format(request)? {
+        Some(format) if format == u32::from(content_format::CBOR) => cbor_to_json(&body)?,
+        _ => body,
+    };
+    let delivered = request.endpoint.context.router.complete_rpc_response(
+        device.device_id,
+        request_id,
+        &Bytes::from(body),
+    );
+    if !delivered {
+        return Err(CoapError::NotFound(format!(
+            "no RPC request {request_id} waits for a response from this device; it may have timed out"
+        )));
+    }
+    let mut reply = Reply::new(ResponseType::Changed);
+    reply.block1 = block1;
+    Ok(reply)
+}
+
+/// Cuts a response into the block the client asked for with Block2, or
+/// into the first block when it is larger than one (RFC 7959 section 2.4).
+fn slice_block2(mut reply: Reply, requested: Option<BlockValue>) -> Result<Reply, CoapError> {
+    let szx = requested.map_or(DEFAULT_BLOCK2_SZX, |block| {
+        block.szx.min(DEFAULT_BLOCK2_SZX)
+    });
+    let size = 1usize << (szx + 4);
+    let num = requested.map_or(0, |block| block.num);
+    if requested.is_none() && reply.payload.len() <= size {
+        return Ok(reply);
+    }
+    let total = reply.payload.len();
+    let start = num as usize * size;
+    if start >= total && !(start == 0 && total == 0) {
+        return Err(CoapError::BadRequest(format!(
+            "Block2 asks for block {num} of {size} bytes, but the response has only {total} bytes"
+        )));
+    }
+    let end = (start + size).min(total);
+    reply.payload = reply.payload[start..end].to_vec();
+    reply.block2 = Some(BlockValue {
+        num,
+        more: end < total,
+        szx,
+    });
+    reply.size2 = Some(u32::try_from(total).unwrap_or(u32::MAX));
+    Ok(reply)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn segments(path: &str) -> Vec<String> {
+        path.split('/')
+            .filter(|part| !part.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
+
+    #[test]
+    fn routes_follow_thingsboard_paths() {
+        let cases = [
+            (
+                "/api/v1/abc/telemetry",
+                Some((Route::Telemetry, Some("abc"))),
+            ),
+            (
+                "/api/v1/abc/attributes",
+                Some((Route::Attributes, Some("abc"))),
+            ),
+            ("/api/v1/abc/rpc", Some((Route::Rpc, Some("abc")))),
+            (
+                "/api/v1/abc/rpc/17",
+                Some((Route::RpcResponse(17), Some("abc"))),
+            ),
+            ("/api/v1/abc/rpc/x", None),
+            ("/telemetry", Some((Route::Telemetry, None))),
+            ("/api/v1/abc", None),
+            ("/other", None),
+        ];
+        for (path, expected) in cases {
+            let expected = expected.map(|(route, token)| (route, token.map(str::to_owned)));
+            assert_eq!(route(&segments(path)), expected, "{path}");
+        }
+    }
+
+    #[test]
+    fn cbor_telemetry_converts_to_json() {
+        let mut body = Vec::new();
+        ciborium::into_writer(
+            &serde_json::json!({"temperature": 21.5, "ok": true}),
+            &mut body,
+        )
+        .unwrap();
+        let json: serde_json::Value =
+            serde_json::from_slice(&cbor_to_json(&body).unwrap()).unwrap();
+        assert_eq!(json["temperature"], 21.5);
+        assert_eq!(json["ok"], true);
+
+        body.push(0);
+        assert!(matches!(cbor_to_json(&body), Err(CoapError::BadRequest(_))));
+        assert!(matches!(
+            cbor_to_json(&[0xff]),
+            Err(CoapError::BadRequest(_))
+        ));
+    }
+
+    #[test]
+    fn unsupported_content_format_is_rejected() {
+        let error = telemetry_media_type(Some(41)).unwrap_err();
+        assert!(matches!(error, CoapError::UnsupportedContentFormat(_)));
+        assert_eq!(telemetry_media_type(None).unwrap(), None);
+        assert_eq!(
+            telemetry_media_type(Some(60)).unwrap(),
+            Some("application/json")
+        );
+    }
+
+    #[test]
+    fn large_responses_are_cut_into_blocks() {
+        let mut reply = Reply::new(ResponseType::Content);
+        reply.payload = vec![7; 2500];
+        let first = slice_block2(reply.clone(), None).unwrap();
+        assert_eq!(first.payload.len(), 1024);
+        assert_eq!(
+            first.block2,
+            Some(BlockValue {
+                num: 0,
+                more: true,
+                szx: 6
+            })
+        );
+        assert_eq!(first.size2, Some(2500));
+
+        let last = slice_block2(
+            reply.clone(),
+            Some(BlockValue {
+                num: 2,
+                more: false,
+                szx: 6,
+            }),
+        )
+        .unwrap();
+        assert_eq!(last.payload.len(), 452);
+        assert_eq!(
+            last.block2,
+            Some(BlockValue {
+                num: 2,
+                more: false,
+                szx: 6
+            })
+        );
+
+        let beyond = slice_block2(
+            reply,
+            Some(BlockValue {
+                num: 3,
+                more: false,
+                szx: 6,
+            }),
+        );
+        assert!(beyond.is_err());
+    }
+}
