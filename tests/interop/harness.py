@@ -99,6 +99,7 @@ class FerriteServer:
         self.http_port = free_port()
         self.mqtt_port = free_port()
         self.coap_port = free_udp_port()
+        self.coaps_port = free_udp_port()
         self.http_url = f"http://127.0.0.1:{self.http_port}"
         self.process: subprocess.Popen[bytes] | None = None
         self.api = requests.Session()
@@ -155,6 +156,8 @@ class FerriteServer:
                     f"127.0.0.1:{self.mqtt_port}",
                     "--coap-listen",
                     f"127.0.0.1:{self.coap_port}",
+                    "--coaps-listen",
+                    f"127.0.0.1:{self.coaps_port}",
                 ],
                 stdin=subprocess.DEVNULL,
                 stdout=log,

@@ -36,7 +36,6 @@ pub struct StoredCertificate {
     pub subject: String,
     /// End of validity in epoch milliseconds.
     pub not_after: i64,
-    #[serde(skip)]
     pub pem: String,
     /// Registration time in epoch milliseconds.
     pub created_at: i64,

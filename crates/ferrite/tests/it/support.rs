@@ -18,6 +18,8 @@ pub struct Server {
     pub mqtt_addr: SocketAddr,
     /// The CoAP listener (UDP).
     pub coap_addr: SocketAddr,
+    /// The CoAP over DTLS listener (UDP).
+    pub coaps_addr: SocketAddr,
     pub http_addr: SocketAddr,
     pub http_url: String,
     pub data_dir: PathBuf,
@@ -112,6 +114,7 @@ impl Server {
         let mut server = Server {
             mqtt_addr: "127.0.0.1:0".parse().unwrap(),
             coap_addr: "127.0.0.1:0".parse().unwrap(),
+            coaps_addr: "127.0.0.1:0".parse().unwrap(),
             http_addr: "127.0.0.1:0".parse().unwrap(),
             http_url: String::new(),
             data_dir: data_dir.to_owned(),
@@ -129,6 +132,7 @@ impl Server {
             let mqtt: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
             let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
             let coap: SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse().unwrap();
+            let coaps: SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse().unwrap();
             let mut command = Command::new(BINARY);
             command
                 .arg("serve")
@@ -140,6 +144,8 @@ impl Server {
                 .arg(mqtt.to_string())
                 .arg("--coap-listen")
                 .arg(coap.to_string())
+                .arg("--coaps-listen")
+                .arg(coaps.to_string())
                 .env("RUST_LOG", "warn")
                 .stdout(Stdio::null())
                 .stderr(Stdio::inherit());
@@ -149,6 +155,7 @@ impl Server {
             let mut child = command.spawn().expect("start ferrite serve");
             self.mqtt_addr = mqtt;
             self.coap_addr = coap;
+            self.coaps_addr = coaps;
             self.http_addr = http;
             self.http_url = format!("http://{http}");
             let deadline = Instant::now() + Duration::from_secs(20);

@@ -65,6 +65,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+pub use context::fingerprint;
 use context::{DtlsContext, ListenOutcome};
 use record::FirstRecord;
 

@@ -125,7 +125,6 @@ impl<H: DatagramHandler> Session<H> {
         let mut limiter = self.shared.failure_warnings.lock();
         if let Some(suppressed) = limiter.allow(std::time::Instant::now()) {
             tracing::warn!(
-                peer = %self.peer,
                 result,
                 suppressed,
                 "DTLS handshake failed; see ferrite_coap_dtls_handshakes_total for counts"
