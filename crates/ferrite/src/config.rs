@@ -151,7 +151,7 @@ pub struct CoapDtlsConfig {
 }
 
 impl CoapDtlsConfig {
-    /// Whether the DTLS listener starts.
+    /// Returns whether the DTLS listener starts.
     pub fn enabled(&self) -> bool {
         self.psk || self.cert_file.is_some()
     }

@@ -19,13 +19,14 @@ use crate::metadata::credentials::{NewCertificate, StoredPsk, psk_seal_context};
 use crate::metadata::{MetadataStore, Role};
 use crate::server::AppState;
 
-/// Longest PSK identity in bytes. RFC 4279 allows 2^16 - 1, but OpenSSL 3
-/// rejects identities over 128 bytes (`PSK_MAX_IDENTITY_LEN`).
-const MAX_IDENTITY_BYTES: usize = 128;
+/// Longest PSK identity in bytes. RFC 4279 allows 2^16 - 1, but OpenSSL 3.0
+/// accepts at most 256 (`PSK_MAX_IDENTITY_LEN` in `openssl/ssl.h`).
+const MAX_IDENTITY_BYTES: usize = 256;
 /// Shortest accepted key: 128 bits, the key size of the AES-128 suites.
 const MIN_KEY_BYTES: usize = 16;
-/// Longest accepted key; OpenSSL 3 takes up to 512 bytes
-/// (`PSK_MAX_PSK_LEN`), and no device needs more than 64.
+/// Longest accepted key. OpenSSL 3.0 takes up to 512 bytes
+/// (`PSK_MAX_PSK_LEN`), but 64 bytes (512 bits) is far beyond the strength
+/// of the AES-128 suites.
 const MAX_KEY_BYTES: usize = 64;
 /// Largest certificate body accepted.
 const MAX_PEM_BYTES: usize = 16 * 1024;

@@ -8,8 +8,8 @@
 //! master key only during a handshake that names them.
 //!
 //! NOTE: credentials changed by another process that shares the data
-//! directory are seen only after a restart; the CLI has no credential
-//! commands, so only the API of this process changes them today.
+//! directory are loaded only at the next start. The CLI has no credential
+//! commands, so today only the API of this process changes them.
 
 use std::collections::HashMap;
 

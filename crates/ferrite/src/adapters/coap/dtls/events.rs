@@ -41,9 +41,9 @@ pub fn session_started() {
 
 /// Counts a finished handshake. `result` is one of `ok`,
 /// `unknown_psk_identity`, `bad_certificate`, `unknown_device`, `failed`
-/// (any other alert or protocol error) and `timed_out` (which includes a
-/// client that used a wrong pre-shared key, because DTLS drops records
-/// that fail to decrypt without an alert).
+/// (any other alert or protocol error) and `timed_out`. A client with a
+/// wrong pre-shared key counts as `timed_out`, because DTLS drops records
+/// that fail to decrypt without an alert.
 pub fn handshake_finished(result: &'static str) {
     metrics::gauge!("ferrite_coap_dtls_handshakes_in_progress").decrement(1.0);
     metrics::counter!("ferrite_coap_dtls_handshakes_total", "result" => result).increment(1);
@@ -61,11 +61,14 @@ pub fn hello_verify_request_sent() {
     metrics::counter!("ferrite_coap_dtls_hello_verify_requests_total").increment(1);
 }
 
-/// Counts a dropped datagram. `reason` is one of `unknown_peer` (a record
-/// other than a ClientHello from a peer without a session), `invalid` (not
-/// a DTLS record), `max_sessions`, `max_handshakes`, `queue_full` (the
-/// session's queue of datagrams or replies), `no_session` (a reply for a
-/// peer without an established session) and `send_failed`.
+/// Counts a dropped datagram by `reason`:
+/// - `unknown_peer`: a record other than a ClientHello from a peer without
+///   a session.
+/// - `invalid`: not a DTLS record.
+/// - `max_sessions`, `max_handshakes`: a ClientHello beyond the limits.
+/// - `queue_full`: the session's queue of datagrams or replies is full.
+/// - `no_session`: a reply for a peer without an established session.
+/// - `send_failed`: the socket did not take an outgoing datagram.
 pub fn datagram_dropped(reason: &'static str) {
     metrics::counter!("ferrite_coap_dtls_datagrams_dropped_total", "reason" => reason).increment(1);
 }

@@ -13,8 +13,8 @@
 //!   HelloVerifyRequest, which is not larger than the ClientHello, and
 //!   nothing is kept. With a valid cookie a session task starts.
 //! - Replies go through [`DtlsSink`], which queues them to the peer's
-//!   session without waiting; they are dropped and counted when the queue
-//!   is full or the peer has no established session.
+//!   session without waiting. A reply is dropped and counted when the
+//!   queue is full or the peer has no established session.
 //!
 //! ## Authentication
 //! - PSK suites: the PSK identity is looked up in
@@ -222,12 +222,13 @@ impl DtlsListener {
         self.socket.local_addr()
     }
 
-    /// Whether the ECDHE-ECDSA suites are on (a server certificate is set).
+    /// Returns whether the ECDHE-ECDSA suites are on (a server certificate
+    /// is set).
     pub fn certificates_enabled(&self) -> bool {
         self.context.certificates
     }
 
-    /// Whether the PSK suites are on.
+    /// Returns whether the PSK suites are on.
     pub fn psk_enabled(&self) -> bool {
         self.config.psk
     }

@@ -12,7 +12,7 @@ const HANDSHAKE_CLIENT_HELLO: u8 = 1;
 /// length (2).
 const RECORD_HEADER_LEN: usize = 13;
 
-/// What the first record of a datagram from an unknown peer is.
+/// Kind of the first record of a datagram from an unknown peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FirstRecord {
     /// A ClientHello in epoch 0: the only record that may start an

@@ -29,7 +29,7 @@ const RETRANSMISSION_CHECK: Duration = Duration::from_millis(200);
 /// Largest plaintext of one record: 2^14 bytes (RFC 6347 §4.1).
 const MAX_PLAINTEXT: usize = 16 * 1024;
 
-/// Why a session ended; the label of `ferrite_coap_dtls_sessions_closed_total`.
+/// Reason a session ended, the label of `ferrite_coap_dtls_sessions_closed_total`.
 type CloseReason = &'static str;
 
 pub(super) struct Session<H> {
@@ -175,7 +175,6 @@ impl<H: DatagramHandler> Session<H> {
     /// the peer closes, goes idle or the server shuts down.
     async fn serve(&mut self, auth: PeerAuth) -> CloseReason {
         let idle_timeout = self.shared.config.idle_timeout;
-        let mut plaintext = vec![0u8; MAX_PLAINTEXT];
         loop {
             let input = tokio::select! {
                 input = tokio::time::timeout(idle_timeout, self.inbox.recv()) => input,
@@ -195,7 +194,7 @@ impl<H: DatagramHandler> Session<H> {
                 Ok(Some(Input::Send(message))) => self.send(&message),
                 Ok(Some(Input::Datagram(datagram))) => {
                     self.stream.get_mut().push(datagram);
-                    if let Some(reason) = self.read_records(&mut plaintext, &auth).await {
+                    if let Some(reason) = self.read_records(&auth).await {
                         return reason;
                     }
                 }
@@ -203,13 +202,16 @@ impl<H: DatagramHandler> Session<H> {
         }
     }
 
-    /// Decrypts what the pipe holds and hands each message to the handler.
+    /// Decrypts the datagrams in the pipe and hands each message to the handler.
     /// Returns the close reason when the session ended.
-    async fn read_records(&mut self, plaintext: &mut [u8], auth: &PeerAuth) -> Option<CloseReason> {
+    async fn read_records(&mut self, auth: &PeerAuth) -> Option<CloseReason> {
+        // Allocated per datagram rather than per session, so that idle
+        // sessions cost no plaintext buffer.
+        let mut plaintext = vec![0u8; MAX_PLAINTEXT];
         loop {
-            let read = self.stream.ssl_read(plaintext);
+            let read = self.stream.ssl_read(&mut plaintext);
             // Reading can write: a retransmitted final flight, or the
-            // answer to close_notify.
+            // reply to close_notify.
             self.flush();
             match read {
                 Ok(length) => {
@@ -241,8 +243,8 @@ impl<H: DatagramHandler> Session<H> {
         self.flush();
     }
 
-    /// Sends close_notify; the peer's answer is not awaited (RFC 5246 §7.2.1
-    /// allows closing without it).
+    /// Sends close_notify without waiting for the peer's reply, which
+    /// RFC 5246 §7.2.1 allows.
     fn close(&mut self) {
         let _ = self.stream.shutdown();
         self.flush();

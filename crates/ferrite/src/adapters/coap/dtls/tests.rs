@@ -299,7 +299,7 @@ fn certificate_context(cert: &X509, key: &PKey<Private>) -> SslContext {
     })
 }
 
-/// Starts a handshake that answers the HelloVerifyRequest and then stops,
+/// Starts a handshake that responds to the HelloVerifyRequest and then stops,
 /// which leaves a half-open session on the server.
 fn half_open_handshake(
     context: &SslContext,
