@@ -40,6 +40,14 @@
 # time with the send time it carries. It runs ROUNDS times, each on
 # a fresh server, and its results go to a block of their own.
 #
+# The coap scenario (Ferrite only) has COAP_DEVICES simulated devices send
+# Confirmable CoAP telemetry, one request outstanding each, for
+# COAP_DURATION_S seconds. On the same server the same number of MQTT
+# connections then publish QoS 1 with one message in flight each, so the
+# two rows compare the protocols under the same per-device rule. It runs
+# ROUNDS times and its results go to a block of their own with the ratio
+# of CoAP to MQTT.
+#
 # Settings come from the environment. With the defaults a full run took
 # about 7 minutes on 2 cores after the release build, and the wait for a
 # quiet machine adds up to QUIET_WAIT_S seconds before each timed run. The
@@ -52,6 +60,7 @@
 #        SCENARIOS=storage SYSTEMS="influxdb victoriametrics" STORAGE_DEVICES=20 STORAGE_DURATION=1h bench/run.sh
 #        SCENARIOS=series bench/run.sh
 #        SCENARIOS=live bench/run.sh
+#        SCENARIOS=coap COAP_DEVICES=50 COAP_DURATION_S=3 ROUNDS=1 bench/run.sh
 
 set -euo pipefail
 
@@ -65,13 +74,15 @@ MQTT_CONNECTIONS=${MQTT_CONNECTIONS:-100}
 MQTT_INFLIGHT=${MQTT_INFLIGHT:-20}
 MQTT_DURATION_S=${MQTT_DURATION_S:-15}
 MQTT_DEVICES=${MQTT_DEVICES:-100}     # devices created in Ferrite; connections reuse their tokens
+COAP_DEVICES=${COAP_DEVICES:-1000}    # simulated CoAP devices; tokens are reused past MQTT_DEVICES
+COAP_DURATION_S=${COAP_DURATION_S:-15}
 IDLE_CONNECTIONS=${IDLE_CONNECTIONS:-10000}
 IDLE_SETTLE_S=${IDLE_SETTLE_S:-10}    # wait after the last CONNACK before reading VmRSS
 GENERATOR_TIMEOUT_S=${GENERATOR_TIMEOUT_S:-300}  # backstop for one generator process
 QUIET_WAIT_S=${QUIET_WAIT_S:-30}      # maximum wait before a run for other processes to go quiet
 KEEP_WORK=${KEEP_WORK:-0}             # 1 keeps the temporary folder with logs and data
-# Scenarios to run, from: lp durability mqtt memory profile storage series live.
-SCENARIOS=${SCENARIOS:-lp durability mqtt memory profile storage series live}
+# Scenarios to run, from: lp durability mqtt memory profile storage series live coap.
+SCENARIOS=${SCENARIOS:-lp durability mqtt memory profile storage series live coap}
 # Systems to run, from: ferrite influxdb victoriametrics mosquitto. Each
 # scenario runs the systems of its own list that are named here.
 SYSTEMS=${SYSTEMS:-ferrite influxdb victoriametrics mosquitto}
@@ -113,6 +124,7 @@ SERIES_RESULTS="$WORK/series-results.jsonl"
 SERIES_COMMANDS="$WORK/series-commands.txt"
 LIVE_RESULTS="$WORK/live-results.jsonl"
 LIVE_COMMANDS="$WORK/live-commands.txt"
+COAP_RESULTS="$WORK/coap-results.jsonl"
 DATASET="$WORK/fleet.lp"
 FERRITE_TEMPLATE="$WORK/ferrite-template"   # data directory copied by start_ferrite
 FERRITE_CONFIG_FILE=""                      # configuration file for start_ferrite; none when empty
@@ -549,6 +561,48 @@ run_mqtt() {
         '. + {round: $round, server_cpu_s: $server, client_cpu_s: $client, other_cpu_s: $other, server_syncs: $syncs}' \
         "$WORK/line" | tee -a "$RESULTS" >&2
     stop_server
+}
+
+# One round of the coap scenario: on one Ferrite server, Confirmable CoAP
+# telemetry from COAP_DEVICES devices, then MQTT QoS 1 from as many
+# connections with one message in flight each.
+run_coap() {
+    local round=$1
+    start_ferrite "coap-$round"
+    wait_for_quiet_machine
+    local coap_args=(coap --addr "127.0.0.1:$COAP_PORT" --tokens-file "$WORK/tokens"
+        --devices "$COAP_DEVICES" --duration-s "$COAP_DURATION_S" --label ferrite-coap)
+    local mqtt_args=(mqtt --addr "127.0.0.1:$MQTT_PORT" --tokens-file "$WORK/tokens"
+        --connections "$COAP_DEVICES" --inflight 1 --duration-s "$COAP_DURATION_S"
+        --client-id-prefix "coap-compare" --label ferrite-mqtt-inflight-1)
+    note_command "coap" ferrite-bench "${coap_args[@]}"
+    note_command "coap mqtt comparison" ferrite-bench "${mqtt_args[@]}"
+    timeout "$GENERATOR_TIMEOUT_S" "$BENCH" "${coap_args[@]}" >"$WORK/line" ||
+        die_with_log "the coap run failed"
+    jq -c --argjson round "$round" '. + {round: $round}' "$WORK/line" | tee -a "$COAP_RESULTS" >&2
+    wait_for_quiet_machine
+    timeout "$GENERATOR_TIMEOUT_S" "$BENCH" "${mqtt_args[@]}" >"$WORK/line" ||
+        die_with_log "the MQTT comparison run of the coap scenario failed"
+    jq -c --argjson round "$round" '. + {round: $round}' "$WORK/line" | tee -a "$COAP_RESULTS" >&2
+    stop_server
+}
+
+# Prints the median rates and latencies of the coap scenario and the ratio
+# of CoAP to MQTT.
+summarize_coap() {
+    jq -rs '
+        def median: sort | if length == 0 then null else .[(length - 1) / 2 | floor] end;
+        (map(select(.figure == "coap")) ) as $coap
+        | (map(select(.figure == "mqtt")) ) as $mqtt
+        | ($coap | map(.acks_per_s) | median) as $coap_rate
+        | ($mqtt | map(.acks_per_s) | median) as $mqtt_rate
+        | "| protocol | acknowledged/s (median) | p50 ms | p99 ms |",
+          "|---|---|---|---|",
+          "| CoAP CON | \($coap_rate) | \($coap | map(.latency_ms.p50) | median) | \($coap | map(.latency_ms.p99) | median) |",
+          "| MQTT QoS 1, 1 in flight | \($mqtt_rate) | \($mqtt | map(.latency_ms.p50) | median) | \($mqtt | map(.latency_ms.p99) | median) |",
+          "",
+          "CoAP / MQTT rate ratio: \(if ($mqtt_rate // 0) > 0 then ($coap_rate / $mqtt_rate * 100 | round / 100) else "n/a" end)"
+    ' "$COAP_RESULTS"
 }
 
 # Repeats one mqtt run of $1 with the same connections split over two
@@ -1587,6 +1641,13 @@ main() {
             log "mqtt with two generator processes: $system"
             run_mqtt_split "$system"
         done
+    fi
+    if scenario_enabled coap && [[ -n "$(selected ferrite)" ]]; then
+        for round in $(seq 1 "$ROUNDS"); do
+            log "coap round $round: Ferrite over CoAP and MQTT with $COAP_DEVICES devices"
+            run_coap "$round"
+        done
+        summarize_coap | tee "$WORK/coap.md" >&2
     fi
     if scenario_enabled memory; then
         for system in $(selected ferrite mosquitto); do

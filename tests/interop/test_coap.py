@@ -157,7 +157,8 @@ def test_aiocoap_receives_and_answers_a_command(server: FerriteServer) -> None:
             )
             notification = await anext(aiter(observation.observation))
             rpc = json.loads(notification.payload)
-            assert rpc["method"] == "setLed" and rpc["params"] == {"on": True}, rpc
+            assert rpc["method"] == "setLed", rpc
+            assert rpc["params"] == {"on": True}, rpc
             answer = aiocoap.Message(
                 code=aiocoap.POST,
                 uri=uri(server, f"/api/v1/{device.token}/rpc/{rpc['id']}"),

@@ -10,6 +10,7 @@
 //! Every load is bounded in count and time, and only loopback addresses are
 //! accepted as targets.
 
+mod coap;
 mod idle;
 mod live;
 mod lp;
@@ -40,6 +41,8 @@ enum Command {
     Lp(lp::LpArgs),
     /// Publish MQTT QoS 1 messages from many connections and report PUBACKs/s.
     Mqtt(mqtt::MqttArgs),
+    /// Send Confirmable CoAP telemetry from many simulated devices and report 2.04 responses/s.
+    Coap(coap::CoapArgs),
     /// Open idle MQTT connections and hold them, for memory measurements.
     Idle(idle::IdleArgs),
     /// Publish over MQTT at a fixed rate and measure the latency to a live WebSocket subscriber.
@@ -63,6 +66,7 @@ fn main() -> anyhow::Result<()> {
     let output = match cli.command {
         Command::Lp(args) => serde_json::to_value(runtime.block_on(lp::run(args))?)?,
         Command::Mqtt(args) => serde_json::to_value(runtime.block_on(mqtt::run(args))?)?,
+        Command::Coap(args) => serde_json::to_value(runtime.block_on(coap::run(args))?)?,
         Command::Idle(args) => serde_json::to_value(runtime.block_on(idle::run(args))?)?,
         Command::Live(args) => serde_json::to_value(runtime.block_on(live::run(args))?)?,
         Command::Queries(args) => serde_json::to_value(runtime.block_on(queries::run(args))?)?,

@@ -291,6 +291,8 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
         mqtt_router,
         shutdown.clone(),
     ));
+    // The DTLS listener shares `coap_context`, and with it the observers
+    // that the router delivers to.
     let coaps_task = coaps_listener.map(|listener| {
         let mode = match (listener.psk_enabled(), listener.certificates_enabled()) {
             (true, true) => "PSK and certificates",
@@ -307,7 +309,7 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
     });
     let coap_task = tokio::spawn(adapters::coap::serve(
         coap_socket,
-        coap_context,
+        coap_context.clone(),
         shutdown.clone(),
     ));
     drop(ingest);

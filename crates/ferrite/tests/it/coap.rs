@@ -126,8 +126,8 @@ fn cbor(value: &Value) -> Vec<u8> {
     bytes
 }
 
-/// One SenML CBOR record; SenML CBOR uses integer labels (RFC 8428
-/// section 6): 0 is the name and 2 the value.
+/// Encodes one SenML CBOR record. SenML CBOR uses integer labels (RFC
+/// 8428 section 6): 0 is the name and 2 the value.
 fn senml_cbor(name: &str, value: i64) -> Vec<u8> {
     let record = ciborium::Value::Map(vec![
         (
@@ -357,7 +357,7 @@ async fn malformed_datagrams_do_not_stop_the_listener() {
     assert_eq!(reply.header.get_type(), MessageType::Reset);
     assert_eq!(reply.header.message_id, 0x3001);
 
-    // An empty Confirmable message is a ping, answered with a Reset.
+    // An empty Confirmable message is a ping, and the reply is a Reset.
     client.send_raw(&[0x40, 0x00, 0x30, 0x02]).await;
     let reply = client.receive(REPLY_WAIT).await.expect("a Reset");
     assert_eq!(reply.header.get_type(), MessageType::Reset);

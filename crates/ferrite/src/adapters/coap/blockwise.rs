@@ -43,10 +43,10 @@ struct Transfer {
     last_activity: Instant,
 }
 
-/// What the endpoint does with a received block.
+/// The endpoint's next step after a received block.
 #[derive(Debug, PartialEq, Eq)]
 pub enum BlockOutcome {
-    /// Answer 2.31 Continue with this Block1 value.
+    /// Send 2.31 Continue with this Block1 value.
     Continue(BlockValue),
     /// The last block arrived: process the whole body.
     Complete(Vec<u8>),

@@ -9,8 +9,8 @@
 //! Otherwise the endpoint sends an empty ACK, so the client stops
 //! retransmitting, and sends the response later as a Confirmable message
 //! with the request's token. Either way a 2.04 response is sent only after
-//! the append returned, so the response, not the empty ACK, tells the
-//! client that its data is durable.
+//! the append returned, so the response, not the empty ACK, confirms to
+//! the client that its data is durable.
 //!
 //! ## Ownership and shutdown
 //! The transport owns the socket and calls [`Endpoint::handle_datagram`]
@@ -53,7 +53,7 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
 /// one ends its observation.
 const MAX_RECENT_NOTIFICATIONS: usize = 4096;
 
-/// How a Confirmable message ended.
+/// The outcome of a Confirmable message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Confirmation {
     Acknowledged,
@@ -146,7 +146,7 @@ impl Endpoint {
             MessageType::Confirmable | MessageType::NonConfirmable => {
                 if header.code == 0 {
                     // An empty Confirmable message is a ping (RFC 7252
-                    // section 4.3); the answer is a Reset.
+                    // section 4.3), and the reply is a Reset.
                     if header.message_type == MessageType::Confirmable {
                         self.send(
                             peer,
@@ -356,8 +356,9 @@ impl Endpoint {
         outcome
     }
 
-    /// Matches an ACK or Reset to the Confirmable message it answers; a
-    /// Reset of a Non-confirmable notification ends its observation.
+    /// Matches an ACK or Reset to the Confirmable message it acknowledges
+    /// or rejects. A Reset of a Non-confirmable notification ends its
+    /// observation.
     fn complete_confirmable(
         self: &Arc<Self>,
         peer: SocketAddr,

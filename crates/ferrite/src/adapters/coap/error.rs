@@ -67,7 +67,7 @@ impl CoapError {
         }
     }
 
-    /// The response for this failure.
+    /// Builds the response for this failure.
     pub fn reply(&self) -> Reply {
         let code = match self {
             CoapError::BadRequest(_) => ResponseType::BadRequest,
@@ -85,7 +85,7 @@ impl CoapError {
         };
         let mut reply = Reply::diagnostic(code, self.to_string());
         match self {
-            // RFC 7252 section 5.9.2.9: Size1 tells the largest body
+            // RFC 7252 section 5.9.2.9: Size1 carries the largest body
             // accepted.
             CoapError::RequestEntityTooLarge { limit, .. } => {
                 reply.size1 = Some(u32::try_from(*limit).unwrap_or(u32::MAX));
@@ -150,6 +150,7 @@ mod tests {
         assert_eq!(reply.code, ResponseType::RequestEntityTooLarge);
         assert_eq!(reply.size1, Some(4096));
         let text = String::from_utf8(reply.payload).unwrap();
-        assert!(text.contains("5000") && text.contains("4096"), "{text}");
+        assert!(text.contains("5000"), "{text}");
+        assert!(text.contains("4096"), "{text}");
     }
 }

@@ -1,6 +1,6 @@
 //! Duplicate detection (RFC 7252 section 4.5): the message IDs a peer used
 //! within EXCHANGE_LIFETIME, with the message sent in reply, so that a
-//! retransmitted request is answered again without being processed twice.
+//! retransmitted request gets the same reply without being processed twice.
 //!
 //! The cache holds at most `coap.max_exchanges` entries over all peers.
 //! When it is full the oldest entry is forgotten early and counted in
@@ -22,7 +22,7 @@ pub const EXCHANGE_LIFETIME: Duration = Duration::from_secs(247);
 /// A peer's message ID.
 pub type ExchangeKey = (SocketAddr, u16);
 
-/// What is known about a message ID seen before.
+/// The state of a message ID seen before.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ExchangeState {
     /// The request is still being processed; a duplicate gets no reply yet

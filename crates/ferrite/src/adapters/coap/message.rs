@@ -54,7 +54,7 @@ pub struct FixedHeader {
     pub message_id: u16,
 }
 
-/// Why a datagram is not a CoAP message that Ferrite can process.
+/// The reason a datagram is not a CoAP message that Ferrite can process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum FormatError {
     #[error("the datagram is shorter than the 4-byte CoAP header")]
@@ -111,7 +111,7 @@ pub fn read_header(datagram: &[u8]) -> Result<FixedHeader, FormatError> {
 }
 
 /// Parses a whole message. The caller reads the header first with
-/// [`read_header`], so that it can answer a malformed Confirmable message
+/// [`read_header`], so that it can reject a malformed Confirmable message
 /// with a Reset.
 pub fn parse(datagram: &[u8], header: &FixedHeader) -> Result<Packet, FormatError> {
     if header.version != 1 {
@@ -137,7 +137,7 @@ pub fn parse(datagram: &[u8], header: &FixedHeader) -> Result<Packet, FormatErro
 
 /// True when the last byte of `datagram` is a payload marker that starts
 /// no payload. Options never end in 0xFF except as an option value, so the
-/// encoded length without payload tells the two apart.
+/// encoded length without payload separates the two.
 fn ends_with_payload_marker(datagram: &[u8], packet: &Packet) -> bool {
     datagram.last() == Some(&0xff)
         && packet
@@ -145,8 +145,8 @@ fn ends_with_payload_marker(datagram: &[u8], packet: &Packet) -> bool {
             .is_ok_and(|encoded| encoded.len() + 1 == datagram.len())
 }
 
-/// The first option in `packet` that Ferrite does not know, if any, as its
-/// number.
+/// Returns the number of the first option in `packet` that Ferrite does
+/// not process, if any.
 pub fn unknown_option(packet: &Packet) -> Option<u16> {
     packet
         .options()
@@ -185,8 +185,8 @@ pub fn encode_uint(number: u32) -> Vec<u8> {
     bytes[skip..].to_vec()
 }
 
-/// The first value of an unsigned integer option. `Err` when the value is
-/// longer than 4 bytes.
+/// Returns the first value of an unsigned integer option. `Err` when the
+/// value is longer than 4 bytes.
 pub fn uint_option(packet: &Packet, option: CoapOption) -> Result<Option<u32>, ()> {
     match packet.get_first_option(option) {
         None => Ok(None),
@@ -240,8 +240,8 @@ impl BlockValue {
     }
 }
 
-/// The value of a Block option in `packet`: `Ok(None)` when absent, `Err`
-/// when malformed.
+/// Returns the value of a Block option in `packet`: `Ok(None)` when
+/// absent, `Err` when malformed.
 pub fn block_option(packet: &Packet, option: CoapOption) -> Result<Option<BlockValue>, ()> {
     match packet.get_first_option(option) {
         None => Ok(None),
@@ -249,8 +249,8 @@ pub fn block_option(packet: &Packet, option: CoapOption) -> Result<Option<BlockV
     }
 }
 
-/// The request method, or `None` for a code that is no request method
-/// Ferrite knows (answered with 4.05).
+/// Returns the request method, or `None` for a code that is no request
+/// method Ferrite supports (the request gets 4.05).
 pub fn method(packet: &Packet) -> Option<RequestType> {
     match packet.header.code {
         MessageClass::Request(RequestType::UnKnown) => None,
@@ -264,7 +264,8 @@ pub fn is_request_code(code: u8) -> bool {
     code >> 5 == 0 && code != 0
 }
 
-/// The Uri-Path segments, decoded as UTF-8 (invalid bytes replaced).
+/// Returns the Uri-Path segments, decoded as UTF-8 (invalid bytes
+/// replaced).
 pub fn path_segments(packet: &Packet) -> Vec<String> {
     packet
         .get_option(CoapOption::UriPath)
@@ -277,7 +278,7 @@ pub fn path_segments(packet: &Packet) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// The value of the Uri-Query `name=value`, if present.
+/// Returns the value of the Uri-Query `name=value`, if present.
 pub fn query_value(packet: &Packet, name: &str) -> Option<String> {
     packet
         .get_option(CoapOption::UriQuery)?
@@ -335,8 +336,8 @@ impl Reply {
         }
     }
 
-    /// A response with a diagnostic payload (RFC 7252 section 5.5.2: UTF-8
-    /// text without a Content-Format).
+    /// Creates a response with a diagnostic payload (RFC 7252 section
+    /// 5.5.2: UTF-8 text without a Content-Format).
     pub fn diagnostic(code: ResponseType, message: impl Into<String>) -> Reply {
         Reply {
             payload: message.into().into_bytes(),
@@ -352,7 +353,7 @@ impl Reply {
         }
     }
 
-    /// The code as `class.detail`, for logs and metric labels.
+    /// Formats the code as `class.detail`, for logs and metric labels.
     pub fn code_name(&self) -> String {
         MessageClass::Response(self.code).to_string()
     }

@@ -82,6 +82,9 @@ pub struct CoapContext {
 
 impl CoapContext {
     /// Creates the context and adds its observers to `router`'s deliveries.
+    /// Create one per server and share it between the UDP and DTLS
+    /// endpoints, because the router keeps only the first observers it is
+    /// given.
     pub fn new(
         config: &Config,
         auth: Arc<Auth>,

@@ -3,7 +3,7 @@
 //!
 //! The MQTT router delivers a device's messages here through
 //! [`ExternalReceivers`], so the command API, alarm actions and attribute
-//! changes reach CoAP devices the same way they reach MQTT sessions: the
+//! changes reach CoAP devices the same way they reach MQTT sessions. The
 //! topic suffix `attributes` notifies observers of `.../attributes`, and
 //! `rpc/request/{id}` notifies observers of `.../rpc`.
 //!
@@ -246,8 +246,9 @@ impl ExternalReceivers for Observers {
     }
 }
 
-/// The body of an RPC notification: the request `{"method", "params"}` with
-/// its request id added as `"id"`, as ThingsBoard's CoAP device API sends.
+/// Builds the body of an RPC notification: the request
+/// `{"method", "params"}` with its request id added as `"id"`, the form
+/// of ThingsBoard's CoAP device API.
 fn rpc_notification(request_id: &str, request: &Bytes) -> Option<Bytes> {
     let id: u64 = request_id.parse().ok()?;
     let mut body: serde_json::Map<String, serde_json::Value> =

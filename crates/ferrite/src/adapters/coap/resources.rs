@@ -5,9 +5,9 @@
 //! Paths follow ThingsBoard's CoAP device API, so existing firmware works:
 //! - `POST /api/v1/{access_token}/telemetry`
 //! - `POST /api/v1/{access_token}/attributes`: client attributes. Ferrite
-//!   does not store them; they go to the device's own MQTT subscribers of
-//!   `v1/devices/me/attributes` and CoAP observers, as an MQTT publish on
-//!   that topic would.
+//!   does not store them. They go to the device's own MQTT subscribers of
+//!   `v1/devices/me/attributes` and CoAP observers, like an MQTT publish on
+//!   that topic.
 //! - `GET /api/v1/{access_token}/attributes`: the device's attributes set
 //!   through the REST API, `{"shared": {...}}`; with Observe, later
 //!   updates are notified.
@@ -225,12 +225,19 @@ async fn authenticate(
     }
 }
 
+/// The request body after step 4.
+enum Body {
+    /// The whole body, and the Block1 value for the response when it came
+    /// in blocks.
+    Complete(Vec<u8>, Option<BlockValue>),
+    /// A block was taken and the body is not complete: send this 2.31
+    /// Continue.
+    Continue(Reply),
+}
+
 /// Step 4 of POST requests: the whole body, reassembled from Block1
-/// blocks when the client sends it in blocks. `Ok(Err(reply))` is a 2.31
-/// Continue to send before the body is complete.
-fn request_body(
-    request: &mut Request<'_>,
-) -> Result<Result<(Vec<u8>, Option<BlockValue>), Reply>, CoapError> {
+/// blocks when the client sends it in blocks.
+fn request_body(request: &mut Request<'_>) -> Result<Body, CoapError> {
     let payload = std::mem::take(&mut request.packet.payload);
     let limit = request.endpoint.context.config.max_payload_bytes;
     // Step 1 checked that the option is well formed.
@@ -244,7 +251,7 @@ fn request_body(
                 limit,
             });
         }
-        return Ok(Ok((payload, None)));
+        return Ok(Body::Complete(payload, None));
     };
 
     let size1 = message::uint_option(&request.packet, CoapOption::Size1)
@@ -263,21 +270,21 @@ fn request_body(
         BlockOutcome::Continue(echo) => {
             let mut reply = Reply::new(ResponseType::Continue);
             reply.block1 = Some(echo);
-            Ok(Err(reply))
+            Ok(Body::Continue(reply))
         }
-        BlockOutcome::Complete(body) => Ok(Ok((
+        BlockOutcome::Complete(body) => Ok(Body::Complete(
             body,
             Some(BlockValue {
                 num: block.num,
                 more: false,
                 szx: block.szx,
             }),
-        ))),
+        )),
     }
 }
 
-/// The request without its token, payload and block options: what makes
-/// two blocks part of one upload (RFC 7959 section 2.4).
+/// Formats the request without its token, payload and block options,
+/// which identifies the upload a block belongs to (RFC 7959 section 2.4).
 fn transfer_request_key(request: &Request<'_>) -> String {
     let queries: Vec<String> = request
         .packet
@@ -321,8 +328,8 @@ fn telemetry_media_type(format: Option<u32>) -> Result<Option<&'static str>, Coa
     }
 }
 
-/// The payload as the pipeline decodes it: CBOR converted to JSON, other
-/// formats unchanged.
+/// Returns the payload as the pipeline decodes it: CBOR converted to JSON,
+/// other formats unchanged.
 fn telemetry_payload(format: Option<u32>, body: Vec<u8>) -> Result<Vec<u8>, CoapError> {
     if format == Some(u32::from(content_format::CBOR)) {
         cbor_to_json(&body)
@@ -363,8 +370,8 @@ async fn post_telemetry(
     // its first block.
     let declared = telemetry_media_type(format)?;
     let (body, block1) = match request_body(request)? {
-        Ok(body) => body,
-        Err(continue_reply) => return Ok(continue_reply),
+        Body::Complete(body, block1) => (body, block1),
+        Body::Continue(reply) => return Ok(reply),
     };
     let payload = telemetry_payload(format, body)?;
     let context = &request.endpoint.context;
@@ -418,8 +425,8 @@ async fn post_attributes(
 ) -> Result<Reply, CoapError> {
     let format = content_format(request)?;
     let (body, block1) = match request_body(request)? {
-        Ok(body) => body,
-        Err(continue_reply) => return Ok(continue_reply),
+        Body::Complete(body, block1) => (body, block1),
+        Body::Continue(reply) => return Ok(reply),
     };
     let body = match format.map(|format| u16::try_from(format).unwrap_or(u16::MAX)) {
         None | Some(content_format::TEXT_PLAIN | content_format::JSON) => body,
@@ -483,8 +490,8 @@ fn observe_rpc(request: &Request<'_>, device: &DeviceIdentity) -> Result<Reply, 
     Ok(reply)
 }
 
-/// Registers or deregisters an observer as the Observe option asks;
-/// returns the Observe value of the response (`None`: not observing).
+/// Registers or deregisters an observer as the Observe option requests,
+/// and returns the Observe value of the response (`None`: not observing).
 fn observe(
     request: &Request<'_>,
     device: &DeviceIdentity,
@@ -524,8 +531,8 @@ async fn post_rpc_response(
     request_id: u32,
 ) -> Result<Reply, CoapError> {
     let (body, block1) = match request_body(request)? {
-        Ok(body) => body,
-        Err(continue_reply) => return Ok(continue_reply),
+        Body::Complete(body, block1) => (body, block1),
+        Body::Continue(reply) => return Ok(reply),
     };
     let body = match content_format(request)? {
         Some(format) if format == u32::from(content_format::CBOR) => cbor_to_json(&body)?,
