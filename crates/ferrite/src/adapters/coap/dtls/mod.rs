@@ -34,6 +34,10 @@
 //! timer. A session that receives nothing for `idle_timeout` is closed with
 //! close_notify.
 //!
+//! NOTE: there is no limit per source address. One host that completes the
+//! cookie exchange from many ports can hold every handshake slot for
+//! `handshake_timeout`, and new peers are dropped meanwhile.
+//!
 //! ## What it leaves out
 //! - NOTE: no session resumption and no connection IDs (RFC 9146): a peer
 //!   whose address changes (NAT rebinding) needs a new handshake.
