@@ -50,10 +50,16 @@ pub const DATAGRAM_MTU: u32 = 1200;
 const COOKIE_WINDOW_SECS: u64 = 60;
 
 /// Outcome of the PSK callback, kept on the handshake's `Ssl`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PskOutcome {
-    /// The PSK identity was found; the handshake used its key.
-    Found(CredentialOwner),
+    /// The PSK identity was found, and the handshake used its key.
+    Found {
+        owner: CredentialOwner,
+        identity: Vec<u8>,
+        /// The key as sealed when the handshake read it. Setting the PSK
+        /// again seals it anew, which later checks of the session notice.
+        sealed_key: Vec<u8>,
+    },
     /// The client named a PSK identity that no device has.
     UnknownIdentity,
 }
@@ -73,7 +79,7 @@ fn ex_indexes() -> &'static ExIndexes {
 
 /// Returns what the PSK callback recorded on `ssl`, if it ran.
 pub fn psk_outcome(ssl: &SslRef) -> Option<PskOutcome> {
-    ssl.ex_data(ex_indexes().psk).copied()
+    ssl.ex_data(ex_indexes().psk).cloned()
 }
 
 /// The server context of the DTLS listener.
@@ -310,8 +316,8 @@ fn find_psk(
     credentials: &DtlsCredentials,
     master_key: &MasterKey,
 ) -> usize {
-    let found = identity.and_then(|identity| credentials.psk(identity));
-    let Some((owner, sealed_key)) = found else {
+    let found = identity.and_then(|identity| Some((identity, credentials.psk(identity)?)));
+    let Some((identity, (owner, sealed_key))) = found else {
         ssl.set_ex_data(ex_indexes().psk, PskOutcome::UnknownIdentity);
         return 0;
     };
@@ -330,7 +336,12 @@ fn find_psk(
         return 0;
     }
     key[..plain.len()].copy_from_slice(&plain);
-    ssl.set_ex_data(ex_indexes().psk, PskOutcome::Found(owner));
+    let outcome = PskOutcome::Found {
+        owner,
+        identity: identity.to_vec(),
+        sealed_key,
+    };
+    ssl.set_ex_data(ex_indexes().psk, outcome);
     plain.len()
 }
 
@@ -374,11 +385,14 @@ pub fn fingerprint(certificate: &X509Ref) -> Option<[u8; 32]> {
     digest.as_ref().try_into().ok()
 }
 
-/// How a client certificate named its device.
+/// Device named by a client certificate, and the way it was named.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CertificateIdentity {
     /// The certificate's fingerprint is registered on this device.
-    Registered(CredentialOwner),
+    Registered {
+        owner: CredentialOwner,
+        fingerprint: [u8; 32],
+    },
     /// The certificate chains to `ca_file` and its subject CN is this id.
     CommonName(DeviceId),
 }
@@ -393,9 +407,12 @@ pub fn certificate_identity(
     ca_configured: bool,
 ) -> Option<CertificateIdentity> {
     let certificate = ssl.peer_certificate()?;
-    let registered = fingerprint(&certificate).and_then(|digest| credentials.certificate(&digest));
-    if let Some(owner) = registered {
-        return Some(CertificateIdentity::Registered(owner));
+    let digest = fingerprint(&certificate)?;
+    if let Some(owner) = credentials.certificate(&digest) {
+        return Some(CertificateIdentity::Registered {
+            owner,
+            fingerprint: digest,
+        });
     }
     if !ca_configured || ssl.verify_result() != X509VerifyResult::OK {
         return None;
@@ -448,7 +465,7 @@ impl io::Write for DatagramPipe {
     }
 }
 
-/// The subject CN of a certificate, if it has exactly one.
+/// Returns the subject CN of a certificate, if it has exactly one.
 pub fn common_name(certificate: &X509Ref) -> Option<String> {
     let mut entries = certificate.subject_name().entries_by_nid(Nid::COMMONNAME);
     let entry = entries.next()?;

@@ -51,7 +51,8 @@ pub fn handshake_finished(result: &'static str) {
 
 /// Counts an ended session. `reason` is one of `handshake_failed`,
 /// `close_notify`, `idle`, `replaced` (the peer started a new handshake),
-/// `error` and `shutdown`.
+/// `revoked` (its credential or device was removed), `error` and
+/// `shutdown`.
 pub fn session_closed(reason: &'static str) {
     metrics::gauge!("ferrite_coap_dtls_sessions").decrement(1.0);
     metrics::counter!("ferrite_coap_dtls_sessions_closed_total", "reason" => reason).increment(1);

@@ -41,8 +41,10 @@
 //! ## What it leaves out
 //! - NOTE: no session resumption and no connection IDs (RFC 9146): a peer
 //!   whose address changes (NAT rebinding) needs a new handshake.
-//! - NOTE: deleting a device's credentials stops new handshakes at once,
-//!   but its established sessions last until they go idle or close.
+//! - Deleting or replacing a device's credentials, or deleting the device,
+//!   stops new handshakes at once. An established session notices it at
+//!   its first message after [`RECHECK_INTERVAL`] since the last check and
+//!   ends with close_notify.
 //!
 //! ## Shutdown
 //! [`DtlsListener::serve`] stops reading when its token is cancelled. Each
@@ -84,6 +86,9 @@ use crate::warn_limit::WarnLimiter;
 /// Datagrams and replies queued for one session. A peer that sends faster
 /// than its session decrypts loses datagrams, which CoAP retransmits.
 const SESSION_QUEUE: usize = 64;
+/// Time after which a session checks again that its credential and device
+/// still exist, the same bound as for cached access tokens.
+pub const RECHECK_INTERVAL: std::time::Duration = crate::auth::DEVICE_CACHE_TTL;
 /// Largest UDP datagram read from the socket.
 const MAX_DATAGRAM: usize = 64 * 1024;
 
@@ -179,6 +184,8 @@ struct Shared<H> {
     shutdown: CancellationToken,
     /// Rate limit of warnings about failed handshakes.
     failure_warnings: Mutex<WarnLimiter>,
+    /// [`RECHECK_INTERVAL`], shorter in tests.
+    recheck_interval: std::time::Duration,
 }
 
 /// A bound DTLS listener, not yet serving.
@@ -188,6 +195,7 @@ pub struct DtlsListener {
     config: CoapDtlsConfig,
     sessions: Arc<Sessions>,
     credentials: Arc<DtlsCredentials>,
+    recheck_interval: std::time::Duration,
 }
 
 impl DtlsListener {
@@ -218,6 +226,7 @@ impl DtlsListener {
             config: config.clone(),
             sessions: Arc::default(),
             credentials,
+            recheck_interval: RECHECK_INTERVAL,
         })
     }
 
@@ -263,6 +272,7 @@ impl DtlsListener {
             handler,
             shutdown: shutdown.clone(),
             failure_warnings: Mutex::new(WarnLimiter::default()),
+            recheck_interval: self.recheck_interval,
         });
         let tasks = TaskTracker::new();
         let mut receive_warnings = WarnLimiter::default();
@@ -336,9 +346,9 @@ fn dispatch<H: DatagramHandler>(
     let first_record = record::classify(&datagram);
     if let Some(handle) = &existing {
         // A ClientHello in epoch 0 on an established session means that the
-        // peer lost its session (a reboot); it goes through the cookie
-        // exchange and replaces the old session only once the cookie is
-        // valid (RFC 6347 §4.2.8).
+        // peer lost its session, as after a reboot. It goes through the
+        // cookie exchange and replaces the old session only once the cookie
+        // is valid (RFC 6347 §4.2.8).
         let restart =
             first_record == FirstRecord::ClientHello && handle.established.load(Ordering::Acquire);
         if !restart {

@@ -29,6 +29,21 @@ const RETRANSMISSION_CHECK: Duration = Duration::from_millis(200);
 /// Largest plaintext of one record: 2^14 bytes (RFC 6347 §4.1).
 const MAX_PLAINTEXT: usize = 16 * 1024;
 
+/// The credential that authenticated a session. It is checked again every
+/// `recheck_interval`, so that a deleted or replaced credential or a
+/// deleted device ends the session.
+#[derive(Debug, Clone)]
+enum SessionCredential {
+    Psk {
+        identity: Vec<u8>,
+        sealed_key: Vec<u8>,
+    },
+    RegisteredCertificate([u8; 32]),
+    /// A certificate of `ca_file` whose CN is the device id; only the
+    /// device's existence is checked again.
+    CommonName,
+}
+
 /// Reason a session ended, the label of `ferrite_coap_dtls_sessions_closed_total`.
 type CloseReason = &'static str;
 
@@ -56,7 +71,7 @@ impl<H: DatagramHandler> Session<H> {
             Err(result) => Err(result),
         };
         self.shared.sessions.handshake_finished();
-        let identity = match identity {
+        let (identity, credential) = match identity {
             Ok(identity) => identity,
             Err(result) => {
                 events::handshake_finished(result);
@@ -72,7 +87,7 @@ impl<H: DatagramHandler> Session<H> {
         {
             handle.established.store(true, Ordering::Release);
         }
-        self.serve(PeerAuth::Device(identity)).await
+        self.serve(identity, credential).await
     }
 
     /// Drives the handshake until it finishes, fails or times out. Returns
@@ -134,36 +149,58 @@ impl<H: DatagramHandler> Session<H> {
 
     /// Finds the device that the handshake authenticated: by the PSK
     /// identity, or by the client certificate.
-    async fn authenticated_device(&self) -> Result<DeviceIdentity, &'static str> {
+    async fn authenticated_device(
+        &self,
+    ) -> Result<(DeviceIdentity, SessionCredential), &'static str> {
         let ssl = self.stream.ssl();
-        let device = if let Some(PskOutcome::Found(owner)) = psk_outcome(ssl) {
-            self.shared
-                .metadata
-                .device_by_id_any_tenant(owner.device_id)
-                .await
-                .ok()
-                .flatten()
-                .filter(|device| device.tenant_id == owner.tenant_id)
+        let (device_id, credential) = if let Some(PskOutcome::Found {
+            owner,
+            identity,
+            sealed_key,
+        }) = psk_outcome(ssl)
+        {
+            let credential = SessionCredential::Psk {
+                identity,
+                sealed_key,
+            };
+            (owner.device_id, credential)
         } else {
             let identity = certificate_identity(
                 ssl,
                 &self.shared.credentials,
                 self.shared.context.ca_configured,
             );
-            let device_id = match identity {
-                Some(CertificateIdentity::Registered(owner)) => owner.device_id,
-                Some(CertificateIdentity::CommonName(device_id)) => device_id,
+            match identity {
+                Some(CertificateIdentity::Registered { owner, fingerprint }) => (
+                    owner.device_id,
+                    SessionCredential::RegisteredCertificate(fingerprint),
+                ),
+                Some(CertificateIdentity::CommonName(device_id)) => {
+                    (device_id, SessionCredential::CommonName)
+                }
                 None => return Err("bad_certificate"),
-            };
-            self.shared
-                .metadata
-                .device_by_id_any_tenant(device_id)
-                .await
-                .ok()
-                .flatten()
+            }
         };
-        let device = device.ok_or("unknown_device")?;
-        Ok(DeviceIdentity {
+        let identity = self.load_device(device_id).await.ok_or("unknown_device")?;
+        Ok((identity, credential))
+    }
+
+    /// Loads the device's current name and profile; `None` when it no
+    /// longer exists or cannot be read.
+    async fn load_device(&self, device_id: crate::ids::DeviceId) -> Option<DeviceIdentity> {
+        let device = match self
+            .shared
+            .metadata
+            .device_by_id_any_tenant(device_id)
+            .await
+        {
+            Ok(device) => device?,
+            Err(error) => {
+                tracing::warn!(%device_id, %error, "cannot load the device of a DTLS session");
+                return None;
+            }
+        };
+        Some(DeviceIdentity {
             tenant_id: device.tenant_id,
             device_id: device.id,
             name: device.name,
@@ -171,10 +208,49 @@ impl<H: DatagramHandler> Session<H> {
         })
     }
 
+    /// Returns whether the credential of the session still names `device`.
+    fn credential_is_current(
+        &self,
+        credential: &SessionCredential,
+        device: &DeviceIdentity,
+    ) -> bool {
+        let credentials = &self.shared.credentials;
+        match credential {
+            SessionCredential::Psk {
+                identity,
+                sealed_key,
+            } => credentials.psk(identity).is_some_and(|(owner, current)| {
+                owner.device_id == device.device_id && current == *sealed_key
+            }),
+            SessionCredential::RegisteredCertificate(fingerprint) => credentials
+                .certificate(fingerprint)
+                .is_some_and(|owner| owner.device_id == device.device_id),
+            SessionCredential::CommonName => true,
+        }
+    }
+
+    /// Checks the credential and reloads the device. Returns the fresh
+    /// identity, or `None` when the session must end.
+    async fn recheck(
+        &self,
+        credential: &SessionCredential,
+        device: &DeviceIdentity,
+    ) -> Option<DeviceIdentity> {
+        if !self.credential_is_current(credential, device) {
+            return None;
+        }
+        self.load_device(device.device_id).await
+    }
+
     /// Passes decrypted datagrams to the handler and encrypts replies until
     /// the peer closes, goes idle or the server shuts down.
-    async fn serve(&mut self, auth: PeerAuth) -> CloseReason {
+    async fn serve(
+        &mut self,
+        mut device: DeviceIdentity,
+        credential: SessionCredential,
+    ) -> CloseReason {
         let idle_timeout = self.shared.config.idle_timeout;
+        let mut checked_at = Instant::now();
         loop {
             let input = tokio::select! {
                 input = tokio::time::timeout(idle_timeout, self.inbox.recv()) => input,
@@ -193,7 +269,17 @@ impl<H: DatagramHandler> Session<H> {
                 Ok(None) => return "replaced",
                 Ok(Some(Input::Send(message))) => self.send(&message),
                 Ok(Some(Input::Datagram(datagram))) => {
+                    if checked_at.elapsed() >= self.shared.recheck_interval {
+                        let Some(fresh) = self.recheck(&credential, &device).await else {
+                            tracing::info!(device_id = %device.device_id, "closing a DTLS session whose credential or device was removed");
+                            self.close();
+                            return "revoked";
+                        };
+                        device = fresh;
+                        checked_at = Instant::now();
+                    }
                     self.stream.get_mut().push(datagram);
+                    let auth = PeerAuth::Device(device.clone());
                     if let Some(reason) = self.read_records(&auth).await {
                         return reason;
                     }

@@ -168,9 +168,11 @@ async fn start(config: CoapDtlsConfig, pki: Option<&Pki>) -> Harness {
     let metadata = Arc::new(SqliteMetadata::open(dir.path()).await.unwrap());
     let credentials = Arc::new(DtlsCredentials::default());
     let master_key = Arc::new(MasterKey::from_bytes(&[3u8; 32]));
-    let listener = DtlsListener::bind(&config, credentials.clone(), master_key.clone())
+    let mut listener = DtlsListener::bind(&config, credentials.clone(), master_key.clone())
         .await
         .unwrap();
+    // Every session checks its credential again at nearly every message.
+    listener.recheck_interval = Duration::from_millis(100);
     let addr = listener.local_addr().unwrap();
     let sessions = listener.sessions.clone();
     let handler = Arc::new(EchoHandler::default());
@@ -383,6 +385,49 @@ async fn psk_session_echoes_with_device_identity() {
     let (_stream, reply) = exchange(stream, b"again").await;
     assert_eq!(reply, b"sensor-1:again");
     assert_eq!(harness.sessions.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removed_psk_ends_open_session() {
+    let harness = start(test_config(), None).await;
+    let device = harness.device("sensor-1").await;
+    harness
+        .set_psk(device, "sensor-1-id", b"0123456789abcdef")
+        .await;
+    let stream = connect(
+        psk_context("sensor-1-id", b"0123456789abcdef"),
+        harness.addr,
+    )
+    .await
+    .expect("handshake");
+    let (mut stream, reply) = exchange(stream, b"before").await;
+    assert_eq!(reply, b"sensor-1:before");
+
+    let tenant = harness.metadata.default_tenant().await.unwrap();
+    harness
+        .metadata
+        .delete_device_psk(tenant.id, device)
+        .await
+        .unwrap();
+    harness.credentials.remove_psk(device);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let read = tokio::task::spawn_blocking(move || {
+        stream.ssl_write(b"after").unwrap();
+        let mut reply = vec![0u8; 2048];
+        stream
+            .ssl_read(&mut reply)
+            .map(|length| reply[..length].to_vec())
+    })
+    .await
+    .unwrap();
+    let error = read.expect_err("a reply after the PSK was removed");
+    assert_eq!(
+        error.code(),
+        openssl::ssl::ErrorCode::ZERO_RETURN,
+        "{error}"
+    );
+    harness.wait_for_sessions(0).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
