@@ -256,7 +256,14 @@ async fn failures_get_codes_and_diagnostics() {
     unknown_option.add_option(CoapOption::Unknown(2049), vec![1]);
     let mut unknown_method = post(&path, Some(50), b"{}");
     unknown_method.header.code = MessageClass::Reserved(0x08);
+    let mut not_acceptable = request(
+        RequestType::Get,
+        &format!("/api/v1/{}/attributes", device.token),
+        b"a",
+    );
+    not_acceptable.add_option(CoapOption::Accept, vec![60]);
     let cases: Vec<(&str, Packet, &str)> = vec![
+        ("not acceptable", not_acceptable, "4.06"),
         (
             "bad token",
             post("/api/v1/not-a-token/telemetry", Some(50), b"{}"),
@@ -356,6 +363,13 @@ async fn malformed_datagrams_do_not_stop_the_listener() {
     let reply = client.receive(REPLY_WAIT).await.expect("a Reset");
     assert_eq!(reply.header.get_type(), MessageType::Reset);
     assert_eq!(reply.header.message_id, 0x3001);
+
+    // A message of another CoAP version is dropped silently.
+    client.send_raw(&[0x80, 0x02, 0x30, 0x03]).await;
+    assert!(
+        client.receive(Duration::from_millis(300)).await.is_none(),
+        "version 2"
+    );
 
     // An empty Confirmable message is a ping, and the reply is a Reset.
     client.send_raw(&[0x40, 0x00, 0x30, 0x02]).await;
@@ -675,5 +689,27 @@ async fn reset_of_a_notification_ends_the_observation() {
     assert_eq!(
         second, 409,
         "the observer is gone, so the device is unreachable"
+    );
+}
+
+#[tokio::test]
+async fn observers_per_device_are_limited() {
+    let server = Server::start_with_env(&[("FERRITE_COAP_MAX_OBSERVERS_PER_DEVICE", "2")]).await;
+    let device = server.create_device("coap-observer-limit").await;
+    let path = format!("/api/v1/{}/attributes", device.token);
+
+    let mut observing = Vec::new();
+    for index in 0..3 {
+        let mut client = Client::connect(server.coap_addr).await;
+        let mut observe = request(RequestType::Get, &path, b"lim");
+        observe.add_option(CoapOption::Observe, vec![]);
+        let reply = client.request(observe).await;
+        assert_eq!(code(&reply), "2.05", "client {index}");
+        observing.push(reply.get_first_option(CoapOption::Observe).is_some());
+    }
+    assert_eq!(
+        observing,
+        [true, true, false],
+        "the third registration is served without Observe"
     );
 }

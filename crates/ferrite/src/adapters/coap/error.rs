@@ -26,6 +26,8 @@ pub enum CoapError {
     Forbidden(String),
     #[error("{0}")]
     NotFound(String),
+    #[error("Accept {0} is not available: responses are JSON (50); send Accept 50 or none")]
+    NotAcceptable(u32),
     #[error("{method} is not allowed on {path}; {allowed}")]
     MethodNotAllowed {
         method: String,
@@ -57,6 +59,7 @@ impl CoapError {
             CoapError::BadOption(_) => "bad_option",
             CoapError::Forbidden(_) => "forbidden",
             CoapError::NotFound(_) => "not_found",
+            CoapError::NotAcceptable(_) => "not_acceptable",
             CoapError::MethodNotAllowed { .. } => "method_not_allowed",
             CoapError::RequestEntityIncomplete(_) => "incomplete_block_transfer",
             CoapError::RequestEntityTooLarge { .. } => "too_large",
@@ -75,6 +78,7 @@ impl CoapError {
             CoapError::BadOption(_) => ResponseType::BadOption,
             CoapError::Forbidden(_) => ResponseType::Forbidden,
             CoapError::NotFound(_) => ResponseType::NotFound,
+            CoapError::NotAcceptable(_) => ResponseType::NotAcceptable,
             CoapError::MethodNotAllowed { .. } => ResponseType::MethodNotAllowed,
             CoapError::RequestEntityIncomplete(_) => ResponseType::RequestEntityIncomplete,
             CoapError::RequestEntityTooLarge { .. } => ResponseType::RequestEntityTooLarge,

@@ -9,46 +9,57 @@ pub fn register() {
         "ferrite_coap_datagrams_received_total",
         "Datagrams received by the CoAP endpoints."
     );
+
     metrics::describe_counter!(
         "ferrite_coap_datagrams_rejected_total",
         "Datagrams that are no valid CoAP message, by reason; Confirmable ones get a Reset."
     );
+
     metrics::describe_counter!(
         "ferrite_coap_datagrams_dropped_total",
         "Outgoing CoAP messages that the transport could not take, by reason."
     );
+
     metrics::describe_counter!(
         "ferrite_coap_responses_total",
         "CoAP responses sent, by response code."
     );
+
     metrics::describe_counter!(
         "ferrite_coap_requests_rejected_total",
         "CoAP requests answered with an error response, by reason."
     );
+
     metrics::describe_counter!(
         "ferrite_coap_duplicates_total",
         "Duplicate CoAP requests answered from the exchange cache, by message type."
     );
+
     metrics::describe_counter!(
         "ferrite_coap_exchanges_evicted_total",
         "Exchanges forgotten before EXCHANGE_LIFETIME because coap.max_exchanges was reached."
     );
+
     metrics::describe_counter!(
         "ferrite_coap_retransmissions_total",
         "Confirmable messages sent again because no ACK arrived."
     );
+
     metrics::describe_counter!(
         "ferrite_coap_confirmable_failures_total",
         "Confirmable messages that got a Reset or no ACK after every retransmission, by outcome."
     );
+
     metrics::describe_counter!(
         "ferrite_coap_block_transfers_abandoned_total",
         "Block-wise uploads dropped before their last block, by reason."
     );
+
     metrics::describe_counter!(
         "ferrite_coap_observers_total",
         "Changes of the CoAP observer lists, by event."
     );
+
     for name in [
         "ferrite_coap_datagrams_received_total",
         "ferrite_coap_retransmissions_total",

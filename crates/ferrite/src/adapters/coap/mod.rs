@@ -19,8 +19,8 @@
 //!   can yield mixed blocks.
 //! - NOTE: notifications are never cut into blocks; a notification larger
 //!   than one datagram is sent whole.
-//! - The Accept option and ETags of requests are ignored; responses are
-//!   JSON.
+//! - ETags of requests are ignored. Responses are JSON, so a GET with
+//!   another Accept gets 4.06.
 //!
 //! ## Shutdown
 //! [`serve`] stops reading when its token is cancelled, stops

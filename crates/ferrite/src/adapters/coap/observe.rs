@@ -13,11 +13,14 @@
 //! notification, or when a Confirmable notification gets no ACK after
 //! every retransmission. RPC notifications are always Confirmable;
 //! attribute notifications are Confirmable every [`CONFIRMABLE_EVERY`]
-//! notifications, so that a dead observer is found (RFC 7641 section 4.5).
+//! notifications and when the last Confirmable one is older than
+//! [`CONFIRMABLE_INTERVAL`], so that a dead observer is found (RFC 7641
+//! section 4.5 requires one at least every 24 hours).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use parking_lot::Mutex;
@@ -30,6 +33,8 @@ use crate::ids::DeviceId;
 /// Attribute notifications sent as Non-confirmable between two
 /// Confirmable ones.
 pub const CONFIRMABLE_EVERY: u32 = 10;
+/// Maximum time between two Confirmable notifications of one observer.
+pub const CONFIRMABLE_INTERVAL: Duration = Duration::from_secs(24 * 3600);
 /// Observe sequence numbers are 24-bit (RFC 7641 section 3.4).
 const SEQUENCE_MASK: u32 = 0x00ff_ffff;
 /// Topic suffix of shared attribute updates.
@@ -61,6 +66,8 @@ struct Observer {
     sequence: u32,
     /// Non-confirmable notifications since the last Confirmable one.
     since_confirmable: u32,
+    /// Time of the last Confirmable notification, or of the registration.
+    last_confirmable: Instant,
 }
 
 /// Observers by device and resource.
@@ -92,6 +99,8 @@ impl Observers {
         let list = lists.entry((device_id, resource)).or_default();
         let weak = Arc::downgrade(endpoint);
         list.retain(|observer| observer.endpoint.strong_count() > 0);
+
+        // A new registration from the same client replaces the old one.
         if let Some(existing) = list
             .iter_mut()
             .find(|observer| observer.peer == peer && Weak::ptr_eq(&observer.endpoint, &weak))
@@ -101,10 +110,12 @@ impl Observers {
             events::observer("registered");
             return Some(existing.sequence);
         }
+
         if list.len() >= self.max_per_device {
             events::observer("limit");
             return None;
         }
+
         // Sequence numbers start above the Observe values 0 and 1 of
         // requests, which makes responses easy to tell apart in traces.
         let sequence = 2;
@@ -114,6 +125,7 @@ impl Observers {
             token,
             sequence,
             since_confirmable: 0,
+            last_confirmable: Instant::now(),
         });
         events::observer("registered");
         Some(sequence)
@@ -181,6 +193,7 @@ impl Observers {
         resource: Resource,
         payload: &Bytes,
     ) -> Vec<Notification> {
+        let now = Instant::now();
         let mut lists = self.lists.lock();
         let Some(list) = lists.get_mut(&(device_id, resource)) else {
             return Vec::new();
@@ -190,12 +203,14 @@ impl Observers {
                 let endpoint = observer.endpoint.upgrade()?;
                 observer.sequence = (observer.sequence + 1) & SEQUENCE_MASK;
                 let confirmable = resource == Resource::Rpc
-                    || observer.since_confirmable + 1 >= CONFIRMABLE_EVERY;
-                observer.since_confirmable = if confirmable {
-                    0
+                    || observer.since_confirmable + 1 >= CONFIRMABLE_EVERY
+                    || now.duration_since(observer.last_confirmable) >= CONFIRMABLE_INTERVAL;
+                if confirmable {
+                    observer.since_confirmable = 0;
+                    observer.last_confirmable = now;
                 } else {
-                    observer.since_confirmable + 1
-                };
+                    observer.since_confirmable += 1;
+                }
                 Some(Notification {
                     endpoint,
                     peer: observer.peer,

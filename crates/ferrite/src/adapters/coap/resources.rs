@@ -24,6 +24,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use coap_lite::{CoapOption, ObserveOption, Packet, RequestType, ResponseType};
+use tracing::Instrument;
 
 use super::blockwise::{BlockOutcome, TransferKey};
 use super::endpoint::Endpoint;
@@ -146,17 +147,18 @@ async fn serve_request(
     let token = path_token.or_else(|| message::query_value(&request.packet, "token"));
     let device = authenticate(&request, token.as_deref()).await?;
     let span = tracing::debug_span!("coap_request", %peer, device_id = %device.device_id);
-    let _entered = span.enter();
-
-    match (route, method) {
-        (Route::Telemetry, _) => post_telemetry(&mut request, &device).await,
-        (Route::Attributes, RequestType::Post) => post_attributes(&mut request, &device).await,
-        (Route::Attributes, _) => get_attributes(&request, &device).await,
-        (Route::Rpc, _) => observe_rpc(&request, &device),
-        (Route::RpcResponse(request_id), _) => {
-            post_rpc_response(&mut request, &device, request_id).await
+    let dispatch = async {
+        match (route, method) {
+            (Route::Telemetry, _) => post_telemetry(&mut request, &device).await,
+            (Route::Attributes, RequestType::Post) => post_attributes(&mut request, &device).await,
+            (Route::Attributes, _) => get_attributes(&request, &device).await,
+            (Route::Rpc, _) => observe_rpc(&request, &device),
+            (Route::RpcResponse(request_id), _) => {
+                post_rpc_response(&mut request, &device, request_id).await
+            }
         }
-    }
+    };
+    dispatch.instrument(span).await
 }
 
 /// Step 1: options Ferrite must understand (RFC 7252 section 5.4.1).
@@ -453,12 +455,25 @@ async fn post_attributes(
     Ok(reply)
 }
 
+/// Checks the Accept option of a GET: responses are JSON only.
+fn check_accept(request: &Request<'_>) -> Result<(), CoapError> {
+    let accept = message::uint_option(&request.packet, CoapOption::Accept)
+        .map_err(|()| CoapError::BadRequest("the Accept option is longer than 4 bytes".into()))?;
+    match accept {
+        Some(format) if format != u32::from(content_format::JSON) => {
+            Err(CoapError::NotAcceptable(format))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Shared attributes, with Observe registration or deregistration.
 async fn get_attributes(
     request: &Request<'_>,
     device: &DeviceIdentity,
 ) -> Result<Reply, CoapError> {
     use crate::metadata::MetadataStore;
+    check_accept(request)?;
     let stored = request
         .endpoint
         .context
@@ -478,6 +493,7 @@ async fn get_attributes(
 
 /// RPC requests reach the device only as Observe notifications.
 fn observe_rpc(request: &Request<'_>, device: &DeviceIdentity) -> Result<Reply, CoapError> {
+    check_accept(request)?;
     let observe_option = request.packet.get_observe_value();
     if observe_option.is_none() {
         return Err(CoapError::BadRequest(
