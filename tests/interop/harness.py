@@ -100,6 +100,7 @@ class FerriteServer:
         self.mqtt_port = free_port()
         self.coap_port = free_udp_port()
         self.lorawan_port = free_udp_port()
+        self.coaps_port = free_udp_port()
         self.http_url = f"http://127.0.0.1:{self.http_port}"
         self.process: subprocess.Popen[bytes] | None = None
         self.api = requests.Session()
@@ -158,6 +159,8 @@ class FerriteServer:
                     f"127.0.0.1:{self.coap_port}",
                     "--lorawan-listen",
                     f"127.0.0.1:{self.lorawan_port}",
+                    "--coaps-listen",
+                    f"127.0.0.1:{self.coaps_port}",
                 ],
                 stdin=subprocess.DEVNULL,
                 stdout=log,

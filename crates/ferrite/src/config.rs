@@ -143,6 +143,69 @@ pub struct CoapConfig {
     /// Observers per device and resource; more registrations are served
     /// without Observe.
     pub max_observers_per_device: usize,
+    pub dtls: CoapDtlsConfig,
+}
+
+/// CoAP over DTLS 1.2 (`coaps://`). The listener starts when `psk` is on or
+/// a server certificate is configured.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CoapDtlsConfig {
+    pub listen: SocketAddr,
+    /// Accepts the PSK cipher suites with the pre-shared keys set through
+    /// `PUT /api/v1/devices/{id}/credentials/psk`.
+    pub psk: bool,
+    /// PEM file with the server certificate (ECDSA) and its chain, for the
+    /// ECDHE-ECDSA cipher suites; needs `key_file`.
+    pub cert_file: Option<PathBuf>,
+    /// PEM file with the private key of `cert_file`.
+    pub key_file: Option<PathBuf>,
+    /// PEM file with the CAs whose client certificates are accepted when
+    /// their subject CN is a device id. Without it, only certificates
+    /// registered on a device are accepted.
+    pub ca_file: Option<PathBuf>,
+    /// Sessions (handshaking or established) beyond this number are not
+    /// started; ClientHellos of new peers are dropped.
+    pub max_sessions: usize,
+    /// Handshakes in progress beyond this number are not started.
+    pub max_handshakes: usize,
+    /// Time a handshake has to finish after the cookie exchange.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// A session that receives nothing for this long is closed.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+}
+
+impl CoapDtlsConfig {
+    /// Returns whether the DTLS listener starts.
+    pub fn enabled(&self) -> bool {
+        self.psk || self.cert_file.is_some()
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.cert_file.is_some() == self.key_file.is_some(),
+            "coap.dtls.cert_file and coap.dtls.key_file must be set together"
+        );
+        anyhow::ensure!(
+            self.ca_file.is_none() || self.cert_file.is_some(),
+            "coap.dtls.ca_file needs coap.dtls.cert_file and key_file, because client certificates are requested only in the certificate cipher suites"
+        );
+        anyhow::ensure!(
+            self.max_sessions > 0,
+            "coap.dtls.max_sessions must be at least 1"
+        );
+        anyhow::ensure!(
+            self.max_handshakes > 0,
+            "coap.dtls.max_handshakes must be at least 1"
+        );
+        anyhow::ensure!(
+            !self.handshake_timeout.is_zero() && !self.idle_timeout.is_zero(),
+            "coap.dtls.handshake_timeout and coap.dtls.idle_timeout must be longer than zero"
+        );
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -646,6 +709,23 @@ impl Default for CoapConfig {
             max_block_transfers_per_peer: 4,
             max_block_bytes: 64 * 1024 * 1024,
             max_observers_per_device: 4,
+            dtls: CoapDtlsConfig::default(),
+        }
+    }
+}
+
+impl Default for CoapDtlsConfig {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:5684".parse().expect("valid literal address"),
+            psk: true,
+            cert_file: None,
+            key_file: None,
+            ca_file: None,
+            max_sessions: 10_000,
+            max_handshakes: 1000,
+            handshake_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(600),
         }
     }
 }
@@ -749,9 +829,10 @@ impl Default for ActionsMqttConfig {
 /// as the variable prefix and the path of tables. A nested section comes
 /// before its parent, so that `FERRITE_ACTIONS_MQTT_URL` sets
 /// `actions.mqtt.url` rather than `actions.mqtt_url`.
-const SECTIONS: [(&str, &[&str]); 13] = [
+const SECTIONS: [(&str, &[&str]); 14] = [
     ("http", &["http"]),
     ("mqtt", &["mqtt"]),
+    ("coap_dtls", &["coap", "dtls"]),
     ("coap", &["coap"]),
     ("lorawan", &["lorawan"]),
     ("ingest_nats", &["ingest", "nats"]),
@@ -938,6 +1019,7 @@ impl Config {
             self.websocket.max_outgoing_messages > 0,
             "websocket.max_outgoing_messages must be at least 1"
         );
+        self.coap.dtls.validate()?;
         Ok(())
     }
 }
@@ -1039,6 +1121,26 @@ max_block_transfers_per_peer = 4
 max_block_bytes = 67108864
 # Observers per device and resource; more are served without Observe.
 max_observers_per_device = 4
+
+[coap.dtls]
+# CoAP over DTLS 1.2 (coaps://). Runs when psk is on or cert_file is set.
+# Environment: FERRITE_COAPS_LISTEN; flag: --coaps-listen.
+listen = "0.0.0.0:5684"
+# PSK cipher suites with the keys set per device through the API.
+psk = true
+# Server certificate chain and key (PEM, ECDSA) for ECDHE-ECDSA suites.
+# cert_file = "/etc/ferrite/coaps-cert.pem"
+# key_file = "/etc/ferrite/coaps-key.pem"
+# CAs of client certificates whose subject CN is a device id. Without it,
+# only certificates registered on a device are accepted.
+# ca_file = "/etc/ferrite/device-ca.pem"
+# Sessions and handshakes in progress; new peers beyond them are dropped.
+max_sessions = 10000
+max_handshakes = 1000
+# Time a handshake has to finish after the cookie exchange.
+handshake_timeout = "30s"
+# A session that receives nothing for this long is closed.
+idle_timeout = "10m"
 
 [lorawan]
 # Semtech UDP packet forwarder protocol from LoRaWAN gateways.

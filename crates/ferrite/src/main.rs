@@ -100,6 +100,9 @@ struct ServeArgs {
     /// UDP address of the LoRaWAN listener (Semtech packet forwarder protocol) [default: 0.0.0.0:1700].
     #[arg(long, env = "FERRITE_LORAWAN_LISTEN", value_parser = parse_listen)]
     lorawan_listen: Option<SocketAddr>,
+    /// Address of the CoAP over DTLS listener [default: 0.0.0.0:5684].
+    #[arg(long, env = "FERRITE_COAPS_LISTEN", value_parser = parse_listen)]
+    coaps_listen: Option<SocketAddr>,
     /// Also start a simulated fleet of devices that publish over MQTT and HTTP.
     #[arg(long)]
     demo: bool,
@@ -250,6 +253,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             if let Some(listen) = args.lorawan_listen {
                 config.lorawan.listen = listen;
+            }
+            if let Some(listen) = args.coaps_listen {
+                config.coap.dtls.listen = listen;
             }
             config.validate()?;
             init_logging(&config);

@@ -63,6 +63,9 @@ pub struct AppState {
     pub actions: Actions,
     /// Seals and opens secrets stored in the metadata database.
     pub master_key: Arc<crate::encryption::MasterKey>,
+    /// DTLS credentials of the devices, mirrored for the DTLS listener; the
+    /// credentials API updates it.
+    pub dtls_credentials: Arc<crate::auth::dtls::DtlsCredentials>,
 }
 
 impl AppState {
@@ -99,6 +102,8 @@ pub struct ServerAddrs {
     pub mqtt: SocketAddr,
     pub coap: SocketAddr,
     pub lorawan: SocketAddr,
+    /// The CoAP over DTLS listener, unless DTLS is off.
+    pub coaps: Option<SocketAddr>,
 }
 
 async fn bind(addr: SocketAddr, what: &str, setting: &str) -> anyhow::Result<TcpListener> {
@@ -129,11 +134,19 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
             )
         })?;
     let lorawan_socket = adapters::lorawan::bind(config.lorawan.listen).await?;
+    let coaps_socket = match config.coap.dtls.enabled() {
+        true => Some(adapters::coap::dtls::bind_socket(config.coap.dtls.listen).await?),
+        false => None,
+    };
     let addrs = ServerAddrs {
         http: http_listener.local_addr()?,
         mqtt: mqtt_listener.local_addr()?,
         coap: coap_socket.local_addr()?,
         lorawan: lorawan_socket.local_addr()?,
+        coaps: coaps_socket
+            .as_ref()
+            .map(tokio::net::UdpSocket::local_addr)
+            .transpose()?,
     };
 
     std::fs::create_dir_all(&config.data_dir).with_context(|| {
@@ -154,6 +167,22 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
         config.auth.access_token_ttl,
     )?);
     let master_key = Arc::new(crate::encryption::MasterKey::load(&config.data_dir)?);
+    let dtls_credentials = Arc::new(crate::auth::dtls::DtlsCredentials::default());
+    let coaps_listener = match coaps_socket {
+        Some(socket) => {
+            dtls_credentials
+                .reload(&metadata)
+                .await
+                .context("cannot load the devices' DTLS credentials")?;
+            Some(adapters::coap::dtls::DtlsListener::new(
+                socket,
+                &config.coap.dtls,
+                dtls_credentials.clone(),
+                master_key.clone(),
+            )?)
+        }
+        None => None,
+    };
 
     let store_dir = config.data_dir.join("tsdb");
     let storage_config = config.storage.clone();
@@ -260,6 +289,7 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
         )),
         actions: actions.clone(),
         master_key: master_key.clone(),
+        dtls_credentials,
     });
 
     let last_seen_task = tokio::spawn(sync_device_status(state.clone(), shutdown.clone()));
@@ -276,8 +306,22 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
         mqtt_router.clone(),
     );
     let mqtt_task = tokio::spawn(adapters::mqtt::serve(mqtt_listener, mqtt_server));
-    // A DTLS listener shares `coap_context`, and with it the observers
+    // The DTLS listener shares `coap_context`, and with it the observers
     // that the router delivers to.
+    let coaps_task = coaps_listener.map(|listener| {
+        let mode = match (listener.psk_enabled(), listener.certificates_enabled()) {
+            (true, true) => "PSK and certificates",
+            (true, false) => "PSK",
+            _ => "certificates",
+        };
+        tracing::info!(addr = ?addrs.coaps, mode, "CoAP listening (DTLS)");
+        tokio::spawn(adapters::coap::dtls::serve(
+            listener,
+            coap_context.clone(),
+            metadata.clone(),
+            shutdown.clone(),
+        ))
+    });
     let coap_task = tokio::spawn(adapters::coap::serve(
         coap_socket,
         coap_context.clone(),
@@ -318,6 +362,9 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
     let _ = mqtt_task.await;
     let _ = coap_task.await;
     let _ = lorawan_task.await;
+    if let Some(task) = coaps_task {
+        let _ = task.await;
+    }
     log_control.shutdown().await;
     tokio::task::spawn_blocking(move || pipeline.finish()).await?;
     // The workers are gone, so the alarm manager's queue has closed.

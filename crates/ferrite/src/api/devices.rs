@@ -299,6 +299,7 @@ pub async fn delete(
         .delete_device(principal.tenant_id, id)
         .await?;
     state.auth.forget_device(id);
+    state.dtls_credentials.forget_device(id);
     state.directory.forget_device(id);
     state.forget_device_name(principal.tenant_id, &device.name);
     tracing::info!(device_id = %id, by = %principal.subject, "device deleted");

@@ -1072,6 +1072,7 @@ mod tests {
             mqtt_router,
             actions,
             master_key: Arc::new(crate::encryption::MasterKey::from_bytes(&[1; 32])),
+            dtls_credentials: Default::default(),
         });
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("address");

@@ -7,6 +7,7 @@ mod actions;
 mod alarms;
 mod buckets;
 mod commands;
+mod credentials;
 mod dead_letters;
 pub mod devices;
 pub mod error;
@@ -74,6 +75,20 @@ pub fn router() -> Router<Arc<AppState>> {
         .route("/api/v1/alarms/{id}/ack", post(alarms::acknowledge))
         .route("/api/v1/alarms/{id}/clear", post(alarms::clear))
         .route("/api/v1/devices/{id}/token", post(devices::rotate_token))
+        .route(
+            "/api/v1/devices/{id}/credentials/psk",
+            get(credentials::get_psk)
+                .put(credentials::set_psk)
+                .delete(credentials::delete_psk),
+        )
+        .route(
+            "/api/v1/devices/{id}/credentials/certificates",
+            get(credentials::list_certificates).post(credentials::add_certificate),
+        )
+        .route(
+            "/api/v1/devices/{id}/credentials/certificates/{fingerprint}",
+            axum::routing::delete(credentials::delete_certificate),
+        )
         .route("/api/v1/devices/{id}/commands", post(commands::send))
         .route(
             "/api/v1/devices/{id}/telemetry/latest",

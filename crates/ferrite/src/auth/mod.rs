@@ -12,6 +12,7 @@
 //! process; a token revoked by another process stops working after at most
 //! [`DEVICE_CACHE_TTL`].
 
+pub mod dtls;
 mod secrets;
 
 use std::collections::HashMap;

@@ -12,6 +12,7 @@
 //! the server runs. Migrations live in `migrations/` and run at open.
 
 pub mod alarms;
+pub mod credentials;
 pub mod dead_letters;
 pub mod lorawan;
 pub mod mqtt_retained;

@@ -4,6 +4,7 @@
 pub mod actions;
 mod cases;
 mod coap;
+mod coap_dtls;
 mod durability;
 mod export;
 mod fleet;

@@ -18,6 +18,8 @@ pub struct Server {
     pub mqtt_addr: SocketAddr,
     /// The CoAP listener (UDP).
     pub coap_addr: SocketAddr,
+    /// The CoAP over DTLS listener (UDP).
+    pub coaps_addr: SocketAddr,
     pub http_addr: SocketAddr,
     /// UDP address of the LoRaWAN listener (Semtech packet forwarder).
     pub lorawan_addr: SocketAddr,
@@ -114,6 +116,7 @@ impl Server {
         let mut server = Server {
             mqtt_addr: "127.0.0.1:0".parse().unwrap(),
             coap_addr: "127.0.0.1:0".parse().unwrap(),
+            coaps_addr: "127.0.0.1:0".parse().unwrap(),
             http_addr: "127.0.0.1:0".parse().unwrap(),
             lorawan_addr: "127.0.0.1:0".parse().unwrap(),
             http_url: String::new(),
@@ -133,6 +136,7 @@ impl Server {
             let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
             let coap: SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse().unwrap();
             let lorawan: SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse().unwrap();
+            let coaps: SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse().unwrap();
             let mut command = Command::new(BINARY);
             command
                 .arg("serve")
@@ -146,6 +150,8 @@ impl Server {
                 .arg(coap.to_string())
                 .arg("--lorawan-listen")
                 .arg(lorawan.to_string())
+                .arg("--coaps-listen")
+                .arg(coaps.to_string())
                 .env("RUST_LOG", "warn")
                 .stdout(Stdio::null())
                 .stderr(Stdio::inherit());
@@ -155,6 +161,7 @@ impl Server {
             let mut child = command.spawn().expect("start ferrite serve");
             self.mqtt_addr = mqtt;
             self.coap_addr = coap;
+            self.coaps_addr = coaps;
             self.http_addr = http;
             self.lorawan_addr = lorawan;
             self.http_url = format!("http://{http}");

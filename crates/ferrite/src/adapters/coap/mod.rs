@@ -5,7 +5,7 @@
 //! ## Layout
 //! - `message.rs`: the wire format on top of `coap-lite` (no I/O).
 //! - `transport.rs`: the seam between the message layer and a transport,
-//!   plain UDP here ([`serve`]) or DTLS.
+//!   plain UDP here ([`serve`]) or DTLS (`dtls/`, [`dtls::serve`]).
 //! - `endpoint.rs`: the message layer of one transport (Reset, duplicate
 //!   detection, piggybacked and separate responses, retransmission).
 //! - `resources.rs`: paths, authentication, payloads and the ingest log.
@@ -28,6 +28,7 @@
 //! once) and returns.
 
 mod blockwise;
+pub mod dtls;
 mod endpoint;
 mod error;
 mod events;
@@ -35,8 +36,6 @@ mod exchange;
 mod message;
 mod observe;
 mod resources;
-// TODO: drop the allow once the DTLS listener constructs PeerAuth::Device.
-#[allow(dead_code)]
 pub mod transport;
 
 use std::net::SocketAddr;

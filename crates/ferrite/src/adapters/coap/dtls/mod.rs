@@ -1,0 +1,438 @@
+//! CoAP over DTLS 1.2 (`coaps://`, RFC 7252 §9.1) on one UDP socket, with
+//! OpenSSL through the `openssl` crate.
+//!
+//! ## How a datagram is handled
+//! - From a peer with a session: queued to that session's task
+//!   (`session.rs`), which owns an `SslStream` over an in-memory datagram
+//!   pipe, decrypts, and passes each message to the [`DatagramHandler`]
+//!   (the CoAP endpoint) with the device that the handshake authenticated.
+//! - From a peer without a session: only a ClientHello in epoch 0 is
+//!   considered (`record.rs`); anything else is dropped and counted. The
+//!   ClientHello goes through OpenSSL's stateless cookie exchange
+//!   (RFC 6347 §4.2.1, `context.rs`): without a valid cookie the peer gets a
+//!   HelloVerifyRequest, which is not larger than the ClientHello, and
+//!   nothing is kept. With a valid cookie a session task starts.
+//! - Replies go through [`DtlsSink`], which queues them to the peer's
+//!   session without waiting. A reply is dropped and counted when the
+//!   queue is full or the peer has no established session.
+//!
+//! ## Authentication
+//! - PSK suites: the PSK identity is looked up in
+//!   [`crate::auth::dtls::DtlsCredentials`]; an unknown identity ends the
+//!   handshake with `unknown_psk_identity`.
+//! - ECDHE-ECDSA suites (when `cert_file` is set): the client must send a
+//!   certificate. A certificate whose SHA-256 fingerprint is registered on a
+//!   device authenticates that device, whoever issued it. Otherwise the
+//!   certificate must chain to `ca_file`, and its subject CN must be the id
+//!   (UUID) of a device of any tenant. The CN is the device id rather than
+//!   the name because names are unique only within a tenant.
+//!
+//! ## Limits
+//! `max_sessions` and `max_handshakes` bound the state kept; ClientHellos
+//! of new peers beyond them are dropped. A handshake has `handshake_timeout`
+//! to finish, during which OpenSSL retransmits its flights with a doubling
+//! timer. A session that receives nothing for `idle_timeout` is closed with
+//! close_notify.
+//!
+//! NOTE: there is no limit per source address. One host that completes the
+//! cookie exchange from many ports can hold every handshake slot for
+//! `handshake_timeout`, and new peers are dropped meanwhile.
+//!
+//! ## What it leaves out
+//! - NOTE: no session resumption and no connection IDs (RFC 9146): a peer
+//!   whose address changes (NAT rebinding) needs a new handshake.
+//! - Deleting or replacing a device's credentials, or deleting the device,
+//!   stops new handshakes at once. An established session notices it at
+//!   its first message after [`RECHECK_INTERVAL`] since the last check and
+//!   ends with close_notify.
+//!
+//! ## Shutdown
+//! [`DtlsListener::serve`] stops reading when its token is cancelled. Each
+//! session then sends close_notify and ends; `serve` returns when every
+//! session task has ended.
+
+mod context;
+mod events;
+mod record;
+mod session;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+
+use anyhow::Context;
+use bytes::Bytes;
+use parking_lot::Mutex;
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+pub use context::fingerprint;
+use context::{DtlsContext, ListenOutcome};
+use record::FirstRecord;
+
+use super::transport::{DatagramSink, PeerAuth};
+use super::{CoapContext, Endpoint};
+use crate::auth::dtls::DtlsCredentials;
+use crate::config::CoapDtlsConfig;
+use crate::encryption::MasterKey;
+use crate::metadata::SqliteMetadata;
+use crate::warn_limit::WarnLimiter;
+
+/// Datagrams and replies queued for one session. A peer that sends faster
+/// than its session decrypts loses datagrams, which CoAP retransmits.
+const SESSION_QUEUE: usize = 64;
+/// Time after which a session checks again that its credential and device
+/// still exist, the same bound as for cached access tokens.
+pub const RECHECK_INTERVAL: std::time::Duration = crate::auth::DEVICE_CACHE_TTL;
+/// Largest UDP datagram read from the socket.
+const MAX_DATAGRAM: usize = 64 * 1024;
+
+/// Receives the decrypted CoAP messages of DTLS sessions.
+pub trait DatagramHandler: Send + Sync + 'static {
+    /// Handles one message from `peer`, authenticated as `auth`.
+    fn handle(
+        self: Arc<Self>,
+        peer: SocketAddr,
+        datagram: Bytes,
+        auth: PeerAuth,
+    ) -> impl Future<Output = ()> + Send;
+}
+
+/// Input of a session task.
+enum Input {
+    /// A datagram received from the peer.
+    Datagram(Bytes),
+    /// A CoAP message to encrypt and send to the peer.
+    Send(Bytes),
+}
+
+#[derive(Clone)]
+struct SessionHandle {
+    id: u64,
+    inbox: mpsc::Sender<Input>,
+    /// Set when the handshake finished and the device is known.
+    established: Arc<AtomicBool>,
+}
+
+/// The sessions by peer address, shared by the listener, the session tasks
+/// and the sink.
+#[derive(Default)]
+struct Sessions {
+    by_peer: Mutex<HashMap<SocketAddr, SessionHandle>>,
+    next_id: AtomicU64,
+    handshakes: AtomicUsize,
+}
+
+impl Sessions {
+    fn get(&self, peer: SocketAddr) -> Option<SessionHandle> {
+        self.by_peer.lock().get(&peer).cloned()
+    }
+
+    fn len(&self) -> usize {
+        self.by_peer.lock().len()
+    }
+
+    /// Removes the session of `peer` if it is still the one with `id`; a
+    /// newer session of the same peer stays.
+    fn remove(&self, peer: SocketAddr, id: u64) {
+        let mut sessions = self.by_peer.lock();
+        if sessions.get(&peer).is_some_and(|handle| handle.id == id) {
+            sessions.remove(&peer);
+        }
+    }
+
+    fn handshake_finished(&self) {
+        self.handshakes.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Sends CoAP replies over the peers' DTLS sessions.
+pub struct DtlsSink {
+    sessions: Arc<Sessions>,
+}
+
+impl DatagramSink for DtlsSink {
+    fn send(&self, peer: SocketAddr, datagram: Bytes) {
+        let Some(handle) = self.sessions.get(peer) else {
+            events::datagram_dropped("no_session");
+            return;
+        };
+        if !handle.established.load(Ordering::Acquire) {
+            events::datagram_dropped("no_session");
+            return;
+        }
+        if handle.inbox.try_send(Input::Send(datagram)).is_err() {
+            events::datagram_dropped("queue_full");
+        }
+    }
+}
+
+/// State shared by the listener and its session tasks.
+struct Shared<H> {
+    socket: Arc<UdpSocket>,
+    context: DtlsContext,
+    config: CoapDtlsConfig,
+    sessions: Arc<Sessions>,
+    credentials: Arc<DtlsCredentials>,
+    metadata: Arc<SqliteMetadata>,
+    handler: Arc<H>,
+    shutdown: CancellationToken,
+    /// Rate limit of warnings about failed handshakes.
+    failure_warnings: Mutex<WarnLimiter>,
+    /// [`RECHECK_INTERVAL`], shorter in tests.
+    recheck_interval: std::time::Duration,
+}
+
+/// A bound DTLS listener, not yet serving.
+pub struct DtlsListener {
+    socket: Arc<UdpSocket>,
+    context: DtlsContext,
+    config: CoapDtlsConfig,
+    sessions: Arc<Sessions>,
+    credentials: Arc<DtlsCredentials>,
+    recheck_interval: std::time::Duration,
+}
+
+impl DtlsListener {
+    /// Binds the UDP socket and loads the certificates (for tests; the
+    /// server binds first with [`bind_socket`] and builds later).
+    #[cfg(test)]
+    pub async fn bind(
+        config: &CoapDtlsConfig,
+        credentials: Arc<DtlsCredentials>,
+        master_key: Arc<MasterKey>,
+    ) -> anyhow::Result<Self> {
+        let socket = bind_socket(config.listen).await?;
+        Self::new(socket, config, credentials, master_key)
+    }
+
+    /// Builds the listener on a bound socket. Fails with the file name when
+    /// the server certificate, its key or the CA file cannot be loaded.
+    pub fn new(
+        socket: UdpSocket,
+        config: &CoapDtlsConfig,
+        credentials: Arc<DtlsCredentials>,
+        master_key: Arc<MasterKey>,
+    ) -> anyhow::Result<Self> {
+        let context = DtlsContext::build(config, credentials.clone(), master_key)?;
+        Ok(Self {
+            socket: Arc::new(socket),
+            context,
+            config: config.clone(),
+            sessions: Arc::default(),
+            credentials,
+            recheck_interval: RECHECK_INTERVAL,
+        })
+    }
+
+    #[cfg(test)]
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.socket.local_addr()
+    }
+
+    /// Returns whether the ECDHE-ECDSA suites are on (a server certificate
+    /// is set).
+    pub fn certificates_enabled(&self) -> bool {
+        self.context.certificates
+    }
+
+    /// Returns whether the PSK suites are on.
+    pub fn psk_enabled(&self) -> bool {
+        self.config.psk
+    }
+
+    /// Returns the sink through which the handler sends replies.
+    pub fn sink(&self) -> Arc<DtlsSink> {
+        Arc::new(DtlsSink {
+            sessions: self.sessions.clone(),
+        })
+    }
+
+    /// Serves until `shutdown` is cancelled, then waits for every session
+    /// to send close_notify and end.
+    pub async fn serve<H: DatagramHandler>(
+        self,
+        handler: Arc<H>,
+        metadata: Arc<SqliteMetadata>,
+        shutdown: CancellationToken,
+    ) {
+        events::register();
+        let shared = Arc::new(Shared {
+            socket: self.socket,
+            context: self.context,
+            config: self.config,
+            sessions: self.sessions,
+            credentials: self.credentials,
+            metadata,
+            handler,
+            shutdown: shutdown.clone(),
+            failure_warnings: Mutex::new(WarnLimiter::default()),
+            recheck_interval: self.recheck_interval,
+        });
+        let tasks = TaskTracker::new();
+        let mut receive_warnings = WarnLimiter::default();
+        let mut buffer = vec![0u8; MAX_DATAGRAM];
+
+        loop {
+            let received = tokio::select! {
+                () = shutdown.cancelled() => break,
+                received = shared.socket.recv_from(&mut buffer) => received,
+            };
+            let (length, peer) = match received {
+                Ok(received) => received,
+                Err(error) => {
+                    // ICMP errors of earlier sends surface here on some
+                    // systems; the socket stays usable.
+                    if let Some(suppressed) = receive_warnings.allow(std::time::Instant::now()) {
+                        tracing::warn!(%error, suppressed, "cannot receive a DTLS datagram; continuing");
+                    }
+                    continue;
+                }
+            };
+            let datagram = Bytes::copy_from_slice(&buffer[..length]);
+            dispatch(&shared, &tasks, peer, datagram);
+        }
+
+        tracing::info!("DTLS listener closed; closing sessions");
+        tasks.close();
+        tasks.wait().await;
+        tracing::info!("DTLS listener stopped");
+    }
+}
+
+/// Binds the DTLS listener's UDP socket, with a hint on the settings when
+/// the address is taken.
+pub async fn bind_socket(listen: SocketAddr) -> anyhow::Result<UdpSocket> {
+    UdpSocket::bind(listen).await.with_context(|| {
+        format!(
+            "cannot listen for CoAP over DTLS on UDP {listen}; choose another address with --coaps-listen, FERRITE_COAPS_LISTEN or coap.dtls.listen"
+        )
+    })
+}
+
+impl DatagramHandler for Endpoint {
+    async fn handle(self: Arc<Self>, peer: SocketAddr, datagram: Bytes, auth: PeerAuth) {
+        self.handle_datagram(peer, datagram, auth).await;
+    }
+}
+
+/// Serves CoAP over DTLS until `shutdown` is cancelled: one CoAP endpoint
+/// whose replies go through the listener's sessions.
+pub async fn serve(
+    listener: DtlsListener,
+    context: Arc<CoapContext>,
+    metadata: Arc<SqliteMetadata>,
+    shutdown: CancellationToken,
+) {
+    let endpoint = Endpoint::new(context, listener.sink());
+    listener.serve(endpoint.clone(), metadata, shutdown).await;
+    endpoint.close().await;
+}
+
+/// Routes one received datagram: to the peer's session, or through the
+/// cookie exchange when it may start one.
+fn dispatch<H: DatagramHandler>(
+    shared: &Arc<Shared<H>>,
+    tasks: &TaskTracker,
+    peer: SocketAddr,
+    datagram: Bytes,
+) {
+    let existing = shared.sessions.get(peer);
+    let first_record = record::classify(&datagram);
+    if let Some(handle) = &existing {
+        // A ClientHello in epoch 0 on an established session means that the
+        // peer lost its session, as after a reboot. It goes through the
+        // cookie exchange and replaces the old session only once the cookie
+        // is valid (RFC 6347 §4.2.8).
+        let restart =
+            first_record == FirstRecord::ClientHello && handle.established.load(Ordering::Acquire);
+        if !restart {
+            if handle.inbox.try_send(Input::Datagram(datagram)).is_err() {
+                events::datagram_dropped("queue_full");
+            }
+            return;
+        }
+    }
+
+    match first_record {
+        FirstRecord::ClientHello => {}
+        FirstRecord::OtherRecord => {
+            events::datagram_dropped("unknown_peer");
+            return;
+        }
+        FirstRecord::Invalid => {
+            events::datagram_dropped("invalid");
+            return;
+        }
+    }
+    if existing.is_none() && shared.sessions.len() >= shared.config.max_sessions {
+        events::datagram_dropped("max_sessions");
+        return;
+    }
+    if shared.sessions.handshakes.load(Ordering::Acquire) >= shared.config.max_handshakes {
+        events::datagram_dropped("max_handshakes");
+        return;
+    }
+
+    let stream = match shared.context.listen(peer, datagram) {
+        Ok(ListenOutcome::Accepted(stream)) => stream,
+        Ok(ListenOutcome::VerifyRequested(replies)) => {
+            events::hello_verify_request_sent();
+            for reply in replies {
+                if shared.socket.try_send_to(&reply, peer).is_err() {
+                    events::datagram_dropped("send_failed");
+                }
+            }
+            return;
+        }
+        Ok(ListenOutcome::Dropped) => {
+            events::datagram_dropped("invalid");
+            return;
+        }
+        Err(error) => {
+            tracing::warn!(%peer, %error, "cannot start a DTLS cookie exchange");
+            return;
+        }
+    };
+    start_session(shared, tasks, peer, *stream);
+}
+
+fn start_session<H: DatagramHandler>(
+    shared: &Arc<Shared<H>>,
+    tasks: &TaskTracker,
+    peer: SocketAddr,
+    stream: openssl::ssl::SslStream<context::DatagramPipe>,
+) {
+    let (sender, inbox) = mpsc::channel(SESSION_QUEUE);
+    let id = shared.sessions.next_id.fetch_add(1, Ordering::Relaxed);
+    let handle = SessionHandle {
+        id,
+        inbox: sender,
+        established: Arc::new(AtomicBool::new(false)),
+    };
+    // Replacing the handle drops the old session's only sender, which ends
+    // its task with the reason "replaced".
+    shared.sessions.by_peer.lock().insert(peer, handle);
+    shared.sessions.handshakes.fetch_add(1, Ordering::AcqRel);
+    events::session_started();
+
+    let session = session::Session {
+        peer,
+        id,
+        stream,
+        inbox,
+        shared: shared.clone(),
+    };
+    // At error level, so that the peer stays on the session's warnings
+    // whatever log level is configured.
+    let span = tracing::error_span!("dtls_session", %peer);
+    tasks.spawn(session.run().instrument(span));
+}
+
+#[cfg(test)]
+mod tests;
