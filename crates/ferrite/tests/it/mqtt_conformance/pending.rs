@@ -296,7 +296,6 @@ fn retain_handling(lane: &Lane, v: Version) -> Vec<Row> {
 }
 
 #[tokio::test]
-#[ignore = "needs retained messages"]
 async fn mqtt_3_1_1_retained_3_3_1_5_to_12_and_3_1_2_7_and_17() {
     for build in [
         retained_stored as fn(&Lane, Version) -> Vec<Row>,
@@ -312,7 +311,6 @@ async fn mqtt_3_1_1_retained_3_3_1_5_to_12_and_3_1_2_7_and_17() {
 }
 
 #[tokio::test]
-#[ignore = "needs retained messages"]
 async fn mqtt_5_retained_3_3_1_5_to_13_and_3_1_2_15_and_3_8_4_4() {
     for build in [
         retained_stored as fn(&Lane, Version) -> Vec<Row>,
@@ -421,14 +419,12 @@ fn pubrel_order(lane: &Lane, v: Version) -> Vec<Row> {
 }
 
 #[tokio::test]
-#[ignore = "needs outgoing QoS 2"]
 async fn mqtt_3_1_1_outgoing_qos2_4_3_3_1_and_4_6_0_4() {
     run(Version::V311, outgoing_qos2).await;
     run(Version::V311, pubrel_order).await;
 }
 
 #[tokio::test]
-#[ignore = "needs outgoing QoS 2"]
 async fn mqtt_5_outgoing_qos2_4_3_3_1_to_6_and_4_6_0_4_and_3_6_2_1() {
     run(Version::V5, outgoing_qos2).await;
     run(Version::V5, pubrel_order).await;
@@ -540,13 +536,11 @@ fn outbound_aliases(lane: &Lane, v: Version) -> Vec<Row> {
 }
 
 #[tokio::test]
-#[ignore = "needs topic aliases"]
 async fn mqtt_5_topic_aliases_3_3_2_7_and_3_3_2_12() {
     run(Version::V5, inbound_aliases).await;
 }
 
 #[tokio::test]
-#[ignore = "needs topic aliases"]
 async fn mqtt_5_topic_aliases_3_1_2_26_and_3_3_2_11() {
     run(Version::V5, outbound_aliases).await;
 }
@@ -678,7 +672,6 @@ fn shared(lane: &Lane, v: Version) -> Vec<Row> {
 }
 
 #[tokio::test]
-#[ignore = "needs shared subscriptions"]
 async fn mqtt_5_shared_subscriptions_4_8_2_1_to_3_and_6_and_3_8_3_4() {
     run(Version::V5, shared).await;
 }
@@ -753,7 +746,6 @@ fn expiry(lane: &Lane, v: Version) -> Vec<Row> {
 }
 
 #[tokio::test]
-#[ignore = "needs message expiry"]
 async fn mqtt_5_message_expiry_3_3_2_5_and_3_3_2_6() {
     run(Version::V5, expiry).await;
 }
@@ -904,13 +896,11 @@ fn properties_forwarded(lane: &Lane, v: Version) -> Vec<Row> {
 }
 
 #[tokio::test]
-#[ignore = "needs request/response"]
 async fn mqtt_5_request_response_3_3_2_15_and_3_3_2_16() {
     run(Version::V5, request_response).await;
 }
 
 #[tokio::test]
-#[ignore = "needs PUBLISH properties forwarded to subscribers"]
 async fn mqtt_5_properties_forwarded_3_3_2_4_17_18_20_and_3_1_3_10() {
     run(Version::V5, properties_forwarded).await;
 }
