@@ -459,6 +459,7 @@ pub mod property {
     pub const TOPIC_ALIAS_MAXIMUM: u8 = 0x22;
     pub const TOPIC_ALIAS: u8 = 0x23;
     pub const MAXIMUM_QOS: u8 = 0x24;
+    pub const RETAIN_AVAILABLE: u8 = 0x25;
     pub const USER_PROPERTY: u8 = 0x26;
     pub const MAXIMUM_PACKET_SIZE: u8 = 0x27;
     pub const SUBSCRIPTION_IDENTIFIER_AVAILABLE: u8 = 0x29;

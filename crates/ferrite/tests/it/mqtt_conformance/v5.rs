@@ -5,8 +5,8 @@
 //! 0x84 Unsupported Protocol Version, 0x86 Bad User Name or Password,
 //! 0x8C Bad Authentication Method, 0x8E Session Taken Over, 0x92 Packet
 //! Identifier Not Found, 0x94 Topic Alias Invalid, 0x95 Packet Too Large,
-//! 0x99 Payload Format Invalid, 0x9A Retain Not Supported, 0xA1
-//! Subscription Identifiers Not Supported.
+//! 0x99 Payload Format Invalid, 0xA1 Subscription Identifiers Not
+//! Supported.
 
 use std::time::Duration;
 
@@ -575,12 +575,23 @@ fn connack_rows(lane: &Lane, v: Version) -> Vec<Row> {
             case: "will QoS 2 is accepted",
             steps: connected(1, &connect().with_will(will_qos_2)),
         },
-        connect_refused(
-            "MQTT-3.2.2-13",
-            "retained will gets 0x9A while retain is not supported",
-            connect().with_will(will_retain).bytes(),
-            0x9A,
-        ),
+        Row {
+            id: "MQTT-3.2.2-13",
+            case: "retained will is accepted",
+            steps: vec![
+                Step::Open(1),
+                Step::Send(1, connect().with_will(will_retain).bytes()),
+                Step::Expect(1, expect_connack_where(false, 0, retain_available)),
+                // A normal DISCONNECT drops the will, so nothing is retained.
+                Step::Send(1, disconnect_v5(0, &[])),
+                Step::Expect(1, Expect::Closed),
+            ],
+        },
+        Row {
+            id: "MQTT-3.2.2-14",
+            case: "Retain Available is absent or 1",
+            steps: connack(connect(), retain_available),
+        },
         Row {
             id: "MQTT-3.2.2-16",
             case: "two empty client ids get different ids",
@@ -633,6 +644,15 @@ fn connack_rows(lane: &Lane, v: Version) -> Vec<Row> {
             }),
         },
     ]
+}
+
+/// Checks that CONNACK announces retained messages: Retain Available is
+/// absent, which means 1, or 1.
+fn retain_available(list: &[Property]) -> Result<(), String> {
+    match find_property(list, p::RETAIN_AVAILABLE) {
+        None | Some([1]) => Ok(()),
+        other => Err(format!("expected Retain Available absent or 1, got {other:02x?}")),
+    }
 }
 
 fn session_rows(lane: &Lane, v: Version) -> Vec<Row> {
@@ -1042,6 +1062,34 @@ fn publish_rows(lane: &Lane, v: Version) -> Vec<Row> {
         steps
     };
 
+    // Retain Available is 1, so a PUBLISH with RETAIN 1 is stored and
+    // sent to a later subscriber with RETAIN 1. The row deletes the message
+    // again so that wildcard subscriptions of later rows do not receive it.
+    let retained_topic = "v1/devices/me/retained/14";
+    let mut retained_publish = connected(1, &lane.connect(v));
+    retained_publish.push(Step::Send(
+        1,
+        publish(v, 1, 0x01, retained_topic.as_bytes(), 1, &[], b"kept"),
+    ));
+    retained_publish.push(Step::Expect(1, expect_ack(0x40, 1, 0)));
+    retained_publish.extend(subscribed(v, 2, &lane.connect(v), retained_topic, 0));
+    retained_publish.push(Step::Expect(
+        2,
+        expect_publish_where(v, "the retained message with RETAIN 1", |publish| {
+            if publish.payload == b"kept" && publish.retain {
+                Ok(())
+            } else {
+                Err(format!("expected \"kept\" with RETAIN 1, got {publish:?}"))
+            }
+        }),
+    ));
+    retained_publish.push(Step::Send(
+        1,
+        publish(v, 1, 0x01, retained_topic.as_bytes(), 2, &[], b""),
+    ));
+    retained_publish.push(Step::Expect(1, expect_ack(0x40, 2, 0)));
+    retained_publish.push(Step::Expect(2, expect_publish(v, retained_topic, b"", 0)));
+
     let qos_responses = {
         let mut steps = connected(1, &lane.connect(v));
         steps.push(Step::Send(
@@ -1293,14 +1341,11 @@ fn publish_rows(lane: &Lane, v: Version) -> Vec<Row> {
             publish(v, 3, 0, TELEMETRY.as_bytes(), 1, &[], JSON),
             0x81,
         ),
-        disconnects(
-            lane,
-            v,
-            "MQTT-3.2.2-14",
-            "PUBLISH with RETAIN 1 gets 0x9A while retain is not supported",
-            publish(v, 0, 0x01, TELEMETRY.as_bytes(), 0, &[], JSON),
-            0x9A,
-        ),
+        Row {
+            id: "MQTT-3.2.2-14",
+            case: "PUBLISH with RETAIN 1 is retained",
+            steps: retained_publish,
+        },
         disconnects(
             lane,
             v,
