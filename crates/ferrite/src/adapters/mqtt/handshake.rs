@@ -455,7 +455,7 @@ pub fn success_connack(
         .with_maximum_packet_size(u32::try_from(max_packet_size).unwrap_or(u32::MAX))
         .with_retain_available(true)
         .with_shared_subscription_available(true)
-        .with_subscription_identifier_available(false)
+        .with_subscription_identifier_available(true)
         .with_wildcard_subscription_available(true)
         .with_topic_alias_maximum(TOPIC_ALIAS_MAXIMUM);
     if connected.session_expiry_capped {
