@@ -691,6 +691,28 @@ fn expect_identifiers(v: Version, expected: &[u8]) -> Expect {
     })
 }
 
+/// Expects an MQTT 5 DISCONNECT with `code` whose properties pass `check`.
+fn expect_disconnect_where(
+    code: u8,
+    check: impl Fn(&[Property]) -> Result<(), String> + Send + Sync + 'static,
+) -> Expect {
+    Expect::Packet(
+        "DISCONNECT",
+        Box::new(move |packet| {
+            if packet.first_byte != 0xE0 || packet.body.first() != Some(&code) {
+                return Err(format!(
+                    "expected DISCONNECT 0x{code:02x}, got {packet:02x?}"
+                ));
+            }
+            let (list, read) = read_properties(&packet.body[1..])?;
+            if 1 + read != packet.body.len() {
+                return Err("bytes after the DISCONNECT properties".to_owned());
+            }
+            check(&list)
+        }),
+    )
+}
+
 fn session_rows(lane: &Lane, v: Version) -> Vec<Row> {
     let topic = "v1/devices/me/session";
 
@@ -2156,11 +2178,45 @@ fn disconnect_rows(lane: &Lane, v: Version) -> Vec<Row> {
     ));
     expiry_after_zero.push(Step::Expect(1, Expect::Disconnect(0x82)));
 
+    // A PINGREQ with flags 0001 is malformed, so the server disconnects.
+    let bad_ping = vec![0xC1, 0x00];
+    let mut reason_default = connected(1, &lane.connect(v));
+    reason_default.push(Step::Send(1, bad_ping.clone()));
+    reason_default.push(Step::Expect(
+        1,
+        expect_disconnect_where(0x81, |list| match find_property(list, p::REASON_STRING) {
+            Some(value) if value.len() > 2 => Ok(()),
+            other => Err(format!("expected a Reason String, got {other:02x?}")),
+        }),
+    ));
+    reason_default.push(Step::Expect(1, Expect::Closed));
+
+    let quiet = lane
+        .connect(v)
+        .with_property(prop_u8(p::REQUEST_PROBLEM_INFORMATION, 0));
+    let mut reason_off = connected(1, &quiet);
+    reason_off.push(Step::Send(1, bad_ping));
+    reason_off.push(Step::Expect(
+        1,
+        expect_disconnect_where(0x81, |list| lacks(list, p::REASON_STRING, "Reason String")),
+    ));
+    reason_off.push(Step::Expect(1, Expect::Closed));
+
     vec![
         Row {
             id: "MQTT-3.12.4-1",
             case: "PINGREQ gets PINGRESP",
             steps: ping,
+        },
+        Row {
+            id: "MQTT-3.1.2-29",
+            case: "DISCONNECT carries a Reason String by default",
+            steps: reason_default,
+        },
+        Row {
+            id: "MQTT-3.1.2-29",
+            case: "Request Problem Information 0: DISCONNECT without Reason String",
+            steps: reason_off,
         },
         Row {
             id: "MQTT-3.14.0-1",
