@@ -45,9 +45,9 @@ use crate::ids::{DeviceId, TenantId};
 /// Receivers of a device's messages outside the MQTT sessions, such as
 /// CoAP observers. Delivery must not wait, like delivery to sessions.
 pub trait ExternalReceivers: Send + Sync {
-    /// True when `device_id` can receive messages through these receivers
-    /// now.
-    fn is_reachable(&self, device_id: DeviceId) -> bool;
+    /// Returns the tenant of `device_id` when these receivers can reach it
+    /// now, as the device authenticated when it registered.
+    fn reachable_tenant(&self, device_id: DeviceId) -> Option<TenantId>;
     /// Delivers a message for the topic suffix `suffix` of `device_id`;
     /// returns the number of receivers that got it.
     fn deliver(&self, device_id: DeviceId, suffix: &str, payload: &Bytes) -> usize;
@@ -129,9 +129,17 @@ impl Router {
         self.route(device_id, suffix, &RoutedMessage::plain(payload, qos), None)
     }
 
-    /// True when a connection of `device_id` in `tenant_id` is open. A
-    /// device of another tenant counts as not connected.
+    /// True when a connection of `device_id` in `tenant_id` is open, or an
+    /// external receiver (a CoAP observer) of that device in `tenant_id`
+    /// can reach it. A device of another tenant counts as not connected.
     pub fn is_device_connected_in(&self, device_id: DeviceId, tenant_id: TenantId) -> bool {
+        let external_tenant = self
+            .external
+            .get()
+            .and_then(|external| external.reachable_tenant(device_id));
+        if external_tenant == Some(tenant_id) {
+            return true;
+        }
         let store = self.sessions.lock();
         let Some(clients) = store.by_device.get(&device_id) else {
             return false;
@@ -187,7 +195,7 @@ impl Router {
         if self
             .external
             .get()
-            .is_some_and(|external| external.is_reachable(device_id))
+            .is_some_and(|external| external.reachable_tenant(device_id).is_some())
         {
             return true;
         }
