@@ -290,20 +290,23 @@ impl Connection {
 
     /// Encodes a PUBLISH to the client; returns false when the message was
     /// dropped: larger than the client accepts ([MQTT-3.1.2-25]) or
-    /// expired (MQTT 5 Message Expiry Interval).
+    /// expired before its first sending (MQTT 5 Message Expiry Interval).
+    /// A resend (`dup`) is never dropped for expiry, because onward
+    /// delivery has started ([MQTT-3.3.2-5], [MQTT-4.3.3-7]).
     fn encode_delivery(&mut self, message: &Outgoing, packet_id: Option<u16>, dup: bool) -> bool {
         let remaining_expiry = match message.expires_at {
             Some(expires_at) => {
                 let now = Instant::now();
-                if expires_at <= now {
+                if expires_at <= now && !dup {
                     events::deliveries_dropped("expired", 1);
                     return false;
                 }
                 // The interval sent is the time left, rounded up, so that
-                // a message still valid never carries 0.
-                let left = expires_at - now;
+                // a message still valid never carries 0. A resend after the
+                // expiry carries 1, the smallest interval.
+                let left = expires_at.saturating_duration_since(now);
                 let seconds = left.as_secs() + u64::from(left.subsec_nanos() > 0);
-                Some(u32::try_from(seconds).unwrap_or(u32::MAX))
+                Some(u32::try_from(seconds.max(1)).unwrap_or(u32::MAX))
             }
             None => None,
         };

@@ -729,7 +729,76 @@ fn expiry(lane: &Lane, v: Version) -> Vec<Row> {
         steps.push(Step::Expect(2, expect));
         steps
     };
+    // A QoS 2 PUBLISH sent before its expiry is resent after it: once sent,
+    // the message no longer expires.
+    let qos2_topic = topic("expiry2");
+    let qos2_receiver_id = lane.client_id();
+    let qos2_receiver = Connect::new(v, &qos2_receiver_id, &lane.token)
+        .clean(false)
+        .expiry(60);
+    let mut sent_then_expired = connected(2, &qos2_receiver);
+    sent_then_expired.push(Step::Send(2, subscribe(v, 1, &[(&qos2_topic, 2)])));
+    sent_then_expired.push(Step::Expect(2, expect_sub_ack(v, 0x90, 1, &[2])));
+    sent_then_expired.extend(connected(1, &lane.connect(v)));
+    sent_then_expired.push(Step::Send(
+        1,
+        publish(
+            v,
+            2,
+            0,
+            qos2_topic.as_bytes(),
+            1,
+            &[prop_u32(p::MESSAGE_EXPIRY_INTERVAL, 1)],
+            b"x",
+        ),
+    ));
+    sent_then_expired.push(Step::Expect(1, expect_ack(0x50, 1, 0)));
+    sent_then_expired.push(Step::Send(1, ack(0x62, 1)));
+    sent_then_expired.push(Step::Expect(1, expect_ack(0x70, 1, 0)));
+    // NOTE: the first message of a new session gets packet id 1 from this
+    // server, but any unused id is valid.
+    sent_then_expired.push(Step::Expect(
+        2,
+        expect_publish_where(v, "the first QoS 2 delivery", |publish| {
+            (publish.payload == b"x" && publish.qos == 2 && !publish.dup)
+                .then_some(())
+                .ok_or(format!(
+                    "expected \"x\" at QoS 2 with DUP 0, got {publish:?}"
+                ))
+        }),
+    ));
+    // No PUBREC: the connection drops and the message expires meanwhile.
+    sent_then_expired.push(Step::Close(2));
+    sent_then_expired.push(Step::Pause(Duration::from_millis(1500)));
+    sent_then_expired.push(Step::Open(2));
+    sent_then_expired.push(Step::Send(2, qos2_receiver.bytes()));
+    sent_then_expired.push(Step::Expect(
+        2,
+        Expect::Connack {
+            session_present: true,
+            code: 0,
+        },
+    ));
+    sent_then_expired.push(Step::Expect(
+        2,
+        expect_publish_where(v, "the QoS 2 PUBLISH resent after its expiry", |publish| {
+            (publish.payload == b"x"
+                && publish.qos == 2
+                && publish.dup
+                && publish.packet_id == Some(1))
+            .then_some(())
+            .ok_or(format!(
+                "expected \"x\" resent with DUP 1 and id 1, got {publish:?}"
+            ))
+        }),
+    ));
+
     vec![
+        Row {
+            id: "MQTT-4.3.3-7",
+            case: "sent QoS 2 message is resent after its expiry",
+            steps: sent_then_expired,
+        },
         Row {
             id: "MQTT-3.3.2-5",
             case: "expired message is not delivered",
@@ -756,7 +825,7 @@ fn expiry(lane: &Lane, v: Version) -> Vec<Row> {
 }
 
 #[tokio::test]
-async fn mqtt_5_message_expiry_3_3_2_5_and_3_3_2_6() {
+async fn mqtt_5_message_expiry_3_3_2_5_and_3_3_2_6_and_4_3_3_7() {
     run(Version::V5, expiry).await;
 }
 
