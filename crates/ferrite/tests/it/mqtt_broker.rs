@@ -1,8 +1,8 @@
 //! Broker features of the MQTT server over real sockets: application
 //! clients of a tenant (API key or email and password), their topic tree,
 //! commands with MQTT 5 request/response, forwarded properties, retained
-//! messages, outbound QoS 2, and commands to devices that observe RPC
-//! over CoAP.
+//! messages and outbound QoS 2. Commands also reach devices that observe
+//! RPC over CoAP.
 //!
 //! Statements of the MQTT 5.0 specification each test checks:
 //!

@@ -138,8 +138,8 @@ impl CloseCause {
         }
     }
 
-    /// Reason String of the DISCONNECT sent to MQTT 5 clients. It says what
-    /// the client did or what happened, without internal details.
+    /// Reason String of the DISCONNECT sent to MQTT 5 clients: what the
+    /// client did wrong or what happened, without internal details.
     fn disconnect_reason(&self) -> Option<String> {
         match self {
             Self::ProtocolViolation { detail, .. } => Some(detail.clone()),

@@ -38,9 +38,9 @@
 //!   that request it.
 //! - Retained messages per device namespace and per tenant application
 //!   tree (`retained.rs`), kept in SQLite, with Retain Handling, Retain As
-//!   Published and limits per tenant; Message Expiry Interval on retained
-//!   and queued messages, not applied to a resend of a PUBLISH already
-//!   sent ([MQTT-4.3.3-7]).
+//!   Published and limits per tenant.
+//! - Message Expiry Interval on retained and queued messages. A resend of
+//!   a PUBLISH already sent does not expire ([MQTT-4.3.3-7]).
 //! - Shared subscriptions `$share/{ShareName}/{filter}` (`router.rs`):
 //!   each message goes to one member, round robin among those online.
 //! - MQTT 5 topic aliases from clients, up to 64 per connection; the
