@@ -200,6 +200,7 @@ impl RetainedStore {
                     properties: message.properties.clone(),
                     retain: true,
                     expires_at,
+                    subscription_identifiers: Vec::new(),
                 })
             })
             .collect()
