@@ -4,4 +4,5 @@
 //! `ingest`, nothing else.
 
 pub mod http;
+pub mod lorawan_integrations;
 pub mod mqtt;
