@@ -57,7 +57,6 @@ pub struct AppState {
     /// Runs the actions of alarm rules and records their deliveries.
     pub actions: Actions,
     /// Seals and opens secrets stored in the metadata database.
-    #[allow(dead_code)] // TODO: remove when the LoRaWAN and DTLS adapters use it.
     pub master_key: Arc<crate::encryption::MasterKey>,
 }
 

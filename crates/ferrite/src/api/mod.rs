@@ -12,6 +12,7 @@ pub mod devices;
 pub mod error;
 mod fleet;
 mod live;
+pub mod lorawan;
 pub mod profiles;
 mod telemetry;
 
@@ -98,6 +99,24 @@ pub fn router() -> Router<Arc<AppState>> {
             post(actions::retry),
         )
         .route("/api/v1/actions/test", post(actions::test))
+        .route(
+            "/api/v1/devices/{id}/lorawan",
+            get(lorawan::get_device)
+                .put(lorawan::put_device)
+                .delete(lorawan::delete_device),
+        )
+        .route(
+            "/api/v1/devices/{id}/lorawan/downlinks",
+            get(lorawan::list_downlinks).post(lorawan::queue_downlink),
+        )
+        .route(
+            "/api/v1/lorawan/gateways",
+            get(lorawan::list_gateways).post(lorawan::create_gateway),
+        )
+        .route(
+            "/api/v1/lorawan/gateways/{eui}",
+            axum::routing::delete(lorawan::delete_gateway),
+        )
         // GET /api/v1/live/ws and GET /api/v1/live/sse.
         .merge(live::router())
 }

@@ -8,6 +8,7 @@ mod export;
 mod fleet;
 mod http;
 mod live;
+mod lorawan;
 mod mqtt;
 mod nats;
 mod processing;
