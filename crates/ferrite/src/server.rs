@@ -56,6 +56,8 @@ pub struct AppState {
     pub mqtt_router: adapters::mqtt::Router,
     /// Runs the actions of alarm rules and records their deliveries.
     pub actions: Actions,
+    /// Stores uplinks from ChirpStack and The Things Stack.
+    pub lorawan_integrations: Arc<adapters::lorawan_integrations::IntegrationContext>,
     /// Seals and opens secrets stored in the metadata database.
     pub master_key: Arc<crate::encryption::MasterKey>,
 }
@@ -203,7 +205,14 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
         Err(_) => anyhow::bail!("the ingest log writer stopped during start-up"),
     }
 
+    let lorawan_integrations = Arc::new(adapters::lorawan_integrations::IntegrationContext {
+        metadata: metadata.clone(),
+        ingest: ingest.clone(),
+        seen: seen.clone(),
+        recent: Default::default(),
+    });
     let state = Arc::new(AppState {
+        lorawan_integrations: lorawan_integrations.clone(),
         flush_requests: pipeline.flush_requests(),
         config: config.clone(),
         auth: auth.clone(),
@@ -244,6 +253,8 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
         mqtt_router,
         shutdown.clone(),
     ));
+    let chirpstack_mqtt_tasks =
+        start_chirpstack_mqtt(&config, lorawan_integrations, shutdown.clone())?;
     drop(ingest);
 
     state.ready.store(true, Ordering::Release);
@@ -263,6 +274,9 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
     state.live.close();
     let _ = http_task.await;
     let _ = mqtt_task.await;
+    for task in chirpstack_mqtt_tasks {
+        let _ = task.await;
+    }
     log_control.shutdown().await;
     tokio::task::spawn_blocking(move || pipeline.finish()).await?;
     // The workers are gone, so the alarm manager's queue has closed.
@@ -274,6 +288,32 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
     metadata.close().await;
     tracing::info!("Ferrite stopped");
     Ok(())
+}
+
+/// Starts the client of ChirpStack's MQTT integration when
+/// `lorawan.chirpstack_mqtt.url` is set.
+fn start_chirpstack_mqtt(
+    config: &Config,
+    context: Arc<adapters::lorawan_integrations::IntegrationContext>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    use adapters::lorawan_integrations::{TenantScope, mqtt};
+
+    let settings = &config.lorawan.chirpstack_mqtt;
+    let Some(broker) = settings.broker_address()? else {
+        return Ok(Vec::new());
+    };
+    let scope = match settings.tenant_id()? {
+        Some(tenant) => TenantScope::Only(tenant),
+        None => TenantScope::Any,
+    };
+    Ok(mqtt::start(
+        settings.clone(),
+        broker,
+        scope,
+        context,
+        shutdown,
+    ))
 }
 
 async fn wait_for_signal() {

@@ -1032,7 +1032,15 @@ mod tests {
             .await
             .expect("API key");
 
+        let lorawan_integrations =
+            Arc::new(crate::adapters::lorawan_integrations::IntegrationContext {
+                metadata: metadata.clone(),
+                ingest: ingest.clone(),
+                seen: seen.clone(),
+                recent: Default::default(),
+            });
         let state = Arc::new(AppState {
+            lorawan_integrations,
             config,
             auth,
             metadata,

@@ -9,6 +9,7 @@ mod fleet;
 mod http;
 mod live;
 mod lorawan;
+mod lorawan_integrations;
 mod mqtt;
 mod nats;
 mod processing;

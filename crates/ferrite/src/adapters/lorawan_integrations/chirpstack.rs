@@ -85,7 +85,7 @@ fn parse_rx_info(rx_info: Object<'_>) -> Result<GatewayReception, ParseError> {
     })
 }
 
-/// Reads `txInfo.modulation`, which holds one of `lora`, `fsk` or `lrFhss`.
+/// Reads `txInfo.modulation`, which contains one of `lora`, `fsk` or `lrFhss`.
 fn read_modulation(modulation: &Object<'_>, data_rate: &mut DataRate) -> Result<(), ParseError> {
     if let Some(lora) = modulation.object("lora")? {
         data_rate.modulation = Some("lora");

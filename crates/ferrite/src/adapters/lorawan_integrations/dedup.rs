@@ -4,9 +4,9 @@
 //!
 //! An uplink is identified by its DevEUI, FCnt and a hash of its
 //! FRMPayload, so a device that restarts its frame counter and sends new
-//! data is not taken for a repeat. Entries live for [`WINDOW`]; the table
-//! holds at most [`MAX_ENTRIES`] and drops expired entries when it is full,
-//! then the oldest ones. The table is in memory, so a repeat that arrives
+//! data is not taken for a repeat. Entries live for [`WINDOW`]. The table
+//! contains at most [`MAX_ENTRIES`], and when it is full it drops expired
+//! entries first, then the oldest ones. The table is in memory, so a repeat that arrives
 //! after a restart of Ferrite is stored again.
 
 use std::collections::HashMap;
@@ -38,7 +38,7 @@ enum Entry {
     Stored(Instant),
 }
 
-/// What to do with a delivery.
+/// Decision about one delivery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Claim {
     /// A new uplink: store it, then call [`RecentUplinks::finish`].

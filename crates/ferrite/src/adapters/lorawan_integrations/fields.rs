@@ -23,7 +23,8 @@ pub enum ParseError {
 }
 
 impl ParseError {
-    /// The field path that was missing or invalid, if the body was JSON.
+    /// Returns the field path that was missing or invalid, if the body was
+    /// JSON.
     pub fn field(&self) -> Option<&str> {
         match self {
             ParseError::Syntax(_) => None,

@@ -30,7 +30,7 @@ const OTHER_MESSAGES: [&str; 11] = [
 /// A webhook message: an uplink, or another message type that is ignored.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Message {
-    Uplink(Uplink),
+    Uplink(Box<Uplink>),
     /// A message type that carries no uplink, named by its field.
     Other(&'static str),
 }
@@ -96,7 +96,7 @@ pub fn parse_message(body: &[u8]) -> Result<Message, ParseError> {
     }
     .map(|(nanos, text)| (nanos, text.to_owned()));
 
-    Ok(Message::Uplink(Uplink {
+    Ok(Message::Uplink(Box::new(Uplink {
         network_server: NetworkServer::TheThingsStack,
         dev_eui,
         f_port: uplink_message.unsigned("f_port", 255)?.unwrap_or(0) as u8,
@@ -110,7 +110,7 @@ pub fn parse_message(body: &[u8]) -> Result<Message, ParseError> {
         data_rate,
         gateways,
         decoded: uplink_message.value("decoded_payload").cloned(),
-    }))
+    })))
 }
 
 fn parse_rx_metadata(metadata: Object<'_>) -> Result<GatewayReception, ParseError> {
@@ -135,7 +135,7 @@ fn parse_rx_metadata(metadata: Object<'_>) -> Result<GatewayReception, ParseErro
     Ok(reception)
 }
 
-/// Reads `settings.data_rate`, which holds one of `lora`, `fsk` or
+/// Reads `settings.data_rate`, which contains one of `lora`, `fsk` or
 /// `lrfhss`.
 fn read_data_rate(rate: &Object<'_>, data_rate: &mut DataRate) -> Result<(), ParseError> {
     if let Some(lora) = rate.object("lora")? {
@@ -209,7 +209,7 @@ mod tests {
 
     fn uplink(body: &str) -> Uplink {
         match parse_message(body.as_bytes()).unwrap() {
-            Message::Uplink(uplink) => uplink,
+            Message::Uplink(uplink) => *uplink,
             Message::Other(kind) => panic!("expected an uplink, got {kind}"),
         }
     }

@@ -14,7 +14,8 @@ pub enum NetworkServer {
 }
 
 impl NetworkServer {
-    /// The name in `meta.network_server`, log fields and metric labels.
+    /// Returns the name used in `meta.network_server`, log fields and metric
+    /// labels.
     pub fn as_str(self) -> &'static str {
         match self {
             NetworkServer::ChirpStack => "chirpstack",
