@@ -351,6 +351,28 @@ async fn unknown_dev_eui_is_not_found() {
 }
 
 #[tokio::test]
+async fn other_tenant_dev_eui_is_not_found() {
+    let server = Server::start().await;
+    let lorawan = Lorawan::new(&server).await;
+    lorawan
+        .device("cs-tenant", LPP_PROFILE, "70b3d57ed0001a09")
+        .await;
+    let foreign = crate::live::other_tenant_token(&server);
+
+    let event = chirpstack_up("70b3d57ed0001a09", 1, 3, &LPP_BYTES);
+    let (status, body) = lorawan.chirpstack_as(&foreign, "up", &event).await;
+    assert_eq!(status, 404, "{body}");
+    let detail = body["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("no device with DevEUI 70b3d57ed0001a09"),
+        "{detail}"
+    );
+
+    let (status, body) = lorawan.chirpstack("up", &event).await;
+    assert_eq!(status, 200, "own tenant: {body}");
+}
+
+#[tokio::test]
 async fn invalid_events_name_the_field() {
     let server = Server::start().await;
     let lorawan = Lorawan::new(&server).await;
