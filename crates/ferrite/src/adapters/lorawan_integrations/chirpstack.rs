@@ -8,7 +8,7 @@
 //! fields of `rxInfo` and `txInfo` only when they are not 0, so those
 //! default to "unknown". Unknown fields are ignored.
 
-use super::fields::{Object, ParseError, item_object, normalize_eui, parse_root};
+use super::fields::{Object, ParseError, describe, item_object, normalize_eui, parse_root};
 use super::uplink::{DataRate, GatewayReception, NetworkServer, Uplink};
 
 /// Parses the body of an `up` event.
@@ -32,7 +32,7 @@ pub fn parse_uplink(body: &[u8]) -> Result<Uplink, ParseError> {
         .ok_or_else(|| {
             device_info.invalid(
                 "devEui",
-                format!("expected 16 hex digits, got {dev_eui_text}"),
+                format!("expected 16 hex digits, got {}", describe(dev_eui_text)),
             )
         })?;
 

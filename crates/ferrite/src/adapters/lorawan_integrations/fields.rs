@@ -142,7 +142,10 @@ impl<'a> Object<'a> {
             Some(number) if number <= max => Ok(Some(number)),
             _ => Err(self.invalid(
                 key,
-                format!("expected an integer from 0 to {max}, got {value}"),
+                format!(
+                    "expected an integer from 0 to {max}, got {}",
+                    describe(value)
+                ),
             )),
         }
     }
@@ -161,7 +164,10 @@ impl<'a> Object<'a> {
             Some(number) if (min..=max).contains(&number) => Ok(Some(number)),
             _ => Err(self.invalid(
                 key,
-                format!("expected an integer from {min} to {max}, got {value}"),
+                format!(
+                    "expected an integer from {min} to {max}, got {}",
+                    describe(value)
+                ),
             )),
         }
     }
@@ -173,7 +179,7 @@ impl<'a> Object<'a> {
         };
         match value.as_f64().filter(|number| number.is_finite()) {
             Some(number) => Ok(Some(number)),
-            None => Err(self.invalid(key, format!("expected a number, got {value}"))),
+            None => Err(self.invalid(key, format!("expected a number, got {}", describe(value)))),
         }
     }
 
@@ -224,7 +230,10 @@ impl<'a> Object<'a> {
             Some(nanos) => Ok(Some((nanos, text))),
             None => Err(self.invalid(
                 key,
-                format!("expected an RFC 3339 time such as 2026-01-31T12:00:00Z, got {text:?}"),
+                format!(
+                    "expected an RFC 3339 time such as 2026-01-31T12:00:00Z, got {:?}",
+                    crate::profiles::preview(text)
+                ),
             )),
         }
     }
@@ -255,6 +264,17 @@ fn decode_base64(text: &str) -> Option<Vec<u8>> {
     [STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD]
         .iter()
         .find_map(|engine| engine.decode(text).ok())
+}
+
+/// Shows a wrong value in a message: a short one as JSON, a long string or
+/// a container by its start or kind, so that a huge value does not flood
+/// the response.
+pub fn describe(value: &Value) -> String {
+    match value {
+        Value::String(text) => format!("{:?}", crate::profiles::preview(text)),
+        Value::Array(_) | Value::Object(_) => kind_of(value).to_owned(),
+        other => other.to_string(),
+    }
 }
 
 fn kind_of(value: &Value) -> &'static str {
@@ -320,6 +340,17 @@ mod tests {
             Err(ParseError::Invalid { .. })
         ));
         assert!(matches!(parse_root(b"{"), Err(ParseError::Syntax(_))));
+    }
+
+    #[test]
+    fn long_values_are_shortened_in_messages() {
+        let long = "9".repeat(10_000);
+        let map = root(&format!(r#"{{"fCnt": "{long}", "rssi": [1, 2, 3]}}"#));
+        let object = Object::root(&map);
+        let error = object.unsigned("fCnt", 10).unwrap_err().to_string();
+        assert!(error.len() < 200, "{error}");
+        let error = object.signed("rssi", -200, 0).unwrap_err().to_string();
+        assert!(error.ends_with("got an array"), "{error}");
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! value is empty, 0 or false, and writes 64-bit integers such as
 //! `settings.frequency` as strings. Unknown fields are ignored.
 
-use super::fields::{Object, ParseError, item_object, normalize_eui, parse_root};
+use super::fields::{Object, ParseError, describe, item_object, normalize_eui, parse_root};
 use super::uplink::{DataRate, GatewayReception, NetworkServer, Uplink};
 
 /// Message types of The Things Stack other than uplinks, by the field that
@@ -69,7 +69,7 @@ pub fn parse_message(body: &[u8]) -> Result<Message, ParseError> {
         .ok_or_else(|| {
             device_ids.invalid(
                 "dev_eui",
-                format!("expected 16 hex digits, got {dev_eui_text}"),
+                format!("expected 16 hex digits, got {}", describe(dev_eui_text)),
             )
         })?;
 
@@ -120,7 +120,13 @@ fn parse_rx_metadata(metadata: Object<'_>) -> Result<GatewayReception, ParseErro
         reception.gateway_eui = match ids.string("eui")? {
             None => None,
             Some(text) => Some(normalize_eui(text).ok_or_else(|| {
-                ids.invalid("eui", format!("expected 16 hex digits, got {text:?}"))
+                ids.invalid(
+                    "eui",
+                    format!(
+                        "expected 16 hex digits, got {:?}",
+                        crate::profiles::preview(text)
+                    ),
+                )
             })?),
         };
     }
