@@ -351,12 +351,15 @@ start_ferrite() {
     fi
     HTTP_PORT=$(free_port)
     MQTT_PORT=$(free_port)
+    # UDP; a TCP port free below the ephemeral range is as good a guess.
+    LORAWAN_PORT=$(free_port)
     local config=()
     [[ -z "$FERRITE_CONFIG_FILE" ]] || config=(--config "$FERRITE_CONFIG_FILE")
     # A 5,000-line batch is about 1.08 MB, and the default body limit is 256 KiB.
     FERRITE_HTTP_MAX_BODY_BYTES=16777216 FERRITE_LOG_LEVEL=warn \
         "$FERRITE" serve --data-dir "$dir" "${config[@]}" \
         --http-listen "127.0.0.1:$HTTP_PORT" --mqtt-listen "127.0.0.1:$MQTT_PORT" \
+        --lorawan-listen "127.0.0.1:$LORAWAN_PORT" \
         >>"$WORK/logs/ferrite.log" 2>&1 &
     SERVER_PID=$!
     SERVER_LOG="$WORK/logs/ferrite.log"

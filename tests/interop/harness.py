@@ -55,6 +55,13 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def free_udp_port() -> int:
+    """Return a UDP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -91,6 +98,7 @@ class FerriteServer:
         self.log_path = log_path
         self.http_port = free_port()
         self.mqtt_port = free_port()
+        self.lorawan_port = free_udp_port()
         self.http_url = f"http://127.0.0.1:{self.http_port}"
         self.process: subprocess.Popen[bytes] | None = None
         self.api = requests.Session()
@@ -145,6 +153,8 @@ class FerriteServer:
                     f"127.0.0.1:{self.http_port}",
                     "--mqtt-listen",
                     f"127.0.0.1:{self.mqtt_port}",
+                    "--lorawan-listen",
+                    f"127.0.0.1:{self.lorawan_port}",
                 ],
                 stdin=subprocess.DEVNULL,
                 stdout=log,

@@ -39,7 +39,9 @@ pub const TX_ACK: u8 = 0x05;
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum SemtechError {
-    #[error("the datagram is {len} bytes, shorter than the {needed} bytes a {packet} header needs")]
+    #[error(
+        "the datagram is {len} bytes, shorter than the {needed} bytes the {packet} header needs"
+    )]
     Truncated {
         packet: &'static str,
         len: usize,
@@ -377,7 +379,7 @@ fn validate_rxpk(rxpk: &[RxPk]) -> Result<(), SemtechError> {
 pub fn decode(bytes: &[u8]) -> Result<Packet, SemtechError> {
     if bytes.len() < HEADER_LEN {
         return Err(SemtechError::Truncated {
-            packet: "any",
+            packet: "Semtech UDP",
             len: bytes.len(),
             needed: HEADER_LEN,
         });

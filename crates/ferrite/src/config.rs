@@ -21,13 +21,13 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub http: HttpConfig,
     pub mqtt: MqttConfig,
+    pub lorawan: LorawanConfig,
     pub ingest: IngestConfig,
     pub storage: StorageConfig,
     pub auth: AuthConfig,
     pub processing: ProcessingConfig,
     pub log: LogConfig,
     pub actions: ActionsConfig,
-    pub lorawan: LorawanConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -90,6 +90,24 @@ pub struct MqttConfig {
     /// expiry of MQTT 3.1.1 sessions with clean session = 0.
     #[serde(with = "humantime_serde")]
     pub max_session_expiry: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LorawanConfig {
+    /// UDP address for the Semtech packet forwarder protocol.
+    pub listen: SocketAddr,
+    /// Time to collect copies of one uplink from several gateways before
+    /// it is handled once.
+    #[serde(with = "humantime_serde")]
+    pub deduplication_window: Duration,
+    /// Frames a device may lose in a row before its frame counter is no
+    /// longer recognized (MAX_FCNT_GAP).
+    pub max_f_cnt_gap: u32,
+    /// NetID given to devices in join accepts, 6 hex digits; its 7 low
+    /// bits become the top bits of every assigned DevAddr.
+    pub net_id: String,
+    pub chirpstack_mqtt: ChirpstackMqttConfig,
 }
 
 /// When an acknowledgement is sent relative to the disk.
@@ -484,13 +502,6 @@ fn parse_broker_url(section: &str, url_text: &str) -> anyhow::Result<Option<Brok
     }))
 }
 
-/// LoRaWAN settings.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LorawanConfig {
-    pub chirpstack_mqtt: ChirpstackMqttConfig,
-}
-
 /// ChirpStack's MQTT integration: the broker that ChirpStack publishes
 /// device events to, which Ferrite subscribes to for uplinks.
 #[derive(Clone, Deserialize)]
@@ -596,13 +607,13 @@ impl Default for Config {
             data_dir: PathBuf::from("ferrite-data"),
             http: HttpConfig::default(),
             mqtt: MqttConfig::default(),
+            lorawan: LorawanConfig::default(),
             ingest: IngestConfig::default(),
             storage: StorageConfig::default(),
             auth: AuthConfig::default(),
             processing: ProcessingConfig::default(),
             log: LogConfig::default(),
             actions: ActionsConfig::default(),
-            lorawan: LorawanConfig::default(),
         }
     }
 }
@@ -615,6 +626,31 @@ impl Default for HttpConfig {
             request_timeout: Duration::from_secs(30),
             header_read_timeout: Duration::from_secs(10),
         }
+    }
+}
+
+impl Default for LorawanConfig {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:1700".parse().expect("valid literal address"),
+            deduplication_window: Duration::from_millis(200),
+            max_f_cnt_gap: ferrite_lorawan::fcnt::MAX_FCNT_GAP,
+            net_id: "000000".to_owned(),
+            chirpstack_mqtt: ChirpstackMqttConfig::default(),
+        }
+    }
+}
+
+impl LorawanConfig {
+    /// Returns `net_id` as a 24-bit number.
+    pub fn net_id_value(&self) -> anyhow::Result<u32> {
+        let valid = self.net_id.len() == 6 && self.net_id.chars().all(|c| c.is_ascii_hexdigit());
+        anyhow::ensure!(
+            valid,
+            "lorawan.net_id {:?} is invalid: write 6 hex digits, such as \"000000\"",
+            self.net_id
+        );
+        Ok(u32::from_str_radix(&self.net_id, 16)?)
     }
 }
 
@@ -734,6 +770,8 @@ impl Default for ActionsMqttConfig {
 const SECTIONS: [(&str, &[&str]); 12] = [
     ("http", &["http"]),
     ("mqtt", &["mqtt"]),
+    ("lorawan_chirpstack_mqtt", &["lorawan", "chirpstack_mqtt"]),
+    ("lorawan", &["lorawan"]),
     ("ingest_nats", &["ingest", "nats"]),
     ("ingest", &["ingest"]),
     ("storage", &["storage"]),
@@ -742,8 +780,6 @@ const SECTIONS: [(&str, &[&str]); 12] = [
     ("log", &["log"]),
     ("actions_mqtt", &["actions", "mqtt"]),
     ("actions", &["actions"]),
-    ("lorawan_chirpstack_mqtt", &["lorawan", "chirpstack_mqtt"]),
-    ("lorawan", &["lorawan"]),
 ];
 
 /// Loads the configuration: defaults, then the file at `path` if given, then
@@ -828,6 +864,15 @@ impl Config {
     /// Rejects values that parse but cannot work.
     pub fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(self.ingest.workers > 0, "ingest.workers must be at least 1");
+        self.lorawan.net_id_value()?;
+        anyhow::ensure!(
+            (1..=65_535).contains(&self.lorawan.max_f_cnt_gap),
+            "lorawan.max_f_cnt_gap must be from 1 to 65535"
+        );
+        anyhow::ensure!(
+            self.lorawan.deduplication_window <= Duration::from_millis(600),
+            "lorawan.deduplication_window must be at most 600ms, so that downlinks still reach RX1 one second after the uplink"
+        );
         anyhow::ensure!(
             self.processing.dead_letters_per_device >= 1,
             "processing.dead_letters_per_device must be at least 1"
@@ -956,6 +1001,36 @@ max_inflight = 32
 max_queued_messages = 1000
 # Longest session expiry granted to a client.
 max_session_expiry = "24h"
+
+[lorawan]
+# Semtech UDP packet forwarder protocol from LoRaWAN gateways.
+# Environment: FERRITE_LORAWAN_LISTEN; flag: --lorawan-listen.
+listen = "0.0.0.0:1700"
+# Time to collect one uplink heard by several gateways (at most 600ms).
+deduplication_window = "200ms"
+# Frames a device may lose in a row before its counter is rejected.
+max_f_cnt_gap = 16384
+# NetID in join accepts (6 hex digits); its 7 low bits start each DevAddr.
+net_id = "000000"
+
+[lorawan.chirpstack_mqtt]
+# ChirpStack's MQTT integration, see docs/protocols/lorawan-integrations.md.
+# Broker that ChirpStack publishes device events to, such as
+# "mqtt://127.0.0.1:1883" (no TLS). Empty: off.
+url = ""
+# Subscription (QoS 1); other matching topics than .../event/up are skipped.
+topic_filter = "application/+/device/+/event/up"
+# The session is persistent, so the broker keeps uplinks while Ferrite is
+# down: keep this id unique on the broker and the same across restarts.
+client_id = "ferrite-chirpstack"
+# Empty: connect without credentials. Environment:
+# FERRITE_LORAWAN_CHIRPSTACK_MQTT_USERNAME, ..._PASSWORD.
+username = ""
+password = ""
+# Tenant id whose devices uplinks may reach. Empty: any tenant, found by
+# DevEUI, which is unique on a node.
+tenant = ""
+keep_alive = "30s"
 
 [ingest]
 # Where accepted messages wait for the pipeline: "embedded" (segment files
@@ -1100,25 +1175,6 @@ client_id = ""
 # FERRITE_ACTIONS_MQTT_USERNAME, FERRITE_ACTIONS_MQTT_PASSWORD.
 username = ""
 password = ""
-keep_alive = "30s"
-
-[lorawan.chirpstack_mqtt]
-# ChirpStack's MQTT integration, see docs/protocols/lorawan-integrations.md.
-# Broker that ChirpStack publishes device events to, such as
-# "mqtt://127.0.0.1:1883" (no TLS). Empty: off.
-url = ""
-# Subscription (QoS 1); other matching topics than .../event/up are skipped.
-topic_filter = "application/+/device/+/event/up"
-# The session is persistent, so the broker keeps uplinks while Ferrite is
-# down: keep this id unique on the broker and the same across restarts.
-client_id = "ferrite-chirpstack"
-# Empty: connect without credentials. Environment:
-# FERRITE_LORAWAN_CHIRPSTACK_MQTT_USERNAME, ..._PASSWORD.
-username = ""
-password = ""
-# Tenant id whose devices uplinks may reach. Empty: any tenant, found by
-# DevEUI, which is unique on a node.
-tenant = ""
 keep_alive = "30s"
 "#;
 

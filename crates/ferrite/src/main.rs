@@ -94,6 +94,9 @@ struct ServeArgs {
     /// Address of the MQTT listener [default: 0.0.0.0:1883].
     #[arg(long, env = "FERRITE_MQTT_LISTEN", value_parser = parse_listen)]
     mqtt_listen: Option<SocketAddr>,
+    /// UDP address of the LoRaWAN listener (Semtech packet forwarder protocol) [default: 0.0.0.0:1700].
+    #[arg(long, env = "FERRITE_LORAWAN_LISTEN", value_parser = parse_listen)]
+    lorawan_listen: Option<SocketAddr>,
     /// Also start a simulated fleet of devices that publish over MQTT and HTTP.
     #[arg(long)]
     demo: bool,
@@ -238,6 +241,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             if let Some(listen) = args.mqtt_listen {
                 config.mqtt.listen = listen;
+            }
+            if let Some(listen) = args.lorawan_listen {
+                config.lorawan.listen = listen;
             }
             config.validate()?;
             init_logging(&config);

@@ -94,6 +94,7 @@ pub type AfterStart = Box<dyn FnOnce(Arc<AppState>, ServerAddrs) + Send>;
 pub struct ServerAddrs {
     pub http: SocketAddr,
     pub mqtt: SocketAddr,
+    pub lorawan: SocketAddr,
 }
 
 async fn bind(addr: SocketAddr, what: &str, setting: &str) -> anyhow::Result<TcpListener> {
@@ -115,9 +116,11 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
         "--mqtt-listen, FERRITE_MQTT_LISTEN or mqtt.listen",
     )
     .await?;
+    let lorawan_socket = adapters::lorawan::bind(config.lorawan.listen).await?;
     let addrs = ServerAddrs {
         http: http_listener.local_addr()?,
         mqtt: mqtt_listener.local_addr()?,
+        lorawan: lorawan_socket.local_addr()?,
     };
 
     std::fs::create_dir_all(&config.data_dir).with_context(|| {
@@ -229,7 +232,7 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
         alarms,
         mqtt_router: mqtt_router.clone(),
         actions: actions.clone(),
-        master_key,
+        master_key: master_key.clone(),
     });
 
     let last_seen_task = tokio::spawn(sync_device_status(state.clone(), shutdown.clone()));
@@ -255,11 +258,24 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
     ));
     let chirpstack_mqtt_tasks =
         start_chirpstack_mqtt(&config, lorawan_integrations, shutdown.clone())?;
+    let lorawan_context = Arc::new(adapters::lorawan::LorawanContext {
+        config: config.lorawan.clone(),
+        metadata: metadata.clone(),
+        master_key,
+        ingest: ingest.clone(),
+        seen: seen.clone(),
+    });
+    let lorawan_task = tokio::spawn(adapters::lorawan::serve(
+        lorawan_socket,
+        lorawan_context,
+        shutdown.clone(),
+    ));
     drop(ingest);
 
     state.ready.store(true, Ordering::Release);
     tracing::info!(addr = %addrs.http, "HTTP listening (REST API, HTTP telemetry, line protocol)");
     tracing::info!(addr = %addrs.mqtt, "MQTT listening");
+    tracing::info!(addr = %addrs.lorawan, "LoRaWAN listening (Semtech UDP)");
     tracing::info!(data_dir = %config.data_dir.display(), "Ferrite is ready");
     if let Some(after_start) = after_start {
         after_start(state.clone(), addrs);
@@ -274,6 +290,7 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
     state.live.close();
     let _ = http_task.await;
     let _ = mqtt_task.await;
+    let _ = lorawan_task.await;
     for task in chirpstack_mqtt_tasks {
         let _ = task.await;
     }

@@ -4,5 +4,6 @@
 //! `ingest`, nothing else.
 
 pub mod http;
+pub mod lorawan;
 pub mod lorawan_integrations;
 pub mod mqtt;

@@ -183,10 +183,10 @@ pub async fn replay(
         envelopes.push(Envelope {
             tenant_id: principal.tenant_id,
             device_id: id,
-            protocol: if letter.protocol == "mqtt" {
-                Protocol::Mqtt
-            } else {
-                Protocol::Http
+            protocol: match letter.protocol.as_str() {
+                "mqtt" => Protocol::Mqtt,
+                "lorawan" => Protocol::Lorawan,
+                _ => Protocol::Http,
             },
             received_at_ns: letter.received_at_ns,
             content_type,

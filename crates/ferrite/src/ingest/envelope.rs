@@ -24,6 +24,7 @@ const HEADER_LEN: usize = VERSION_1_HEADER_LEN + 4;
 pub enum Protocol {
     Mqtt,
     Http,
+    Lorawan,
 }
 
 impl Protocol {
@@ -31,6 +32,7 @@ impl Protocol {
         match self {
             Protocol::Mqtt => "mqtt",
             Protocol::Http => "http",
+            Protocol::Lorawan => "lorawan",
         }
     }
 }
@@ -142,6 +144,7 @@ impl Envelope {
         out.push(match self.protocol {
             Protocol::Mqtt => 0,
             Protocol::Http => 1,
+            Protocol::Lorawan => 2,
         });
         out.extend_from_slice(&self.received_at_ns.to_le_bytes());
         let (content_type, precision) = match self.content_type {
@@ -175,6 +178,7 @@ impl Envelope {
         let protocol = match body[33] {
             0 => Protocol::Mqtt,
             1 => Protocol::Http,
+            2 => Protocol::Lorawan,
             _ => return None,
         };
         let received_at_ns = i64::from_le_bytes(body[34..42].try_into().ok()?);

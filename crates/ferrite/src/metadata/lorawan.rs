@@ -159,8 +159,6 @@ pub struct NewLorawanDevice {
 #[derive(Debug, Clone, Serialize)]
 pub struct LorawanGateway {
     pub gateway_eui: String,
-    #[serde(skip)]
-    pub tenant_id: TenantId,
     pub name: String,
     /// Epoch milliseconds.
     pub created_at: i64,
@@ -171,8 +169,6 @@ pub struct LorawanGateway {
 #[derive(Debug, Clone, Serialize)]
 pub struct QueuedDownlink {
     pub id: i64,
-    #[serde(skip)]
-    pub device_id: DeviceId,
     pub f_port: u8,
     #[serde(serialize_with = "serialize_hex")]
     pub data: Vec<u8>,
@@ -257,7 +253,6 @@ fn device_from_row(row: sqlx::sqlite::SqliteRow) -> Result<LorawanDevice, Metada
 fn gateway_from_row(row: sqlx::sqlite::SqliteRow) -> Result<LorawanGateway, MetadataError> {
     Ok(LorawanGateway {
         gateway_eui: row.try_get("gateway_eui")?,
-        tenant_id: parse_id(row.try_get("tenant_id")?)?,
         name: row.try_get("name")?,
         created_at: row.try_get("created_at")?,
         last_seen_at: row.try_get("last_seen_at")?,
@@ -268,7 +263,6 @@ fn downlink_from_row(row: sqlx::sqlite::SqliteRow) -> Result<QueuedDownlink, Met
     let f_port: i64 = row.try_get("f_port")?;
     Ok(QueuedDownlink {
         id: row.try_get("id")?,
-        device_id: parse_id(row.try_get("device_id")?)?,
         f_port: u8::try_from(f_port)
             .map_err(|_| decode_error(format!("invalid f_port {f_port} in metadata database")))?,
         data: row.try_get("data")?,
@@ -627,7 +621,6 @@ impl SqliteMetadata {
         })?;
         Ok(LorawanGateway {
             gateway_eui: gateway_eui.to_owned(),
-            tenant_id: tenant,
             name: name.to_owned(),
             created_at: now,
             last_seen_at: None,

@@ -13,8 +13,6 @@
 
 pub mod alarms;
 pub mod dead_letters;
-// TODO: drop the allow once the network server uses every query.
-#[allow(dead_code)]
 pub mod lorawan;
 pub mod profiles;
 mod sqlite;

@@ -17,6 +17,8 @@ pub const ADMIN_PASSWORD: &str = "correct horse battery staple";
 pub struct Server {
     pub mqtt_addr: SocketAddr,
     pub http_addr: SocketAddr,
+    /// UDP address of the LoRaWAN listener (Semtech packet forwarder).
+    pub lorawan_addr: SocketAddr,
     pub http_url: String,
     pub data_dir: PathBuf,
     child: Option<Child>,
@@ -35,6 +37,15 @@ pub struct TestDevice {
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .expect("bind an ephemeral port")
+        .local_addr()
+        .expect("local address")
+        .port()
+}
+
+/// Returns a loopback UDP port that was free a moment ago.
+pub fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .expect("bind an ephemeral UDP port")
         .local_addr()
         .expect("local address")
         .port()
@@ -101,6 +112,7 @@ impl Server {
         let mut server = Server {
             mqtt_addr: "127.0.0.1:0".parse().unwrap(),
             http_addr: "127.0.0.1:0".parse().unwrap(),
+            lorawan_addr: "127.0.0.1:0".parse().unwrap(),
             http_url: String::new(),
             data_dir: data_dir.to_owned(),
             child: None,
@@ -116,6 +128,7 @@ impl Server {
         for _attempt in 0..5 {
             let mqtt: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
             let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+            let lorawan: SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse().unwrap();
             let mut command = Command::new(BINARY);
             command
                 .arg("serve")
@@ -125,6 +138,8 @@ impl Server {
                 .arg(http.to_string())
                 .arg("--mqtt-listen")
                 .arg(mqtt.to_string())
+                .arg("--lorawan-listen")
+                .arg(lorawan.to_string())
                 .env("RUST_LOG", "warn")
                 .stdout(Stdio::null())
                 .stderr(Stdio::inherit());
@@ -134,6 +149,7 @@ impl Server {
             let mut child = command.spawn().expect("start ferrite serve");
             self.mqtt_addr = mqtt;
             self.http_addr = http;
+            self.lorawan_addr = lorawan;
             self.http_url = format!("http://{http}");
             let deadline = Instant::now() + Duration::from_secs(20);
             while Instant::now() < deadline {
