@@ -21,7 +21,6 @@ use super::{
 use crate::adapters::http::body::read_limited;
 use crate::api::ApiError;
 use crate::auth::Principal;
-use crate::ingest::Protocol;
 use crate::metadata::Role;
 use crate::server::AppState;
 
@@ -97,11 +96,7 @@ async fn store(
 ) -> Result<Response, ApiError> {
     let network_server = uplink.network_server.as_str();
     let accepted = context
-        .accept(
-            uplink,
-            TenantScope::Only(principal.tenant_id),
-            Protocol::Http,
-        )
+        .accept(uplink, TenantScope::Only(principal.tenant_id))
         .await
         .map_err(|error| {
             count_delivery(network_server, "http", error.outcome());

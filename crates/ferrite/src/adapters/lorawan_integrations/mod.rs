@@ -131,15 +131,13 @@ struct TargetDevice {
 }
 
 impl IntegrationContext {
-    /// Stores one uplink that arrived over `protocol`: finds the device by
-    /// DevEUI, drops a repeat, and appends a `Raw` envelope with the
-    /// FRMPayload and the transport metadata. Returns after the append is
-    /// durable.
+    /// Stores one uplink: finds the device by DevEUI, drops a repeat, and
+    /// appends a `Raw` envelope with the FRMPayload and the transport
+    /// metadata. Returns after the append is durable.
     pub async fn accept(
         &self,
         uplink: &Uplink,
         scope: TenantScope,
-        protocol: Protocol,
     ) -> Result<Accepted, AcceptError> {
         let device = self.find_device(&uplink.dev_eui, scope).await?;
         let now_ns = now_ns();
@@ -161,11 +159,11 @@ impl IntegrationContext {
             }
         }
 
-        let envelope = build_envelope(uplink, &device, protocol, now_ns);
+        let envelope = build_envelope(uplink, &device, now_ns);
         let appended = self.ingest.append(vec![envelope]).await;
         self.recent.finish(&id, appended.is_ok(), Instant::now());
         appended?;
-        metrics::counter!("ferrite_ingest_messages_total", "protocol" => protocol.as_str())
+        metrics::counter!("ferrite_ingest_messages_total", "protocol" => Protocol::Lorawan.as_str())
             .increment(1);
         Ok(Accepted::Stored(device.device_id))
     }
@@ -200,16 +198,13 @@ impl IntegrationContext {
     }
 }
 
-/// Builds the envelope of a data uplink. The receive time is the network
+/// Builds the envelope of a data uplink. Its protocol is LoRaWAN whatever
+/// carried the event, so the pipeline, dead letters and metrics treat it
+/// like an uplink of Ferrite's own network server. The receive time is the network
 /// server's when it has one, so an uplink delivered late (an MQTT backlog
 /// after an outage) keeps the time of its reception. A network server
 /// clock ahead of Ferrite's is capped at `now_ns`.
-fn build_envelope(
-    uplink: &Uplink,
-    device: &TargetDevice,
-    protocol: Protocol,
-    now_ns: i64,
-) -> Envelope {
+fn build_envelope(uplink: &Uplink, device: &TargetDevice, now_ns: i64) -> Envelope {
     let received_at_ns = uplink
         .received_at
         .as_ref()
@@ -217,7 +212,7 @@ fn build_envelope(
     Envelope {
         tenant_id: device.tenant_id,
         device_id: device.device_id,
-        protocol,
+        protocol: Protocol::Lorawan,
         received_at_ns,
         content_type: ContentType::Raw,
         payload: Bytes::copy_from_slice(&uplink.frm_payload),

@@ -31,7 +31,6 @@ use tokio_util::sync::CancellationToken;
 
 use super::{IntegrationContext, NetworkServer, TenantScope, chirpstack, count_delivery};
 use crate::config::{BrokerAddress, ChirpstackMqttConfig};
-use crate::ingest::Protocol;
 use crate::warn_limit::WarnLimiter;
 
 /// Messages waiting for the ingest task. The broker sends no more than its
@@ -231,11 +230,7 @@ impl IngestTask {
 
         let mut retry_delay = FIRST_RETRY_DELAY;
         loop {
-            match self
-                .context
-                .accept(&uplink, self.scope, Protocol::Mqtt)
-                .await
-            {
+            match self.context.accept(&uplink, self.scope).await {
                 Ok(accepted) => {
                     count_delivery(network_server, "mqtt", accepted.outcome());
                     return true;

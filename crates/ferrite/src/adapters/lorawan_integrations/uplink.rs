@@ -52,30 +52,29 @@ pub struct Uplink {
 
 /// Modulation parameters of an uplink; each is `None` when the event does
 /// not carry it.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct DataRate {
     /// Regional data rate index (DR0, DR1, ...), which ChirpStack reports.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub index: Option<u8>,
     /// `lora`, `fsk` or `lr_fhss`.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub modulation: Option<&'static str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub spreading_factor: Option<u8>,
     /// LoRa bandwidth in Hz.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub bandwidth: Option<u32>,
     /// Such as `4/5`.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub coding_rate: Option<String>,
     /// FSK bit rate in bit/s.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub bit_rate: Option<u32>,
 }
 
 impl DataRate {
-    fn is_empty(&self) -> bool {
-        *self == DataRate::default()
+    /// Returns the LoRa data rate identifier of the Semtech packet
+    /// forwarder protocol, such as `SF7BW125`, which Ferrite's own network
+    /// server also writes into `meta.data_rate`.
+    pub fn identifier(&self) -> Option<String> {
+        let spreading_factor = self.spreading_factor?;
+        let bandwidth = self.bandwidth?;
+        Some(format!("SF{spreading_factor}BW{}", bandwidth / 1000))
     }
 }
 
@@ -97,8 +96,8 @@ pub struct GatewayReception {
 }
 
 /// The envelope's `meta` object. Field names follow the LoRaWAN
-/// specification (`f_port`, `f_cnt`), and scripted decoders read `f_port`
-/// from it.
+/// specification (`f_port`, `f_cnt`) and the `meta` of Ferrite's own
+/// network server, and scripted decoders read `f_port` from it.
 #[derive(Serialize)]
 struct Meta<'a> {
     network_server: &'static str,
@@ -109,9 +108,17 @@ struct Meta<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     received_at: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    frequency: Option<u64>,
-    #[serde(skip_serializing_if = "DataRate::is_empty")]
-    data_rate: &'a DataRate,
+    frequency_hz: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data_rate: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data_rate_index: Option<u8>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    modulation: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    coding_rate: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bit_rate: Option<u32>,
     gateways: &'a [GatewayReception],
 }
 
@@ -133,8 +140,12 @@ impl Uplink {
             f_cnt: self.f_cnt,
             confirmed: self.confirmed,
             received_at: self.received_at.as_ref().map(|(_, text)| text.as_str()),
-            frequency: self.frequency,
-            data_rate: &self.data_rate,
+            frequency_hz: self.frequency,
+            data_rate: self.data_rate.identifier(),
+            data_rate_index: self.data_rate.index,
+            modulation: self.data_rate.modulation,
+            coding_rate: self.data_rate.coding_rate.as_deref(),
+            bit_rate: self.data_rate.bit_rate,
             gateways: &self.gateways,
         };
         serde_json::to_vec(&meta).expect("the meta object always serializes")
@@ -157,7 +168,11 @@ mod tests {
             frequency: Some(868_300_000),
             data_rate: DataRate {
                 index: Some(5),
-                ..DataRate::default()
+                modulation: Some("lora"),
+                spreading_factor: Some(7),
+                bandwidth: Some(125_000),
+                coding_rate: Some("4/5".to_owned()),
+                bit_rate: None,
             },
             gateways: vec![GatewayReception {
                 gateway_id: "b827ebfffe6c279d".to_owned(),
@@ -176,8 +191,12 @@ mod tests {
         assert_eq!(meta["f_port"], 3);
         assert_eq!(meta["f_cnt"], 41);
         assert_eq!(meta["dev_eui"], "70b3d57ed0001a2b");
-        assert_eq!(meta["frequency"], 868_300_000);
-        assert_eq!(meta["data_rate"]["index"], 5);
+        assert_eq!(meta["frequency_hz"], 868_300_000);
+        assert_eq!(meta["data_rate"], "SF7BW125");
+        assert_eq!(meta["data_rate_index"], 5);
+        assert_eq!(meta["modulation"], "lora");
+        assert_eq!(meta["coding_rate"], "4/5");
+        assert!(meta.get("bit_rate").is_none());
         assert_eq!(meta["gateways"][0]["rssi"], -57);
         assert_eq!(meta["gateways"][0]["snr"], 9.5);
         assert!(meta["gateways"][0].get("gateway_eui").is_none());
