@@ -270,6 +270,54 @@ async fn tts_webhook_uplink_reaches_scripted_decoder() {
 }
 
 #[tokio::test]
+async fn undecodable_uplink_keeps_meta_in_dead_letter() {
+    let server = Server::start().await;
+    let lorawan = Lorawan::new(&server).await;
+    let device = lorawan
+        .device("tts-broken", LPP_PROFILE, "70b3d57ed0001a0a")
+        .await;
+
+    // A temperature record cut short: accepted, then rejected by the codec.
+    let (status, body) = lorawan
+        .tts(&tts_uplink("70b3d57ed0001a0a", 5, &[0x01, 0x67, 0x00]))
+        .await;
+    assert_eq!(status, 200, "{body}");
+
+    let path = format!("/api/v1/devices/{}/dead-letters", device.id);
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let letters = loop {
+        let (_, body) = server.get_json(&path).await;
+        if body["dead_letters"]
+            .as_array()
+            .is_some_and(|list| !list.is_empty())
+        {
+            break body;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no dead letter: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let letter = &letters["dead_letters"][0];
+    assert_eq!(letter["protocol"], "lorawan", "{letter}");
+    assert_eq!(letter["content_type"], "raw");
+    assert_eq!(letter["payload_base64"], "AWcA");
+    let meta = &letter["meta"];
+    assert_eq!(meta["network_server"], "the_things_stack", "{meta}");
+    assert_eq!(meta["dev_eui"], "70b3d57ed0001a0a");
+    assert_eq!(meta["f_port"], 2);
+    assert_eq!(meta["f_cnt"], 5);
+    assert_eq!(meta["frequency_hz"], 867_300_000);
+    assert_eq!(meta["data_rate"], "SF9BW125");
+    assert_eq!(meta["gateways"][0]["gateway_id"], "roof-north");
+    assert_eq!(meta["gateways"][0]["gateway_eui"], "b827ebfffe6c279d");
+    assert_eq!(meta["gateways"][0]["rssi"], -61);
+    assert_eq!(meta["gateways"][0]["snr"], 7.25);
+    assert_eq!(meta["received_at"], "2026-03-14T09:30:00.125Z");
+}
+
+#[tokio::test]
 async fn repeated_delivery_is_stored_once() {
     let server = Server::start().await;
     let lorawan = Lorawan::new(&server).await;

@@ -69,7 +69,7 @@ impl Accepted {
         }
     }
 
-    /// Label value of the `outcome` metric label.
+    /// Returns the value of the `outcome` metric label.
     pub fn outcome(self) -> &'static str {
         match self {
             Accepted::Stored(_) => "stored",
@@ -97,7 +97,7 @@ pub enum AcceptError {
 }
 
 impl AcceptError {
-    /// Label value of the `outcome` metric label.
+    /// Returns the value of the `outcome` metric label.
     pub fn outcome(&self) -> &'static str {
         match self {
             AcceptError::UnknownDevEui { .. } => "unknown_device",
