@@ -240,3 +240,6 @@ pub fn count_delivery(
     )
     .increment(1);
 }
+
+#[cfg(test)]
+mod tests;
