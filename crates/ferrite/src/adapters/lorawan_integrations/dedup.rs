@@ -15,9 +15,11 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-/// How long an uplink is remembered. ChirpStack does not retry, and The
-/// Things Stack retries a webhook within seconds, so a minute covers both
-/// with room for slow responses.
+/// How long an uplink is remembered. ChirpStack's HTTP integration does
+/// not retry a failed request.
+/// NOTE: a minute is an estimate meant to cover a webhook retried after a
+/// timeout and an MQTT redelivery after a quick reconnect; no retry
+/// schedule of The Things Stack was checked.
 pub const WINDOW: Duration = Duration::from_secs(60);
 
 /// Uplinks remembered at most, about 100 bytes each.
