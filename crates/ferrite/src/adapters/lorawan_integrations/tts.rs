@@ -11,9 +11,10 @@ use super::fields::{Object, ParseError, describe, item_object, normalize_eui, pa
 use super::uplink::{DataRate, GatewayReception, NetworkServer, Uplink};
 
 /// Message types of The Things Stack other than uplinks, by the field that
-/// carries each. A webhook with one URL for several message types posts
-/// them all to the same endpoint.
-const OTHER_MESSAGES: [&str; 11] = [
+/// carries each (the other members of `ApplicationUp` in the v3.36 API). A
+/// webhook with one URL for several message types posts them all to the
+/// same endpoint.
+const OTHER_MESSAGES: [&str; 10] = [
     "join_accept",
     "downlink_ack",
     "downlink_nack",
@@ -24,7 +25,6 @@ const OTHER_MESSAGES: [&str; 11] = [
     "location_solved",
     "service_data",
     "uplink_normalized",
-    "normalized_payload",
 ];
 
 /// A webhook message: an uplink, or another message type that is ignored.
