@@ -43,7 +43,9 @@ def lpp_frame(temperature: float, humidity: float) -> bytes:
     return bytes(frame)
 
 
-def chirpstack_up(dev_eui: str, f_cnt: int, payload: bytes, time_text: str = "2026-03-14T09:26:53.589Z") -> dict[str, Any]:
+def chirpstack_up(
+    dev_eui: str, f_cnt: int, payload: bytes, time_text: str = "2026-03-14T09:26:53.589Z"
+) -> dict[str, Any]:
     return {
         "deduplicationId": str(uuid.uuid4()),
         "time": time_text,
@@ -222,13 +224,14 @@ def mqtt_server(tmp_path: Path) -> Iterator[MqttIntegrationServer]:
     assert exit_code == 0, instance.log_tail()
 
 
-def publish_qos1(topic: str, payload: bytes) -> None:
-    """Publish with QoS 1 and wait until Mosquitto acknowledges it."""
+def publish_to_mosquitto(topic: str, payload: bytes, qos: int = 1) -> None:
+    """Publish with `qos` and wait until Mosquitto acknowledges it (QoS 1) or
+    until it is sent (QoS 0)."""
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=unique_name("interop-pub"))
     client.connect(MOSQUITTO_HOST, MOSQUITTO_PORT, keepalive=10)
     client.loop_start()
     try:
-        info = client.publish(topic, payload, qos=1)
+        info = client.publish(topic, payload, qos=qos)
         info.wait_for_publish(timeout=10)
         assert info.is_published(), f"Mosquitto did not acknowledge the publish to {topic}"
     finally:
@@ -246,7 +249,7 @@ def test_chirpstack_mqtt_with_paho(mqtt_server: MqttIntegrationServer) -> None:
     # (a repeat is dropped) until it is stored.
     deadline = time.monotonic() + MQTT_TIMEOUT_S
     while True:
-        publish_qos1(topic, json.dumps(event).encode())
+        publish_to_mosquitto(topic, json.dumps(event).encode())
         latest = mqtt_server.latest(device_id)
         if "temperature_1" in latest:
             break
@@ -261,6 +264,13 @@ def test_chirpstack_mqtt_with_paho(mqtt_server: MqttIntegrationServer) -> None:
 
     # Other ChirpStack events on a broader subscription are skipped, and a
     # broken event does not stop the next one.
-    publish_qos1(f"{mqtt_server.prefix}/application/x/device/{dev_eui}/event/up", b"{not json")
-    publish_qos1(topic, json.dumps(chirpstack_up(dev_eui, 2, lpp_frame(23.0, 41.0), time_text="2026-03-14T11:05:00Z")).encode())
+    publish_to_mosquitto(f"{mqtt_server.prefix}/application/x/device/{dev_eui}/event/up", b"{not json")
+    next_event = chirpstack_up(dev_eui, 2, lpp_frame(23.0, 41.0), time_text="2026-03-14T11:05:00Z")
+    publish_to_mosquitto(topic, json.dumps(next_event).encode())
     mqtt_server.wait_for_latest(device_id, {"temperature_1": 23.0, "relative_humidity_2": 41.0})
+
+    # ChirpStack publishes with QoS 0 unless configured otherwise; such
+    # messages need no PUBACK and are stored all the same.
+    qos0_event = chirpstack_up(dev_eui, 3, lpp_frame(24.0, 42.0), time_text="2026-03-14T11:10:00Z")
+    publish_to_mosquitto(topic, json.dumps(qos0_event).encode(), qos=0)
+    mqtt_server.wait_for_latest(device_id, {"temperature_1": 24.0, "relative_humidity_2": 42.0})
