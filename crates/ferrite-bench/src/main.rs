@@ -12,6 +12,7 @@
 
 mod idle;
 mod live;
+mod lorawan;
 mod lp;
 mod mqtt;
 mod queries;
@@ -50,6 +51,8 @@ enum Command {
     Generate(tsbs::GenerateArgs),
     /// Run the IoT fleet query set against one system and report latencies and result sizes.
     Queries(queries::QueriesArgs),
+    /// Send LoRaWAN uplinks of many ABP devices through a simulated gateway and report uplinks/s stored.
+    Lorawan(lorawan::LorawanArgs),
     /// Serve HTTP on loopback and discard every request body, to measure the generator alone.
     Sink(sink::SinkArgs),
 }
@@ -66,6 +69,7 @@ fn main() -> anyhow::Result<()> {
         Command::Idle(args) => serde_json::to_value(runtime.block_on(idle::run(args))?)?,
         Command::Live(args) => serde_json::to_value(runtime.block_on(live::run(args))?)?,
         Command::Queries(args) => serde_json::to_value(runtime.block_on(queries::run(args))?)?,
+        Command::Lorawan(args) => serde_json::to_value(runtime.block_on(lorawan::run(args))?)?,
         Command::Sink(args) => serde_json::to_value(runtime.block_on(sink::run(args))?)?,
         Command::Summary(args) => {
             print!("{}", summary::run(&args)?);

@@ -865,3 +865,75 @@ async fn malformed_datagrams_counted_listener_serves_on() {
     .await;
     assert!(gateway.pull().await, "the listener stopped serving");
 }
+
+#[tokio::test]
+async fn script_decoder_sees_f_port() {
+    let server = Server::start().await;
+    let script = "function decodeUplink(input) { return { data: { port: input.fPort, first: input.bytes[0] } }; }";
+    let (status, body) = send_json(
+        &server,
+        "POST",
+        "/api/v1/profiles",
+        Some(json!({"name": "ports", "codec": {"type": "script", "script": script}})),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let device = abp_device(
+        &server,
+        "abp-script",
+        "0000000000000901",
+        0x2601_0901,
+        Some("ports"),
+    )
+    .await;
+    let mut gateway = Gateway::start(&server, [1, 0, 0, 0, 0, 0, 0, 11], true).await;
+
+    let phy = uplink(0x2601_0901, 1, false, Some(42), b"\x07", &abp_keys());
+    assert!(gateway.push(vec![rxpk(&phy, 1, -40, 7.0)]).await);
+    assert_eq!(
+        wait_for_latest(&server, &device, "port").await["value"],
+        42.0
+    );
+    assert_eq!(
+        wait_for_latest(&server, &device, "first").await["value"],
+        7.0
+    );
+}
+
+#[tokio::test]
+async fn us915_confirmed_uplink_answered_on_rx1_channel() {
+    let server = Server::start().await;
+    let device = server.create_device("us915-ack").await;
+    let (status, body) = send_json(
+        &server,
+        "PUT",
+        &format!("/api/v1/devices/{}/lorawan", device.id),
+        Some(json!({
+            "dev_eui": "0000000000000a01", "activation": "abp", "region": "US915",
+            "dev_addr": "26010a01",
+            "nwk_s_key": hex::encode(NWK_S_KEY), "app_s_key": hex::encode(APP_S_KEY),
+        })),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let mut gateway = Gateway::start(&server, [1, 0, 0, 0, 0, 0, 0, 12], true).await;
+    assert!(gateway.pull().await);
+
+    // Uplink channel 9 (904.1 MHz) at DR2 (SF8BW125).
+    let phy = uplink(0x2601_0a01, 1, true, Some(2), b"\x01", &abp_keys());
+    let mut packet = rxpk(&phy, 9_000_000, -40, 7.0);
+    packet["freq"] = json!(904.1);
+    packet["datr"] = json!("SF8BW125");
+    assert!(gateway.push(vec![packet]).await);
+    let (_, txpk) = gateway
+        .pull_resp(Duration::from_secs(2))
+        .await
+        .expect("ACK downlink");
+    // RX1: downlink channel 9 mod 8 = 1 (923.9 MHz) at DR12 (SF8BW500).
+    assert_eq!(txpk.tmst, Some(10_000_000));
+    assert_eq!(txpk.freq, 923.9);
+    assert_eq!(txpk.datr, semtech::DataRateField::Lora("SF8BW500".into()));
+    assert_eq!(txpk.powe, 20);
+    let down = mac::open_data_down(&txpk.phy_payload(), &abp_keys(), 0).expect("downlink opens");
+    assert!(down.ack);
+}

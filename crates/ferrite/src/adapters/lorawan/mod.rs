@@ -42,9 +42,11 @@ use crate::warn_limit::WarnLimiter;
 
 /// Largest UDP datagram.
 const MAX_DATAGRAM: usize = 65_535;
-/// Uplinks handled at once; more are dropped and counted, so that a flood
-/// cannot exhaust memory or database connections.
-const MAX_UPLINKS_IN_FLIGHT: usize = 1024;
+/// Uplinks handled at once, counting those in their deduplication window;
+/// more are dropped and counted, so that a flood cannot exhaust memory.
+/// With the default 200 ms window this caps the rate at about 20,000
+/// uplinks/s.
+const MAX_UPLINKS_IN_FLIGHT: usize = 4096;
 /// Interval of writing gateways' last-seen times.
 const SEEN_FLUSH_INTERVAL: Duration = Duration::from_secs(5);
 
