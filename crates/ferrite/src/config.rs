@@ -223,6 +223,7 @@ pub struct LorawanConfig {
     /// NetID given to devices in join accepts, 6 hex digits; its 7 low
     /// bits become the top bits of every assigned DevAddr.
     pub net_id: String,
+    pub chirpstack_mqtt: ChirpstackMqttConfig,
 }
 
 /// When an acknowledgement is sent relative to the disk.
@@ -579,40 +580,140 @@ pub struct BrokerAddress {
 impl ActionsMqttConfig {
     /// Parses `url`; `Ok(None)` when no broker is configured.
     pub fn broker_address(&self) -> anyhow::Result<Option<BrokerAddress>> {
-        if self.url.trim().is_empty() {
+        parse_broker_url("actions.mqtt", &self.url)
+    }
+}
+
+/// Parses the `url` of the broker section `section` (`mqtt://host:port`);
+/// `Ok(None)` when it is empty.
+fn parse_broker_url(section: &str, url_text: &str) -> anyhow::Result<Option<BrokerAddress>> {
+    if url_text.trim().is_empty() {
+        return Ok(None);
+    }
+    let url = reqwest::Url::parse(url_text.trim()).with_context(|| {
+        format!("{section}.url {url_text:?} is not a URL; write one such as mqtt://127.0.0.1:1883")
+    })?;
+    anyhow::ensure!(
+        matches!(url.scheme(), "mqtt" | "tcp"),
+        "{section}.url {url_text:?} uses the scheme {:?}; only mqtt:// (plain TCP) is supported",
+        url.scheme()
+    );
+    anyhow::ensure!(
+        url.username().is_empty() && url.password().is_none(),
+        "{section}.url must not contain credentials; set {section}.username and {section}.password"
+    );
+    anyhow::ensure!(
+        matches!(url.path(), "" | "/") && url.query().is_none(),
+        "{section}.url {url_text:?} has a path or query; write only mqtt://host:port"
+    );
+    let host = url
+        .host_str()
+        .filter(|host| !host.is_empty())
+        .with_context(|| format!("{section}.url {url_text:?} has no host"))?;
+    // Brackets of an IPv6 literal are URL syntax, not part of the host.
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    Ok(Some(BrokerAddress {
+        host: host.to_owned(),
+        port: url.port().unwrap_or(1883),
+    }))
+}
+
+/// ChirpStack's MQTT integration: the broker that ChirpStack publishes
+/// device events to, which Ferrite subscribes to for uplinks.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ChirpstackMqttConfig {
+    /// `mqtt://host:port`; empty when the integration is off.
+    pub url: String,
+    /// Subscription with QoS 1; matching topics that do not end in
+    /// `/event/up` are acknowledged and ignored.
+    pub topic_filter: String,
+    /// MQTT client id. The session is persistent, so the id must stay the
+    /// same across restarts and be unique on the broker.
+    pub client_id: String,
+    /// User name; empty to connect without credentials.
+    pub username: String,
+    pub password: String,
+    /// Tenant id whose devices the uplinks may reach; empty for any
+    /// tenant, found by DevEUI, which is unique on a node.
+    pub tenant: String,
+    /// Keep-alive interval of the connection.
+    #[serde(with = "humantime_serde")]
+    pub keep_alive: Duration,
+}
+
+impl std::fmt::Debug for ChirpstackMqttConfig {
+    // Written out so that the password never reaches a log.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChirpstackMqttConfig")
+            .field("url", &self.url)
+            .field("topic_filter", &self.topic_filter)
+            .field("client_id", &self.client_id)
+            .field("username", &self.username)
+            .field(
+                "password",
+                &(!self.password.is_empty()).then_some("<redacted>"),
+            )
+            .field("tenant", &self.tenant)
+            .field("keep_alive", &self.keep_alive)
+            .finish()
+    }
+}
+
+impl Default for ChirpstackMqttConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            topic_filter: "application/+/device/+/event/up".to_owned(),
+            client_id: "ferrite-chirpstack".to_owned(),
+            username: String::new(),
+            password: String::new(),
+            tenant: String::new(),
+            keep_alive: Duration::from_secs(30),
+        }
+    }
+}
+
+impl ChirpstackMqttConfig {
+    /// Parses `url`; `Ok(None)` when the integration is off.
+    pub fn broker_address(&self) -> anyhow::Result<Option<BrokerAddress>> {
+        parse_broker_url("lorawan.chirpstack_mqtt", &self.url)
+    }
+
+    /// Parses `tenant`; `Ok(None)` for any tenant.
+    pub fn tenant_id(&self) -> anyhow::Result<Option<crate::ids::TenantId>> {
+        if self.tenant.trim().is_empty() {
             return Ok(None);
         }
-        let url = reqwest::Url::parse(self.url.trim()).with_context(|| {
-            format!(
-                "actions.mqtt.url {:?} is not a URL; write one such as mqtt://127.0.0.1:1883",
-                self.url
+        let tenant = self.tenant.trim().parse().map_err(|_| {
+            anyhow::anyhow!(
+                "lorawan.chirpstack_mqtt.tenant {:?} is not a tenant id; write the UUID of a tenant, or leave it empty for any tenant",
+                self.tenant
             )
         })?;
+        Ok(Some(tenant))
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        let section = "lorawan.chirpstack_mqtt";
+        if self.broker_address()?.is_none() {
+            return Ok(());
+        }
         anyhow::ensure!(
-            matches!(url.scheme(), "mqtt" | "tcp"),
-            "actions.mqtt.url {:?} uses the scheme {:?}; only mqtt:// (plain TCP) is supported",
-            self.url,
-            url.scheme()
+            !self.topic_filter.trim().is_empty(),
+            "{section}.topic_filter must not be empty"
         );
         anyhow::ensure!(
-            url.username().is_empty() && url.password().is_none(),
-            "actions.mqtt.url must not contain credentials; set actions.mqtt.username and actions.mqtt.password"
+            !self.client_id.trim().is_empty(),
+            "{section}.client_id must not be empty: the persistent session needs a fixed id"
         );
         anyhow::ensure!(
-            matches!(url.path(), "" | "/") && url.query().is_none(),
-            "actions.mqtt.url {:?} has a path or query; write only mqtt://host:port",
-            self.url
+            self.keep_alive >= Duration::from_secs(1)
+                && self.keep_alive <= Duration::from_secs(u16::MAX.into()),
+            "{section}.keep_alive must be from 1s to 65535s"
         );
-        let host = url
-            .host_str()
-            .filter(|host| !host.is_empty())
-            .with_context(|| format!("actions.mqtt.url {:?} has no host", self.url))?;
-        // Brackets of an IPv6 literal are URL syntax, not part of the host.
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        Ok(Some(BrokerAddress {
-            host: host.to_owned(),
-            port: url.port().unwrap_or(1883),
-        }))
+        self.tenant_id()?;
+        Ok(())
     }
 }
 
@@ -653,6 +754,7 @@ impl Default for LorawanConfig {
             deduplication_window: Duration::from_millis(200),
             max_f_cnt_gap: ferrite_lorawan::fcnt::MAX_FCNT_GAP,
             net_id: "000000".to_owned(),
+            chirpstack_mqtt: ChirpstackMqttConfig::default(),
         }
     }
 }
@@ -829,11 +931,12 @@ impl Default for ActionsMqttConfig {
 /// as the variable prefix and the path of tables. A nested section comes
 /// before its parent, so that `FERRITE_ACTIONS_MQTT_URL` sets
 /// `actions.mqtt.url` rather than `actions.mqtt_url`.
-const SECTIONS: [(&str, &[&str]); 14] = [
+const SECTIONS: [(&str, &[&str]); 15] = [
     ("http", &["http"]),
     ("mqtt", &["mqtt"]),
     ("coap_dtls", &["coap", "dtls"]),
     ("coap", &["coap"]),
+    ("lorawan_chirpstack_mqtt", &["lorawan", "chirpstack_mqtt"]),
     ("lorawan", &["lorawan"]),
     ("ingest_nats", &["ingest", "nats"]),
     ("ingest", &["ingest"]),
@@ -1020,6 +1123,7 @@ impl Config {
             "websocket.max_outgoing_messages must be at least 1"
         );
         self.coap.dtls.validate()?;
+        self.lorawan.chirpstack_mqtt.validate()?;
         Ok(())
     }
 }
@@ -1152,6 +1256,25 @@ deduplication_window = "200ms"
 max_f_cnt_gap = 16384
 # NetID in join accepts (6 hex digits); its 7 low bits start each DevAddr.
 net_id = "000000"
+
+[lorawan.chirpstack_mqtt]
+# ChirpStack's MQTT integration, see docs/protocols/lorawan-integrations.md.
+# Broker that ChirpStack publishes device events to, such as
+# "mqtt://127.0.0.1:1883" (no TLS). Empty: off.
+url = ""
+# Subscription (QoS 1); other matching topics than .../event/up are skipped.
+topic_filter = "application/+/device/+/event/up"
+# The session is persistent, so the broker keeps uplinks while Ferrite is
+# down: keep this id unique on the broker and the same across restarts.
+client_id = "ferrite-chirpstack"
+# Empty: connect without credentials. Environment:
+# FERRITE_LORAWAN_CHIRPSTACK_MQTT_USERNAME, ..._PASSWORD.
+username = ""
+password = ""
+# Tenant id whose devices uplinks may reach. Empty: any tenant, found by
+# DevEUI, which is unique on a node.
+tenant = ""
+keep_alive = "30s"
 
 [ingest]
 # Where accepted messages wait for the pipeline: "embedded" (segment files
@@ -1404,6 +1527,37 @@ mod tests {
             let error = format!("{:#}", broker(url).unwrap_err());
             assert!(error.contains(fragment), "{url}: {error}");
         }
+    }
+
+    #[test]
+    fn chirpstack_mqtt_settings_are_checked() {
+        let mut table = toml::Table::new();
+        let vars = [
+            (
+                "FERRITE_LORAWAN_CHIRPSTACK_MQTT_URL",
+                "mqtt://127.0.0.1:1883",
+            ),
+            ("FERRITE_LORAWAN_CHIRPSTACK_MQTT_PASSWORD", "secret"),
+            ("FERRITE_LORAWAN_CHIRPSTACK_MQTT_TENANT", "not-a-tenant"),
+        ]
+        .map(|(name, value)| (name.to_owned(), value.to_owned()));
+        apply_env(&mut table, vars.into_iter());
+        let config: Config = toml::Value::Table(table).try_into().unwrap();
+        let settings = &config.lorawan.chirpstack_mqtt;
+        assert_eq!(settings.url, "mqtt://127.0.0.1:1883");
+        assert!(!format!("{config:?}").contains("secret"));
+        let error = config.validate().unwrap_err().to_string();
+        assert!(error.contains("lorawan.chirpstack_mqtt.tenant"), "{error}");
+
+        let mut config = config.clone();
+        config.lorawan.chirpstack_mqtt.tenant = String::new();
+        config.validate().expect("any tenant is valid");
+        config.lorawan.chirpstack_mqtt.client_id = " ".into();
+        let error = config.validate().unwrap_err().to_string();
+        assert!(error.contains("client_id"), "{error}");
+        config.lorawan.chirpstack_mqtt.url = "mqtts://broker".into();
+        let error = format!("{:#}", config.validate().unwrap_err());
+        assert!(error.contains("lorawan.chirpstack_mqtt.url"), "{error}");
     }
 
     #[test]

@@ -61,6 +61,8 @@ pub struct AppState {
     pub device_socket_slots: Arc<tokio::sync::Semaphore>,
     /// Runs the actions of alarm rules and records their deliveries.
     pub actions: Actions,
+    /// Stores uplinks from ChirpStack and The Things Stack.
+    pub lorawan_integrations: Arc<adapters::lorawan_integrations::IntegrationContext>,
     /// Seals and opens secrets stored in the metadata database.
     pub master_key: Arc<crate::encryption::MasterKey>,
     /// DTLS credentials of the devices, mirrored for the DTLS listener; the
@@ -264,7 +266,14 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
     let mqtt_server =
         adapters::mqtt::MqttServer::new(mqtt_context, mqtt_router.clone(), shutdown.clone());
 
+    let lorawan_integrations = Arc::new(adapters::lorawan_integrations::IntegrationContext {
+        metadata: metadata.clone(),
+        ingest: ingest.clone(),
+        seen: seen.clone(),
+        recent: Default::default(),
+    });
     let state = Arc::new(AppState {
+        lorawan_integrations: lorawan_integrations.clone(),
         flush_requests: pipeline.flush_requests(),
         config: config.clone(),
         auth: auth.clone(),
@@ -327,6 +336,8 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
         coap_context.clone(),
         shutdown.clone(),
     ));
+    let chirpstack_mqtt_tasks =
+        start_chirpstack_mqtt(&config, lorawan_integrations, shutdown.clone())?;
     let lorawan_context = Arc::new(adapters::lorawan::LorawanContext {
         config: config.lorawan.clone(),
         metadata: metadata.clone(),
@@ -365,6 +376,9 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
     if let Some(task) = coaps_task {
         let _ = task.await;
     }
+    for task in chirpstack_mqtt_tasks {
+        let _ = task.await;
+    }
     log_control.shutdown().await;
     tokio::task::spawn_blocking(move || pipeline.finish()).await?;
     // The workers are gone, so the alarm manager's queue has closed.
@@ -376,6 +390,32 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
     metadata.close().await;
     tracing::info!("Ferrite stopped");
     Ok(())
+}
+
+/// Starts the client of ChirpStack's MQTT integration when
+/// `lorawan.chirpstack_mqtt.url` is set.
+fn start_chirpstack_mqtt(
+    config: &Config,
+    context: Arc<adapters::lorawan_integrations::IntegrationContext>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    use adapters::lorawan_integrations::{TenantScope, mqtt};
+
+    let settings = &config.lorawan.chirpstack_mqtt;
+    let Some(broker) = settings.broker_address()? else {
+        return Ok(Vec::new());
+    };
+    let scope = match settings.tenant_id()? {
+        Some(tenant) => TenantScope::Only(tenant),
+        None => TenantScope::Any,
+    };
+    Ok(mqtt::start(
+        settings.clone(),
+        broker,
+        scope,
+        context,
+        shutdown,
+    ))
 }
 
 async fn wait_for_signal() {

@@ -6,5 +6,6 @@
 pub mod coap;
 pub mod http;
 pub mod lorawan;
+pub mod lorawan_integrations;
 pub mod mqtt;
 pub mod websocket;

@@ -202,3 +202,22 @@ impl From<crate::store::StoreError> for ApiError {
         Self::internal()
     }
 }
+
+impl From<crate::adapters::lorawan_integrations::AcceptError> for ApiError {
+    fn from(error: crate::adapters::lorawan_integrations::AcceptError) -> Self {
+        use crate::adapters::lorawan_integrations::AcceptError;
+        match error {
+            AcceptError::UnknownDevEui { .. } => Self::not_found(error.to_string()),
+            AcceptError::InFlight { .. } => Self {
+                retry_after: Some(1),
+                ..Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "Service unavailable",
+                    error.to_string(),
+                )
+            },
+            AcceptError::Ingest(error) => error.into(),
+            AcceptError::Metadata(error) => error.into(),
+        }
+    }
+}

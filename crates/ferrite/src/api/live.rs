@@ -1050,7 +1050,15 @@ mod tests {
             mqtt_router.clone(),
             CancellationToken::new(),
         );
+        let lorawan_integrations =
+            Arc::new(crate::adapters::lorawan_integrations::IntegrationContext {
+                metadata: metadata.clone(),
+                ingest: ingest.clone(),
+                seen: seen.clone(),
+                recent: Default::default(),
+            });
         let state = Arc::new(AppState {
+            lorawan_integrations,
             config,
             auth,
             metadata,

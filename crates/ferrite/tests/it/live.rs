@@ -161,7 +161,7 @@ async fn publish_mqtt(server: &Server, device: &TestDevice, payload: Value) {
 
 /// Signs an access token for a tenant that is not the server's, with the
 /// server's own signing key: valid credentials of another tenant.
-fn other_tenant_token(server: &Server) -> String {
+pub(crate) fn other_tenant_token(server: &Server) -> String {
     let key = std::fs::read(server.data_dir.join("jwt.key")).expect("signing key");
     let now = jsonwebtoken::get_current_timestamp();
     let claims = json!({

@@ -11,6 +11,7 @@ mod fleet;
 mod http;
 mod live;
 mod lorawan;
+mod lorawan_integrations;
 mod mqtt;
 mod mqtt_broker;
 mod mqtt_conformance;

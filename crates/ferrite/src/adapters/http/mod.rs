@@ -1,5 +1,6 @@
-//! The HTTP listener: device telemetry (JSON), InfluxDB line protocol, the
-//! REST API, `/healthz` and `/metrics`.
+//! The HTTP listener: device telemetry (JSON), InfluxDB line protocol,
+//! uplinks from other LoRaWAN network servers, the REST API, `/healthz` and
+//! `/metrics`.
 //!
 //! Device endpoints follow ThingsBoard's HTTP device API
 //! (`POST /api/v1/{access_token}/telemetry`) so existing firmware works, and
@@ -7,7 +8,7 @@
 //! and the InfluxDB client libraries can write. Bodies may be gzip-encoded;
 //! the size limit applies after decompression.
 
-mod body;
+pub(crate) mod body;
 mod line_protocol;
 mod telemetry;
 
@@ -32,6 +33,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::decompression::RequestDecompressionLayer;
 use tower_http::timeout::TimeoutLayer;
 
+use crate::adapters::lorawan_integrations;
 use crate::adapters::websocket;
 use crate::api;
 use crate::server::AppState;
@@ -56,6 +58,14 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v2/write", post(line_protocol::write))
         .route("/mqtt", get(websocket::mqtt_endpoint))
         .route("/api/v1/devices/ws", get(websocket::device_endpoint))
+        .route(
+            "/api/v1/integrations/chirpstack",
+            post(lorawan_integrations::http::chirpstack),
+        )
+        .route(
+            "/api/v1/integrations/tts",
+            post(lorawan_integrations::http::tts),
+        )
         .merge(api::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
