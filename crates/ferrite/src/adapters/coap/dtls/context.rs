@@ -219,26 +219,48 @@ unsafe extern "C" {
 const DTLS_CTRL_HANDLE_TIMEOUT: c_int = 74;
 
 /// Calls `DTLSv1_listen` and returns whether the datagram was a ClientHello
-/// with a valid cookie.
+/// with a valid cookie. Clears the thread's OpenSSL error queue on every
+/// path.
 fn dtls_listen(ssl: &SslRef) -> bool {
     // SAFETY: `ssl` is a live SSL object with its BIO attached by
     // `SslStream::new`. DTLSv1_listen writes the client address into the
     // BIO_ADDR (or clears it, as for this BIO), which is freed right after.
-    unsafe {
+    // When it rejects a datagram it pushes errors onto the calling thread's
+    // error queue, which the caller must clear.
+    let result = unsafe {
         let address = BIO_ADDR_new();
         if address.is_null() {
+            clear_error_queue();
             return false;
         }
         let result = DTLSv1_listen(ssl.as_ptr(), address);
         BIO_ADDR_free(address);
-        result == 1
-    }
+        result
+    };
+    // A malformed ClientHello from anyone leaves errors here. Left on the
+    // queue, they make `SSL_get_error` of the next session that runs on this
+    // thread return `SSL_ERROR_SSL` instead of "want read", which ends that
+    // unrelated session.
+    clear_error_queue();
+    result == 1
+}
+
+/// Empties the calling thread's OpenSSL error queue (`ERR_clear_error`).
+/// `SSL_get_error` reports `SSL_ERROR_SSL` whenever the queue is not empty,
+/// so every SSL call of a session starts with an empty queue: errors left
+/// by another session or another OpenSSL user of this worker thread must
+/// not end it.
+pub fn clear_error_queue() {
+    // SAFETY: ERR_clear_error takes no argument and only touches the
+    // calling thread's error queue.
+    unsafe { openssl_sys::ERR_clear_error() }
 }
 
 /// Retransmits the last flight when OpenSSL's retransmission timer has
 /// expired (`DTLSv1_handle_timeout`). Returns false when the handshake gave
 /// up after too many retransmissions.
 pub fn handle_retransmission_timer(ssl: &SslRef) -> bool {
+    clear_error_queue();
     // SAFETY: `ssl` is a live SSL object; the control takes no argument.
     let result = unsafe {
         openssl_sys::SSL_ctrl(

@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::context::{
-    CertificateIdentity, DatagramPipe, PskOutcome, certificate_identity,
+    CertificateIdentity, DatagramPipe, PskOutcome, certificate_identity, clear_error_queue,
     handle_retransmission_timer, psk_outcome,
 };
 use super::{DatagramHandler, Input, Shared, events};
@@ -95,6 +95,7 @@ impl<H: DatagramHandler> Session<H> {
     async fn handshake(&mut self) -> Result<(), &'static str> {
         let deadline = Instant::now() + self.shared.config.handshake_timeout;
         loop {
+            clear_error_queue();
             let step = self.stream.accept();
             self.flush();
             match step {
@@ -295,6 +296,7 @@ impl<H: DatagramHandler> Session<H> {
         // sessions cost no plaintext buffer.
         let mut plaintext = vec![0u8; MAX_PLAINTEXT];
         loop {
+            clear_error_queue();
             let read = self.stream.ssl_read(&mut plaintext);
             // Reading can write: a retransmitted final flight, or the
             // reply to close_notify.
@@ -322,6 +324,7 @@ impl<H: DatagramHandler> Session<H> {
     }
 
     fn send(&mut self, message: &[u8]) {
+        clear_error_queue();
         if let Err(error) = self.stream.ssl_write(message) {
             tracing::debug!(%error, "cannot encrypt a CoAP message for the peer");
             events::datagram_dropped("send_failed");
@@ -332,6 +335,7 @@ impl<H: DatagramHandler> Session<H> {
     /// Sends close_notify without waiting for the peer's reply, which
     /// RFC 5246 §7.2.1 allows.
     fn close(&mut self) {
+        clear_error_queue();
         let _ = self.stream.shutdown();
         self.flush();
     }

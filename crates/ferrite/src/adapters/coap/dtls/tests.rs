@@ -660,3 +660,39 @@ async fn ca_certificate_for_unknown_device_is_closed() {
     }
     harness.wait_for_sessions(0).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_hellos_leave_sessions_open() {
+    let harness = start(test_config(), None).await;
+    let mut streams = Vec::new();
+    for index in 0..3 {
+        let name = format!("sensor-{index}");
+        let device = harness.device(&name).await;
+        harness.set_psk(device, &name, b"0123456789abcdef").await;
+        let stream = connect(psk_context(&name, b"0123456789abcdef"), harness.addr)
+            .await
+            .expect("handshake");
+        streams.push((name, stream));
+    }
+
+    // A ClientHello record whose handshake header is cut short: the
+    // listener passes it to DTLSv1_listen, which rejects it and leaves
+    // "length mismatch" on the thread's OpenSSL error queue.
+    let malformed = [22, 0xfe, 0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 1, 0];
+    let attacker = StdUdpSocket::bind("127.0.0.1:0").unwrap();
+    for round in 0..20 {
+        for _ in 0..3 {
+            attacker.send_to(&malformed, harness.addr).unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let mut next = Vec::new();
+        for (name, stream) in streams {
+            let message = format!("round-{round}");
+            let (stream, reply) = exchange(stream, message.as_bytes()).await;
+            assert_eq!(reply, format!("{name}:{message}").as_bytes());
+            next.push((name, stream));
+        }
+        streams = next;
+    }
+    assert_eq!(harness.sessions.len(), 3);
+}
