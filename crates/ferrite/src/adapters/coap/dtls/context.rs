@@ -419,28 +419,33 @@ pub enum CertificateIdentity {
     CommonName(DeviceId),
 }
 
-/// Finds the device of the client certificate of a finished handshake:
-/// first by registered fingerprint, then, when the chain was verified
-/// against `ca_file`, by the subject CN as a device id. Returns `None` when
-/// there is no certificate or it names no device.
+/// Finds the device of the client certificate of a finished handshake.
+/// Returns `None` when there is no certificate or it names no device.
+///
+/// A certificate that chains to `ca_file` and whose subject CN is a device
+/// id names that device, even when its fingerprint is registered on another
+/// device. A client certificate is public (DTLS 1.2 sends it in the clear),
+/// so registering it must not move its device elsewhere, possibly into
+/// another tenant. Any other certificate names the device that its
+/// fingerprint is registered on.
 pub fn certificate_identity(
     ssl: &SslRef,
     credentials: &DtlsCredentials,
     ca_configured: bool,
 ) -> Option<CertificateIdentity> {
     let certificate = ssl.peer_certificate()?;
+    let ca_verified = ca_configured && ssl.verify_result() == X509VerifyResult::OK;
+    if ca_verified
+        && let Some(device) = common_name(&certificate).and_then(|name| name.parse().ok())
+    {
+        return Some(CertificateIdentity::CommonName(device));
+    }
     let digest = fingerprint(&certificate)?;
-    if let Some(owner) = credentials.certificate(&digest) {
-        return Some(CertificateIdentity::Registered {
-            owner,
-            fingerprint: digest,
-        });
-    }
-    if !ca_configured || ssl.verify_result() != X509VerifyResult::OK {
-        return None;
-    }
-    let device = common_name(&certificate)?.parse().ok()?;
-    Some(CertificateIdentity::CommonName(device))
+    let owner = credentials.certificate(&digest)?;
+    Some(CertificateIdentity::Registered {
+        owner,
+        fingerprint: digest,
+    })
 }
 
 /// Datagrams between a session's `SslStream` and the UDP socket. OpenSSL

@@ -21,11 +21,13 @@
 //!   [`crate::auth::dtls::DtlsCredentials`]; an unknown identity ends the
 //!   handshake with `unknown_psk_identity`.
 //! - ECDHE-ECDSA suites (when `cert_file` is set): the client must send a
-//!   certificate. A certificate whose SHA-256 fingerprint is registered on a
-//!   device authenticates that device, whoever issued it. Otherwise the
-//!   certificate must chain to `ca_file`, and its subject CN must be the id
-//!   (UUID) of a device of any tenant. The CN is the device id rather than
-//!   the name because names are unique only within a tenant.
+//!   certificate. A certificate that chains to `ca_file` and whose subject
+//!   CN is the id (UUID) of a device authenticates that device, in any
+//!   tenant. The CN is the device id rather than the name because names
+//!   are unique only within a tenant. Any other certificate must have its
+//!   SHA-256 fingerprint registered on a device, and authenticates that
+//!   device whoever issued it. The CN path comes first so that registering
+//!   someone else's (public) certificate cannot move their device.
 //!
 //! ## Limits
 //! `max_sessions` and `max_handshakes` bound the state kept; ClientHellos
@@ -71,8 +73,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-pub use context::fingerprint;
 use context::{DtlsContext, ListenOutcome};
+pub use context::{common_name, fingerprint};
 use record::FirstRecord;
 
 use super::transport::{DatagramSink, PeerAuth};

@@ -696,3 +696,21 @@ async fn malformed_hellos_leave_sessions_open() {
     }
     assert_eq!(harness.sessions.len(), 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ca_common_name_wins_over_registration() {
+    let pki = Pki::new();
+    let harness = start(test_config(), Some(&pki)).await;
+    let named = harness.device("camera-named").await;
+    let other = harness.device("camera-other").await;
+    let (cert, key) = pki.issue(&named.to_string());
+    // Registered on another device straight in the store, past the API's
+    // check of the CN.
+    harness.register(other, &cert).await;
+
+    let stream = connect(certificate_context(&cert, &key), harness.addr)
+        .await
+        .expect("handshake with a CA-signed certificate");
+    let (_stream, reply) = exchange(stream, b"hi").await;
+    assert_eq!(reply, b"camera-named:hi");
+}
