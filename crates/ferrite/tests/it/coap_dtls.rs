@@ -724,3 +724,42 @@ async fn credential_conflicts_hide_the_holder() {
         assert!(!detail.contains(&first_a.id), "{detail}");
     }
 }
+
+#[tokio::test]
+async fn malformed_hellos_end_no_session() {
+    let server = Server::start().await;
+    let mut sessions = Vec::new();
+    for index in 0..3 {
+        let device = server
+            .create_device(&format!("dtls-survivor-{index}"))
+            .await;
+        let identity = format!("dtls-survivor-{index}");
+        set_psk(&server, &device, &identity).await;
+        let stream = connect(psk_client(&identity, KEY_HEX), server.coaps_addr)
+            .await
+            .expect("PSK handshake");
+        sessions.push(stream);
+    }
+
+    // A ClientHello whose handshake header is cut short, from an address
+    // without a session: OpenSSL rejects it in the stateless listen step.
+    let malformed = [22, 0xfe, 0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 1, 0];
+    let attacker = UdpSocket::bind("127.0.0.1:0").unwrap();
+    for round in 0..10u16 {
+        for _ in 0..3 {
+            attacker.send_to(&malformed, server.coaps_addr).unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let mut next = Vec::new();
+        for stream in sessions {
+            let payload = format!(r#"{{"round": {round}}}"#);
+            let (stream, code, body) =
+                request(stream, post("/telemetry", payload.as_bytes(), round + 1)).await;
+            assert_eq!(code, "2.04", "round {round}: {body}");
+            next.push(stream);
+        }
+        sessions = next;
+    }
+    let closed = metric(&server, "ferrite_coap_dtls_sessions_closed_total").await;
+    assert_eq!(closed, 0.0, "sessions closed during the flood");
+}

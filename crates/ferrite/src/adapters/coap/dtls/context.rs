@@ -247,9 +247,9 @@ fn dtls_listen(ssl: &SslRef) -> bool {
 
 /// Empties the calling thread's OpenSSL error queue (`ERR_clear_error`).
 /// `SSL_get_error` reports `SSL_ERROR_SSL` whenever the queue is not empty,
-/// so every SSL call of a session starts with an empty queue: errors left
-/// by another session or another OpenSSL user of this worker thread must
-/// not end it.
+/// so each SSL call of a session starts with an empty queue. Errors left by
+/// another session or another OpenSSL user of this worker thread then
+/// cannot end it.
 pub fn clear_error_queue() {
     // SAFETY: ERR_clear_error takes no argument and only touches the
     // calling thread's error queue.

@@ -96,7 +96,7 @@ const SESSION_QUEUE: usize = 64;
 /// record of [`MAX_DATAGRAM`] or about 25 CoAP datagrams of 1 280 bytes.
 const SESSION_QUEUE_BYTES: usize = 32 * 1024;
 /// Bytes queued over all sessions. Without it, `max_sessions` full
-/// session queues could hold about 320 MiB at the default of 10 000.
+/// session queues could hold about 312 MiB at the default of 10 000.
 const TOTAL_QUEUE_BYTES: usize = 32 * 1024 * 1024;
 /// Time after which a session checks again that its credential and device
 /// still exist, the same bound as for cached access tokens.
