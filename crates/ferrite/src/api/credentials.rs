@@ -15,6 +15,7 @@ use serde_json::json;
 use super::ApiError;
 use super::devices::device_id;
 use crate::auth::Principal;
+use crate::ids::DeviceId;
 use crate::metadata::credentials::{NewCertificate, StoredPsk, psk_seal_context};
 use crate::metadata::{MetadataStore, Role};
 use crate::server::AppState;
@@ -153,8 +154,11 @@ struct CertificateRequest {
     pem: String,
 }
 
-/// Parses one PEM certificate and returns what is stored of it.
-fn parse_certificate(pem: &str) -> Result<NewCertificate, ApiError> {
+/// Parses one PEM certificate to register on `device` and returns what is
+/// stored of it. A certificate whose subject CN is a device id may be
+/// registered only on that device, because the DTLS listener lets a
+/// CA-verified CN name its device before any registered fingerprint.
+fn parse_certificate(pem: &str, device: DeviceId) -> Result<NewCertificate, ApiError> {
     let invalid = |detail: String| ApiError::invalid_param("pem", detail);
     if pem.len() > MAX_PEM_BYTES {
         return Err(invalid(format!(
@@ -178,6 +182,15 @@ fn parse_certificate(pem: &str) -> Result<NewCertificate, ApiError> {
         return Err(invalid(format!(
             "the certificate expired at {}; issue a new one",
             certificate.not_after()
+        )));
+    }
+    let named_device = crate::adapters::coap::dtls::common_name(certificate)
+        .and_then(|name| name.parse::<DeviceId>().ok());
+    if let Some(named_device) = named_device
+        && named_device != device
+    {
+        return Err(invalid(format!(
+            "the certificate's subject CN is the device id {named_device}, not {device}; register it on device {named_device}, or issue a certificate whose CN is {device}"
         )));
     }
     let fingerprint =
@@ -225,7 +238,7 @@ pub async fn add_certificate(
             "the body must be a JSON object with \"pem\", the device's certificate in PEM: {error}"
         ))
     })?;
-    let certificate = parse_certificate(&request.pem)?;
+    let certificate = parse_certificate(&request.pem, id)?;
     let stored = state
         .metadata
         .add_device_certificate(principal.tenant_id, id, &certificate)
@@ -320,9 +333,53 @@ mod tests {
         assert_eq!(error.status, StatusCode::BAD_REQUEST);
     }
 
+    /// A self-signed P-256 certificate with subject `CN={common_name}`.
+    fn self_signed_pem(common_name: &str) -> String {
+        use openssl::ec::{EcGroup, EcKey};
+        use openssl::nid::Nid;
+        use openssl::pkey::PKey;
+
+        let group = EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).unwrap();
+        let key = PKey::from_ec_key(EcKey::generate(&group).unwrap()).unwrap();
+        let mut name = openssl::x509::X509NameBuilder::new().unwrap();
+        name.append_entry_by_nid(Nid::COMMONNAME, common_name)
+            .unwrap();
+        let name = name.build();
+        let mut builder = X509::builder().unwrap();
+        builder.set_version(2).unwrap();
+        builder.set_subject_name(&name).unwrap();
+        builder.set_issuer_name(&name).unwrap();
+        builder.set_pubkey(&key).unwrap();
+        let not_before = openssl::asn1::Asn1Time::days_from_now(0).unwrap();
+        let not_after = openssl::asn1::Asn1Time::days_from_now(1).unwrap();
+        builder.set_not_before(&not_before).unwrap();
+        builder.set_not_after(&not_after).unwrap();
+        builder
+            .sign(&key, openssl::hash::MessageDigest::sha256())
+            .unwrap();
+        String::from_utf8(builder.build().to_pem().unwrap()).unwrap()
+    }
+
     #[test]
     fn certificate_pem_is_checked() {
-        let error = parse_certificate("not a pem").expect_err("garbage");
+        let device = DeviceId::new_random();
+        let error = parse_certificate("not a pem", device).expect_err("garbage");
         assert_eq!(error.param, Some("pem"));
+
+        let other_device = DeviceId::new_random();
+        let pem = self_signed_pem(&other_device.to_string());
+        let error = parse_certificate(&pem, device).expect_err("CN of another device");
+        assert_eq!(error.param, Some("pem"));
+        assert!(
+            error.detail.contains(&other_device.to_string()),
+            "{}",
+            error.detail
+        );
+
+        let pem = self_signed_pem(&device.to_string());
+        let parsed = parse_certificate(&pem, device).expect("CN of this device");
+        assert!(parsed.subject.contains(&device.to_string()));
+        let pem = self_signed_pem("camera-1");
+        parse_certificate(&pem, device).expect("CN that is not a device id");
     }
 }

@@ -87,7 +87,7 @@ pub struct NewCertificate {
 
 impl SqliteMetadata {
     /// Sets or replaces the device's pre-shared key. Fails with a conflict
-    /// when another device already uses `identity`.
+    /// when another device of any tenant already uses `identity`.
     pub async fn set_device_psk(
         &self,
         tenant: TenantId,
@@ -121,8 +121,10 @@ impl SqliteMetadata {
         match result {
             Ok(_) => {}
             Err(error) if is_unique_violation(&error) => {
+                // The same words whichever device and tenant hold the
+                // identity, so that the reply tells nothing about them.
                 return Err(MetadataError::Conflict(
-                    "another device already uses this PSK identity; PSK identities are unique across all tenants, so choose another one".to_owned(),
+                    "this PSK identity is already in use; PSK identities are unique across the server, so choose another one, for example one that starts with your tenant id".to_owned(),
                 ));
             }
             Err(error) => return Err(error.into()),
@@ -214,8 +216,10 @@ impl SqliteMetadata {
         match result {
             Ok(_) => {}
             Err(error) if is_unique_violation(&error) => {
+                // The same words whichever device and tenant hold the
+                // certificate, so that the reply tells nothing about them.
                 return Err(MetadataError::Conflict(format!(
-                    "the certificate with SHA-256 fingerprint {} is already registered; delete it first to move it to another device",
+                    "the certificate with SHA-256 fingerprint {} is already registered on a device; a certificate can be registered on only one device of the server, so delete it from your device that has it or issue a new certificate",
                     hex::encode(certificate.fingerprint)
                 )));
             }

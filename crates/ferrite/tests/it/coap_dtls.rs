@@ -164,9 +164,21 @@ async fn api(
     path: &str,
     body: Option<Value>,
 ) -> (u16, Value) {
+    let token = server.admin_token().await;
+    api_as(server, &token, method, path, body).await
+}
+
+/// Sends a REST request with `token` as the bearer credential.
+async fn api_as(
+    server: &Server,
+    token: &str,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
     let mut request = reqwest::Client::new()
         .request(method, format!("{}{path}", server.http_url))
-        .bearer_auth(server.admin_token().await);
+        .bearer_auth(token);
     if let Some(body) = body {
         request = request.json(&body);
     }
@@ -521,4 +533,233 @@ async fn certificates_authenticate_devices() {
         )
         .await
     );
+}
+
+/// Adds a second tenant straight into SQLite, as the API has no endpoint
+/// for tenants, and returns an admin API key of it.
+async fn admin_key_of_new_tenant(server: &Server) -> String {
+    use sha2::Digest;
+
+    let key = format!("fak_{}", uuid::Uuid::new_v4().simple());
+    let key_hash: [u8; 32] = sha2::Sha256::digest(key.as_bytes()).into();
+    let url = format!("sqlite://{}", server.data_dir.join("metadata.db").display());
+    let pool = sqlx::SqlitePool::connect(&url)
+        .await
+        .expect("open the metadata database");
+    let tenant_id = uuid::Uuid::now_v7().to_string();
+    sqlx::query("INSERT INTO tenants (id, name, created_at) VALUES (?, ?, 0)")
+        .bind(&tenant_id)
+        .bind(format!("tenant-b-{tenant_id}"))
+        .execute(&pool)
+        .await
+        .expect("insert a tenant");
+    sqlx::query(concat!(
+        "INSERT INTO api_keys (id, tenant_id, name, key_hash, role, created_at) ",
+        "VALUES (?, ?, 'tenant-b-admin', ?, 'admin', 0)"
+    ))
+    .bind(uuid::Uuid::now_v7().to_string())
+    .bind(&tenant_id)
+    .bind(&key_hash[..])
+    .execute(&pool)
+    .await
+    .expect("insert an API key");
+    pool.close().await;
+    key
+}
+
+/// Creates a device through the API with `token` and returns its id.
+async fn create_device_as(server: &Server, token: &str, name: &str) -> String {
+    let (status, body) = api_as(
+        server,
+        token,
+        reqwest::Method::POST,
+        "/api/v1/devices",
+        Some(json!({"name": name})),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    body["id"].as_str().unwrap().to_owned()
+}
+
+/// Returns the latest value of `key` of a device, read with `token`.
+async fn latest_value_as(server: &Server, token: &str, device_id: &str, key: &str) -> Value {
+    let path = format!("/api/v1/devices/{device_id}/telemetry/latest");
+    let (status, body) = api_as(server, token, reqwest::Method::GET, &path, None).await;
+    assert_eq!(status, 200, "{body}");
+    body[key]["value"].clone()
+}
+
+fn pem_of(cert: &X509) -> String {
+    String::from_utf8(cert.to_pem().unwrap()).unwrap()
+}
+
+#[tokio::test]
+async fn ca_certificate_cannot_be_taken_by_other_tenant() {
+    let (server, pki, _files) = start_with_certificates().await;
+    let tenant_b = admin_key_of_new_tenant(&server).await;
+    let device_b = create_device_as(&server, &tenant_b, "dtls-tenant-b").await;
+    let device_a = server.create_device("dtls-tenant-a").await;
+    let (cert_b, key_b) = pki.issue(&device_b);
+
+    let stream = connect(certificate_client(&cert_b, &key_b), server.coaps_addr)
+        .await
+        .expect("handshake with a CA-signed certificate");
+    let (_stream, code, payload) = request(stream, post("/telemetry", br#"{"probe": 1}"#, 1)).await;
+    assert_eq!(code, "2.04", "{payload}");
+    let stored = wait_until(
+        || async { latest_value_as(&server, &tenant_b, &device_b, "probe").await == json!(1) },
+        STORE_WAIT,
+    )
+    .await;
+    assert!(stored, "the first value on tenant B's device");
+
+    // Tenant A registers tenant B's public certificate on its own device.
+    let path = format!("/api/v1/devices/{}/credentials/certificates", device_a.id);
+    let (status, body) = api(
+        &server,
+        reqwest::Method::POST,
+        &path,
+        Some(json!({"pem": pem_of(&cert_b)})),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["param"], "pem", "{body}");
+
+    let stream = connect(certificate_client(&cert_b, &key_b), server.coaps_addr)
+        .await
+        .expect("handshake after the rejected registration");
+    let (_stream, code, payload) = request(stream, post("/telemetry", br#"{"probe": 2}"#, 1)).await;
+    assert_eq!(code, "2.04", "{payload}");
+    let stored = wait_until(
+        || async { latest_value_as(&server, &tenant_b, &device_b, "probe").await == json!(2) },
+        STORE_WAIT,
+    )
+    .await;
+    assert!(stored, "the second value on tenant B's device");
+    assert!(
+        server.latest(&device_a.id).await.get("probe").is_none(),
+        "tenant A's device received tenant B's value"
+    );
+}
+
+#[tokio::test]
+async fn credential_conflicts_hide_the_holder() {
+    let (server, _pki, _files) = start_with_certificates().await;
+    let tenant_b = admin_key_of_new_tenant(&server).await;
+    let device_b = create_device_as(&server, &tenant_b, "dtls-holder-b").await;
+    let first_a = server.create_device("dtls-holder-a1").await;
+    let second_a = server.create_device("dtls-holder-a2").await;
+
+    // PSK identities: held in tenant B, and held by a device of tenant A.
+    let psk_path = |device: &str| format!("/api/v1/devices/{device}/credentials/psk");
+    let psk = |identity: &str| Some(json!({"identity": identity, "key": KEY_HEX}));
+    let (status, body) = api_as(
+        &server,
+        &tenant_b,
+        reqwest::Method::PUT,
+        &psk_path(&device_b),
+        psk("held-by-b"),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    set_psk(&server, &first_a, "held-by-a").await;
+    let (status, other_tenant) = api(
+        &server,
+        reqwest::Method::PUT,
+        &psk_path(&second_a.id),
+        psk("held-by-b"),
+    )
+    .await;
+    assert_eq!(status, 409, "{other_tenant}");
+    let (status, same_tenant) = api(
+        &server,
+        reqwest::Method::PUT,
+        &psk_path(&second_a.id),
+        psk("held-by-a"),
+    )
+    .await;
+    assert_eq!(status, 409, "{same_tenant}");
+    assert_eq!(other_tenant, same_tenant);
+
+    // Certificates: the reply differs only in the fingerprint.
+    let cert_path = |device: &str| format!("/api/v1/devices/{device}/credentials/certificates");
+    let register = |token: String, device: String, cert: X509| {
+        let server = &server;
+        async move {
+            api_as(
+                server,
+                &token,
+                reqwest::Method::POST,
+                &cert_path(&device),
+                Some(json!({"pem": pem_of(&cert)})),
+            )
+            .await
+        }
+    };
+    let cert_b = certificate("held-by-b", &ec_key(), None, false);
+    let cert_a = certificate("held-by-a", &ec_key(), None, false);
+    let admin = server.admin_token().await;
+    let (status, body) = register(tenant_b.clone(), device_b.clone(), cert_b.clone()).await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = register(admin.clone(), first_a.id.clone(), cert_a.clone()).await;
+    assert_eq!(status, 201, "{body}");
+    let (status, other_tenant) = register(admin.clone(), second_a.id.clone(), cert_b.clone()).await;
+    assert_eq!(status, 409, "{other_tenant}");
+    let (status, same_tenant) = register(admin, second_a.id.clone(), cert_a.clone()).await;
+    assert_eq!(status, 409, "{same_tenant}");
+    let without_fingerprint = |body: &Value, cert: &X509| {
+        let fingerprint = hex::encode(cert.digest(MessageDigest::sha256()).unwrap());
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .replace(&fingerprint, "<fingerprint>")
+    };
+    assert_eq!(
+        without_fingerprint(&other_tenant, &cert_b),
+        without_fingerprint(&same_tenant, &cert_a)
+    );
+    for body in [&other_tenant, &same_tenant] {
+        let detail = body["detail"].as_str().unwrap();
+        assert!(!detail.contains(&device_b), "{detail}");
+        assert!(!detail.contains(&first_a.id), "{detail}");
+    }
+}
+
+#[tokio::test]
+async fn malformed_hellos_end_no_session() {
+    let server = Server::start().await;
+    let mut sessions = Vec::new();
+    for index in 0..3 {
+        let device = server
+            .create_device(&format!("dtls-survivor-{index}"))
+            .await;
+        let identity = format!("dtls-survivor-{index}");
+        set_psk(&server, &device, &identity).await;
+        let stream = connect(psk_client(&identity, KEY_HEX), server.coaps_addr)
+            .await
+            .expect("PSK handshake");
+        sessions.push(stream);
+    }
+
+    // A ClientHello whose handshake header is cut short, from an address
+    // without a session: OpenSSL rejects it in the stateless listen step.
+    let malformed = [22, 0xfe, 0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 1, 0];
+    let attacker = UdpSocket::bind("127.0.0.1:0").unwrap();
+    for round in 0..10u16 {
+        for _ in 0..3 {
+            attacker.send_to(&malformed, server.coaps_addr).unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let mut next = Vec::new();
+        for stream in sessions {
+            let payload = format!(r#"{{"round": {round}}}"#);
+            let (stream, code, body) =
+                request(stream, post("/telemetry", payload.as_bytes(), round + 1)).await;
+            assert_eq!(code, "2.04", "round {round}: {body}");
+            next.push(stream);
+        }
+        sessions = next;
+    }
+    let closed = metric(&server, "ferrite_coap_dtls_sessions_closed_total").await;
+    assert_eq!(closed, 0.0, "sessions closed during the flood");
 }

@@ -219,26 +219,48 @@ unsafe extern "C" {
 const DTLS_CTRL_HANDLE_TIMEOUT: c_int = 74;
 
 /// Calls `DTLSv1_listen` and returns whether the datagram was a ClientHello
-/// with a valid cookie.
+/// with a valid cookie. Clears the thread's OpenSSL error queue on every
+/// path.
 fn dtls_listen(ssl: &SslRef) -> bool {
     // SAFETY: `ssl` is a live SSL object with its BIO attached by
     // `SslStream::new`. DTLSv1_listen writes the client address into the
     // BIO_ADDR (or clears it, as for this BIO), which is freed right after.
-    unsafe {
+    // When it rejects a datagram it pushes errors onto the calling thread's
+    // error queue, which the caller must clear.
+    let result = unsafe {
         let address = BIO_ADDR_new();
         if address.is_null() {
+            clear_error_queue();
             return false;
         }
         let result = DTLSv1_listen(ssl.as_ptr(), address);
         BIO_ADDR_free(address);
-        result == 1
-    }
+        result
+    };
+    // A malformed ClientHello from anyone leaves errors here. Left on the
+    // queue, they make `SSL_get_error` of the next session that runs on this
+    // thread return `SSL_ERROR_SSL` instead of "want read", which ends that
+    // unrelated session.
+    clear_error_queue();
+    result == 1
+}
+
+/// Empties the calling thread's OpenSSL error queue (`ERR_clear_error`).
+/// `SSL_get_error` reports `SSL_ERROR_SSL` whenever the queue is not empty,
+/// so each SSL call of a session starts with an empty queue. Errors left by
+/// another session or another OpenSSL user of this worker thread then
+/// cannot end it.
+pub fn clear_error_queue() {
+    // SAFETY: ERR_clear_error takes no argument and only touches the
+    // calling thread's error queue.
+    unsafe { openssl_sys::ERR_clear_error() }
 }
 
 /// Retransmits the last flight when OpenSSL's retransmission timer has
 /// expired (`DTLSv1_handle_timeout`). Returns false when the handshake gave
 /// up after too many retransmissions.
 pub fn handle_retransmission_timer(ssl: &SslRef) -> bool {
+    clear_error_queue();
     // SAFETY: `ssl` is a live SSL object; the control takes no argument.
     let result = unsafe {
         openssl_sys::SSL_ctrl(
@@ -397,28 +419,33 @@ pub enum CertificateIdentity {
     CommonName(DeviceId),
 }
 
-/// Finds the device of the client certificate of a finished handshake:
-/// first by registered fingerprint, then, when the chain was verified
-/// against `ca_file`, by the subject CN as a device id. Returns `None` when
-/// there is no certificate or it names no device.
+/// Finds the device of the client certificate of a finished handshake.
+/// Returns `None` when there is no certificate or it names no device.
+///
+/// A certificate that chains to `ca_file` and whose subject CN is a device
+/// id names that device, even when its fingerprint is registered on another
+/// device. A client certificate is public (DTLS 1.2 sends it in the clear),
+/// so registering it must not move its device elsewhere, possibly into
+/// another tenant. Any other certificate names the device that its
+/// fingerprint is registered on.
 pub fn certificate_identity(
     ssl: &SslRef,
     credentials: &DtlsCredentials,
     ca_configured: bool,
 ) -> Option<CertificateIdentity> {
     let certificate = ssl.peer_certificate()?;
+    let ca_verified = ca_configured && ssl.verify_result() == X509VerifyResult::OK;
+    if ca_verified
+        && let Some(device) = common_name(&certificate).and_then(|name| name.parse().ok())
+    {
+        return Some(CertificateIdentity::CommonName(device));
+    }
     let digest = fingerprint(&certificate)?;
-    if let Some(owner) = credentials.certificate(&digest) {
-        return Some(CertificateIdentity::Registered {
-            owner,
-            fingerprint: digest,
-        });
-    }
-    if !ca_configured || ssl.verify_result() != X509VerifyResult::OK {
-        return None;
-    }
-    let device = common_name(&certificate)?.parse().ok()?;
-    Some(CertificateIdentity::CommonName(device))
+    let owner = credentials.certificate(&digest)?;
+    Some(CertificateIdentity::Registered {
+        owner,
+        fingerprint: digest,
+    })
 }
 
 /// Datagrams between a session's `SslStream` and the UDP socket. OpenSSL

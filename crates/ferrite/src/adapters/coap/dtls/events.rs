@@ -67,7 +67,11 @@ pub fn hello_verify_request_sent() {
 ///   a session.
 /// - `invalid`: not a DTLS record.
 /// - `max_sessions`, `max_handshakes`: a ClientHello beyond the limits.
-/// - `queue_full`: the session's queue of datagrams or replies is full.
+/// - `too_large`: a datagram longer than the largest DTLS record.
+/// - `queue_full`: the session's queue of datagrams or replies is full, in
+///   count or in bytes.
+/// - `memory_limit`: the queues of all sessions together hold their byte
+///   limit.
 /// - `no_session`: a reply for a peer without an established session.
 /// - `send_failed`: the socket did not take an outgoing datagram.
 pub fn datagram_dropped(reason: &'static str) {

@@ -21,15 +21,21 @@
 //!   [`crate::auth::dtls::DtlsCredentials`]; an unknown identity ends the
 //!   handshake with `unknown_psk_identity`.
 //! - ECDHE-ECDSA suites (when `cert_file` is set): the client must send a
-//!   certificate. A certificate whose SHA-256 fingerprint is registered on a
-//!   device authenticates that device, whoever issued it. Otherwise the
-//!   certificate must chain to `ca_file`, and its subject CN must be the id
-//!   (UUID) of a device of any tenant. The CN is the device id rather than
-//!   the name because names are unique only within a tenant.
+//!   certificate. A certificate that chains to `ca_file` and whose subject
+//!   CN is the id (UUID) of a device authenticates that device, in any
+//!   tenant. The CN is the device id rather than the name because names
+//!   are unique only within a tenant. Any other certificate must have its
+//!   SHA-256 fingerprint registered on a device, and authenticates that
+//!   device whoever issued it. The CN path comes first so that registering
+//!   someone else's (public) certificate cannot move their device.
 //!
 //! ## Limits
 //! `max_sessions` and `max_handshakes` bound the state kept; ClientHellos
-//! of new peers beyond them are dropped. A handshake has `handshake_timeout`
+//! of new peers beyond them are dropped. Datagrams longer than the largest
+//! DTLS record are dropped unread. Each session queues at most
+//! [`SESSION_QUEUE`] inputs and [`SESSION_QUEUE_BYTES`] bytes, and all
+//! sessions together [`TOTAL_QUEUE_BYTES`]; datagrams and replies beyond
+//! are dropped and counted. A handshake has `handshake_timeout`
 //! to finish, during which OpenSSL retransmits its flights with a doubling
 //! timer. A session that receives nothing for `idle_timeout` is closed with
 //! close_notify.
@@ -71,8 +77,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-pub use context::fingerprint;
 use context::{DtlsContext, ListenOutcome};
+pub use context::{common_name, fingerprint};
 use record::FirstRecord;
 
 use super::transport::{DatagramSink, PeerAuth};
@@ -86,11 +92,20 @@ use crate::warn_limit::WarnLimiter;
 /// Datagrams and replies queued for one session. A peer that sends faster
 /// than its session decrypts loses datagrams, which CoAP retransmits.
 const SESSION_QUEUE: usize = 64;
+/// Bytes of datagrams and replies queued for one session: room for one
+/// record of [`MAX_DATAGRAM`] or about 25 CoAP datagrams of 1 280 bytes.
+const SESSION_QUEUE_BYTES: usize = 32 * 1024;
+/// Bytes queued over all sessions. Without it, `max_sessions` full
+/// session queues could hold about 312 MiB at the default of 10 000.
+const TOTAL_QUEUE_BYTES: usize = 32 * 1024 * 1024;
 /// Time after which a session checks again that its credential and device
 /// still exist, the same bound as for cached access tokens.
 pub const RECHECK_INTERVAL: std::time::Duration = crate::auth::DEVICE_CACHE_TTL;
-/// Largest UDP datagram read from the socket.
-const MAX_DATAGRAM: usize = 64 * 1024;
+/// Largest datagram accepted from the socket: one DTLS record header (13
+/// bytes) with the largest ciphertext, 2^14 + 2 048 bytes (RFC 6347 §4.1,
+/// after RFC 5246 §6.2.3). OpenSSL cuts anything longer anyway, so larger
+/// datagrams are dropped before they are copied.
+const MAX_DATAGRAM: usize = (1 << 14) + 2048 + 13;
 
 /// Receives the decrypted CoAP messages of DTLS sessions.
 pub trait DatagramHandler: Send + Sync + 'static {
@@ -111,10 +126,21 @@ enum Input {
     Send(Bytes),
 }
 
+impl Input {
+    /// Bytes that the input holds while queued.
+    fn len(&self) -> usize {
+        match self {
+            Input::Datagram(bytes) | Input::Send(bytes) => bytes.len(),
+        }
+    }
+}
+
 #[derive(Clone)]
 struct SessionHandle {
     id: u64,
     inbox: mpsc::Sender<Input>,
+    /// Bytes of the inputs in `inbox`, bounded by [`SESSION_QUEUE_BYTES`].
+    queued_bytes: Arc<AtomicUsize>,
     /// Set when the handshake finished and the device is known.
     established: Arc<AtomicBool>,
 }
@@ -126,9 +152,44 @@ struct Sessions {
     by_peer: Mutex<HashMap<SocketAddr, SessionHandle>>,
     next_id: AtomicU64,
     handshakes: AtomicUsize,
+    /// Bytes queued over all sessions, bounded by [`TOTAL_QUEUE_BYTES`].
+    queued_bytes: AtomicUsize,
+}
+
+/// Adds `length` to `counter` unless the sum would exceed `limit`.
+fn reserve(counter: &AtomicUsize, length: usize, limit: usize) -> bool {
+    counter
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |queued| {
+            queued.checked_add(length).filter(|sum| *sum <= limit)
+        })
+        .is_ok()
 }
 
 impl Sessions {
+    /// Queues `input` to the session of `handle` within the count and byte
+    /// bounds. Returns the drop reason when it does not fit.
+    fn enqueue(&self, handle: &SessionHandle, input: Input) -> Result<(), &'static str> {
+        let length = input.len();
+        if !reserve(&handle.queued_bytes, length, SESSION_QUEUE_BYTES) {
+            return Err("queue_full");
+        }
+        if !reserve(&self.queued_bytes, length, TOTAL_QUEUE_BYTES) {
+            handle.queued_bytes.fetch_sub(length, Ordering::AcqRel);
+            return Err("memory_limit");
+        }
+        if handle.inbox.try_send(input).is_err() {
+            self.release(&handle.queued_bytes, length);
+            return Err("queue_full");
+        }
+        Ok(())
+    }
+
+    /// Gives back the bytes of an input that left a session's queue.
+    fn release(&self, session_bytes: &AtomicUsize, length: usize) {
+        session_bytes.fetch_sub(length, Ordering::AcqRel);
+        self.queued_bytes.fetch_sub(length, Ordering::AcqRel);
+    }
+
     fn get(&self, peer: SocketAddr) -> Option<SessionHandle> {
         self.by_peer.lock().get(&peer).cloned()
     }
@@ -166,8 +227,8 @@ impl DatagramSink for DtlsSink {
             events::datagram_dropped("no_session");
             return;
         }
-        if handle.inbox.try_send(Input::Send(datagram)).is_err() {
-            events::datagram_dropped("queue_full");
+        if let Err(reason) = self.sessions.enqueue(&handle, Input::Send(datagram)) {
+            events::datagram_dropped(reason);
         }
     }
 }
@@ -276,7 +337,8 @@ impl DtlsListener {
         });
         let tasks = TaskTracker::new();
         let mut receive_warnings = WarnLimiter::default();
-        let mut buffer = vec![0u8; MAX_DATAGRAM];
+        // One byte more than accepted, so that a longer datagram shows.
+        let mut buffer = vec![0u8; MAX_DATAGRAM + 1];
 
         loop {
             let received = tokio::select! {
@@ -294,6 +356,10 @@ impl DtlsListener {
                     continue;
                 }
             };
+            if length > MAX_DATAGRAM {
+                events::datagram_dropped("too_large");
+                continue;
+            }
             let datagram = Bytes::copy_from_slice(&buffer[..length]);
             dispatch(&shared, &tasks, peer, datagram);
         }
@@ -352,8 +418,8 @@ fn dispatch<H: DatagramHandler>(
         let restart =
             first_record == FirstRecord::ClientHello && handle.established.load(Ordering::Acquire);
         if !restart {
-            if handle.inbox.try_send(Input::Datagram(datagram)).is_err() {
-                events::datagram_dropped("queue_full");
+            if let Err(reason) = shared.sessions.enqueue(handle, Input::Datagram(datagram)) {
+                events::datagram_dropped(reason);
             }
             return;
         }
@@ -410,9 +476,11 @@ fn start_session<H: DatagramHandler>(
 ) {
     let (sender, inbox) = mpsc::channel(SESSION_QUEUE);
     let id = shared.sessions.next_id.fetch_add(1, Ordering::Relaxed);
+    let queued_bytes = Arc::new(AtomicUsize::new(0));
     let handle = SessionHandle {
         id,
         inbox: sender,
+        queued_bytes: queued_bytes.clone(),
         established: Arc::new(AtomicBool::new(false)),
     };
     // Replacing the handle drops the old session's only sender, which ends
@@ -426,6 +494,7 @@ fn start_session<H: DatagramHandler>(
         id,
         stream,
         inbox,
+        queued_bytes,
         shared: shared.clone(),
     };
     // At error level, so that the peer stays on the session's warnings

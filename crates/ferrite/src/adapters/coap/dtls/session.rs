@@ -6,7 +6,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::context::{
-    CertificateIdentity, DatagramPipe, PskOutcome, certificate_identity,
+    CertificateIdentity, DatagramPipe, PskOutcome, certificate_identity, clear_error_queue,
     handle_retransmission_timer, psk_outcome,
 };
 use super::{DatagramHandler, Input, Shared, events};
@@ -52,6 +52,8 @@ pub(super) struct Session<H> {
     pub id: u64,
     pub stream: SslStream<DatagramPipe>,
     pub inbox: mpsc::Receiver<Input>,
+    /// Bytes of the inputs in `inbox`, shared with the session's handle.
+    pub queued_bytes: Arc<AtomicUsize>,
     pub shared: Arc<Shared<H>>,
 }
 
@@ -60,6 +62,11 @@ impl<H: DatagramHandler> Session<H> {
     pub async fn run(mut self) {
         let reason = self.run_phases().await;
         self.shared.sessions.remove(self.peer, self.id);
+        // Inputs still queued give their bytes back to the total bound.
+        self.inbox.close();
+        while let Ok(input) = self.inbox.try_recv() {
+            self.release(&input);
+        }
         events::session_closed(reason);
         tracing::debug!(reason, "DTLS session closed");
     }
@@ -94,7 +101,10 @@ impl<H: DatagramHandler> Session<H> {
     /// the handshake result label on failure.
     async fn handshake(&mut self) -> Result<(), &'static str> {
         let deadline = Instant::now() + self.shared.config.handshake_timeout;
+        // Owned, because `next_input` borrows the whole session.
+        let shutdown = self.shared.shutdown.clone();
         loop {
+            clear_error_queue();
             let step = self.stream.accept();
             self.flush();
             match step {
@@ -104,7 +114,7 @@ impl<H: DatagramHandler> Session<H> {
             }
 
             tokio::select! {
-                input = self.inbox.recv() => match input {
+                input = self.next_input() => match input {
                     Some(Input::Datagram(datagram)) => self.stream.get_mut().push(datagram),
                     // The sink sends replies only to established sessions.
                     Some(Input::Send(_)) => {}
@@ -118,9 +128,22 @@ impl<H: DatagramHandler> Session<H> {
                     }
                 }
                 () = tokio::time::sleep_until(deadline) => return Err("timed_out"),
-                () = self.shared.shutdown.cancelled() => return Err("failed"),
+                () = shutdown.cancelled() => return Err("failed"),
             }
         }
+    }
+
+    /// Receives the next input and gives its bytes back to the queue bounds.
+    async fn next_input(&mut self) -> Option<Input> {
+        let input = self.inbox.recv().await?;
+        self.release(&input);
+        Some(input)
+    }
+
+    fn release(&self, input: &Input) {
+        self.shared
+            .sessions
+            .release(&self.queued_bytes, input.len());
     }
 
     fn classify_failure(&self) -> &'static str {
@@ -251,10 +274,11 @@ impl<H: DatagramHandler> Session<H> {
     ) -> CloseReason {
         let idle_timeout = self.shared.config.idle_timeout;
         let mut checked_at = Instant::now();
+        let shutdown = self.shared.shutdown.clone();
         loop {
             let input = tokio::select! {
-                input = tokio::time::timeout(idle_timeout, self.inbox.recv()) => input,
-                () = self.shared.shutdown.cancelled() => {
+                input = tokio::time::timeout(idle_timeout, self.next_input()) => input,
+                () = shutdown.cancelled() => {
                     self.close();
                     return "shutdown";
                 }
@@ -295,6 +319,7 @@ impl<H: DatagramHandler> Session<H> {
         // sessions cost no plaintext buffer.
         let mut plaintext = vec![0u8; MAX_PLAINTEXT];
         loop {
+            clear_error_queue();
             let read = self.stream.ssl_read(&mut plaintext);
             // Reading can write: a retransmitted final flight, or the
             // reply to close_notify.
@@ -322,6 +347,7 @@ impl<H: DatagramHandler> Session<H> {
     }
 
     fn send(&mut self, message: &[u8]) {
+        clear_error_queue();
         if let Err(error) = self.stream.ssl_write(message) {
             tracing::debug!(%error, "cannot encrypt a CoAP message for the peer");
             events::datagram_dropped("send_failed");
@@ -332,6 +358,7 @@ impl<H: DatagramHandler> Session<H> {
     /// Sends close_notify without waiting for the peer's reply, which
     /// RFC 5246 §7.2.1 allows.
     fn close(&mut self) {
+        clear_error_queue();
         let _ = self.stream.shutdown();
         self.flush();
     }

@@ -660,3 +660,144 @@ async fn ca_certificate_for_unknown_device_is_closed() {
     }
     harness.wait_for_sessions(0).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_hellos_leave_sessions_open() {
+    let harness = start(test_config(), None).await;
+    let mut streams = Vec::new();
+    for index in 0..3 {
+        let name = format!("sensor-{index}");
+        let device = harness.device(&name).await;
+        harness.set_psk(device, &name, b"0123456789abcdef").await;
+        let stream = connect(psk_context(&name, b"0123456789abcdef"), harness.addr)
+            .await
+            .expect("handshake");
+        streams.push((name, stream));
+    }
+
+    // A ClientHello record whose handshake header is cut short: the
+    // listener passes it to DTLSv1_listen, which rejects it and leaves
+    // "length mismatch" on the thread's OpenSSL error queue.
+    let malformed = [22, 0xfe, 0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 1, 0];
+    let attacker = StdUdpSocket::bind("127.0.0.1:0").unwrap();
+    for round in 0..20 {
+        for _ in 0..3 {
+            attacker.send_to(&malformed, harness.addr).unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let mut next = Vec::new();
+        for (name, stream) in streams {
+            let message = format!("round-{round}");
+            let (stream, reply) = exchange(stream, message.as_bytes()).await;
+            assert_eq!(reply, format!("{name}:{message}").as_bytes());
+            next.push((name, stream));
+        }
+        streams = next;
+    }
+    assert_eq!(harness.sessions.len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ca_common_name_wins_over_registration() {
+    let pki = Pki::new();
+    let harness = start(test_config(), Some(&pki)).await;
+    let named = harness.device("camera-named").await;
+    let other = harness.device("camera-other").await;
+    let (cert, key) = pki.issue(&named.to_string());
+    // Registered on another device straight in the store, past the API's
+    // check of the CN.
+    harness.register(other, &cert).await;
+
+    let stream = connect(certificate_context(&cert, &key), harness.addr)
+        .await
+        .expect("handshake with a CA-signed certificate");
+    let (_stream, reply) = exchange(stream, b"hi").await;
+    assert_eq!(reply, b"camera-named:hi");
+}
+
+fn test_handle(id: u64) -> (SessionHandle, mpsc::Receiver<Input>) {
+    let (sender, receiver) = mpsc::channel(SESSION_QUEUE);
+    let handle = SessionHandle {
+        id,
+        inbox: sender,
+        queued_bytes: Arc::default(),
+        established: Arc::default(),
+    };
+    (handle, receiver)
+}
+
+#[test]
+fn session_queue_is_bounded_in_bytes() {
+    let sessions = Sessions::default();
+    let (handle, mut receiver) = test_handle(0);
+    let half = Bytes::from(vec![0u8; SESSION_QUEUE_BYTES / 2]);
+
+    for _ in 0..2 {
+        sessions
+            .enqueue(&handle, Input::Datagram(half.clone()))
+            .expect("within the session's bytes");
+    }
+    let refused = sessions.enqueue(&handle, Input::Send(Bytes::from_static(b"x")));
+    assert_eq!(refused.err(), Some("queue_full"));
+    assert_eq!(
+        sessions.queued_bytes.load(Ordering::Acquire),
+        SESSION_QUEUE_BYTES
+    );
+
+    let input = receiver.try_recv().unwrap();
+    sessions.release(&handle.queued_bytes, input.len());
+    sessions
+        .enqueue(&handle, Input::Send(Bytes::from_static(b"x")))
+        .expect("room after one input left");
+    assert_eq!(
+        sessions.queued_bytes.load(Ordering::Acquire),
+        SESSION_QUEUE_BYTES / 2 + 1
+    );
+}
+
+#[test]
+fn all_queues_share_a_byte_limit() {
+    let sessions = Sessions::default();
+    // Clones share one buffer, so the test holds one session's bytes only.
+    let full = Bytes::from(vec![0u8; SESSION_QUEUE_BYTES]);
+    let mut open = Vec::new();
+    for id in 0..(TOTAL_QUEUE_BYTES / SESSION_QUEUE_BYTES) as u64 {
+        let (handle, receiver) = test_handle(id);
+        sessions
+            .enqueue(&handle, Input::Datagram(full.clone()))
+            .expect("within the total bytes");
+        open.push((handle, receiver));
+    }
+    assert_eq!(
+        sessions.queued_bytes.load(Ordering::Acquire),
+        TOTAL_QUEUE_BYTES
+    );
+
+    let (handle, _receiver) = test_handle(u64::MAX);
+    let refused = sessions.enqueue(&handle, Input::Datagram(Bytes::from_static(b"x")));
+    assert_eq!(refused.err(), Some("memory_limit"));
+    assert_eq!(handle.queued_bytes.load(Ordering::Acquire), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_datagram_is_dropped() {
+    let harness = start(test_config(), None).await;
+    let device = harness.device("sensor-1").await;
+    harness
+        .set_psk(device, "sensor-1-id", b"0123456789abcdef")
+        .await;
+    let stream = connect(
+        psk_context("sensor-1-id", b"0123456789abcdef"),
+        harness.addr,
+    )
+    .await
+    .expect("handshake");
+
+    // From the session's own address: one byte beyond the largest record.
+    let oversized = vec![23u8; MAX_DATAGRAM + 1];
+    stream.get_ref().0.send(&oversized).unwrap();
+    let (_stream, reply) = exchange(stream, b"after").await;
+    assert_eq!(reply, b"sensor-1:after");
+    assert_eq!(harness.sessions.len(), 1);
+    assert_eq!(harness.sessions.queued_bytes.load(Ordering::Acquire), 0);
+}
