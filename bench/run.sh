@@ -48,6 +48,18 @@
 # ROUNDS times and its results go to a block of their own with the ratio
 # of CoAP to MQTT.
 #
+# The lorawan scenario (Ferrite only) finds the highest rate of LoRaWAN
+# uplinks that Ferrite decodes and stores as fast as they arrive.
+# `ferrite-bench lorawan` registers LORAWAN_DEVICES ABP devices with a
+# Cayenne LPP profile, at least one device per uplink/s of the rate. It
+# sends their uplinks through one simulated Semtech UDP gateway, one
+# uplink per PUSH_DATA datagram, paced to each rate of LORAWAN_RATES for
+# LORAWAN_SEND_S seconds. A run counts as kept up when every uplink got
+# its PUSH_ACK and was decoded and stored, the last one within
+# LORAWAN_MAX_LAG_S seconds after the last datagram. Each rate starts a
+# fresh server, and a round stops at its first rate that was not kept up.
+# It runs ROUNDS times and its results go to a block of their own.
+#
 # Settings come from the environment. With the defaults a full run took
 # about 7 minutes on 2 cores after the release build, and the wait for a
 # quiet machine adds up to QUIET_WAIT_S seconds before each timed run. The
@@ -61,6 +73,8 @@
 #        SCENARIOS=series bench/run.sh
 #        SCENARIOS=live bench/run.sh
 #        SCENARIOS=coap COAP_DEVICES=50 COAP_DURATION_S=3 ROUNDS=1 bench/run.sh
+#        SCENARIOS=lorawan LORAWAN_RATES="500 1000" LORAWAN_SEND_S=3 ROUNDS=1 bench/run.sh
+#        BUILD=0 SCENARIOS="coap lorawan" SYSTEMS=ferrite bench/run.sh   (binaries built already)
 
 set -euo pipefail
 
@@ -76,13 +90,18 @@ MQTT_DURATION_S=${MQTT_DURATION_S:-15}
 MQTT_DEVICES=${MQTT_DEVICES:-100}     # devices created in Ferrite; connections reuse their tokens
 COAP_DEVICES=${COAP_DEVICES:-1000}    # simulated CoAP devices; tokens are reused past MQTT_DEVICES
 COAP_DURATION_S=${COAP_DURATION_S:-15}
+LORAWAN_DEVICES=${LORAWAN_DEVICES:-1000}          # simulated ABP devices behind one gateway, raised to the rate
+LORAWAN_RATES=${LORAWAN_RATES:-"1000 2000 3000 4000 6000 8000"}  # offered uplinks/s, tried in this order
+LORAWAN_SEND_S=${LORAWAN_SEND_S:-15}              # seconds of sending at each rate
+LORAWAN_MAX_LAG_S=${LORAWAN_MAX_LAG_S:-2}         # allowed delay of the last stored uplink after the last datagram
 IDLE_CONNECTIONS=${IDLE_CONNECTIONS:-10000}
 IDLE_SETTLE_S=${IDLE_SETTLE_S:-10}    # wait after the last CONNACK before reading VmRSS
 GENERATOR_TIMEOUT_S=${GENERATOR_TIMEOUT_S:-300}  # backstop for one generator process
 QUIET_WAIT_S=${QUIET_WAIT_S:-30}      # maximum wait before a run for other processes to go quiet
 KEEP_WORK=${KEEP_WORK:-0}             # 1 keeps the temporary folder with logs and data
-# Scenarios to run, from: lp durability mqtt memory profile storage series live coap.
-SCENARIOS=${SCENARIOS:-lp durability mqtt memory profile storage series live coap}
+BUILD=${BUILD:-1}                     # 0 runs the release binaries in target/release without building them
+# Scenarios to run, from: lp durability mqtt memory profile storage series live coap lorawan.
+SCENARIOS=${SCENARIOS:-lp durability mqtt memory profile storage series live coap lorawan}
 # Systems to run, from: ferrite influxdb victoriametrics mosquitto. Each
 # scenario runs the systems of its own list that are named here.
 SYSTEMS=${SYSTEMS:-ferrite influxdb victoriametrics mosquitto}
@@ -125,6 +144,9 @@ SERIES_COMMANDS="$WORK/series-commands.txt"
 LIVE_RESULTS="$WORK/live-results.jsonl"
 LIVE_COMMANDS="$WORK/live-commands.txt"
 COAP_RESULTS="$WORK/coap-results.jsonl"
+COAP_COMMANDS="$WORK/coap-commands.txt"
+LORAWAN_RESULTS="$WORK/lorawan-results.jsonl"
+LORAWAN_COMMANDS="$WORK/lorawan-commands.txt"
 DATASET="$WORK/fleet.lp"
 FERRITE_TEMPLATE="$WORK/ferrite-template"   # data directory copied by start_ferrite
 FERRITE_CONFIG_FILE=""                      # configuration file for start_ferrite; none when empty
@@ -340,8 +362,9 @@ prepare_ferrite_template() {
     log "Ferrite template: an operator API key and $(wc -l <"$WORK/tokens") devices"
 }
 
-# A data directory with only an admin API key, for the storage and series
-# scenarios: the trucks become its only devices, created by their first write.
+# A data directory with only an admin API key, for the storage, series and
+# lorawan scenarios: the trucks or the LoRaWAN devices become its only
+# devices.
 prepare_ferrite_storage_template() {
     local template="$WORK/ferrite-storage-template"
     mkdir -p "$template"
@@ -363,8 +386,10 @@ start_ferrite() {
     fi
     HTTP_PORT=$(free_port)
     MQTT_PORT=$(free_port)
+    # The CoAP, CoAP over DTLS and LoRaWAN ports are UDP; a TCP port free
+    # below the ephemeral range is as good a guess.
     COAP_PORT=$(free_port)
-    # UDP; a TCP port free below the ephemeral range is as good a guess.
+    COAPS_PORT=$(free_port)
     LORAWAN_PORT=$(free_port)
     local config=()
     [[ -z "$FERRITE_CONFIG_FILE" ]] || config=(--config "$FERRITE_CONFIG_FILE")
@@ -372,7 +397,7 @@ start_ferrite() {
     FERRITE_HTTP_MAX_BODY_BYTES=16777216 FERRITE_LOG_LEVEL=warn \
         "$FERRITE" serve --data-dir "$dir" "${config[@]}" \
         --http-listen "127.0.0.1:$HTTP_PORT" --mqtt-listen "127.0.0.1:$MQTT_PORT" \
-        --coap-listen "127.0.0.1:$COAP_PORT" \
+        --coap-listen "127.0.0.1:$COAP_PORT" --coaps-listen "127.0.0.1:$COAPS_PORT" \
         --lorawan-listen "127.0.0.1:$LORAWAN_PORT" \
         >>"$WORK/logs/ferrite.log" 2>&1 &
     SERVER_PID=$!
@@ -578,8 +603,8 @@ run_coap() {
     local mqtt_args=(mqtt --addr "127.0.0.1:$MQTT_PORT" --tokens-file "$WORK/tokens"
         --connections "$COAP_DEVICES" --inflight 1 --duration-s "$COAP_DURATION_S"
         --client-id-prefix "coap-compare" --label ferrite-mqtt-inflight-1)
-    note_command "coap" ferrite-bench "${coap_args[@]}"
-    note_command "coap mqtt comparison" ferrite-bench "${mqtt_args[@]}"
+    COMMANDS=$COAP_COMMANDS note_command "coap" ferrite-bench "${coap_args[@]}"
+    COMMANDS=$COAP_COMMANDS note_command "coap mqtt comparison" ferrite-bench "${mqtt_args[@]}"
     timeout "$GENERATOR_TIMEOUT_S" "$BENCH" "${coap_args[@]}" >"$WORK/line" ||
         die_with_log "the coap run failed"
     jq -c --argjson round "$round" '. + {round: $round}' "$WORK/line" | tee -a "$COAP_RESULTS" >&2
@@ -606,6 +631,162 @@ summarize_coap() {
           "",
           "CoAP / MQTT rate ratio: \(if ($mqtt_rate // 0) > 0 then ($coap_rate / $mqtt_rate * 100 | round / 100) else "n/a" end)"
     ' "$COAP_RESULTS"
+}
+
+# Prints the sum of the samples of Ferrite's metric $1 whose labels match
+# the regular expression $2 (all samples when it is empty), from the
+# /metrics page saved in file $3.
+metric_sum() {
+    local name=$1 labels=${2:-} page=$3
+    awk -v name="$name" -v labels="$labels" '
+        $1 == name || index($1, name "{") == 1 {
+            if (labels == "" || $1 ~ labels) { sum += $2 }
+        }
+        END { printf "%d", sum }
+    ' "$page"
+}
+
+# Prints the machine's count of UDP datagrams dropped because a socket's
+# receive buffer was full (RcvbufErrors in /proc/net/snmp).
+udp_receive_buffer_errors() {
+    awk '/^Udp:/ { if (header) { print $6; exit } header = 1 }' /proc/net/snmp
+}
+
+# Appends a line "unix-time PUSH_DATA-datagrams LoRaWAN-points" from
+# Ferrite's /metrics to file $1 about every 0.1 s, at most $2 times.
+sample_lorawan_counters() {
+    local out=$1 count=$2 now
+    for _ in $(seq 1 "$count"); do
+        now=$(date +%s.%N)
+        curl -fs "http://127.0.0.1:$HTTP_PORT/metrics" | awk -v now="$now" '
+            /^ferrite_lorawan_datagrams_total\{.*type="PUSH_DATA"/ { datagrams += $2 }
+            /^ferrite_pipeline_points_total\{.*protocol="lorawan"/ { points += $2 }
+            END { printf "%s %d %d\n", now, datagrams, points }
+        ' >>"$out" || true
+        sleep 0.1
+    done
+}
+
+# Runs `ferrite-bench lorawan` once against a fresh server at $2 uplinks/s
+# and appends its result line, with Ferrite's counters over the run, to
+# $LORAWAN_RESULTS. Succeeds when Ferrite kept up with the rate: every
+# PUSH_ACK received, every uplink decoded and stored, and the last one
+# stored within LORAWAN_MAX_LAG_S seconds after the last datagram.
+run_lorawan() {
+    local round=$1 rate=$2
+    start_ferrite "lorawan-$round-$rate"
+    # At least one device per uplink/s, so that each device sends at most
+    # one uplink a second. Real class A devices cannot send much faster,
+    # because they listen in RX1 and RX2 after each uplink. A device's
+    # uplinks closer than the 200 ms deduplication window can be handled
+    # out of order, and then the older one is rejected as a replayed frame
+    # counter.
+    local devices=$((rate > LORAWAN_DEVICES ? rate : LORAWAN_DEVICES))
+    # Enough rounds over all devices for LORAWAN_SEND_S seconds of sending.
+    local per_device=$(((rate * LORAWAN_SEND_S + devices - 1) / devices))
+    local args=(lorawan --http "http://127.0.0.1:$HTTP_PORT" --lorawan "127.0.0.1:$LORAWAN_PORT"
+        --api-key-file "$WORK/admin-key" --devices "$devices"
+        --uplinks-per-device "$per_device" --rate "$rate"
+        --timeout-s $((LORAWAN_SEND_S + LORAWAN_MAX_LAG_S + 30)))
+    COMMANDS=$LORAWAN_COMMANDS note_command "lorawan $rate" ferrite-bench "${args[@]}"
+    wait_for_quiet_machine
+
+    curl -fs "http://127.0.0.1:$HTTP_PORT/metrics" >"$WORK/metrics-before.txt" ||
+        die_with_log "reading Ferrite's /metrics before the lorawan run failed"
+    local drops_before
+    drops_before=$(udp_receive_buffer_errors)
+    # The generator's own elapsed time ends when its sequential reads
+    # through the REST API found every device's last uplink, which takes
+    # longer the more devices there are. The samples of Ferrite's counters
+    # show when the last uplink was stored instead.
+    local samples=$WORK/lorawan-samples.txt
+    : >"$samples"
+    sample_lorawan_counters "$samples" $((GENERATOR_TIMEOUT_S * 10)) &
+    local sampler_pid=$!
+    STARTED_PIDS+=("$sampler_pid")
+    local cpu_before machine_before
+    cpu_before=$(cpu_seconds "$SERVER_PID")
+    machine_before=$(machine_cpu_seconds)
+    /usr/bin/time -f '%U %S %M' -o "$WORK/time" timeout "$GENERATOR_TIMEOUT_S" "$BENCH" "${args[@]}" >"$WORK/line" ||
+        die_with_log "the lorawan run at $rate uplinks/s failed"
+    measure_cpu "$cpu_before" "$machine_before"
+    local udp_drops=$(($(udp_receive_buffer_errors) - drops_before))
+    # The generator may find the last uplink stored before the sampler
+    # records it, so one more sample is taken before the sampler stops.
+    # That sample can only make the lag longer than it was.
+    sleep 0.5
+    kill -TERM "$sampler_pid" 2>/dev/null || true
+    wait "$sampler_pid" 2>/dev/null || true
+    curl -fs "http://127.0.0.1:$HTTP_PORT/metrics" >"$WORK/metrics-after.txt" ||
+        die_with_log "reading Ferrite's /metrics after the lorawan run failed"
+
+    # The first datagram arrived d / rate seconds before the first sample
+    # that counts d datagrams. The last uplink was stored at the latest by
+    # the first sample that counts every uplink as a decoded point.
+    local timing
+    timing=$(awk -v rate="$rate" -v sent="$(jq .uplinks_sent "$WORK/line")" '
+        NR == 1 { points_before = $3 }
+        $2 > 0 && start == "" { start = $1 - $2 / rate }
+        $3 - points_before >= sent && done == "" { done = $1 }
+        END {
+            if (start == "" || done == "") { print "null null"; exit }
+            printf "%.3f %.3f\n", done - start, done - (start + (sent - 1) / rate)
+        }
+    ' "$samples")
+    local store_s lag_s
+    read -r store_s lag_s <<<"$timing"
+
+    # Counter increases over the run: uplinks by outcome and decoded points.
+    local name labels before after
+    local counters=()
+    for name in stored overloaded f_cnt_replayed ingest_failed; do
+        labels="outcome=\"$name\""
+        before=$(metric_sum ferrite_lorawan_uplinks_total "$labels" "$WORK/metrics-before.txt")
+        after=$(metric_sum ferrite_lorawan_uplinks_total "$labels" "$WORK/metrics-after.txt")
+        counters+=(--argjson "uplinks_$name" $((after - before)))
+    done
+    before=$(metric_sum ferrite_pipeline_points_total 'protocol="lorawan"' "$WORK/metrics-before.txt")
+    after=$(metric_sum ferrite_pipeline_points_total 'protocol="lorawan"' "$WORK/metrics-after.txt")
+    counters+=(--argjson points_decoded $((after - before)))
+
+    # store_s runs from the first datagram until the last uplink was
+    # stored; lag_s is the part of it after the last datagram was due.
+    jq -c "${counters[@]}" --argjson round "$round" --argjson rate "$rate" \
+        --argjson max_lag "$LORAWAN_MAX_LAG_S" --argjson server "$SERVER_CPU" \
+        --argjson client "$CLIENT_CPU" --argjson other "$OTHER_CPU" \
+        --argjson store_s "$store_s" --argjson lag_s "$lag_s" --argjson udp_drops "$udp_drops" '
+        . + {figure: "lorawan", round: $round, rate_offered: $rate, udp_receive_buffer_errors: $udp_drops,
+             uplinks_per_device: (.uplinks_sent / .devices),
+             uplinks_stored: $uplinks_stored, uplinks_overloaded: $uplinks_overloaded,
+             uplinks_f_cnt_replayed: $uplinks_f_cnt_replayed,
+             uplinks_ingest_failed: $uplinks_ingest_failed, points_decoded: $points_decoded,
+             store_s: $store_s, lag_s: $lag_s,
+             stored_per_s: (if $store_s then ($points_decoded / $store_s | round) else null end),
+             server_cpu_s: $server, client_cpu_s: $client, other_cpu_s: $other}
+        | . + {kept_up: (.all_stored and .push_acks == .uplinks_sent
+                         and .uplinks_stored == .uplinks_sent and .points_decoded == .uplinks_sent
+                         and $lag_s != null and $lag_s <= $max_lag)}
+    ' "$WORK/line" | tee -a "$LORAWAN_RESULTS" >&2
+    stop_server
+    jq -e -s 'last | .kept_up' "$LORAWAN_RESULTS" >/dev/null
+}
+
+# The lorawan scenario: ROUNDS rounds over LORAWAN_RATES, each round
+# stopping at its first rate that Ferrite did not keep up with.
+run_lorawan_scenario() {
+    : >"$LORAWAN_RESULTS"
+    FERRITE_TEMPLATE="$WORK/ferrite-storage-template"
+    local round rate
+    for round in $(seq 1 "$ROUNDS"); do
+        for rate in $LORAWAN_RATES; do
+            log "lorawan round $round: $rate uplinks/s for $LORAWAN_SEND_S s"
+            if ! run_lorawan "$round" "$rate"; then
+                log "lorawan round $round: Ferrite did not keep up with $rate uplinks/s; skipping higher rates"
+                break
+            fi
+        done
+    done
+    FERRITE_TEMPLATE="$WORK/ferrite-template"
 }
 
 # Repeats one mqtt run of $1 with the same connections split over two
@@ -1579,6 +1760,140 @@ write_live_results_page() {
     replace_block live-results "$block" append
 }
 
+# Prints the first lines of the scenario blocks: the time, the commit and
+# the machine. The arguments are the source folders whose uncommitted
+# changes the commit line mentions.
+block_preamble() {
+    echo "Run on $(date -u '+%Y-%m-%d %H:%M UTC') at commit \`$(git -C "$REPO" rev-parse --short HEAD)\`$(git -C "$REPO" diff --quiet HEAD -- "$@" || echo ' with uncommitted changes')."
+    echo "Machine: $(nproc) CPUs, $(lscpu | awk -F': *' '/^Model name/ { print $2; exit }'), $(free -g | awk '/^Mem:/ { print $2 }') GiB of memory."
+    echo "Version: $(ferrite_version), default configuration (\`ingest.durability = \"fsync\"\`)."
+}
+
+# Writes the coap scenario's block of the results page, placed at the end
+# of the page the first time.
+write_coap_results_page() {
+    local block=$WORK/coap-block.md
+    {
+        echo "<!-- coap-results:start (generated by bench/run.sh; edits here are overwritten) -->"
+        echo
+        echo "### CoAP Confirmable telemetry and MQTT QoS 1 with one message in flight"
+        echo
+        block_preamble crates/ferrite crates/ferrite-bench
+        echo
+        echo "Load: COAP_DEVICES=$COAP_DEVICES simulated devices, each with its own UDP socket and one Confirmable"
+        echo "POST outstanding, for COAP_DURATION_S=$COAP_DURATION_S s after a 2 s warm-up. Then, on the same server,"
+        echo "$COAP_DEVICES MQTT 3.1.1 connections publish QoS 1 with one message in flight each for as long."
+        echo "Each round starts a fresh server. Latency is the time from the first send of a request to its"
+        echo "2.04 response or PUBACK. The ratio is CoAP's rate divided by MQTT's in the same round."
+        echo
+        echo "| Round | CoAP 2.04/s | CoAP p50 ms | CoAP p99 ms | CoAP max ms | retransmissions | CoAP errors | MQTT PUBACKs/s | MQTT p50 ms | MQTT p99 ms | CoAP / MQTT |"
+        echo "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        jq -s -r "$JQ_NUMBER_FORMAT"'
+            group_by(.round)[]
+            | (map(select(.figure == "coap")) | first) as $coap
+            | (map(select(.figure == "mqtt")) | first) as $mqtt
+            | "| \($coap.round) | \($coap.acks_per_s | floor | commas) | \($coap.latency_ms.p50) | \($coap.latency_ms.p99)"
+              + " | \($coap.latency_ms.max) | \($coap.retransmissions | commas) | \($coap.errors | commas)"
+              + " | \($mqtt.acks_per_s | floor | commas) | \($mqtt.latency_ms.p50) | \($mqtt.latency_ms.p99)"
+              + " | \(if $mqtt.acks_per_s > 0 then ($coap.acks_per_s / $mqtt.acks_per_s | hundredths) else "-" end) |"
+        ' "$COAP_RESULTS"
+        echo
+        echo "Medians over the rounds (minimum to maximum in brackets):"
+        echo
+        jq -s -r "$JQ_NUMBER_FORMAT"'
+            def median: sort | .[(length - 1) / 2 | floor];
+            def spread(f): map(f) | "\(median) (\(min) to \(max))";
+            (map(select(.figure == "coap"))) as $coap
+            | (map(select(.figure == "mqtt"))) as $mqtt
+            | [group_by(.round)[]
+               | (map(select(.figure == "coap")) | first | .acks_per_s) / (map(select(.figure == "mqtt")) | first | .acks_per_s)
+               | hundredths | tonumber] as $ratios
+            | "- CoAP: \($coap | spread(.acks_per_s | round)) responses/s, p50 \($coap | spread(.latency_ms.p50)) ms, p99 \($coap | spread(.latency_ms.p99)) ms.",
+              "- MQTT QoS 1, one in flight: \($mqtt | spread(.acks_per_s | round)) PUBACKs/s, p50 \($mqtt | spread(.latency_ms.p50)) ms, p99 \($mqtt | spread(.latency_ms.p99)) ms.",
+              "- CoAP / MQTT rate: \($ratios | spread(.))."
+        ' "$COAP_RESULTS"
+        echo
+        echo "Commands:"
+        echo
+        echo '```text'
+        cat "$COAP_COMMANDS"
+        echo '```'
+        echo
+        echo "<details><summary>Raw result lines</summary>"
+        echo
+        echo '```json'
+        cat "$COAP_RESULTS"
+        echo '```'
+        echo
+        echo "</details>"
+        echo
+        echo "<!-- coap-results:end -->"
+    } >"$block"
+    replace_block coap-results "$block" append
+}
+
+# Writes the lorawan scenario's block of the results page, placed at the
+# end of the page the first time.
+write_lorawan_results_page() {
+    local block=$WORK/lorawan-block.md
+    {
+        echo "<!-- lorawan-results:start (generated by bench/run.sh; edits here are overwritten) -->"
+        echo
+        echo "### LoRaWAN uplinks through a simulated Semtech UDP gateway"
+        echo
+        block_preamble crates/ferrite crates/ferrite-lorawan crates/ferrite-bench
+        echo
+        echo "Load: ABP devices (EU868, Cayenne LPP profile, one temperature per uplink), LORAWAN_DEVICES=$LORAWAN_DEVICES"
+        echo "or one per uplink/s of the rate if that is more, behind one gateway; one uplink per PUSH_DATA"
+        echo "datagram, paced to the offered rate for LORAWAN_SEND_S=$LORAWAN_SEND_S s. Each rate starts a fresh server,"
+        echo "and a round stops at its first rate that was not kept up. \"Uplinks\" is"
+        echo "\`ferrite_lorawan_uplinks_total{outcome=\"stored\"}\` (appended to the ingest log) and \"points\" is"
+        echo "\`ferrite_pipeline_points_total{protocol=\"lorawan\"}\` (decoded and written to the store), both as"
+        echo "increases over the run. \"Store s\" runs from the first datagram until the last point was"
+        echo "stored, from samples of \`/metrics\` about every 0.1 s, and includes the 200 ms deduplication"
+        echo "window; \"stored/s\" is points divided by it. \"Lag\" is the part of it after the last datagram"
+        echo "was due. A run is kept up when every PUSH_ACK arrived, every uplink was stored and decoded and"
+        echo "the lag was at most LORAWAN_MAX_LAG_S=$LORAWAN_MAX_LAG_S s. \"UDP drops\" is the machine's RcvbufErrors"
+        echo "(\`/proc/net/snmp\`) over the run: datagrams the kernel dropped because a socket's receive buffer was full."
+        echo
+        echo "| Round | offered uplinks/s | devices | sent | PUSH_ACKs | UDP drops | uplinks stored | overloaded | points | store s | stored/s | lag s | server CPU s | generator CPU s | other processes CPU s | kept up |"
+        echo "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
+        jq -s -r "$JQ_NUMBER_FORMAT"'
+            .[]
+            | "| \(.round) | \(.rate_offered | commas) | \(.devices | commas) | \(.uplinks_sent | commas)"
+              + " | \(.push_acks | commas) | \(.udp_receive_buffer_errors | commas) | \(.uplinks_stored | commas) | \(.uplinks_overloaded | commas)"
+              + " | \(.points_decoded | commas) | \(.store_s // "-") | \(.stored_per_s // "-" | commas) | \(.lag_s // "-")"
+              + " | \(.server_cpu_s) | \(.client_cpu_s) | \(.other_cpu_s) | \(if .kept_up then "yes" else "no" end) |"
+        ' "$LORAWAN_RESULTS"
+        echo
+        jq -s -r "$JQ_NUMBER_FORMAT"'
+            def median: sort | .[(length - 1) / 2 | floor];
+            [group_by(.round)[] | map(select(.kept_up)) | max_by(.rate_offered) // {rate_offered: 0, stored_per_s: 0}] as $best
+            | "Highest offered rate kept up, per round: \($best | map(.rate_offered | commas) | join(", ")) uplinks/s"
+              + " (median \($best | map(.rate_offered) | median | commas)); stored/s at that rate: "
+              + "\($best | map(.stored_per_s | commas) | join(", ")). The next step of LORAWAN_RATES"
+              + " is an upper bound only where a round reached it and failed; 0 means a round kept up with no rate."
+        ' "$LORAWAN_RESULTS"
+        echo
+        echo "Commands (one per rate):"
+        echo
+        echo '```text'
+        cat "$LORAWAN_COMMANDS"
+        echo '```'
+        echo
+        echo "<details><summary>Raw result lines</summary>"
+        echo
+        echo '```json'
+        cat "$LORAWAN_RESULTS"
+        echo '```'
+        echo
+        echo "</details>"
+        echo
+        echo "<!-- lorawan-results:end -->"
+    } >"$block"
+    replace_block lorawan-results "$block" append
+}
+
 # jq functions that write an integer with commas between thousands and a
 # non-negative number with two decimals.
 JQ_NUMBER_FORMAT='def commas: tostring | if length > 3 then (.[0:length - 3] | commas) + "," + .[length - 3:] else . end;
@@ -1595,8 +1910,15 @@ main() {
     install_missing
     local packages=(-p ferrite-bench)
     [[ -n "$(selected ferrite)" ]] && packages+=(-p ferrite)
-    log "building the release binaries"
-    (cd "$REPO" && cargo build --release "${packages[@]}")
+    if [[ "$BUILD" == 1 ]]; then
+        log "building the release binaries"
+        (cd "$REPO" && cargo build --release "${packages[@]}")
+    else
+        [[ -x "$BENCH" ]] || die "$BENCH is missing; build it with cargo build --release -p ferrite-bench, or run without BUILD=0"
+        [[ -z "$(selected ferrite)" || -x "$FERRITE" ]] ||
+            die "$FERRITE is missing; build it with cargo build --release -p ferrite, or run without BUILD=0"
+        log "using the release binaries as built (BUILD=0)"
+    fi
 
     # Each server and generator needs a descriptor per connection.
     ulimit -n "$(ulimit -Hn)"
@@ -1606,7 +1928,7 @@ main() {
     : >"$SERIES_RESULTS"
     if [[ -n "$(selected ferrite)" ]]; then
         prepare_ferrite_template
-        if scenario_enabled storage || scenario_enabled series; then
+        if scenario_enabled storage || scenario_enabled series || scenario_enabled lorawan; then
             prepare_ferrite_storage_template
         fi
     else
@@ -1651,6 +1973,7 @@ main() {
             run_coap "$round"
         done
         summarize_coap | tee "$WORK/coap.md" >&2
+        write_coap_results_page
     fi
     if scenario_enabled memory; then
         for system in $(selected ferrite mosquitto); do
@@ -1682,6 +2005,10 @@ main() {
             run_live "$round"
         done
         write_live_results_page
+    fi
+    if scenario_enabled lorawan && [[ -n "$(selected ferrite)" ]]; then
+        run_lorawan_scenario
+        write_lorawan_results_page
     fi
 }
 
