@@ -258,10 +258,7 @@ fn request_body(request: &mut Request<'_>) -> Result<Body, CoapError> {
 
     let size1 = message::uint_option(&request.packet, CoapOption::Size1)
         .map_err(|()| CoapError::BadRequest("the Size1 option is longer than 4 bytes".into()))?;
-    let key = TransferKey {
-        peer: request.peer,
-        request: transfer_request_key(request),
-    };
+    let key = TransferKey::new(request.peer, &transfer_request_key(request));
     let outcome =
         request
             .endpoint
