@@ -254,6 +254,12 @@ async fn failures_get_codes_and_diagnostics() {
 
     let mut unknown_option = post(&path, Some(50), b"{}");
     unknown_option.add_option(CoapOption::Unknown(2049), vec![1]);
+    let mut critical_after_elective = post(&path, Some(50), b"{}");
+    critical_after_elective.add_option(CoapOption::Unknown(2), vec![1]);
+    critical_after_elective.add_option(CoapOption::Unknown(9), vec![1]);
+    let mut proxy_after_elective = post(&path, Some(50), b"{}");
+    proxy_after_elective.add_option(CoapOption::Unknown(8), vec![1]);
+    proxy_after_elective.add_option(CoapOption::ProxyUri, b"coap://[::1]/x".to_vec());
     let mut unknown_method = post(&path, Some(50), b"{}");
     unknown_method.header.code = MessageClass::Reserved(0x08);
     let mut not_acceptable = request(
@@ -282,8 +288,23 @@ async fn failures_get_codes_and_diagnostics() {
         ),
         ("unknown method", unknown_method, "4.05"),
         ("unknown critical option", unknown_option, "4.02"),
+        (
+            "critical option after an elective one",
+            critical_after_elective,
+            "4.02",
+        ),
+        ("proxy option after an elective one", proxy_after_elective, "5.05"),
         ("unsupported format", post(&path, Some(41), b"<x/>"), "4.15"),
         ("invalid json", post(&path, Some(50), b"{\"a\":"), "4.00"),
+        (
+            "long Uri-Query",
+            post(
+                &format!("{path}?a={}&b={}", "q".repeat(200), "q".repeat(200)),
+                Some(50),
+                b"{}",
+            ),
+            "4.00",
+        ),
         (
             "too large",
             post(&path, Some(50), &vec![b' '; 3000]),

@@ -145,13 +145,13 @@ fn ends_with_payload_marker(datagram: &[u8], packet: &Packet) -> bool {
             .is_ok_and(|encoded| encoded.len() + 1 == datagram.len())
 }
 
-/// Returns the number of the first option in `packet` that Ferrite does
-/// not process, if any.
-pub fn unknown_option(packet: &Packet) -> Option<u16> {
+/// Returns the numbers of every option in `packet` that Ferrite does not
+/// process, in option order.
+pub fn unknown_options(packet: &Packet) -> impl Iterator<Item = u16> + '_ {
     packet
         .options()
         .map(|(number, _)| *number)
-        .find(|number| !KNOWN_OPTIONS.contains(number) && *number != 258)
+        .filter(|number| !KNOWN_OPTIONS.contains(number) && *number != 258)
 }
 
 /// True for an option number whose absence of support must fail the
@@ -484,11 +484,45 @@ mod tests {
     #[test]
     fn unknown_critical_option_is_found() {
         let mut packet = request(MessageType::Confirmable, b"");
-        assert_eq!(unknown_option(&packet), None);
+        assert_eq!(unknown_options(&packet).next(), None);
+        packet.add_option(CoapOption::Unknown(2048), vec![1]);
         packet.add_option(CoapOption::Unknown(2049), vec![1]);
-        assert_eq!(unknown_option(&packet), Some(2049));
+        assert_eq!(unknown_options(&packet).collect::<Vec<_>>(), [2048, 2049]);
         assert!(is_critical(2049));
         assert!(!is_critical(2048));
+    }
+
+    #[test]
+    fn large_payload_keeps_its_first_block() {
+        let reply = Reply::new(ResponseType::Content).with_first_block(&[1; 70_000]);
+        assert_eq!(reply.payload.len(), 1024);
+        assert_eq!(
+            reply.block2,
+            Some(BlockValue {
+                num: 0,
+                more: true,
+                szx: 6
+            })
+        );
+        assert_eq!(reply.size2, Some(70_000));
+
+        let small = Reply::new(ResponseType::Content).with_first_block(&[1; 1024]);
+        assert_eq!(small.payload.len(), 1024);
+        assert_eq!(small.block2, None);
+    }
+
+    #[test]
+    fn unframeable_reply_becomes_internal_server_error() {
+        let mut reply = Reply::new(ResponseType::Content);
+        reply.payload = vec![b'x'; 70_000];
+        let bytes = reply.encode(MessageType::NonConfirmable, 7, b"tk");
+        let packet = Packet::from_bytes(&bytes).unwrap();
+        assert_eq!(
+            packet.header.code,
+            MessageClass::Response(ResponseType::InternalServerError)
+        );
+        assert_eq!(packet.get_token(), b"tk");
+        assert!(!packet.payload.is_empty());
     }
 
     #[test]

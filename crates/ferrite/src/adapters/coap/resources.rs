@@ -41,6 +41,10 @@ use crate::ingest::{ContentType, Envelope, Protocol};
 /// largest over UDP.
 const DEFAULT_BLOCK2_SZX: u8 = BlockValue::MAX_SZX;
 
+/// Maximum bytes of all Uri-Query options of a request. Ferrite reads only
+/// `token={access_token}`, about 60 bytes.
+const MAX_URI_QUERY_BYTES: usize = 256;
+
 /// A path Ferrite serves, with the access token it carries, if any.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Route {
@@ -163,13 +167,30 @@ async fn serve_request(
 
 /// Step 1: options Ferrite must understand (RFC 7252 section 5.4.1).
 fn check_options(packet: &Packet) -> Result<(), CoapError> {
-    if let Some(number) = message::unknown_option(packet) {
-        if message::is_proxy_option(number) {
-            return Err(CoapError::ProxyingNotSupported);
-        }
-        if message::is_critical(number) {
-            return Err(CoapError::BadOption(number));
-        }
+    // Every unknown option is looked at, because an elective one may come
+    // before a critical one. A proxy option wins, so the client learns
+    // that no proxy is here (5.05) before it hears of other options.
+    let unknown: Vec<u16> = message::unknown_options(packet).collect();
+    if unknown
+        .iter()
+        .any(|number| message::is_proxy_option(*number))
+    {
+        return Err(CoapError::ProxyingNotSupported);
+    }
+    if let Some(number) = unknown
+        .iter()
+        .find(|number| message::is_critical(**number))
+    {
+        return Err(CoapError::BadOption(*number));
+    }
+    let query_bytes: usize = packet
+        .get_option(CoapOption::UriQuery)
+        .map(|values| values.iter().map(Vec::len).sum())
+        .unwrap_or(0);
+    if query_bytes > MAX_URI_QUERY_BYTES {
+        return Err(CoapError::BadRequest(format!(
+            "the Uri-Query options have {query_bytes} bytes, more than the limit of {MAX_URI_QUERY_BYTES}; Ferrite reads only token={{access_token}}"
+        )));
     }
     if message::block_option(packet, CoapOption::Block1).is_err()
         || message::block_option(packet, CoapOption::Block2).is_err()
