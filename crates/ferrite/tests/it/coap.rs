@@ -428,6 +428,51 @@ async fn duplicate_confirmable_gets_the_same_reply() {
 }
 
 #[tokio::test]
+async fn unauthenticated_flood_keeps_duplicate_detection() {
+    let server = Server::start_with_env(&[("FERRITE_COAP_MAX_EXCHANGES", "50")]).await;
+    let device = server.create_device("coap-flood").await;
+    let mut client = Client::connect(server.coap_addr).await;
+    let mut packet = post(
+        &format!("/api/v1/{}/telemetry", device.token),
+        Some(50),
+        br#"{"flood": 1}"#,
+    );
+    packet.header.message_id = client.message_id();
+    let first = client.request(packet.clone()).await;
+    assert_eq!(code(&first), "2.04");
+    let stored = metric(&server, "ferrite_ingest_messages_total{protocol=\"coap\"}").await;
+
+    // Ten times the cache size of requests that fail before a device is
+    // known: unknown paths and invalid tokens.
+    let mut flooder = Client::connect(server.coap_addr).await;
+    for index in 0..500u32 {
+        let path = if index % 2 == 0 {
+            "/x".to_owned()
+        } else {
+            "/api/v1/not-a-token/telemetry".to_owned()
+        };
+        let mut flood = post(&path, Some(50), b"{}");
+        flood.header.set_type(MessageType::NonConfirmable);
+        flood.header.message_id = flooder.message_id();
+        flooder.send_raw(&flood.to_bytes().unwrap()).await;
+        if index % 50 == 49 {
+            // Paces the flood, so that replies are not dropped.
+            while flooder.receive(Duration::from_millis(200)).await.is_some() {}
+        }
+    }
+    while flooder.receive(Duration::from_millis(500)).await.is_some() {}
+
+    // The retransmission gets the stored reply and is not stored again.
+    client.send_raw(&packet.to_bytes().unwrap()).await;
+    let again = client.receive(REPLY_WAIT).await.expect("the stored reply");
+    assert_eq!(again.header.message_id, packet.header.message_id);
+    assert_eq!(code(&again), "2.04");
+    let after = metric(&server, "ferrite_ingest_messages_total{protocol=\"coap\"}").await;
+    assert_eq!(after, stored, "the duplicate was stored again");
+    assert!(metric(&server, "ferrite_coap_duplicates_total").await >= 1.0);
+}
+
+#[tokio::test]
 async fn block1_upload_is_reassembled() {
     let server = Server::start().await;
     let device = server.create_device("coap-block1").await;

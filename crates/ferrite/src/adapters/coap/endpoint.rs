@@ -221,24 +221,33 @@ impl Endpoint {
             )
             .reply();
             self.reply_now(key, confirmable, &token, reply);
+            // Nothing was processed, so a retransmission may try again.
+            self.exchanges.lock().forget(key);
             return;
         };
 
         let work = super::resources::serve(self, peer, packet, auth);
         if !confirmable {
-            let reply = work.await;
-            self.reply_now(key, false, &token, reply);
+            let served = work.await;
+            self.reply_now(key, false, &token, served.reply);
+            self.forget_unauthenticated(key, served.authenticated);
             return;
         }
 
         tokio::pin!(work);
-        let wait = tokio::time::sleep(self.context.config.piggyback_wait);
-        tokio::select! {
-            reply = &mut work => {
-                self.reply_now(key, true, &token, reply);
-                return;
+        // A wait of zero always sends a separate response. A zero sleep is
+        // not ready at once (the timer rounds up to the next millisecond),
+        // so racing it against a fast request would pick either at random.
+        let wait = self.context.config.piggyback_wait;
+        if !wait.is_zero() {
+            tokio::select! {
+                served = &mut work => {
+                    self.reply_now(key, true, &token, served.reply);
+                    self.forget_unauthenticated(key, served.authenticated);
+                    return;
+                }
+                () = tokio::time::sleep(wait) => {}
             }
-            () = wait => {}
         }
 
         // Separate response (RFC 7252 section 5.2.2): an empty ACK now, the
@@ -249,13 +258,24 @@ impl Endpoint {
         ));
         self.exchanges.lock().finish(key, ack.clone());
         self.send(peer, ack);
-        let reply = work.await;
+        let served = work.await;
+        self.forget_unauthenticated(key, served.authenticated);
+        let reply = served.reply;
         events::response_sent(reply.code_name());
         let message_id = self.next_message_id();
         let response = Bytes::from(reply.encode(MessageType::Confirmable, message_id, &token));
         let outcome = self.send_confirmable(peer, message_id, response).await;
         if outcome != Confirmation::Acknowledged {
             tracing::debug!(%peer, ?outcome, "a separate CoAP response was not acknowledged");
+        }
+    }
+
+    /// Drops the duplicate-detection entry of a request that failed before
+    /// authentication, so that floods of such requests cannot evict the
+    /// entries of devices.
+    fn forget_unauthenticated(&self, key: ExchangeKey, authenticated: bool) {
+        if !authenticated {
+            self.exchanges.lock().forget(key);
         }
     }
 

@@ -84,6 +84,14 @@ struct Request<'a> {
     path: String,
 }
 
+/// The response to one request, and whether its device was authenticated.
+pub struct Served {
+    pub reply: Reply,
+    /// False when the request failed before a device was known. The
+    /// endpoint keeps no duplicate-detection entry for such a request.
+    pub authenticated: bool,
+}
+
 /// Serves one request and returns its response; failures become error
 /// responses here, in one place.
 pub async fn serve(
@@ -91,11 +99,12 @@ pub async fn serve(
     peer: SocketAddr,
     packet: Packet,
     auth: PeerAuth,
-) -> Reply {
+) -> Served {
     let block2 = message::block_option(&packet, CoapOption::Block2)
         .ok()
         .flatten();
-    let reply = match serve_request(endpoint, peer, packet, auth).await {
+    let mut authenticated = false;
+    let reply = match serve_request(endpoint, peer, packet, auth, &mut authenticated).await {
         Ok(reply) => reply,
         Err(error) => {
             if let CoapError::Internal = error {
@@ -104,12 +113,19 @@ pub async fn serve(
                 tracing::debug!(%peer, %error, "rejected a CoAP request");
             }
             events::request_rejected(error.reason());
-            return error.reply();
+            return Served {
+                reply: error.reply(),
+                authenticated,
+            };
         }
     };
-    match slice_block2(reply, block2) {
+    let reply = match slice_block2(reply, block2) {
         Ok(reply) => reply,
         Err(error) => error.reply(),
+    };
+    Served {
+        reply,
+        authenticated,
     }
 }
 
@@ -118,6 +134,7 @@ async fn serve_request(
     peer: SocketAddr,
     packet: Packet,
     auth: PeerAuth,
+    authenticated: &mut bool,
 ) -> Result<Reply, CoapError> {
     check_options(&packet)?;
     let method = message::method(&packet).ok_or_else(|| CoapError::MethodNotAllowed {
@@ -150,6 +167,7 @@ async fn serve_request(
     };
     let token = path_token.or_else(|| message::query_value(&request.packet, "token"));
     let device = authenticate(&request, token.as_deref()).await?;
+    *authenticated = true;
     let span = tracing::debug_span!("coap_request", %peer, device_id = %device.device_id);
     let dispatch = async {
         match (route, method) {
