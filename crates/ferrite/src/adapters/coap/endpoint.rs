@@ -296,10 +296,9 @@ impl Endpoint {
     /// Sends a notification of an observer; a Confirmable one is sent with
     /// retransmission in a task, and its failure ends the observation.
     pub fn send_notification(self: Arc<Self>, notification: Notification) {
-        let mut reply = Reply::new(ResponseType::Content);
+        let mut reply = Reply::new(ResponseType::Content).with_first_block(&notification.payload);
         reply.observe = Some(notification.sequence);
         reply.content_format = Some(message::content_format::JSON);
-        reply.payload = notification.payload.to_vec();
         let message_id = self.next_message_id();
         let peer = notification.peer;
         let token = notification.token;

@@ -353,6 +353,30 @@ impl Reply {
         }
     }
 
+    /// Sets `payload`, cut to its first block of 1024 bytes with Block2 and
+    /// Size2 when it is larger (RFC 7959 section 2.6: the client fetches
+    /// the other blocks with GET requests).
+    pub fn with_first_block(mut self, payload: &[u8]) -> Reply {
+        let size = BlockValue {
+            num: 0,
+            more: false,
+            szx: BlockValue::MAX_SZX,
+        }
+        .size();
+        if payload.len() <= size {
+            self.payload = payload.to_vec();
+            return self;
+        }
+        self.payload = payload[..size].to_vec();
+        self.block2 = Some(BlockValue {
+            num: 0,
+            more: true,
+            szx: BlockValue::MAX_SZX,
+        });
+        self.size2 = Some(u32::try_from(payload.len()).unwrap_or(u32::MAX));
+        self
+    }
+
     /// Formats the code as `class.detail`, for logs and metric labels.
     pub fn code_name(&self) -> String {
         MessageClass::Response(self.code).to_string()
@@ -384,11 +408,19 @@ impl Reply {
             }
         }
         packet.payload = self.payload.clone();
-        // Only a payload past 64000 bytes fails to encode, and replies are
-        // cut into blocks of at most 1024 bytes before this point.
-        packet
-            .to_bytes()
-            .unwrap_or_else(|_| empty_message(message_type, message_id))
+        // coap-lite rejects a message over 64000 bytes. Responses to
+        // requests and notifications are cut into blocks of at most 1024
+        // bytes before this point, so this is a server bug. An empty
+        // message would read as a ping or an empty ACK, so the client gets
+        // a 5.00 that says what failed.
+        packet.to_bytes().unwrap_or_else(|_| {
+            let size = self.payload.len();
+            Reply::diagnostic(
+                ResponseType::InternalServerError,
+                format!("the server could not frame a response of {size} bytes"),
+            )
+            .encode(message_type, message_id, token)
+        })
     }
 }
 

@@ -42,6 +42,10 @@ const ATTRIBUTES_SUFFIX: &str = "attributes";
 /// Topic suffix of RPC requests, before the request id.
 const RPC_REQUEST_PREFIX: &str = "rpc/request/";
 
+/// Largest RPC notification body: one block of 1024 bytes, because the
+/// rest of a larger one could not be fetched.
+const MAX_RPC_NOTIFICATION_BYTES: usize = 1024;
+
 /// A resource that can be observed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Resource {
@@ -246,6 +250,14 @@ impl ExternalReceivers for Observers {
             let Some(payload) = rpc_notification(request_id, payload) else {
                 return 0;
             };
+            // The rpc resource has no state that a GET could return block
+            // by block, so an RPC request must fit in one notification.
+            // Counting it as undelivered lets the caller learn that.
+            if payload.len() > MAX_RPC_NOTIFICATION_BYTES {
+                events::observer("rpc_too_large");
+                tracing::warn!(%device_id, request_id, size = payload.len(), limit = MAX_RPC_NOTIFICATION_BYTES, "an RPC request is too large for a CoAP notification; not delivered");
+                return 0;
+            }
             self.prepare(device_id, Resource::Rpc, &payload)
         } else {
             return 0;
