@@ -586,6 +586,60 @@ async fn attributes_are_read_in_blocks_and_observed() {
 }
 
 #[tokio::test]
+async fn large_notification_is_sent_in_blocks() {
+    let server = Server::start().await;
+    let device = server.create_device("coap-large-notification").await;
+    let mut client = Client::connect(server.coap_addr).await;
+    let path = format!("/api/v1/{}/attributes", device.token);
+    let mut observe = request(RequestType::Get, &path, b"big");
+    observe.add_option(CoapOption::Observe, vec![]);
+    assert_eq!(code(&client.request(observe).await), "2.05");
+
+    // Larger than a datagram: coap-lite frames at most 64,000 bytes.
+    patch_attributes(&server, &device, json!({"blob": "b".repeat(70_000)})).await;
+    let notification = client.receive(REPLY_WAIT).await.expect("a notification");
+    if notification.header.get_type() == MessageType::Confirmable {
+        client.acknowledge(&notification).await;
+    }
+    assert_eq!(code(&notification), "2.05");
+    assert_eq!(notification.get_token(), b"big");
+    assert!(notification.get_first_option(CoapOption::Observe).is_some());
+    assert_eq!(notification.payload.len(), 1024);
+    let block2 = uint_value(
+        notification
+            .get_first_option(CoapOption::Block2)
+            .expect("Block2"),
+    );
+    assert_eq!(block2, (1 << 3) | 6, "block 0, more blocks, 1024 bytes");
+    let size2 = uint_value(notification.get_first_option(CoapOption::Size2).expect("Size2"));
+    assert!(size2 > 70_000, "Size2 {size2}");
+}
+
+#[tokio::test]
+async fn failed_observe_get_registers_no_observer() {
+    let server = Server::start().await;
+    let device = server.create_device("coap-failed-observe").await;
+    let mut client = Client::connect(server.coap_addr).await;
+    let path = format!("/api/v1/{}/attributes", device.token);
+    patch_attributes(&server, &device, json!({"a": 1})).await;
+
+    // Block 5 lies past the end of the short response, so the GET fails.
+    let mut past_end = request(RequestType::Get, &path, b"bad");
+    past_end.add_option(CoapOption::Observe, vec![]);
+    past_end.add_option(CoapOption::Block2, block_value(5, false, 6));
+    let reply = client.request(past_end).await;
+    assert_eq!(code(&reply), "4.00");
+    assert!(reply.get_first_option(CoapOption::Observe).is_none());
+
+    patch_attributes(&server, &device, json!({"a": 2})).await;
+    let notification = client.receive(Duration::from_secs(1)).await;
+    assert!(
+        notification.is_none(),
+        "a failed GET must not observe: {notification:?}"
+    );
+}
+
+#[tokio::test]
 async fn rpc_request_reaches_an_observer_and_returns() {
     let server = Server::start().await;
     let device = server.create_device("coap-rpc").await;

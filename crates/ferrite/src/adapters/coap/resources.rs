@@ -510,6 +510,9 @@ async fn get_attributes(
 ) -> Result<Reply, CoapError> {
     use crate::metadata::MetadataStore;
     check_accept(request)?;
+    // Registered before the read, so a change that lands between the two
+    // is either in the read or notified afterwards.
+    let observe = observe(request, device, Resource::Attributes)?;
     let stored = request
         .endpoint
         .context
@@ -519,12 +522,26 @@ async fn get_attributes(
         .await
         .map_err(|error| {
             tracing::warn!(%error, "cannot read device attributes for CoAP");
+            if observe.is_some() {
+                forget_observer(request, device, Resource::Attributes);
+            }
             CoapError::Internal
         })?;
     let body = serde_json::json!({"shared": stored.attributes});
     let mut reply = Reply::json(ResponseType::Content, &body);
-    reply.observe = observe(request, device, Resource::Attributes)?;
+    reply.observe = observe;
     Ok(reply)
+}
+
+/// Removes the observer that this request registered, because its response
+/// is no 2.05 (RFC 7641 section 4.1: only a 2.xx response keeps it).
+fn forget_observer(request: &Request<'_>, device: &DeviceIdentity, resource: Resource) {
+    request.endpoint.context.observers.deregister(
+        device.device_id,
+        resource,
+        request.endpoint,
+        request.peer,
+    );
 }
 
 /// RPC requests reach the device only as Observe notifications.
@@ -560,6 +577,13 @@ fn observe(
         }
     };
     match ObserveOption::try_from(value as usize) {
+        // A request for a later block is no registration (RFC 7959 section
+        // 2.6: only the first block's request carries Observe). Answering
+        // it without Observe also keeps a failing block request, such as
+        // one past the end, from adding an observer.
+        Ok(ObserveOption::Register) if requested_block2(request).is_some_and(|block| block.num > 0) => {
+            Ok(None)
+        }
         Ok(ObserveOption::Register) => Ok(observers.register(
             device.device_id,
             resource,
@@ -603,6 +627,13 @@ async fn post_rpc_response(
     let mut reply = Reply::new(ResponseType::Changed);
     reply.block1 = block1;
     Ok(reply)
+}
+
+fn requested_block2(request: &Request<'_>) -> Option<BlockValue> {
+    // Step 1 checked that the option is well formed.
+    message::block_option(&request.packet, CoapOption::Block2)
+        .ok()
+        .flatten()
 }
 
 /// Cuts a response into the block the client asked for with Block2, or
