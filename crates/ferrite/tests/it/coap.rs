@@ -323,6 +323,10 @@ async fn failures_get_codes_and_diagnostics() {
             !reply.payload.is_empty(),
             "{name}: a failure names its problem"
         );
+        assert!(
+            !String::from_utf8_lossy(&reply.payload).contains(&device.token),
+            "{name}: a diagnostic must not repeat the access token"
+        );
         if expected == "4.13" {
             let size1 = reply.get_first_option(CoapOption::Size1).expect("Size1");
             assert_eq!(uint_value(size1), 2048);

@@ -143,7 +143,7 @@ async fn serve_request(
         allowed: "Ferrite serves GET and POST",
     })?;
     let segments = message::path_segments(&packet);
-    let path = format!("/{}", segments.join("/"));
+    let path = redacted_path(&segments);
     let (route, path_token) = route(&segments).ok_or_else(|| {
         CoapError::NotFound(format!(
             "no resource at {path}; POST telemetry to /api/v1/{{access_token}}/telemetry or /telemetry?token={{access_token}}"
@@ -218,6 +218,17 @@ fn check_options(packet: &Packet) -> Result<(), CoapError> {
         ));
     }
     Ok(())
+}
+
+/// Formats the path for messages and logs, with the access token segment
+/// of `/api/v1/{access_token}/...` replaced by `{access_token}`, because
+/// the token is a secret.
+fn redacted_path(segments: &[String]) -> String {
+    let mut shown: Vec<&str> = segments.iter().map(String::as_str).collect();
+    if let ["api", "v1", token, ..] = shown.as_mut_slice() {
+        *token = "{access_token}";
+    }
+    format!("/{}", shown.join("/"))
 }
 
 /// Step 2: the resource and the access token in the path, if any.
@@ -701,6 +712,16 @@ mod tests {
             let expected = expected.map(|(route, token)| (route, token.map(str::to_owned)));
             assert_eq!(route(&segments(path)), expected, "{path}");
         }
+    }
+
+    #[test]
+    fn paths_in_messages_hide_the_token() {
+        assert_eq!(
+            redacted_path(&segments("/api/v1/fdt_secret/nothing")),
+            "/api/v1/{access_token}/nothing"
+        );
+        assert_eq!(redacted_path(&segments("/other/x")), "/other/x");
+        assert_eq!(redacted_path(&segments("/api/v2/x")), "/api/v2/x");
     }
 
     #[test]
