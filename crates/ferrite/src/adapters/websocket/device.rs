@@ -289,13 +289,18 @@ async fn run(
 
 /// Sends queued messages until the queue closes, then closes the socket
 /// (which also flushes tungstenite's reply to a client's close frame).
+/// A failed send still closes the socket, so a queued close frame is not
+/// lost with the message that failed.
 async fn write_messages(
     mut sink: SplitSink<WebSocket, Message>,
     mut queue: mpsc::Receiver<Message>,
 ) -> Result<(), axum::Error> {
     while let Some(message) = queue.recv().await {
         let is_close = matches!(message, Message::Close(_));
-        sink.send(message).await?;
+        if let Err(error) = sink.send(message).await {
+            let _ = sink.close().await;
+            return Err(error);
+        }
         if is_close {
             return Ok(());
         }
@@ -530,10 +535,13 @@ impl DeviceSocket {
 
         // Every telemetry message taken from the socket is appended, so that
         // the device's view and the log agree. The replies are queued unless
-        // the client does not read.
+        // the client does not read or has sent its close frame. After that
+        // frame tungstenite has queued its reply close frame, and RFC 6455
+        // section 5.5.1 allows no data frames after it.
         let idle_timeout = self.state.config.websocket.idle_timeout;
+        let send_replies = !matches!(end, SocketEnd::SlowClient | SocketEnd::ClientClosed);
         while let Some(reply) = self.replies.next().await {
-            if end != SocketEnd::SlowClient {
+            if send_replies {
                 self.queue(Message::text(reply));
             }
         }
