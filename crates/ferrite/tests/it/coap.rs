@@ -744,6 +744,41 @@ async fn slow_append_gets_a_separate_response() {
 }
 
 #[tokio::test]
+async fn unacknowledged_separate_responses_free_slots() {
+    let server = Server::start_with_env(&[
+        ("FERRITE_COAP_PIGGYBACK_WAIT", "0s"),
+        ("FERRITE_COAP_MAX_CONCURRENT_REQUESTS", "2"),
+    ])
+    .await;
+    let device = server.create_device("coap-slots").await;
+    let path = format!("/api/v1/{}/telemetry", device.token);
+
+    // Two clients take both slots and never ACK their separate responses,
+    // so the server keeps retransmitting them.
+    let mut silent = Vec::new();
+    for index in 0..2 {
+        let mut client = Client::connect(server.coap_addr).await;
+        let mut packet = post(&path, Some(50), format!("{{\"silent\": {index}}}").as_bytes());
+        packet.header.message_id = client.message_id();
+        client.send_raw(&packet.to_bytes().unwrap()).await;
+        let ack = client.receive(REPLY_WAIT).await.expect("an empty ACK");
+        assert_eq!(ack.header.code, MessageClass::Empty);
+        let response = client.receive(REPLY_WAIT).await.expect("a separate response");
+        assert_eq!(code(&response), "2.04");
+        silent.push(client);
+    }
+
+    let mut third = Client::connect(server.coap_addr).await;
+    let reply = third.request(post(&path, Some(50), br#"{"third": 1}"#)).await;
+    assert_eq!(
+        code(&reply),
+        "2.04",
+        "{}",
+        String::from_utf8_lossy(&reply.payload)
+    );
+}
+
+#[tokio::test]
 async fn idle_block1_upload_is_dropped() {
     let server = Server::start_with_env(&[("FERRITE_COAP_BLOCK_TIMEOUT", "1s")]).await;
     let device = server.create_device("coap-block-timeout").await;

@@ -215,7 +215,7 @@ impl Endpoint {
         }
         let token = packet.get_token().to_vec();
 
-        let Ok(_slot) = self.request_slots.clone().try_acquire_owned() else {
+        let Ok(slot) = self.request_slots.clone().try_acquire_owned() else {
             let reply = CoapError::ServiceUnavailable(
                 "the server is processing too many CoAP requests (coap.max_concurrent_requests); retry later".into(),
             )
@@ -259,6 +259,10 @@ impl Endpoint {
         self.exchanges.lock().finish(key, ack.clone());
         self.send(peer, ack);
         let served = work.await;
+        // The slot limits processing, and processing is done. Holding it
+        // while the response is retransmitted would let peers that never
+        // ACK take every slot for up to 93 s each.
+        drop(slot);
         self.forget_unauthenticated(key, served.authenticated);
         let reply = served.reply;
         events::response_sent(reply.code_name());
