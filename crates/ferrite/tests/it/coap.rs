@@ -701,6 +701,47 @@ async fn rpc_request_reaches_an_observer_and_returns() {
 }
 
 #[tokio::test]
+async fn token_rotation_ends_observations() {
+    let server = Server::start().await;
+    let device = server.create_device("coap-rotate").await;
+    let mut client = Client::connect(server.coap_addr).await;
+    let mut observe = request(
+        RequestType::Get,
+        &format!("/api/v1/{}/rpc", device.token),
+        b"old",
+    );
+    observe.add_option(CoapOption::Observe, vec![]);
+    assert_eq!(code(&client.request(observe).await), "2.05");
+
+    let admin = server.admin_token().await;
+    let rotated = reqwest::Client::new()
+        .post(format!("{}/api/v1/devices/{}/token", server.http_url, device.id))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rotated.status(), 200);
+
+    let ended = client.receive(REPLY_WAIT).await.expect("a final notification");
+    assert_eq!(code(&ended), "4.01");
+    assert_eq!(ended.get_token(), b"old");
+
+    // A command now finds no observer to carry it.
+    let response = reqwest::Client::new()
+        .post(format!("{}/api/v1/devices/{}/commands", server.http_url, device.id))
+        .bearer_auth(&admin)
+        .json(&json!({"method": "getSecret", "params": {}, "timeout_ms": 1000}))
+        .send()
+        .await
+        .unwrap();
+    assert_ne!(response.status(), 200);
+    assert!(
+        client.receive(Duration::from_millis(500)).await.is_none(),
+        "the old observer received the command"
+    );
+}
+
+#[tokio::test]
 async fn slow_append_gets_a_separate_response() {
     // With no wait, every Confirmable request gets an empty ACK first.
     let server = Server::start_with_env(&[("FERRITE_COAP_PIGGYBACK_WAIT", "0s")]).await;

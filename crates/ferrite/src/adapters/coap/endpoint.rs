@@ -329,6 +329,18 @@ impl Endpoint {
         });
     }
 
+    /// Ends an observation with a Non-confirmable 4.01 notification,
+    /// after the device's token was revoked or the device deleted.
+    pub fn end_observation(&self, peer: SocketAddr, token: &[u8]) {
+        let reply = Reply::diagnostic(
+            ResponseType::Unauthorized,
+            "the access token was revoked or the device deleted; register again with a valid token",
+        );
+        events::response_sent(reply.code_name());
+        let bytes = reply.encode(MessageType::NonConfirmable, self.next_message_id(), token);
+        self.send(peer, Bytes::from(bytes));
+    }
+
     fn remember_notification(&self, key: ExchangeKey, token: Vec<u8>) {
         let mut recent = self.recent_notifications.lock();
         if recent.order.len() >= MAX_RECENT_NOTIFICATIONS

@@ -177,6 +177,26 @@ impl Observers {
         removed
     }
 
+    /// Removes every observer of `device_id` and tells each with a 4.01
+    /// notification (RFC 7641 section 3.2: a non-2.xx notification ends
+    /// the observation), so the client registers again with a valid token.
+    pub fn remove_device(&self, device_id: DeviceId) {
+        let removed: Vec<Observer> = {
+            let mut lists = self.lists.lock();
+            [Resource::Attributes, Resource::Rpc]
+                .into_iter()
+                .filter_map(|resource| lists.remove(&(device_id, resource)))
+                .flatten()
+                .collect()
+        };
+        for observer in removed {
+            events::observer("revoked");
+            if let Some(endpoint) = observer.endpoint.upgrade() {
+                endpoint.end_observation(observer.peer, &observer.token);
+            }
+        }
+    }
+
     fn remove_where(&self, matches: impl Fn(&(DeviceId, Resource), &Observer) -> bool) -> usize {
         let mut lists = self.lists.lock();
         let mut removed = 0;
@@ -239,6 +259,10 @@ impl Observers {
 }
 
 impl ExternalReceivers for Observers {
+    fn remove_device(&self, device_id: DeviceId) {
+        Observers::remove_device(self, device_id);
+    }
+
     fn is_reachable(&self, device_id: DeviceId) -> bool {
         self.has_observer(device_id, Resource::Rpc)
     }
