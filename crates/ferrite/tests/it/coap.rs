@@ -701,6 +701,59 @@ async fn rpc_request_reaches_an_observer_and_returns() {
 }
 
 #[tokio::test]
+async fn rpc_notifications_wait_for_the_ack() {
+    let server = Server::start().await;
+    let device = server.create_device("coap-rpc-order").await;
+    let mut client = Client::connect(server.coap_addr).await;
+    let mut observe = request(
+        RequestType::Get,
+        &format!("/api/v1/{}/rpc", device.token),
+        b"rpc",
+    );
+    observe.add_option(CoapOption::Observe, vec![]);
+    assert_eq!(code(&client.request(observe).await), "2.05");
+
+    let admin = server.admin_token().await;
+    let url = format!("{}/api/v1/devices/{}/commands", server.http_url, device.id);
+    for method in ["first", "second"] {
+        let url = url.clone();
+        let admin = admin.clone();
+        tokio::spawn(async move {
+            reqwest::Client::new()
+                .post(url)
+                .bearer_auth(admin)
+                .json(&json!({"method": method, "params": {}, "timeout_ms": 10000}))
+                .send()
+                .await
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let first = client.receive(REPLY_WAIT).await.expect("the first request");
+    let rpc: Value = serde_json::from_slice(&first.payload).unwrap();
+    assert_eq!(rpc["method"], "first");
+
+    // Until the ACK, only retransmissions of the first may arrive.
+    while let Some(message) = client.receive(Duration::from_millis(1500)).await {
+        assert_eq!(
+            message.header.message_id, first.header.message_id,
+            "a second notification was sent before the first was acknowledged"
+        );
+    }
+    client.acknowledge(&first).await;
+
+    let second = client.receive(REPLY_WAIT).await.expect("the second request");
+    assert_eq!(second.header.get_type(), MessageType::Confirmable);
+    let rpc: Value = serde_json::from_slice(&second.payload).unwrap();
+    assert_eq!(rpc["method"], "second");
+    let sequence = |packet: &Packet| {
+        uint_value(packet.get_first_option(CoapOption::Observe).expect("Observe"))
+    };
+    assert!(sequence(&second) > sequence(&first));
+    client.acknowledge(&second).await;
+}
+
+#[tokio::test]
 async fn token_rotation_ends_observations() {
     let server = Server::start().await;
     let device = server.create_device("coap-rotate").await;

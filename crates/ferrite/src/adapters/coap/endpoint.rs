@@ -318,7 +318,13 @@ impl Endpoint {
         self.tasks.spawn(async move {
             let outcome = endpoint.send_confirmable(peer, message_id, bytes).await;
             let event = match outcome {
-                Confirmation::Acknowledged => return,
+                Confirmation::Acknowledged => {
+                    let observers = &endpoint.context.observers;
+                    if let Some(next) = observers.acknowledged(&endpoint, peer, &token) {
+                        endpoint.clone().send_notification(next);
+                    }
+                    return;
+                }
                 Confirmation::Reset => "reset",
                 Confirmation::TimedOut => "timed_out",
             };
