@@ -293,7 +293,11 @@ async fn failures_get_codes_and_diagnostics() {
             critical_after_elective,
             "4.02",
         ),
-        ("proxy option after an elective one", proxy_after_elective, "5.05"),
+        (
+            "proxy option after an elective one",
+            proxy_after_elective,
+            "5.05",
+        ),
         ("unsupported format", post(&path, Some(41), b"<x/>"), "4.15"),
         ("invalid json", post(&path, Some(50), b"{\"a\":"), "4.00"),
         (
@@ -615,7 +619,11 @@ async fn large_notification_is_sent_in_blocks() {
             .expect("Block2"),
     );
     assert_eq!(block2, (1 << 3) | 6, "block 0, more blocks, 1024 bytes");
-    let size2 = uint_value(notification.get_first_option(CoapOption::Size2).expect("Size2"));
+    let size2 = uint_value(
+        notification
+            .get_first_option(CoapOption::Size2)
+            .expect("Size2"),
+    );
     assert!(size2 > 70_000, "Size2 {size2}");
 }
 
@@ -742,12 +750,19 @@ async fn rpc_notifications_wait_for_the_ack() {
     }
     client.acknowledge(&first).await;
 
-    let second = client.receive(REPLY_WAIT).await.expect("the second request");
+    let second = client
+        .receive(REPLY_WAIT)
+        .await
+        .expect("the second request");
     assert_eq!(second.header.get_type(), MessageType::Confirmable);
     let rpc: Value = serde_json::from_slice(&second.payload).unwrap();
     assert_eq!(rpc["method"], "second");
     let sequence = |packet: &Packet| {
-        uint_value(packet.get_first_option(CoapOption::Observe).expect("Observe"))
+        uint_value(
+            packet
+                .get_first_option(CoapOption::Observe)
+                .expect("Observe"),
+        )
     };
     assert!(sequence(&second) > sequence(&first));
     client.acknowledge(&second).await;
@@ -768,20 +783,29 @@ async fn token_rotation_ends_observations() {
 
     let admin = server.admin_token().await;
     let rotated = reqwest::Client::new()
-        .post(format!("{}/api/v1/devices/{}/token", server.http_url, device.id))
+        .post(format!(
+            "{}/api/v1/devices/{}/token",
+            server.http_url, device.id
+        ))
         .bearer_auth(&admin)
         .send()
         .await
         .unwrap();
     assert_eq!(rotated.status(), 200);
 
-    let ended = client.receive(REPLY_WAIT).await.expect("a final notification");
+    let ended = client
+        .receive(REPLY_WAIT)
+        .await
+        .expect("a final notification");
     assert_eq!(code(&ended), "4.01");
     assert_eq!(ended.get_token(), b"old");
 
     // A command now finds no observer to carry it.
     let response = reqwest::Client::new()
-        .post(format!("{}/api/v1/devices/{}/commands", server.http_url, device.id))
+        .post(format!(
+            "{}/api/v1/devices/{}/commands",
+            server.http_url, device.id
+        ))
         .bearer_auth(&admin)
         .json(&json!({"method": "getSecret", "params": {}, "timeout_ms": 1000}))
         .send()
@@ -852,18 +876,27 @@ async fn unacknowledged_separate_responses_free_slots() {
     let mut silent = Vec::new();
     for index in 0..2 {
         let mut client = Client::connect(server.coap_addr).await;
-        let mut packet = post(&path, Some(50), format!("{{\"silent\": {index}}}").as_bytes());
+        let mut packet = post(
+            &path,
+            Some(50),
+            format!("{{\"silent\": {index}}}").as_bytes(),
+        );
         packet.header.message_id = client.message_id();
         client.send_raw(&packet.to_bytes().unwrap()).await;
         let ack = client.receive(REPLY_WAIT).await.expect("an empty ACK");
         assert_eq!(ack.header.code, MessageClass::Empty);
-        let response = client.receive(REPLY_WAIT).await.expect("a separate response");
+        let response = client
+            .receive(REPLY_WAIT)
+            .await
+            .expect("a separate response");
         assert_eq!(code(&response), "2.04");
         silent.push(client);
     }
 
     let mut third = Client::connect(server.coap_addr).await;
-    let reply = third.request(post(&path, Some(50), br#"{"third": 1}"#)).await;
+    let reply = third
+        .request(post(&path, Some(50), br#"{"third": 1}"#))
+        .await;
     assert_eq!(
         code(&reply),
         "2.04",

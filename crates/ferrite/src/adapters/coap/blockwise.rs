@@ -415,7 +415,10 @@ mod tests {
     fn long_requests_have_fixed_size_keys() {
         let peer = "127.0.0.1:5000".parse().unwrap();
         let short = TransferKey::new(peer, "POST /telemetry? None");
-        let long = TransferKey::new(peer, &format!("POST /telemetry?{} None", "q".repeat(60_000)));
+        let long = TransferKey::new(
+            peer,
+            &format!("POST /telemetry?{} None", "q".repeat(60_000)),
+        );
         assert_eq!(std::mem::size_of_val(&short), std::mem::size_of_val(&long));
         assert_ne!(short, long);
     }

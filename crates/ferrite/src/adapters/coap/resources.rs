@@ -195,10 +195,7 @@ fn check_options(packet: &Packet) -> Result<(), CoapError> {
     {
         return Err(CoapError::ProxyingNotSupported);
     }
-    if let Some(number) = unknown
-        .iter()
-        .find(|number| message::is_critical(**number))
-    {
+    if let Some(number) = unknown.iter().find(|number| message::is_critical(**number)) {
         return Err(CoapError::BadOption(*number));
     }
     let query_bytes: usize = packet
@@ -592,7 +589,9 @@ fn observe(
         // 2.6: only the first block's request carries Observe). Answering
         // it without Observe also keeps a failing block request, such as
         // one past the end, from adding an observer.
-        Ok(ObserveOption::Register) if requested_block2(request).is_some_and(|block| block.num > 0) => {
+        Ok(ObserveOption::Register)
+            if requested_block2(request).is_some_and(|block| block.num > 0) =>
+        {
             Ok(None)
         }
         Ok(ObserveOption::Register) => Ok(observers.register(
