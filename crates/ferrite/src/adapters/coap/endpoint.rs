@@ -300,6 +300,10 @@ impl Endpoint {
     /// Sends a notification of an observer; a Confirmable one is sent with
     /// retransmission in a task, and its failure ends the observation.
     pub fn send_notification(self: Arc<Self>, notification: Notification) {
+        // NOTE: attribute notifications carry the changed keys, while GET
+        // returns `{"shared": ...}`, so the blocks after the first cannot be
+        // fetched to complete a large one; the client reads the resource
+        // again instead.
         let mut reply = Reply::new(ResponseType::Content).with_first_block(&notification.payload);
         reply.observe = Some(notification.sequence);
         reply.content_format = Some(message::content_format::JSON);
