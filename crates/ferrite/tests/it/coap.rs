@@ -481,6 +481,30 @@ async fn unauthenticated_flood_keeps_duplicate_detection() {
 }
 
 #[tokio::test]
+async fn duplicate_get_is_served_again() {
+    let server = Server::start().await;
+    let device = server.create_device("coap-duplicate-get").await;
+    let mut client = Client::connect(server.coap_addr).await;
+    patch_attributes(&server, &device, json!({"v": 1})).await;
+    let mut get = request(
+        RequestType::Get,
+        &format!("/api/v1/{}/attributes", device.token),
+        b"g",
+    );
+    get.header.message_id = client.message_id();
+    assert_eq!(code(&client.request(get.clone()).await), "2.05");
+
+    // The GET's reply is not kept, so the retransmission is read again
+    // and sees the newer state.
+    patch_attributes(&server, &device, json!({"v": 2})).await;
+    let again = client.request(get).await;
+    assert_eq!(code(&again), "2.05");
+    let body: Value = serde_json::from_slice(&again.payload).unwrap();
+    assert_eq!(body["shared"]["v"], 2);
+    assert_eq!(metric(&server, "ferrite_coap_duplicates_total").await, 0.0);
+}
+
+#[tokio::test]
 async fn block1_upload_is_reassembled() {
     let server = Server::start().await;
     let device = server.create_device("coap-block1").await;

@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use coap_lite::{MessageType, ResponseType};
+use coap_lite::{MessageClass, MessageType, RequestType, ResponseType};
 use parking_lot::Mutex;
 use tokio::sync::{Semaphore, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -214,6 +214,12 @@ impl Endpoint {
             return;
         }
         let token = packet.get_token().to_vec();
+        // A GET changes nothing, or registers an observer again, which
+        // replaces the same registration (RFC 7252 section 4.5 lets a
+        // server process duplicates of such requests again). Its reply,
+        // up to a 1024-byte block, is therefore not kept, which bounds the
+        // cache's memory by the small replies of POST requests.
+        let is_get = packet.header.code == MessageClass::Request(RequestType::Get);
 
         let Ok(slot) = self.request_slots.clone().try_acquire_owned() else {
             let reply = CoapError::ServiceUnavailable(
@@ -230,7 +236,7 @@ impl Endpoint {
         if !confirmable {
             let served = work.await;
             self.reply_now(key, false, &token, served.reply);
-            self.forget_unauthenticated(key, served.authenticated);
+            self.forget_unless_kept(key, served.authenticated && !is_get);
             return;
         }
 
@@ -243,7 +249,7 @@ impl Endpoint {
             tokio::select! {
                 served = &mut work => {
                     self.reply_now(key, true, &token, served.reply);
-                    self.forget_unauthenticated(key, served.authenticated);
+                    self.forget_unless_kept(key, served.authenticated && !is_get);
                     return;
                 }
                 () = tokio::time::sleep(wait) => {}
@@ -263,7 +269,7 @@ impl Endpoint {
         // while the response is retransmitted would let peers that never
         // ACK take every slot for up to 93 s each.
         drop(slot);
-        self.forget_unauthenticated(key, served.authenticated);
+        self.forget_unless_kept(key, served.authenticated && !is_get);
         let reply = served.reply;
         events::response_sent(reply.code_name());
         let message_id = self.next_message_id();
@@ -274,11 +280,12 @@ impl Endpoint {
         }
     }
 
-    /// Drops the duplicate-detection entry of a request that failed before
-    /// authentication, so that floods of such requests cannot evict the
-    /// entries of devices.
-    fn forget_unauthenticated(&self, key: ExchangeKey, authenticated: bool) {
-        if !authenticated {
+    /// Drops the duplicate-detection entry of a request unless `keep`.
+    /// Requests that failed before authentication keep none, so floods of
+    /// them cannot evict the entries of devices, and GET requests keep none
+    /// (see `handle_request`).
+    fn forget_unless_kept(&self, key: ExchangeKey, keep: bool) {
+        if !keep {
             self.exchanges.lock().forget(key);
         }
     }

@@ -9,7 +9,9 @@
 //! authenticated keeps no entry once answered ([`ExchangeCache::forget`]),
 //! because processing its duplicate again changes nothing. So
 //! unauthenticated traffic holds entries only while it is processed and
-//! cannot push out the entries of devices.
+//! cannot push out the entries of devices. GET requests keep no entry
+//! either, so the replies kept are those of POST requests, which are
+//! small (a code, a few options and at most a diagnostic).
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
