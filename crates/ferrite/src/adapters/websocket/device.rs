@@ -57,7 +57,9 @@ use crate::server::AppState;
 /// pauses while this many wait.
 pub const MAX_PENDING_REPLIES: usize = 32;
 /// Bytes a message may have beyond `http.max_body_bytes` of telemetry for
-/// its `type` and `id`. A larger message closes the socket with 1009.
+/// its `type` and `id`. A larger message ends the socket, but not with
+/// 1009: tungstenite fails the read, and the client sees a close frame
+/// without a status code (1005) or none.
 const MESSAGE_OVERHEAD: usize = 4096;
 /// Time to send the last replies and the close frame.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
