@@ -109,8 +109,8 @@ struct CachedDevice {
 /// database lookup. Tokens are random and issued once, so a token
 /// rejected now cannot become valid later.
 const REJECTED_TOKEN_TTL: Duration = Duration::from_secs(10);
-/// Maximum rejected token hashes remembered; when full, the expired ones
-/// are dropped, and then all if none has expired.
+/// Maximum rejected token hashes kept. When the map is full, the expired
+/// hashes are dropped, and all of them if none has expired.
 const MAX_REJECTED_TOKENS: usize = 4096;
 
 /// Hashes of device tokens that matched no device, so that floods with

@@ -94,7 +94,13 @@ impl Router {
     /// Adds receivers outside the MQTT sessions to every delivery, RPC
     /// requests included. Only the first call has an effect.
     pub fn set_external_receivers(&self, receivers: Arc<dyn ExternalReceivers>) {
-        let _ = self.external.set(receivers);
+        if self.external.set(receivers).is_err() {
+            // A second CoAP context would have observers that never get
+            // a message, so the mistake is logged rather than hidden.
+            tracing::warn!(
+                "external receivers were already set; these receive nothing. Create one CoAP context per server"
+            );
+        }
     }
 
     /// Ends the external receivers of `device_id`, such as CoAP observers,
