@@ -299,6 +299,7 @@ pub async fn delete(
         .delete_device(principal.tenant_id, id)
         .await?;
     state.auth.forget_device(id);
+    state.mqtt_router.remove_external_device(id);
     state.dtls_credentials.forget_device(id);
     state.directory.forget_device(id);
     state.forget_device_name(principal.tenant_id, &device.name);
@@ -320,6 +321,7 @@ pub async fn rotate_token(
         .rotate_device_token(principal.tenant_id, id, &auth::hash_secret(&token))
         .await?;
     state.auth.forget_device(id);
+    state.mqtt_router.remove_external_device(id);
     tracing::info!(device_id = %id, by = %principal.subject, "device token rotated");
     Ok(Json(json!({"id": id, "token": token})))
 }

@@ -105,6 +105,40 @@ struct CachedDevice {
     fetched: Instant,
 }
 
+/// How long a device token that matched no device is rejected without a
+/// database lookup. Tokens are random and issued once, so a token
+/// rejected now cannot become valid later.
+const REJECTED_TOKEN_TTL: Duration = Duration::from_secs(10);
+/// Maximum rejected token hashes kept. When the map is full, the expired
+/// hashes are dropped, and all of them if none has expired.
+const MAX_REJECTED_TOKENS: usize = 4096;
+
+/// Hashes of device tokens that matched no device, so that floods with
+/// invalid tokens cost no database lookup each.
+#[derive(Default)]
+struct RejectedTokens {
+    hashes: HashMap<[u8; 32], Instant>,
+}
+
+impl RejectedTokens {
+    fn contains(&self, hash: &[u8; 32], now: Instant) -> bool {
+        self.hashes
+            .get(hash)
+            .is_some_and(|rejected| now.duration_since(*rejected) < REJECTED_TOKEN_TTL)
+    }
+
+    fn insert(&mut self, hash: [u8; 32], now: Instant) {
+        if self.hashes.len() >= MAX_REJECTED_TOKENS {
+            self.hashes
+                .retain(|_, rejected| now.duration_since(*rejected) < REJECTED_TOKEN_TTL);
+        }
+        if self.hashes.len() >= MAX_REJECTED_TOKENS {
+            self.hashes.clear();
+        }
+        self.hashes.insert(hash, now);
+    }
+}
+
 /// Shortest time between two warnings about failed authentication of one kind.
 const FAILURE_WARN_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -138,6 +172,7 @@ pub struct Auth {
     decoding_key: DecodingKey,
     access_token_ttl: Duration,
     device_cache: Mutex<HashMap<[u8; 32], CachedDevice>>,
+    rejected_tokens: Mutex<RejectedTokens>,
 }
 
 /// Response to a successful login.
@@ -163,6 +198,7 @@ impl Auth {
             decoding_key: DecodingKey::from_secret(&key)?,
             access_token_ttl,
             device_cache: Mutex::new(HashMap::new()),
+            rejected_tokens: Mutex::new(RejectedTokens::default()),
             failures: FailureLog::default(),
         })
     }
@@ -175,8 +211,12 @@ impl Auth {
         {
             return Ok(cached.identity.clone());
         }
+        if self.rejected_tokens.lock().contains(&hash, Instant::now()) {
+            return Err(AuthError::InvalidDeviceToken);
+        }
 
         let Some(device) = self.metadata.device_by_token_hash(&hash).await? else {
+            self.rejected_tokens.lock().insert(hash, Instant::now());
             // The hash prefix lets an operator match repeated attempts
             // without the token itself reaching the log.
             if let Some(failures) = self.failures.due("device_token") {
@@ -347,4 +387,26 @@ pub fn check_password_rules(password: &str) -> anyhow::Result<()> {
         "the password must have at least 10 characters"
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejected_tokens_expire_and_stay_bounded() {
+        let mut rejected = RejectedTokens::default();
+        let now = Instant::now();
+        rejected.insert([1; 32], now);
+        assert!(rejected.contains(&[1; 32], now));
+        assert!(!rejected.contains(&[2; 32], now));
+        assert!(!rejected.contains(&[1; 32], now + REJECTED_TOKEN_TTL));
+
+        for index in 0..(MAX_REJECTED_TOKENS as u32 + 10) {
+            let mut hash = [0; 32];
+            hash[..4].copy_from_slice(&index.to_be_bytes());
+            rejected.insert(hash, now);
+        }
+        assert!(rejected.hashes.len() <= MAX_REJECTED_TOKENS);
+    }
 }

@@ -254,6 +254,12 @@ async fn failures_get_codes_and_diagnostics() {
 
     let mut unknown_option = post(&path, Some(50), b"{}");
     unknown_option.add_option(CoapOption::Unknown(2049), vec![1]);
+    let mut critical_after_elective = post(&path, Some(50), b"{}");
+    critical_after_elective.add_option(CoapOption::Unknown(2), vec![1]);
+    critical_after_elective.add_option(CoapOption::Unknown(9), vec![1]);
+    let mut proxy_after_elective = post(&path, Some(50), b"{}");
+    proxy_after_elective.add_option(CoapOption::Unknown(8), vec![1]);
+    proxy_after_elective.add_option(CoapOption::ProxyUri, b"coap://[::1]/x".to_vec());
     let mut unknown_method = post(&path, Some(50), b"{}");
     unknown_method.header.code = MessageClass::Reserved(0x08);
     let mut not_acceptable = request(
@@ -282,8 +288,27 @@ async fn failures_get_codes_and_diagnostics() {
         ),
         ("unknown method", unknown_method, "4.05"),
         ("unknown critical option", unknown_option, "4.02"),
+        (
+            "critical option after an elective one",
+            critical_after_elective,
+            "4.02",
+        ),
+        (
+            "proxy option after an elective one",
+            proxy_after_elective,
+            "5.05",
+        ),
         ("unsupported format", post(&path, Some(41), b"<x/>"), "4.15"),
         ("invalid json", post(&path, Some(50), b"{\"a\":"), "4.00"),
+        (
+            "long Uri-Query",
+            post(
+                &format!("{path}?a={}&b={}", "q".repeat(200), "q".repeat(200)),
+                Some(50),
+                b"{}",
+            ),
+            "4.00",
+        ),
         (
             "too large",
             post(&path, Some(50), &vec![b' '; 3000]),
@@ -301,6 +326,10 @@ async fn failures_get_codes_and_diagnostics() {
         assert!(
             !reply.payload.is_empty(),
             "{name}: a failure names its problem"
+        );
+        assert!(
+            !String::from_utf8_lossy(&reply.payload).contains(&device.token),
+            "{name}: a diagnostic must not repeat the access token"
         );
         if expected == "4.13" {
             let size1 = reply.get_first_option(CoapOption::Size1).expect("Size1");
@@ -404,6 +433,75 @@ async fn duplicate_confirmable_gets_the_same_reply() {
     assert_eq!(first, second);
     assert!(metric(&server, "ferrite_coap_duplicates_total").await >= 1.0);
     assert!(wait_for_latest(&server, &device, "dup", &json!(1)).await);
+}
+
+#[tokio::test]
+async fn unauthenticated_flood_keeps_duplicate_detection() {
+    let server = Server::start_with_env(&[("FERRITE_COAP_MAX_EXCHANGES", "50")]).await;
+    let device = server.create_device("coap-flood").await;
+    let mut client = Client::connect(server.coap_addr).await;
+    let mut packet = post(
+        &format!("/api/v1/{}/telemetry", device.token),
+        Some(50),
+        br#"{"flood": 1}"#,
+    );
+    packet.header.message_id = client.message_id();
+    let first = client.request(packet.clone()).await;
+    assert_eq!(code(&first), "2.04");
+    let stored = metric(&server, "ferrite_ingest_messages_total{protocol=\"coap\"}").await;
+
+    // Ten times the cache size of requests that fail before a device is
+    // known: unknown paths and invalid tokens.
+    let mut flooder = Client::connect(server.coap_addr).await;
+    for index in 0..500u32 {
+        let path = if index % 2 == 0 {
+            "/x".to_owned()
+        } else {
+            "/api/v1/not-a-token/telemetry".to_owned()
+        };
+        let mut flood = post(&path, Some(50), b"{}");
+        flood.header.set_type(MessageType::NonConfirmable);
+        flood.header.message_id = flooder.message_id();
+        flooder.send_raw(&flood.to_bytes().unwrap()).await;
+        if index % 50 == 49 {
+            // Paces the flood, so that replies are not dropped.
+            while flooder.receive(Duration::from_millis(200)).await.is_some() {}
+        }
+    }
+    while flooder.receive(Duration::from_millis(500)).await.is_some() {}
+
+    // The retransmission gets the stored reply and is not stored again.
+    client.send_raw(&packet.to_bytes().unwrap()).await;
+    let again = client.receive(REPLY_WAIT).await.expect("the stored reply");
+    assert_eq!(again.header.message_id, packet.header.message_id);
+    assert_eq!(code(&again), "2.04");
+    let after = metric(&server, "ferrite_ingest_messages_total{protocol=\"coap\"}").await;
+    assert_eq!(after, stored, "the duplicate was stored again");
+    assert!(metric(&server, "ferrite_coap_duplicates_total").await >= 1.0);
+}
+
+#[tokio::test]
+async fn duplicate_get_is_served_again() {
+    let server = Server::start().await;
+    let device = server.create_device("coap-duplicate-get").await;
+    let mut client = Client::connect(server.coap_addr).await;
+    patch_attributes(&server, &device, json!({"v": 1})).await;
+    let mut get = request(
+        RequestType::Get,
+        &format!("/api/v1/{}/attributes", device.token),
+        b"g",
+    );
+    get.header.message_id = client.message_id();
+    assert_eq!(code(&client.request(get.clone()).await), "2.05");
+
+    // The GET's reply is not kept, so the retransmission is read again
+    // and sees the newer state.
+    patch_attributes(&server, &device, json!({"v": 2})).await;
+    let again = client.request(get).await;
+    assert_eq!(code(&again), "2.05");
+    let body: Value = serde_json::from_slice(&again.payload).unwrap();
+    assert_eq!(body["shared"]["v"], 2);
+    assert_eq!(metric(&server, "ferrite_coap_duplicates_total").await, 0.0);
 }
 
 #[tokio::test]
@@ -520,6 +618,64 @@ async fn attributes_are_read_in_blocks_and_observed() {
 }
 
 #[tokio::test]
+async fn large_notification_is_sent_in_blocks() {
+    let server = Server::start().await;
+    let device = server.create_device("coap-large-notification").await;
+    let mut client = Client::connect(server.coap_addr).await;
+    let path = format!("/api/v1/{}/attributes", device.token);
+    let mut observe = request(RequestType::Get, &path, b"big");
+    observe.add_option(CoapOption::Observe, vec![]);
+    assert_eq!(code(&client.request(observe).await), "2.05");
+
+    // Larger than a datagram: coap-lite frames at most 64,000 bytes.
+    patch_attributes(&server, &device, json!({"blob": "b".repeat(70_000)})).await;
+    let notification = client.receive(REPLY_WAIT).await.expect("a notification");
+    if notification.header.get_type() == MessageType::Confirmable {
+        client.acknowledge(&notification).await;
+    }
+    assert_eq!(code(&notification), "2.05");
+    assert_eq!(notification.get_token(), b"big");
+    assert!(notification.get_first_option(CoapOption::Observe).is_some());
+    assert_eq!(notification.payload.len(), 1024);
+    let block2 = uint_value(
+        notification
+            .get_first_option(CoapOption::Block2)
+            .expect("Block2"),
+    );
+    assert_eq!(block2, (1 << 3) | 6, "block 0, more blocks, 1024 bytes");
+    let size2 = uint_value(
+        notification
+            .get_first_option(CoapOption::Size2)
+            .expect("Size2"),
+    );
+    assert!(size2 > 70_000, "Size2 {size2}");
+}
+
+#[tokio::test]
+async fn failed_observe_get_registers_no_observer() {
+    let server = Server::start().await;
+    let device = server.create_device("coap-failed-observe").await;
+    let mut client = Client::connect(server.coap_addr).await;
+    let path = format!("/api/v1/{}/attributes", device.token);
+    patch_attributes(&server, &device, json!({"a": 1})).await;
+
+    // Block 5 lies past the end of the short response, so the GET fails.
+    let mut past_end = request(RequestType::Get, &path, b"bad");
+    past_end.add_option(CoapOption::Observe, vec![]);
+    past_end.add_option(CoapOption::Block2, block_value(5, false, 6));
+    let reply = client.request(past_end).await;
+    assert_eq!(code(&reply), "4.00");
+    assert!(reply.get_first_option(CoapOption::Observe).is_none());
+
+    patch_attributes(&server, &device, json!({"a": 2})).await;
+    let notification = client.receive(Duration::from_secs(1)).await;
+    assert!(
+        notification.is_none(),
+        "a failed GET must not observe: {notification:?}"
+    );
+}
+
+#[tokio::test]
 async fn rpc_request_reaches_an_observer_and_returns() {
     let server = Server::start().await;
     let device = server.create_device("coap-rpc").await;
@@ -577,6 +733,116 @@ async fn rpc_request_reaches_an_observer_and_returns() {
 }
 
 #[tokio::test]
+async fn rpc_notifications_wait_for_the_ack() {
+    let server = Server::start().await;
+    let device = server.create_device("coap-rpc-order").await;
+    let mut client = Client::connect(server.coap_addr).await;
+    let mut observe = request(
+        RequestType::Get,
+        &format!("/api/v1/{}/rpc", device.token),
+        b"rpc",
+    );
+    observe.add_option(CoapOption::Observe, vec![]);
+    assert_eq!(code(&client.request(observe).await), "2.05");
+
+    let admin = server.admin_token().await;
+    let url = format!("{}/api/v1/devices/{}/commands", server.http_url, device.id);
+    for method in ["first", "second"] {
+        let url = url.clone();
+        let admin = admin.clone();
+        tokio::spawn(async move {
+            reqwest::Client::new()
+                .post(url)
+                .bearer_auth(admin)
+                .json(&json!({"method": method, "params": {}, "timeout_ms": 10000}))
+                .send()
+                .await
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let first = client.receive(REPLY_WAIT).await.expect("the first request");
+    let rpc: Value = serde_json::from_slice(&first.payload).unwrap();
+    assert_eq!(rpc["method"], "first");
+
+    // Until the ACK, only retransmissions of the first may arrive.
+    while let Some(message) = client.receive(Duration::from_millis(1500)).await {
+        assert_eq!(
+            message.header.message_id, first.header.message_id,
+            "a second notification was sent before the first was acknowledged"
+        );
+    }
+    client.acknowledge(&first).await;
+
+    let second = client
+        .receive(REPLY_WAIT)
+        .await
+        .expect("the second request");
+    assert_eq!(second.header.get_type(), MessageType::Confirmable);
+    let rpc: Value = serde_json::from_slice(&second.payload).unwrap();
+    assert_eq!(rpc["method"], "second");
+    let sequence = |packet: &Packet| {
+        uint_value(
+            packet
+                .get_first_option(CoapOption::Observe)
+                .expect("Observe"),
+        )
+    };
+    assert!(sequence(&second) > sequence(&first));
+    client.acknowledge(&second).await;
+}
+
+#[tokio::test]
+async fn token_rotation_ends_observations() {
+    let server = Server::start().await;
+    let device = server.create_device("coap-rotate").await;
+    let mut client = Client::connect(server.coap_addr).await;
+    let mut observe = request(
+        RequestType::Get,
+        &format!("/api/v1/{}/rpc", device.token),
+        b"old",
+    );
+    observe.add_option(CoapOption::Observe, vec![]);
+    assert_eq!(code(&client.request(observe).await), "2.05");
+
+    let admin = server.admin_token().await;
+    let rotated = reqwest::Client::new()
+        .post(format!(
+            "{}/api/v1/devices/{}/token",
+            server.http_url, device.id
+        ))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rotated.status(), 200);
+
+    let ended = client
+        .receive(REPLY_WAIT)
+        .await
+        .expect("a final notification");
+    assert_eq!(code(&ended), "4.01");
+    assert_eq!(ended.get_token(), b"old");
+
+    // A command now finds no observer to carry it.
+    let response = reqwest::Client::new()
+        .post(format!(
+            "{}/api/v1/devices/{}/commands",
+            server.http_url, device.id
+        ))
+        .bearer_auth(&admin)
+        .json(&json!({"method": "getSecret", "params": {}, "timeout_ms": 1000}))
+        .send()
+        .await
+        .unwrap();
+    assert_ne!(response.status(), 200);
+    assert!(
+        client.receive(Duration::from_millis(500)).await.is_none(),
+        "the old observer received the command"
+    );
+}
+
+#[tokio::test]
 async fn slow_append_gets_a_separate_response() {
     // With no wait, every Confirmable request gets an empty ACK first.
     let server = Server::start_with_env(&[("FERRITE_COAP_PIGGYBACK_WAIT", "0s")]).await;
@@ -617,6 +883,50 @@ async fn slow_append_gets_a_separate_response() {
         "no retransmission after the ACK"
     );
     assert!(metric(&server, "ferrite_coap_retransmissions_total").await >= 1.0);
+}
+
+#[tokio::test]
+async fn unacknowledged_separate_responses_free_slots() {
+    let server = Server::start_with_env(&[
+        ("FERRITE_COAP_PIGGYBACK_WAIT", "0s"),
+        ("FERRITE_COAP_MAX_CONCURRENT_REQUESTS", "2"),
+    ])
+    .await;
+    let device = server.create_device("coap-slots").await;
+    let path = format!("/api/v1/{}/telemetry", device.token);
+
+    // Two clients take both slots and never ACK their separate responses,
+    // so the server keeps retransmitting them.
+    let mut silent = Vec::new();
+    for index in 0..2 {
+        let mut client = Client::connect(server.coap_addr).await;
+        let mut packet = post(
+            &path,
+            Some(50),
+            format!("{{\"silent\": {index}}}").as_bytes(),
+        );
+        packet.header.message_id = client.message_id();
+        client.send_raw(&packet.to_bytes().unwrap()).await;
+        let ack = client.receive(REPLY_WAIT).await.expect("an empty ACK");
+        assert_eq!(ack.header.code, MessageClass::Empty);
+        let response = client
+            .receive(REPLY_WAIT)
+            .await
+            .expect("a separate response");
+        assert_eq!(code(&response), "2.04");
+        silent.push(client);
+    }
+
+    let mut third = Client::connect(server.coap_addr).await;
+    let reply = third
+        .request(post(&path, Some(50), br#"{"third": 1}"#))
+        .await;
+    assert_eq!(
+        code(&reply),
+        "2.04",
+        "{}",
+        String::from_utf8_lossy(&reply.payload)
+    );
 }
 
 #[tokio::test]

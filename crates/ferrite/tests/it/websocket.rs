@@ -15,6 +15,7 @@ use serde_json::{Value, json};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
@@ -443,6 +444,35 @@ async fn device_telemetry_is_acknowledged_in_order() {
 
     assert!(wait_for_latest(&server, &device, "temperature", &json!(21.5)).await);
     assert!(wait_for_latest(&server, &device, "humidity", &json!(40)).await);
+}
+
+#[tokio::test]
+async fn device_close_with_pending_acks_completes() {
+    let server = Server::start().await;
+    let device = server.create_device("ws-close-pending").await;
+    let mut client = open_device(&server, &device).await;
+
+    for index in 0..5 {
+        let message = json!({"type": "telemetry", "id": index, "data": {"n": index}});
+        client
+            .send(Message::text(message.to_string()))
+            .await
+            .expect("send");
+    }
+    let frame = CloseFrame {
+        code: CloseCode::Normal,
+        reason: "done".into(),
+    };
+    client
+        .close(Some(frame))
+        .await
+        .expect("send the close frame");
+
+    // The server answers with its close frame rather than dropping the
+    // connection, and every message taken before the close is stored.
+    let (code, _) = expect_close(&mut client).await;
+    assert_eq!(code, CloseCode::Normal);
+    assert!(wait_for_latest(&server, &device, "n", &json!(4)).await);
 }
 
 #[tokio::test]

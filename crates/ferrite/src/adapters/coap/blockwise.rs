@@ -10,8 +10,11 @@
 //! Memory is bounded three ways: the reassembled body by
 //! `coap.max_payload_bytes`, the uploads of one peer by
 //! `coap.max_block_transfers_per_peer`, and the bytes of all unfinished
-//! uploads by `coap.max_block_bytes`. Uploads idle for `coap.block_timeout`
-//! are dropped by [`BlockStore::remove_idle`].
+//! uploads by `coap.max_block_bytes`. Each upload counts its body plus
+//! [`TRANSFER_OVERHEAD_BYTES`], and its key is a fixed-size digest of the
+//! request, so no part of a request is held without being counted.
+//! Uploads idle for `coap.block_timeout` are dropped by
+//! [`BlockStore::remove_idle`].
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -30,11 +33,30 @@ pub struct BlockLimits {
     pub idle_timeout: Duration,
 }
 
-/// An upload's identity: the peer and its request without the token.
+/// Bytes counted for each upload besides its body: the key, the map entry
+/// and the body's allocation header. An estimate from the type sizes, so
+/// that many tiny uploads cannot hold far more than `coap.max_block_bytes`.
+pub const TRANSFER_OVERHEAD_BYTES: usize = 128;
+
+/// An upload's identity: the peer and the SHA-256 digest of its request
+/// without the token.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct TransferKey {
-    pub peer: SocketAddr,
-    pub request: String,
+    peer: SocketAddr,
+    request: [u8; 32],
+}
+
+impl TransferKey {
+    /// Builds the key of `request`, the request formatted without its
+    /// token, payload and block options. The digest keeps the key's size
+    /// fixed however long the request's options are.
+    pub fn new(peer: SocketAddr, request: &str) -> TransferKey {
+        use sha2::Digest;
+        TransferKey {
+            peer,
+            request: sha2::Sha256::digest(request.as_bytes()).into(),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -168,6 +190,7 @@ impl BlockStore {
             )));
         }
         *count += 1;
+        self.total_bytes += TRANSFER_OVERHEAD_BYTES;
         self.transfers.insert(
             key.clone(),
             Transfer {
@@ -180,7 +203,7 @@ impl BlockStore {
 
     fn take(&mut self, key: &TransferKey) -> Option<Transfer> {
         let transfer = self.transfers.remove(key)?;
-        self.total_bytes -= transfer.body.len();
+        self.total_bytes -= transfer.body.len() + TRANSFER_OVERHEAD_BYTES;
         if let Some(count) = self.per_peer.get_mut(&key.peer) {
             *count -= 1;
             if *count == 0 {
@@ -210,7 +233,7 @@ impl BlockStore {
         idle.len()
     }
 
-    /// Bytes held by unfinished uploads.
+    /// Bytes counted for unfinished uploads, overhead included.
     #[cfg(test)]
     pub fn total_bytes(&self) -> usize {
         self.total_bytes
@@ -236,10 +259,7 @@ mod tests {
     }
 
     fn key(request: &str) -> TransferKey {
-        TransferKey {
-            peer: "127.0.0.1:5000".parse().unwrap(),
-            request: request.into(),
-        }
+        TransferKey::new("127.0.0.1:5000".parse().unwrap(), request)
     }
 
     fn block(num: u32, more: bool) -> BlockValue {
@@ -363,6 +383,44 @@ mod tests {
         assert_eq!(store.total_bytes(), 0);
         let late = store.receive(key("a"), block(1, false), &[0; 4], None, start);
         assert!(matches!(late, Err(CoapError::RequestEntityIncomplete(_))));
+    }
+
+    #[test]
+    fn uploads_count_their_overhead() {
+        let mut store = BlockStore::new(BlockLimits {
+            max_transfers_per_peer: 100,
+            ..limits()
+        });
+        let now = Instant::now();
+        store
+            .receive(key("a"), block(0, true), &[0; 16], None, now)
+            .unwrap();
+        assert_eq!(store.total_bytes(), 16 + TRANSFER_OVERHEAD_BYTES);
+
+        // 4096 bytes hold 28 uploads of 16 bytes with their overhead, not
+        // the 256 that counting bodies alone would allow.
+        let accepted = (0..100)
+            .map(|index| format!("upload {index}"))
+            .filter(|request| {
+                store
+                    .receive(key(request), block(0, true), &[0; 16], None, now)
+                    .is_ok()
+            })
+            .count();
+        assert_eq!(accepted, 4096 / (16 + TRANSFER_OVERHEAD_BYTES) - 1);
+        assert!(store.total_bytes() <= 4096);
+    }
+
+    #[test]
+    fn long_requests_have_fixed_size_keys() {
+        let peer = "127.0.0.1:5000".parse().unwrap();
+        let short = TransferKey::new(peer, "POST /telemetry? None");
+        let long = TransferKey::new(
+            peer,
+            &format!("POST /telemetry?{} None", "q".repeat(60_000)),
+        );
+        assert_eq!(std::mem::size_of_val(&short), std::mem::size_of_val(&long));
+        assert_ne!(short, long);
     }
 
     #[test]

@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use coap_lite::{MessageType, ResponseType};
+use coap_lite::{MessageClass, MessageType, RequestType, ResponseType};
 use parking_lot::Mutex;
 use tokio::sync::{Semaphore, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -214,31 +214,46 @@ impl Endpoint {
             return;
         }
         let token = packet.get_token().to_vec();
+        // A GET changes nothing, or registers an observer again, which
+        // replaces the same registration (RFC 7252 section 4.5 lets a
+        // server process duplicates of such requests again). Its reply,
+        // up to a 1024-byte block, is therefore not kept, which bounds the
+        // cache's memory by the small replies of POST requests.
+        let is_get = packet.header.code == MessageClass::Request(RequestType::Get);
 
-        let Ok(_slot) = self.request_slots.clone().try_acquire_owned() else {
+        let Ok(slot) = self.request_slots.clone().try_acquire_owned() else {
             let reply = CoapError::ServiceUnavailable(
                 "the server is processing too many CoAP requests (coap.max_concurrent_requests); retry later".into(),
             )
             .reply();
             self.reply_now(key, confirmable, &token, reply);
+            // Nothing was processed, so a retransmission may try again.
+            self.exchanges.lock().forget(key);
             return;
         };
 
         let work = super::resources::serve(self, peer, packet, auth);
         if !confirmable {
-            let reply = work.await;
-            self.reply_now(key, false, &token, reply);
+            let served = work.await;
+            self.reply_now(key, false, &token, served.reply);
+            self.forget_unless_kept(key, served.authenticated && !is_get);
             return;
         }
 
         tokio::pin!(work);
-        let wait = tokio::time::sleep(self.context.config.piggyback_wait);
-        tokio::select! {
-            reply = &mut work => {
-                self.reply_now(key, true, &token, reply);
-                return;
+        // A wait of zero always sends a separate response. A zero sleep is
+        // not ready at once (the timer rounds up to the next millisecond),
+        // so racing it against a fast request would pick either at random.
+        let wait = self.context.config.piggyback_wait;
+        if !wait.is_zero() {
+            tokio::select! {
+                served = &mut work => {
+                    self.reply_now(key, true, &token, served.reply);
+                    self.forget_unless_kept(key, served.authenticated && !is_get);
+                    return;
+                }
+                () = tokio::time::sleep(wait) => {}
             }
-            () = wait => {}
         }
 
         // Separate response (RFC 7252 section 5.2.2): an empty ACK now, the
@@ -249,13 +264,29 @@ impl Endpoint {
         ));
         self.exchanges.lock().finish(key, ack.clone());
         self.send(peer, ack);
-        let reply = work.await;
+        let served = work.await;
+        // The slot limits processing, and processing is done. Holding it
+        // while the response is retransmitted would let peers that never
+        // ACK take every slot for up to 93 s each.
+        drop(slot);
+        self.forget_unless_kept(key, served.authenticated && !is_get);
+        let reply = served.reply;
         events::response_sent(reply.code_name());
         let message_id = self.next_message_id();
         let response = Bytes::from(reply.encode(MessageType::Confirmable, message_id, &token));
         let outcome = self.send_confirmable(peer, message_id, response).await;
         if outcome != Confirmation::Acknowledged {
             tracing::debug!(%peer, ?outcome, "a separate CoAP response was not acknowledged");
+        }
+    }
+
+    /// Drops the duplicate-detection entry of a request unless `keep`.
+    /// Requests that failed before authentication keep none, so floods of
+    /// them cannot evict the entries of devices, and GET requests keep none
+    /// (see `handle_request`).
+    fn forget_unless_kept(&self, key: ExchangeKey, keep: bool) {
+        if !keep {
+            self.exchanges.lock().forget(key);
         }
     }
 
@@ -276,10 +307,13 @@ impl Endpoint {
     /// Sends a notification of an observer; a Confirmable one is sent with
     /// retransmission in a task, and its failure ends the observation.
     pub fn send_notification(self: Arc<Self>, notification: Notification) {
-        let mut reply = Reply::new(ResponseType::Content);
+        // NOTE: attribute notifications carry the changed keys, while GET
+        // returns `{"shared": ...}`, so the blocks after the first cannot be
+        // fetched to complete a large one; the client reads the resource
+        // again instead.
+        let mut reply = Reply::new(ResponseType::Content).with_first_block(&notification.payload);
         reply.observe = Some(notification.sequence);
         reply.content_format = Some(message::content_format::JSON);
-        reply.payload = notification.payload.to_vec();
         let message_id = self.next_message_id();
         let peer = notification.peer;
         let token = notification.token;
@@ -295,7 +329,13 @@ impl Endpoint {
         self.tasks.spawn(async move {
             let outcome = endpoint.send_confirmable(peer, message_id, bytes).await;
             let event = match outcome {
-                Confirmation::Acknowledged => return,
+                Confirmation::Acknowledged => {
+                    let observers = &endpoint.context.observers;
+                    if let Some(next) = observers.acknowledged(&endpoint, peer, &token) {
+                        endpoint.clone().send_notification(next);
+                    }
+                    return;
+                }
                 Confirmation::Reset => "reset",
                 Confirmation::TimedOut => "timed_out",
             };
@@ -304,6 +344,18 @@ impl Endpoint {
                 .observers
                 .remove_token(&endpoint, peer, &token, event);
         });
+    }
+
+    /// Ends an observation with a Non-confirmable 4.01 notification,
+    /// after the device's token was revoked or the device deleted.
+    pub fn end_observation(&self, peer: SocketAddr, token: &[u8]) {
+        let reply = Reply::diagnostic(
+            ResponseType::Unauthorized,
+            "the access token was revoked or the device deleted; register again with a valid token",
+        );
+        events::response_sent(reply.code_name());
+        let bytes = reply.encode(MessageType::NonConfirmable, self.next_message_id(), token);
+        self.send(peer, Bytes::from(bytes));
     }
 
     fn remember_notification(&self, key: ExchangeKey, token: Vec<u8>) {

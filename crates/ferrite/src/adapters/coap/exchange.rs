@@ -5,7 +5,13 @@
 //! The cache holds at most `coap.max_exchanges` entries over all peers.
 //! When it is full the oldest entry is forgotten early and counted in
 //! `ferrite_coap_exchanges_evicted_total`; a duplicate of a forgotten
-//! request is processed again.
+//! request is processed again. A request that fails before its device is
+//! authenticated keeps no entry once answered ([`ExchangeCache::forget`]),
+//! because processing its duplicate again changes nothing. So
+//! unauthenticated traffic holds entries only while it is processed and
+//! cannot push out the entries of devices. GET requests keep no entry
+//! either, so the replies kept are those of POST requests, which are
+//! small (a code, a few options and at most a diagnostic).
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -103,6 +109,12 @@ impl ExchangeCache {
         }
     }
 
+    /// Removes `key`, so that a duplicate is processed again. Its copy in
+    /// the expiry order is skipped later, like that of an evicted key.
+    pub fn forget(&mut self, key: ExchangeKey) {
+        self.entries.remove(&key);
+    }
+
     fn remove_expired(&mut self, now: Instant) {
         while let Some((key, expires)) = self.order.front().copied() {
             if expires > now {
@@ -157,6 +169,16 @@ mod tests {
         let later = now + EXCHANGE_LIFETIME + Duration::from_secs(1);
         assert_eq!(cache.begin(key(1), later), Seen::New);
         assert_eq!(cache.len(), 1);
+    }
+
+    #[test]
+    fn forgotten_key_is_new_again() {
+        let mut cache = ExchangeCache::new(10);
+        let now = Instant::now();
+        cache.begin(key(1), now);
+        cache.forget(key(1));
+        assert_eq!(cache.len(), 0);
+        assert_eq!(cache.begin(key(1), now), Seen::New);
     }
 
     #[test]

@@ -145,13 +145,13 @@ fn ends_with_payload_marker(datagram: &[u8], packet: &Packet) -> bool {
             .is_ok_and(|encoded| encoded.len() + 1 == datagram.len())
 }
 
-/// Returns the number of the first option in `packet` that Ferrite does
-/// not process, if any.
-pub fn unknown_option(packet: &Packet) -> Option<u16> {
+/// Returns the numbers of every option in `packet` that Ferrite does not
+/// process, in option order.
+pub fn unknown_options(packet: &Packet) -> impl Iterator<Item = u16> + '_ {
     packet
         .options()
         .map(|(number, _)| *number)
-        .find(|number| !KNOWN_OPTIONS.contains(number) && *number != 258)
+        .filter(|number| !KNOWN_OPTIONS.contains(number) && *number != 258)
 }
 
 /// True for an option number whose absence of support must fail the
@@ -353,6 +353,30 @@ impl Reply {
         }
     }
 
+    /// Sets `payload`, cut to its first block of 1024 bytes with Block2 and
+    /// Size2 when it is larger (RFC 7959 section 2.6: the client fetches
+    /// the other blocks with GET requests).
+    pub fn with_first_block(mut self, payload: &[u8]) -> Reply {
+        let size = BlockValue {
+            num: 0,
+            more: false,
+            szx: BlockValue::MAX_SZX,
+        }
+        .size();
+        if payload.len() <= size {
+            self.payload = payload.to_vec();
+            return self;
+        }
+        self.payload = payload[..size].to_vec();
+        self.block2 = Some(BlockValue {
+            num: 0,
+            more: true,
+            szx: BlockValue::MAX_SZX,
+        });
+        self.size2 = Some(u32::try_from(payload.len()).unwrap_or(u32::MAX));
+        self
+    }
+
     /// Formats the code as `class.detail`, for logs and metric labels.
     pub fn code_name(&self) -> String {
         MessageClass::Response(self.code).to_string()
@@ -384,11 +408,19 @@ impl Reply {
             }
         }
         packet.payload = self.payload.clone();
-        // Only a payload past 64000 bytes fails to encode, and replies are
-        // cut into blocks of at most 1024 bytes before this point.
-        packet
-            .to_bytes()
-            .unwrap_or_else(|_| empty_message(message_type, message_id))
+        // coap-lite rejects a message over 64000 bytes. Responses to
+        // requests and notifications are cut into blocks of at most 1024
+        // bytes before this point, so this is a server bug. An empty
+        // message would read as a ping or an empty ACK, so the client gets
+        // a 5.00 that says what failed.
+        packet.to_bytes().unwrap_or_else(|_| {
+            let size = self.payload.len();
+            Reply::diagnostic(
+                ResponseType::InternalServerError,
+                format!("the server could not frame a response of {size} bytes"),
+            )
+            .encode(message_type, message_id, token)
+        })
     }
 }
 
@@ -484,11 +516,45 @@ mod tests {
     #[test]
     fn unknown_critical_option_is_found() {
         let mut packet = request(MessageType::Confirmable, b"");
-        assert_eq!(unknown_option(&packet), None);
+        assert_eq!(unknown_options(&packet).next(), None);
+        packet.add_option(CoapOption::Unknown(2048), vec![1]);
         packet.add_option(CoapOption::Unknown(2049), vec![1]);
-        assert_eq!(unknown_option(&packet), Some(2049));
+        assert_eq!(unknown_options(&packet).collect::<Vec<_>>(), [2048, 2049]);
         assert!(is_critical(2049));
         assert!(!is_critical(2048));
+    }
+
+    #[test]
+    fn large_payload_keeps_its_first_block() {
+        let reply = Reply::new(ResponseType::Content).with_first_block(&[1; 70_000]);
+        assert_eq!(reply.payload.len(), 1024);
+        assert_eq!(
+            reply.block2,
+            Some(BlockValue {
+                num: 0,
+                more: true,
+                szx: 6
+            })
+        );
+        assert_eq!(reply.size2, Some(70_000));
+
+        let small = Reply::new(ResponseType::Content).with_first_block(&[1; 1024]);
+        assert_eq!(small.payload.len(), 1024);
+        assert_eq!(small.block2, None);
+    }
+
+    #[test]
+    fn unframeable_reply_becomes_internal_server_error() {
+        let mut reply = Reply::new(ResponseType::Content);
+        reply.payload = vec![b'x'; 70_000];
+        let bytes = reply.encode(MessageType::NonConfirmable, 7, b"tk");
+        let packet = Packet::from_bytes(&bytes).unwrap();
+        assert_eq!(
+            packet.header.code,
+            MessageClass::Response(ResponseType::InternalServerError)
+        );
+        assert_eq!(packet.get_token(), b"tk");
+        assert!(!packet.payload.is_empty());
     }
 
     #[test]

@@ -16,8 +16,15 @@
 //! notifications and when the last Confirmable one is older than
 //! [`CONFIRMABLE_INTERVAL`], so that a dead observer is found (RFC 7641
 //! section 4.5 requires one at least every 24 hours).
+//!
+//! Each observer has at most one Confirmable notification in flight.
+//! Notifications that arrive meanwhile wait until its ACK: the newest
+//! attribute state replaces older state, and RPC requests queue in order
+//! (at most [`MAX_PENDING_RPC`]). NOTE: the router counts a queued RPC
+//! request as delivered before the device acknowledges it; the caller
+//! learns of a loss only when its response times out.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -41,6 +48,13 @@ const SEQUENCE_MASK: u32 = 0x00ff_ffff;
 const ATTRIBUTES_SUFFIX: &str = "attributes";
 /// Topic suffix of RPC requests, before the request id.
 const RPC_REQUEST_PREFIX: &str = "rpc/request/";
+
+/// RPC requests queued per observer behind an unacknowledged one; the
+/// oldest is dropped and counted when more arrive.
+const MAX_PENDING_RPC: usize = 16;
+/// Largest RPC notification body: one block of 1024 bytes, because the
+/// rest of a larger one could not be fetched.
+const MAX_RPC_NOTIFICATION_BYTES: usize = 1024;
 
 /// A resource that can be observed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -66,6 +80,13 @@ struct Observer {
     peer: SocketAddr,
     token: Vec<u8>,
     sequence: u32,
+    /// A Confirmable notification waits for its ACK. Then later
+    /// notifications wait in `pending` (RFC 7641 section 4.5.2 and NSTART
+    /// = 1 of RFC 7252 section 4.7).
+    in_flight: bool,
+    /// Notifications to send after the ACK: the newest attribute state
+    /// only, or up to [`MAX_PENDING_RPC`] RPC requests in order.
+    pending: VecDeque<Bytes>,
     /// Non-confirmable notifications since the last Confirmable one.
     since_confirmable: u32,
     /// Time of the last Confirmable notification, or of the registration.
@@ -128,6 +149,8 @@ impl Observers {
             peer,
             token,
             sequence,
+            in_flight: false,
+            pending: VecDeque::new(),
             since_confirmable: 0,
             last_confirmable: Instant::now(),
         });
@@ -177,6 +200,26 @@ impl Observers {
         removed
     }
 
+    /// Removes every observer of `device_id` and tells each with a 4.01
+    /// notification (RFC 7641 section 3.2: a non-2.xx notification ends
+    /// the observation), so the client registers again with a valid token.
+    pub fn remove_device(&self, device_id: DeviceId) {
+        let removed: Vec<Observer> = {
+            let mut lists = self.lists.lock();
+            [Resource::Attributes, Resource::Rpc]
+                .into_iter()
+                .filter_map(|resource| lists.remove(&(device_id, resource)))
+                .flatten()
+                .collect()
+        };
+        for observer in removed {
+            events::observer("revoked");
+            if let Some(endpoint) = observer.endpoint.upgrade() {
+                endpoint.end_observation(observer.peer, &observer.token);
+            }
+        }
+    }
+
     fn remove_where(&self, matches: impl Fn(&(DeviceId, Resource), &Observer) -> bool) -> usize {
         let mut lists = self.lists.lock();
         let mut removed = 0;
@@ -205,11 +248,16 @@ impl Observers {
         list.iter_mut()
             .filter_map(|observer| {
                 let endpoint = observer.endpoint.upgrade()?;
+                if observer.in_flight {
+                    queue_pending(observer, resource, payload);
+                    return None;
+                }
                 observer.sequence = (observer.sequence + 1) & SEQUENCE_MASK;
                 let confirmable = resource == Resource::Rpc
                     || observer.since_confirmable + 1 >= CONFIRMABLE_EVERY
                     || now.duration_since(observer.last_confirmable) >= CONFIRMABLE_INTERVAL;
                 if confirmable {
+                    observer.in_flight = true;
                     observer.since_confirmable = 0;
                     observer.last_confirmable = now;
                 } else {
@@ -227,6 +275,40 @@ impl Observers {
             .collect()
     }
 
+    /// Records the ACK of the Confirmable notification of `peer` with
+    /// `token`, and returns the next queued notification, if any. It is
+    /// Confirmable, because a queued RPC request must be acknowledged and
+    /// queued attribute state replaced an acknowledged one.
+    pub fn acknowledged(
+        &self,
+        endpoint: &Arc<Endpoint>,
+        peer: SocketAddr,
+        token: &[u8],
+    ) -> Option<Notification> {
+        let weak = Arc::downgrade(endpoint);
+        let mut lists = self.lists.lock();
+        let observer = lists.values_mut().flatten().find(|observer| {
+            observer.peer == peer
+                && observer.token == token
+                && Weak::ptr_eq(&observer.endpoint, &weak)
+        })?;
+        let Some(payload) = observer.pending.pop_front() else {
+            observer.in_flight = false;
+            return None;
+        };
+        observer.sequence = (observer.sequence + 1) & SEQUENCE_MASK;
+        observer.since_confirmable = 0;
+        observer.last_confirmable = Instant::now();
+        Some(Notification {
+            endpoint: endpoint.clone(),
+            peer,
+            token: observer.token.clone(),
+            sequence: observer.sequence,
+            confirmable: true,
+            payload,
+        })
+    }
+
     /// Returns the tenant of a live observer of `resource` of `device_id`.
     fn observer_tenant(&self, device_id: DeviceId, resource: Resource) -> Option<TenantId> {
         self.lists
@@ -239,6 +321,10 @@ impl Observers {
 }
 
 impl ExternalReceivers for Observers {
+    fn remove_device(&self, device_id: DeviceId) {
+        Observers::remove_device(self, device_id);
+    }
+
     fn reachable_tenant(&self, device_id: DeviceId) -> Option<TenantId> {
         self.observer_tenant(device_id, Resource::Rpc)
     }
@@ -250,6 +336,14 @@ impl ExternalReceivers for Observers {
             let Some(payload) = rpc_notification(request_id, payload) else {
                 return 0;
             };
+            // The rpc resource has no state that a GET could return block
+            // by block, so an RPC request must fit in one notification.
+            // Counting it as undelivered lets the caller learn that.
+            if payload.len() > MAX_RPC_NOTIFICATION_BYTES {
+                events::observer("rpc_too_large");
+                tracing::warn!(%device_id, request_id, size = payload.len(), limit = MAX_RPC_NOTIFICATION_BYTES, "an RPC request is too large for a CoAP notification; not delivered");
+                return 0;
+            }
             self.prepare(device_id, Resource::Rpc, &payload)
         } else {
             return 0;
@@ -262,6 +356,24 @@ impl ExternalReceivers for Observers {
                 .send_notification(notification);
         }
         count
+    }
+}
+
+/// Queues `payload` behind the observer's unacknowledged notification:
+/// newer attribute state replaces older, RPC requests keep their order.
+fn queue_pending(observer: &mut Observer, resource: Resource, payload: &Bytes) {
+    match resource {
+        Resource::Attributes => {
+            observer.pending.clear();
+            observer.pending.push_back(payload.clone());
+        }
+        Resource::Rpc => {
+            if observer.pending.len() >= MAX_PENDING_RPC {
+                observer.pending.pop_front();
+                events::observer("rpc_dropped");
+            }
+            observer.pending.push_back(payload.clone());
+        }
     }
 }
 

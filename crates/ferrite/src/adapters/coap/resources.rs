@@ -41,6 +41,10 @@ use crate::ingest::{ContentType, Envelope, Protocol};
 /// largest over UDP.
 const DEFAULT_BLOCK2_SZX: u8 = BlockValue::MAX_SZX;
 
+/// Maximum bytes of all Uri-Query options of a request. Ferrite reads only
+/// `token={access_token}`, about 60 bytes.
+const MAX_URI_QUERY_BYTES: usize = 256;
+
 /// A path Ferrite serves, with the access token it carries, if any.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Route {
@@ -80,6 +84,14 @@ struct Request<'a> {
     path: String,
 }
 
+/// The response to one request, and whether its device was authenticated.
+pub struct Served {
+    pub reply: Reply,
+    /// False when the request failed before a device was known. The
+    /// endpoint keeps no duplicate-detection entry for such a request.
+    pub authenticated: bool,
+}
+
 /// Serves one request and returns its response; failures become error
 /// responses here, in one place.
 pub async fn serve(
@@ -87,11 +99,12 @@ pub async fn serve(
     peer: SocketAddr,
     packet: Packet,
     auth: PeerAuth,
-) -> Reply {
+) -> Served {
     let block2 = message::block_option(&packet, CoapOption::Block2)
         .ok()
         .flatten();
-    let reply = match serve_request(endpoint, peer, packet, auth).await {
+    let mut authenticated = false;
+    let reply = match serve_request(endpoint, peer, packet, auth, &mut authenticated).await {
         Ok(reply) => reply,
         Err(error) => {
             if let CoapError::Internal = error {
@@ -100,12 +113,19 @@ pub async fn serve(
                 tracing::debug!(%peer, %error, "rejected a CoAP request");
             }
             events::request_rejected(error.reason());
-            return error.reply();
+            return Served {
+                reply: error.reply(),
+                authenticated,
+            };
         }
     };
-    match slice_block2(reply, block2) {
+    let reply = match slice_block2(reply, block2) {
         Ok(reply) => reply,
         Err(error) => error.reply(),
+    };
+    Served {
+        reply,
+        authenticated,
     }
 }
 
@@ -114,6 +134,7 @@ async fn serve_request(
     peer: SocketAddr,
     packet: Packet,
     auth: PeerAuth,
+    authenticated: &mut bool,
 ) -> Result<Reply, CoapError> {
     check_options(&packet)?;
     let method = message::method(&packet).ok_or_else(|| CoapError::MethodNotAllowed {
@@ -122,7 +143,7 @@ async fn serve_request(
         allowed: "Ferrite serves GET and POST",
     })?;
     let segments = message::path_segments(&packet);
-    let path = format!("/{}", segments.join("/"));
+    let path = redacted_path(&segments);
     let (route, path_token) = route(&segments).ok_or_else(|| {
         CoapError::NotFound(format!(
             "no resource at {path}; POST telemetry to /api/v1/{{access_token}}/telemetry or /telemetry?token={{access_token}}"
@@ -146,6 +167,7 @@ async fn serve_request(
     };
     let token = path_token.or_else(|| message::query_value(&request.packet, "token"));
     let device = authenticate(&request, token.as_deref()).await?;
+    *authenticated = true;
     let span = tracing::debug_span!("coap_request", %peer, device_id = %device.device_id);
     let dispatch = async {
         match (route, method) {
@@ -163,13 +185,27 @@ async fn serve_request(
 
 /// Step 1: options Ferrite must understand (RFC 7252 section 5.4.1).
 fn check_options(packet: &Packet) -> Result<(), CoapError> {
-    if let Some(number) = message::unknown_option(packet) {
-        if message::is_proxy_option(number) {
-            return Err(CoapError::ProxyingNotSupported);
-        }
-        if message::is_critical(number) {
-            return Err(CoapError::BadOption(number));
-        }
+    // Every unknown option is looked at, because an elective one may come
+    // before a critical one. A proxy option wins, so the client learns
+    // that no proxy is here (5.05) before it hears of other options.
+    let unknown: Vec<u16> = message::unknown_options(packet).collect();
+    if unknown
+        .iter()
+        .any(|number| message::is_proxy_option(*number))
+    {
+        return Err(CoapError::ProxyingNotSupported);
+    }
+    if let Some(number) = unknown.iter().find(|number| message::is_critical(**number)) {
+        return Err(CoapError::BadOption(*number));
+    }
+    let query_bytes: usize = packet
+        .get_option(CoapOption::UriQuery)
+        .map(|values| values.iter().map(Vec::len).sum())
+        .unwrap_or(0);
+    if query_bytes > MAX_URI_QUERY_BYTES {
+        return Err(CoapError::BadRequest(format!(
+            "the Uri-Query options have {query_bytes} bytes, more than the limit of {MAX_URI_QUERY_BYTES}; Ferrite reads only token={{access_token}}"
+        )));
     }
     if message::block_option(packet, CoapOption::Block1).is_err()
         || message::block_option(packet, CoapOption::Block2).is_err()
@@ -179,6 +215,17 @@ fn check_options(packet: &Packet) -> Result<(), CoapError> {
         ));
     }
     Ok(())
+}
+
+/// Formats the path for messages and logs, with the access token segment
+/// of `/api/v1/{access_token}/...` replaced by `{access_token}`, because
+/// the token is a secret.
+fn redacted_path(segments: &[String]) -> String {
+    let mut shown: Vec<&str> = segments.iter().map(String::as_str).collect();
+    if let ["api", "v1", token, ..] = shown.as_mut_slice() {
+        *token = "{access_token}";
+    }
+    format!("/{}", shown.join("/"))
 }
 
 /// Step 2: the resource and the access token in the path, if any.
@@ -258,10 +305,7 @@ fn request_body(request: &mut Request<'_>) -> Result<Body, CoapError> {
 
     let size1 = message::uint_option(&request.packet, CoapOption::Size1)
         .map_err(|()| CoapError::BadRequest("the Size1 option is longer than 4 bytes".into()))?;
-    let key = TransferKey {
-        peer: request.peer,
-        request: transfer_request_key(request),
-    };
+    let key = TransferKey::new(request.peer, &transfer_request_key(request));
     let outcome =
         request
             .endpoint
@@ -474,6 +518,9 @@ async fn get_attributes(
 ) -> Result<Reply, CoapError> {
     use crate::metadata::MetadataStore;
     check_accept(request)?;
+    // Registered before the read, so a change that lands between the two
+    // is either in the read or notified afterwards.
+    let observe = observe(request, device, Resource::Attributes)?;
     let stored = request
         .endpoint
         .context
@@ -483,12 +530,26 @@ async fn get_attributes(
         .await
         .map_err(|error| {
             tracing::warn!(%error, "cannot read device attributes for CoAP");
+            if observe.is_some() {
+                forget_observer(request, device, Resource::Attributes);
+            }
             CoapError::Internal
         })?;
     let body = serde_json::json!({"shared": stored.attributes});
     let mut reply = Reply::json(ResponseType::Content, &body);
-    reply.observe = observe(request, device, Resource::Attributes)?;
+    reply.observe = observe;
     Ok(reply)
+}
+
+/// Removes the observer that this request registered, because its response
+/// is no 2.05 (RFC 7641 section 4.1: only a 2.xx response keeps it).
+fn forget_observer(request: &Request<'_>, device: &DeviceIdentity, resource: Resource) {
+    request.endpoint.context.observers.deregister(
+        device.device_id,
+        resource,
+        request.endpoint,
+        request.peer,
+    );
 }
 
 /// RPC requests reach the device only as Observe notifications.
@@ -524,6 +585,15 @@ fn observe(
         }
     };
     match ObserveOption::try_from(value as usize) {
+        // A request for a later block is no registration (RFC 7959 section
+        // 2.6: only the first block's request carries Observe). Answering
+        // it without Observe also keeps a failing block request, such as
+        // one past the end, from adding an observer.
+        Ok(ObserveOption::Register)
+            if requested_block2(request).is_some_and(|block| block.num > 0) =>
+        {
+            Ok(None)
+        }
         Ok(ObserveOption::Register) => Ok(observers.register(
             device.device_id,
             device.tenant_id,
@@ -568,6 +638,13 @@ async fn post_rpc_response(
     let mut reply = Reply::new(ResponseType::Changed);
     reply.block1 = block1;
     Ok(reply)
+}
+
+fn requested_block2(request: &Request<'_>) -> Option<BlockValue> {
+    // Step 1 checked that the option is well formed.
+    message::block_option(&request.packet, CoapOption::Block2)
+        .ok()
+        .flatten()
 }
 
 /// Cuts a response into the block the client asked for with Block2, or
@@ -635,6 +712,16 @@ mod tests {
             let expected = expected.map(|(route, token)| (route, token.map(str::to_owned)));
             assert_eq!(route(&segments(path)), expected, "{path}");
         }
+    }
+
+    #[test]
+    fn paths_in_messages_hide_the_token() {
+        assert_eq!(
+            redacted_path(&segments("/api/v1/fdt_secret/nothing")),
+            "/api/v1/{access_token}/nothing"
+        );
+        assert_eq!(redacted_path(&segments("/other/x")), "/other/x");
+        assert_eq!(redacted_path(&segments("/api/v2/x")), "/api/v2/x");
     }
 
     #[test]

@@ -51,6 +51,9 @@ pub trait ExternalReceivers: Send + Sync {
     /// Delivers a message for the topic suffix `suffix` of `device_id`;
     /// returns the number of receivers that got it.
     fn deliver(&self, device_id: DeviceId, suffix: &str, payload: &Bytes) -> usize;
+    /// Ends every receiver of `device_id`, because its credentials were
+    /// revoked or the device was deleted.
+    fn remove_device(&self, device_id: DeviceId);
 }
 
 /// Handle to the sessions and subscriptions of the MQTT server. Cheap to
@@ -91,7 +94,22 @@ impl Router {
     /// Adds receivers outside the MQTT sessions to every delivery, RPC
     /// requests included. Only the first call has an effect.
     pub fn set_external_receivers(&self, receivers: Arc<dyn ExternalReceivers>) {
-        let _ = self.external.set(receivers);
+        if self.external.set(receivers).is_err() {
+            // A second CoAP context would have observers that never get
+            // a message, so the mistake is logged rather than hidden.
+            tracing::warn!(
+                "external receivers were already set; these receive nothing. Create one CoAP context per server"
+            );
+        }
+    }
+
+    /// Ends the external receivers of `device_id`, such as CoAP observers,
+    /// which authenticated once and have no connection to close. MQTT and
+    /// WebSocket connections of the device stay open.
+    pub fn remove_external_device(&self, device_id: DeviceId) {
+        if let Some(external) = self.external.get() {
+            external.remove_device(device_id);
+        }
     }
 
     /// Hands a device's response to RPC request `request_id` to the request

@@ -57,7 +57,9 @@ use crate::server::AppState;
 /// pauses while this many wait.
 pub const MAX_PENDING_REPLIES: usize = 32;
 /// Bytes a message may have beyond `http.max_body_bytes` of telemetry for
-/// its `type` and `id`. A larger message closes the socket with 1009.
+/// its `type` and `id`. A larger message ends the socket, but not with
+/// 1009: tungstenite fails the read, and the client sees a close frame
+/// without a status code (1005) or none.
 const MESSAGE_OVERHEAD: usize = 4096;
 /// Time to send the last replies and the close frame.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -289,13 +291,18 @@ async fn run(
 
 /// Sends queued messages until the queue closes, then closes the socket
 /// (which also flushes tungstenite's reply to a client's close frame).
+/// A failed send still closes the socket, so a queued close frame is not
+/// lost with the message that failed.
 async fn write_messages(
     mut sink: SplitSink<WebSocket, Message>,
     mut queue: mpsc::Receiver<Message>,
 ) -> Result<(), axum::Error> {
     while let Some(message) = queue.recv().await {
         let is_close = matches!(message, Message::Close(_));
-        sink.send(message).await?;
+        if let Err(error) = sink.send(message).await {
+            let _ = sink.close().await;
+            return Err(error);
+        }
         if is_close {
             return Ok(());
         }
@@ -530,10 +537,13 @@ impl DeviceSocket {
 
         // Every telemetry message taken from the socket is appended, so that
         // the device's view and the log agree. The replies are queued unless
-        // the client does not read.
+        // the client does not read or has sent its close frame. After that
+        // frame tungstenite has queued its reply close frame, and RFC 6455
+        // section 5.5.1 allows no data frames after it.
         let idle_timeout = self.state.config.websocket.idle_timeout;
+        let send_replies = !matches!(end, SocketEnd::SlowClient | SocketEnd::ClientClosed);
         while let Some(reply) = self.replies.next().await {
-            if end != SocketEnd::SlowClient {
+            if send_replies {
                 self.queue(Message::text(reply));
             }
         }

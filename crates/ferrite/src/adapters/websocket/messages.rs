@@ -50,9 +50,11 @@ pub struct MessageError {
 }
 
 impl MessageError {
+    /// Creates an error that echoes `id` only when it is a valid message
+    /// id, so that an error reply never repeats a large or odd input.
     pub fn new(id: Value, code: &'static str, message: impl Into<String>) -> Self {
         Self {
-            id,
+            id: if is_valid_id(&id) { id } else { Value::Null },
             code,
             message: message.into(),
         }
@@ -121,18 +123,11 @@ fn parse_telemetry<'a>(
     id: Value,
 ) -> Result<ClientMessage<'a>, MessageError> {
     check_fields(fields, &["type", "id", "data"], &id)?;
-    match &id {
-        Value::Null => {}
-        Value::String(text) if text.chars().count() <= MAX_ID_CHARS => {}
-        Value::Number(number) if number.is_i64() || number.is_u64() => {}
-        _ => {
-            return Err(MessageError::invalid(
-                Value::Null,
-                format!(
-                    "\"id\" must be a string of at most {MAX_ID_CHARS} characters or an integer"
-                ),
-            ));
-        }
+    if !is_valid_id(&id) {
+        return Err(MessageError::invalid(
+            Value::Null,
+            format!("\"id\" must be a string of at most {MAX_ID_CHARS} characters or an integer"),
+        ));
     }
     let Some(data) = fields.get("data").copied() else {
         return Err(MessageError::invalid(
@@ -158,6 +153,17 @@ fn parse_command_response<'a>(
         .get("result")
         .map_or_else(|| "null".to_owned(), |raw| raw.get().to_owned());
     Ok(ClientMessage::CommandResponse { request_id, result })
+}
+
+/// True for null, a string of at most [`MAX_ID_CHARS`] characters, or an
+/// integer.
+fn is_valid_id(id: &Value) -> bool {
+    match id {
+        Value::Null => true,
+        Value::String(text) => text.chars().count() <= MAX_ID_CHARS,
+        Value::Number(number) => number.is_i64() || number.is_u64(),
+        _ => false,
+    }
 }
 
 fn check_fields(
@@ -202,6 +208,18 @@ pub fn command(request_id: u32, method: &str, params: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn error_replies_echo_only_valid_ids() {
+        let long_id = "i".repeat(100_000);
+        let text = json!({"type": "unknown", "id": long_id}).to_string();
+        let error = parse_client_message(&text).unwrap_err();
+        assert_eq!(error.id, Value::Null);
+        assert!(self::error(&error).len() < 1000);
+
+        let text = json!({"type": "unknown", "id": "m1"}).to_string();
+        assert_eq!(parse_client_message(&text).unwrap_err().id, json!("m1"));
+    }
 
     #[test]
     fn telemetry_keeps_data_as_sent() {
