@@ -149,6 +149,9 @@ struct Session {
 /// The outcome of looking for the sender of a data uplink.
 enum Lookup {
     Found(Box<Session>),
+    /// A confirmed uplink with the session's last accepted counter and a
+    /// valid MIC: the device repeats it because it missed the ACK.
+    Retransmission(Box<Session>),
     Rejected(UplinkOutcome),
 }
 
@@ -245,6 +248,15 @@ impl Listener {
     async fn handle_data(&self, uplink: &UplinkContext, frame: &DataUp) -> UplinkOutcome {
         let session = match self.find_session(frame).await {
             Lookup::Found(session) => session,
+            Lookup::Retransmission(session) => {
+                // A LoRaWAN 1.0.x device keeps FCntUp when it repeats a
+                // frame, so the repeat gets an ACK but its data was stored
+                // the first time.
+                // NOTE: a replayed copy of the last confirmed uplink also
+                // gets an ACK and takes a downlink counter.
+                self.answer_data_uplink(uplink, frame, &session).await;
+                return UplinkOutcome::Retransmission;
+            }
             Lookup::Rejected(outcome) => {
                 let device = frame.dev_addr.to_string();
                 self.warn_rejected(outcome.label(), Some(&device));
@@ -335,6 +347,23 @@ impl Listener {
                     }));
                 }
                 Ok(_) => {}
+                Err(FCntError::Replayed { .. })
+                    if frame.confirmed
+                        && device.f_cnt_up.is_some_and(|last| {
+                            last as u16 == frame.f_cnt && frame.verify_mic(nwk_s_key, last)
+                        }) =>
+                {
+                    let f_cnt = device.f_cnt_up.unwrap_or_default();
+                    return Lookup::Retransmission(Box::new(Session {
+                        device,
+                        keys: SessionKeys {
+                            nwk_s_key,
+                            app_s_key,
+                        },
+                        region,
+                        f_cnt,
+                    }));
+                }
                 Err(error) => {
                     // Tell a replay of this device's frame from another
                     // device's frame: the MIC is valid with the counter in
