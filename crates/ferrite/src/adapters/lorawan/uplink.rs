@@ -61,11 +61,20 @@ impl Deduplicator {
 
     /// Adds a copy; returns true when it is the first, whose owner handles
     /// the uplink after the window.
+    ///
+    /// A gateway's second copy of one PHYPayload is dropped, so the copies
+    /// of an uplink are bounded by the number of registered gateways even
+    /// when one gateway repeats a frame.
     fn add(&self, phy_payload: &[u8], reception: Reception) -> bool {
         let mut pending = self.pending.lock();
         match pending.get_mut(phy_payload) {
             Some(copies) => {
-                copies.push(reception);
+                let repeated = copies
+                    .iter()
+                    .any(|copy| copy.gateway_eui == reception.gateway_eui);
+                if !repeated {
+                    copies.push(reception);
+                }
                 false
             }
             None => {
@@ -616,5 +625,40 @@ impl Listener {
         )
         .await;
         UplinkOutcome::Joined
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reception(gateway_eui: &str) -> Reception {
+        let rxpk = serde_json::from_value(json!({
+            "tmst": 1, "freq": 868.1, "stat": 1, "modu": "LORA",
+            "datr": "SF7BW125", "rssi": -40, "lsnr": 7.0, "size": 1, "data": "AA==",
+        }))
+        .expect("valid rxpk");
+        Reception {
+            gateway_eui: gateway_eui.to_owned(),
+            rxpk,
+            received_at_ns: 0,
+        }
+    }
+
+    #[test]
+    fn deduplicator_keeps_one_copy_per_gateway() {
+        let deduplicator = Deduplicator::new(Duration::from_millis(200));
+        assert!(deduplicator.add(b"frame", reception("0000000000000001")));
+        for _ in 0..1000 {
+            assert!(!deduplicator.add(b"frame", reception("0000000000000001")));
+        }
+        assert!(!deduplicator.add(b"frame", reception("0000000000000002")));
+
+        let copies = deduplicator.take(b"frame");
+        let gateways: Vec<&str> = copies
+            .iter()
+            .map(|copy| copy.gateway_eui.as_str())
+            .collect();
+        assert_eq!(gateways, ["0000000000000001", "0000000000000002"]);
     }
 }
