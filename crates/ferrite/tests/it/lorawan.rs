@@ -892,6 +892,27 @@ async fn unknown_gateway_gets_no_ack() {
         2.0,
     )
     .await;
+
+    // A TX_ACK of an unknown gateway neither counts as a gateway's
+    // transmission error nor consumes another gateway's token.
+    let mut tx_ack = vec![2, 0x12, 0x34, semtech::TX_ACK];
+    tx_ack.extend_from_slice(&gateway.eui);
+    tx_ack.extend_from_slice(br#"{"txpk_ack":{"error":"COLLISION_PACKET"}}"#);
+    gateway.send_raw(&tx_ack).await;
+    wait_for_metric(
+        &server,
+        "ferrite_lorawan_datagrams_rejected_total{reason=\"unknown_gateway\"}",
+        3.0,
+    )
+    .await;
+    assert_eq!(
+        metric(
+            &server,
+            "ferrite_lorawan_tx_ack_errors_total{error=\"COLLISION_PACKET\"}"
+        )
+        .await,
+        0.0
+    );
 }
 
 #[tokio::test]
