@@ -62,7 +62,7 @@ impl SentDownlinks {
     }
 
     /// Removes and returns the downlink sent to `gateway_eui` with this
-    /// token; a token of another gateway stays.
+    /// token. A token sent to another gateway is kept.
     fn take(&self, token: u16, gateway_eui: &str) -> Option<SentDownlink> {
         let mut tokens = self.tokens.lock();
         if tokens.get(&token)?.gateway_eui != gateway_eui {
@@ -185,10 +185,10 @@ mod tests {
         sent.insert(7, "0000000000000001", device_id, "data");
 
         assert!(sent.take(7, "0000000000000002").is_none());
-        let taken = sent
+        let downlink = sent
             .take(7, "0000000000000001")
             .expect("token of the gateway");
-        assert_eq!(taken.device_id, device_id);
+        assert_eq!(downlink.device_id, device_id);
         assert!(sent.take(7, "0000000000000001").is_none());
     }
 }

@@ -128,7 +128,7 @@ mod tests {
             .await
             .unwrap();
 
-        // Within UNKNOWN_TTL the cached answer stands, without a query.
+        // Within UNKNOWN_TTL the cached result is returned without a query.
         assert!(gateways.registered(&metadata, eui).await.unwrap().is_none());
 
         tokio::time::sleep(UNKNOWN_TTL).await;
