@@ -784,6 +784,60 @@ async fn confirmed_uplink_gets_ack_downlink() {
 }
 
 #[tokio::test]
+async fn confirmed_retransmission_acked_again() {
+    let server = Server::start().await;
+    abp_device(&server, "abp-retx", "0000000000000602", 0x2601_0602, None).await;
+    let mut gateway = Gateway::start(&server, [1, 0, 0, 0, 0, 0, 0, 12], true).await;
+    assert!(gateway.pull().await);
+
+    // The device did not hear the first ACK, so it sends the confirmed
+    // uplink again with the same FCnt after the deduplication window.
+    let phy = uplink(0x2601_0602, 5, true, Some(2), b"\x01", &abp_keys());
+    for (attempt, tmst) in [(0u32, 5_000_000u32), (1, 9_000_000)] {
+        assert!(gateway.push(vec![rxpk(&phy, tmst, -40, 7.0)]).await);
+        let (_, txpk) = gateway
+            .pull_resp(Duration::from_secs(2))
+            .await
+            .expect("ACK downlink for every transmission");
+        let down = mac::open_data_down(&txpk.phy_payload(), &abp_keys(), attempt)
+            .expect("downlink opens with the next FCntDown");
+        assert!(down.ack, "attempt {attempt} is acknowledged");
+    }
+
+    // The data is stored once; the retransmission is counted apart.
+    wait_for_metric(
+        &server,
+        "ferrite_lorawan_uplinks_total{outcome=\"retransmission\"}",
+        1.0,
+    )
+    .await;
+    assert_eq!(
+        metric(&server, "ferrite_lorawan_uplinks_total{outcome=\"stored\"}").await,
+        1.0
+    );
+
+    // An unconfirmed frame with an old counter stays a replay.
+    let replay = uplink(0x2601_0602, 5, false, Some(2), b"\x01", &abp_keys());
+    assert!(
+        gateway
+            .push(vec![rxpk(&replay, 13_000_000, -40, 7.0)])
+            .await
+    );
+    wait_for_metric(
+        &server,
+        "ferrite_lorawan_uplinks_total{outcome=\"f_cnt_replayed\"}",
+        1.0,
+    )
+    .await;
+    assert!(
+        gateway
+            .pull_resp(Duration::from_millis(1500))
+            .await
+            .is_none()
+    );
+}
+
+#[tokio::test]
 async fn queued_downlink_sent_after_next_uplink() {
     let server = Server::start().await;
     let device = abp_device(&server, "abp-queue", "0000000000000701", 0x2601_0701, None).await;
@@ -838,6 +892,27 @@ async fn unknown_gateway_gets_no_ack() {
         2.0,
     )
     .await;
+
+    // A TX_ACK of an unknown gateway neither counts as a gateway's
+    // transmission error nor consumes another gateway's token.
+    let mut tx_ack = vec![2, 0x12, 0x34, semtech::TX_ACK];
+    tx_ack.extend_from_slice(&gateway.eui);
+    tx_ack.extend_from_slice(br#"{"txpk_ack":{"error":"COLLISION_PACKET"}}"#);
+    gateway.send_raw(&tx_ack).await;
+    wait_for_metric(
+        &server,
+        "ferrite_lorawan_datagrams_rejected_total{reason=\"unknown_gateway\"}",
+        3.0,
+    )
+    .await;
+    assert_eq!(
+        metric(
+            &server,
+            "ferrite_lorawan_tx_ack_errors_total{error=\"COLLISION_PACKET\"}"
+        )
+        .await,
+        0.0
+    );
 }
 
 #[tokio::test]

@@ -38,18 +38,22 @@ pub struct SentDownlinks {
 }
 
 struct SentDownlink {
+    /// The gateway the PULL_RESP went to, the only one whose TX_ACK
+    /// matches the token.
+    gateway_eui: String,
     device_id: DeviceId,
     kind: &'static str,
     at: Instant,
 }
 
 impl SentDownlinks {
-    fn insert(&self, token: u16, device_id: DeviceId, kind: &'static str) {
+    fn insert(&self, token: u16, gateway_eui: &str, device_id: DeviceId, kind: &'static str) {
         let mut tokens = self.tokens.lock();
         tokens.retain(|_, sent| sent.at.elapsed() < TOKEN_TTL);
         tokens.insert(
             token,
             SentDownlink {
+                gateway_eui: gateway_eui.to_owned(),
                 device_id,
                 kind,
                 at: Instant::now(),
@@ -57,8 +61,14 @@ impl SentDownlinks {
         );
     }
 
-    fn take(&self, token: u16) -> Option<SentDownlink> {
-        self.tokens.lock().remove(&token)
+    /// Removes and returns the downlink sent to `gateway_eui` with this
+    /// token. A token sent to another gateway is kept.
+    fn take(&self, token: u16, gateway_eui: &str) -> Option<SentDownlink> {
+        let mut tokens = self.tokens.lock();
+        if tokens.get(&token)?.gateway_eui != gateway_eui {
+            return None;
+        }
+        tokens.remove(&token)
     }
 }
 
@@ -134,7 +144,8 @@ impl Listener {
             return false;
         }
         if pull.version >= 2 {
-            self.downlinks.insert(token, device_id, kind);
+            self.downlinks
+                .insert(token, &reception.gateway_eui, device_id, kind);
         }
         events::downlink_sent(kind);
         tracing::debug!(%device_id, kind, gateway_eui = %reception.gateway_eui, frequency_hz = window.frequency_hz, data_rate = %window.data_rate, tmst, "LoRaWAN downlink sent");
@@ -143,7 +154,7 @@ impl Listener {
 
     /// Logs and counts a gateway's report of a failed transmission.
     pub(super) fn handle_tx_ack(&self, gateway_eui: &str, token: u16, payload: &TxAckPayload) {
-        let sent = self.downlinks.take(token);
+        let sent = self.downlinks.take(token, gateway_eui);
         let Some(code) = payload.error() else {
             return;
         };
@@ -160,5 +171,24 @@ impl Listener {
                 "LoRaWAN gateway could not transmit a downlink"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_matches_only_its_gateway() {
+        let sent = SentDownlinks::default();
+        let device_id = DeviceId::new_random();
+        sent.insert(7, "0000000000000001", device_id, "data");
+
+        assert!(sent.take(7, "0000000000000002").is_none());
+        let downlink = sent
+            .take(7, "0000000000000001")
+            .expect("token of the gateway");
+        assert_eq!(downlink.device_id, device_id);
+        assert!(sent.take(7, "0000000000000001").is_none());
     }
 }

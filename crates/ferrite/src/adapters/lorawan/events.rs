@@ -80,6 +80,9 @@ pub enum UplinkOutcome {
     MicInvalid,
     /// The frame counter is not ahead of the last accepted one.
     FCntReplayed,
+    /// A confirmed uplink sent again with the last accepted counter,
+    /// because the device missed the ACK: acknowledged again, not stored.
+    Retransmission,
     /// The device joined with this DevNonce before.
     DevNonceReplayed,
     /// The 32-bit frame counter is used up.
@@ -105,6 +108,7 @@ impl UplinkOutcome {
             UplinkOutcome::UnknownDevice => "unknown_device",
             UplinkOutcome::MicInvalid => "mic_invalid",
             UplinkOutcome::FCntReplayed => "f_cnt_replayed",
+            UplinkOutcome::Retransmission => "retransmission",
             UplinkOutcome::DevNonceReplayed => "dev_nonce_replayed",
             UplinkOutcome::FCntExhausted => "f_cnt_exhausted",
             UplinkOutcome::IngestFailed => "ingest_failed",

@@ -13,9 +13,15 @@ use crate::metadata::SqliteMetadata;
 use crate::metadata::lorawan::LorawanGateway;
 
 /// Time a registered gateway stays cached. A gateway deleted through the
-/// API keeps being served for up to this long. Unknown EUIs are not
-/// cached, so a gateway registered later is served at once.
+/// API keeps being served for up to this long.
 pub const REGISTERED_TTL: Duration = Duration::from_secs(10);
+/// Time an unknown EUI stays cached, so that a flood of datagrams with
+/// unregistered EUIs costs one database query per EUI and second instead
+/// of one per datagram. A gateway registered later waits up to this long.
+pub const UNKNOWN_TTL: Duration = Duration::from_secs(1);
+/// Maximum unknown EUIs cached; the cache is emptied when it is full, so a
+/// flood of distinct EUIs cannot grow it without limit.
+const MAX_UNKNOWN: usize = 4096;
 
 /// Address and protocol version of a gateway's last PULL_DATA.
 #[derive(Debug, Clone, Copy)]
@@ -28,6 +34,8 @@ pub struct PullAddress {
 #[derive(Default)]
 pub struct Gateways {
     registered: Mutex<HashMap<String, (LorawanGateway, Instant)>>,
+    /// EUIs found unregistered, with the time of the lookup.
+    unknown: Mutex<HashMap<String, Instant>>,
     pull: Mutex<HashMap<String, PullAddress>>,
     /// Last time each gateway was heard from, in epoch milliseconds, until
     /// the next flush to the metadata database.
@@ -47,6 +55,12 @@ impl Gateways {
         {
             return Ok(Some(gateway.clone()));
         }
+        if let Some(at) = self.unknown.lock().get(gateway_eui)
+            && at.elapsed() < UNKNOWN_TTL
+        {
+            return Ok(None);
+        }
+
         let found = metadata.lorawan_gateway(gateway_eui).await?;
         let mut registered = self.registered.lock();
         match &found {
@@ -55,6 +69,11 @@ impl Gateways {
             }
             None => {
                 registered.remove(gateway_eui);
+                let mut unknown = self.unknown.lock();
+                if unknown.len() >= MAX_UNKNOWN {
+                    unknown.clear();
+                }
+                unknown.insert(gateway_eui.to_owned(), Instant::now());
             }
         }
         Ok(found)
@@ -87,5 +106,36 @@ impl Gateways {
                 *entry = (*entry).max(at);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metadata::MetadataStore;
+
+    #[tokio::test]
+    async fn unknown_eui_cached_briefly() {
+        let dir = tempfile::tempdir().unwrap();
+        let metadata = SqliteMetadata::open(dir.path()).await.unwrap();
+        let tenant = metadata.default_tenant().await.unwrap().id;
+        let gateways = Gateways::default();
+        let eui = "0102030405060708";
+
+        assert!(gateways.registered(&metadata, eui).await.unwrap().is_none());
+        metadata
+            .create_lorawan_gateway(tenant, eui, "roof")
+            .await
+            .unwrap();
+
+        // Within UNKNOWN_TTL the cached result is returned without a query.
+        assert!(gateways.registered(&metadata, eui).await.unwrap().is_none());
+
+        tokio::time::sleep(UNKNOWN_TTL).await;
+        let found = gateways.registered(&metadata, eui).await.unwrap();
+        assert_eq!(
+            found.map(|gateway| gateway.gateway_eui).as_deref(),
+            Some(eui)
+        );
     }
 }

@@ -211,7 +211,11 @@ impl Listener {
                 ..
             } => {
                 events::datagram("TX_ACK");
-                self.handle_tx_ack(&hex::encode(gateway_eui), token, &payload);
+                let gateway_eui = hex::encode(gateway_eui);
+                if !self.is_registered(&gateway_eui, from).await {
+                    return;
+                }
+                self.handle_tx_ack(&gateway_eui, token, &payload);
             }
             Packet::PushAck { .. } | Packet::PullAck { .. } | Packet::PullResp { .. } => {
                 // Packets of the server's side of the protocol.

@@ -61,11 +61,20 @@ impl Deduplicator {
 
     /// Adds a copy; returns true when it is the first, whose owner handles
     /// the uplink after the window.
+    ///
+    /// A gateway's second copy of one PHYPayload is dropped, so the copies
+    /// of an uplink are bounded by the number of registered gateways even
+    /// when one gateway repeats a frame.
     fn add(&self, phy_payload: &[u8], reception: Reception) -> bool {
         let mut pending = self.pending.lock();
         match pending.get_mut(phy_payload) {
             Some(copies) => {
-                copies.push(reception);
+                let repeated = copies
+                    .iter()
+                    .any(|copy| copy.gateway_eui == reception.gateway_eui);
+                if !repeated {
+                    copies.push(reception);
+                }
                 false
             }
             None => {
@@ -149,6 +158,9 @@ struct Session {
 /// The outcome of looking for the sender of a data uplink.
 enum Lookup {
     Found(Box<Session>),
+    /// A confirmed uplink with the session's last accepted counter and a
+    /// valid MIC: the device repeats it because it missed the ACK.
+    Retransmission(Box<Session>),
     Rejected(UplinkOutcome),
 }
 
@@ -245,6 +257,15 @@ impl Listener {
     async fn handle_data(&self, uplink: &UplinkContext, frame: &DataUp) -> UplinkOutcome {
         let session = match self.find_session(frame).await {
             Lookup::Found(session) => session,
+            Lookup::Retransmission(session) => {
+                // A LoRaWAN 1.0.x device keeps FCntUp when it repeats a
+                // frame, so the repeat gets an ACK but its data was stored
+                // the first time.
+                // NOTE: a replayed copy of the last confirmed uplink also
+                // gets an ACK and takes a downlink counter.
+                self.answer_data_uplink(uplink, frame, &session).await;
+                return UplinkOutcome::Retransmission;
+            }
             Lookup::Rejected(outcome) => {
                 let device = frame.dev_addr.to_string();
                 self.warn_rejected(outcome.label(), Some(&device));
@@ -335,6 +356,23 @@ impl Listener {
                     }));
                 }
                 Ok(_) => {}
+                Err(FCntError::Replayed { .. })
+                    if frame.confirmed
+                        && device.f_cnt_up.is_some_and(|last| {
+                            last as u16 == frame.f_cnt && frame.verify_mic(nwk_s_key, last)
+                        }) =>
+                {
+                    let f_cnt = device.f_cnt_up.unwrap_or_default();
+                    return Lookup::Retransmission(Box::new(Session {
+                        device,
+                        keys: SessionKeys {
+                            nwk_s_key,
+                            app_s_key,
+                        },
+                        region,
+                        f_cnt,
+                    }));
+                }
                 Err(error) => {
                     // Tell a replay of this device's frame from another
                     // device's frame: the MIC is valid with the counter in
@@ -587,5 +625,40 @@ impl Listener {
         )
         .await;
         UplinkOutcome::Joined
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reception(gateway_eui: &str) -> Reception {
+        let rxpk = serde_json::from_value(json!({
+            "tmst": 1, "freq": 868.1, "stat": 1, "modu": "LORA",
+            "datr": "SF7BW125", "rssi": -40, "lsnr": 7.0, "size": 1, "data": "AA==",
+        }))
+        .expect("valid rxpk");
+        Reception {
+            gateway_eui: gateway_eui.to_owned(),
+            rxpk,
+            received_at_ns: 0,
+        }
+    }
+
+    #[test]
+    fn deduplicator_keeps_one_copy_per_gateway() {
+        let deduplicator = Deduplicator::new(Duration::from_millis(200));
+        assert!(deduplicator.add(b"frame", reception("0000000000000001")));
+        for _ in 0..1000 {
+            assert!(!deduplicator.add(b"frame", reception("0000000000000001")));
+        }
+        assert!(!deduplicator.add(b"frame", reception("0000000000000002")));
+
+        let copies = deduplicator.take(b"frame");
+        let gateways: Vec<&str> = copies
+            .iter()
+            .map(|copy| copy.gateway_eui.as_str())
+            .collect();
+        assert_eq!(gateways, ["0000000000000001", "0000000000000002"]);
     }
 }
