@@ -864,7 +864,18 @@ async fn queued_downlink_sent_after_next_uplink() {
     assert_eq!(down.frm_payload, vec![0xca, 0xfe]);
     assert!(!down.ack);
 
-    let (_, queue) = send_json(&server, "GET", &queue_path, None).await;
+    // The server marks the downlink sent right after it sends the
+    // PULL_RESP, so the queue may still list it for a moment.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let queue = loop {
+        let (_, queue) = send_json(&server, "GET", &queue_path, None).await;
+        if queue["downlinks"].as_array().unwrap().is_empty()
+            || tokio::time::Instant::now() > deadline
+        {
+            break queue;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert_eq!(queue["downlinks"].as_array().unwrap().len(), 0, "{queue}");
     let (_, registration) = send_json(
         &server,
