@@ -21,6 +21,7 @@
 //! | `shared_subscription_rules` | [MQTT-4.8.2-2] |
 //! | `shared_subscription_with_no_local_closes` | [MQTT-3.8.3-4] |
 //! | `application_session_is_taken_over` | [MQTT-3.1.4-3] |
+//! | `client_id_of_another_owner_is_rejected` | [MQTT-3.1.3-5] (the server may reject a client id) |
 //! | `offline_session_queues_qos1_qos2_with_expiry` | [MQTT-3.3.2-5], [MQTT-3.3.2-6] |
 
 use std::time::{Duration, Instant};
@@ -1427,6 +1428,67 @@ async fn application_session_is_taken_over() {
     // The subscription moved with the session.
     publish_numbered(&server, &key, "apps/twin", 1).await;
     next_publish_on(&mut second_loop, "apps/twin").await;
+}
+
+/// Waits up to [`QUIET`] for the server to end a connection; returns the
+/// DISCONNECT reason, or `None` when the connection stays open or closes
+/// without one.
+async fn disconnect_during_quiet(eventloop: &mut v5::EventLoop) -> Option<DisconnectReasonCode> {
+    let deadline = Instant::now() + QUIET;
+    while let Ok(event) = tokio::time::timeout_at(deadline.into(), eventloop.poll()).await {
+        match event {
+            Ok(v5::Event::Incoming(Packet::Disconnect(disconnect))) => {
+                return Some(disconnect.reason_code);
+            }
+            Ok(_) => {}
+            Err(v5::ConnectionError::MqttState(v5::StateError::ServerDisconnect {
+                reason_code,
+                ..
+            })) => return Some(reason_code),
+            Err(_) => return None,
+        }
+    }
+    None
+}
+
+/// A client id is scoped by tenant, and within a tenant it cannot take
+/// over or end the session of another owner.
+#[tokio::test]
+async fn client_id_of_another_owner_is_rejected() {
+    let server = Server::start().await;
+    let device = server.create_device("victim").await;
+    let other_device = server.create_device("intruder").await;
+    let other_tenant_key = api_key_in_new_tenant(&server, "admin").await;
+    let key = server.create_api_key("ops", "operator");
+
+    let (victim, mut victim_loop, _) =
+        connect(persistent_options(&server, "victim-device-1", &device.token)).await;
+    subscribe(&victim, &mut victim_loop, "v1/devices/me/rpc/request/+").await;
+
+    // Another tenant gets a session of its own under the same client id.
+    let (_other, mut other_loop, connack) = connect(persistent_options(
+        &server,
+        "victim-device-1",
+        &other_tenant_key,
+    ))
+    .await;
+    assert!(!connack.session_present);
+    assert_eq!(disconnect_during_quiet(&mut victim_loop).await, None);
+    assert_eq!(disconnect_during_quiet(&mut other_loop).await, None);
+
+    // Another device and the applications of the same tenant are rejected.
+    for credential in [&other_device.token, &key] {
+        let code = connack_code(persistent_options(&server, "victim-device-1", credential)).await;
+        assert_eq!(code, ConnectReturnCode::ClientIdentifierNotValid);
+    }
+    assert_eq!(disconnect_during_quiet(&mut victim_loop).await, None);
+
+    // The device's session is intact when it reconnects.
+    victim.disconnect().await.expect("queue DISCONNECT");
+    let _ = tokio::time::timeout(QUIET, async { while victim_loop.poll().await.is_ok() {} }).await;
+    let (_victim, _victim_loop, connack) =
+        connect(persistent_options(&server, "victim-device-1", &device.token)).await;
+    assert!(connack.session_present);
 }
 
 #[tokio::test]

@@ -292,7 +292,17 @@ pub async fn run<S: Transport>(mut stream: S, shared: Arc<Shared>, _slot: OwnedS
         span.record("device_id", tracing::field::display(identity.device_id));
     }
 
-    let attached = attach_session(&shared, &connected).await;
+    let Some(attached) = attach_session(&shared, &connected).await else {
+        let rejection = handshake::client_id_in_use(connected.version);
+        connection_refused(rejection.reason);
+        tracing::debug!(reason = rejection.reason, detail = %rejection.detail, "refused an MQTT connection");
+        if let Some(connack) = rejection.connack {
+            let mut out = BytesMut::new();
+            codec::encode(&connack, &mut out);
+            write_last(&mut stream, &out).await;
+        }
+        return;
+    };
     tracing::debug!(
         version = connected.version.as_u8(),
         session_present = attached.session_present,
@@ -352,8 +362,9 @@ async fn write_last<S: Transport>(stream: &mut S, bytes: &[u8]) {
 }
 
 /// Attaches to the session of the client id, waiting for an older
-/// connection of the same client to hand it over.
-async fn attach_session(shared: &Shared, connected: &Connected) -> Attached {
+/// connection of the same client to hand it over. Returns `None` when the
+/// session belongs to another owner.
+async fn attach_session(shared: &Shared, connected: &Connected) -> Option<Attached> {
     let mut request = AttachRequest {
         client_id: connected.client_id.clone(),
         owner: connected.client.owner(),
@@ -364,7 +375,8 @@ async fn attach_session(shared: &Shared, connected: &Connected) -> Attached {
     loop {
         let attach = shared.router.sessions().attach(&request, Instant::now());
         match attach {
-            Attach::Attached(attached) => return attached,
+            Attach::Attached(attached) => return Some(attached),
+            Attach::Conflict => return None,
             Attach::Wait { finished } => {
                 if tokio::time::timeout(TAKEOVER_WAIT, finished.cancelled())
                     .await

@@ -9,6 +9,7 @@
 //! | protocol level other than 4 and 5 | 0x84 | 0x01 |
 //! | malformed CONNECT | 0x81 | none, close |
 //! | empty client id with clean session 0 | server assigns an id | 0x02 |
+//! | client id in use by another device or by the applications of the same tenant | 0x85 | 0x02 |
 //! | no user name and no API key as password | 0x86 | 0x04 |
 //! | unknown or revoked access token or API key, wrong password | 0x86 | 0x05 |
 //! | metadata store unavailable | 0x88 | 0x03 |
@@ -29,6 +30,7 @@ use super::codec::{self, ConnectProtocol, Frame, FrameError};
 use super::session::ClientId;
 use super::topics::{PublishTarget, classify_publish, is_valid_topic_name};
 use crate::auth::{AuthError, is_api_key};
+use crate::ids::TenantId;
 use crate::metadata::Role;
 
 /// Session Expiry Interval value meaning "never expires" (MQTT 5 3.1.2.11.2).
@@ -122,7 +124,8 @@ pub async fn accept_connect(frame: Frame, context: &MqttContext) -> Result<Conne
         context.directory.warm(identity.profile_id).await;
     }
     let will = check_will(&connect, version, &client)?;
-    let (client_id, client_id_assigned) = client_id(&connect, version)?;
+    let (client_id, client_id_assigned) =
+        client_id(&connect, version, client.owner().tenant_id())?;
     let (session_expiry, session_expiry_capped) = session_expiry(&connect, version, context);
 
     let properties = &connect.properties;
@@ -371,9 +374,10 @@ fn check_will(
 fn client_id(
     connect: &ConnectPacket,
     version: ProtocolVersion,
+    tenant_id: TenantId,
 ) -> Result<(ClientId, bool), Rejection> {
     if !connect.client_id.is_empty() {
-        return Ok((ClientId::new(&connect.client_id), false));
+        return Ok((ClientId::scoped(tenant_id, &connect.client_id), false));
     }
     if version == ProtocolVersion::V311 && !connect.clean_start {
         return Err(Rejection::new(
@@ -384,7 +388,18 @@ fn client_id(
         ));
     }
     let assigned = format!("ferrite-{}", uuid::Uuid::new_v4().simple());
-    Ok((ClientId::new(&assigned), true))
+    Ok((ClientId::scoped(tenant_id, &assigned), true))
+}
+
+/// Rejects a CONNECT whose client id names a session of another owner in
+/// the same tenant (see `SessionStore::attach`).
+pub fn client_id_in_use(version: ProtocolVersion) -> Rejection {
+    Rejection::new(
+        version,
+        ReasonCode::ClientIdentifierNotValid,
+        "client_id_rejected",
+        "the client id belongs to a session of another device or of the tenant's applications; choose another client id",
+    )
 }
 
 /// Returns the granted session expiry and whether it is shorter than

@@ -572,7 +572,7 @@ mod tests {
         };
         match router.sessions().attach(&request, Instant::now()) {
             Attach::Attached(attached) => attached,
-            Attach::Wait { .. } => panic!("session unexpectedly held"),
+            Attach::Wait { .. } | Attach::Conflict => panic!("session unexpectedly held"),
         }
     }
 
