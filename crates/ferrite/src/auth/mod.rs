@@ -68,6 +68,39 @@ impl std::fmt::Display for Subject {
     }
 }
 
+/// The credential of a long-lived connection, kept to check it again
+/// while the connection is open ([`Auth::recheck`]). It contains hashes and
+/// ids, never the secret itself.
+#[derive(Debug, Clone)]
+pub enum HeldCredential {
+    DeviceToken([u8; 32]),
+    ApiKey([u8; 32]),
+    /// A user who sent an email and password. The password is not kept, so
+    /// a changed password does not end the connection, but a deleted user
+    /// does.
+    User {
+        email: String,
+        id: UserId,
+    },
+}
+
+impl HeldCredential {
+    pub fn device_token(token: &str) -> Self {
+        Self::DeviceToken(hash_secret(token))
+    }
+
+    pub fn api_key(key: &str) -> Self {
+        Self::ApiKey(hash_secret(key))
+    }
+}
+
+/// The result of [`Auth::recheck`]: a device, or a person or service.
+#[derive(Debug, Clone)]
+pub enum Identity {
+    Device(DeviceIdentity),
+    Principal(Principal),
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
     #[error("the access token is invalid or revoked")]
@@ -202,6 +235,57 @@ impl Auth {
             },
         );
         Ok(identity)
+    }
+
+    /// Checks again a credential that authenticated a long-lived
+    /// connection. Returns the current identity, with the current role, or
+    /// an error when the token or key was revoked or the user deleted.
+    pub async fn recheck(&self, credential: &HeldCredential) -> Result<Identity, AuthError> {
+        match credential {
+            HeldCredential::DeviceToken(hash) => {
+                if let Some(cached) = self.device_cache.lock().get(hash)
+                    && cached.fetched.elapsed() < DEVICE_CACHE_TTL
+                {
+                    return Ok(Identity::Device(cached.identity.clone()));
+                }
+                let device = self
+                    .metadata
+                    .device_by_token_hash(hash)
+                    .await?
+                    .ok_or(AuthError::InvalidDeviceToken)?;
+                Ok(Identity::Device(DeviceIdentity {
+                    tenant_id: device.tenant_id,
+                    device_id: device.id,
+                    name: device.name,
+                    profile_id: device.profile_id,
+                }))
+            }
+            HeldCredential::ApiKey(hash) => {
+                let key = self
+                    .metadata
+                    .api_key_by_hash(hash)
+                    .await?
+                    .ok_or(AuthError::InvalidBearer)?;
+                Ok(Identity::Principal(Principal {
+                    tenant_id: key.tenant_id,
+                    role: key.role,
+                    subject: Subject::ApiKey(key.name),
+                }))
+            }
+            HeldCredential::User { email, id } => {
+                let user = self
+                    .metadata
+                    .user_by_email(email)
+                    .await?
+                    .filter(|user| user.id == *id)
+                    .ok_or(AuthError::InvalidLogin)?;
+                Ok(Identity::Principal(Principal {
+                    tenant_id: user.tenant_id,
+                    role: user.role,
+                    subject: Subject::User(user.id),
+                }))
+            }
+        }
     }
 
     /// Drops every cached token of `device`, so a rotated or deleted

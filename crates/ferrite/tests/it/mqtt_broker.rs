@@ -1461,8 +1461,12 @@ async fn client_id_of_another_owner_is_rejected() {
     let other_tenant_key = api_key_in_new_tenant(&server, "admin").await;
     let key = server.create_api_key("ops", "operator");
 
-    let (victim, mut victim_loop, _) =
-        connect(persistent_options(&server, "victim-device-1", &device.token)).await;
+    let (victim, mut victim_loop, _) = connect(persistent_options(
+        &server,
+        "victim-device-1",
+        &device.token,
+    ))
+    .await;
     subscribe(&victim, &mut victim_loop, "v1/devices/me/rpc/request/+").await;
 
     // Another tenant gets a session of its own under the same client id.
@@ -1486,9 +1490,87 @@ async fn client_id_of_another_owner_is_rejected() {
     // The device's session is intact when it reconnects.
     victim.disconnect().await.expect("queue DISCONNECT");
     let _ = tokio::time::timeout(QUIET, async { while victim_loop.poll().await.is_ok() {} }).await;
-    let (_victim, _victim_loop, connack) =
-        connect(persistent_options(&server, "victim-device-1", &device.token)).await;
+    let (_victim, _victim_loop, connack) = connect(persistent_options(
+        &server,
+        "victim-device-1",
+        &device.token,
+    ))
+    .await;
     assert!(connack.session_present);
+}
+
+/// Sends an admin DELETE and checks that it succeeded with 204.
+async fn admin_delete(server: &Server, path: &str) {
+    let response = reqwest::Client::new()
+        .delete(format!("{}{path}", server.http_url))
+        .bearer_auth(server.admin_token().await)
+        .send()
+        .await
+        .expect("DELETE request");
+    assert_eq!(response.status().as_u16(), 204, "DELETE {path}");
+}
+
+/// Waits up to [`WAIT`] for the server to end a connection and returns
+/// its DISCONNECT reason, or `None` when it closed without one.
+async fn server_disconnect(eventloop: &mut v5::EventLoop) -> Option<DisconnectReasonCode> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(remaining, eventloop.poll())
+            .await
+            .expect("the connection was not closed")
+        {
+            Ok(v5::Event::Incoming(Packet::Disconnect(disconnect))) => {
+                return Some(disconnect.reason_code);
+            }
+            Ok(_) => {}
+            Err(v5::ConnectionError::MqttState(v5::StateError::ServerDisconnect {
+                reason_code,
+                ..
+            })) => return Some(reason_code),
+            Err(_) => return None,
+        }
+    }
+}
+
+/// An open connection whose API key is revoked, or whose device is
+/// deleted, is closed with 0x87 Not authorized at the next check.
+#[tokio::test]
+async fn revoked_credentials_end_open_connections() {
+    let server =
+        Server::start_with_env(&[("FERRITE_MQTT_CREDENTIAL_RECHECK_INTERVAL", "300ms")]).await;
+    let created = admin_post(
+        &server,
+        "/api/v1/api-keys",
+        serde_json::json!({"name": "revoked-later", "role": "operator"}),
+    )
+    .await;
+    let key = created["key"].as_str().expect("key in response").to_owned();
+    let key_id = created["id"].as_str().expect("id in response").to_owned();
+    let device = server.create_device("deleted-later").await;
+
+    let (application, mut application_loop, _) =
+        connect(options(&server, "revoked-app", &key, "")).await;
+    subscribe(&application, &mut application_loop, "devices/#").await;
+    let (_device_client, mut device_loop, _) =
+        connect(options(&server, "deleted-device", &device.token, "")).await;
+
+    // Both stay connected across several checks while their credentials
+    // are valid.
+    assert_eq!(disconnect_during_quiet(&mut application_loop).await, None);
+    assert_eq!(disconnect_during_quiet(&mut device_loop).await, None);
+
+    admin_delete(&server, &format!("/api/v1/api-keys/{key_id}")).await;
+    assert_eq!(
+        server_disconnect(&mut application_loop).await,
+        Some(DisconnectReasonCode::NotAuthorized)
+    );
+
+    admin_delete(&server, &format!("/api/v1/devices/{}", device.id)).await;
+    assert_eq!(
+        server_disconnect(&mut device_loop).await,
+        Some(DisconnectReasonCode::NotAuthorized)
+    );
 }
 
 #[tokio::test]

@@ -57,7 +57,9 @@ use super::session::{
     Attach, AttachRequest, Attached, ClientId, DeliveryState, Outgoing, TAKEOVER_WAIT,
 };
 use super::{Shared, events::connection_refused};
+use crate::auth::{AuthError, HeldCredential, Identity};
 use crate::ingest::IngestError;
+use crate::metadata::Role;
 
 /// Bytes a PUBLISH may have beyond `mqtt.max_payload_bytes` for its fixed
 /// header, topic name, packet id and MQTT 5 properties.
@@ -101,6 +103,9 @@ pub enum CloseCause {
     IngestFailed(IngestError),
     /// Another connection with the same client id took the session over.
     TakenOver,
+    /// The credential of the connection was revoked or its user deleted
+    /// since CONNECT.
+    CredentialRevoked,
     ShuttingDown,
 }
 
@@ -127,6 +132,7 @@ impl CloseCause {
             Self::ProtocolViolation { code, .. } => Some(*code),
             Self::KeepAliveTimeout => Some(ReasonCode::KeepAliveTimeout),
             Self::TakenOver => Some(ReasonCode::SessionTakenOver),
+            Self::CredentialRevoked => Some(ReasonCode::NotAuthorized),
             Self::ShuttingDown | Self::IngestFailed(IngestError::ShuttingDown) => {
                 Some(ReasonCode::ServerShuttingDown)
             }
@@ -138,12 +144,14 @@ impl CloseCause {
         }
     }
 
-    /// The will is published unless the client disconnected normally, or
-    /// the server is stopping (the device did nothing wrong).
+    /// The will is published unless the client disconnected normally, the
+    /// server is stopping (the device did nothing wrong), or the client
+    /// lost the right to publish.
     fn publishes_will(&self) -> bool {
         !matches!(
             self,
             Self::Disconnect { with_will: false }
+                | Self::CredentialRevoked
                 | Self::ShuttingDown
                 | Self::IngestFailed(IngestError::ShuttingDown)
         )
@@ -185,6 +193,9 @@ pub struct Connection {
     pub shared: Arc<Shared>,
     pub version: ProtocolVersion,
     pub client: Client,
+    /// The credential of `client`, checked again every
+    /// `mqtt.credential_recheck_interval`.
+    credential: HeldCredential,
     pub client_id: ClientId,
     /// Generation of the session attach; see `session.rs`.
     pub generation: u64,
@@ -421,6 +432,7 @@ impl Connection {
         let mut connection = Self {
             version: connected.version,
             client: connected.client,
+            credential: connected.credential,
             client_id: connected.client_id,
             generation: attached.generation,
             request_problem_information: connected.request_problem_information,
@@ -463,6 +475,9 @@ impl Connection {
         let keep_alive_timer =
             tokio::time::sleep(keep_alive_limit.unwrap_or(Duration::from_secs(3600)));
         tokio::pin!(keep_alive_timer);
+        let recheck_interval = self.shared.context.config.credential_recheck_interval;
+        let recheck_timer = tokio::time::sleep(recheck_interval);
+        tokio::pin!(recheck_timer);
         let (mut reader, mut writer) = tokio::io::split(stream);
 
         loop {
@@ -508,6 +523,43 @@ impl Connection {
                     let next_check = if now >= deadline { now + limit / 2 } else { deadline };
                     keep_alive_timer.as_mut().reset(next_check.into());
                 }
+                () = &mut recheck_timer => {
+                    if let Err(cause) = self.recheck_credential().await {
+                        return cause;
+                    }
+                    recheck_timer.as_mut().reset((Instant::now() + recheck_interval).into());
+                }
+            }
+        }
+    }
+
+    /// Checks the connection's credential again and takes over a changed
+    /// role. Ends the connection when the device token or API key was
+    /// revoked or the user deleted. While the metadata store fails, the
+    /// connection stays as it is until the next check.
+    async fn recheck_credential(&mut self) -> Result<(), CloseCause> {
+        let auth = &self.shared.context.auth;
+        match auth.recheck(&self.credential).await {
+            Ok(Identity::Device(identity)) => {
+                self.client = Client::Device(identity);
+                Ok(())
+            }
+            Ok(Identity::Principal(principal)) => {
+                if principal.role < Role::Operator {
+                    // Viewers may not set a will, so a lowered role drops it.
+                    self.will = None;
+                }
+                self.client = Client::Application(principal);
+                Ok(())
+            }
+            Err(AuthError::Metadata(error)) => {
+                tracing::warn!(%error, "cannot check the credential of an MQTT connection again: the metadata store failed");
+                Ok(())
+            }
+            Err(error) => {
+                events::credential_revoked();
+                tracing::info!(%error, "closing an MQTT connection whose credential was revoked");
+                Err(CloseCause::CredentialRevoked)
             }
         }
     }

@@ -34,6 +34,10 @@ pub fn register() {
         "ferrite_mqtt_deliveries_dropped_total",
         "Messages for MQTT subscribers that were dropped, by reason."
     );
+    metrics::describe_counter!(
+        "ferrite_mqtt_connections_revoked_total",
+        "Open MQTT connections closed because their token or key was revoked or their user deleted."
+    );
     metrics::gauge!("ferrite_mqtt_connections").set(0.0);
     metrics::counter!("ferrite_mqtt_connections_total").increment(0);
     metrics::counter!("ferrite_mqtt_messages_received_total").increment(0);
@@ -55,6 +59,10 @@ pub fn connection_closed() {
 /// `client_id_rejected`, `server_unavailable`.
 pub fn connection_refused(reason: &'static str) {
     metrics::counter!("ferrite_mqtt_connections_refused_total", "reason" => reason).increment(1);
+}
+
+pub fn credential_revoked() {
+    metrics::counter!("ferrite_mqtt_connections_revoked_total").increment(1);
 }
 
 pub fn message_received() {

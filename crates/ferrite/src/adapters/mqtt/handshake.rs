@@ -29,7 +29,7 @@ use super::application::{self, AppPublishTarget, Client, classify_app_publish};
 use super::codec::{self, ConnectProtocol, Frame, FrameError};
 use super::session::ClientId;
 use super::topics::{PublishTarget, classify_publish, is_valid_topic_name};
-use crate::auth::{AuthError, is_api_key};
+use crate::auth::{AuthError, HeldCredential, Subject, is_api_key};
 use crate::ids::TenantId;
 use crate::metadata::Role;
 
@@ -59,6 +59,9 @@ pub struct Connected {
     /// The client sent an empty client id and the server chose one.
     pub client_id_assigned: bool,
     pub client: Client,
+    /// The credential of `client`, checked again while the connection is
+    /// open.
+    pub credential: HeldCredential,
     pub clean_start: bool,
     /// Keep alive requested by the client; `None` when it is zero (off).
     pub keep_alive: Option<Duration>,
@@ -119,13 +122,12 @@ pub async fn accept_connect(frame: Frame, context: &MqttContext) -> Result<Conne
     let version = protocol_version(&frame)?;
     let connect = decode_connect(frame, version)?;
     check_features(&connect, version)?;
-    let client = authenticate(&connect, version, context).await?;
+    let (client, credential) = authenticate(&connect, version, context).await?;
     if let Client::Device(identity) = &client {
         context.directory.warm(identity.profile_id).await;
     }
     let will = check_will(&connect, version, &client)?;
-    let (client_id, client_id_assigned) =
-        client_id(&connect, version, client.owner().tenant_id())?;
+    let (client_id, client_id_assigned) = client_id(&connect, version, client.owner().tenant_id())?;
     let (session_expiry, session_expiry_capped) = session_expiry(&connect, version, context);
 
     let properties = &connect.properties;
@@ -134,6 +136,7 @@ pub async fn accept_connect(frame: Frame, context: &MqttContext) -> Result<Conne
         client_id,
         client_id_assigned,
         client,
+        credential,
         clean_start: connect.clean_start,
         keep_alive: (connect.keep_alive > 0)
             .then(|| Duration::from_secs(u64::from(connect.keep_alive))),
@@ -269,7 +272,7 @@ async fn authenticate(
     connect: &ConnectPacket,
     version: ProtocolVersion,
     context: &MqttContext,
-) -> Result<Client, Rejection> {
+) -> Result<(Client, HeldCredential), Rejection> {
     let authenticated = match credentials(connect) {
         Credentials::Missing => {
             return Err(Rejection::new(
@@ -279,25 +282,41 @@ async fn authenticate(
                 "no user name; devices send their access token as user name, applications an API key or their email and password",
             ));
         }
-        Credentials::DeviceToken(token) => context
-            .auth
-            .authenticate_device(token)
-            .await
-            .map(Client::Device),
+        Credentials::DeviceToken(token) => {
+            context
+                .auth
+                .authenticate_device(token)
+                .await
+                .map(|identity| {
+                    (
+                        Client::Device(identity),
+                        HeldCredential::device_token(token),
+                    )
+                })
+        }
         Credentials::ApiKey(key) => context
             .auth
             .authenticate_api_key(key)
             .await
-            .map(Client::Application),
+            .map(|principal| (Client::Application(principal), HeldCredential::api_key(key))),
         Credentials::User { email, password } => context
             .auth
             .authenticate_user(email, password)
             .await
-            .map(Client::Application),
+            .and_then(|principal| {
+                let Subject::User(id) = principal.subject else {
+                    return Err(AuthError::InvalidLogin);
+                };
+                let credential = HeldCredential::User {
+                    email: email.to_owned(),
+                    id,
+                };
+                Ok((Client::Application(principal), credential))
+            }),
     };
 
     match authenticated {
-        Ok(client) => Ok(client),
+        Ok(authenticated) => Ok(authenticated),
         Err(AuthError::Metadata(error)) => {
             tracing::error!(error = %error, "cannot authenticate an MQTT client: the metadata store failed");
             Err(Rejection::new(
