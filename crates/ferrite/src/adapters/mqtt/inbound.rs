@@ -17,7 +17,9 @@
 //! one append to the ingest log, and its acknowledgements wait for that
 //! append. Groups complete in the order they were made, so acknowledgements
 //! go out in the order the PUBLISHes arrived. Telemetry reaches subscribers
-//! only after it is stored.
+//! only after it is stored, and a retained telemetry PUBLISH replaces the
+//! retained message only after it is stored: a failed append leaves the
+//! previous one in place.
 //!
 //! | case | MQTT 5 | MQTT 3.1.1 |
 //! |---|---|---|
@@ -97,6 +99,16 @@ pub struct StoredRoute {
     message: RoutedMessage,
 }
 
+/// A retained telemetry change that takes effect only if its append
+/// succeeds, so that a retained message is always durable telemetry.
+#[derive(Debug)]
+pub struct RetainAfterAppend {
+    scope: RetainScope,
+    topic: String,
+    /// `None` deletes the retained message.
+    message: Option<RetainedMessage>,
+}
+
 /// The packets of one read whose acknowledgements wait for the same
 /// append.
 #[derive(Debug, Default)]
@@ -104,8 +116,12 @@ pub struct PendingGroup {
     pub items: Vec<AckItem>,
     pub envelopes: Vec<Envelope>,
     pub routes: Vec<StoredRoute>,
-    /// Changes to retained messages, written to SQLite with the append.
+    /// Changes to retained messages already applied in memory, written to
+    /// SQLite with the append.
     pub retained: Vec<RetainedChange>,
+    /// Retained telemetry, applied to memory and SQLite only after the
+    /// append succeeded.
+    pub retained_telemetry: Vec<RetainAfterAppend>,
     /// PUBLISHes in the group, for the in-flight limit.
     pub messages: usize,
 }
@@ -114,6 +130,7 @@ pub struct PendingGroup {
 pub struct GroupDone {
     items: Vec<AckItem>,
     routes: Vec<StoredRoute>,
+    retained_telemetry: Vec<RetainAfterAppend>,
     stored: usize,
     messages: usize,
     result: Result<(), IngestError>,
@@ -331,6 +348,22 @@ impl Connection {
             .push(retained::change_for(scope, &topic, message.as_ref()));
     }
 
+    /// Records the retained change of a telemetry PUBLISH for the group,
+    /// to take effect after its append ([`Connection::complete_group`]).
+    fn stage_retained_telemetry(&mut self, publish: &PublishPacket) {
+        if !publish.retain {
+            return;
+        }
+        let Some((scope, topic)) = self.retain_target(&publish.topic_name) else {
+            return;
+        };
+        self.group.retained_telemetry.push(RetainAfterAppend {
+            scope,
+            topic,
+            message: retained_message(publish),
+        });
+    }
+
     /// Step 3, telemetry: the payload must decode as the pipeline will
     /// decode it; then it joins the group's append.
     fn stage_telemetry(&mut self, publish: PublishPacket, packet_id: u16) {
@@ -397,7 +430,7 @@ impl Connection {
             return;
         }
 
-        self.apply_retain(&publish);
+        self.stage_retained_telemetry(&publish);
         let route = StoredRoute {
             message: routed_message(&publish),
         };
@@ -523,6 +556,7 @@ impl Connection {
         if self.group.items.is_empty()
             && self.group.envelopes.is_empty()
             && self.group.retained.is_empty()
+            && self.group.retained_telemetry.is_empty()
         {
             return;
         }
@@ -538,12 +572,19 @@ impl Connection {
             } else {
                 ingest.append(group.envelopes).await
             };
-            if !group.retained.is_empty() {
-                persist_retained(&metadata, &group.retained).await;
+            let mut changes = group.retained;
+            if result.is_ok() {
+                changes.extend(group.retained_telemetry.iter().map(|retain| {
+                    retained::change_for(retain.scope, &retain.topic, retain.message.as_ref())
+                }));
+            }
+            if !changes.is_empty() {
+                persist_retained(&metadata, &changes).await;
             }
             GroupDone {
                 items: group.items,
                 routes: group.routes,
+                retained_telemetry: group.retained_telemetry,
                 stored,
                 messages: group.messages,
                 result,
@@ -561,6 +602,7 @@ impl Connection {
         match &failure {
             None => {
                 events::messages_stored(done.stored);
+                self.apply_retained_telemetry(done.retained_telemetry);
                 if let Some(identity) = self.client.device() {
                     for route in &done.routes {
                         self.shared.router.route(
@@ -590,6 +632,23 @@ impl Connection {
                 Err(CloseCause::IngestFailed(IngestError::ShuttingDown))
             }
             _ => Ok(()),
+        }
+    }
+
+    /// Makes the retained telemetry of a stored group visible, in the
+    /// order the PUBLISHes arrived.
+    fn apply_retained_telemetry(&mut self, changes: Vec<RetainAfterAppend>) {
+        if changes.is_empty() {
+            return;
+        }
+        let mut store = self.shared.router.retained();
+        for change in changes {
+            match change.message {
+                Some(message) => store.set(change.scope, &change.topic, message),
+                None => {
+                    store.remove(change.scope, &change.topic);
+                }
+            }
         }
     }
 
