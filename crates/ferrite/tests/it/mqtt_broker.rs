@@ -1031,6 +1031,64 @@ async fn publish_qos2(server: &Server, key: &str, topic: &str, payload: &[u8]) {
     .await;
 }
 
+/// Sums the samples of the metric lines that start with `line_start`.
+async fn metric(server: &Server, line_start: &str) -> f64 {
+    let text = reqwest::get(format!("{}/metrics", server.http_url))
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    text.lines()
+        .filter(|line| line.starts_with(line_start))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A client that never acknowledges and subscribes again and again gets
+/// at most `mqtt.max_queued_messages` retained messages queued; the rest
+/// are dropped and counted.
+#[tokio::test]
+async fn retained_on_subscribe_respects_queue_limit() {
+    let server = Server::start_with_env(&[("FERRITE_MQTT_MAX_QUEUED_MESSAGES", "5")]).await;
+    let key = server.create_api_key("ops", "operator");
+    let (publisher, mut publisher_loop, _) = connect(options(&server, "retainer", &key, "")).await;
+    for index in 0..10 {
+        let reason = publish_retained(
+            &publisher,
+            &mut publisher_loop,
+            &format!("apps/flood/{index}"),
+            b"x",
+        )
+        .await;
+        assert_eq!(reason, PubAckReason::Success);
+    }
+
+    let mut slow_options = options(&server, "slow-reader", &key, "");
+    slow_options.set_manual_acks(true);
+    let mut properties = ConnectProperties::new();
+    properties.receive_maximum = Some(1);
+    slow_options.set_connect_properties(properties);
+    let (slow, mut slow_loop, _) = connect(slow_options).await;
+    for _ in 0..3 {
+        subscribe(&slow, &mut slow_loop, "apps/flood/#").await;
+    }
+    let received = publishes_during_quiet(&mut slow_loop).await;
+    assert!(
+        received.len() <= 1,
+        "Receive Maximum 1 allows one unacknowledged message, got {}",
+        received.len()
+    );
+
+    // 30 retained copies were due; at most 5 queued and 1 in flight.
+    let dropped = metric(
+        &server,
+        "ferrite_mqtt_deliveries_dropped_total{reason=\"retained_queue_full\"}",
+    )
+    .await;
+    assert!(dropped >= 24.0, "dropped {dropped} retained messages");
+}
+
 #[tokio::test]
 async fn qos2_subscription_is_granted_and_delivered() {
     let server = Server::start().await;

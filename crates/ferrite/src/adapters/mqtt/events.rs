@@ -94,7 +94,9 @@ pub fn messages_routed(count: usize) {
 
 /// Counts messages for subscribers that were dropped. `reason` is one of
 /// `queue_full` (the connection's outgoing queue), `offline_queue_full`
-/// (oldest message of an offline session), `too_large_for_client`,
+/// (oldest message of an offline session), `retained_queue_full`
+/// (retained messages for a new subscription beyond
+/// `mqtt.max_queued_messages`), `too_large_for_client`,
 /// `expired` (MQTT 5 Message Expiry Interval), `live_bus_lagged` (events
 /// for applications lost behind the live bus).
 pub fn deliveries_dropped(reason: &'static str, count: usize) {
