@@ -95,7 +95,7 @@ pub struct MqttConfig {
     /// Retained messages per tenant; a retained PUBLISH for a new topic
     /// beyond it is rejected.
     pub max_retained_messages: usize,
-    /// Bytes of retained messages (topic and payload) per tenant.
+    /// Bytes of retained messages (topic, payload and properties) per tenant.
     pub max_retained_bytes: usize,
     /// Time after which an open connection's credential (device token, API
     /// key or user) is checked again; a removed one ends the connection.
@@ -1101,7 +1101,8 @@ max_inflight = 32
 max_queued_messages = 1000
 # Longest session expiry granted to a client.
 max_session_expiry = "24h"
-# Retained messages per tenant, and their bytes (topic and payload).
+# Retained messages per tenant, and their bytes (topic, payload and
+# properties).
 max_retained_messages = 10000
 max_retained_bytes = 16777216
 # Time after which an open connection's credential is checked again; a

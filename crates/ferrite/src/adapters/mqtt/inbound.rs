@@ -130,7 +130,6 @@ pub struct PendingGroup {
 pub struct GroupDone {
     items: Vec<AckItem>,
     routes: Vec<StoredRoute>,
-    retained_telemetry: Vec<RetainAfterAppend>,
     stored: usize,
     messages: usize,
     result: Result<(), IngestError>,
@@ -307,15 +306,15 @@ impl Connection {
     /// Checks that a retained PUBLISH stays within the tenant's limits. An
     /// empty payload deletes, which always fits.
     fn check_retain_limit(&self, publish: &PublishPacket) -> Result<(), retained::RetainLimit> {
-        if publish.payload.is_empty() {
+        let Some(message) = retained_message(publish) else {
             return Ok(());
-        }
+        };
         match self.retain_target(&publish.topic_name) {
             Some((scope, topic)) => {
                 self.shared
                     .router
                     .retained()
-                    .check(scope, &topic, &publish.payload)
+                    .check(scope, &topic, &message, retained::now_ms())
             }
             None => Ok(()),
         }
@@ -334,14 +333,24 @@ impl Connection {
             return;
         };
         let message = retained_message(publish);
-        {
+        let applied = {
             let mut store = self.shared.router.retained();
             match &message {
-                Some(message) => store.set(scope, &topic, message.clone()),
+                Some(message) => store.try_set(scope, &topic, message.clone(), retained::now_ms()),
                 None => {
                     store.remove(scope, &topic);
+                    Ok(())
                 }
             }
+        };
+        // The early check passed, but another PUBLISH of the tenant took
+        // the room since; the message is routed but not retained.
+        if let Err(limit) = applied {
+            events::messages_rejected("retained_limit", 1);
+            if let Some(suppressed) = self.warnings.publish_rejected.allow(Instant::now()) {
+                tracing::warn!(topic = %publish.topic_name, %limit, suppressed, "did not retain an MQTT message: the tenant's retained message limit is reached");
+            }
+            return;
         }
         self.group
             .retained
@@ -565,6 +574,7 @@ impl Connection {
 
         let ingest = self.shared.context.ingest.clone();
         let metadata = self.shared.context.metadata.clone();
+        let shared = self.shared.clone();
         self.pending.push_back(Box::pin(async move {
             let stored = group.envelopes.len();
             let result = if group.envelopes.is_empty() {
@@ -574,9 +584,7 @@ impl Connection {
             };
             let mut changes = group.retained;
             if result.is_ok() {
-                changes.extend(group.retained_telemetry.iter().map(|retain| {
-                    retained::change_for(retain.scope, &retain.topic, retain.message.as_ref())
-                }));
+                changes.extend(apply_retained_telemetry(&shared, group.retained_telemetry));
             }
             if !changes.is_empty() {
                 persist_retained(&metadata, &changes).await;
@@ -584,7 +592,6 @@ impl Connection {
             GroupDone {
                 items: group.items,
                 routes: group.routes,
-                retained_telemetry: group.retained_telemetry,
                 stored,
                 messages: group.messages,
                 result,
@@ -602,7 +609,6 @@ impl Connection {
         match &failure {
             None => {
                 events::messages_stored(done.stored);
-                self.apply_retained_telemetry(done.retained_telemetry);
                 if let Some(identity) = self.client.device() {
                     for route in &done.routes {
                         self.shared.router.route(
@@ -632,23 +638,6 @@ impl Connection {
                 Err(CloseCause::IngestFailed(IngestError::ShuttingDown))
             }
             _ => Ok(()),
-        }
-    }
-
-    /// Makes the retained telemetry of a stored group visible, in the
-    /// order the PUBLISHes arrived.
-    fn apply_retained_telemetry(&mut self, changes: Vec<RetainAfterAppend>) {
-        if changes.is_empty() {
-            return;
-        }
-        let mut store = self.shared.router.retained();
-        for change in changes {
-            match change.message {
-                Some(message) => store.set(change.scope, &change.topic, message),
-                None => {
-                    store.remove(change.scope, &change.topic);
-                }
-            }
         }
     }
 
@@ -919,6 +908,39 @@ fn retained_message(publish: &PublishPacket) -> Option<RetainedMessage> {
     })
 }
 
+/// Makes the retained telemetry of a stored group visible, in the order
+/// the PUBLISHes arrived, and returns the changes to write to SQLite. A
+/// message that no longer fits the tenant's limits is stored as telemetry
+/// but not retained.
+fn apply_retained_telemetry(
+    shared: &Shared,
+    retains: Vec<RetainAfterAppend>,
+) -> Vec<RetainedChange> {
+    if retains.is_empty() {
+        return Vec::new();
+    }
+    let now_ms = retained::now_ms();
+    let mut store = shared.router.retained();
+    let mut changes = Vec::with_capacity(retains.len());
+    for retain in retains {
+        let change = retained::change_for(retain.scope, &retain.topic, retain.message.as_ref());
+        match retain.message {
+            Some(message) => {
+                if let Err(limit) = store.try_set(retain.scope, &retain.topic, message, now_ms) {
+                    events::messages_rejected("retained_limit", 1);
+                    tracing::debug!(topic = %retain.topic, %limit, "did not retain MQTT telemetry");
+                    continue;
+                }
+            }
+            None => {
+                store.remove(retain.scope, &retain.topic);
+            }
+        }
+        changes.push(change);
+    }
+    changes
+}
+
 /// Writes retained message changes to SQLite. A failure is logged: the
 /// change stays in memory and is lost at restart.
 async fn persist_retained(metadata: &crate::metadata::SqliteMetadata, changes: &[RetainedChange]) {
@@ -956,11 +978,11 @@ async fn retain_will(shared: &Shared, scope: RetainScope, topic: &str, will: &Wi
         let mut store = shared.router.retained();
         match &message {
             Some(message) => {
-                if let Err(limit) = store.check(scope, topic, &message.payload) {
+                if let Err(limit) = store.try_set(scope, topic, message.clone(), retained::now_ms())
+                {
                     tracing::warn!(topic, %limit, "did not retain a will message");
                     return;
                 }
-                store.set(scope, topic, message.clone());
             }
             None => {
                 store.remove(scope, topic);
