@@ -14,8 +14,10 @@
 
 pub mod dtls;
 mod secrets;
+mod throttle;
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -31,6 +33,7 @@ pub use secrets::{
     DEVICE_TOKEN_PREFIX, generate_api_key, generate_device_token, hash_password, hash_secret,
     verify_password,
 };
+pub use throttle::LoginThrottle;
 
 /// How long a cached device token lookup is trusted.
 pub const DEVICE_CACHE_TTL: Duration = Duration::from_secs(30);
@@ -113,6 +116,11 @@ pub enum AuthError {
         "a device access token only writes the device's telemetry; read the API with a JWT from POST /api/v1/auth/login or an API key"
     )]
     DeviceTokenNotAllowed,
+    #[error(
+        "too many failed logins from this address or for this account; retry in {} s",
+        retry_after.as_secs().max(1)
+    )]
+    Throttled { retry_after: Duration },
     #[error(transparent)]
     Metadata(#[from] MetadataError),
 }
@@ -167,6 +175,8 @@ impl FailureLog {
 pub struct Auth {
     metadata: Arc<SqliteMetadata>,
     failures: FailureLog,
+    /// Failed password and API key checks per source address and account.
+    throttle: LoginThrottle,
     encoding_key: EncodingKey,
     decoding_key: DecodingKey,
     access_token_ttl: Duration,
@@ -197,6 +207,7 @@ impl Auth {
             access_token_ttl,
             device_cache: Mutex::new(HashMap::new()),
             failures: FailureLog::default(),
+            throttle: LoginThrottle::default(),
         })
     }
 
@@ -302,8 +313,9 @@ impl Auth {
         &self,
         email: &str,
         password: &str,
+        peer: Option<IpAddr>,
     ) -> Result<Principal, AuthError> {
-        let user = self.verify_login(email, password).await?;
+        let user = self.verify_login(email, password, peer).await?;
         Ok(Principal {
             tenant_id: user.tenant_id,
             role: user.role,
@@ -311,12 +323,16 @@ impl Auth {
         })
     }
 
-    /// Returns the user with this email when the password matches.
+    /// Returns the user with this email when the password matches. While
+    /// `peer` or `email` has too many recent failures, the attempt is
+    /// rejected without hashing the password.
     async fn verify_login(
         &self,
         email: &str,
         password: &str,
+        peer: Option<IpAddr>,
     ) -> Result<crate::metadata::User, AuthError> {
+        self.throttle.check(peer, Some(email))?;
         let user = self.metadata.user_by_email(email).await?;
 
         // Verify against a fixed hash when the user does not exist, so the
@@ -330,6 +346,7 @@ impl Auth {
             .await
             .unwrap_or(false);
         let Some(user) = user.filter(|_| valid) else {
+            self.throttle.record_failure(peer, Some(email));
             if let Some(failures) = self.failures.due("login") {
                 tracing::warn!(
                     email,
@@ -344,7 +361,7 @@ impl Auth {
 
     /// Checks an email and password and issues a JWT access token.
     pub async fn login(&self, email: &str, password: &str) -> Result<LoginToken, AuthError> {
-        let user = self.verify_login(email, password).await?;
+        let user = self.verify_login(email, password, None).await?;
 
         let now = jsonwebtoken::get_current_timestamp();
         let claims = Claims {
@@ -367,8 +384,20 @@ impl Auth {
 
     /// Resolves an API key to its tenant and role.
     pub async fn authenticate_api_key(&self, key: &str) -> Result<Principal, AuthError> {
+        self.authenticate_api_key_from(key, None).await
+    }
+
+    /// Resolves an API key sent from `peer`, rejecting it while the address
+    /// has too many recent failures.
+    pub async fn authenticate_api_key_from(
+        &self,
+        key: &str,
+        peer: Option<IpAddr>,
+    ) -> Result<Principal, AuthError> {
+        self.throttle.check(peer, None)?;
         let hash = hash_secret(key);
         let Some(key) = self.metadata.api_key_by_hash(&hash).await? else {
+            self.throttle.record_failure(peer, None);
             if let Some(failures) = self.failures.due("api_key") {
                 tracing::warn!(
                     key_hash = hex::encode(&hash[..4]),

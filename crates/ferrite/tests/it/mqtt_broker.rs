@@ -282,6 +282,52 @@ async fn application_credentials_are_checked() {
     }
 }
 
+/// Repeated wrong passwords for one email are throttled: after the limit
+/// the server answers 0x9F without checking, even the right password, and
+/// the REST login of that email gets 429.
+#[tokio::test]
+async fn password_guessing_is_throttled() {
+    let server = Server::start().await;
+
+    // The per-account limit is 10 failures a minute.
+    for attempt in 0..10 {
+        let code = connack_code(options(
+            &server,
+            &format!("guess-{attempt}"),
+            ADMIN_EMAIL,
+            "wrong password",
+        ))
+        .await;
+        assert_eq!(
+            code,
+            ConnectReturnCode::BadUserNamePassword,
+            "attempt {attempt}"
+        );
+    }
+
+    let code = connack_code(options(
+        &server,
+        "guess-late",
+        ADMIN_EMAIL,
+        "wrong password",
+    ))
+    .await;
+    assert_eq!(code, ConnectReturnCode::ConnectionRateExceeded);
+    let code = connack_code(options(&server, "owner", ADMIN_EMAIL, ADMIN_PASSWORD)).await;
+    assert_eq!(code, ConnectReturnCode::ConnectionRateExceeded);
+
+    let response = reqwest::Client::new()
+        .post(format!("{}/api/v1/auth/login", server.http_url))
+        .json(&serde_json::json!({"email": ADMIN_EMAIL, "password": ADMIN_PASSWORD}))
+        .send()
+        .await
+        .expect("POST login");
+    assert_eq!(response.status().as_u16(), 429);
+
+    let throttled = metric(&server, "ferrite_auth_attempts_throttled_total").await;
+    assert!(throttled >= 3.0, "throttled {throttled} attempts");
+}
+
 #[tokio::test]
 async fn application_receives_device_telemetry() {
     let server = Server::start().await;

@@ -35,6 +35,7 @@
 
 use std::collections::HashMap;
 use std::io;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -247,7 +248,13 @@ pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Transport for T {}
 
 /// Serves one accepted connection until it closes.
-pub async fn run<S: Transport>(mut stream: S, shared: Arc<Shared>, _slot: OwnedSemaphorePermit) {
+/// `peer` is the client's address, for the login throttle.
+pub async fn run<S: Transport>(
+    mut stream: S,
+    shared: Arc<Shared>,
+    peer: Option<IpAddr>,
+    _slot: OwnedSemaphorePermit,
+) {
     let _open = OpenConnection::new();
     let context = &shared.context;
     let max_packet_size = context
@@ -280,7 +287,7 @@ pub async fn run<S: Transport>(mut stream: S, shared: Arc<Shared>, _slot: OwnedS
     // The handshake and the finish are boxed: their futures (a metadata
     // query, a will append) are large, and an unboxed future would make
     // every idle connection's task as large as the largest step.
-    let connected = match Box::pin(handshake::accept_connect(frame, context)).await {
+    let connected = match Box::pin(handshake::accept_connect(frame, context, peer)).await {
         Ok(connected) => connected,
         Err(rejection) => {
             if rejection.reason == "malformed" {

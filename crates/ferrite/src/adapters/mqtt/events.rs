@@ -56,7 +56,8 @@ pub fn connection_closed() {
 /// Counts a connection closed at accept or refused in CONNACK. `reason` is
 /// one of `max_connections`, `malformed`, `unsupported_protocol`,
 /// `unsupported_feature`, `bad_credentials`, `not_authorized`,
-/// `client_id_rejected`, `server_unavailable`.
+/// `client_id_rejected`, `server_unavailable`, `throttled` (too many
+/// failed passwords or API keys, see `auth::LoginThrottle`).
 pub fn connection_refused(reason: &'static str) {
     metrics::counter!("ferrite_mqtt_connections_refused_total", "reason" => reason).increment(1);
 }

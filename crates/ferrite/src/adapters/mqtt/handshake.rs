@@ -12,11 +12,13 @@
 //! | client id in use by another device or by the applications of the same tenant | 0x85 | 0x02 |
 //! | no user name and no API key as password | 0x86 | 0x04 |
 //! | unknown or revoked access token or API key, wrong password | 0x86 | 0x05 |
+//! | too many failed API keys or passwords from the address or for the email | 0x9F | 0x05 |
 //! | metadata store unavailable | 0x88 | 0x03 |
 //! | will topic outside the device's namespace | 0x87 | 0x05 |
 //! | application will: viewer, or topic outside `apps/` | 0x87 | 0x05 |
 //! | enhanced authentication requested | 0x8C | n/a |
 
+use std::net::IpAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -118,11 +120,15 @@ fn connack(version: ProtocolVersion, code: ReasonCode) -> ConnAckPacket {
 }
 
 /// Checks a CONNECT frame and authenticates its device.
-pub async fn accept_connect(frame: Frame, context: &MqttContext) -> Result<Connected, Rejection> {
+pub async fn accept_connect(
+    frame: Frame,
+    context: &MqttContext,
+    peer: Option<IpAddr>,
+) -> Result<Connected, Rejection> {
     let version = protocol_version(&frame)?;
     let connect = decode_connect(frame, version)?;
     check_features(&connect, version)?;
-    let (client, credential) = authenticate(&connect, version, context).await?;
+    let (client, credential) = authenticate(&connect, version, context, peer).await?;
     if let Client::Device(identity) = &client {
         context.directory.warm(identity.profile_id).await;
     }
@@ -272,6 +278,7 @@ async fn authenticate(
     connect: &ConnectPacket,
     version: ProtocolVersion,
     context: &MqttContext,
+    peer: Option<IpAddr>,
 ) -> Result<(Client, HeldCredential), Rejection> {
     let authenticated = match credentials(connect) {
         Credentials::Missing => {
@@ -296,12 +303,12 @@ async fn authenticate(
         }
         Credentials::ApiKey(key) => context
             .auth
-            .authenticate_api_key(key)
+            .authenticate_api_key_from(key, peer)
             .await
             .map(|principal| (Client::Application(principal), HeldCredential::api_key(key))),
         Credentials::User { email, password } => context
             .auth
-            .authenticate_user(email, password)
+            .authenticate_user(email, password, peer)
             .await
             .and_then(|principal| {
                 let Subject::User(id) = principal.subject else {
@@ -317,6 +324,20 @@ async fn authenticate(
 
     match authenticated {
         Ok(authenticated) => Ok(authenticated),
+        Err(error @ AuthError::Throttled { .. }) => {
+            // MQTT 3.1.1 has no code for it, so it gets the one of a wrong
+            // password.
+            let code = match version {
+                ProtocolVersion::V311 => ReasonCode::NotAuthorized,
+                ProtocolVersion::V5 => ReasonCode::ConnectionRateExceeded,
+            };
+            Err(Rejection::new(
+                version,
+                code,
+                "throttled",
+                error.to_string(),
+            ))
+        }
         Err(AuthError::Metadata(error)) => {
             tracing::error!(error = %error, "cannot authenticate an MQTT client: the metadata store failed");
             Err(Rejection::new(
