@@ -1,7 +1,8 @@
 //! Broker features of the MQTT server over real sockets: application
 //! clients of a tenant (API key or email and password), their topic tree,
 //! commands with MQTT 5 request/response, forwarded properties, retained
-//! messages and outbound QoS 2.
+//! messages and outbound QoS 2. Commands also reach devices that observe
+//! RPC over CoAP.
 //!
 //! Statements of the MQTT 5.0 specification each test checks:
 //!
@@ -23,6 +24,7 @@
 //! | `application_session_is_taken_over` | [MQTT-3.1.4-3] |
 //! | `client_id_of_another_owner_is_rejected` | [MQTT-3.1.3-5] (the server may reject a client id) |
 //! | `offline_session_queues_qos1_qos2_with_expiry` | [MQTT-3.3.2-5], [MQTT-3.3.2-6] |
+//! | `command_reaches_a_coap_observer_of_the_tenant` | request/response (MQTT 5.0 4.10) with a CoAP device |
 
 use std::time::{Duration, Instant};
 
@@ -1763,4 +1765,137 @@ async fn application_receives_alarm_changes() {
         assert_eq!(body["change"], expected, "{body}");
         assert_eq!(body["alarm"]["rule"], "low-level");
     }
+}
+
+// ---------------------------------------------------------------------------
+// Commands to a device that observes RPC over CoAP
+// ---------------------------------------------------------------------------
+
+/// Sends a Confirmable CoAP request with `token` to `path` and returns the
+/// response, skipping an empty ACK that announces a separate response.
+async fn coap_request(
+    socket: &tokio::net::UdpSocket,
+    message_id: u16,
+    method: coap_lite::RequestType,
+    path: &str,
+    observe: bool,
+    payload: &[u8],
+) -> coap_lite::Packet {
+    use coap_lite::{CoapOption, MessageClass, MessageType};
+
+    let mut packet = coap_lite::Packet::new();
+    packet.header.set_type(MessageType::Confirmable);
+    packet.header.code = MessageClass::Request(method);
+    packet.header.message_id = message_id;
+    packet.set_token(b"rpc".to_vec());
+    for segment in path.split('/').filter(|segment| !segment.is_empty()) {
+        packet.add_option(CoapOption::UriPath, segment.as_bytes().to_vec());
+    }
+    if observe {
+        packet.add_option(CoapOption::Observe, vec![]);
+    }
+    packet.payload = payload.to_vec();
+    socket
+        .send(&packet.to_bytes().expect("encode CoAP"))
+        .await
+        .expect("send CoAP request");
+    loop {
+        let reply = coap_receive(socket).await;
+        if reply.header.code != MessageClass::Empty {
+            return reply;
+        }
+    }
+}
+
+async fn coap_receive(socket: &tokio::net::UdpSocket) -> coap_lite::Packet {
+    let mut buffer = vec![0u8; 2048];
+    let length = tokio::time::timeout(WAIT, socket.recv(&mut buffer))
+        .await
+        .expect("timed out waiting for a CoAP message")
+        .expect("receive CoAP datagram");
+    coap_lite::Packet::from_bytes(&buffer[..length]).expect("server sent valid CoAP")
+}
+
+#[tokio::test]
+async fn command_reaches_a_coap_observer_of_the_tenant() {
+    let server = Server::start().await;
+    let device = server.create_device("coap-lamp").await;
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0")
+        .await
+        .expect("bind CoAP client");
+    socket
+        .connect(server.coap_addr)
+        .await
+        .expect("connect CoAP client");
+    let rpc_path = format!("/api/v1/{}/rpc", device.token);
+    let registered = coap_request(
+        &socket,
+        0x2001,
+        coap_lite::RequestType::Get,
+        &rpc_path,
+        true,
+        b"",
+    )
+    .await;
+    assert_eq!(registered.header.code.to_string(), "2.05");
+
+    // An application of another tenant learns nothing about the device:
+    // it reads as not connected.
+    let topic = format!("devices/{}/commands", device.id);
+    let other_key = api_key_in_new_tenant(&server, "admin").await;
+    let (other, mut other_loop, _) = connect(options(&server, "other", &other_key, "")).await;
+    let reason = publish_acked(
+        &other,
+        &mut other_loop,
+        &topic,
+        br#"{"method": "x"}"#,
+        PublishProperties::default(),
+    )
+    .await;
+    assert_eq!(reason, PubAckReason::ImplementationSpecificError);
+
+    let key = server.create_api_key("ops", "operator");
+    let (app, mut app_loop, _) = connect(options(&server, "ops", &key, "")).await;
+    subscribe(&app, &mut app_loop, "apps/responses/ops/#").await;
+    let properties = PublishProperties {
+        response_topic: Some("apps/responses/ops/coap".to_owned()),
+        correlation_data: Some(Bytes::from_static(b"coap-1")),
+        ..PublishProperties::default()
+    };
+    let reason = publish_acked(
+        &app,
+        &mut app_loop,
+        &topic,
+        br#"{"method": "setLed", "params": {"on": true}}"#,
+        properties,
+    )
+    .await;
+    assert_eq!(reason, PubAckReason::Success);
+
+    let notification = coap_receive(&socket).await;
+    let id = notification.header.message_id.to_be_bytes();
+    socket
+        .send(&[0x60, 0, id[0], id[1]])
+        .await
+        .expect("acknowledge the notification");
+    let request: Value = serde_json::from_slice(&notification.payload).expect("JSON request");
+    assert_eq!(request["method"], "setLed");
+    let request_id = request["id"].as_u64().expect("request id");
+
+    let answered = coap_request(
+        &socket,
+        0x2002,
+        coap_lite::RequestType::Post,
+        &format!("{rpc_path}/{request_id}"),
+        false,
+        br#"{"led": "on"}"#,
+    )
+    .await;
+    assert_eq!(answered.header.code.to_string(), "2.04");
+
+    let response = next_publish_on(&mut app_loop, "apps/responses/ops/coap").await;
+    let properties = response.properties.expect("MQTT 5 properties");
+    assert_eq!(properties.correlation_data.as_deref(), Some(&b"coap-1"[..]));
+    let body: Value = serde_json::from_slice(&response.payload).expect("response is JSON");
+    assert_eq!(body["response"]["led"], "on", "{body}");
 }

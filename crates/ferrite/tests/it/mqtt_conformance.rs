@@ -9,12 +9,13 @@
 //! byte by byte, so malformed input is as easy to express as valid input.
 //! One server serves a whole table. Rows run in lanes, one device per lane,
 //! so that messages routed between connections of one row never reach
-//! another row. `pending.rs` contains ignored tests for features that are not
-//! built yet.
+//! another row. `features.rs` contains the tests of the broker features
+//! (retained messages, outgoing QoS 2, topic aliases, shared subscriptions,
+//! message expiry, request/response), each on its own server.
 //!
 //! Run with `cargo test -p ferrite --test it -- mqtt_conformance::`.
 
-mod pending;
+mod features;
 mod v311;
 mod v5;
 
@@ -459,6 +460,7 @@ pub mod property {
     pub const TOPIC_ALIAS_MAXIMUM: u8 = 0x22;
     pub const TOPIC_ALIAS: u8 = 0x23;
     pub const MAXIMUM_QOS: u8 = 0x24;
+    pub const RETAIN_AVAILABLE: u8 = 0x25;
     pub const USER_PROPERTY: u8 = 0x26;
     pub const MAXIMUM_PACKET_SIZE: u8 = 0x27;
     pub const SUBSCRIPTION_IDENTIFIER_AVAILABLE: u8 = 0x29;

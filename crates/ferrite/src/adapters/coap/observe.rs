@@ -28,7 +28,7 @@ use parking_lot::Mutex;
 use super::endpoint::Endpoint;
 use super::events;
 use crate::adapters::mqtt::ExternalReceivers;
-use crate::ids::DeviceId;
+use crate::ids::{DeviceId, TenantId};
 
 /// Attribute notifications sent as Non-confirmable between two
 /// Confirmable ones.
@@ -60,6 +60,8 @@ pub struct Notification {
 }
 
 struct Observer {
+    /// Tenant of the device that registered, from its authentication.
+    tenant_id: TenantId,
     endpoint: Weak<Endpoint>,
     peer: SocketAddr,
     token: Vec<u8>,
@@ -90,6 +92,7 @@ impl Observers {
     pub fn register(
         &self,
         device_id: DeviceId,
+        tenant_id: TenantId,
         resource: Resource,
         endpoint: &Arc<Endpoint>,
         peer: SocketAddr,
@@ -120,6 +123,7 @@ impl Observers {
         // requests, which makes responses easy to tell apart in traces.
         let sequence = 2;
         list.push(Observer {
+            tenant_id,
             endpoint: weak,
             peer,
             token,
@@ -223,20 +227,20 @@ impl Observers {
             .collect()
     }
 
-    fn has_observer(&self, device_id: DeviceId, resource: Resource) -> bool {
+    /// Returns the tenant of a live observer of `resource` of `device_id`.
+    fn observer_tenant(&self, device_id: DeviceId, resource: Resource) -> Option<TenantId> {
         self.lists
             .lock()
-            .get(&(device_id, resource))
-            .is_some_and(|list| {
-                list.iter()
-                    .any(|observer| observer.endpoint.strong_count() > 0)
-            })
+            .get(&(device_id, resource))?
+            .iter()
+            .find(|observer| observer.endpoint.strong_count() > 0)
+            .map(|observer| observer.tenant_id)
     }
 }
 
 impl ExternalReceivers for Observers {
-    fn is_reachable(&self, device_id: DeviceId) -> bool {
-        self.has_observer(device_id, Resource::Rpc)
+    fn reachable_tenant(&self, device_id: DeviceId) -> Option<TenantId> {
+        self.observer_tenant(device_id, Resource::Rpc)
     }
 
     fn deliver(&self, device_id: DeviceId, suffix: &str, payload: &Bytes) -> usize {

@@ -526,6 +526,7 @@ fn observe(
     match ObserveOption::try_from(value as usize) {
         Ok(ObserveOption::Register) => Ok(observers.register(
             device.device_id,
+            device.tenant_id,
             resource,
             request.endpoint,
             request.peer,

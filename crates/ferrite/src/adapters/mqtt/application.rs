@@ -427,7 +427,7 @@ impl Connection {
             return Ok(Decision::failure(
                 ReasonCode::ImplementationSpecificError,
                 format!(
-                    "device {device_id} is not connected over MQTT; commands reach only connected devices, so retry when it is online"
+                    "device {device_id} is not connected over MQTT and does not observe rpc over CoAP; commands reach only connected devices, so retry when it is online"
                 ),
             ));
         }
@@ -463,7 +463,7 @@ impl Connection {
 fn command_not_sent(device_id: DeviceId, error: RpcSendError) -> Decision {
     let message = match error {
         RpcSendError::NotConnected => format!(
-            "device {device_id} is not connected over MQTT; commands reach only connected devices, so retry when it is online"
+            "device {device_id} is not connected over MQTT and does not observe rpc over CoAP; commands reach only connected devices, so retry when it is online"
         ),
         RpcSendError::NotSubscribed => format!(
             "device {device_id} is connected but not subscribed to v1/devices/me/rpc/request/+; its firmware must subscribe to receive commands"

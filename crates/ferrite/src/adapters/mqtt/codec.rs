@@ -274,14 +274,64 @@ pub fn encode(packet: &impl MqttPacket, out: &mut BytesMut) {
     }
 }
 
-/// Appends an MQTT 5 DISCONNECT with `code` and an empty property list.
+/// Appends an MQTT 5 DISCONNECT with `code` and, when given, a Reason
+/// String. The Reason String is left out when the packet would exceed
+/// `max_packet_size`, the client's Maximum Packet Size ([MQTT-3.1.2-25]),
+/// or when it is longer than a UTF-8 string may be (65,535 bytes).
 ///
-/// The codec leaves out a zero property length, which the specification
-/// allows (MQTT 5.0, 3.14.2.2.1), but some clients wait for it: rumqttc
-/// 0.25 reads such a DISCONNECT as incomplete and reports only that the
-/// connection was aborted. Writing the zero length works with both.
-pub fn encode_disconnect(code: ReasonCode, out: &mut BytesMut) {
-    out.extend_from_slice(&[0xE0, 0x02, u8::from(code), 0x00]);
+/// Without a Reason String the property length is still written as 0.
+/// The specification allows leaving it out (MQTT 5.0, 3.14.2.2.1), but
+/// rumqttc 0.25 reads such a DISCONNECT as incomplete and reports only that
+/// the connection was aborted.
+pub fn encode_disconnect(
+    code: ReasonCode,
+    reason: Option<&str>,
+    max_packet_size: usize,
+    out: &mut BytesMut,
+) {
+    let reason = reason
+        .and_then(|text| u16::try_from(text.len()).ok().map(|len| (text, len)))
+        .filter(|(text, _)| disconnect_size(text.len()) <= max_packet_size);
+    let Some((text, text_len)) = reason else {
+        out.extend_from_slice(&[0xE0, 0x02, u8::from(code), 0x00]);
+        return;
+    };
+
+    // Reason String property: identifier 0x1F, then a two-byte length.
+    let properties_len = 3 + text.len();
+    let remaining = 1 + variable_int_len(properties_len) + properties_len;
+    out.reserve(1 + variable_int_len(remaining) + remaining);
+    out.extend_from_slice(&[0xE0]);
+    put_variable_int(remaining, out);
+    out.extend_from_slice(&[u8::from(code)]);
+    put_variable_int(properties_len, out);
+    out.extend_from_slice(&[0x1F]);
+    out.extend_from_slice(&text_len.to_be_bytes());
+    out.extend_from_slice(text.as_bytes());
+}
+
+/// Size of an encoded DISCONNECT with a reason code and a Reason String of
+/// `text_len` bytes.
+fn disconnect_size(text_len: usize) -> usize {
+    let properties_len = 3 + text_len;
+    let remaining = 1 + variable_int_len(properties_len) + properties_len;
+    1 + variable_int_len(remaining) + remaining
+}
+
+/// Appends `value` as an MQTT Variable Byte Integer; `value` must be below
+/// 268,435,456.
+fn put_variable_int(mut value: usize, out: &mut BytesMut) {
+    loop {
+        let mut byte = (value % 128) as u8;
+        value /= 128;
+        if value > 0 {
+            byte |= 0x80;
+        }
+        out.extend_from_slice(&[byte]);
+        if value == 0 {
+            return;
+        }
+    }
 }
 
 /// Appends an encoded PUBLISH to `out` without copying the payload twice.
@@ -595,7 +645,7 @@ mod tests {
     #[test]
     fn disconnect_carries_an_empty_property_length() {
         let mut out = BytesMut::new();
-        encode_disconnect(ReasonCode::SessionTakenOver, &mut out);
+        encode_disconnect(ReasonCode::SessionTakenOver, None, 1024, &mut out);
         assert_eq!(&out[..], &[0xE0, 0x02, 0x8E, 0x00]);
 
         let frame = take_frame(&mut out, 16).expect("valid").expect("complete");
@@ -604,6 +654,36 @@ mod tests {
             panic!("not a DISCONNECT");
         };
         assert_eq!(disconnect.reason_code, ReasonCode::SessionTakenOver);
+    }
+
+    #[test]
+    fn disconnect_reason_string_decodes() {
+        use mqtt5_protocol::{PropertyId, PropertyValue};
+
+        let reason = "x".repeat(200);
+        let mut out = BytesMut::new();
+        encode_disconnect(ReasonCode::ProtocolError, Some(&reason), 1024, &mut out);
+        assert_eq!(out.len(), disconnect_size(reason.len()));
+
+        let frame = take_frame(&mut out, 1024)
+            .expect("valid")
+            .expect("complete");
+        let Packet::Disconnect(disconnect) = decode(frame, ProtocolVersion::V5).expect("decodes")
+        else {
+            panic!("not a DISCONNECT");
+        };
+        assert_eq!(disconnect.reason_code, ReasonCode::ProtocolError);
+        assert_eq!(
+            disconnect.properties.get(PropertyId::ReasonString),
+            Some(&PropertyValue::Utf8String(reason.clone()))
+        );
+    }
+
+    #[test]
+    fn disconnect_reason_string_is_dropped_above_maximum_packet_size() {
+        let mut out = BytesMut::new();
+        encode_disconnect(ReasonCode::ProtocolError, Some("too long"), 10, &mut out);
+        assert_eq!(&out[..], &[0xE0, 0x02, 0x82, 0x00]);
     }
 
     /// Feeds mutated copies of valid packets, and random bytes, through

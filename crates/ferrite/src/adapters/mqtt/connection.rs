@@ -145,6 +145,36 @@ impl CloseCause {
         }
     }
 
+    /// Reason String of the DISCONNECT sent to MQTT 5 clients: what the
+    /// client did wrong or what happened, without internal details.
+    fn disconnect_reason(&self) -> Option<String> {
+        match self {
+            Self::ProtocolViolation { detail, .. } => Some(detail.clone()),
+            Self::KeepAliveTimeout => Some(
+                "no packet received within 1.5 times the Keep Alive; send PINGREQ when idle"
+                    .to_owned(),
+            ),
+            Self::TakenOver => {
+                Some("another connection with the same client id took over the session".to_owned())
+            }
+            Self::CredentialRevoked => Some(
+                "the credential of this connection was revoked, or its device or user deleted"
+                    .to_owned(),
+            ),
+            Self::ShuttingDown | Self::IngestFailed(IngestError::ShuttingDown) => {
+                Some("the server is shutting down; reconnect later".to_owned())
+            }
+            Self::IngestFailed(_) => Some(
+                "the server failed to store a message; reconnect and send the unacknowledged messages again"
+                    .to_owned(),
+            ),
+            Self::Disconnect { .. }
+            | Self::PeerClosed
+            | Self::Io(_)
+            | Self::PublishNotAuthorized => None,
+        }
+    }
+
     /// The will is published unless the client disconnected normally, the
     /// server is stopping (the device did nothing wrong), or the client
     /// lost the right to publish.
@@ -689,7 +719,17 @@ impl Connection {
             if self.version == ProtocolVersion::V5
                 && let Some(code) = cause.disconnect_code()
             {
-                codec::encode_disconnect(code, &mut self.out);
+                // A client that sets Request Problem Information to 0 gets
+                // the reason code alone.
+                let reason = cause
+                    .disconnect_reason()
+                    .filter(|_| self.request_problem_information);
+                codec::encode_disconnect(
+                    code,
+                    reason.as_deref(),
+                    self.client_maximum_packet_size,
+                    &mut self.out,
+                );
             }
             write_last(&mut stream, &self.out).await;
         }

@@ -19,17 +19,21 @@
 //! | enhanced authentication requested | 0x8C | n/a |
 
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use mqtt5_protocol::packet::connack::ConnAckPacket;
 use mqtt5_protocol::packet::connect::ConnectPacket;
-use mqtt5_protocol::{Packet, PropertyId, PropertyValue, ProtocolVersion, QoS, ReasonCode};
+
+use mqtt5_protocol::{
+    Packet, PropertyId, PropertyValue, ProtocolVersion, QoS, ReasonCode, WillProperties,
+};
 
 use super::MqttContext;
 use super::application::{self, AppPublishTarget, Client, classify_app_publish};
 use super::codec::{self, ConnectProtocol, Frame, FrameError};
-use super::session::ClientId;
+use super::session::{ClientId, MessageProperties};
 use super::topics::{PublishTarget, classify_publish, is_valid_topic_name};
 use crate::auth::{AuthError, HeldCredential, Subject, is_api_key};
 use crate::ids::TenantId;
@@ -51,6 +55,12 @@ pub struct Will {
     pub retain: bool,
     /// MQTT 5 Will Delay Interval; zero for 3.1.1.
     pub delay: Duration,
+    /// MQTT 5 will properties that are forwarded with the message, User
+    /// Properties in the order the client sent them ([MQTT-3.1.3-10]).
+    pub properties: Option<Arc<MessageProperties>>,
+    /// MQTT 5 Message Expiry Interval, counted from when the will is
+    /// published.
+    pub message_expiry: Option<Duration>,
 }
 
 /// An accepted CONNECT: who connected and on which terms.
@@ -405,7 +415,25 @@ fn check_will(
         qos: will.qos,
         retain: will.retain,
         delay: Duration::from_secs(u64::from(will.properties.will_delay_interval.unwrap_or(0))),
+        properties: will_forwarded_properties(&will.properties),
+        message_expiry: will
+            .properties
+            .message_expiry_interval
+            .map(|seconds| Duration::from_secs(u64::from(seconds))),
     }))
+}
+
+/// Returns the will properties that subscribers receive with the will
+/// message, or `None` when the client set none of them.
+fn will_forwarded_properties(properties: &WillProperties) -> Option<Arc<MessageProperties>> {
+    let forwarded = MessageProperties {
+        payload_is_utf8: properties.payload_format_indicator == Some(true),
+        response_topic: properties.response_topic.clone(),
+        correlation_data: properties.correlation_data.clone().map(Bytes::from),
+        content_type: properties.content_type.clone(),
+        user_properties: properties.user_properties.clone(),
+    };
+    (forwarded != MessageProperties::default()).then(|| Arc::new(forwarded))
 }
 
 /// Returns the client id, assigning one to a client that sent none
@@ -482,7 +510,7 @@ pub fn success_connack(
         .with_maximum_packet_size(u32::try_from(max_packet_size).unwrap_or(u32::MAX))
         .with_retain_available(true)
         .with_shared_subscription_available(true)
-        .with_subscription_identifier_available(false)
+        .with_subscription_identifier_available(true)
         .with_wildcard_subscription_available(true)
         .with_topic_alias_maximum(TOPIC_ALIAS_MAXIMUM);
     if connected.session_expiry_capped {

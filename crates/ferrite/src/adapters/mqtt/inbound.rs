@@ -959,6 +959,8 @@ fn device_scope(identity: &DeviceIdentity) -> RetainScope {
 fn will_message(will: &Will) -> RoutedMessage {
     RoutedMessage {
         retain: will.retain,
+        properties: will.properties.clone(),
+        expires_at: will.message_expiry.map(|expiry| Instant::now() + expiry),
         ..RoutedMessage::plain(will.payload.clone(), will.qos)
     }
 }
@@ -971,8 +973,11 @@ async fn retain_will(shared: &Shared, scope: RetainScope, topic: &str, will: &Wi
     let message = (!will.payload.is_empty()).then(|| RetainedMessage {
         payload: will.payload.clone(),
         qos: will.qos,
-        properties: None,
-        expires_at_ms: None,
+        properties: will.properties.clone(),
+        expires_at_ms: will.message_expiry.map(|expiry| {
+            let millis = i64::try_from(expiry.as_millis()).unwrap_or(i64::MAX);
+            retained::now_ms().saturating_add(millis)
+        }),
     });
     {
         let mut store = shared.router.retained();

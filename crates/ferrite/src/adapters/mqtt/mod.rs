@@ -33,20 +33,30 @@
 //! - Keep-alive ([MQTT-3.1.2-24]), will messages with MQTT 5 delay, limits
 //!   on connections, connect time and packet size (`connection.rs`).
 //! - MQTT 5 Payload Format Indicator, Response Topic, Correlation Data, User
-//!   Properties and Content Type forwarded unchanged to subscribers, and
-//!   Response Information for applications that request it.
+//!   Properties and Content Type forwarded unchanged to subscribers, for
+//!   PUBLISHes and will messages, and Response Information for applications
+//!   that request it.
 //! - Retained messages per device namespace and per tenant application
 //!   tree (`retained.rs`), kept in SQLite, with Retain Handling, Retain As
-//!   Published and limits per tenant; Message Expiry Interval on retained
-//!   and queued messages.
+//!   Published and limits per tenant.
+//! - Message Expiry Interval on retained and queued messages. A resend of
+//!   a PUBLISH already sent does not expire ([MQTT-4.3.3-7]).
 //! - Shared subscriptions `$share/{ShareName}/{filter}` (`router.rs`):
 //!   each message goes to one member, round robin among those online.
 //! - MQTT 5 topic aliases from clients, up to 64 per connection; the
 //!   server sends no aliases itself.
+//! - MQTT 5 Subscription Identifiers, sent with each delivery; one copy
+//!   for overlapping subscriptions carries all their identifiers
+//!   ([MQTT-3.3.4-4]).
+//! - Reason strings on negative acknowledgements and on the server's
+//!   DISCONNECT, unless the client set Request Problem Information to 0.
+//! - Application commands reach devices connected over MQTT and devices of
+//!   the same tenant that observe `rpc` over CoAP ([`ExternalReceivers`]).
 //!
 //! ## What it leaves out
 //! - Sessions live in memory and end when the server stops; there is no
-//!   TLS listener and no enhanced (AUTH) authentication yet.
+//!   TLS listener, no enhanced (AUTH) authentication and no topic aliases
+//!   from the server yet.
 //!
 //! ## WebSocket
 //! MQTT over WebSocket (`/mqtt` on the HTTP listener) runs the same

@@ -35,14 +35,7 @@ impl Connection {
     /// Handles SUBSCRIBE: each filter must lie in the client's topic tree;
     /// accepted ones are granted the requested QoS.
     pub fn on_subscribe(&mut self, subscribe: SubscribePacket) -> Result<(), CloseCause> {
-        if self.version == ProtocolVersion::V5
-            && subscribe.properties.get_subscription_identifier().is_some()
-        {
-            return Err(CloseCause::protocol(
-                ReasonCode::SubscriptionIdentifiersNotSupported,
-                "subscription identifiers are not supported",
-            ));
-        }
+        let identifier = subscription_identifier(&subscribe)?;
 
         let mut codes = Vec::with_capacity(subscribe.filters.len());
         let mut accepted = Vec::new();
@@ -91,6 +84,7 @@ impl Connection {
                         qos,
                         no_local: requested.options.no_local,
                         retain_as_published: v5 && requested.options.retain_as_published,
+                        identifier,
                     });
                 }
                 Err(rejection) => {
@@ -151,13 +145,18 @@ impl Connection {
                 device_id: None,
             },
         };
-        let messages = self.shared.router.retained().matching(
+        let mut messages = self.shared.router.retained().matching(
             scope,
             &subscription.suffix_filter,
             subscription.topic_prefix(),
             subscription.qos,
             retained::now_ms(),
         );
+        if let Some(identifier) = subscription.identifier {
+            for message in &mut messages {
+                message.subscription_identifiers.push(identifier);
+            }
+        }
         let max_queued = self.shared.context.config.max_queued_messages;
         let room = max_queued.saturating_sub(self.delivery.queued.len());
         let dropped = messages.len().saturating_sub(room);
@@ -300,20 +299,23 @@ impl Connection {
 
     /// Encodes a PUBLISH to the client; returns false when the message was
     /// dropped: larger than the client accepts ([MQTT-3.1.2-25]) or
-    /// expired (MQTT 5 Message Expiry Interval).
+    /// expired before its first sending (MQTT 5 Message Expiry Interval).
+    /// A resend (`dup`) is never dropped for expiry, because onward
+    /// delivery has started ([MQTT-3.3.2-5], [MQTT-4.3.3-7]).
     fn encode_delivery(&mut self, message: &Outgoing, packet_id: Option<u16>, dup: bool) -> bool {
         let remaining_expiry = match message.expires_at {
             Some(expires_at) => {
                 let now = Instant::now();
-                if expires_at <= now {
+                if expires_at <= now && !dup {
                     events::deliveries_dropped("expired", 1);
                     return false;
                 }
                 // The interval sent is the time left, rounded up, so that
-                // a message still valid never carries 0.
-                let left = expires_at - now;
+                // a message still valid never carries 0. A resend after the
+                // expiry carries 1, the smallest interval.
+                let left = expires_at.saturating_duration_since(now);
                 let seconds = left.as_secs() + u64::from(left.subsec_nanos() > 0);
-                Some(u32::try_from(seconds).unwrap_or(u32::MAX))
+                Some(u32::try_from(seconds.max(1)).unwrap_or(u32::MAX))
             }
             None => None,
         };
@@ -328,10 +330,14 @@ impl Connection {
                     Some(properties) => with_properties(publish, properties),
                     None => publish,
                 };
-                match remaining_expiry {
+                let mut publish = match remaining_expiry {
                     Some(seconds) => publish.with_message_expiry_interval(seconds),
                     None => publish,
+                };
+                for identifier in &message.subscription_identifiers {
+                    publish.properties.set_subscription_identifier(*identifier);
                 }
+                publish
             }
         };
         publish = publish.with_retain(message.retain);
@@ -361,6 +367,28 @@ impl Connection {
                 return candidate;
             }
         }
+    }
+}
+
+/// Returns the Subscription Identifier of an MQTT 5 SUBSCRIBE. The
+/// identifier must be 1 to 268,435,455 and may appear only once (MQTT 5.0,
+/// 3.8.2.1.2), so 0 or a second one closes the connection with 0x82.
+fn subscription_identifier(subscribe: &SubscribePacket) -> Result<Option<u32>, CloseCause> {
+    let identifiers = subscribe.properties.subscription_identifiers();
+    match identifiers.as_slice() {
+        [] => Ok(None),
+        [0] => Err(CloseCause::protocol(
+            ReasonCode::ProtocolError,
+            "the Subscription Identifier 0 is invalid: use a value from 1 to 268435455",
+        )),
+        [identifier] => Ok(Some(*identifier)),
+        _ => Err(CloseCause::protocol(
+            ReasonCode::ProtocolError,
+            format!(
+                "a SUBSCRIBE may carry one Subscription Identifier, got {}",
+                identifiers.len()
+            ),
+        )),
     }
 }
 

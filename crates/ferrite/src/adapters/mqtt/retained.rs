@@ -269,6 +269,7 @@ impl RetainedStore {
                     properties: message.properties.clone(),
                     retain: true,
                     expires_at,
+                    subscription_identifiers: Vec::new(),
                 })
             })
             .collect()

@@ -45,9 +45,9 @@ use crate::ids::{DeviceId, TenantId};
 /// Receivers of a device's messages outside the MQTT sessions, such as
 /// CoAP observers. Delivery must not wait, like delivery to sessions.
 pub trait ExternalReceivers: Send + Sync {
-    /// True when `device_id` can receive messages through these receivers
-    /// now.
-    fn is_reachable(&self, device_id: DeviceId) -> bool;
+    /// Returns the tenant of `device_id` when these receivers can reach it
+    /// now, as the device authenticated when it registered.
+    fn reachable_tenant(&self, device_id: DeviceId) -> Option<TenantId>;
     /// Delivers a message for the topic suffix `suffix` of `device_id`;
     /// returns the number of receivers that got it.
     fn deliver(&self, device_id: DeviceId, suffix: &str, payload: &Bytes) -> usize;
@@ -129,9 +129,17 @@ impl Router {
         self.route(device_id, suffix, &RoutedMessage::plain(payload, qos), None)
     }
 
-    /// True when a connection of `device_id` in `tenant_id` is open. A
-    /// device of another tenant counts as not connected.
+    /// True when a connection of `device_id` in `tenant_id` is open, or an
+    /// external receiver (a CoAP observer) of that device in `tenant_id`
+    /// can reach it. A device of another tenant counts as not connected.
     pub fn is_device_connected_in(&self, device_id: DeviceId, tenant_id: TenantId) -> bool {
+        let external_tenant = self
+            .external
+            .get()
+            .and_then(|external| external.reachable_tenant(device_id));
+        if external_tenant == Some(tenant_id) {
+            return true;
+        }
         let store = self.sessions.lock();
         let Some(clients) = store.by_device.get(&device_id) else {
             return false;
@@ -187,7 +195,7 @@ impl Router {
         if self
             .external
             .get()
-            .is_some_and(|external| external.is_reachable(device_id))
+            .is_some_and(|external| external.reachable_tenant(device_id).is_some())
         {
             return true;
         }
@@ -451,7 +459,11 @@ fn route_in_scope(
             continue;
         };
         let full_topic = format!("{}{topic}", subscription.topic_prefix());
-        let outgoing = outgoing(full_topic, message, subscription);
+        let mut outgoing = outgoing(full_topic, message, subscription);
+        // The copy carries the identifiers of every matching subscription,
+        // not only of the one whose QoS and topic it uses.
+        outgoing.subscription_identifiers =
+            matching_identifiers(&session.subscriptions, topic, is_publisher);
         routed.count(deliver(session, outgoing, max_queued));
     }
 
@@ -518,25 +530,50 @@ fn outgoing(topic: String, message: &RoutedMessage, subscription: &Subscription)
         properties: message.properties.clone(),
         retain: message.retain && subscription.retain_as_published,
         expires_at: message.expires_at,
+        subscription_identifiers: subscription.identifier.into_iter().collect(),
     }
+}
+
+/// Returns the non-shared subscriptions that `suffix` matches, without
+/// those with No Local when the session itself published the message.
+fn matching<'a>(
+    subscriptions: &'a [Subscription],
+    suffix: &'a str,
+    is_publisher: bool,
+) -> impl Iterator<Item = &'a Subscription> {
+    subscriptions
+        .iter()
+        .filter(|subscription| !subscription.shared)
+        .filter(move |subscription| !(is_publisher && subscription.no_local))
+        .filter(move |subscription| suffix_matches(&subscription.suffix_filter, suffix))
+}
+
+/// Returns the Subscription Identifiers of all matching non-shared
+/// subscriptions, which the one copy of a message carries ([MQTT-3.3.4-4]).
+fn matching_identifiers(
+    subscriptions: &[Subscription],
+    suffix: &str,
+    is_publisher: bool,
+) -> Vec<u32> {
+    matching(subscriptions, suffix, is_publisher)
+        .filter_map(|subscription| subscription.identifier)
+        .collect()
 }
 
 /// Picks the matching subscription with the highest QoS; a session gets
 /// one copy of a message however many of its filters match.
 fn best_match<'a>(
     subscriptions: &'a [Subscription],
-    suffix: &str,
+    suffix: &'a str,
     is_publisher: bool,
 ) -> Option<&'a Subscription> {
-    subscriptions
-        .iter()
-        .filter(|subscription| !subscription.shared)
-        .filter(|subscription| !(is_publisher && subscription.no_local))
-        .filter(|subscription| suffix_matches(&subscription.suffix_filter, suffix))
-        .fold(None, |best: Option<&Subscription>, candidate| match best {
+    matching(subscriptions, suffix, is_publisher).fold(
+        None,
+        |best: Option<&Subscription>, candidate| match best {
             Some(best) if best.qos as u8 >= candidate.qos as u8 => Some(best),
             _ => Some(candidate),
-        })
+        },
+    )
 }
 
 /// Outgoing QoS: the lower of the published and the granted QoS.
@@ -587,6 +624,7 @@ mod tests {
             qos,
             no_local: false,
             retain_as_published: false,
+            identifier: None,
         }
     }
 
@@ -670,6 +708,34 @@ mod tests {
         let message = session.deliveries.try_recv().expect("one message");
         assert_eq!(message.qos, QoS::AtLeastOnce);
         assert_eq!(message.topic, "v1/devices/me/rpc/request");
+        assert!(session.deliveries.try_recv().is_err());
+    }
+
+    #[test]
+    fn one_copy_carries_every_matching_subscription_identifier() {
+        let router = Router::new(&config());
+        let device = DeviceId::new_random();
+        let mut session = attach(&router, "a", device);
+        let identified = |filter: &str, identifier: Option<u32>| Subscription {
+            identifier,
+            ..subscription(filter, device, QoS::AtMostOnce)
+        };
+        router.subscribe(
+            &ClientId::new("a"),
+            session.generation,
+            vec![
+                identified("v1/devices/me/#", Some(7)),
+                identified("v1/devices/me/rpc/+", Some(3)),
+                identified("v1/devices/me/rpc/request", None),
+                identified("v1/devices/me/other", Some(9)),
+            ],
+        );
+
+        router.publish_to_device(device, "rpc/request", Bytes::new(), QoS::AtMostOnce);
+        let message = session.deliveries.try_recv().expect("one message");
+        let mut identifiers = message.subscription_identifiers.clone();
+        identifiers.sort_unstable();
+        assert_eq!(identifiers, [3, 7]);
         assert!(session.deliveries.try_recv().is_err());
     }
 

@@ -106,6 +106,9 @@ pub struct Outgoing {
     /// When the message expires (MQTT 5 Message Expiry Interval); an
     /// expired message is dropped instead of sent.
     pub expires_at: Option<Instant>,
+    /// MQTT 5 Subscription Identifiers of the subscriptions this copy is
+    /// sent for, in no particular order ([MQTT-3.3.4-3], [MQTT-3.3.4-4]).
+    pub subscription_identifiers: Vec<u32>,
 }
 
 /// A message as published, before it is routed to subscribers.
@@ -194,6 +197,9 @@ pub struct Subscription {
     /// MQTT 5 Retain As Published: forwarded messages keep their RETAIN
     /// flag instead of having it cleared.
     pub retain_as_published: bool,
+    /// MQTT 5 Subscription Identifier from the SUBSCRIBE, sent with every
+    /// message delivered for this subscription.
+    pub identifier: Option<u32>,
 }
 
 impl Subscription {
@@ -590,6 +596,7 @@ mod tests {
             properties: None,
             retain: false,
             expires_at: None,
+            subscription_identifiers: Vec::new(),
         }
     }
 

@@ -89,6 +89,7 @@ impl DeviceReceiver {
             qos: QoS::AtLeastOnce,
             no_local: false,
             retain_as_published: false,
+            identifier: None,
         };
         router.subscribe(&client_id, attached.generation, vec![subscription]);
 

@@ -5,8 +5,7 @@
 //! 0x84 Unsupported Protocol Version, 0x86 Bad User Name or Password,
 //! 0x8C Bad Authentication Method, 0x8E Session Taken Over, 0x92 Packet
 //! Identifier Not Found, 0x94 Topic Alias Invalid, 0x95 Packet Too Large,
-//! 0x99 Payload Format Invalid, 0x9A Retain Not Supported, 0xA1
-//! Subscription Identifiers Not Supported.
+//! 0x99 Payload Format Invalid.
 
 use std::time::Duration;
 
@@ -575,12 +574,23 @@ fn connack_rows(lane: &Lane, v: Version) -> Vec<Row> {
             case: "will QoS 2 is accepted",
             steps: connected(1, &connect().with_will(will_qos_2)),
         },
-        connect_refused(
-            "MQTT-3.2.2-13",
-            "retained will gets 0x9A while retain is not supported",
-            connect().with_will(will_retain).bytes(),
-            0x9A,
-        ),
+        Row {
+            id: "MQTT-3.2.2-13",
+            case: "retained will is accepted",
+            steps: vec![
+                Step::Open(1),
+                Step::Send(1, connect().with_will(will_retain).bytes()),
+                Step::Expect(1, expect_connack_where(false, 0, retain_available)),
+                // A normal DISCONNECT drops the will, so nothing is retained.
+                Step::Send(1, disconnect_v5(0, &[])),
+                Step::Expect(1, Expect::Closed),
+            ],
+        },
+        Row {
+            id: "MQTT-3.2.2-14",
+            case: "Retain Available is absent or 1",
+            steps: connack(connect(), retain_available),
+        },
         Row {
             id: "MQTT-3.2.2-16",
             case: "two empty client ids get different ids",
@@ -622,17 +632,85 @@ fn connack_rows(lane: &Lane, v: Version) -> Vec<Row> {
         },
         Row {
             id: "MQTT-3.3.4-3",
-            case: "Subscription Identifier Available is 0",
+            case: "Subscription Identifier Available is 1",
             steps: connack(connect(), |list| {
                 match find_property(list, p::SUBSCRIPTION_IDENTIFIER_AVAILABLE) {
-                    Some([0]) => Ok(()),
+                    None | Some([1]) => Ok(()),
                     other => Err(format!(
-                        "expected Subscription Identifier Available 0, got {other:02x?}"
+                        "expected Subscription Identifier Available absent or 1, got {other:02x?}"
                     )),
                 }
             }),
         },
     ]
+}
+
+/// Checks that CONNACK announces retained messages: Retain Available is
+/// absent, which means 1, or 1.
+fn retain_available(list: &[Property]) -> Result<(), String> {
+    match find_property(list, p::RETAIN_AVAILABLE) {
+        None | Some([1]) => Ok(()),
+        other => Err(format!(
+            "expected Retain Available absent or 1, got {other:02x?}"
+        )),
+    }
+}
+
+/// Builds an MQTT 5 SUBSCRIBE with a Subscription Identifier below 128,
+/// which encodes in one byte.
+fn subscribe_with_identifier(packet_id: u16, identifier: u8, filters: &[(&str, u8)]) -> Vec<u8> {
+    let mut body = packet_id.to_be_bytes().to_vec();
+    body.extend(properties(&[vec![p::SUBSCRIPTION_IDENTIFIER, identifier]]));
+    for (filter, options) in filters {
+        body.extend(string(filter.as_bytes()));
+        body.push(*options);
+    }
+    frame(0x82, &body)
+}
+
+/// Expects a PUBLISH whose Subscription Identifiers are `expected`, in any
+/// order.
+fn expect_identifiers(v: Version, expected: &[u8]) -> Expect {
+    let mut expected = expected.to_vec();
+    expected.sort_unstable();
+    expect_publish_where(v, "PUBLISH with Subscription Identifiers", move |publish| {
+        let mut found: Vec<u8> = publish
+            .properties
+            .iter()
+            .filter(|(id, _)| *id == p::SUBSCRIPTION_IDENTIFIER)
+            .filter_map(|(_, value)| value.first().copied())
+            .collect();
+        found.sort_unstable();
+        if found == expected {
+            Ok(())
+        } else {
+            Err(format!(
+                "expected Subscription Identifiers {expected:?}, got {found:?} in {publish:?}"
+            ))
+        }
+    })
+}
+
+/// Expects an MQTT 5 DISCONNECT with `code` whose properties pass `check`.
+fn expect_disconnect_where(
+    code: u8,
+    check: impl Fn(&[Property]) -> Result<(), String> + Send + Sync + 'static,
+) -> Expect {
+    Expect::Packet(
+        "DISCONNECT",
+        Box::new(move |packet| {
+            if packet.first_byte != 0xE0 || packet.body.first() != Some(&code) {
+                return Err(format!(
+                    "expected DISCONNECT 0x{code:02x}, got {packet:02x?}"
+                ));
+            }
+            let (list, read) = read_properties(&packet.body[1..])?;
+            if 1 + read != packet.body.len() {
+                return Err("bytes after the DISCONNECT properties".to_owned());
+            }
+            check(&list)
+        }),
+    )
 }
 
 fn session_rows(lane: &Lane, v: Version) -> Vec<Row> {
@@ -1042,6 +1120,34 @@ fn publish_rows(lane: &Lane, v: Version) -> Vec<Row> {
         steps
     };
 
+    // Retain Available is 1, so a PUBLISH with RETAIN 1 is stored and
+    // sent to a later subscriber with RETAIN 1. The row deletes the message
+    // again so that wildcard subscriptions of later rows do not receive it.
+    let retained_topic = "v1/devices/me/retained/14";
+    let mut retained_publish = connected(1, &lane.connect(v));
+    retained_publish.push(Step::Send(
+        1,
+        publish(v, 1, 0x01, retained_topic.as_bytes(), 1, &[], b"kept"),
+    ));
+    retained_publish.push(Step::Expect(1, expect_ack(0x40, 1, 0)));
+    retained_publish.extend(subscribed(v, 2, &lane.connect(v), retained_topic, 0));
+    retained_publish.push(Step::Expect(
+        2,
+        expect_publish_where(v, "the retained message with RETAIN 1", |publish| {
+            if publish.payload == b"kept" && publish.retain {
+                Ok(())
+            } else {
+                Err(format!("expected \"kept\" with RETAIN 1, got {publish:?}"))
+            }
+        }),
+    ));
+    retained_publish.push(Step::Send(
+        1,
+        publish(v, 1, 0x01, retained_topic.as_bytes(), 2, &[], b""),
+    ));
+    retained_publish.push(Step::Expect(1, expect_ack(0x40, 2, 0)));
+    retained_publish.push(Step::Expect(2, expect_publish(v, retained_topic, b"", 0)));
+
     let qos_responses = {
         let mut steps = connected(1, &lane.connect(v));
         steps.push(Step::Send(
@@ -1293,14 +1399,11 @@ fn publish_rows(lane: &Lane, v: Version) -> Vec<Row> {
             publish(v, 3, 0, TELEMETRY.as_bytes(), 1, &[], JSON),
             0x81,
         ),
-        disconnects(
-            lane,
-            v,
-            "MQTT-3.2.2-14",
-            "PUBLISH with RETAIN 1 gets 0x9A while retain is not supported",
-            publish(v, 0, 0x01, TELEMETRY.as_bytes(), 0, &[], JSON),
-            0x9A,
-        ),
+        Row {
+            id: "MQTT-3.2.2-14",
+            case: "PUBLISH with RETAIN 1 is retained",
+            steps: retained_publish,
+        },
         disconnects(
             lane,
             v,
@@ -1634,6 +1737,60 @@ fn subscribe_rows(lane: &Lane, v: Version) -> Vec<Row> {
         steps
     };
 
+    // Subscription Identifiers: one subscription, two overlapping ones
+    // that share one copy, and a shared plus a non-shared subscription of
+    // one session, which get a copy each.
+    let id_topic = "v1/devices/me/sid/x";
+    let identified = |steps: &mut Vec<Step>, packet_id: u16, identifier: u8, filter: &str| {
+        steps.push(Step::Send(
+            1,
+            subscribe_with_identifier(packet_id, identifier, &[(filter, 0)]),
+        ));
+        steps.push(Step::Expect(1, expect_sub_ack(v, 0x90, packet_id, &[0])));
+    };
+    let published = |steps: &mut Vec<Step>| {
+        steps.extend(connected(2, &lane.connect(v)));
+        steps.push(Step::Send(2, publish_simple(v, 1, id_topic, 1, b"i")));
+        steps.push(Step::Expect(2, expect_ack(0x40, 1, 0)));
+    };
+
+    let mut identified_single = connected(1, &lane.connect(v));
+    identified(&mut identified_single, 7, 5, id_topic);
+    published(&mut identified_single);
+    identified_single.push(Step::Expect(1, expect_identifiers(v, &[5])));
+
+    let mut identified_overlap = connected(1, &lane.connect(v));
+    identified(&mut identified_overlap, 7, 1, "v1/devices/me/sid/+");
+    identified(&mut identified_overlap, 8, 2, "v1/devices/me/sid/#");
+    published(&mut identified_overlap);
+    identified_overlap.push(Step::Expect(1, expect_identifiers(v, &[1, 2])));
+    identified_overlap.push(Step::Expect(1, Expect::Silence(SILENCE)));
+
+    let mut identified_copies = connected(1, &lane.connect(v));
+    identified(&mut identified_copies, 7, 3, "$share/g/v1/devices/me/sid/x");
+    identified(&mut identified_copies, 8, 4, id_topic);
+    published(&mut identified_copies);
+    // The server sends the copy of the non-shared subscription first.
+    identified_copies.push(Step::Expect(1, expect_identifiers(v, &[4])));
+    identified_copies.push(Step::Expect(1, expect_identifiers(v, &[3])));
+
+    let retained_topic = "v1/devices/me/sid/retained";
+    let mut identified_retained = connected(2, &lane.connect(v));
+    identified_retained.push(Step::Send(
+        2,
+        publish(v, 1, 0x01, retained_topic.as_bytes(), 1, &[], b"r"),
+    ));
+    identified_retained.push(Step::Expect(2, expect_ack(0x40, 1, 0)));
+    identified_retained.extend(connected(1, &lane.connect(v)));
+    identified(&mut identified_retained, 7, 9, retained_topic);
+    identified_retained.push(Step::Expect(1, expect_identifiers(v, &[9])));
+    // Deletes the retained message so that later rows do not receive it.
+    identified_retained.push(Step::Send(
+        2,
+        publish(v, 1, 0x01, retained_topic.as_bytes(), 2, &[], b""),
+    ));
+    identified_retained.push(Step::Expect(2, expect_ack(0x40, 2, 0)));
+
     let mut replace = subscriber(&[(topic, 1)], &[1]);
     replace.push(Step::Send(1, subscribe(v, 8, &[(topic, 0)])));
     replace.push(Step::Expect(1, expect_sub_ack(v, 0x90, 8, &[0])));
@@ -1762,15 +1919,45 @@ fn subscribe_rows(lane: &Lane, v: Version) -> Vec<Row> {
             lane,
             v,
             "MQTT-3.3.4-3",
-            "Subscription Identifier gets 0xA1",
+            "Subscription Identifier 0 is a protocol error",
+            subscribe_with_identifier(1, 0, &[("v1/devices/me/a", 0)]),
+            0x82,
+        ),
+        disconnects(
+            lane,
+            v,
+            "MQTT-3.3.4-3",
+            "two Subscription Identifiers are a protocol error",
             {
-                let mut body = vec![0x00, 0x01, 0x02, p::SUBSCRIPTION_IDENTIFIER, 0x01];
+                let mut body = vec![0x00, 0x01, 0x04];
+                body.extend([p::SUBSCRIPTION_IDENTIFIER, 0x01]);
+                body.extend([p::SUBSCRIPTION_IDENTIFIER, 0x02]);
                 body.extend(string(b"v1/devices/me/a"));
                 body.push(0);
                 frame(0x82, &body)
             },
-            0xA1,
+            0x82,
         ),
+        Row {
+            id: "MQTT-3.3.4-3",
+            case: "PUBLISH carries the Subscription Identifier",
+            steps: identified_single,
+        },
+        Row {
+            id: "MQTT-3.3.4-4",
+            case: "one copy carries both overlapping identifiers",
+            steps: identified_overlap,
+        },
+        Row {
+            id: "MQTT-3.3.4-5",
+            case: "each copy carries its subscription's identifier",
+            steps: identified_copies,
+        },
+        Row {
+            id: "MQTT-3.3.4-3",
+            case: "retained message carries the Subscription Identifier",
+            steps: identified_retained,
+        },
         Row {
             id: "MQTT-3.8.4-1",
             case: "SUBSCRIBE gets SUBACK",
@@ -1991,11 +2178,45 @@ fn disconnect_rows(lane: &Lane, v: Version) -> Vec<Row> {
     ));
     expiry_after_zero.push(Step::Expect(1, Expect::Disconnect(0x82)));
 
+    // A PINGREQ with flags 0001 is malformed, so the server disconnects.
+    let bad_ping = vec![0xC1, 0x00];
+    let mut reason_default = connected(1, &lane.connect(v));
+    reason_default.push(Step::Send(1, bad_ping.clone()));
+    reason_default.push(Step::Expect(
+        1,
+        expect_disconnect_where(0x81, |list| match find_property(list, p::REASON_STRING) {
+            Some(value) if value.len() > 2 => Ok(()),
+            other => Err(format!("expected a Reason String, got {other:02x?}")),
+        }),
+    ));
+    reason_default.push(Step::Expect(1, Expect::Closed));
+
+    let quiet = lane
+        .connect(v)
+        .with_property(prop_u8(p::REQUEST_PROBLEM_INFORMATION, 0));
+    let mut reason_off = connected(1, &quiet);
+    reason_off.push(Step::Send(1, bad_ping));
+    reason_off.push(Step::Expect(
+        1,
+        expect_disconnect_where(0x81, |list| lacks(list, p::REASON_STRING, "Reason String")),
+    ));
+    reason_off.push(Step::Expect(1, Expect::Closed));
+
     vec![
         Row {
             id: "MQTT-3.12.4-1",
             case: "PINGREQ gets PINGRESP",
             steps: ping,
+        },
+        Row {
+            id: "MQTT-3.1.2-29",
+            case: "DISCONNECT carries a Reason String by default",
+            steps: reason_default,
+        },
+        Row {
+            id: "MQTT-3.1.2-29",
+            case: "Request Problem Information 0: DISCONNECT without Reason String",
+            steps: reason_off,
         },
         Row {
             id: "MQTT-3.14.0-1",
