@@ -167,6 +167,14 @@ pub enum Owner {
 }
 
 impl Owner {
+    /// The scope of the shared subscription groups that this owner joins.
+    pub fn share_scope(self) -> ShareScope {
+        match self {
+            Owner::Device { device_id, .. } => ShareScope::Device(device_id),
+            Owner::Application { tenant_id } => ShareScope::Tenant(tenant_id),
+        }
+    }
+
     pub fn tenant_id(self) -> TenantId {
         match self {
             Owner::Device { tenant_id, .. } | Owner::Application { tenant_id } => tenant_id,
@@ -338,9 +346,8 @@ pub struct SessionStore {
     next_generation: u64,
     /// Offline queue limit per session.
     pub max_queued: usize,
-    /// Round-robin position of each shared subscription group.
-    /// NOTE: entries stay after the group's last member leaves; there is
-    /// one per shared filter ever used in a scope.
+    /// Round-robin position of each shared subscription group, removed
+    /// when the group's last member unsubscribes or its session ends.
     pub share_cursors: HashMap<(ShareScope, String), usize>,
     /// Capacity of the delivery channel of each connection.
     delivery_capacity: usize,
@@ -517,7 +524,33 @@ impl SessionStore {
                 remove_from_index(&mut self.by_tenant, tenant_id, client_id);
             }
         }
+        for subscription in session.subscriptions.iter().filter(|s| s.shared) {
+            self.release_share_cursor(session.owner.share_scope(), &subscription.filter);
+        }
         Some(session)
+    }
+
+    /// Removes the round-robin position of the shared subscription group
+    /// `filter` once no session of `scope` subscribes to it any more, so
+    /// that groups that come and go do not add up.
+    pub fn release_share_cursor(&mut self, scope: ShareScope, filter: &str) {
+        let members = match scope {
+            ShareScope::Device(device_id) => self.by_device.get(&device_id),
+            ShareScope::Tenant(tenant_id) => self.by_tenant.get(&tenant_id),
+        };
+        let in_use = members
+            .into_iter()
+            .flatten()
+            .filter_map(|client_id| self.sessions.get(client_id))
+            .any(|session| {
+                session
+                    .subscriptions
+                    .iter()
+                    .any(|subscription| subscription.shared && subscription.filter == filter)
+            });
+        if !in_use {
+            self.share_cursors.remove(&(scope, filter.to_owned()));
+        }
     }
 }
 
@@ -729,6 +762,44 @@ mod tests {
         assert!(!first.takeover.is_cancelled());
         assert!(!second.session_present);
         assert_eq!(store.sessions.len(), 2);
+    }
+
+    #[test]
+    fn share_cursor_is_released_with_last_member() {
+        let mut store = SessionStore::new(10, 10);
+        let now = Instant::now();
+        let device = DeviceId::new_random();
+        let filter = "$share/g/v1/devices/me/x";
+        let subscription = Subscription {
+            filter: filter.to_owned(),
+            filter_start: "$share/g/".len(),
+            prefix_len: "v1/devices/me/".len(),
+            shared: true,
+            suffix_filter: "x".to_owned(),
+            qos: QoS::AtLeastOnce,
+            no_local: false,
+            retain_as_published: false,
+            identifier: None,
+        };
+        let scope = ShareScope::Device(device);
+        for client_id in ["a", "b"] {
+            let _ = attached(store.attach(&request(client_id, device, true), now));
+            let session = store
+                .sessions
+                .get_mut(&ClientId::new(client_id))
+                .expect("attached session");
+            session.subscriptions.push(subscription.clone());
+        }
+        store.share_cursors.insert((scope, filter.to_owned()), 3);
+
+        store.remove(&ClientId::new("a"));
+        assert!(
+            store
+                .share_cursors
+                .contains_key(&(scope, filter.to_owned()))
+        );
+        store.remove(&ClientId::new("b"));
+        assert!(store.share_cursors.is_empty());
     }
 
     #[test]
