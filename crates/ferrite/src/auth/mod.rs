@@ -35,6 +35,10 @@ pub use secrets::{
 };
 pub use throttle::LoginThrottle;
 
+/// Password hashes (argon2id) verified at the same time; more logins wait.
+/// A fixed number, not derived from the machine's core count.
+const MAX_CONCURRENT_HASHES: usize = 4;
+
 /// How long a cached device token lookup is trusted.
 pub const DEVICE_CACHE_TTL: Duration = Duration::from_secs(30);
 
@@ -177,6 +181,9 @@ pub struct Auth {
     failures: FailureLog,
     /// Failed password and API key checks per source address and account.
     throttle: LoginThrottle,
+    /// Password hashes running at once, so that a burst of logins cannot
+    /// take every thread of the blocking pool.
+    hash_slots: tokio::sync::Semaphore,
     encoding_key: EncodingKey,
     decoding_key: DecodingKey,
     access_token_ttl: Duration,
@@ -208,6 +215,7 @@ impl Auth {
             device_cache: Mutex::new(HashMap::new()),
             failures: FailureLog::default(),
             throttle: LoginThrottle::default(),
+            hash_slots: tokio::sync::Semaphore::new(MAX_CONCURRENT_HASHES),
         })
     }
 
@@ -342,6 +350,8 @@ impl Auth {
             .map(|user| user.password_hash.clone())
             .unwrap_or_else(|| secrets::DUMMY_PASSWORD_HASH.to_owned());
         let password = password.to_owned();
+        // The semaphore is never closed, so acquiring fails only in theory.
+        let _slot = self.hash_slots.acquire().await.ok();
         let valid = tokio::task::spawn_blocking(move || verify_password(&password, &hash))
             .await
             .unwrap_or(false);
