@@ -1679,6 +1679,34 @@ async fn revoked_credentials_end_open_connections() {
     );
 }
 
+/// Deleting a device deletes its stored retained messages.
+#[tokio::test]
+async fn deleted_device_loses_retained_messages() {
+    let server = Server::start().await;
+    let device = server.create_device("retaining").await;
+    {
+        let (client, mut eventloop, _) =
+            connect(options(&server, "retaining", &device.token, "")).await;
+        let reason = publish_retained(&client, &mut eventloop, "v1/devices/me/state", b"on").await;
+        assert_eq!(reason, PubAckReason::Success);
+    }
+
+    let url = format!("sqlite://{}", server.data_dir.join("metadata.db").display());
+    let pool = sqlx::SqlitePool::connect(&url)
+        .await
+        .expect("open the metadata database");
+    let count_rows = || {
+        sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM mqtt_retained WHERE device_id = ?")
+            .bind(device.id.clone())
+            .fetch_one(&pool)
+    };
+    assert_eq!(count_rows().await.expect("count retained rows"), 1);
+
+    admin_delete(&server, &format!("/api/v1/devices/{}", device.id)).await;
+    assert_eq!(count_rows().await.expect("count retained rows"), 0);
+    pool.close().await;
+}
+
 #[tokio::test]
 async fn application_receives_device_attributes() {
     let server = Server::start().await;

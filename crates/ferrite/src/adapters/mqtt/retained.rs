@@ -17,8 +17,9 @@
 //! NOTE: two connections that retain on the same topic at the same moment
 //! update memory in one order, but their SQLite writes may commit in the
 //! other, so after a restart the older message can be the retained one.
-//! NOTE: retained messages of a deleted device stay until they are
-//! replaced or deleted over MQTT, and count towards the tenant's limits.
+//! NOTE: retained messages of a deleted device are deleted from SQLite
+//! with the device, but stay in memory (and count towards the tenant's
+//! limits) until the server restarts.
 //!
 //! ## Limits
 //! Per tenant, at most `mqtt.max_retained_messages` messages and
