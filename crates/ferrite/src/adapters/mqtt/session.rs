@@ -79,7 +79,7 @@ impl ClientId {
         }
     }
 
-    /// The id as the client sent it, without the tenant.
+    /// Returns the id as the client sent it, without the tenant.
     pub fn as_str(&self) -> &str {
         &self.id
     }
@@ -167,7 +167,8 @@ pub enum Owner {
 }
 
 impl Owner {
-    /// The scope of the shared subscription groups that this owner joins.
+    /// Returns the scope of the shared subscription groups that this owner
+    /// joins.
     pub fn share_scope(self) -> ShareScope {
         match self {
             Owner::Device { device_id, .. } => ShareScope::Device(device_id),
