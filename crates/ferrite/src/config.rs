@@ -95,8 +95,12 @@ pub struct MqttConfig {
     /// Retained messages per tenant; a retained PUBLISH for a new topic
     /// beyond it is rejected.
     pub max_retained_messages: usize,
-    /// Bytes of retained messages (topic and payload) per tenant.
+    /// Bytes of retained messages (topic, payload and properties) per tenant.
     pub max_retained_bytes: usize,
+    /// Time after which an open connection's credential (device token, API
+    /// key or user) is checked again; a removed one ends the connection.
+    #[serde(with = "humantime_serde")]
+    pub credential_recheck_interval: Duration,
 }
 
 /// The device WebSocket (`GET /api/v1/devices/ws`) on the HTTP listener.
@@ -784,6 +788,7 @@ impl Default for MqttConfig {
             max_session_expiry: Duration::from_secs(24 * 3600),
             max_retained_messages: 10_000,
             max_retained_bytes: 16 * 1024 * 1024,
+            credential_recheck_interval: crate::auth::DEVICE_CACHE_TTL,
         }
     }
 }
@@ -1200,9 +1205,13 @@ max_inflight = 32
 max_queued_messages = 1000
 # Longest session expiry granted to a client.
 max_session_expiry = "24h"
-# Retained messages per tenant, and their bytes (topic and payload).
+# Retained messages per tenant, and their bytes (topic, payload and
+# properties).
 max_retained_messages = 10000
 max_retained_bytes = 16777216
+# Time after which an open connection's credential is checked again; a
+# revoked token or key, or a deleted user, ends the connection.
+credential_recheck_interval = "30s"
 
 [coap]
 # CoAP over UDP (RFC 7252, block-wise transfers and Observe).

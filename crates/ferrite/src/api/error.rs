@@ -191,6 +191,11 @@ impl From<AuthError> for ApiError {
         match error {
             AuthError::Metadata(error) => error.into(),
             AuthError::DeviceTokenNotAllowed => Self::forbidden(error.to_string()),
+            AuthError::Throttled { .. } => Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "Too Many Requests",
+                error.to_string(),
+            ),
             other => Self::unauthorized(other.to_string()),
         }
     }

@@ -14,8 +14,10 @@
 
 pub mod dtls;
 mod secrets;
+mod throttle;
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -31,6 +33,11 @@ pub use secrets::{
     DEVICE_TOKEN_PREFIX, generate_api_key, generate_device_token, hash_password, hash_secret,
     verify_password,
 };
+pub use throttle::LoginThrottle;
+
+/// Password hashes (argon2id) verified at the same time; more logins wait.
+/// A fixed number, not derived from the machine's core count.
+const MAX_CONCURRENT_HASHES: usize = 4;
 
 /// How long a cached device token lookup is trusted.
 pub const DEVICE_CACHE_TTL: Duration = Duration::from_secs(30);
@@ -68,6 +75,39 @@ impl std::fmt::Display for Subject {
     }
 }
 
+/// The credential of a long-lived connection, kept to check it again
+/// while the connection is open ([`Auth::recheck`]). It contains hashes and
+/// ids, never the secret itself.
+#[derive(Debug, Clone)]
+pub enum HeldCredential {
+    DeviceToken([u8; 32]),
+    ApiKey([u8; 32]),
+    /// A user who sent an email and password. The password is not kept, so
+    /// a changed password does not end the connection, but a deleted user
+    /// does.
+    User {
+        email: String,
+        id: UserId,
+    },
+}
+
+impl HeldCredential {
+    pub fn device_token(token: &str) -> Self {
+        Self::DeviceToken(hash_secret(token))
+    }
+
+    pub fn api_key(key: &str) -> Self {
+        Self::ApiKey(hash_secret(key))
+    }
+}
+
+/// The result of [`Auth::recheck`]: a device, or a person or service.
+#[derive(Debug, Clone)]
+pub enum Identity {
+    Device(DeviceIdentity),
+    Principal(Principal),
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
     #[error("the access token is invalid or revoked")]
@@ -80,6 +120,11 @@ pub enum AuthError {
         "a device access token only writes the device's telemetry; read the API with a JWT from POST /api/v1/auth/login or an API key"
     )]
     DeviceTokenNotAllowed,
+    #[error(
+        "too many failed logins from this address or for this account; retry in {} s",
+        retry_after.as_secs().max(1)
+    )]
+    Throttled { retry_after: Duration },
     #[error(transparent)]
     Metadata(#[from] MetadataError),
 }
@@ -168,6 +213,11 @@ impl FailureLog {
 pub struct Auth {
     metadata: Arc<SqliteMetadata>,
     failures: FailureLog,
+    /// Failed password and API key checks per source address and account.
+    throttle: LoginThrottle,
+    /// Password hashes running at once, so that a burst of logins cannot
+    /// take every thread of the blocking pool.
+    hash_slots: tokio::sync::Semaphore,
     encoding_key: EncodingKey,
     decoding_key: DecodingKey,
     access_token_ttl: Duration,
@@ -200,6 +250,8 @@ impl Auth {
             device_cache: Mutex::new(HashMap::new()),
             rejected_tokens: Mutex::new(RejectedTokens::default()),
             failures: FailureLog::default(),
+            throttle: LoginThrottle::default(),
+            hash_slots: tokio::sync::Semaphore::new(MAX_CONCURRENT_HASHES),
         })
     }
 
@@ -244,6 +296,57 @@ impl Auth {
         Ok(identity)
     }
 
+    /// Checks again a credential that authenticated a long-lived
+    /// connection. Returns the current identity, with the current role, or
+    /// an error when the token or key was revoked or the user deleted.
+    pub async fn recheck(&self, credential: &HeldCredential) -> Result<Identity, AuthError> {
+        match credential {
+            HeldCredential::DeviceToken(hash) => {
+                if let Some(cached) = self.device_cache.lock().get(hash)
+                    && cached.fetched.elapsed() < DEVICE_CACHE_TTL
+                {
+                    return Ok(Identity::Device(cached.identity.clone()));
+                }
+                let device = self
+                    .metadata
+                    .device_by_token_hash(hash)
+                    .await?
+                    .ok_or(AuthError::InvalidDeviceToken)?;
+                Ok(Identity::Device(DeviceIdentity {
+                    tenant_id: device.tenant_id,
+                    device_id: device.id,
+                    name: device.name,
+                    profile_id: device.profile_id,
+                }))
+            }
+            HeldCredential::ApiKey(hash) => {
+                let key = self
+                    .metadata
+                    .api_key_by_hash(hash)
+                    .await?
+                    .ok_or(AuthError::InvalidBearer)?;
+                Ok(Identity::Principal(Principal {
+                    tenant_id: key.tenant_id,
+                    role: key.role,
+                    subject: Subject::ApiKey(key.name),
+                }))
+            }
+            HeldCredential::User { email, id } => {
+                let user = self
+                    .metadata
+                    .user_by_email(email)
+                    .await?
+                    .filter(|user| user.id == *id)
+                    .ok_or(AuthError::InvalidLogin)?;
+                Ok(Identity::Principal(Principal {
+                    tenant_id: user.tenant_id,
+                    role: user.role,
+                    subject: Subject::User(user.id),
+                }))
+            }
+        }
+    }
+
     /// Drops every cached token of `device`, so a rotated or deleted
     /// credential stops working at once in this process.
     pub fn forget_device(&self, device: DeviceId) {
@@ -258,8 +361,9 @@ impl Auth {
         &self,
         email: &str,
         password: &str,
+        peer: Option<IpAddr>,
     ) -> Result<Principal, AuthError> {
-        let user = self.verify_login(email, password).await?;
+        let user = self.verify_login(email, password, peer).await?;
         Ok(Principal {
             tenant_id: user.tenant_id,
             role: user.role,
@@ -267,12 +371,16 @@ impl Auth {
         })
     }
 
-    /// Returns the user with this email when the password matches.
+    /// Returns the user with this email when the password matches. While
+    /// `peer` or `email` has too many recent failures, the attempt is
+    /// rejected without hashing the password.
     async fn verify_login(
         &self,
         email: &str,
         password: &str,
+        peer: Option<IpAddr>,
     ) -> Result<crate::metadata::User, AuthError> {
+        self.throttle.check(peer, Some(email))?;
         let user = self.metadata.user_by_email(email).await?;
 
         // Verify against a fixed hash when the user does not exist, so the
@@ -282,10 +390,13 @@ impl Auth {
             .map(|user| user.password_hash.clone())
             .unwrap_or_else(|| secrets::DUMMY_PASSWORD_HASH.to_owned());
         let password = password.to_owned();
+        // The semaphore is never closed, so acquiring fails only in theory.
+        let _slot = self.hash_slots.acquire().await.ok();
         let valid = tokio::task::spawn_blocking(move || verify_password(&password, &hash))
             .await
             .unwrap_or(false);
         let Some(user) = user.filter(|_| valid) else {
+            self.throttle.record_failure(peer, Some(email));
             if let Some(failures) = self.failures.due("login") {
                 tracing::warn!(
                     email,
@@ -300,7 +411,7 @@ impl Auth {
 
     /// Checks an email and password and issues a JWT access token.
     pub async fn login(&self, email: &str, password: &str) -> Result<LoginToken, AuthError> {
-        let user = self.verify_login(email, password).await?;
+        let user = self.verify_login(email, password, None).await?;
 
         let now = jsonwebtoken::get_current_timestamp();
         let claims = Claims {
@@ -323,8 +434,20 @@ impl Auth {
 
     /// Resolves an API key to its tenant and role.
     pub async fn authenticate_api_key(&self, key: &str) -> Result<Principal, AuthError> {
+        self.authenticate_api_key_from(key, None).await
+    }
+
+    /// Resolves an API key sent from `peer`, rejecting it while the address
+    /// has too many recent failures.
+    pub async fn authenticate_api_key_from(
+        &self,
+        key: &str,
+        peer: Option<IpAddr>,
+    ) -> Result<Principal, AuthError> {
+        self.throttle.check(peer, None)?;
         let hash = hash_secret(key);
         let Some(key) = self.metadata.api_key_by_hash(&hash).await? else {
+            self.throttle.record_failure(peer, None);
             if let Some(failures) = self.failures.due("api_key") {
                 tracing::warn!(
                     key_hash = hex::encode(&hash[..4]),

@@ -46,12 +46,18 @@ fn device_column(device_id: Option<DeviceId>) -> String {
 }
 
 impl SqliteMetadata {
-    /// Deletes the expired retained messages and returns the others.
+    /// Deletes the expired retained messages and those of deleted
+    /// devices, and returns the others.
     pub async fn load_mqtt_retained(&self) -> Result<Vec<RetainedRow>, MetadataError> {
         sqlx::query("DELETE FROM mqtt_retained WHERE expires_at IS NOT NULL AND expires_at <= ?")
             .bind(now_ms())
             .execute(&self.pool)
             .await?;
+        sqlx::query(
+            "DELETE FROM mqtt_retained WHERE device_id <> '' AND device_id NOT IN (SELECT id FROM devices)",
+        )
+        .execute(&self.pool)
+        .await?;
         let rows = sqlx::query(
             "SELECT tenant_id, device_id, topic, payload, qos, payload_is_utf8, content_type, response_topic, correlation_data, user_properties, expires_at FROM mqtt_retained",
         )

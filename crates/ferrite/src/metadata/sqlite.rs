@@ -380,6 +380,13 @@ impl MetadataStore for SqliteMetadata {
         if result.rows_affected() == 0 {
             return Err(MetadataError::NotFound("device"));
         }
+        // `device_id` of retained messages is not a foreign key, so they
+        // are deleted here; rows left by a failure go at the next start.
+        sqlx::query("DELETE FROM mqtt_retained WHERE tenant_id = ? AND device_id = ?")
+            .bind(tenant.to_string())
+            .bind(id.to_string())
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 

@@ -22,6 +22,7 @@
 //! | `shared_subscription_rules` | [MQTT-4.8.2-2] |
 //! | `shared_subscription_with_no_local_closes` | [MQTT-3.8.3-4] |
 //! | `application_session_is_taken_over` | [MQTT-3.1.4-3] |
+//! | `client_id_of_another_owner_is_rejected` | [MQTT-3.1.3-5] (the server may reject a client id) |
 //! | `offline_session_queues_qos1_qos2_with_expiry` | [MQTT-3.3.2-5], [MQTT-3.3.2-6] |
 //! | `command_reaches_a_coap_observer_of_the_tenant` | request/response (MQTT 5.0 4.10) with a CoAP device |
 
@@ -281,6 +282,52 @@ async fn application_credentials_are_checked() {
         let code = connack_code(options(&server, &format!("app-{index}"), user, password)).await;
         assert_eq!(code, expected, "{case}");
     }
+}
+
+/// Repeated wrong passwords for one email are throttled: after the limit
+/// the server answers 0x9F without checking, even the right password, and
+/// the REST login of that email gets 429.
+#[tokio::test]
+async fn password_guessing_is_throttled() {
+    let server = Server::start().await;
+
+    // The per-account limit is 10 failures a minute.
+    for attempt in 0..10 {
+        let code = connack_code(options(
+            &server,
+            &format!("guess-{attempt}"),
+            ADMIN_EMAIL,
+            "wrong password",
+        ))
+        .await;
+        assert_eq!(
+            code,
+            ConnectReturnCode::BadUserNamePassword,
+            "attempt {attempt}"
+        );
+    }
+
+    let code = connack_code(options(
+        &server,
+        "guess-late",
+        ADMIN_EMAIL,
+        "wrong password",
+    ))
+    .await;
+    assert_eq!(code, ConnectReturnCode::ConnectionRateExceeded);
+    let code = connack_code(options(&server, "owner", ADMIN_EMAIL, ADMIN_PASSWORD)).await;
+    assert_eq!(code, ConnectReturnCode::ConnectionRateExceeded);
+
+    let response = reqwest::Client::new()
+        .post(format!("{}/api/v1/auth/login", server.http_url))
+        .json(&serde_json::json!({"email": ADMIN_EMAIL, "password": ADMIN_PASSWORD}))
+        .send()
+        .await
+        .expect("POST login");
+    assert_eq!(response.status().as_u16(), 429);
+
+    let throttled = metric(&server, "ferrite_auth_attempts_throttled_total").await;
+    assert!(throttled >= 3.0, "throttled {throttled} attempts");
 }
 
 #[tokio::test]
@@ -1032,6 +1079,64 @@ async fn publish_qos2(server: &Server, key: &str, topic: &str, payload: &[u8]) {
     .await;
 }
 
+/// Sums the samples of the metric lines that start with `line_start`.
+async fn metric(server: &Server, line_start: &str) -> f64 {
+    let text = reqwest::get(format!("{}/metrics", server.http_url))
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    text.lines()
+        .filter(|line| line.starts_with(line_start))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A client that never acknowledges and subscribes again and again gets
+/// at most `mqtt.max_queued_messages` retained messages queued; the rest
+/// are dropped and counted.
+#[tokio::test]
+async fn retained_on_subscribe_respects_queue_limit() {
+    let server = Server::start_with_env(&[("FERRITE_MQTT_MAX_QUEUED_MESSAGES", "5")]).await;
+    let key = server.create_api_key("ops", "operator");
+    let (publisher, mut publisher_loop, _) = connect(options(&server, "retainer", &key, "")).await;
+    for index in 0..10 {
+        let reason = publish_retained(
+            &publisher,
+            &mut publisher_loop,
+            &format!("apps/flood/{index}"),
+            b"x",
+        )
+        .await;
+        assert_eq!(reason, PubAckReason::Success);
+    }
+
+    let mut slow_options = options(&server, "slow-reader", &key, "");
+    slow_options.set_manual_acks(true);
+    let mut properties = ConnectProperties::new();
+    properties.receive_maximum = Some(1);
+    slow_options.set_connect_properties(properties);
+    let (slow, mut slow_loop, _) = connect(slow_options).await;
+    for _ in 0..3 {
+        subscribe(&slow, &mut slow_loop, "apps/flood/#").await;
+    }
+    let received = publishes_during_quiet(&mut slow_loop).await;
+    assert!(
+        received.len() <= 1,
+        "Receive Maximum 1 allows one unacknowledged message, got {}",
+        received.len()
+    );
+
+    // 30 retained copies were due; at most 5 queued and 1 in flight.
+    let dropped = metric(
+        &server,
+        "ferrite_mqtt_deliveries_dropped_total{reason=\"retained_queue_full\"}",
+    )
+    .await;
+    assert!(dropped >= 24.0, "dropped {dropped} retained messages");
+}
+
 #[tokio::test]
 async fn qos2_subscription_is_granted_and_delivered() {
     let server = Server::start().await;
@@ -1429,6 +1534,177 @@ async fn application_session_is_taken_over() {
     // The subscription moved with the session.
     publish_numbered(&server, &key, "apps/twin", 1).await;
     next_publish_on(&mut second_loop, "apps/twin").await;
+}
+
+/// Waits up to [`QUIET`] for the server to end a connection; returns the
+/// DISCONNECT reason, or `None` when the connection stays open or closes
+/// without one.
+async fn disconnect_during_quiet(eventloop: &mut v5::EventLoop) -> Option<DisconnectReasonCode> {
+    let deadline = Instant::now() + QUIET;
+    while let Ok(event) = tokio::time::timeout_at(deadline.into(), eventloop.poll()).await {
+        match event {
+            Ok(v5::Event::Incoming(Packet::Disconnect(disconnect))) => {
+                return Some(disconnect.reason_code);
+            }
+            Ok(_) => {}
+            Err(v5::ConnectionError::MqttState(v5::StateError::ServerDisconnect {
+                reason_code,
+                ..
+            })) => return Some(reason_code),
+            Err(_) => return None,
+        }
+    }
+    None
+}
+
+/// A client id is scoped by tenant, and within a tenant it cannot take
+/// over or end the session of another owner.
+#[tokio::test]
+async fn client_id_of_another_owner_is_rejected() {
+    let server = Server::start().await;
+    let device = server.create_device("victim").await;
+    let other_device = server.create_device("intruder").await;
+    let other_tenant_key = api_key_in_new_tenant(&server, "admin").await;
+    let key = server.create_api_key("ops", "operator");
+
+    let (victim, mut victim_loop, _) = connect(persistent_options(
+        &server,
+        "victim-device-1",
+        &device.token,
+    ))
+    .await;
+    subscribe(&victim, &mut victim_loop, "v1/devices/me/rpc/request/+").await;
+
+    // Another tenant gets a session of its own under the same client id.
+    let (_other, mut other_loop, connack) = connect(persistent_options(
+        &server,
+        "victim-device-1",
+        &other_tenant_key,
+    ))
+    .await;
+    assert!(!connack.session_present);
+    assert_eq!(disconnect_during_quiet(&mut victim_loop).await, None);
+    assert_eq!(disconnect_during_quiet(&mut other_loop).await, None);
+
+    // Another device and the applications of the same tenant are rejected.
+    for credential in [&other_device.token, &key] {
+        let code = connack_code(persistent_options(&server, "victim-device-1", credential)).await;
+        assert_eq!(code, ConnectReturnCode::ClientIdentifierNotValid);
+    }
+    assert_eq!(disconnect_during_quiet(&mut victim_loop).await, None);
+
+    // The device's session is intact when it reconnects.
+    victim.disconnect().await.expect("queue DISCONNECT");
+    let _ = tokio::time::timeout(QUIET, async { while victim_loop.poll().await.is_ok() {} }).await;
+    let (_victim, _victim_loop, connack) = connect(persistent_options(
+        &server,
+        "victim-device-1",
+        &device.token,
+    ))
+    .await;
+    assert!(connack.session_present);
+}
+
+/// Sends an admin DELETE and checks that it succeeded with 204.
+async fn admin_delete(server: &Server, path: &str) {
+    let response = reqwest::Client::new()
+        .delete(format!("{}{path}", server.http_url))
+        .bearer_auth(server.admin_token().await)
+        .send()
+        .await
+        .expect("DELETE request");
+    assert_eq!(response.status().as_u16(), 204, "DELETE {path}");
+}
+
+/// Waits up to [`WAIT`] for the server to end a connection and returns
+/// its DISCONNECT reason, or `None` when it closed without one.
+async fn server_disconnect(eventloop: &mut v5::EventLoop) -> Option<DisconnectReasonCode> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(remaining, eventloop.poll())
+            .await
+            .expect("the connection was not closed")
+        {
+            Ok(v5::Event::Incoming(Packet::Disconnect(disconnect))) => {
+                return Some(disconnect.reason_code);
+            }
+            Ok(_) => {}
+            Err(v5::ConnectionError::MqttState(v5::StateError::ServerDisconnect {
+                reason_code,
+                ..
+            })) => return Some(reason_code),
+            Err(_) => return None,
+        }
+    }
+}
+
+/// An open connection whose API key is revoked, or whose device is
+/// deleted, is closed with 0x87 Not authorized at the next check.
+#[tokio::test]
+async fn revoked_credentials_end_open_connections() {
+    let server =
+        Server::start_with_env(&[("FERRITE_MQTT_CREDENTIAL_RECHECK_INTERVAL", "300ms")]).await;
+    let created = admin_post(
+        &server,
+        "/api/v1/api-keys",
+        serde_json::json!({"name": "revoked-later", "role": "operator"}),
+    )
+    .await;
+    let key = created["key"].as_str().expect("key in response").to_owned();
+    let key_id = created["id"].as_str().expect("id in response").to_owned();
+    let device = server.create_device("deleted-later").await;
+
+    let (application, mut application_loop, _) =
+        connect(options(&server, "revoked-app", &key, "")).await;
+    subscribe(&application, &mut application_loop, "devices/#").await;
+    let (_device_client, mut device_loop, _) =
+        connect(options(&server, "deleted-device", &device.token, "")).await;
+
+    // Both stay connected across several checks while their credentials
+    // are valid.
+    assert_eq!(disconnect_during_quiet(&mut application_loop).await, None);
+    assert_eq!(disconnect_during_quiet(&mut device_loop).await, None);
+
+    admin_delete(&server, &format!("/api/v1/api-keys/{key_id}")).await;
+    assert_eq!(
+        server_disconnect(&mut application_loop).await,
+        Some(DisconnectReasonCode::NotAuthorized)
+    );
+
+    admin_delete(&server, &format!("/api/v1/devices/{}", device.id)).await;
+    assert_eq!(
+        server_disconnect(&mut device_loop).await,
+        Some(DisconnectReasonCode::NotAuthorized)
+    );
+}
+
+/// Deleting a device deletes its stored retained messages.
+#[tokio::test]
+async fn deleted_device_loses_retained_messages() {
+    let server = Server::start().await;
+    let device = server.create_device("retaining").await;
+    {
+        let (client, mut eventloop, _) =
+            connect(options(&server, "retaining", &device.token, "")).await;
+        let reason = publish_retained(&client, &mut eventloop, "v1/devices/me/state", b"on").await;
+        assert_eq!(reason, PubAckReason::Success);
+    }
+
+    let url = format!("sqlite://{}", server.data_dir.join("metadata.db").display());
+    let pool = sqlx::SqlitePool::connect(&url)
+        .await
+        .expect("open the metadata database");
+    let count_rows = || {
+        sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM mqtt_retained WHERE device_id = ?")
+            .bind(device.id.clone())
+            .fetch_one(&pool)
+    };
+    assert_eq!(count_rows().await.expect("count retained rows"), 1);
+
+    admin_delete(&server, &format!("/api/v1/devices/{}", device.id)).await;
+    assert_eq!(count_rows().await.expect("count retained rows"), 0);
+    pool.close().await;
 }
 
 #[tokio::test]

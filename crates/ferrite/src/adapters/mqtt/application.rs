@@ -16,6 +16,10 @@
 //!
 //! Subscriptions may use `+` and `#` anywhere the MQTT rules allow; a
 //! filter that begins with `$` matches nothing here and is rejected.
+//! Shared subscriptions `$share/{ShareName}/{filter}` work: SUBSCRIBE
+//! (`outbound.rs`) strips the prefix, checks the inner filter here, and the
+//! group lives in the tenant's scope, so it only ever contains
+//! applications of that tenant.
 //!
 //! ## Authorization
 //! A viewer may only subscribe. Publishing (commands and `apps/` topics)
@@ -128,9 +132,12 @@ pub fn classify_app_publish(topic: &str) -> AppPublishTarget {
     }
 }
 
-/// Checks a SUBSCRIBE filter of an application. The whole filter is
-/// matched against topics of the tenant's tree, so `prefix_len` is 0.
+/// Checks a SUBSCRIBE filter of an application, or the filter inside a
+/// shared subscription. The whole filter is matched against topics of the
+/// tenant's tree, so `prefix_len` is 0.
 pub fn authorize_app_filter(filter: &str) -> Result<AuthorizedFilter, FilterRejection> {
+    // Reached only by a shared subscription nested in another, such as
+    // `$share/a/$share/b/x`, because SUBSCRIBE strips the outer prefix.
     if filter.starts_with("$share/") {
         return Err(FilterRejection::Shared);
     }
@@ -637,6 +644,7 @@ mod tests {
         }
         let rejected = [
             ("$SYS/#", FilterRejection::NotAuthorized),
+            // The inner filter of `$share/a/$share/g/devices/#`.
             ("$share/g/devices/#", FilterRejection::Shared),
             ("devices/#/x", FilterRejection::Invalid),
             ("", FilterRejection::Invalid),

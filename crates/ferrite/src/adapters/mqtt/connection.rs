@@ -35,6 +35,7 @@
 
 use std::collections::HashMap;
 use std::io;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -57,7 +58,9 @@ use super::session::{
     Attach, AttachRequest, Attached, ClientId, DeliveryState, Outgoing, TAKEOVER_WAIT,
 };
 use super::{Shared, events::connection_refused};
+use crate::auth::{AuthError, HeldCredential, Identity};
 use crate::ingest::IngestError;
+use crate::metadata::Role;
 
 /// Bytes a PUBLISH may have beyond `mqtt.max_payload_bytes` for its fixed
 /// header, topic name, packet id and MQTT 5 properties.
@@ -101,6 +104,9 @@ pub enum CloseCause {
     IngestFailed(IngestError),
     /// Another connection with the same client id took the session over.
     TakenOver,
+    /// The credential of the connection was revoked or its user deleted
+    /// since CONNECT.
+    CredentialRevoked,
     ShuttingDown,
 }
 
@@ -127,6 +133,7 @@ impl CloseCause {
             Self::ProtocolViolation { code, .. } => Some(*code),
             Self::KeepAliveTimeout => Some(ReasonCode::KeepAliveTimeout),
             Self::TakenOver => Some(ReasonCode::SessionTakenOver),
+            Self::CredentialRevoked => Some(ReasonCode::NotAuthorized),
             Self::ShuttingDown | Self::IngestFailed(IngestError::ShuttingDown) => {
                 Some(ReasonCode::ServerShuttingDown)
             }
@@ -150,6 +157,10 @@ impl CloseCause {
             Self::TakenOver => {
                 Some("another connection with the same client id took over the session".to_owned())
             }
+            Self::CredentialRevoked => Some(
+                "the credential of this connection was revoked, or its device or user deleted"
+                    .to_owned(),
+            ),
             Self::ShuttingDown | Self::IngestFailed(IngestError::ShuttingDown) => {
                 Some("the server is shutting down; reconnect later".to_owned())
             }
@@ -164,12 +175,14 @@ impl CloseCause {
         }
     }
 
-    /// The will is published unless the client disconnected normally, or
-    /// the server is stopping (the device did nothing wrong).
+    /// The will is published unless the client disconnected normally, the
+    /// server is stopping (the device did nothing wrong), or the client
+    /// lost the right to publish.
     fn publishes_will(&self) -> bool {
         !matches!(
             self,
             Self::Disconnect { with_will: false }
+                | Self::CredentialRevoked
                 | Self::ShuttingDown
                 | Self::IngestFailed(IngestError::ShuttingDown)
         )
@@ -211,6 +224,9 @@ pub struct Connection {
     pub shared: Arc<Shared>,
     pub version: ProtocolVersion,
     pub client: Client,
+    /// The credential of `client`, checked again every
+    /// `mqtt.credential_recheck_interval`.
+    credential: HeldCredential,
     pub client_id: ClientId,
     /// Generation of the session attach; see `session.rs`.
     pub generation: u64,
@@ -262,7 +278,13 @@ pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Transport for T {}
 
 /// Serves one accepted connection until it closes.
-pub async fn run<S: Transport>(mut stream: S, shared: Arc<Shared>, _slot: OwnedSemaphorePermit) {
+/// `peer` is the client's address, for the login throttle.
+pub async fn run<S: Transport>(
+    mut stream: S,
+    shared: Arc<Shared>,
+    peer: Option<IpAddr>,
+    _slot: OwnedSemaphorePermit,
+) {
     let _open = OpenConnection::new();
     let context = &shared.context;
     let max_packet_size = context
@@ -295,7 +317,7 @@ pub async fn run<S: Transport>(mut stream: S, shared: Arc<Shared>, _slot: OwnedS
     // The handshake and the finish are boxed: their futures (a metadata
     // query, a will append) are large, and an unboxed future would make
     // every idle connection's task as large as the largest step.
-    let connected = match Box::pin(handshake::accept_connect(frame, context)).await {
+    let connected = match Box::pin(handshake::accept_connect(frame, context, peer)).await {
         Ok(connected) => connected,
         Err(rejection) => {
             if rejection.reason == "malformed" {
@@ -318,7 +340,17 @@ pub async fn run<S: Transport>(mut stream: S, shared: Arc<Shared>, _slot: OwnedS
         span.record("device_id", tracing::field::display(identity.device_id));
     }
 
-    let attached = attach_session(&shared, &connected).await;
+    let Some(attached) = attach_session(&shared, &connected).await else {
+        let rejection = handshake::client_id_in_use(connected.version);
+        connection_refused(rejection.reason);
+        tracing::debug!(reason = rejection.reason, detail = %rejection.detail, "refused an MQTT connection");
+        if let Some(connack) = rejection.connack {
+            let mut out = BytesMut::new();
+            codec::encode(&connack, &mut out);
+            write_last(&mut stream, &out).await;
+        }
+        return;
+    };
     tracing::debug!(
         version = connected.version.as_u8(),
         session_present = attached.session_present,
@@ -378,8 +410,9 @@ async fn write_last<S: Transport>(stream: &mut S, bytes: &[u8]) {
 }
 
 /// Attaches to the session of the client id, waiting for an older
-/// connection of the same client to hand it over.
-async fn attach_session(shared: &Shared, connected: &Connected) -> Attached {
+/// connection of the same client to hand it over. Returns `None` when the
+/// session belongs to another owner.
+async fn attach_session(shared: &Shared, connected: &Connected) -> Option<Attached> {
     let mut request = AttachRequest {
         client_id: connected.client_id.clone(),
         owner: connected.client.owner(),
@@ -390,7 +423,8 @@ async fn attach_session(shared: &Shared, connected: &Connected) -> Attached {
     loop {
         let attach = shared.router.sessions().attach(&request, Instant::now());
         match attach {
-            Attach::Attached(attached) => return attached,
+            Attach::Attached(attached) => return Some(attached),
+            Attach::Conflict => return None,
             Attach::Wait { finished } => {
                 if tokio::time::timeout(TAKEOVER_WAIT, finished.cancelled())
                     .await
@@ -435,6 +469,7 @@ impl Connection {
         let mut connection = Self {
             version: connected.version,
             client: connected.client,
+            credential: connected.credential,
             client_id: connected.client_id,
             generation: attached.generation,
             request_problem_information: connected.request_problem_information,
@@ -477,6 +512,9 @@ impl Connection {
         let keep_alive_timer =
             tokio::time::sleep(keep_alive_limit.unwrap_or(Duration::from_secs(3600)));
         tokio::pin!(keep_alive_timer);
+        let recheck_interval = self.shared.context.config.credential_recheck_interval;
+        let recheck_timer = tokio::time::sleep(recheck_interval);
+        tokio::pin!(recheck_timer);
         let (mut reader, mut writer) = tokio::io::split(stream);
 
         loop {
@@ -522,6 +560,43 @@ impl Connection {
                     let next_check = if now >= deadline { now + limit / 2 } else { deadline };
                     keep_alive_timer.as_mut().reset(next_check.into());
                 }
+                () = &mut recheck_timer => {
+                    if let Err(cause) = self.recheck_credential().await {
+                        return cause;
+                    }
+                    recheck_timer.as_mut().reset((Instant::now() + recheck_interval).into());
+                }
+            }
+        }
+    }
+
+    /// Checks the connection's credential again and takes over a changed
+    /// role. Ends the connection when the device token or API key was
+    /// revoked or the user deleted. While the metadata store fails, the
+    /// connection stays as it is until the next check.
+    async fn recheck_credential(&mut self) -> Result<(), CloseCause> {
+        let auth = &self.shared.context.auth;
+        match auth.recheck(&self.credential).await {
+            Ok(Identity::Device(identity)) => {
+                self.client = Client::Device(identity);
+                Ok(())
+            }
+            Ok(Identity::Principal(principal)) => {
+                if principal.role < Role::Operator {
+                    // Viewers may not set a will, so a lowered role drops it.
+                    self.will = None;
+                }
+                self.client = Client::Application(principal);
+                Ok(())
+            }
+            Err(AuthError::Metadata(error)) => {
+                tracing::warn!(%error, "cannot check the credential of an MQTT connection again: the metadata store failed");
+                Ok(())
+            }
+            Err(error) => {
+                events::credential_revoked();
+                tracing::info!(%error, "closing an MQTT connection whose credential was revoked");
+                Err(CloseCause::CredentialRevoked)
             }
         }
     }

@@ -34,6 +34,10 @@ pub fn register() {
         "ferrite_mqtt_deliveries_dropped_total",
         "Messages for MQTT subscribers that were dropped, by reason."
     );
+    metrics::describe_counter!(
+        "ferrite_mqtt_connections_revoked_total",
+        "Open MQTT connections closed because their token or key was revoked or their user deleted."
+    );
     metrics::gauge!("ferrite_mqtt_connections").set(0.0);
     metrics::counter!("ferrite_mqtt_connections_total").increment(0);
     metrics::counter!("ferrite_mqtt_messages_received_total").increment(0);
@@ -52,9 +56,14 @@ pub fn connection_closed() {
 /// Counts a connection closed at accept or refused in CONNACK. `reason` is
 /// one of `max_connections`, `malformed`, `unsupported_protocol`,
 /// `unsupported_feature`, `bad_credentials`, `not_authorized`,
-/// `client_id_rejected`, `server_unavailable`.
+/// `client_id_rejected`, `server_unavailable`, `throttled` (too many
+/// failed passwords or API keys, see `auth::LoginThrottle`).
 pub fn connection_refused(reason: &'static str) {
     metrics::counter!("ferrite_mqtt_connections_refused_total", "reason" => reason).increment(1);
+}
+
+pub fn credential_revoked() {
+    metrics::counter!("ferrite_mqtt_connections_revoked_total").increment(1);
 }
 
 pub fn message_received() {
@@ -86,7 +95,9 @@ pub fn messages_routed(count: usize) {
 
 /// Counts messages for subscribers that were dropped. `reason` is one of
 /// `queue_full` (the connection's outgoing queue), `offline_queue_full`
-/// (oldest message of an offline session), `too_large_for_client`,
+/// (oldest message of an offline session), `retained_queue_full`
+/// (retained messages for a new subscription beyond
+/// `mqtt.max_queued_messages`), `too_large_for_client`,
 /// `expired` (MQTT 5 Message Expiry Interval), `live_bus_lagged` (events
 /// for applications lost behind the live bus).
 pub fn deliveries_dropped(reason: &'static str, count: usize) {

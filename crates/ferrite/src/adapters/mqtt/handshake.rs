@@ -9,13 +9,16 @@
 //! | protocol level other than 4 and 5 | 0x84 | 0x01 |
 //! | malformed CONNECT | 0x81 | none, close |
 //! | empty client id with clean session 0 | server assigns an id | 0x02 |
+//! | client id in use by another device or by the applications of the same tenant | 0x85 | 0x02 |
 //! | no user name and no API key as password | 0x86 | 0x04 |
 //! | unknown or revoked access token or API key, wrong password | 0x86 | 0x05 |
+//! | too many failed API keys or passwords from the address or for the email | 0x9F | 0x05 |
 //! | metadata store unavailable | 0x88 | 0x03 |
 //! | will topic outside the device's namespace | 0x87 | 0x05 |
 //! | application will: viewer, or topic outside `apps/` | 0x87 | 0x05 |
 //! | enhanced authentication requested | 0x8C | n/a |
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,7 +35,8 @@ use super::application::{self, AppPublishTarget, Client, classify_app_publish};
 use super::codec::{self, ConnectProtocol, Frame, FrameError};
 use super::session::{ClientId, MessageProperties};
 use super::topics::{PublishTarget, classify_publish, is_valid_topic_name};
-use crate::auth::{AuthError, is_api_key};
+use crate::auth::{AuthError, HeldCredential, Subject, is_api_key};
+use crate::ids::TenantId;
 use crate::metadata::Role;
 
 /// Session Expiry Interval value meaning "never expires" (MQTT 5 3.1.2.11.2).
@@ -67,6 +71,9 @@ pub struct Connected {
     /// The client sent an empty client id and the server chose one.
     pub client_id_assigned: bool,
     pub client: Client,
+    /// The credential of `client`, checked again while the connection is
+    /// open.
+    pub credential: HeldCredential,
     pub clean_start: bool,
     /// Keep alive requested by the client; `None` when it is zero (off).
     pub keep_alive: Option<Duration>,
@@ -123,16 +130,20 @@ fn connack(version: ProtocolVersion, code: ReasonCode) -> ConnAckPacket {
 }
 
 /// Checks a CONNECT frame and authenticates its device.
-pub async fn accept_connect(frame: Frame, context: &MqttContext) -> Result<Connected, Rejection> {
+pub async fn accept_connect(
+    frame: Frame,
+    context: &MqttContext,
+    peer: Option<IpAddr>,
+) -> Result<Connected, Rejection> {
     let version = protocol_version(&frame)?;
     let connect = decode_connect(frame, version)?;
     check_features(&connect, version)?;
-    let client = authenticate(&connect, version, context).await?;
+    let (client, credential) = authenticate(&connect, version, context, peer).await?;
     if let Client::Device(identity) = &client {
         context.directory.warm(identity.profile_id).await;
     }
     let will = check_will(&connect, version, &client)?;
-    let (client_id, client_id_assigned) = client_id(&connect, version)?;
+    let (client_id, client_id_assigned) = client_id(&connect, version, client.owner().tenant_id())?;
     let (session_expiry, session_expiry_capped) = session_expiry(&connect, version, context);
 
     let properties = &connect.properties;
@@ -141,6 +152,7 @@ pub async fn accept_connect(frame: Frame, context: &MqttContext) -> Result<Conne
         client_id,
         client_id_assigned,
         client,
+        credential,
         clean_start: connect.clean_start,
         keep_alive: (connect.keep_alive > 0)
             .then(|| Duration::from_secs(u64::from(connect.keep_alive))),
@@ -276,7 +288,8 @@ async fn authenticate(
     connect: &ConnectPacket,
     version: ProtocolVersion,
     context: &MqttContext,
-) -> Result<Client, Rejection> {
+    peer: Option<IpAddr>,
+) -> Result<(Client, HeldCredential), Rejection> {
     let authenticated = match credentials(connect) {
         Credentials::Missing => {
             return Err(Rejection::new(
@@ -286,25 +299,55 @@ async fn authenticate(
                 "no user name; devices send their access token as user name, applications an API key or their email and password",
             ));
         }
-        Credentials::DeviceToken(token) => context
-            .auth
-            .authenticate_device(token)
-            .await
-            .map(Client::Device),
+        Credentials::DeviceToken(token) => {
+            context
+                .auth
+                .authenticate_device(token)
+                .await
+                .map(|identity| {
+                    (
+                        Client::Device(identity),
+                        HeldCredential::device_token(token),
+                    )
+                })
+        }
         Credentials::ApiKey(key) => context
             .auth
-            .authenticate_api_key(key)
+            .authenticate_api_key_from(key, peer)
             .await
-            .map(Client::Application),
+            .map(|principal| (Client::Application(principal), HeldCredential::api_key(key))),
         Credentials::User { email, password } => context
             .auth
-            .authenticate_user(email, password)
+            .authenticate_user(email, password, peer)
             .await
-            .map(Client::Application),
+            .and_then(|principal| {
+                let Subject::User(id) = principal.subject else {
+                    return Err(AuthError::InvalidLogin);
+                };
+                let credential = HeldCredential::User {
+                    email: email.to_owned(),
+                    id,
+                };
+                Ok((Client::Application(principal), credential))
+            }),
     };
 
     match authenticated {
-        Ok(client) => Ok(client),
+        Ok(authenticated) => Ok(authenticated),
+        Err(error @ AuthError::Throttled { .. }) => {
+            // MQTT 3.1.1 has no code for it, so it gets the one of a wrong
+            // password.
+            let code = match version {
+                ProtocolVersion::V311 => ReasonCode::NotAuthorized,
+                ProtocolVersion::V5 => ReasonCode::ConnectionRateExceeded,
+            };
+            Err(Rejection::new(
+                version,
+                code,
+                "throttled",
+                error.to_string(),
+            ))
+        }
         Err(AuthError::Metadata(error)) => {
             tracing::error!(error = %error, "cannot authenticate an MQTT client: the metadata store failed");
             Err(Rejection::new(
@@ -399,9 +442,10 @@ fn will_forwarded_properties(properties: &WillProperties) -> Option<Arc<MessageP
 fn client_id(
     connect: &ConnectPacket,
     version: ProtocolVersion,
+    tenant_id: TenantId,
 ) -> Result<(ClientId, bool), Rejection> {
     if !connect.client_id.is_empty() {
-        return Ok((ClientId::new(&connect.client_id), false));
+        return Ok((ClientId::scoped(tenant_id, &connect.client_id), false));
     }
     if version == ProtocolVersion::V311 && !connect.clean_start {
         return Err(Rejection::new(
@@ -412,7 +456,18 @@ fn client_id(
         ));
     }
     let assigned = format!("ferrite-{}", uuid::Uuid::new_v4().simple());
-    Ok((ClientId::new(&assigned), true))
+    Ok((ClientId::scoped(tenant_id, &assigned), true))
+}
+
+/// Rejects a CONNECT whose client id names a session of another owner in
+/// the same tenant (see `SessionStore::attach`).
+pub fn client_id_in_use(version: ProtocolVersion) -> Rejection {
+    Rejection::new(
+        version,
+        ReasonCode::ClientIdentifierNotValid,
+        "client_id_rejected",
+        "the client id belongs to a session of another device or of the tenant's applications; choose another client id",
+    )
 }
 
 /// Returns the granted session expiry and whether it is shorter than

@@ -17,7 +17,9 @@
 //! one append to the ingest log, and its acknowledgements wait for that
 //! append. Groups complete in the order they were made, so acknowledgements
 //! go out in the order the PUBLISHes arrived. Telemetry reaches subscribers
-//! only after it is stored.
+//! only after it is stored, and a retained telemetry PUBLISH replaces the
+//! retained message only after it is stored: a failed append leaves the
+//! previous one in place.
 //!
 //! | case | MQTT 5 | MQTT 3.1.1 |
 //! |---|---|---|
@@ -97,6 +99,16 @@ pub struct StoredRoute {
     message: RoutedMessage,
 }
 
+/// A retained telemetry change that takes effect only if its append
+/// succeeds, so that a retained message is always durable telemetry.
+#[derive(Debug)]
+pub struct RetainAfterAppend {
+    scope: RetainScope,
+    topic: String,
+    /// `None` deletes the retained message.
+    message: Option<RetainedMessage>,
+}
+
 /// The packets of one read whose acknowledgements wait for the same
 /// append.
 #[derive(Debug, Default)]
@@ -104,8 +116,12 @@ pub struct PendingGroup {
     pub items: Vec<AckItem>,
     pub envelopes: Vec<Envelope>,
     pub routes: Vec<StoredRoute>,
-    /// Changes to retained messages, written to SQLite with the append.
+    /// Changes to retained messages already applied in memory, written to
+    /// SQLite with the append.
     pub retained: Vec<RetainedChange>,
+    /// Retained telemetry, applied to memory and SQLite only after the
+    /// append succeeded.
+    pub retained_telemetry: Vec<RetainAfterAppend>,
     /// PUBLISHes in the group, for the in-flight limit.
     pub messages: usize,
 }
@@ -290,15 +306,15 @@ impl Connection {
     /// Checks that a retained PUBLISH stays within the tenant's limits. An
     /// empty payload deletes, which always fits.
     fn check_retain_limit(&self, publish: &PublishPacket) -> Result<(), retained::RetainLimit> {
-        if publish.payload.is_empty() {
+        let Some(message) = retained_message(publish) else {
             return Ok(());
-        }
+        };
         match self.retain_target(&publish.topic_name) {
             Some((scope, topic)) => {
                 self.shared
                     .router
                     .retained()
-                    .check(scope, &topic, &publish.payload)
+                    .check(scope, &topic, &message, retained::now_ms())
             }
             None => Ok(()),
         }
@@ -317,18 +333,44 @@ impl Connection {
             return;
         };
         let message = retained_message(publish);
-        {
+        let applied = {
             let mut store = self.shared.router.retained();
             match &message {
-                Some(message) => store.set(scope, &topic, message.clone()),
+                Some(message) => store.try_set(scope, &topic, message.clone(), retained::now_ms()),
                 None => {
                     store.remove(scope, &topic);
+                    Ok(())
                 }
             }
+        };
+        // The early check passed, but another PUBLISH of the tenant took
+        // the room since; the message is routed but not retained.
+        if let Err(limit) = applied {
+            events::messages_rejected("retained_limit", 1);
+            if let Some(suppressed) = self.warnings.publish_rejected.allow(Instant::now()) {
+                tracing::warn!(topic = %publish.topic_name, %limit, suppressed, "did not retain an MQTT message: the tenant's retained message limit is reached");
+            }
+            return;
         }
         self.group
             .retained
             .push(retained::change_for(scope, &topic, message.as_ref()));
+    }
+
+    /// Records the retained change of a telemetry PUBLISH for the group,
+    /// to take effect after its append ([`Connection::complete_group`]).
+    fn stage_retained_telemetry(&mut self, publish: &PublishPacket) {
+        if !publish.retain {
+            return;
+        }
+        let Some((scope, topic)) = self.retain_target(&publish.topic_name) else {
+            return;
+        };
+        self.group.retained_telemetry.push(RetainAfterAppend {
+            scope,
+            topic,
+            message: retained_message(publish),
+        });
     }
 
     /// Step 3, telemetry: the payload must decode as the pipeline will
@@ -397,7 +439,7 @@ impl Connection {
             return;
         }
 
-        self.apply_retain(&publish);
+        self.stage_retained_telemetry(&publish);
         let route = StoredRoute {
             message: routed_message(&publish),
         };
@@ -523,6 +565,7 @@ impl Connection {
         if self.group.items.is_empty()
             && self.group.envelopes.is_empty()
             && self.group.retained.is_empty()
+            && self.group.retained_telemetry.is_empty()
         {
             return;
         }
@@ -531,6 +574,7 @@ impl Connection {
 
         let ingest = self.shared.context.ingest.clone();
         let metadata = self.shared.context.metadata.clone();
+        let shared = self.shared.clone();
         self.pending.push_back(Box::pin(async move {
             let stored = group.envelopes.len();
             let result = if group.envelopes.is_empty() {
@@ -538,8 +582,12 @@ impl Connection {
             } else {
                 ingest.append(group.envelopes).await
             };
-            if !group.retained.is_empty() {
-                persist_retained(&metadata, &group.retained).await;
+            let mut changes = group.retained;
+            if result.is_ok() {
+                changes.extend(apply_retained_telemetry(&shared, group.retained_telemetry));
+            }
+            if !changes.is_empty() {
+                persist_retained(&metadata, &changes).await;
             }
             GroupDone {
                 items: group.items,
@@ -860,6 +908,39 @@ fn retained_message(publish: &PublishPacket) -> Option<RetainedMessage> {
     })
 }
 
+/// Makes the retained telemetry of a stored group visible, in the order
+/// the PUBLISHes arrived, and returns the changes to write to SQLite. A
+/// message that no longer fits the tenant's limits is stored as telemetry
+/// but not retained.
+fn apply_retained_telemetry(
+    shared: &Shared,
+    retains: Vec<RetainAfterAppend>,
+) -> Vec<RetainedChange> {
+    if retains.is_empty() {
+        return Vec::new();
+    }
+    let now_ms = retained::now_ms();
+    let mut store = shared.router.retained();
+    let mut changes = Vec::with_capacity(retains.len());
+    for retain in retains {
+        let change = retained::change_for(retain.scope, &retain.topic, retain.message.as_ref());
+        match retain.message {
+            Some(message) => {
+                if let Err(limit) = store.try_set(retain.scope, &retain.topic, message, now_ms) {
+                    events::messages_rejected("retained_limit", 1);
+                    tracing::debug!(topic = %retain.topic, %limit, "did not retain MQTT telemetry");
+                    continue;
+                }
+            }
+            None => {
+                store.remove(retain.scope, &retain.topic);
+            }
+        }
+        changes.push(change);
+    }
+    changes
+}
+
 /// Writes retained message changes to SQLite. A failure is logged: the
 /// change stays in memory and is lost at restart.
 async fn persist_retained(metadata: &crate::metadata::SqliteMetadata, changes: &[RetainedChange]) {
@@ -902,11 +983,11 @@ async fn retain_will(shared: &Shared, scope: RetainScope, topic: &str, will: &Wi
         let mut store = shared.router.retained();
         match &message {
             Some(message) => {
-                if let Err(limit) = store.check(scope, topic, &message.payload) {
+                if let Err(limit) = store.try_set(scope, topic, message.clone(), retained::now_ms())
+                {
                     tracing::warn!(topic, %limit, "did not retain a will message");
                     return;
                 }
-                store.set(scope, topic, message.clone());
             }
             None => {
                 store.remove(scope, topic);

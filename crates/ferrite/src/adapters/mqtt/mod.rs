@@ -285,7 +285,7 @@ pub async fn serve(listener: TcpListener, server: MqttServer) {
         let _ = stream.set_nodelay(true);
         shared
             .tasks
-            .spawn(connection::run(stream, shared.clone(), slot).instrument(span));
+            .spawn(connection::run(stream, shared.clone(), Some(peer.ip()), slot).instrument(span));
     }
 
     drop(listener);

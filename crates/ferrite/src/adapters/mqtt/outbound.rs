@@ -130,7 +130,10 @@ impl Connection {
 
     /// Queues the retained messages that match a new subscription, after
     /// SUBACK, with RETAIN set ([MQTT-3.3.1-9], [MQTT-3.3.1-10],
-    /// [MQTT-3.3.1-11]).
+    /// [MQTT-3.3.1-11]). The session queue stays within
+    /// `mqtt.max_queued_messages`: retained messages beyond it are dropped
+    /// and counted, so that repeated SUBSCRIBEs of a client that does not
+    /// acknowledge cannot grow it without bound.
     fn queue_retained(&mut self, subscription: &Subscription) {
         let scope = match &self.client {
             Client::Device(identity) => RetainScope {
@@ -154,7 +157,13 @@ impl Connection {
                 message.subscription_identifiers.push(identifier);
             }
         }
-        self.delivery.queued.extend(messages);
+        let max_queued = self.shared.context.config.max_queued_messages;
+        let room = max_queued.saturating_sub(self.delivery.queued.len());
+        let dropped = messages.len().saturating_sub(room);
+        if dropped > 0 {
+            events::deliveries_dropped("retained_queue_full", dropped);
+        }
+        self.delivery.queued.extend(messages.into_iter().take(room));
     }
 
     fn warn_subscription_rejected(&mut self, filter: &str, rejection: FilterRejection) {

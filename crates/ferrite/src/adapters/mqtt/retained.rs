@@ -17,14 +17,19 @@
 //! NOTE: two connections that retain on the same topic at the same moment
 //! update memory in one order, but their SQLite writes may commit in the
 //! other, so after a restart the older message can be the retained one.
-//! NOTE: retained messages of a deleted device stay until they are
-//! replaced or deleted over MQTT, and count towards the tenant's limits.
+//! NOTE: retained messages of a deleted device are deleted from SQLite
+//! with the device, but stay in memory (and count towards the tenant's
+//! limits) until the server restarts.
 //!
 //! ## Limits
 //! Per tenant, at most `mqtt.max_retained_messages` messages and
-//! `mqtt.max_retained_bytes` bytes of topic and payload. A change that
-//! would pass a limit is rejected; replacing a message counts only the
-//! difference in size.
+//! `mqtt.max_retained_bytes` bytes of topic, payload and properties. A
+//! change that would pass a limit is rejected; replacing a message counts
+//! only the difference in size. Before rejecting, the tenant's expired
+//! messages are removed from memory, so they stop counting; their SQLite
+//! rows are deleted at the next start. [`RetainedStore::try_set`] checks
+//! and stores under one lock, so that concurrent PUBLISHes cannot pass a
+//! limit together.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -81,8 +86,24 @@ pub struct RetainedStore {
     max_bytes: usize,
 }
 
-fn message_size(topic: &str, payload: &[u8]) -> usize {
-    topic.len() + payload.len()
+/// Bytes of a retained message that count towards the limit: the topic,
+/// the payload and the forwarded properties.
+fn message_size(topic: &str, message: &RetainedMessage) -> usize {
+    let properties = message.properties.as_deref().map_or(0, |properties| {
+        let strings = [&properties.response_topic, &properties.content_type]
+            .into_iter()
+            .flatten()
+            .map(String::len)
+            .sum::<usize>();
+        let correlation = properties.correlation_data.as_ref().map_or(0, Bytes::len);
+        let user = properties
+            .user_properties
+            .iter()
+            .map(|(key, value)| key.len() + value.len())
+            .sum::<usize>();
+        strings + correlation + user
+    });
+    topic.len() + message.payload.len() + properties
 }
 
 /// Current time in epoch milliseconds.
@@ -104,13 +125,42 @@ impl RetainedStore {
         }
     }
 
-    /// Checks whether storing `payload` on `topic` stays within the
-    /// tenant's limits.
+    /// Checks whether storing `message` on `topic` stays within the
+    /// tenant's limits. When it does not, the tenant's expired messages are
+    /// removed first and the check is made again.
     pub fn check(
+        &mut self,
+        scope: RetainScope,
+        topic: &str,
+        message: &RetainedMessage,
+        now_ms: i64,
+    ) -> Result<(), RetainLimit> {
+        if self.check_usage(scope, topic, message).is_ok() {
+            return Ok(());
+        }
+        self.remove_expired(scope.tenant_id, now_ms);
+        self.check_usage(scope, topic, message)
+    }
+
+    /// Checks the limits and stores `message` on `topic` under the same
+    /// lock, replacing the message there.
+    pub fn try_set(
+        &mut self,
+        scope: RetainScope,
+        topic: &str,
+        message: RetainedMessage,
+        now_ms: i64,
+    ) -> Result<(), RetainLimit> {
+        self.check(scope, topic, &message, now_ms)?;
+        self.set(scope, topic, message);
+        Ok(())
+    }
+
+    fn check_usage(
         &self,
         scope: RetainScope,
         topic: &str,
-        payload: &[u8],
+        message: &RetainedMessage,
     ) -> Result<(), RetainLimit> {
         let usage = self
             .usage
@@ -121,9 +171,9 @@ impl RetainedStore {
             .scopes
             .get(&scope)
             .and_then(|messages| messages.get(topic))
-            .map(|message| message_size(topic, &message.payload));
+            .map(|existing| message_size(topic, existing));
         let count = usage.count + usize::from(existing.is_none());
-        let bytes = usage.bytes - existing.unwrap_or(0) + message_size(topic, payload);
+        let bytes = usage.bytes - existing.unwrap_or(0) + message_size(topic, message);
         if count > self.max_messages {
             return Err(RetainLimit::Count {
                 max: self.max_messages,
@@ -137,13 +187,33 @@ impl RetainedStore {
         Ok(())
     }
 
-    /// Stores `message` on `topic`, replacing the message there. The
-    /// caller checked the limits with [`RetainedStore::check`].
-    pub fn set(&mut self, scope: RetainScope, topic: &str, message: RetainedMessage) {
+    /// Removes the tenant's messages whose expiry has passed, from memory
+    /// only. Returns how many.
+    fn remove_expired(&mut self, tenant_id: TenantId, now_ms: i64) -> usize {
+        let expired: Vec<(RetainScope, String)> = self
+            .scopes
+            .iter()
+            .filter(|(scope, _)| scope.tenant_id == tenant_id)
+            .flat_map(|(scope, messages)| {
+                messages
+                    .iter()
+                    .filter(|(_, message)| message.expires_at_ms.is_some_and(|at| at <= now_ms))
+                    .map(|(topic, _)| (*scope, topic.clone()))
+            })
+            .collect();
+        for (scope, topic) in &expired {
+            self.remove(*scope, topic);
+        }
+        expired.len()
+    }
+
+    /// Stores `message` on `topic` without checking the limits, replacing
+    /// the message there. Used at load and by [`RetainedStore::try_set`].
+    fn set(&mut self, scope: RetainScope, topic: &str, message: RetainedMessage) {
         self.remove(scope, topic);
         let usage = self.usage.entry(scope.tenant_id).or_default();
         usage.count += 1;
-        usage.bytes += message_size(topic, &message.payload);
+        usage.bytes += message_size(topic, &message);
         self.scopes
             .entry(scope)
             .or_default()
@@ -163,7 +233,7 @@ impl RetainedStore {
         }
         if let Some(usage) = self.usage.get_mut(&scope.tenant_id) {
             usage.count -= 1;
-            usage.bytes -= message_size(topic, &old.payload);
+            usage.bytes -= message_size(topic, &old);
         }
         true
     }
@@ -310,14 +380,15 @@ mod tests {
         let mut store = RetainedStore::new(2, 20);
         store.set(scope(), "apps/a", message(b"1"));
         store.set(scope(), "apps/b", message(b"1"));
+        let now = now_ms();
         assert_eq!(
-            store.check(scope(), "apps/c", b"1"),
+            store.check(scope(), "apps/c", &message(b"1"), now),
             Err(RetainLimit::Count { max: 2 })
         );
         // Replacing an existing topic does not add a message.
-        assert_eq!(store.check(scope(), "apps/a", b"22"), Ok(()));
+        assert_eq!(store.check(scope(), "apps/a", &message(b"22"), now), Ok(()));
         assert_eq!(
-            store.check(scope(), "apps/a", b"0123456789abcd"),
+            store.check(scope(), "apps/a", &message(b"0123456789abcd"), now),
             Err(RetainLimit::Bytes { max: 20 })
         );
 
@@ -325,7 +396,57 @@ mod tests {
             tenant_id: TenantId::from_bytes([2; 16]),
             device_id: None,
         };
-        assert_eq!(store.check(other, "apps/c", b"1"), Ok(()));
+        assert_eq!(store.check(other, "apps/c", &message(b"1"), now), Ok(()));
+    }
+
+    #[test]
+    fn properties_count_towards_byte_limit() {
+        let mut store = RetainedStore::new(10, 100);
+        let mut heavy = message(b"1");
+        heavy.properties = Some(Arc::new(MessageProperties {
+            user_properties: vec![("k".repeat(50), "v".repeat(50))],
+            ..MessageProperties::default()
+        }));
+        assert_eq!(
+            store.try_set(scope(), "apps/a", heavy, now_ms()),
+            Err(RetainLimit::Bytes { max: 100 })
+        );
+        assert!(
+            store
+                .matching(scope(), "#", "", QoS::AtMostOnce, now_ms())
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn expired_messages_stop_counting() {
+        let mut store = RetainedStore::new(2, 1000);
+        let now = now_ms();
+        let mut expired = message(b"old");
+        expired.expires_at_ms = Some(now - 1);
+        store.set(scope(), "apps/old", expired);
+        store.set(scope(), "apps/kept", message(b"1"));
+
+        assert_eq!(
+            store.try_set(scope(), "apps/new", message(b"2"), now),
+            Ok(())
+        );
+        assert_eq!(
+            store.try_set(scope(), "apps/more", message(b"3"), now),
+            Err(RetainLimit::Count { max: 2 })
+        );
+    }
+
+    #[test]
+    fn try_set_checks_each_message() {
+        let mut store = RetainedStore::new(1, 1000);
+        let now = now_ms();
+        assert_eq!(store.try_set(scope(), "apps/a", message(b"1"), now), Ok(()));
+        assert_eq!(
+            store.try_set(scope(), "apps/b", message(b"1"), now),
+            Err(RetainLimit::Count { max: 1 })
+        );
+        assert_eq!(store.try_set(scope(), "apps/a", message(b"2"), now), Ok(()));
     }
 
     #[test]

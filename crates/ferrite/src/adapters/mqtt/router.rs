@@ -377,16 +377,26 @@ impl Router {
         let Some(session) = store.current_session(client_id, generation) else {
             return vec![false; filters.len()];
         };
-        filters
+        let scope = session.owner.share_scope();
+        let mut released_shares = Vec::new();
+        let existed = filters
             .iter()
             .map(|filter| {
                 let before = session.subscriptions.len();
-                session
-                    .subscriptions
-                    .retain(|existing| &existing.filter != filter);
+                session.subscriptions.retain(|existing| {
+                    let removed = &existing.filter == filter;
+                    if removed && existing.shared {
+                        released_shares.push(filter.clone());
+                    }
+                    !removed
+                });
                 session.subscriptions.len() != before
             })
-            .collect()
+            .collect();
+        for filter in &released_shares {
+            store.release_share_cursor(scope, filter);
+        }
+        existed
     }
 
     /// Ends offline sessions whose expiry has passed.
@@ -627,7 +637,7 @@ mod tests {
         };
         match router.sessions().attach(&request, Instant::now()) {
             Attach::Attached(attached) => attached,
-            Attach::Wait { .. } => panic!("session unexpectedly held"),
+            Attach::Wait { .. } | Attach::Conflict => panic!("session unexpectedly held"),
         }
     }
 

@@ -1,5 +1,5 @@
 //! Sessions: the state that outlives one network connection of a client,
-//! kept in memory by client id.
+//! kept in memory by tenant and client id.
 //!
 //! ## State
 //! A session contains its device and its subscriptions. While no
@@ -17,9 +17,11 @@
 //! (see `connection.rs`) and the store keeps only a [`ConnectionLink`].
 //!
 //! ## Invariants
-//! - A session belongs to one device. A connection of another device with
-//!   the same client id closes the old connection and starts a fresh
-//!   session ([`SessionStore::attach`]).
+//! - Client ids are scoped by tenant: the same client id in two tenants
+//!   names two sessions, so no client can reach another tenant's session.
+//! - A session belongs to one owner: one device, or the applications of
+//!   one tenant. A connection of another owner with the same client id is
+//!   rejected and the session is left as it is ([`Attach::Conflict`]).
 //! - At most one connection is attached to a session. A second connection
 //!   with the same client id requests the first to close, waits until it
 //!   has handed its state back (or [`TAKEOVER_WAIT`] passed), then resumes
@@ -33,7 +35,6 @@
 //!
 //! All state is in memory: sessions do not survive a restart of the server.
 
-use std::borrow::Borrow;
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::sync::Arc;
@@ -52,29 +53,41 @@ use crate::ids::{DeviceId, TenantId};
 /// which the ingest log bounds by `ingest.append_timeout` (5 s by default).
 pub const TAKEOVER_WAIT: Duration = Duration::from_secs(10);
 
-/// An MQTT client identifier.
+/// An MQTT client identifier, scoped by the tenant of the client that
+/// sent it. Two clients of different tenants never share a session.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct ClientId(Arc<str>);
-
-impl ClientId {
-    pub fn new(id: &str) -> Self {
-        Self(Arc::from(id))
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
+pub struct ClientId {
+    /// `None` for ids the server makes up itself, which are unique anyway.
+    tenant_id: Option<TenantId>,
+    id: Arc<str>,
 }
 
-impl Borrow<str> for ClientId {
-    fn borrow(&self) -> &str {
-        &self.0
+impl ClientId {
+    /// Builds an id outside any tenant, for ids that the server generates.
+    pub fn new(id: &str) -> Self {
+        Self {
+            tenant_id: None,
+            id: Arc::from(id),
+        }
+    }
+
+    /// Builds the id `id` as sent by a client of `tenant_id`.
+    pub fn scoped(tenant_id: TenantId, id: &str) -> Self {
+        Self {
+            tenant_id: Some(tenant_id),
+            id: Arc::from(id),
+        }
+    }
+
+    /// Returns the id as the client sent it, without the tenant.
+    pub fn as_str(&self) -> &str {
+        &self.id
     }
 }
 
 impl fmt::Display for ClientId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.id)
     }
 }
 
@@ -154,6 +167,15 @@ pub enum Owner {
 }
 
 impl Owner {
+    /// Returns the scope of the shared subscription groups that this owner
+    /// joins.
+    pub fn share_scope(self) -> ShareScope {
+        match self {
+            Owner::Device { device_id, .. } => ShareScope::Device(device_id),
+            Owner::Application { tenant_id } => ShareScope::Tenant(tenant_id),
+        }
+    }
+
     pub fn tenant_id(self) -> TenantId {
         match self {
             Owner::Device { tenant_id, .. } | Owner::Application { tenant_id } => tenant_id,
@@ -307,6 +329,10 @@ pub enum Attach {
     Wait {
         finished: CancellationToken,
     },
+    /// The session of the client id belongs to another owner of the same
+    /// tenant. It is left alone, and the new connection is rejected with
+    /// Client Identifier not valid.
+    Conflict,
 }
 
 /// All sessions of the server, guarded by the router's mutex. Every method
@@ -321,9 +347,8 @@ pub struct SessionStore {
     next_generation: u64,
     /// Offline queue limit per session.
     pub max_queued: usize,
-    /// Round-robin position of each shared subscription group.
-    /// NOTE: entries stay after the group's last member leaves; there is
-    /// one per shared filter ever used in a scope.
+    /// Round-robin position of each shared subscription group, removed
+    /// when the group's last member unsubscribes or its session ends.
     pub share_cursors: HashMap<(ShareScope, String), usize>,
     /// Capacity of the delivery channel of each connection.
     delivery_capacity: usize,
@@ -344,10 +369,14 @@ impl SessionStore {
 
     /// Gives the session of `request.client_id` to a new connection:
     /// resumes it, replaces it, or requests the attached connection to close
-    /// first.
+    /// first. A session of another owner is neither taken over nor ended,
+    /// unless it already expired.
     pub fn attach(&mut self, request: &AttachRequest, now: Instant) -> Attach {
         let mut resumed = None;
         if let Some(existing) = self.sessions.get(&request.client_id) {
+            if existing.owner != request.owner && !is_expired(existing, now) {
+                return Attach::Conflict;
+            }
             let same_owner = existing.owner == request.owner;
             if let Presence::Online(link) = &existing.presence {
                 link.takeover.cancel();
@@ -496,7 +525,33 @@ impl SessionStore {
                 remove_from_index(&mut self.by_tenant, tenant_id, client_id);
             }
         }
+        for subscription in session.subscriptions.iter().filter(|s| s.shared) {
+            self.release_share_cursor(session.owner.share_scope(), &subscription.filter);
+        }
         Some(session)
+    }
+
+    /// Removes the round-robin position of the shared subscription group
+    /// `filter` once no session of `scope` subscribes to it any more, so
+    /// that groups that come and go do not add up.
+    pub fn release_share_cursor(&mut self, scope: ShareScope, filter: &str) {
+        let members = match scope {
+            ShareScope::Device(device_id) => self.by_device.get(&device_id),
+            ShareScope::Tenant(tenant_id) => self.by_tenant.get(&tenant_id),
+        };
+        let in_use = members
+            .into_iter()
+            .flatten()
+            .filter_map(|client_id| self.sessions.get(client_id))
+            .any(|session| {
+                session
+                    .subscriptions
+                    .iter()
+                    .any(|subscription| subscription.shared && subscription.filter == filter)
+            });
+        if !in_use {
+            self.share_cursors.remove(&(scope, filter.to_owned()));
+        }
     }
 }
 
@@ -511,6 +566,12 @@ fn remove_from_index<K: std::hash::Hash + Eq>(
             index.remove(&key);
         }
     }
+}
+
+/// Returns whether an offline session has outlived its expiry; the
+/// periodic sweep has not removed it yet.
+fn is_expired(session: &Session, now: Instant) -> bool {
+    matches!(session.presence, Presence::Offline { expires_at, .. } if expires_at <= now)
 }
 
 /// Returns the subscriptions and delivery state of a session that a new
@@ -555,7 +616,9 @@ mod tests {
     fn attached(attach: Attach) -> Attached {
         match attach {
             Attach::Attached(attached) => attached,
-            Attach::Wait { .. } => panic!("expected the session to be attached"),
+            Attach::Wait { .. } | Attach::Conflict => {
+                panic!("expected the session to be attached")
+            }
         }
     }
 
@@ -634,17 +697,18 @@ mod tests {
     }
 
     #[test]
-    fn other_device_with_same_client_id_gets_a_fresh_session() {
+    fn other_device_with_same_client_id_is_rejected() {
         let mut store = SessionStore::new(10, 10);
         let now = Instant::now();
-        let mut first = attached(store.attach(&request("c", DeviceId::new_random(), false), now));
-        let other_device = DeviceId::new_random();
-        let second = attached(store.attach(&request("c", other_device, false), now));
-        assert!(first.takeover.is_cancelled());
-        assert!(!second.session_present);
+        let device = DeviceId::new_random();
+        let mut first = attached(store.attach(&request("c", device, false), now));
 
-        // The old connection's detach must not touch the new session.
-        assert!(!store.detach(
+        let attach = store.attach(&request("c", DeviceId::new_random(), false), now);
+        assert!(matches!(attach, Attach::Conflict));
+        assert!(!first.takeover.is_cancelled());
+
+        // The owner's session is still there and resumes.
+        assert!(store.detach(
             &ClientId::new("c"),
             first.generation,
             DeliveryState::default(),
@@ -652,10 +716,91 @@ mod tests {
             None,
             now
         ));
+        let again = attached(store.attach(&request("c", device, false), now));
+        assert!(again.session_present);
+    }
+
+    #[test]
+    fn other_device_may_reuse_an_expired_client_id() {
+        let mut store = SessionStore::new(10, 10);
+        let now = Instant::now();
+        let mut first = attached(store.attach(&request("c", DeviceId::new_random(), false), now));
+        store.detach(
+            &ClientId::new("c"),
+            first.generation,
+            DeliveryState::default(),
+            &mut first.deliveries,
+            None,
+            now,
+        );
+
+        let later = now + Duration::from_secs(61);
+        let other_device = DeviceId::new_random();
+        let second = attached(store.attach(&request("c", other_device, false), later));
+        assert!(!second.session_present);
         assert!(matches!(
             store.sessions[&ClientId::new("c")].owner,
             Owner::Device { device_id, .. } if device_id == other_device
         ));
+    }
+
+    #[test]
+    fn same_client_id_in_two_tenants_is_two_sessions() {
+        let mut store = SessionStore::new(10, 10);
+        let now = Instant::now();
+        let tenant_a = TenantId::new_random();
+        let tenant_b = TenantId::new_random();
+        let request_in = |tenant_id| AttachRequest {
+            client_id: ClientId::scoped(tenant_id, "c"),
+            owner: Owner::Application { tenant_id },
+            clean_start: false,
+            expiry: Duration::from_secs(60),
+            force: false,
+        };
+
+        let first = attached(store.attach(&request_in(tenant_a), now));
+        let second = attached(store.attach(&request_in(tenant_b), now));
+        assert!(!first.takeover.is_cancelled());
+        assert!(!second.session_present);
+        assert_eq!(store.sessions.len(), 2);
+    }
+
+    #[test]
+    fn share_cursor_is_released_with_last_member() {
+        let mut store = SessionStore::new(10, 10);
+        let now = Instant::now();
+        let device = DeviceId::new_random();
+        let filter = "$share/g/v1/devices/me/x";
+        let subscription = Subscription {
+            filter: filter.to_owned(),
+            filter_start: "$share/g/".len(),
+            prefix_len: "v1/devices/me/".len(),
+            shared: true,
+            suffix_filter: "x".to_owned(),
+            qos: QoS::AtLeastOnce,
+            no_local: false,
+            retain_as_published: false,
+            identifier: None,
+        };
+        let scope = ShareScope::Device(device);
+        for client_id in ["a", "b"] {
+            let _ = attached(store.attach(&request(client_id, device, true), now));
+            let session = store
+                .sessions
+                .get_mut(&ClientId::new(client_id))
+                .expect("attached session");
+            session.subscriptions.push(subscription.clone());
+        }
+        store.share_cursors.insert((scope, filter.to_owned()), 3);
+
+        store.remove(&ClientId::new("a"));
+        assert!(
+            store
+                .share_cursors
+                .contains_key(&(scope, filter.to_owned()))
+        );
+        store.remove(&ClientId::new("b"));
+        assert!(store.share_cursors.is_empty());
     }
 
     #[test]

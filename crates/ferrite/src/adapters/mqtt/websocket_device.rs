@@ -74,7 +74,9 @@ impl DeviceReceiver {
         };
         let attached = match router.sessions().attach(&request, Instant::now()) {
             Attach::Attached(attached) => attached,
-            Attach::Wait { .. } => unreachable!("a forced attach never waits"),
+            Attach::Wait { .. } | Attach::Conflict => {
+                unreachable!("the client id is new, so nobody else holds its session")
+            }
         };
 
         let filter = format!("{NAMESPACE_PREFIX}{REQUEST_SUFFIX}+");
