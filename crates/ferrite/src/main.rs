@@ -8,8 +8,6 @@ mod auth;
 mod config;
 mod decode;
 mod demo;
-// TODO: remove the allow once the LoRaWAN and DTLS adapters seal their keys.
-#[allow(dead_code)]
 mod encryption;
 mod export;
 mod ids;
