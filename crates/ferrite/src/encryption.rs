@@ -26,9 +26,9 @@ use aes_gcm::{Aes256Gcm, Nonce};
 use anyhow::Context;
 use rand::RngCore;
 
-/// Environment variable that holds the master key as 64 hex digits.
+/// Environment variable that contains the master key as 64 hex digits.
 pub const MASTER_KEY_ENV: &str = "FERRITE_MASTER_KEY";
-/// File in the data directory that holds the master key when the
+/// File in the data directory that contains the master key when the
 /// environment variable is not set.
 pub const MASTER_KEY_FILE: &str = "master.key";
 

@@ -323,7 +323,9 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
             (true, false) => "PSK",
             _ => "certificates",
         };
-        tracing::info!(addr = ?addrs.coaps, mode, "CoAP listening (DTLS)");
+        if let Some(addr) = addrs.coaps {
+            tracing::info!(%addr, mode, "CoAP listening (DTLS)");
+        }
         tokio::spawn(adapters::coap::dtls::serve(
             listener,
             coap_context.clone(),

@@ -390,7 +390,7 @@ impl Auth {
             .map(|user| user.password_hash.clone())
             .unwrap_or_else(|| secrets::DUMMY_PASSWORD_HASH.to_owned());
         let password = password.to_owned();
-        // The semaphore is never closed, so acquiring fails only in theory.
+        // Acquiring fails only on a closed semaphore, and this one is never closed.
         let _slot = self.hash_slots.acquire().await.ok();
         let valid = tokio::task::spawn_blocking(move || verify_password(&password, &hash))
             .await

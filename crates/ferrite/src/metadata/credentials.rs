@@ -121,8 +121,8 @@ impl SqliteMetadata {
         match result {
             Ok(_) => {}
             Err(error) if is_unique_violation(&error) => {
-                // The same words whichever device and tenant hold the
-                // identity, so that the reply tells nothing about them.
+                // The message is the same whichever device and tenant use
+                // the identity, so it reveals nothing about them.
                 return Err(MetadataError::Conflict(
                     "this PSK identity is already in use; PSK identities are unique across the server, so choose another one, for example one that starts with your tenant id".to_owned(),
                 ));
@@ -216,8 +216,8 @@ impl SqliteMetadata {
         match result {
             Ok(_) => {}
             Err(error) if is_unique_violation(&error) => {
-                // The same words whichever device and tenant hold the
-                // certificate, so that the reply tells nothing about them.
+                // The message is the same whichever device and tenant use
+                // the certificate, so it reveals nothing about them.
                 return Err(MetadataError::Conflict(format!(
                     "the certificate with SHA-256 fingerprint {} is already registered on a device; a certificate can be registered on only one device of the server, so delete it from your device that has it or issue a new certificate",
                     hex::encode(certificate.fingerprint)

@@ -200,7 +200,7 @@ impl Observers {
         removed
     }
 
-    /// Removes every observer of `device_id` and tells each with a 4.01
+    /// Removes every observer of `device_id` and notifies each with a 4.01
     /// notification (RFC 7641 section 3.2: a non-2.xx notification ends
     /// the observation), so the client registers again with a valid token.
     pub fn remove_device(&self, device_id: DeviceId) {

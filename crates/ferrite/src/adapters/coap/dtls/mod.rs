@@ -127,7 +127,7 @@ enum Input {
 }
 
 impl Input {
-    /// Bytes that the input holds while queued.
+    /// Bytes of the queued input.
     fn len(&self) -> usize {
         match self {
             Input::Datagram(bytes) | Input::Send(bytes) => bytes.len(),
