@@ -13,6 +13,9 @@
 //! [`DEVICE_CACHE_TTL`].
 
 pub mod dtls;
+// Subscribers arrive with the connection loops that end on revocation.
+#[allow(dead_code)]
+pub mod revocation;
 mod secrets;
 mod throttle;
 
@@ -223,6 +226,7 @@ pub struct Auth {
     access_token_ttl: Duration,
     device_cache: Mutex<HashMap<[u8; 32], CachedDevice>>,
     rejected_tokens: Mutex<RejectedTokens>,
+    revocations: revocation::Revocations,
 }
 
 /// Response to a successful login.
@@ -249,6 +253,7 @@ impl Auth {
             access_token_ttl,
             device_cache: Mutex::new(HashMap::new()),
             rejected_tokens: Mutex::new(RejectedTokens::default()),
+            revocations: revocation::Revocations::default(),
             failures: FailureLog::default(),
             throttle: LoginThrottle::default(),
             hash_slots: tokio::sync::Semaphore::new(MAX_CONCURRENT_HASHES),
@@ -345,6 +350,12 @@ impl Auth {
                 }))
             }
         }
+    }
+
+    /// The revocation events of this process: publish when a credential
+    /// is taken away, subscribe to end connections that hold it.
+    pub fn revocations(&self) -> &revocation::Revocations {
+        &self.revocations
     }
 
     /// Drops every cached token of `device`, so a rotated or deleted
