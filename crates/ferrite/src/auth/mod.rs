@@ -226,6 +226,7 @@ pub struct Auth {
     access_token_ttl: Duration,
     device_cache: Mutex<HashMap<[u8; 32], CachedDevice>>,
     rejected_tokens: Mutex<RejectedTokens>,
+    #[allow(dead_code)]
     revocations: revocation::Revocations,
 }
 
@@ -354,6 +355,7 @@ impl Auth {
 
     /// The revocation events of this process: publish when a credential
     /// is taken away, subscribe to end connections that hold it.
+    #[allow(dead_code)]
     pub fn revocations(&self) -> &revocation::Revocations {
         &self.revocations
     }
