@@ -116,4 +116,16 @@ mod tests {
         assert!(!Revoked::Device(DeviceId::new_random()).matches(&held));
         assert!(!Revoked::Certificate([7; 32]).matches(&held));
     }
+
+    #[test]
+    fn certificate_event_matches_leaf_and_ca() {
+        let held = HeldAccess {
+            certificate: Some([1; 32]),
+            ca_certificate: Some([2; 32]),
+            ..HeldAccess::default()
+        };
+        assert!(Revoked::Certificate([1; 32]).matches(&held));
+        assert!(Revoked::Certificate([2; 32]).matches(&held));
+        assert!(!Revoked::Certificate([3; 32]).matches(&held));
+    }
 }

@@ -378,6 +378,10 @@ pub enum DeviceLookupError {
     NotADeviceId { common_name: String },
     #[error("the client certificate has no subject CN to name its device")]
     MissingCommonName,
+    #[error(
+        "the client certificate's subject CN {common_name:?} is not a valid device name: it must be 1 to {MAX_DEVICE_NAME_BYTES} bytes without control characters"
+    )]
+    InvalidDeviceName { common_name: String },
     #[error("the device of the registered client certificate was deleted")]
     DeviceDeleted,
     #[error(transparent)]
@@ -424,6 +428,9 @@ pub async fn resolve_device(
             let device = match device {
                 Some(device) => device,
                 None if *auto_create_devices => {
+                    if !is_valid_device_name(&common_name) {
+                        return Err(DeviceLookupError::InvalidDeviceName { common_name });
+                    }
                     create_device(metadata, *tenant_id, &common_name, ca_fingerprint).await?
                 }
                 None => return Err(DeviceLookupError::UnknownDevice { common_name }),
@@ -443,6 +450,16 @@ pub async fn resolve_device(
         trust,
     };
     Ok((identity, credential))
+}
+
+/// Longest device name in bytes, as for names given through the API.
+const MAX_DEVICE_NAME_BYTES: usize = 128;
+
+/// Applies the rules of device names from the API to a certificate's CN.
+fn is_valid_device_name(name: &str) -> bool {
+    !name.trim().is_empty()
+        && name.len() <= MAX_DEVICE_NAME_BYTES
+        && !name.chars().any(char::is_control)
 }
 
 /// Returns the tenant's device whose id or, failing that, name is
@@ -492,5 +509,162 @@ async fn create_device(
             .await?
             .ok_or(MetadataError::NotFound("device")),
         Err(error) => Err(error),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metadata::credentials::StoredCertificate;
+
+    /// Builds a self-signed P-256 certificate for `common_name`, valid
+    /// from `not_before` to `not_after` (Unix seconds), with its DER.
+    fn self_signed(common_name: &str, not_before: i64, not_after: i64) -> Vec<u8> {
+        use openssl::ec::{EcGroup, EcKey};
+        use openssl::nid::Nid;
+        use openssl::pkey::PKey;
+
+        let group = EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).unwrap();
+        let key = PKey::from_ec_key(EcKey::generate(&group).unwrap()).unwrap();
+        let mut name = openssl::x509::X509NameBuilder::new().unwrap();
+        name.append_entry_by_nid(Nid::COMMONNAME, common_name)
+            .unwrap();
+        let name = name.build();
+        let mut builder = openssl::x509::X509::builder().unwrap();
+        builder.set_version(2).unwrap();
+        builder.set_subject_name(&name).unwrap();
+        builder.set_issuer_name(&name).unwrap();
+        builder.set_pubkey(&key).unwrap();
+        let not_before = openssl::asn1::Asn1Time::from_unix(not_before).unwrap();
+        let not_after = openssl::asn1::Asn1Time::from_unix(not_after).unwrap();
+        builder.set_not_before(&not_before).unwrap();
+        builder.set_not_after(&not_after).unwrap();
+        builder
+            .sign(&key, openssl::hash::MessageDigest::sha256())
+            .unwrap();
+        builder.build().to_der().unwrap()
+    }
+
+    fn register(registered: &DtlsCredentials, der: &[u8], device: DeviceId, tenant: TenantId) {
+        registered.add_certificate(&StoredCertificate {
+            fingerprint: super::super::sha256(der).to_vec(),
+            device_id: device,
+            tenant_id: tenant,
+            subject: String::new(),
+            not_after: 0,
+            pem: String::new(),
+            created_at: 0,
+        });
+    }
+
+    fn now_secs() -> i64 {
+        i64::try_from(UnixTime::now().as_secs()).unwrap()
+    }
+
+    #[test]
+    fn registered_certificate_is_checked() {
+        let registered = Arc::new(DtlsCredentials::default());
+        let trust = DeviceTrust::new(super::super::provider(), None, registered.clone()).unwrap();
+        let device = DeviceId::new_random();
+        let tenant = TenantId::new_random();
+        let now = now_secs();
+        let valid = self_signed("camera-1", now - 60, now + 3600);
+        let expired = self_signed("camera-1", now - 7200, now - 3600);
+        let future = self_signed("camera-1", now + 3600, now + 7200);
+
+        let error = trust
+            .check(&CertificateDer::from(valid.clone()), &[], UnixTime::now())
+            .unwrap_err();
+        assert_eq!(
+            error,
+            Error::InvalidCertificate(CertificateError::UnknownIssuer),
+            "an unregistered self-signed certificate"
+        );
+
+        for der in [&valid, &expired, &future] {
+            register(&registered, der, device, tenant);
+        }
+        let accepted = trust
+            .check(&CertificateDer::from(valid.clone()), &[], UnixTime::now())
+            .unwrap();
+        assert_eq!(
+            accepted.grant,
+            CertificateGrant::Registered(CredentialOwner {
+                tenant_id: tenant,
+                device_id: device,
+            })
+        );
+        assert_eq!(accepted.common_name.as_deref(), Some("camera-1"));
+        let error = trust
+            .check(&CertificateDer::from(expired), &[], UnixTime::now())
+            .unwrap_err();
+        assert_eq!(error, Error::InvalidCertificate(CertificateError::Expired));
+        let error = trust
+            .check(&CertificateDer::from(future), &[], UnixTime::now())
+            .unwrap_err();
+        assert_eq!(
+            error,
+            Error::InvalidCertificate(CertificateError::NotValidYet)
+        );
+
+        registered.remove_certificate(&super::super::sha256(&valid));
+        assert!(
+            trust
+                .check(&CertificateDer::from(valid), &[], UnixTime::now())
+                .is_err(),
+            "a removed registration is refused"
+        );
+    }
+
+    #[test]
+    fn device_ca_comes_before_registration() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::certs::init(dir.path(), &[], 1).unwrap();
+        crate::certs::device(dir.path(), "sensor-9", 1).unwrap();
+        let ca_pem = std::fs::read_to_string(dir.path().join("ca.pem")).unwrap();
+        let leaf = CertificateDer::from_pem_file(dir.path().join("device-sensor-9.pem")).unwrap();
+
+        let registered = Arc::new(DtlsCredentials::default());
+        let trust = DeviceTrust::new(super::super::provider(), None, registered.clone()).unwrap();
+        // Someone registers the (public) certificate on a device of theirs.
+        let other_tenant = TenantId::new_random();
+        register(&registered, &leaf, DeviceId::new_random(), other_tenant);
+
+        let tenant = TenantId::new_random();
+        let ca_der = CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap();
+        let ca_fingerprint = super::super::sha256(&ca_der);
+        trust.add_ca(&StoredDeviceCa {
+            fingerprint: ca_fingerprint.to_vec(),
+            tenant_id: tenant,
+            subject: String::new(),
+            not_after: 0,
+            pem: ca_pem,
+            auto_create_devices: true,
+            created_at: 0,
+        });
+        let accepted = trust.check(&leaf, &[], UnixTime::now()).unwrap();
+        assert_eq!(
+            accepted.grant,
+            CertificateGrant::DeviceCa {
+                tenant_id: tenant,
+                ca_fingerprint,
+                auto_create_devices: true,
+            }
+        );
+
+        trust.remove_ca(&ca_fingerprint);
+        let accepted = trust.check(&leaf, &[], UnixTime::now()).unwrap();
+        assert!(
+            matches!(accepted.grant, CertificateGrant::Registered(owner) if owner.tenant_id == other_tenant),
+            "without the CA only the registration is left"
+        );
+    }
+
+    #[test]
+    fn device_names_from_certificates_are_checked() {
+        assert!(is_valid_device_name("truck-7"));
+        assert!(!is_valid_device_name(" "));
+        assert!(!is_valid_device_name("a\u{7}b"));
+        assert!(!is_valid_device_name(&"x".repeat(129)));
     }
 }
