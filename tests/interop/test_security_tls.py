@@ -222,6 +222,29 @@ def test_paho_tls_set_with_device_certificate(server: TlsServer, protocol: int) 
     server.wait_for_latest(device.id, {"paho_tls": protocol})
 
 
+def test_paho_over_wss_with_token(server: TlsServer) -> None:
+    device = server.create_device("paho-wss")
+    connected = threading.Event()
+    results: list = []
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=device.name, protocol=mqtt.MQTTv5, transport="websockets")
+    client.ws_set_options(path="/mqtt")
+    client.tls_set(ca_certs=server.ca)
+    client.username_pw_set(device.token)
+    client.on_connect = lambda _c, _u, _f, reason_code, _p: (results.append(reason_code), connected.set())
+    client.connect("localhost", server.https_port, keepalive=30)
+    client.loop_start()
+    try:
+        assert connected.wait(10), "no CONNACK over wss://"
+        assert not results[0].is_failure, results[0]
+        info = client.publish("v1/devices/me/telemetry", json.dumps({"wss_value": 5}), qos=1)
+        info.wait_for_publish(10)
+        assert info.is_published()
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    server.wait_for_latest(device.id, {"wss_value": 5})
+
+
 def test_device_ca_api_creates_device_from_common_name(server: TlsServer, tmp_path: Path) -> None:
     tenant_pki = tmp_path / "tenant-pki"
     ferrite_certs("init", "--dir", str(tenant_pki), "--days", "2")
