@@ -81,7 +81,7 @@ class TlsServer(FerriteServer):
         return env
 
     def device_certificate(self, common_name: str) -> tuple[str, str]:
-        ferrite_certs("device", common_name, "--dir", str(self.pki), "--days", "2")
+        ferrite_certs("device", common_name, "--dir", str(self.pki), "--days", "30")
         return str(self.pki / f"device-{common_name}.pem"), str(self.pki / f"device-{common_name}-key.pem")
 
     def healthy(self) -> bool:
@@ -103,7 +103,7 @@ def tls_environment(pki: Path, https_port: int, mqtts_port: int) -> dict[str, st
 
 def start_tls_server(base: Path) -> Iterator[TlsServer]:
     pki = base / "pki"
-    ferrite_certs("init", "--dir", str(pki), "--days", "2")
+    ferrite_certs("init", "--dir", str(pki), "--days", "30")
     instance = TlsServer(ferrite_binary(), base / "data", base / "ferrite.log", pki)
     try:
         instance.start()
@@ -247,7 +247,7 @@ def test_paho_over_wss_with_token(server: TlsServer) -> None:
 
 def test_device_ca_api_creates_device_from_common_name(server: TlsServer, tmp_path: Path) -> None:
     tenant_pki = tmp_path / "tenant-pki"
-    ferrite_certs("init", "--dir", str(tenant_pki), "--days", "2")
+    ferrite_certs("init", "--dir", str(tenant_pki), "--days", "30")
     ca_pem = (tenant_pki / "ca.pem").read_text()
     response = server.api.post(f"{server.http_url}/api/v1/device-cas", json={"pem": ca_pem, "auto_create_devices": True}, timeout=10)
     assert response.status_code == 201, response.text
@@ -259,7 +259,7 @@ def test_device_ca_api_creates_device_from_common_name(server: TlsServer, tmp_pa
     viewer = requests.get(f"{server.http_url}/api/v1/device-cas", headers={"Authorization": f"Bearer {server.create_api_key('viewer')}"}, timeout=10)
     assert viewer.status_code == 403, viewer.text
 
-    ferrite_certs("device", "forklift-3", "--dir", str(tenant_pki), "--days", "2")
+    ferrite_certs("device", "forklift-3", "--dir", str(tenant_pki), "--days", "30")
     result = mosquitto_pub(server, "--cert", str(tenant_pki / "device-forklift-3.pem"), "--key", str(tenant_pki / "device-forklift-3-key.pem"), "-m", json.dumps({"forks": 2}))
     assert result.returncode == 0, output_of(result)
     device = server.wait_for_device("forklift-3")
@@ -393,7 +393,7 @@ def test_revoked_certificate_ends_open_session(server: TlsServer, tmp_path: Path
 
 def test_require_client_certificate_refuses_handshake(tmp_path: Path) -> None:
     pki = tmp_path / "pki"
-    ferrite_certs("init", "--dir", str(pki), "--days", "2")
+    ferrite_certs("init", "--dir", str(pki), "--days", "30")
     instance = TlsServer(ferrite_binary(), tmp_path / "data", tmp_path / "ferrite.log", pki)
     original = instance.environment
     instance.environment = lambda: {**original(), "FERRITE_TLS_REQUIRE_CLIENT_CERTIFICATE": "true"}  # type: ignore[method-assign]
@@ -430,7 +430,7 @@ def test_renewed_certificate_seen_without_restart(own_server: TlsServer) -> None
     assert served_certificate(own_server.https_port, own_server.ca) == before
     key_file.write_bytes(good_key)
 
-    ferrite_certs("init", "--dir", str(own_server.pki), "--days", "3")
+    ferrite_certs("init", "--dir", str(own_server.pki), "--days", "31")
     deadline = time.monotonic() + 5
     after = before
     while after == before and time.monotonic() < deadline:
@@ -452,7 +452,7 @@ def test_silent_client_closed_after_handshake_timeout(server: TlsServer) -> None
 
 def test_plain_listeners_off_refuses_plain_connections(tmp_path: Path) -> None:
     pki = tmp_path / "pki"
-    ferrite_certs("init", "--dir", str(pki), "--days", "2")
+    ferrite_certs("init", "--dir", str(pki), "--days", "30")
     https_port, mqtts_port, http_port, mqtt_port, coap_port = free_port(), free_port(), free_port(), free_port(), free_udp_port()
     env = FerriteServer(ferrite_binary(), tmp_path / "data", tmp_path / "ferrite.log").environment()
     env.update(tls_environment(pki, https_port, mqtts_port))

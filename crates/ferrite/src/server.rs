@@ -458,6 +458,7 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
         tracing::info!(%addr, "CoAP listening (UDP)");
     }
     if let Some(tls) = &tls {
+        tls.certificate.warn_if_expiring();
         let fingerprint = tls.certificate.fingerprint();
         if let Some(addr) = addrs.https {
             tracing::info!(%addr, fingerprint, "HTTPS listening (REST API, HTTP telemetry, line protocol, WebSocket)");

@@ -20,6 +20,9 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use tokio_util::sync::CancellationToken;
 
+/// Remaining validity below which the server certificate is warned about.
+const EXPIRY_WARNING: Duration = Duration::from_secs(14 * 24 * 3600);
+
 /// The certificate chain and key that the TLS listeners present.
 #[derive(Debug)]
 pub struct ServerCertificate {
@@ -65,6 +68,37 @@ impl ServerCertificate {
                 self.current.write().modified = modified;
                 Err(error)
             }
+        }
+    }
+
+    /// Logs a warning when the leaf certificate in use expires within
+    /// [`EXPIRY_WARNING`] or has expired, because clients then fail.
+    pub fn warn_if_expiring(&self) {
+        let Some(leaf) = self.current.read().key.cert.first().cloned() else {
+            return;
+        };
+        let Ok(leaf) = openssl::x509::X509::from_der(&leaf) else {
+            return;
+        };
+        let Ok(now) = openssl::asn1::Asn1Time::days_from_now(0) else {
+            return;
+        };
+        let Ok(left) = now.diff(leaf.not_after()) else {
+            return;
+        };
+        let seconds_left = i64::from(left.days) * 86_400 + i64::from(left.secs);
+        if seconds_left < 0 {
+            tracing::error!(
+                not_after = %leaf.not_after(),
+                cert_file = %self.cert_file.display(),
+                "the TLS server certificate has expired; clients reject it until it is renewed"
+            );
+        } else if seconds_left < EXPIRY_WARNING.as_secs() as i64 {
+            tracing::warn!(
+                not_after = %leaf.not_after(),
+                cert_file = %self.cert_file.display(),
+                "the TLS server certificate expires within 14 days; a renewed file is loaded without restart"
+            );
         }
     }
 
@@ -173,16 +207,17 @@ pub async fn watch(
             _ = ticker.tick() => false,
             _ = hangup_received => true,
         };
-        let certificate = certificate.clone();
+        let reloading = certificate.clone();
         let reloaded = tokio::task::spawn_blocking(move || {
-            certificate
+            reloading
                 .reload(force)
-                .map(|changed| changed.then(|| certificate.fingerprint()))
+                .map(|changed| changed.then(|| reloading.fingerprint()))
         })
         .await;
         match reloaded {
             Ok(Ok(Some(fingerprint))) => {
                 tracing::info!(fingerprint, "loaded a new TLS server certificate");
+                certificate.warn_if_expiring();
             }
             Ok(Ok(None)) => {}
             Ok(Err(error)) => {

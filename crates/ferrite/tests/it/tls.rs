@@ -43,7 +43,7 @@ impl Certs {
     fn new() -> Self {
         let temp = tempfile::tempdir().expect("temp dir");
         let dir = temp.path().join("certs");
-        certs(&["init", "--dir", dir.to_str().unwrap(), "--days", "2"]);
+        certs(&["init", "--dir", dir.to_str().unwrap(), "--days", "30"]);
         Self { _temp: temp, dir }
     }
 
@@ -60,7 +60,7 @@ impl Certs {
             "--dir",
             self.dir.to_str().unwrap(),
             "--days",
-            "2",
+            "30",
         ]);
         (
             self.dir.join(format!("device-{common_name}.pem")),
@@ -444,7 +444,7 @@ async fn certificate_reload_needs_no_restart() {
         "--dir",
         tls.certs.dir.to_str().unwrap(),
         "--days",
-        "3",
+        "31",
     ]);
     let renewed = crate::support::wait_until(
         || async {
