@@ -30,6 +30,7 @@ pub struct Config {
     pub log: LogConfig,
     pub actions: ActionsConfig,
     pub websocket: WebSocketConfig,
+    pub tls: TlsConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -207,6 +208,72 @@ impl CoapDtlsConfig {
         anyhow::ensure!(
             !self.handshake_timeout.is_zero() && !self.idle_timeout.is_zero(),
             "coap.dtls.handshake_timeout and coap.dtls.idle_timeout must be longer than zero"
+        );
+        Ok(())
+    }
+}
+
+/// TLS for HTTPS (REST API, HTTP telemetry and the WebSockets) and for MQTT
+/// over TLS. Both TLS listeners start when `cert_file` is set.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM file with the server certificate, then its intermediates.
+    pub cert_file: Option<PathBuf>,
+    /// PEM file with the private key of `cert_file` (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: Option<PathBuf>,
+    /// PEM file with CAs whose client certificates authenticate, over MQTT
+    /// over TLS, the device whose id is the certificate's subject CN, in
+    /// any tenant. Tenants register their own CAs through the API instead.
+    pub client_ca_file: Option<PathBuf>,
+    pub https_listen: SocketAddr,
+    pub mqtts_listen: SocketAddr,
+    /// Whether the plain listeners run: HTTP, MQTT over TCP and CoAP over
+    /// UDP. The LoRaWAN (Semtech UDP) listener runs either way.
+    pub plain_listeners: bool,
+    /// MQTT over TLS ends handshakes without a client certificate. When
+    /// false, clients without one authenticate at CONNECT with an access
+    /// token, API key or password.
+    pub require_client_certificate: bool,
+    /// Time a new connection has to finish the TLS handshake.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// Interval at which `cert_file` and `key_file` are checked for
+    /// changes; SIGHUP also reloads them.
+    #[serde(with = "humantime_serde")]
+    pub reload_interval: Duration,
+    /// `max-age` of the Strict-Transport-Security header on HTTPS
+    /// responses; zero leaves the header out.
+    #[serde(with = "humantime_serde")]
+    pub hsts_max_age: Duration,
+}
+
+impl TlsConfig {
+    /// Returns whether the HTTPS and MQTT over TLS listeners start.
+    pub fn enabled(&self) -> bool {
+        self.cert_file.is_some()
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.cert_file.is_some() == self.key_file.is_some(),
+            "tls.cert_file and tls.key_file must be set together"
+        );
+        anyhow::ensure!(
+            self.client_ca_file.is_none() || self.enabled(),
+            "tls.client_ca_file needs tls.cert_file and tls.key_file, because client certificates are requested only by the TLS listeners"
+        );
+        anyhow::ensure!(
+            self.plain_listeners || self.enabled(),
+            "tls.plain_listeners = false needs tls.cert_file and tls.key_file, otherwise neither HTTP nor MQTT would listen; run `ferrite certs init` to create a development certificate"
+        );
+        anyhow::ensure!(
+            !self.require_client_certificate || self.enabled(),
+            "tls.require_client_certificate needs tls.cert_file and tls.key_file"
+        );
+        anyhow::ensure!(
+            !self.handshake_timeout.is_zero() && !self.reload_interval.is_zero(),
+            "tls.handshake_timeout and tls.reload_interval must be longer than zero"
         );
         Ok(())
     }
@@ -736,6 +803,24 @@ impl Default for Config {
             log: LogConfig::default(),
             actions: ActionsConfig::default(),
             websocket: WebSocketConfig::default(),
+            tls: TlsConfig::default(),
+        }
+    }
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self {
+            cert_file: None,
+            key_file: None,
+            client_ca_file: None,
+            https_listen: "0.0.0.0:8443".parse().expect("valid literal address"),
+            mqtts_listen: "0.0.0.0:8883".parse().expect("valid literal address"),
+            plain_listeners: true,
+            require_client_certificate: false,
+            handshake_timeout: Duration::from_secs(10),
+            reload_interval: Duration::from_secs(5),
+            hsts_max_age: Duration::from_secs(365 * 24 * 3600),
         }
     }
 }
@@ -936,7 +1021,7 @@ impl Default for ActionsMqttConfig {
 /// as the variable prefix and the path of tables. A nested section comes
 /// before its parent, so that `FERRITE_ACTIONS_MQTT_URL` sets
 /// `actions.mqtt.url` rather than `actions.mqtt_url`.
-const SECTIONS: [(&str, &[&str]); 15] = [
+const SECTIONS: [(&str, &[&str]); 16] = [
     ("http", &["http"]),
     ("mqtt", &["mqtt"]),
     ("coap_dtls", &["coap", "dtls"]),
@@ -952,6 +1037,7 @@ const SECTIONS: [(&str, &[&str]); 15] = [
     ("actions_mqtt", &["actions", "mqtt"]),
     ("actions", &["actions"]),
     ("websocket", &["websocket"]),
+    ("tls", &["tls"]),
 ];
 
 /// Loads the configuration: defaults, then the file at `path` if given, then
@@ -1128,6 +1214,7 @@ impl Config {
             "websocket.max_outgoing_messages must be at least 1"
         );
         self.coap.dtls.validate()?;
+        self.tls.validate()?;
         self.lorawan.chirpstack_mqtt.validate()?;
         Ok(())
     }
@@ -1443,6 +1530,36 @@ max_connections = 10000
 # Messages waiting to be sent to one device (acknowledgements, errors,
 # commands); one more closes the socket, because its client does not read.
 max_outgoing_messages = 64
+
+[tls]
+# HTTPS (REST API, HTTP telemetry, WebSockets) and MQTT over TLS, TLS 1.2
+# and 1.3 only. Both listeners start when cert_file is set; `ferrite certs
+# init` creates a development CA and server certificate.
+# Server certificate chain (leaf first) and private key, PEM. Changed
+# files are loaded without restart; a bad new file keeps the old ones.
+# cert_file = "/etc/ferrite/server-cert.pem"
+# key_file = "/etc/ferrite/server-key.pem"
+# CAs whose client certificates authenticate, over MQTT over TLS, the
+# device whose id is the subject CN, in any tenant. Tenants register
+# their own CAs with POST /api/v1/device-cas.
+# client_ca_file = "/etc/ferrite/device-ca.pem"
+# Environment: FERRITE_TLS_HTTPS_LISTEN; flag: --https-listen.
+https_listen = "0.0.0.0:8443"
+# Environment: FERRITE_TLS_MQTTS_LISTEN; flag: --mqtts-listen.
+mqtts_listen = "0.0.0.0:8883"
+# false: no plain HTTP, MQTT over TCP and CoAP over UDP listeners (needs
+# cert_file). The LoRaWAN UDP listener runs either way.
+plain_listeners = true
+# MQTT over TLS: end handshakes without a client certificate. When false,
+# clients without one authenticate at CONNECT as over plain MQTT.
+require_client_certificate = false
+# Time a connection has to finish the TLS handshake.
+handshake_timeout = "10s"
+# Interval of the check for changed cert_file and key_file; SIGHUP also
+# reloads them.
+reload_interval = "5s"
+# max-age of Strict-Transport-Security on HTTPS responses; "0s": none.
+hsts_max_age = "365days"
 "#;
 
 #[cfg(test)]

@@ -5,6 +5,7 @@ mod adapters;
 mod alarms;
 mod api;
 mod auth;
+mod certs;
 mod config;
 mod decode;
 mod demo;
@@ -20,6 +21,7 @@ mod rules;
 mod scripts;
 mod server;
 mod store;
+mod tls;
 mod warn_limit;
 
 use std::io::Read;
@@ -70,6 +72,42 @@ enum Command {
     /// Export stored telemetry to a Parquet or CSV file. Runs on the data
     /// directory of a stopped server; use GET /api/v1/export while it runs.
     Export(ExportArgs),
+    /// Create a development CA, a server certificate and device client
+    /// certificates for the TLS listeners.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Create the CA (unless the directory has one) and a new server
+    /// certificate for localhost, 127.0.0.1, ::1 and the --san names, then
+    /// print the configuration lines.
+    Init {
+        /// Directory for the PEM files; keys get mode 0600.
+        #[arg(long, default_value = "ferrite-certs")]
+        dir: PathBuf,
+        /// Another DNS name or IP address of the server; repeat for more.
+        #[arg(long = "san")]
+        alt_names: Vec<String>,
+        /// Validity of the server certificate in days.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+    },
+    /// Issue a client certificate signed by the directory's CA, with the
+    /// device id (or, for a tenant's registered CA, the device name) as
+    /// subject CN.
+    Device {
+        /// Device id, or device name for a CA registered with
+        /// POST /api/v1/device-cas.
+        device: String,
+        /// Directory of `ferrite certs init`.
+        #[arg(long, default_value = "ferrite-certs")]
+        dir: PathBuf,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+    },
 }
 
 #[derive(Args)]
@@ -101,6 +139,12 @@ struct ServeArgs {
     /// Address of the CoAP over DTLS listener [default: 0.0.0.0:5684].
     #[arg(long, env = "FERRITE_COAPS_LISTEN", value_parser = parse_listen)]
     coaps_listen: Option<SocketAddr>,
+    /// Address of the HTTPS listener, when tls.cert_file is set [default: 0.0.0.0:8443].
+    #[arg(long, value_parser = parse_listen)]
+    https_listen: Option<SocketAddr>,
+    /// Address of the MQTT over TLS listener, when tls.cert_file is set [default: 0.0.0.0:8883].
+    #[arg(long, value_parser = parse_listen)]
+    mqtts_listen: Option<SocketAddr>,
     /// Also start a simulated fleet of devices that publish over MQTT and HTTP.
     #[arg(long)]
     demo: bool,
@@ -255,6 +299,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(listen) = args.coaps_listen {
                 config.coap.dtls.listen = listen;
             }
+            if let Some(listen) = args.https_listen {
+                config.tls.https_listen = listen;
+            }
+            if let Some(listen) = args.mqtts_listen {
+                config.tls.mqtts_listen = listen;
+            }
             config.validate()?;
             init_logging(&config);
             let after_start = args.demo.then(|| demo::starter(args.demo_devices));
@@ -312,6 +362,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Config(ConfigCommand::Example) => {
             print!("{}", config::EXAMPLE);
             Ok(())
+        }
+        Command::Certs(CertsCommand::Init {
+            dir,
+            alt_names,
+            days,
+        }) => certs::init(&dir, &alt_names, days),
+        Command::Certs(CertsCommand::Device { device, dir, days }) => {
+            certs::device(&dir, &device, days)
         }
         Command::Export(args) => {
             let config = load_config(&args.data)?;

@@ -68,6 +68,9 @@ pub struct AppState {
     /// DTLS credentials of the devices, mirrored for the DTLS listener; the
     /// credentials API updates it.
     pub dtls_credentials: Arc<crate::auth::dtls::DtlsCredentials>,
+    /// Device CAs and registered certificates of the MQTT over TLS
+    /// listener; `None` when TLS is off. The device CA API updates it.
+    pub device_trust: Option<Arc<crate::tls::DeviceTrust>>,
 }
 
 impl AppState {
@@ -98,14 +101,17 @@ async fn sync_device_retention(
 /// Extra work `serve` starts once the listeners are up (the demo fleet).
 pub type AfterStart = Box<dyn FnOnce(Arc<AppState>, ServerAddrs) + Send>;
 
+/// Addresses of the listeners; `None` for a listener that is off.
 #[derive(Debug, Clone, Copy)]
 pub struct ServerAddrs {
-    pub http: SocketAddr,
-    pub mqtt: SocketAddr,
-    pub coap: SocketAddr,
+    pub http: Option<SocketAddr>,
+    pub mqtt: Option<SocketAddr>,
+    pub coap: Option<SocketAddr>,
     pub lorawan: SocketAddr,
     /// The CoAP over DTLS listener, unless DTLS is off.
     pub coaps: Option<SocketAddr>,
+    pub https: Option<SocketAddr>,
+    pub mqtts: Option<SocketAddr>,
 }
 
 async fn bind(addr: SocketAddr, what: &str, setting: &str) -> anyhow::Result<TcpListener> {
@@ -115,39 +121,93 @@ async fn bind(addr: SocketAddr, what: &str, setting: &str) -> anyhow::Result<Tcp
 }
 
 pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Result<()> {
-    let http_listener = bind(
-        config.http.listen,
-        "HTTP",
-        "--http-listen, FERRITE_HTTP_LISTEN or http.listen",
-    )
-    .await?;
-    let mqtt_listener = bind(
-        config.mqtt.listen,
-        "MQTT",
-        "--mqtt-listen, FERRITE_MQTT_LISTEN or mqtt.listen",
-    )
-    .await?;
-    let coap_socket = tokio::net::UdpSocket::bind(config.coap.listen)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot listen for CoAP on UDP {}; choose another address with --coap-listen, FERRITE_COAP_LISTEN or coap.listen",
-                config.coap.listen
+    let plain = config.tls.plain_listeners;
+    let http_listener = match plain {
+        true => Some(
+            bind(
+                config.http.listen,
+                "HTTP",
+                "--http-listen, FERRITE_HTTP_LISTEN or http.listen",
             )
-        })?;
+            .await?,
+        ),
+        false => None,
+    };
+    let mqtt_listener = match plain {
+        true => Some(
+            bind(
+                config.mqtt.listen,
+                "MQTT",
+                "--mqtt-listen, FERRITE_MQTT_LISTEN or mqtt.listen",
+            )
+            .await?,
+        ),
+        false => None,
+    };
+    let coap_socket = match plain {
+        true => Some(
+            tokio::net::UdpSocket::bind(config.coap.listen)
+                .await
+                .with_context(|| {
+                    format!(
+                        "cannot listen for CoAP on UDP {}; choose another address with --coap-listen, FERRITE_COAP_LISTEN or coap.listen",
+                        config.coap.listen
+                    )
+                })?,
+        ),
+        false => None,
+    };
+    let (https_listener, mqtts_listener) = match config.tls.enabled() {
+        true => (
+            Some(
+                bind(
+                    config.tls.https_listen,
+                    "HTTPS",
+                    "--https-listen, FERRITE_TLS_HTTPS_LISTEN or tls.https_listen",
+                )
+                .await?,
+            ),
+            Some(
+                bind(
+                    config.tls.mqtts_listen,
+                    "MQTT over TLS",
+                    "--mqtts-listen, FERRITE_TLS_MQTTS_LISTEN or tls.mqtts_listen",
+                )
+                .await?,
+            ),
+        ),
+        false => (None, None),
+    };
     let lorawan_socket = adapters::lorawan::bind(config.lorawan.listen).await?;
     let coaps_socket = match config.coap.dtls.enabled() {
         true => Some(adapters::coap::dtls::bind_socket(config.coap.dtls.listen).await?),
         false => None,
     };
     let addrs = ServerAddrs {
-        http: http_listener.local_addr()?,
-        mqtt: mqtt_listener.local_addr()?,
-        coap: coap_socket.local_addr()?,
+        http: http_listener
+            .as_ref()
+            .map(TcpListener::local_addr)
+            .transpose()?,
+        mqtt: mqtt_listener
+            .as_ref()
+            .map(TcpListener::local_addr)
+            .transpose()?,
+        coap: coap_socket
+            .as_ref()
+            .map(tokio::net::UdpSocket::local_addr)
+            .transpose()?,
         lorawan: lorawan_socket.local_addr()?,
         coaps: coaps_socket
             .as_ref()
             .map(tokio::net::UdpSocket::local_addr)
+            .transpose()?,
+        https: https_listener
+            .as_ref()
+            .map(TcpListener::local_addr)
+            .transpose()?,
+        mqtts: mqtts_listener
+            .as_ref()
+            .map(TcpListener::local_addr)
             .transpose()?,
     };
 
@@ -170,19 +230,30 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
     )?);
     let master_key = Arc::new(crate::encryption::MasterKey::load(&config.data_dir)?);
     let dtls_credentials = Arc::new(crate::auth::dtls::DtlsCredentials::default());
-    let coaps_listener = match coaps_socket {
-        Some(socket) => {
-            dtls_credentials
+    if coaps_socket.is_some() || config.tls.enabled() {
+        dtls_credentials
+            .reload(&metadata)
+            .await
+            .context("cannot load the devices' DTLS credentials")?;
+    }
+    let tls = match config.tls.enabled() {
+        true => {
+            let tls = crate::tls::TlsSetup::new(&config.tls, dtls_credentials.clone())?;
+            tls.trust
                 .reload(&metadata)
                 .await
-                .context("cannot load the devices' DTLS credentials")?;
-            Some(adapters::coap::dtls::DtlsListener::new(
-                socket,
-                &config.coap.dtls,
-                dtls_credentials.clone(),
-                master_key.clone(),
-            )?)
+                .context("cannot load the registered device CAs")?;
+            Some(tls)
         }
+        false => None,
+    };
+    let coaps_listener = match coaps_socket {
+        Some(socket) => Some(adapters::coap::dtls::DtlsListener::new(
+            socket,
+            &config.coap.dtls,
+            dtls_credentials.clone(),
+            master_key.clone(),
+        )?),
         None => None,
     };
 
@@ -299,11 +370,31 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
         actions: actions.clone(),
         master_key: master_key.clone(),
         dtls_credentials,
+        device_trust: tls.as_ref().map(|tls| tls.trust.clone()),
     });
+    let certificate_task = tls
+        .as_ref()
+        .map(|tls| tls.watch_certificate(config.tls.reload_interval, shutdown.clone()));
 
     let last_seen_task = tokio::spawn(sync_device_status(state.clone(), shutdown.clone()));
+    let https =
+        https_listener
+            .zip(tls.as_ref())
+            .map(|(listener, tls)| adapters::http::TlsListener {
+                listener,
+                tls: tls.https.clone(),
+            });
+    let mqtts =
+        mqtts_listener
+            .zip(tls.as_ref())
+            .map(|(listener, tls)| adapters::mqtt::TlsListener {
+                listener,
+                tls: tls.mqtts.clone(),
+                trust: tls.trust.clone(),
+            });
     let http_task = tokio::spawn(adapters::http::serve(
         http_listener,
+        https,
         state.clone(),
         shutdown.clone(),
     ));
@@ -314,7 +405,7 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
         state.directory.clone(),
         mqtt_router.clone(),
     );
-    let mqtt_task = tokio::spawn(adapters::mqtt::serve(mqtt_listener, mqtt_server));
+    let mqtt_task = tokio::spawn(adapters::mqtt::serve(mqtt_listener, mqtts, mqtt_server));
     // The DTLS listener shares `coap_context`, and with it the observers
     // that the router delivers to.
     let coaps_task = coaps_listener.map(|listener| {
@@ -333,11 +424,13 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
             shutdown.clone(),
         ))
     });
-    let coap_task = tokio::spawn(adapters::coap::serve(
-        coap_socket,
-        coap_context.clone(),
-        shutdown.clone(),
-    ));
+    let coap_task = coap_socket.map(|socket| {
+        tokio::spawn(adapters::coap::serve(
+            socket,
+            coap_context.clone(),
+            shutdown.clone(),
+        ))
+    });
     let chirpstack_mqtt_tasks =
         start_chirpstack_mqtt(&config, lorawan_integrations, shutdown.clone())?;
     let lorawan_context = Arc::new(adapters::lorawan::LorawanContext {
@@ -355,9 +448,28 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
     drop(ingest);
 
     state.ready.store(true, Ordering::Release);
-    tracing::info!(addr = %addrs.http, "HTTP listening (REST API, HTTP telemetry, line protocol, WebSocket)");
-    tracing::info!(addr = %addrs.mqtt, "MQTT listening");
-    tracing::info!(addr = %addrs.coap, "CoAP listening (UDP)");
+    if let Some(addr) = addrs.http {
+        tracing::info!(%addr, "HTTP listening (REST API, HTTP telemetry, line protocol, WebSocket)");
+    }
+    if let Some(addr) = addrs.mqtt {
+        tracing::info!(%addr, "MQTT listening");
+    }
+    if let Some(addr) = addrs.coap {
+        tracing::info!(%addr, "CoAP listening (UDP)");
+    }
+    if let Some(tls) = &tls {
+        tls.certificate.warn_if_expiring();
+        let fingerprint = tls.certificate.fingerprint();
+        if let Some(addr) = addrs.https {
+            tracing::info!(%addr, fingerprint, "HTTPS listening (REST API, HTTP telemetry, line protocol, WebSocket)");
+        }
+        if let Some(addr) = addrs.mqtts {
+            tracing::info!(%addr, fingerprint, "MQTT over TLS listening");
+        }
+    }
+    if !plain {
+        tracing::info!("plain HTTP, MQTT and CoAP listeners are off (tls.plain_listeners = false)");
+    }
     tracing::info!(addr = %addrs.lorawan, "LoRaWAN listening (Semtech UDP)");
     tracing::info!(data_dir = %config.data_dir.display(), "Ferrite is ready");
     if let Some(after_start) = after_start {
@@ -373,7 +485,12 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
     state.live.close();
     let _ = http_task.await;
     let _ = mqtt_task.await;
-    let _ = coap_task.await;
+    if let Some(task) = coap_task {
+        let _ = task.await;
+    }
+    if let Some(task) = certificate_task {
+        let _ = task.await;
+    }
     let _ = lorawan_task.await;
     if let Some(task) = coaps_task {
         let _ = task.await;

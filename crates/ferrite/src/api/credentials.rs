@@ -217,7 +217,7 @@ fn parse_certificate(pem: &str, device: DeviceId) -> Result<NewCertificate, ApiE
 }
 
 /// Converts an ASN.1 time to epoch milliseconds.
-fn asn1_time_ms(time: &openssl::asn1::Asn1TimeRef) -> Option<i64> {
+pub(super) fn asn1_time_ms(time: &openssl::asn1::Asn1TimeRef) -> Option<i64> {
     let epoch = openssl::asn1::Asn1Time::from_unix(0).ok()?;
     let diff = epoch.diff(time).ok()?;
     Some((i64::from(diff.days) * 86_400 + i64::from(diff.secs)) * 1000)
@@ -297,6 +297,12 @@ pub async fn delete_certificate(
         )));
     }
     state.dtls_credentials.remove_certificate(&digest);
+    if let Ok(fingerprint) = <[u8; 32]>::try_from(digest.as_slice()) {
+        state
+            .auth
+            .revocations()
+            .publish(crate::auth::revocation::Revoked::Certificate(fingerprint));
+    }
     tracing::info!(device_id = %id, fingerprint, by = %principal.subject, "device certificate deleted");
     Ok(StatusCode::NO_CONTENT)
 }

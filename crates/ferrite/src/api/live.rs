@@ -1081,12 +1081,14 @@ mod tests {
             actions,
             master_key: Arc::new(crate::encryption::MasterKey::from_bytes(&[1; 32])),
             dtls_credentials: Default::default(),
+            device_trust: None,
         });
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("address");
         let shutdown = CancellationToken::new();
         let serve = tokio::spawn(crate::adapters::http::serve(
-            listener,
+            Some(listener),
+            None,
             state.clone(),
             shutdown.clone(),
         ));

@@ -9,6 +9,7 @@ mod buckets;
 mod commands;
 mod credentials;
 mod dead_letters;
+mod device_cas;
 pub mod devices;
 pub mod error;
 mod fleet;
@@ -88,6 +89,14 @@ pub fn router() -> Router<Arc<AppState>> {
         .route(
             "/api/v1/devices/{id}/credentials/certificates/{fingerprint}",
             axum::routing::delete(credentials::delete_certificate),
+        )
+        .route(
+            "/api/v1/device-cas",
+            get(device_cas::list).post(device_cas::create),
+        )
+        .route(
+            "/api/v1/device-cas/{fingerprint}",
+            get(device_cas::get_one).delete(device_cas::delete),
         )
         .route("/api/v1/devices/{id}/commands", post(commands::send))
         .route(

@@ -92,6 +92,24 @@ pub enum HeldCredential {
         email: String,
         id: UserId,
     },
+    /// A TLS client certificate, by its SHA-256 fingerprint, and the
+    /// device it authenticated.
+    Certificate {
+        fingerprint: [u8; 32],
+        device: DeviceId,
+        trust: CertificateTrust,
+    },
+}
+
+/// What made a client certificate trusted, to check it again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CertificateTrust {
+    /// Its fingerprint is registered on the device.
+    Registered,
+    /// It chains to the tenant's device CA with this SHA-256 fingerprint.
+    DeviceCa([u8; 32]),
+    /// It chains to `tls.client_ca_file`, which changes only with a restart.
+    ClientCaFile,
 }
 
 impl HeldCredential {
@@ -117,6 +135,8 @@ pub enum AuthError {
     InvalidDeviceToken,
     #[error("invalid email or password")]
     InvalidLogin,
+    #[error("the client certificate's registration, CA or device was removed")]
+    InvalidCertificate,
     #[error("the bearer token is invalid, expired or revoked")]
     InvalidBearer,
     #[error(
@@ -335,6 +355,39 @@ impl Auth {
                     tenant_id: key.tenant_id,
                     role: key.role,
                     subject: Subject::ApiKey(key.name),
+                }))
+            }
+            HeldCredential::Certificate {
+                fingerprint,
+                device,
+                trust,
+            } => {
+                let device = self
+                    .metadata
+                    .device_by_id_any_tenant(*device)
+                    .await?
+                    .ok_or(AuthError::InvalidCertificate)?;
+                let trusted = match trust {
+                    CertificateTrust::Registered => {
+                        self.metadata
+                            .device_certificate_registered(device.id, fingerprint)
+                            .await?
+                    }
+                    CertificateTrust::DeviceCa(ca) => self
+                        .metadata
+                        .device_ca(device.tenant_id, ca)
+                        .await?
+                        .is_some(),
+                    CertificateTrust::ClientCaFile => true,
+                };
+                if !trusted {
+                    return Err(AuthError::InvalidCertificate);
+                }
+                Ok(Identity::Device(DeviceIdentity {
+                    tenant_id: device.tenant_id,
+                    device_id: device.id,
+                    name: device.name,
+                    profile_id: device.profile_id,
                 }))
             }
             HeldCredential::User { email, id } => {

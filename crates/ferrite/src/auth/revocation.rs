@@ -24,10 +24,14 @@ pub enum Revoked {
     Device(DeviceId),
     /// One device access token, by its SHA-256 hash.
     DeviceToken([u8; 32]),
-    /// One client certificate, by its SHA-256 fingerprint.
+    /// One client certificate, or a device CA and every certificate that
+    /// chains to it, by its SHA-256 fingerprint.
     Certificate([u8; 32]),
     /// An API key, by id and by the SHA-256 hash of the key.
-    ApiKey { id: ApiKeyId, hash: Option<[u8; 32]> },
+    ApiKey {
+        id: ApiKeyId,
+        hash: Option<[u8; 32]>,
+    },
     /// A user was deleted, disabled or logged out everywhere.
     User(UserId),
     /// A tenant was deleted: everything inside it.
@@ -41,6 +45,9 @@ pub struct HeldAccess {
     pub device: Option<DeviceId>,
     pub device_token: Option<[u8; 32]>,
     pub certificate: Option<[u8; 32]>,
+    /// The registered CA that `certificate` chains to, by its SHA-256
+    /// fingerprint; deleting the CA publishes its fingerprint.
+    pub ca_certificate: Option<[u8; 32]>,
     pub api_key_hash: Option<[u8; 32]>,
     pub api_key_id: Option<ApiKeyId>,
     pub user: Option<UserId>,
@@ -52,7 +59,9 @@ impl Revoked {
         match self {
             Revoked::Device(id) => held.device == Some(*id),
             Revoked::DeviceToken(hash) => held.device_token == Some(*hash),
-            Revoked::Certificate(fingerprint) => held.certificate == Some(*fingerprint),
+            Revoked::Certificate(fingerprint) => {
+                held.certificate == Some(*fingerprint) || held.ca_certificate == Some(*fingerprint)
+            }
             Revoked::ApiKey { id, hash } => {
                 held.api_key_id == Some(*id) || (hash.is_some() && held.api_key_hash == *hash)
             }
@@ -106,5 +115,17 @@ mod tests {
         assert!(!Revoked::DeviceToken([8; 32]).matches(&held));
         assert!(!Revoked::Device(DeviceId::new_random()).matches(&held));
         assert!(!Revoked::Certificate([7; 32]).matches(&held));
+    }
+
+    #[test]
+    fn certificate_event_matches_leaf_and_ca() {
+        let held = HeldAccess {
+            certificate: Some([1; 32]),
+            ca_certificate: Some([2; 32]),
+            ..HeldAccess::default()
+        };
+        assert!(Revoked::Certificate([1; 32]).matches(&held));
+        assert!(Revoked::Certificate([2; 32]).matches(&held));
+        assert!(!Revoked::Certificate([3; 32]).matches(&held));
     }
 }

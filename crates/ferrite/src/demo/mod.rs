@@ -92,6 +92,13 @@ async fn run(state: Arc<AppState>, addrs: ServerAddrs, requested: usize) {
         return;
     }
 
+    let (Some(http), Some(mqtt)) = (addrs.http, addrs.mqtt) else {
+        tracing::warn!(
+            "the demo fleet needs the plain HTTP and MQTT listeners; it does not start with tls.plain_listeners = false"
+        );
+        return;
+    };
+
     let fleet = Arc::new(FleetContext::new(state.clone()));
     tokio::spawn(fleet.clone().cancel_on_shutdown());
 
@@ -109,8 +116,8 @@ async fn run(state: Arc<AppState>, addrs: ServerAddrs, requested: usize) {
         return;
     }
 
-    let http = transport::connect_address(addrs.http);
-    let mqtt = transport::connect_address(addrs.mqtt);
+    let http = transport::connect_address(http);
+    let mqtt = transport::connect_address(mqtt);
     let started_at_ms = chrono::Utc::now().timestamp_millis();
     let trucks = setup
         .devices

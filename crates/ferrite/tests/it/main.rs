@@ -18,4 +18,5 @@ mod mqtt_conformance;
 mod nats;
 mod processing;
 mod support;
+mod tls;
 mod websocket;

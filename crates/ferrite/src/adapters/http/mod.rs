@@ -19,7 +19,7 @@ use std::sync::atomic::Ordering;
 
 use axum::Router;
 use axum::extract::{ConnectInfo, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -78,41 +78,99 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// Serves HTTP until `shutdown` is cancelled, then lets running requests
-/// finish for up to `http.request_timeout`.
+/// The HTTPS listener and its TLS acceptor.
+pub struct TlsListener {
+    pub listener: TcpListener,
+    pub tls: crate::tls::TlsListener,
+}
+
+/// Accepts from `listener`, or waits forever when there is none.
+async fn accept_from(
+    listener: Option<&TcpListener>,
+) -> std::io::Result<(tokio::net::TcpStream, std::net::SocketAddr)> {
+    match listener {
+        Some(listener) => listener.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Returns the `Strict-Transport-Security` value for `max_age`, or `None`
+/// when it is zero.
+fn hsts_value(max_age: std::time::Duration) -> Option<HeaderValue> {
+    if max_age.is_zero() {
+        return None;
+    }
+    HeaderValue::from_str(&format!("max-age={}", max_age.as_secs())).ok()
+}
+
+/// Serves HTTP on `listener` and HTTPS on `tls`, each when given, until
+/// `shutdown` is cancelled, then lets running requests finish for up to
+/// `http.request_timeout`.
 ///
 /// The accept loop is written out instead of using `axum::serve` because
 /// that offers no header read timeout, and without one a client that
 /// connects and sends nothing keeps its connection open forever.
-pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: CancellationToken) {
+pub async fn serve(
+    listener: Option<TcpListener>,
+    tls: Option<TlsListener>,
+    state: Arc<AppState>,
+    shutdown: CancellationToken,
+) {
     let drain_timeout = state.config.http.request_timeout;
     let header_read_timeout = state.config.http.header_read_timeout;
+    let hsts = hsts_value(state.config.tls.hsts_max_age);
     let mut builder = Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(header_read_timeout);
     let router = router(state);
+    // HSTS only on HTTPS: over plain HTTP a man in the middle could strip
+    // or forge it anyway (RFC 6797 section 7.2).
+    let https_router = router.clone().layer(axum::middleware::map_response(
+        move |mut response: axum::response::Response| {
+            let hsts = hsts.clone();
+            async move {
+                if let Some(value) = hsts {
+                    response
+                        .headers_mut()
+                        .insert(header::STRICT_TRANSPORT_SECURITY, value);
+                }
+                response
+            }
+        },
+    ));
     let graceful = GracefulShutdown::new();
 
     loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    // Usually too many open files: pause instead of spinning.
-                    tracing::warn!(%error, "HTTP accept failed");
-                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
-                    continue;
-                }
-            },
+        let accepted = tokio::select! {
+            accepted = accept_from(listener.as_ref()) => accepted.map(|accepted| (accepted, false)),
+            accepted = accept_from(tls.as_ref().map(|tls| &tls.listener)) => accepted.map(|accepted| (accepted, true)),
             () = shutdown.cancelled() => break,
+        };
+        let ((stream, peer), over_tls) = match accepted {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                // Usually too many open files: pause instead of spinning.
+                tracing::warn!(%error, "HTTP accept failed");
+                tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                continue;
+            }
         };
         let _ = stream.set_nodelay(true);
         let builder = builder.clone();
-        // The peer address, for handlers that log it (MQTT over WebSocket).
-        let service = TowerToHyperService::new(router.clone().map_request(insert_peer(peer)));
         let watcher = graceful.watcher();
+        let handshake = match (over_tls, &tls) {
+            (true, Some(tls)) => Some(tls.tls.clone()),
+            _ => None,
+        };
+        // The peer address, for handlers that log it (MQTT over WebSocket).
+        let service = match handshake {
+            Some(_) => {
+                TowerToHyperService::new(https_router.clone().map_request(insert_peer(peer)))
+            }
+            None => TowerToHyperService::new(router.clone().map_request(insert_peer(peer))),
+        };
         tokio::spawn(async move {
             // hyper's header read timeout starts with the first byte, so a
             // connection that sends nothing at all is timed out here.
@@ -124,16 +182,35 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: Cancel
                 tracing::debug!(%peer, "closed an HTTP connection that sent nothing");
                 return;
             }
-            let connection = builder
-                .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                .into_owned();
-            if let Err(error) = watcher.watch(connection).await {
+            let served = match handshake {
+                Some(tls) => {
+                    let stream = match tls.accept(stream).await {
+                        Ok(stream) => stream,
+                        Err(error) => {
+                            tracing::debug!(%peer, %error, "HTTPS connection closed");
+                            return;
+                        }
+                    };
+                    let connection = builder
+                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                        .into_owned();
+                    watcher.watch(connection).await
+                }
+                None => {
+                    let connection = builder
+                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                        .into_owned();
+                    watcher.watch(connection).await
+                }
+            };
+            if let Err(error) = served {
                 tracing::debug!(%peer, %error, "HTTP connection ended with an error");
             }
         });
     }
 
     drop(listener);
+    drop(tls);
     if tokio::time::timeout(drain_timeout, graceful.shutdown())
         .await
         .is_err()

@@ -61,6 +61,7 @@ use super::{Shared, events::connection_refused};
 use crate::auth::{AuthError, HeldCredential, Identity};
 use crate::ingest::IngestError;
 use crate::metadata::Role;
+use crate::tls::ClientCertificate;
 
 /// Bytes a PUBLISH may have beyond `mqtt.max_payload_bytes` for its fixed
 /// header, topic name, packet id and MQTT 5 properties.
@@ -278,12 +279,15 @@ pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Transport for T {}
 
 /// Serves one accepted connection until it closes.
-/// `peer` is the client's address, for the login throttle.
+/// `peer` is the client's address, for the login throttle. `certificate` is
+/// the TLS client certificate accepted at the handshake, which then
+/// authenticates the device in place of the CONNECT's credentials.
 pub async fn run<S: Transport>(
     mut stream: S,
     shared: Arc<Shared>,
     peer: Option<IpAddr>,
     _slot: OwnedSemaphorePermit,
+    certificate: Option<ClientCertificate>,
 ) {
     let _open = OpenConnection::new();
     let context = &shared.context;
@@ -317,7 +321,14 @@ pub async fn run<S: Transport>(
     // The handshake and the finish are boxed: their futures (a metadata
     // query, a will append) are large, and an unboxed future would make
     // every idle connection's task as large as the largest step.
-    let connected = match Box::pin(handshake::accept_connect(frame, context, peer)).await {
+    let connected = match Box::pin(handshake::accept_connect(
+        frame,
+        context,
+        peer,
+        certificate.as_ref(),
+    ))
+    .await
+    {
         Ok(connected) => connected,
         Err(rejection) => {
             if rejection.reason == "malformed" {

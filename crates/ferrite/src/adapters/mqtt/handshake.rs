@@ -11,6 +11,7 @@
 //! | empty client id with clean session 0 | server assigns an id | 0x02 |
 //! | client id in use by another device or by the applications of the same tenant | 0x85 | 0x02 |
 //! | no user name and no API key as password | 0x86 | 0x04 |
+//! | TLS client certificate that names no device | 0x87 | 0x05 |
 //! | unknown or revoked access token or API key, wrong password | 0x86 | 0x05 |
 //! | too many failed API keys or passwords from the address or for the email | 0x9F | 0x05 |
 //! | metadata store unavailable | 0x88 | 0x03 |
@@ -38,6 +39,8 @@ use super::topics::{PublishTarget, classify_publish, is_valid_topic_name};
 use crate::auth::{AuthError, HeldCredential, Subject, is_api_key};
 use crate::ids::TenantId;
 use crate::metadata::Role;
+use crate::tls::ClientCertificate;
+use crate::tls::client_auth::DeviceLookupError;
 
 /// Session Expiry Interval value meaning "never expires" (MQTT 5 3.1.2.11.2).
 const EXPIRY_NEVER: u32 = u32::MAX;
@@ -134,11 +137,15 @@ pub async fn accept_connect(
     frame: Frame,
     context: &MqttContext,
     peer: Option<IpAddr>,
+    certificate: Option<&ClientCertificate>,
 ) -> Result<Connected, Rejection> {
     let version = protocol_version(&frame)?;
     let connect = decode_connect(frame, version)?;
     check_features(&connect, version)?;
-    let (client, credential) = authenticate(&connect, version, context, peer).await?;
+    let (client, credential) = match certificate {
+        Some(certificate) => authenticate_certificate(certificate, version, context).await?,
+        None => authenticate(&connect, version, context, peer).await?,
+    };
     if let Client::Device(identity) = &client {
         context.directory.warm(identity.profile_id).await;
     }
@@ -279,6 +286,33 @@ fn credentials(connect: &ConnectPacket) -> Credentials<'_> {
         Credentials::DeviceToken(username)
     } else {
         Credentials::Missing
+    }
+}
+
+/// Authenticates the device of a TLS client certificate that the handshake
+/// accepted. The CONNECT's user name and password are not used.
+async fn authenticate_certificate(
+    certificate: &ClientCertificate,
+    version: ProtocolVersion,
+    context: &MqttContext,
+) -> Result<(Client, HeldCredential), Rejection> {
+    match crate::tls::client_auth::resolve_device(&context.metadata, certificate).await {
+        Ok((identity, credential)) => Ok((Client::Device(identity), credential)),
+        Err(DeviceLookupError::Metadata(error)) => {
+            tracing::error!(%error, "cannot authenticate an MQTT client certificate: the metadata store failed");
+            Err(Rejection::new(
+                version,
+                ReasonCode::ServerUnavailable,
+                "server_unavailable",
+                "metadata store unavailable",
+            ))
+        }
+        Err(error) => Err(Rejection::new(
+            version,
+            ReasonCode::NotAuthorized,
+            "bad_certificate",
+            error.to_string(),
+        )),
     }
 }
 

@@ -55,8 +55,15 @@
 //!
 //! ## What it leaves out
 //! - Sessions live in memory and end when the server stops; there is no
-//!   TLS listener, no enhanced (AUTH) authentication and no topic aliases
-//!   from the server yet.
+//!   enhanced (AUTH) authentication and no topic aliases from the server
+//!   yet.
+//!
+//! ## TLS
+//! MQTT over TLS (`tls.mqtts_listen`) runs the same connection code over a
+//! rustls stream. A client certificate accepted at the handshake
+//! (`crate::tls::client_auth`) authenticates its device, and the CONNECT's
+//! user name and password are then not used; without one, clients
+//! authenticate at CONNECT as over TCP.
 //!
 //! ## WebSocket
 //! MQTT over WebSocket (`/mqtt` on the HTTP listener) runs the same
@@ -228,11 +235,29 @@ impl MqttServer {
     }
 }
 
-/// Serves MQTT on `listener` until the shutdown token of `server` is
-/// cancelled. Then it stops accepting, sends MQTT 5 clients DISCONNECT
-/// 0x8B, waits for in-flight appends to finish and returns. Connections
-/// over WebSocket end the same way and are waited for too.
-pub async fn serve(listener: TcpListener, server: MqttServer) {
+/// The MQTT over TLS listener and what its handshakes need.
+pub struct TlsListener {
+    pub listener: TcpListener,
+    pub tls: crate::tls::TlsListener,
+    pub trust: Arc<crate::tls::DeviceTrust>,
+}
+
+/// Accepts from `listener`, or waits forever when there is none.
+async fn accept_from(
+    listener: Option<&TcpListener>,
+) -> std::io::Result<(tokio::net::TcpStream, SocketAddr)> {
+    match listener {
+        Some(listener) => listener.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Serves MQTT over TCP on `listener` and over TLS on `tls`, each when
+/// given, until the shutdown token of `server` is cancelled. Then it stops
+/// accepting, sends MQTT 5 clients DISCONNECT 0x8B, waits for in-flight
+/// appends to finish and returns. Connections over WebSocket end the same
+/// way and are waited for too.
+pub async fn serve(listener: Option<TcpListener>, tls: Option<TlsListener>, server: MqttServer) {
     let shared = server.shared.clone();
     let shutdown = shared.shutdown.clone();
     load_retained(&shared.context, &shared.router).await;
@@ -252,10 +277,11 @@ pub async fn serve(listener: TcpListener, server: MqttServer) {
                 }
                 continue;
             }
-            accepted = listener.accept() => accepted,
+            accepted = accept_from(listener.as_ref()) => accepted.map(|accepted| (accepted, false)),
+            accepted = accept_from(tls.as_ref().map(|tls| &tls.listener)) => accepted.map(|accepted| (accepted, true)),
         };
 
-        let (stream, peer) = match accepted {
+        let ((stream, peer), over_tls) = match accepted {
             Ok(accepted) => accepted,
             Err(error) => {
                 if let Some(suppressed) = accept_warnings.allow(std::time::Instant::now()) {
@@ -283,16 +309,62 @@ pub async fn serve(listener: TcpListener, server: MqttServer) {
         // Acknowledgements are small and latency matters more than packet
         // count.
         let _ = stream.set_nodelay(true);
-        shared
-            .tasks
-            .spawn(connection::run(stream, shared.clone(), Some(peer.ip()), slot).instrument(span));
+        match (over_tls, &tls) {
+            (true, Some(tls)) => {
+                let task = serve_tls_connection(
+                    stream,
+                    peer,
+                    tls.tls.clone(),
+                    tls.trust.clone(),
+                    shared.clone(),
+                    slot,
+                );
+                shared.tasks.spawn(task.instrument(span));
+            }
+            _ => {
+                let task = connection::run(stream, shared.clone(), Some(peer.ip()), slot, None);
+                shared.tasks.spawn(task.instrument(span));
+            }
+        }
     }
 
     drop(listener);
+    drop(tls);
     tracing::info!("MQTT listener closed; finishing open connections");
     shared.tasks.close();
     shared.tasks.wait().await;
     tracing::info!("MQTT server stopped");
+}
+
+/// Runs the TLS handshake, then serves the connection. A handshake that
+/// fails or times out closes the connection before any MQTT packet.
+async fn serve_tls_connection(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    tls: crate::tls::TlsListener,
+    trust: Arc<crate::tls::DeviceTrust>,
+    shared: Arc<Shared>,
+    slot: OwnedSemaphorePermit,
+) {
+    let stream = tokio::select! {
+        accepted = tls.accept(stream) => match accepted {
+            Ok(stream) => stream,
+            Err(error) => {
+                tracing::debug!(%error, "MQTT over TLS connection closed");
+                return;
+            }
+        },
+        () = shared.shutdown.cancelled() => return,
+    };
+    let certificate = crate::tls::client_certificate(&stream, &trust);
+    if let Some(certificate) = &certificate {
+        tracing::debug!(
+            fingerprint = hex::encode(certificate.fingerprint),
+            common_name = certificate.common_name.as_deref().unwrap_or(""),
+            "MQTT client presented a trusted certificate"
+        );
+    }
+    connection::run(stream, shared, Some(peer.ip()), slot, certificate).await;
 }
 
 /// Loads the retained messages stored before the last stop. On failure the

@@ -252,7 +252,7 @@ pub async fn serve_websocket<S>(
     let shared = server.shared.clone();
     let task = async move {
         let mut transport = WebSocketTransport::new(socket);
-        connection::run(&mut transport, shared, Some(peer.ip()), slot).await;
+        connection::run(&mut transport, shared, Some(peer.ip()), slot, None).await;
         transport.close().await;
     };
     server.track_connection(task.instrument(span)).await;

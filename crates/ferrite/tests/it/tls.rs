@@ -1,0 +1,510 @@
+//! HTTPS and MQTT over TLS: the server certificate from `ferrite certs`,
+//! client certificates of devices, refused handshakes, timeouts and the
+//! plain listeners turned off.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+use crate::support::{BINARY, Server, free_port};
+
+/// Runs `ferrite certs ARGS` and returns its standard output.
+fn certs(args: &[&str]) -> String {
+    let output = Command::new(BINARY)
+        .arg("certs")
+        .args(args)
+        .output()
+        .expect("run ferrite certs");
+    assert!(
+        output.status.success(),
+        "ferrite certs {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).expect("utf-8 output")
+}
+
+/// A certificate directory made by `ferrite certs init`.
+struct Certs {
+    _temp: tempfile::TempDir,
+    dir: PathBuf,
+}
+
+impl Certs {
+    fn new() -> Self {
+        let temp = tempfile::tempdir().expect("temp dir");
+        let dir = temp.path().join("certs");
+        certs(&["init", "--dir", dir.to_str().unwrap(), "--days", "30"]);
+        Self { _temp: temp, dir }
+    }
+
+    fn path(&self, file: &str) -> String {
+        self.dir.join(file).display().to_string()
+    }
+
+    /// Issues a device certificate with subject CN `common_name`; returns
+    /// the certificate and key paths.
+    fn device(&self, common_name: &str) -> (PathBuf, PathBuf) {
+        certs(&[
+            "device",
+            common_name,
+            "--dir",
+            self.dir.to_str().unwrap(),
+            "--days",
+            "30",
+        ]);
+        (
+            self.dir.join(format!("device-{common_name}.pem")),
+            self.dir.join(format!("device-{common_name}-key.pem")),
+        )
+    }
+}
+
+/// Returns the environment that turns TLS on with the certificates of
+/// `certs`.
+fn tls_env(certs: &Certs, https: SocketAddr, mqtts: SocketAddr) -> Vec<(String, String)> {
+    vec![
+        ("FERRITE_TLS_CERT_FILE".into(), certs.path("server.pem")),
+        ("FERRITE_TLS_KEY_FILE".into(), certs.path("server-key.pem")),
+        ("FERRITE_TLS_CLIENT_CA_FILE".into(), certs.path("ca.pem")),
+        ("FERRITE_TLS_HTTPS_LISTEN".into(), https.to_string()),
+        ("FERRITE_TLS_MQTTS_LISTEN".into(), mqtts.to_string()),
+        ("FERRITE_TLS_RELOAD_INTERVAL".into(), "200ms".into()),
+        ("FERRITE_TLS_HANDSHAKE_TIMEOUT".into(), "1s".into()),
+        ("FERRITE_HTTP_HEADER_READ_TIMEOUT".into(), "1s".into()),
+        (
+            "FERRITE_MQTT_CREDENTIAL_RECHECK_INTERVAL".into(),
+            "300ms".into(),
+        ),
+    ]
+}
+
+struct TlsServer {
+    server: Server,
+    certs: Certs,
+    https: SocketAddr,
+    mqtts: SocketAddr,
+}
+
+async fn start_tls_server() -> TlsServer {
+    let certs = Certs::new();
+    let https: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mqtts: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let env = tls_env(&certs, https, mqtts);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let server = Server::start_with_env(&env).await;
+    TlsServer {
+        server,
+        certs,
+        https,
+        mqtts,
+    }
+}
+
+fn read_certificates(path: &Path) -> Vec<CertificateDer<'static>> {
+    CertificateDer::pem_file_iter(path)
+        .expect("certificate file")
+        .collect::<Result<_, _>>()
+        .expect("PEM certificates")
+}
+
+/// Builds a TLS client that trusts the CA of `ca_file`, with an optional
+/// client certificate and key.
+fn connector(ca_file: &Path, client: Option<(&Path, &Path)>) -> TlsConnector {
+    let mut roots = rustls::RootCertStore::empty();
+    for certificate in read_certificates(ca_file) {
+        roots.add(certificate).expect("CA certificate");
+    }
+    // Deprecated in rustls 0.23.48 for lacking post-quantum key exchange,
+    // but the ring provider is the one the server uses.
+    #[allow(deprecated)]
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_root_certificates(roots);
+    let config = match client {
+        Some((cert, key)) => builder
+            .with_client_auth_cert(
+                read_certificates(cert),
+                PrivateKeyDer::from_pem_file(key).expect("client key"),
+            )
+            .expect("client certificate"),
+        None => builder.with_no_client_auth(),
+    };
+    TlsConnector::from(Arc::new(config))
+}
+
+async fn tls_connect(
+    addr: SocketAddr,
+    connector: &TlsConnector,
+) -> std::io::Result<TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(addr).await?;
+    let name = ServerName::try_from("localhost").unwrap();
+    connector.connect(name, tcp).await
+}
+
+/// Encodes an MQTT 3.1.1 CONNECT with clean session, keep alive 60 s and an
+/// optional user name.
+fn connect_packet(client_id: &str, username: Option<&str>) -> Vec<u8> {
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4];
+    body.push(if username.is_some() { 0x82 } else { 0x02 });
+    body.extend_from_slice(&[0, 60]);
+    for text in std::iter::once(client_id).chain(username) {
+        body.extend_from_slice(&(text.len() as u16).to_be_bytes());
+        body.extend_from_slice(text.as_bytes());
+    }
+    let mut packet = vec![0x10, body.len() as u8];
+    packet.extend_from_slice(&body);
+    packet
+}
+
+/// Encodes a QoS 1 PUBLISH with packet id 1.
+fn publish_packet(topic: &str, payload: &[u8]) -> Vec<u8> {
+    let mut body = Vec::new();
+    body.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+    body.extend_from_slice(topic.as_bytes());
+    body.extend_from_slice(&[0, 1]);
+    body.extend_from_slice(payload);
+    let mut packet = vec![0x32, body.len() as u8];
+    packet.extend_from_slice(&body);
+    packet
+}
+
+/// Reads exactly `count` bytes within 5 s.
+async fn read_exact<S: AsyncReadExt + Unpin>(stream: &mut S, count: usize) -> Vec<u8> {
+    let mut buffer = vec![0; count];
+    tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut buffer))
+        .await
+        .expect("reply within 5 s")
+        .expect("reply bytes");
+    buffer
+}
+
+/// Sends CONNECT and returns the CONNACK return code.
+async fn mqtt_connect<S>(stream: &mut S, client_id: &str, username: Option<&str>) -> u8
+where
+    S: AsyncReadExt + AsyncWriteExt + Unpin,
+{
+    stream
+        .write_all(&connect_packet(client_id, username))
+        .await
+        .expect("send CONNECT");
+    let connack = read_exact(stream, 4).await;
+    assert_eq!(connack[0], 0x20, "expected CONNACK, got {connack:?}");
+    connack[3]
+}
+
+/// Returns whether the peer closes the connection within `within`.
+async fn closed_within<S: AsyncReadExt + Unpin>(stream: &mut S, within: Duration) -> bool {
+    let mut buffer = [0u8; 64];
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        match tokio::time::timeout_at(deadline.into(), stream.read(&mut buffer)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => continue,
+            Err(_) => return false,
+        }
+    }
+    false
+}
+
+fn https_client(ca_file: &Path) -> reqwest::Client {
+    let ca = std::fs::read(ca_file).expect("CA file");
+    reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca).expect("CA PEM"))
+        .build()
+        .expect("HTTPS client")
+}
+
+#[tokio::test]
+async fn https_serves_api_with_hsts() {
+    let tls = start_tls_server().await;
+    let client = https_client(&tls.certs.dir.join("ca.pem"));
+
+    let response = client
+        .get(format!("https://localhost:{}/healthz", tls.https.port()))
+        .send()
+        .await
+        .expect("HTTPS request");
+    assert_eq!(response.status(), 200);
+    let hsts = response
+        .headers()
+        .get("strict-transport-security")
+        .expect("HSTS header over HTTPS");
+    assert_eq!(hsts, "max-age=31536000");
+
+    let plain = reqwest::get(format!("{}/healthz", tls.server.http_url))
+        .await
+        .expect("HTTP request");
+    assert_eq!(plain.status(), 200);
+    assert!(
+        plain.headers().get("strict-transport-security").is_none(),
+        "no HSTS header over plain HTTP"
+    );
+}
+
+#[tokio::test]
+async fn client_certificate_authenticates_device() {
+    let tls = start_tls_server().await;
+    let device = tls.server.create_device("tls-sensor").await;
+    let (cert, key) = tls.certs.device(&device.id);
+    let connector = connector(&tls.certs.dir.join("ca.pem"), Some((&cert, &key)));
+
+    let mut stream = tls_connect(tls.mqtts, &connector).await.expect("handshake");
+    // No user name: the certificate is the credential.
+    assert_eq!(mqtt_connect(&mut stream, "tls-sensor", None).await, 0);
+    stream
+        .write_all(&publish_packet(
+            "v1/devices/me/telemetry",
+            br#"{"temperature": 21.5}"#,
+        ))
+        .await
+        .unwrap();
+    assert_eq!(read_exact(&mut stream, 4).await, [0x40, 2, 0, 1], "PUBACK");
+
+    let stored = crate::support::wait_until(
+        || async {
+            let latest = tls.server.latest(&device.id).await;
+            latest.to_string().contains("21.5")
+        },
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(stored, "telemetry of the certificate's device is stored");
+}
+
+#[tokio::test]
+async fn token_still_works_without_certificate() {
+    let tls = start_tls_server().await;
+    let device = tls.server.create_device("token-over-tls").await;
+    let connector = connector(&tls.certs.dir.join("ca.pem"), None);
+    let mut stream = tls_connect(tls.mqtts, &connector).await.expect("handshake");
+    assert_eq!(
+        mqtt_connect(&mut stream, "token-over-tls", Some(&device.token)).await,
+        0
+    );
+
+    let mut stream = tls_connect(tls.mqtts, &connector).await.expect("handshake");
+    assert_eq!(
+        mqtt_connect(&mut stream, "no-credentials", None).await,
+        0x04,
+        "no certificate and no user name: bad user name or password"
+    );
+}
+
+#[tokio::test]
+async fn unknown_ca_is_refused_at_handshake() {
+    let tls = start_tls_server().await;
+    let device = tls.server.create_device("stranger").await;
+    let other = Certs::new();
+    let (cert, key) = other.device(&device.id);
+    let connector = connector(&tls.certs.dir.join("ca.pem"), Some((&cert, &key)));
+
+    // In TLS 1.3 the client sees the server's alert at its first read.
+    let refused = match tls_connect(tls.mqtts, &connector).await {
+        Err(_) => true,
+        Ok(mut stream) => {
+            let _ = stream.write_all(&connect_packet("stranger", None)).await;
+            let mut buffer = [0u8; 4];
+            !matches!(
+                tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buffer)).await,
+                Ok(Ok(4))
+            )
+        }
+    };
+    assert!(refused, "a certificate of an unknown CA gets no CONNACK");
+
+    let response = reqwest::get(format!("{}/healthz", tls.server.http_url))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "the server stays healthy");
+}
+
+#[tokio::test]
+async fn device_ca_creates_device_and_delete_ends_session() {
+    let tls = start_tls_server().await;
+    // A second CA, registered by the tenant through the API.
+    let tenant_ca = Certs::new();
+    let ca_pem = std::fs::read_to_string(tenant_ca.dir.join("ca.pem")).unwrap();
+    let client = reqwest::Client::new();
+    let token = tls.server.admin_token().await;
+    let response = client
+        .post(format!("{}/api/v1/device-cas", tls.server.http_url))
+        .bearer_auth(&token)
+        .json(&json!({"pem": ca_pem, "auto_create_devices": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    let registered: Value = response.json().await.unwrap();
+    let fingerprint = registered["fingerprint"].as_str().unwrap().to_owned();
+    assert_eq!(fingerprint.len(), 64);
+
+    let again = client
+        .post(format!("{}/api/v1/device-cas", tls.server.http_url))
+        .bearer_auth(&token)
+        .json(&json!({"pem": ca_pem}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 409, "a CA is registered once");
+
+    let (cert, key) = tenant_ca.device("truck-7");
+    let connector = connector(&tls.certs.dir.join("ca.pem"), Some((&cert, &key)));
+    let mut stream = tls_connect(tls.mqtts, &connector).await.expect("handshake");
+    assert_eq!(mqtt_connect(&mut stream, "truck-7", None).await, 0);
+
+    let (status, devices) = tls.server.get_json("/api/v1/devices").await;
+    assert_eq!(status, 200);
+    assert!(
+        devices.to_string().contains("\"truck-7\""),
+        "the device was created with the CN as name: {devices}"
+    );
+
+    let deleted = client
+        .delete(format!(
+            "{}/api/v1/device-cas/{fingerprint}",
+            tls.server.http_url
+        ))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 204);
+    assert!(
+        closed_within(&mut stream, Duration::from_secs(1)).await,
+        "deleting the CA ends the open session within a second"
+    );
+    let reconnect = match tls_connect(tls.mqtts, &connector).await {
+        Err(_) => true,
+        Ok(mut stream) => {
+            let _ = stream.write_all(&connect_packet("truck-7", None)).await;
+            closed_within(&mut stream, Duration::from_secs(5)).await
+        }
+    };
+    assert!(reconnect, "certificates of a deleted CA are refused");
+}
+
+#[tokio::test]
+async fn silent_clients_are_closed_before_handshake_ends() {
+    let tls = start_tls_server().await;
+    for addr in [tls.mqtts, tls.https] {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        assert!(
+            closed_within(&mut stream, Duration::from_secs(4)).await,
+            "a client that sends nothing to {addr} is closed"
+        );
+    }
+    // A client that stops after a partial ClientHello.
+    let mut stream = TcpStream::connect(tls.mqtts).await.unwrap();
+    stream
+        .write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01])
+        .await
+        .unwrap();
+    assert!(
+        closed_within(&mut stream, Duration::from_secs(4)).await,
+        "a stalled handshake is closed"
+    );
+}
+
+#[tokio::test]
+async fn certificate_reload_needs_no_restart() {
+    let tls = start_tls_server().await;
+    let connector = connector(&tls.certs.dir.join("ca.pem"), None);
+    let first = tls_connect(tls.mqtts, &connector).await.expect("handshake");
+    let first_leaf = first.get_ref().1.peer_certificates().unwrap()[0].clone();
+
+    // A bad file keeps the old certificate.
+    let key_path = tls.certs.dir.join("server-key.pem");
+    let good_key = std::fs::read(&key_path).unwrap();
+    std::fs::write(&key_path, b"not a key").unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let during = tls_connect(tls.mqtts, &connector)
+        .await
+        .expect("handshake with the previous certificate");
+    assert_eq!(
+        during.get_ref().1.peer_certificates().unwrap()[0],
+        first_leaf
+    );
+    std::fs::write(&key_path, good_key).unwrap();
+
+    // `certs init` again reuses the CA and writes a new server certificate.
+    certs(&[
+        "init",
+        "--dir",
+        tls.certs.dir.to_str().unwrap(),
+        "--days",
+        "31",
+    ]);
+    let renewed = crate::support::wait_until(
+        || async {
+            let stream = tls_connect(tls.mqtts, &connector).await.expect("handshake");
+            stream.get_ref().1.peer_certificates().unwrap()[0] != first_leaf
+        },
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(renewed, "new clients see the renewed certificate");
+}
+
+#[tokio::test]
+async fn plain_listeners_can_be_turned_off() {
+    let certs = Certs::new();
+    let temp = tempfile::tempdir().unwrap();
+    let https: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mqtts: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let http_port = free_port();
+    let mqtt_port = free_port();
+    let mut command = Command::new(BINARY);
+    command
+        .args(["serve", "--data-dir"])
+        .arg(temp.path())
+        .args(["--http-listen", &format!("127.0.0.1:{http_port}")])
+        .args(["--mqtt-listen", &format!("127.0.0.1:{mqtt_port}")])
+        .args([
+            "--coap-listen",
+            "127.0.0.1:0",
+            "--lorawan-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--coaps-listen", "127.0.0.1:0"])
+        .env("FERRITE_TLS_PLAIN_LISTENERS", "false")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    for (key, value) in tls_env(&certs, https, mqtts) {
+        command.env(key, value);
+    }
+    let mut child = command.spawn().expect("start ferrite serve");
+
+    let client = https_client(&certs.dir.join("ca.pem"));
+    let healthy = crate::support::wait_until(
+        || async {
+            client
+                .get(format!("https://localhost:{}/healthz", https.port()))
+                .send()
+                .await
+                .is_ok_and(|response| response.status() == 200)
+        },
+        Duration::from_secs(20),
+    )
+    .await;
+    let http = TcpStream::connect(("127.0.0.1", http_port)).await;
+    let mqtt = TcpStream::connect(("127.0.0.1", mqtt_port)).await;
+    let _ = child.kill();
+    let _ = child.wait();
+
+    assert!(healthy, "HTTPS serves with the plain listeners off");
+    assert!(http.is_err(), "plain HTTP refuses connections");
+    assert!(mqtt.is_err(), "plain MQTT refuses connections");
+}
