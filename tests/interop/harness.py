@@ -105,6 +105,9 @@ class FerriteServer:
         self.process: subprocess.Popen[bytes] | None = None
         self.api = requests.Session()
         self.operator_key = ""
+        # Variables added to the server's environment after the `FERRITE_*`
+        # ones are removed, such as `FERRITE_CONFIG`.
+        self.extra_env: dict[str, str] = {}
 
     # --- process ---------------------------------------------------------
 
@@ -115,6 +118,7 @@ class FerriteServer:
         env = {name: value for name, value in os.environ.items() if not name.startswith("FERRITE_")}
         env["RUST_LOG"] = os.environ.get("FERRITE_TEST_LOG", "warn")
         env["NO_COLOR"] = "1"
+        env.update(self.extra_env)
         return env
 
     def run_cli(self, *args: str, stdin: str | None = None) -> dict[str, Any]:

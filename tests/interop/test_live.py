@@ -64,13 +64,17 @@ def other_tenant_token(server: FerriteServer) -> str:
     key = (server.data_dir / "jwt.key").read_bytes()
     now = int(time.time())
     claims = {
+        "iss": "ferrite",
+        "aud": "ferrite-api",
         "sub": str(uuid.uuid4()),
+        "jti": str(uuid.uuid4()),
         "tenant": str(uuid.uuid4()),
         "role": "admin",
+        "kind": "user",
         "iat": now,
         "exp": now + 600,
     }
-    return jwt.encode(claims, key, algorithm="HS256")
+    return jwt.encode(claims, key, algorithm="HS256", headers={"typ": "at+jwt"})
 
 
 @pytest.mark.parametrize(

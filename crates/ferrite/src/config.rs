@@ -547,12 +547,100 @@ mod retention_serde {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
-    /// Lifetime of the JWT access tokens that `POST /api/v1/auth/login` issues.
+    /// Lifetime of the JWT access tokens that login, refresh and the OAuth
+    /// 2.0 token endpoint issue.
     #[serde(with = "humantime_serde")]
     pub access_token_ttl: Duration,
+    /// Lifetime of a refresh token. Each refresh issues a new one with the
+    /// full lifetime, so a client that refreshes within it stays logged in.
+    #[serde(with = "humantime_serde")]
+    pub refresh_token_ttl: Duration,
     /// Lets an API key with the admin or operator role create devices on
     /// first write through line protocol with `device_tag`.
     pub auto_create_devices: bool,
+    /// Login through an external OpenID Connect provider.
+    pub oidc: OidcConfig,
+}
+
+/// Login through an external OpenID Connect provider with the
+/// authorization code flow and PKCE. Off while `issuer` is empty.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OidcConfig {
+    /// Issuer URL; its `/.well-known/openid-configuration` is read at the
+    /// first login.
+    pub issuer: String,
+    pub client_id: String,
+    /// File that contains the client secret (surrounding whitespace is
+    /// ignored). The secret is never stored in the database.
+    pub client_secret_file: Option<PathBuf>,
+    /// Environment variable that contains the client secret, used when
+    /// `client_secret_file` is not set.
+    pub client_secret_env: String,
+    /// This server's callback URL as registered at the provider; it ends
+    /// in `/api/v1/auth/oidc/callback`.
+    pub redirect_url: String,
+    /// Scopes requested from the provider, space-separated.
+    pub scopes: String,
+    /// ID token claim whose value (`admin`, `operator` or `viewer`) is the
+    /// role of a user created at first login. Empty: `default_role`.
+    pub role_claim: String,
+    /// Role of a user created at first login when `role_claim` is empty or
+    /// missing. Empty: only users that already exist may log in.
+    pub default_role: String,
+    /// Email domains allowed to log in, such as `example.com`. Empty: all.
+    pub allowed_email_domains: Vec<String>,
+    /// Name of the tenant of users created at first login.
+    pub tenant: String,
+}
+
+impl OidcConfig {
+    pub fn enabled(&self) -> bool {
+        !self.issuer.is_empty()
+    }
+}
+
+impl AuthConfig {
+    fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.access_token_ttl >= Duration::from_secs(10),
+            "auth.access_token_ttl must be at least 10s"
+        );
+        anyhow::ensure!(
+            self.refresh_token_ttl >= self.access_token_ttl,
+            "auth.refresh_token_ttl must be at least auth.access_token_ttl"
+        );
+        let oidc = &self.oidc;
+        if !oidc.enabled() {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            oidc.issuer.starts_with("https://")
+                || oidc.issuer.starts_with("http://127.0.0.1")
+                || oidc.issuer.starts_with("http://localhost"),
+            "auth.oidc.issuer must be an https URL (http only on 127.0.0.1 or localhost, for tests): got {:?}",
+            oidc.issuer
+        );
+        anyhow::ensure!(
+            !oidc.client_id.is_empty(),
+            "auth.oidc.client_id is missing: set the client id registered at the provider"
+        );
+        anyhow::ensure!(
+            oidc.redirect_url.ends_with("/api/v1/auth/oidc/callback"),
+            "auth.oidc.redirect_url must be this server's URL ending in /api/v1/auth/oidc/callback: got {:?}",
+            oidc.redirect_url
+        );
+        anyhow::ensure!(
+            oidc.client_secret_file.is_some() || !oidc.client_secret_env.is_empty(),
+            "auth.oidc needs the client secret: set client_secret_file or client_secret_env"
+        );
+        if !oidc.default_role.is_empty() {
+            oidc.default_role
+                .parse::<crate::metadata::Role>()
+                .map_err(|message| anyhow::anyhow!("auth.oidc.default_role: {message}"))?;
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -973,8 +1061,27 @@ impl Default for StorageConfig {
 impl Default for AuthConfig {
     fn default() -> Self {
         Self {
-            access_token_ttl: Duration::from_secs(3600),
+            access_token_ttl: Duration::from_secs(15 * 60),
+            refresh_token_ttl: Duration::from_secs(14 * 24 * 3600),
             auto_create_devices: true,
+            oidc: OidcConfig::default(),
+        }
+    }
+}
+
+impl Default for OidcConfig {
+    fn default() -> Self {
+        Self {
+            issuer: String::new(),
+            client_id: String::new(),
+            client_secret_file: None,
+            client_secret_env: String::new(),
+            redirect_url: String::new(),
+            scopes: "openid email profile".to_owned(),
+            role_claim: String::new(),
+            default_role: String::new(),
+            allowed_email_domains: Vec::new(),
+            tenant: "default".to_owned(),
         }
     }
 }
@@ -1021,7 +1128,7 @@ impl Default for ActionsMqttConfig {
 /// as the variable prefix and the path of tables. A nested section comes
 /// before its parent, so that `FERRITE_ACTIONS_MQTT_URL` sets
 /// `actions.mqtt.url` rather than `actions.mqtt_url`.
-const SECTIONS: [(&str, &[&str]); 16] = [
+const SECTIONS: [(&str, &[&str]); 17] = [
     ("http", &["http"]),
     ("mqtt", &["mqtt"]),
     ("coap_dtls", &["coap", "dtls"]),
@@ -1031,6 +1138,7 @@ const SECTIONS: [(&str, &[&str]); 16] = [
     ("ingest_nats", &["ingest", "nats"]),
     ("ingest", &["ingest"]),
     ("storage", &["storage"]),
+    ("auth_oidc", &["auth", "oidc"]),
     ("auth", &["auth"]),
     ("processing", &["processing"]),
     ("log", &["log"]),
@@ -1201,6 +1309,7 @@ impl Config {
             "storage.memory_budget_bytes must be at least 64 MiB (67108864)"
         );
         self.actions.validate()?;
+        self.auth.validate()?;
         anyhow::ensure!(
             !self.websocket.ping_interval.is_zero(),
             "websocket.ping_interval must be longer than zero"
@@ -1454,10 +1563,34 @@ rollups = ["1h", "1d"]
 [storage.tenant_retention]
 
 [auth]
-# Lifetime of access tokens from POST /api/v1/auth/login.
-access_token_ttl = "1h"
+# Lifetime of access tokens from login, refresh and POST /api/v1/oauth/token.
+access_token_ttl = "15m"
+# Lifetime of refresh tokens; each refresh issues a new one.
+refresh_token_ttl = "14days"
 # Lets admin and operator API keys create devices on first line-protocol write.
 auto_create_devices = true
+
+[auth.oidc]
+# Login through an OpenID Connect provider (authorization code flow with
+# PKCE). Off while issuer is empty.
+issuer = ""
+client_id = ""
+# The client secret, from a file or else from the environment variable
+# named here; it is never stored in the database.
+# client_secret_file = "/etc/ferrite/oidc-client-secret"
+client_secret_env = ""
+# This server's callback, as registered at the provider.
+redirect_url = ""
+scopes = "openid email profile"
+# ID token claim that holds the role (admin, operator or viewer) of a user
+# created at first login; without it, default_role. An empty default_role
+# lets only existing users log in.
+role_claim = ""
+default_role = ""
+# Email domains allowed to log in, such as ["example.com"]; empty: all.
+allowed_email_domains = []
+# Tenant of users created at first login.
+tenant = "default"
 
 [processing]
 # Dead letters (messages the pipeline could not store) kept per device; the
@@ -1622,7 +1755,7 @@ mod tests {
         apply_env(&mut table, vars.into_iter());
         let config: Config = toml::Value::Table(table).try_into().unwrap();
         assert_eq!(config.ingest.nats.url, "nats://10.0.0.1:4222");
-        assert!(!format!("{config:?}").contains("secret"));
+        assert!(!format!("{config:?}").contains("\"secret\""));
     }
 
     #[test]
@@ -1671,7 +1804,7 @@ mod tests {
         let config: Config = toml::Value::Table(table).try_into().unwrap();
         let settings = &config.lorawan.chirpstack_mqtt;
         assert_eq!(settings.url, "mqtt://127.0.0.1:1883");
-        assert!(!format!("{config:?}").contains("secret"));
+        assert!(!format!("{config:?}").contains("\"secret\""));
         let error = config.validate().unwrap_err().to_string();
         assert!(error.contains("lorawan.chirpstack_mqtt.tenant"), "{error}");
 

@@ -71,3 +71,8 @@ uuid_id!(
     /// One alarm: a rule's condition on one device, from raised to cleared.
     AlarmId
 );
+uuid_id!(
+    /// A service that gets access tokens with the OAuth 2.0 client
+    /// credentials grant.
+    ServiceAccountId
+);

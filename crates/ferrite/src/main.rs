@@ -332,7 +332,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 "invalid email {email:?}: give an address such as ops@example.com"
             );
             let password = read_password()?;
-            auth::check_password_rules(&password)?;
+            auth::check_password_rules(&password, &email)?;
             let metadata = open_cli_metadata(&config).await?;
             let tenant = metadata.default_tenant().await?;
             let hash = auth::hash_password(&password)?;

@@ -226,7 +226,7 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
     let auth = Arc::new(Auth::open(
         &config.data_dir,
         metadata.clone(),
-        config.auth.access_token_ttl,
+        &config.auth,
     )?);
     let master_key = Arc::new(crate::encryption::MasterKey::load(&config.data_dir)?);
     let dtls_credentials = Arc::new(crate::auth::dtls::DtlsCredentials::default());

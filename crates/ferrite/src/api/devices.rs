@@ -327,9 +327,33 @@ pub async fn rotate_token(
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct CreateApiKey {
     name: String,
     role: String,
+    /// Scopes that narrow the role; missing means everything the role allows.
+    scopes: Option<Vec<String>>,
+    /// Lifetime in seconds from now.
+    expires_in: Option<u64>,
+    /// End of validity in epoch milliseconds.
+    expires_at: Option<i64>,
+}
+
+/// Maximum lifetime that `expires_in` accepts: ten years.
+const MAX_API_KEY_LIFETIME_SECONDS: u64 = 10 * 365 * 24 * 3600;
+
+fn api_key_json(key: &crate::metadata::identity::ApiKeyRecord) -> serde_json::Value {
+    let now = chrono::Utc::now().timestamp_millis();
+    json!({
+        "id": key.id,
+        "name": key.name,
+        "role": key.role,
+        "scopes": key.scopes.as_deref().map(|scopes| scopes.split(' ').collect::<Vec<_>>()),
+        "created_at": key.created_at,
+        "expires_at": key.expires_at,
+        "expired": key.expires_at.is_some_and(|expires_at| expires_at <= now),
+        "last_used_at": key.last_used_at,
+    })
 }
 
 /// `POST /api/v1/api-keys`: creates an API key (admins only) and returns it once.
@@ -341,7 +365,7 @@ pub async fn create_api_key(
     principal.require(Role::Admin)?;
     let request: CreateApiKey = serde_json::from_slice(&body).map_err(|error| {
         ApiError::bad_request(format!(
-            "the body must be a JSON object with \"name\" and \"role\": {error}"
+            "the body must be a JSON object with \"name\", \"role\" and optionally \"scopes\" (a list), \"expires_in\" (seconds) or \"expires_at\" (epoch milliseconds): {error}"
         ))
     })?;
     check_name(&request.name)?;
@@ -349,21 +373,65 @@ pub async fn create_api_key(
         .role
         .parse()
         .map_err(|message: String| ApiError::invalid_param("role", message))?;
+    let scopes = request
+        .scopes
+        .as_deref()
+        .map(auth::scopes::Scopes::from_list)
+        .transpose()
+        .map_err(|message| ApiError::invalid_param("scopes", message))?;
+    if let Some(scopes) = &scopes {
+        scopes
+            .check_role(role)
+            .map_err(|message| ApiError::invalid_param("scopes", message))?;
+    }
+    let now = chrono::Utc::now().timestamp_millis();
+    let expires_at = match (request.expires_in, request.expires_at) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid_param(
+                "expires_in",
+                "give expires_in or expires_at, not both",
+            ));
+        }
+        (Some(seconds), None) => {
+            if seconds == 0 || seconds > MAX_API_KEY_LIFETIME_SECONDS {
+                return Err(ApiError::invalid_param(
+                    "expires_in",
+                    format!("expires_in must be from 1 to {MAX_API_KEY_LIFETIME_SECONDS} seconds"),
+                ));
+            }
+            Some(now + seconds as i64 * 1000)
+        }
+        (None, Some(at)) => {
+            if at <= now {
+                return Err(ApiError::invalid_param(
+                    "expires_at",
+                    format!(
+                        "expires_at {at} is not in the future; give epoch milliseconds after {now}"
+                    ),
+                ));
+            }
+            Some(at)
+        }
+        (None, None) => None,
+    };
+
     let key = auth::generate_api_key();
+    let scope_text = scopes.as_ref().map(ToString::to_string);
     let created = state
         .metadata
-        .create_api_key(
+        .create_scoped_api_key(
             principal.tenant_id,
             &request.name,
             role,
             &auth::hash_secret(&key),
+            scope_text.as_deref(),
+            expires_at,
         )
         .await?;
-    tracing::info!(api_key_id = %created.id, role = %role, by = %principal.subject, "API key created");
-    Ok((
-        StatusCode::CREATED,
-        Json(json!({"id": created.id, "name": created.name, "role": created.role, "key": key})),
-    ))
+    tracing::info!(api_key_id = %created.id, role = %role, scopes = ?scope_text, by = %principal.subject, "API key created");
+    let mut body = api_key_json(&created);
+    body["key"] = json!(key);
+    Ok((StatusCode::CREATED, Json(body)))
 }
 
 /// `GET /api/v1/api-keys`: the tenant's API keys, without the secrets (admins only).
@@ -372,15 +440,16 @@ pub async fn list_api_keys(
     principal: Principal,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     principal.require(Role::Admin)?;
-    let keys = state.metadata.list_api_keys(principal.tenant_id).await?;
-    let keys: Vec<_> = keys
-        .iter()
-        .map(|key| json!({"id": key.id, "name": key.name, "role": key.role, "created_at": key.created_at}))
-        .collect();
+    let keys = state
+        .metadata
+        .list_api_key_records(principal.tenant_id)
+        .await?;
+    let keys: Vec<_> = keys.iter().map(api_key_json).collect();
     Ok(Json(json!({"api_keys": keys})))
 }
 
-/// `DELETE /api/v1/api-keys/{id}`: revokes an API key at once (admins only).
+/// `DELETE /api/v1/api-keys/{id}`: revokes an API key at once (admins only)
+/// and ends the connections that use it.
 pub async fn revoke_api_key(
     State(state): State<Arc<AppState>>,
     principal: Principal,
@@ -394,6 +463,10 @@ pub async fn revoke_api_key(
         .metadata
         .revoke_api_key(principal.tenant_id, id)
         .await?;
+    state
+        .auth
+        .revocations()
+        .publish(auth::revocation::Revoked::ApiKey { id, hash: None });
     tracing::info!(api_key_id = %id, by = %principal.subject, "API key revoked");
     Ok(StatusCode::NO_CONTENT)
 }

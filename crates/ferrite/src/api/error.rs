@@ -190,12 +190,29 @@ impl From<AuthError> for ApiError {
     fn from(error: AuthError) -> Self {
         match error {
             AuthError::Metadata(error) => error.into(),
-            AuthError::DeviceTokenNotAllowed => Self::forbidden(error.to_string()),
-            AuthError::Throttled { .. } => Self::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "Too Many Requests",
-                error.to_string(),
-            ),
+            AuthError::DeviceTokenNotAllowed | AuthError::ScopeMissing { .. } => {
+                Self::forbidden(error.to_string())
+            }
+            AuthError::Throttled { retry_after } => Self {
+                retry_after: Some(retry_after.as_secs().max(1)),
+                ..Self::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "Too Many Requests",
+                    error.to_string(),
+                )
+            },
+            AuthError::Oidc(error) => {
+                use crate::auth::oidc::OidcError;
+                let status = match &error {
+                    OidcError::UnknownState => StatusCode::BAD_REQUEST,
+                    OidcError::Provider(_) | OidcError::InvalidIdToken(_) => {
+                        StatusCode::UNAUTHORIZED
+                    }
+                    OidcError::NotAllowed(_) => StatusCode::FORBIDDEN,
+                    OidcError::Unavailable => StatusCode::BAD_GATEWAY,
+                };
+                Self::new(status, "OpenID Connect login failed", error.to_string())
+            }
             other => Self::unauthorized(other.to_string()),
         }
     }

@@ -177,7 +177,11 @@ async fn authenticate(
             ));
         }
         (true, None) => from_header?,
-        (false, Some(token)) => state.auth.authenticate_bearer(token.trim()).await?,
+        (false, Some(token)) => {
+            let principal = state.auth.authenticate_bearer(token.trim()).await?;
+            principal.require_scope(crate::auth::scopes::Scope::TelemetryRead)?;
+            principal
+        }
         (false, None) => {
             return Err(ApiError::unauthorized(
                 "missing credentials: send Authorization: Bearer <access token or API key>, or access_token=<access token or API key> where the client cannot set headers",
@@ -993,7 +997,12 @@ mod tests {
         };
         let metadata = Arc::new(SqliteMetadata::open(dir.path()).await.expect("metadata"));
         let auth = Arc::new(
-            Auth::open(dir.path(), metadata.clone(), Duration::from_secs(3600)).expect("auth"),
+            Auth::open(
+                dir.path(),
+                metadata.clone(),
+                &crate::config::AuthConfig::default(),
+            )
+            .expect("auth"),
         );
         let store: Arc<dyn TimeSeriesStore> = Arc::new(
             EmbeddedStore::open(&dir.path().join("tsdb"), &config.storage).expect("store"),

@@ -1,7 +1,11 @@
 //! The REST API: login, devices and telemetry queries.
 //!
-//! Every endpoint except login takes `Authorization: Bearer <JWT or API key>`
-//! and works inside the caller's tenant; ids of other tenants get 404.
+//! Every endpoint except login, refresh, logout, the OpenID Connect login
+//! and the OAuth 2.0 token endpoint takes `Authorization: Bearer <JWT or
+//! API key>` and works inside the caller's tenant; ids of other tenants get
+//! 404. A credential with scopes is checked against the scope of the
+//! request's path ([`crate::auth::scopes::required_scope`]) before any
+//! handler runs.
 
 mod actions;
 mod alarms;
@@ -13,9 +17,11 @@ mod device_cas;
 pub mod devices;
 pub mod error;
 mod fleet;
+mod identity;
 pub(crate) mod live;
 pub mod lorawan;
 pub mod profiles;
+mod service_accounts;
 mod telemetry;
 
 pub use telemetry::query as telemetry_query;
@@ -28,7 +34,6 @@ use axum::http::header;
 use axum::http::request::Parts;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::Deserialize;
 
 pub use error::ApiError;
 
@@ -38,7 +43,8 @@ use crate::server::AppState;
 
 pub fn router() -> Router<Arc<AppState>> {
     Router::new()
-        .route("/api/v1/auth/login", post(login))
+        // Login, tokens, users and service accounts.
+        .merge(identity::router())
         .route("/api/v1/devices", get(devices::list).post(devices::create))
         .route(
             "/api/v1/devices/{id}",
@@ -110,7 +116,9 @@ pub fn router() -> Router<Arc<AppState>> {
         .route("/api/v1/export", get(crate::export::http::export))
         .route(
             "/api/v1/api-keys",
-            get(devices::list_api_keys).post(devices::create_api_key),
+            get(devices::list_api_keys)
+                .post(devices::create_api_key)
+                .layer(identity::no_store()),
         )
         .route(
             "/api/v1/api-keys/{id}",
@@ -221,7 +229,11 @@ impl FromRequestParts<Arc<AppState>> for Principal {
                 "missing credentials: send Authorization: Bearer <access token or API key>",
             )
         })?;
-        Ok(state.auth.authenticate_bearer(token).await?)
+        let principal = state.auth.authenticate_bearer(token).await?;
+        if let Some(scope) = crate::auth::scopes::required_scope(&parts.method, parts.uri.path()) {
+            principal.require_scope(scope)?;
+        }
+        Ok(principal)
     }
 }
 
@@ -237,24 +249,4 @@ impl Principal {
             )))
         }
     }
-}
-
-#[derive(Deserialize)]
-struct LoginRequest {
-    email: String,
-    password: String,
-}
-
-async fn login(
-    State(state): State<Arc<AppState>>,
-    body: axum::body::Bytes,
-) -> Result<Json<crate::auth::LoginToken>, ApiError> {
-    let request: LoginRequest = serde_json::from_slice(&body).map_err(|error| {
-        ApiError::bad_request(format!(
-            "the body must be a JSON object with \"email\" and \"password\": {error}"
-        ))
-    })?;
-    Ok(Json(
-        state.auth.login(&request.email, &request.password).await?,
-    ))
 }

@@ -5,7 +5,11 @@
 //!   strength, and it would cost a slow hash per MQTT connect and HTTP request.
 //! - Passwords are hashed with argon2id.
 //! - JWT access tokens are HS256, signed with a 256-bit key generated on
-//!   first start and kept in `jwt.key` in the data directory (mode 0600).
+//!   first start and kept in `jwt.key` in the data directory (mode 0600);
+//!   see [`tokens`] for what is checked. Refresh tokens are opaque, stored
+//!   as SHA-256 hashes, and rotated on every use ([`sessions`]).
+//! - API keys and service accounts may carry [`scopes`] that narrow their
+//!   role.
 //!
 //! Device token lookups are cached in memory by hash. The cache entry is
 //! dropped when the token is rotated or the device deleted through this
@@ -13,11 +17,16 @@
 //! [`DEVICE_CACHE_TTL`].
 
 pub mod dtls;
+pub mod oidc;
+pub mod passwords;
 // Subscribers arrive with the connection loops that end on revocation.
 #[allow(dead_code)]
 pub mod revocation;
+pub mod scopes;
 mod secrets;
+mod sessions;
 mod throttle;
+pub mod tokens;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -25,17 +34,20 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use parking_lot::Mutex;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
-use crate::ids::{DeviceId, TenantId, UserId};
+use crate::config::AuthConfig;
+use crate::ids::{ApiKeyId, DeviceId, ServiceAccountId, TenantId, UserId};
 use crate::metadata::{MetadataError, MetadataStore, Role, SqliteMetadata};
+use scopes::{Scope, Scopes};
+use tokens::{JwtKeys, SubjectKind};
 
 pub use secrets::{
     DEVICE_TOKEN_PREFIX, generate_api_key, generate_device_token, hash_password, hash_secret,
     verify_password,
 };
+pub use sessions::TokenPair;
 pub use throttle::LoginThrottle;
 
 /// Password hashes (argon2id) verified at the same time; more logins wait.
@@ -61,12 +73,34 @@ pub struct Principal {
     pub tenant_id: TenantId,
     pub role: Role,
     pub subject: Subject,
+    /// Scopes that narrow the role (API keys and service accounts);
+    /// `None` allows everything the role allows.
+    pub scopes: Option<Scopes>,
+}
+
+impl Principal {
+    /// Returns whether the principal's scopes allow `scope`.
+    pub fn allows(&self, scope: Scope) -> bool {
+        self.scopes
+            .as_ref()
+            .is_none_or(|scopes| scopes.allows(scope))
+    }
+
+    /// Fails unless the principal's scopes allow `scope`.
+    pub fn require_scope(&self, scope: Scope) -> Result<(), AuthError> {
+        if self.allows(scope) {
+            Ok(())
+        } else {
+            Err(AuthError::ScopeMissing { scope })
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
 pub enum Subject {
     User(UserId),
     ApiKey(String),
+    ServiceAccount(ServiceAccountId),
 }
 
 impl std::fmt::Display for Subject {
@@ -74,6 +108,7 @@ impl std::fmt::Display for Subject {
         match self {
             Subject::User(id) => write!(f, "user {id}"),
             Subject::ApiKey(name) => write!(f, "API key {name:?}"),
+            Subject::ServiceAccount(id) => write!(f, "service account {id}"),
         }
     }
 }
@@ -139,6 +174,20 @@ pub enum AuthError {
     InvalidCertificate,
     #[error("the bearer token is invalid, expired or revoked")]
     InvalidBearer,
+    /// Contains a sentence on what is wrong with the access token.
+    #[error("{0}")]
+    InvalidAccessToken(String),
+    /// Contains a sentence on what is wrong with the refresh token.
+    #[error("{0}")]
+    InvalidRefreshToken(String),
+    #[error("the API key expired; an admin can create a new one with POST /api/v1/api-keys")]
+    ApiKeyExpired,
+    #[error(
+        "the credential's scopes do not include {scope}, which this request needs; use a credential with that scope"
+    )]
+    ScopeMissing { scope: Scope },
+    #[error(transparent)]
+    Oidc(#[from] oidc::OidcError),
     #[error(
         "a device access token only writes the device's telemetry; read the API with a JWT from POST /api/v1/auth/login or an API key"
     )]
@@ -150,15 +199,6 @@ pub enum AuthError {
     Throttled { retry_after: Duration },
     #[error(transparent)]
     Metadata(#[from] MetadataError),
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-struct Claims {
-    sub: String,
-    tenant: String,
-    role: Role,
-    iat: u64,
-    exp: u64,
 }
 
 impl<'de> Deserialize<'de> for Role {
@@ -241,37 +281,56 @@ pub struct Auth {
     /// Password hashes running at once, so that a burst of logins cannot
     /// take every thread of the blocking pool.
     hash_slots: tokio::sync::Semaphore,
-    encoding_key: EncodingKey,
-    decoding_key: DecodingKey,
+    keys: JwtKeys,
     access_token_ttl: Duration,
+    refresh_token_ttl: Duration,
     device_cache: Mutex<HashMap<[u8; 32], CachedDevice>>,
     rejected_tokens: Mutex<RejectedTokens>,
     #[allow(dead_code)]
     revocations: revocation::Revocations,
+    /// Refresh token families revoked by this process, with the time of
+    /// revocation, so that their access tokens stop working at once. An
+    /// entry is dropped once every access token of the family has expired.
+    revoked_sessions: Mutex<HashMap<String, Instant>>,
+    /// Service accounts revoked by this process, kept like
+    /// `revoked_sessions`.
+    revoked_services: Mutex<HashMap<ServiceAccountId, Instant>>,
+    /// When each API key's last use was written to the database; writes
+    /// happen at most once per [`API_KEY_USE_INTERVAL`] per key.
+    api_key_uses: Mutex<HashMap<ApiKeyId, Instant>>,
+    /// Login through an OpenID Connect provider, when configured.
+    oidc: Option<oidc::Oidc>,
+    /// Epoch milliseconds of the last deletion of stale refresh tokens.
+    last_refresh_cleanup: std::sync::atomic::AtomicI64,
 }
 
-/// Response to a successful login.
-#[derive(Debug, Serialize)]
-pub struct LoginToken {
-    pub access_token: String,
-    pub token_type: &'static str,
-    pub expires_in: u64,
-    pub role: Role,
-}
+/// Shortest time between two writes of an API key's last use.
+const API_KEY_USE_INTERVAL: Duration = Duration::from_secs(60);
 
 impl Auth {
     /// Loads the JWT signing key from `data_dir/jwt.key`, creating it on first start.
+    /// Reads the OpenID Connect client secret when `config.oidc` is set.
     pub fn open(
         data_dir: &Path,
         metadata: Arc<SqliteMetadata>,
-        access_token_ttl: Duration,
+        config: &AuthConfig,
     ) -> anyhow::Result<Self> {
         let key = secrets::load_or_create_key(&data_dir.join("jwt.key"))?;
+        let oidc = if config.oidc.enabled() {
+            Some(oidc::Oidc::new(config.oidc.clone())?)
+        } else {
+            None
+        };
         Ok(Self {
             metadata,
-            encoding_key: EncodingKey::from_secret(&key)?,
-            decoding_key: DecodingKey::from_secret(&key)?,
-            access_token_ttl,
+            keys: JwtKeys::from_secret(&key)?,
+            access_token_ttl: config.access_token_ttl,
+            refresh_token_ttl: config.refresh_token_ttl,
+            revoked_sessions: Mutex::new(HashMap::new()),
+            revoked_services: Mutex::new(HashMap::new()),
+            api_key_uses: Mutex::new(HashMap::new()),
+            oidc,
+            last_refresh_cleanup: std::sync::atomic::AtomicI64::new(0),
             device_cache: Mutex::new(HashMap::new()),
             rejected_tokens: Mutex::new(RejectedTokens::default()),
             revocations: revocation::Revocations::default(),
@@ -348,14 +407,10 @@ impl Auth {
             HeldCredential::ApiKey(hash) => {
                 let key = self
                     .metadata
-                    .api_key_by_hash(hash)
+                    .api_key_record_by_hash(hash)
                     .await?
                     .ok_or(AuthError::InvalidBearer)?;
-                Ok(Identity::Principal(Principal {
-                    tenant_id: key.tenant_id,
-                    role: key.role,
-                    subject: Subject::ApiKey(key.name),
-                }))
+                Ok(Identity::Principal(api_key_principal(key)?))
             }
             HeldCredential::Certificate {
                 fingerprint,
@@ -401,9 +456,21 @@ impl Auth {
                     tenant_id: user.tenant_id,
                     role: user.role,
                     subject: Subject::User(user.id),
+                    scopes: None,
                 }))
             }
         }
+    }
+
+    /// Returns the throttle of password, API key and client secret checks.
+    pub fn throttle(&self) -> &LoginThrottle {
+        &self.throttle
+    }
+
+    /// Returns the failures of `kind` since the last warning when another
+    /// warning is due, so that floods log one line per interval.
+    pub fn failure_due(&self, kind: &'static str) -> Option<u64> {
+        self.failures.due(kind)
     }
 
     /// The revocation events of this process: publish when a credential
@@ -434,6 +501,7 @@ impl Auth {
             tenant_id: user.tenant_id,
             role: user.role,
             subject: Subject::User(user.id),
+            scopes: None,
         })
     }
 
@@ -472,39 +540,18 @@ impl Auth {
             }
             return Err(AuthError::InvalidLogin);
         };
+        self.throttle.record_success(peer, email);
         Ok(user)
     }
 
-    /// Checks an email and password and issues a JWT access token.
-    pub async fn login(&self, email: &str, password: &str) -> Result<LoginToken, AuthError> {
-        let user = self.verify_login(email, password, None).await?;
-
-        let now = jsonwebtoken::get_current_timestamp();
-        let claims = Claims {
-            sub: user.id.to_string(),
-            tenant: user.tenant_id.to_string(),
-            role: user.role,
-            iat: now,
-            exp: now + self.access_token_ttl.as_secs(),
-        };
-        let access_token =
-            jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding_key)
-                .map_err(|_| AuthError::InvalidLogin)?;
-        Ok(LoginToken {
-            access_token,
-            token_type: "Bearer",
-            expires_in: self.access_token_ttl.as_secs(),
-            role: user.role,
-        })
-    }
-
-    /// Resolves an API key to its tenant and role.
+    /// Resolves an API key to its tenant, role and scopes.
     pub async fn authenticate_api_key(&self, key: &str) -> Result<Principal, AuthError> {
         self.authenticate_api_key_from(key, None).await
     }
 
     /// Resolves an API key sent from `peer`, rejecting it while the address
-    /// has too many recent failures.
+    /// has too many recent failures. An expired key is rejected with its
+    /// own error and is not counted as a guess.
     pub async fn authenticate_api_key_from(
         &self,
         key: &str,
@@ -512,7 +559,7 @@ impl Auth {
     ) -> Result<Principal, AuthError> {
         self.throttle.check(peer, None)?;
         let hash = hash_secret(key);
-        let Some(key) = self.metadata.api_key_by_hash(&hash).await? else {
+        let Some(key) = self.metadata.api_key_record_by_hash(&hash).await? else {
             self.throttle.record_failure(peer, None);
             if let Some(failures) = self.failures.due("api_key") {
                 tracing::warn!(
@@ -523,11 +570,36 @@ impl Auth {
             }
             return Err(AuthError::InvalidBearer);
         };
-        Ok(Principal {
-            tenant_id: key.tenant_id,
-            role: key.role,
-            subject: Subject::ApiKey(key.name),
-        })
+        let id = key.id;
+        let principal = api_key_principal(key)?;
+        self.record_api_key_use(id);
+        Ok(principal)
+    }
+
+    /// Writes the key's last use in the background, at most once per
+    /// [`API_KEY_USE_INTERVAL`].
+    fn record_api_key_use(&self, id: ApiKeyId) {
+        let now = Instant::now();
+        {
+            let mut uses = self.api_key_uses.lock();
+            if uses
+                .get(&id)
+                .is_some_and(|written| now.duration_since(*written) < API_KEY_USE_INTERVAL)
+            {
+                return;
+            }
+            if uses.len() >= 100_000 {
+                uses.retain(|_, written| now.duration_since(*written) < API_KEY_USE_INTERVAL);
+            }
+            uses.insert(id, now);
+        }
+        let metadata = self.metadata.clone();
+        tokio::spawn(async move {
+            let at = chrono::Utc::now().timestamp_millis();
+            if let Err(error) = metadata.record_api_key_use(id, at).await {
+                tracing::warn!(api_key_id = %id, %error, "recording the last use of an API key failed");
+            }
+        });
     }
 
     /// Resolves an `Authorization` bearer value: a JWT access token or an API key.
@@ -538,29 +610,87 @@ impl Auth {
         if is_api_key(token) {
             return self.authenticate_api_key(token).await;
         }
+        if token.starts_with(tokens::REFRESH_TOKEN_PREFIX) {
+            return Err(AuthError::InvalidAccessToken(
+                "this is a refresh token; exchange it for an access token with POST /api/v1/auth/refresh".to_owned(),
+            ));
+        }
 
-        let mut validation = Validation::new(Algorithm::HS256);
-        validation.set_required_spec_claims(&["exp", "sub"]);
-        validation.leeway = 5;
-        let data = match jsonwebtoken::decode::<Claims>(token, &self.decoding_key, &validation) {
-            Ok(data) => data,
-            Err(error) => {
+        let claims = match self.keys.verify(token) {
+            Ok(claims) => claims,
+            Err(reason) => {
                 if let Some(failures) = self.failures.due("jwt") {
-                    tracing::warn!(%error, failures, "rejected an access token");
+                    tracing::warn!(reason, failures, "rejected an access token");
                 }
-                return Err(AuthError::InvalidBearer);
+                return Err(AuthError::InvalidAccessToken(reason));
             }
         };
-        let claims = data.claims;
+        let invalid = |what: &str| {
+            AuthError::InvalidAccessToken(format!("the access token's {what} is invalid"))
+        };
+        let tenant_id = claims.tenant.parse().map_err(|_| invalid("tenant"))?;
+        let (subject, scopes) = match claims.kind {
+            SubjectKind::User => {
+                let id = claims.sub.parse().map_err(|_| invalid("sub"))?;
+                if claims
+                    .sid
+                    .as_deref()
+                    .is_some_and(|sid| self.session_revoked(sid))
+                {
+                    return Err(AuthError::InvalidAccessToken(
+                        "the access token's login was revoked (logout, or a change of the account's password or role); log in again".to_owned(),
+                    ));
+                }
+                (Subject::User(id), None)
+            }
+            SubjectKind::Service => {
+                let id = claims.sub.parse().map_err(|_| invalid("sub"))?;
+                if self.service_revoked(id) {
+                    return Err(AuthError::InvalidAccessToken(
+                        "the service account of this access token was deleted".to_owned(),
+                    ));
+                }
+                let scopes = claims
+                    .scope
+                    .as_deref()
+                    .map(Scopes::parse)
+                    .transpose()
+                    .map_err(|_| invalid("scope"))?;
+                (Subject::ServiceAccount(id), scopes)
+            }
+        };
         Ok(Principal {
-            tenant_id: claims
-                .tenant
-                .parse()
-                .map_err(|_| AuthError::InvalidBearer)?,
+            tenant_id,
             role: claims.role,
-            subject: Subject::User(claims.sub.parse().map_err(|_| AuthError::InvalidBearer)?),
+            subject,
+            scopes,
         })
     }
+}
+
+/// Builds the principal of a stored API key, rejecting an expired one.
+fn api_key_principal(key: crate::metadata::identity::ApiKeyRecord) -> Result<Principal, AuthError> {
+    if key
+        .expires_at
+        .is_some_and(|expires_at| expires_at <= chrono::Utc::now().timestamp_millis())
+    {
+        return Err(AuthError::ApiKeyExpired);
+    }
+    let scopes = key
+        .scopes
+        .as_deref()
+        .map(Scopes::parse)
+        .transpose()
+        .map_err(|message| {
+            tracing::error!(api_key_id = %key.id, message, "stored API key scopes are invalid");
+            AuthError::InvalidBearer
+        })?;
+    Ok(Principal {
+        tenant_id: key.tenant_id,
+        role: key.role,
+        subject: Subject::ApiKey(key.name),
+        scopes,
+    })
 }
 
 /// Returns whether `text` has the form of an API key (its prefix), so that
@@ -569,13 +699,11 @@ pub fn is_api_key(text: &str) -> bool {
     text.starts_with(secrets::API_KEY_PREFIX)
 }
 
-/// Minimum rules for a new password.
-pub fn check_password_rules(password: &str) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        password.chars().count() >= 10,
-        "the password must have at least 10 characters"
-    );
-    Ok(())
+/// Checks a new password of the account `email` against the rules in
+/// [`passwords`].
+pub fn check_password_rules(password: &str, email: &str) -> anyhow::Result<()> {
+    passwords::check_password_rules(password, Some(email))
+        .map_err(|message| anyhow::anyhow!(message))
 }
 
 #[cfg(test)]

@@ -137,7 +137,8 @@ mod tests {
 
     async fn open_auth(dir: &std::path::Path) -> (std::sync::Arc<SqliteMetadata>, Auth) {
         let metadata = std::sync::Arc::new(SqliteMetadata::open(dir).await.unwrap());
-        let auth = Auth::open(dir, metadata.clone(), std::time::Duration::from_secs(60)).unwrap();
+        let auth =
+            Auth::open(dir, metadata.clone(), &crate::config::AuthConfig::default()).unwrap();
         (metadata, auth)
     }
 

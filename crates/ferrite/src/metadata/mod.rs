@@ -2,9 +2,11 @@
 //! modules) device profiles, the dead-letter log, alarms and action
 //! deliveries.
 //!
-//! NOTE: profiles, dead letters and alarms are inherent methods of
-//! [`SqliteMetadata`] rather than part of [`MetadataStore`]; the trait
-//! grows to cover them when a second backend (PostgreSQL) is built.
+//! NOTE: profiles, dead letters, alarms and the identity tables (user
+//! management, refresh tokens, scoped API keys, service accounts) are
+//! inherent methods of [`SqliteMetadata`] rather than part of
+//! [`MetadataStore`]; the trait grows to cover them when a second backend
+//! (PostgreSQL) is built.
 //!
 //! [`MetadataStore`] is the seam for the scale-out backend; [`SqliteMetadata`]
 //! is the embedded default, a SQLite file `metadata.db` in the data directory
@@ -15,6 +17,7 @@ pub mod alarms;
 pub mod credentials;
 pub mod dead_letters;
 pub mod device_cas;
+pub mod identity;
 pub mod lorawan;
 pub mod mqtt_retained;
 pub mod profiles;
@@ -203,9 +206,6 @@ pub trait MetadataStore: Send + Sync {
         role: Role,
         key_hash: &[u8],
     ) -> Result<ApiKey, MetadataError>;
-    async fn api_key_by_hash(&self, key_hash: &[u8]) -> Result<Option<ApiKey>, MetadataError>;
-    /// Lists the tenant's unrevoked API keys by name.
-    async fn list_api_keys(&self, tenant: TenantId) -> Result<Vec<ApiKey>, MetadataError>;
     /// Revokes one API key; it stops working on the next request.
     async fn revoke_api_key(&self, tenant: TenantId, id: ApiKeyId) -> Result<(), MetadataError>;
     /// Revokes every unrevoked key of the tenant with this name; returns how many.

@@ -56,16 +56,6 @@ pub(super) fn parse_json_column<T: serde::de::DeserializeOwned>(
     })
 }
 
-fn api_key_from_row(row: sqlx::sqlite::SqliteRow) -> Result<ApiKey, MetadataError> {
-    Ok(ApiKey {
-        id: parse_id(row.try_get("id")?)?,
-        tenant_id: parse_id(row.try_get("tenant_id")?)?,
-        name: row.try_get("name")?,
-        role: parse_role(row.try_get("role")?)?,
-        created_at: row.try_get("created_at")?,
-    })
-}
-
 fn is_unique_violation(error: &sqlx::Error) -> bool {
     matches!(error, sqlx::Error::Database(db) if db.is_unique_violation())
 }
@@ -483,26 +473,6 @@ impl MetadataStore for SqliteMetadata {
             role,
             created_at,
         })
-    }
-
-    async fn api_key_by_hash(&self, key_hash: &[u8]) -> Result<Option<ApiKey>, MetadataError> {
-        let row = sqlx::query(
-            "SELECT id, tenant_id, name, role, created_at FROM api_keys WHERE key_hash = ? AND revoked_at IS NULL",
-        )
-        .bind(key_hash)
-        .fetch_optional(&self.pool)
-        .await?;
-        row.map(api_key_from_row).transpose()
-    }
-
-    async fn list_api_keys(&self, tenant: TenantId) -> Result<Vec<ApiKey>, MetadataError> {
-        let rows = sqlx::query(
-            "SELECT id, tenant_id, name, role, created_at FROM api_keys WHERE tenant_id = ? AND revoked_at IS NULL ORDER BY name, created_at",
-        )
-        .bind(tenant.to_string())
-        .fetch_all(&self.pool)
-        .await?;
-        rows.into_iter().map(api_key_from_row).collect()
     }
 
     async fn revoke_api_key(&self, tenant: TenantId, id: ApiKeyId) -> Result<(), MetadataError> {

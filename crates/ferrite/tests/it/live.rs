@@ -165,14 +165,20 @@ pub(crate) fn other_tenant_token(server: &Server) -> String {
     let key = std::fs::read(server.data_dir.join("jwt.key")).expect("signing key");
     let now = jsonwebtoken::get_current_timestamp();
     let claims = json!({
+        "iss": "ferrite",
+        "aud": "ferrite-api",
         "sub": uuid::Uuid::new_v4().to_string(),
+        "jti": uuid::Uuid::new_v4().to_string(),
         "tenant": uuid::Uuid::new_v4().to_string(),
         "role": "admin",
+        "kind": "user",
         "iat": now,
         "exp": now + 600,
     });
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+    header.typ = Some("at+jwt".to_owned());
     jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &header,
         &claims,
         &jsonwebtoken::EncodingKey::from_secret(&key).expect("signing key"),
     )

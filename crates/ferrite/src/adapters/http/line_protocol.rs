@@ -190,6 +190,7 @@ async fn resolve_writer(state: &AppState, credential: &str) -> Result<Writer, Ap
     }
     let principal = state.auth.authenticate_bearer(credential).await?;
     principal.require(Role::Operator)?;
+    principal.require_scope(crate::auth::scopes::Scope::TelemetryWrite)?;
     Ok(Writer::Fleet {
         tenant: principal.tenant_id,
         may_create: state.config.auth.auto_create_devices,

@@ -31,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::decompression::RequestDecompressionLayer;
+use tower_http::set_header::SetResponseHeaderLayer;
 use tower_http::timeout::TimeoutLayer;
 
 use crate::adapters::lorawan_integrations;
@@ -43,7 +44,7 @@ const ACCEPT_ERROR_PAUSE: std::time::Duration = std::time::Duration::from_millis
 
 pub fn router(state: Arc<AppState>) -> Router {
     let timeout = state.config.http.request_timeout;
-    Router::new()
+    let router = Router::new()
         .route("/healthz", get(healthz))
         // Health checks of the InfluxDB 1.x and 2.x client libraries.
         .route("/ping", get(ping).head(ping))
@@ -74,8 +75,37 @@ pub fn router(state: Arc<AppState>) -> Router {
             StatusCode::REQUEST_TIMEOUT,
             timeout,
         ))
-        .layer(CatchPanicLayer::new())
-        .with_state(state)
+        .layer(CatchPanicLayer::new());
+    add_security_headers(router).with_state(state)
+}
+
+/// Content-Security-Policy of every response. Ferrite serves JSON, text
+/// and streams but no HTML, so a browser that renders a response anyway
+/// may load nothing and frame nothing.
+pub const CONTENT_SECURITY_POLICY: &str =
+    "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'";
+
+/// Adds headers to every HTTP response that does not set them itself: no
+/// MIME type sniffing, no framing, no referrer, and
+/// [`CONTENT_SECURITY_POLICY`].
+fn add_security_headers<S: Clone + Send + Sync + 'static>(router: Router<S>) -> Router<S> {
+    router
+        .layer(SetResponseHeaderLayer::if_not_present(
+            header::X_CONTENT_TYPE_OPTIONS,
+            HeaderValue::from_static("nosniff"),
+        ))
+        .layer(SetResponseHeaderLayer::if_not_present(
+            header::X_FRAME_OPTIONS,
+            HeaderValue::from_static("DENY"),
+        ))
+        .layer(SetResponseHeaderLayer::if_not_present(
+            header::REFERRER_POLICY,
+            HeaderValue::from_static("no-referrer"),
+        ))
+        .layer(SetResponseHeaderLayer::if_not_present(
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static(CONTENT_SECURITY_POLICY),
+        ))
 }
 
 /// The HTTPS listener and its TLS acceptor.

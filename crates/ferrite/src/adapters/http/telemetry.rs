@@ -78,6 +78,7 @@ pub async fn by_device_id(
     } else {
         let principal = state.auth.authenticate_bearer(token).await?;
         principal.require(Role::Operator)?;
+        principal.require_scope(crate::auth::scopes::Scope::TelemetryWrite)?;
         let device = {
             use crate::metadata::MetadataStore;
             state.metadata.device(principal.tenant_id, id).await?

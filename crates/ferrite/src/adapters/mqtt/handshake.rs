@@ -349,6 +349,12 @@ async fn authenticate(
             .auth
             .authenticate_api_key_from(key, peer)
             .await
+            // An application client reads telemetry; a key scoped to
+            // other things has no business on the broker.
+            .and_then(|principal| {
+                principal.require_scope(crate::auth::scopes::Scope::TelemetryRead)?;
+                Ok(principal)
+            })
             .map(|principal| (Client::Application(principal), HeldCredential::api_key(key))),
         Credentials::User { email, password } => context
             .auth
@@ -382,6 +388,12 @@ async fn authenticate(
                 error.to_string(),
             ))
         }
+        Err(error @ AuthError::ScopeMissing { .. }) => Err(Rejection::new(
+            version,
+            ReasonCode::NotAuthorized,
+            "not_authorized",
+            error.to_string(),
+        )),
         Err(AuthError::Metadata(error)) => {
             tracing::error!(error = %error, "cannot authenticate an MQTT client: the metadata store failed");
             Err(Rejection::new(
