@@ -14,6 +14,7 @@
 pub mod alarms;
 pub mod credentials;
 pub mod dead_letters;
+pub mod device_tokens;
 pub mod lorawan;
 pub mod mqtt_retained;
 pub mod profiles;
