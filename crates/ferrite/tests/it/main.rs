@@ -17,5 +17,6 @@ mod mqtt_broker;
 mod mqtt_conformance;
 mod nats;
 mod processing;
+mod revocation;
 mod support;
 mod websocket;
