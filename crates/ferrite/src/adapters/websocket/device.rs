@@ -369,7 +369,13 @@ impl DeviceSocket {
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let idle_check = tokio::time::sleep(idle_timeout);
         tokio::pin!(idle_check);
-        let recheck_interval = self.state.config.mqtt.credential_recheck_interval;
+        // tokio's interval panics on a zero period, which the setting allows.
+        let recheck_interval = self
+            .state
+            .config
+            .mqtt
+            .credential_recheck_interval
+            .max(Duration::from_millis(100));
         let mut recheck = tokio::time::interval_at(
             tokio::time::Instant::now() + recheck_interval,
             recheck_interval,
