@@ -669,7 +669,7 @@ impl Subscription {
     async fn on_revocation_signal(&mut self, signal: Signal) -> Option<RevokedEnd> {
         match signal {
             Signal::Revoked(event) => {
-                tracing::info!(?event, "ending a live stream whose credential was revoked");
+                tracing::info!(%event, "ending a live stream whose credential was revoked");
                 Some(RevokedEnd::Revoked)
             }
             Signal::Lagged => {

@@ -45,6 +45,24 @@ pub enum Revoked {
     Tenant(TenantId),
 }
 
+/// Names the revoked thing for logs; hashes and fingerprints by their
+/// first 4 bytes, as elsewhere in the logs.
+impl std::fmt::Display for Revoked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Revoked::Device(id) => write!(f, "device {id}"),
+            Revoked::DeviceToken(hash) => write!(f, "device token {}", hex::encode(&hash[..4])),
+            Revoked::Certificate(fingerprint) => {
+                write!(f, "certificate {}", hex::encode(&fingerprint[..4]))
+            }
+            Revoked::PreSharedKey(id) => write!(f, "pre-shared key of device {id}"),
+            Revoked::ApiKey { id, .. } => write!(f, "API key {id}"),
+            Revoked::User(id) => write!(f, "user {id}"),
+            Revoked::Tenant(id) => write!(f, "tenant {id}"),
+        }
+    }
+}
+
 /// What a connection holds, to match against [`Revoked`] events.
 #[derive(Debug, Clone, Default)]
 pub struct HeldAccess {
@@ -134,7 +152,7 @@ impl Default for Revocations {
 impl Revocations {
     /// Tells every open connection of this process about `event`.
     pub fn publish(&self, event: Revoked) {
-        tracing::debug!(?event, "credential revoked");
+        tracing::debug!(%event, "credential revoked");
         // An error only means that no connection listens.
         let _ = self.sender.send(event);
     }

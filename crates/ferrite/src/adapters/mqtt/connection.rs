@@ -610,7 +610,7 @@ impl Connection {
             Signal::Revoked(event) => {
                 events::credential_revoked();
                 tracing::info!(
-                    ?event,
+                    %event,
                     "closing an MQTT connection whose credential was revoked"
                 );
                 Err(CloseCause::CredentialRevoked)

@@ -406,7 +406,7 @@ impl DeviceSocket {
                 _ = ping.tick() => self.queue(Message::Ping(Bytes::new())),
                 signal = self.revocation.next() => match signal {
                     Signal::Revoked(event) => {
-                        tracing::info!(?event, "closing a device WebSocket whose credential was revoked");
+                        tracing::info!(%event, "closing a device WebSocket whose credential was revoked");
                         return SocketEnd::Revoked;
                     }
                     Signal::Lagged => match self.recheck_credential().await {
