@@ -94,7 +94,7 @@ impl Revoked {
     }
 }
 
-/// What a connection learns from [`RevocationWatch::next`].
+/// A signal from [`RevocationWatch::next`] to its connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Signal {
     /// An event took away the access the connection holds.
