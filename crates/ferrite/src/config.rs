@@ -100,6 +100,8 @@ pub struct MqttConfig {
     pub max_retained_bytes: usize,
     /// Time after which an open connection's credential (device token, API
     /// key or user) is checked again; a removed one ends the connection.
+    /// Revocation events end connections at once; this check is the
+    /// fallback for changes made by another process.
     #[serde(with = "humantime_serde")]
     pub credential_recheck_interval: Duration,
 }
@@ -1406,7 +1408,9 @@ max_session_expiry = "24h"
 max_retained_messages = 10000
 max_retained_bytes = 16777216
 # Time after which an open connection's credential is checked again; a
-# revoked token or key, or a deleted user, ends the connection.
+# revoked token or key, or a deleted user, ends the connection. Changes
+# through this server's API end connections at once; this check finds
+# changes made by the command line or another process.
 credential_recheck_interval = "30s"
 
 [coap]

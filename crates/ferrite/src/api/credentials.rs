@@ -15,6 +15,7 @@ use serde_json::json;
 use super::ApiError;
 use super::devices::device_id;
 use crate::auth::Principal;
+use crate::auth::revocation::Revoked;
 use crate::ids::DeviceId;
 use crate::metadata::credentials::{NewCertificate, StoredPsk, psk_seal_context};
 use crate::metadata::{MetadataStore, Role};
@@ -102,6 +103,9 @@ pub async fn set_psk(
         .set_device_psk(principal.tenant_id, id, identity.as_bytes(), &sealed)
         .await?;
     state.dtls_credentials.set_psk(&stored);
+    // Sessions of the replaced key end; sessions of the new one stay,
+    // because each session checks whether its own key is still current.
+    state.auth.revocations().publish(Revoked::PreSharedKey(id));
     tracing::info!(device_id = %id, by = %principal.subject, "device PSK set");
     Ok(Json(psk_json(&stored)))
 }
@@ -125,7 +129,7 @@ pub async fn get_psk(
 }
 
 /// `DELETE /api/v1/devices/{id}/credentials/psk`: removes the device's
-/// pre-shared key; new handshakes with it fail at once.
+/// pre-shared key; new handshakes with it fail and its sessions end at once.
 pub async fn delete_psk(
     State(state): State<Arc<AppState>>,
     principal: Principal,
@@ -144,6 +148,7 @@ pub async fn delete_psk(
         )));
     }
     state.dtls_credentials.remove_psk(id);
+    state.auth.revocations().publish(Revoked::PreSharedKey(id));
     tracing::info!(device_id = %id, by = %principal.subject, "device PSK deleted");
     Ok(StatusCode::NO_CONTENT)
 }
@@ -271,7 +276,8 @@ pub async fn list_certificates(
 }
 
 /// `DELETE /api/v1/devices/{id}/credentials/certificates/{fingerprint}`:
-/// unregisters one certificate; new handshakes with it fail at once.
+/// unregisters one certificate; new handshakes with it fail and its
+/// sessions end at once.
 pub async fn delete_certificate(
     State(state): State<Arc<AppState>>,
     principal: Principal,
@@ -301,7 +307,7 @@ pub async fn delete_certificate(
         state
             .auth
             .revocations()
-            .publish(crate::auth::revocation::Revoked::Certificate(fingerprint));
+            .publish(Revoked::Certificate(fingerprint));
     }
     tracing::info!(device_id = %id, fingerprint, by = %principal.subject, "device certificate deleted");
     Ok(StatusCode::NO_CONTENT)

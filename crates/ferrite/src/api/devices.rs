@@ -1,6 +1,7 @@
 //! Device and API key management.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Json;
 use axum::body::Bytes;
@@ -10,6 +11,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::ApiError;
+use crate::auth::revocation::Revoked;
 use crate::auth::{self, Principal};
 use crate::ids::DeviceId;
 use crate::metadata::{Device, MetadataStore, Role};
@@ -284,8 +286,9 @@ pub async fn get_one(
     Ok(Json(device_json(&state, &device)))
 }
 
-/// `DELETE /api/v1/devices/{id}`: removes the device and its credentials.
-/// Its stored telemetry stays until retention removes it.
+/// `DELETE /api/v1/devices/{id}`: removes the device and its credentials,
+/// and ends its open connections. Its stored telemetry stays until
+/// retention removes it.
 pub async fn delete(
     State(state): State<Arc<AppState>>,
     principal: Principal,
@@ -303,27 +306,183 @@ pub async fn delete(
     state.dtls_credentials.forget_device(id);
     state.directory.forget_device(id);
     state.forget_device_name(principal.tenant_id, &device.name);
+    state.auth.revocations().publish(Revoked::Device(id));
     tracing::info!(device_id = %id, by = %principal.subject, "device deleted");
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// `POST /api/v1/devices/{id}/token`: issues a new token and revokes the old ones.
+/// Longest grace period of a token rotation: long enough for a fleet to
+/// roll over in maintenance windows, short enough that a leaked old token
+/// ends within a week.
+const MAX_GRACE_SECONDS: u64 = 7 * 24 * 3600;
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RotateToken {
+    /// Seconds the old tokens stay valid; 0 ends them at once.
+    #[serde(default)]
+    grace_seconds: u64,
+}
+
+/// `POST /api/v1/devices/{id}/token`: issues a new token. The old tokens
+/// end at once, or after `grace_seconds` from the optional JSON body.
+/// Connections that use an old token end when it does.
 pub async fn rotate_token(
+    State(state): State<Arc<AppState>>,
+    principal: Principal,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    principal.require(Role::Operator)?;
+    let id = device_id(&id)?;
+    let request: RotateToken = if body.iter().all(u8::is_ascii_whitespace) {
+        RotateToken::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|error| {
+            ApiError::bad_request(format!(
+                "the body must be empty or a JSON object with \"grace_seconds\", the seconds the old token stays valid: {error}"
+            ))
+        })?
+    };
+    if request.grace_seconds > MAX_GRACE_SECONDS {
+        return Err(ApiError::invalid_param(
+            "grace_seconds",
+            format!(
+                "grace_seconds is {}; it must be from 0 to {MAX_GRACE_SECONDS} (7 days)",
+                request.grace_seconds
+            ),
+        ));
+    }
+
+    let token = auth::generate_device_token();
+    let grace = Duration::from_secs(request.grace_seconds);
+    let now = chrono::Utc::now().timestamp_millis();
+    let old_valid_until = now.saturating_add(grace.as_millis() as i64);
+    let old = state
+        .metadata
+        .rotate_device_token_with_grace(
+            principal.tenant_id,
+            id,
+            &auth::hash_secret(&token),
+            old_valid_until,
+        )
+        .await?;
+
+    if grace.is_zero() {
+        end_tokens(&state, &old);
+        state.auth.forget_device(id);
+    } else {
+        // NOTE: the timer lives in this process only. After a restart
+        // within the grace period, connections with the old token end at
+        // their next periodic re-check instead of at the end of the period.
+        let state = state.clone();
+        let old = old.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            end_tokens(&state, &old);
+        });
+    }
+    tracing::info!(
+        device_id = %id,
+        by = %principal.subject,
+        grace_seconds = request.grace_seconds,
+        old_tokens = old.len(),
+        "device token rotated"
+    );
+    let old_token_expires_at = (!grace.is_zero() && !old.is_empty()).then_some(old_valid_until);
+    Ok(Json(json!({
+        "id": id,
+        "token": token,
+        "old_token_expires_at": old_token_expires_at,
+    })))
+}
+
+/// Ends the tokens with these hashes in this process: drops their cached
+/// lookups and ends the connections that hold them.
+fn end_tokens(state: &AppState, hashes: &[[u8; 32]]) {
+    for hash in hashes {
+        state.auth.forget_token(hash);
+        state
+            .auth
+            .revocations()
+            .publish(Revoked::DeviceToken(*hash));
+    }
+}
+
+/// `GET /api/v1/devices/{id}/credentials`: the device's valid tokens, its
+/// pre-shared key identity and its certificates, without any secret.
+pub async fn list_credentials(
     State(state): State<Arc<AppState>>,
     principal: Principal,
     Path(id): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     principal.require(Role::Operator)?;
     let id = device_id(&id)?;
-    let token = auth::generate_device_token();
-    state
+    state.metadata.device(principal.tenant_id, id).await?;
+    let tokens = state
         .metadata
-        .rotate_device_token(principal.tenant_id, id, &auth::hash_secret(&token))
+        .device_tokens(principal.tenant_id, id)
+        .await?;
+    let psk = state.metadata.device_psk(principal.tenant_id, id).await?;
+    let certificates = state
+        .metadata
+        .device_certificates(principal.tenant_id, id)
+        .await?;
+    let certificates: Vec<_> = certificates
+        .iter()
+        .map(|certificate| {
+            json!({
+                "fingerprint": hex::encode(&certificate.fingerprint),
+                "subject": certificate.subject,
+                "not_after": certificate.not_after,
+                "created_at": certificate.created_at,
+            })
+        })
+        .collect();
+    Ok(Json(json!({
+        "device_id": id,
+        "tokens": tokens,
+        "pre_shared_key": psk.map(|psk| json!({
+            "identity": String::from_utf8_lossy(&psk.identity),
+            "created_at": psk.created_at,
+        })),
+        "certificates": certificates,
+    })))
+}
+
+/// `DELETE /api/v1/devices/{id}/credentials`: revokes every token and
+/// deletes the pre-shared key and certificates of the device, and ends its
+/// open connections. The device and its data stay; `POST .../token` gives
+/// it a new token.
+pub async fn revoke_credentials(
+    State(state): State<Arc<AppState>>,
+    principal: Principal,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    principal.require(Role::Operator)?;
+    let id = device_id(&id)?;
+    let revoked = state
+        .metadata
+        .revoke_device_credentials(principal.tenant_id, id)
         .await?;
     state.auth.forget_device(id);
     state.mqtt_router.remove_external_device(id);
-    tracing::info!(device_id = %id, by = %principal.subject, "device token rotated");
-    Ok(Json(json!({"id": id, "token": token})))
+    state.dtls_credentials.forget_device(id);
+    state.auth.revocations().publish(Revoked::Device(id));
+    tracing::info!(
+        device_id = %id,
+        by = %principal.subject,
+        tokens = revoked.tokens.len(),
+        certificates = revoked.certificates.len(),
+        pre_shared_key = revoked.pre_shared_key,
+        "device credentials revoked"
+    );
+    Ok(Json(json!({
+        "device_id": id,
+        "tokens_revoked": revoked.tokens.len(),
+        "certificates_deleted": revoked.certificates.len(),
+        "pre_shared_key_deleted": revoked.pre_shared_key,
+    })))
 }
 
 #[derive(Deserialize)]
@@ -466,7 +625,7 @@ pub async fn revoke_api_key(
     state
         .auth
         .revocations()
-        .publish(auth::revocation::Revoked::ApiKey { id, hash: None });
+        .publish(Revoked::ApiKey { id, hash: None });
     tracing::info!(api_key_id = %id, by = %principal.subject, "API key revoked");
     Ok(StatusCode::NO_CONTENT)
 }

@@ -21,6 +21,13 @@
 //! memory and is disconnected. Every stream ends when the bus is closed at
 //! shutdown.
 //!
+//! Revocation: a stream ends at once when its API key is revoked or its
+//! user or tenant removed (a WebSocket with close code 1008, an SSE response
+//! by ending). When the stream missed revocation events, an API key is
+//! checked again; a stream opened with a user's access token ends instead,
+//! because the token cannot be checked against the database, and the
+//! client reconnects with a valid one.
+//!
 //! Left out: history and resuming. A new stream starts with the events
 //! published after it opened, and `Last-Event-ID` is ignored.
 //!
@@ -48,7 +55,8 @@ use tokio::sync::{broadcast, mpsc};
 use tracing::Instrument;
 
 use super::ApiError;
-use crate::auth::Principal;
+use crate::auth::revocation::{RevocationWatch, Signal};
+use crate::auth::{HeldCredential, Principal, is_api_key};
 use crate::ids::{DeviceId, ProfileId, TenantId};
 use crate::live::{AlarmChange, AlarmEvent, KeyPattern, LiveEvent, LiveFilter, TelemetryEvent};
 use crate::metadata::{Attributes, Labels, MetadataStore, Role};
@@ -168,8 +176,13 @@ async fn authenticate(
     headers: &HeaderMap,
     from_header: Result<Principal, ApiError>,
     params: &Params,
-) -> Result<Principal, ApiError> {
+) -> Result<(Principal, Option<String>), ApiError> {
     let query_token = single(params, "access_token")?;
+    let header_token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.split_once(' '))
+        .map(|(_, token)| token.trim().to_owned());
     let principal = match (headers.contains_key(header::AUTHORIZATION), query_token) {
         (true, Some(_)) => {
             return Err(ApiError::bad_request(
@@ -189,7 +202,8 @@ async fn authenticate(
         }
     };
     principal.require(Role::Viewer)?;
-    Ok(principal)
+    let bearer = header_token.or_else(|| query_token.map(|token| token.trim().to_owned()));
+    Ok((principal, bearer))
 }
 
 // ---------------------------------------------------------------- filters ---
@@ -617,6 +631,21 @@ struct Subscription {
     filter: LiveFilter,
     receiver: broadcast::Receiver<Arc<LiveEvent>>,
     transport: Transport,
+    /// Revocation events that end the stream.
+    revocation: RevocationWatch,
+    /// The API key hash, checked again after missed revocation events;
+    /// `None` for a user's access token.
+    credential: Option<HeldCredential>,
+}
+
+/// Why a stream must end after a revocation signal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RevokedEnd {
+    /// The credential no longer grants access.
+    Revoked,
+    /// Revocation events were missed and the credential cannot be checked
+    /// again here.
+    MissedEvents,
 }
 
 impl Subscription {
@@ -625,6 +654,8 @@ impl Subscription {
         tenant_id: TenantId,
         filter: LiveFilter,
         transport: Transport,
+        revocation: RevocationWatch,
+        credential: Option<HeldCredential>,
     ) -> Self {
         let receiver = state.live.subscribe();
         Subscription {
@@ -633,6 +664,31 @@ impl Subscription {
             filter,
             receiver,
             transport,
+            revocation,
+            credential,
+        }
+    }
+
+    /// Decides on a revocation signal: `Some` ends the stream.
+    async fn on_revocation_signal(&mut self, signal: Signal) -> Option<RevokedEnd> {
+        match signal {
+            Signal::Revoked(event) => {
+                tracing::info!(%event, "ending a live stream whose credential was revoked");
+                Some(RevokedEnd::Revoked)
+            }
+            Signal::Lagged => {
+                let Some(credential) = &self.credential else {
+                    return Some(RevokedEnd::MissedEvents);
+                };
+                match self.state.auth.recheck(credential).await {
+                    Ok(_) => None,
+                    Err(crate::auth::AuthError::Metadata(error)) => {
+                        tracing::warn!(%error, "cannot check the API key of a live stream again: the metadata store failed");
+                        None
+                    }
+                    Err(_) => Some(RevokedEnd::Revoked),
+                }
+            }
         }
     }
 
@@ -736,14 +792,30 @@ async fn open_subscription(
     params: &Params,
     transport: Transport,
 ) -> Result<Subscription, ApiError> {
-    let principal = authenticate(&state, headers, from_header, params).await?;
+    // Subscribed before the credential is checked, so that no revocation
+    // in between is missed.
+    let revocations = state.auth.revocations().subscribe();
+    let (principal, bearer) = authenticate(&state, headers, from_header, params).await?;
     let fields = FilterFields::from_query(params)?;
     let filter = build_filter(&state, principal.tenant_id, &fields).await?;
+    let credential = bearer
+        .as_deref()
+        .filter(|token| is_api_key(token))
+        .map(HeldCredential::api_key);
+    let held = match &credential {
+        Some(credential) => {
+            let identity = crate::auth::Identity::Principal(principal.clone());
+            state.auth.held_access(credential, &identity).await
+        }
+        None => principal.held_access(bearer.as_deref()),
+    };
     Ok(Subscription::new(
         state,
         principal.tenant_id,
         filter,
         transport,
+        RevocationWatch::new(revocations, held),
+        credential,
     ))
 }
 
@@ -788,6 +860,7 @@ enum WebSocketEnd {
     ClientNotReading,
     /// The previous ping got no pong.
     NoPong,
+    Revoked(RevokedEnd),
 }
 
 async fn run_websocket(socket: WebSocket, mut subscription: Subscription) {
@@ -821,6 +894,12 @@ async fn run_websocket(socket: WebSocket, mut subscription: Subscription) {
                         "binary messages are not supported; send the subscribe message as JSON text",
                     ),
                 )),
+            },
+            signal = subscription.revocation.next() => {
+                match subscription.on_revocation_signal(signal).await {
+                    Some(end) => break WebSocketEnd::Revoked(end),
+                    None => continue,
+                }
             },
             _ = ping.tick() => {
                 if pong_due {
@@ -863,6 +942,14 @@ async fn run_websocket(socket: WebSocket, mut subscription: Subscription) {
             Some((1008, "the client did not read for 10 s"))
         }
         WebSocketEnd::NoPong => Some((1008, "no pong within 30 s")),
+        WebSocketEnd::Revoked(RevokedEnd::Revoked) => Some((
+            1008,
+            "the credential was revoked, or its user or tenant deleted",
+        )),
+        WebSocketEnd::Revoked(RevokedEnd::MissedEvents) => Some((
+            1008,
+            "revocation events were missed; connect again to check the credential",
+        )),
     };
     if let Some((code, reason)) = close {
         send_close(&mut sink, code, reason).await;
@@ -919,6 +1006,15 @@ async fn run_sse(mut subscription: Subscription, sender: mpsc::Sender<Event>) {
             // The HTTP connection dropped the response body.
             () = sender.closed() => break,
             received = subscription.receiver.recv() => received,
+            signal = subscription.revocation.next() => {
+                match subscription.on_revocation_signal(signal).await {
+                    Some(end) => {
+                        tracing::debug!(?end, "live SSE stream ended by revocation");
+                        break;
+                    }
+                    None => continue,
+                }
+            }
         };
         let Some(outgoing) = subscription.prepare(received).await else {
             continue;

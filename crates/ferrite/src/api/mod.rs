@@ -83,6 +83,10 @@ pub fn router() -> Router<Arc<AppState>> {
         .route("/api/v1/alarms/{id}/clear", post(alarms::clear))
         .route("/api/v1/devices/{id}/token", post(devices::rotate_token))
         .route(
+            "/api/v1/devices/{id}/credentials",
+            get(devices::list_credentials).delete(devices::revoke_credentials),
+        )
+        .route(
             "/api/v1/devices/{id}/credentials/psk",
             get(credentials::get_psk)
                 .put(credentials::set_psk)

@@ -139,7 +139,8 @@ async fn list(
 }
 
 /// `DELETE /api/v1/service-accounts/{id}`: revokes the account; its access
-/// tokens stop working at once in this process (admins only).
+/// tokens stop working and its open streams end at once in this process
+/// (admins only).
 async fn delete(
     State(state): State<Arc<AppState>>,
     principal: Principal,
@@ -156,6 +157,10 @@ async fn delete(
         .revoke_service_account(principal.tenant_id, id)
         .await?;
     state.auth.revoke_service_account(id);
+    state
+        .auth
+        .revocations()
+        .publish(crate::auth::revocation::Revoked::ServiceAccount(id));
     tracing::info!(service_account_id = %id, by = %principal.subject, "service account revoked");
     Ok(StatusCode::NO_CONTENT)
 }

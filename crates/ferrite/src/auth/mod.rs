@@ -19,8 +19,6 @@
 pub mod dtls;
 pub mod oidc;
 pub mod passwords;
-// Subscribers arrive with the connection loops that end on revocation.
-#[allow(dead_code)]
 pub mod revocation;
 pub mod scopes;
 mod secrets;
@@ -67,6 +65,19 @@ pub struct DeviceIdentity {
     pub profile_id: Option<crate::ids::ProfileId>,
 }
 
+impl DeviceIdentity {
+    /// Describes the access of a connection of this device, for matching
+    /// revocation events. `token_hash` is the access token it presented.
+    pub fn held_access(&self, token_hash: Option<[u8; 32]>) -> revocation::HeldAccess {
+        revocation::HeldAccess {
+            tenant: Some(self.tenant_id),
+            device: Some(self.device_id),
+            device_token: token_hash,
+            ..revocation::HeldAccess::default()
+        }
+    }
+}
+
 /// An authenticated person or service calling the REST API.
 #[derive(Debug, Clone)]
 pub struct Principal {
@@ -109,6 +120,27 @@ impl std::fmt::Display for Subject {
             Subject::User(id) => write!(f, "user {id}"),
             Subject::ApiKey(name) => write!(f, "API key {name:?}"),
             Subject::ServiceAccount(id) => write!(f, "service account {id}"),
+        }
+    }
+}
+
+impl Principal {
+    /// Describes the access of a connection of this principal, for
+    /// matching revocation events. `bearer` is the credential it presented;
+    /// an API key is held by its hash.
+    pub fn held_access(&self, bearer: Option<&str>) -> revocation::HeldAccess {
+        revocation::HeldAccess {
+            tenant: Some(self.tenant_id),
+            user: match &self.subject {
+                Subject::User(id) => Some(*id),
+                Subject::ApiKey(_) | Subject::ServiceAccount(_) => None,
+            },
+            service_account: match &self.subject {
+                Subject::ServiceAccount(id) => Some(*id),
+                Subject::User(_) | Subject::ApiKey(_) => None,
+            },
+            api_key_hash: bearer.filter(|token| is_api_key(token)).map(hash_secret),
+            ..revocation::HeldAccess::default()
         }
     }
 }
@@ -286,7 +318,6 @@ pub struct Auth {
     refresh_token_ttl: Duration,
     device_cache: Mutex<HashMap<[u8; 32], CachedDevice>>,
     rejected_tokens: Mutex<RejectedTokens>,
-    #[allow(dead_code)]
     revocations: revocation::Revocations,
     /// Refresh token families revoked by this process, with the time of
     /// revocation, so that their access tokens stop working at once. An
@@ -473,9 +504,44 @@ impl Auth {
         self.failures.due(kind)
     }
 
+    /// Describes what a connection authenticated by `credential` as
+    /// `identity` holds, for matching revocation events. An API key is
+    /// looked up once for its id; when the lookup fails, events that name
+    /// the key by hash still match, and the periodic re-check catches the
+    /// rest.
+    pub async fn held_access(
+        &self,
+        credential: &HeldCredential,
+        identity: &Identity,
+    ) -> revocation::HeldAccess {
+        match (credential, identity) {
+            (HeldCredential::DeviceToken(hash), Identity::Device(device)) => {
+                device.held_access(Some(*hash))
+            }
+            (HeldCredential::ApiKey(hash), Identity::Principal(principal)) => {
+                let mut held = principal.held_access(None);
+                held.api_key_hash = Some(*hash);
+                match self.metadata.api_key_record_by_hash(hash).await {
+                    Ok(key) => held.api_key_id = key.map(|key| key.id),
+                    Err(error) => {
+                        tracing::warn!(%error, "cannot look up the id of an API key; its connection ends on revocation at the next periodic re-check")
+                    }
+                }
+                held
+            }
+            (_, Identity::Device(device)) => device.held_access(None),
+            (_, Identity::Principal(principal)) => principal.held_access(None),
+        }
+    }
+
+    /// Drops the cached lookup of one device token, so that its revocation
+    /// takes effect at once in this process.
+    pub fn forget_token(&self, hash: &[u8; 32]) {
+        self.device_cache.lock().remove(hash);
+    }
+
     /// The revocation events of this process: publish when a credential
     /// is taken away, subscribe to end connections that hold it.
-    #[allow(dead_code)]
     pub fn revocations(&self) -> &revocation::Revocations {
         &self.revocations
     }

@@ -18,6 +18,7 @@ pub mod credentials;
 pub mod dead_letters;
 pub mod device_cas;
 pub mod identity;
+pub mod device_tokens;
 pub mod lorawan;
 pub mod mqtt_retained;
 pub mod profiles;

@@ -390,7 +390,7 @@ impl MetadataStore for SqliteMetadata {
         let now = now_ms();
         let mut tx = self.pool.begin().await?;
         sqlx::query(
-            "UPDATE device_tokens SET revoked_at = ? WHERE device_id = ? AND revoked_at IS NULL",
+            "UPDATE device_tokens SET revoked_at = ?1 WHERE device_id = ?2 AND (revoked_at IS NULL OR revoked_at > ?1)",
         )
         .bind(now)
         .bind(id.to_string())
@@ -408,9 +408,10 @@ impl MetadataStore for SqliteMetadata {
         let row = sqlx::query(
             "SELECT d.id, d.tenant_id, d.name, d.created_at, d.last_seen_at, d.labels, d.profile_id, d.attributes
              FROM device_tokens t JOIN devices d ON d.id = t.device_id
-             WHERE t.token_hash = ? AND t.revoked_at IS NULL",
+             WHERE t.token_hash = ? AND (t.revoked_at IS NULL OR t.revoked_at > ?)",
         )
         .bind(token_hash)
+        .bind(now_ms())
         .fetch_optional(&self.pool)
         .await?;
         row.map(device_from_row).transpose()

@@ -18,6 +18,7 @@ mod mqtt_broker;
 mod mqtt_conformance;
 mod nats;
 mod processing;
+mod revocation;
 mod support;
 mod tls;
 mod websocket;

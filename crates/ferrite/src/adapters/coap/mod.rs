@@ -94,6 +94,10 @@ impl CoapContext {
     ) -> Arc<CoapContext> {
         let observers = Arc::new(Observers::new(config.coap.max_observers_per_device));
         router.set_external_receivers(observers.clone());
+        tokio::spawn(observe::watch_revocations(
+            Arc::downgrade(&observers),
+            Arc::downgrade(&auth),
+        ));
         Arc::new(CoapContext {
             config: config.coap.clone(),
             auth,

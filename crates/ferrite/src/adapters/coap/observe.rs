@@ -17,6 +17,9 @@
 //! [`CONFIRMABLE_INTERVAL`], so that a dead observer is found (RFC 7641
 //! section 4.5 requires one at least every 24 hours).
 //!
+//! Observers end with a 4.01 notification when a revocation event matches
+//! the token or device they registered with ([`watch_revocations`]).
+//!
 //! Each observer has at most one Confirmable notification in flight.
 //! Notifications that arrive meanwhile wait until its ACK: the newest
 //! attribute state replaces older state, and RPC requests queue in order
@@ -35,6 +38,8 @@ use parking_lot::Mutex;
 use super::endpoint::Endpoint;
 use super::events;
 use crate::adapters::mqtt::ExternalReceivers;
+use crate::auth::revocation::{HeldAccess, Revoked};
+use crate::auth::{Auth, AuthError, DeviceIdentity, HeldCredential};
 use crate::ids::{DeviceId, TenantId};
 
 /// Attribute notifications sent as Non-confirmable between two
@@ -76,6 +81,9 @@ pub struct Notification {
 struct Observer {
     /// Tenant of the device that registered, from its authentication.
     tenant_id: TenantId,
+    /// The device, tenant and token hash of the registration, matched
+    /// against revocation events.
+    held: HeldAccess,
     endpoint: Weak<Endpoint>,
     peer: SocketAddr,
     token: Vec<u8>,
@@ -110,15 +118,18 @@ impl Observers {
     /// Adds or replaces the observer of `peer` on `endpoint`. Returns the
     /// sequence number for the registration's response, or `None` when the
     /// device has `max_per_device` observers of this resource already.
+    /// `token_hash` is the access token the registration came with.
     pub fn register(
         &self,
-        device_id: DeviceId,
-        tenant_id: TenantId,
+        device: &DeviceIdentity,
+        token_hash: Option<[u8; 32]>,
         resource: Resource,
         endpoint: &Arc<Endpoint>,
         peer: SocketAddr,
         token: Vec<u8>,
     ) -> Option<u32> {
+        let device_id = device.device_id;
+        let held = device.held_access(token_hash);
         let mut lists = self.lists.lock();
         let list = lists.entry((device_id, resource)).or_default();
         let weak = Arc::downgrade(endpoint);
@@ -130,6 +141,7 @@ impl Observers {
             .find(|observer| observer.peer == peer && Weak::ptr_eq(&observer.endpoint, &weak))
         {
             existing.token = token;
+            existing.held = held;
             existing.sequence = (existing.sequence + 1) & SEQUENCE_MASK;
             events::observer("registered");
             return Some(existing.sequence);
@@ -144,7 +156,8 @@ impl Observers {
         // requests, which makes responses easy to tell apart in traces.
         let sequence = 2;
         list.push(Observer {
-            tenant_id,
+            tenant_id: device.tenant_id,
+            held,
             endpoint: weak,
             peer,
             token,
@@ -212,6 +225,42 @@ impl Observers {
                 .flatten()
                 .collect()
         };
+        Self::end_revoked(removed);
+    }
+
+    /// Removes every observer whose registration `revoked` takes away, and
+    /// notifies each with a 4.01 notification.
+    pub fn remove_revoked(&self, revoked: impl Fn(&HeldAccess) -> bool) {
+        let mut removed = Vec::new();
+        {
+            let mut lists = self.lists.lock();
+            lists.retain(|_, list| {
+                let (gone, kept): (Vec<Observer>, Vec<Observer>) =
+                    list.drain(..).partition(|observer| revoked(&observer.held));
+                removed.extend(gone);
+                *list = kept;
+                !list.is_empty()
+            });
+        }
+        Self::end_revoked(removed);
+    }
+
+    /// Returns the token hashes that observers registered with, to check
+    /// them again after missed revocation events.
+    fn token_hashes(&self) -> Vec<[u8; 32]> {
+        let mut hashes: Vec<[u8; 32]> = self
+            .lists
+            .lock()
+            .values()
+            .flatten()
+            .filter_map(|observer| observer.held.device_token)
+            .collect();
+        hashes.sort_unstable();
+        hashes.dedup();
+        hashes
+    }
+
+    fn end_revoked(removed: Vec<Observer>) {
         for observer in removed {
             events::observer("revoked");
             if let Some(endpoint) = observer.endpoint.upgrade() {
@@ -317,6 +366,37 @@ impl Observers {
             .iter()
             .find(|observer| observer.endpoint.strong_count() > 0)
             .map(|observer| observer.tenant_id)
+    }
+}
+
+/// Ends observations as revocation events arrive, until `observers` is
+/// dropped. After missed events, every token that observers hold is
+/// checked again.
+pub async fn watch_revocations(observers: Weak<Observers>, auth: Weak<Auth>) {
+    let Some(mut receiver) = auth.upgrade().map(|auth| auth.revocations().subscribe()) else {
+        return;
+    };
+    loop {
+        let received = receiver.recv().await;
+        let Some(current) = observers.upgrade() else {
+            return;
+        };
+        match received {
+            Ok(event) => current.remove_revoked(|held| event.matches(held)),
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                let Some(auth) = auth.upgrade() else {
+                    return;
+                };
+                for hash in current.token_hashes() {
+                    let result = auth.recheck(&HeldCredential::DeviceToken(hash)).await;
+                    if matches!(result, Err(AuthError::InvalidDeviceToken)) {
+                        let event = Revoked::DeviceToken(hash);
+                        current.remove_revoked(|held| event.matches(held));
+                    }
+                }
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        }
     }
 }
 

@@ -82,6 +82,9 @@ struct Request<'a> {
     auth: PeerAuth,
     method: RequestType,
     path: String,
+    /// SHA-256 of the access token that authenticated the request, if a
+    /// token did; observers hold it to end on its revocation.
+    token_hash: Option<[u8; 32]>,
 }
 
 /// The response to one request, and whether its device was authenticated.
@@ -164,9 +167,11 @@ async fn serve_request(
         auth,
         method,
         path,
+        token_hash: None,
     };
     let token = path_token.or_else(|| message::query_value(&request.packet, "token"));
     let device = authenticate(&request, token.as_deref()).await?;
+    request.token_hash = token.as_deref().map(crate::auth::hash_secret);
     *authenticated = true;
     let span = tracing::debug_span!("coap_request", %peer, device_id = %device.device_id);
     let dispatch = async {
@@ -595,8 +600,8 @@ fn observe(
             Ok(None)
         }
         Ok(ObserveOption::Register) => Ok(observers.register(
-            device.device_id,
-            device.tenant_id,
+            device,
+            request.token_hash,
             resource,
             request.endpoint,
             request.peer,

@@ -58,6 +58,7 @@ use super::session::{
     Attach, AttachRequest, Attached, ClientId, DeliveryState, Outgoing, TAKEOVER_WAIT,
 };
 use super::{Shared, events::connection_refused};
+use crate::auth::revocation::{RevocationWatch, Signal};
 use crate::auth::{AuthError, HeldCredential, Identity};
 use crate::ingest::IngestError;
 use crate::metadata::Role;
@@ -226,8 +227,11 @@ pub struct Connection {
     pub version: ProtocolVersion,
     pub client: Client,
     /// The credential of `client`, checked again every
-    /// `mqtt.credential_recheck_interval`.
+    /// `mqtt.credential_recheck_interval` and when revocation events were
+    /// missed.
     credential: HeldCredential,
+    /// Revocation events that end this connection at once.
+    revocation: RevocationWatch,
     pub client_id: ClientId,
     /// Generation of the session attach; see `session.rs`.
     pub generation: u64,
@@ -291,6 +295,9 @@ pub async fn run<S: Transport>(
 ) {
     let _open = OpenConnection::new();
     let context = &shared.context;
+    // Subscribed before the credential is checked, so that a revocation
+    // between the check and the end of the handshake is not missed.
+    let revocations = context.auth.revocations().subscribe();
     let max_packet_size = context
         .config
         .max_payload_bytes
@@ -367,15 +374,34 @@ pub async fn run<S: Transport>(
         session_present = attached.session_present,
         "MQTT client connected"
     );
+    let held = held_access(&shared, &connected).await;
     let mut connection = Connection::new(
         shared.clone(),
         connected,
         attached,
         read_buffer,
         max_packet_size,
+        RevocationWatch::new(revocations, held),
     );
     let cause = connection.serve(&mut stream).await;
     Box::pin(connection.finish(stream, cause)).await;
+}
+
+/// Describes what the accepted connection holds, for matching revocation
+/// events.
+async fn held_access(
+    shared: &Shared,
+    connected: &Connected,
+) -> crate::auth::revocation::HeldAccess {
+    let identity = match &connected.client {
+        Client::Device(device) => Identity::Device(device.clone()),
+        Client::Application(principal) => Identity::Principal(principal.clone()),
+    };
+    shared
+        .context
+        .auth
+        .held_access(&connected.credential, &identity)
+        .await
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -458,6 +484,7 @@ impl Connection {
         attached: Attached,
         read_buffer: BytesMut,
         max_packet_size: usize,
+        revocation: RevocationWatch,
     ) -> Self {
         let config = &shared.context.config;
         let send_quota = usize::from(connected.client_receive_maximum.min(config.max_inflight));
@@ -481,6 +508,7 @@ impl Connection {
             version: connected.version,
             client: connected.client,
             credential: connected.credential,
+            revocation,
             client_id: connected.client_id,
             generation: attached.generation,
             request_problem_information: connected.request_problem_information,
@@ -571,6 +599,11 @@ impl Connection {
                     let next_check = if now >= deadline { now + limit / 2 } else { deadline };
                     keep_alive_timer.as_mut().reset(next_check.into());
                 }
+                signal = self.revocation.next() => {
+                    if let Err(cause) = self.on_revocation_signal(signal).await {
+                        return cause;
+                    }
+                }
                 () = &mut recheck_timer => {
                     if let Err(cause) = self.recheck_credential().await {
                         return cause;
@@ -578,6 +611,22 @@ impl Connection {
                     recheck_timer.as_mut().reset((Instant::now() + recheck_interval).into());
                 }
             }
+        }
+    }
+
+    /// Ends the connection on a revocation event that matches it, and
+    /// checks the credential again when events were missed.
+    async fn on_revocation_signal(&mut self, signal: Signal) -> Result<(), CloseCause> {
+        match signal {
+            Signal::Revoked(event) => {
+                events::credential_revoked();
+                tracing::info!(
+                    %event,
+                    "closing an MQTT connection whose credential was revoked"
+                );
+                Err(CloseCause::CredentialRevoked)
+            }
+            Signal::Lagged => self.recheck_credential().await,
         }
     }
 

@@ -14,6 +14,13 @@
 //! 4. Finish: wait for the appends in flight, send their replies and a
 //!    close frame, and end the session.
 //!
+//! ## Revocation
+//! A revocation event that matches the socket's token or device (rotation,
+//! device deletion, revocation of all its credentials) ends it at once with
+//! close code 1008. The token is also checked again every
+//! `mqtt.credential_recheck_interval` and after missed events, for changes
+//! made by another process.
+//!
 //! ## Bounds
 //! A writer task sends the queued messages. The queue takes
 //! `websocket.max_outgoing_messages`; when it is full the client does not
@@ -48,7 +55,8 @@ use tracing::Instrument;
 use super::messages::{self, ClientMessage, MessageError};
 use crate::adapters::mqtt::{DeviceCommand, DeviceReceiver};
 use crate::api::ApiError;
-use crate::auth::DeviceIdentity;
+use crate::auth::revocation::{RevocationWatch, Signal};
+use crate::auth::{AuthError, DeviceIdentity, HeldCredential, Identity};
 use crate::decode::check_payload;
 use crate::ingest::{ContentType, Envelope, IngestError, Protocol};
 use crate::server::AppState;
@@ -84,7 +92,11 @@ pub async fn endpoint(
             rejection.body_text()
         ))
     })?;
-    let device = authenticate(&state, &headers, params.access_token.as_deref()).await?;
+    // Subscribed before the token is checked, so that no revocation in
+    // between is missed.
+    let revocations = state.auth.revocations().subscribe();
+    let (device, credential) =
+        authenticate(&state, &headers, params.access_token.as_deref()).await?;
     let upgrade = upgrade.map_err(|rejection| {
         ApiError::new(
             rejection.status(),
@@ -129,7 +141,12 @@ pub async fn endpoint(
         .max_frame_size(max_message)
         .on_upgrade(move |socket| {
             let mqtt = state.mqtt.clone();
-            let task = run(socket, state, device, slot).instrument(span);
+            let held = match &credential {
+                HeldCredential::DeviceToken(hash) => device.held_access(Some(*hash)),
+                _ => device.held_access(None),
+            };
+            let revocation = RevocationWatch::new(revocations, held);
+            let task = run(socket, state, device, credential, revocation, slot).instrument(span);
             async move { mqtt.track_connection(task).await }
         })
         .into_response())
@@ -141,7 +158,7 @@ async fn authenticate(
     state: &AppState,
     headers: &HeaderMap,
     query_token: Option<&str>,
-) -> Result<DeviceIdentity, ApiError> {
+) -> Result<(DeviceIdentity, HeldCredential), ApiError> {
     let header_token = match headers.get(header::AUTHORIZATION) {
         Some(value) => Some(bearer_value(value)?),
         None => None,
@@ -167,14 +184,15 @@ async fn authenticate(
             "the device WebSocket takes a device access token; API keys and user tokens cannot open it",
         ));
     }
-    state
+    let device = state
         .auth
         .authenticate_device(token)
         .await
         .map_err(|error| {
             count_rejected("not_authorized");
             ApiError::from(error)
-        })
+        })?;
+    Ok((device, HeldCredential::device_token(token)))
 }
 
 fn bearer_value(value: &axum::http::HeaderValue) -> Result<&str, ApiError> {
@@ -209,6 +227,8 @@ enum SocketEnd {
     ShuttingDown,
     /// The router ended the device's session.
     SessionEnded,
+    /// The token was revoked or the device deleted.
+    Revoked,
 }
 
 impl SocketEnd {
@@ -220,6 +240,7 @@ impl SocketEnd {
             SocketEnd::SlowClient => "slow_client",
             SocketEnd::ShuttingDown => "shutting_down",
             SocketEnd::SessionEnded => "session_ended",
+            SocketEnd::Revoked => "revoked",
         }
     }
 
@@ -237,6 +258,10 @@ impl SocketEnd {
             ),
             SocketEnd::ShuttingDown => (1001, "the server is shutting down".to_owned()),
             SocketEnd::SessionEnded => (1000, "the device session ended".to_owned()),
+            SocketEnd::Revoked => (
+                1008,
+                "the access token was revoked or the device deleted".to_owned(),
+            ),
         };
         Some(CloseFrame {
             code,
@@ -268,6 +293,8 @@ async fn run(
     socket: WebSocket,
     state: Arc<AppState>,
     device: DeviceIdentity,
+    credential: HeldCredential,
+    revocation: RevocationWatch,
     _slot: OwnedSemaphorePermit,
 ) {
     let _open = OpenSocket::new();
@@ -280,6 +307,8 @@ async fn run(
     let mut socket = DeviceSocket {
         state,
         device,
+        credential,
+        revocation,
         receiver,
         outgoing,
         replies: FuturesOrdered::new(),
@@ -313,6 +342,11 @@ async fn write_messages(
 struct DeviceSocket {
     state: Arc<AppState>,
     device: DeviceIdentity,
+    /// The token hash, checked again every
+    /// `mqtt.credential_recheck_interval` and after missed events.
+    credential: HeldCredential,
+    /// Revocation events that end the socket at once.
+    revocation: RevocationWatch,
     /// The router session through which commands arrive.
     receiver: DeviceReceiver,
     /// Messages for the writer task; bounded by
@@ -335,6 +369,18 @@ impl DeviceSocket {
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let idle_check = tokio::time::sleep(idle_timeout);
         tokio::pin!(idle_check);
+        // tokio's interval panics on a zero period, which the setting allows.
+        let recheck_interval = self
+            .state
+            .config
+            .mqtt
+            .credential_recheck_interval
+            .max(Duration::from_millis(100));
+        let mut recheck = tokio::time::interval_at(
+            tokio::time::Instant::now() + recheck_interval,
+            recheck_interval,
+        );
+        recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
         loop {
             let can_read = self.replies.len() < MAX_PENDING_REPLIES;
@@ -358,6 +404,20 @@ impl DeviceSocket {
                     None => return SocketEnd::SessionEnded,
                 },
                 _ = ping.tick() => self.queue(Message::Ping(Bytes::new())),
+                signal = self.revocation.next() => match signal {
+                    Signal::Revoked(event) => {
+                        tracing::info!(%event, "closing a device WebSocket whose credential was revoked");
+                        return SocketEnd::Revoked;
+                    }
+                    Signal::Lagged => match self.recheck_credential().await {
+                        Ok(()) => true,
+                        Err(end) => return end,
+                    },
+                },
+                _ = recheck.tick() => match self.recheck_credential().await {
+                    Ok(()) => true,
+                    Err(end) => return end,
+                },
                 () = &mut idle_check => {
                     let deadline = self.last_received + idle_timeout;
                     // Reading pauses while appends are in flight; unread
@@ -372,6 +432,25 @@ impl DeviceSocket {
             };
             if !queued {
                 return SocketEnd::SlowClient;
+            }
+        }
+    }
+
+    /// Checks the token again; ends the socket when it no longer names this
+    /// device. While the metadata store fails, the socket stays open.
+    async fn recheck_credential(&mut self) -> Result<(), SocketEnd> {
+        match self.state.auth.recheck(&self.credential).await {
+            Ok(Identity::Device(device)) if device.device_id == self.device.device_id => {
+                self.device = device;
+                Ok(())
+            }
+            Err(AuthError::Metadata(error)) => {
+                tracing::warn!(%error, "cannot check the token of a device WebSocket again: the metadata store failed");
+                Ok(())
+            }
+            Ok(_) | Err(_) => {
+                tracing::info!("closing a device WebSocket whose access token was revoked");
+                Err(SocketEnd::Revoked)
             }
         }
     }

@@ -72,7 +72,7 @@ use anyhow::Context;
 use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::net::UdpSocket;
-use tokio::sync::mpsc;
+use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -84,6 +84,7 @@ use record::FirstRecord;
 use super::transport::{DatagramSink, PeerAuth};
 use super::{CoapContext, Endpoint};
 use crate::auth::dtls::DtlsCredentials;
+use crate::auth::revocation::{Revocations, Revoked};
 use crate::config::CoapDtlsConfig;
 use crate::encryption::MasterKey;
 use crate::metadata::SqliteMetadata;
@@ -247,6 +248,10 @@ struct Shared<H> {
     failure_warnings: Mutex<WarnLimiter>,
     /// [`RECHECK_INTERVAL`], shorter in tests.
     recheck_interval: std::time::Duration,
+    /// A receiver of revocation events that is never read; each session
+    /// takes its own with `resubscribe`. `None` ends sessions only at the
+    /// periodic re-check.
+    revocations: Option<broadcast::Receiver<Revoked>>,
 }
 
 /// A bound DTLS listener, not yet serving.
@@ -257,6 +262,7 @@ pub struct DtlsListener {
     sessions: Arc<Sessions>,
     credentials: Arc<DtlsCredentials>,
     recheck_interval: std::time::Duration,
+    revocations: Option<broadcast::Receiver<Revoked>>,
 }
 
 impl DtlsListener {
@@ -288,7 +294,13 @@ impl DtlsListener {
             sessions: Arc::default(),
             credentials,
             recheck_interval: RECHECK_INTERVAL,
+            revocations: None,
         })
+    }
+
+    /// Ends sessions at once on the revocation events of `revocations`.
+    pub fn end_sessions_on(&mut self, revocations: &Revocations) {
+        self.revocations = Some(revocations.subscribe());
     }
 
     #[cfg(test)]
@@ -334,6 +346,7 @@ impl DtlsListener {
             shutdown: shutdown.clone(),
             failure_warnings: Mutex::new(WarnLimiter::default()),
             recheck_interval: self.recheck_interval,
+            revocations: self.revocations,
         });
         let tasks = TaskTracker::new();
         let mut receive_warnings = WarnLimiter::default();
@@ -390,11 +403,12 @@ impl DatagramHandler for Endpoint {
 /// Serves CoAP over DTLS until `shutdown` is cancelled: one CoAP endpoint
 /// whose replies go through the listener's sessions.
 pub async fn serve(
-    listener: DtlsListener,
+    mut listener: DtlsListener,
     context: Arc<CoapContext>,
     metadata: Arc<SqliteMetadata>,
     shutdown: CancellationToken,
 ) {
+    listener.end_sessions_on(context.auth.revocations());
     let endpoint = Endpoint::new(context, listener.sink());
     listener.serve(endpoint.clone(), metadata, shutdown).await;
     endpoint.close().await;

@@ -22,6 +22,7 @@ use super::context::{
 use super::{DatagramHandler, Input, Shared, events};
 use crate::adapters::coap::transport::PeerAuth;
 use crate::auth::DeviceIdentity;
+use crate::auth::revocation::{HeldAccess, RevocationWatch, Revoked, Signal};
 
 /// Interval at which a handshake checks OpenSSL's retransmission timer,
 /// which starts at 1 s and doubles per retransmission.
@@ -29,9 +30,10 @@ const RETRANSMISSION_CHECK: Duration = Duration::from_millis(200);
 /// Largest plaintext of one record: 2^14 bytes (RFC 6347 §4.1).
 const MAX_PLAINTEXT: usize = 16 * 1024;
 
-/// The credential that authenticated a session. It is checked again every
-/// `recheck_interval`, so that a deleted or replaced credential or a
-/// deleted device ends the session.
+/// The credential that authenticated a session. A matching revocation
+/// event ends the session at once; the credential is also checked again
+/// every `recheck_interval` while datagrams arrive, for changes that no
+/// event announced (another process).
 #[derive(Debug, Clone)]
 enum SessionCredential {
     Psk {
@@ -72,6 +74,13 @@ impl<H: DatagramHandler> Session<H> {
     }
 
     async fn run_phases(&mut self) -> CloseReason {
+        // Subscribed before the handshake, so that a credential removed
+        // while it runs ends the session.
+        let revocations = self
+            .shared
+            .revocations
+            .as_ref()
+            .map(tokio::sync::broadcast::Receiver::resubscribe);
         let handshake = self.handshake().await;
         let identity = match handshake {
             Ok(()) => self.authenticated_device().await,
@@ -94,7 +103,9 @@ impl<H: DatagramHandler> Session<H> {
         {
             handle.established.store(true, Ordering::Release);
         }
-        self.serve(identity, credential).await
+        let held = held_access(&identity, &credential);
+        let watch = revocations.map(|receiver| RevocationWatch::new(receiver, held));
+        self.serve(identity, credential, watch).await
     }
 
     /// Drives the handshake until it finishes, fails or times out. Returns
@@ -271,6 +282,7 @@ impl<H: DatagramHandler> Session<H> {
         &mut self,
         mut device: DeviceIdentity,
         credential: SessionCredential,
+        mut revocation: Option<RevocationWatch>,
     ) -> CloseReason {
         let idle_timeout = self.shared.config.idle_timeout;
         let mut checked_at = Instant::now();
@@ -281,6 +293,29 @@ impl<H: DatagramHandler> Session<H> {
                 () = shutdown.cancelled() => {
                     self.close();
                     return "shutdown";
+                }
+                signal = next_signal(&mut revocation) => {
+                    let still_valid = match signal {
+                        // A replaced key ends only the sessions of the old one.
+                        Signal::Revoked(Revoked::PreSharedKey(_)) => {
+                            self.credential_is_current(&credential, &device)
+                        }
+                        Signal::Revoked(_) => false,
+                        Signal::Lagged => match self.recheck(&credential, &device).await {
+                            Some(fresh) => {
+                                device = fresh;
+                                checked_at = Instant::now();
+                                true
+                            }
+                            None => false,
+                        },
+                    };
+                    if !still_valid {
+                        tracing::info!(device_id = %device.device_id, "closing a DTLS session whose credential or device was revoked");
+                        self.close();
+                        return "revoked";
+                    }
+                    continue;
                 }
             };
             match input {
@@ -375,5 +410,26 @@ impl<H: DatagramHandler> Session<H> {
                 events::datagram_dropped("send_failed");
             }
         }
+    }
+}
+
+/// Describes what a session holds, for matching revocation events.
+fn held_access(device: &DeviceIdentity, credential: &SessionCredential) -> HeldAccess {
+    let mut held = device.held_access(None);
+    match credential {
+        SessionCredential::Psk { .. } => held.pre_shared_key = true,
+        SessionCredential::RegisteredCertificate(fingerprint) => {
+            held.certificate = Some(*fingerprint);
+        }
+        SessionCredential::CommonName => {}
+    }
+    held
+}
+
+/// Waits for the next revocation signal; never returns without a watch.
+async fn next_signal(watch: &mut Option<RevocationWatch>) -> Signal {
+    match watch {
+        Some(watch) => watch.next().await,
+        None => std::future::pending().await,
     }
 }
