@@ -5,6 +5,7 @@
 
 mod actions;
 mod alarms;
+pub mod audit;
 mod buckets;
 mod commands;
 mod credentials;
@@ -35,9 +36,12 @@ use crate::auth::Principal;
 use crate::metadata::Role;
 use crate::server::AppState;
 
-pub fn router() -> Router<Arc<AppState>> {
+pub fn router(state: Arc<AppState>) -> Router<Arc<AppState>> {
     Router::new()
         .route("/api/v1/auth/login", post(login))
+        .route("/api/v1/audit", get(audit::list))
+        .route("/api/v1/audit/export", get(audit::export))
+        .route("/api/v1/audit/verify", get(audit::verify))
         .route("/api/v1/devices", get(devices::list).post(devices::create))
         .route(
             "/api/v1/devices/{id}",
@@ -134,6 +138,11 @@ pub fn router() -> Router<Arc<AppState>> {
         )
         // GET /api/v1/live/ws and GET /api/v1/live/sse.
         .merge(live::router())
+        // Records every mutating call; applied to the routes above only.
+        .route_layer(axum::middleware::from_fn_with_state(
+            state,
+            audit::record_mutations,
+        ))
 }
 
 /// `POST /api/v1/admin/compact`: writes the points held in memory to
@@ -207,6 +216,10 @@ impl FromRequestParts<Arc<AppState>> for Principal {
         parts: &mut Parts,
         state: &Arc<AppState>,
     ) -> Result<Self, Self::Rejection> {
+        // The audit layer authenticates mutating requests first.
+        if let Some(principal) = parts.extensions.get::<Principal>() {
+            return Ok(principal.clone());
+        }
         let token = bearer_token(parts).ok_or_else(|| {
             ApiError::unauthorized(
                 "missing credentials: send Authorization: Bearer <access token or API key>",
@@ -238,6 +251,8 @@ struct LoginRequest {
 
 async fn login(
     State(state): State<Arc<AppState>>,
+    peer: Option<axum::Extension<axum::extract::ConnectInfo<std::net::SocketAddr>>>,
+    headers: axum::http::HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Json<crate::auth::LoginToken>, ApiError> {
     let request: LoginRequest = serde_json::from_slice(&body).map_err(|error| {
@@ -245,7 +260,16 @@ async fn login(
             "the body must be a JSON object with \"email\" and \"password\": {error}"
         ))
     })?;
-    Ok(Json(
-        state.auth.login(&request.email, &request.password).await?,
-    ))
+    let result = state
+        .auth
+        .login(&request.email, &request.password)
+        .await
+        .map_err(ApiError::from);
+    let status = match &result {
+        Ok(_) => axum::http::StatusCode::OK,
+        Err(error) => error.status,
+    };
+    let origin = audit::RequestOrigin::from_parts(&headers, peer.as_ref().map(|peer| &peer.0));
+    audit::record_login(&state, &request.email, origin, status).await;
+    Ok(Json(result?))
 }
