@@ -482,10 +482,14 @@ async fn check_devices(
         match state.metadata.device(tenant, *device).await {
             Ok(_) => {}
             Err(crate::metadata::MetadataError::NotFound(_)) => {
-                return Err(ApiError::invalid_param(
-                    "device",
-                    format!("device {device} not found; list the devices with GET /api/v1/devices"),
-                ));
+                // 404 like any other route given an id that is not in the
+                // caller's tenant.
+                return Err(ApiError {
+                    param: Some("device"),
+                    ..ApiError::not_found(format!(
+                        "device {device} not found; list the devices with GET /api/v1/devices"
+                    ))
+                });
             }
             Err(error) => return Err(error.into()),
         }

@@ -2,6 +2,7 @@
 //! ports with its own data directory and talks to it over sockets.
 
 pub mod actions;
+mod audit;
 mod cases;
 mod coap;
 mod coap_dtls;
@@ -18,4 +19,5 @@ mod mqtt_conformance;
 mod nats;
 mod processing;
 mod support;
+mod tenancy;
 mod websocket;
