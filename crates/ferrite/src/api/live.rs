@@ -460,10 +460,12 @@ async fn build_filter(
             .await
             .map_err(|error| {
                 if error.status == axum::http::StatusCode::NOT_FOUND {
-                    ApiError::invalid_param(
-                        "profile",
-                        format!("profile {reference:?} not found; list the profiles with GET /api/v1/profiles"),
-                    )
+                    ApiError {
+                        param: Some("profile"),
+                        ..ApiError::not_found(format!(
+                            "profile {reference:?} not found; list the profiles with GET /api/v1/profiles"
+                        ))
+                    }
                 } else {
                     error
                 }

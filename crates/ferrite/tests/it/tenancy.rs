@@ -1162,6 +1162,95 @@ async fn tenant_routes_never_reach_other_tenant() {
             }
         }
     }
+
+    // B's ids in query parameters and bodies, where the routes above put
+    // A's own values.
+    let sse_probe = format!("/api/v1/live/sse?profile={}", b.profile_id);
+    let probes: Vec<(&str, String, Option<Value>, bool)> = vec![
+        (
+            "GET",
+            format!("/api/v1/telemetry/latest?profile={}", b.profile_id),
+            None,
+            true,
+        ),
+        (
+            "GET",
+            format!(
+                "/api/v1/telemetry/aggregate?key=temperature&agg=max&interval=1h&profile={}",
+                b.profile_id
+            ),
+            None,
+            true,
+        ),
+        (
+            "GET",
+            format!("/api/v1/export?format=csv&device={}", b.device_id),
+            None,
+            true,
+        ),
+        (
+            "GET",
+            format!("/api/v1/export?format=csv&device={}", b.device_name),
+            None,
+            true,
+        ),
+        (
+            "PATCH",
+            format!("/api/v1/devices/{}", a.device_id),
+            Some(json!({"profile": b.profile_id})),
+            true,
+        ),
+        (
+            "POST",
+            "/api/v1/devices".to_owned(),
+            Some(json!({"name": "probe", "profile": b.profile_id})),
+            true,
+        ),
+        (
+            "POST",
+            "/api/v1/profiles/test".to_owned(),
+            Some(json!({"profile": b.profile_id, "payload": "{\"temp\": 20}"})),
+            true,
+        ),
+        (
+            "GET",
+            format!("/api/v1/actions/deliveries?alarm_id={}", b.alarm_id),
+            None,
+            false,
+        ),
+        (
+            "GET",
+            format!("/api/v1/alarms?device={}", b.device_id),
+            None,
+            false,
+        ),
+    ];
+    for (method, path, body, expect_404) in probes {
+        let body = body.map(|body| ("application/json", body.to_string()));
+        let request_text = format!("{path} {}", body.as_ref().map_or("", |(_, body)| body));
+        let (status, text) = client.send(method, &path, a.key(Admin), body).await;
+        if expect_404 && status != 404 {
+            failures.push(format!("{method} {path}: {status}, expected 404: {text}"));
+        }
+        for marker in b.markers() {
+            if text.contains(marker) && !request_text.contains(marker) {
+                failures.push(format!("{method} {path} returned B's {marker:?}: {text}"));
+            }
+        }
+    }
+    let response = client
+        .http
+        .get(format!("{}{sse_probe}", server.http_url))
+        .bearer_auth(a.key(Admin))
+        .send()
+        .await
+        .unwrap();
+    if response.status() != 404 {
+        failures.push(format!(
+            "GET {sse_probe}: {}, expected 404",
+            response.status()
+        ));
+    }
     assert!(
         failures.is_empty(),
         "tenant isolation failures:\n{}",
