@@ -271,6 +271,11 @@ async fn actor_of(state: &AppState, principal: &Principal) -> Actor {
     }
 }
 
+/// The rejection of a request's credential by [`record_mutations`], for
+/// the handler's [`Principal`] extractor.
+#[derive(Clone)]
+pub struct RejectedCredential(pub ApiError);
+
 /// Source address and user agent of a request.
 pub struct RequestOrigin {
     pub source: Option<String>,
@@ -346,8 +351,14 @@ pub async fn record_mutations(
     }
 
     let (mut parts, body) = request.into_parts();
-    let Ok(principal) = Principal::from_request_parts(&mut parts, &state).await else {
-        return next.run(Request::from_parts(parts, body)).await;
+    let principal = match Principal::from_request_parts(&mut parts, &state).await {
+        Ok(principal) => principal,
+        Err(error) => {
+            // The handler sees the same rejection without authenticating
+            // again, so a bad key counts once towards the login throttle.
+            parts.extensions.insert(RejectedCredential(error));
+            return next.run(Request::from_parts(parts, body)).await;
+        }
     };
     parts.extensions.insert(principal.clone());
     let origin = RequestOrigin::from_parts(&parts.headers, parts.extensions.get());

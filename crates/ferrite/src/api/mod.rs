@@ -220,6 +220,9 @@ impl FromRequestParts<Arc<AppState>> for Principal {
         if let Some(principal) = parts.extensions.get::<Principal>() {
             return Ok(principal.clone());
         }
+        if let Some(audit::RejectedCredential(error)) = parts.extensions.get() {
+            return Err(error.clone());
+        }
         let token = bearer_token(parts).ok_or_else(|| {
             ApiError::unauthorized(
                 "missing credentials: send Authorization: Bearer <access token or API key>",
