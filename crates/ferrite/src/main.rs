@@ -66,6 +66,9 @@ enum Command {
     /// Manage API keys.
     #[command(name = "api-key", subcommand)]
     ApiKey(ApiKeyCommand),
+    /// Manage tenants.
+    #[command(subcommand)]
+    Tenant(TenantCommand),
     /// Configuration helpers.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -168,6 +171,8 @@ enum DeviceCommand {
         /// Device name, unique in the tenant.
         name: String,
         #[command(flatten)]
+        tenant: TenantArg,
+        #[command(flatten)]
         data: DataDirArg,
     },
 }
@@ -182,6 +187,8 @@ enum UserCommand {
         #[arg(long, default_value = "viewer")]
         role: Role,
         #[command(flatten)]
+        tenant: TenantArg,
+        #[command(flatten)]
         data: DataDirArg,
     },
 }
@@ -195,6 +202,33 @@ enum ApiKeyCommand {
         /// admin, operator or viewer.
         #[arg(long, default_value = "viewer")]
         role: Role,
+        #[command(flatten)]
+        tenant: TenantArg,
+        #[command(flatten)]
+        data: DataDirArg,
+    },
+}
+
+#[derive(Args)]
+struct TenantArg {
+    /// Name of the tenant to create it in [default: the default tenant].
+    #[arg(long)]
+    tenant: Option<String>,
+}
+
+/// Tenant commands. `ferrite tenant delete` lives with the at-rest
+/// encryption code, because it also destroys the tenant's key.
+#[derive(Subcommand)]
+enum TenantCommand {
+    /// Create a tenant and print its id and name as JSON.
+    Create {
+        /// Tenant name: 1 to 64 letters, digits, '-', '_' or '.'.
+        name: String,
+        #[command(flatten)]
+        data: DataDirArg,
+    },
+    /// Print every tenant as a JSON array.
+    List {
         #[command(flatten)]
         data: DataDirArg,
     },
@@ -310,14 +344,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let after_start = args.demo.then(|| demo::starter(args.demo_devices));
             server::run(config, after_start).await
         }
-        Command::Device(DeviceCommand::Create { name, data }) => {
+        Command::Device(DeviceCommand::Create { name, tenant, data }) => {
             let config = load_config(&data)?;
             let metadata = open_cli_metadata(&config).await?;
-            let tenant = metadata.default_tenant().await?;
+            let tenant = cli_tenant(&metadata, &tenant).await?;
             let token = auth::generate_device_token();
             let device = metadata
                 .create_device(tenant.id, &name, &auth::hash_secret(&token))
                 .await?;
+            cli_audit(
+                &metadata,
+                tenant.id,
+                "device.create",
+                ("device", device.id.to_string()),
+                json!({"name": device.name}),
+            )
+            .await?;
             println!(
                 "{}",
                 json!({"id": device.id, "name": device.name, "token": token})
@@ -325,7 +367,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             metadata.close().await;
             Ok(())
         }
-        Command::User(UserCommand::Create { email, role, data }) => {
+        Command::User(UserCommand::Create {
+            email,
+            role,
+            tenant,
+            data,
+        }) => {
             let config = load_config(&data)?;
             anyhow::ensure!(
                 email.contains('@') && !email.starts_with('@') && !email.ends_with('@'),
@@ -334,9 +381,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let password = read_password()?;
             auth::check_password_rules(&password, &email)?;
             let metadata = open_cli_metadata(&config).await?;
-            let tenant = metadata.default_tenant().await?;
+            let tenant = cli_tenant(&metadata, &tenant).await?;
             let hash = auth::hash_password(&password)?;
             let user = metadata.create_user(tenant.id, &email, &hash, role).await?;
+            cli_audit(
+                &metadata,
+                tenant.id,
+                "user.create",
+                ("user", user.id.to_string()),
+                json!({"email": user.email, "role": user.role}),
+            )
+            .await?;
             println!(
                 "{}",
                 json!({"id": user.id, "email": user.email, "role": user.role})
@@ -344,18 +399,56 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             metadata.close().await;
             Ok(())
         }
-        Command::ApiKey(ApiKeyCommand::Create { name, role, data }) => {
+        Command::ApiKey(ApiKeyCommand::Create {
+            name,
+            role,
+            tenant,
+            data,
+        }) => {
             let config = load_config(&data)?;
             let metadata = open_cli_metadata(&config).await?;
-            let tenant = metadata.default_tenant().await?;
+            let tenant = cli_tenant(&metadata, &tenant).await?;
             let key = auth::generate_api_key();
             let created = metadata
                 .create_api_key(tenant.id, &name, role, &auth::hash_secret(&key))
                 .await?;
+            cli_audit(
+                &metadata,
+                tenant.id,
+                "api_key.create",
+                ("api_key", created.id.to_string()),
+                json!({"name": created.name, "role": created.role}),
+            )
+            .await?;
             println!(
                 "{}",
                 json!({"id": created.id, "name": created.name, "role": created.role, "key": key})
             );
+            metadata.close().await;
+            Ok(())
+        }
+        Command::Tenant(TenantCommand::Create { name, data }) => {
+            metadata::check_tenant_name(&name).map_err(anyhow::Error::msg)?;
+            let config = load_config(&data)?;
+            let metadata = open_cli_metadata(&config).await?;
+            let tenant = metadata.create_tenant(&name).await?;
+            cli_audit(
+                &metadata,
+                tenant.id,
+                "tenant.create",
+                ("tenant", tenant.id.to_string()),
+                json!({"name": tenant.name}),
+            )
+            .await?;
+            println!("{}", json!(tenant));
+            metadata.close().await;
+            Ok(())
+        }
+        Command::Tenant(TenantCommand::List { data }) => {
+            let config = load_config(&data)?;
+            let metadata = open_cli_metadata(&config).await?;
+            let tenants = metadata.list_tenants().await?;
+            println!("{}", json!(tenants));
             metadata.close().await;
             Ok(())
         }
@@ -376,6 +469,55 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             export::cli::run(&config, args.options).await
         }
     }
+}
+
+/// Finds the tenant a CLI command names with `--tenant`, or the default
+/// tenant.
+async fn cli_tenant(
+    metadata: &metadata::SqliteMetadata,
+    arg: &TenantArg,
+) -> anyhow::Result<metadata::Tenant> {
+    match &arg.tenant {
+        None => Ok(metadata.default_tenant().await?),
+        Some(name) => metadata.tenant_by_name(name).await.map_err(|error| match error {
+            metadata::MetadataError::NotFound(_) => anyhow::anyhow!(
+                "tenant {name:?} not found: create it with `ferrite tenant create {name}`, or see `ferrite tenant list`"
+            ),
+            other => other.into(),
+        }),
+    }
+}
+
+/// Records a CLI action in the tenant's audit chain. The actor is the
+/// operating system user from `USER` or `LOGNAME`, if set.
+async fn cli_audit(
+    metadata: &metadata::SqliteMetadata,
+    tenant: ids::TenantId,
+    action: &str,
+    (target_type, target_id): (&str, String),
+    detail: serde_json::Value,
+) -> anyhow::Result<()> {
+    let os_user = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .ok();
+    metadata
+        .append_audit(metadata::audit::NewAuditRecord {
+            tenant_id: Some(tenant),
+            actor_type: "cli",
+            actor_id: None,
+            actor_name: os_user,
+            action: action.to_owned(),
+            target_type: Some(target_type.to_owned()),
+            target_id: Some(target_id),
+            detail,
+            source: Some("cli".to_owned()),
+            user_agent: None,
+            outcome: "success",
+            status: None,
+        })
+        .await
+        .context("the action was done, but writing its audit record failed")?;
+    Ok(())
 }
 
 /// Reads a password from standard input: the first line, without its line ending.

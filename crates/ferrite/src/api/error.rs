@@ -14,7 +14,7 @@ use crate::decode::DecodeError;
 use crate::ingest::IngestError;
 use crate::metadata::MetadataError;
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct ApiError {
     pub status: StatusCode,
     pub title: &'static str,

@@ -86,15 +86,26 @@ struct LoginRequest {
 async fn login(
     State(state): State<Arc<AppState>>,
     PeerAddr(peer): PeerAddr,
+    connect_info: Option<axum::Extension<axum::extract::ConnectInfo<std::net::SocketAddr>>>,
+    headers: axum::http::HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Json<TokenPair>, ApiError> {
     let request: LoginRequest = parse_body(&body, "\"email\" and \"password\"")?;
-    Ok(Json(
-        state
-            .auth
-            .login(&request.email, &request.password, peer)
-            .await?,
-    ))
+    let result = state
+        .auth
+        .login(&request.email, &request.password, peer)
+        .await
+        .map_err(ApiError::from);
+    let status = match &result {
+        Ok(_) => StatusCode::OK,
+        Err(error) => error.status,
+    };
+    let origin = super::audit::RequestOrigin::from_parts(
+        &headers,
+        connect_info.as_ref().map(|info| &info.0),
+    );
+    super::audit::record_login(&state, &request.email, origin, status).await;
+    Ok(Json(result?))
 }
 
 #[derive(Deserialize)]

@@ -478,10 +478,12 @@ async fn build_filter(
             .await
             .map_err(|error| {
                 if error.status == axum::http::StatusCode::NOT_FOUND {
-                    ApiError::invalid_param(
-                        "profile",
-                        format!("profile {reference:?} not found; list the profiles with GET /api/v1/profiles"),
-                    )
+                    ApiError {
+                        param: Some("profile"),
+                        ..ApiError::not_found(format!(
+                            "profile {reference:?} not found; list the profiles with GET /api/v1/profiles"
+                        ))
+                    }
                 } else {
                     error
                 }
@@ -500,10 +502,14 @@ async fn check_devices(
         match state.metadata.device(tenant, *device).await {
             Ok(_) => {}
             Err(crate::metadata::MetadataError::NotFound(_)) => {
-                return Err(ApiError::invalid_param(
-                    "device",
-                    format!("device {device} not found; list the devices with GET /api/v1/devices"),
-                ));
+                // 404 like any other route given an id that is not in the
+                // caller's tenant.
+                return Err(ApiError {
+                    param: Some("device"),
+                    ..ApiError::not_found(format!(
+                        "device {device} not found; list the devices with GET /api/v1/devices"
+                    ))
+                });
             }
             Err(error) => return Err(error.into()),
         }

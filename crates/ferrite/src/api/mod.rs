@@ -9,6 +9,7 @@
 
 mod actions;
 mod alarms;
+pub mod audit;
 mod buckets;
 mod commands;
 mod credentials;
@@ -41,10 +42,13 @@ use crate::auth::Principal;
 use crate::metadata::Role;
 use crate::server::AppState;
 
-pub fn router() -> Router<Arc<AppState>> {
+pub fn router(state: Arc<AppState>) -> Router<Arc<AppState>> {
     Router::new()
         // Login, tokens, users and service accounts.
         .merge(identity::router())
+        .route("/api/v1/audit", get(audit::list))
+        .route("/api/v1/audit/export", get(audit::export))
+        .route("/api/v1/audit/verify", get(audit::verify))
         .route("/api/v1/devices", get(devices::list).post(devices::create))
         .route(
             "/api/v1/devices/{id}",
@@ -155,6 +159,11 @@ pub fn router() -> Router<Arc<AppState>> {
         )
         // GET /api/v1/live/ws and GET /api/v1/live/sse.
         .merge(live::router())
+        // Records every mutating call; applied to the routes above only.
+        .route_layer(axum::middleware::from_fn_with_state(
+            state,
+            audit::record_mutations,
+        ))
 }
 
 /// `POST /api/v1/admin/compact`: writes the points held in memory to
@@ -228,6 +237,13 @@ impl FromRequestParts<Arc<AppState>> for Principal {
         parts: &mut Parts,
         state: &Arc<AppState>,
     ) -> Result<Self, Self::Rejection> {
+        // The audit layer authenticates mutating requests first.
+        if let Some(principal) = parts.extensions.get::<Principal>() {
+            return Ok(principal.clone());
+        }
+        if let Some(audit::RejectedCredential(error)) = parts.extensions.get() {
+            return Err(error.clone());
+        }
         let token = bearer_token(parts).ok_or_else(|| {
             ApiError::unauthorized(
                 "missing credentials: send Authorization: Bearer <access token or API key>",

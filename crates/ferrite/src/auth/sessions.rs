@@ -237,7 +237,12 @@ impl Auth {
         let tenant = self
             .metadata
             .tenant_by_name(&config.tenant)
-            .await?
+            .await
+            .map(Some)
+            .or_else(|error| match error {
+                crate::metadata::MetadataError::NotFound(_) => Ok(None),
+                error => Err(error),
+            })?
             .ok_or_else(|| {
                 tracing::error!(tenant = config.tenant, "auth.oidc.tenant names no tenant");
                 OidcError::NotAllowed(format!(

@@ -66,9 +66,12 @@ pub async fn export(
         super::select_devices(state.metadata.as_ref(), principal.tenant_id, &query.devices)
             .await
             .map_err(|error| match error {
-                ExportError::DeviceNotFound(_) => {
-                    ApiError::invalid_param("device", error.to_string())
-                }
+                // 404 like any other route given a device that is not in
+                // the caller's tenant.
+                ExportError::DeviceNotFound(_) => ApiError {
+                    param: Some("device"),
+                    ..ApiError::not_found(error.to_string())
+                },
                 ExportError::Metadata(error) => error.into(),
                 other => {
                     tracing::error!(error = %other, "selecting devices for an export failed");

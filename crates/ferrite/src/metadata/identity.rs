@@ -12,7 +12,7 @@ use serde::Serialize;
 use sqlx::Row;
 
 use super::sqlite::{now_ms, parse_id};
-use super::{MetadataError, Role, SqliteMetadata, Tenant, User};
+use super::{MetadataError, Role, SqliteMetadata, User};
 use crate::ids::{ApiKeyId, ServiceAccountId, TenantId, UserId};
 
 /// A user as the users API shows it: never with the password hash.
@@ -126,20 +126,6 @@ fn is_unique_violation(error: &sqlx::Error) -> bool {
 
 impl SqliteMetadata {
     // ------------------------------------------------------------ users ---
-
-    pub async fn tenant_by_name(&self, name: &str) -> Result<Option<Tenant>, MetadataError> {
-        let row = sqlx::query("SELECT id, name FROM tenants WHERE name = ?")
-            .bind(name)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.map(|row| {
-            Ok(Tenant {
-                id: parse_id(row.try_get("id")?)?,
-                name: row.try_get("name")?,
-            })
-        })
-        .transpose()
-    }
 
     pub async fn list_users(&self, tenant: TenantId) -> Result<Vec<UserRecord>, MetadataError> {
         let rows = sqlx::query(

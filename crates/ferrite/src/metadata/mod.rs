@@ -14,6 +14,7 @@
 //! the server runs. Migrations live in `migrations/` and run at open.
 
 pub mod alarms;
+pub mod audit;
 pub mod credentials;
 pub mod dead_letters;
 pub mod device_cas;
@@ -23,6 +24,7 @@ pub mod lorawan;
 pub mod mqtt_retained;
 pub mod profiles;
 mod sqlite;
+mod tenants;
 
 use std::fmt;
 use std::str::FromStr;
@@ -32,6 +34,7 @@ use serde::Serialize;
 use crate::ids::{AlarmId, ApiKeyId, DeviceId, ProfileId, TenantId, UserId};
 
 pub use sqlite::SqliteMetadata;
+pub use tenants::check_tenant_name;
 
 /// Role of a person or service on the REST API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]

@@ -2,6 +2,7 @@
 //! ports with its own data directory and talks to it over sockets.
 
 pub mod actions;
+mod audit;
 mod cases;
 mod coap;
 mod coap_dtls;
@@ -21,4 +22,5 @@ mod processing;
 mod revocation;
 mod support;
 mod tls;
+mod tenancy;
 mod websocket;

@@ -67,7 +67,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/api/v1/integrations/tts",
             post(lorawan_integrations::http::tts),
         )
-        .merge(api::router())
+        .merge(api::router(state.clone()))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(RequestDecompressionLayer::new())
