@@ -68,6 +68,8 @@ pub struct AppState {
     /// DTLS credentials of the devices, mirrored for the DTLS listener; the
     /// credentials API updates it.
     pub dtls_credentials: Arc<crate::auth::dtls::DtlsCredentials>,
+    /// Rate and connection limits, shared with the other listeners.
+    pub limits: crate::limits::Limits,
 }
 
 impl AppState {
@@ -169,6 +171,7 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
         config.auth.access_token_ttl,
     )?);
     let master_key = Arc::new(crate::encryption::MasterKey::load(&config.data_dir)?);
+    let limits = crate::limits::Limits::new(&config.limits);
     let dtls_credentials = Arc::new(crate::auth::dtls::DtlsCredentials::default());
     let coaps_listener = match coaps_socket {
         Some(socket) => {
@@ -176,12 +179,15 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
                 .reload(&metadata)
                 .await
                 .context("cannot load the devices' DTLS credentials")?;
-            Some(adapters::coap::dtls::DtlsListener::new(
-                socket,
-                &config.coap.dtls,
-                dtls_credentials.clone(),
-                master_key.clone(),
-            )?)
+            Some(
+                adapters::coap::dtls::DtlsListener::new(
+                    socket,
+                    &config.coap.dtls,
+                    dtls_credentials.clone(),
+                    master_key.clone(),
+                )?
+                .with_limits(limits.clone()),
+            )
         }
         None => None,
     };
@@ -262,6 +268,7 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
         directory: directory.clone(),
         live: live.clone(),
         metadata: metadata.clone(),
+        limits: limits.clone(),
     });
     let mqtt_server =
         adapters::mqtt::MqttServer::new(mqtt_context, mqtt_router.clone(), shutdown.clone());
@@ -299,9 +306,11 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
         actions: actions.clone(),
         master_key: master_key.clone(),
         dtls_credentials,
+        limits: limits.clone(),
     });
 
     let last_seen_task = tokio::spawn(sync_device_status(state.clone(), shutdown.clone()));
+    let limits_task = tokio::spawn(limits.clone().run_sweeper(shutdown.clone()));
     let http_task = tokio::spawn(adapters::http::serve(
         http_listener,
         state.clone(),
@@ -313,6 +322,7 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
         ingest.clone(),
         state.directory.clone(),
         mqtt_router.clone(),
+        limits.clone(),
     );
     let mqtt_task = tokio::spawn(adapters::mqtt::serve(mqtt_listener, mqtt_server));
     // The DTLS listener shares `coap_context`, and with it the observers
@@ -388,6 +398,7 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
     let _ = silence_task.await;
     actions.shutdown().await;
     let _ = last_seen_task.await;
+    let _ = limits_task.await;
     flush_device_status(&state).await;
     metadata.close().await;
     tracing::info!("Ferrite stopped");
