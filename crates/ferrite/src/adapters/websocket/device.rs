@@ -129,7 +129,7 @@ pub async fn endpoint(
         .max_frame_size(max_message)
         .on_upgrade(move |socket| {
             let mqtt = state.mqtt.clone();
-            let task = run(socket, state, device, slot).instrument(span);
+            let task = run(socket, state, device, peer, slot).instrument(span);
             async move { mqtt.track_connection(task).await }
         })
         .into_response())
@@ -268,6 +268,7 @@ async fn run(
     socket: WebSocket,
     state: Arc<AppState>,
     device: DeviceIdentity,
+    peer: SocketAddr,
     _slot: OwnedSemaphorePermit,
 ) {
     let _open = OpenSocket::new();
@@ -280,6 +281,7 @@ async fn run(
     let mut socket = DeviceSocket {
         state,
         device,
+        peer,
         receiver,
         outgoing,
         replies: FuturesOrdered::new(),
@@ -313,6 +315,8 @@ async fn write_messages(
 struct DeviceSocket {
     state: Arc<AppState>,
     device: DeviceIdentity,
+    /// The client's address, for the message rate per address.
+    peer: SocketAddr,
     /// The router session through which commands arrive.
     receiver: DeviceReceiver,
     /// Messages for the writer task; bounded by
@@ -432,6 +436,18 @@ impl DeviceSocket {
         id: Value,
         data: &RawValue,
     ) -> Result<BoxFuture<'static, String>, MessageError> {
+        // Over a rate limit the message gets an error reply and the socket
+        // stays open; the device sends it again after `retry_after`.
+        let sender = crate::limits::Sender {
+            tenant: self.device.tenant_id,
+            device: Some(self.device.device_id),
+            address: Some(self.peer.ip()),
+        };
+        if let Err(limited) = self.state.limits.check_message(&sender) {
+            crate::limits::count_rate_limited("websocket", &limited);
+            return Err(MessageError::rate_limited(id, &limited));
+        }
+
         let max_bytes = self.state.config.http.max_body_bytes;
         let payload = Bytes::copy_from_slice(data.get().as_bytes());
         if payload.len() > max_bytes {
