@@ -40,9 +40,10 @@
 //! timer. A session that receives nothing for `idle_timeout` is closed with
 //! close_notify.
 //!
-//! NOTE: there is no limit per source address. One host that completes the
-//! cookie exchange from many ports can hold every handshake slot for
-//! `handshake_timeout`, and new peers are dropped meanwhile.
+//! Handshakes in progress per source address are bounded by
+//! `limits.dtls_handshakes_per_address`, counted from the valid cookie on,
+//! so that the address is known to be the sender's. ClientHellos beyond it
+//! are dropped and counted in `ferrite_connections_refused_total`.
 //!
 //! ## What it leaves out
 //! - NOTE: no session resumption and no connection IDs (RFC 9146): a peer
@@ -86,6 +87,7 @@ use super::{CoapContext, Endpoint};
 use crate::auth::dtls::DtlsCredentials;
 use crate::config::CoapDtlsConfig;
 use crate::encryption::MasterKey;
+use crate::limits::Limits;
 use crate::metadata::SqliteMetadata;
 use crate::warn_limit::WarnLimiter;
 
@@ -247,6 +249,8 @@ struct Shared<H> {
     failure_warnings: Mutex<WarnLimiter>,
     /// [`RECHECK_INTERVAL`], shorter in tests.
     recheck_interval: std::time::Duration,
+    /// Handshakes per source address; `None` in tests without limits.
+    limits: Option<Limits>,
 }
 
 /// A bound DTLS listener, not yet serving.
@@ -257,6 +261,7 @@ pub struct DtlsListener {
     sessions: Arc<Sessions>,
     credentials: Arc<DtlsCredentials>,
     recheck_interval: std::time::Duration,
+    limits: Option<Limits>,
 }
 
 impl DtlsListener {
@@ -288,7 +293,14 @@ impl DtlsListener {
             sessions: Arc::default(),
             credentials,
             recheck_interval: RECHECK_INTERVAL,
+            limits: None,
         })
+    }
+
+    /// Bounds the handshakes per source address by `limits`.
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = Some(limits);
+        self
     }
 
     #[cfg(test)]
@@ -334,6 +346,7 @@ impl DtlsListener {
             shutdown: shutdown.clone(),
             failure_warnings: Mutex::new(WarnLimiter::default()),
             recheck_interval: self.recheck_interval,
+            limits: self.limits,
         });
         let tasks = TaskTracker::new();
         let mut receive_warnings = WarnLimiter::default();
@@ -465,7 +478,19 @@ fn dispatch<H: DatagramHandler>(
             return;
         }
     };
-    start_session(shared, tasks, peer, *stream);
+    // After the cookie exchange, so that the address is the sender's.
+    let handshake_slot = match &shared.limits {
+        Some(limits) => match limits.dtls_handshake(peer.ip()) {
+            Some(slot) => Some(slot),
+            None => {
+                events::datagram_dropped("handshakes_per_address");
+                crate::limits::count_connection_refused("coap_dtls", "dtls_handshakes_per_address");
+                return;
+            }
+        },
+        None => None,
+    };
+    start_session(shared, tasks, peer, *stream, handshake_slot);
 }
 
 fn start_session<H: DatagramHandler>(
@@ -473,6 +498,7 @@ fn start_session<H: DatagramHandler>(
     tasks: &TaskTracker,
     peer: SocketAddr,
     stream: openssl::ssl::SslStream<context::DatagramPipe>,
+    handshake_slot: Option<crate::limits::AddressSlot>,
 ) {
     let (sender, inbox) = mpsc::channel(SESSION_QUEUE);
     let id = shared.sessions.next_id.fetch_add(1, Ordering::Relaxed);
@@ -496,6 +522,7 @@ fn start_session<H: DatagramHandler>(
         inbox,
         queued_bytes,
         shared: shared.clone(),
+        handshake_slot,
     };
     // At error level, so that the peer stays on the session's warnings
     // whatever log level is configured.
