@@ -1560,8 +1560,8 @@ max_outgoing_messages = 64
 # answer each protocol gives. 0 turns a limit off; a burst of 0 equals the
 # rate. Rates are token buckets: a sender may send a burst at once, then
 # its rate per second.
-# Messages per device over all protocols. MQTT 5 gets PUBACK 0x96, MQTT
-# 3.1.1 is read more slowly, HTTP gets 429, CoAP 4.29.
+# Messages per device over all protocols. MQTT 5 gets PUBACK 0x97 with a
+# reason string, MQTT 3.1.1 is read more slowly, HTTP gets 429, CoAP 4.29.
 device_messages_per_second = 1000
 device_message_burst = 2000
 # Messages of a whole tenant: room for 10,000 devices at 1 message per

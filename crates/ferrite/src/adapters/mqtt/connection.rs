@@ -167,7 +167,7 @@ impl CloseCause {
                     .to_owned(),
             ),
             Self::RateLimited(limited) => Some(format!(
-                "{limited}; the client went on publishing after repeated PUBACK 0x96"
+                "{limited}; the client went on publishing after repeated PUBACK 0x97"
             )),
             Self::ShuttingDown | Self::IngestFailed(IngestError::ShuttingDown) => {
                 Some("the server is shutting down; reconnect later".to_owned())

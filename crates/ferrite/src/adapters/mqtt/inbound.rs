@@ -31,7 +31,7 @@
 //! | log failed or stopping | 0x80 (stopping: then DISCONNECT 0x8B) | closed without acknowledgement |
 //! | retained, over the tenant's limits | 0x97, dropped | handled without RETAIN |
 //! | topic over `limits.max_topic_length` or `max_topic_levels` | 0x90, dropped | connection closed |
-//! | over a message rate limit | 0x96, dropped; DISCONNECT 0x96 after `limits.mqtt_rate_limited_before_disconnect` in a row | reading pauses until the rate allows it |
+//! | over a message rate limit | 0x97 with the limit as reason string, dropped; DISCONNECT 0x96 after `limits.mqtt_rate_limited_before_disconnect` in a row | reading pauses until the rate allows it |
 //!
 //! Applications (`application.rs`) take their own path after step 2.
 
@@ -227,8 +227,11 @@ impl Connection {
     }
 
     /// Step 2, message rate (MQTT 5): a PUBLISH over a rate limit is not
-    /// stored and gets PUBACK/PUBREC 0x96, Message rate too high; QoS 0 is
-    /// dropped. After `limits.mqtt_rate_limited_before_disconnect`
+    /// stored and gets PUBACK/PUBREC 0x97, Quota exceeded, with the limit
+    /// as reason string; QoS 0 is dropped. 0x96, Message rate too high, is
+    /// defined for DISCONNECT only (MQTT 5.0 sections 3.4.2.1 and 3.5.2.1
+    /// list the PUBACK and PUBREC codes), and paho-mqtt 2.2 fails on it in
+    /// a PUBACK. After `limits.mqtt_rate_limited_before_disconnect`
     /// rejections in a row the connection closes with DISCONNECT 0x96.
     /// MQTT 3.1.1 is limited before the packet is read
     /// ([`Connection::permit_v311_publish`]). Returns true when the
@@ -263,7 +266,7 @@ impl Connection {
         self.decide(
             packet_id,
             publish.qos,
-            ReasonCode::MessageRateTooHigh,
+            ReasonCode::QuotaExceeded,
             Some(limited.to_string()),
         );
         Ok(true)
