@@ -26,8 +26,9 @@ pub struct ApiError {
     /// Every problem found, when there is more than one (a profile with
     /// several mistakes, for example).
     pub errors: Vec<String>,
-    /// The rate limit that was exceeded: its setting and its value.
-    pub limit: Option<(&'static str, u64)>,
+    /// The rate limit that was exceeded: its setting and its value. Boxed
+    /// so that every `Result<_, ApiError>` stays small.
+    pub limit: Option<Box<(&'static str, u64)>>,
 }
 
 #[derive(Serialize)]
@@ -114,7 +115,10 @@ impl ApiError {
     pub fn rate_limited(limited: &crate::limits::RateLimited) -> Self {
         Self {
             retry_after: Some(limited.retry_after_secs()),
-            limit: Some((limited.limit.setting(), u64::from(limited.per_second))),
+            limit: Some(Box::new((
+                limited.limit.setting(),
+                u64::from(limited.per_second),
+            ))),
             ..Self::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "Too Many Requests",
@@ -141,9 +145,9 @@ impl IntoResponse for ApiError {
             detail: &self.detail,
             param: self.param,
             errors: &self.errors,
-            limit: self.limit.map(|(setting, _)| setting),
-            limit_value: self.limit.map(|(_, value)| value),
-            retry_after: self.limit.and(self.retry_after),
+            limit: self.limit.as_deref().map(|(setting, _)| *setting),
+            limit_value: self.limit.as_deref().map(|(_, value)| *value),
+            retry_after: self.limit.as_ref().and(self.retry_after),
         };
         let mut response = (self.status, Json(&problem)).into_response();
         let headers = response.headers_mut();

@@ -10,11 +10,14 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
+/// Open connections by address, shared by a counter and its slots.
+type OpenCounts = Arc<Mutex<HashMap<IpAddr, u32>>>;
+
 /// Counts open connections per address against one maximum.
 #[derive(Clone)]
 pub struct ConnectionCounter {
     /// `None` when the limit is off (0).
-    open: Option<Arc<Mutex<HashMap<IpAddr, u32>>>>,
+    open: Option<OpenCounts>,
     max_per_address: u32,
 }
 
@@ -55,7 +58,7 @@ impl ConnectionCounter {
 
 /// One counted connection; dropping it gives the place back.
 pub struct AddressSlot {
-    held: Option<(Arc<Mutex<HashMap<IpAddr, u32>>>, IpAddr)>,
+    held: Option<(OpenCounts, IpAddr)>,
 }
 
 impl Drop for AddressSlot {

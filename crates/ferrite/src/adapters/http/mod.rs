@@ -176,7 +176,10 @@ async fn refuse_connection(
     let refusal = move || async move {
         let limited = api::ApiError {
             retry_after: Some(CONNECTION_RETRY_AFTER_SECS),
-            limit: Some(("limits.connections_per_address", u64::from(max_per_address))),
+            limit: Some(Box::new((
+                "limits.connections_per_address",
+                u64::from(max_per_address),
+            ))),
             ..api::ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "Too Many Requests",
