@@ -9,6 +9,7 @@ mod durability;
 mod export;
 mod fleet;
 mod http;
+mod limits;
 mod live;
 mod lorawan;
 mod lorawan_integrations;
