@@ -100,8 +100,7 @@ impl CoapError {
                 reply.size1 = Some(u32::try_from(*limit).unwrap_or(u32::MAX));
             }
             CoapError::ServiceUnavailable(_) => reply.max_age = Some(RETRY_AFTER_SECS),
-            // RFC 8516 section 4: Max-Age is the time before a retry may
-            // succeed.
+            // RFC 8516: Max-Age is the time before a retry may succeed.
             CoapError::TooManyRequests(limited) => {
                 let seconds = limited.retry_after_secs();
                 reply.max_age = Some(u32::try_from(seconds).unwrap_or(u32::MAX));

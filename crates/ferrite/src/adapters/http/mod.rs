@@ -165,7 +165,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: Cancel
     }
 }
 
-/// Answers every request of a connection over
+/// Responds to every request of a connection over
 /// `limits.connections_per_address` with 429 and closes it after the first
 /// response, so that the client learns why instead of seeing a reset.
 async fn refuse_connection(
@@ -227,9 +227,9 @@ async fn limit_api_requests(
     }
 }
 
-/// Takes a token for one message of a device (or of a tenant's fleet
-/// write when `device` is `None`) from the message rate limits; over a
-/// limit the request fails with 429.
+/// Takes a token for one message from the message rate limits. `device`
+/// is `None` for a tenant's fleet write. Over a limit the request fails
+/// with 429.
 pub(crate) fn check_message_rate(
     state: &AppState,
     parts: &axum::http::request::Parts,

@@ -307,8 +307,8 @@ pub async fn run<S: Transport>(
     let _open = OpenConnection::new();
     let context = &shared.context;
     // `None` inside when the address has `limits.connections_per_address`
-    // connections open; the CONNECT is still read, to answer in the
-    // client's protocol version.
+    // connections open. The CONNECT is still read, so that the CONNACK
+    // uses the client's protocol version.
     let address_slot = peer.map(|address| context.limits.mqtt_connection(address));
     let max_packet_size = context
         .config
