@@ -1780,6 +1780,33 @@ mod tests {
     }
 
     #[test]
+    fn limit_settings_are_checked() {
+        let mut table = toml::Table::new();
+        let vars = [
+            ("FERRITE_LIMITS_DEVICE_MESSAGES_PER_SECOND", "50"),
+            ("FERRITE_LIMITS_DEVICE_MESSAGE_BURST", "10"),
+        ]
+        .map(|(name, value)| (name.to_owned(), value.to_owned()));
+        apply_env(&mut table, vars.into_iter());
+        let config: Config = toml::Value::Table(table).try_into().unwrap();
+        assert_eq!(config.limits.device_messages_per_second, 50);
+        let error = config.validate().unwrap_err().to_string();
+        assert!(
+            error.contains("limits.device_message_burst (10)"),
+            "{error}"
+        );
+
+        let mut config = Config::default();
+        config.limits.device_message_burst = 0;
+        config.validate().expect("a burst of 0 equals the rate");
+        config.limits.max_topic_levels = 4;
+        let error = config.validate().unwrap_err().to_string();
+        assert!(error.contains("limits.max_topic_levels"), "{error}");
+        config.limits.max_topic_levels = 0;
+        config.validate().expect("0 turns the level limit off");
+    }
+
+    #[test]
     fn unknown_key_is_rejected() {
         let error = toml::from_str::<Config>("[http]\nlisten_addr = \"127.0.0.1:1\"\n")
             .expect_err("unknown key");
