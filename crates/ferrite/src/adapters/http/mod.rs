@@ -39,6 +39,9 @@ use crate::adapters::websocket;
 use crate::api;
 use crate::server::AppState;
 
+/// Time a connection over `limits.connections_per_address` has to send its
+/// request and read the 429, so that refused connections do not pile up.
+const REFUSAL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 /// `Retry-After` of a connection refused for the connections per address.
 const CONNECTION_RETRY_AFTER_SECS: u64 = 5;
 /// Pause after a failed accept.
@@ -124,7 +127,6 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: Cancel
             tokio::spawn(refuse_connection(
                 stream,
                 state.limits.config().connections_per_address,
-                header_read_timeout,
             ));
             continue;
         };
@@ -168,11 +170,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: Cancel
 /// Responds to every request of a connection over
 /// `limits.connections_per_address` with 429 and closes it after the first
 /// response, so that the client learns why instead of seeing a reset.
-async fn refuse_connection(
-    stream: tokio::net::TcpStream,
-    max_per_address: u32,
-    header_read_timeout: std::time::Duration,
-) {
+async fn refuse_connection(stream: tokio::net::TcpStream, max_per_address: u32) {
     let refusal = move || async move {
         let limited = api::ApiError {
             retry_after: Some(CONNECTION_RETRY_AFTER_SECS),
@@ -201,9 +199,9 @@ async fn refuse_connection(
         .http1()
         .keep_alive(false)
         .timer(TokioTimer::new())
-        .header_read_timeout(header_read_timeout);
+        .header_read_timeout(REFUSAL_TIMEOUT);
     let connection = builder.serve_connection(TokioIo::new(stream), service);
-    let _ = tokio::time::timeout(header_read_timeout * 2, connection).await;
+    let _ = tokio::time::timeout(REFUSAL_TIMEOUT, connection).await;
 }
 
 /// Applies the REST API rate limits of the request's source address and
