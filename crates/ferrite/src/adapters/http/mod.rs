@@ -40,9 +40,9 @@ use crate::api;
 use crate::server::AppState;
 
 /// Time a connection over `limits.connections_per_address` has to send its
-/// request and read the 429, so that refused connections do not pile up.
-const REFUSAL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
-/// `Retry-After` of a connection refused for the connections per address.
+/// request and read the 429, so that rejected connections do not pile up.
+const REJECTED_CONNECTION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+/// `Retry-After` of a connection rejected for the connections per address.
 const CONNECTION_RETRY_AFTER_SECS: u64 = 5;
 /// Pause after a failed accept.
 const ACCEPT_ERROR_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
@@ -124,7 +124,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: Cancel
         let _ = stream.set_nodelay(true);
         let Some(address_slot) = state.limits.http_connection(peer.ip()) else {
             crate::limits::count_connection_refused("http", "connections_per_address");
-            tokio::spawn(refuse_connection(
+            tokio::spawn(reject_connection(
                 stream,
                 state.limits.config().connections_per_address,
             ));
@@ -170,8 +170,8 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: Cancel
 /// Responds to every request of a connection over
 /// `limits.connections_per_address` with 429 and closes it after the first
 /// response, so that the client learns why instead of seeing a reset.
-async fn refuse_connection(stream: tokio::net::TcpStream, max_per_address: u32) {
-    let refusal = move || async move {
+async fn reject_connection(stream: tokio::net::TcpStream, max_per_address: u32) {
+    let rejection = move || async move {
         let limited = api::ApiError {
             retry_after: Some(CONNECTION_RETRY_AFTER_SECS),
             limit: Some(Box::new((
@@ -193,15 +193,15 @@ async fn refuse_connection(stream: tokio::net::TcpStream, max_per_address: u32) 
         );
         response
     };
-    let service = TowerToHyperService::new(Router::new().fallback(refusal));
+    let service = TowerToHyperService::new(Router::new().fallback(rejection));
     let mut builder = Builder::new(TokioExecutor::new());
     builder
         .http1()
         .keep_alive(false)
         .timer(TokioTimer::new())
-        .header_read_timeout(REFUSAL_TIMEOUT);
+        .header_read_timeout(REJECTED_CONNECTION_TIMEOUT);
     let connection = builder.serve_connection(TokioIo::new(stream), service);
-    let _ = tokio::time::timeout(REFUSAL_TIMEOUT, connection).await;
+    let _ = tokio::time::timeout(REJECTED_CONNECTION_TIMEOUT, connection).await;
 }
 
 /// Applies the REST API rate limits of the request's source address and
