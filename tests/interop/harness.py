@@ -92,8 +92,17 @@ class FerriteServer:
     """One `ferrite serve` process on free loopback ports with its own data
     directory, plus an admin session on its REST API."""
 
-    def __init__(self, binary: Path, data_dir: Path, log_path: Path) -> None:
+    def __init__(
+        self,
+        binary: Path,
+        data_dir: Path,
+        log_path: Path,
+        settings: dict[str, str] | None = None,
+    ) -> None:
         self.binary = binary
+        # `FERRITE_*` variables for the server process only, such as
+        # {"FERRITE_LIMITS_DEVICE_MESSAGES_PER_SECOND": "2"}.
+        self.settings = dict(settings or {})
         self.data_dir = data_dir
         self.log_path = log_path
         self.http_port = free_port()
@@ -119,6 +128,7 @@ class FerriteServer:
         env["RUST_LOG"] = os.environ.get("FERRITE_TEST_LOG", "warn")
         env["NO_COLOR"] = "1"
         env.update(self.extra_env)
+        env.update(self.settings)
         return env
 
     def run_cli(self, *args: str, stdin: str | None = None) -> dict[str, Any]:

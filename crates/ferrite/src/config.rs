@@ -31,6 +31,7 @@ pub struct Config {
     pub actions: ActionsConfig,
     pub websocket: WebSocketConfig,
     pub tls: TlsConfig,
+    pub limits: LimitsConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -104,6 +105,113 @@ pub struct MqttConfig {
     /// fallback for changes made by another process.
     #[serde(with = "humantime_serde")]
     pub credential_recheck_interval: Duration,
+}
+
+/// Rate limits and resource limits of every protocol (`limits/`). A value
+/// of 0 turns its limit off. A burst of 0 equals the rate.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Messages per second of one device, over all protocols.
+    pub device_messages_per_second: u32,
+    /// Messages one device may send at once above its rate.
+    pub device_message_burst: u32,
+    /// Messages per second of all devices and applications of one tenant.
+    pub tenant_messages_per_second: u32,
+    pub tenant_message_burst: u32,
+    /// Messages per second from one source address (IPv6: one /64).
+    pub address_messages_per_second: u32,
+    pub address_message_burst: u32,
+    /// REST API requests per second with one credential (API key, access
+    /// token or JWT).
+    pub api_requests_per_second: u32,
+    pub api_request_burst: u32,
+    /// REST API requests per second from one source address.
+    pub api_address_requests_per_second: u32,
+    pub api_address_request_burst: u32,
+    /// Open connections per source address, counted separately for MQTT
+    /// (TCP and WebSocket) and for HTTP (device WebSockets included).
+    pub connections_per_address: u32,
+    /// DTLS handshakes in progress per source address.
+    pub dtls_handshakes_per_address: u32,
+    /// Longest MQTT topic name or filter, in bytes.
+    pub max_topic_length: usize,
+    /// Most levels (parts between `/`) of an MQTT topic name or filter.
+    pub max_topic_levels: usize,
+    /// Subscriptions one MQTT session may hold.
+    pub max_subscriptions_per_client: usize,
+    /// MQTT 5 PUBLISHes rejected in a row for their rate after which the
+    /// connection is closed with DISCONNECT 0x96.
+    pub mqtt_rate_limited_before_disconnect: u32,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            device_messages_per_second: 1000,
+            device_message_burst: 2000,
+            tenant_messages_per_second: 20_000,
+            tenant_message_burst: 40_000,
+            address_messages_per_second: 20_000,
+            address_message_burst: 40_000,
+            api_requests_per_second: 100,
+            api_request_burst: 200,
+            api_address_requests_per_second: 1000,
+            api_address_request_burst: 2000,
+            connections_per_address: 10_000,
+            dtls_handshakes_per_address: 100,
+            max_topic_length: 1024,
+            max_topic_levels: 32,
+            max_subscriptions_per_client: 1000,
+            mqtt_rate_limited_before_disconnect: 100,
+        }
+    }
+}
+
+impl LimitsConfig {
+    fn validate(&self) -> anyhow::Result<()> {
+        for (name, rate, burst) in [
+            (
+                "device_message",
+                self.device_messages_per_second,
+                self.device_message_burst,
+            ),
+            (
+                "tenant_message",
+                self.tenant_messages_per_second,
+                self.tenant_message_burst,
+            ),
+            (
+                "address_message",
+                self.address_messages_per_second,
+                self.address_message_burst,
+            ),
+            (
+                "api_request",
+                self.api_requests_per_second,
+                self.api_request_burst,
+            ),
+            (
+                "api_address_request",
+                self.api_address_requests_per_second,
+                self.api_address_request_burst,
+            ),
+        ] {
+            anyhow::ensure!(
+                burst == 0 || burst >= rate,
+                "limits.{name}_burst ({burst}) is smaller than its rate ({rate} per second); set it to at least the rate, or to 0 for the rate itself"
+            );
+        }
+        anyhow::ensure!(
+            self.max_topic_levels == 0 || self.max_topic_levels >= 8,
+            "limits.max_topic_levels must be 0 (unlimited) or at least 8, because Ferrite's own topics such as v1/devices/me/rpc/request/+ have up to 6 levels"
+        );
+        anyhow::ensure!(
+            self.max_topic_length == 0 || self.max_topic_length >= 128,
+            "limits.max_topic_length must be 0 (unlimited) or at least 128 bytes, because Ferrite's own topics contain a 36-character device id"
+        );
+        Ok(())
+    }
 }
 
 /// The device WebSocket (`GET /api/v1/devices/ws`) on the HTTP listener.
@@ -894,6 +1002,7 @@ impl Default for Config {
             actions: ActionsConfig::default(),
             websocket: WebSocketConfig::default(),
             tls: TlsConfig::default(),
+            limits: LimitsConfig::default(),
         }
     }
 }
@@ -1130,7 +1239,7 @@ impl Default for ActionsMqttConfig {
 /// as the variable prefix and the path of tables. A nested section comes
 /// before its parent, so that `FERRITE_ACTIONS_MQTT_URL` sets
 /// `actions.mqtt.url` rather than `actions.mqtt_url`.
-const SECTIONS: [(&str, &[&str]); 17] = [
+const SECTIONS: [(&str, &[&str]); 18] = [
     ("http", &["http"]),
     ("mqtt", &["mqtt"]),
     ("coap_dtls", &["coap", "dtls"]),
@@ -1148,6 +1257,7 @@ const SECTIONS: [(&str, &[&str]); 17] = [
     ("actions", &["actions"]),
     ("websocket", &["websocket"]),
     ("tls", &["tls"]),
+    ("limits", &["limits"]),
 ];
 
 /// Loads the configuration: defaults, then the file at `path` if given, then
@@ -1327,6 +1437,7 @@ impl Config {
         self.coap.dtls.validate()?;
         self.tls.validate()?;
         self.lorawan.chirpstack_mqtt.validate()?;
+        self.limits.validate()?;
         Ok(())
     }
 }
@@ -1697,6 +1808,44 @@ handshake_timeout = "10s"
 reload_interval = "5s"
 # max-age of Strict-Transport-Security on HTTPS responses; "0s": none.
 hsts_max_age = "365days"
+
+[limits]
+# Rate and resource limits of every protocol; docs/security.md lists the
+# answer each protocol gives. 0 turns a limit off; a burst of 0 equals the
+# rate. Rates are token buckets: a sender may send a burst at once, then
+# its rate per second.
+# Messages per device over all protocols. MQTT 5 gets PUBACK 0x97 with a
+# reason string, MQTT 3.1.1 is read more slowly, HTTP gets 429, CoAP 4.29.
+device_messages_per_second = 1000
+device_message_burst = 2000
+# Messages of a whole tenant: room for 10,000 devices at 1 message per
+# second each, twice over.
+tenant_messages_per_second = 20000
+tenant_message_burst = 40000
+# Messages from one source address (IPv6: one /64), as many as a tenant,
+# so that a fleet behind one NAT fits.
+address_messages_per_second = 20000
+address_message_burst = 40000
+# REST API requests per credential (API key, access token, JWT) and per
+# source address; more get 429 with Retry-After.
+api_requests_per_second = 100
+api_request_burst = 200
+api_address_requests_per_second = 1000
+api_address_request_burst = 2000
+# Open connections per source address, for MQTT (TCP and WebSocket) and
+# for HTTP (WebSockets included) each. MQTT gets CONNACK 0x9F.
+connections_per_address = 10000
+# DTLS handshakes in progress per source address; more ClientHellos are
+# dropped.
+dtls_handshakes_per_address = 100
+# MQTT topic names and filters: bytes and levels. Longer PUBLISH topics get
+# PUBACK 0x90, longer filters SUBACK 0x8F.
+max_topic_length = 1024
+max_topic_levels = 32
+# Subscriptions of one MQTT session; more get SUBACK 0x97.
+max_subscriptions_per_client = 1000
+# MQTT 5 PUBLISHes rejected in a row for their rate before DISCONNECT 0x96.
+mqtt_rate_limited_before_disconnect = 100
 "#;
 
 #[cfg(test)]
@@ -1882,6 +2031,33 @@ mod tests {
         config
             .validate()
             .expect("only the chosen backend is checked");
+    }
+
+    #[test]
+    fn limit_settings_are_checked() {
+        let mut table = toml::Table::new();
+        let vars = [
+            ("FERRITE_LIMITS_DEVICE_MESSAGES_PER_SECOND", "50"),
+            ("FERRITE_LIMITS_DEVICE_MESSAGE_BURST", "10"),
+        ]
+        .map(|(name, value)| (name.to_owned(), value.to_owned()));
+        apply_env(&mut table, vars.into_iter());
+        let config: Config = toml::Value::Table(table).try_into().unwrap();
+        assert_eq!(config.limits.device_messages_per_second, 50);
+        let error = config.validate().unwrap_err().to_string();
+        assert!(
+            error.contains("limits.device_message_burst (10)"),
+            "{error}"
+        );
+
+        let mut config = Config::default();
+        config.limits.device_message_burst = 0;
+        config.validate().expect("a burst of 0 equals the rate");
+        config.limits.max_topic_levels = 4;
+        let error = config.validate().unwrap_err().to_string();
+        assert!(error.contains("limits.max_topic_levels"), "{error}");
+        config.limits.max_topic_levels = 0;
+        config.validate().expect("0 turns the level limit off");
     }
 
     #[test]

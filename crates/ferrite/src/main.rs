@@ -13,6 +13,7 @@ mod encryption;
 mod export;
 mod ids;
 mod ingest;
+mod limits;
 mod live;
 mod metadata;
 mod pipeline;

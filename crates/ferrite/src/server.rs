@@ -71,6 +71,8 @@ pub struct AppState {
     /// Device CAs and registered certificates of the MQTT over TLS
     /// listener; `None` when TLS is off. The device CA API updates it.
     pub device_trust: Option<Arc<crate::tls::DeviceTrust>>,
+    /// Rate and connection limits, shared with the other listeners.
+    pub limits: crate::limits::Limits,
 }
 
 impl AppState {
@@ -229,6 +231,7 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
         &config.auth,
     )?);
     let master_key = Arc::new(crate::encryption::MasterKey::load(&config.data_dir)?);
+    let limits = crate::limits::Limits::new(&config.limits);
     let dtls_credentials = Arc::new(crate::auth::dtls::DtlsCredentials::default());
     if coaps_socket.is_some() || config.tls.enabled() {
         dtls_credentials
@@ -253,7 +256,8 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
             &config.coap.dtls,
             dtls_credentials.clone(),
             master_key.clone(),
-        )?),
+        )?
+        .with_limits(limits.clone())),
         None => None,
     };
 
@@ -333,6 +337,7 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
         directory: directory.clone(),
         live: live.clone(),
         metadata: metadata.clone(),
+        limits: limits.clone(),
     });
     let mqtt_server =
         adapters::mqtt::MqttServer::new(mqtt_context, mqtt_router.clone(), shutdown.clone());
@@ -371,6 +376,7 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
         master_key: master_key.clone(),
         dtls_credentials,
         device_trust: tls.as_ref().map(|tls| tls.trust.clone()),
+        limits: limits.clone(),
     });
     let certificate_task = tls
         .as_ref()
@@ -392,6 +398,7 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
                 tls: tls.mqtts.clone(),
                 trust: tls.trust.clone(),
             });
+    let limits_task = tokio::spawn(limits.clone().run_sweeper(shutdown.clone()));
     let http_task = tokio::spawn(adapters::http::serve(
         http_listener,
         https,
@@ -404,6 +411,7 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
         ingest.clone(),
         state.directory.clone(),
         mqtt_router.clone(),
+        limits.clone(),
     );
     let mqtt_task = tokio::spawn(adapters::mqtt::serve(mqtt_listener, mqtts, mqtt_server));
     // The DTLS listener shares `coap_context`, and with it the observers
@@ -505,6 +513,7 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
     let _ = silence_task.await;
     actions.shutdown().await;
     let _ = last_seen_task.await;
+    let _ = limits_task.await;
     flush_device_status(&state).await;
     metadata.close().await;
     tracing::info!("Ferrite stopped");

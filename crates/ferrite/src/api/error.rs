@@ -26,6 +26,9 @@ pub struct ApiError {
     /// Every problem found, when there is more than one (a profile with
     /// several mistakes, for example).
     pub errors: Vec<String>,
+    /// The rate limit that was exceeded: its setting and its value. Boxed
+    /// so that every `Result<_, ApiError>` stays small.
+    pub limit: Option<Box<(&'static str, u64)>>,
 }
 
 #[derive(Serialize)]
@@ -39,6 +42,12 @@ struct Problem<'a> {
     param: Option<&'static str>,
     #[serde(skip_serializing_if = "<[String]>::is_empty")]
     errors: &'a [String],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    limit: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    limit_value: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -50,6 +59,7 @@ impl ApiError {
             param: None,
             retry_after: None,
             errors: Vec::new(),
+            limit: None,
         }
     }
 
@@ -100,6 +110,23 @@ impl ApiError {
         )
     }
 
+    /// Creates the 429 response of a rate limit, with `Retry-After` and
+    /// the limit's setting and value in the body.
+    pub fn rate_limited(limited: &crate::limits::RateLimited) -> Self {
+        Self {
+            retry_after: Some(limited.retry_after_secs()),
+            limit: Some(Box::new((
+                limited.limit.setting(),
+                u64::from(limited.per_second),
+            ))),
+            ..Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "Too Many Requests",
+                limited.to_string(),
+            )
+        }
+    }
+
     pub fn internal() -> Self {
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -118,6 +145,9 @@ impl IntoResponse for ApiError {
             detail: &self.detail,
             param: self.param,
             errors: &self.errors,
+            limit: self.limit.as_deref().map(|(setting, _)| *setting),
+            limit_value: self.limit.as_deref().map(|(_, value)| *value),
+            retry_after: self.limit.as_ref().and(self.retry_after),
         };
         let mut response = (self.status, Json(&problem)).into_response();
         let headers = response.headers_mut();

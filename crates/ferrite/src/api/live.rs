@@ -1157,6 +1157,7 @@ mod tests {
                 directory: directory.clone(),
                 live: live.clone(),
                 metadata: metadata.clone(),
+                limits: crate::limits::Limits::new(&config.limits),
             }),
             mqtt_router.clone(),
             CancellationToken::new(),
@@ -1168,6 +1169,7 @@ mod tests {
                 seen: seen.clone(),
                 recent: Default::default(),
             });
+        let limits = crate::limits::Limits::new(&config.limits);
         let state = Arc::new(AppState {
             lorawan_integrations,
             config,
@@ -1193,6 +1195,7 @@ mod tests {
             master_key: Arc::new(crate::encryption::MasterKey::from_bytes(&[1; 32])),
             dtls_credentials: Default::default(),
             device_trust: None,
+            limits,
         });
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("address");

@@ -11,6 +11,7 @@ mod export;
 mod fleet;
 mod http;
 mod identity;
+mod limits;
 mod live;
 mod lorawan;
 mod lorawan_integrations;

@@ -44,6 +44,9 @@ pub enum CoapError {
     UnsupportedContentFormat(String),
     #[error("{0}")]
     ServiceUnavailable(String),
+    /// A rate limit (RFC 8516: 4.29 with Max-Age).
+    #[error("{0}")]
+    TooManyRequests(crate::limits::RateLimited),
     #[error("Ferrite is no proxy; remove Proxy-Uri and Proxy-Scheme")]
     ProxyingNotSupported,
     #[error("the request could not be stored; retry later")]
@@ -65,6 +68,7 @@ impl CoapError {
             CoapError::RequestEntityTooLarge { .. } => "too_large",
             CoapError::UnsupportedContentFormat(_) => "unsupported_content_format",
             CoapError::ServiceUnavailable(_) => "overloaded",
+            CoapError::TooManyRequests(_) => "rate_limited",
             CoapError::ProxyingNotSupported => "proxying_not_supported",
             CoapError::Internal => "internal",
         }
@@ -84,6 +88,7 @@ impl CoapError {
             CoapError::RequestEntityTooLarge { .. } => ResponseType::RequestEntityTooLarge,
             CoapError::UnsupportedContentFormat(_) => ResponseType::UnsupportedContentFormat,
             CoapError::ServiceUnavailable(_) => ResponseType::ServiceUnavailable,
+            CoapError::TooManyRequests(_) => ResponseType::TooManyRequests,
             CoapError::ProxyingNotSupported => ResponseType::ProxyingNotSupported,
             CoapError::Internal => ResponseType::InternalServerError,
         };
@@ -95,6 +100,11 @@ impl CoapError {
                 reply.size1 = Some(u32::try_from(*limit).unwrap_or(u32::MAX));
             }
             CoapError::ServiceUnavailable(_) => reply.max_age = Some(RETRY_AFTER_SECS),
+            // RFC 8516: Max-Age is the time before a retry may succeed.
+            CoapError::TooManyRequests(limited) => {
+                let seconds = limited.retry_after_secs();
+                reply.max_age = Some(u32::try_from(seconds).unwrap_or(u32::MAX));
+            }
             _ => {}
         }
         reply

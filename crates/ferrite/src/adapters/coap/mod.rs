@@ -78,6 +78,8 @@ pub struct CoapContext {
     /// The bounds of accepted timestamps, from `[ingest]` and `[storage]`.
     ingest_config: crate::config::IngestConfig,
     storage: crate::config::StorageConfig,
+    /// Message rates of devices, tenants and source addresses.
+    pub limits: crate::limits::Limits,
 }
 
 impl CoapContext {
@@ -91,6 +93,7 @@ impl CoapContext {
         ingest: IngestHandle,
         directory: Arc<crate::profiles::Directory>,
         router: Router,
+        limits: crate::limits::Limits,
     ) -> Arc<CoapContext> {
         let observers = Arc::new(Observers::new(config.coap.max_observers_per_device));
         router.set_external_receivers(observers.clone());
@@ -107,6 +110,7 @@ impl CoapContext {
             observers,
             ingest_config: config.ingest.clone(),
             storage: config.storage.clone(),
+            limits,
         })
     }
 

@@ -412,6 +412,25 @@ fn content_format(request: &Request<'_>) -> Result<Option<u32>, CoapError> {
     })
 }
 
+/// Takes a token for one message of the device once its body is complete,
+/// so that the blocks of a block-wise upload count as one message.
+fn check_message_rate(request: &Request<'_>, device: &DeviceIdentity) -> Result<(), CoapError> {
+    let sender = crate::limits::Sender {
+        tenant: device.tenant_id,
+        device: Some(device.device_id),
+        address: Some(request.peer.ip()),
+    };
+    request
+        .endpoint
+        .context
+        .limits
+        .check_message(&sender)
+        .map_err(|limited| {
+            crate::limits::count_rate_limited("coap", &limited);
+            CoapError::TooManyRequests(limited)
+        })
+}
+
 async fn post_telemetry(
     request: &mut Request<'_>,
     device: &DeviceIdentity,
@@ -424,6 +443,7 @@ async fn post_telemetry(
         Body::Complete(body, block1) => (body, block1),
         Body::Continue(reply) => return Ok(reply),
     };
+    check_message_rate(request, device)?;
     let payload = telemetry_payload(format, body)?;
     let context = &request.endpoint.context;
     let payload = Bytes::from(payload);
@@ -488,6 +508,7 @@ async fn post_attributes(
             )));
         }
     };
+    check_message_rate(request, device)?;
     let attributes: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&body)
         .map_err(|error| {
             CoapError::BadRequest(format!("attributes must be one JSON object: {error}"))
@@ -630,6 +651,7 @@ async fn post_rpc_response(
         Some(format) if format == u32::from(content_format::CBOR) => cbor_to_json(&body)?,
         _ => body,
     };
+    check_message_rate(request, device)?;
     let delivered = request.endpoint.context.router.complete_rpc_response(
         device.device_id,
         request_id,

@@ -67,6 +67,12 @@ pub async fn write(
     let writer = resolve_writer(&state, &credential).await.inspect_err(|_| {
         count_rejected("not_authorized");
     })?;
+    // A batch counts as one message, as a PUBLISH with many points does.
+    let (tenant, device) = match &writer {
+        Writer::Device { tenant, device } => (*tenant, Some(*device)),
+        Writer::Fleet { tenant, .. } => (*tenant, None),
+    };
+    super::check_message_rate(&state, &parts, tenant, device)?;
 
     let payload = read_limited(body, state.config.http.max_body_bytes).await?;
     let text = std::str::from_utf8(&payload).map_err(|_| {

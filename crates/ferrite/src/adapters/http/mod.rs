@@ -19,6 +19,7 @@ use std::sync::atomic::Ordering;
 
 use axum::Router;
 use axum::extract::{ConnectInfo, State};
+use axum::handler::Handler;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
@@ -39,6 +40,11 @@ use crate::adapters::websocket;
 use crate::api;
 use crate::server::AppState;
 
+/// Time a connection over `limits.connections_per_address` has to send its
+/// request and read the 429, so that rejected connections do not pile up.
+const REJECTED_CONNECTION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+/// `Retry-After` of a connection rejected for the connections per address.
+const CONNECTION_RETRY_AFTER_SECS: u64 = 5;
 /// Pause after a failed accept.
 const ACCEPT_ERROR_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
 
@@ -53,7 +59,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/{token}/telemetry", post(telemetry::by_token))
         .route(
             "/api/v1/devices/{id}/telemetry",
-            post(telemetry::by_device_id).get(api::telemetry_query),
+            post(telemetry::by_device_id).get(api::telemetry_query.layer(
+                axum::middleware::from_fn_with_state(state.clone(), limit_api_requests),
+            )),
         )
         .route("/write", post(line_protocol::write))
         .route("/api/v2/write", post(line_protocol::write))
@@ -67,7 +75,12 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/api/v1/integrations/tts",
             post(lorawan_integrations::http::tts),
         )
-        .merge(api::router(state.clone()))
+        .merge(
+            api::router(state.clone()).route_layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                limit_api_requests,
+            )),
+        )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(RequestDecompressionLayer::new())
@@ -154,7 +167,7 @@ pub async fn serve(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(header_read_timeout);
-    let router = router(state);
+    let router = router(state.clone());
     // HSTS only on HTTPS: over plain HTTP a man in the middle could strip
     // or forge it anyway (RFC 6797 section 7.2).
     let https_router = router.clone().layer(axum::middleware::map_response(
@@ -188,6 +201,14 @@ pub async fn serve(
             }
         };
         let _ = stream.set_nodelay(true);
+        let Some(address_slot) = state.limits.http_connection(peer.ip()) else {
+            crate::limits::count_connection_refused("http", "connections_per_address");
+            tokio::spawn(reject_connection(
+                stream,
+                state.limits.config().connections_per_address,
+            ));
+            continue;
+        };
         let builder = builder.clone();
         let watcher = graceful.watcher();
         let handshake = match (over_tls, &tls) {
@@ -236,6 +257,7 @@ pub async fn serve(
             if let Err(error) = served {
                 tracing::debug!(%peer, %error, "HTTP connection ended with an error");
             }
+            drop(address_slot);
         });
     }
 
@@ -250,6 +272,92 @@ pub async fn serve(
             "HTTP requests still running at shutdown were cut off"
         );
     }
+}
+
+/// Responds to every request of a connection over
+/// `limits.connections_per_address` with 429 and closes it after the first
+/// response, so that the client learns why instead of seeing a reset.
+async fn reject_connection(stream: tokio::net::TcpStream, max_per_address: u32) {
+    let rejection = move || async move {
+        let limited = api::ApiError {
+            retry_after: Some(CONNECTION_RETRY_AFTER_SECS),
+            limit: Some(Box::new((
+                "limits.connections_per_address",
+                u64::from(max_per_address),
+            ))),
+            ..api::ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "Too Many Requests",
+                format!(
+                    "{max_per_address} connections from this address are open (limits.connections_per_address); close some or retry later"
+                ),
+            )
+        };
+        let mut response = limited.into_response();
+        response.headers_mut().insert(
+            header::CONNECTION,
+            header::HeaderValue::from_static("close"),
+        );
+        response
+    };
+    let service = TowerToHyperService::new(Router::new().fallback(rejection));
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .keep_alive(false)
+        .timer(TokioTimer::new())
+        .header_read_timeout(REJECTED_CONNECTION_TIMEOUT);
+    let connection = builder.serve_connection(TokioIo::new(stream), service);
+    let _ = tokio::time::timeout(REJECTED_CONNECTION_TIMEOUT, connection).await;
+}
+
+/// Applies the REST API rate limits of the request's source address and
+/// credential (the `Authorization` header as sent).
+async fn limit_api_requests(
+    State(state): State<Arc<AppState>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let credential = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok());
+    let address = peer_address(request.extensions());
+    match state.limits.check_api_request(credential, address) {
+        Ok(()) => next.run(request).await,
+        Err(limited) => {
+            crate::limits::count_rate_limited("api", &limited);
+            api::ApiError::rate_limited(&limited).into_response()
+        }
+    }
+}
+
+/// Takes a token for one message from the message rate limits. `device`
+/// is `None` for a tenant's fleet write. Over a limit the request fails
+/// with 429.
+pub(crate) fn check_message_rate(
+    state: &AppState,
+    parts: &axum::http::request::Parts,
+    tenant: crate::ids::TenantId,
+    device: Option<crate::ids::DeviceId>,
+) -> Result<(), api::ApiError> {
+    let sender = crate::limits::Sender {
+        tenant,
+        device,
+        address: peer_address(&parts.extensions),
+    };
+    state.limits.check_message(&sender).map_err(|limited| {
+        crate::limits::count_rate_limited("http", &limited);
+        telemetry::count_rejected("rate_limited");
+        api::ApiError::rate_limited(&limited)
+    })
+}
+
+/// Returns the client's address recorded by [`insert_peer`].
+fn peer_address(extensions: &axum::http::Extensions) -> Option<std::net::IpAddr> {
+    extensions
+        .get::<ConnectInfo<std::net::SocketAddr>>()
+        .map(|ConnectInfo(peer)| peer.ip())
 }
 
 /// Returns a request mapper that records the connection's peer address

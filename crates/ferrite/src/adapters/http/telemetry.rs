@@ -98,6 +98,9 @@ async fn accept_json(
     device: &DeviceIdentity,
     request: Request,
 ) -> Result<StatusCode, ApiError> {
+    let (parts, body) = request.into_parts();
+    super::check_message_rate(state, &parts, device.tenant_id, Some(device.device_id))?;
+    let request = Request::from_parts(parts, body);
     let declared = request
         .headers()
         .get(axum::http::header::CONTENT_TYPE)

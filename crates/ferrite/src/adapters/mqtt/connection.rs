@@ -61,6 +61,7 @@ use super::{Shared, events::connection_refused};
 use crate::auth::revocation::{RevocationWatch, Signal};
 use crate::auth::{AuthError, HeldCredential, Identity};
 use crate::ingest::IngestError;
+use crate::limits::RateLimited;
 use crate::metadata::Role;
 use crate::tls::ClientCertificate;
 
@@ -109,6 +110,9 @@ pub enum CloseCause {
     /// The credential of the connection was revoked or its user deleted
     /// since CONNECT.
     CredentialRevoked,
+    /// An MQTT 5 client went on publishing over its rate limit after
+    /// `limits.mqtt_rate_limited_before_disconnect` rejections in a row.
+    RateLimited(RateLimited),
     ShuttingDown,
 }
 
@@ -136,6 +140,7 @@ impl CloseCause {
             Self::KeepAliveTimeout => Some(ReasonCode::KeepAliveTimeout),
             Self::TakenOver => Some(ReasonCode::SessionTakenOver),
             Self::CredentialRevoked => Some(ReasonCode::NotAuthorized),
+            Self::RateLimited(_) => Some(ReasonCode::MessageRateTooHigh),
             Self::ShuttingDown | Self::IngestFailed(IngestError::ShuttingDown) => {
                 Some(ReasonCode::ServerShuttingDown)
             }
@@ -163,6 +168,9 @@ impl CloseCause {
                 "the credential of this connection was revoked, or its device or user deleted"
                     .to_owned(),
             ),
+            Self::RateLimited(limited) => Some(format!(
+                "{limited}; the client went on publishing after repeated PUBACK 0x97"
+            )),
             Self::ShuttingDown | Self::IngestFailed(IngestError::ShuttingDown) => {
                 Some("the server is shutting down; reconnect later".to_owned())
             }
@@ -202,6 +210,7 @@ pub struct Warnings {
     pub payload_invalid: WarnLimiter,
     pub append_failed: WarnLimiter,
     pub subscription_rejected: WarnLimiter,
+    pub rate_limited: WarnLimiter,
 }
 
 /// Counts the connection in `ferrite_mqtt_connections` for as long as it
@@ -269,6 +278,16 @@ pub struct Connection {
     pub acks_stopped: bool,
     pub warnings: Warnings,
 
+    /// The client's address, for the message rate per address.
+    pub peer: Option<IpAddr>,
+    /// MQTT 3.1.1 over its rate limit: reading pauses until this time,
+    /// with the next PUBLISH left in the read buffer.
+    pub rate_pause: Option<Instant>,
+    /// MQTT 3.1.1: the next PUBLISH in the read buffer has taken its token.
+    pub publish_permitted: bool,
+    /// MQTT 5 PUBLISHes rejected for their rate since the last accepted one.
+    pub rate_limited_in_row: u32,
+
     pub deliveries: mpsc::Receiver<Box<Outgoing>>,
     /// Outgoing QoS 1 state: in flight, queued and the next packet id.
     pub delivery: DeliveryState,
@@ -298,6 +317,10 @@ pub async fn run<S: Transport>(
     // Subscribed before the credential is checked, so that a revocation
     // between the check and the end of the handshake is not missed.
     let revocations = context.auth.revocations().subscribe();
+    // `None` inside when the address has `limits.connections_per_address`
+    // connections open. The CONNECT is still read, so that the CONNACK
+    // uses the client's protocol version.
+    let address_slot = peer.map(|address| context.limits.mqtt_connection(address));
     let max_packet_size = context
         .config
         .max_payload_bytes
@@ -324,6 +347,20 @@ pub async fn run<S: Transport>(
         },
         () = shared.shutdown.cancelled() => return,
     };
+
+    if let Some(None) = address_slot {
+        let max_per_address = context.limits.config().connections_per_address;
+        let rejection = handshake::connections_per_address_exceeded(&frame, max_per_address);
+        connection_refused(rejection.reason);
+        crate::limits::count_connection_refused("mqtt", "connections_per_address");
+        tracing::debug!(reason = rejection.reason, detail = %rejection.detail, "refused an MQTT connection");
+        if let Some(connack) = rejection.connack {
+            let mut out = BytesMut::new();
+            codec::encode(&connack, &mut out);
+            write_last(&mut stream, &out).await;
+        }
+        return;
+    }
 
     // The handshake and the finish are boxed: their futures (a metadata
     // query, a will append) are large, and an unboxed future would make
@@ -383,6 +420,7 @@ pub async fn run<S: Transport>(
         max_packet_size,
         RevocationWatch::new(revocations, held),
     );
+    connection.peer = peer;
     let cause = connection.serve(&mut stream).await;
     Box::pin(connection.finish(stream, cause)).await;
 }
@@ -529,6 +567,10 @@ impl Connection {
             topic_aliases: HashMap::new(),
             acks_stopped: false,
             warnings: Warnings::default(),
+            peer: None,
+            rate_pause: None,
+            publish_permitted: false,
+            rate_limited_in_row: 0,
             deliveries: attached.deliveries,
             delivery: state,
             takeover: attached.takeover,
@@ -557,13 +599,18 @@ impl Connection {
         let (mut reader, mut writer) = tokio::io::split(stream);
 
         loop {
-            if let Err(cause) = self.process_buffered(max_inflight) {
+            if self.rate_pause.is_none()
+                && let Err(cause) = self.process_buffered(max_inflight)
+            {
                 return cause;
             }
             self.send_queued();
             self.release_idle_buffers();
 
-            let can_read = self.pending_messages < max_inflight && self.out.len() < OUT_HIGH_WATER;
+            let can_read = self.pending_messages < max_inflight
+                && self.out.len() < OUT_HIGH_WATER
+                && self.rate_pause.is_none();
+            let rate_pause = self.rate_pause;
             let can_deliver = self.delivery.queued.is_empty()
                 && self.delivery.unacknowledged() < self.send_quota
                 && self.out.len() < OUT_HIGH_WATER;
@@ -582,6 +629,7 @@ impl Connection {
                     Err(error) => return CloseCause::Io(error),
                 },
                 Some(message) = self.deliveries.recv(), if can_deliver => self.send_delivery(*message),
+                () = sleep_until_some(rate_pause), if rate_pause.is_some() => self.rate_pause = None,
                 written = writer.write(&self.out), if !self.out.is_empty() => match written {
                     Ok(0) => return CloseCause::PeerClosed,
                     Ok(count) => self.out.advance(count),
@@ -593,7 +641,7 @@ impl Connection {
                     let deadline = self.last_received + limit;
                     // Reading pauses while `max_inflight` appends are in
                     // flight; bytes waiting in the socket are not silence.
-                    if now >= deadline && self.pending.is_empty() {
+                    if now >= deadline && self.pending.is_empty() && self.rate_pause.is_none() {
                         return CloseCause::KeepAliveTimeout;
                     }
                     let next_check = if now >= deadline { now + limit / 2 } else { deadline };
@@ -665,6 +713,9 @@ impl Connection {
     /// `max_inflight` messages wait for an append.
     fn process_buffered(&mut self, max_inflight: usize) -> Result<(), CloseCause> {
         while self.pending_messages + self.group.messages < max_inflight {
+            if !self.permit_v311_publish() {
+                break;
+            }
             let frame = match codec::take_frame(&mut self.read_buffer, self.max_packet_size) {
                 Ok(Some(frame)) => frame,
                 Ok(None) => break,
@@ -855,6 +906,14 @@ impl Connection {
                 inbound::publish_will(&self.shared, &self.client, &self.client_id, will).await;
             }
         }
+    }
+}
+
+/// Sleeps until `deadline`; never completes without one.
+async fn sleep_until_some(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
+        None => std::future::pending().await,
     }
 }
 

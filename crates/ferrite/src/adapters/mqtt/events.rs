@@ -57,7 +57,8 @@ pub fn connection_closed() {
 /// one of `max_connections`, `malformed`, `unsupported_protocol`,
 /// `unsupported_feature`, `bad_credentials`, `not_authorized`,
 /// `client_id_rejected`, `server_unavailable`, `throttled` (too many
-/// failed passwords or API keys, see `auth::LoginThrottle`).
+/// failed passwords or API keys, see `auth::LoginThrottle`),
+/// `connections_per_address`.
 pub fn connection_refused(reason: &'static str) {
     metrics::counter!("ferrite_mqtt_connections_refused_total", "reason" => reason).increment(1);
 }
@@ -82,7 +83,8 @@ pub fn messages_stored(count: usize) {
 
 /// Counts PUBLISHes that were not stored. `reason` is a
 /// `DecodeError::reason()` label or one of `not_authorized`,
-/// `overloaded`, `unavailable`, `retained_limit`, `invalid_command`.
+/// `overloaded`, `unavailable`, `retained_limit`, `invalid_command`,
+/// `rate_limited`, `topic_length`, `topic_levels`.
 pub fn messages_rejected(reason: &'static str, count: usize) {
     metrics::counter!("ferrite_ingest_rejected_total", "protocol" => "mqtt", "reason" => reason)
         .increment(count as u64);

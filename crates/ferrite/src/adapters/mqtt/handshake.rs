@@ -505,6 +505,23 @@ fn client_id(
     Ok((ClientId::scoped(tenant_id, &assigned), true))
 }
 
+/// Rejects a connection beyond `limits.connections_per_address` with
+/// CONNACK 0x9F, Connection rate exceeded; MQTT 3.1.1 encodes it as 0x03,
+/// Server unavailable.
+pub fn connections_per_address_exceeded(frame: &Frame, max_per_address: u32) -> Rejection {
+    match protocol_version(frame) {
+        Ok(version) => Rejection::new(
+            version,
+            ReasonCode::ConnectionRateExceeded,
+            "connections_per_address",
+            format!(
+                "{max_per_address} connections from this address are open (limits.connections_per_address)"
+            ),
+        ),
+        Err(rejection) => rejection,
+    }
+}
+
 /// Rejects a CONNECT whose client id names a session of another owner in
 /// the same tenant (see `SessionStore::attach`).
 pub fn client_id_in_use(version: ProtocolVersion) -> Rejection {

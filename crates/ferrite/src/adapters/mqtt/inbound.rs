@@ -30,6 +30,8 @@
 //! | log overloaded | 0x97 | closed without acknowledgement |
 //! | log failed or stopping | 0x80 (stopping: then DISCONNECT 0x8B) | closed without acknowledgement |
 //! | retained, over the tenant's limits | 0x97, dropped | handled without RETAIN |
+//! | topic over `limits.max_topic_length` or `max_topic_levels` | 0x90, dropped | connection closed |
+//! | over a message rate limit | 0x97 with the limit as reason string, dropped; DISCONNECT 0x96 after `limits.mqtt_rate_limited_before_disconnect` in a row | reading pauses until the rate allows it |
 //!
 //! Applications (`application.rs`) take their own path after step 2.
 
@@ -56,8 +58,11 @@ use super::topics::{self, PublishTarget, classify_publish, is_valid_topic_name};
 use crate::auth::DeviceIdentity;
 use crate::decode::check_payload;
 use crate::ingest::{ContentType, Envelope, IngestError, Protocol};
+use crate::limits;
 use crate::metadata::mqtt_retained::RetainedChange;
 
+/// The packet type of PUBLISH in the first byte of its fixed header.
+const PUBLISH_PACKET_TYPE: u8 = 3;
 /// Reason string of PUBACK 0x10 for a message that no subscriber took.
 const NOT_STORED_REASON: &str = "no subscriber for this topic; only telemetry topics are stored";
 /// Reason string of PUBACK 0x87.
@@ -148,6 +153,8 @@ impl Connection {
     /// Handles a PUBLISH from the client.
     pub fn on_publish(&mut self, mut publish: PublishPacket) -> Result<(), CloseCause> {
         events::message_received();
+        // MQTT 3.1.1 took the token before the packet was read.
+        self.publish_permitted = false;
         self.resolve_topic_alias(&mut publish)?;
         self.check_publish(&publish)?;
         let packet_id = publish.packet_id.unwrap_or(0);
@@ -155,6 +162,13 @@ impl Connection {
         if publish.qos == QoS::ExactlyOnce && self.qos2.contains_key(&packet_id) {
             self.group.items.push(AckItem::Qos2Duplicate { packet_id });
             self.group.messages += 1;
+            return Ok(());
+        }
+
+        if self.rejected_by_topic_limits(&publish, packet_id)? {
+            return Ok(());
+        }
+        if self.rejected_by_rate_limit(&publish, packet_id)? {
             return Ok(());
         }
 
@@ -177,6 +191,129 @@ impl Connection {
                 Ok(())
             }
             PublishTarget::Forbidden => self.reject_publish(&publish, packet_id),
+        }
+    }
+
+    /// Step 2, limits: a topic name over `limits.max_topic_length` or
+    /// `limits.max_topic_levels` gets PUBACK/PUBREC 0x90 on MQTT 5 (QoS 0:
+    /// dropped) and closes an MQTT 3.1.1 connection, which has no negative
+    /// acknowledgement. Returns true when the PUBLISH was rejected.
+    fn rejected_by_topic_limits(
+        &mut self,
+        publish: &PublishPacket,
+        packet_id: u16,
+    ) -> Result<bool, CloseCause> {
+        let config = self.shared.context.limits.config();
+        let Some((limit, message)) = limits::check_topic(config, &publish.topic_name, "topic name")
+        else {
+            return Ok(false);
+        };
+        limits::count_resource_limited("mqtt", limit);
+        events::messages_rejected(limit, 1);
+        match self.version {
+            ProtocolVersion::V311 => {
+                Err(CloseCause::protocol(ReasonCode::TopicNameInvalid, message))
+            }
+            ProtocolVersion::V5 => {
+                self.decide(
+                    packet_id,
+                    publish.qos,
+                    ReasonCode::TopicNameInvalid,
+                    Some(message),
+                );
+                Ok(true)
+            }
+        }
+    }
+
+    /// Step 2, message rate (MQTT 5): a PUBLISH over a rate limit is not
+    /// stored and gets PUBACK/PUBREC 0x97, Quota exceeded, with the limit
+    /// as reason string; QoS 0 is dropped. 0x96, Message rate too high, is
+    /// defined for DISCONNECT only (MQTT 5.0 sections 3.4.2.1 and 3.5.2.1
+    /// list the PUBACK and PUBREC codes), and paho-mqtt 2.2 fails on it in
+    /// a PUBACK. After `limits.mqtt_rate_limited_before_disconnect`
+    /// rejections in a row the connection closes with DISCONNECT 0x96.
+    /// MQTT 3.1.1 is limited before the packet is read
+    /// ([`Connection::permit_v311_publish`]). Returns true when the
+    /// PUBLISH was rejected.
+    fn rejected_by_rate_limit(
+        &mut self,
+        publish: &PublishPacket,
+        packet_id: u16,
+    ) -> Result<bool, CloseCause> {
+        if self.version != ProtocolVersion::V5 {
+            return Ok(false);
+        }
+        let limiter = &self.shared.context.limits;
+        let Err(limited) = limiter.check_message(&self.sender()) else {
+            self.rate_limited_in_row = 0;
+            return Ok(false);
+        };
+        limits::count_rate_limited("mqtt", &limited);
+        events::messages_rejected("rate_limited", 1);
+        self.rate_limited_in_row = self.rate_limited_in_row.saturating_add(1);
+        if let Some(suppressed) = self.warnings.rate_limited.allow(Instant::now()) {
+            tracing::warn!(
+                limit = limited.limit.label(),
+                suppressed,
+                "rejected MQTT messages over a rate limit"
+            );
+        }
+        let disconnect_after = limiter.config().mqtt_rate_limited_before_disconnect;
+        if disconnect_after > 0 && self.rate_limited_in_row >= disconnect_after {
+            return Err(CloseCause::RateLimited(limited));
+        }
+        self.decide(
+            packet_id,
+            publish.qos,
+            ReasonCode::QuotaExceeded,
+            Some(limited.to_string()),
+        );
+        Ok(true)
+    }
+
+    /// Takes the token of the next PUBLISH of an MQTT 3.1.1 client before
+    /// it is read. Over a limit, reading pauses until the bucket has a
+    /// token again, and the packet waits in the buffer: MQTT 3.1.1 has no
+    /// negative acknowledgement, and a dropped message must not be
+    /// acknowledged. Returns false while reading has to pause.
+    pub(super) fn permit_v311_publish(&mut self) -> bool {
+        if self.version != ProtocolVersion::V311
+            || self.publish_permitted
+            || codec::peek_packet_type(&self.read_buffer) != Some(PUBLISH_PACKET_TYPE)
+        {
+            return true;
+        }
+        match self.shared.context.limits.check_message(&self.sender()) {
+            Ok(()) => {
+                self.publish_permitted = true;
+                true
+            }
+            Err(limited) => {
+                limits::count_rate_limited("mqtt", &limited);
+                if let Some(suppressed) = self.warnings.rate_limited.allow(Instant::now()) {
+                    tracing::warn!(
+                        limit = limited.limit.label(),
+                        suppressed,
+                        "delaying an MQTT 3.1.1 client over a rate limit"
+                    );
+                }
+                self.rate_pause = Some(Instant::now() + limited.retry_after);
+                false
+            }
+        }
+    }
+
+    /// Returns who publishes on this connection, for the rate limits.
+    fn sender(&self) -> limits::Sender {
+        let (tenant, device) = match &self.client {
+            Client::Device(identity) => (identity.tenant_id, Some(identity.device_id)),
+            Client::Application(principal) => (principal.tenant_id, None),
+        };
+        limits::Sender {
+            tenant,
+            device,
+            address: self.peer,
         }
     }
 

@@ -140,6 +140,9 @@ pub struct MqttContext {
     pub live: crate::live::LiveBus,
     /// Stores retained messages.
     pub metadata: Arc<crate::metadata::SqliteMetadata>,
+    /// Message rates, connections per address, topic and subscription
+    /// limits.
+    pub limits: crate::limits::Limits,
 }
 
 impl MqttContext {

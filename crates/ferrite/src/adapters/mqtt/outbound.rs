@@ -30,6 +30,7 @@ use super::events;
 use super::retained::{self, RetainScope};
 use super::session::{MessageProperties, Outgoing, Subscription};
 use super::topics::{FilterRejection, authorize_filter, split_shared};
+use crate::limits;
 
 impl Connection {
     /// Handles SUBSCRIBE: each filter must lie in the client's topic tree;
@@ -40,6 +41,12 @@ impl Connection {
         let mut codes = Vec::with_capacity(subscribe.filters.len());
         let mut accepted = Vec::new();
         let mut retain_handling = Vec::new();
+        let limit_config = self.shared.context.limits.config().clone();
+        let max_subscriptions = limit_config.max_subscriptions_per_client;
+        let mut filters = self
+            .shared
+            .router
+            .subscription_filters(&self.client_id, self.generation);
         for requested in subscribe.filters {
             let shared = split_shared(&requested.filter);
             if let Ok(Some(_)) = shared
@@ -52,6 +59,29 @@ impl Connection {
                         requested.filter
                     ),
                 ));
+            }
+            if let Some((limit, message)) =
+                limits::check_topic(&limit_config, &requested.filter, "topic filter")
+            {
+                limits::count_resource_limited("mqtt", limit);
+                self.warn_subscription_limited(&requested.filter, &message);
+                codes.push(SubAckReasonCode::TopicFilterInvalid);
+                continue;
+            }
+            // A filter the session has already replaces its subscription
+            // and adds none.
+            if max_subscriptions > 0
+                && filters.len() >= max_subscriptions
+                && !filters.contains(&requested.filter)
+            {
+                limits::count_resource_limited("mqtt", "subscriptions");
+                let message = format!(
+                    "the session holds {} subscriptions, the limit of limits.max_subscriptions_per_client",
+                    filters.len()
+                );
+                self.warn_subscription_limited(&requested.filter, &message);
+                codes.push(SubAckReasonCode::QuotaExceeded);
+                continue;
             }
             let (filter_start, inner_filter) = match shared {
                 Ok(Some(shared)) => (shared.prefix_len, Ok(shared.filter)),
@@ -75,6 +105,7 @@ impl Connection {
                     } else {
                         RetainHandling::SendAtSubscribe
                     });
+                    filters.insert(requested.filter.clone());
                     accepted.push(Subscription {
                         filter: requested.filter,
                         filter_start,
@@ -174,6 +205,12 @@ impl Connection {
                 suppressed,
                 "rejected an MQTT subscription with an unauthorized or invalid filter"
             );
+        }
+    }
+
+    fn warn_subscription_limited(&mut self, filter: &str, message: &str) {
+        if let Some(suppressed) = self.warnings.subscription_rejected.allow(Instant::now()) {
+            tracing::warn!(filter, detail = %message, suppressed, "rejected an MQTT subscription over a limit");
         }
     }
 

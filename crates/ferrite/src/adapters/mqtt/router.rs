@@ -332,6 +332,24 @@ impl Router {
         self.retained.lock()
     }
 
+    /// Returns the filters of the subscriptions of the session held by the
+    /// connection of `generation`.
+    pub(super) fn subscription_filters(
+        &self,
+        client_id: &ClientId,
+        generation: u64,
+    ) -> std::collections::HashSet<String> {
+        let mut store = self.sessions.lock();
+        match store.current_session(client_id, generation) {
+            Some(session) => session
+                .subscriptions
+                .iter()
+                .map(|subscription| subscription.filter.clone())
+                .collect(),
+            None => std::collections::HashSet::new(),
+        }
+    }
+
     /// Adds `subscriptions` to the session held by the connection of
     /// `generation`, replacing those with the same filter ([MQTT-3.8.4-3]).
     /// Returns, per subscription, whether one with its filter existed.

@@ -146,7 +146,7 @@ pub async fn endpoint(
                 _ => device.held_access(None),
             };
             let revocation = RevocationWatch::new(revocations, held);
-            let task = run(socket, state, device, credential, revocation, slot).instrument(span);
+            let task = run(socket, state, device, credential, revocation, peer, slot).instrument(span);
             async move { mqtt.track_connection(task).await }
         })
         .into_response())
@@ -295,6 +295,7 @@ async fn run(
     device: DeviceIdentity,
     credential: HeldCredential,
     revocation: RevocationWatch,
+    peer: SocketAddr,
     _slot: OwnedSemaphorePermit,
 ) {
     let _open = OpenSocket::new();
@@ -309,6 +310,7 @@ async fn run(
         device,
         credential,
         revocation,
+        peer,
         receiver,
         outgoing,
         replies: FuturesOrdered::new(),
@@ -347,6 +349,8 @@ struct DeviceSocket {
     credential: HeldCredential,
     /// Revocation events that end the socket at once.
     revocation: RevocationWatch,
+    /// The client's address, for the message rate per address.
+    peer: SocketAddr,
     /// The router session through which commands arrive.
     receiver: DeviceReceiver,
     /// Messages for the writer task; bounded by
@@ -511,6 +515,18 @@ impl DeviceSocket {
         id: Value,
         data: &RawValue,
     ) -> Result<BoxFuture<'static, String>, MessageError> {
+        // Over a rate limit the message gets an error reply and the socket
+        // stays open; the device sends it again after `retry_after`.
+        let sender = crate::limits::Sender {
+            tenant: self.device.tenant_id,
+            device: Some(self.device.device_id),
+            address: Some(self.peer.ip()),
+        };
+        if let Err(limited) = self.state.limits.check_message(&sender) {
+            crate::limits::count_rate_limited("websocket", &limited);
+            return Err(MessageError::rate_limited(id, &limited));
+        }
+
         let max_bytes = self.state.config.http.max_body_bytes;
         let payload = Bytes::copy_from_slice(data.get().as_bytes());
         if payload.len() > max_bytes {

@@ -13,6 +13,8 @@
 //!   telemetry message;
 //! - `{"type": "error", "id": "m1", "error": "invalid_json", "message": "..."}`
 //!   for a message that was rejected (`id` is null when it was not found);
+//!   an error `rate_limited` adds `limit` (the setting), `limit_value`
+//!   (per second) and `retry_after` (seconds);
 //! - `{"type": "command", "id": 17, "method": "reboot", "params": {...}}`.
 
 use std::collections::BTreeMap;
@@ -47,6 +49,9 @@ pub struct MessageError {
     /// Short, stable code, also the `reason` of the rejection metric.
     pub code: &'static str,
     pub message: String,
+    /// For `rate_limited`: the setting, its value per second and the
+    /// seconds to wait.
+    pub limit: Option<(&'static str, u32, u64)>,
 }
 
 impl MessageError {
@@ -57,6 +62,19 @@ impl MessageError {
             id: if is_valid_id(&id) { id } else { Value::Null },
             code,
             message: message.into(),
+            limit: None,
+        }
+    }
+
+    /// Creates the error of a message over a rate limit.
+    pub fn rate_limited(id: Value, limited: &crate::limits::RateLimited) -> Self {
+        Self {
+            limit: Some((
+                limited.limit.setting(),
+                limited.per_second,
+                limited.retry_after_secs(),
+            )),
+            ..Self::new(id, "rate_limited", limited.to_string())
         }
     }
 
@@ -191,13 +209,18 @@ pub fn ack(id: &Value) -> String {
 
 /// Renders a rejection; the socket stays open.
 pub fn error(error: &MessageError) -> String {
-    json!({
+    let mut reply = json!({
         "type": "error",
         "id": error.id,
         "error": error.code,
         "message": error.message,
-    })
-    .to_string()
+    });
+    if let Some((setting, per_second, retry_after)) = error.limit {
+        reply["limit"] = json!(setting);
+        reply["limit_value"] = json!(per_second);
+        reply["retry_after"] = json!(retry_after);
+    }
+    reply.to_string()
 }
 
 /// Renders a command for the device.

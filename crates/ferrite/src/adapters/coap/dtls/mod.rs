@@ -40,9 +40,10 @@
 //! timer. A session that receives nothing for `idle_timeout` is closed with
 //! close_notify.
 //!
-//! NOTE: there is no limit per source address. One host that completes the
-//! cookie exchange from many ports can hold every handshake slot for
-//! `handshake_timeout`, and new peers are dropped meanwhile.
+//! Handshakes in progress per source address are bounded by
+//! `limits.dtls_handshakes_per_address`, counted from the valid cookie on,
+//! so that the address is known to be the sender's. ClientHellos beyond it
+//! are dropped and counted in `ferrite_connections_refused_total`.
 //!
 //! ## What it leaves out
 //! - NOTE: no session resumption and no connection IDs (RFC 9146): a peer
@@ -87,6 +88,7 @@ use crate::auth::dtls::DtlsCredentials;
 use crate::auth::revocation::{Revocations, Revoked};
 use crate::config::CoapDtlsConfig;
 use crate::encryption::MasterKey;
+use crate::limits::Limits;
 use crate::metadata::SqliteMetadata;
 use crate::warn_limit::WarnLimiter;
 
@@ -252,6 +254,8 @@ struct Shared<H> {
     /// takes its own with `resubscribe`. `None` ends sessions only at the
     /// periodic re-check.
     revocations: Option<broadcast::Receiver<Revoked>>,
+    /// Handshakes per source address; `None` in tests without limits.
+    limits: Option<Limits>,
 }
 
 /// A bound DTLS listener, not yet serving.
@@ -263,6 +267,7 @@ pub struct DtlsListener {
     credentials: Arc<DtlsCredentials>,
     recheck_interval: std::time::Duration,
     revocations: Option<broadcast::Receiver<Revoked>>,
+    limits: Option<Limits>,
 }
 
 impl DtlsListener {
@@ -295,12 +300,19 @@ impl DtlsListener {
             credentials,
             recheck_interval: RECHECK_INTERVAL,
             revocations: None,
+            limits: None,
         })
     }
 
     /// Ends sessions at once on the revocation events of `revocations`.
     pub fn end_sessions_on(&mut self, revocations: &Revocations) {
         self.revocations = Some(revocations.subscribe());
+    }
+
+    /// Bounds the handshakes per source address by `limits`.
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = Some(limits);
+        self
     }
 
     #[cfg(test)]
@@ -347,6 +359,7 @@ impl DtlsListener {
             failure_warnings: Mutex::new(WarnLimiter::default()),
             recheck_interval: self.recheck_interval,
             revocations: self.revocations,
+            limits: self.limits,
         });
         let tasks = TaskTracker::new();
         let mut receive_warnings = WarnLimiter::default();
@@ -479,7 +492,19 @@ fn dispatch<H: DatagramHandler>(
             return;
         }
     };
-    start_session(shared, tasks, peer, *stream);
+    // After the cookie exchange, so that the address is the sender's.
+    let handshake_slot = match &shared.limits {
+        Some(limits) => match limits.dtls_handshake(peer.ip()) {
+            Some(slot) => Some(slot),
+            None => {
+                events::datagram_dropped("handshakes_per_address");
+                crate::limits::count_connection_refused("coap_dtls", "dtls_handshakes_per_address");
+                return;
+            }
+        },
+        None => None,
+    };
+    start_session(shared, tasks, peer, *stream, handshake_slot);
 }
 
 fn start_session<H: DatagramHandler>(
@@ -487,6 +512,7 @@ fn start_session<H: DatagramHandler>(
     tasks: &TaskTracker,
     peer: SocketAddr,
     stream: openssl::ssl::SslStream<context::DatagramPipe>,
+    handshake_slot: Option<crate::limits::AddressSlot>,
 ) {
     let (sender, inbox) = mpsc::channel(SESSION_QUEUE);
     let id = shared.sessions.next_id.fetch_add(1, Ordering::Relaxed);
@@ -510,6 +536,7 @@ fn start_session<H: DatagramHandler>(
         inbox,
         queued_bytes,
         shared: shared.clone(),
+        handshake_slot,
     };
     // At error level, so that the peer stays on the session's warnings
     // whatever log level is configured.

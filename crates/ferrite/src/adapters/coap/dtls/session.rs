@@ -57,6 +57,9 @@ pub(super) struct Session<H> {
     /// Bytes of the inputs in `inbox`, shared with the session's handle.
     pub queued_bytes: Arc<AtomicUsize>,
     pub shared: Arc<Shared<H>>,
+    /// Counts the handshake against `limits.dtls_handshakes_per_address`
+    /// until it ends.
+    pub handshake_slot: Option<crate::limits::AddressSlot>,
 }
 
 impl<H: DatagramHandler> Session<H> {
@@ -87,6 +90,7 @@ impl<H: DatagramHandler> Session<H> {
             Err(result) => Err(result),
         };
         self.shared.sessions.handshake_finished();
+        self.handshake_slot = None;
         let (identity, credential) = match identity {
             Ok(identity) => identity,
             Err(result) => {

@@ -160,6 +160,14 @@ fn test_config() -> CoapDtlsConfig {
 }
 
 async fn start(config: CoapDtlsConfig, pki: Option<&Pki>) -> Harness {
+    start_with_limits(config, pki, None).await
+}
+
+async fn start_with_limits(
+    config: CoapDtlsConfig,
+    pki: Option<&Pki>,
+    limits: Option<crate::limits::Limits>,
+) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let mut config = config;
     if let Some(pki) = pki {
@@ -173,6 +181,9 @@ async fn start(config: CoapDtlsConfig, pki: Option<&Pki>) -> Harness {
         .unwrap();
     // Every session checks its credential again at nearly every message.
     listener.recheck_interval = Duration::from_millis(100);
+    if let Some(limits) = limits {
+        listener = listener.with_limits(limits);
+    }
     let addr = listener.local_addr().unwrap();
     let sessions = listener.sessions.clone();
     let handler = Arc::new(EchoHandler::default());
@@ -599,6 +610,33 @@ async fn max_handshakes_drops_new_peers() {
     connect(context.clone(), harness.addr)
         .await
         .expect_err("a second handshake beyond max_handshakes");
+    assert_eq!(harness.sessions.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshakes_per_address_are_bounded() {
+    // Longer than the second client's 3 s read timeout.
+    let config = CoapDtlsConfig {
+        handshake_timeout: Duration::from_secs(10),
+        ..test_config()
+    };
+    let limits = crate::limits::Limits::new(&crate::config::LimitsConfig {
+        dtls_handshakes_per_address: 1,
+        ..crate::config::LimitsConfig::default()
+    });
+    let harness = start_with_limits(config, None, Some(limits)).await;
+    let device = harness.device("sensor-1").await;
+    harness
+        .set_psk(device, "sensor-1-id", b"0123456789abcdef")
+        .await;
+    let context = psk_context("sensor-1-id", b"0123456789abcdef");
+
+    let _silent = half_open_handshake(&context, harness.addr);
+    harness.wait_for_sessions(1).await;
+
+    connect(context.clone(), harness.addr)
+        .await
+        .expect_err("a second handshake from the same address");
     assert_eq!(harness.sessions.len(), 1);
 }
 
