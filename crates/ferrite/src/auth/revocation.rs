@@ -27,7 +27,10 @@ pub enum Revoked {
     /// One client certificate, by its SHA-256 fingerprint.
     Certificate([u8; 32]),
     /// An API key, by id and by the SHA-256 hash of the key.
-    ApiKey { id: ApiKeyId, hash: Option<[u8; 32]> },
+    ApiKey {
+        id: ApiKeyId,
+        hash: Option<[u8; 32]>,
+    },
     /// A user was deleted, disabled or logged out everywhere.
     User(UserId),
     /// A tenant was deleted: everything inside it.

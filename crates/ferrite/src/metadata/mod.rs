@@ -18,6 +18,7 @@ pub mod lorawan;
 pub mod mqtt_retained;
 pub mod profiles;
 mod sqlite;
+pub mod tenant_keys;
 
 use std::fmt;
 use std::str::FromStr;
