@@ -2,6 +2,7 @@
 //! ports with its own data directory and talks to it over sockets.
 
 pub mod actions;
+mod at_rest;
 mod cases;
 mod coap;
 mod coap_dtls;
