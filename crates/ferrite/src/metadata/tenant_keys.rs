@@ -350,3 +350,60 @@ impl SqliteMetadata {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metadata::MetadataStore;
+
+    #[tokio::test]
+    async fn tenant_deletion_cascades_to_profiled_devices() {
+        let dir = tempfile::tempdir().unwrap();
+        let metadata = SqliteMetadata::open(dir.path()).await.unwrap();
+        let tenant = metadata.insert_test_tenant("acme").await;
+        let spec: crate::profiles::ProfileSpec =
+            serde_json::from_value(serde_json::json!({"name": "boiler"})).unwrap();
+        let profile = metadata.create_profile(tenant, &spec).await.unwrap();
+        let device = metadata.create_device(tenant, "d1", &[7; 32]).await.unwrap();
+        sqlx::query("UPDATE devices SET profile_id = ? WHERE id = ?")
+            .bind(profile.id.to_string())
+            .bind(device.id.to_string())
+            .execute(&metadata.pool)
+            .await
+            .unwrap();
+        metadata
+            .set_device_psk(tenant, device.id, b"acme-d1", &[2; 40])
+            .await
+            .unwrap();
+        metadata
+            .insert_tenant_key(tenant, 1, || -> Result<_, MetadataError> {
+                Ok(WrappedKey {
+                    master_key_id: "0011223344556677".to_owned(),
+                    wrapped_key: vec![1; 61],
+                })
+            })
+            .await
+            .unwrap();
+
+        metadata.delete_tenant(tenant).await.unwrap();
+
+        let error = metadata.tenant_by_name("acme").await.unwrap_err();
+        assert!(matches!(error, MetadataError::NotFound("tenant")), "{error}");
+        assert!(metadata.tenant_keys_of(tenant).await.unwrap().is_empty());
+        assert!(metadata.sealed_values().await.unwrap().is_empty());
+        let devices: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM devices")
+            .fetch_one(&metadata.pool)
+            .await
+            .unwrap();
+        assert_eq!(devices, 0);
+        let profiles: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM device_profiles")
+            .fetch_one(&metadata.pool)
+            .await
+            .unwrap();
+        assert_eq!(profiles, 0);
+        assert!(matches!(
+            metadata.delete_tenant(tenant).await,
+            Err(MetadataError::NotFound("tenant"))
+        ));
+    }
+}
