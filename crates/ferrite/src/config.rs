@@ -279,6 +279,9 @@ pub struct IngestConfig {
     /// or for JetStream to acknowledge every message of it.
     #[serde(with = "humantime_serde")]
     pub append_timeout: Duration,
+    /// Embedded log only: seal the payload and metadata of every record
+    /// under the tenant's data key.
+    pub encrypt: bool,
     pub nats: NatsConfig,
 }
 
@@ -848,6 +851,7 @@ impl Default for IngestConfig {
             workers: 2,
             queue_capacity: 4096,
             append_timeout: Duration::from_secs(5),
+            encrypt: false,
             nats: NatsConfig::default(),
         }
     }
@@ -1105,6 +1109,10 @@ impl Config {
         );
         if self.ingest.backend == IngestBackend::Nats {
             self.ingest.nats.validate(self.storage.flush_interval)?;
+            anyhow::ensure!(
+                !self.ingest.encrypt,
+                "ingest.encrypt works with the embedded log only; set ingest.backend = \"embedded\" or ingest.encrypt = false"
+            );
         }
         anyhow::ensure!(
             self.storage.head_budget_bytes >= 1024 * 1024,
@@ -1309,6 +1317,9 @@ queue_capacity = 4096
 # Longest wait of an append: for room in the embedded log's queue, or for
 # JetStream to acknowledge every message of it.
 append_timeout = "5s"
+# Embedded log only: seal the payload and metadata of every record under
+# the tenant's data key (AES-256-GCM), see docs/security.md.
+encrypt = false
 
 # Used with backend = "nats"; FERRITE_INGEST_NATS_URL sets url, and so on.
 [ingest.nats]

@@ -211,7 +211,7 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
         control: log_control,
         committed,
         ready: log_ready,
-    } = ingest::open(&config, store.durable_marker()).await?;
+    } = ingest::open(&config, store.durable_marker(), Some(keyring.clone())).await?;
     // Before replay, so queries and maintenance know the profiles'
     // retention from the start.
     sync_device_retention(&metadata, &store)

@@ -998,14 +998,6 @@ mod tests {
         let store: Arc<dyn TimeSeriesStore> = Arc::new(
             EmbeddedStore::open(&dir.path().join("tsdb"), &config.storage).expect("store"),
         );
-        let crate::ingest::OpenedLog {
-            handle: ingest,
-            control: log,
-            ..
-        } = crate::ingest::open(&config, store.durable_marker())
-            .await
-            .expect("ingest log");
-
         let keyring = Arc::new(
             crate::encryption::Keyring::load(
                 crate::encryption::MasterKeySource::Files {
@@ -1017,6 +1009,14 @@ mod tests {
             .await
             .expect("keyring"),
         );
+        let crate::ingest::OpenedLog {
+            handle: ingest,
+            control: log,
+            ..
+        } = crate::ingest::open(&config, store.durable_marker(), Some(keyring.clone()))
+            .await
+            .expect("ingest log");
+
         let live = crate::live::LiveBus::default();
         let directory = Arc::new(crate::profiles::Directory::new(metadata.clone()));
         let mqtt_router = crate::adapters::mqtt::Router::new(&config.mqtt);

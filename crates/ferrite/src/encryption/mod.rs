@@ -2,7 +2,8 @@
 //!
 //! ## Keys
 //! Each tenant has random 256-bit data keys ([`Keyring`]) that seal its
-//! secrets: LoRaWAN root and session keys, DTLS pre-shared keys. The data
+//! secrets (LoRaWAN root and session keys, DTLS pre-shared keys, webhook
+//! secrets and headers) and, with `ingest.encrypt`, its ingest log records. The data
 //! keys are stored in the `tenant_keys` table only wrapped (sealed) by the
 //! master key, which lives outside the database (see [`master`]). Rotating
 //! the master key rewraps the data keys and leaves the sealed data as it
@@ -11,9 +12,9 @@
 //!
 //! ## Sealed formats
 //! - Version 1, `[1][nonce: 12 bytes][ciphertext][tag: 16 bytes]`: sealed
-//!   directly by a master key. Wrapped data keys use it, and so did device
-//!   secrets written before tenant keys existed; the server reseals those
-//!   under the tenant key at start ([`Keyring::reseal_legacy_values`]).
+//!   directly by a master key. Wrapped data keys use it. Device secrets
+//!   written before tenant keys existed used it too, and the server reseals
+//!   them under the tenant key at start ([`Keyring::reseal_legacy_values`]).
 //! - Version 2, `[2][data key version: u32, big-endian][nonce][ciphertext][tag]`:
 //!   sealed by version N of the tenant's data key.
 //!
@@ -21,6 +22,10 @@
 //! the collision chance below 2^-32). The caller passes a context string,
 //! such as `lorawan/app_key/{device id}`, that is bound as associated data:
 //! a sealed value copied onto another row or field fails to open.
+//!
+//! NOTE: the time-series store (`ferrite-tsdb`) writes its blocks in plain
+//! text; a deleted tenant's telemetry stays readable in its files until
+//! retention removes it.
 
 pub mod cli;
 pub mod keyring;

@@ -364,7 +364,10 @@ mod tests {
         let spec: crate::profiles::ProfileSpec =
             serde_json::from_value(serde_json::json!({"name": "boiler"})).unwrap();
         let profile = metadata.create_profile(tenant, &spec).await.unwrap();
-        let device = metadata.create_device(tenant, "d1", &[7; 32]).await.unwrap();
+        let device = metadata
+            .create_device(tenant, "d1", &[7; 32])
+            .await
+            .unwrap();
         sqlx::query("UPDATE devices SET profile_id = ? WHERE id = ?")
             .bind(profile.id.to_string())
             .bind(device.id.to_string())
@@ -388,7 +391,10 @@ mod tests {
         metadata.delete_tenant(tenant).await.unwrap();
 
         let error = metadata.tenant_by_name("acme").await.unwrap_err();
-        assert!(matches!(error, MetadataError::NotFound("tenant")), "{error}");
+        assert!(
+            matches!(error, MetadataError::NotFound("tenant")),
+            "{error}"
+        );
         assert!(metadata.tenant_keys_of(tenant).await.unwrap().is_empty());
         assert!(metadata.sealed_values().await.unwrap().is_empty());
         let devices: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM devices")
