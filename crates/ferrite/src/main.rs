@@ -82,7 +82,7 @@ enum Command {
 enum TenantCommand {
     /// Delete a tenant with its devices, users, API keys, profiles, alarms
     /// and credentials, and destroy its data keys, so that its sealed
-    /// secrets (and encrypted telemetry) can never be read again.
+    /// secrets and sealed ingest log records can never be read again.
     Delete {
         /// Name of the tenant.
         name: String,
