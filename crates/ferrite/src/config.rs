@@ -456,6 +456,9 @@ pub struct IngestConfig {
     /// or for JetStream to acknowledge every message of it.
     #[serde(with = "humantime_serde")]
     pub append_timeout: Duration,
+    /// Embedded log only: seal the payload and metadata of every record
+    /// under the tenant's data key.
+    pub encrypt: bool,
     pub nats: NatsConfig,
 }
 
@@ -1132,6 +1135,7 @@ impl Default for IngestConfig {
             workers: 2,
             queue_capacity: 4096,
             append_timeout: Duration::from_secs(5),
+            encrypt: false,
             nats: NatsConfig::default(),
         }
     }
@@ -1411,6 +1415,10 @@ impl Config {
         );
         if self.ingest.backend == IngestBackend::Nats {
             self.ingest.nats.validate(self.storage.flush_interval)?;
+            anyhow::ensure!(
+                !self.ingest.encrypt,
+                "ingest.encrypt works with the embedded log only; set ingest.backend = \"embedded\" or ingest.encrypt = false"
+            );
         }
         anyhow::ensure!(
             self.storage.head_budget_bytes >= 1024 * 1024,
@@ -1620,6 +1628,9 @@ queue_capacity = 4096
 # Longest wait of an append: for room in the embedded log's queue, or for
 # JetStream to acknowledge every message of it.
 append_timeout = "5s"
+# Embedded log only: seal the payload and metadata of every record under
+# the tenant's data key (AES-256-GCM), see docs/security.md.
+encrypt = false
 
 # Used with backend = "nats"; FERRITE_INGEST_NATS_URL sets url, and so on.
 [ingest.nats]

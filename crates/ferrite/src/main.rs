@@ -80,6 +80,9 @@ enum Command {
     /// certificates for the TLS listeners.
     #[command(subcommand)]
     Certs(CertsCommand),
+    /// Manage the master key that wraps the tenants' data keys.
+    #[command(name = "master-key", subcommand)]
+    MasterKey(MasterKeyCommand),
 }
 
 #[derive(Subcommand)]
@@ -112,6 +115,19 @@ enum CertsCommand {
         #[arg(long, default_value_t = 365)]
         days: u32,
     },
+}
+
+#[derive(Subcommand)]
+enum MasterKeyCommand {
+    /// Create a new master key and rewrap every tenant data key under it,
+    /// while the server runs. With FERRITE_MASTER_KEY set, rewrap under
+    /// that key, opening old wrappings with FERRITE_MASTER_KEY_PREVIOUS.
+    Rotate {
+        #[command(flatten)]
+        data: DataDirArg,
+    },
+    /// Print a new random master key as 64 hex digits, for FERRITE_MASTER_KEY.
+    Generate,
 }
 
 #[derive(Args)]
@@ -230,6 +246,27 @@ enum TenantCommand {
     },
     /// Print every tenant as a JSON array.
     List {
+        #[command(flatten)]
+        data: DataDirArg,
+    },
+    /// Delete a tenant with its devices, users, API keys, profiles, alarms
+    /// and credentials, and destroy its data keys, so that its sealed
+    /// secrets and sealed ingest log records can never be read again.
+    Delete {
+        /// Name of the tenant.
+        name: String,
+        /// Confirm the deletion, which cannot be undone.
+        #[arg(long)]
+        yes: bool,
+        #[command(flatten)]
+        data: DataDirArg,
+    },
+    /// Add a new data key version for a tenant: new secrets are sealed
+    /// under it, older ones stay readable.
+    #[command(name = "rotate-key")]
+    RotateKey {
+        /// Name of the tenant.
+        name: String,
         #[command(flatten)]
         data: DataDirArg,
     },
@@ -468,6 +505,41 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Export(args) => {
             let config = load_config(&args.data)?;
             export::cli::run(&config, args.options).await
+        }
+        Command::Tenant(TenantCommand::Delete { name, yes, data }) => {
+            anyhow::ensure!(
+                yes,
+                "deleting tenant {name:?} removes all its data and destroys its keys, which cannot be undone; run again with --yes"
+            );
+            let config = load_config(&data)?;
+            let metadata = open_cli_metadata(&config).await?;
+            let output = encryption::cli::delete_tenant(&metadata, &name).await?;
+            println!("{output}");
+            metadata.close().await;
+            Ok(())
+        }
+        Command::Tenant(TenantCommand::RotateKey { name, data }) => {
+            let config = load_config(&data)?;
+            let metadata = std::sync::Arc::new(open_cli_metadata(&config).await?);
+            let output =
+                encryption::cli::rotate_tenant_key(&config.data_dir, metadata.clone(), &name)
+                    .await?;
+            println!("{output}");
+            metadata.close().await;
+            Ok(())
+        }
+        Command::MasterKey(MasterKeyCommand::Rotate { data }) => {
+            let config = load_config(&data)?;
+            let metadata = std::sync::Arc::new(open_cli_metadata(&config).await?);
+            let output =
+                encryption::cli::rotate_master_key(&config.data_dir, metadata.clone()).await?;
+            println!("{output}");
+            metadata.close().await;
+            Ok(())
+        }
+        Command::MasterKey(MasterKeyCommand::Generate) => {
+            println!("{}", encryption::master::generate_key_hex());
+            Ok(())
         }
     }
 }

@@ -63,8 +63,9 @@ pub struct AppState {
     pub actions: Actions,
     /// Stores uplinks from ChirpStack and The Things Stack.
     pub lorawan_integrations: Arc<adapters::lorawan_integrations::IntegrationContext>,
-    /// Seals and opens secrets stored in the metadata database.
-    pub master_key: Arc<crate::encryption::MasterKey>,
+    /// Tenant data keys: seal and open secrets stored in the metadata
+    /// database.
+    pub keyring: Arc<crate::encryption::Keyring>,
     /// DTLS credentials of the devices, mirrored for the DTLS listener; the
     /// credentials API updates it.
     pub dtls_credentials: Arc<crate::auth::dtls::DtlsCredentials>,
@@ -230,8 +231,19 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
         metadata.clone(),
         &config.auth,
     )?);
-    let master_key = Arc::new(crate::encryption::MasterKey::load(&config.data_dir)?);
     let limits = crate::limits::Limits::new(&config.limits);
+    let keyring = crate::encryption::keyring::open_for_server(&config.data_dir, metadata.clone())
+        .await
+        .context("cannot load the encryption keys")?;
+    let sealed_profiles = crate::actions::secrets::seal_stored_profiles(&keyring, &metadata)
+        .await
+        .context("cannot seal the webhook secrets of stored profiles")?;
+    if sealed_profiles > 0 {
+        tracing::info!(
+            profiles = sealed_profiles,
+            "sealed plain webhook secrets of stored profiles"
+        );
+    }
     let dtls_credentials = Arc::new(crate::auth::dtls::DtlsCredentials::default());
     if coaps_socket.is_some() || config.tls.enabled() {
         dtls_credentials
@@ -255,7 +267,7 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
             socket,
             &config.coap.dtls,
             dtls_credentials.clone(),
-            master_key.clone(),
+            keyring.clone(),
         )?
         .with_limits(limits.clone())),
         None => None,
@@ -274,7 +286,7 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
         control: log_control,
         committed,
         ready: log_ready,
-    } = ingest::open(&config, store.durable_marker()).await?;
+    } = ingest::open(&config, store.durable_marker(), Some(keyring.clone())).await?;
     // Before replay, so queries and maintenance know the profiles'
     // retention from the start.
     sync_device_retention(&metadata, &store)
@@ -283,7 +295,12 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
     let log_control = Arc::new(log_control);
 
     let mqtt_router = adapters::mqtt::Router::new(&config.mqtt);
-    let actions = Actions::start(&config.actions, metadata.clone(), mqtt_router.clone())?;
+    let actions = Actions::start(
+        &config.actions,
+        metadata.clone(),
+        keyring.clone(),
+        mqtt_router.clone(),
+    )?;
 
     let seen = SeenDevices::default();
     let live = crate::live::LiveBus::default();
@@ -307,6 +324,16 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
         scripts: crate::scripts::runner_factory(&config.processing),
     });
     let shutdown = CancellationToken::new();
+    let keyring_task = tokio::spawn(keyring.clone().refresh_periodically(
+        {
+            let auth = auth.clone();
+            move |tenant| {
+                auth.revocations()
+                    .publish(crate::auth::revocation::Revoked::Tenant(tenant))
+            }
+        },
+        shutdown.clone(),
+    ));
     let alarm_task = tokio::spawn(alarms.clone().run(alarm_receiver));
     let silence_task = tokio::spawn(alarms.clone().watch_silence(shutdown.clone()));
     let pipeline = Pipeline::start(
@@ -373,7 +400,7 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
                 .min(tokio::sync::Semaphore::MAX_PERMITS),
         )),
         actions: actions.clone(),
-        master_key: master_key.clone(),
+        keyring: keyring.clone(),
         dtls_credentials,
         device_trust: tls.as_ref().map(|tls| tls.trust.clone()),
         limits: limits.clone(),
@@ -444,7 +471,7 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
     let lorawan_context = Arc::new(adapters::lorawan::LorawanContext {
         config: config.lorawan.clone(),
         metadata: metadata.clone(),
-        master_key,
+        keyring,
         ingest: ingest.clone(),
         seen: seen.clone(),
     });
@@ -514,6 +541,7 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
     actions.shutdown().await;
     let _ = last_seen_task.await;
     let _ = limits_task.await;
+    let _ = keyring_task.await;
     flush_device_status(&state).await;
     metadata.close().await;
     tracing::info!("Ferrite stopped");

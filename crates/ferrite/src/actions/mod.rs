@@ -24,6 +24,7 @@
 //! - `runner.rs`: the queue, the scheduler and the retention;
 //! - `retry.rs`: the retry schedule;
 //! - `webhook.rs`, `mqtt.rs`, `command.rs`: one attempt of each kind;
+//! - `secrets.rs`: webhook secrets and header values sealed in profiles;
 //! - `events.rs`: metrics and rate-limited warnings.
 
 mod command;
@@ -31,6 +32,7 @@ mod events;
 mod mqtt;
 mod retry;
 pub mod runner;
+pub mod secrets;
 pub mod spec;
 mod webhook;
 

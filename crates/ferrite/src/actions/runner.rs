@@ -35,6 +35,7 @@ use super::webhook::{self, WebhookRequest};
 use super::{ActionEvent, command};
 use crate::adapters::mqtt::Router;
 use crate::config::ActionsConfig;
+use crate::encryption::Keyring;
 use crate::ids::TenantId;
 use crate::metadata::{
     Delivery, DeliveryId, DeliveryStatus, MetadataError, MetadataStore, NewDelivery, SqliteMetadata,
@@ -80,6 +81,8 @@ struct Inner {
     config: ActionsConfig,
     policy: RetryPolicy,
     metadata: Arc<SqliteMetadata>,
+    /// Opens the sealed secrets and header values of webhooks.
+    keyring: Arc<Keyring>,
     router: Router,
     http: reqwest::Client,
     mqtt: MqttPublisher,
@@ -109,6 +112,7 @@ impl Actions {
     pub fn start(
         config: &ActionsConfig,
         metadata: Arc<SqliteMetadata>,
+        keyring: Arc<Keyring>,
         router: Router,
     ) -> anyhow::Result<Actions> {
         events::register();
@@ -122,6 +126,7 @@ impl Actions {
             config: config.clone(),
             policy: RetryPolicy::from_config(config),
             metadata,
+            keyring,
             router,
             http,
             mqtt: MqttPublisher::new(config.mqtt.clone(), broker, tasks.clone(), shutdown.clone()),
@@ -439,8 +444,18 @@ async fn attempt(inner: &Inner, delivery: &Delivery) -> Attempt {
             let Some(body) = body_with_sent_at(&delivery.payload) else {
                 return invalid_payload();
             };
+            let webhook =
+                match super::secrets::open_webhook(&inner.keyring, delivery.tenant_id, webhook) {
+                    Ok(webhook) => webhook,
+                    Err(error) => {
+                        return Attempt::Reject {
+                            error,
+                            status_code: None,
+                        };
+                    }
+                };
             let request = WebhookRequest {
-                spec: webhook,
+                spec: &webhook,
                 delivery_id: delivery.id,
                 event: &delivery.event,
                 body,

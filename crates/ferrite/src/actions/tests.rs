@@ -114,6 +114,7 @@ impl Drop for Receiver {
 struct Setup {
     _dir: tempfile::TempDir,
     metadata: Arc<SqliteMetadata>,
+    keyring: Arc<crate::encryption::Keyring>,
     tenant: TenantId,
 }
 
@@ -121,9 +122,18 @@ async fn setup() -> Setup {
     let dir = tempfile::tempdir().expect("temp dir");
     let metadata = Arc::new(SqliteMetadata::open(dir.path()).await.expect("metadata"));
     let tenant = metadata.default_tenant().await.expect("tenant").id;
+    let source = crate::encryption::MasterKeySource::Files {
+        data_dir: dir.path().to_owned(),
+    };
+    let keyring = Arc::new(
+        crate::encryption::Keyring::load(source, metadata.clone(), true)
+            .await
+            .expect("keyring"),
+    );
     Setup {
         _dir: dir,
         metadata,
+        keyring,
         tenant,
     }
 }
@@ -141,6 +151,7 @@ fn start(setup: &Setup, config: &ActionsConfig) -> Actions {
     Actions::start(
         config,
         setup.metadata.clone(),
+        setup.keyring.clone(),
         Router::new(&MqttConfig::default()),
     )
     .expect("start the runner")

@@ -184,10 +184,19 @@ pub async fn test(
             "the body must be a JSON object with \"action\" and \"device_id\", and optionally \"change\" and \"alarm\": {error}"
         ))
     })?;
-    let spec: ActionSpec = serde_json::from_value(request.action)
+    let mut spec: ActionSpec = serde_json::from_value(request.action)
         .map_err(|error| ApiError::invalid_param("action", format!("invalid action: {error}")))?;
     spec.validate()
         .map_err(|error| ApiError::invalid_param("action", error.to_string()))?;
+    match crate::actions::secrets::seal_action(&state.keyring, principal.tenant_id, &mut spec).await
+    {
+        Ok(()) => {}
+        Err(crate::actions::secrets::SecretError::Keyring(error)) => {
+            tracing::error!(tenant_id = %principal.tenant_id, %error, "cannot seal the secrets of a test action");
+            return Err(ApiError::internal());
+        }
+        Err(error) => return Err(ApiError::invalid_param("action", error.to_string())),
+    }
     let device = state
         .metadata
         .device(principal.tenant_id, device_id(&request.device_id)?)

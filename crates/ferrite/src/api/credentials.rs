@@ -97,7 +97,14 @@ pub async fn set_psk(
     principal.require(Role::Operator)?;
     let id = device_id(&id)?;
     let (identity, key) = parse_psk_request(&body)?;
-    let sealed = state.master_key.seal(&psk_seal_context(id), &key);
+    let sealed = state
+        .keyring
+        .seal(principal.tenant_id, &psk_seal_context(id), &key)
+        .await
+        .map_err(|error| {
+            tracing::error!(tenant_id = %principal.tenant_id, %error, "cannot seal the device's pre-shared key");
+            ApiError::internal()
+        })?;
     let stored = state
         .metadata
         .set_device_psk(principal.tenant_id, id, identity.as_bytes(), &sealed)

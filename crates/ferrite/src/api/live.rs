@@ -1109,20 +1109,35 @@ mod tests {
         let store: Arc<dyn TimeSeriesStore> = Arc::new(
             EmbeddedStore::open(&dir.path().join("tsdb"), &config.storage).expect("store"),
         );
+        let keyring = Arc::new(
+            crate::encryption::Keyring::load(
+                crate::encryption::MasterKeySource::Files {
+                    data_dir: dir.path().to_owned(),
+                },
+                metadata.clone(),
+                true,
+            )
+            .await
+            .expect("keyring"),
+        );
         let crate::ingest::OpenedLog {
             handle: ingest,
             control: log,
             ..
-        } = crate::ingest::open(&config, store.durable_marker())
+        } = crate::ingest::open(&config, store.durable_marker(), Some(keyring.clone()))
             .await
             .expect("ingest log");
 
         let live = crate::live::LiveBus::default();
         let directory = Arc::new(crate::profiles::Directory::new(metadata.clone()));
         let mqtt_router = crate::adapters::mqtt::Router::new(&config.mqtt);
-        let actions =
-            crate::actions::Actions::start(&config.actions, metadata.clone(), mqtt_router.clone())
-                .expect("actions");
+        let actions = crate::actions::Actions::start(
+            &config.actions,
+            metadata.clone(),
+            keyring.clone(),
+            mqtt_router.clone(),
+        )
+        .expect("actions");
         let seen = crate::pipeline::SeenDevices::default();
         let (alarms, _signals, _alarm_queue) = crate::alarms::AlarmManager::open(
             metadata.clone(),
@@ -1192,7 +1207,7 @@ mod tests {
             device_socket_slots: Arc::new(tokio::sync::Semaphore::new(1)),
             mqtt_router,
             actions,
-            master_key: Arc::new(crate::encryption::MasterKey::from_bytes(&[1; 32])),
+            keyring,
             dtls_credentials: Default::default(),
             device_trust: None,
             limits,

@@ -1,8 +1,8 @@
 //! The LoRaWAN registry and downlink queue.
 //!
 //! - `PUT|GET|DELETE /api/v1/devices/{id}/lorawan`: the device's DevEUI,
-//!   activation, region and keys. Keys are sealed with the master key
-//!   before they are stored and are never returned.
+//!   activation, region and keys. Keys are sealed with the tenant's data
+//!   key before they are stored and are never returned.
 //! - `POST|GET /api/v1/devices/{id}/lorawan/downlinks`: queues a downlink
 //!   for the device's next receive window, or lists the queue.
 //! - `POST|GET /api/v1/lorawan/gateways`, `DELETE
@@ -24,7 +24,7 @@ use serde_json::json;
 use super::ApiError;
 use super::devices::device_id;
 use crate::auth::Principal;
-use crate::encryption::MasterKey;
+use crate::encryption::DataKey;
 use crate::ids::DeviceId;
 use crate::metadata::Role;
 use crate::metadata::lorawan::{
@@ -92,15 +92,15 @@ fn parse_key(text: &str, param: &'static str) -> Result<[u8; 16], ApiError> {
     bytes.ok_or_else(|| invalid(param, format!("{param} must be 32 hex digits (16 bytes)")))
 }
 
-fn seal(master_key: &MasterKey, field: &str, device: DeviceId, key: [u8; 16]) -> Vec<u8> {
-    master_key.seal(&key_context(field, device), &key)
+fn seal(data_key: &DataKey, field: &str, device: DeviceId, key: [u8; 16]) -> Vec<u8> {
+    data_key.seal(&key_context(field, device), &key)
 }
 
 /// Checks a `PUT` body against its activation and seals the keys.
 fn new_device(
     request: PutDevice,
     device: DeviceId,
-    master_key: &MasterKey,
+    data_key: &DataKey,
 ) -> Result<NewLorawanDevice, ApiError> {
     let activation: Activation = request
         .activation
@@ -150,7 +150,7 @@ fn new_device(
             new.join_eui =
                 Some(parse_eui(join_eui).map_err(|message| invalid("join_eui", message))?);
             let app_key = parse_key(require(&request.app_key, "app_key", activation)?, "app_key")?;
-            new.keys.app_key = Some(seal(master_key, "app_key", device, app_key));
+            new.keys.app_key = Some(seal(data_key, "app_key", device, app_key));
         }
         Activation::Abp => {
             forbid(&request.join_eui, "join_eui", activation)?;
@@ -166,8 +166,8 @@ fn new_device(
                 require(&request.app_s_key, "app_s_key", activation)?,
                 "app_s_key",
             )?;
-            new.keys.nwk_s_key = Some(seal(master_key, "nwk_s_key", device, nwk_s_key));
-            new.keys.app_s_key = Some(seal(master_key, "app_s_key", device, app_s_key));
+            new.keys.nwk_s_key = Some(seal(data_key, "nwk_s_key", device, nwk_s_key));
+            new.keys.app_s_key = Some(seal(data_key, "app_s_key", device, app_s_key));
         }
         Activation::External => {
             forbid(&request.join_eui, "join_eui", activation)?;
@@ -213,7 +213,15 @@ pub async fn put_device(
             "the body must be a JSON object with \"dev_eui\", \"activation\" and the fields that activation needs: {error}"
         ))
     })?;
-    let new = new_device(request, id, &state.master_key)?;
+    let data_key = state
+        .keyring
+        .data_key(principal.tenant_id)
+        .await
+        .map_err(|error| {
+            tracing::error!(tenant_id = %principal.tenant_id, %error, "cannot load the tenant's data key");
+            ApiError::internal()
+        })?;
+    let new = new_device(request, id, &data_key)?;
     let stored = state
         .metadata
         .put_lorawan_device(principal.tenant_id, id, &new)
@@ -437,8 +445,8 @@ pub async fn delete_gateway(
 mod tests {
     use super::*;
 
-    fn master_key() -> MasterKey {
-        MasterKey::from_bytes(&[9; 32])
+    fn data_key() -> DataKey {
+        DataKey::from_bytes(&[9; 32], 1)
     }
 
     fn request(value: serde_json::Value) -> PutDevice {
@@ -454,12 +462,12 @@ mod tests {
                 "join_eui": "70B3D57ED0000000", "app_key": "000102030405060708090a0b0c0d0e0f",
             })),
             device,
-            &master_key(),
+            &data_key(),
         )
         .unwrap();
         assert_eq!(new.join_eui.as_deref(), Some("70b3d57ed0000000"));
         let sealed = new.keys.app_key.unwrap();
-        let opened = master_key()
+        let opened = data_key()
             .open(&key_context("app_key", device), &sealed)
             .unwrap();
         assert_eq!(opened, (0u8..16).collect::<Vec<_>>());
@@ -495,8 +503,8 @@ mod tests {
             ),
         ];
         for (body, param) in cases {
-            let error = new_device(request(body.clone()), DeviceId::new_random(), &master_key())
-                .unwrap_err();
+            let error =
+                new_device(request(body.clone()), DeviceId::new_random(), &data_key()).unwrap_err();
             assert_eq!(error.param, Some(param), "{body}: {}", error.detail);
         }
     }
@@ -506,7 +514,7 @@ mod tests {
         let new = new_device(
             request(json!({"dev_eui": "0011223344556677", "activation": "external"})),
             DeviceId::new_random(),
-            &master_key(),
+            &data_key(),
         )
         .unwrap();
         assert_eq!(new.activation, Activation::External);

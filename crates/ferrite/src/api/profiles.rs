@@ -14,6 +14,10 @@
 //!
 //! Reading needs the viewer role, testing the operator role and changing
 //! profiles the admin role, because profiles carry scripts and actions.
+//!
+//! Webhook secrets and header values are sealed before a profile is stored
+//! and shown as `<set>`; sending `<set>` back keeps the stored value (see
+//! `actions/secrets.rs`).
 
 use std::sync::Arc;
 
@@ -27,6 +31,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::ApiError;
+use crate::actions::secrets::{self, SecretError};
 use crate::auth::Principal;
 use crate::ids::{ProfileId, TenantId};
 use crate::ingest::{ContentType, Envelope, Protocol};
@@ -61,8 +66,29 @@ fn profile_json(profile: &StoredProfile) -> serde_json::Value {
         "version": profile.version,
         "created_at": profile.created_at,
         "updated_at": profile.updated_at,
-        "spec": profile.spec,
+        "spec": secrets::redact_profile(&profile.spec),
     })
+}
+
+/// Seals the webhook secrets of a profile a client sent; `existing` is the
+/// stored version whose values `<set>` keeps.
+async fn seal_secrets(
+    state: &AppState,
+    tenant: TenantId,
+    spec: &mut ProfileSpec,
+    existing: Option<&ProfileSpec>,
+) -> Result<(), ApiError> {
+    match secrets::seal_profile(&state.keyring, tenant, spec, existing).await {
+        Ok(()) => Ok(()),
+        Err(SecretError::Keyring(error)) => {
+            tracing::error!(tenant_id = %tenant, %error, "cannot seal the webhook secrets of a profile");
+            Err(ApiError::internal())
+        }
+        Err(error) => Err(ApiError::invalid_document(
+            "Invalid profile",
+            vec![format!("profile {:?}: {error}", spec.name)],
+        )),
+    }
 }
 
 #[derive(Deserialize)]
@@ -166,7 +192,11 @@ pub async fn list(
 ) -> Result<Response, ApiError> {
     let profiles = state.metadata.list_profiles(principal.tenant_id).await?;
     if wants_yaml(&params, &headers)? {
-        let specs: Vec<&ProfileSpec> = profiles.iter().map(|profile| &profile.spec).collect();
+        let redacted: Vec<ProfileSpec> = profiles
+            .iter()
+            .map(|profile| secrets::redact_profile(&profile.spec))
+            .collect();
+        let specs: Vec<&ProfileSpec> = redacted.iter().collect();
         return Ok(yaml_response(crate::profiles::to_yaml(&specs)));
     }
     let items: Vec<_> = profiles.iter().map(profile_json).collect();
@@ -183,7 +213,8 @@ pub async fn get_one(
 ) -> Result<Response, ApiError> {
     let profile = find(&state, principal.tenant_id, &reference).await?;
     if wants_yaml(&params, &headers)? {
-        return Ok(yaml_response(crate::profiles::to_yaml(&[&profile.spec])));
+        let redacted = secrets::redact_profile(&profile.spec);
+        return Ok(yaml_response(crate::profiles::to_yaml(&[&redacted])));
     }
     Ok(Json(profile_json(&profile)).into_response())
 }
@@ -196,8 +227,9 @@ pub async fn create(
     body: Bytes,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
     principal.require(Role::Admin)?;
-    let spec = single(read_documents(&headers, &body)?)?;
+    let mut spec = single(read_documents(&headers, &body)?)?;
     check(spec.clone()).await?;
+    seal_secrets(&state, principal.tenant_id, &mut spec, None).await?;
     let stored = state
         .metadata
         .create_profile(principal.tenant_id, &spec)
@@ -218,8 +250,9 @@ pub async fn replace(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     principal.require(Role::Admin)?;
     let existing = find(&state, principal.tenant_id, &reference).await?;
-    let spec = single(read_documents(&headers, &body)?)?;
+    let mut spec = single(read_documents(&headers, &body)?)?;
     check(spec.clone()).await?;
+    seal_secrets(&state, principal.tenant_id, &mut spec, Some(&existing.spec)).await?;
     let stored = state
         .metadata
         .update_profile(principal.tenant_id, existing.id, &spec)
@@ -258,7 +291,7 @@ pub async fn import(
         .await
         .map_err(|_| ApiError::payload_too_large(MAX_IMPORT_BYTES))?;
     principal.require(Role::Admin)?;
-    let specs = read_documents(&headers, &body)?;
+    let mut specs = read_documents(&headers, &body)?;
     if specs.is_empty() {
         return Err(ApiError::bad_request("the file contains no profile"));
     }
@@ -278,6 +311,14 @@ pub async fn import(
     }
     if !problems.is_empty() {
         return Err(ApiError::invalid_document("Invalid profile file", problems));
+    }
+    for spec in &mut specs {
+        let existing = state
+            .metadata
+            .profile_by_name(principal.tenant_id, &spec.name)
+            .await?;
+        let existing = existing.as_ref().map(|profile| &profile.spec);
+        seal_secrets(&state, principal.tenant_id, spec, existing).await?;
     }
 
     let stored = state

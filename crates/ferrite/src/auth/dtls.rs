@@ -5,7 +5,7 @@
 //!
 //! The index is loaded at start and updated by the credentials API in this
 //! process. Pre-shared keys stay sealed in memory and are opened with the
-//! master key only during a handshake that names them.
+//! tenant's data key only during a handshake that names them.
 //!
 //! NOTE: credentials changed by another process that shares the data
 //! directory are loaded only at the next start. The CLI has no credential

@@ -8,14 +8,22 @@
 //! ```
 //! Version 1 records (no `meta_len` and `meta`) are still read, so a log
 //! written by an older version replays.
+//!
+//! Version 3 (with `ingest.encrypt`) has the same header with `meta_len` 0
+//! and, in place of `meta | payload`, the sealed bytes of
+//! `meta_len u32 | meta | payload` (see `crate::encryption`).
 
 use bytes::Bytes;
 use ferrite_codec::line_protocol::Precision;
 use ferrite_core::TimestampNs;
 
+use crate::encryption::OpenError;
 use crate::ids::{DeviceId, TenantId};
 
 const VERSION: u8 = 2;
+/// Version of records whose meta and payload are sealed under the tenant's
+/// data key (`ingest.encrypt`).
+const SEALED_VERSION: u8 = 3;
 const VERSION_1_HEADER_LEN: usize = 1 + 16 + 16 + 1 + 8 + 1 + 1 + 4;
 const HEADER_LEN: usize = VERSION_1_HEADER_LEN + 4;
 
@@ -133,14 +141,23 @@ fn precision_from_code(code: u8) -> Option<Precision> {
     })
 }
 
+/// Reason a record body did not decode.
+#[derive(Debug, PartialEq, Eq)]
+pub enum DecodeFailure {
+    /// Not an envelope this version can read.
+    Invalid,
+    /// A sealed record whose seal cannot be opened: its tenant's data key
+    /// is gone (the tenant was deleted) or the record was altered.
+    Unreadable(OpenError),
+}
+
 impl Envelope {
     pub fn encoded_len(&self) -> usize {
         HEADER_LEN + self.meta.len() + self.payload.len()
     }
 
-    pub fn encode_into(&self, out: &mut Vec<u8>) {
-        out.reserve(self.encoded_len());
-        out.push(VERSION);
+    fn encode_header(&self, out: &mut Vec<u8>, version: u8, meta_len: usize, payload_len: usize) {
+        out.push(version);
         out.extend_from_slice(self.tenant_id.as_bytes());
         out.extend_from_slice(self.device_id.as_bytes());
         out.push(match self.protocol {
@@ -159,60 +176,131 @@ impl Envelope {
         };
         out.push(content_type);
         out.push(precision);
-        out.extend_from_slice(&(self.meta.len() as u32).to_le_bytes());
-        out.extend_from_slice(&(self.payload.len() as u32).to_le_bytes());
+        out.extend_from_slice(&(meta_len as u32).to_le_bytes());
+        out.extend_from_slice(&(payload_len as u32).to_le_bytes());
+    }
+
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        out.reserve(self.encoded_len());
+        self.encode_header(out, VERSION, self.meta.len(), self.payload.len());
         out.extend_from_slice(&self.meta);
         out.extend_from_slice(&self.payload);
     }
 
-    /// Decodes a record body; `None` when it is not a valid envelope.
+    /// Encodes the envelope as a version 3 record: the header stays readable,
+    /// so that a replay can find the tenant's key, and `seal` encrypts
+    /// `meta_len u32 | meta | payload`.
+    pub fn encode_sealed_into(&self, out: &mut Vec<u8>, seal: impl FnOnce(&[u8]) -> Vec<u8>) {
+        let mut inner = Vec::with_capacity(4 + self.meta.len() + self.payload.len());
+        inner.extend_from_slice(&(self.meta.len() as u32).to_le_bytes());
+        inner.extend_from_slice(&self.meta);
+        inner.extend_from_slice(&self.payload);
+        let sealed = seal(&inner);
+        self.encode_header(out, SEALED_VERSION, 0, sealed.len());
+        out.extend_from_slice(&sealed);
+    }
+
+    /// Decodes a record body; `None` when it is not a valid envelope or is
+    /// sealed.
     pub fn decode(body: &[u8]) -> Option<Envelope> {
-        let version = *body.first()?;
+        Self::decode_with(body, |_, _, _| {
+            Err(OpenError::MissingDataKey { version: 0 })
+        })
+        .ok()
+    }
+
+    /// Decodes a record body, opening a sealed one (version 3) with `open`,
+    /// which gets the tenant, the device and the sealed bytes.
+    pub fn decode_with(
+        body: &[u8],
+        open: impl FnOnce(TenantId, DeviceId, &[u8]) -> Result<Vec<u8>, OpenError>,
+    ) -> Result<Envelope, DecodeFailure> {
+        let invalid = DecodeFailure::Invalid;
+        let version = *body.first().ok_or(DecodeFailure::Invalid)?;
         let header_len = match version {
             1 => VERSION_1_HEADER_LEN,
-            VERSION => HEADER_LEN,
-            _ => return None,
+            VERSION | SEALED_VERSION => HEADER_LEN,
+            _ => return Err(invalid),
         };
         if body.len() < header_len {
-            return None;
+            return Err(invalid);
         }
-        let tenant: [u8; 16] = body[1..17].try_into().ok()?;
-        let device: [u8; 16] = body[17..33].try_into().ok()?;
+        let tenant: [u8; 16] = body[1..17].try_into().map_err(|_| DecodeFailure::Invalid)?;
+        let device: [u8; 16] = body[17..33]
+            .try_into()
+            .map_err(|_| DecodeFailure::Invalid)?;
         let protocol = match body[33] {
             0 => Protocol::Mqtt,
             1 => Protocol::Http,
             2 => Protocol::Coap,
             3 => Protocol::Lorawan,
-            _ => return None,
+            _ => return Err(invalid),
         };
-        let received_at_ns = i64::from_le_bytes(body[34..42].try_into().ok()?);
+        let received_at_ns = i64::from_le_bytes(
+            body[34..42]
+                .try_into()
+                .map_err(|_| DecodeFailure::Invalid)?,
+        );
         let content_type = match body[42] {
             0 => ContentType::Json,
-            1 => ContentType::LineProtocol(precision_from_code(body[43])?),
+            1 => ContentType::LineProtocol(
+                precision_from_code(body[43]).ok_or(DecodeFailure::Invalid)?,
+            ),
             2 => ContentType::SenmlJson,
             3 => ContentType::SenmlCbor,
             4 => ContentType::Raw,
-            _ => return None,
+            _ => return Err(invalid),
         };
-        let read_len =
-            |at: usize| Some(u32::from_le_bytes(body[at..at + 4].try_into().ok()?) as usize);
+        let read_len = |bytes: &[u8], at: usize| {
+            bytes
+                .get(at..at + 4)
+                .map(|len| u32::from_le_bytes(len.try_into().expect("4 bytes")) as usize)
+                .ok_or(DecodeFailure::Invalid)
+        };
         let (meta_len, payload_len) = if version == 1 {
-            (0, read_len(44)?)
+            (0, read_len(body, 44)?)
         } else {
-            (read_len(44)?, read_len(48)?)
+            (read_len(body, 44)?, read_len(body, 48)?)
         };
-        if body.len() != header_len.checked_add(meta_len)?.checked_add(payload_len)? {
-            return None;
+        let total = header_len
+            .checked_add(meta_len)
+            .and_then(|len| len.checked_add(payload_len));
+        if total != Some(body.len()) {
+            return Err(DecodeFailure::Invalid);
         }
-        let meta_end = header_len + meta_len;
-        Some(Envelope {
-            tenant_id: TenantId::from_bytes(tenant),
-            device_id: DeviceId::from_bytes(device),
+
+        let tenant_id = TenantId::from_bytes(tenant);
+        let device_id = DeviceId::from_bytes(device);
+        let (meta, payload) = if version == SEALED_VERSION {
+            if meta_len != 0 {
+                return Err(DecodeFailure::Invalid);
+            }
+            let inner = open(tenant_id, device_id, &body[header_len..])
+                .map_err(DecodeFailure::Unreadable)?;
+            let inner_meta_len = read_len(&inner, 0)?;
+            let meta_end = 4usize
+                .checked_add(inner_meta_len)
+                .filter(|end| *end <= inner.len())
+                .ok_or(DecodeFailure::Invalid)?;
+            (
+                Bytes::copy_from_slice(&inner[4..meta_end]),
+                Bytes::copy_from_slice(&inner[meta_end..]),
+            )
+        } else {
+            let meta_end = header_len + meta_len;
+            (
+                Bytes::copy_from_slice(&body[header_len..meta_end]),
+                Bytes::copy_from_slice(&body[meta_end..]),
+            )
+        };
+        Ok(Envelope {
+            tenant_id,
+            device_id,
             protocol,
             received_at_ns,
             content_type,
-            meta: Bytes::copy_from_slice(&body[header_len..meta_end]),
-            payload: Bytes::copy_from_slice(&body[meta_end..]),
+            meta,
+            payload,
         })
     }
 }
@@ -270,6 +358,36 @@ mod tests {
                 Some(content_type)
             );
         }
+    }
+
+    #[test]
+    fn sealed_envelope_round_trip() {
+        let envelope = Envelope {
+            tenant_id: TenantId::new_random(),
+            device_id: DeviceId::new_random(),
+            protocol: Protocol::Lorawan,
+            received_at_ns: 5,
+            content_type: ContentType::Raw,
+            payload: Bytes::from_static(b"secret telemetry"),
+            meta: Bytes::from_static(b"{\"f_port\":2}"),
+        };
+        let key = crate::encryption::DataKey::from_bytes(&[4; 32], 1);
+        let mut buffer = Vec::new();
+        envelope.encode_sealed_into(&mut buffer, |inner| key.seal("c", inner));
+        assert!(!buffer.windows(6).any(|window| window == b"secret"));
+
+        let decoded = Envelope::decode_with(&buffer, |tenant, device, sealed| {
+            assert_eq!(tenant, envelope.tenant_id);
+            assert_eq!(device, envelope.device_id);
+            key.open("c", sealed)
+        });
+        assert_eq!(decoded, Ok(envelope));
+        assert_eq!(Envelope::decode(&buffer), None);
+        let unreadable = Envelope::decode_with(&buffer, |_, _, _| Err(OpenError::Decrypt));
+        assert_eq!(
+            unreadable,
+            Err(DecodeFailure::Unreadable(OpenError::Decrypt))
+        );
     }
 
     #[test]

@@ -151,7 +151,17 @@ pub struct OpenedLog {
 
 /// Opens the backend that `config.ingest.backend` names. Every record above
 /// `replay_after`, the store's durable marker, is delivered to the pipeline.
-pub async fn open(config: &Config, replay_after: u64) -> anyhow::Result<OpenedLog> {
+/// `keyring` opens sealed records and, with `ingest.encrypt`, which needs
+/// it, seals new ones.
+pub async fn open(
+    config: &Config,
+    replay_after: u64,
+    keyring: Option<Arc<crate::encryption::Keyring>>,
+) -> anyhow::Result<OpenedLog> {
+    anyhow::ensure!(
+        keyring.is_some() || !config.ingest.encrypt,
+        "ingest.encrypt needs the encryption keys"
+    );
     match config.ingest.backend {
         IngestBackend::Embedded => {
             let options = LogOptions {
@@ -159,6 +169,8 @@ pub async fn open(config: &Config, replay_after: u64) -> anyhow::Result<OpenedLo
                 segment_bytes: config.ingest.segment_bytes,
                 queue_capacity: config.ingest.queue_capacity,
                 append_timeout: config.ingest.append_timeout,
+                keyring,
+                encrypt: config.ingest.encrypt,
             };
             let (handle, control, committed, ready) =
                 log::open(&config.data_dir.join("log"), options, replay_after)?;

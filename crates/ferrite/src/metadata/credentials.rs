@@ -2,8 +2,8 @@
 //! found by its PSK identity, and registered client certificates, found by
 //! the SHA-256 fingerprint of their DER encoding.
 //!
-//! The store receives the PSK already sealed with the master key, never the
-//! plain key.
+//! The store receives the PSK already sealed with the tenant's data key,
+//! never the plain key.
 
 use serde::Serialize;
 use sqlx::Row;

@@ -91,7 +91,7 @@ impl FromStr for Region {
     }
 }
 
-/// Keys of a device, each sealed with the master key under the context
+/// Keys of a device, each sealed with the tenant's data key under the context
 /// from [`key_context`].
 #[derive(Clone, Default)]
 pub struct SealedKeys {

@@ -25,6 +25,7 @@ pub mod mqtt_retained;
 pub mod profiles;
 mod sqlite;
 mod tenants;
+pub mod tenant_keys;
 
 use std::fmt;
 use std::str::FromStr;

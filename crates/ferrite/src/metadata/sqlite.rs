@@ -13,7 +13,7 @@ use super::{
 };
 use crate::ids::{ApiKeyId, DeviceId, TenantId, UserId};
 
-const DEFAULT_TENANT: &str = "default";
+pub(super) const DEFAULT_TENANT: &str = "default";
 
 #[derive(Clone)]
 pub struct SqliteMetadata {
@@ -70,6 +70,9 @@ impl SqliteMetadata {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)
+            // Overwrites deleted rows with zeros, so that destroyed tenant
+            // data keys do not linger in free pages.
+            .pragma("secure_delete", "on")
             .busy_timeout(Duration::from_secs(10));
         let pool = SqlitePoolOptions::new()
             .max_connections(4)

@@ -3,6 +3,7 @@
 
 pub mod actions;
 mod audit;
+mod at_rest;
 mod cases;
 mod coap;
 mod coap_dtls;

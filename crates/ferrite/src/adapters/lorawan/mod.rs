@@ -34,7 +34,7 @@ use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::LorawanConfig;
-use crate::encryption::MasterKey;
+use crate::encryption::Keyring;
 use crate::ingest::IngestHandle;
 use crate::metadata::SqliteMetadata;
 use crate::pipeline::SeenDevices;
@@ -54,7 +54,7 @@ const SEEN_FLUSH_INTERVAL: Duration = Duration::from_secs(5);
 pub struct LorawanContext {
     pub config: LorawanConfig,
     pub metadata: Arc<SqliteMetadata>,
-    pub master_key: Arc<MasterKey>,
+    pub keyring: Arc<Keyring>,
     pub ingest: IngestHandle,
     /// Last-seen times of devices whose uplinks carry no data to store.
     pub seen: SeenDevices,

@@ -245,7 +245,11 @@ impl Listener {
     ) -> Option<AesKey> {
         let sealed = sealed?;
         let context = registry::key_context(field, device.device_id);
-        match self.context.master_key.open(&context, sealed) {
+        match self
+            .context
+            .keyring
+            .open(device.tenant_id, &context, sealed)
+        {
             Ok(bytes) => bytes.try_into().ok().map(AesKey),
             Err(error) => {
                 tracing::error!(device_id = %device.device_id, field, %error, "cannot open a sealed LoRaWAN key");
@@ -581,12 +585,18 @@ impl Listener {
             rx_delay: 1,
         };
         let (phy_payload, keys) = mac::build_join_accept(&accept, app_key, request.dev_nonce);
-        let master_key = &self.context.master_key;
-        let sealed_nwk = master_key.seal(
+        let data_key = match self.context.keyring.data_key(device.tenant_id).await {
+            Ok(data_key) => data_key,
+            Err(error) => {
+                tracing::error!(%device_id, %error, "cannot load the tenant's data key to seal LoRaWAN session keys");
+                return UplinkOutcome::InternalError;
+            }
+        };
+        let sealed_nwk = data_key.seal(
             &registry::key_context("nwk_s_key", device_id),
             &keys.nwk_s_key.0,
         );
-        let sealed_app = master_key.seal(
+        let sealed_app = data_key.seal(
             &registry::key_context("app_s_key", device_id),
             &keys.app_s_key.0,
         );

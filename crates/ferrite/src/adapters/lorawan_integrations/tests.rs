@@ -59,7 +59,9 @@ async fn fixture() -> Fixture {
         control,
         committed,
         ready,
-    } = crate::ingest::open(&config, 0).await.expect("ingest log");
+    } = crate::ingest::open(&config, 0, None)
+        .await
+        .expect("ingest log");
     ready.await.expect("log writer").expect("replay");
     Fixture {
         context: IntegrationContext {

@@ -28,7 +28,7 @@ use sha2::Sha256;
 
 use crate::auth::dtls::{CredentialOwner, DtlsCredentials};
 use crate::config::CoapDtlsConfig;
-use crate::encryption::MasterKey;
+use crate::encryption::Keyring;
 use crate::ids::DeviceId;
 use crate::metadata::credentials::psk_seal_context;
 
@@ -99,7 +99,7 @@ impl DtlsContext {
     pub fn build(
         config: &CoapDtlsConfig,
         credentials: Arc<DtlsCredentials>,
-        master_key: Arc<MasterKey>,
+        keyring: Arc<Keyring>,
     ) -> anyhow::Result<Self> {
         let mut builder = SslContextBuilder::new(SslMethod::dtls())?;
         builder.set_min_proto_version(Some(openssl::ssl::SslVersion::DTLS1_2))?;
@@ -114,7 +114,7 @@ impl DtlsContext {
         if config.psk {
             let credentials = credentials.clone();
             builder.set_psk_server_callback(move |ssl, identity, key| {
-                Ok(find_psk(ssl, identity, key, &credentials, &master_key))
+                Ok(find_psk(ssl, identity, key, &credentials, &keyring))
             });
         }
 
@@ -336,14 +336,18 @@ fn find_psk(
     identity: Option<&[u8]>,
     key: &mut [u8],
     credentials: &DtlsCredentials,
-    master_key: &MasterKey,
+    keyring: &Keyring,
 ) -> usize {
     let found = identity.and_then(|identity| Some((identity, credentials.psk(identity)?)));
     let Some((identity, (owner, sealed_key))) = found else {
         ssl.set_ex_data(ex_indexes().psk, PskOutcome::UnknownIdentity);
         return 0;
     };
-    let plain = match master_key.open(&psk_seal_context(owner.device_id), &sealed_key) {
+    let plain = match keyring.open(
+        owner.tenant_id,
+        &psk_seal_context(owner.device_id),
+        &sealed_key,
+    ) {
         Ok(plain) => plain,
         Err(error) => {
             tracing::error!(

@@ -87,7 +87,7 @@ use super::{CoapContext, Endpoint};
 use crate::auth::dtls::DtlsCredentials;
 use crate::auth::revocation::{Revocations, Revoked};
 use crate::config::CoapDtlsConfig;
-use crate::encryption::MasterKey;
+use crate::encryption::Keyring;
 use crate::limits::Limits;
 use crate::metadata::SqliteMetadata;
 use crate::warn_limit::WarnLimiter;
@@ -277,10 +277,10 @@ impl DtlsListener {
     pub async fn bind(
         config: &CoapDtlsConfig,
         credentials: Arc<DtlsCredentials>,
-        master_key: Arc<MasterKey>,
+        keyring: Arc<Keyring>,
     ) -> anyhow::Result<Self> {
         let socket = bind_socket(config.listen).await?;
-        Self::new(socket, config, credentials, master_key)
+        Self::new(socket, config, credentials, keyring)
     }
 
     /// Builds the listener on a bound socket. Fails with the file name when
@@ -289,9 +289,9 @@ impl DtlsListener {
         socket: UdpSocket,
         config: &CoapDtlsConfig,
         credentials: Arc<DtlsCredentials>,
-        master_key: Arc<MasterKey>,
+        keyring: Arc<Keyring>,
     ) -> anyhow::Result<Self> {
-        let context = DtlsContext::build(config, credentials.clone(), master_key)?;
+        let context = DtlsContext::build(config, credentials.clone(), keyring)?;
         Ok(Self {
             socket: Arc::new(socket),
             context,

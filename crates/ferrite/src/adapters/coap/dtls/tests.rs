@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use super::context::DatagramPipe;
 use super::*;
 use crate::config::CoapDtlsConfig;
+use crate::encryption::MasterKeySource;
 use crate::ids::DeviceId;
 use crate::metadata::credentials::{NewCertificate, psk_seal_context};
 use crate::metadata::{MetadataStore, SqliteMetadata};
@@ -50,7 +51,7 @@ struct Harness {
     sessions: Arc<Sessions>,
     metadata: Arc<SqliteMetadata>,
     credentials: Arc<DtlsCredentials>,
-    master_key: Arc<MasterKey>,
+    keyring: Arc<Keyring>,
     shutdown: CancellationToken,
     _dir: tempfile::TempDir,
 }
@@ -175,8 +176,11 @@ async fn start_with_limits(
     }
     let metadata = Arc::new(SqliteMetadata::open(dir.path()).await.unwrap());
     let credentials = Arc::new(DtlsCredentials::default());
-    let master_key = Arc::new(MasterKey::from_bytes(&[3u8; 32]));
-    let mut listener = DtlsListener::bind(&config, credentials.clone(), master_key.clone())
+    let source = MasterKeySource::Files {
+        data_dir: dir.path().to_owned(),
+    };
+    let keyring = Arc::new(Keyring::load(source, metadata.clone(), true).await.unwrap());
+    let mut listener = DtlsListener::bind(&config, credentials.clone(), keyring.clone())
         .await
         .unwrap();
     // Every session checks its credential again at nearly every message.
@@ -195,7 +199,7 @@ async fn start_with_limits(
         sessions,
         metadata,
         credentials,
-        master_key,
+        keyring,
         shutdown,
         _dir: dir,
     }
@@ -214,7 +218,11 @@ impl Harness {
 
     async fn set_psk(&self, device: DeviceId, identity: &str, key: &[u8]) {
         let tenant = self.metadata.default_tenant().await.unwrap();
-        let sealed = self.master_key.seal(&psk_seal_context(device), key);
+        let sealed = self
+            .keyring
+            .seal(tenant.id, &psk_seal_context(device), key)
+            .await
+            .unwrap();
         let stored = self
             .metadata
             .set_device_psk(tenant.id, device, identity.as_bytes(), &sealed)
