@@ -263,13 +263,15 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
         false => None,
     };
     let coaps_listener = match coaps_socket {
-        Some(socket) => Some(adapters::coap::dtls::DtlsListener::new(
-            socket,
-            &config.coap.dtls,
-            dtls_credentials.clone(),
-            keyring.clone(),
-        )?
-        .with_limits(limits.clone())),
+        Some(socket) => Some(
+            adapters::coap::dtls::DtlsListener::new(
+                socket,
+                &config.coap.dtls,
+                dtls_credentials.clone(),
+                keyring.clone(),
+            )?
+            .with_limits(limits.clone()),
+        ),
         None => None,
     };
 

@@ -1497,28 +1497,30 @@ mod tests {
         let server = start().await;
         let unknown_device = DeviceId::new_random();
         let cases = [
-            ("?colour=red".to_owned(), "query"),
-            ("?device=pump-7".to_owned(), "device"),
-            (format!("?device={unknown_device}"), "device"),
-            ("?key=te*mp".to_owned(), "key"),
-            ("?key=".to_owned(), "key"),
-            ("?events=metrics".to_owned(), "events"),
-            ("?events=,".to_owned(), "events"),
-            ("?label=site".to_owned(), "label"),
-            ("?profile=a&profile=b".to_owned(), "profile"),
-            ("?profile=no-such-profile".to_owned(), "profile"),
-            (format!("?profile={}", ProfileId::new_random()), "profile"),
+            ("?colour=red".to_owned(), "query", 400),
+            ("?device=pump-7".to_owned(), "device", 400),
+            // Ids of no device of the caller's tenant get 404, as ids of
+            // other tenants do.
+            (format!("?device={unknown_device}"), "device", 404),
+            ("?key=te*mp".to_owned(), "key", 400),
+            ("?key=".to_owned(), "key", 400),
+            ("?events=metrics".to_owned(), "events", 400),
+            ("?events=,".to_owned(), "events", 400),
+            ("?label=site".to_owned(), "label", 400),
+            ("?profile=a&profile=b".to_owned(), "profile", 400),
+            ("?profile=no-such-profile".to_owned(), "profile", 404),
+            (format!("?profile={}", ProfileId::new_random()), "profile", 404),
         ];
-        for (query, param) in cases {
+        for (query, param, expected) in cases {
             let (status, body) = problem(server.get_sse(&query, Some(&server.key)).await).await;
-            assert_eq!(status, 400, "SSE {query}: {body}");
+            assert_eq!(status, expected, "SSE {query}: {body}");
             assert_eq!(body["param"], param, "SSE {query}: {body}");
 
             match server.try_connect(&query, Some(&server.key)).await {
                 Err(tungstenite::Error::Http(response)) => {
-                    assert_eq!(response.status(), 400, "WebSocket {query}");
+                    assert_eq!(response.status(), expected, "WebSocket {query}");
                 }
-                other => panic!("WebSocket {query}: expected 400, got {other:?}"),
+                other => panic!("WebSocket {query}: expected {expected}, got {other:?}"),
             }
         }
     }
