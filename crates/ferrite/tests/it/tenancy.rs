@@ -1394,16 +1394,30 @@ async fn role_matrix_matches_route_table() {
 }
 
 /// Checks a route for the caller's own identity: every user may call it,
-/// and so may every API key unless the row is for users only.
+/// and so may every API key and service account unless the row is for
+/// users only.
 async fn check_self_service(
     client: &Client<'_>,
     row: &Row,
     tenant: &Tenant,
     failures: &mut Vec<String>,
 ) {
+    let response = client
+        .http
+        .post(format!("{}/api/v1/oauth/token", client.server.http_url))
+        .basic_auth(&tenant.client_id, Some(&tenant.client_secret))
+        .form(&[("grant_type", "client_credentials")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "service account token");
+    let issued: Value = response.json().await.unwrap();
+    let service_token = issued["access_token"].as_str().expect("access_token");
+
     let mut callers = vec![
         ("viewer user", tenant.user_jwt.as_str(), true),
         ("admin user", tenant.admin_jwt.as_str(), true),
+        ("service account", service_token, row.access == Any),
     ];
     for role in [Viewer, Operator, Admin] {
         callers.push((role.name(), tenant.key(role), row.access == Any));
@@ -1419,7 +1433,7 @@ async fn check_self_service(
         }
         if !allowed && status != 403 {
             failures.push(format!(
-                "{} {path} as {caller} API key: {status}, expected 403 (users only): {text}",
+                "{} {path} as {caller}: {status}, expected 403 (users only): {text}",
                 row.method
             ));
         }
