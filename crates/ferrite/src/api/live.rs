@@ -1509,7 +1509,11 @@ mod tests {
             ("?label=site".to_owned(), "label", 400),
             ("?profile=a&profile=b".to_owned(), "profile", 400),
             ("?profile=no-such-profile".to_owned(), "profile", 404),
-            (format!("?profile={}", ProfileId::new_random()), "profile", 404),
+            (
+                format!("?profile={}", ProfileId::new_random()),
+                "profile",
+                404,
+            ),
         ];
         for (query, param, expected) in cases {
             let (status, body) = problem(server.get_sse(&query, Some(&server.key)).await).await;

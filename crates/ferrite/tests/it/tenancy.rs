@@ -17,13 +17,18 @@ use crate::support::{ADMIN_PASSWORD, Server, run_cli};
 /// Who may call a route.
 #[derive(Clone, Copy, PartialEq, Debug)]
 enum Access {
-    /// Anyone: health checks, metrics and login.
+    /// Anyone: health checks, metrics, login and the token endpoints.
     Public,
     /// A device's access token (or the MQTT CONNECT of MQTT over
     /// WebSocket); people and services have no access.
     Device,
     /// A user's access token or an API key with at least this role.
     Min(Role),
+    /// Any credential of a tenant (user, API key or service account) of
+    /// any role, for routes about the caller's own identity.
+    Any,
+    /// A signed-in user of any role. API keys and service accounts get 403.
+    User,
 }
 
 #[derive(Clone, Copy, PartialEq, PartialOrd, Debug)]
@@ -52,11 +57,14 @@ enum Target {
     Alarm,
     Delivery,
     ApiKey,
+    User,
+    ServiceAccount,
+    DeviceCa,
 }
 
 /// The request body a row sends; `$device`, `$profile_name`, `$pem`,
-/// `$dev_eui` and `$matrix_gateway` are filled in for the tenant under
-/// test.
+/// `$dev_eui`, `$matrix_gateway` and `$matrix_ca_pem` are filled in for the
+/// tenant under test.
 #[derive(Clone, Copy, PartialEq, Debug)]
 enum Body {
     None,
@@ -91,7 +99,7 @@ const fn row(
     }
 }
 
-use Access::{Device as DeviceOnly, Min, Public};
+use Access::{Any, Device as DeviceOnly, Min, Public, User as UserOnly};
 use Role::{Admin, Operator, Viewer};
 
 const PROFILE_YAML: &str = r#"
@@ -112,6 +120,21 @@ rules:
 #[rustfmt::skip]
 const ROUTES: &[Row] = &[
     row("POST", "/api/v1/auth/login", Public, Target::None, Body::Json(r#"{"email": "nobody@example.com", "password": "wrong password"}"#)),
+    row("POST", "/api/v1/auth/refresh", Public, Target::None, Body::Json(r#"{"refresh_token": "not-a-refresh-token"}"#)),
+    row("POST", "/api/v1/auth/logout", Public, Target::None, Body::Json(r#"{"refresh_token": "not-a-refresh-token"}"#)),
+    row("GET", "/api/v1/auth/me", Any, Target::None, Body::None),
+    row("POST", "/api/v1/auth/password", UserOnly, Target::None, Body::Json(r#"{"current_password": "wrong current password", "new_password": "matrix new password 2026"}"#)),
+    row("GET", "/api/v1/auth/oidc/login", Public, Target::None, Body::None),
+    row("GET", "/api/v1/auth/oidc/callback", Public, Target::None, Body::None),
+    row("GET", "/api/v1/users", Min(Admin), Target::None, Body::None),
+    row("POST", "/api/v1/users", Min(Admin), Target::None, Body::Json(r#"{"email": "matrix@example.com", "role": "viewer", "password": "matrix user password 2026"}"#)),
+    row("GET", "/api/v1/users/{id}", Min(Admin), Target::User, Body::None),
+    row("PATCH", "/api/v1/users/{id}", Min(Admin), Target::User, Body::Json(r#"{"role": "viewer"}"#)),
+    row("DELETE", "/api/v1/users/{id}", Min(Admin), Target::User, Body::None),
+    row("POST", "/api/v1/oauth/token", Public, Target::None, Body::None),
+    row("GET", "/api/v1/service-accounts", Min(Admin), Target::None, Body::None),
+    row("POST", "/api/v1/service-accounts", Min(Admin), Target::None, Body::Json(r#"{"name": "matrix-account", "role": "viewer"}"#)),
+    row("DELETE", "/api/v1/service-accounts/{id}", Min(Admin), Target::ServiceAccount, Body::None),
     row("GET", "/api/v1/audit", Min(Admin), Target::None, Body::None),
     row("GET", "/api/v1/audit/export", Min(Admin), Target::None, Body::None),
     row("GET", "/api/v1/audit/verify", Min(Admin), Target::None, Body::None),
@@ -136,12 +159,18 @@ const ROUTES: &[Row] = &[
     row("POST", "/api/v1/alarms/{id}/ack", Min(Operator), Target::Alarm, Body::Json("{}")),
     row("POST", "/api/v1/alarms/{id}/clear", Min(Operator), Target::Alarm, Body::Json("{}")),
     row("POST", "/api/v1/devices/{id}/token", Min(Operator), Target::Device, Body::None),
+    row("GET", "/api/v1/devices/{id}/credentials", Min(Operator), Target::Device, Body::None),
+    row("DELETE", "/api/v1/devices/{id}/credentials", Min(Operator), Target::Device, Body::None),
     row("GET", "/api/v1/devices/{id}/credentials/psk", Min(Operator), Target::Device, Body::None),
     row("PUT", "/api/v1/devices/{id}/credentials/psk", Min(Operator), Target::Device, Body::Json(r#"{"identity": "matrix-psk", "key": "00112233445566778899aabbccddeeff"}"#)),
     row("DELETE", "/api/v1/devices/{id}/credentials/psk", Min(Operator), Target::Device, Body::None),
     row("GET", "/api/v1/devices/{id}/credentials/certificates", Min(Operator), Target::Device, Body::None),
     row("POST", "/api/v1/devices/{id}/credentials/certificates", Min(Operator), Target::Device, Body::Json(r#"{"pem": "$pem"}"#)),
     row("DELETE", "/api/v1/devices/{id}/credentials/certificates/{fingerprint}", Min(Operator), Target::Device, Body::None),
+    row("GET", "/api/v1/device-cas", Min(Admin), Target::None, Body::None),
+    row("POST", "/api/v1/device-cas", Min(Admin), Target::None, Body::Json(r#"{"pem": "$matrix_ca_pem"}"#)),
+    row("GET", "/api/v1/device-cas/{fingerprint}", Min(Admin), Target::DeviceCa, Body::None),
+    row("DELETE", "/api/v1/device-cas/{fingerprint}", Min(Admin), Target::DeviceCa, Body::None),
     row("POST", "/api/v1/devices/{id}/commands", Min(Operator), Target::Device, Body::Json(r#"{"method": "matrix", "timeout_ms": 500}"#)),
     row("GET", "/api/v1/devices/{id}/telemetry/latest", Min(Viewer), Target::Device, Body::None),
     row("GET", "/api/v1/devices/{id}/telemetry/keys", Min(Viewer), Target::Device, Body::None),
@@ -183,8 +212,10 @@ const ROUTES: &[Row] = &[
 ];
 
 /// Source files that declare routes, relative to the crate.
-const ROUTER_SOURCES: [&str; 3] = [
+const ROUTER_SOURCES: [&str; 5] = [
     "src/api/mod.rs",
+    "src/api/identity.rs",
+    "src/api/service_accounts.rs",
     "src/api/live.rs",
     "src/adapters/http/mod.rs",
 ];
@@ -260,6 +291,8 @@ fn access_text(access: Access) -> &'static str {
         Public => "public",
         DeviceOnly => "device",
         Min(role) => role.name(),
+        Any => "any",
+        UserOnly => "user",
     }
 }
 
@@ -341,6 +374,18 @@ struct Tenant {
     fingerprint: String,
     psk_identity: String,
     pem: String,
+    /// A viewer created through the users API, and its access token.
+    user_id: String,
+    user_email: String,
+    user_jwt: String,
+    service_account_id: String,
+    service_account_name: String,
+    client_id: String,
+    client_secret: String,
+    /// SHA-256 fingerprint in hex, and the subject CN of a device CA.
+    ca_fingerprint: String,
+    ca_name: String,
+    ca_pem: String,
 }
 
 impl Tenant {
@@ -369,6 +414,13 @@ impl Tenant {
             &self.dev_eui,
             &self.fingerprint,
             &self.psk_identity,
+            &self.user_id,
+            &self.user_email,
+            &self.service_account_id,
+            &self.service_account_name,
+            &self.client_id,
+            &self.ca_fingerprint,
+            &self.ca_name,
         ]
     }
 }
@@ -437,11 +489,13 @@ impl Client<'_> {
     }
 }
 
-/// Creates a self-signed certificate and returns its PEM.
-fn self_signed_pem(common_name: &str) -> String {
+/// Creates a self-signed certificate and returns its PEM. With `ca` set it
+/// is a CA certificate.
+fn self_signed_pem(common_name: &str, ca: bool) -> String {
     use openssl::ec::{EcGroup, EcKey};
     use openssl::nid::Nid;
     use openssl::pkey::PKey;
+    use openssl::x509::extension::{BasicConstraints, KeyUsage};
     use openssl::x509::{X509, X509NameBuilder};
 
     let group = EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).unwrap();
@@ -466,6 +520,21 @@ fn self_signed_pem(common_name: &str) -> String {
     builder
         .set_not_after(&openssl::asn1::Asn1Time::days_from_now(30).unwrap())
         .unwrap();
+    if ca {
+        builder
+            .append_extension(BasicConstraints::new().critical().ca().build().unwrap())
+            .unwrap();
+        builder
+            .append_extension(
+                KeyUsage::new()
+                    .critical()
+                    .key_cert_sign()
+                    .crl_sign()
+                    .build()
+                    .unwrap(),
+            )
+            .unwrap();
+    }
     builder
         .sign(&key, openssl::hash::MessageDigest::sha256())
         .unwrap();
@@ -584,7 +653,7 @@ async fn seed_tenant(server: &Server, name: &str, digit: char) -> Tenant {
         .await;
     assert_eq!(status, 200, "{body}");
 
-    let pem = self_signed_pem(name);
+    let pem = self_signed_pem(name, false);
     let (status, body) = client
         .json(
             "POST",
@@ -641,6 +710,50 @@ async fn seed_tenant(server: &Server, name: &str, digit: char) -> Tenant {
     assert_eq!(status, 201, "{spare}");
     let spare_key_id = spare["id"].as_str().unwrap().to_owned();
 
+    let user_email = format!("viewer@{name}.example");
+    let (status, user) = client
+        .json(
+            "POST",
+            "/api/v1/users",
+            &admin,
+            json!({"email": user_email, "role": "viewer", "password": ADMIN_PASSWORD}),
+        )
+        .await;
+    assert_eq!(status, 201, "{user}");
+    let user_id = json_id(&user["id"]);
+    let (status, login) = client
+        .json(
+            "POST",
+            "/api/v1/auth/login",
+            "",
+            json!({"email": user_email, "password": ADMIN_PASSWORD}),
+        )
+        .await;
+    assert_eq!(status, 200, "{login}");
+    let user_jwt = login["access_token"].as_str().unwrap().to_owned();
+
+    let service_account_name = format!("{name}-service");
+    let (status, account) = client
+        .json(
+            "POST",
+            "/api/v1/service-accounts",
+            &admin,
+            json!({"name": service_account_name, "role": "viewer"}),
+        )
+        .await;
+    assert_eq!(status, 201, "{account}");
+    let service_account_id = json_id(&account["id"]);
+    let client_id = account["client_id"].as_str().unwrap().to_owned();
+    let client_secret = account["client_secret"].as_str().unwrap().to_owned();
+
+    let ca_name = format!("{name}-device-ca");
+    let ca_pem = self_signed_pem(&ca_name, true);
+    let (status, ca) = client
+        .json("POST", "/api/v1/device-cas", &admin, json!({"pem": ca_pem}))
+        .await;
+    assert_eq!(status, 201, "{ca}");
+    let ca_fingerprint = ca["fingerprint"].as_str().unwrap().to_owned();
+
     let alarms = client
         .wait_for("/api/v1/alarms?status=active", &admin, |body| {
             body["alarms"]
@@ -679,6 +792,16 @@ async fn seed_tenant(server: &Server, name: &str, digit: char) -> Tenant {
         fingerprint,
         psk_identity,
         pem,
+        user_id,
+        user_email,
+        user_jwt,
+        service_account_id,
+        service_account_name,
+        client_id,
+        client_secret,
+        ca_fingerprint,
+        ca_name,
+        ca_pem,
     }
 }
 
@@ -689,6 +812,11 @@ fn json_id(value: &Value) -> String {
     }
 }
 
+/// A CA certificate that the rows registering a device CA send, so they
+/// never collide with a tenant's own CA.
+static MATRIX_CA_PEM: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| self_signed_pem("matrix-device-ca", true));
+
 /// Builds the path and body of a row's request aimed at `target`'s objects.
 fn request_for(row: &Row, target: &Tenant) -> (String, Option<(&'static str, String)>) {
     let id = match row.target {
@@ -698,12 +826,19 @@ fn request_for(row: &Row, target: &Tenant) -> (String, Option<(&'static str, Str
         Target::Alarm => &target.alarm_id,
         Target::Delivery => &target.delivery_id,
         Target::ApiKey => &target.spare_key_id,
+        Target::User => &target.user_id,
+        Target::ServiceAccount => &target.service_account_id,
+        Target::DeviceCa => "",
+    };
+    let fingerprint = match row.target {
+        Target::DeviceCa => &target.ca_fingerprint,
+        _ => &target.fingerprint,
     };
     let mut path = row
         .path
         .replace("{id}", id)
         .replace("{eui}", &target.gateway_eui)
-        .replace("{fingerprint}", &target.fingerprint)
+        .replace("{fingerprint}", fingerprint)
         .replace("{token}", &target.device_token);
     match row.path {
         "/api/v1/telemetry/aggregate" => path.push_str("?key=temperature&agg=max&interval=1h"),
@@ -718,6 +853,7 @@ fn request_for(row: &Row, target: &Tenant) -> (String, Option<(&'static str, Str
             .replace("$pem", &target.pem.replace('\n', "\\n"))
             .replace("$dev_eui", &target.dev_eui)
             .replace("$matrix_gateway", "00000000000000ff")
+            .replace("$matrix_ca_pem", &MATRIX_CA_PEM.replace('\n', "\\n"))
     };
     let body = match row.body {
         Body::Json(template) => Some(("application/json", fill(template))),
@@ -760,12 +896,16 @@ async fn tenant_routes_never_reach_other_tenant() {
     let b = seed_tenant(&server, "globex", 'b').await;
 
     let mut failures = Vec::new();
+    // Everything A has sent so far: A's audit log records the ids of A's
+    // own requests, so they are no leak there.
+    let mut sent_by_a = String::new();
     for row in ROUTES {
-        let Min(_) = row.access else {
+        if matches!(row.access, Public | DeviceOnly) {
             continue;
-        };
+        }
         let (path, body) = request_for(row, &b);
         let request_text = format!("{path} {}", body.as_ref().map_or("", |(_, body)| body));
+        let audit = row.path.starts_with("/api/v1/audit");
         for credential in [a.key(Admin), a.admin_jwt.as_str()] {
             let (status, text) = call(&client, row, &path, credential, body.clone()).await;
             let names_b = path.contains(&b.device_id)
@@ -774,6 +914,9 @@ async fn tenant_routes_never_reach_other_tenant() {
                 || path.contains(&b.delivery_id)
                 || path.contains(&b.spare_key_id)
                 || path.contains(&b.gateway_eui)
+                || path.contains(&b.user_id)
+                || path.contains(&b.service_account_id)
+                || path.contains(&b.ca_fingerprint)
                 || request_text.contains(&b.device_id);
             if names_b && status != 404 {
                 failures.push(format!(
@@ -784,7 +927,8 @@ async fn tenant_routes_never_reach_other_tenant() {
             // An error may repeat the ids of the request; any other string
             // of B is a leak.
             for marker in b.markers() {
-                if text.contains(marker) && !request_text.contains(marker) {
+                let echoed = request_text.contains(marker) || (audit && sent_by_a.contains(marker));
+                if text.contains(marker) && !echoed {
                     failures.push(format!(
                         "{} {path} returned B's {marker:?}: {text}",
                         row.method
@@ -792,6 +936,7 @@ async fn tenant_routes_never_reach_other_tenant() {
                 }
             }
         }
+        sent_by_a.push_str(&request_text);
     }
 
     // B's ids in query parameters and bodies, where the routes above put
@@ -855,6 +1000,14 @@ async fn tenant_routes_never_reach_other_tenant() {
             None,
             false,
         ),
+        // Emails are unique across tenants because login is by email, so
+        // this is a conflict that must name nothing of B but the email.
+        (
+            "POST",
+            "/api/v1/users".to_owned(),
+            Some(json!({"email": b.user_email, "role": "viewer", "password": ADMIN_PASSWORD})),
+            false,
+        ),
     ];
     for (method, path, body, expect_404) in probes {
         let body = body.map(|body| ("application/json", body.to_string()));
@@ -869,6 +1022,30 @@ async fn tenant_routes_never_reach_other_tenant() {
             }
         }
     }
+    // B's CA is rejected with the message that any registered CA gets,
+    // which names only the fingerprint of the request's certificate.
+    let (status, text) = client
+        .json(
+            "POST",
+            "/api/v1/device-cas",
+            a.key(Admin),
+            json!({"pem": b.ca_pem}),
+        )
+        .await;
+    if status != 409 {
+        failures.push(format!(
+            "POST /api/v1/device-cas with B's CA: {status}, expected 409: {text}"
+        ));
+    }
+    let text = text.to_string();
+    for marker in b.markers() {
+        if marker != b.ca_fingerprint && text.contains(marker) {
+            failures.push(format!(
+                "POST /api/v1/device-cas with B's CA returned B's {marker:?}: {text}"
+            ));
+        }
+    }
+
     let response = client
         .http
         .get(format!("{}{sse_probe}", server.http_url))
@@ -931,6 +1108,65 @@ async fn tenant_routes_never_reach_other_tenant() {
     assert!(
         certificates.contains(&b.fingerprint),
         "B's certificate was deleted"
+    );
+    let (status, user) = client
+        .send(
+            "GET",
+            &format!("/api/v1/users/{}", b.user_id),
+            b_admin,
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "B's user: {user}");
+    assert!(user.contains("\"viewer\""), "B's user changed: {user}");
+    let (status, login) = client
+        .json(
+            "POST",
+            "/api/v1/auth/login",
+            "",
+            json!({"email": b.user_email, "password": ADMIN_PASSWORD}),
+        )
+        .await;
+    assert_eq!(status, 200, "B's user cannot log in: {login}");
+    let (status, me) = client
+        .send("GET", "/api/v1/auth/me", &b.user_jwt, None)
+        .await;
+    assert_eq!(status, 200, "B's user session ended: {me}");
+    let token = client
+        .http
+        .post(format!("{}/api/v1/oauth/token", server.http_url))
+        .basic_auth(&b.client_id, Some(&b.client_secret))
+        .form(&[("grant_type", "client_credentials")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        token.status(),
+        200,
+        "B's service account was revoked: {}",
+        token.text().await.unwrap_or_default()
+    );
+    let (status, ca) = client
+        .send(
+            "GET",
+            &format!("/api/v1/device-cas/{}", b.ca_fingerprint),
+            b_admin,
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "B's device CA was deleted: {ca}");
+    let (status, credentials) = client
+        .send(
+            "GET",
+            &format!("/api/v1/devices/{}/credentials", b.device_id),
+            b_admin,
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{credentials}");
+    assert!(
+        credentials.contains(&b.psk_identity),
+        "B's device credentials were revoked: {credentials}"
     );
     let (status, _) = client
         .send(
@@ -1120,8 +1356,13 @@ async fn role_matrix_matches_route_table() {
 
     let mut failures = Vec::new();
     for row in ROUTES {
-        let Min(minimum) = row.access else {
-            continue;
+        let minimum = match row.access {
+            Public | DeviceOnly => continue,
+            Any | UserOnly => {
+                check_self_service(&client, row, &tenant, &mut failures).await;
+                continue;
+            }
+            Min(minimum) => minimum,
         };
         for role in [Viewer, Operator, Admin] {
             let (path, body) = request_for(row, &tenant);
@@ -1150,6 +1391,53 @@ async fn role_matrix_matches_route_table() {
         "role failures:\n{}",
         failures.join("\n")
     );
+}
+
+/// Checks a route for the caller's own identity: every user may call it,
+/// and so may every API key and service account unless the row is for
+/// users only.
+async fn check_self_service(
+    client: &Client<'_>,
+    row: &Row,
+    tenant: &Tenant,
+    failures: &mut Vec<String>,
+) {
+    let response = client
+        .http
+        .post(format!("{}/api/v1/oauth/token", client.server.http_url))
+        .basic_auth(&tenant.client_id, Some(&tenant.client_secret))
+        .form(&[("grant_type", "client_credentials")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "service account token");
+    let issued: Value = response.json().await.unwrap();
+    let service_token = issued["access_token"].as_str().expect("access_token");
+
+    let mut callers = vec![
+        ("viewer user", tenant.user_jwt.as_str(), true),
+        ("admin user", tenant.admin_jwt.as_str(), true),
+        ("service account", service_token, row.access == Any),
+    ];
+    for role in [Viewer, Operator, Admin] {
+        callers.push((role.name(), tenant.key(role), row.access == Any));
+    }
+    for (caller, credential, allowed) in callers {
+        let (path, body) = request_for(row, tenant);
+        let (status, text) = call(client, row, &path, credential, body).await;
+        if allowed && (status == 401 || status == 403) {
+            failures.push(format!(
+                "{} {path} as {caller}: {status}, expected access: {text}",
+                row.method
+            ));
+        }
+        if !allowed && status != 403 {
+            failures.push(format!(
+                "{} {path} as {caller}: {status}, expected 403 (users only): {text}",
+                row.method
+            ));
+        }
+    }
 }
 
 #[tokio::test]
