@@ -59,6 +59,8 @@ pub trait BlockCipher: Send + Sync {
 #[derive(Default)]
 pub(crate) struct Sealing {
     pub(crate) cipher: Option<Arc<dyn BlockCipher>>,
+    /// Seals new blocks with `cipher`; otherwise it only opens them.
+    pub(crate) seal_writes: bool,
     /// Blocks that queries or compaction skipped because they did not open.
     pub(crate) unreadable_blocks: AtomicU64,
     /// Series whose points a flush or compaction dropped because their
@@ -67,11 +69,17 @@ pub(crate) struct Sealing {
 }
 
 impl Sealing {
-    pub(crate) fn new(cipher: Option<Arc<dyn BlockCipher>>) -> Arc<Sealing> {
+    pub(crate) fn new(cipher: Option<Arc<dyn BlockCipher>>, seal_writes: bool) -> Arc<Sealing> {
         Arc::new(Sealing {
             cipher,
+            seal_writes,
             ..Sealing::default()
         })
+    }
+
+    /// Returns the cipher that seals new blocks, if any.
+    pub(crate) fn write_cipher(&self) -> Option<&dyn BlockCipher> {
+        self.cipher.as_deref().filter(|_| self.seal_writes)
     }
 
     pub(crate) fn note_unreadable(&self) {
@@ -83,7 +91,8 @@ impl Sealing {
     }
 }
 
-/// Where a block sits and what its index entry says about it.
+/// Location of a block and its index summary, which the associated data
+/// binds.
 pub(crate) struct BlockPlace {
     /// Sequence number of the segment, unique across tiers.
     pub(crate) seq: u64,

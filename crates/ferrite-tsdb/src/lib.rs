@@ -463,6 +463,10 @@ pub struct StoreOptions {
     /// series' tenant; `None` writes plain blocks. Sealed blocks need it
     /// to be read. See the `cipher` module for the format.
     pub cipher: Option<std::sync::Arc<dyn BlockCipher>>,
+    /// With a cipher, seals new blocks. `false` keeps the cipher for
+    /// reading sealed blocks and writes plain ones, so sealing can be
+    /// turned off without losing what was sealed. Default: `true`.
+    pub seal_writes: bool,
 }
 
 impl std::fmt::Debug for StoreOptions {
@@ -479,6 +483,7 @@ impl std::fmt::Debug for StoreOptions {
             .field("background_maintenance", &self.background_maintenance)
             .field("maintenance_interval", &self.maintenance_interval)
             .field("cipher", &self.cipher.is_some())
+            .field("seal_writes", &self.seal_writes)
             .finish_non_exhaustive()
     }
 }
@@ -508,6 +513,7 @@ impl Default for StoreOptions {
             maintenance_interval: std::time::Duration::from_secs(10),
             clock: system_clock(),
             cipher: None,
+            seal_writes: true,
         }
     }
 }

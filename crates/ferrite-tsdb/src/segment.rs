@@ -256,7 +256,7 @@ impl SealWith {
     #[cfg(test)]
     pub(crate) fn plain() -> SealWith {
         SealWith {
-            sealing: Sealing::new(None),
+            sealing: Sealing::new(None, true),
             tenants: Arc::default(),
         }
     }
@@ -950,7 +950,7 @@ impl<V: StoredValue> SegmentWriter<V> {
     }
 
     fn sealing(&self) -> bool {
-        self.seal.sealing.cipher.is_some()
+        self.seal.sealing.write_cipher().is_some()
     }
 
     /// Writes all points of one series. Series must come in ascending id
@@ -1043,7 +1043,7 @@ impl<V: StoredValue> SegmentWriter<V> {
         let offset = self.pos;
 
         let mut payload = self.encoder.finish_payload();
-        if let (Some(tenant), Some(cipher)) = (tenant, self.seal.sealing.cipher.as_deref()) {
+        if let (Some(tenant), Some(cipher)) = (tenant, self.seal.sealing.write_cipher()) {
             let place = BlockPlace {
                 seq: self.seq,
                 offset,
@@ -1210,7 +1210,8 @@ mod tests {
         let written = writer.finish(99, meta.clone()).unwrap();
 
         let segment =
-            Segment::<Value>::open(written.path.clone(), 7, Sealing::new(None), |_, _| {}).unwrap();
+            Segment::<Value>::open(written.path.clone(), 7, Sealing::new(None, true), |_, _| {})
+                .unwrap();
 
         assert_eq!(segment.marker, 99);
         assert_eq!(segment.meta, meta);
@@ -1259,7 +1260,7 @@ mod tests {
             fs::write(&path, &bytes[..bytes.len() - cut]).unwrap();
             assert!(
                 matches!(
-                    Segment::<Value>::open(path.clone(), 1, Sealing::new(None), |_, _| {}),
+                    Segment::<Value>::open(path.clone(), 1, Sealing::new(None, true), |_, _| {}),
                     Err(StoreError::Corrupt { .. })
                 ),
                 "truncating {cut} bytes not detected"

@@ -173,7 +173,7 @@ impl Store {
             }
         }
 
-        let sealing = Sealing::new(options.cipher.clone());
+        let sealing = Sealing::new(options.cipher.clone(), options.seal_writes);
         let mut recovered = recover_segments(dir, &loaded, &sealing)?;
 
         tracing::info!(
@@ -773,7 +773,7 @@ impl Inner {
     /// series added later need not be in the copy.
     fn seal_with(&self) -> SealWith {
         let mut tenants = TenantNames::default();
-        if self.sealing.cipher.is_some() {
+        if self.sealing.write_cipher().is_some() {
             let state = self.state.read();
             tenants.by_id = state.catalog.tenants_by_id().to_vec();
             tenants.names = state.catalog.tenant_names().to_vec();

@@ -258,52 +258,143 @@ fn mixed_plain_and_sealed_files() {
     assert!(!files_contain(dir.path(), MARKER.as_bytes()));
 }
 
-/// Measures flush and full reads of the same points with and without the
-/// test cipher, which costs about what a fast cipher does per byte. Run
-/// with `cargo test -p ferrite-tsdb --release --test it -- --ignored
-/// sealing_cost --nocapture`; docs/benchmarks.md records the figures.
+#[test]
+fn sealing_turned_off_keeps_sealed_readable() {
+    let dir = tempfile::tempdir().unwrap();
+    let cipher = TestCipher::with_tenants(&["t1"]);
+    {
+        let store = Store::open(dir.path(), options(Some(cipher.clone()))).unwrap();
+        write_marker_series(&store, "t1", 1, 20);
+        store.flush(1).unwrap();
+    }
+    assert!(!files_contain(dir.path(), MARKER.as_bytes()));
+
+    let read_only = StoreOptions {
+        seal_writes: false,
+        ..options(Some(cipher))
+    };
+    let store = Store::open(dir.path(), read_only).unwrap();
+    write_marker_series(&store, "t1", 21, 20);
+    store.flush(2).unwrap();
+    assert!(
+        files_contain(dir.path(), MARKER.as_bytes()),
+        "new blocks are written plain"
+    );
+    assert_eq!(all_points(&store, "t1", "label").len(), 40);
+    store.compact().unwrap();
+    assert_eq!(all_points(&store, "t1", "label").len(), 40);
+    assert_eq!(store.unreadable_blocks(), 0);
+}
+
+/// AES-256-GCM with one key for every tenant and a counter as nonce: the
+/// work the server's cipher does per block, without its key lookup.
+struct AesCipher {
+    cipher: aes_gcm::Aes256Gcm,
+    nonce: std::sync::atomic::AtomicU64,
+}
+
+impl AesCipher {
+    fn new() -> Arc<AesCipher> {
+        use aes_gcm::KeyInit;
+        Arc::new(AesCipher {
+            cipher: aes_gcm::Aes256Gcm::new(&[7u8; 32].into()),
+            nonce: std::sync::atomic::AtomicU64::new(1),
+        })
+    }
+}
+
+impl BlockCipher for AesCipher {
+    fn seal(&self, _tenant: &str, plain: &[u8], aad: &[u8]) -> Result<Vec<u8>, SealError> {
+        use aes_gcm::aead::{Aead, Payload};
+        let counter = self
+            .nonce
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut nonce = [0u8; 12];
+        nonce[..8].copy_from_slice(&counter.to_le_bytes());
+        let mut sealed = nonce.to_vec();
+        let body = self
+            .cipher
+            .encrypt(&nonce.into(), Payload { msg: plain, aad })
+            .map_err(|_| SealError("encryption failed".to_owned()))?;
+        sealed.extend_from_slice(&body);
+        Ok(sealed)
+    }
+
+    fn open(&self, _tenant: &str, sealed: &[u8], aad: &[u8]) -> Result<Vec<u8>, Unreadable> {
+        use aes_gcm::aead::{Aead, Payload};
+        if sealed.len() < 12 {
+            return Err(Unreadable("sealed block shorter than its nonce".to_owned()));
+        }
+        let (nonce, body) = sealed.split_at(12);
+        let nonce: [u8; 12] = nonce.try_into().unwrap();
+        self.cipher
+            .decrypt(&nonce.into(), Payload { msg: body, aad })
+            .map_err(|_| Unreadable("authentication failed".to_owned()))
+    }
+}
+
+/// Measures a flush and a full read of the same points without a cipher
+/// and with AES-256-GCM, the cipher the server uses: 200 series of 2,000
+/// float points, best of three runs each. Run with `cargo test -p
+/// ferrite-tsdb --test it -- --ignored sealing_cost --nocapture`;
+/// docs/benchmarks.md records the figures.
 #[test]
 #[ignore = "benchmark; prints timings"]
 fn sealing_cost_of_blocks() {
     const DEVICES: usize = 200;
     const POINTS: i64 = 2_000;
-    let mut timings = Vec::new();
-    for sealed in [false, true] {
-        let dir = tempfile::tempdir().unwrap();
-        let cipher = sealed.then(|| TestCipher::with_tenants(&["t1"]));
-        let store = Store::open(dir.path(), options(cipher)).unwrap();
-        for device in 0..DEVICES {
-            let name = format!("d{device}");
-            let points: Vec<(&str, i64, Value)> = (0..POINTS)
-                .map(|i| ("v", i * 10_000_000_000, Value::Float((i % 97) as f64 * 0.5)))
-                .collect();
-            store.write("t1", &name, &points).unwrap();
-        }
-        let started = Instant::now();
-        store.flush(1).unwrap();
-        let write = started.elapsed();
+    const RUNS: usize = 3;
+    let mut best = [(f64::MAX, f64::MAX); 2];
+    for _run in 0..RUNS {
+        for (slot, sealed) in [false, true].into_iter().enumerate() {
+            let dir = tempfile::tempdir().unwrap();
+            let options = StoreOptions {
+                background_maintenance: false,
+                cipher: sealed.then(|| AesCipher::new() as Arc<dyn BlockCipher>),
+                ..StoreOptions::default()
+            };
+            let store = Store::open(dir.path(), options).unwrap();
+            for device in 0..DEVICES {
+                let name = format!("d{device}");
+                let points: Vec<(&str, i64, Value)> = (0..POINTS)
+                    .map(|i| ("v", i * 10_000_000_000, Value::Float((i % 97) as f64 * 0.5)))
+                    .collect();
+                store.write("t1", &name, &points).unwrap();
+            }
+            let started = Instant::now();
+            store.flush(1).unwrap();
+            let flush = started.elapsed().as_secs_f64();
 
-        let started = Instant::now();
-        let mut read = 0;
-        for device in 0..DEVICES {
-            let series = SeriesKey::new("t1", format!("d{device}"), "v");
-            read += store
-                .range(&series, i64::MIN, i64::MAX, None, usize::MAX)
-                .unwrap()
-                .points
-                .len();
+            let started = Instant::now();
+            let mut read = 0;
+            for device in 0..DEVICES {
+                let series = SeriesKey::new("t1", format!("d{device}"), "v");
+                read += store
+                    .range(&series, i64::MIN, i64::MAX, None, usize::MAX)
+                    .unwrap()
+                    .points
+                    .len();
+            }
+            let query = started.elapsed().as_secs_f64();
+            assert_eq!(read, DEVICES * POINTS as usize);
+            best[slot].0 = best[slot].0.min(flush);
+            best[slot].1 = best[slot].1.min(query);
         }
-        let query = started.elapsed();
-        assert_eq!(read, DEVICES * POINTS as usize);
-        println!("sealed={sealed}: flush {write:?}, read all {query:?}");
-        timings.push((write, query));
     }
-    let ratio = |sealed: std::time::Duration, plain: std::time::Duration| {
-        sealed.as_secs_f64() / plain.as_secs_f64()
-    };
+    let [plain, sealed] = best;
+    println!(
+        "plain: flush {:.1} ms, read {:.1} ms",
+        plain.0 * 1e3,
+        plain.1 * 1e3
+    );
+    println!(
+        "sealed: flush {:.1} ms, read {:.1} ms",
+        sealed.0 * 1e3,
+        sealed.1 * 1e3
+    );
     println!(
         "sealed/plain: flush {:.2}, read {:.2}",
-        ratio(timings[1].0, timings[0].0),
-        ratio(timings[1].1, timings[0].1)
+        sealed.0 / plain.0,
+        sealed.1 / plain.1
     );
 }
