@@ -18,14 +18,14 @@ pub mod audit;
 pub mod credentials;
 pub mod dead_letters;
 pub mod device_cas;
-pub mod identity;
 pub mod device_tokens;
+pub mod identity;
 pub mod lorawan;
 pub mod mqtt_retained;
 pub mod profiles;
 mod sqlite;
-mod tenants;
 pub mod tenant_keys;
+mod tenants;
 
 use std::fmt;
 use std::str::FromStr;

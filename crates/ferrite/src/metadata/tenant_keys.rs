@@ -8,8 +8,8 @@
 
 use sqlx::Row;
 
-use super::sqlite::{now_ms, parse_id};
 use super::MetadataError;
+use super::sqlite::{now_ms, parse_id};
 use crate::ids::{DeviceId, TenantId};
 
 use super::SqliteMetadata;

@@ -2,8 +2,8 @@
 //! ports with its own data directory and talks to it over sockets.
 
 pub mod actions;
-mod audit;
 mod at_rest;
+mod audit;
 mod cases;
 mod coap;
 mod coap_dtls;
@@ -23,6 +23,6 @@ mod nats;
 mod processing;
 mod revocation;
 mod support;
-mod tls;
 mod tenancy;
+mod tls;
 mod websocket;

@@ -146,7 +146,8 @@ pub async fn endpoint(
                 _ => device.held_access(None),
             };
             let revocation = RevocationWatch::new(revocations, held);
-            let task = run(socket, state, device, credential, revocation, peer, slot).instrument(span);
+            let task =
+                run(socket, state, device, credential, revocation, peer, slot).instrument(span);
             async move { mqtt.track_connection(task).await }
         })
         .into_response())
