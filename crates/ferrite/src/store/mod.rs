@@ -63,6 +63,12 @@ pub trait TimeSeriesStore: Send + Sync + 'static {
     fn memory_usage(&self) -> Vec<(&'static str, usize)> {
         Vec::new()
     }
+    /// Sealed blocks skipped because they did not open, and series whose
+    /// points were dropped because their tenant had no data key, both
+    /// counted since open (see `storage.encrypt`).
+    fn sealing_failures(&self) -> (u64, u64) {
+        (0, 0)
+    }
     /// Makes every written point durable and records `marker` with them.
     fn flush(&self, marker: u64) -> Result<(), StoreError>;
     /// The marker of the last completed flush.
@@ -213,6 +219,13 @@ impl TimeSeriesStore for EmbeddedStore {
             ("head", usage.head),
             ("frozen_head", usage.frozen_head),
         ]
+    }
+
+    fn sealing_failures(&self) -> (u64, u64) {
+        (
+            self.store.unreadable_blocks(),
+            self.store.unsealable_series(),
+        )
     }
 
     fn flush(&self, marker: u64) -> Result<(), StoreError> {
