@@ -1486,6 +1486,10 @@ fn rebuild_latest(state: &mut State) -> Result<(), StoreError> {
 }
 
 /// Latest point of every series in `segments` except the `deleted` ones.
+///
+/// NOTE: a sealed segment has no last values in its index, so this reads
+/// and opens the last block of every series in every sealed segment; open
+/// time then grows with series times segments, which has not been measured.
 fn latest_of_segments(
     segments: &[Arc<Segment>],
     deleted: &dyn Fn(SeriesId) -> bool,
