@@ -29,8 +29,8 @@ const KIND_BOOL: u8 = 2;
 const KIND_STR: u8 = 3;
 const KIND_MIXED: u8 = 4;
 
-/// Collects the points of one block; [`BlockBuilder::finish_into`] encodes
-/// them. Points must arrive in strictly ascending timestamp order.
+/// Collects the points of one block; [`BlockBuilder::finish_payload`]
+/// encodes them. Points must arrive in strictly ascending timestamp order.
 pub(crate) struct BlockBuilder<V> {
     timestamps: Vec<TimestampNs>,
     values: Vec<V>,
@@ -74,7 +74,15 @@ impl<V: StoredValue> BlockBuilder<V> {
 
     /// Writes the framed block to `out` and empties the builder. Returns the
     /// number of bytes written.
+    #[cfg(test)]
     pub(crate) fn finish_into(&mut self, out: &mut Vec<u8>) -> usize {
+        let payload = self.finish_payload();
+        frame_into(&payload, out)
+    }
+
+    /// Encodes the points as a block payload (without its frame) and
+    /// empties the builder.
+    pub(crate) fn finish_payload(&mut self) -> Vec<u8> {
         let mut payload = Vec::with_capacity(self.raw_bytes / 4 + 16);
         put_uvarint(&mut payload, self.timestamps.len() as u64);
         let mut column = Vec::new();
@@ -83,16 +91,21 @@ impl<V: StoredValue> BlockBuilder<V> {
         payload.extend_from_slice(&column);
         V::encode_columns(&self.values, &mut payload);
 
-        let start = out.len();
-        out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
-        out.extend_from_slice(&payload);
-
         self.timestamps.clear();
         self.values.clear();
         self.raw_bytes = 0;
-        out.len() - start
+        payload
     }
+}
+
+/// Writes `payload` with its frame (length and checksum) to `out`. Returns
+/// the number of bytes written.
+pub(crate) fn frame_into(payload: &[u8], out: &mut Vec<u8>) -> usize {
+    let start = out.len();
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+    out.extend_from_slice(payload);
+    out.len() - start
 }
 
 fn kind_of(value: &Value) -> u8 {
@@ -204,10 +217,17 @@ fn decode_column(kind: u8, input: &[u8], count: usize) -> Result<Vec<Value>, Dec
 }
 
 /// Checks the frame of a version 2 block and decodes its points.
+#[cfg(test)]
 pub(crate) fn decode_framed_block<V: StoredValue>(
     frame: &[u8],
 ) -> Result<Vec<(TimestampNs, V)>, DecodeError> {
-    let payload = crate::encoding::unframe(frame)?;
+    decode_payload(crate::encoding::unframe(frame)?)
+}
+
+/// Decodes a plain block payload.
+pub(crate) fn decode_payload<V: StoredValue>(
+    payload: &[u8],
+) -> Result<Vec<(TimestampNs, V)>, DecodeError> {
     let mut reader = Reader::new(payload);
     let count = reader.len()?;
     if count == 0 {

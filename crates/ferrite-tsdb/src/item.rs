@@ -24,6 +24,10 @@ pub(crate) trait StoredValue:
     /// Cheap value left behind when a merge moves a value out.
     fn placeholder() -> Self;
 
+    /// Value written as the index entry's last value of a sealed segment,
+    /// which must not reveal the real one; `read_last` must accept it.
+    fn index_placeholder() -> Self;
+
     /// Uncompressed size estimate, which bounds block size.
     fn raw_size(&self) -> usize;
 
@@ -46,6 +50,10 @@ impl StoredValue for Value {
     const RAW: bool = true;
 
     fn placeholder() -> Value {
+        Value::Bool(false)
+    }
+
+    fn index_placeholder() -> Value {
         Value::Bool(false)
     }
 
@@ -93,6 +101,15 @@ impl StoredValue for Bucket {
 
     fn placeholder() -> Bucket {
         Bucket::empty(0)
+    }
+
+    fn index_placeholder() -> Bucket {
+        Bucket {
+            count: 1,
+            first: Some((0, Value::Bool(false))),
+            last: Some((0, Value::Bool(false))),
+            ..Bucket::empty(0)
+        }
     }
 
     fn at(mut self, ts: TimestampNs) -> Bucket {

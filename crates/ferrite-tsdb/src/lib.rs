@@ -72,7 +72,7 @@
 //! # Segment files
 //!
 //! ```text
-//! header (32):  magic "FERRTSEG" (8) | version u32 = 2 | reserved u32 = 0
+//! header (32):  magic "FERRTSEG" (8) | version u32 = 2 | flags u32
 //!               | marker_from u64 | crc32(header bytes 0..24) u32 | reserved u32
 //! blocks:       for each series (ascending id), its blocks in time order
 //! index:        see below
@@ -83,7 +83,9 @@
 //! `marker_from` is the durable marker before the oldest flush whose points
 //! the segment contains: replaying the ingest log from there rebuilds them. It
 //! sits in the header so that recovery can read it from a segment whose
-//! tail is damaged.
+//! tail is damaged. `flags` bit 0 is set when the segment was written with
+//! a [`BlockCipher`] ([`StoreOptions::cipher`]); segments written before
+//! sealing existed have 0 there.
 //!
 //! A block contains up to 8640 points of one series (a day at 10 s) and is
 //! closed early once its uncompressed points reach 256 KiB. Its columns use
@@ -96,7 +98,16 @@
 //! values (raw):    kind u8 (0 float, 1 int, 2 bool, 3 string, 4 mixed) | column(s)
 //! values (rollup): count, numeric_count, sum, min, max, first_ts, first value,
 //!                  last_ts, last value columns, each len varint | column
+//! sealed payload:  0 u8 | tenant string | cipher output of the plain payload
 //! ```
+//!
+//! A plain payload starts with its count, at least 1, so a first byte of 0
+//! marks a sealed block, and plain and sealed blocks can share a store. In a
+//! segment with flag bit 0 set, the `last value` of every index entry is a
+//! placeholder and the store reads the last block instead, so that no
+//! value is left in plain text. The `cipher` module describes the
+//! associated data. Series names (tenant, device, key), point counts and
+//! time ranges in the index stay in plain text.
 //!
 //! Within a segment the points of a series are strictly ascending and unique
 //! by timestamp (the head is deduplicated with last-write-wins before it is
@@ -200,6 +211,7 @@
 
 mod block;
 mod catalog;
+mod cipher;
 mod compress;
 mod encoding;
 mod error;
@@ -216,6 +228,7 @@ use std::collections::HashMap;
 
 use ferrite_core::{TimestampNs, Value};
 
+pub use cipher::{BlockCipher, SealError, Unreadable};
 pub use error::StoreError;
 pub use store::Store;
 
@@ -446,6 +459,14 @@ pub struct StoreOptions {
     pub background_maintenance: bool,
     pub maintenance_interval: std::time::Duration,
     pub clock: Clock,
+    /// Seals every block that the store writes under the key of the
+    /// series' tenant; `None` writes plain blocks. Sealed blocks need it
+    /// to be read. See the `cipher` module for the format.
+    pub cipher: Option<std::sync::Arc<dyn BlockCipher>>,
+    /// With a cipher, seals new blocks. `false` keeps the cipher for
+    /// reading sealed blocks and writes plain ones, so sealing can be
+    /// turned off without losing what was sealed. Default: `true`.
+    pub seal_writes: bool,
 }
 
 impl std::fmt::Debug for StoreOptions {
@@ -461,6 +482,8 @@ impl std::fmt::Debug for StoreOptions {
             .field("rollup_retention", &self.rollup_retention)
             .field("background_maintenance", &self.background_maintenance)
             .field("maintenance_interval", &self.maintenance_interval)
+            .field("cipher", &self.cipher.is_some())
+            .field("seal_writes", &self.seal_writes)
             .finish_non_exhaustive()
     }
 }
@@ -489,6 +512,8 @@ impl Default for StoreOptions {
             background_maintenance: true,
             maintenance_interval: std::time::Duration::from_secs(10),
             clock: system_clock(),
+            cipher: None,
+            seal_writes: true,
         }
     }
 }

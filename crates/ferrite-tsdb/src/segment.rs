@@ -6,12 +6,14 @@ use std::fs::{self, File};
 use std::io::{BufWriter, Write};
 use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use ferrite_core::{TimestampNs, Value};
 use parking_lot::Mutex;
 
 use crate::block::BlockBuilder;
-use crate::catalog::SeriesId;
+use crate::catalog::{NO_TENANT, SeriesId};
+use crate::cipher::{BlockPlace, SEALED_TAG, Sealing};
 use crate::encoding::{BLOCK_FRAME_LEN, DecodeError, Reader, put_ivarint, put_uvarint};
 use crate::error::{IoContext, StoreError};
 use crate::fsio;
@@ -26,6 +28,10 @@ const OLDEST_VERSION: u32 = 1;
 const HEADER_LEN_V1: u64 = 16;
 const HEADER_LEN: u64 = 32;
 const TRAILER_LEN: u64 = 48;
+/// Header flag (in the `flags` field, reserved in segments written before
+/// sealing existed): block payloads may be sealed, and the index carries
+/// no last values, which are read from the last block instead.
+const FLAG_SEALED: u32 = 1;
 
 /// A block is closed after this many points: one day of a series that
 /// reports every 10 s fits into one block, which compresses well, and a
@@ -212,7 +218,48 @@ pub(crate) struct Segment<V = Value> {
     entries_end: u64,
     fences: Box<[Fence]>,
     last_id: u64,
+    /// Set when the writer had a cipher: blocks may be sealed and index
+    /// entries carry a placeholder instead of the last value.
+    sealed: bool,
+    sealing: Arc<Sealing>,
     _values: PhantomData<V>,
+}
+
+/// Tenant name of every series id, copied from the catalog for a flush or
+/// compaction that seals its blocks.
+#[derive(Default)]
+pub(crate) struct TenantNames {
+    pub(crate) by_id: Vec<u32>,
+    pub(crate) names: Vec<String>,
+}
+
+impl TenantNames {
+    fn of(&self, id: SeriesId) -> Option<&str> {
+        let number = *self.by_id.get(usize::try_from(id.0).ok()?)?;
+        if number == NO_TENANT {
+            return None;
+        }
+        self.names.get(number as usize).map(String::as_str)
+    }
+}
+
+/// Sealing settings of a [`SegmentWriter`]: the store's [`Sealing`], and
+/// with a cipher, the tenant of every series it may write.
+#[derive(Clone)]
+pub(crate) struct SealWith {
+    pub(crate) sealing: Arc<Sealing>,
+    pub(crate) tenants: Arc<TenantNames>,
+}
+
+impl SealWith {
+    /// Writes plain blocks.
+    #[cfg(test)]
+    pub(crate) fn plain() -> SealWith {
+        SealWith {
+            sealing: Sealing::new(None, true),
+            tenants: Arc::default(),
+        }
+    }
 }
 
 /// Reads the tier byte of a segment (0 for format 1), so that recovery can
@@ -248,6 +295,7 @@ impl<V: StoredValue> Segment<V> {
     pub(crate) fn open(
         path: PathBuf,
         seq: u64,
+        sealing: Arc<Sealing>,
         mut visit: impl FnMut(SeriesId, &IndexEntry<V>),
     ) -> Result<Segment<V>, StoreError> {
         let file = File::open(&path).context("open", &path)?;
@@ -259,7 +307,7 @@ impl<V: StoredValue> Segment<V> {
             ));
         }
 
-        let header_marker_from = read_header(&file, &path)?;
+        let (header_marker_from, flags) = read_header(&file, &path)?;
         let header_len = if header_marker_from.is_some() {
             HEADER_LEN
         } else {
@@ -321,6 +369,8 @@ impl<V: StoredValue> Segment<V> {
             entries_end: data_end,
             fences: scanned.fences.into_boxed_slice(),
             last_id: scanned.last_id,
+            sealed: flags & FLAG_SEALED != 0,
+            sealing,
             _values: PhantomData,
         })
     }
@@ -399,14 +449,36 @@ impl<V: StoredValue> Segment<V> {
         })
     }
 
-    /// Reads one block and checks its checksum.
+    /// Reads one block and checks its checksum. A sealed block that does
+    /// not open (its tenant key is gone, or it was tampered with) is
+    /// counted in [`Sealing::unreadable_blocks`] and returns no points.
     pub(crate) fn read_block(&self, block: &BlockRef) -> Result<Vec<(TimestampNs, V)>, StoreError> {
         let mut frame = vec![0u8; block.len as usize];
         fsio::read_exact_at(&self.file, &mut frame, block.offset).context("read", &self.path)?;
         let decoded = if self.version == 1 {
             V::decode_version_1_block(&frame)
         } else {
-            crate::block::decode_framed_block::<V>(&frame)
+            match crate::encoding::unframe(&frame) {
+                Ok(payload) if payload.first() == Some(&SEALED_TAG) => {
+                    let place = self.place_of(block);
+                    let cipher = self.sealing.cipher.as_deref();
+                    match crate::cipher::open_payload(cipher, payload, &place) {
+                        Ok(plain) => crate::block::decode_payload::<V>(&plain),
+                        Err(err) => {
+                            self.sealing.note_unreadable();
+                            tracing::debug!(
+                                segment = %self.path.display(),
+                                offset = block.offset,
+                                error = %err,
+                                "skipping a sealed block that does not open"
+                            );
+                            return Ok(Vec::new());
+                        }
+                    }
+                }
+                Ok(payload) => crate::block::decode_payload::<V>(payload),
+                Err(err) => Err(err),
+            }
         };
         let points = decoded.map_err(|err| {
             StoreError::corrupt(
@@ -431,9 +503,34 @@ impl<V: StoredValue> Segment<V> {
     }
 }
 
+impl<V: StoredValue> Segment<V> {
+    fn place_of(&self, block: &BlockRef) -> BlockPlace {
+        BlockPlace {
+            seq: self.seq,
+            offset: block.offset,
+            count: block.count,
+            min_ts: block.min_ts,
+            max_ts: block.max_ts,
+        }
+    }
+
+    /// Value of the series' point at `entry.max_ts`. A sealed segment has
+    /// it only in the last block, which is read; `None` when that block
+    /// does not open.
+    pub(crate) fn last_value(&self, entry: &IndexEntry<V>) -> Result<Option<V>, StoreError> {
+        if !self.sealed {
+            return Ok(Some(entry.last_value.clone()));
+        }
+        let Some(block) = entry.blocks.last() else {
+            return Ok(None);
+        };
+        Ok(self.read_block(block)?.pop().map(|(_, value)| value))
+    }
+}
+
 /// Reads and checks the header. Returns `Some(marker_from)` for format 2
-/// and `None` for format 1.
-fn read_header(file: &File, path: &Path) -> Result<Option<u64>, StoreError> {
+/// and `None` for format 1, and the header flags.
+fn read_header(file: &File, path: &Path) -> Result<(Option<u64>, u32), StoreError> {
     let mut header = [0u8; HEADER_LEN as usize];
     fsio::read_exact_at(file, &mut header[..HEADER_LEN_V1 as usize], 0).context("read", path)?;
     if header[0..8] != MAGIC {
@@ -446,15 +543,14 @@ fn read_header(file: &File, path: &Path) -> Result<Option<u64>, StoreError> {
         u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"))
     };
     match u32_at(&header, 8) {
-        1 => Ok(None),
+        1 => Ok((None, 0)),
         VERSION => {
             fsio::read_exact_at(file, &mut header, 0).context("read", path)?;
             if crc32fast::hash(&header[0..24]) != u32_at(&header, 24) {
                 return Err(StoreError::corrupt(path, "header checksum mismatch"));
             }
-            Ok(Some(u64::from_le_bytes(
-                header[16..24].try_into().expect("8 bytes"),
-            )))
+            let marker_from = u64::from_le_bytes(header[16..24].try_into().expect("8 bytes"));
+            Ok((Some(marker_from), u32_at(&header, 12)))
         }
         _ => Err(StoreError::corrupt(
             path,
@@ -467,7 +563,9 @@ fn read_header(file: &File, path: &Path) -> Result<Option<u64>, StoreError> {
 /// for recovery when the rest of the file is damaged.
 pub(crate) fn damaged_segment_marker_from(path: &Path) -> Option<u64> {
     let file = File::open(path).ok()?;
-    read_header(&file, path).ok().flatten()
+    read_header(&file, path)
+        .ok()
+        .and_then(|(marker_from, _)| marker_from)
 }
 
 struct TrailerFields {
@@ -794,6 +892,7 @@ pub(crate) struct SegmentWriter<V: StoredValue = Value> {
     last_id: u64,
     encoder: BlockBuilder<V>,
     frame: Vec<u8>,
+    seal: SealWith,
     /// Set once the temporary file has been renamed to its final name.
     renamed: bool,
 }
@@ -805,6 +904,7 @@ impl<V: StoredValue> SegmentWriter<V> {
         dir: &Path,
         seq: u64,
         marker_from: u64,
+        seal: &SealWith,
     ) -> Result<SegmentWriter<V>, StoreError> {
         let temp_path = dir.join(format!("{}{TEMP_SUFFIX}", segment_file_name(seq, 0)));
         let file = File::create(&temp_path).context("create", &temp_path)?;
@@ -820,13 +920,15 @@ impl<V: StoredValue> SegmentWriter<V> {
             last_id: 0,
             encoder: BlockBuilder::default(),
             frame: Vec::new(),
+            seal: seal.clone(),
             renamed: false,
         };
+        let flags = if writer.sealing() { FLAG_SEALED } else { 0 };
 
         let mut header = Vec::with_capacity(HEADER_LEN as usize);
         header.extend_from_slice(&MAGIC);
         header.extend_from_slice(&VERSION.to_le_bytes());
-        header.extend_from_slice(&0u32.to_le_bytes());
+        header.extend_from_slice(&flags.to_le_bytes());
         header.extend_from_slice(&marker_from.to_le_bytes());
         let crc = crc32fast::hash(&header);
         header.extend_from_slice(&crc.to_le_bytes());
@@ -847,15 +949,37 @@ impl<V: StoredValue> SegmentWriter<V> {
         Ok(())
     }
 
+    fn sealing(&self) -> bool {
+        self.seal.sealing.write_cipher().is_some()
+    }
+
     /// Writes all points of one series. Series must come in ascending id
     /// order and points in strictly ascending timestamp order. A series
-    /// without points gets no index entry.
+    /// without points gets no index entry. With a cipher, a series whose
+    /// tenant has no key (a deleted tenant) is dropped with a warning and
+    /// counted in [`Sealing::unsealable_series`]; blocks of it already
+    /// written stay in the file unreferenced.
     pub(crate) fn write_series<P: Borrow<(TimestampNs, V)>>(
         &mut self,
         id: SeriesId,
-        points: impl Iterator<Item = Result<P, StoreError>>,
+        mut points: impl Iterator<Item = Result<P, StoreError>>,
     ) -> Result<(), StoreError> {
         debug_assert!(self.last_id < id.0);
+        let tenant = if self.sealing() {
+            match self.seal.tenants.of(id) {
+                Some(tenant) => Some(tenant.to_owned()),
+                None => {
+                    self.seal.sealing.note_unsealable();
+                    tracing::warn!(
+                        series_id = id.0,
+                        "dropping the points of a series without a tenant; they cannot be sealed"
+                    );
+                    return points.try_for_each(|point| point.map(drop));
+                }
+            }
+        } else {
+            None
+        };
         let mut blocks = Vec::new();
         let mut count = 0u64;
         let mut last: Option<P> = None;
@@ -871,21 +995,31 @@ impl<V: StoredValue> SegmentWriter<V> {
             if self.encoder.count() >= MAX_BLOCK_POINTS
                 || self.encoder.raw_bytes() >= TARGET_BLOCK_BYTES
             {
-                blocks.push(self.finish_block()?);
+                blocks.push(self.finish_block(tenant.as_deref())?);
             }
         }
         if self.encoder.count() > 0 {
-            blocks.push(self.finish_block()?);
+            blocks.push(self.finish_block(tenant.as_deref())?);
         }
 
         let Some(last) = last else {
             return Ok(());
         };
+        let Some(blocks) = blocks.into_iter().collect::<Option<Vec<BlockRef>>>() else {
+            self.seal.sealing.note_unsealable();
+            return Ok(());
+        };
+        // A sealed segment keeps the last value inside its last block only.
+        let last_value = if self.sealing() {
+            V::index_placeholder()
+        } else {
+            last.borrow().1.clone()
+        };
         let entry = IndexEntry {
             count,
             min_ts: blocks[0].min_ts,
             max_ts: last.borrow().0,
-            last_value: last.borrow().1.clone(),
+            last_value,
             blocks: blocks.into_boxed_slice(),
         };
         if self.series_count.is_multiple_of(FENCE_EVERY) {
@@ -900,26 +1034,51 @@ impl<V: StoredValue> SegmentWriter<V> {
         Ok(())
     }
 
-    fn finish_block(&mut self) -> Result<BlockRef, StoreError> {
+    /// Writes the block the encoder collected, sealed when `tenant` is
+    /// given. Returns `None` when the cipher has no key for the tenant.
+    fn finish_block(&mut self, tenant: Option<&str>) -> Result<Option<BlockRef>, StoreError> {
         let count = self.encoder.count();
         let min_ts = self.encoder.min_ts();
         let max_ts = self.encoder.max_ts();
         let offset = self.pos;
 
+        let mut payload = self.encoder.finish_payload();
+        if let (Some(tenant), Some(cipher)) = (tenant, self.seal.sealing.write_cipher()) {
+            let place = BlockPlace {
+                seq: self.seq,
+                offset,
+                count,
+                min_ts,
+                max_ts,
+            };
+            match crate::cipher::seal_payload(cipher, tenant, &payload, &place) {
+                Ok(sealed) => payload = sealed,
+                Err(err) => {
+                    tracing::warn!(
+                        tenant,
+                        error = %err,
+                        lost_points = count,
+                        "dropping points that cannot be sealed"
+                    );
+                    return Ok(None);
+                }
+            }
+        }
+
         let mut frame = std::mem::take(&mut self.frame);
         frame.clear();
-        let len = self.encoder.finish_into(&mut frame);
+        let len = crate::block::frame_into(&payload, &mut frame);
         let written = self.write_bytes(&frame);
         self.frame = frame;
         written?;
 
-        Ok(BlockRef {
+        Ok(Some(BlockRef {
             offset,
             len: u32::try_from(len).expect("blocks stay far below 4 GiB"),
             count,
             min_ts,
             max_ts,
-        })
+        }))
     }
 
     /// Writes index and trailer, syncs the file, renames it to its final
@@ -979,6 +1138,8 @@ impl<V: StoredValue> SegmentWriter<V> {
             entries_end,
             fences: std::mem::take(&mut self.fences).into_boxed_slice(),
             last_id: self.last_id,
+            sealed: self.sealing(),
+            sealing: self.seal.sealing.clone(),
             _values: PhantomData,
         })
     }
@@ -1028,7 +1189,8 @@ mod tests {
             .map(|i| (i, Value::Str(format!("{i}").repeat(4000))))
             .collect();
 
-        let mut writer = SegmentWriter::<Value>::create(dir.path(), 7, 42).unwrap();
+        let mut writer =
+            SegmentWriter::<Value>::create(dir.path(), 7, 42, &SealWith::plain()).unwrap();
         writer.write_series(SeriesId(1), ok_points(&long)).unwrap();
         writer
             .write_series(SeriesId(2), ok_points(&strings))
@@ -1047,7 +1209,9 @@ mod tests {
         };
         let written = writer.finish(99, meta.clone()).unwrap();
 
-        let segment = Segment::<Value>::open(written.path.clone(), 7, |_, _| {}).unwrap();
+        let segment =
+            Segment::<Value>::open(written.path.clone(), 7, Sealing::new(None, true), |_, _| {})
+                .unwrap();
 
         assert_eq!(segment.marker, 99);
         assert_eq!(segment.meta, meta);
@@ -1081,7 +1245,8 @@ mod tests {
     fn segment_open_rejects_truncation() {
         let dir = tempfile::tempdir().unwrap();
         let points: Vec<Point> = (0..10).map(|i| (i, Value::Float(i as f64))).collect();
-        let mut writer = SegmentWriter::<Value>::create(dir.path(), 1, 0).unwrap();
+        let mut writer =
+            SegmentWriter::<Value>::create(dir.path(), 1, 0, &SealWith::plain()).unwrap();
         writer
             .write_series(SeriesId(1), ok_points(&points))
             .unwrap();
@@ -1095,7 +1260,7 @@ mod tests {
             fs::write(&path, &bytes[..bytes.len() - cut]).unwrap();
             assert!(
                 matches!(
-                    Segment::<Value>::open(path.clone(), 1, |_, _| {}),
+                    Segment::<Value>::open(path.clone(), 1, Sealing::new(None, true), |_, _| {}),
                     Err(StoreError::Corrupt { .. })
                 ),
                 "truncating {cut} bytes not detected"
@@ -1106,7 +1271,7 @@ mod tests {
     #[test]
     fn unfinished_writer_removes_temp_file() {
         let dir = tempfile::tempdir().unwrap();
-        let writer = SegmentWriter::<Value>::create(dir.path(), 3, 0).unwrap();
+        let writer = SegmentWriter::<Value>::create(dir.path(), 3, 0, &SealWith::plain()).unwrap();
         let temp_path = writer.temp_path.clone();
         assert!(temp_path.exists());
 

@@ -590,6 +590,9 @@ pub struct StorageConfig {
     /// `rollups`; tiers not listed keep their rows forever.
     #[serde(default)]
     pub rollup_retention: std::collections::BTreeMap<String, RetentionSetting>,
+    /// Seals every block the time-series store writes under the tenant's
+    /// data key. Sealed blocks stay readable when it is turned off again.
+    pub encrypt: bool,
 }
 
 /// A list of durations such as `["1m", "1h", "1d"]`.
@@ -1169,6 +1172,7 @@ impl Default for StorageConfig {
             cold_after: Duration::from_secs(600),
             rollups: vec![Duration::from_secs(3600), Duration::from_secs(24 * 3600)],
             rollup_retention: std::collections::BTreeMap::new(),
+            encrypt: false,
         }
     }
 }
@@ -1680,6 +1684,11 @@ cold_after = "10m"
 # series sampled every second or faster; for slower series a 1-minute tier
 # costs more disk and flush time than it saves.
 rollups = ["1h", "1d"]
+# Seal the point values of every block written to the store files under
+# the tenant's data key (AES-256-GCM); series names and time ranges stay
+# plain. Sealed blocks stay readable when this is turned off again. See
+# docs/security.md.
+encrypt = false
 
 # Retention per rollup tier, by interval as written in rollups, for example
 # "1m" = "30d". Tiers not listed keep their rows forever.

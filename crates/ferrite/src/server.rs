@@ -277,10 +277,17 @@ pub async fn run(config: Config, after_start: Option<AfterStart>) -> anyhow::Res
 
     let store_dir = config.data_dir.join("tsdb");
     let storage_config = config.storage.clone();
+    // The cipher is given even without storage.encrypt, so that blocks
+    // sealed while it was on stay readable.
+    let block_cipher: Arc<dyn ferrite_tsdb::BlockCipher> = Arc::new(
+        crate::store::cipher::TenantBlockCipher::new(keyring.clone()),
+    );
     let store: Arc<dyn TimeSeriesStore> = Arc::new(
-        tokio::task::spawn_blocking(move || EmbeddedStore::open(&store_dir, &storage_config))
-            .await?
-            .context("cannot open the time-series store")?,
+        tokio::task::spawn_blocking(move || {
+            EmbeddedStore::open_with_cipher(&store_dir, &storage_config, Some(block_cipher))
+        })
+        .await?
+        .context("cannot open the time-series store")?,
     );
 
     let ingest::OpenedLog {

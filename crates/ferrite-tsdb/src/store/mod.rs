@@ -14,14 +14,15 @@ use ferrite_core::{TimestampNs, Value, is_storable_timestamp};
 use parking_lot::{Condvar, Mutex, RwLock};
 
 use crate::catalog::{Catalog, IdMap, NO_TENANT, SeriesId, heap_bytes, table_bytes};
+use crate::cipher::Sealing;
 use crate::encoding::Point;
 use crate::error::{IoContext, StoreError, io_error};
 use crate::head::Head;
 use crate::item::StoredValue;
 use crate::merge::{MergedPoints, Source};
 use crate::segment::{
-    Partition, Segment, SegmentMeta, SegmentWriter, TEMP_SUFFIX, damaged_segment_marker_from,
-    parse_segment_file_name, probe_tier,
+    Partition, SealWith, Segment, SegmentMeta, SegmentWriter, TEMP_SUFFIX, TenantNames,
+    damaged_segment_marker_from, parse_segment_file_name, probe_tier,
 };
 use crate::series_log::{LoadedSeries, SeriesLog, SeriesRecord};
 mod retention;
@@ -64,6 +65,9 @@ struct Inner {
     flush_lock: Mutex<SeriesLog>,
     /// Serialises compaction and retention passes.
     compaction_lock: Mutex<()>,
+    /// Cipher from the options and counters of blocks it could not handle,
+    /// shared with every segment.
+    sealing: Arc<Sealing>,
     /// Next segment sequence number; flush and compaction both take numbers.
     next_seq: AtomicU64,
     /// [`MemoryUsage::fixed`] plus the open rows that a flush copies, as of
@@ -169,7 +173,8 @@ impl Store {
             }
         }
 
-        let mut recovered = recover_segments(dir, &loaded)?;
+        let sealing = Sealing::new(options.cipher.clone(), options.seal_writes);
+        let mut recovered = recover_segments(dir, &loaded, &sealing)?;
 
         tracing::info!(
             dir = %dir.display(),
@@ -240,7 +245,9 @@ impl Store {
                         .as_ref()
                         .is_none_or(|row| row.start() <= entry.max_ts)
                     {
-                        let mut row = entry.last_value;
+                        let Some(mut row) = segment.last_value(&entry)? else {
+                            continue;
+                        };
                         row.start = entry.max_ts;
                         rows[tier] = Some(rollup::CompactRow::new(row));
                     }
@@ -272,6 +279,7 @@ impl Store {
             state: RwLock::new(state),
             flush_lock: Mutex::new(series_log),
             compaction_lock: Mutex::new(()),
+            sealing,
             next_seq: AtomicU64::new(recovered.max_seq + 1),
             fixed_bytes: AtomicUsize::new(0),
             over_budget: AtomicBool::new(false),
@@ -306,6 +314,19 @@ impl Store {
             inner,
             maintenance_thread,
         })
+    }
+
+    /// Number of sealed blocks that queries and compaction skipped since
+    /// open because they did not open: their tenant key is gone (a deleted
+    /// tenant), the store has no cipher, or the block was altered.
+    pub fn unreadable_blocks(&self) -> u64 {
+        self.inner.sealing.unreadable_blocks.load(Ordering::Relaxed)
+    }
+
+    /// Number of series whose points a flush or compaction dropped since
+    /// open because the cipher had no key for their tenant.
+    pub fn unsealable_series(&self) -> u64 {
+        self.inner.sealing.unsealable_series.load(Ordering::Relaxed)
     }
 
     /// Returns the marker passed to the last completed flush (0 for a new
@@ -746,6 +767,23 @@ impl Inner {
         Some((frozen, definitions, state.durable_marker))
     }
 
+    /// Returns the sealing settings of new segments. With a cipher, it
+    /// copies the tenant of every series id from the catalog. A flush or
+    /// compaction writes only series that existed when it started, so
+    /// series added later need not be in the copy.
+    fn seal_with(&self) -> SealWith {
+        let mut tenants = TenantNames::default();
+        if self.sealing.write_cipher().is_some() {
+            let state = self.state.read();
+            tenants.by_id = state.catalog.tenants_by_id().to_vec();
+            tenants.names = state.catalog.tenant_names().to_vec();
+        }
+        SealWith {
+            sealing: self.sealing.clone(),
+            tenants: Arc::new(tenants),
+        }
+    }
+
     /// Puts the frozen head back in front of the head after a failed flush.
     /// The caller must have dropped its reference to the frozen head.
     fn unfreeze_head(&self) {
@@ -802,10 +840,11 @@ impl Inner {
             }
         }
 
+        let seal = self.seal_with();
         let mut segments = Vec::with_capacity(runs.len());
         for (partition, series_runs) in runs {
             let seq = self.take_seq();
-            let mut writer = SegmentWriter::create(&self.dir, seq, marker_from)?;
+            let mut writer = SegmentWriter::create(&self.dir, seq, marker_from, &seal)?;
             for (view_index, start, end) in series_runs {
                 let (id, points) = &views[view_index];
                 writer.write_series(*id, points[start..end].iter().copied().map(Ok))?;
@@ -1190,6 +1229,7 @@ impl Inner {
 
         // One writer per output partition. Normal groups have one
         // partition; the format 1 group is split as its points come.
+        let seal = self.seal_with();
         let mut writers: BTreeMap<Partition, SegmentWriter<V>> = BTreeMap::new();
         let mut damaged: HashSet<u64> = HashSet::new();
         // The indexes are read side by side in ascending id order, so the
@@ -1244,7 +1284,7 @@ impl Inner {
                     std::collections::btree_map::Entry::Occupied(entry) => entry.into_mut(),
                     std::collections::btree_map::Entry::Vacant(entry) => {
                         let seq = self.take_seq();
-                        entry.insert(SegmentWriter::create(&self.dir, seq, marker_from)?)
+                        entry.insert(SegmentWriter::create(&self.dir, seq, marker_from, &seal)?)
                     }
                 };
                 writer.write_series(id, points[start..start + len].iter().map(Ok))?;
@@ -1446,6 +1486,10 @@ fn rebuild_latest(state: &mut State) -> Result<(), StoreError> {
 }
 
 /// Latest point of every series in `segments` except the `deleted` ones.
+///
+/// NOTE: a sealed segment has no last values in its index, so this reads
+/// and opens the last block of every series in every sealed segment; open
+/// time then grows with series times segments, which has not been measured.
 fn latest_of_segments(
     segments: &[Arc<Segment>],
     deleted: &dyn Fn(SeriesId) -> bool,
@@ -1457,7 +1501,9 @@ fn latest_of_segments(
             if deleted(id) {
                 continue;
             }
-            update_latest(&mut latest, id, entry.max_ts, &entry.last_value);
+            if let Some(value) = segment.last_value(&entry)? {
+                update_latest(&mut latest, id, entry.max_ts, &value);
+            }
         }
     }
     Ok(latest)
@@ -1588,7 +1634,11 @@ struct RecoveredSegments {
 
 /// Opens all segments, sets aside damaged ones, deletes superseded ones and
 /// computes the durable marker (steps 3 to 6 of recovery).
-fn recover_segments(dir: &Path, loaded: &LoadedSeries) -> Result<RecoveredSegments, StoreError> {
+fn recover_segments(
+    dir: &Path,
+    loaded: &LoadedSeries,
+    sealing: &Arc<Sealing>,
+) -> Result<RecoveredSegments, StoreError> {
     let mut files: Vec<(u64, PathBuf)> = Vec::new();
     for entry in fs::read_dir(dir).context("list", dir)? {
         let entry = entry.context("list", dir)?;
@@ -1609,32 +1659,31 @@ fn recover_segments(dir: &Path, loaded: &LoadedSeries) -> Result<RecoveredSegmen
         )
     };
     for (seq, path) in files {
-        let opened = probe_tier(&path).and_then(|tier| {
-            let mut unknown = None;
-            let mut check = |id: SeriesId| {
-                if unknown.is_none()
-                    && !loaded.live.contains_key(&id)
-                    && !loaded.deleted.contains(&id)
-                {
-                    unknown = Some(id);
+        let opened =
+            probe_tier(&path).and_then(|tier| {
+                let mut unknown = None;
+                let mut check = |id: SeriesId| {
+                    if unknown.is_none()
+                        && !loaded.live.contains_key(&id)
+                        && !loaded.deleted.contains(&id)
+                    {
+                        unknown = Some(id);
+                    }
+                };
+                if tier == 0 {
+                    Segment::<Value>::open(path.clone(), seq, sealing.clone(), |id, _| check(id))
+                        .map(|segment| match unknown {
+                            None => intact.push(segment),
+                            Some(id) => damaged.push((seq, path.clone(), undefined(id))),
+                        })
+                } else {
+                    Segment::<Bucket>::open(path.clone(), seq, sealing.clone(), |id, _| check(id))
+                        .map(|segment| match unknown {
+                            None => intact_rollups.push(segment),
+                            Some(id) => damaged.push((seq, path.clone(), undefined(id))),
+                        })
                 }
-            };
-            if tier == 0 {
-                Segment::<Value>::open(path.clone(), seq, |id, _| check(id)).map(|segment| {
-                    match unknown {
-                        None => intact.push(segment),
-                        Some(id) => damaged.push((seq, path.clone(), undefined(id))),
-                    }
-                })
-            } else {
-                Segment::<Bucket>::open(path.clone(), seq, |id, _| check(id)).map(|segment| {
-                    match unknown {
-                        None => intact_rollups.push(segment),
-                        Some(id) => damaged.push((seq, path.clone(), undefined(id))),
-                    }
-                })
-            }
-        });
+            });
         match opened {
             Ok(()) => {}
             Err(StoreError::Corrupt { detail, .. }) => damaged.push((seq, path, detail)),

@@ -378,6 +378,7 @@ impl Inner {
     ) -> Result<Vec<Segment<Bucket>>, StoreError> {
         let mut open_ids: Vec<SeriesId> = open.keys().copied().collect();
         open_ids.sort_unstable();
+        let seal = self.seal_with();
         let mut segments = Vec::new();
         for (tier, mut closed) in rows.into_iter().enumerate() {
             // A later row of the same series and bucket replaces an earlier
@@ -414,8 +415,12 @@ impl Inner {
                         std::collections::btree_map::Entry::Occupied(entry) => entry.into_mut(),
                         std::collections::btree_map::Entry::Vacant(entry) => {
                             let seq = self.take_seq();
-                            let writer =
-                                SegmentWriter::<Bucket>::create(&self.dir, seq, marker_from)?;
+                            let writer = SegmentWriter::<Bucket>::create(
+                                &self.dir,
+                                seq,
+                                marker_from,
+                                &seal,
+                            )?;
                             entry.insert((seq, writer))
                         }
                     };

@@ -7,6 +7,7 @@ mod golden;
 mod model;
 mod recovery;
 mod retention;
+mod sealed;
 
 use std::path::{Path, PathBuf};
 

@@ -229,6 +229,13 @@ impl Keyring {
         Ok(keys.keys[&keys.current].clone())
     }
 
+    /// Returns the tenant's current data key if this process has it loaded,
+    /// for synchronous code that cannot await [`Keyring::data_key`].
+    pub fn cached_data_key(&self, tenant: TenantId) -> Option<DataKey> {
+        let keys = self.tenants.read().get(&tenant).cloned()?;
+        keys.keys.get(&keys.current).cloned()
+    }
+
     /// Opens a value sealed under a data key of `tenant` (format 2) or
     /// directly under a master key (format 1, written by older versions).
     pub fn open(

@@ -23,9 +23,10 @@
 //! such as `lorawan/app_key/{device id}`, that is bound as associated data:
 //! a sealed value copied onto another row or field fails to open.
 //!
-//! NOTE: the time-series store (`ferrite-tsdb`) writes its blocks in plain
-//! text; a deleted tenant's telemetry stays readable in its files until
-//! retention removes it.
+//! With `storage.encrypt`, the time-series store seals its block payloads
+//! under the same data keys (`crate::store::cipher`). Without it, a deleted
+//! tenant's telemetry stays readable in the store files until retention
+//! removes it.
 
 pub mod cli;
 pub mod keyring;

@@ -203,6 +203,8 @@ async fn open_store(
     storage: &crate::config::StorageConfig,
 ) -> anyhow::Result<Arc<dyn TimeSeriesStore>> {
     let store_dir = data_dir.join("tsdb");
+    // NOTE: the offline export opens the store without the tenant data
+    // keys, so blocks sealed under `storage.encrypt` are skipped.
     let opened = {
         let store_dir = store_dir.clone();
         let storage = storage.clone();

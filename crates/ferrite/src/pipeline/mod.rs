@@ -289,6 +289,9 @@ fn run_flusher(
                     metrics::gauge!("ferrite_store_memory_bytes", "part" => part).set(bytes as f64);
                 }
             }
+            let (unreadable, unsealable) = store.sealing_failures();
+            metrics::counter!("ferrite_store_unreadable_blocks_total").absolute(unreadable);
+            metrics::counter!("ferrite_store_unsealable_series_total").absolute(unsealable);
             last_memory_report = Instant::now();
         }
         let due = last_flush.elapsed() >= options.flush_interval;

@@ -4,7 +4,10 @@
 //! [`EmbeddedStore`] implements it on `ferrite_tsdb` in `DATA_DIR/tsdb`.
 //! Series are addressed by tenant id, device id and key.
 
+pub mod cipher;
+
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use ferrite_core::{TimestampNs, Value};
@@ -59,6 +62,12 @@ pub trait TimeSeriesStore: Send + Sync + 'static {
     /// the number of series.
     fn memory_usage(&self) -> Vec<(&'static str, usize)> {
         Vec::new()
+    }
+    /// Sealed blocks skipped because they did not open, and series whose
+    /// points were dropped because their tenant had no data key, both
+    /// counted since open (see `storage.encrypt`).
+    fn sealing_failures(&self) -> (u64, u64) {
+        (0, 0)
     }
     /// Makes every written point durable and records `marker` with them.
     fn flush(&self, marker: u64) -> Result<(), StoreError>;
@@ -122,7 +131,18 @@ pub struct EmbeddedStore {
 }
 
 impl EmbeddedStore {
+    /// Opens the store without a cipher: sealed blocks are skipped.
     pub fn open(dir: &Path, config: &crate::config::StorageConfig) -> Result<Self, StoreError> {
+        Self::open_with_cipher(dir, config, None)
+    }
+
+    /// Opens the store with `cipher` for reading sealed blocks, which also
+    /// seals new blocks when `storage.encrypt` is set.
+    pub fn open_with_cipher(
+        dir: &Path,
+        config: &crate::config::StorageConfig,
+        cipher: Option<Arc<dyn ferrite_tsdb::BlockCipher>>,
+    ) -> Result<Self, StoreError> {
         let nanos = duration_ns;
         let options = StoreOptions {
             head_budget_bytes: config.head_budget_bytes,
@@ -157,6 +177,8 @@ impl EmbeddedStore {
                     }
                 })
                 .collect(),
+            seal_writes: config.encrypt,
+            cipher,
             ..StoreOptions::default()
         };
         let configured_retention = options.retention.clone();
@@ -197,6 +219,13 @@ impl TimeSeriesStore for EmbeddedStore {
             ("head", usage.head),
             ("frozen_head", usage.frozen_head),
         ]
+    }
+
+    fn sealing_failures(&self) -> (u64, u64) {
+        (
+            self.store.unreadable_blocks(),
+            self.store.unsealable_series(),
+        )
     }
 
     fn flush(&self, marker: u64) -> Result<(), StoreError> {

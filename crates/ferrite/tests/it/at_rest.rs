@@ -421,3 +421,105 @@ async fn ingest_log_is_sealed_when_enabled() {
     .await;
     assert!(stored, "the sealed record was not replayed");
 }
+
+/// Posts one JSON telemetry message for the device with `token`.
+async fn post_telemetry(server: &Server, token: &str, body: Value) {
+    let response = reqwest::Client::new()
+        .post(format!("{}/api/v1/{token}/telemetry", server.http_url))
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .expect("POST telemetry");
+    assert_eq!(response.status(), 200);
+}
+
+#[tokio::test]
+async fn store_blocks_are_sealed_when_enabled() {
+    let mut server = Server::start_with_env(&[
+        ("FERRITE_STORAGE_ENCRYPT", "true"),
+        ("FERRITE_INGEST_ENCRYPT", "true"),
+    ])
+    .await;
+    let kept = server.create_device("kept-sensor").await;
+    let (tenant, key) = create_tenant(&server.data_dir, "doomed");
+    let (status, body) = api(
+        &server,
+        &key,
+        reqwest::Method::POST,
+        "/api/v1/devices",
+        Some(json!({"name": "doomed-sensor"})),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let doomed_id = body["id"].as_str().expect("id").to_owned();
+    let doomed_token = body["token"].as_str().expect("token").to_owned();
+
+    let kept_marker = "kept-reading-4c1d9e";
+    let doomed_marker = "doomed-reading-8b2f07";
+    post_telemetry(&server, &kept.token, json!({"note": kept_marker, "t": 1.5})).await;
+    post_telemetry(&server, &doomed_token, json!({"note": doomed_marker})).await;
+
+    // Compaction flushes first, so every point is in the store files.
+    let admin = server.admin_token().await;
+    let (status, body) = api(
+        &server,
+        &admin,
+        reqwest::Method::POST,
+        "/api/v1/admin/compact",
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let tsdb_files = files_containing(&server.data_dir.join("tsdb"), b"FERRTSEG");
+    assert!(!tsdb_files.is_empty(), "compaction wrote no segment files");
+    for marker in [kept_marker, doomed_marker] {
+        let found = files_containing(&server.data_dir, marker.as_bytes());
+        assert!(found.is_empty(), "{marker} is in plain text in {found:?}");
+    }
+    assert_eq!(server.latest(&kept.id).await["note"]["value"], kept_marker);
+
+    run_cli(
+        &["tenant", "delete", "doomed", "--yes"],
+        &server.data_dir,
+        None,
+    );
+    server.terminate();
+    server.restart().await;
+
+    // The other tenant's points are read back from sealed blocks.
+    assert_eq!(server.latest(&kept.id).await["note"]["value"], kept_marker);
+    assert_eq!(server.latest(&kept.id).await["t"]["value"], 1.5);
+
+    // Someone with the master key restores the tenant's rows. The server
+    // has the master key but no data key of the tenant, so its blocks stay
+    // unreadable, while the server and other tenants keep working.
+    server.terminate();
+    sqlite(
+        &server.data_dir,
+        &format!(
+            "INSERT INTO tenants (id, name, created_at) VALUES ('{tenant}', 'doomed', 0);
+             INSERT INTO api_keys (id, tenant_id, name, key_hash, role, created_at)
+             VALUES ('{}', '{tenant}', 'restored', X'{}', 'admin', 0);
+             INSERT INTO devices (id, tenant_id, name, created_at)
+             VALUES ('{doomed_id}', '{tenant}', 'doomed-sensor', 0);",
+            uuid::Uuid::new_v4(),
+            hex::encode(Sha256::digest(key.as_bytes())),
+        ),
+    );
+    server.restart().await;
+    let (status, body) = api(
+        &server,
+        &key,
+        reqwest::Method::GET,
+        &format!("/api/v1/devices/{doomed_id}/telemetry/latest"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        !body.to_string().contains(doomed_marker),
+        "the deleted tenant's point is readable: {body}"
+    );
+    assert_eq!(server.latest(&kept.id).await["note"]["value"], kept_marker);
+}
