@@ -697,3 +697,82 @@ async fn paths_to_two_devices_are_rejected() {
         "with one path left the device connects"
     );
 }
+
+/// Builds a TLS client without a client certificate that offers `alpn`.
+fn connector_with_alpn(ca_file: &Path, alpn: &[&[u8]]) -> TlsConnector {
+    let mut roots = rustls::RootCertStore::empty();
+    for certificate in read_certificates(ca_file) {
+        roots.add(certificate).expect("CA certificate");
+    }
+    #[allow(deprecated)]
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|protocol| protocol.to_vec()).collect();
+    TlsConnector::from(Arc::new(config))
+}
+
+#[tokio::test]
+async fn idle_https_connections_are_closed() {
+    // http.header_read_timeout is 1 s in `tls_env`.
+    let tls = start_tls_server().await;
+    let ca = tls.certs.dir.join("ca.pem");
+    for alpn in [&[][..], &[&b"http/1.1"[..]][..], &[&b"h2"[..]][..]] {
+        let connector = connector_with_alpn(&ca, alpn);
+        let mut stream = tls_connect(tls.https, &connector).await.expect("handshake");
+        let negotiated = stream.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+        assert_eq!(
+            negotiated.as_deref(),
+            alpn.first().copied(),
+            "the server selects the offered protocol"
+        );
+        let started = Instant::now();
+        assert!(
+            closed_within(&mut stream, Duration::from_secs(3)).await,
+            "a connection with ALPN {alpn:?} that sends nothing after the handshake is closed"
+        );
+        assert!(
+            started.elapsed() >= Duration::from_millis(900),
+            "closed by the timeout, not at once: {:?}",
+            started.elapsed()
+        );
+    }
+}
+
+#[tokio::test]
+async fn partial_plain_http_request_is_closed() {
+    let tls = start_tls_server().await;
+    let address = tls.server.http_url.trim_start_matches("http://").to_owned();
+    // "P" starts both "POST" and the HTTP/2 connection preface "PRI".
+    let mut stream = TcpStream::connect(&address).await.unwrap();
+    stream.write_all(b"P").await.unwrap();
+    assert!(
+        closed_within(&mut stream, Duration::from_secs(3)).await,
+        "a connection that sent one byte is closed after http.header_read_timeout"
+    );
+}
+
+#[tokio::test]
+async fn https_negotiates_http2_with_curl() {
+    let tls = start_tls_server().await;
+    let ca = tls.certs.path("ca.pem");
+    let url = format!("https://{}/healthz", tls.https);
+    for (flag, expected) in [("--http2", "2"), ("--http1.1", "1.1")] {
+        let output = Command::new("curl")
+            .args(["-sS", "--max-time", "10", "--cacert", &ca, flag])
+            .args(["-o", "/dev/null", "-w", "%{http_version} %{http_code}"])
+            .arg(&url)
+            .output()
+            .expect("run curl");
+        let text = String::from_utf8_lossy(&output.stdout);
+        assert_eq!(
+            text,
+            format!("{expected} 200"),
+            "curl {flag}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
