@@ -776,3 +776,65 @@ async fn https_negotiates_http2_with_curl() {
         );
     }
 }
+
+/// Writes a self-signed P-256 certificate for `common_name` that expires
+/// `valid_for` from now, and its key; returns both paths.
+fn short_lived_certificate(
+    dir: &Path,
+    common_name: &str,
+    valid_for: Duration,
+) -> (PathBuf, PathBuf) {
+    use openssl::ec::{EcGroup, EcKey};
+    use openssl::nid::Nid;
+    use openssl::pkey::PKey;
+
+    let group = EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).unwrap();
+    let key = PKey::from_ec_key(EcKey::generate(&group).unwrap()).unwrap();
+    let mut name = openssl::x509::X509NameBuilder::new().unwrap();
+    name.append_entry_by_nid(Nid::COMMONNAME, common_name)
+        .unwrap();
+    let name = name.build();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let mut builder = openssl::x509::X509::builder().unwrap();
+    builder.set_version(2).unwrap();
+    builder.set_subject_name(&name).unwrap();
+    builder.set_issuer_name(&name).unwrap();
+    builder.set_pubkey(&key).unwrap();
+    let not_before = openssl::asn1::Asn1Time::from_unix(now - 60).unwrap();
+    let not_after = openssl::asn1::Asn1Time::from_unix(now + valid_for.as_secs() as i64).unwrap();
+    builder.set_not_before(&not_before).unwrap();
+    builder.set_not_after(&not_after).unwrap();
+    builder
+        .sign(&key, openssl::hash::MessageDigest::sha256())
+        .unwrap();
+    let cert = dir.join(format!("{common_name}.pem"));
+    let key_path = dir.join(format!("{common_name}-key.pem"));
+    std::fs::write(&cert, builder.build().to_pem().unwrap()).unwrap();
+    std::fs::write(&key_path, key.private_key_to_pem_pkcs8().unwrap()).unwrap();
+    (cert, key_path)
+}
+
+#[tokio::test]
+async fn session_ends_when_certificate_expires() {
+    // The credential re-check runs every 300 ms in `tls_env`.
+    let tls = start_tls_server().await;
+    let device = tls.server.create_device("short-lived").await;
+    let (cert, key) =
+        short_lived_certificate(&tls.certs.dir, "short-lived", Duration::from_secs(4));
+    register_certificate(&tls, &device.id, &cert).await;
+    let connector = connector(&tls.certs.dir.join("ca.pem"), Some((&cert, &key)));
+    let mut stream = tls_connect(tls.mqtts, &connector).await.expect("handshake");
+    assert_eq!(mqtt_connect(&mut stream, "short-lived", None).await, 0);
+
+    assert!(
+        !closed_within(&mut stream, Duration::from_secs(1)).await,
+        "the session stays open while the certificate is valid"
+    );
+    assert!(
+        closed_within(&mut stream, Duration::from_secs(6)).await,
+        "the session ends at the first re-check after the certificate expires"
+    );
+}
