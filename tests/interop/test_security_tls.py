@@ -16,7 +16,7 @@ import ssl
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -389,6 +389,111 @@ def test_revoked_certificate_ends_open_session(server: TlsServer, tmp_path: Path
     finally:
         client.loop_stop()
         client.disconnect()
+
+
+class SlowRecheckServer(TlsServer):
+    """A TLS server whose periodic credential re-check is 300 s, so that
+    only revocation events can end a session within a test."""
+
+    def environment(self) -> dict[str, str]:
+        env = super().environment()
+        env["FERRITE_MQTT_CREDENTIAL_RECHECK_INTERVAL"] = "300s"
+        return env
+
+
+@pytest.fixture
+def slow_recheck_server(tmp_path: Path) -> Iterator[TlsServer]:
+    pki = tmp_path / "pki"
+    ferrite_certs("init", "--dir", str(pki), "--days", "30")
+    instance = SlowRecheckServer(ferrite_binary(), tmp_path / "data", tmp_path / "ferrite.log", pki)
+    try:
+        instance.start()
+    except BaseException:
+        instance.stop()
+        raise
+    yield instance
+    exit_code = instance.stop()
+    assert "panicked" not in instance.log_text(), instance.log_tail()
+    assert exit_code == 0, f"ferrite serve exited with {exit_code}:\n{instance.log_tail()}"
+
+
+def assert_session_ends_on(server: TlsServer, client_id: str, cert: Path, key: Path, revoke: Callable[[], None]) -> None:
+    """Connect paho with `cert`, call `revoke`, and check that the session
+    ends within a second."""
+    disconnected = threading.Event()
+    connected = threading.Event()
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    client.tls_set(ca_certs=server.ca, certfile=str(cert), keyfile=str(key))
+    client.reconnect_delay_set(min_delay=30, max_delay=30)
+    client.on_connect = lambda *_: connected.set()
+    client.on_disconnect = lambda *_: disconnected.set()
+    client.connect("localhost", server.mqtts_port, keepalive=60)
+    client.loop_start()
+    try:
+        assert connected.wait(10), "no CONNACK"
+        revoked_at = time.monotonic()
+        revoke()
+        assert disconnected.wait(5), "the session did not end"
+        assert time.monotonic() - revoked_at < 1.0, "the session ended later than a second after the revocation"
+    finally:
+        client.loop_stop()
+        client.disconnect()
+
+
+def test_certificate_sessions_end_without_recheck(slow_recheck_server: TlsServer, tmp_path: Path) -> None:
+    server = slow_recheck_server
+
+    # A registered certificate, then its deletion.
+    device = server.create_device("registered-session")
+    cert, key = openssl_certificate(tmp_path, "registered", "/CN=registered-sensor", None, 2)
+    registered = server.api.post(f"{server.http_url}/api/v1/devices/{device.id}/credentials/certificates", json={"pem": cert.read_text()}, timeout=10)
+    assert registered.status_code == 201, registered.text
+    fingerprint = registered.json()["fingerprint"]
+
+    def delete_certificate() -> None:
+        deleted = server.api.delete(f"{server.http_url}/api/v1/devices/{device.id}/credentials/certificates/{fingerprint}", timeout=10)
+        assert deleted.status_code == 204, deleted.text
+
+    assert_session_ends_on(server, "registered-session", cert, key, delete_certificate)
+
+    # A certificate of a tenant CA, then the deletion of the CA.
+    tenant_pki = tmp_path / "tenant-pki"
+    ferrite_certs("init", "--dir", str(tenant_pki), "--days", "30")
+    response = server.api.post(f"{server.http_url}/api/v1/device-cas", json={"pem": (tenant_pki / "ca.pem").read_text(), "auto_create_devices": True}, timeout=10)
+    assert response.status_code == 201, response.text
+    ca_fingerprint = response.json()["fingerprint"]
+    ferrite_certs("device", "pallet-8", "--dir", str(tenant_pki), "--days", "30")
+
+    def delete_ca() -> None:
+        deleted = server.api.delete(f"{server.http_url}/api/v1/device-cas/{ca_fingerprint}", timeout=10)
+        assert deleted.status_code == 204, deleted.text
+
+    assert_session_ends_on(server, "pallet-8", tenant_pki / "device-pallet-8.pem", tenant_pki / "device-pallet-8-key.pem", delete_ca)
+
+
+def test_copy_of_client_ca_file_is_rejected(server: TlsServer, tmp_path: Path) -> None:
+    copy = tmp_path / "copy-of-ca.pem"
+    run("openssl", "x509", "-in", server.ca, "-signkey", str(server.pki / "ca-key.pem"), "-days", "20", "-out", str(copy))
+    for pem in [Path(server.ca).read_text(), copy.read_text()]:
+        response = server.api.post(f"{server.http_url}/api/v1/device-cas", json={"pem": pem}, timeout=10)
+        assert response.status_code == 409, response.text
+        assert "tls.client_ca_file" in response.text
+
+
+def test_idle_https_connections_closed(server: TlsServer) -> None:
+    """A client that finishes the handshake and sends nothing is closed
+    after http.header_read_timeout (10 s by default)."""
+    for alpn in (["h2"], ["http/1.1"]):
+        context = ssl.create_default_context(cafile=server.ca)
+        context.set_alpn_protocols(alpn)
+        with socket.create_connection(("localhost", server.https_port), timeout=20) as raw:
+            with context.wrap_socket(raw, server_hostname="localhost") as tls:
+                assert tls.selected_alpn_protocol() == alpn[0]
+                started = time.monotonic()
+                # An HTTP/2 server sends its SETTINGS frame first.
+                while tls.recv(1024):
+                    pass
+                assert time.monotonic() - started < 15, "closed within header_read_timeout and slack"
 
 
 def test_require_client_certificate_refuses_handshake(tmp_path: Path) -> None:

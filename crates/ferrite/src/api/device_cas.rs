@@ -1,7 +1,9 @@
 //! Device CAs of a tenant: client certificates that chain to one of them
 //! authenticate the tenant's devices over MQTT over TLS (see
 //! `crate::tls::client_auth`). Admins only, because a CA can create
-//! devices. A CA is named by the SHA-256 fingerprint of its DER encoding.
+//! devices. A CA is named by the SHA-256 fingerprint of its DER encoding,
+//! and is unique on the server by its subject and public key, because any
+//! certificate with the same subject and key verifies the same chains.
 
 use std::sync::Arc;
 
@@ -16,6 +18,7 @@ use serde_json::json;
 use super::ApiError;
 use crate::auth::Principal;
 use crate::auth::revocation::Revoked;
+use crate::metadata::MetadataError;
 use crate::metadata::Role;
 use crate::metadata::device_cas::NewDeviceCa;
 use crate::server::AppState;
@@ -51,11 +54,27 @@ fn parse_ca(request: DeviceCaRequest, state: &AppState) -> Result<NewDeviceCa, A
             certificates.len()
         )));
     };
+    crate::tls::client_auth::check_ca_extensions(certificate).map_err(invalid)?;
     let now = openssl::asn1::Asn1Time::days_from_now(0).map_err(|_| ApiError::internal())?;
-    if certificate.not_after() < now {
+    if certificate.not_after() <= now {
         return Err(invalid(format!(
             "the CA certificate expired at {}; register a valid one",
             certificate.not_after()
+        )));
+    }
+    if certificate.not_before() > now {
+        return Err(invalid(format!(
+            "the CA certificate is not valid before {}; register it from then on",
+            certificate.not_before()
+        )));
+    }
+    let identity =
+        crate::tls::client_auth::ca_identity(certificate).map_err(|_| ApiError::internal())?;
+    if let Some(trust) = &state.device_trust
+        && trust.is_client_ca_file_anchor(&identity)
+    {
+        return Err(ApiError::from(MetadataError::Conflict(
+            "the CA has the subject and public key of a CA in the server's tls.client_ca_file, which already authenticates devices of every tenant by device id; issue device certificates from a CA of your own".to_owned(),
         )));
     }
     let der = certificate.to_der().map_err(|_| ApiError::internal())?;
@@ -83,6 +102,7 @@ fn parse_ca(request: DeviceCaRequest, state: &AppState) -> Result<NewDeviceCa, A
         super::credentials::asn1_time_ms(certificate.not_after()).ok_or_else(ApiError::internal)?;
     Ok(NewDeviceCa {
         fingerprint: crate::tls::sha256(&der),
+        identity,
         subject,
         not_after,
         pem,
@@ -116,6 +136,21 @@ pub async fn create(
         ))
     })?;
     let ca = parse_ca(request, &state)?;
+
+    // Serializes the check for a CA with the same subject and key and the
+    // insert, within this process.
+    static REGISTRATION: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _registration = REGISTRATION.lock().await;
+    let duplicate = state.metadata.all_device_cas().await?.iter().any(|stored| {
+        crate::tls::client_auth::ca_identity_of_pem(&stored.pem) == Some(ca.identity)
+    });
+    if duplicate {
+        // The same message whichever tenant has the CA, so it reveals
+        // nothing about other tenants.
+        return Err(ApiError::from(MetadataError::Conflict(
+            "a CA with the same subject and public key is already registered; a CA can be registered by only one tenant of the server, so issue device certificates from a CA of your own".to_owned(),
+        )));
+    }
     let stored = state
         .metadata
         .add_device_ca(principal.tenant_id, &ca)

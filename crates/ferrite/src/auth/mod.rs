@@ -165,6 +165,9 @@ pub enum HeldCredential {
         fingerprint: [u8; 32],
         device: DeviceId,
         trust: CertificateTrust,
+        /// End of the certificate's validity in Unix seconds; the session
+        /// ends at the first re-check after it.
+        not_after: i64,
     },
 }
 
@@ -202,7 +205,7 @@ pub enum AuthError {
     InvalidDeviceToken,
     #[error("invalid email or password")]
     InvalidLogin,
-    #[error("the client certificate's registration, CA or device was removed")]
+    #[error("the client certificate expired, or its registration, CA or device was removed")]
     InvalidCertificate,
     #[error("the bearer token is invalid, expired or revoked")]
     InvalidBearer,
@@ -447,7 +450,12 @@ impl Auth {
                 fingerprint,
                 device,
                 trust,
+                not_after,
             } => {
+                let now = rustls::pki_types::UnixTime::now().as_secs();
+                if i64::try_from(now).unwrap_or(i64::MAX) >= *not_after {
+                    return Err(AuthError::InvalidCertificate);
+                }
                 let device = self
                     .metadata
                     .device_by_id_any_tenant(*device)
@@ -526,6 +534,19 @@ impl Auth {
                     Err(error) => {
                         tracing::warn!(%error, "cannot look up the id of an API key; its connection ends on revocation at the next periodic re-check")
                     }
+                }
+                held
+            }
+            (
+                HeldCredential::Certificate {
+                    fingerprint, trust, ..
+                },
+                Identity::Device(device),
+            ) => {
+                let mut held = device.held_access(None);
+                held.certificate = Some(*fingerprint);
+                if let CertificateTrust::DeviceCa(ca) = trust {
+                    held.ca_certificate = Some(*ca);
                 }
                 held
             }

@@ -33,6 +33,9 @@ pub struct StoredDeviceCa {
 #[derive(Debug, Clone)]
 pub struct NewDeviceCa {
     pub fingerprint: [u8; 32],
+    /// SHA-256 of the subject and public key, checked for uniqueness by
+    /// the caller (`crate::tls::client_auth::ca_identity`).
+    pub identity: [u8; 32],
     pub subject: String,
     pub not_after: i64,
     pub pem: String,

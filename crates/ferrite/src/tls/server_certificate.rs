@@ -173,8 +173,13 @@ fn load_pair(cert_file: &Path, key_file: &Path) -> anyhow::Result<Loaded> {
     })
 }
 
+/// Interval of the expiry warning while the certificate stays the same.
+const EXPIRY_CHECK_INTERVAL: Duration = Duration::from_secs(24 * 60 * 60);
+
 /// Reloads `certificate` when its files change (checked every `interval`)
-/// and on SIGHUP, until `shutdown` is cancelled.
+/// and on SIGHUP, until `shutdown` is cancelled. Logs the expiry warning
+/// of [`ServerCertificate::warn_if_expiring`] once a day and after each
+/// reload.
 pub async fn watch(
     certificate: Arc<ServerCertificate>,
     interval: Duration,
@@ -182,6 +187,12 @@ pub async fn watch(
 ) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first check is at startup, outside this loop.
+    let mut expiry_ticker = tokio::time::interval_at(
+        tokio::time::Instant::now() + EXPIRY_CHECK_INTERVAL,
+        EXPIRY_CHECK_INTERVAL,
+    );
+    expiry_ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     #[cfg(unix)]
     let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         Ok(signal) => Some(signal),
@@ -206,6 +217,10 @@ pub async fn watch(
             () = shutdown.cancelled() => return,
             _ = ticker.tick() => false,
             _ = hangup_received => true,
+            _ = expiry_ticker.tick() => {
+                certificate.warn_if_expiring();
+                continue;
+            }
         };
         let reloading = certificate.clone();
         let reloaded = tokio::task::spawn_blocking(move || {
@@ -228,5 +243,72 @@ pub async fn watch(
             }
             Err(error) => tracing::error!(%error, "the TLS certificate reload task failed"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A log destination that tests can read.
+    #[derive(Clone, Default)]
+    struct SharedBuffer(Arc<parking_lot::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for SharedBuffer {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl SharedBuffer {
+        fn count(&self, text: &str) -> usize {
+            String::from_utf8_lossy(&self.0.lock())
+                .matches(text)
+                .count()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn expiry_warning_repeats_daily() {
+        let dir = tempfile::tempdir().unwrap();
+        // A server certificate valid for one day is within the warning.
+        crate::certs::init(dir.path(), &[], 1).unwrap();
+        let certificate = Arc::new(
+            ServerCertificate::load(
+                &dir.path().join("server.pem"),
+                &dir.path().join("server-key.pem"),
+            )
+            .unwrap(),
+        );
+        let logs = SharedBuffer::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+
+        let shutdown = CancellationToken::new();
+        let reload_interval = Duration::from_secs(1000 * 24 * 60 * 60);
+        let task = tokio::spawn(watch(certificate, reload_interval, shutdown.clone()));
+        let warning = "expires within 14 days";
+        tokio::time::sleep(Duration::from_secs(60 * 60)).await;
+        assert_eq!(
+            logs.count(warning),
+            0,
+            "the startup check is not in the loop"
+        );
+        tokio::time::sleep(EXPIRY_CHECK_INTERVAL).await;
+        assert_eq!(logs.count(warning), 1, "after one day");
+        tokio::time::sleep(EXPIRY_CHECK_INTERVAL).await;
+        assert_eq!(logs.count(warning), 2, "after two days");
+
+        shutdown.cancel();
+        task.await.unwrap();
     }
 }

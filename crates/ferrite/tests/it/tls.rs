@@ -96,10 +96,21 @@ struct TlsServer {
 }
 
 async fn start_tls_server() -> TlsServer {
+    start_tls_server_with(&[]).await
+}
+
+/// Starts a TLS server with `overrides` after the environment of
+/// [`tls_env`], so they replace its values.
+async fn start_tls_server_with(overrides: &[(&str, &str)]) -> TlsServer {
     let certs = Certs::new();
     let https: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let mqtts: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let env = tls_env(&certs, https, mqtts);
+    let mut env = tls_env(&certs, https, mqtts);
+    env.extend(
+        overrides
+            .iter()
+            .map(|(key, value)| (key.to_string(), value.to_string())),
+    );
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let server = Server::start_with_env(&env).await;
     TlsServer {
@@ -330,9 +341,14 @@ async fn unknown_ca_is_refused_at_handshake() {
     assert_eq!(response.status(), 200, "the server stays healthy");
 }
 
+/// The environment of a server whose periodic credential re-check is too
+/// slow to matter within a test, so that only revocation events end
+/// sessions.
+const SLOW_RECHECK: [(&str, &str); 1] = [("FERRITE_MQTT_CREDENTIAL_RECHECK_INTERVAL", "300s")];
+
 #[tokio::test]
 async fn device_ca_creates_device_and_delete_ends_session() {
-    let tls = start_tls_server().await;
+    let tls = start_tls_server_with(&SLOW_RECHECK).await;
     // A second CA, registered by the tenant through the API.
     let tenant_ca = Certs::new();
     let ca_pem = std::fs::read_to_string(tenant_ca.dir.join("ca.pem")).unwrap();
@@ -507,4 +523,318 @@ async fn plain_listeners_can_be_turned_off() {
     assert!(healthy, "HTTPS serves with the plain listeners off");
     assert!(http.is_err(), "plain HTTP refuses connections");
     assert!(mqtt.is_err(), "plain MQTT refuses connections");
+}
+
+/// Sends `POST path` with a JSON body as the admin; returns the status and
+/// the JSON response.
+async fn post_json(tls: &TlsServer, path: &str, body: &Value) -> (u16, Value) {
+    let token = tls.server.admin_token().await;
+    let response = reqwest::Client::new()
+        .post(format!("{}{path}", tls.server.http_url))
+        .bearer_auth(&token)
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// Sends `DELETE path` as the admin; returns the status.
+async fn delete(tls: &TlsServer, path: &str) -> u16 {
+    let token = tls.server.admin_token().await;
+    reqwest::Client::new()
+        .delete(format!("{}{path}", tls.server.http_url))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+/// Registers the certificate at `cert` on the device; returns its
+/// fingerprint.
+async fn register_certificate(tls: &TlsServer, device_id: &str, cert: &Path) -> String {
+    let pem = std::fs::read_to_string(cert).unwrap();
+    let (status, body) = post_json(
+        tls,
+        &format!("/api/v1/devices/{device_id}/credentials/certificates"),
+        &json!({ "pem": pem }),
+    )
+    .await;
+    assert_eq!(status, 201, "register the certificate: {body}");
+    body["fingerprint"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn certificate_revocation_ends_session_at_once() {
+    let tls = start_tls_server_with(&SLOW_RECHECK).await;
+    let device = tls.server.create_device("registered-cert").await;
+    // A CA the server does not trust, so the registration is the only path.
+    let issuer = Certs::new();
+    let (cert, key) = issuer.device("registered-cert");
+    let connector = connector(&tls.certs.dir.join("ca.pem"), Some((&cert, &key)));
+
+    let fingerprint = register_certificate(&tls, &device.id, &cert).await;
+    let mut stream = tls_connect(tls.mqtts, &connector).await.expect("handshake");
+    assert_eq!(mqtt_connect(&mut stream, "registered-cert", None).await, 0);
+    let path = format!(
+        "/api/v1/devices/{}/credentials/certificates/{fingerprint}",
+        device.id
+    );
+    assert_eq!(delete(&tls, &path).await, 204);
+    assert!(
+        closed_within(&mut stream, Duration::from_secs(1)).await,
+        "deleting the registered certificate ends the session within a second"
+    );
+
+    register_certificate(&tls, &device.id, &cert).await;
+    let mut stream = tls_connect(tls.mqtts, &connector).await.expect("handshake");
+    assert_eq!(mqtt_connect(&mut stream, "registered-cert", None).await, 0);
+    assert_eq!(
+        delete(&tls, &format!("/api/v1/devices/{}", device.id)).await,
+        204
+    );
+    assert!(
+        closed_within(&mut stream, Duration::from_secs(1)).await,
+        "deleting the device ends the session within a second"
+    );
+}
+
+#[tokio::test]
+async fn client_ca_file_anchor_is_not_registrable() {
+    let tls = start_tls_server().await;
+    let ca_pem = std::fs::read_to_string(tls.certs.dir.join("ca.pem")).unwrap();
+    let (status, body) = post_json(&tls, "/api/v1/device-cas", &json!({ "pem": ca_pem })).await;
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body.to_string().contains("tls.client_ca_file"),
+        "the message names the setting: {body}"
+    );
+
+    // A new certificate with the same subject and key is the same CA.
+    let copy = resign(&tls.certs.dir, &tls.certs.dir.join("copy-of-ca.pem"));
+    let (status, body) = post_json(&tls, "/api/v1/device-cas", &json!({ "pem": copy })).await;
+    assert_eq!(status, 409, "a re-signed copy of the anchor: {body}");
+}
+
+/// Self-signs the CA of `dir` again with its own key, which gives a new
+/// certificate with the same subject, key and extensions; returns its PEM.
+fn resign(dir: &Path, out: &Path) -> String {
+    let status = Command::new("openssl")
+        .args(["x509", "-in"])
+        .arg(dir.join("ca.pem"))
+        .arg("-signkey")
+        .arg(dir.join("ca-key.pem"))
+        .args(["-days", "20", "-out"])
+        .arg(out)
+        .stderr(Stdio::null())
+        .status()
+        .expect("run openssl x509");
+    assert!(status.success(), "openssl x509 -signkey failed");
+    std::fs::read_to_string(out).unwrap()
+}
+
+#[tokio::test]
+async fn device_ca_identity_is_subject_and_key() {
+    let tls = start_tls_server().await;
+    let tenant_ca = Certs::new();
+    let ca_pem = std::fs::read_to_string(tenant_ca.dir.join("ca.pem")).unwrap();
+    let (status, body) = post_json(&tls, "/api/v1/device-cas", &json!({ "pem": ca_pem })).await;
+    assert_eq!(status, 201, "{body}");
+
+    let copy = resign(&tenant_ca.dir, &tenant_ca.dir.join("copy-of-ca.pem"));
+    assert_ne!(copy, ca_pem, "the copy is a different certificate");
+    let (status, body) = post_json(&tls, "/api/v1/device-cas", &json!({ "pem": copy })).await;
+    assert_eq!(status, 409, "same subject and key: {body}");
+    assert!(
+        body.to_string().contains("same subject and public key"),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn device_ca_needs_ca_extensions() {
+    let tls = start_tls_server().await;
+    let (leaf, _) = tls.certs.device("not-a-ca");
+    let leaf_pem = std::fs::read_to_string(leaf).unwrap();
+    let (status, body) = post_json(&tls, "/api/v1/device-cas", &json!({ "pem": leaf_pem })).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.to_string().contains("CA:TRUE"), "{body}");
+}
+
+#[tokio::test]
+async fn paths_to_two_devices_are_rejected() {
+    let tls = start_tls_server().await;
+    let tenant_ca = Certs::new();
+    let ca_pem = std::fs::read_to_string(tenant_ca.dir.join("ca.pem")).unwrap();
+    let (status, body) = post_json(&tls, "/api/v1/device-cas", &json!({ "pem": ca_pem })).await;
+    assert_eq!(status, 201, "{body}");
+    tls.server.create_device("truck-9").await;
+    let decoy = tls.server.create_device("decoy").await;
+    let (cert, key) = tenant_ca.device("truck-9");
+    let connector = connector(&tls.certs.dir.join("ca.pem"), Some((&cert, &key)));
+
+    // The CA leads to truck-9 by its CN, the registration to the decoy.
+    let fingerprint = register_certificate(&tls, &decoy.id, &cert).await;
+    let mut stream = tls_connect(tls.mqtts, &connector).await.expect("handshake");
+    assert_eq!(
+        mqtt_connect(&mut stream, "truck-9", None).await,
+        0x05,
+        "two devices: not authorized"
+    );
+
+    let path = format!(
+        "/api/v1/devices/{}/credentials/certificates/{fingerprint}",
+        decoy.id
+    );
+    assert_eq!(delete(&tls, &path).await, 204);
+    let mut stream = tls_connect(tls.mqtts, &connector).await.expect("handshake");
+    assert_eq!(
+        mqtt_connect(&mut stream, "truck-9", None).await,
+        0,
+        "with one path left the device connects"
+    );
+}
+
+/// Builds a TLS client without a client certificate that offers `alpn`.
+fn connector_with_alpn(ca_file: &Path, alpn: &[&[u8]]) -> TlsConnector {
+    let mut roots = rustls::RootCertStore::empty();
+    for certificate in read_certificates(ca_file) {
+        roots.add(certificate).expect("CA certificate");
+    }
+    #[allow(deprecated)]
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|protocol| protocol.to_vec()).collect();
+    TlsConnector::from(Arc::new(config))
+}
+
+#[tokio::test]
+async fn idle_https_connections_are_closed() {
+    // http.header_read_timeout is 1 s in `tls_env`.
+    let tls = start_tls_server().await;
+    let ca = tls.certs.dir.join("ca.pem");
+    for alpn in [&[][..], &[&b"http/1.1"[..]][..], &[&b"h2"[..]][..]] {
+        let connector = connector_with_alpn(&ca, alpn);
+        let mut stream = tls_connect(tls.https, &connector).await.expect("handshake");
+        let negotiated = stream.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+        assert_eq!(
+            negotiated.as_deref(),
+            alpn.first().copied(),
+            "the server selects the offered protocol"
+        );
+        let started = Instant::now();
+        assert!(
+            closed_within(&mut stream, Duration::from_secs(3)).await,
+            "a connection with ALPN {alpn:?} that sends nothing after the handshake is closed"
+        );
+        assert!(
+            started.elapsed() >= Duration::from_millis(900),
+            "closed by the timeout, not at once: {:?}",
+            started.elapsed()
+        );
+    }
+}
+
+#[tokio::test]
+async fn partial_plain_http_request_is_closed() {
+    let tls = start_tls_server().await;
+    let address = tls.server.http_url.trim_start_matches("http://").to_owned();
+    // "P" starts both "POST" and the HTTP/2 connection preface "PRI".
+    let mut stream = TcpStream::connect(&address).await.unwrap();
+    stream.write_all(b"P").await.unwrap();
+    assert!(
+        closed_within(&mut stream, Duration::from_secs(3)).await,
+        "a connection that sent one byte is closed after http.header_read_timeout"
+    );
+}
+
+#[tokio::test]
+async fn https_negotiates_http2_with_curl() {
+    let tls = start_tls_server().await;
+    let ca = tls.certs.path("ca.pem");
+    let url = format!("https://{}/healthz", tls.https);
+    for (flag, expected) in [("--http2", "2"), ("--http1.1", "1.1")] {
+        let output = Command::new("curl")
+            .args(["-sS", "--max-time", "10", "--cacert", &ca, flag])
+            .args(["-o", "/dev/null", "-w", "%{http_version} %{http_code}"])
+            .arg(&url)
+            .output()
+            .expect("run curl");
+        let text = String::from_utf8_lossy(&output.stdout);
+        assert_eq!(
+            text,
+            format!("{expected} 200"),
+            "curl {flag}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
+
+/// Writes a self-signed P-256 certificate for `common_name` that expires
+/// `valid_for` from now, and its key; returns both paths.
+fn short_lived_certificate(
+    dir: &Path,
+    common_name: &str,
+    valid_for: Duration,
+) -> (PathBuf, PathBuf) {
+    use openssl::ec::{EcGroup, EcKey};
+    use openssl::nid::Nid;
+    use openssl::pkey::PKey;
+
+    let group = EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).unwrap();
+    let key = PKey::from_ec_key(EcKey::generate(&group).unwrap()).unwrap();
+    let mut name = openssl::x509::X509NameBuilder::new().unwrap();
+    name.append_entry_by_nid(Nid::COMMONNAME, common_name)
+        .unwrap();
+    let name = name.build();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let mut builder = openssl::x509::X509::builder().unwrap();
+    builder.set_version(2).unwrap();
+    builder.set_subject_name(&name).unwrap();
+    builder.set_issuer_name(&name).unwrap();
+    builder.set_pubkey(&key).unwrap();
+    let not_before = openssl::asn1::Asn1Time::from_unix(now - 60).unwrap();
+    let not_after = openssl::asn1::Asn1Time::from_unix(now + valid_for.as_secs() as i64).unwrap();
+    builder.set_not_before(&not_before).unwrap();
+    builder.set_not_after(&not_after).unwrap();
+    builder
+        .sign(&key, openssl::hash::MessageDigest::sha256())
+        .unwrap();
+    let cert = dir.join(format!("{common_name}.pem"));
+    let key_path = dir.join(format!("{common_name}-key.pem"));
+    std::fs::write(&cert, builder.build().to_pem().unwrap()).unwrap();
+    std::fs::write(&key_path, key.private_key_to_pem_pkcs8().unwrap()).unwrap();
+    (cert, key_path)
+}
+
+#[tokio::test]
+async fn session_ends_when_certificate_expires() {
+    // The credential re-check runs every 300 ms in `tls_env`.
+    let tls = start_tls_server().await;
+    let device = tls.server.create_device("short-lived").await;
+    let (cert, key) =
+        short_lived_certificate(&tls.certs.dir, "short-lived", Duration::from_secs(4));
+    register_certificate(&tls, &device.id, &cert).await;
+    let connector = connector(&tls.certs.dir.join("ca.pem"), Some((&cert, &key)));
+    let mut stream = tls_connect(tls.mqtts, &connector).await.expect("handshake");
+    assert_eq!(mqtt_connect(&mut stream, "short-lived", None).await, 0);
+
+    assert!(
+        !closed_within(&mut stream, Duration::from_secs(1)).await,
+        "the session stays open while the certificate is valid"
+    );
+    assert!(
+        closed_within(&mut stream, Duration::from_secs(6)).await,
+        "the session ends at the first re-check after the certificate expires"
+    );
 }

@@ -9,6 +9,7 @@
 //! the size limit applies after decompression.
 
 pub(crate) mod body;
+mod connection;
 mod line_protocol;
 mod telemetry;
 
@@ -25,7 +26,6 @@ use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
-use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -162,11 +162,6 @@ pub async fn serve(
     let drain_timeout = state.config.http.request_timeout;
     let header_read_timeout = state.config.http.header_read_timeout;
     let hsts = hsts_value(state.config.tls.hsts_max_age);
-    let mut builder = Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(header_read_timeout);
     let router = router(state.clone());
     // HSTS only on HTTPS: over plain HTTP a man in the middle could strip
     // or forge it anyway (RFC 6797 section 7.2).
@@ -183,7 +178,7 @@ pub async fn serve(
             }
         },
     ));
-    let graceful = GracefulShutdown::new();
+    let connections = tokio_util::task::TaskTracker::new();
 
     loop {
         let accepted = tokio::select! {
@@ -209,8 +204,7 @@ pub async fn serve(
             ));
             continue;
         };
-        let builder = builder.clone();
-        let watcher = graceful.watcher();
+        let connection_shutdown = shutdown.clone();
         let handshake = match (over_tls, &tls) {
             (true, Some(tls)) => Some(tls.tls.clone()),
             _ => None,
@@ -222,9 +216,9 @@ pub async fn serve(
             }
             None => TowerToHyperService::new(router.clone().map_request(insert_peer(peer))),
         };
-        tokio::spawn(async move {
-            // hyper's header read timeout starts with the first byte, so a
-            // connection that sends nothing at all is timed out here.
+        connections.spawn(async move {
+            // A connection that sends nothing at all is closed here, before
+            // the TLS handshake or hyper starts.
             let mut first_byte = [0u8; 1];
             if tokio::time::timeout(header_read_timeout, stream.peek(&mut first_byte))
                 .await
@@ -242,16 +236,25 @@ pub async fn serve(
                             return;
                         }
                     };
-                    let connection = builder
-                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                        .into_owned();
-                    watcher.watch(connection).await
+                    let http2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                    connection::serve(
+                        stream,
+                        http2,
+                        service,
+                        header_read_timeout,
+                        connection_shutdown,
+                    )
+                    .await
                 }
                 None => {
-                    let connection = builder
-                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                        .into_owned();
-                    watcher.watch(connection).await
+                    connection::serve(
+                        stream,
+                        false,
+                        service,
+                        header_read_timeout,
+                        connection_shutdown,
+                    )
+                    .await
                 }
             };
             if let Err(error) = served {
@@ -263,7 +266,8 @@ pub async fn serve(
 
     drop(listener);
     drop(tls);
-    if tokio::time::timeout(drain_timeout, graceful.shutdown())
+    connections.close();
+    if tokio::time::timeout(drain_timeout, connections.wait())
         .await
         .is_err()
     {
