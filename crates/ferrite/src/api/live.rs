@@ -644,7 +644,7 @@ struct Subscription {
     credential: Option<HeldCredential>,
 }
 
-/// Why a stream must end after a revocation signal.
+/// The reason a stream must end after a revocation signal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum RevokedEnd {
     /// The credential no longer grants access.

@@ -171,7 +171,7 @@ pub enum HeldCredential {
     },
 }
 
-/// What made a client certificate trusted, to check it again.
+/// The trust path that accepted a client certificate, kept to check it again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CertificateTrust {
     /// Its fingerprint is registered on the device.
@@ -561,8 +561,8 @@ impl Auth {
         self.device_cache.lock().remove(hash);
     }
 
-    /// The revocation events of this process: publish when a credential
-    /// is taken away, subscribe to end connections that hold it.
+    /// Returns the revocation events of this process. Publish when a
+    /// credential is taken away; subscribe to end the connections using it.
     pub fn revocations(&self) -> &revocation::Revocations {
         &self.revocations
     }

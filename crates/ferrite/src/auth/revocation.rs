@@ -67,7 +67,8 @@ impl std::fmt::Display for Revoked {
     }
 }
 
-/// What a connection holds, to match against [`Revoked`] events.
+/// The credentials, device and tenant of a connection, matched against
+/// [`Revoked`] events.
 #[derive(Debug, Clone, Default)]
 pub struct HeldAccess {
     pub tenant: Option<TenantId>,

@@ -25,7 +25,7 @@ pub struct DeviceTokenInfo {
     pub expires_at: Option<i64>,
 }
 
-/// What [`SqliteMetadata::revoke_device_credentials`] took away.
+/// The credentials that [`SqliteMetadata::revoke_device_credentials`] removed.
 #[derive(Debug, Default)]
 pub struct RevokedCredentials {
     /// Hashes of the tokens that were valid.

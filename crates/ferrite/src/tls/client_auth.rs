@@ -9,7 +9,7 @@
 //! 2. It chains to `tls.client_ca_file`. Its subject CN must be a device id,
 //!    of any tenant, as with `coap.dtls.ca_file`.
 //! 3. Its SHA-256 fingerprint is registered on a device
-//!    (`/api/v1/devices/{id}/credentials/certificates`), whoever issued it.
+//!    (`/api/v1/devices/{id}/credentials/certificates`), by any issuer.
 //!    It must be within its validity period.
 //!
 //! Every path is evaluated, and the certificate is rejected when two paths
